@@ -1,0 +1,447 @@
+//! Reading a GGUF file's header: the architecture, its hyper-parameters and the byte
+//! size of every tensor, without loading any weights.
+//!
+//! Planners size stages from [`TensorSizes`]; a [`crate::Stage`] later seeks to just
+//! the tensors of its layers.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+
+/// The model families this runtime computes. Mistral and SmolLM files say `llama`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    /// Llama with biases on the q/k/v projections and NeoX-style (half-split) RoPE.
+    Qwen2,
+}
+
+impl Architecture {
+    fn parse(name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            other => Err(Error::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// How positions are stretched beyond the training context.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by a factor (`rope.scaling.type = linear`).
+    Linear(f32),
+    /// Per-frequency divisors stored in the `rope_freqs.weight` tensor (Llama 3.1).
+    FreqFactors,
+}
+
+/// The validated hyper-parameters of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub architecture: Architecture,
+    pub name: Option<String>,
+    pub layers: usize,
+    pub hidden: usize,
+    pub feed_forward: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_base: f32,
+    pub rope_scaling: RopeScaling,
+    pub norm_eps: f64,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    /// The file has no `output.weight`: the head reuses the token embedding.
+    pub tied_embedding: bool,
+}
+
+impl ModelInfo {
+    /// Bytes of K and V cache one token takes in one layer at f32.
+    pub fn kv_bytes_per_token_per_layer(&self) -> u64 {
+        (2 * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()) as u64
+    }
+}
+
+/// Byte sizes of the tensors, grouped the way stages are cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSizes {
+    /// Bytes of every `blk.N.*` tensor of layer N.
+    pub layers: Vec<u64>,
+    pub embedding: u64,
+    /// Final norm + output head (the embedding's size again when tied).
+    pub head: u64,
+    /// Tensors shared by every stage (`rope_freqs.weight`).
+    pub shared: u64,
+}
+
+impl TensorSizes {
+    /// Weight bytes a stage holding `layers` loads, counting the embedding on the
+    /// first stage and the head on the last.
+    pub fn stage_bytes(&self, layers: Range<usize>) -> u64 {
+        let n = self.layers.len();
+        let mut total: u64 = self.layers[layers.start.min(n)..layers.end.min(n)].iter().sum();
+        total += self.shared;
+        if layers.start == 0 {
+            total += self.embedding;
+        }
+        if layers.end == n {
+            total += self.head;
+        }
+        total
+    }
+
+    pub fn total(&self) -> u64 {
+        self.stage_bytes(0..self.layers.len())
+    }
+}
+
+/// An opened GGUF file: its header, parsed and validated. Weights stay on disk.
+#[derive(Debug)]
+pub struct ModelFile {
+    path: PathBuf,
+    content: Content,
+    info: ModelInfo,
+    sizes: TensorSizes,
+}
+
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+impl ModelFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|source| Error::Open { path: path.clone(), source })?;
+        let file_len = file
+            .metadata()
+            .map_err(|source| Error::Open { path: path.clone(), source })?
+            .len();
+        let mut reader = BufReader::new(file);
+        let mut magic = [0u8; 4];
+        if reader.read_exact(&mut magic).is_err() || &magic != GGUF_MAGIC {
+            return Err(Error::NotGguf { path });
+        }
+        let mut reader = reader.into_inner();
+        std::io::Seek::rewind(&mut reader).map_err(|source| Error::Open { path: path.clone(), source })?;
+        let mut reader = BufReader::new(reader);
+        let content = Content::read(&mut reader).map_err(|e| header_error(&path, e))?;
+        let info = read_info(&content)?;
+        let sizes = tensor_sizes(&content, &info)?;
+        check_tensor_bounds(&path, &content, file_len)?;
+        Ok(Self { path, content, info, sizes })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn sizes(&self) -> &TensorSizes {
+        &self.sizes
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.content.tensor_infos.keys().map(String::as_str)
+    }
+
+    /// Loads one tensor onto `device`, seeking straight to its bytes.
+    pub fn load_tensor(&self, reader: &mut BufReader<File>, name: &str, device: &Device) -> Result<QTensor> {
+        if !self.has_tensor(name) {
+            return Err(Error::MissingTensor(name.to_string()));
+        }
+        self.content.tensor(reader, name, device).map_err(|e| Error::Corrupt {
+            path: self.path.clone(),
+            reason: format!("reading tensor `{name}`: {e}"),
+        })
+    }
+
+    /// A reader positioned anywhere; [`Self::load_tensor`] seeks.
+    pub fn reader(&self) -> Result<BufReader<File>> {
+        let file = File::open(&self.path).map_err(|source| Error::Open { path: self.path.clone(), source })?;
+        Ok(BufReader::new(file))
+    }
+
+    /// The GGUF type of a tensor, if the file has it.
+    pub fn tensor_dtype(&self, name: &str) -> Option<GgmlDType> {
+        self.content.tensor_infos.get(name).map(|t| t.ggml_dtype)
+    }
+
+    /// Metadata string, if present.
+    pub fn metadata_str(&self, key: &str) -> Option<&str> {
+        match self.content.metadata.get(key) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+fn header_error(path: &Path, e: candle_core::Error) -> Error {
+    let msg = e.to_string();
+    if msg.contains("unknown dtype") {
+        Error::UnsupportedTensorType(msg)
+    } else if msg.contains("magic") {
+        Error::NotGguf { path: path.to_path_buf() }
+    } else {
+        Error::Corrupt { path: path.to_path_buf(), reason: msg }
+    }
+}
+
+fn tensor_byte_len(shape: &candle_core::Shape, dtype: GgmlDType) -> u64 {
+    let elems = shape.elem_count();
+    (elems / dtype.block_size() * dtype.type_size()) as u64
+}
+
+fn check_tensor_bounds(path: &Path, content: &Content, file_len: u64) -> Result<()> {
+    for (name, t) in &content.tensor_infos {
+        if t.shape.elem_count() % t.ggml_dtype.block_size() != 0 {
+            return Err(Error::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("tensor `{name}` has {} elements, not a whole number of blocks", t.shape.elem_count()),
+            });
+        }
+        let end = content.tensor_data_offset + t.offset + tensor_byte_len(&t.shape, t.ggml_dtype);
+        if end > file_len {
+            return Err(Error::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("tensor `{name}` ends at byte {end} but the file has {file_len} bytes"),
+            });
+        }
+    }
+    Ok(())
+}
+
+struct Meta<'a> {
+    md: &'a HashMap<String, Value>,
+    arch: &'a str,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.md.get(&format!("{}.{key}", self.arch))
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.get(key)
+            .and_then(value_as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Metadata { key: format!("{}.{key}", self.arch) })
+    }
+
+    fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => value_as_f64(v)
+                .map(|v| v as f32)
+                .ok_or_else(|| Error::Metadata { key: format!("{}.{key}", self.arch) }),
+        }
+    }
+}
+
+pub(crate) fn value_as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::U8(x) => Some(*x as u64),
+        Value::U16(x) => Some(*x as u64),
+        Value::U32(x) => Some(*x as u64),
+        Value::U64(x) => Some(*x),
+        Value::I8(x) => u64::try_from(*x).ok(),
+        Value::I16(x) => u64::try_from(*x).ok(),
+        Value::I32(x) => u64::try_from(*x).ok(),
+        Value::I64(x) => u64::try_from(*x).ok(),
+        _ => None,
+    }
+}
+
+fn value_as_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::F32(x) => Some(*x as f64),
+        Value::F64(x) => Some(*x),
+        other => value_as_u64(other).map(|x| x as f64),
+    }
+}
+
+fn read_info(content: &Content) -> Result<ModelInfo> {
+    let md = &content.metadata;
+    let arch_name = match md.get("general.architecture") {
+        Some(Value::String(s)) => s.as_str(),
+        _ => return Err(Error::Metadata { key: "general.architecture".into() }),
+    };
+    let architecture = Architecture::parse(arch_name)?;
+    let m = Meta { md, arch: arch_name };
+    let layers = m.usize("block_count")?;
+    let hidden = m.usize("embedding_length")?;
+    let heads = m.usize("attention.head_count")?;
+    let kv_heads = match m.get("attention.head_count_kv") {
+        Some(v) => value_as_u64(v).ok_or_else(|| Error::Metadata { key: format!("{arch_name}.attention.head_count_kv") })? as usize,
+        None => heads,
+    };
+    if layers == 0 || hidden == 0 || heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(Error::InvalidModel(format!(
+            "inconsistent shape: {layers} layers, hidden {hidden}, {heads} heads, {kv_heads} kv heads"
+        )));
+    }
+    let head_dim = match m.get("attention.key_length") {
+        Some(v) => value_as_u64(v).map(|v| v as usize).unwrap_or(hidden / heads),
+        None => hidden / heads,
+    };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(Error::InvalidModel(format!("head dimension {head_dim} must be even and positive")));
+    }
+    let feed_forward = m.usize("feed_forward_length")?;
+    let rope_base = m.f32_or("rope.freq_base", 10_000.0)?;
+    let norm_eps = m.f32_or("attention.layer_norm_rms_epsilon", 1e-5)? as f64;
+    let context_length = m.usize("context_length").unwrap_or(4096);
+    let rope_scaling = if content.tensor_infos.contains_key("rope_freqs.weight") {
+        RopeScaling::FreqFactors
+    } else {
+        match (m.get("rope.scaling.type"), m.f32_or("rope.scaling.factor", 1.0)?) {
+            (Some(Value::String(t)), f) if t == "linear" && f > 0.0 && f != 1.0 => RopeScaling::Linear(f),
+            _ => RopeScaling::None,
+        }
+    };
+    let embedding = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
+    let (vocab_size, embd_hidden) = embedding
+        .shape
+        .dims2()
+        .map_err(|_| Error::InvalidModel("token_embd.weight is not a matrix".into()))?;
+    if embd_hidden != hidden {
+        return Err(Error::InvalidModel(format!(
+            "token_embd.weight has width {embd_hidden}, the metadata says hidden {hidden}"
+        )));
+    }
+    let name = match md.get("general.name") {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    Ok(ModelInfo {
+        architecture,
+        name,
+        layers,
+        hidden,
+        feed_forward,
+        heads,
+        kv_heads,
+        head_dim,
+        rope_base,
+        rope_scaling,
+        norm_eps,
+        context_length,
+        vocab_size,
+        tied_embedding: !content.tensor_infos.contains_key("output.weight"),
+    })
+}
+
+/// The layer a tensor belongs to, from its `blk.N.` prefix.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+fn tensor_sizes(content: &Content, info: &ModelInfo) -> Result<TensorSizes> {
+    let mut sizes = TensorSizes { layers: vec![0; info.layers], embedding: 0, head: 0, shared: 0 };
+    for (name, t) in &content.tensor_infos {
+        let bytes = tensor_byte_len(&t.shape, t.ggml_dtype);
+        match (layer_of(name), name.as_str()) {
+            (Some(layer), _) => {
+                let slot = sizes.layers.get_mut(layer).ok_or_else(|| {
+                    Error::InvalidModel(format!("tensor `{name}` names a layer beyond the {} layers", info.layers))
+                })?;
+                *slot += bytes;
+            }
+            (None, "token_embd.weight") => sizes.embedding += bytes,
+            (None, "output.weight" | "output_norm.weight") => sizes.head += bytes,
+            (None, "rope_freqs.weight") => sizes.shared += bytes,
+            _ => {}
+        }
+    }
+    if info.tied_embedding {
+        sizes.head += sizes.embedding;
+    }
+    Ok(sizes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::SyntheticModel;
+
+    #[test]
+    fn reads_the_shape_of_a_synthetic_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SyntheticModel::tiny();
+        let path = spec.write_to(dir.path()).unwrap();
+        let file = ModelFile::open(&path).unwrap();
+        let info = file.info();
+        assert_eq!(info.architecture, Architecture::Llama);
+        assert_eq!(info.layers, spec.layers);
+        assert_eq!(info.hidden, spec.hidden);
+        assert_eq!(info.kv_heads, spec.kv_heads);
+        assert!(info.tied_embedding);
+        let sizes = file.sizes();
+        assert_eq!(sizes.layers.len(), spec.layers);
+        assert!(sizes.layers.iter().all(|&b| b > 0 && b == sizes.layers[0]));
+        let split = sizes.stage_bytes(0..2) + sizes.stage_bytes(2..spec.layers) - sizes.shared;
+        assert_eq!(split, sizes.total());
+    }
+
+    #[test]
+    fn rejects_what_is_not_gguf() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gguf");
+        std::fs::write(&path, b"not a model at all").unwrap();
+        assert!(matches!(ModelFile::open(&path), Err(Error::NotGguf { .. })));
+        let empty = dir.path().join("empty.gguf");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(ModelFile::open(&empty), Err(Error::NotGguf { .. })));
+        assert!(matches!(ModelFile::open(dir.path().join("missing.gguf")), Err(Error::Open { .. })));
+    }
+
+    #[test]
+    fn rejects_a_truncated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = SyntheticModel::tiny().write_to(dir.path()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        for cut in [bytes.len() - 10, bytes.len() / 2, 40] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            match ModelFile::open(&path) {
+                Err(Error::Corrupt { .. }) => {}
+                other => panic!("cut at {cut}: expected a corrupt-file error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_an_unsupported_architecture() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = SyntheticModel::tiny();
+        spec.architecture = "mamba".into();
+        let path = spec.write_to(dir.path()).unwrap();
+        assert!(matches!(ModelFile::open(&path), Err(Error::UnsupportedArchitecture(a)) if a == "mamba"));
+    }
+}

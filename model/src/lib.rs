@@ -1,0 +1,31 @@
+//! The strata model runtime: everything needed to hold a contiguous slice of a
+//! Llama-family GGUF model and run it, with no networking in sight.
+//!
+//! A [`ModelFile`] reads a GGUF header (architecture, shapes, tensor sizes) without
+//! loading weights, so planners can size stages cheaply. A [`Stage`] loads only the
+//! tensors of its layer range and runs batched forwards over many sequences, each
+//! with its own KV cache. [`Tokenizer`], [`ChatTemplate`] and [`Sampler`] complete
+//! what a single-process generator or a pipeline's ends need.
+
+pub mod chat_template;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+mod kv_cache;
+mod layer;
+pub mod linear;
+pub mod sampling;
+pub mod stage;
+pub mod synthetic;
+pub mod tokenizer;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use device::parse_device;
+pub use error::{Error, Result};
+pub use generate::Generator;
+pub use gguf::{Architecture, ModelFile, ModelInfo, TensorSizes};
+pub use sampling::{Sampler, SamplingParams};
+pub use stage::{SeqId, Stage, StageInput, StageOutput, StageStep};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,532 @@
+//! A pipeline stage: the layers `[start, end)` of a model, plus the token embedding
+//! when it is the first stage and the final norm and output head when it is the last.
+//!
+//! A stage serves many sequences at once. Each has its own KV cache, created when the
+//! sequence's first step (position 0) arrives and dropped on [`Stage::release`]. One
+//! call to [`Stage::forward`] runs the steps of several sequences as one batch.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::gguf::{ModelFile, ModelInfo, RopeScaling};
+use crate::kv_cache::LayerCache;
+use crate::layer::{Layer, RmsNorm, Rope, Span};
+use crate::linear::Linear;
+
+/// Identifies a sequence across every stage of a pipeline.
+pub type SeqId = u64;
+
+/// What a step feeds into a stage.
+#[derive(Debug, Clone)]
+pub enum StageInput {
+    /// Token ids: only the first stage takes these.
+    Tokens(Vec<u32>),
+    /// `[tokens, hidden]` f32 hidden states from the previous stage.
+    Hidden(Tensor),
+}
+
+impl StageInput {
+    pub fn len(&self) -> Result<usize> {
+        Ok(match self {
+            Self::Tokens(t) => t.len(),
+            Self::Hidden(h) => h.dim(0)?,
+        })
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// One sequence's new tokens, starting at `position` in its history.
+#[derive(Debug, Clone)]
+pub struct StageStep {
+    pub seq: SeqId,
+    pub position: usize,
+    pub input: StageInput,
+}
+
+/// What a step produced.
+#[derive(Debug, Clone)]
+pub enum StageOutput {
+    /// `[tokens, hidden]` f32 hidden states for the next stage.
+    Hidden(Tensor),
+    /// `[vocab]` f32 logits of the step's last token (last stage only).
+    Logits(Tensor),
+}
+
+/// Tunables of a stage.
+#[derive(Debug, Clone)]
+pub struct StageOptions {
+    /// Longest run of one sequence's tokens computed in one forward; longer prompts
+    /// are processed in chunks of this size to bound scratch memory.
+    pub prefill_chunk: usize,
+}
+
+impl Default for StageOptions {
+    fn default() -> Self {
+        Self { prefill_chunk: 512 }
+    }
+}
+
+#[derive(Debug)]
+struct SequenceCache {
+    layers: Vec<LayerCache>,
+}
+
+impl SequenceCache {
+    fn len(&self) -> usize {
+        self.layers.first().map_or(0, LayerCache::len)
+    }
+}
+
+#[derive(Debug)]
+struct Head {
+    norm: RmsNorm,
+    output: Linear,
+}
+
+pub struct Stage {
+    info: ModelInfo,
+    layer_range: Range<usize>,
+    embedding: Option<QTensor>,
+    layers: Vec<Layer>,
+    head: Option<Head>,
+    rope: Rope,
+    device: Device,
+    options: StageOptions,
+    weight_bytes: u64,
+    sequences: HashMap<SeqId, SequenceCache>,
+}
+
+impl Stage {
+    /// Loads the tensors of `layers` (and the embedding / head where this stage is
+    /// first / last) from `file` onto `device`. Nothing else is read.
+    pub fn load(file: &ModelFile, layers: Range<usize>, device: &Device, options: StageOptions) -> Result<Self> {
+        let info = file.info().clone();
+        if layers.start >= layers.end || layers.end > info.layers {
+            return Err(Error::LayerRange { start: layers.start, end: layers.end, layers: info.layers });
+        }
+        let _span = tracing::info_span!("stage_load", start = layers.start, end = layers.end).entered();
+        let mut reader = file.reader()?;
+        let first = layers.start == 0;
+        let last = layers.end == info.layers;
+        let embedding = if first { Some(file.load_tensor(&mut reader, "token_embd.weight", device)?) } else { None };
+        let loaded: Vec<Layer> = layers
+            .clone()
+            .map(|i| Layer::load(file, &mut reader, i, device))
+            .collect::<Result<_>>()?;
+        let head = if last {
+            let name = if info.tied_embedding { "token_embd.weight" } else { "output.weight" };
+            Some(Head {
+                norm: RmsNorm::load(file, &mut reader, "output_norm.weight", device)?,
+                output: Linear::new(file.load_tensor(&mut reader, name, device)?, None)?,
+            })
+        } else {
+            None
+        };
+        let freq_factors = match info.rope_scaling {
+            RopeScaling::FreqFactors => {
+                let t = file.load_tensor(&mut reader, "rope_freqs.weight", device)?.dequantize(&Device::Cpu)?;
+                let factors = t.flatten_all()?.to_vec1::<f32>()?;
+                if factors.len() != info.head_dim / 2 {
+                    return Err(Error::InvalidModel(format!(
+                        "rope_freqs.weight has {} entries, expected {}",
+                        factors.len(),
+                        info.head_dim / 2
+                    )));
+                }
+                Some(factors)
+            }
+            _ => None,
+        };
+        let rope = Rope::new(&info, freq_factors);
+        let weight_bytes = file.sizes().stage_bytes(layers.clone());
+        Ok(Self {
+            info,
+            layer_range: layers,
+            embedding,
+            layers: loaded,
+            head,
+            rope,
+            device: device.clone(),
+            options,
+            weight_bytes,
+            sequences: HashMap::new(),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn layers(&self) -> Range<usize> {
+        self.layer_range.clone()
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.layer_range.start == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.layer_range.end == self.info.layers
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of weights this stage holds.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Bytes held by the KV caches of all sequences.
+    pub fn cache_bytes(&self) -> u64 {
+        self.sequences.values().flat_map(|s| &s.layers).map(|c| c.bytes() as u64).sum()
+    }
+
+    /// Sequences holding a cache here.
+    pub fn sequence_count(&self) -> usize {
+        self.sequences.len()
+    }
+
+    /// The number of positions cached for `seq`, if it is known.
+    pub fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+        self.sequences.get(&seq).map(SequenceCache::len)
+    }
+
+    /// Drops the KV cache of `seq`; returns whether it existed.
+    pub fn release(&mut self, seq: SeqId) -> bool {
+        self.sequences.remove(&seq).is_some()
+    }
+
+    /// Checks a step against this stage without running it, so a caller can reject a
+    /// bad step and go on with the rest of its batch.
+    pub fn check(&self, step: &StageStep) -> Result<()> {
+        let len = step.input.len()?;
+        if len == 0 {
+            return Err(Error::BadInput(format!("sequence {}: empty step", step.seq)));
+        }
+        match (&step.input, self.is_first()) {
+            (StageInput::Tokens(ids), true) => {
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
+                    return Err(Error::BadInput(format!(
+                        "sequence {}: token id {bad} is outside the vocabulary of {}",
+                        step.seq, self.info.vocab_size
+                    )));
+                }
+            }
+            (StageInput::Hidden(h), false) => {
+                let dims = h.dims();
+                if dims.len() != 2 || dims[1] != self.info.hidden || h.dtype() != DType::F32 {
+                    return Err(Error::BadInput(format!(
+                        "sequence {}: hidden states must be f32 [tokens, {}], got {:?} {:?}",
+                        step.seq,
+                        self.info.hidden,
+                        h.dtype(),
+                        dims
+                    )));
+                }
+            }
+            (StageInput::Tokens(_), false) => {
+                return Err(Error::BadInput("token ids sent to a stage that expects hidden states".into()))
+            }
+            (StageInput::Hidden(_), true) => {
+                return Err(Error::BadInput("hidden states sent to the first stage, which expects token ids".into()))
+            }
+        }
+        let expected = match self.sequences.get(&step.seq) {
+            // Position 0 restarts a sequence: that is how a replay begins.
+            _ if step.position == 0 => 0,
+            Some(cache) => cache.len(),
+            None => return Err(Error::UnknownSequence(step.seq)),
+        };
+        if step.position != expected {
+            return Err(Error::PositionMismatch { seq: step.seq, expected, got: step.position });
+        }
+        if step.position + len > self.info.context_length {
+            return Err(Error::ContextOverflow {
+                seq: step.seq,
+                tokens: step.position + len,
+                context: self.info.context_length,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `steps` (at most one per sequence) as one batch and returns one output per
+    /// step, in order. Every step is checked first; nothing runs if one is bad.
+    pub fn forward(&mut self, steps: &[StageStep]) -> Result<Vec<StageOutput>> {
+        for (i, step) in steps.iter().enumerate() {
+            self.check(step)?;
+            if steps[..i].iter().any(|s| s.seq == step.seq) {
+                return Err(Error::BadInput(format!("sequence {} appears twice in one batch", step.seq)));
+            }
+        }
+        for step in steps {
+            if step.position == 0 {
+                let layers = (0..self.layers.len()).map(|_| LayerCache::new()).collect();
+                self.sequences.insert(step.seq, SequenceCache { layers });
+            }
+        }
+        // Long prompts are cut into chunks; each round takes the next chunk of every
+        // step that still has tokens, so short steps finish in the first round.
+        let chunk = self.options.prefill_chunk.max(1);
+        let mut pieces: Vec<Vec<Tensor>> = vec![Vec::new(); steps.len()];
+        let mut done = 0;
+        loop {
+            let mut round = Vec::new();
+            for (i, step) in steps.iter().enumerate() {
+                let len = step.input.len()?;
+                if done < len {
+                    round.push((i, done, chunk.min(len - done)));
+                }
+            }
+            if round.is_empty() {
+                break;
+            }
+            let outputs = self.forward_round(steps, &round)?;
+            for ((i, _, _), out) in round.iter().zip(outputs) {
+                pieces[*i].push(out);
+            }
+            done += chunk;
+        }
+        let mut results = Vec::with_capacity(steps.len());
+        for parts in pieces {
+            let last = parts.last().cloned().ok_or_else(|| Error::BadInput("empty step".into()))?;
+            results.push(if self.is_last() {
+                StageOutput::Logits(last)
+            } else if parts.len() == 1 {
+                StageOutput::Hidden(last)
+            } else {
+                StageOutput::Hidden(Tensor::cat(&parts, 0)?)
+            });
+        }
+        Ok(results)
+    }
+
+    /// One batched forward over `(step index, offset, len)` slices of the steps.
+    /// Returns per slice the hidden states, or the last token's logits on the last stage.
+    fn forward_round(&mut self, steps: &[StageStep], round: &[(usize, usize, usize)]) -> Result<Vec<Tensor>> {
+        let mut inputs = Vec::with_capacity(round.len());
+        let mut spans = Vec::with_capacity(round.len());
+        let mut ropes = Vec::with_capacity(round.len());
+        let mut offset = 0;
+        for &(i, from, len) in round {
+            let step = &steps[i];
+            let x = match &step.input {
+                StageInput::Tokens(ids) => {
+                    let ids = Tensor::new(&ids[from..from + len], &self.device)?;
+                    match &self.embedding {
+                        Some(e) => e.embedding(&ids)?,
+                        None => return Err(Error::BadInput("this stage has no embedding".into())),
+                    }
+                }
+                StageInput::Hidden(h) => h.narrow(0, from, len)?.to_device(&self.device)?,
+            };
+            inputs.push(x);
+            let position = step.position + from;
+            spans.push(Span { offset, len, position });
+            ropes.push(self.rope.tables(position, len, &self.device)?);
+            offset += len;
+        }
+        let mut x = if inputs.len() == 1 { inputs.swap_remove(0) } else { Tensor::cat(&inputs, 0)? };
+        let mut seq_caches = caches_in_order(&mut self.sequences, round.iter().map(|&(i, _, _)| steps[i].seq))?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let _span = tracing::trace_span!("layer", index = self.layer_range.start + l).entered();
+            let mut caches: Vec<&mut LayerCache> = seq_caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            x = layer.forward(&x, &spans, &mut caches, &ropes, &self.rope)?;
+        }
+        match &self.head {
+            None => spans.iter().map(|s| Ok(x.narrow(0, s.offset, s.len)?)).collect(),
+            Some(head) => {
+                let lasts: Vec<Tensor> =
+                    spans.iter().map(|s| x.narrow(0, s.offset + s.len - 1, 1)).collect::<candle_core::Result<_>>()?;
+                let lasts = Tensor::cat(&lasts, 0)?;
+                let logits = head.output.forward(&head.norm.forward(&lasts)?)?;
+                (0..spans.len()).map(|i| Ok(logits.get(i)?)).collect()
+            }
+        }
+    }
+}
+
+/// Mutable caches for `ids`, in that order. Ids must be distinct (checked by forward).
+fn caches_in_order(
+    sequences: &mut HashMap<SeqId, SequenceCache>,
+    ids: impl Iterator<Item = SeqId> + Clone,
+) -> Result<Vec<&mut SequenceCache>> {
+    let mut wanted: HashMap<SeqId, &mut SequenceCache> =
+        sequences.iter_mut().filter(|(id, _)| ids.clone().any(|w| w == **id)).map(|(id, c)| (*id, c)).collect();
+    ids.map(|id| wanted.remove(&id).ok_or(Error::UnknownSequence(id))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::SyntheticModel;
+
+    fn model(spec: &SyntheticModel) -> (tempfile::TempDir, ModelFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = spec.write_to(dir.path()).unwrap();
+        let file = ModelFile::open(path).unwrap();
+        (dir, file)
+    }
+
+    fn stage(file: &ModelFile, layers: Range<usize>) -> Stage {
+        Stage::load(file, layers, &Device::Cpu, StageOptions::default()).unwrap()
+    }
+
+    fn tokens(seq: SeqId, position: usize, ids: &[u32]) -> StageStep {
+        StageStep { seq, position, input: StageInput::Tokens(ids.to_vec()) }
+    }
+
+    /// Runs one step through a chain of stages and returns the final logits.
+    fn through(stages: &mut [Stage], step: StageStep) -> Vec<f32> {
+        let mut step = step;
+        for stage in stages.iter_mut() {
+            match stage.forward(std::slice::from_ref(&step)).unwrap().pop().unwrap() {
+                StageOutput::Hidden(h) => step.input = StageInput::Hidden(h),
+                StageOutput::Logits(l) => return l.to_vec1().unwrap(),
+            }
+        }
+        panic!("no stage returned logits")
+    }
+
+    #[test]
+    fn three_chained_stages_give_bit_identical_logits() {
+        let (_dir, file) = model(&SyntheticModel { layers: 6, ..SyntheticModel::tiny() });
+        let mut whole = [stage(&file, 0..6)];
+        let mut chain = [stage(&file, 0..2), stage(&file, 2..5), stage(&file, 5..6)];
+        let prompt = [5, 80, 120, 33, 7, 250, 2];
+        let a = through(&mut whole, tokens(1, 0, &prompt));
+        let b = through(&mut chain, tokens(1, 0, &prompt));
+        assert_eq!(a, b);
+        for (i, t) in [17u32, 99, 3].iter().enumerate() {
+            let a = through(&mut whole, tokens(1, prompt.len() + i, &[*t]));
+            let b = through(&mut chain, tokens(1, prompt.len() + i, &[*t]));
+            assert_eq!(a, b, "decode step {i}");
+        }
+    }
+
+    #[test]
+    fn a_batch_equals_its_sequences_run_alone() {
+        let (_dir, file) = model(&SyntheticModel::tiny());
+        let mut batched = stage(&file, 0..4);
+        let mut alone = stage(&file, 0..4);
+        let steps = [tokens(1, 0, &[1, 2, 3]), tokens(2, 0, &[9, 8, 7, 6, 5]), tokens(3, 0, &[42])];
+        let outs = batched.forward(&steps).unwrap();
+        for (step, out) in steps.iter().zip(outs) {
+            let StageOutput::Logits(b) = out else { panic!("last stage returns logits") };
+            let StageOutput::Logits(a) = alone.forward(std::slice::from_ref(step)).unwrap().pop().unwrap() else {
+                panic!()
+            };
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "sequence {}", step.seq);
+        }
+        // Then a batched decode step of sequences at different positions.
+        let decode = [tokens(1, 3, &[4]), tokens(2, 5, &[4]), tokens(3, 1, &[4])];
+        let outs = batched.forward(&decode).unwrap();
+        for (step, out) in decode.iter().zip(outs) {
+            let (StageOutput::Logits(b), StageOutput::Logits(a)) =
+                (out, alone.forward(std::slice::from_ref(step)).unwrap().pop().unwrap())
+            else {
+                panic!()
+            };
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        }
+        assert_eq!(batched.sequence_count(), 3);
+        assert!(batched.release(2));
+        assert!(!batched.release(2));
+        assert_eq!(batched.sequence_count(), 2);
+    }
+
+    #[test]
+    fn chunked_prefill_matches_one_pass() {
+        let (_dir, file) = model(&SyntheticModel::tiny());
+        let mut one = stage(&file, 0..4);
+        let mut chunked = Stage::load(&file, 0..4, &Device::Cpu, StageOptions { prefill_chunk: 4 }).unwrap();
+        let prompt: Vec<u32> = (0..11).map(|i| (i * 37 % 250) as u32).collect();
+        let a = through(std::slice::from_mut(&mut one), tokens(1, 0, &prompt));
+        let b = through(std::slice::from_mut(&mut chunked), tokens(1, 0, &prompt));
+        assert_eq!(chunked.sequence_len(1), Some(11));
+        let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(max_diff < 1e-4, "chunked prefill differs by {max_diff}");
+    }
+
+    #[test]
+    fn hidden_states_of_a_middle_stage_have_the_prompt_shape() {
+        let (_dir, file) = model(&SyntheticModel::tiny());
+        let mut first = stage(&file, 0..2);
+        let StageOutput::Hidden(h) = first.forward(&[tokens(1, 0, &[1, 2, 3])]).unwrap().pop().unwrap() else {
+            panic!("a first stage returns hidden states")
+        };
+        assert_eq!(h.dims(), &[3, 64]);
+        assert!(first.is_first() && !first.is_last());
+    }
+
+    #[test]
+    fn variant_architectures_load_and_run() {
+        for spec in [
+            SyntheticModel { architecture: "qwen2".into(), qkv_bias: true, ..SyntheticModel::tiny() },
+            SyntheticModel { rope_freqs: true, untied_head: true, ..SyntheticModel::tiny() },
+            SyntheticModel { dtype: candle_core::quantized::GgmlDType::Q4_1, ..SyntheticModel::tiny() },
+            SyntheticModel { dtype: candle_core::quantized::GgmlDType::F16, ..SyntheticModel::tiny() },
+        ] {
+            let (_dir, file) = model(&spec);
+            let mut whole = [stage(&file, 0..4)];
+            let mut split = [stage(&file, 0..1), stage(&file, 1..4)];
+            let a = through(&mut whole, tokens(1, 0, &[3, 1, 4, 1, 5]));
+            let b = through(&mut split, tokens(1, 0, &[3, 1, 4, 1, 5]));
+            assert!(a.iter().all(|x| x.is_finite()), "{spec:?}");
+            assert_eq!(a, b, "{spec:?}");
+        }
+    }
+
+    #[test]
+    fn a_stage_holds_only_its_share_of_the_weights() {
+        let (_dir, file) = model(&SyntheticModel { layers: 6, ..SyntheticModel::tiny() });
+        let sizes = file.sizes();
+        let middle = stage(&file, 2..4);
+        assert_eq!(middle.weight_bytes(), sizes.layers[2] + sizes.layers[3]);
+        let whole = stage(&file, 0..6);
+        assert_eq!(whole.weight_bytes(), sizes.total());
+    }
+
+    #[test]
+    fn bad_steps_are_refused_with_a_reason() {
+        let (_dir, file) = model(&SyntheticModel::tiny());
+        assert!(matches!(
+            Stage::load(&file, 2..9, &Device::Cpu, StageOptions::default()),
+            Err(Error::LayerRange { end: 9, .. })
+        ));
+        assert!(matches!(Stage::load(&file, 2..2, &Device::Cpu, StageOptions::default()), Err(Error::LayerRange { .. })));
+        let mut first = stage(&file, 0..2);
+        let mut second = stage(&file, 2..4);
+        let vocab = first.info().vocab_size as u32;
+        let hidden = |rows: usize, cols: usize| StageInput::Hidden(Tensor::zeros((rows, cols), DType::F32, &Device::Cpu).unwrap());
+        let cases = [
+            (true, tokens(1, 0, &[vocab]), "outside the vocabulary"),
+            (true, tokens(1, 3, &[1]), "unknown"),
+            (true, tokens(1, 0, &[]), "empty"),
+            (true, tokens(1, 0, &[1; 300]), "context"),
+            (false, StageStep { seq: 1, position: 0, input: hidden(2, 63) }, "hidden states must be"),
+            (false, tokens(1, 0, &[1]), "expects hidden states"),
+        ];
+        for (to_first, step, expected) in cases {
+            let stage = if to_first { &mut first } else { &mut second };
+            let err = stage.forward(&[step]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err} should mention {expected}");
+        }
+        first.forward(&[tokens(1, 0, &[1, 2])]).unwrap();
+        let err = first.forward(&[tokens(1, 5, &[3])]).unwrap_err();
+        assert!(matches!(err, Error::PositionMismatch { expected: 2, got: 5, .. }), "{err}");
+        let err = first.forward(&[tokens(1, 2, &[3]), tokens(1, 2, &[3])]).unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        // A refused batch leaves the sequence where it was.
+        assert_eq!(first.sequence_len(1), Some(2));
+    }
+}
