@@ -1,1 +1,5 @@
-//! placeholder
+//! The strata coordinator: the `strata` command line, the model store, and (as the
+//! cluster grows) planning stages across workers and serving users.
+
+pub mod cli;
+pub mod model_store;

@@ -51,15 +51,15 @@ impl Generator {
         &self.stage
     }
 
-    /// Generates up to `max_tokens` after `prompt`. `on_token` sees each new token and
-    /// returns false to stop early. End-of-generation tokens end the run and are not
+    /// Generates up to `max_tokens` after `prompt`. `on_token` sees each new token (with
+    /// the tokenizer, to decode it as it comes) and returns false to stop early. End-of-generation tokens end the run and are not
     /// returned.
     pub fn generate(
         &mut self,
         prompt: &[u32],
         max_tokens: usize,
         params: &SamplingParams,
-        mut on_token: impl FnMut(u32) -> bool,
+        mut on_token: impl FnMut(&Tokenizer, u32) -> bool,
     ) -> Result<Generation> {
         let sampler = Sampler::new(params)?;
         let context = self.stage.info().context_length;
@@ -89,7 +89,7 @@ impl Generator {
             }
             tokens.push(next);
             history.push(next);
-            if !on_token(next) {
+            if !on_token(&self.tokenizer, next) {
                 break FinishReason::Cancelled;
             }
             input = vec![next];

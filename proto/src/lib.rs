@@ -1,1 +1,30 @@
-//! placeholder
+//! The gRPC contract between the strata coordinator and its workers.
+//!
+//! Generated code lives in OUT_DIR (not committed): `proto/strata.proto` is the one
+//! source of truth, and the generated types are re-exported from [`v1`]. Besides the
+//! generated code, this crate holds the limits both sides must agree on and the
+//! conversion of hidden-state tensors to and from wire bytes.
+
+pub mod v1 {
+    tonic::include_proto!("strata.v1");
+}
+
+mod error;
+mod tensor_wire;
+
+pub use error::{CoordinatorError, WorkerError};
+pub use tensor_wire::{decode_hidden, encode_hidden, WireError};
+
+/// Bumped on any incompatible change to `strata.proto`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest gRPC message either side accepts or sends. Frames are chunked to stay
+/// well under it; tonic's default of 4 MiB would break a long prefill of a large model.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Hidden-state bytes per activation frame before the sender cuts a prompt into
+/// several frames.
+pub const FRAME_TARGET_BYTES: usize = 8 * 1024 * 1024;
+
+/// Bytes per chunk of a weight transfer.
+pub const WEIGHT_CHUNK_BYTES: usize = 1024 * 1024;

@@ -1,0 +1,189 @@
+//! `strata bench`: speed and memory of the runtime, measured in one run.
+//!
+//! Speeds are medians over several runs. Each stage's memory is measured in a child
+//! process that loads only that stage, so the numbers are not blurred by memory the
+//! allocator kept from an earlier load.
+
+use std::ops::Range;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+use strata_model::stage::StageOptions;
+use strata_model::{ModelFile, Stage, StageInput, StageOutput, StageStep};
+
+use super::ModelArgs;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Runs to take the median of.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens decoded per run.
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+    /// Even stages to measure the memory of (0 skips it).
+    #[arg(long, default_value_t = 3)]
+    pub stages: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Internal: load only these layers (`a..b`) and print resident memory.
+    #[arg(long, hide = true)]
+    pub measure_stage: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct StageMemory {
+    layers: String,
+    weight_bytes: u64,
+    resident_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    threads: usize,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    peak_resident_bytes: u64,
+    stages: Vec<StageMemory>,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (file, device) = args.model.open()?;
+    if let Some(range) = &args.measure_stage {
+        return measure_stage_here(&file, &device, parse_range(range)?);
+    }
+    let n_layers = file.info().layers;
+    let stages = even_ranges(n_layers, args.stages.min(n_layers))
+        .into_iter()
+        .map(|r| measure_stage_in_child(&args, r))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut stage = Stage::load(&file, 0..n_layers, &device, StageOptions::default())?;
+    let vocab = file.info().vocab_size as u32;
+    let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 100 + (i * 7919) % (vocab - 100)).collect();
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for run in 0..args.runs.max(1) + 1 {
+        let seq = run as u64;
+        let t = Instant::now();
+        let mut next = last_token(&stage.forward(&[StageStep { seq, position: 0, input: StageInput::Tokens(prompt.clone()) }])?)?;
+        let prefill_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for i in 0..args.decode_tokens {
+            let step = StageStep { seq, position: prompt.len() + i, input: StageInput::Tokens(vec![next]) };
+            next = last_token(&stage.forward(&[step])?)?;
+        }
+        let decode_s = t.elapsed().as_secs_f64();
+        stage.release(seq);
+        // The first run warms caches and the thread pool; it is not counted.
+        if run > 0 {
+            prefill.push(args.prompt_tokens as f64 / prefill_s);
+            decode.push(args.decode_tokens as f64 / decode_s);
+        }
+    }
+    let report = Report {
+        model: args.model.model.clone(),
+        threads: candle_core_threads(),
+        prefill_tokens_per_s: median(&mut prefill),
+        decode_tokens_per_s: median(&mut decode),
+        peak_resident_bytes: proc_status_bytes("VmHWM")?,
+        stages,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report, file.sizes().layers.iter().sum());
+    }
+    Ok(())
+}
+
+fn print_report(r: &Report, layer_bytes: u64) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    println!("model            {}", r.model);
+    println!("threads          {}", r.threads);
+    println!("prefill          {:.1} tokens/s (median)", r.prefill_tokens_per_s);
+    println!("decode           {:.1} tokens/s (median)", r.decode_tokens_per_s);
+    println!("peak memory      {:.1} MiB", r.peak_resident_bytes as f64 / MIB);
+    if r.stages.is_empty() {
+        return;
+    }
+    println!("stages (each loaded alone in a fresh process; all layers = {:.1} MiB):", layer_bytes as f64 / MIB);
+    for s in &r.stages {
+        println!(
+            "  layers {:<8} weights {:>7.1} MiB  resident {:>7.1} MiB  ({:.2} of the whole model's weights)",
+            s.layers,
+            s.weight_bytes as f64 / MIB,
+            s.resident_bytes as f64 / MIB,
+            s.weight_bytes as f64 / r.stages.iter().map(|s| s.weight_bytes).sum::<u64>().max(1) as f64,
+        );
+    }
+}
+
+fn last_token(outputs: &[StageOutput]) -> anyhow::Result<u32> {
+    match outputs.last() {
+        Some(StageOutput::Logits(l)) => Ok(l.argmax(0)?.to_scalar::<u32>()?),
+        _ => anyhow::bail!("the full stage returned no logits"),
+    }
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
+
+pub fn even_ranges(layers: usize, parts: usize) -> Vec<Range<usize>> {
+    if parts == 0 {
+        return Vec::new();
+    }
+    (0..parts).map(|i| i * layers / parts..(i + 1) * layers / parts).collect()
+}
+
+fn parse_range(s: &str) -> anyhow::Result<Range<usize>> {
+    let (a, b) = s.split_once("..").context("expected a range like 0..10")?;
+    Ok(a.parse()?..b.parse()?)
+}
+
+fn measure_stage_here(file: &ModelFile, device: &strata_model::Device, layers: Range<usize>) -> anyhow::Result<()> {
+    let before = proc_status_bytes("VmRSS")?;
+    let stage = Stage::load(file, layers, device, StageOptions::default())?;
+    let after = proc_status_bytes("VmRSS")?;
+    println!("{} {}", stage.weight_bytes(), after.saturating_sub(before));
+    Ok(())
+}
+
+fn measure_stage_in_child(args: &BenchArgs, layers: Range<usize>) -> anyhow::Result<StageMemory> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args(["bench", "--model", &args.model.model, "--device", &args.model.device, "--measure-stage"])
+        .arg(format!("{}..{}", layers.start, layers.end))
+        .output()?;
+    anyhow::ensure!(out.status.success(), "measuring stage {layers:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(weight_bytes)), Some(Ok(resident_bytes))) => {
+            Ok(StageMemory { layers: format!("{}..{}", layers.start, layers.end), weight_bytes, resident_bytes })
+        }
+        _ => anyhow::bail!("unexpected output from the stage measurement: {text}"),
+    }
+}
+
+/// A `/proc/self/status` field in bytes (Linux).
+fn proc_status_bytes(field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in /proc/self/status"))?;
+    let kib: u64 = line.split_whitespace().nth(1).context("malformed status line")?.parse()?;
+    Ok(kib * 1024)
+}
+
+fn candle_core_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}

@@ -1,0 +1,93 @@
+//! The `strata` command line: one subcommand a module.
+
+pub mod bench;
+pub mod generate;
+pub mod model;
+
+use clap::{Args, Parser, Subcommand};
+
+/// strata: one large language model run across all the machines of a home lab.
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about)]
+pub struct Cli {
+    /// Compute threads of this process (candle's pool). Several processes sharing a
+    /// machine should split its cores between them rather than each take all.
+    #[arg(long, global = true, env = "STRATA_THREADS")]
+    pub threads: Option<usize>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Complete a prompt in this one process.
+    Generate(generate::GenerateArgs),
+    /// Manage local model files.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Measure prefill and decode speed, memory, and the size of each stage.
+    Bench(bench::BenchArgs),
+}
+
+/// Which model and where to run it.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A GGUF file, or a known model name (`smollm2-135m`), fetched on first use.
+    #[arg(long, short = 'm', default_value = "smollm2-135m")]
+    pub model: String,
+    /// `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    pub fn open(&self) -> anyhow::Result<(strata_model::ModelFile, strata_model::Device)> {
+        let path = crate::model_store::resolve(&self.model)?;
+        let file = strata_model::ModelFile::open(&path)?;
+        let device = strata_model::parse_device(&self.device)?;
+        Ok((file, device))
+    }
+}
+
+/// Sampling flags shared by every command that generates.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> strata_model::SamplingParams {
+        strata_model::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            seed: self.seed,
+            ..strata_model::SamplingParams::greedy()
+        }
+    }
+}
+
+/// Sizes candle's compute pool. Must run before any tensor work starts the pool,
+/// and before other threads exist (it writes the process environment).
+pub fn set_compute_threads(threads: Option<usize>) {
+    if let Some(n) = threads.filter(|&n| n > 0) {
+        for key in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+            std::env::set_var(key, n.to_string());
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! One error enum per service, each mapped once to a gRPC code.
+//!
+//! Handlers return these; only the tonic adapters turn them into `tonic::Status`, so
+//! service logic never builds statuses by hand and both ends agree on the codes.
+
+use tonic::{Code, Status};
+
+/// What a worker's RPCs can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkerError {
+    #[error("this worker holds no shard")]
+    NoShard,
+    #[error("layers {start}..{end} are outside the model's {layers} layers")]
+    ShardOutOfRange { start: u32, end: u32, layers: u32 },
+    #[error("model content hash mismatch: expected {expected}, got {got}")]
+    ModelHashMismatch { expected: String, got: String },
+    #[error("model is not available: {0}")]
+    ModelUnavailable(String),
+    #[error("bad frame: {0}")]
+    BadFrame(String),
+    #[error("sequence {0} is unknown on this worker")]
+    UnknownSequence(u64),
+    #[error("worker is draining and takes no new work")]
+    Draining,
+    #[error("worker is busy: {0}")]
+    Busy(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl WorkerError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::NoShard | Self::Draining => Code::FailedPrecondition,
+            Self::ShardOutOfRange { .. } | Self::BadFrame(_) => Code::InvalidArgument,
+            Self::ModelHashMismatch { .. } => Code::FailedPrecondition,
+            Self::ModelUnavailable(_) => Code::NotFound,
+            Self::UnknownSequence(_) => Code::NotFound,
+            Self::Busy(_) => Code::ResourceExhausted,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<WorkerError> for Status {
+    fn from(e: WorkerError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+/// What the coordinator's RPCs can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("unknown model {0}")]
+    UnknownModel(String),
+    #[error("layers {start}..{end} are outside the model's {layers} layers")]
+    RangeOutOfModel { start: u32, end: u32, layers: u32 },
+    #[error("incompatible protocol version {got} (this coordinator speaks {expected})")]
+    ProtocolVersion { got: u32, expected: u32 },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CoordinatorError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::UnknownModel(_) => Code::NotFound,
+            Self::RangeOutOfModel { .. } | Self::BadRequest(_) => Code::InvalidArgument,
+            Self::ProtocolVersion { .. } => Code::FailedPrecondition,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_grpc_codes_with_their_message() {
+        let s: Status = WorkerError::ShardOutOfRange { start: 0, end: 40, layers: 30 }.into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("40"));
+        let s: Status = CoordinatorError::UnknownModel("x".into()).into();
+        assert_eq!(s.code(), Code::NotFound);
+    }
+}
