@@ -383,6 +383,12 @@ mod tests {
     }
 
     #[test]
+    fn template_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<ChatTemplate>();
+    }
+
+    #[test]
     fn chatml_is_the_default() {
         let template = ChatTemplate::from_gguf(&HashMap::new()).unwrap();
         assert_eq!(template.source(), CHATML_TEMPLATE);
@@ -458,7 +464,7 @@ mod tests {
             ChatMessage::new(Role::Assistant, "c"),
             ChatMessage::new(Role::User, "never shown"),
         ];
-        assert_eq!(template.render(&messages, false).unwrap(), "[a,b|2|true][c|1|false]");
+        assert_eq!(template.render(&messages, false).unwrap(), "[a,b|2|True][c|1|False]");
     }
 
     #[test]

@@ -349,7 +349,7 @@ impl Tokenizer {
     }
 
     /// The text that `id` adds to what `stream` has produced so far (None while a
-    /// multi-byte character is still incomplete).
+    /// multi-byte character is still incomplete, or when the token adds no text).
     pub fn decode_next(&self, stream: &mut DecodeStream, id: u32) -> Result<Option<String>, TokenizerError> {
         let piece = self.piece(id).ok_or(TokenizerError::UnknownToken(id))?;
         stream.pending.extend_from_slice(piece);
@@ -1093,6 +1093,13 @@ pub(crate) mod tests {
         "emoji only: 🎉🎉👩‍👩‍👧",
         "",
     ];
+
+    #[test]
+    fn tokenizer_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Tokenizer>();
+        shareable::<DecodeStream>();
+    }
 
     #[test]
     fn smollm2_encodes_like_the_reference() {
