@@ -4,6 +4,8 @@
 //! An engine takes a tokenized request and streams events back on a channel. Dropping
 //! the receiver cancels the request: the engine notices and frees its KV caches.
 
+pub mod local;
+
 use std::sync::Arc;
 
 use strata_model::generate::FinishReason;
