@@ -139,6 +139,7 @@ impl ModelFile {
         std::io::Seek::rewind(&mut reader).map_err(|source| Error::Open { path: path.clone(), source })?;
         let mut reader = BufReader::new(reader);
         let content = Content::read(&mut reader).map_err(|e| header_error(&path, e))?;
+        check_tensor_types(&content)?;
         let info = read_info(&content)?;
         let sizes = tensor_sizes(&content, &info)?;
         check_tensor_bounds(&path, &content, file_len)?;
@@ -176,7 +177,7 @@ impl ModelFile {
         }
         self.content.tensor(reader, name, device).map_err(|e| Error::Corrupt {
             path: self.path.clone(),
-            reason: format!("reading tensor `{name}`: {e}"),
+            reason: format!("reading tensor `{name}`: {}", first_line(&e)),
         })
     }
 
@@ -200,8 +201,26 @@ impl ModelFile {
     }
 }
 
+/// candle appends a backtrace to some messages; users need only the first line.
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+/// Types that only exist as intermediates of a matmul; no stored weight may have them.
+fn check_tensor_types(content: &Content) -> Result<()> {
+    for (name, t) in &content.tensor_infos {
+        if matches!(t.ggml_dtype, GgmlDType::Q8_1 | GgmlDType::Q8K) {
+            return Err(Error::UnsupportedTensorType(format!(
+                "tensor `{name}` has type {:?}, which this runtime cannot compute with",
+                t.ggml_dtype
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn header_error(path: &Path, e: candle_core::Error) -> Error {
-    let msg = e.to_string();
+    let msg = first_line(&e);
     if msg.contains("unknown dtype") {
         Error::UnsupportedTensorType(msg)
     } else if msg.contains("magic") {
@@ -434,6 +453,27 @@ mod tests {
                 other => panic!("cut at {cut}: expected a corrupt-file error, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn rejects_tensor_types_it_cannot_compute_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SyntheticModel { dtype: GgmlDType::Q8K, hidden: 256, feed_forward: 256, ..SyntheticModel::tiny() };
+        let path = spec.write_to(dir.path()).unwrap();
+        let err = ModelFile::open(&path).unwrap_err();
+        assert!(matches!(&err, Error::UnsupportedTensorType(m) if m.contains("Q8K")), "{err}");
+        // A type id no GGUF reader knows.
+        let good = SyntheticModel::tiny().write_to(dir.path()).unwrap();
+        let bytes = std::fs::read(&good).unwrap();
+        let name = b"token_embd.weight";
+        let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+        // name, then n_dims (u32), two u64 dims, then the type id (u32).
+        let type_at = at + 4 + 16;
+        let mut patched = bytes.clone();
+        patched[type_at..type_at + 4].copy_from_slice(&99u32.to_le_bytes());
+        std::fs::write(&good, &patched).unwrap();
+        let err = ModelFile::open(&good).unwrap_err();
+        assert!(matches!(err, Error::UnsupportedTensorType(_)), "{err}");
     }
 
     #[test]

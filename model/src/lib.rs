@@ -16,6 +16,7 @@ mod kv_cache;
 mod layer;
 pub mod linear;
 pub mod sampling;
+pub mod shard_file;
 pub mod stage;
 pub mod synthetic;
 pub mod tokenizer;

@@ -487,6 +487,27 @@ mod tests {
     }
 
     #[test]
+    fn every_tensor_type_candle_reads_loads_and_runs() {
+        use candle_core::quantized::GgmlDType::*;
+        for dtype in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
+            // K-quants pack 256 values a block, so rows must be that wide.
+            let wide = matches!(dtype, Q2K | Q3K | Q4K | Q5K | Q6K);
+            let spec = SyntheticModel {
+                dtype,
+                layers: 2,
+                hidden: if wide { 256 } else { 64 },
+                feed_forward: if wide { 512 } else { 128 },
+                ..SyntheticModel::tiny()
+            };
+            let (_dir, file) = model(&spec);
+            let mut whole = [stage(&file, 0..2)];
+            let logits = through(&mut whole, tokens(1, 0, &[3, 1, 4]));
+            assert_eq!(logits.len(), file.info().vocab_size, "{dtype:?}");
+            assert!(logits.iter().all(|x| x.is_finite()), "{dtype:?}");
+        }
+    }
+
+    #[test]
     fn a_stage_holds_only_its_share_of_the_weights() {
         let (_dir, file) = model(&SyntheticModel { layers: 6, ..SyntheticModel::tiny() });
         let sizes = file.sizes();

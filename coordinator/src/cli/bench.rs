@@ -43,6 +43,8 @@ pub struct BenchArgs {
 #[derive(Debug, Serialize)]
 struct StageMemory {
     layers: String,
+    /// Bytes of the transformer layers alone (no embedding or head).
+    layer_bytes: u64,
     weight_bytes: u64,
     resident_bytes: u64,
 }
@@ -65,7 +67,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let n_layers = file.info().layers;
     let stages = even_ranges(n_layers, args.stages.min(n_layers))
         .into_iter()
-        .map(|r| measure_stage_in_child(&args, r))
+        .map(|r| measure_stage_in_child(&args, r, &file))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut stage = Stage::load(&file, 0..n_layers, &device, StageOptions::default())?;
     let vocab = file.info().vocab_size as u32;
@@ -115,14 +117,15 @@ fn print_report(r: &Report, layer_bytes: u64) {
     if r.stages.is_empty() {
         return;
     }
-    println!("stages (each loaded alone in a fresh process; all layers = {:.1} MiB):", layer_bytes as f64 / MIB);
+    println!("stages, each loaded alone in a fresh process (all layers: {:.1} MiB):", layer_bytes as f64 / MIB);
     for s in &r.stages {
         println!(
-            "  layers {:<8} weights {:>7.1} MiB  resident {:>7.1} MiB  ({:.2} of the whole model's weights)",
+            "  layers {:<8} {:>5.1} MiB of layers ({:.2} of all layers), {:>5.1} MiB with embedding/head, resident {:>5.1} MiB",
             s.layers,
+            s.layer_bytes as f64 / MIB,
+            s.layer_bytes as f64 / layer_bytes.max(1) as f64,
             s.weight_bytes as f64 / MIB,
             s.resident_bytes as f64 / MIB,
-            s.weight_bytes as f64 / r.stages.iter().map(|s| s.weight_bytes).sum::<u64>().max(1) as f64,
         );
     }
 }
@@ -159,7 +162,8 @@ fn measure_stage_here(file: &ModelFile, device: &strata_model::Device, layers: R
     Ok(())
 }
 
-fn measure_stage_in_child(args: &BenchArgs, layers: Range<usize>) -> anyhow::Result<StageMemory> {
+fn measure_stage_in_child(args: &BenchArgs, layers: Range<usize>, file: &ModelFile) -> anyhow::Result<StageMemory> {
+    let layer_bytes = file.sizes().layers[layers.clone()].iter().sum();
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
         .args(["bench", "--model", &args.model.model, "--device", &args.model.device, "--measure-stage"])
@@ -170,7 +174,7 @@ fn measure_stage_in_child(args: &BenchArgs, layers: Range<usize>) -> anyhow::Res
     let mut fields = text.split_whitespace().map(str::parse::<u64>);
     match (fields.next(), fields.next()) {
         (Some(Ok(weight_bytes)), Some(Ok(resident_bytes))) => {
-            Ok(StageMemory { layers: format!("{}..{}", layers.start, layers.end), weight_bytes, resident_bytes })
+            Ok(StageMemory { layers: format!("{}..{}", layers.start, layers.end), layer_bytes, weight_bytes, resident_bytes })
         }
         _ => anyhow::bail!("unexpected output from the stage measurement: {text}"),
     }
