@@ -4,3 +4,5 @@
 pub mod cli;
 pub mod model_store;
 pub mod engine;
+pub mod api;
+pub mod cluster;

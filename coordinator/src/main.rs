@@ -15,5 +15,8 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cli::generate::run(args),
         Command::Model(command) => cli::model::run(command),
         Command::Bench(args) => cli::bench::run(args),
+        Command::ServeLocal(args) => cli::serve_local::run(args),
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Demo(args) => cli::demo::run(args),
     }
 }

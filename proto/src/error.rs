@@ -16,6 +16,8 @@ pub enum WorkerError {
     ModelHashMismatch { expected: String, got: String },
     #[error("model is not available: {0}")]
     ModelUnavailable(String),
+    #[error("invalid shard: {0}")]
+    InvalidShard(String),
     #[error("bad frame: {0}")]
     BadFrame(String),
     #[error("sequence {0} is unknown on this worker")]
@@ -32,7 +34,7 @@ impl WorkerError {
     pub fn code(&self) -> Code {
         match self {
             Self::NoShard | Self::Draining => Code::FailedPrecondition,
-            Self::ShardOutOfRange { .. } | Self::BadFrame(_) => Code::InvalidArgument,
+            Self::ShardOutOfRange { .. } | Self::BadFrame(_) | Self::InvalidShard(_) => Code::InvalidArgument,
             Self::ModelHashMismatch { .. } => Code::FailedPrecondition,
             Self::ModelUnavailable(_) => Code::NotFound,
             Self::UnknownSequence(_) => Code::NotFound,

@@ -11,6 +11,7 @@ pub mod v1 {
 
 mod error;
 mod tensor_wire;
+pub mod transport;
 
 pub use error::{CoordinatorError, WorkerError};
 pub use tensor_wire::{decode_hidden, encode_hidden, WireError};

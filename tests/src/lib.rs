@@ -1,1 +1,239 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests: the `strata` and `strata-worker`
+//! binaries, a [`TestCluster`] of real processes on loopback ports they pick, and
+//! the single-process reference the cluster must reproduce.
+//!
+//! Children are found by the lines they print (no sleeps) and always stopped: by
+//! [`TestCluster::stop`], or by the guard's drop on a failed test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use strata_coordinator::cli::children::{Children, Process};
+use strata_model::stage::StageOptions;
+use strata_model::{Device, Generator, ModelFile, SamplingParams};
+
+/// How long a child may take to print its readiness line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The folder holding the test executable's binaries (`target/debug`).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    // target/debug/deps/<test> -> target/debug
+    let deps = exe.parent().expect("the test executable sits in a folder");
+    deps.parent().unwrap_or(deps).to_path_buf()
+}
+
+/// Path of a workspace binary, built once per test run so it is never stale.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command.args(["build", "--bins", "-p", "strata-coordinator", "-p", "strata-worker"]);
+        if bin_dir().ends_with("release") {
+            command.arg("--release");
+        }
+        match command.status() {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!("cargo build of the binaries exited with {s}")),
+            Err(e) => Err(format!("cannot run cargo: {e}")),
+        }
+    });
+    if let Err(e) = built {
+        bail!("{e}");
+    }
+    let path = bin_dir().join(name);
+    anyhow::ensure!(path.is_file(), "{} is missing", path.display());
+    Ok(path)
+}
+
+/// Greedy tokens of the whole model in one process: what a cluster must produce.
+pub fn reference_tokens(model: &Path, prompt: &[u32], max_tokens: usize) -> anyhow::Result<Vec<u32>> {
+    let file = ModelFile::open(model)?;
+    let mut generator = Generator::load(&file, &Device::Cpu, StageOptions::default())?;
+    Ok(generator.generate(prompt, max_tokens, &SamplingParams::greedy(), |_, _| true)?.tokens)
+}
+
+/// Options of a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub workers: usize,
+    /// Give workers the model file; otherwise they pull their shards.
+    pub workers_have_model: bool,
+    pub threads_per_worker: usize,
+    /// Extra flags for `strata serve`.
+    pub serve_args: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { workers: 3, workers_have_model: true, threads_per_worker: 1, serve_args: Vec::new() }
+    }
+}
+
+/// Worker processes, and optionally a coordinator process, on loopback.
+pub struct TestCluster {
+    pub workers: Vec<String>,
+    /// The coordinator's addresses, when one was started.
+    pub http: Option<String>,
+    pub grpc: Option<String>,
+    /// The `stage N ...` lines the coordinator printed.
+    pub stage_lines: Vec<String>,
+    children: Children,
+    _cache: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts the workers only.
+    pub async fn workers(model: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
+        Self::workers_joining(model, options, None).await
+    }
+
+    async fn workers_joining(model: &Path, options: &ClusterOptions, join: Option<&str>) -> anyhow::Result<Self> {
+        let cache = tempfile::tempdir()?;
+        let mut cluster = Self {
+            workers: Vec::new(),
+            http: None,
+            grpc: None,
+            stage_lines: Vec::new(),
+            children: Children::default(),
+            _cache: cache,
+        };
+        let worker_bin = binary("strata-worker")?;
+        for i in 0..options.workers {
+            let mut args: Vec<String> = vec![
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--threads".into(),
+                options.threads_per_worker.to_string(),
+                "--name".into(),
+                format!("worker-{i}"),
+                "--cache-dir".into(),
+                cluster._cache.path().join(format!("worker-{i}")).display().to_string(),
+            ];
+            if options.workers_have_model {
+                args.extend(["--model".into(), model.display().to_string()]);
+            }
+            if let Some(join) = join {
+                args.extend(["--join".into(), join.to_string()]);
+            }
+            let mut p = Process::spawn(&format!("worker-{i}"), &worker_bin, &args, &[("STRATA_LOG", "warn".into())])?;
+            let line = p.wait_for_line("worker listening", READY_TIMEOUT, |_| {}).await?;
+            cluster.workers.push(Process::field(&line, "grpc").context("no grpc= in the worker's line")?);
+            p.drain_output();
+            cluster.children.processes.push(p);
+        }
+        Ok(cluster)
+    }
+
+    /// Starts the workers and a `strata serve` coordinator over them; returns once
+    /// the coordinator serves HTTP.
+    pub async fn start(model: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
+        let mut cluster = Self::workers(model, options).await?;
+        let mut args: Vec<String> = vec![
+            "--threads".into(),
+            "1".into(),
+            "serve".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--model-id".into(),
+            "test-model".into(),
+            "--grpc-listen".into(),
+            "127.0.0.1:0".into(),
+            "--http-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        for w in &cluster.workers {
+            args.extend(["--worker".into(), w.clone()]);
+        }
+        args.extend(options.serve_args.iter().cloned());
+        let mut p = Process::spawn("coordinator", &binary("strata")?, &args, &[("STRATA_LOG", "warn".into())])?;
+        let mut stages = Vec::new();
+        let line = p
+            .wait_for_line("listening http=", READY_TIMEOUT, |l| {
+                if l.starts_with("stage ") {
+                    stages.push(l.to_string());
+                }
+            })
+            .await?;
+        p.drain_output();
+        cluster.children.processes.push(p);
+        cluster.stage_lines = stages;
+        cluster.http = Process::field(&line, "http");
+        cluster.grpc = Process::field(&line, "grpc");
+        Ok(cluster)
+    }
+
+    /// Starts a coordinator first, then workers that `--join` it (and pull their
+    /// shards from it unless `workers_have_model`).
+    pub async fn start_joined(model: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
+        let mut args: Vec<String> = vec![
+            "--threads".into(),
+            "1".into(),
+            "serve".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--model-id".into(),
+            "test-model".into(),
+            "--grpc-listen".into(),
+            "127.0.0.1:0".into(),
+            "--http-listen".into(),
+            "127.0.0.1:0".into(),
+            "--min-workers".into(),
+            options.workers.to_string(),
+        ];
+        args.extend(options.serve_args.iter().cloned());
+        let mut coordinator =
+            Process::spawn("coordinator", &binary("strata")?, &args, &[("STRATA_LOG", "warn".into())])?;
+        let line = coordinator.wait_for_line("coordinator grpc=", READY_TIMEOUT, |_| {}).await?;
+        let grpc = Process::field(&line, "grpc").context("no grpc= in the coordinator's line")?;
+        let mut cluster = Self::workers_joining(model, options, Some(&grpc)).await;
+        let mut cluster = match cluster.as_mut() {
+            Ok(_) => cluster?,
+            Err(_) => {
+                coordinator.stop(Duration::from_secs(5)).await;
+                return cluster;
+            }
+        };
+        let mut stages = Vec::new();
+        let ready = coordinator.wait_for_line("listening http=", READY_TIMEOUT, |l| {
+            if l.starts_with("stage ") {
+                stages.push(l.to_string());
+            }
+        });
+        let ready = ready.await;
+        coordinator.drain_output();
+        cluster.children.processes.push(coordinator);
+        let line = ready?;
+        cluster.stage_lines = stages;
+        cluster.http = Process::field(&line, "http");
+        cluster.grpc = Some(grpc);
+        Ok(cluster)
+    }
+
+    pub fn http(&self) -> &str {
+        self.http.as_deref().expect("this cluster has a coordinator")
+    }
+
+    /// Stops every child cleanly (SIGTERM, waiting for each to exit).
+    pub async fn stop(mut self) {
+        self.children.stop_all().await;
+    }
+}
+
+/// The real model for end-to-end checks: `STRATA_TEST_MODEL`, else the cached
+/// SmolLM2 file. `None` (with a visible message) when it is absent.
+pub fn real_model() -> Option<PathBuf> {
+    let path = std::env::var_os("STRATA_TEST_MODEL").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/strata/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    })?;
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!("SKIPPED: the real model is not at {} (set STRATA_TEST_MODEL)", path.display());
+        None
+    }
+}

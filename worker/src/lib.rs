@@ -1,1 +1,118 @@
-//! placeholder
+//! A strata worker: serves one layer range of a model over gRPC.
+//!
+//! [`run`] takes a bound listener, a [`WorkerConfig`] and a shutdown future (tests
+//! pass a oneshot, `main` passes SIGINT/SIGTERM). The service is split by job:
+//!
+//! * [`service`]: the tonic adapter (Describe, LoadShard, Forward, Events, ...);
+//! * [`compute`]: the dedicated thread that owns the stage and batches frames;
+//! * [`forwarder`]: tasks that stream a stage's outputs to the next worker;
+//! * [`weights`]: finding a shard's weights locally, in the cache, or by pulling;
+//! * [`events`]: fan-out of events to subscribers, and counters.
+
+pub mod compute;
+pub mod config;
+pub mod events;
+pub mod forwarder;
+pub mod service;
+pub mod weights;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use config::{WorkerArgs, WorkerConfig};
+use service::WorkerService;
+use strata_proto::v1::coordinator_client::CoordinatorClient;
+use strata_proto::v1::worker_server::WorkerServer;
+use strata_proto::v1::JoinRequest;
+use strata_proto::MAX_MESSAGE_BYTES;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How long open connections get to close after shutdown is signalled.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot read the listener's address: {0}")]
+    Listener(std::io::Error),
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The address peers should use for a listener bound to `local`.
+pub fn advertised_address(local: SocketAddr) -> String {
+    let ip = if local.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { local.ip() };
+    SocketAddr::new(ip, local.port()).to_string()
+}
+
+/// Serves the worker on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let local = listener.local_addr().map_err(RunError::Listener)?;
+    let address = config.advertise.clone().unwrap_or_else(|| advertised_address(local));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let service = WorkerService::new(config.clone(), address.clone(), stop_rx.clone());
+    tracing::info!(%address, name = %config.name, "worker serving");
+    if let Some(coordinator) = config.join.clone() {
+        tokio::spawn(join_loop(service.clone(), coordinator, stop_rx.clone()));
+    }
+    let server = strata_proto::transport::server().add_service(
+        WorkerServer::new(service.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("worker shutting down");
+        let _ = stop_tx.send(true);
+    };
+    let serve = server.serve_with_incoming_shutdown(strata_proto::transport::incoming(listener), signal);
+    tokio::pin!(serve);
+    let mut stopped = stop_rx.clone();
+    let grace = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let result = tokio::select! {
+        r = &mut serve => r.map_err(RunError::from),
+        () = grace => {
+            tracing::warn!("connections still open after the grace period; closing them");
+            Ok(())
+        }
+    };
+    service.unload().await;
+    result
+}
+
+/// Announces this worker to the coordinator, retrying with backoff until it is
+/// accepted or the worker stops.
+async fn join_loop(service: WorkerService, coordinator: String, mut stop: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let endpoint = strata_proto::transport::endpoint(&coordinator).map_err(|e| e.to_string())?;
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let request = JoinRequest { worker: Some(service.description()) };
+            CoordinatorClient::new(channel).join(request).await.map_err(|s| s.message().to_string())
+        };
+        tokio::select! {
+            result = attempt => match result {
+                Ok(response) => {
+                    tracing::info!(%coordinator, coordinator_id = %response.into_inner().coordinator_id, "joined");
+                    return;
+                }
+                Err(e) => tracing::warn!(%coordinator, error = %e, "join failed; retrying in {delay:?}"),
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,1 +1,55 @@
-fn main() {}
+//! `strata-worker`: parses the command line, binds the listener and runs the worker
+//! until SIGINT or SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+use strata_worker::{WorkerArgs, WorkerConfig};
+
+fn main() -> anyhow::Result<()> {
+    let args = WorkerArgs::parse();
+    // Before any thread exists: this sizes candle's compute pool through the environment.
+    if let Some(n) = args.threads.filter(|&n| n > 0) {
+        for key in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+            std::env::set_var(key, n.to_string());
+        }
+    }
+    // Workers that share cores take turns computing; candle's pool threads spin for
+    // a while after each operation before they sleep, and a spinner left behind by
+    // the last turn slows the next worker's. A shorter spin (candle's default is
+    // 25000) measured best on a 2-core box with three workers.
+    if args.compute_lock.is_some() && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "10000");
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = WorkerConfig::from_args(args, &|k| std::env::var(k).ok())?;
+    // Networking only: the model runs on its own thread, so one reactor thread is
+    // enough and leaves the cores to compute.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        let local = listener.local_addr()?;
+        // Scripts and tests wait for this line.
+        println!("worker listening grpc={}", strata_worker::advertised_address(local));
+        strata_worker::run(listener, config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -38,6 +38,16 @@ pub struct BenchArgs {
     /// Internal: load only these layers (`a..b`) and print resident memory.
     #[arg(long, hide = true)]
     pub measure_stage: Option<String>,
+    /// Also run the model as a pipeline of this many worker processes and compare
+    /// (see `bench_cluster`); 0 measures one process only.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Compute threads of each worker in the pipeline measurement.
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    /// Let the pipeline's workers compute at the same time (no shared compute lock).
+    #[arg(long)]
+    pub no_compute_lock: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -60,6 +70,9 @@ struct Report {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.workers > 0 && args.measure_stage.is_none() {
+        return super::bench_cluster::run(&args);
+    }
     let (file, device) = args.model.open()?;
     if let Some(range) = &args.measure_stage {
         return measure_stage_here(&file, &device, parse_range(range)?);

@@ -1,8 +1,14 @@
 //! The `strata` command line: one subcommand a module.
 
 pub mod bench;
+pub mod bench_cluster;
+pub mod children;
+pub mod demo;
 pub mod generate;
+pub mod http;
 pub mod model;
+pub mod serve;
+pub mod serve_local;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -28,6 +34,12 @@ pub enum Command {
     Model(model::ModelCommand),
     /// Measure prefill and decode speed, memory, and the size of each stage.
     Bench(bench::BenchArgs),
+    /// Serve the OpenAI-compatible HTTP API over a model run in this one process.
+    ServeLocal(serve_local::ServeLocalArgs),
+    /// Coordinate a cluster of workers and serve the HTTP API over it.
+    Serve(serve::ServeArgs),
+    /// Start a coordinator and three workers here and answer a prompt through them.
+    Demo(demo::DemoArgs),
 }
 
 /// Which model and where to run it.

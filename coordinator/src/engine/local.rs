@@ -14,7 +14,9 @@ use std::sync::{mpsc as std_mpsc, Arc};
 
 use strata_model::generate::FinishReason;
 use strata_model::stage::StageOptions;
-use strata_model::{ChatTemplate, Device, ModelFile, Sampler, SeqId, Stage, StageInput, StageOutput, StageStep, Tokenizer};
+use strata_model::{
+    ChatTemplate, Device, ModelFile, Sampler, SeqId, Stage, StageInput, StageOutput, StageStep, Tokenizer,
+};
 use tokio::sync::mpsc;
 
 use super::{Engine, EngineError, GenerateEvent, GenerateRequest, ModelCard};
@@ -95,6 +97,14 @@ impl LocalEngine {
     ) -> Result<Self, LocalEngineError> {
         if config.max_sequences == 0 || config.queue == 0 || config.max_batch_tokens == 0 {
             return Err(LocalEngineError::Config(format!("every limit must be at least 1, got {config:?}")));
+        }
+        // Every live sequence's decode step fits in one batch with room to spare, so
+        // none waits a round and prompts always move.
+        if config.max_batch_tokens <= config.max_sequences {
+            return Err(LocalEngineError::Config(format!(
+                "max_batch_tokens ({}) must exceed max_sequences ({})",
+                config.max_batch_tokens, config.max_sequences
+            )));
         }
         let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
         let chat_template = Arc::new(ChatTemplate::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
@@ -329,10 +339,12 @@ impl Worker {
                 continue;
             }
             let outcome = match output {
-                StageOutput::Logits(logits) => step_sequence(s, &self.tokenizer, self.stage.info().context_length, &logits),
-                StageOutput::Hidden(_) => {
-                    Outcome::Done(GenerateEvent::Failed(EngineError::Internal("a full stage must return logits".into())))
+                StageOutput::Logits(logits) => {
+                    step_sequence(s, &self.tokenizer, self.stage.info().context_length, &logits)
                 }
+                StageOutput::Hidden(_) => Outcome::Done(GenerateEvent::Failed(EngineError::Internal(
+                    "a full stage must return logits".into(),
+                ))),
             };
             outcomes.push((i, outcome));
         }
@@ -417,7 +429,12 @@ mod tests {
     }
 
     /// The reference: the same loop as `Generator`, on a private stage.
-    fn alone(file: &ModelFile, prompt: &[u32], max_tokens: usize, sampling: &SamplingParams) -> (Vec<u32>, FinishReason) {
+    fn alone(
+        file: &ModelFile,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampling: &SamplingParams,
+    ) -> (Vec<u32>, FinishReason) {
         let mut generator = strata_model::Generator::load(file, &Device::Cpu, StageOptions::default()).unwrap();
         let generation = generator.generate(prompt, max_tokens, sampling, |_, _| true).unwrap();
         (generation.tokens, generation.finish)
@@ -474,7 +491,7 @@ mod tests {
     #[tokio::test]
     async fn long_prompts_are_fed_in_chunks_beside_decodes() {
         let (_dir, file) = synthetic(&SyntheticModel::tiny());
-        let config = LocalEngineConfig { max_batch_tokens: 16, ..LocalEngineConfig::default() };
+        let config = LocalEngineConfig { max_batch_tokens: 16, max_sequences: 4, ..LocalEngineConfig::default() };
         let engine = LocalEngine::start_with(&file, &Device::Cpu, "tiny".into(), config).unwrap();
         let short = engine.generate(request(&[5, 6], 30, SamplingParams::greedy())).unwrap();
         let prompt: Vec<u32> = (0..70).map(|i| (i * 7 % 250) as u32).collect();
@@ -543,6 +560,20 @@ mod tests {
         // The engine goes on serving.
         let (tokens, _) = collect(engine.generate(request(&[1], 4, SamplingParams::greedy())).unwrap()).await;
         assert!(!tokens.is_empty());
+    }
+
+    #[test]
+    fn bad_configurations_are_refused() {
+        let (_dir, file) = synthetic(&SyntheticModel::tiny());
+        let d = LocalEngineConfig::default;
+        for config in [
+            LocalEngineConfig { max_sequences: 0, ..d() },
+            LocalEngineConfig { queue: 0, ..d() },
+            LocalEngineConfig { max_batch_tokens: 32, max_sequences: 32, ..d() },
+        ] {
+            let result = LocalEngine::start_with(&file, &Device::Cpu, "tiny".into(), config);
+            assert!(matches!(result, Err(LocalEngineError::Config(_))));
+        }
     }
 
     #[tokio::test]

@@ -1,0 +1,265 @@
+//! Turns an engine's token events into the text a client sees: decoded as it
+//! streams, control tokens left out, cut before a stop string.
+//!
+//! Text that could be the start of a stop string is held back until the next token
+//! shows whether it is, so a stream never sends text it must take back.
+
+use std::sync::Arc;
+
+use strata_model::generate::FinishReason;
+use strata_model::tokenizer::DecodeStream;
+use strata_model::Tokenizer;
+use tokio::sync::mpsc;
+
+use super::errors::ApiError;
+use crate::engine::GenerateEvent;
+
+/// Why a choice ended, as OpenAI spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    /// End of generation, or a stop string.
+    Stop,
+    /// `max_tokens`, or the context is full.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// Holds back text that may be the start of a stop string.
+#[derive(Debug, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self { stops, pending: String::new() }
+    }
+
+    /// Adds `text`; returns what may be sent now and whether a stop string was
+    /// reached (the text returned then ends just before it).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+            self.pending.truncate(at);
+            return (std::mem::take(&mut self.pending), true);
+        }
+        let held = self.stops.iter().map(|s| partial_match(&self.pending, s)).max().unwrap_or(0);
+        let rest = self.pending.split_off(self.pending.len() - held);
+        (std::mem::replace(&mut self.pending, rest), false)
+    }
+
+    /// What is still held back, once no more text will come.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// The length of the longest end of `text` that begins `stop` without being all of it.
+fn partial_match(text: &str, stop: &str) -> usize {
+    (1..stop.len().min(text.len() + 1))
+        .rev()
+        .find(|&k| stop.is_char_boundary(k) && text.ends_with(&stop[..k]))
+        .unwrap_or(0)
+}
+
+/// The next thing a client is told.
+#[derive(Debug, PartialEq)]
+pub enum Piece {
+    Text(String),
+    /// The last text, and why the choice ended.
+    End {
+        text: String,
+        finish: Finish,
+    },
+    Failed(ApiError),
+}
+
+/// One request's generation as the API follows it. Dropping it drops the engine's
+/// receiver, which cancels the request.
+pub struct Generation {
+    events: mpsc::Receiver<GenerateEvent>,
+    tokenizer: Arc<Tokenizer>,
+    decode: DecodeStream,
+    stop: StopMatcher,
+    /// Logged with the outcome: the handler's span is gone by then when streaming.
+    request_id: String,
+    model: String,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    done: bool,
+}
+
+impl Generation {
+    pub fn new(
+        events: mpsc::Receiver<GenerateEvent>,
+        tokenizer: Arc<Tokenizer>,
+        stops: Vec<String>,
+        request_id: String,
+        model: String,
+        prompt_tokens: usize,
+    ) -> Self {
+        Self {
+            events,
+            tokenizer,
+            decode: DecodeStream::new(),
+            stop: StopMatcher::new(stops),
+            request_id,
+            model,
+            prompt_tokens,
+            completion_tokens: 0,
+            done: false,
+        }
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
+    pub fn completion_tokens(&self) -> usize {
+        self.completion_tokens
+    }
+
+    /// The next piece; `None` after the end or a failure.
+    pub async fn next(&mut self) -> Option<Piece> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let event = self.events.recv().await;
+            match event {
+                Some(GenerateEvent::Token(id)) => {
+                    self.completion_tokens += 1;
+                    // Chat markers the model writes are not part of the answer.
+                    if self.tokenizer.is_control(id) {
+                        continue;
+                    }
+                    let text = match self.tokenizer.decode_next(&mut self.decode, id) {
+                        Ok(Some(text)) => text,
+                        Ok(None) => continue,
+                        Err(e) => return Some(self.fail(ApiError::internal(format!("cannot decode the output: {e}")))),
+                    };
+                    let (text, stopped) = self.stop.push(&text);
+                    if stopped {
+                        // Nothing more is wanted: the engine sees the closed channel.
+                        self.events.close();
+                        return Some(self.end(text, Finish::Stop));
+                    }
+                    if !text.is_empty() {
+                        return Some(Piece::Text(text));
+                    }
+                }
+                Some(GenerateEvent::Finished(reason)) => {
+                    let tail = self.decode.flush().unwrap_or_default();
+                    let (mut text, stopped) = self.stop.push(&tail);
+                    let finish = match reason {
+                        _ if stopped => Finish::Stop,
+                        FinishReason::Length => Finish::Length,
+                        FinishReason::Stop | FinishReason::Cancelled => Finish::Stop,
+                    };
+                    if !stopped {
+                        text.push_str(&self.stop.finish());
+                    }
+                    return Some(self.end(text, finish));
+                }
+                Some(GenerateEvent::Failed(e)) => return Some(self.fail(e.into())),
+                None => return Some(self.fail(ApiError::internal("the engine stopped without finishing the request"))),
+            }
+        }
+    }
+
+    fn end(&mut self, text: String, finish: Finish) -> Piece {
+        self.done = true;
+        tracing::info!(
+            request_id = %self.request_id,
+            model = %self.model,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = self.completion_tokens,
+            finish = finish.as_str(),
+            "generation finished"
+        );
+        Piece::End { text, finish }
+    }
+
+    fn fail(&mut self, error: ApiError) -> Piece {
+        self.done = true;
+        tracing::warn!(
+            request_id = %self.request_id,
+            model = %self.model,
+            completion_tokens = self.completion_tokens,
+            error = %error.message,
+            "generation failed"
+        );
+        Piece::Failed(error)
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::info!(
+                request_id = %self.request_id,
+                model = %self.model,
+                completion_tokens = self.completion_tokens,
+                "client went away; generation cancelled"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (Vec<String>, bool) {
+        let mut matcher = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = Vec::new();
+        for piece in pieces {
+            let (text, stopped) = matcher.push(piece);
+            out.push(text);
+            if stopped {
+                return (out, true);
+            }
+        }
+        out.push(matcher.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn text_without_stops_passes_through() {
+        assert_eq!(run(&[], &["ab", "c"]), (vec!["ab".into(), "c".into(), "".into()], false));
+    }
+
+    #[test]
+    fn a_stop_string_is_cut_even_across_pieces() {
+        assert_eq!(run(&["END"], &["abc E", "N", "Dxyz"]), (vec!["abc ".into(), "".into(), "".into()], true));
+        assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), (vec!["a".into(), "".into()], true));
+        // The earliest of several wins.
+        assert_eq!(run(&["yz", "x"], &["wxyz"]), (vec!["w".into()], true));
+    }
+
+    #[test]
+    fn held_text_is_released_when_it_turns_out_not_to_stop() {
+        assert_eq!(
+            run(&["END"], &["abc E", "NX", "!"]),
+            (vec!["abc ".into(), "ENX".into(), "!".into(), "".into()], false)
+        );
+        assert_eq!(run(&["END"], &["E"]), (vec!["".into(), "E".into()], false));
+    }
+
+    #[test]
+    fn partial_matches_respect_characters() {
+        assert_eq!(partial_match("abé", "éx"), 2);
+        assert_eq!(partial_match("ab", "éx"), 0);
+        assert_eq!(run(&["日本"], &["今日", "本だ"]), (vec!["今".into(), "".into()], true));
+    }
+}

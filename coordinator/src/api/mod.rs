@@ -1,0 +1,150 @@
+//! The OpenAI-compatible HTTP API over any [`Engine`].
+//!
+//! `POST /v1/completions`, `POST /v1/chat/completions` (both also as server-sent
+//! event streams), `GET /v1/models`, `GET /v1/models/{id}` and `GET /health`. Every
+//! failure answers with OpenAI's error body. Handlers only check requests, turn them
+//! into tokens and follow the engine's events: tokenizing and rendering templates
+//! run on the blocking pool, generating on whatever the engine uses, never on the
+//! reactor. Prompts are not logged; request ids and token counts are.
+
+mod chat;
+mod completions;
+mod errors;
+mod generation;
+mod models;
+mod params;
+mod sse;
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+pub use errors::ApiError;
+
+use crate::engine::{Engine, GenerateRequest, ModelCard};
+use generation::Generation;
+use params::Options;
+
+/// How long in-flight requests may run on after shutdown begins.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+/// What every handler shares.
+#[derive(Clone)]
+struct AppState {
+    engine: Arc<dyn Engine>,
+    /// When this API started: the `created` time of the model it lists.
+    started: u64,
+}
+
+pub fn router(engine: Arc<dyn Engine>) -> Router {
+    let state = AppState { engine, started: unix_now() };
+    Router::new()
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/models", get(models::list))
+        // Model ids may contain slashes (`org/name`).
+        .route("/v1/models/{*id}", get(models::retrieve))
+        .route("/health", get(health))
+        .fallback(errors::no_route)
+        .method_not_allowed_fallback(errors::wrong_method)
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then stops accepting and
+/// lets requests in flight finish for up to [`DRAIN_GRACE`]; those still running
+/// are dropped, which cancels their generations.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Arc<dyn Engine>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with_grace(listener, engine, shutdown, DRAIN_GRACE).await
+}
+
+pub async fn serve_with_grace(
+    listener: tokio::net::TcpListener,
+    engine: Arc<dyn Engine>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (began, shutdown_began) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, draining requests");
+        let _ = began.send(());
+    };
+    let server = axum::serve(listener, router(engine)).with_graceful_shutdown(shutdown).into_future();
+    let deadline = async move {
+        // An error means the server ended first and dropped the sender.
+        if shutdown_began.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => result,
+        () = deadline => {
+            tracing::warn!(grace_s = grace.as_secs(), "requests still running after the grace period are dropped");
+            Ok(())
+        }
+    }
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn to_json(value: &impl serde::Serialize) -> String {
+    // Our response types hold only strings, numbers and options: they serialize.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn new_request_id() -> String {
+    format!("{:024x}", rand::random::<u128>() >> 32)
+}
+
+/// Runs tokenizer and template work on the blocking pool: a long prompt takes
+/// longer to encode than the reactor may be held.
+async fn off_reactor<T: Send + 'static>(
+    card: &ModelCard,
+    work: impl FnOnce(&ModelCard) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let card = card.clone();
+    tokio::task::spawn_blocking(move || work(&card))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenization did not complete: {e}")))?
+}
+
+/// Hands a checked, tokenized request to the engine.
+fn start(
+    engine: &dyn Engine,
+    request_id: &str,
+    prompt_tokens: Vec<u32>,
+    max_tokens: usize,
+    options: &Options,
+) -> Result<Generation, ApiError> {
+    let prompt_len = prompt_tokens.len();
+    tracing::info!(request_id, prompt_tokens = prompt_len, max_tokens, stream = options.stream, "generation starts");
+    let request = GenerateRequest { prompt_tokens, max_tokens, sampling: options.sampling.clone() };
+    let events = engine.generate(request)?;
+    Ok(Generation::new(
+        events,
+        engine.model().tokenizer.clone(),
+        options.stop.clone(),
+        request_id.to_owned(),
+        engine.model().id.clone(),
+        prompt_len,
+    ))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,122 @@
+//! Streaming responses: a generation framed as server-sent events, `data: {chunk}`
+//! per piece of text and a final `data: [DONE]`.
+//!
+//! Each endpoint shapes its own chunks through [`Chunks`]; the order of events is
+//! decided here once. When the client disconnects, the response body and with it
+//! the [`Generation`] are dropped, which cancels the request in the engine.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::Serialize;
+
+use super::generation::{Finish, Generation, Piece};
+
+/// Token counts, as OpenAI reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn of(generation: &Generation) -> Self {
+        let (prompt_tokens, completion_tokens) = (generation.prompt_tokens(), generation.completion_tokens());
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
+}
+
+/// The chunks of one endpoint's stream, each a JSON object.
+pub trait Chunks: Send + 'static {
+    /// Sent before any text (chat announces the role).
+    fn opening(&self) -> Option<String>;
+    fn text(&self, text: &str) -> String;
+    /// The last chunk of the choice: its remaining text and why it ended.
+    fn finish(&self, text: &str, finish: Finish) -> String;
+    /// The chunk that carries the usage when the client asked for it.
+    fn usage(&self, usage: Usage) -> String;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Opening,
+    Running,
+    Usage,
+    Done,
+    Over,
+}
+
+struct Streamer<C> {
+    generation: Generation,
+    chunks: C,
+    include_usage: bool,
+    phase: Phase,
+}
+
+impl<C: Chunks> Streamer<C> {
+    async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            match self.phase {
+                Phase::Opening => {
+                    self.phase = Phase::Running;
+                    if let Some(chunk) = self.chunks.opening() {
+                        return Some(data(chunk));
+                    }
+                }
+                Phase::Running => match self.generation.next().await {
+                    Some(Piece::Text(text)) => return Some(data(self.chunks.text(&text))),
+                    Some(Piece::End { text, finish }) => {
+                        self.phase = if self.include_usage { Phase::Usage } else { Phase::Done };
+                        return Some(data(self.chunks.finish(&text, finish)));
+                    }
+                    // Headers are long gone: the error travels as an event, the way
+                    // OpenAI's client libraries look for it.
+                    Some(Piece::Failed(error)) => {
+                        self.phase = Phase::Done;
+                        return Some(data(error.body()));
+                    }
+                    None => self.phase = Phase::Done,
+                },
+                Phase::Usage => {
+                    self.phase = Phase::Done;
+                    return Some(data(self.chunks.usage(Usage::of(&self.generation))));
+                }
+                Phase::Done => {
+                    self.phase = Phase::Over;
+                    return Some(data("[DONE]".to_owned()));
+                }
+                Phase::Over => return None,
+            }
+        }
+    }
+}
+
+fn data(chunk: String) -> Event {
+    Event::default().data(chunk)
+}
+
+/// The events of `generation`, in order.
+pub fn events<C: Chunks>(
+    generation: Generation,
+    chunks: C,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    let streamer = Streamer { generation, chunks, include_usage, phase: Phase::Opening };
+    futures::stream::unfold(streamer, |mut streamer| async move {
+        let event = streamer.next_event().await?;
+        Some((Ok(event), streamer))
+    })
+}
+
+/// A streaming response over `generation`.
+pub fn response<C: Chunks>(generation: Generation, chunks: C, include_usage: bool) -> Response {
+    // Comments now and then keep proxies from closing a stream that waits on a long
+    // prompt; clients skip them.
+    Sse::new(events(generation, chunks, include_usage))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}

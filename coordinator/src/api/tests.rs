@@ -1,0 +1,621 @@
+//! The API end to end over a local engine on a tiny synthetic model, and over a fake
+//! engine for the failures a real one will not produce on demand.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use strata_model::chat_template::Role;
+use strata_model::stage::StageOptions;
+use strata_model::synthetic::SyntheticModel;
+use strata_model::{ChatMessage, ChatTemplate, Device, Generator, ModelFile, SamplingParams, Tokenizer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+
+use super::*;
+use crate::engine::local::{LocalEngine, Occupancy};
+use crate::engine::{EngineError, GenerateEvent};
+
+const MODEL: &str = "tiny";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    file: ModelFile,
+    engine: Arc<LocalEngine>,
+    router: Router,
+}
+
+fn harness_with(spec: SyntheticModel) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let file = ModelFile::open(spec.write_to(dir.path()).unwrap()).unwrap();
+    let engine = Arc::new(LocalEngine::start(&file, &Device::Cpu, MODEL.into()).unwrap());
+    let router = router(engine.clone());
+    Harness { _dir: dir, file, engine, router }
+}
+
+fn harness() -> Harness {
+    harness_with(SyntheticModel::tiny())
+}
+
+struct Reply {
+    status: StatusCode,
+    content_type: String,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not json ({e}): {}", self.body))
+    }
+
+    /// The `data:` payloads of a server-sent event stream.
+    fn events(&self) -> Vec<String> {
+        assert!(self.content_type.starts_with("text/event-stream"), "{}", self.content_type);
+        self.body
+            .split("\n\n")
+            .filter_map(|event| {
+                let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+                (!data.is_empty()).then(|| data.join("\n"))
+            })
+            .collect()
+    }
+
+    /// The JSON chunks of a stream, checked to end with `[DONE]`.
+    fn chunks(&self) -> Vec<Value> {
+        let mut events = self.events();
+        assert_eq!(events.pop().as_deref(), Some("[DONE]"), "{}", self.body);
+        events.iter().map(|e| serde_json::from_str(e).unwrap()).collect()
+    }
+
+    /// Checks the body is an OpenAI error with this status and param.
+    fn assert_error(&self, status: StatusCode, param: Option<&str>) -> Value {
+        assert_eq!(self.status, status, "{}", self.body);
+        assert!(self.content_type.starts_with("application/json"), "{}", self.content_type);
+        let body = self.json();
+        let error = &body["error"];
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+        let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+        assert_eq!(error["type"], kind, "{body}");
+        assert_eq!(error["param"].as_str(), param, "{body}");
+        assert!(error.as_object().unwrap().contains_key("code"), "{body}");
+        error.clone()
+    }
+}
+
+async fn send(router: &Router, request: Request<Body>) -> Reply {
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let content_type =
+        response.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    Reply { status, content_type, body: String::from_utf8(bytes.to_vec()).unwrap() }
+}
+
+async fn post(router: &Router, uri: &str, body: Value) -> Reply {
+    post_raw(router, uri, &body.to_string()).await
+}
+
+async fn post_raw(router: &Router, uri: &str, body: &str) -> Reply {
+    let request = Request::post(uri).header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_owned()));
+    send(router, request.unwrap()).await
+}
+
+async fn get(router: &Router, uri: &str) -> Reply {
+    send(router, Request::get(uri).body(Body::empty()).unwrap()).await
+}
+
+/// What greedy decoding gives in a single-sequence loop, as text the API would show.
+fn reference(file: &ModelFile, prompt: &[u32], max_tokens: usize) -> (String, usize, &'static str) {
+    let mut generator = Generator::load(file, &Device::Cpu, StageOptions::default()).unwrap();
+    let generation = generator.generate(prompt, max_tokens, &SamplingParams::greedy(), |_, _| true).unwrap();
+    let text = generator.tokenizer().decode_skipping_special(&generation.tokens).unwrap();
+    let finish = match generation.finish {
+        strata_model::generate::FinishReason::Length => "length",
+        _ => "stop",
+    };
+    (text, generation.tokens.len(), finish)
+}
+
+fn tokenizer(file: &ModelFile) -> Tokenizer {
+    Tokenizer::from_gguf(file.metadata()).unwrap()
+}
+
+fn chat_prompt(file: &ModelFile, content: &str) -> Vec<u32> {
+    let template = ChatTemplate::from_gguf(file.metadata()).unwrap();
+    let text = template.render(&[ChatMessage::new(Role::User, content)], true).unwrap();
+    tokenizer(file).encode(&text).unwrap()
+}
+
+fn stream_text(chunks: &[Value], field: impl Fn(&Value) -> Option<&str>) -> String {
+    chunks.iter().filter_map(|c| c["choices"].get(0).and_then(&field)).collect()
+}
+
+async fn wait_for(engine: &LocalEngine, what: impl Fn(Occupancy) -> bool) -> Occupancy {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = engine.occupancy();
+        if what(now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "occupancy never got there: {now:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_completion_matches_greedy_decoding() {
+    let h = harness();
+    let prompt = tokenizer(&h.file).encode("hello there").unwrap();
+    let (text, tokens, finish) = reference(&h.file, &prompt, 12);
+    let reply = post(
+        &h.router,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "hello there", "max_tokens": 12, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let body = reply.json();
+    assert!(body["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["model"], MODEL);
+    assert!(body["created"].as_u64().unwrap() > 1_700_000_000);
+    assert_eq!(body["choices"][0]["index"], 0);
+    assert_eq!(body["choices"][0]["text"], text.as_str());
+    assert_eq!(body["choices"][0]["finish_reason"], finish);
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": prompt.len(), "completion_tokens": tokens, "total_tokens": prompt.len() + tokens})
+    );
+}
+
+#[tokio::test]
+async fn every_prompt_shape_gives_the_same_completion() {
+    let h = harness();
+    let ids = tokenizer(&h.file).encode("the cat").unwrap();
+    let mut texts = Vec::new();
+    for prompt in [json!("the cat"), json!(["the cat"]), json!(ids), json!([ids])] {
+        let reply = post(
+            &h.router,
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        texts.push(reply.json()["choices"][0]["text"].as_str().unwrap().to_owned());
+    }
+    assert!(texts.windows(2).all(|w| w[0] == w[1]), "{texts:?}");
+}
+
+#[tokio::test]
+async fn completions_default_to_sixteen_tokens() {
+    let h = harness();
+    let reply = post(&h.router, "/v1/completions", json!({"model": MODEL, "prompt": [1], "temperature": 0})).await;
+    assert_eq!(reply.json()["usage"]["completion_tokens"], 16, "{}", reply.body);
+}
+
+#[tokio::test]
+async fn a_streamed_completion_sends_the_same_text_then_done() {
+    let h = harness();
+    let request = json!({"model": MODEL, "prompt": "hello there", "max_tokens": 12, "temperature": 0});
+    let whole = post(&h.router, "/v1/completions", request.clone()).await.json();
+    let mut streaming = request.clone();
+    streaming["stream"] = json!(true);
+    let reply = post(&h.router, "/v1/completions", streaming).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let chunks = reply.chunks();
+    assert!(chunks.len() >= 2, "{}", reply.body);
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "text_completion");
+        assert_eq!(chunk["model"], MODEL);
+        assert!(chunk["id"].as_str().unwrap().starts_with("cmpl-"));
+    }
+    assert_eq!(stream_text(&chunks, |c| c["text"].as_str()), whole["choices"][0]["text"].as_str().unwrap());
+    let (last, rest) = chunks.split_last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    assert!(rest.iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+
+    streaming = request;
+    streaming["stream"] = json!(true);
+    streaming["stream_options"] = json!({"include_usage": true});
+    let chunks = post(&h.router, "/v1/completions", streaming).await.chunks();
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], whole["usage"]);
+}
+
+#[tokio::test]
+async fn a_chat_completion_renders_the_template_and_matches_greedy_decoding() {
+    let h = harness();
+    let prompt = chat_prompt(&h.file, "hi there");
+    let (text, tokens, finish) = reference(&h.file, &prompt, 10);
+    let request = json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "hi there"}],
+        "max_completion_tokens": 10, "temperature": 0
+    });
+    let reply = post(&h.router, "/v1/chat/completions", request.clone()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let body = reply.json();
+    assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": text}));
+    assert_eq!(body["choices"][0]["finish_reason"], finish);
+    assert_eq!(body["usage"]["prompt_tokens"], prompt.len());
+    assert_eq!(body["usage"]["completion_tokens"], tokens);
+    // `max_tokens` works too.
+    let mut older = request.clone();
+    older.as_object_mut().unwrap().remove("max_completion_tokens");
+    older["max_tokens"] = json!(10);
+    assert_eq!(post(&h.router, "/v1/chat/completions", older).await.json()["choices"], body["choices"]);
+
+    let mut streaming = request;
+    streaming["stream"] = json!(true);
+    let reply = post(&h.router, "/v1/chat/completions", streaming).await;
+    let chunks = reply.chunks();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant", "{}", reply.body);
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["id"], chunks[0]["id"]);
+    }
+    assert_eq!(stream_text(&chunks, |c| c["delta"]["content"].as_str()), text);
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], finish);
+}
+
+#[tokio::test]
+async fn a_chat_without_a_limit_may_fill_the_context() {
+    let h = harness_with(SyntheticModel { context_length: 48, ..SyntheticModel::tiny() });
+    let prompt = chat_prompt(&h.file, "hi");
+    let request = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 0});
+    let body = post(&h.router, "/v1/chat/completions", request).await.json();
+    let (text, tokens, finish) = reference(&h.file, &prompt, 48 - prompt.len());
+    assert_eq!(body["choices"][0]["message"]["content"], text.as_str());
+    assert_eq!(body["usage"]["completion_tokens"], tokens);
+    assert_eq!(body["choices"][0]["finish_reason"], finish);
+}
+
+#[tokio::test]
+async fn stop_strings_end_the_text_before_them() {
+    let h = harness();
+    let request = json!({"model": MODEL, "prompt": "hello there", "max_tokens": 30, "temperature": 0});
+    let whole = post(&h.router, "/v1/completions", request.clone()).await.json();
+    let full = whole["choices"][0]["text"].as_str().unwrap().to_owned();
+    // A stop string the model will write: two characters from the middle of its text.
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 6, "the model wrote too little to test with: {full:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let expected = &full[..full.find(&stop).unwrap()];
+    for stream in [false, true] {
+        let mut stopping = request.clone();
+        stopping["stop"] = json!(["never written, surely", stop]);
+        stopping["stream"] = json!(stream);
+        let reply = post(&h.router, "/v1/completions", stopping).await;
+        let (text, finish) = if stream {
+            let chunks = reply.chunks();
+            (
+                stream_text(&chunks, |c| c["text"].as_str()),
+                chunks.last().unwrap()["choices"][0]["finish_reason"].clone(),
+            )
+        } else {
+            let body = reply.json();
+            (body["choices"][0]["text"].as_str().unwrap().to_owned(), body["choices"][0]["finish_reason"].clone())
+        };
+        assert_eq!(text, expected, "stream: {stream}, stop {stop:?}");
+        assert_eq!(finish, "stop");
+    }
+    // The generation stopped early, so its cache is gone as soon as it ends.
+    wait_for(&h.engine, |o| o.sequences == 0).await;
+}
+
+#[tokio::test]
+async fn sampling_with_a_seed_is_repeatable() {
+    let h = harness();
+    let request = json!({"model": MODEL, "prompt": "a", "max_tokens": 20, "temperature": 1.2, "top_k": 50, "top_p": 0.95, "seed": 9});
+    let a = post(&h.router, "/v1/completions", request.clone()).await.json();
+    let b = post(&h.router, "/v1/completions", request).await.json();
+    assert_eq!(a["choices"], b["choices"]);
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_errors() {
+    let h = harness();
+    let completion = |extra: Value| {
+        let mut body = json!({"model": MODEL, "prompt": "hi", "max_tokens": 4});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let long_prompt: Vec<u32> = vec![5; 256];
+    let cases = [
+        (completion(json!({"model": null})), StatusCode::BAD_REQUEST, Some("model")),
+        (json!({"prompt": "hi"}), StatusCode::BAD_REQUEST, Some("model")),
+        (json!({"model": MODEL}), StatusCode::BAD_REQUEST, Some("prompt")),
+        (completion(json!({"model": "gpt-4"})), StatusCode::NOT_FOUND, Some("model")),
+        (completion(json!({"temperature": 2.5})), StatusCode::BAD_REQUEST, Some("temperature")),
+        (completion(json!({"temperature": -1})), StatusCode::BAD_REQUEST, Some("temperature")),
+        (completion(json!({"top_p": 0})), StatusCode::BAD_REQUEST, Some("top_p")),
+        (completion(json!({"top_p": 1.01})), StatusCode::BAD_REQUEST, Some("top_p")),
+        (completion(json!({"max_tokens": 0})), StatusCode::BAD_REQUEST, Some("max_tokens")),
+        (completion(json!({"max_tokens": 300})), StatusCode::BAD_REQUEST, Some("max_tokens")),
+        (completion(json!({"max_tokens": "many"})), StatusCode::BAD_REQUEST, Some("max_tokens")),
+        (completion(json!({"prompt": long_prompt})), StatusCode::BAD_REQUEST, Some("prompt")),
+        (completion(json!({"prompt": [100_000]})), StatusCode::BAD_REQUEST, Some("prompt")),
+        (completion(json!({"prompt": ""})), StatusCode::BAD_REQUEST, Some("prompt")),
+        (completion(json!({"n": 2})), StatusCode::BAD_REQUEST, Some("n")),
+        (completion(json!({"frequency_penalty": 0.5})), StatusCode::BAD_REQUEST, Some("frequency_penalty")),
+        (completion(json!({"presence_penalty": 1})), StatusCode::BAD_REQUEST, Some("presence_penalty")),
+        (completion(json!({"stop": 3})), StatusCode::BAD_REQUEST, Some("stop")),
+        (completion(json!({"logprobs": 5})), StatusCode::BAD_REQUEST, Some("logprobs")),
+    ];
+    for (body, status, param) in cases {
+        let reply = post(&h.router, "/v1/completions", body.clone()).await;
+        let error = reply.assert_error(status, param);
+        if param == Some("max_tokens") && body["max_tokens"] == 300
+            || param == Some("prompt") && body["prompt"] == json!(long_prompt)
+        {
+            assert_eq!(error["code"], "context_length_exceeded", "{body}");
+        }
+    }
+    let error = post(&h.router, "/v1/completions", completion(json!({"model": "gpt-4"})))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, Some("model"));
+    assert_eq!(error["code"], "model_not_found");
+
+    let chat = |extra: Value| {
+        let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let long = "x ".repeat(400);
+    let cases = [
+        (json!({"model": MODEL}), StatusCode::BAD_REQUEST, Some("messages")),
+        (chat(json!({"messages": []})), StatusCode::BAD_REQUEST, Some("messages")),
+        (
+            chat(json!({"messages": [{"role": "wizard", "content": "hi"}]})),
+            StatusCode::BAD_REQUEST,
+            Some("messages[0].role"),
+        ),
+        (chat(json!({"model": "other"})), StatusCode::NOT_FOUND, Some("model")),
+        (chat(json!({"max_completion_tokens": 0})), StatusCode::BAD_REQUEST, Some("max_completion_tokens")),
+        (chat(json!({"max_tokens": 1000})), StatusCode::BAD_REQUEST, Some("max_tokens")),
+        (chat(json!({"messages": [{"role": "user", "content": long}]})), StatusCode::BAD_REQUEST, Some("messages")),
+        (chat(json!({"temperature": 9})), StatusCode::BAD_REQUEST, Some("temperature")),
+        (chat(json!({"n": 3, "stream": true})), StatusCode::BAD_REQUEST, Some("n")),
+    ];
+    for (body, status, param) in cases {
+        post(&h.router, "/v1/chat/completions", body).await.assert_error(status, param);
+    }
+    // Nothing was started by any of them.
+    assert_eq!(h.engine.occupancy().sequences, 0);
+}
+
+#[tokio::test]
+async fn bodies_axum_cannot_parse_get_openai_errors() {
+    let h = harness();
+    for uri in ["/v1/completions", "/v1/chat/completions"] {
+        for body in ["{\"model\": ", "not json", "{\"model\": \"tiny\",}"] {
+            let error = post_raw(&h.router, uri, body).await.assert_error(StatusCode::BAD_REQUEST, None);
+            assert_eq!(error["code"], "invalid_json");
+        }
+        for body in ["[1, 2]", "\"text\"", "null"] {
+            post_raw(&h.router, uri, body).await.assert_error(StatusCode::BAD_REQUEST, None);
+        }
+        let request = Request::post(uri).body(Body::from(json!({"model": MODEL}).to_string())).unwrap();
+        send(&h.router, request).await.assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
+    }
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_openai_errors() {
+    let h = harness();
+    let error = get(&h.router, "/v1/engines").await.assert_error(StatusCode::NOT_FOUND, None);
+    assert!(error["message"].as_str().unwrap().contains("/v1/engines"));
+    post(&h.router, "/v2/completions", json!({})).await.assert_error(StatusCode::NOT_FOUND, None);
+    get(&h.router, "/v1/completions").await.assert_error(StatusCode::METHOD_NOT_ALLOWED, None);
+    let request = Request::builder().method(Method::DELETE).uri("/v1/models").body(Body::empty()).unwrap();
+    send(&h.router, request).await.assert_error(StatusCode::METHOD_NOT_ALLOWED, None);
+}
+
+#[tokio::test]
+async fn models_and_health() {
+    let h = harness();
+    let reply = get(&h.router, "/v1/models").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let body = reply.json();
+    assert_eq!(body["object"], "list");
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0]["id"], MODEL);
+    assert_eq!(data[0]["object"], "model");
+    assert_eq!(data[0]["owned_by"], "strata");
+    assert_eq!(data[0]["context_length"], 256);
+    assert!(data[0]["created"].as_u64().is_some());
+    assert_eq!(get(&h.router, "/v1/models/tiny").await.json(), data[0]);
+    get(&h.router, "/v1/models/nope").await.assert_error(StatusCode::NOT_FOUND, Some("model"));
+    let reply = get(&h.router, "/health").await;
+    assert_eq!((reply.status, reply.json()), (StatusCode::OK, json!({"status": "ok"})));
+}
+
+#[tokio::test]
+async fn dropping_a_stream_cancels_the_generation_and_frees_the_cache() {
+    // A long context, and a prompt the tiny model greedily repeats a token after
+    // without ever ending: the generation is still running when the stream goes.
+    let h = harness_with(SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
+    let request = json!({"model": MODEL, "prompt": [1], "max_tokens": 4000, "temperature": 0, "stream": true});
+    let request = Request::post("/v1/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(request.to_string()))
+        .unwrap();
+    let response = h.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body().into_data_stream();
+    let mut seen = String::new();
+    while seen.matches("data: ").count() < 3 {
+        seen.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
+    }
+    assert_eq!(h.engine.occupancy().sequences, 1);
+    drop(body);
+    let now = wait_for(&h.engine, |o| o.sequences == 0).await;
+    assert_eq!((now.cache_bytes, now.cancelled), (0, 1));
+}
+
+/// Sends one HTTP/1.1 request over a fresh connection and reads the reply head and
+/// as much of the body as `until` needs.
+async fn raw_http(
+    addr: std::net::SocketAddr,
+    request: &str,
+    until: impl Fn(&str) -> bool,
+) -> (tokio::net::TcpStream, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !until(&String::from_utf8_lossy(&seen)) {
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await.unwrap().unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    (stream, String::from_utf8_lossy(&seen).into_owned())
+}
+
+fn http_post(path: &str, body: &Value) -> String {
+    let body = body.to_string();
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn a_served_api_answers_notices_disconnects_and_shuts_down() {
+    let h = harness_with(SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, h.engine.clone(), async {
+        let _ = stopped.await;
+    }));
+
+    let (_, reply) = raw_http(addr, "GET /health HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n", |_| false).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.ends_with("{\"status\":\"ok\"}"), "{reply}");
+
+    let request = json!({"model": MODEL, "prompt": [1], "max_tokens": 4000, "temperature": 0, "stream": true});
+    let (connection, reply) =
+        raw_http(addr, &http_post("/v1/completions", &request), |s| s.matches("data: ").count() >= 3).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(h.engine.occupancy().sequences, 1);
+    drop(connection);
+    let now = wait_for(&h.engine, |o| o.sequences == 0).await;
+    assert_eq!(now.cancelled, 1);
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+}
+
+/// An engine that answers from a script, for failures a real one will not produce
+/// on demand.
+struct FakeEngine {
+    card: ModelCard,
+    answer: Result<Vec<GenerateEvent>, EngineError>,
+}
+
+impl Engine for FakeEngine {
+    fn model(&self) -> &ModelCard {
+        &self.card
+    }
+
+    fn generate(&self, _: GenerateRequest) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
+        let events = self.answer.clone()?;
+        let (tx, rx) = mpsc::channel(events.len() + 1);
+        for event in events {
+            tx.try_send(event).unwrap();
+        }
+        Ok(rx)
+    }
+}
+
+/// A router over a fake engine; `answer` may use the tokenizer to script tokens.
+fn fake(answer: impl FnOnce(&Tokenizer) -> Result<Vec<GenerateEvent>, EngineError>) -> (tempfile::TempDir, Router) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = ModelFile::open(SyntheticModel::tiny().write_to(dir.path()).unwrap()).unwrap();
+    let answer = answer(&tokenizer(&file));
+    let card = ModelCard {
+        id: MODEL.into(),
+        context_length: 256,
+        tokenizer: Arc::new(tokenizer(&file)),
+        chat_template: Arc::new(ChatTemplate::from_gguf(file.metadata()).unwrap()),
+    };
+    (dir, router(Arc::new(FakeEngine { card, answer })))
+}
+
+#[tokio::test]
+async fn an_unavailable_engine_answers_503() {
+    for refusal in [EngineError::Unavailable("all workers are gone".into()), EngineError::ShuttingDown] {
+        let (_dir, router) = fake(|_| Err(refusal));
+        for stream in [false, true] {
+            let request = json!({"model": MODEL, "prompt": "hi", "stream": stream});
+            post(&router, "/v1/completions", request).await.assert_error(StatusCode::SERVICE_UNAVAILABLE, None);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_failure_mid_generation_is_reported() {
+    let (_dir, router) = fake(|t| {
+        Ok(vec![
+            GenerateEvent::Token(token(t, "a")),
+            GenerateEvent::Failed(EngineError::Internal("worker 2 lost".into())),
+        ])
+    });
+    let request = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let error = post(&router, "/v1/chat/completions", request.clone())
+        .await
+        .assert_error(StatusCode::INTERNAL_SERVER_ERROR, None);
+    assert!(error["message"].as_str().unwrap().contains("worker 2 lost"));
+    let mut streaming = request;
+    streaming["stream"] = json!(true);
+    let chunks = post(&router, "/v1/chat/completions", streaming).await.chunks();
+    assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "a");
+    assert_eq!(chunks.last().unwrap()["error"]["type"], "server_error");
+}
+
+#[tokio::test]
+async fn an_engine_that_vanishes_is_an_error_not_a_hang() {
+    let (_dir, router) = fake(|t| Ok(vec![GenerateEvent::Token(token(t, "a"))]));
+    let request = json!({"model": MODEL, "prompt": "hi"});
+    post(&router, "/v1/completions", request).await.assert_error(StatusCode::INTERNAL_SERVER_ERROR, None);
+}
+
+fn token(tokenizer: &Tokenizer, text: &str) -> u32 {
+    match tokenizer.encode(text).unwrap()[..] {
+        [id] => id,
+        ref ids => panic!("{text:?} is not one token: {ids:?}"),
+    }
+}
+
+/// Hyper notices the closed connection while the handler still waits on the engine.
+#[tokio::test]
+async fn hanging_up_on_a_non_streaming_request_cancels_it() {
+    let h = harness_with(SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(serve(listener, h.engine.clone(), std::future::pending()));
+    let request = json!({"model": MODEL, "prompt": [1], "max_tokens": 4000, "temperature": 0});
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(http_post("/v1/completions", &request).as_bytes()).await.unwrap();
+    wait_for(&h.engine, |o| o.sequences == 1).await;
+    drop(stream);
+    let now = wait_for(&h.engine, |o| o.sequences == 0).await;
+    assert_eq!(now.cancelled, 1);
+}

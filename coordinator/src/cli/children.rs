@@ -1,0 +1,133 @@
+//! Child processes of `strata demo` and `strata bench --workers`: started on
+//! loopback ports they pick themselves, found by the lines they print, and always
+//! stopped, by SIGTERM and then SIGKILL, when the guard is dropped (on success,
+//! error or Ctrl-C). On Linux a child also gets SIGTERM if this process dies.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// A started child with its stdout lines.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    lines: Option<Lines<BufReader<ChildStdout>>>,
+}
+
+impl Process {
+    /// Starts `program` with stdout captured (stderr goes to ours).
+    pub fn spawn(name: &str, program: &Path, args: &[String], envs: &[(&str, String)]) -> anyhow::Result<Self> {
+        let mut command = Command::new(program);
+        command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().with_context(|| format!("cannot start {}", program.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        Ok(Self { name: name.to_string(), child, lines: Some(BufReader::new(stdout).lines()) })
+    }
+
+    /// Reads lines until one starts with `prefix`, passing the others to `on_line`;
+    /// fails if the child exits or `timeout` passes first.
+    pub async fn wait_for_line(
+        &mut self,
+        prefix: &str,
+        timeout: Duration,
+        mut on_line: impl FnMut(&str),
+    ) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let lines = self.lines.as_mut().with_context(|| format!("{}'s output is no longer read here", self.name))?;
+        loop {
+            let line = tokio::time::timeout_at(deadline, lines.next_line())
+                .await
+                .with_context(|| format!("{} printed no `{prefix}` line within {timeout:?}", self.name))??;
+            match line {
+                Some(line) if line.starts_with(prefix) => return Ok(line),
+                Some(line) => on_line(&line),
+                None => bail!("{} exited before printing `{prefix}`", self.name),
+            }
+        }
+    }
+
+    /// The value of `key=` in a line like `listening http=A grpc=B`.
+    pub fn field(line: &str, key: &str) -> Option<String> {
+        line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+    }
+
+    /// Keeps reading the child's stdout in the background (logged at debug), so
+    /// it never blocks on a full pipe.
+    pub fn drain_output(&mut self) {
+        if let Some(mut lines) = self.lines.take() {
+            let name = self.name.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::debug!(child = %name, "{line}");
+                }
+            });
+        }
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) with a pid we own; no memory involved.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        self.signal(libc::SIGTERM);
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// Every child of a run; dropping it stops them all.
+#[derive(Default)]
+pub struct Children {
+    pub processes: Vec<Process>,
+}
+
+impl Children {
+    /// Stops every child cleanly, the last started first.
+    pub async fn stop_all(&mut self) {
+        let processes: Vec<Process> = self.processes.drain(..).rev().collect();
+        for p in processes {
+            p.stop(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        // Not stopped cleanly (an error or Ctrl-C): SIGTERM now; `kill_on_drop`
+        // then SIGKILLs whatever is left as the handles drop.
+        for p in &self.processes {
+            p.signal(libc::SIGTERM);
+        }
+    }
+}
+
+/// A binary that sits next to this one (`target/debug/strata-worker`), else on PATH.
+pub fn sibling_binary(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}

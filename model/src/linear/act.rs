@@ -1,0 +1,160 @@
+//! Activation quantization to Q8_1, bit-for-bit as candle's `BlockQ8_1::from_float`
+//! computes it (its `qs` and `d` also match llama.cpp's `quantize_row_q8_1`; candle
+//! rounds `s` through f16 once more), but stored in a layout the tile kernels can
+//! broadcast from directly.
+//!
+//! Exactness matters here: with the same 8-bit activations the integer part of every
+//! block dot product equals candle's, so results differ only by float summation order.
+//! Q8_0 activations (what candle pairs with Q4_0/Q8_0 weights) have the same `qs` and
+//! `d` as Q8_1; one quantization therefore serves every weight format.
+
+use half::f16;
+
+/// Elements per quantization block (QK8_1 = QK8_0 = QK4_0 = QK4_1).
+pub(crate) const QK: usize = 32;
+
+/// One Q8_1 block of one activation row.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C, align(16))]
+pub(crate) struct ActBlock {
+    pub(crate) qs: [i8; QK],
+    /// The block scale, already rounded through f16 as ggml stores it.
+    pub(crate) d: f32,
+    /// Q8_1's `s = d * Σqs`, rounded through f16 exactly as candle does.
+    pub(crate) s: f32,
+    /// `Σqs` as an exact integer, for the Q4_0 (−8) and Q8_0 (+128 storage) offsets.
+    pub(crate) sum: i32,
+    _pad: i32,
+}
+
+/// The per-block tail shared by both quantizers: scale and sum rounding through f16.
+#[inline]
+fn finish_block(d: f32, sum: i32, out: &mut ActBlock) {
+    let d16 = f16::from_f32(d);
+    // candle: `ys.s = f16::from_f32(sum as f32) * ys.d` — an f16 product, i.e. both
+    // operands widened, multiplied in f32 and rounded back to f16.
+    let s16 = f16::from_f32(sum as f32) * d16;
+    out.d = d16.to_f32();
+    out.s = s16.to_f32();
+    out.sum = sum;
+}
+
+/// Portable quantizer; the reference the SIMD one is tested against.
+pub(crate) fn quantize_row_scalar(x: &[f32], out: &mut [ActBlock]) {
+    debug_assert_eq!(x.len(), out.len() * QK);
+    for (xs, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let mut amax = 0f32;
+        for &v in xs {
+            amax = amax.max(v.abs());
+        }
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in blk.qs.iter_mut().zip(xs) {
+            *q = f32::round(v * id) as i8;
+            sum += *q as i32;
+        }
+        finish_block(d, sum, blk);
+    }
+}
+
+/// Quantizes one activation row; `x.len()` must equal `out.len() * QK`. `simd` asks
+/// for the AVX2 version (same results, used where the CPU has it).
+pub(crate) fn quantize_row(x: &[f32], out: &mut [ActBlock], simd: bool) {
+    assert_eq!(
+        x.len(),
+        out.len() * QK,
+        "activation row / block count mismatch"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected (a cached load), and the lengths
+        // were checked above.
+        unsafe { quantize_row_avx2(x, out) };
+        return;
+    }
+    let _ = simd;
+    quantize_row_scalar(x, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_avx2(x: &[f32], out: &mut [ActBlock]) {
+    use std::arch::x86_64::*;
+
+    let sign_mask = _mm256_set1_ps(-0.0);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let lo = _mm256_set1_ps(-128.0);
+    let hi = _mm256_set1_ps(127.0);
+    // packs_epi32/packs_epi16 interleave 128-bit lanes; this puts the bytes back in order.
+    let unshuffle = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+
+    for (xs, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        // `lddqu` rather than `_mm256_loadu_ps`: the latter is a `read_unaligned` that
+        // debug builds (which this project runs) wrap in precondition checks.
+        let p = xs.as_ptr().cast::<__m256i>();
+        // SAFETY: `xs` has exactly QK = 32 floats, i.e. four unaligned 8-float loads.
+        let v: [__m256; 4] = unsafe {
+            [
+                _mm256_castsi256_ps(_mm256_lddqu_si256(p)),
+                _mm256_castsi256_ps(_mm256_lddqu_si256(p.wrapping_add(1))),
+                _mm256_castsi256_ps(_mm256_lddqu_si256(p.wrapping_add(2))),
+                _mm256_castsi256_ps(_mm256_lddqu_si256(p.wrapping_add(3))),
+            ]
+        };
+        // maxps returns its second operand when either is NaN, so NaNs are skipped just
+        // like `f32::max` skips them in the scalar loop.
+        let mut m = _mm256_setzero_ps();
+        for &vi in &v {
+            m = _mm256_max_ps(_mm256_andnot_ps(sign_mask, vi), m);
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
+        let amax = _mm_cvtss_f32(m1);
+
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let idv = _mm256_set1_ps(id);
+
+        let mut ints = [_mm256_setzero_si256(); 4];
+        for (vi, out_i) in v.iter().zip(ints.iter_mut()) {
+            let s = _mm256_mul_ps(*vi, idv);
+            // f32::round rounds half away from zero, which no SSE/AVX rounding mode
+            // does; truncate and step away from zero when the dropped part is ≥ ½.
+            // Both steps are exact for every finite f32.
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
+            let frac = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(s, t));
+            let away = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), one);
+            let r = _mm256_add_ps(t, _mm256_or_ps(away, _mm256_and_ps(s, sign_mask)));
+            // `as i8` saturates (±inf included) and maps NaN to 0.
+            let r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+            let ord = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(s, s));
+            *out_i = _mm256_and_si256(_mm256_cvttps_epi32(r), ord);
+        }
+        let sum_v = _mm256_add_epi32(
+            _mm256_add_epi32(ints[0], ints[1]),
+            _mm256_add_epi32(ints[2], ints[3]),
+        );
+        let s4 = _mm_add_epi32(
+            _mm256_castsi256_si128(sum_v),
+            _mm256_extracti128_si256::<1>(sum_v),
+        );
+        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2));
+        let sum = _mm_cvtsi128_si32(s1);
+
+        let p16a = _mm256_packs_epi32(ints[0], ints[1]);
+        let p16b = _mm256_packs_epi32(ints[2], ints[3]);
+        let p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), unshuffle);
+        let q = blk.qs.as_mut_ptr().cast::<__m128i>();
+        // SAFETY: `blk.qs` is 32 bytes at the start of a 16-byte-aligned `ActBlock`, so
+        // both aligned 16-byte stores are in bounds.
+        unsafe {
+            _mm_store_si128(q, _mm256_castsi256_si128(p8));
+            _mm_store_si128(q.wrapping_add(1), _mm256_extracti128_si256::<1>(p8));
+        }
+        finish_block(d, sum, blk);
+    }
+}

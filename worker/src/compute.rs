@@ -1,0 +1,534 @@
+//! The compute thread: the one place a worker's [`Stage`] lives and runs.
+//!
+//! The thread is fed by a bounded channel of [`StageMessage`]s from every upstream
+//! Forward stream. Each round it takes everything that is ready, applies opens and
+//! releases in arrival order, and runs the frames as one batched forward, at most one
+//! frame per sequence (a sequence's later frames wait for the next round, so its
+//! positions stay in order). Outputs go to unbounded queues drained by forwarder
+//! tasks, so the thread never waits on the network while it has work.
+//!
+//! A bad frame becomes a SequenceError event for its sequence only; the rest of the
+//! batch runs.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use strata_model::shard_file::ShardOrigin;
+use strata_model::stage::StageOptions;
+use strata_model::{Device, ModelFile, Sampler, SamplingParams, Stage, StageInput, StageOutput, StageStep, Tensor};
+use strata_proto::v1::{self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype};
+use strata_proto::WorkerError;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::events::{unix_nanos, EventHub, Stats};
+
+/// Frames and controls queued for the compute thread before upstream streams feel
+/// backpressure.
+pub const QUEUE_DEPTH: usize = 4096;
+
+/// Live numbers the heartbeat reports.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub sequences: AtomicU32,
+    pub memory_bytes: AtomicU64,
+}
+
+/// What a compute thread is started with.
+pub struct ComputeSpec {
+    pub path: PathBuf,
+    pub layers: Range<usize>,
+    /// The layer count the coordinator planned with.
+    pub total_layers: usize,
+    /// For a pulled shard file: the model and range it must have been cut from.
+    pub expected_origin: Option<ShardOrigin>,
+    pub stage_index: u32,
+    pub wire_dtype: WireDtype,
+    pub device: Device,
+    /// See [`crate::config::WorkerArgs::compute_lock`].
+    pub compute_lock: Option<PathBuf>,
+}
+
+/// Where a stage's outputs go.
+#[derive(Default)]
+pub struct Outputs {
+    /// The next stage's Forward stream (all but the last stage).
+    pub next: Option<mpsc::UnboundedSender<StageMessage>>,
+    /// Stage 0's Forward stream, for direct-return tokens (the last stage).
+    pub first: Option<mpsc::UnboundedSender<StageMessage>>,
+}
+
+/// The running compute thread. Dropping it closes the queue; the thread finishes
+/// its round and exits, freeing the stage.
+pub struct ComputeHandle {
+    pub tx: mpsc::Sender<StageMessage>,
+    pub weight_bytes: u64,
+    pub layers: Range<usize>,
+    pub is_last: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ComputeHandle {
+    /// Closes the queue and waits for the thread to exit (blocking).
+    pub fn stop(self) {
+        let Self { tx, thread, .. } = self;
+        drop(tx);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the compute thread and waits until it has loaded its stage.
+pub async fn start(
+    spec: ComputeSpec,
+    outputs: Outputs,
+    hub: Arc<EventHub>,
+    stats: Arc<Stats>,
+    gauges: Arc<Gauges>,
+) -> Result<ComputeHandle, WorkerError> {
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("strata-stage-{}", spec.stage_index))
+        .spawn(move || {
+            let loaded = load(&spec).and_then(|stage| {
+                let lock = match &spec.compute_lock {
+                    Some(path) => Some(ComputeLock::open(path).map_err(|e| {
+                        WorkerError::Internal(format!("cannot open the compute lock {}: {e}", path.display()))
+                    })?),
+                    None => None,
+                };
+                Ok((stage, lock))
+            });
+            let (stage, lock) = match loaded {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let weight_bytes = stage.weight_bytes();
+            let (layers, is_last) = (stage.layers(), stage.is_last());
+            if ready_tx.send(Ok((weight_bytes, layers, is_last))).is_err() {
+                return;
+            }
+            gauges.memory_bytes.store(weight_bytes, Ordering::Relaxed);
+            let hidden = stage.info().hidden;
+            let mut compute = Compute {
+                stage,
+                lock,
+                hidden,
+                stage_index: spec.stage_index,
+                wire_dtype: spec.wire_dtype,
+                sequences: HashMap::new(),
+                outputs,
+                hub,
+                stats,
+                gauges: gauges.clone(),
+            };
+            compute.run(rx);
+            gauges.sequences.store(0, Ordering::Relaxed);
+            gauges.memory_bytes.store(0, Ordering::Relaxed);
+        })
+        .map_err(|e| WorkerError::Internal(format!("cannot start the compute thread: {e}")))?;
+    match ready_rx.await {
+        Ok(Ok((weight_bytes, layers, is_last))) => {
+            Ok(ComputeHandle { tx, weight_bytes, layers, is_last, thread: Some(thread) })
+        }
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => Err(WorkerError::Internal("the compute thread died while loading".into())),
+    }
+}
+
+fn load(spec: &ComputeSpec) -> Result<Stage, WorkerError> {
+    let file = ModelFile::open(&spec.path).map_err(|e| WorkerError::ModelUnavailable(e.to_string()))?;
+    let layers = file.info().layers;
+    if spec.layers.end > layers {
+        return Err(WorkerError::ShardOutOfRange {
+            start: spec.layers.start as u32,
+            end: spec.layers.end as u32,
+            layers: layers as u32,
+        });
+    }
+    if spec.total_layers != layers {
+        return Err(WorkerError::InvalidShard(format!(
+            "the shard spec says the model has {} layers, the model file has {layers}",
+            spec.total_layers
+        )));
+    }
+    if let Some(expected) = &spec.expected_origin {
+        match ShardOrigin::of(&file) {
+            Some(origin) if origin.source_hash != expected.source_hash => {
+                return Err(WorkerError::ModelHashMismatch {
+                    expected: expected.source_hash.clone(),
+                    got: origin.source_hash,
+                })
+            }
+            Some(origin) if origin.layers != expected.layers => {
+                return Err(WorkerError::InvalidShard(format!(
+                    "the pulled shard holds layers {:?}, not {:?}",
+                    origin.layers, expected.layers
+                )))
+            }
+            Some(_) => {}
+            None => return Err(WorkerError::InvalidShard("the pulled file is not a strata shard".into())),
+        }
+    }
+    Stage::load(&file, spec.layers.clone(), &spec.device, StageOptions::default()).map_err(|e| match e {
+        strata_model::Error::LayerRange { start, end, layers } => {
+            WorkerError::ShardOutOfRange { start: start as u32, end: end as u32, layers: layers as u32 }
+        }
+        other => WorkerError::Internal(format!("loading layers {:?}: {other}", spec.layers)),
+    })
+}
+
+/// What a stage remembers of an open sequence.
+struct Sequence {
+    /// Last stage only: how to pick tokens, and every token so far (for the
+    /// repetition penalty).
+    sampler: Option<Sampler>,
+    history: Vec<u32>,
+    direct: Option<DirectReturn>,
+}
+
+struct DirectReturn {
+    end_position: usize,
+    stop_tokens: Vec<u32>,
+}
+
+/// A frame that passed its checks, waiting for the batch to run.
+struct Ready {
+    seq: u64,
+    position: usize,
+    tokens: Vec<u32>,
+    sample: bool,
+}
+
+struct Compute {
+    stage: Stage,
+    lock: Option<ComputeLock>,
+    hidden: usize,
+    stage_index: u32,
+    wire_dtype: WireDtype,
+    sequences: HashMap<u64, Sequence>,
+    outputs: Outputs,
+    hub: Arc<EventHub>,
+    stats: Arc<Stats>,
+    gauges: Arc<Gauges>,
+}
+
+fn seq_of(message: &StageMessage) -> Option<u64> {
+    match message.kind.as_ref()? {
+        stage_message::Kind::Open(o) => Some(o.seq_id),
+        stage_message::Kind::Frame(f) => Some(f.seq_id),
+        stage_message::Kind::Release(r) => Some(r.seq_id),
+    }
+}
+
+impl Compute {
+    fn run(&mut self, mut rx: mpsc::Receiver<StageMessage>) {
+        let mut pending: VecDeque<StageMessage> = VecDeque::new();
+        loop {
+            if pending.is_empty() {
+                match rx.blocking_recv() {
+                    Some(message) => pending.push_back(message),
+                    None => return,
+                }
+            }
+            while let Ok(message) = rx.try_recv() {
+                pending.push_back(message);
+            }
+            let (steps, ready) = self.take_round(&mut pending);
+            if !steps.is_empty() {
+                self.run_batch(steps, ready);
+            }
+            self.gauges.sequences.store(self.sequences.len() as u32, Ordering::Relaxed);
+            self.gauges.memory_bytes.store(self.stage.weight_bytes() + self.stage.cache_bytes(), Ordering::Relaxed);
+        }
+    }
+
+    /// Applies the controls and checks the frames that can go in this round; what
+    /// must wait (a sequence's second frame, and anything behind it) stays queued.
+    fn take_round(&mut self, pending: &mut VecDeque<StageMessage>) -> (Vec<StageStep>, Vec<Ready>) {
+        let mut steps = Vec::new();
+        let mut ready = Vec::new();
+        let mut busy: HashSet<u64> = HashSet::new();
+        let mut waiting = VecDeque::new();
+        for message in pending.drain(..) {
+            let Some(seq) = seq_of(&message) else { continue };
+            if busy.contains(&seq) {
+                waiting.push_back(message);
+                continue;
+            }
+            match message.kind {
+                Some(stage_message::Kind::Open(open)) => self.open(open),
+                Some(stage_message::Kind::Release(release)) => self.release(release),
+                Some(stage_message::Kind::Frame(frame)) => match self.check(frame) {
+                    Ok((step, r)) => {
+                        busy.insert(seq);
+                        steps.push(step);
+                        ready.push(r);
+                    }
+                    Err((code, message)) => self.hub.sequence_error(seq, code, message, self.stage_index),
+                },
+                None => {}
+            }
+        }
+        *pending = waiting;
+        (steps, ready)
+    }
+
+    fn open(&mut self, open: v1::OpenSequence) {
+        let seq = open.seq_id;
+        let sampler = if self.stage.is_last() {
+            match sampling_from_proto(open.sampling.as_ref()).and_then(|p| Sampler::new(&p).map_err(|e| e.to_string()))
+            {
+                Ok(s) => Some(s),
+                Err(message) => {
+                    self.hub.sequence_error(seq, ErrorCode::BadFrame, message, self.stage_index);
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        // Opening again restarts the sequence.
+        self.stage.release(seq);
+        let direct = open
+            .direct_return
+            .then(|| DirectReturn { end_position: open.end_position as usize, stop_tokens: open.stop_tokens.clone() });
+        self.sequences.insert(seq, Sequence { sampler, history: Vec::new(), direct });
+        self.send_next(StageMessage { kind: Some(stage_message::Kind::Open(open)) }, seq);
+    }
+
+    fn release(&mut self, release: v1::ReleaseSequence) {
+        self.stage.release(release.seq_id);
+        self.sequences.remove(&release.seq_id);
+        let seq = release.seq_id;
+        if let Some(next) = &self.outputs.next {
+            let _ = next.send(StageMessage { kind: Some(stage_message::Kind::Release(release)) });
+        } else if !self.stage.is_last() {
+            tracing::debug!(seq, "release not forwarded: no next stage");
+        }
+    }
+
+    fn check(&self, frame: v1::ActivationFrame) -> Result<(StageStep, Ready), (ErrorCode, String)> {
+        let seq = frame.seq_id;
+        if !self.sequences.contains_key(&seq) {
+            return Err((
+                ErrorCode::UnknownSequence,
+                format!("sequence {seq} was never opened on stage {}", self.stage_index),
+            ));
+        }
+        if frame.tokens.is_empty() {
+            return Err((ErrorCode::BadFrame, format!("sequence {seq}: the frame carries no token ids")));
+        }
+        let input = if self.stage.is_first() {
+            if frame.hidden.is_some() {
+                return Err((
+                    ErrorCode::BadFrame,
+                    "hidden states sent to the first stage, which takes token ids".into(),
+                ));
+            }
+            StageInput::Tokens(frame.tokens.clone())
+        } else {
+            let rows = frame.tokens.len();
+            let values = strata_proto::decode_hidden(frame.hidden.as_ref(), rows, self.hidden)
+                .map_err(|e| (ErrorCode::BadFrame, format!("sequence {seq}: {e}")))?;
+            let t = Tensor::from_vec(values, (rows, self.hidden), &Device::Cpu)
+                .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+            StageInput::Hidden(t)
+        };
+        let step = StageStep { seq, position: frame.position as usize, input };
+        self.stage.check(&step).map_err(|e| {
+            let code = match e {
+                strata_model::Error::PositionMismatch { .. } | strata_model::Error::UnknownSequence(_) => {
+                    ErrorCode::PositionMismatch
+                }
+                strata_model::Error::ContextOverflow { .. } => ErrorCode::ContextOverflow,
+                strata_model::Error::BadInput(_) => ErrorCode::BadFrame,
+                _ => ErrorCode::Internal,
+            };
+            let message = match e {
+                strata_model::Error::UnknownSequence(_) => format!(
+                    "sequence {seq}: stage {} holds no positions of it yet; expected position 0, got {}",
+                    self.stage_index, frame.position
+                ),
+                other => other.to_string(),
+            };
+            (code, message)
+        })?;
+        Ok((step, Ready { seq, position: frame.position as usize, tokens: frame.tokens, sample: frame.sample }))
+    }
+
+    fn run_batch(&mut self, steps: Vec<StageStep>, ready: Vec<Ready>) {
+        let _span = tracing::trace_span!("batch", frames = steps.len()).entered();
+        let guard = self.lock.as_ref().map(ComputeLock::acquire);
+        // Busy time starts once the cores are ours.
+        let started = Instant::now();
+        let result = self.stage.forward(&steps);
+        drop(guard);
+        match result {
+            Ok(outputs) => {
+                for (r, output) in ready.into_iter().zip(outputs) {
+                    let seq = r.seq;
+                    if let Err(message) = self.deliver(r, output) {
+                        self.hub.sequence_error(seq, ErrorCode::Internal, message, self.stage_index);
+                    }
+                }
+            }
+            Err(e) => {
+                for r in &ready {
+                    self.hub.sequence_error(
+                        r.seq,
+                        ErrorCode::Internal,
+                        format!("forward failed: {e}"),
+                        self.stage_index,
+                    );
+                }
+            }
+        }
+        self.stats.record_batch(steps.len(), started.elapsed());
+    }
+
+    fn deliver(&mut self, r: Ready, output: StageOutput) -> Result<(), String> {
+        match output {
+            StageOutput::Hidden(h) => {
+                let values = h.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
+                let hidden = strata_proto::encode_hidden(&values, r.tokens.len(), self.hidden, self.wire_dtype);
+                let frame = v1::ActivationFrame {
+                    seq_id: r.seq,
+                    position: r.position as u32,
+                    tokens: r.tokens,
+                    hidden: Some(hidden),
+                    sample: r.sample,
+                    sent_unix_nanos: unix_nanos(),
+                };
+                self.send_next(StageMessage { kind: Some(stage_message::Kind::Frame(frame)) }, r.seq);
+                Ok(())
+            }
+            StageOutput::Logits(logits) => {
+                let Some(sequence) = self.sequences.get_mut(&r.seq) else { return Ok(()) };
+                sequence.history.truncate(r.position);
+                sequence.history.extend_from_slice(&r.tokens);
+                if !r.sample {
+                    return Ok(());
+                }
+                let Some(sampler) = &sequence.sampler else { return Err("no sampler for the sequence".into()) };
+                let logits = logits.to_vec1::<f32>().map_err(|e| e.to_string())?;
+                let position = sequence.history.len();
+                let token = sampler.sample(&logits, &sequence.history, position).map_err(|e| e.to_string())?;
+                let sent_unix_nanos = unix_nanos();
+                let feed_back = sequence
+                    .direct
+                    .as_ref()
+                    .is_some_and(|d| !d.stop_tokens.contains(&token) && position + 1 < d.end_position);
+                if feed_back {
+                    let frame = v1::ActivationFrame {
+                        seq_id: r.seq,
+                        position: position as u32,
+                        tokens: vec![token],
+                        hidden: None,
+                        sample: true,
+                        sent_unix_nanos,
+                    };
+                    let sent = self.outputs.first.as_ref().is_some_and(|first| {
+                        first.send(StageMessage { kind: Some(stage_message::Kind::Frame(frame)) }).is_ok()
+                    });
+                    if !sent {
+                        self.hub.sequence_error(
+                            r.seq,
+                            ErrorCode::NextStageUnreachable,
+                            "direct return: stage 0 is not connected".into(),
+                            self.stage_index,
+                        );
+                    }
+                }
+                // After the feed-back frame: the next step is on the critical path,
+                // the report to the coordinator is not.
+                self.hub.emit(worker_event::Kind::Token(v1::TokenSampled {
+                    seq_id: r.seq,
+                    position: position as u32,
+                    token,
+                    sent_unix_nanos,
+                }));
+                Ok(())
+            }
+        }
+    }
+
+    fn send_next(&self, message: StageMessage, seq: u64) {
+        if self.stage.is_last() {
+            return;
+        }
+        let sent = self.outputs.next.as_ref().is_some_and(|next| next.send(message).is_ok());
+        if !sent {
+            self.hub.sequence_error(
+                seq,
+                ErrorCode::NextStageUnreachable,
+                format!("stage {} has no connection to the next stage", self.stage_index),
+                self.stage_index,
+            );
+        }
+    }
+}
+
+/// An exclusive `flock` on a file that the workers of one machine share.
+struct ComputeLock {
+    file: std::fs::File,
+}
+
+struct ComputeLockGuard<'a>(&'a ComputeLock);
+
+impl ComputeLock {
+    fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+        Ok(Self { file })
+    }
+
+    fn acquire(&self) -> ComputeLockGuard<'_> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this struct owns. Failure (EINTR aside, which
+        // is retried) only means computing unserialized, which stays correct.
+        unsafe {
+            while libc::flock(self.file.as_raw_fd(), libc::LOCK_EX) != 0 {
+                if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                    break;
+                }
+            }
+        }
+        ComputeLockGuard(self)
+    }
+}
+
+impl Drop for ComputeLockGuard<'_> {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as in `acquire`.
+        unsafe {
+            libc::flock(self.0.file.as_raw_fd(), libc::LOCK_UN);
+        }
+    }
+}
+
+/// The wire's sampling parameters as the runtime's; absent fields mean greedy.
+pub fn sampling_from_proto(p: Option<&v1::SamplingParams>) -> Result<SamplingParams, String> {
+    let Some(p) = p else { return Ok(SamplingParams::greedy()) };
+    Ok(SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k.map(|k| k as usize),
+        top_p: p.top_p,
+        min_p: p.min_p,
+        // proto3 sends an unset float as 0, which would be an invalid penalty.
+        repetition_penalty: if p.repetition_penalty == 0.0 { 1.0 } else { p.repetition_penalty },
+        repeat_last_n: p.repeat_last_n as usize,
+        seed: p.seed,
+    })
+}

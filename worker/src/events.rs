@@ -1,0 +1,96 @@
+//! Fan-out of worker events to every Events subscriber, and the counters the Stats
+//! RPC reports.
+//!
+//! The compute thread emits events without ever waiting: each subscriber has an
+//! unbounded queue, and a subscriber that went away is dropped on the next emit.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use strata_proto::v1::{self, worker_event, ErrorCode, WorkerEvent};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Default)]
+pub struct EventHub {
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<WorkerEvent>>>,
+}
+
+impl EventHub {
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<WorkerEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.subscribers).push(tx);
+        rx
+    }
+
+    pub fn emit(&self, kind: worker_event::Kind) {
+        let event = WorkerEvent { kind: Some(kind) };
+        lock(&self.subscribers).retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    pub fn sequence_error(&self, seq_id: u64, code: ErrorCode, message: String, stage_index: u32) {
+        tracing::debug!(seq_id, ?code, %message, "sequence error");
+        self.emit(worker_event::Kind::Error(v1::SequenceError { seq_id, code: code as i32, message, stage_index }));
+    }
+}
+
+/// Holds `m` even if a thread panicked while holding it: the data here (queues,
+/// counters) stays consistent across a panic.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+const MAX_HOP_SAMPLES: usize = 100_000;
+
+/// What the Stats RPC reports, collected since the last reset.
+#[derive(Debug, Default)]
+pub struct Stats {
+    hops: Mutex<VecDeque<u32>>,
+    batches: AtomicU64,
+    frames: AtomicU64,
+    busy_nanos: AtomicU64,
+}
+
+impl Stats {
+    /// Records the hop of a frame stamped `sent_unix_nanos` by its sender.
+    pub fn record_hop(&self, sent_unix_nanos: u64) {
+        if sent_unix_nanos == 0 {
+            return;
+        }
+        let micros = unix_nanos().saturating_sub(sent_unix_nanos) / 1_000;
+        let mut hops = lock(&self.hops);
+        if hops.len() == MAX_HOP_SAMPLES {
+            hops.pop_front();
+        }
+        hops.push_back(micros.min(u32::MAX as u64) as u32);
+    }
+
+    pub fn record_batch(&self, frames: usize, busy: Duration) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.frames.fetch_add(frames as u64, Ordering::Relaxed);
+        self.busy_nanos.fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self, reset: bool) -> v1::StatsResponse {
+        let mut hops = lock(&self.hops);
+        let response = v1::StatsResponse {
+            hop_micros: hops.iter().copied().collect(),
+            batches: self.batches.load(Ordering::Relaxed),
+            frames: self.frames.load(Ordering::Relaxed),
+            busy_seconds: self.busy_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        };
+        if reset {
+            hops.clear();
+            self.batches.store(0, Ordering::Relaxed);
+            self.frames.store(0, Ordering::Relaxed);
+            self.busy_nanos.store(0, Ordering::Relaxed);
+        }
+        response
+    }
+}
+
+/// Now, in nanoseconds since the unix epoch (0 if the clock is before it).
+pub fn unix_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}

@@ -1,0 +1,127 @@
+//! Forwarder tasks: drain a stage's output queue into a Forward stream to another
+//! worker (the next stage, or stage 0 for direct-return tokens).
+//!
+//! The queue is unbounded so the compute thread never blocks on the network. If the
+//! stream breaks, the forwarder reconnects for the messages that follow; sequences
+//! whose messages cannot be delivered get a NEXT_STAGE_UNREACHABLE error, so the
+//! coordinator hears about it instead of waiting.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_proto::v1::worker_client::WorkerClient;
+use strata_proto::v1::{stage_message, ErrorCode, StageMessage};
+use strata_proto::MAX_MESSAGE_BYTES;
+use tokio::sync::{mpsc, watch, Mutex};
+use tonic::transport::Channel;
+
+use crate::events::EventHub;
+
+/// Connects to a peer worker, retrying briefly: the peer may be starting up.
+pub async fn connect(address: String) -> Result<Channel, String> {
+    let address = address.as_str();
+    let endpoint = strata_proto::transport::endpoint(address).map_err(|e| format!("bad address {address:?}: {e}"))?;
+    let mut delay = Duration::from_millis(50);
+    let mut attempts = 0;
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) if attempts >= 5 => return Err(format!("cannot connect to {address}: {e}")),
+            Err(_) => {
+                attempts += 1;
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+}
+
+/// Spawns the forwarder for `channel`; returns the queue to feed it.
+pub fn spawn(
+    address: String,
+    channel: Channel,
+    stage_index: u32,
+    hub: Arc<EventHub>,
+    shutdown: watch::Receiver<bool>,
+) -> mpsc::UnboundedSender<StageMessage> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(address, channel, Arc::new(Mutex::new(rx)), stage_index, hub, shutdown));
+    tx
+}
+
+async fn run(
+    address: String,
+    mut channel: Channel,
+    rx: Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>,
+    stage_index: u32,
+    hub: Arc<EventHub>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let mut client = WorkerClient::new(channel.clone())
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        // The stream borrows the queue through the mutex, so after a failed call
+        // the next stream picks up where the old one stopped.
+        let stream = futures::stream::unfold(rx.clone(), next_message);
+        let result = tokio::select! {
+            r = client.forward(stream) => r,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        match result {
+            // The queue closed: the stage was unloaded.
+            Ok(_) => return,
+            Err(status) => {
+                tracing::warn!(%address, code = ?status.code(), message = status.message(), "forward stream broke; reconnecting");
+            }
+        }
+        channel = loop {
+            match connect(address.clone()).await {
+                Ok(channel) => break channel,
+                Err(e) => {
+                    // Fail what is queued now rather than let it wait forever.
+                    let mut queue = rx.lock().await;
+                    let mut failed = std::collections::HashSet::new();
+                    loop {
+                        match queue.try_recv() {
+                            Ok(message) => {
+                                if let Some(seq) = frame_seq(&message) {
+                                    if failed.insert(seq) {
+                                        hub.sequence_error(
+                                            seq,
+                                            ErrorCode::NextStageUnreachable,
+                                            e.clone(),
+                                            stage_index,
+                                        );
+                                    }
+                                }
+                            }
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => return,
+                        }
+                    }
+                    drop(queue);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = shutdown.wait_for(|stop| *stop) => return,
+                    }
+                }
+            }
+        };
+    }
+}
+
+async fn next_message(
+    rx: Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>,
+) -> Option<(StageMessage, Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>)> {
+    let message = rx.lock().await.recv().await?;
+    Some((message, rx))
+}
+
+fn frame_seq(message: &StageMessage) -> Option<u64> {
+    match message.kind.as_ref()? {
+        stage_message::Kind::Frame(f) => Some(f.seq_id),
+        stage_message::Kind::Open(o) => Some(o.seq_id),
+        stage_message::Kind::Release(_) => None,
+    }
+}

@@ -1,0 +1,380 @@
+//! The worker's gRPC service: a thin adapter from tonic to the shard slot, the
+//! compute thread and the event hub. Errors are [`WorkerError`]s, turned into
+//! statuses only at the edge.
+
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use strata_proto::v1::worker_server::Worker;
+use strata_proto::v1::{self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype, WorkerState};
+use strata_proto::{WorkerError, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{IntervalStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::compute::{self, ComputeHandle, ComputeSpec, Gauges, Outputs};
+use crate::config::WorkerConfig;
+use crate::events::{lock, unix_nanos, EventHub, Stats};
+use crate::forwarder;
+use crate::weights::{self, LocalModels};
+
+/// How often Events subscribers get a heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A cheap handle on the worker's shared state.
+#[derive(Clone)]
+pub struct WorkerService {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: WorkerConfig,
+    address: String,
+    node_id: String,
+    hub: Arc<EventHub>,
+    stats: Arc<Stats>,
+    gauges: Arc<Gauges>,
+    local_models: LocalModels,
+    slot: Mutex<Slot>,
+    /// Serializes LoadShard and UnloadShard.
+    load_lock: tokio::sync::Mutex<()>,
+    stop: watch::Receiver<bool>,
+}
+
+#[derive(Default)]
+struct Slot {
+    loading: bool,
+    shard: Option<Loaded>,
+}
+
+struct Loaded {
+    spec: v1::ShardSpec,
+    compute: ComputeHandle,
+}
+
+impl WorkerService {
+    pub fn new(config: WorkerConfig, address: String, stop: watch::Receiver<bool>) -> Self {
+        // Stable for a given name and address, so a restarted worker is recognised.
+        let node_id = weights::hex(&Sha256::digest(format!("{}@{address}", config.name).as_bytes())[..8]);
+        let local_models = LocalModels::new(config.models.clone());
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                address,
+                node_id,
+                hub: Arc::default(),
+                stats: Arc::default(),
+                gauges: Arc::default(),
+                local_models,
+                slot: Mutex::default(),
+                load_lock: tokio::sync::Mutex::new(()),
+                stop,
+            }),
+        }
+    }
+
+    fn state(&self) -> WorkerState {
+        let slot = lock(&self.shared.slot);
+        if *self.shared.stop.borrow() {
+            WorkerState::Draining
+        } else if slot.loading {
+            WorkerState::Loading
+        } else if slot.shard.is_some() {
+            WorkerState::Serving
+        } else {
+            WorkerState::Idle
+        }
+    }
+
+    pub fn description(&self) -> v1::WorkerDescription {
+        let shard = lock(&self.shared.slot).shard.as_ref().map(|l| l.spec.clone());
+        let (total, free) = memory_info();
+        let config = &self.shared.config;
+        v1::WorkerDescription {
+            node_id: self.shared.node_id.clone(),
+            name: config.name.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            grpc_address: self.shared.address.clone(),
+            devices: vec![v1::Device {
+                kind: if config.device.starts_with("cuda") { v1::DeviceKind::Cuda } else { v1::DeviceKind::Cpu } as i32,
+                ordinal: config.device.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0),
+                name: config.device.clone(),
+                total_memory_bytes: total,
+                free_memory_bytes: free,
+                capability: cpu_capability(),
+                memory_bandwidth_bytes_per_second: 0.0,
+            }],
+            memory_offered_bytes: free,
+            state: self.state() as i32,
+            compute_threads: config.threads as u32,
+            shard,
+        }
+    }
+
+    /// Drops the shard, if any, and waits for its compute thread to exit.
+    pub async fn unload(&self) -> u64 {
+        let _guard = self.shared.load_lock.lock().await;
+        self.take_shard().await
+    }
+
+    async fn take_shard(&self) -> u64 {
+        let loaded = lock(&self.shared.slot).shard.take();
+        match loaded {
+            Some(loaded) => {
+                let freed = loaded.compute.weight_bytes;
+                let _ = tokio::task::spawn_blocking(move || loaded.compute.stop()).await;
+                freed
+            }
+            None => 0,
+        }
+    }
+
+    fn compute_sender(&self) -> Option<mpsc::Sender<StageMessage>> {
+        lock(&self.shared.slot).shard.as_ref().map(|l| l.compute.tx.clone())
+    }
+
+    async fn load_shard(&self, spec: v1::ShardSpec) -> Result<v1::LoadShardResponse, WorkerError> {
+        let started = Instant::now();
+        let model = spec.model.clone().ok_or_else(|| WorkerError::InvalidShard("the shard names no model".into()))?;
+        let layers = checked_range(&spec)?;
+        let wire_dtype = match WireDtype::try_from(spec.wire_dtype) {
+            Ok(WireDtype::F16) => WireDtype::F16,
+            Ok(_) => WireDtype::F32,
+            Err(_) => return Err(WorkerError::InvalidShard(format!("unknown wire dtype {}", spec.wire_dtype))),
+        };
+        let is_last = layers.end == spec.total_layers as usize;
+        if !is_last && spec.next_stage_address.is_empty() {
+            return Err(WorkerError::InvalidShard(format!(
+                "stage {} (layers {}..{}) is not the last but has no next stage address",
+                spec.stage_index, layers.start, layers.end
+            )));
+        }
+        if *self.shared.stop.borrow() {
+            return Err(WorkerError::Draining);
+        }
+        let _guard = self.shared.load_lock.lock().await;
+        self.take_shard().await;
+        lock(&self.shared.slot).loading = true;
+        let result = self.load_locked(&spec, &model, layers, wire_dtype, is_last).await;
+        lock(&self.shared.slot).loading = false;
+        let (compute, local) = result?;
+        let weight_bytes = compute.weight_bytes;
+        tracing::info!(
+            layers = ?compute.layers,
+            stage = spec.stage_index,
+            weights_were_local = local,
+            "shard loaded in {:.2}s",
+            started.elapsed().as_secs_f64()
+        );
+        lock(&self.shared.slot).shard = Some(Loaded { spec, compute });
+        Ok(v1::LoadShardResponse {
+            weight_bytes,
+            weights_were_local: local,
+            load_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    async fn load_locked(
+        &self,
+        spec: &v1::ShardSpec,
+        model: &v1::ModelRef,
+        layers: Range<usize>,
+        wire_dtype: WireDtype,
+        is_last: bool,
+    ) -> Result<(ComputeHandle, bool), WorkerError> {
+        let shared = &self.shared;
+        let located = weights::locate(
+            &shared.local_models,
+            &shared.config.cache_dir,
+            model,
+            &layers,
+            &spec.weights_source,
+            &shared.hub,
+        )
+        .await?;
+        let device =
+            strata_model::parse_device(&shared.config.device).map_err(|e| WorkerError::Internal(e.to_string()))?;
+        // Connect before loading, so a wrong address fails the load, not the first frame.
+        let mut outputs = Outputs::default();
+        if !is_last {
+            let channel = forwarder::connect(spec.next_stage_address.clone()).await.map_err(WorkerError::Internal)?;
+            outputs.next = Some(forwarder::spawn(
+                spec.next_stage_address.clone(),
+                channel,
+                spec.stage_index,
+                shared.hub.clone(),
+                shared.stop.clone(),
+            ));
+        } else if !spec.first_stage_address.is_empty() && layers.start != 0 {
+            let channel = forwarder::connect(spec.first_stage_address.clone()).await.map_err(WorkerError::Internal)?;
+            outputs.first = Some(forwarder::spawn(
+                spec.first_stage_address.clone(),
+                channel,
+                spec.stage_index,
+                shared.hub.clone(),
+                shared.stop.clone(),
+            ));
+        }
+        let compute_spec = ComputeSpec {
+            path: located.path.clone(),
+            layers: layers.clone(),
+            total_layers: spec.total_layers as usize,
+            expected_origin: (!located.local).then(|| strata_model::shard_file::ShardOrigin {
+                source_hash: model.content_hash.clone(),
+                layers: layers.clone(),
+            }),
+            stage_index: spec.stage_index,
+            wire_dtype,
+            device,
+            compute_lock: shared.config.compute_lock.clone(),
+        };
+        let compute =
+            compute::start(compute_spec, outputs, shared.hub.clone(), shared.stats.clone(), shared.gauges.clone())
+                .await?;
+        Ok((compute, located.local))
+    }
+
+    fn heartbeat(&self) -> v1::WorkerEvent {
+        v1::WorkerEvent {
+            kind: Some(worker_event::Kind::Heartbeat(v1::Heartbeat {
+                unix_millis: unix_nanos() / 1_000_000,
+                state: self.state() as i32,
+                sequences: self.shared.gauges.sequences.load(Ordering::Relaxed),
+                memory_used_bytes: self.shared.gauges.memory_bytes.load(Ordering::Relaxed),
+            })),
+        }
+    }
+}
+
+fn checked_range(spec: &v1::ShardSpec) -> Result<Range<usize>, WorkerError> {
+    let (start, end, layers) = (spec.layer_start, spec.layer_end, spec.total_layers);
+    if start >= end {
+        return Err(WorkerError::InvalidShard(format!("layer range {start}..{end} is empty")));
+    }
+    if end > layers {
+        return Err(WorkerError::ShardOutOfRange { start, end, layers });
+    }
+    Ok(start as usize..end as usize)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::WorkerEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn describe(&self, _: Request<v1::DescribeRequest>) -> Result<Response<v1::WorkerDescription>, Status> {
+        Ok(Response::new(self.description()))
+    }
+
+    async fn load_shard(
+        &self,
+        request: Request<v1::LoadShardRequest>,
+    ) -> Result<Response<v1::LoadShardResponse>, Status> {
+        let spec =
+            request.into_inner().shard.ok_or_else(|| WorkerError::InvalidShard("no shard in the request".into()))?;
+        match self.load_shard(spec).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) => {
+                tracing::warn!(error = %e, "load refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn unload_shard(
+        &self,
+        _: Request<v1::UnloadShardRequest>,
+    ) -> Result<Response<v1::UnloadShardResponse>, Status> {
+        Ok(Response::new(v1::UnloadShardResponse { freed_bytes: self.unload().await }))
+    }
+
+    async fn forward(&self, request: Request<Streaming<StageMessage>>) -> Result<Response<v1::ForwardSummary>, Status> {
+        let mut stream = request.into_inner();
+        let mut stop = self.shared.stop.clone();
+        let mut frames = 0;
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m?,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let Some(message) = message else { break };
+            if let Some(stage_message::Kind::Frame(f)) = &message.kind {
+                self.shared.stats.record_hop(f.sent_unix_nanos);
+                frames += 1;
+            }
+            let seq = match &message.kind {
+                Some(stage_message::Kind::Frame(f)) => Some(f.seq_id),
+                Some(stage_message::Kind::Open(o)) => Some(o.seq_id),
+                _ => None,
+            };
+            let delivered = match self.compute_sender() {
+                Some(tx) => tx.send(message).await.is_ok(),
+                None => false,
+            };
+            if let (false, Some(seq)) = (delivered, seq) {
+                self.shared.hub.sequence_error(seq, ErrorCode::NoShard, WorkerError::NoShard.to_string(), 0);
+            }
+        }
+        Ok(Response::new(v1::ForwardSummary { frames }))
+    }
+
+    type EventsStream = EventStream;
+
+    async fn events(&self, _: Request<v1::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+        let events = UnboundedReceiverStream::new(self.shared.hub.subscribe()).map(Ok);
+        let me = self.clone();
+        let beats = IntervalStream::new(tokio::time::interval(HEARTBEAT_INTERVAL)).map(move |_| Ok(me.heartbeat()));
+        let mut stop = self.shared.stop.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let stream = futures::stream::select(events, beats).take_until(stopped);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
+        Ok(Response::new(v1::HealthResponse { state: self.state() as i32 }))
+    }
+
+    async fn stats(&self, request: Request<v1::StatsRequest>) -> Result<Response<v1::StatsResponse>, Status> {
+        Ok(Response::new(self.shared.stats.snapshot(request.into_inner().reset)))
+    }
+}
+
+/// Total and available memory from /proc/meminfo (zeros where unknown).
+fn memory_info() -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else { return (0, 0) };
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+fn cpu_capability() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut features = Vec::new();
+        if std::arch::is_x86_feature_detected!("avx2") {
+            features.push("avx2");
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            features.push("fma");
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            features.push("avx512f");
+        }
+        features.join(",")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        String::new()
+    }
+}
