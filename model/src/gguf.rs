@@ -342,19 +342,7 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
             _ => RopeScaling::None,
         }
     };
-    let embedding = content
-        .tensor_infos
-        .get("token_embd.weight")
-        .ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
-    let (vocab_size, embd_hidden) = embedding
-        .shape
-        .dims2()
-        .map_err(|_| Error::InvalidModel("token_embd.weight is not a matrix".into()))?;
-    if embd_hidden != hidden {
-        return Err(Error::InvalidModel(format!(
-            "token_embd.weight has width {embd_hidden}, the metadata says hidden {hidden}"
-        )));
-    }
+    let vocab_size = vocab_size(content, hidden)?;
     let name = match md.get("general.name") {
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
@@ -377,8 +365,27 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
     })
 }
 
+/// The vocabulary size: the rows of the embedding, or of the output head, or the
+/// tokenizer's vocabulary. A pipeline shard for a middle stage has neither matrix.
+fn vocab_size(content: &Content, hidden: usize) -> Result<usize> {
+    for name in ["token_embd.weight", "output.weight"] {
+        if let Some(t) = content.tensor_infos.get(name) {
+            let (rows, width) =
+                t.shape.dims2().map_err(|_| Error::InvalidModel(format!("{name} is not a matrix")))?;
+            if width != hidden {
+                return Err(Error::InvalidModel(format!("{name} has width {width}, the metadata says hidden {hidden}")));
+            }
+            return Ok(rows);
+        }
+    }
+    match content.metadata.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(tokens)) if !tokens.is_empty() => Ok(tokens.len()),
+        _ => Err(Error::MissingTensor("token_embd.weight".into())),
+    }
+}
+
 /// The layer a tensor belongs to, from its `blk.N.` prefix.
-fn layer_of(name: &str) -> Option<usize> {
+pub(crate) fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 

@@ -6,9 +6,8 @@
 //! metadata still describes the whole model (layer count, shapes, tokenizer), so the
 //! stage knows where it sits in the pipeline.
 //!
-//! `token_embd.weight` is always included, even for a middle stage that never reads
-//! it: [`ModelFile::open`] takes the vocabulary size from that tensor's shape, so a
-//! file without it would not open.
+//! `token_embd.weight` goes only to the stages that read it: the first, and the last
+//! when the head is tied to the embedding.
 //!
 //! [`Stage::load`]: crate::Stage::load
 
@@ -20,7 +19,7 @@ use candle_core::quantized::QTensor;
 use candle_core::Device;
 
 use crate::error::{Error, Result};
-use crate::gguf::ModelFile;
+use crate::gguf::{layer_of, ModelFile};
 
 /// Metadata key holding the content hash of the whole model a shard was cut from.
 pub const SOURCE_HASH_KEY: &str = "strata.shard.source_hash";
@@ -57,13 +56,16 @@ pub fn stage_tensor_names(file: &ModelFile, layers: Range<usize>) -> Result<Vec<
     if layers.start >= layers.end || layers.end > n {
         return Err(Error::LayerRange { start: layers.start, end: layers.end, layers: n });
     }
+    let first = layers.start == 0;
     let last = layers.end == n;
+    let tied = file.info().tied_embedding;
     let mut names: Vec<String> = file
         .tensor_names()
         .filter(|name| match layer_of(name) {
             Some(layer) => layers.contains(&layer),
             None if name.starts_with("output") => last,
-            // The embedding (needed to open the file at all) and shared tensors.
+            None if *name == "token_embd.weight" => first || (last && tied),
+            // Shared tensors (`rope_freqs.weight`).
             None => true,
         })
         .map(str::to_string)
@@ -103,10 +105,6 @@ pub fn write_shard<W: Write + Seek>(
     Ok(names)
 }
 
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::BufWriter;
@@ -135,6 +133,8 @@ mod tests {
             let path = dir.path().join(format!("shard-{i}.gguf"));
             let names = write_shard_to(&whole, r.clone(), &path);
             assert!(names.iter().all(|n| layer_of(n).is_none_or(|l| r.contains(&l))), "{names:?}");
+            // Only stages that read the embedding carry it (the last uses it as its tied head).
+            assert_eq!(names.iter().any(|n| n == "token_embd.weight"), i != 1, "{names:?}");
             let shard = ModelFile::open(&path).unwrap();
             assert_eq!(shard.info(), whole.info());
             assert_eq!(ShardOrigin::of(&shard), Some(ShardOrigin { source_hash: "abc123".into(), layers: r.clone() }));
