@@ -6,3 +6,4 @@ pub mod model_store;
 pub mod engine;
 pub mod api;
 pub mod cluster;
+pub mod planner;

@@ -18,5 +18,6 @@ fn main() -> anyhow::Result<()> {
         Command::ServeLocal(args) => cli::serve_local::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Demo(args) => cli::demo::run(args),
+        Command::Plan(args) => cli::plan::run(args),
     }
 }

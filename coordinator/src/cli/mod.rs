@@ -7,6 +7,7 @@ pub mod demo;
 pub mod generate;
 pub mod http;
 pub mod model;
+pub mod plan;
 pub mod serve;
 pub mod serve_local;
 
@@ -40,6 +41,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Start a coordinator and three workers here and answer a prompt through them.
     Demo(demo::DemoArgs),
+    /// Will a model fit on these machines, how is it split, and how fast does it run?
+    Plan(plan::PlanArgs),
 }
 
 /// Which model and where to run it.
