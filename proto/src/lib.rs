@@ -9,6 +9,7 @@ pub mod v1 {
     tonic::include_proto!("strata.v1");
 }
 
+pub mod content_hash;
 mod error;
 mod tensor_wire;
 pub mod transport;

@@ -3,7 +3,7 @@
 //! coordinator's FetchWeights stream, checked against the SHA-256 in its manifest.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use strata_proto::v1::coordinator_client::CoordinatorClient;
 use strata_proto::v1::{weight_chunk, worker_event, FetchWeightsRequest, LoadProgress, ModelRef};
+pub use strata_proto::content_hash::{hex, sha256_file};
 use strata_proto::{WorkerError, MAX_MESSAGE_BYTES};
 use tokio::sync::{mpsc, Mutex};
 
@@ -55,25 +56,6 @@ impl LocalModels {
         }
         Ok(out)
     }
-}
-
-/// Lowercase hex SHA-256 of a file.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn is_sha256_hex(s: &str) -> bool {

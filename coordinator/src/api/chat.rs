@@ -13,7 +13,7 @@ use strata_model::chat_template::Role;
 use strata_model::ChatMessage;
 
 use super::errors::{ApiError, ApiJson};
-use super::generation::{Finish, Piece};
+use super::generation::Finish;
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
 use super::{new_request_id, off_reactor, start, to_json, unix_now, AppState};
@@ -211,18 +211,7 @@ pub(super) async fn create(
         let chunks = ChatChunks { id, created, model: card.id.clone() };
         return Ok(sse::response(generation, chunks, options.include_usage));
     }
-    let mut text = String::new();
-    let finish = loop {
-        match generation.next().await {
-            Some(Piece::Text(piece)) => text.push_str(&piece),
-            Some(Piece::End { text: piece, finish }) => {
-                text.push_str(&piece);
-                break finish;
-            }
-            Some(Piece::Failed(error)) => return Err(error),
-            None => return Err(ApiError::internal("the generation ended without a result")),
-        }
-    };
+    let (text, finish) = generation.collect().await?;
     let body = ChatCompletion {
         id: &id,
         object: "chat.completion",

@@ -129,6 +129,22 @@ impl Generation {
         self.completion_tokens
     }
 
+    /// The whole text and why it ended, for a non-streaming response.
+    pub async fn collect(&mut self) -> Result<(String, Finish), ApiError> {
+        let mut text = String::new();
+        loop {
+            match self.next().await {
+                Some(Piece::Text(piece)) => text.push_str(&piece),
+                Some(Piece::End { text: piece, finish }) => {
+                    text.push_str(&piece);
+                    return Ok((text, finish));
+                }
+                Some(Piece::Failed(error)) => return Err(error),
+                None => return Err(ApiError::internal("the generation ended without a result")),
+            }
+        }
+    }
+
     /// The next piece; `None` after the end or a failure.
     pub async fn next(&mut self) -> Option<Piece> {
         if self.done {

@@ -83,29 +83,6 @@ pub struct ClusterEngine {
 }
 
 impl ClusterEngine {
-    fn validate(&self, request: &GenerateRequest) -> Result<(), EngineError> {
-        let context = self.card.context_length;
-        let tokens = request.prompt_tokens.len();
-        if tokens == 0 {
-            return Err(EngineError::InvalidRequest("the prompt has no tokens".into()));
-        }
-        if let Some(bad) = request.prompt_tokens.iter().find(|&&id| id as usize >= self.vocab_size) {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.vocab_size
-            )));
-        }
-        if request.max_tokens == 0 {
-            return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
-        }
-        let needed = tokens.saturating_add(request.max_tokens);
-        if needed > context {
-            return Err(EngineError::ContextOverflow { tokens, needed, context });
-        }
-        request.sampling.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-        Ok(())
-    }
-
     /// Like [`Engine::generate`], choosing the return path for this request.
     pub fn generate_via(
         &self,
@@ -131,7 +108,7 @@ impl ClusterEngine {
         path: ReturnPath,
         ignore_eos: bool,
     ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
-        self.validate(&request)?;
+        request.validate(self.vocab_size, self.card.context_length)?;
         if self.broken.load(Ordering::Acquire) {
             return Err(EngineError::Unavailable("a worker of the pipeline is gone".into()));
         }

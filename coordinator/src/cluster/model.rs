@@ -2,12 +2,12 @@
 //! shard files it cuts for workers that pull their weights.
 
 use std::collections::HashMap;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use sha2::{Digest, Sha256};
+pub use strata_proto::content_hash::sha256_file;
 use strata_model::{ChatTemplate, ModelFile, Tokenizer};
 use tokio::sync::OnceCell;
 
@@ -84,17 +84,3 @@ impl ServedModel {
     }
 }
 
-/// Lowercase hex SHA-256 of a file.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}

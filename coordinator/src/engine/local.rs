@@ -142,28 +142,6 @@ impl LocalEngine {
             cancelled: self.occupancy.cancelled.load(Ordering::Acquire),
         }
     }
-
-    fn validate(&self, request: &GenerateRequest) -> Result<(), EngineError> {
-        let context = self.card.context_length;
-        let tokens = request.prompt_tokens.len();
-        if tokens == 0 {
-            return Err(EngineError::InvalidRequest("the prompt has no tokens".into()));
-        }
-        if let Some(bad) = request.prompt_tokens.iter().find(|&&id| id as usize >= self.vocab_size) {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.vocab_size
-            )));
-        }
-        if request.max_tokens == 0 {
-            return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
-        }
-        let needed = tokens.saturating_add(request.max_tokens);
-        if needed > context {
-            return Err(EngineError::ContextOverflow { tokens, needed, context });
-        }
-        Ok(())
-    }
 }
 
 impl Engine for LocalEngine {
@@ -172,7 +150,7 @@ impl Engine for LocalEngine {
     }
 
     fn generate(&self, request: GenerateRequest) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
-        self.validate(&request)?;
+        request.validate(self.vocab_size, self.card.context_length)?;
         let sampler = Sampler::new(&request.sampling).map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         // Room for every event the request can produce, so the compute thread never
         // waits on a slow reader and never has to drop a token.

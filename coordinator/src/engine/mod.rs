@@ -20,6 +20,28 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
 }
 
+impl GenerateRequest {
+    /// Checks what every engine needs before it queues anything: a non-empty prompt of
+    /// known tokens, room in the context, and valid sampling parameters.
+    pub fn validate(&self, vocab_size: usize, context: usize) -> Result<(), EngineError> {
+        let tokens = self.prompt_tokens.len();
+        if tokens == 0 {
+            return Err(EngineError::InvalidRequest("the prompt has no tokens".into()));
+        }
+        if let Some(bad) = self.prompt_tokens.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary of {vocab_size}")));
+        }
+        if self.max_tokens == 0 {
+            return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
+        }
+        let needed = tokens.saturating_add(self.max_tokens);
+        if needed > context {
+            return Err(EngineError::ContextOverflow { tokens, needed, context });
+        }
+        self.sampling.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))
+    }
+}
+
 /// What an engine reports for a request, in order: tokens, then one `Finished` or
 /// one `Failed`.
 #[derive(Debug, Clone, PartialEq)]
