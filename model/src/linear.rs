@@ -2,10 +2,12 @@
 //!
 //! On CPU, Q4_0 / Q4_1 / Q8_0 weights are repacked at load into 16-row tiles and run
 //! by our own kernels (`packed.rs`, `x86.rs`): candle 0.11.1's Q4_1 dot product is
-//! scalar, and its Q4_0/Q8_0 ones reduce one row at a time behind a single FMA chain.
-//! Activations are quantized to Q8_1 exactly as candle/ggml do, so per-block integer
-//! sums are identical and results differ from `QMatMul` only by float summation order.
-//! Everything else (other quant types, CUDA/Metal weights) stays on candle's `QMatMul`.
+//! scalar, and its Q4_0/Q8_0 ones reduce one row at a time. Activations are quantized
+//! exactly as candle/ggml do, and the kernels repeat candle's float operations in
+//! candle's order, so results are bit-identical to `QMatMul`'s: activations are
+//! re-quantized to 8 bits at every layer, and any last-bit difference can change the
+//! generated tokens (which must equal llama.cpp's). Everything else (other quant
+//! types, CUDA/Metal weights) stays on candle's `QMatMul`.
 //!
 //! Threads come from candle's own barrier pool (`CANDLE_NUM_THREADS`), never a pool of
 //! our own: several workers share small machines and oversubscription costs more than
@@ -44,13 +46,19 @@ enum Weight {
 impl Linear {
     pub fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
-        // Only Q4_1 runs on our kernels: they reproduce candle's scalar Q4_1 arithmetic
-        // bit for bit, which is what matches llama.cpp's tokens. Our Q4_0/Q8_0 kernels
-        // are faster but sum in another order, and activations re-quantized at every
-        // layer turn last-bit differences into different tokens, so those types stay
-        // on candle until the kernels reproduce its order too.
-        let format = Format::from_dtype(weight.dtype())
-            .filter(|f| weight.device().is_cpu() && *f == Format::Q4_1);
+        // Our kernels reproduce candle's arithmetic bit for bit, which is what matches
+        // llama.cpp's tokens: Q4_1 candle's scalar `vec_dot_unopt` at every level;
+        // Q4_0/Q8_0 its AVX2 dot products (one FMA chain per 4-element group). The SIMD
+        // levels need AVX2+FMA, so candle runs those same AVX2 dot products wherever
+        // they run. The scalar level can reproduce either candle path, but on a CPU
+        // without AVX2 it is no faster than candle's own, so Q4_0/Q8_0 stay there, as
+        // do Q8_0 shapes that candle sends to its repacked VNNI kernels instead.
+        let format = Format::from_dtype(weight.dtype()).filter(|f| {
+            weight.device().is_cpu()
+                && (*f == Format::Q4_1
+                    || (Level::detect() != Level::Scalar
+                        && !packed::candle_repacks(*f, out_features, in_features)))
+        });
         let Some(format) = format else {
             return Ok(Self {
                 weight: Weight::Candle(QMatMul::from_qtensor(weight)?),
@@ -157,7 +165,9 @@ fn packed_forward(
 mod tests {
     use candle_core::quantized::GgmlDType;
 
-    use super::act::{quantize_row, quantize_row_scalar, ActBlock, QK};
+    use super::act::{
+        group_offsets, quantize_row, quantize_row_scalar, ActBlock, GroupOffsets, QK,
+    };
     use super::*;
 
     /// Deterministic xorshift noise in [-1, 1), so failures reproduce.
@@ -215,6 +225,20 @@ mod tests {
         }
     }
 
+    /// Decodes candle's Q8_0 blocks (d: f16, qs: [i8; 32]) from raw bytes.
+    fn candle_q8_0(x: &[f32]) -> Vec<(f32, [i8; QK])> {
+        let t = Tensor::from_slice(x, (1, x.len()), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        let bytes = q.data().unwrap();
+        bytes
+            .chunks_exact(34)
+            .map(|b| {
+                let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                (d, std::array::from_fn(|i| b[2 + i] as i8))
+            })
+            .collect()
+    }
+
     /// Decodes candle's Q8_1 blocks (d: f16, s: f16, qs: [i8; 32]) from raw bytes.
     fn candle_q8_1(x: &[f32]) -> Vec<ActBlock> {
         let t = Tensor::from_slice(x, (1, x.len()), &Device::Cpu).unwrap();
@@ -222,24 +246,19 @@ mod tests {
         let bytes = q.data().unwrap();
         bytes
             .chunks_exact(36)
-            .map(|b| {
-                let mut blk = ActBlock::default();
-                blk.d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                blk.s = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
-                for (q, &v) in blk.qs.iter_mut().zip(&b[4..]) {
-                    *q = v as i8;
-                }
-                blk.sum = blk.qs.iter().map(|&v| v as i32).sum();
-                blk
+            .map(|b| ActBlock {
+                d: half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                s: half::f16::from_le_bytes([b[2], b[3]]).to_f32(),
+                qs: std::array::from_fn(|i| b[4 + i] as i8),
             })
             .collect()
     }
 
-    #[test]
-    fn activation_quantization_matches_candle_bit_for_bit() {
+    /// Activations with edge cases: an all-zero block, exact .5 ties after scaling,
+    /// tiny and huge values, a constant block.
+    fn edge_activations() -> Vec<f32> {
         let mut rng = Rng(0x5eed);
         let mut x = rng.vec(64 * QK);
-        // Edge cases: an all-zero block, exact .5 ties after scaling, tiny and huge values.
         x[..QK].fill(0.0);
         for (i, v) in x[QK..2 * QK].iter_mut().enumerate() {
             *v = (i as f32 - 16.0) * 127.0 / 254.0;
@@ -247,6 +266,34 @@ mod tests {
         x[2 * QK] = 1e-30;
         x[3 * QK] = 3.0e38;
         x[4 * QK..5 * QK].fill(-2.5);
+        x
+    }
+
+    /// candle pairs Q4_0/Q8_0 weights with Q8_0 activations; our blocks are Q8_1's,
+    /// whose `qs` and `d` must therefore equal Q8_0's.
+    #[test]
+    fn quantization_matches_candle_q8_0() {
+        let x = edge_activations();
+        let want = candle_q8_0(&x);
+        let mut ours = vec![ActBlock::default(); x.len() / QK];
+        quantize_row(&x, &mut ours, Level::detect() != Level::Scalar);
+        for (b, (o, (d, qs))) in ours.iter().zip(&want).enumerate() {
+            assert_eq!((o.d.to_bits(), o.qs), (d.to_bits(), *qs), "block {b}");
+        }
+        // Group offsets are exact multiples of each 4-element group's sum.
+        let mut offs = vec![GroupOffsets::default(); ours.len()];
+        group_offsets(&ours, 128, &mut offs);
+        for (o, a) in offs.iter().zip(&ours) {
+            for (g, &v) in o.0.iter().enumerate() {
+                let sum: i32 = a.qs[4 * g..4 * g + 4].iter().map(|&q| q as i32).sum();
+                assert_eq!(v, -128 * sum);
+            }
+        }
+    }
+
+    #[test]
+    fn activation_quantization_matches_candle_bit_for_bit() {
+        let x = edge_activations();
         let want = candle_q8_1(&x);
         let mut scalar = vec![ActBlock::default(); x.len() / QK];
         quantize_row_scalar(&x, &mut scalar);
@@ -276,11 +323,25 @@ mod tests {
             for level in Level::available() {
                 let got = packed_forward(&packed, None, &x, level).unwrap();
                 let what = format!("{dtype:?} {rows}x{cols} tokens={n} {level:?}");
-                if dtype == GgmlDType::Q4_1 {
-                    // Q4_1 must be bit-identical: that is what keeps tokens equal to
-                    // llama.cpp's (see `Linear::new`).
-                    let (g, w) = (got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
-                    assert!(g == w, "{what}: not bit-identical to candle");
+                // Bit-identical, not merely close: that is what keeps tokens equal to
+                // llama.cpp's (see `Linear::new`). On x86 candle's Q4_0/Q8_0 paths are
+                // its AVX2 or its scalar ones, both of which we reproduce; elsewhere it
+                // has NEON/wasm kernels we do not, and those types stay on candle.
+                let exact = dtype == GgmlDType::Q4_1 || cfg!(target_arch = "x86_64");
+                if exact {
+                    let (g, w) = (
+                        got.to_vec2::<f32>().unwrap(),
+                        want.to_vec2::<f32>().unwrap(),
+                    );
+                    if g != w {
+                        let diffs = g
+                            .iter()
+                            .flatten()
+                            .zip(w.iter().flatten())
+                            .filter(|(a, b)| a.to_bits() != b.to_bits())
+                            .count();
+                        panic!("{what}: not bit-identical to candle ({diffs} values differ)");
+                    }
                 } else {
                     assert_close(&got, &want, &what);
                 }
@@ -300,15 +361,60 @@ mod tests {
 
     #[test]
     fn q8_0_matches_candle() {
-        for (i, &(rows, cols)) in [(576, 576), (1000, 576), (200, 96)].iter().enumerate() {
-            check_against_candle(GgmlDType::Q8_0, rows, cols, &[1, 3, 17], 10 + i as u64);
+        for (i, &(rows, cols)) in [(576, 576), (1000, 576), (4096, 576), (200, 96)]
+            .iter()
+            .enumerate()
+        {
+            check_against_candle(GgmlDType::Q8_0, rows, cols, &[1, 3, 17, 64], 10 + i as u64);
         }
     }
 
     #[test]
     fn q4_0_matches_candle() {
-        for (i, &(rows, cols)) in [(576, 576), (1536, 576), (24, 96)].iter().enumerate() {
-            check_against_candle(GgmlDType::Q4_0, rows, cols, &[1, 3, 17], 20 + i as u64);
+        for (i, &(rows, cols)) in [(576, 576), (1000, 576), (4096, 576), (200, 96), (24, 96)]
+            .iter()
+            .enumerate()
+        {
+            check_against_candle(GgmlDType::Q4_0, rows, cols, &[1, 3, 17, 64], 20 + i as u64);
+        }
+    }
+
+    /// Q4_0/Q8_0 weights run on our kernels wherever a SIMD level exists, except Q8_0
+    /// shapes that candle itself sends to its repacked VNNI kernels.
+    #[test]
+    fn q4_0_and_q8_0_are_packed() {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
+            let lin = Linear::new(quantized(&mut Rng(8), 64, 64, dtype), None).unwrap();
+            let packed = matches!(lin.weight, Weight::Packed { .. });
+            assert_eq!(packed, Level::detect() != Level::Scalar, "{dtype:?}");
+        }
+    }
+
+    /// Whatever `Linear::new` picks, its output equals `QMatMul`'s bit for bit, including
+    /// Q8_0 shapes (k a multiple of 256) that candle runs on its repacked x86 kernels.
+    #[test]
+    fn linear_is_bit_identical_to_qmatmul() {
+        let cases = [
+            (GgmlDType::Q8_0, 64, 512),
+            (GgmlDType::Q8_0, 48, 768),
+            (GgmlDType::Q8_0, 40, 576),
+            (GgmlDType::Q8_0, 50, 512),
+            (GgmlDType::Q4_0, 64, 512),
+            (GgmlDType::Q4_1, 64, 512),
+        ];
+        for (i, (dtype, rows, cols)) in cases.into_iter().enumerate() {
+            let mut rng = Rng(40 + i as u64);
+            let q = quantized(&mut rng, rows, cols, dtype);
+            let candle =
+                QMatMul::from_qtensor(quantized(&mut Rng(40 + i as u64), rows, cols, dtype))
+                    .unwrap();
+            let lin = Linear::new(q, None).unwrap();
+            for n in [1, 5] {
+                let x = Tensor::from_vec(rng.vec(n * cols), (n, cols), &Device::Cpu).unwrap();
+                let got = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                let want = candle.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                assert!(got == want, "{dtype:?} {rows}x{cols} tokens={n}");
+            }
         }
     }
 

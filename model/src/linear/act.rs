@@ -4,9 +4,11 @@
 //! broadcast from directly.
 //!
 //! Exactness matters here: with the same 8-bit activations the integer part of every
-//! block dot product equals candle's, so results differ only by float summation order.
-//! Q8_0 activations (what candle pairs with Q4_0/Q8_0 weights) have the same `qs` and
-//! `d` as Q8_1; one quantization therefore serves every weight format.
+//! block dot product equals candle's, and the kernels then repeat candle's float steps.
+//! Q8_0 activations (what candle pairs with Q4_0/Q8_0 weights: `BlockQ8_0::from_float`,
+//! `d = amax/127`, `round(x/d)`, `d` stored as f16) have the same `qs` and `d` as Q8_1
+//! (`quantization_matches_candle_q8_0` checks it), so one quantization serves every
+//! weight format; the Q4_0/Q8_0 kernels additionally take `GroupOffsets`.
 
 use half::f16;
 
@@ -22,9 +24,35 @@ pub(crate) struct ActBlock {
     pub(crate) d: f32,
     /// Q8_1's `s = d * Σqs`, rounded through f16 exactly as candle does.
     pub(crate) s: f32,
-    /// `Σqs` as an exact integer, for the Q4_0 (−8) and Q8_0 (+128 storage) offsets.
-    pub(crate) sum: i32,
-    _pad: i32,
+}
+
+/// Elements per group: candle's AVX2 Q4_0/Q8_0 dot products keep one f32 accumulator
+/// per 4-element group of a block (a `vpmaddubsw` + `vpmaddwd` lane), so our kernels
+/// need the exact integer sum of each group separately.
+pub(crate) const GROUP: usize = 4;
+pub(crate) const GROUPS: usize = QK / GROUP;
+
+/// `-mul · Σ qs[4g..4g+4]` for each group `g` of one activation block: the exact
+/// correction for weights stored with a `+mul` offset (Q8_0 as `q + 128`, Q4_0's
+/// nibbles being `q + 8`), used as the starting value of each group's integer sum.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C, align(32))]
+pub(crate) struct GroupOffsets(pub(crate) [i32; GROUPS]);
+
+/// Fills `out[b]` with block `b`'s group offsets for a weight offset of `mul`.
+pub(crate) fn group_offsets(acts: &[ActBlock], mul: i32, out: &mut [GroupOffsets]) {
+    assert_eq!(
+        acts.len(),
+        out.len(),
+        "activation / offset block count mismatch"
+    );
+    for (a, o) in acts.iter().zip(out.iter_mut()) {
+        for (off, qs) in o.0.iter_mut().zip(a.qs.chunks_exact(GROUP)) {
+            // |Σ| ≤ 4·128 and mul ≤ 128: far inside i32, so plain arithmetic is exact.
+            let sum: i32 = qs.iter().map(|&v| v as i32).sum();
+            *off = -mul * sum;
+        }
+    }
 }
 
 /// The per-block tail shared by both quantizers: scale and sum rounding through f16.
@@ -36,7 +64,6 @@ fn finish_block(d: f32, sum: i32, out: &mut ActBlock) {
     let s16 = f16::from_f32(sum as f32) * d16;
     out.d = d16.to_f32();
     out.s = s16.to_f32();
-    out.sum = sum;
 }
 
 /// Portable quantizer; the reference the SIMD one is tested against.

@@ -21,14 +21,16 @@
 //! For Q4_* group `g` holds a row's packed bytes `4g..4g+4`: low nibbles are block
 //! elements `4g..4g+4`, high nibbles elements `16+4g..16+4g+4` (ggml's nibble order).
 //! Q8_0 group `g` holds elements `4g..4g+4` stored as `q + 128` (u8), because VNNI's
-//! `vpdpbusd` wants one unsigned operand; the offset is removed exactly with the
-//! activation block sums.
+//! `vpdpbusd` wants one unsigned operand; the offset is removed exactly, per 4-element
+//! group, with the activations' `GroupOffsets` (Q4_0's +8 likewise). Q4_0/Q8_0 need
+//! each group's sum separately anyway: candle's AVX2 dot products, which we reproduce
+//! bit for bit, keep one float accumulator per group (see `x86.rs`).
 
 use std::ops::Range;
 
 use candle_core::quantized::GgmlDType;
 
-use super::act::{quantize_row, ActBlock, QK};
+use super::act::{group_offsets, quantize_row, ActBlock, GroupOffsets, GROUPS, QK};
 use crate::error::{Error, Result};
 
 pub(crate) const TILE: usize = 16;
@@ -78,6 +80,64 @@ impl Format {
 
     fn has_min(self) -> bool {
         self == Self::Q4_1
+    }
+
+    /// The offset the SIMD kernels see on stored weights (Q8_0 kept as `q + 128` for
+    /// `vpdpbusd`'s unsigned operand, Q4_0 nibbles being `q + 8`), removed exactly per
+    /// 4-element group with `GroupOffsets`. `None`: the kernels need no group offsets.
+    fn group_offset(self) -> Option<i32> {
+        match self {
+            Self::Q4_0 => Some(8),
+            Self::Q8_0 => Some(128),
+            Self::Q4_1 => None,
+        }
+    }
+}
+
+/// Whether candle 0.11.1's `QMatMul` sends an f32 matmul by this `rows × cols` weight
+/// to its repacked x86 kernels (`repack_x86::select` with `repack_x86::level()`): for
+/// Q8_0 it does on AVX-512 VNNI or AVX-VNNI machines when `cols` is a multiple of 256
+/// and `rows` of 16. Those kernels use Q8_K activations and another order, which we do
+/// not reproduce, so such weights must stay on candle. Q4_0/Q4_1 never go there.
+pub(crate) fn candle_repacks(format: Format, rows: usize, cols: usize) -> bool {
+    if format != Format::Q8_0 || cols == 0 || !cols.is_multiple_of(256) || !rows.is_multiple_of(16)
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // candle's `repack_x86::level()`, environment overrides included; Q8_0 is
+        // repacked at its VNNI levels only (plain AVX2 `maddubs` would overflow).
+        let env_is_1 = |name: &str| std::env::var(name).as_deref() == Ok("1");
+        let force_avx2 = env_is_1("MISTRALRS_FORCE_AVX2");
+        let force_vnni = env_is_1("MISTRALRS_FORCE_AVXVNNI");
+        let avx512_vnni = !force_avx2
+            && !force_vnni
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vnni");
+        let avx_vnni = !force_avx2
+            && (force_vnni || is_x86_feature_detected!("avxvnni"))
+            && is_x86_feature_detected!("avx2");
+        avx512_vnni || avx_vnni
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether candle 0.11.1 runs its AVX2 Q4_0/Q8_0 dot products on this machine (its
+/// `has_avx2_fma()`: AVX2 and FMA, F16C not required); otherwise it runs
+/// `vec_dot_unopt`. The two sum in different orders, and the scalar kernel must
+/// reproduce whichever candle uses.
+pub(crate) fn candle_uses_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -279,28 +339,60 @@ impl PackedWeights {
         let parallel = rows * kb * tokens >= PARALLEL_MIN_WORK && self.n_tiles > 1;
         let simd = level != Level::Scalar;
 
+        // Group offsets only feed the SIMD Q4_0/Q8_0 kernels; the scalar one works on
+        // the signed values directly.
+        let offset = self.format.group_offset().filter(|_| simd);
         let mut acts = vec![ActBlock::default(); tokens * kb];
+        let mut offs =
+            vec![GroupOffsets::default(); if offset.is_some() { tokens * kb } else { 0 }];
+        let quantize = |xs: &[f32], dst: &mut [ActBlock], off: &mut [GroupOffsets]| {
+            quantize_row(xs, dst, simd);
+            if let Some(mul) = offset {
+                group_offsets(dst, mul, off);
+            }
+        };
         if parallel && tokens >= 4 {
             let acts_out = SharedOut::new(&mut acts);
+            let offs_len = offs.len();
+            let offs_out = SharedOut::new(&mut offs);
             pool.execute_chunked(tokens, |range: Range<usize>| {
                 for t in range {
                     // SAFETY: every token index is handed to exactly one worker, so the
-                    // `kb`-block segments written here are disjoint.
-                    let dst = unsafe { acts_out.segment(t * kb, kb) };
-                    quantize_row(&x[t * cols..(t + 1) * cols], dst, simd);
+                    // `kb`-block segments written here are disjoint (and empty offset
+                    // segments when there are no offsets).
+                    let (dst, off) = unsafe {
+                        (
+                            acts_out.segment(t * kb, kb),
+                            if offs_len == 0 {
+                                offs_out.segment(0, 0)
+                            } else {
+                                offs_out.segment(t * kb, kb)
+                            },
+                        )
+                    };
+                    quantize(&x[t * cols..(t + 1) * cols], dst, off);
                 }
             });
         } else {
-            for (xs, dst) in x.chunks_exact(cols).zip(acts.chunks_exact_mut(kb)) {
-                quantize_row(xs, dst, simd);
+            for (t, (xs, dst)) in x
+                .chunks_exact(cols)
+                .zip(acts.chunks_exact_mut(kb))
+                .enumerate()
+            {
+                let off = if offs.is_empty() {
+                    &mut [][..]
+                } else {
+                    &mut offs[t * kb..(t + 1) * kb]
+                };
+                quantize(xs, dst, off);
             }
         }
 
-        let acts = &acts[..];
+        let (acts, offs) = (&acts[..], &offs[..]);
         let y = SharedOut::new(&mut out);
         let work = |range: Range<usize>| {
             for tile in range {
-                self.tile_all_tokens(level, tile, acts, tokens, &y, bias);
+                self.tile_all_tokens(level, tile, acts, offs, tokens, &y, bias);
             }
         };
         if parallel {
@@ -312,11 +404,14 @@ impl PackedWeights {
     }
 
     /// All tokens against one tile, writing rows `16·tile..` of every output row.
+    /// `offs` is empty or, like `acts`, `tokens × kb` blocks.
+    #[allow(clippy::too_many_arguments)]
     fn tile_all_tokens(
         &self,
         level: Level,
         tile: usize,
         acts: &[ActBlock],
+        offs: &[GroupOffsets],
         tokens: usize,
         y: &SharedOut<'_, f32>,
         bias: Option<&[f32]>,
@@ -335,7 +430,19 @@ impl PackedWeights {
                     &[][..]
                 }
             });
-            self.tile_dot(level, tile, &act_rows[..n], &mut res[..n]);
+            let off_rows: [&[GroupOffsets]; MAX_TOKENS] = std::array::from_fn(|i| {
+                if i < n && !offs.is_empty() {
+                    &offs[(t0 + i) * kb..(t0 + i + 1) * kb]
+                } else {
+                    &[][..]
+                }
+            });
+            let off_rows = if offs.is_empty() {
+                &[][..]
+            } else {
+                &off_rows[..n]
+            };
+            self.tile_dot(level, tile, &act_rows[..n], off_rows, &mut res[..n]);
             for (i, r) in res[..n].iter_mut().enumerate() {
                 if let Some(b) = bias {
                     for (v, bv) in r.iter_mut().zip(&b[row0..row0 + valid]) {
@@ -351,8 +458,16 @@ impl PackedWeights {
         }
     }
 
-    /// Dot products of tile `tile` against `acts.len()` (1..=MAX_TOKENS) activation rows.
-    fn tile_dot(&self, level: Level, tile: usize, acts: &[&[ActBlock]], out: &mut [[f32; TILE]]) {
+    /// Dot products of tile `tile` against `acts.len()` (1..=MAX_TOKENS) activation rows;
+    /// `offs` holds their group offsets where the SIMD kernels need them.
+    fn tile_dot(
+        &self,
+        level: Level,
+        tile: usize,
+        acts: &[&[ActBlock]],
+        offs: &[&[GroupOffsets]],
+        out: &mut [[f32; TILE]],
+    ) {
         let tile_bytes = self.tile(tile);
         // The SIMD kernels' safety rests on this: never run a tier above the detected one.
         assert!(
@@ -374,19 +489,41 @@ impl PackedWeights {
                     self.kb,
                     self.qs_offset,
                     acts,
+                    offs,
                     out,
                 );
             }
             return;
         }
-        let _ = level;
+        let _ = (level, offs);
+        let candle_avx2 = candle_uses_avx2();
         for (a, o) in acts.iter().zip(out.iter_mut()) {
-            tile_dot_scalar(self.format, tile_bytes, self.kb, self.qs_offset, a, o);
+            tile_dot_scalar(
+                self.format,
+                tile_bytes,
+                self.kb,
+                self.qs_offset,
+                a,
+                candle_avx2,
+                o,
+            );
         }
     }
 }
 
-/// Portable kernel over the same tile layout (one activation row).
+/// candle's AVX2 horizontal sum (`hsum_float_8`): 128-bit halves added lane-wise, then
+/// `movehl`, then `movehdup`, i.e. `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
+#[inline]
+fn candle_hsum8(a: &[f32; GROUPS]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// Portable kernel over the same tile layout (one activation row), reproducing
+/// candle's float order bit for bit: for Q4_1 its scalar `vec_dot_unopt`
+/// (`sum += isum·d_w·d_y + m_w·s_y`); for Q4_0/Q8_0 either its AVX2 dot product (one
+/// FMA chain per 4-element group, `acc_g = fma(d_w·d_y, f32(isum_g), acc_g)`, then
+/// `candle_hsum8`) when `candle_avx2`, else `vec_dot_unopt` (`sum += isum·d_w·d_y`).
+/// See `candle_uses_avx2`.
 ///
 /// The integer arithmetic is `wrapping_*` only to keep dev-profile overflow checks out
 /// of the inner loop; the sums are bounded far below `i32::MAX`.
@@ -396,38 +533,37 @@ fn tile_dot_scalar(
     kb: usize,
     qs_offset: usize,
     act: &[ActBlock],
+    candle_avx2: bool,
     out: &mut [f32; TILE],
 ) {
     let qsb = format.qs_bytes();
     let (scales, rest) = tile.split_at(qs_offset);
     let (d_sec, m_sec) = scales.split_at(kb * TILE * 2);
+    let per_group = format != Format::Q4_1 && candle_avx2;
+    // Q4_0's nibbles are q + 8.
+    let bias = if format == Format::Q4_0 { 8 } else { 0 };
     let mut acc = [0f32; TILE];
+    let mut group_acc = [[0f32; GROUPS]; TILE];
     for (b, (a, qs)) in act.iter().zip(rest.chunks_exact(TILE * qsb)).enumerate() {
-        let mut isum = [0i32; TILE];
+        // Exact per-row, per-group integer sums; group g always pairs with activation
+        // elements 4g..4g+4 (for Q4 the high nibbles of packed group g are elements
+        // 16+4g.., i.e. group 4+g).
+        let mut isum = [[0i32; GROUPS]; TILE];
         for (g, group) in qs.chunks_exact(TILE * 4).enumerate() {
             let y = |k: usize| a.qs[k] as i32;
-            match format {
-                Format::Q4_0 | Format::Q4_1 => {
-                    let lo = [y(4 * g), y(4 * g + 1), y(4 * g + 2), y(4 * g + 3)];
-                    let hi = [y(16 + 4 * g), y(17 + 4 * g), y(18 + 4 * g), y(19 + 4 * g)];
-                    for (s, w) in isum.iter_mut().zip(group.chunks_exact(4)) {
-                        let mut t = 0i32;
-                        for j in 0..4 {
-                            t = t
-                                .wrapping_add(((w[j] & 0x0F) as i32).wrapping_mul(lo[j]))
-                                .wrapping_add(((w[j] >> 4) as i32).wrapping_mul(hi[j]));
+            for (s, w) in isum.iter_mut().zip(group.chunks_exact(4)) {
+                for (j, &wj) in w.iter().enumerate() {
+                    match format {
+                        Format::Q4_0 | Format::Q4_1 => {
+                            let lo = ((wj & 0x0F) as i32).wrapping_sub(bias);
+                            let hi = ((wj >> 4) as i32).wrapping_sub(bias);
+                            s[g] = s[g].wrapping_add(lo.wrapping_mul(y(4 * g + j)));
+                            s[4 + g] = s[4 + g].wrapping_add(hi.wrapping_mul(y(16 + 4 * g + j)));
                         }
-                        *s = s.wrapping_add(t);
-                    }
-                }
-                Format::Q8_0 => {
-                    let ys = [y(4 * g), y(4 * g + 1), y(4 * g + 2), y(4 * g + 3)];
-                    for (s, w) in isum.iter_mut().zip(group.chunks_exact(4)) {
-                        let mut t = 0i32;
-                        for j in 0..4 {
-                            t = t.wrapping_add(((w[j] ^ 0x80) as i8 as i32).wrapping_mul(ys[j]));
+                        Format::Q8_0 => {
+                            let v = (wj ^ 0x80) as i8 as i32;
+                            s[g] = s[g].wrapping_add(v.wrapping_mul(y(4 * g + j)));
                         }
-                        *s = s.wrapping_add(t);
                     }
                 }
             }
@@ -436,21 +572,34 @@ fn tile_dot_scalar(
             let at = (b * TILE + r) * 2;
             half::f16::from_le_bytes([sec[at], sec[at + 1]]).to_f32()
         };
-        for (r, (acc_r, &s)) in acc.iter_mut().zip(&isum).enumerate() {
-            let s = if format == Format::Q4_0 {
-                s.wrapping_sub(8 * a.sum)
-            } else {
-                s
-            };
+        for (r, (s, (acc_r, gacc))) in isum
+            .iter()
+            .zip(acc.iter_mut().zip(group_acc.iter_mut()))
+            .enumerate()
+        {
+            let dw = f16_at(d_sec, r);
+            if per_group {
+                let d = dw * a.d;
+                for (ga, &sg) in gacc.iter_mut().zip(s) {
+                    *ga = d.mul_add(sg as f32, *ga);
+                }
+                continue;
+            }
+            let total = s.iter().fold(0i32, |t, &v| t.wrapping_add(v));
             if format == Format::Q4_1 {
-                // candle's exact order (see `x86::q4_avx512`).
-                *acc_r += s as f32 * f16_at(d_sec, r) * a.d + f16_at(m_sec, r) * a.s;
+                *acc_r += total as f32 * dw * a.d + f16_at(m_sec, r) * a.s;
             } else {
-                *acc_r += s as f32 * (f16_at(d_sec, r) * a.d);
+                *acc_r += total as f32 * dw * a.d;
             }
         }
     }
-    *out = acc;
+    if per_group {
+        for (o, g) in out.iter_mut().zip(&group_acc) {
+            *o = candle_hsum8(g);
+        }
+    } else {
+        *out = acc;
+    }
 }
 
 /// A mutable buffer that pool workers fill in disjoint segments.
@@ -488,5 +637,75 @@ impl<'a, T> SharedOut<'a, T> {
         );
         // SAFETY: in bounds (asserted); exclusivity is the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0};
+    use candle_core::quantized::{GgmlType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::linear::act::quantize_row_scalar;
+
+    /// The scalar kernel's other order: where candle has no AVX2+FMA it runs
+    /// `vec_dot_unopt`, which this machine's `QMatMul` never shows, so compare with
+    /// that very function on candle's own blocks.
+    fn check_unopt<B: GgmlType<VecDotType = BlockQ8_0>>(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) {
+        let kb = cols / QK;
+        let mut seed = 0x1234_5678_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+        let x: Vec<f32> = (0..cols).map(|_| next() * 3.0).collect();
+
+        let mut w_blocks = vec![B::zeros(); rows * kb];
+        B::from_float(&w, &mut w_blocks);
+        let mut x_blocks = vec![BlockQ8_0::zeros(); kb];
+        BlockQ8_0::from_float(&x, &mut x_blocks);
+
+        let wt = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&wt, dtype).unwrap();
+        let format = Format::from_dtype(dtype).unwrap();
+        let packed = PackedWeights::from_ggml(format, rows, cols, &q.data().unwrap()).unwrap();
+        let mut acts = vec![ActBlock::default(); kb];
+        quantize_row_scalar(&x, &mut acts);
+
+        for tile in 0..packed.n_tiles {
+            let mut got = [0f32; TILE];
+            tile_dot_scalar(
+                format,
+                packed.tile(tile),
+                kb,
+                packed.qs_offset,
+                &acts,
+                false,
+                &mut got,
+            );
+            for (lane, g) in got.iter().enumerate().take(rows - tile * TILE) {
+                let r = tile * TILE + lane;
+                let want = B::vec_dot_unopt(cols, &w_blocks[r * kb..(r + 1) * kb], &x_blocks);
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "{dtype:?} row {r}: {g} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_reproduces_candle_unopt() {
+        check_unopt::<BlockQ8_0>(GgmlDType::Q8_0, 100, 576);
+        check_unopt::<BlockQ4_0>(GgmlDType::Q4_0, 100, 576);
     }
 }

@@ -4,13 +4,25 @@
 //! of 16 lanes (= the tile's 16 rows) and accumulates into i32, so a 32-value block is
 //! 8 instructions per 16 rows; Q4 nibbles are already unsigned and Q8_0 weights are
 //! stored +128 for it. AVX2: `vpmaddubsw` + `vpmaddwd` do the same on 8 rows per
-//! 256-bit vector, processing a tile as two halves. For Q4 all eight i16 partial sums
-//! of a block fit without overflow (8 · 2 · 15 · 128 < 2¹⁵), so one `vpmaddwd` per
-//! block finishes them; Q8_0 needs the sign trick (|w| · sign(y, w)) and a `vpmaddwd`
-//! per group because its i16 pair sums can reach 2 · 128 · 127.
+//! 256-bit vector, processing a tile as two halves. For Q4_1 all eight i16 partial
+//! sums of a block fit without overflow (8 · 2 · 15 · 128 < 2¹⁵), so one `vpmaddwd` per
+//! block finishes them; Q4_0/Q8_0 need a `vpmaddwd` per group anyway (see below), and
+//! Q8_0 the sign trick (|w| · sign(y, w)) because its i16 pair sums can reach
+//! 2 · 128 · 127.
 //!
-//! Per block the integer sums are exact; the float epilogue is
-//! `acc += f32(isum) · (d_w · d_y)` (+ `m_w · s_y` accumulated separately for Q4_1).
+//! Per block the integer sums are exact, and the float steps repeat candle 0.11.1's
+//! exactly, because activations are re-quantized to 8 bits at every layer and a
+//! last-bit difference can change the generated tokens:
+//! - Q4_1 (candle's scalar `vec_dot_unopt`): `acc += isum·d_w·d_y + m_w·s_y`.
+//! - Q4_0/Q8_0 (candle's AVX2 `vec_dot_q4_0_q8_0` / `vec_dot_q8_0_q8_0`): candle's
+//!   `vpmaddubsw` + `vpmaddwd` leave one i32 per 4-element group `g` of a block, and
+//!   each group keeps its own f32 accumulator, `acc_g = fma(d_w·d_y, f32(isum_g),
+//!   acc_g)`, reduced at the end by `hsum_float_8` as
+//!   `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`. The kernels below keep those 8
+//!   accumulators per token, each vectorised across the tile's rows. The stored-weight
+//!   offsets (Q8_0's +128, Q4_0's +8) are removed per group with the activations'
+//!   `GroupOffsets`, which start each group's `vpdpbusd` sum; AVX2 Q8_0 uses candle's
+//!   own sign trick instead.
 
 // The kernels index several per-token arrays (accumulators, activation pointers) in
 // lockstep, which reads better as `for t in 0..T` than as zipped iterators.
@@ -18,22 +30,30 @@
 
 use std::arch::x86_64::*;
 
-use super::act::ActBlock;
+use super::act::{ActBlock, GroupOffsets, GROUPS};
 use super::packed::{Format, Level, TILE};
 
-/// Tokens per AVX2 kernel call: 16 ymm registers hold 8 unpacked weight vectors and
-/// at most 2·4 accumulators.
+/// Tokens per Q4_1 AVX2 kernel call: 16 ymm registers hold 8 unpacked weight vectors
+/// and at most 2·4 accumulators.
 const AVX2_MAX_TOKENS: usize = 4;
 const AVX512_MAX_TOKENS: usize = 8;
+/// Tokens per Q4_0/Q8_0 kernel call: each token needs 8 accumulators (one per group),
+/// so 3 tokens fill 24 of the 32 zmm registers and 1 token 8 of the 16 ymm ones.
+const AVX2_Q0_MAX_TOKENS: usize = 1;
+const AVX512_Q0_MAX_TOKENS: usize = 3;
+// `tile_dot` instantiates the Q4_0/Q8_0 kernels for 1..=3 tokens only.
+const _: () = assert!(AVX512_Q0_MAX_TOKENS <= 3 && AVX2_Q0_MAX_TOKENS <= 3);
 
 const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
 
-/// Dots one packed tile against `acts.len()` activation rows.
+/// Dots one packed tile against `acts.len()` activation rows; for Q4_0/Q8_0 `offs`
+/// holds the rows' group offsets (see `Format::group_offset`), otherwise it is unused.
 ///
 /// # Safety
 /// The CPU must support `level`'s features (AVX2+FMA+F16C, plus AVX-512 F/BW/VNNI for
 /// `Avx512Vnni`). Everything else is checked here.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn tile_dot(
     level: Level,
     format: Format,
@@ -41,6 +61,7 @@ pub(crate) unsafe fn tile_dot(
     kb: usize,
     qs_offset: usize,
     acts: &[&[ActBlock]],
+    offs: &[&[GroupOffsets]],
     out: &mut [[f32; TILE]],
 ) {
     // The kernels read through raw pointers with aligned loads; these make every
@@ -55,35 +76,57 @@ pub(crate) unsafe fn tile_dot(
     assert!(tile.len() >= qs_offset + kb * TILE * format.qs_bytes());
     assert!(acts.iter().all(|a| a.len() >= kb));
     assert_eq!(acts.len(), out.len());
+    let q0 = format != Format::Q4_1;
+    if q0 {
+        assert_eq!(
+            offs.len(),
+            acts.len(),
+            "Q4_0/Q8_0 kernels need group offsets"
+        );
+        assert!(offs.iter().all(|o| o.len() >= kb));
+    }
 
-    let max = if level == Level::Avx512Vnni {
-        AVX512_MAX_TOKENS
-    } else {
-        AVX2_MAX_TOKENS
+    let max = match (level, q0) {
+        (Level::Avx512Vnni, false) => AVX512_MAX_TOKENS,
+        (_, false) => AVX2_MAX_TOKENS,
+        (Level::Avx512Vnni, true) => AVX512_Q0_MAX_TOKENS,
+        (_, true) => AVX2_Q0_MAX_TOKENS,
     };
-    for (a, o) in acts.chunks(max).zip(out.chunks_mut(max)) {
+    for (i, (a, o)) in acts.chunks(max).zip(out.chunks_mut(max)).enumerate() {
+        let t = tile.as_ptr();
         // SAFETY: forwarded contract (CPU features) plus the bounds asserted above.
+        // Only the token counts each format can get are instantiated.
         unsafe {
-            match a.len() {
-                1 => run::<1>(level, format, tile.as_ptr(), kb, qs_offset, a, o),
-                2 => run::<2>(level, format, tile.as_ptr(), kb, qs_offset, a, o),
-                3 => run::<3>(level, format, tile.as_ptr(), kb, qs_offset, a, o),
-                4 => run::<4>(level, format, tile.as_ptr(), kb, qs_offset, a, o),
-                5 => run::<5>(level, format, tile.as_ptr(), kb, qs_offset, a, o),
-                6 => run::<6>(level, format, tile.as_ptr(), kb, qs_offset, a, o),
-                7 => run::<7>(level, format, tile.as_ptr(), kb, qs_offset, a, o),
-                8 => run::<8>(level, format, tile.as_ptr(), kb, qs_offset, a, o),
-                _ => unreachable!("chunks are 1..=8 long"),
+            if q0 {
+                let offs = &offs[i * max..i * max + a.len()];
+                match a.len() {
+                    1 => run_q0::<1>(level, format, t, kb, qs_offset, a, offs, o),
+                    2 => run_q0::<2>(level, format, t, kb, qs_offset, a, offs, o),
+                    3 => run_q0::<3>(level, format, t, kb, qs_offset, a, offs, o),
+                    _ => unreachable!("Q4_0/Q8_0 chunks are 1..=3 long"),
+                }
+            } else {
+                match a.len() {
+                    1 => run_q4_1::<1>(level, t, kb, qs_offset, a, o),
+                    2 => run_q4_1::<2>(level, t, kb, qs_offset, a, o),
+                    3 => run_q4_1::<3>(level, t, kb, qs_offset, a, o),
+                    4 => run_q4_1::<4>(level, t, kb, qs_offset, a, o),
+                    5 => run_q4_1::<5>(level, t, kb, qs_offset, a, o),
+                    6 => run_q4_1::<6>(level, t, kb, qs_offset, a, o),
+                    7 => run_q4_1::<7>(level, t, kb, qs_offset, a, o),
+                    8 => run_q4_1::<8>(level, t, kb, qs_offset, a, o),
+                    _ => unreachable!("chunks are 1..=8 long"),
+                }
             }
         }
     }
 }
 
 /// # Safety
-/// As `tile_dot`, with its bounds already checked and `acts.len() == out.len() == T`.
-unsafe fn run<const T: usize>(
+/// As `tile_dot` for Q4_1, with its bounds already checked and
+/// `acts.len() == out.len() == T`.
+unsafe fn run_q4_1<const T: usize>(
     level: Level,
-    format: Format,
     tile: *const u8,
     kb: usize,
     qs_offset: usize,
@@ -96,13 +139,42 @@ unsafe fn run<const T: usize>(
     // SAFETY: forwarded from `tile_dot`: features present, `tile` spans the scale
     // sections and `kb` qs blocks, each `a[i]` has `kb` blocks, `o` has T rows.
     unsafe {
+        match level {
+            Level::Avx512Vnni => q4_1_avx512::<T>(tile, kb, qs_offset, a, o),
+            Level::Avx2 => q4_1_avx2::<T>(tile, kb, qs_offset, a, o),
+            Level::Scalar => unreachable!("the scalar tier never reaches the x86 kernels"),
+        }
+    }
+}
+
+/// # Safety
+/// As `tile_dot` for Q4_0/Q8_0, with its bounds already checked and
+/// `acts.len() == offs.len() == out.len() == T`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_q0<const T: usize>(
+    level: Level,
+    format: Format,
+    tile: *const u8,
+    kb: usize,
+    qs_offset: usize,
+    acts: &[&[ActBlock]],
+    offs: &[&[GroupOffsets]],
+    out: &mut [[f32; TILE]],
+) {
+    assert!(acts.len() == T && offs.len() == T && out.len() == T);
+    let a: [*const ActBlock; T] = std::array::from_fn(|i| acts[i].as_ptr());
+    let g: [*const GroupOffsets; T] = std::array::from_fn(|i| offs[i].as_ptr());
+    let o = out.as_mut_ptr();
+    // SAFETY: forwarded from `tile_dot`: features present, `tile` spans the scale
+    // section and `kb` qs blocks, each `a[i]` and `g[i]` has `kb` blocks, `o` has T
+    // rows.
+    unsafe {
         match (level, format) {
-            (Level::Avx512Vnni, Format::Q4_0) => q4_avx512::<Q4_0, T>(tile, kb, qs_offset, a, o),
-            (Level::Avx512Vnni, Format::Q4_1) => q4_avx512::<Q4_1, T>(tile, kb, qs_offset, a, o),
-            (Level::Avx512Vnni, Format::Q8_0) => q8_avx512::<T>(tile, kb, qs_offset, a, o),
-            (Level::Avx2, Format::Q4_0) => q4_avx2::<Q4_0, T>(tile, kb, qs_offset, a, o),
-            (Level::Avx2, Format::Q4_1) => q4_avx2::<Q4_1, T>(tile, kb, qs_offset, a, o),
-            (Level::Avx2, Format::Q8_0) => q8_avx2::<T>(tile, kb, qs_offset, a, o),
+            (Level::Avx512Vnni, Format::Q4_0) => q0_avx512::<Q4_0, T>(tile, kb, qs_offset, a, g, o),
+            (Level::Avx512Vnni, Format::Q8_0) => q0_avx512::<Q8_0, T>(tile, kb, qs_offset, a, g, o),
+            (Level::Avx2, Format::Q4_0) => q4_0_avx2::<T>(tile, kb, qs_offset, a, g, o),
+            (Level::Avx2, Format::Q8_0) => q8_0_avx2::<T>(tile, kb, qs_offset, a, o),
+            (_, Format::Q4_1) => unreachable!("Q4_1 runs through `run_q4_1`"),
             (Level::Scalar, _) => unreachable!("the scalar tier never reaches the x86 kernels"),
         }
     }
@@ -135,7 +207,6 @@ unsafe fn prefetch_lines<const N: usize>(q: *const u8) {
 
 const ACT_D: usize = std::mem::offset_of!(ActBlock, d);
 const ACT_S: usize = std::mem::offset_of!(ActBlock, s);
-const ACT_SUM: usize = std::mem::offset_of!(ActBlock, sum);
 
 /// Loads 4 bytes into lane 0 as a bit copy. `movss` rather than `_mm_loadu_si32`
 /// because the latter is a checked `read_unaligned` in debug builds; a raw deref
@@ -188,13 +259,27 @@ fn act_bytes<const T: usize>(acts: [*const ActBlock; T]) -> [*const u8; T] {
 }
 
 const ACT_STRIDE: usize = std::mem::size_of::<ActBlock>();
+const OFFS_STRIDE: usize = std::mem::size_of::<GroupOffsets>();
+
+/// Runs `$body` once per listed group with `$g` bound to a constant. The dev profile's
+/// opt-level 2 does not unroll the group loop on its own, and then the per-group
+/// accumulators live on the stack (a load and a store around every FMA); constant
+/// indices let them stay in registers.
+macro_rules! unroll {
+    ($g:ident in [$($v:literal),*] $body:block) => {
+        $({
+            const $g: usize = $v;
+            $body
+        })*
+    };
+}
 
 /// # Safety
-/// AVX-512 F/BW/VNNI + F16C present; `tile` holds `kb` blocks of scales (and mins for
-/// Q4_1) from offset 0 and `kb` 256-byte qs blocks from `qs_offset`; each `acts[t]`
-/// has `kb` blocks; `out` has `T` rows.
+/// AVX-512 F/BW/VNNI + F16C present; `tile` holds `kb` blocks of scales and mins from
+/// offset 0 and `kb` 256-byte qs blocks from `qs_offset`; each `acts[t]` has `kb`
+/// blocks; `out` has `T` rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4_avx512<const F: u8, const T: usize>(
+unsafe fn q4_1_avx512<const T: usize>(
     tile: *const u8,
     kb: usize,
     qs_offset: usize,
@@ -230,11 +315,7 @@ unsafe fn q4_avx512<const F: u8, const T: usize>(
             let h2 = _mm512_and_si512(w2, hi_mask);
             let h3 = _mm512_and_si512(w3, hi_mask);
             let dw = _mm512_cvtph_ps(_mm256_load_si256(d.cast()));
-            let mw = if F == Q4_1 {
-                _mm512_cvtph_ps(_mm256_load_si256(m.cast()))
-            } else {
-                _mm512_setzero_ps()
-            };
+            let mw = _mm512_cvtph_ps(_mm256_load_si256(m.cast()));
             for t in 0..T {
                 let at = a[t];
                 let mut lo = _mm512_dpbusd_epi32(zero, l0, bcast512(at, 0));
@@ -246,24 +327,14 @@ unsafe fn q4_avx512<const F: u8, const T: usize>(
                 lo = _mm512_dpbusd_epi32(lo, l3, bcast512(at, 3));
                 hi = _mm512_dpbusd_epi32(hi, h3, bcast512(at, 7));
                 // `hi` is a sum of multiples of 16, so the arithmetic shift is exact.
-                let mut isum = _mm512_add_epi32(lo, _mm512_srai_epi32::<4>(hi));
-                if F == Q4_0 {
-                    // Q4_0 values are q − 8: Σ(q − 8)·y = Σq·y − 8·Σy.
-                    let sum = _mm512_broadcastd_epi32(load_word(at.wrapping_add(ACT_SUM)));
-                    isum = _mm512_sub_epi32(isum, _mm512_slli_epi32::<3>(sum));
-                }
-                if F == Q4_1 {
-                    // candle's (and so our reference's) exact order, without FMA:
-                    // sum += isum·d_w·d_a + m_w·s_a. Activations are re-quantized to 8
-                    // bits at every layer, so a last-bit difference here can flip a
-                    // rounding and change the generated tokens.
-                    let dot = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), dw), bcast512_f32(at, ACT_D));
-                    let min = _mm512_mul_ps(mw, bcast512_f32(at, ACT_S));
-                    acc[t] = _mm512_add_ps(acc[t], _mm512_add_ps(dot, min));
-                } else {
-                    let scale = _mm512_mul_ps(dw, bcast512_f32(at, ACT_D));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[t]);
-                }
+                let isum = _mm512_add_epi32(lo, _mm512_srai_epi32::<4>(hi));
+                // candle's exact order, without FMA: sum += isum·d_w·d_a + m_w·s_a.
+                let dot = _mm512_mul_ps(
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(isum), dw),
+                    bcast512_f32(at, ACT_D),
+                );
+                let min = _mm512_mul_ps(mw, bcast512_f32(at, ACT_S));
+                acc[t] = _mm512_add_ps(acc[t], _mm512_add_ps(dot, min));
             }
         }
         q = q.wrapping_add(TILE * 16);
@@ -273,73 +344,106 @@ unsafe fn q4_avx512<const F: u8, const T: usize>(
     }
     for t in 0..T {
         // SAFETY: `out` has T rows of 16 floats.
-        unsafe {
-            _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), acc[t])
-        };
-    }
-}
-
-/// # Safety
-/// As `q4_avx512`, with 512-byte qs blocks.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn q8_avx512<const T: usize>(
-    tile: *const u8,
-    kb: usize,
-    qs_offset: usize,
-    acts: [*const ActBlock; T],
-    out: *mut [f32; TILE],
-) {
-    let zero = _mm512_setzero_si512();
-    let mut acc = [_mm512_setzero_ps(); T];
-    let mut q = tile.wrapping_add(qs_offset);
-    let mut d = tile;
-    let mut a = act_bytes(acts);
-    for _ in 0..kb {
-        // SAFETY: as in `q4_avx512`.
-        unsafe {
-            prefetch_lines::<8>(q);
-            let w: [__m512i; 8] = [
-                _mm512_load_si512(q.cast()),
-                _mm512_load_si512(q.wrapping_add(64).cast()),
-                _mm512_load_si512(q.wrapping_add(128).cast()),
-                _mm512_load_si512(q.wrapping_add(192).cast()),
-                _mm512_load_si512(q.wrapping_add(256).cast()),
-                _mm512_load_si512(q.wrapping_add(320).cast()),
-                _mm512_load_si512(q.wrapping_add(384).cast()),
-                _mm512_load_si512(q.wrapping_add(448).cast()),
-            ];
-            let dw = _mm512_cvtph_ps(_mm256_load_si256(d.cast()));
-            for t in 0..T {
-                let at = a[t];
-                let mut s0 = _mm512_dpbusd_epi32(zero, w[0], bcast512(at, 0));
-                let mut s1 = _mm512_dpbusd_epi32(zero, w[1], bcast512(at, 1));
-                s0 = _mm512_dpbusd_epi32(s0, w[2], bcast512(at, 2));
-                s1 = _mm512_dpbusd_epi32(s1, w[3], bcast512(at, 3));
-                s0 = _mm512_dpbusd_epi32(s0, w[4], bcast512(at, 4));
-                s1 = _mm512_dpbusd_epi32(s1, w[5], bcast512(at, 5));
-                s0 = _mm512_dpbusd_epi32(s0, w[6], bcast512(at, 6));
-                s1 = _mm512_dpbusd_epi32(s1, w[7], bcast512(at, 7));
-                // Weights are stored as q + 128: Σ(q + 128)·y − 128·Σy = Σq·y exactly.
-                let sum = _mm512_broadcastd_epi32(load_word(at.wrapping_add(ACT_SUM)));
-                let isum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_slli_epi32::<7>(sum));
-                let scale = _mm512_mul_ps(dw, bcast512_f32(at, ACT_D));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[t]);
-            }
-        }
-        q = q.wrapping_add(TILE * 32);
-        d = d.wrapping_add(TILE * 2);
-        a = a.map(|p| p.wrapping_add(ACT_STRIDE));
-    }
-    for t in 0..T {
-        // SAFETY: `out` has T rows of 16 floats.
         unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), acc[t]) };
     }
 }
 
+/// candle's `hsum_float_8` applied to 8 per-group accumulators, one row per lane:
+/// `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hsum_groups512(a: &[__m512; GROUPS]) -> __m512 {
+    _mm512_add_ps(
+        _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+        _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+    )
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_groups256(a: &[__m256; GROUPS]) -> __m256 {
+    _mm256_add_ps(
+        _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
+        _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])),
+    )
+}
+
+/// Q4_0 (`F == Q4_0`) or Q8_0 (`F == Q8_0`), one zmm lane per tile row and one
+/// accumulator per (token, group): candle's AVX2 arithmetic for 16 rows at once.
+///
 /// # Safety
-/// AVX2 + FMA + F16C present; otherwise as `q4_avx512`.
+/// AVX-512 F/BW/VNNI + F16C present; `tile` holds `kb` blocks of scales from offset 0
+/// and `kb` qs blocks (256 bytes for Q4_0, 512 for Q8_0) from `qs_offset`; each
+/// `acts[t]` and `offs[t]` has `kb` blocks; `out` has `T` rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q0_avx512<const F: u8, const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    qs_offset: usize,
+    acts: [*const ActBlock; T],
+    offs: [*const GroupOffsets; T],
+    out: *mut [f32; TILE],
+) {
+    let mask = _mm512_set1_epi8(0x0F);
+    let mut acc = [[_mm512_setzero_ps(); GROUPS]; T];
+    let mut q = tile.wrapping_add(qs_offset);
+    let mut d = tile;
+    let mut a = act_bytes(acts);
+    let mut o = offs.map(|p| p.cast::<u8>());
+    let q_stride = if F == Q8_0 { TILE * 32 } else { TILE * 16 };
+    for _ in 0..kb {
+        // SAFETY: `q`, `d`, `a[t]` and `o[t]` point at block b of their sections, all
+        // in bounds and aligned per the caller's contract.
+        unsafe {
+            if F == Q8_0 {
+                prefetch_lines::<8>(q);
+            } else {
+                prefetch_lines::<4>(q);
+            }
+            // candle: `d = f32(x.d) · f32(y.d)`, one f32 product per block.
+            let dw = _mm512_cvtph_ps(_mm256_load_si256(d.cast()));
+            let scale: [__m512; T] =
+                std::array::from_fn(|t| _mm512_mul_ps(dw, bcast512_f32(a[t], ACT_D)));
+            // One group: its exact i32 sum per row (the offset as the starting value
+            // removes the stored +128 / +8 exactly), then candle's per-lane FMA.
+            macro_rules! group {
+                ($g:expr, $w:expr) => {
+                    let w = $w;
+                    for t in 0..T {
+                        let init = _mm512_broadcastd_epi32(load_word(o[t].wrapping_add($g * 4)));
+                        let s = _mm512_dpbusd_epi32(init, w, bcast512(a[t], $g));
+                        acc[t][$g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale[t], acc[t][$g]);
+                    }
+                };
+            }
+            if F == Q8_0 {
+                unroll!(G in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    group!(G, _mm512_load_si512(q.wrapping_add(G * 64).cast()));
+                });
+            } else {
+                // Packed group g: low nibbles are block group g, high nibbles group 4+g.
+                unroll!(G in [0, 1, 2, 3] {
+                    let w = _mm512_load_si512(q.wrapping_add(G * 64).cast());
+                    group!(G, _mm512_and_si512(w, mask));
+                    group!(G + 4, _mm512_and_si512(_mm512_srli_epi16::<4>(w), mask));
+                });
+            }
+        }
+        q = q.wrapping_add(q_stride);
+        d = d.wrapping_add(TILE * 2);
+        a = a.map(|p| p.wrapping_add(ACT_STRIDE));
+        o = o.map(|p| p.wrapping_add(OFFS_STRIDE));
+    }
+    for t in 0..T {
+        // SAFETY: `out` has T rows of 16 floats.
+        unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), hsum_groups512(&acc[t])) };
+    }
+}
+
+/// # Safety
+/// AVX2 + FMA + F16C present; otherwise as `q4_1_avx512`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_avx2<const F: u8, const T: usize>(
+unsafe fn q4_1_avx2<const T: usize>(
     tile: *const u8,
     kb: usize,
     qs_offset: usize,
@@ -357,7 +461,7 @@ unsafe fn q4_avx2<const F: u8, const T: usize>(
         let mut m = tile.wrapping_add(kb * TILE * 2 + h * 16);
         let mut a = act_bytes(acts);
         for _ in 0..kb {
-            // SAFETY: as in `q4_avx512`; the half offset stays inside each section.
+            // SAFETY: as in `q4_1_avx512`; the half offset stays inside each section.
             unsafe {
                 if h == 0 {
                     prefetch_lines::<4>(q);
@@ -375,11 +479,7 @@ unsafe fn q4_avx2<const F: u8, const T: usize>(
                 let h2 = _mm256_and_si256(_mm256_srli_epi16::<4>(w2), mask);
                 let h3 = _mm256_and_si256(_mm256_srli_epi16::<4>(w3), mask);
                 let dw = _mm256_cvtph_ps(_mm_load_si128(d.cast()));
-                let mw = if F == Q4_1 {
-                    _mm256_cvtph_ps(_mm_load_si128(m.cast()))
-                } else {
-                    _mm256_setzero_ps()
-                };
+                let mw = _mm256_cvtph_ps(_mm_load_si128(m.cast()));
                 for t in 0..T {
                     let at = a[t];
                     // Each maddubs lane pair is at most 2·15·128 = 3840; eight of
@@ -401,21 +501,14 @@ unsafe fn q4_avx2<const F: u8, const T: usize>(
                         _mm256_maddubs_epi16(h3, bcast256(at, 7)),
                     );
                     let p = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
-                    let mut isum = _mm256_madd_epi16(p, ones);
-                    if F == Q4_0 {
-                        let sum = _mm256_broadcastd_epi32(load_word(at.wrapping_add(ACT_SUM)));
-                        isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<3>(sum));
-                    }
-                    if F == Q4_1 {
-                        // candle's exact order, without FMA (see `q4_avx512`).
-                        let dot =
-                            _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw), bcast256_f32(at, ACT_D));
-                        let min = _mm256_mul_ps(mw, bcast256_f32(at, ACT_S));
-                        acc[t] = _mm256_add_ps(acc[t], _mm256_add_ps(dot, min));
-                    } else {
-                        let scale = _mm256_mul_ps(dw, bcast256_f32(at, ACT_D));
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[t]);
-                    }
+                    let isum = _mm256_madd_epi16(p, ones);
+                    // candle's exact order, without FMA (see `q4_1_avx512`).
+                    let dot = _mm256_mul_ps(
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw),
+                        bcast256_f32(at, ACT_D),
+                    );
+                    let min = _mm256_mul_ps(mw, bcast256_f32(at, ACT_S));
+                    acc[t] = _mm256_add_ps(acc[t], _mm256_add_ps(dot, min));
                 }
             }
             q = q.wrapping_add(TILE * 16);
@@ -426,16 +519,90 @@ unsafe fn q4_avx2<const F: u8, const T: usize>(
         for t in 0..T {
             // SAFETY: `out` has T rows of 16 floats; h·8 + 8 ≤ 16.
             unsafe {
-                _mm256_storeu_ps(out.wrapping_add(t).cast::<f32>().wrapping_add(h * 8), acc[t])
+                _mm256_storeu_ps(
+                    out.wrapping_add(t).cast::<f32>().wrapping_add(h * 8),
+                    acc[t],
+                )
             };
         }
     }
 }
 
+/// Q4_0 on AVX2: per tile half (8 rows), one accumulator per (token, group). Nibbles
+/// are unsigned, so `vpmaddubsw` takes them directly (pair sums ≤ 2·15·128, no
+/// saturation) and the +8 comes off with the group offset.
+///
 /// # Safety
-/// As `q4_avx2`, with 512-byte qs blocks.
+/// AVX2 + FMA + F16C present; otherwise as `q0_avx512` for Q4_0.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_avx2<const T: usize>(
+unsafe fn q4_0_avx2<const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    qs_offset: usize,
+    acts: [*const ActBlock; T],
+    offs: [*const GroupOffsets; T],
+    out: *mut [f32; TILE],
+) {
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    for h in 0..2 {
+        let mut acc = [[_mm256_setzero_ps(); GROUPS]; T];
+        let mut q = tile.wrapping_add(qs_offset + h * 32);
+        let mut d = tile.wrapping_add(h * 16);
+        let mut a = act_bytes(acts);
+        let mut o = offs.map(|p| p.cast::<u8>());
+        for _ in 0..kb {
+            // SAFETY: as in `q0_avx512`; the half offset stays inside each section.
+            unsafe {
+                if h == 0 {
+                    prefetch_lines::<4>(q);
+                }
+                let dw = _mm256_cvtph_ps(_mm_load_si128(d.cast()));
+                let scale: [__m256; T] =
+                    std::array::from_fn(|t| _mm256_mul_ps(dw, bcast256_f32(a[t], ACT_D)));
+                macro_rules! group {
+                    ($g:expr, $w:expr) => {
+                        let w = $w;
+                        for t in 0..T {
+                            let off = _mm256_broadcastd_epi32(load_word(o[t].wrapping_add($g * 4)));
+                            let p = _mm256_maddubs_epi16(w, bcast256(a[t], $g));
+                            let s = _mm256_add_epi32(_mm256_madd_epi16(p, ones), off);
+                            acc[t][$g] =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale[t], acc[t][$g]);
+                        }
+                    };
+                }
+                unroll!(G in [0, 1, 2, 3] {
+                    let w = _mm256_load_si256(q.wrapping_add(G * 64).cast());
+                    group!(G, _mm256_and_si256(w, mask));
+                    group!(G + 4, _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask));
+                });
+            }
+            q = q.wrapping_add(TILE * 16);
+            d = d.wrapping_add(TILE * 2);
+            a = a.map(|p| p.wrapping_add(ACT_STRIDE));
+            o = o.map(|p| p.wrapping_add(OFFS_STRIDE));
+        }
+        for t in 0..T {
+            // SAFETY: `out` has T rows of 16 floats; h·8 + 8 ≤ 16.
+            unsafe {
+                _mm256_storeu_ps(
+                    out.wrapping_add(t).cast::<f32>().wrapping_add(h * 8),
+                    hsum_groups256(&acc[t]),
+                )
+            };
+        }
+    }
+}
+
+/// Q8_0 on AVX2: per tile half (8 rows), one accumulator per (token, group), with
+/// candle's own `|w| · sign(y, w)` trick so `vpmaddubsw` sees the same byte pairs as
+/// candle's (pair sums ≤ 2·128·127, no saturation).
+///
+/// # Safety
+/// AVX2 + FMA + F16C present; otherwise as `q0_avx512` for Q8_0.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_avx2<const T: usize>(
     tile: *const u8,
     kb: usize,
     qs_offset: usize,
@@ -445,36 +612,29 @@ unsafe fn q8_avx2<const T: usize>(
     let flip = _mm256_set1_epi8(-128);
     let ones = _mm256_set1_epi16(1);
     for h in 0..2 {
-        let mut acc = [_mm256_setzero_ps(); T];
+        let mut acc = [[_mm256_setzero_ps(); GROUPS]; T];
         let mut q = tile.wrapping_add(qs_offset + h * 32);
         let mut d = tile.wrapping_add(h * 16);
         let mut a = act_bytes(acts);
         for _ in 0..kb {
-            // SAFETY: as in `q4_avx2`.
+            // SAFETY: as in `q0_avx512`; the half offset stays inside each section.
             unsafe {
                 if h == 0 {
                     prefetch_lines::<8>(q);
                 }
                 let dw = _mm256_cvtph_ps(_mm_load_si128(d.cast()));
-                for t in 0..T {
-                    let at = a[t];
-                    let mut isum = _mm256_setzero_si256();
-                    for g in 0..8 {
-                        // Undo the +128 storage offset, then |w| · sign(y, w) keeps
-                        // maddubs' unsigned operand non-negative.
-                        let w = _mm256_xor_si256(
-                            _mm256_load_si256(q.wrapping_add(g * 64).cast()),
-                            flip,
-                        );
-                        let p = _mm256_maddubs_epi16(
-                            _mm256_sign_epi8(w, w),
-                            _mm256_sign_epi8(bcast256(at, g), w),
-                        );
-                        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+                let scale: [__m256; T] =
+                    std::array::from_fn(|t| _mm256_mul_ps(dw, bcast256_f32(a[t], ACT_D)));
+                unroll!(G in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    // Undo the +128 storage offset.
+                    let w = _mm256_xor_si256(_mm256_load_si256(q.wrapping_add(G * 64).cast()), flip);
+                    let aw = _mm256_sign_epi8(w, w);
+                    for t in 0..T {
+                        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast256(a[t], G), w));
+                        let s = _mm256_madd_epi16(p, ones);
+                        acc[t][G] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale[t], acc[t][G]);
                     }
-                    let scale = _mm256_mul_ps(dw, bcast256_f32(at, ACT_D));
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[t]);
-                }
+                });
             }
             q = q.wrapping_add(TILE * 32);
             d = d.wrapping_add(TILE * 2);
@@ -485,7 +645,7 @@ unsafe fn q8_avx2<const T: usize>(
             unsafe {
                 _mm256_storeu_ps(
                     out.wrapping_add(t).cast::<f32>().wrapping_add(h * 8),
-                    acc[t],
+                    hsum_groups256(&acc[t]),
                 )
             };
         }
