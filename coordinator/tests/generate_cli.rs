@@ -10,15 +10,7 @@ fn strata(args: &[&str]) -> Output {
 }
 
 fn real_model() -> Option<PathBuf> {
-    let path = std::env::var_os("STRATA_TEST_MODEL").map(PathBuf::from).or_else(|| {
-        Some(PathBuf::from(std::env::var_os("HOME")?).join(".cache/strata/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    })?;
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipping: real model not found at {} (set STRATA_TEST_MODEL)", path.display());
-        None
-    }
+    strata_model::synthetic::real_test_model()
 }
 
 #[test]

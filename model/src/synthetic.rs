@@ -1,4 +1,5 @@
-//! Tiny random-weight GGUF models that tests write for themselves.
+//! Tiny random-weight GGUF models that tests write for themselves, and where the
+//! tests that need the real model find it.
 //!
 //! They have the real file layout (names, metadata keys, quantized types, a byte-level
 //! BPE vocabulary and a chat template), so every code path that reads a real model
@@ -15,6 +16,21 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+
+/// The real model for end-to-end checks: `STRATA_TEST_MODEL`, else the cached SmolLM2
+/// file. `None`, with a visible message, when it is absent, so such tests say they
+/// were skipped rather than pass silently.
+pub fn real_test_model() -> Option<PathBuf> {
+    let path = std::env::var_os("STRATA_TEST_MODEL").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/strata/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    })?;
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!("SKIPPED: the real model is not at {} (set STRATA_TEST_MODEL)", path.display());
+        None
+    }
+}
 
 /// The shape and contents of a synthetic model.
 #[derive(Debug, Clone)]

@@ -10,16 +10,7 @@ use strata_model::stage::StageOptions;
 use strata_model::{Device, ModelFile, Stage, StageInput, StageOutput, StageStep};
 
 fn model_path() -> Option<PathBuf> {
-    let path = std::env::var_os("STRATA_TEST_MODEL").map(PathBuf::from).or_else(|| {
-        let home = std::env::var_os("HOME")?;
-        Some(PathBuf::from(home).join(".cache/strata/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    })?;
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipping: real model not found at {} (set STRATA_TEST_MODEL)", path.display());
-        None
-    }
+    strata_model::synthetic::real_test_model()
 }
 
 /// Greedy decode through a chain of stages, feeding each stage's output to the next.

@@ -133,19 +133,7 @@ impl TestCluster {
     /// the coordinator serves HTTP.
     pub async fn start(model: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
         let mut cluster = Self::workers(model, options).await?;
-        let mut args: Vec<String> = vec![
-            "--threads".into(),
-            "1".into(),
-            "serve".into(),
-            "--model".into(),
-            model.display().to_string(),
-            "--model-id".into(),
-            "test-model".into(),
-            "--grpc-listen".into(),
-            "127.0.0.1:0".into(),
-            "--http-listen".into(),
-            "127.0.0.1:0".into(),
-        ];
+        let mut args = serve_args(model);
         for w in &cluster.workers {
             args.extend(["--worker".into(), w.clone()]);
         }
@@ -170,21 +158,8 @@ impl TestCluster {
     /// Starts a coordinator first, then workers that `--join` it (and pull their
     /// shards from it unless `workers_have_model`).
     pub async fn start_joined(model: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
-        let mut args: Vec<String> = vec![
-            "--threads".into(),
-            "1".into(),
-            "serve".into(),
-            "--model".into(),
-            model.display().to_string(),
-            "--model-id".into(),
-            "test-model".into(),
-            "--grpc-listen".into(),
-            "127.0.0.1:0".into(),
-            "--http-listen".into(),
-            "127.0.0.1:0".into(),
-            "--min-workers".into(),
-            options.workers.to_string(),
-        ];
+        let mut args = serve_args(model);
+        args.extend(["--min-workers".into(), options.workers.to_string()]);
         args.extend(options.serve_args.iter().cloned());
         let mut coordinator =
             Process::spawn("coordinator", &binary("strata")?, &args, &[("STRATA_LOG", "warn".into())])?;
@@ -224,16 +199,21 @@ impl TestCluster {
     }
 }
 
-/// The real model for end-to-end checks: `STRATA_TEST_MODEL`, else the cached
-/// SmolLM2 file. `None` (with a visible message) when it is absent.
-pub fn real_model() -> Option<PathBuf> {
-    let path = std::env::var_os("STRATA_TEST_MODEL").map(PathBuf::from).or_else(|| {
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/strata/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    })?;
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("SKIPPED: the real model is not at {} (set STRATA_TEST_MODEL)", path.display());
-        None
-    }
+pub use strata_model::synthetic::real_test_model as real_model;
+
+/// `strata serve` over `model` on loopback ports it picks, one compute thread.
+fn serve_args(model: &Path) -> Vec<String> {
+    vec![
+        "--threads".into(),
+        "1".into(),
+        "serve".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--model-id".into(),
+        "test-model".into(),
+        "--grpc-listen".into(),
+        "127.0.0.1:0".into(),
+        "--http-listen".into(),
+        "127.0.0.1:0".into(),
+    ]
 }

@@ -16,7 +16,7 @@ use super::errors::{ApiError, ApiJson};
 use super::generation::Finish;
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
-use super::{new_request_id, off_reactor, start, to_json, unix_now, AppState};
+use super::{begin, Begun, off_reactor, start, to_json, unix_now, AppState};
 
 fn messages(fields: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
     let items = match fields.raw("messages") {
@@ -174,14 +174,7 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let request_id = new_request_id();
-    let span = tracing::Span::current();
-    span.record("request_id", request_id.as_str());
-    span.record("model", state.engine.model().id.as_str());
-    let fields = Fields::new(body);
-    let card = state.engine.model().clone();
-    params::check_model(&fields, &card)?;
-    let options = params::options(&fields)?;
+    let Begun { request_id, fields, card, options } = begin(&state, body)?;
     // `max_completion_tokens` replaced `max_tokens` in OpenAI's chat API; the newer wins.
     let requested = match params::max_tokens(&fields, "max_completion_tokens")? {
         Some(n) => Some(("max_completion_tokens", n)),

@@ -12,7 +12,7 @@ use super::errors::{ApiError, ApiJson};
 use super::generation::Finish;
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
-use super::{new_request_id, off_reactor, start, to_json, unix_now, AppState};
+use super::{begin, Begun, off_reactor, start, to_json, unix_now, AppState};
 
 /// OpenAI's default for this endpoint.
 const DEFAULT_MAX_TOKENS: usize = 16;
@@ -136,14 +136,7 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let request_id = new_request_id();
-    let span = tracing::Span::current();
-    span.record("request_id", request_id.as_str());
-    span.record("model", state.engine.model().id.as_str());
-    let fields = Fields::new(body);
-    let card = state.engine.model().clone();
-    params::check_model(&fields, &card)?;
-    let options = params::options(&fields)?;
+    let Begun { request_id, fields, card, options } = begin(&state, body)?;
     let requested = params::max_tokens(&fields, "max_tokens")?;
     let prompt = prompt(&fields)?;
     let prompt_tokens = off_reactor(&card, move |card| match prompt {

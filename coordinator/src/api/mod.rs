@@ -112,6 +112,27 @@ fn new_request_id() -> String {
     format!("{:024x}", rand::random::<u128>() >> 32)
 }
 
+/// What every generation handler starts with: a request id on the handler's span, the
+/// body's fields, and the served model, checked against the one the body names.
+fn begin(state: &AppState, body: serde_json::Map<String, serde_json::Value>) -> Result<Begun, ApiError> {
+    let request_id = new_request_id();
+    let card = state.engine.model().clone();
+    let span = tracing::Span::current();
+    span.record("request_id", request_id.as_str());
+    span.record("model", card.id.as_str());
+    let fields = params::Fields::new(body);
+    params::check_model(&fields, &card)?;
+    let options = params::options(&fields)?;
+    Ok(Begun { request_id, fields, card, options })
+}
+
+struct Begun {
+    request_id: String,
+    fields: params::Fields,
+    card: crate::engine::ModelCard,
+    options: params::Options,
+}
+
 /// Runs tokenizer and template work on the blocking pool: a long prompt takes
 /// longer to encode than the reactor may be held.
 async fn off_reactor<T: Send + 'static>(

@@ -21,7 +21,7 @@ use strata_model::{SamplingParams, Stage, StageInput, StageOutput, StageStep};
 use strata_proto::v1::WireDtype;
 
 use super::bench::BenchArgs;
-use super::children::{sibling_binary, Children, Process};
+use super::children::{start_local_worker, Children};
 use crate::cluster::{Cluster, ClusterConfig, ClusterEngine, Membership, ReturnPath, ServedModel};
 use crate::engine::{GenerateEvent, GenerateRequest};
 
@@ -217,31 +217,12 @@ async fn pipeline(
     path: &std::path::Path,
     children: &mut Children,
 ) -> anyhow::Result<Report> {
-    let worker_bin = sibling_binary("strata-worker");
     let lock_dir = tempfile::tempdir()?;
     let lock = lock_dir.path().join("compute.lock");
     let mut addresses = Vec::new();
     for i in 0..args.workers {
-        let worker_args: Vec<String> = vec![
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--model".into(),
-            path.display().to_string(),
-            "--threads".into(),
-            threads.to_string(),
-            "--name".into(),
-            format!("bench-worker-{i}"),
-        ];
-        let mut worker_args = worker_args;
-        if !args.no_compute_lock {
-            worker_args.extend(["--compute-lock".into(), lock.display().to_string()]);
-        }
-        let log = std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into());
-        let mut p = Process::spawn(&format!("worker-{i}"), &worker_bin, &worker_args, &[("STRATA_LOG", log)])?;
-        let line = p.wait_for_line("worker listening", Duration::from_secs(30), |_| {}).await?;
-        addresses.push(Process::field(&line, "grpc").context("no grpc= in the worker's line")?);
-        p.drain_output();
-        children.processes.push(p);
+        let lock = (!args.no_compute_lock).then_some(lock.as_path());
+        addresses.push(start_local_worker(children, &format!("bench-worker-{i}"), path, threads, lock).await?);
     }
     let config = ClusterConfig {
         workers: addresses,

@@ -131,3 +131,35 @@ pub fn sibling_binary(name: &str) -> PathBuf {
         .filter(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from(name))
 }
+
+/// Starts a `strata-worker` on a loopback port it picks, holding `model` locally, and
+/// returns its gRPC address once it is listening. Workers sharing `compute_lock` take
+/// turns computing instead of fighting over the same cores.
+pub async fn start_local_worker(
+    children: &mut Children,
+    name: &str,
+    model: &Path,
+    threads: usize,
+    compute_lock: Option<&Path>,
+) -> anyhow::Result<String> {
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--threads".into(),
+        threads.to_string(),
+        "--name".into(),
+        name.to_string(),
+    ];
+    if let Some(lock) = compute_lock {
+        args.extend(["--compute-lock".into(), lock.display().to_string()]);
+    }
+    let log = std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into());
+    let mut p = Process::spawn(name, &sibling_binary("strata-worker"), &args, &[("STRATA_LOG", log)])?;
+    let line = p.wait_for_line("worker listening", std::time::Duration::from_secs(30), |_| {}).await?;
+    let address = Process::field(&line, "grpc").context("no grpc= in the worker's line")?;
+    p.drain_output();
+    children.processes.push(p);
+    Ok(address)
+}

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use super::children::{sibling_binary, Children, Process};
+use super::children::{start_local_worker, Children, Process};
 
 const DEFAULT_PROMPT: &str = "What is the capital of France? Answer in one sentence.";
 
@@ -65,7 +65,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 async fn demo(args: &DemoArgs, path: &std::path::Path, children: &mut Children) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.worker_threads.unwrap_or_else(|| threads_per_worker(cores, args.workers));
-    let worker_bin = sibling_binary("strata-worker");
     let strata_bin = std::env::current_exe().context("cannot find the strata binary")?;
     let log = std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into());
     let started = Instant::now();
@@ -75,24 +74,8 @@ async fn demo(args: &DemoArgs, path: &std::path::Path, children: &mut Children) 
     let lock = lock_dir.path().join("compute.lock");
     let mut addresses = Vec::new();
     for i in 0..args.workers {
-        let name = format!("worker-{i}");
-        let worker_args: Vec<String> = vec![
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--model".into(),
-            path.display().to_string(),
-            "--threads".into(),
-            threads.to_string(),
-            "--name".into(),
-            name.clone(),
-            "--compute-lock".into(),
-            lock.display().to_string(),
-        ];
-        let mut p = Process::spawn(&name, &worker_bin, &worker_args, &[("STRATA_LOG", log.clone())])?;
-        let line = p.wait_for_line("worker listening", Duration::from_secs(30), |_| {}).await?;
-        addresses.push(Process::field(&line, "grpc").context("no grpc= in the worker's line")?);
-        p.drain_output();
-        children.processes.push(p);
+        let address = start_local_worker(children, &format!("worker-{i}"), &path, threads, Some(&lock)).await?;
+        addresses.push(address);
     }
     let mut serve_args: Vec<String> = vec![
         "--threads".into(),
