@@ -88,6 +88,8 @@ pub struct TensorSizes {
     pub head: u64,
     /// Tensors shared by every stage (`rope_freqs.weight`).
     pub shared: u64,
+    /// The head is the embedding: a stage holding every layer holds it once.
+    pub tied_head: bool,
 }
 
 impl TensorSizes {
@@ -102,6 +104,9 @@ impl TensorSizes {
         }
         if layers.end == n {
             total += self.head;
+        }
+        if self.tied_head && layers.start == 0 && layers.end == n {
+            total -= self.embedding;
         }
         total
     }
@@ -390,7 +395,8 @@ pub(crate) fn layer_of(name: &str) -> Option<usize> {
 }
 
 fn tensor_sizes(content: &Content, info: &ModelInfo) -> Result<TensorSizes> {
-    let mut sizes = TensorSizes { layers: vec![0; info.layers], embedding: 0, head: 0, shared: 0 };
+    let mut sizes =
+        TensorSizes { layers: vec![0; info.layers], embedding: 0, head: 0, shared: 0, tied_head: info.tied_embedding };
     for (name, t) in &content.tensor_infos {
         let bytes = tensor_byte_len(&t.shape, t.ggml_dtype);
         match (layer_of(name), name.as_str()) {
@@ -432,8 +438,9 @@ mod tests {
         let sizes = file.sizes();
         assert_eq!(sizes.layers.len(), spec.layers);
         assert!(sizes.layers.iter().all(|&b| b > 0 && b == sizes.layers[0]));
+        // Split, the tied embedding is held twice (to embed, and as the head); whole, once.
         let split = sizes.stage_bytes(0..2) + sizes.stage_bytes(2..spec.layers) - sizes.shared;
-        assert_eq!(split, sizes.total());
+        assert_eq!(split, sizes.total() + sizes.embedding);
     }
 
     #[test]

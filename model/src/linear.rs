@@ -20,7 +20,7 @@ mod x86;
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
@@ -88,6 +88,24 @@ impl Linear {
 
     pub fn out_features(&self) -> usize {
         self.out_features
+    }
+
+    /// Rows `ids` of the weight as f32 `[ids, in]`: a head tied to the token embedding
+    /// serves the lookups too, so the matrix is held once. Values are candle's own
+    /// dequantization of the rows' ggml blocks, as `QTensor::embedding` gives.
+    pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Candle(QMatMul::QTensor(q)) => Ok(q.embedding(ids)?),
+            Weight::Candle(QMatMul::Tensor(w)) => Ok(w.embedding(ids)?),
+            Weight::Candle(QMatMul::TensorF16(w)) => Ok(w.embedding(ids)?.to_dtype(DType::F32)?),
+            Weight::Packed { weight, .. } => {
+                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let bytes = weight.ggml_rows(&ids)?;
+                let storage = QStorage::from_data(bytes.into(), &Device::Cpu, weight.format().dtype())?;
+                let rows = QTensor::new(storage, (ids.len(), weight.cols()))?;
+                Ok(rows.dequantize(&Device::Cpu)?)
+            }
+        }
     }
 
     /// `x` is `[tokens, in]` f32; the result is `[tokens, out]` f32.
@@ -346,6 +364,25 @@ mod tests {
                     assert_close(&got, &want, &what);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn embedding_rows_equal_candles_lookup() {
+        let mut rng = Rng(77);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q6K, GgmlDType::F32] {
+            let cols = if dtype == GgmlDType::Q6K { 256 } else { 96 };
+            let want_q = quantized(&mut rng, 40, cols, dtype);
+            // A byte-for-byte copy: QTensor is not Clone.
+            let storage = QStorage::from_data(want_q.data().unwrap(), &Device::Cpu, dtype).unwrap();
+            let got_q = QTensor::new(storage, want_q.shape().clone()).unwrap();
+            let linear = Linear::new(got_q, None).unwrap();
+            let ids = Tensor::new(&[0u32, 17, 39, 17, 5], &Device::Cpu).unwrap();
+            let want = want_q.embedding(&ids).unwrap().to_vec2::<f32>().unwrap();
+            let got = linear.embedding(&ids).unwrap().to_vec2::<f32>().unwrap();
+            assert!(got == want, "{dtype:?}");
+            let bad = Tensor::new(&[40u32], &Device::Cpu).unwrap();
+            assert!(linear.embedding(&bad).is_err(), "{dtype:?}: row out of range");
         }
     }
 

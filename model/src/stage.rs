@@ -115,7 +115,14 @@ impl Stage {
         let mut reader = file.reader()?;
         let first = layers.start == 0;
         let last = layers.end == info.layers;
-        let embedding = if first { Some(file.load_tensor(&mut reader, "token_embd.weight", device)?) } else { None };
+        // A stage that is both first and last with a tied head embeds through its head,
+        // so the matrix is held once.
+        let embeds_through_head = first && last && info.tied_embedding;
+        let embedding = if first && !embeds_through_head {
+            Some(file.load_tensor(&mut reader, "token_embd.weight", device)?)
+        } else {
+            None
+        };
         let loaded: Vec<Layer> = layers
             .clone()
             .map(|i| Layer::load(file, &mut reader, i, device))
@@ -322,9 +329,10 @@ impl Stage {
             let x = match &step.input {
                 StageInput::Tokens(ids) => {
                     let ids = Tensor::new(&ids[from..from + len], &self.device)?;
-                    match &self.embedding {
-                        Some(e) => e.embedding(&ids)?,
-                        None => return Err(Error::BadInput("this stage has no embedding".into())),
+                    match (&self.embedding, &self.head) {
+                        (Some(e), _) => e.embedding(&ids)?,
+                        (None, Some(head)) if self.is_first() => head.output.embedding(&ids)?,
+                        _ => return Err(Error::BadInput("this stage has no embedding".into())),
                     }
                 }
                 StageInput::Hidden(h) => h.narrow(0, from, len)?.to_device(&self.device)?,

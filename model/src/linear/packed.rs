@@ -52,6 +52,14 @@ pub(crate) enum Format {
 }
 
 impl Format {
+    pub(crate) fn dtype(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
     pub(crate) fn from_dtype(dtype: GgmlDType) -> Option<Self> {
         match dtype {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
@@ -280,6 +288,42 @@ impl PackedWeights {
         // Padding rows of the last tile keep all-zero bytes: d = 0 zeroes their sums,
         // and their outputs are never written out anyway.
         Ok(packed)
+    }
+
+    /// The ggml block bytes of `rows`, one after another: the inverse of
+    /// [`Self::from_ggml`], so a tied head can also serve embedding lookups.
+    pub(crate) fn ggml_rows(&self, rows: &[u32]) -> Result<Vec<u8>> {
+        let bb = self.format.ggml_block_bytes();
+        let qsb = self.format.qs_bytes();
+        let m_offset = self.kb * TILE * 2;
+        let bytes = self.bytes();
+        let mut out = Vec::with_capacity(rows.len() * self.kb * bb);
+        for &r in rows {
+            let r = r as usize;
+            if r >= self.rows {
+                return Err(Error::BadInput(format!("row {r} is out of range for {} rows", self.rows)));
+            }
+            let tile = (r / TILE) * self.tile_stride;
+            let lane = r % TILE;
+            for b in 0..self.kb {
+                let d_at = tile + (b * TILE + lane) * 2;
+                out.extend_from_slice(&bytes[d_at..d_at + 2]);
+                if self.format == Format::Q4_1 {
+                    let m_at = tile + m_offset + (b * TILE + lane) * 2;
+                    out.extend_from_slice(&bytes[m_at..m_at + 2]);
+                }
+                let qs_block = tile + self.qs_offset + b * TILE * qsb;
+                for j in 0..qsb {
+                    let q = bytes[qs_block + (j / 4) * TILE * 4 + lane * 4 + j % 4];
+                    out.push(if self.format == Format::Q8_0 { q ^ 0x80 } else { q });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn format(&self) -> Format {
+        self.format
     }
 
     fn bytes(&self) -> &[u8] {
