@@ -2,7 +2,7 @@
 //! engine for the failures a real one will not produce on demand.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
@@ -18,7 +18,8 @@ use tokio::sync::mpsc;
 use tower::ServiceExt;
 
 use super::*;
-use crate::engine::local::{LocalEngine, Occupancy};
+use crate::engine::local::tests::wait_for;
+use crate::engine::local::LocalEngine;
 use crate::engine::{EngineError, GenerateEvent};
 
 const MODEL: &str = "tiny";
@@ -133,18 +134,6 @@ fn chat_prompt(file: &ModelFile, content: &str) -> Vec<u32> {
 
 fn stream_text(chunks: &[Value], field: impl Fn(&Value) -> Option<&str>) -> String {
     chunks.iter().filter_map(|c| c["choices"].get(0).and_then(&field)).collect()
-}
-
-async fn wait_for(engine: &LocalEngine, what: impl Fn(Occupancy) -> bool) -> Occupancy {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = engine.occupancy();
-        if what(now) {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "occupancy never got there: {now:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test]

@@ -387,7 +387,7 @@ fn step_sequence(s: &mut Sequence, tokenizer: &Tokenizer, context: usize, logits
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::{Duration, Instant};
 
     use strata_model::synthetic::SyntheticModel;
@@ -429,7 +429,9 @@ mod tests {
         }
     }
 
-    async fn wait_for(engine: &LocalEngine, what: impl Fn(Occupancy) -> bool) -> Occupancy {
+    /// Polls `engine` until its occupancy satisfies `what` (30 s at most). Shared with
+    /// the API tests, which watch caches being freed when a client goes away.
+    pub(crate) async fn wait_for(engine: &LocalEngine, what: impl Fn(Occupancy) -> bool) -> Occupancy {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let now = engine.occupancy();
