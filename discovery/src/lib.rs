@@ -82,11 +82,11 @@ pub enum Error {
     #[error("{0:?} cannot be an mDNS instance name")]
     InstanceName(String),
     #[error(
-        "cannot share the mDNS port {port}: {source}. Another mDNS stack holds it alone (avahi-daemon does with \
+        "cannot share the mDNS port {port}: {io}. Another mDNS stack holds it alone (avahi-daemon does with \
          `disallow-other-stacks=yes`; `ss -ulpn 'sport = :{port}'` shows who); set it to `no`, or turn mDNS off \
          and name the coordinator or the workers instead"
     )]
-    PortTaken { port: u16, source: std::io::Error },
+    PortTaken { port: u16, io: std::io::Error },
 }
 
 /// Checks that the mDNS port can be shared the way mdns-sd shares it
@@ -103,7 +103,7 @@ fn check_port(port: u16) -> Result<(), Error> {
         socket.set_reuse_port(true)?;
         socket.bind(&std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)).into())
     };
-    bind().map_err(|source| Error::PortTaken { port, source })
+    bind().map_err(|io| Error::PortTaken { port, io })
 }
 
 /// Waits for one answer of the daemon on `rx`, for at most [`DAEMON_ANSWER_TIMEOUT`].

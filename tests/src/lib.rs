@@ -113,6 +113,8 @@ impl TestCluster {
                 format!("worker-{i}"),
                 "--cache-dir".into(),
                 cluster._cache.path().join(format!("worker-{i}")).display().to_string(),
+                // mDNS must never run in the machine's own network namespace.
+                "--no-mdns".into(),
             ];
             if options.workers_have_model {
                 args.extend(["--model".into(), model.display().to_string()]);
@@ -201,7 +203,7 @@ impl TestCluster {
 
 pub use strata_model::synthetic::real_test_model as real_model;
 
-/// `strata serve` over `model` on loopback ports it picks, one compute thread.
+/// `strata serve` over `model` on loopback ports it picks, one compute thread, mDNS off.
 fn serve_args(model: &Path) -> Vec<String> {
     vec![
         "--threads".into(),
@@ -215,5 +217,7 @@ fn serve_args(model: &Path) -> Vec<String> {
         "127.0.0.1:0".into(),
         "--http-listen".into(),
         "127.0.0.1:0".into(),
+        // mDNS must never run in the machine's own network namespace.
+        "--no-mdns".into(),
     ]
 }

@@ -17,9 +17,18 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "0.0.0.0:7070", env = "STRATA_WORKER_LISTEN")]
     pub listen: String,
     /// Address other nodes reach this worker at (default: the bound address, with
-    /// 127.0.0.1 in place of an unspecified IP).
+    /// 127.0.0.1 in place of an unspecified IP). Over mDNS, a worker listening on
+    /// 0.0.0.0 advertises every address of the host unless this is given.
     #[arg(long, env = "STRATA_WORKER_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Do not advertise this worker over mDNS (coordinators then need --worker, or
+    /// this worker --join).
+    #[arg(long, env = "STRATA_NO_MDNS")]
+    pub no_mdns: bool,
+    /// The cluster to advertise in over mDNS: coordinators started with another
+    /// name ignore this worker. Only a hash of it is sent.
+    #[arg(long, env = "STRATA_CLUSTER", default_value = strata_discovery::DEFAULT_CLUSTER)]
+    pub cluster: String,
     /// A local GGUF file; shards of a model with the same content hash load from it
     /// instead of being pulled from the coordinator. Repeatable.
     #[arg(long = "model", short = 'm')]
@@ -63,6 +72,8 @@ pub enum ConfigError {
     NoCacheDir,
     #[error("--device {0:?} is not cpu or cuda:N")]
     Device(String),
+    #[error("--advertise {0:?} is not HOST:PORT")]
+    Advertise(String),
 }
 
 /// A worker's validated settings.
@@ -70,6 +81,9 @@ pub enum ConfigError {
 pub struct WorkerConfig {
     pub listen: SocketAddr,
     pub advertise: Option<String>,
+    /// Advertise over mDNS once serving.
+    pub mdns: bool,
+    pub cluster: String,
     pub name: String,
     pub models: Vec<PathBuf>,
     pub cache_dir: PathBuf,
@@ -81,11 +95,13 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Defaults for a worker on loopback that caches shards in `cache_dir`.
+    /// Defaults for a worker on loopback that caches shards in `cache_dir` (mDNS off).
     pub fn local(cache_dir: PathBuf) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
+            mdns: false,
+            cluster: strata_discovery::DEFAULT_CLUSTER.into(),
             name: "worker".into(),
             models: Vec::new(),
             cache_dir,
@@ -110,6 +126,11 @@ impl WorkerConfig {
                 return Err(ConfigError::Join(join.clone()));
             }
         }
+        if let Some(advertise) = &args.advertise {
+            if !looks_like_host_port(advertise) {
+                return Err(ConfigError::Advertise(advertise.clone()));
+            }
+        }
         let device = args.device.trim().to_string();
         if !(device == "cpu"
             || device == "cuda"
@@ -126,6 +147,8 @@ impl WorkerConfig {
         Ok(Self {
             listen,
             advertise: args.advertise,
+            mdns: !args.no_mdns,
+            cluster: args.cluster,
             name,
             models: args.models,
             cache_dir,
@@ -174,6 +197,7 @@ mod tests {
             (vec!["--threads", "0"], "--threads"),
             (vec!["--join", "coordinator"], "--join"),
             (vec!["--device", "tpu"], "--device"),
+            (vec!["--advertise", "box1"], "--advertise"),
         ];
         for (flags, expected) in bad {
             let err = WorkerConfig::from_args(args(&flags), &no_env).unwrap_err().to_string();
@@ -188,5 +212,17 @@ mod tests {
             WorkerConfig::from_args(args(&["--listen", "127.0.0.1:0", "--join", "127.0.0.1:9"]), &env).unwrap();
         assert_eq!(config.cache_dir, PathBuf::from("/tmp/x/shards"));
         assert_eq!(config.join.as_deref(), Some("127.0.0.1:9"));
+    }
+
+    #[test]
+    fn mdns_is_on_by_default_and_can_be_turned_off() {
+        let on = WorkerConfig::from_args(args(&["--cache-dir", "/tmp/x"]), &no_env).unwrap();
+        assert!(on.mdns);
+        assert_eq!(on.cluster, "strata");
+        let off =
+            WorkerConfig::from_args(args(&["--cache-dir", "/tmp/x", "--no-mdns", "--cluster", "lab"]), &no_env).unwrap();
+        assert!(!off.mdns);
+        assert_eq!(off.cluster, "lab");
+        assert!(!WorkerConfig::local(PathBuf::from("/tmp/x")).mdns, "in-process test workers stay off mDNS");
     }
 }

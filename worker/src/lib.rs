@@ -7,8 +7,10 @@
 //! * [`compute`]: the dedicated thread that owns the stage and batches frames;
 //! * [`forwarder`]: tasks that stream a stage's outputs to the next worker;
 //! * [`weights`]: finding a shard's weights locally, in the cache, or by pulling;
-//! * [`events`]: fan-out of events to subscribers, and counters.
+//! * [`events`]: fan-out of events to subscribers, and counters;
+//! * [`advertise`]: the mDNS advertisement (on unless `--no-mdns`).
 
+pub mod advertise;
 pub mod compute;
 pub mod config;
 pub mod events;
@@ -60,6 +62,8 @@ pub async fn run(
     if let Some(coordinator) = config.join.clone() {
         tokio::spawn(join_loop(service.clone(), coordinator, stop_rx.clone()));
     }
+    let advertising =
+        if config.mdns { advertise::Advertising::start(service.clone(), &config, local).await } else { None };
     let server = strata_proto::transport::server().add_service(
         WorkerServer::new(service.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -68,6 +72,10 @@ pub async fn run(
     let signal = async move {
         shutdown.await;
         tracing::info!("worker shutting down");
+        // Leave mDNS first: browsers drop this worker before its server stops.
+        if let Some(advertising) = advertising {
+            advertising.leave().await;
+        }
         let _ = stop_tx.send(true);
     };
     let serve = server.serve_with_incoming_shutdown(strata_proto::transport::incoming(listener), signal);

@@ -134,7 +134,9 @@ pub fn sibling_binary(name: &str) -> PathBuf {
 
 /// Starts a `strata-worker` on a loopback port it picks, holding `model` locally, and
 /// returns its gRPC address once it is listening. Workers sharing `compute_lock` take
-/// turns computing instead of fighting over the same cores.
+/// turns computing instead of fighting over the same cores. They stay off mDNS: they
+/// are named to the coordinator, and mDNS would join multicast groups on every
+/// interface of this machine.
 pub async fn start_local_worker(
     children: &mut Children,
     name: &str,
@@ -151,6 +153,7 @@ pub async fn start_local_worker(
         threads.to_string(),
         "--name".into(),
         name.to_string(),
+        "--no-mdns".into(),
     ];
     if let Some(lock) = compute_lock {
         args.extend(["--compute-lock".into(), lock.display().to_string()]);

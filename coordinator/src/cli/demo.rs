@@ -89,6 +89,8 @@ async fn demo(args: &DemoArgs, path: &std::path::Path, children: &mut Children) 
         "127.0.0.1:0".into(),
         "--model-id".into(),
         args.model.clone(),
+        // Everything runs on loopback and the workers are named below.
+        "--no-mdns".into(),
     ];
     for a in &addresses {
         serve_args.push("--worker".into());

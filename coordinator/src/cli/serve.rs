@@ -39,9 +39,16 @@ pub struct ServeArgs {
     #[arg(long, short = 'm', default_value = "smollm2-135m")]
     pub model: String,
     /// A worker's gRPC address (HOST:PORT), in pipeline order. Repeatable; workers
-    /// may also join with `strata-worker --join`.
+    /// may also join with `strata-worker --join`. Without any, workers are found
+    /// over mDNS.
     #[arg(long = "worker", short = 'w')]
     pub workers: Vec<String>,
+    /// Do not look for workers over mDNS.
+    #[arg(long, env = "STRATA_NO_MDNS")]
+    pub no_mdns: bool,
+    /// Over mDNS, take only the workers started with this `--cluster` name.
+    #[arg(long, env = "STRATA_CLUSTER", default_value = strata_discovery::DEFAULT_CLUSTER)]
+    pub cluster: String,
     /// Workers to wait for before planning (default: the number of --worker flags,
     /// at least 1).
     #[arg(long)]
@@ -124,6 +131,14 @@ pub async fn serve(
     };
     let grpc_server = tokio::spawn(cluster::serve_grpc(grpc, service, stopped(stop.clone())));
     say(&format!("coordinator grpc={advertised}"))?;
+    let discovery = (args.workers.is_empty() && !args.no_mdns).then(|| {
+        let (membership, cluster, stop) = (membership.clone(), args.cluster.clone(), stopped(stop.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = cluster::discovery::run(membership, cluster, stop).await {
+                tracing::warn!("not looking for workers over mDNS: {e}");
+            }
+        })
+    });
 
     let config = ClusterConfig {
         workers: args.workers.clone(),
@@ -143,6 +158,9 @@ pub async fn serve(
         c = Cluster::start(&config, model.clone(), membership) => c.context("cannot start the pipeline")?,
         () = stopped(stop.clone()) => {
             let _ = grpc_server.await;
+            if let Some(discovery) = discovery {
+                let _ = discovery.await;
+            }
             return Ok(());
         }
     };
@@ -172,6 +190,9 @@ pub async fn serve(
     let served = crate::api::serve(http, engine, stopped(stop.clone())).await;
     cluster.shutdown().await;
     let _ = grpc_server.await;
+    if let Some(discovery) = discovery {
+        let _ = discovery.await;
+    }
     served.context("the HTTP API failed")?;
     Ok(())
 }

@@ -45,6 +45,15 @@ impl Membership {
         });
     }
 
+    /// Forgets the worker at `address`; returns whether it was known.
+    pub fn remove(&self, address: &str) -> bool {
+        self.members.send_if_modified(|members| {
+            let before = members.len();
+            members.retain(|m| m.address != address);
+            members.len() != before
+        })
+    }
+
     /// A Join request, checked.
     pub fn join(&self, description: WorkerDescription) -> Result<(), CoordinatorError> {
         if description.protocol_version != PROTOCOL_VERSION {

@@ -3,6 +3,7 @@
 //!
 //! * [`service`]: the Coordinator gRPC service (Join, FetchWeights, Health);
 //! * [`membership`]: static `--worker`s and joined workers;
+//! * [`discovery`]: workers found over mDNS;
 //! * [`plan`]: cutting the layers into stages;
 //! * [`model`]: the served model, its hash and the shard files cut for pulling;
 //! * [`engine`]: the scheduler behind the [`crate::engine::Engine`] trait.
@@ -10,6 +11,7 @@
 //! [`Cluster::start`] waits for the workers, loads the plan on all of them at once,
 //! subscribes to every worker's Events and opens the Forward stream to stage 0.
 
+pub mod discovery;
 pub mod engine;
 pub mod membership;
 pub mod model;

@@ -1,0 +1,240 @@
+//! Workers found over mDNS: each advertisement of this cluster is confirmed with a
+//! Describe call to the address it gives and added to the [`Membership`]; a
+//! goodbye removes the worker again.
+//!
+//! mDNS only finds workers. Whether one stays alive is for the cluster's
+//! heartbeats to tell: a worker that dies without a goodbye keeps its mDNS records
+//! for their 120 s lifetime.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_discovery::{Browser, BrowserOptions, ClusterTag, Event, NodeState};
+use tokio::task::JoinSet;
+
+use super::membership::{self, Member, Membership};
+use super::ClusterError;
+
+/// How long a found worker gets to answer Describe.
+pub const DESCRIBE_WAIT: Duration = Duration::from_secs(10);
+
+/// Browses for the workers of `cluster` (a `--cluster` name) until `stop`
+/// completes, keeping `membership` in step. Fails only when mDNS cannot start.
+pub async fn run(
+    membership: Arc<Membership>,
+    cluster: String,
+    stop: impl Future<Output = ()>,
+) -> Result<(), strata_discovery::Error> {
+    let mut browser =
+        Browser::start(BrowserOptions { cluster: ClusterTag::of(&cluster), interfaces: Vec::new(), ipv6: false })?;
+    let mut found = Found::new(membership);
+    let mut describing = JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            event = browser.next() => match event {
+                Some(event) => {
+                    if let Some(confirm) = found.event(event) {
+                        describing.spawn(confirm.run());
+                    }
+                }
+                None => {
+                    tracing::warn!("the mDNS daemon stopped; no more workers will be found over mDNS");
+                    break;
+                }
+            },
+            Some(Ok((confirm, result))) = describing.join_next() => found.described(confirm, result),
+        }
+    }
+    describing.abort_all();
+    browser.shutdown().await
+}
+
+/// A Describe call to make to a worker found at an address.
+struct Confirm {
+    instance: String,
+    address: String,
+    node_id: String,
+}
+
+impl Confirm {
+    async fn run(self) -> (Self, Result<Member, ClusterError>) {
+        let result = membership::describe(&self.address, DESCRIBE_WAIT).await;
+        (self, result)
+    }
+}
+
+/// Which address each instance was last found at, and what to do on each event.
+struct Found {
+    membership: Arc<Membership>,
+    addresses: HashMap<String, String>,
+}
+
+impl Found {
+    fn new(membership: Arc<Membership>) -> Self {
+        Self { membership, addresses: HashMap::new() }
+    }
+
+    /// Handles one mDNS event; a worker found at a new address must be confirmed.
+    fn event(&mut self, event: Event) -> Option<Confirm> {
+        let address = event.grpc_address().map(|a| a.to_string());
+        match (event, address) {
+            (Event::Resolved { instance, advertisement, .. }, Some(address)) => {
+                let previous = self.addresses.get(&instance);
+                if previous == Some(&address) {
+                    // An update of what it advertises; its heartbeats say the rest.
+                    tracing::debug!(%instance, state = advertisement.state.as_str(), "mDNS advertisement updated");
+                    return None;
+                }
+                if previous.is_none() && advertisement.state == NodeState::Draining {
+                    tracing::debug!(%instance, %address, "ignoring a draining worker");
+                    return None;
+                }
+                if let Some(old) = self.addresses.insert(instance.clone(), address.clone()) {
+                    tracing::info!(%instance, from = %old, to = %address, "worker moved");
+                    self.membership.remove(&old);
+                }
+                Some(Confirm { instance, address, node_id: advertisement.node_id })
+            }
+            (Event::Removed { instance }, _) => {
+                if let Some(address) = self.addresses.remove(&instance) {
+                    if self.membership.remove(&address) {
+                        tracing::info!(%instance, %address, "worker left (mDNS goodbye)");
+                    }
+                }
+                None
+            }
+            (Event::Resolved { .. }, None) => None,
+        }
+    }
+
+    /// Adds a confirmed worker, unless it left or moved while it was asked.
+    fn described(&mut self, confirm: Confirm, result: Result<Member, ClusterError>) {
+        let Confirm { instance, address, node_id } = confirm;
+        if self.addresses.get(&instance) != Some(&address) {
+            return;
+        }
+        let member = match result {
+            Ok(member) => member,
+            Err(e) => {
+                tracing::warn!(%instance, %address, error = %e, "a worker found over mDNS does not answer");
+                self.addresses.remove(&instance);
+                return;
+            }
+        };
+        if member.description.node_id != node_id {
+            tracing::warn!(
+                %instance,
+                %address,
+                advertised = %node_id,
+                answered = %member.description.node_id,
+                "another worker answers at the advertised address"
+            );
+            self.addresses.remove(&instance);
+            return;
+        }
+        let known_elsewhere = self
+            .membership
+            .members()
+            .into_iter()
+            .find(|m| m.description.node_id == node_id && m.address != address)
+            .map(|m| m.address);
+        if let Some(elsewhere) = known_elsewhere {
+            tracing::info!(%instance, %address, %elsewhere, "worker already known at another address");
+            return;
+        }
+        tracing::info!(%instance, %address, name = %member.description.name, "worker found over mDNS");
+        self.membership.add(member);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use strata_discovery::{Advertisement, DeviceSummary};
+    use strata_proto::v1::WorkerDescription;
+
+    use super::*;
+
+    fn resolved(instance: &str, ip: &str, state: NodeState) -> Event {
+        Event::Resolved {
+            instance: instance.into(),
+            addresses: vec![ip.parse().unwrap()],
+            port: 7070,
+            advertisement: Advertisement {
+                protocol_version: strata_proto::PROTOCOL_VERSION,
+                node_id: format!("id-{instance}"),
+                grpc_port: 7070,
+                devices: DeviceSummary::default(),
+                memory_offered_bytes: 0,
+                speed: 0,
+                state,
+                cluster: ClusterTag::of("strata"),
+            },
+        }
+    }
+
+    fn member(confirm: &Confirm) -> Result<Member, ClusterError> {
+        let description = WorkerDescription { node_id: confirm.node_id.clone(), ..Default::default() };
+        Ok(Member { address: confirm.address.clone(), description })
+    }
+
+    fn addresses(membership: &Membership) -> Vec<String> {
+        membership.members().into_iter().map(|m| m.address).collect()
+    }
+
+    #[test]
+    fn found_workers_are_confirmed_once_and_removed_on_goodbye() {
+        let membership = Arc::new(Membership::default());
+        let mut found = Found::new(membership.clone());
+        let confirm = found.event(resolved("w1", "10.0.0.1", NodeState::Idle)).expect("a new worker is described");
+        assert_eq!(confirm.address, "10.0.0.1:7070");
+        assert!(found.event(resolved("w1", "10.0.0.1", NodeState::Ready)).is_none(), "an update is not");
+        let result = member(&confirm);
+        found.described(confirm, result);
+        assert_eq!(addresses(&membership), ["10.0.0.1:7070"]);
+        found.event(Event::Removed { instance: "w1".into() });
+        assert!(addresses(&membership).is_empty());
+    }
+
+    #[test]
+    fn a_worker_that_leaves_while_described_is_not_added() {
+        let membership = Arc::new(Membership::default());
+        let mut found = Found::new(membership.clone());
+        let confirm = found.event(resolved("w1", "10.0.0.1", NodeState::Idle)).unwrap();
+        found.event(Event::Removed { instance: "w1".into() });
+        let result = member(&confirm);
+        found.described(confirm, result);
+        assert!(addresses(&membership).is_empty());
+    }
+
+    #[test]
+    fn a_moved_worker_is_described_again_and_its_old_address_dropped() {
+        let membership = Arc::new(Membership::default());
+        let mut found = Found::new(membership.clone());
+        let first = found.event(resolved("w1", "10.0.0.1", NodeState::Idle)).unwrap();
+        let result = member(&first);
+        found.described(first, result);
+        let second = found.event(resolved("w1", "10.0.0.9", NodeState::Idle)).expect("a new address is described");
+        assert!(addresses(&membership).is_empty(), "the old address is gone at once");
+        let result = member(&second);
+        found.described(second, result);
+        assert_eq!(addresses(&membership), ["10.0.0.9:7070"]);
+    }
+
+    #[test]
+    fn draining_strangers_and_impostors_are_not_added() {
+        let membership = Arc::new(Membership::default());
+        let mut found = Found::new(membership.clone());
+        assert!(found.event(resolved("w1", "10.0.0.1", NodeState::Draining)).is_none());
+        let confirm = found.event(resolved("w2", "10.0.0.2", NodeState::Idle)).unwrap();
+        let impostor = Ok(Member {
+            address: confirm.address.clone(),
+            description: WorkerDescription { node_id: "someone-else".into(), ..Default::default() },
+        });
+        found.described(confirm, impostor);
+        assert!(addresses(&membership).is_empty());
+    }
+}
