@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use mdns_sd::{IfKind, ServiceDaemon, ServiceInfo};
+use mdns_sd::{DaemonEvent, IfKind, ServiceDaemon, ServiceInfo};
 
 use crate::{answer, check_port, stop_daemon, Advertisement, Error, SERVICE_TYPE};
 
@@ -33,6 +33,8 @@ pub struct Advertiser {
     host_name: String,
     fullname: String,
     current: Advertisement,
+    /// The daemon's events until the first registration is announced; `None` after.
+    probing: Option<mdns_sd::Receiver<DaemonEvent>>,
     stopped: bool,
 }
 
@@ -44,12 +46,14 @@ impl Advertiser {
         }
         check_port(mdns_sd::MDNS_PORT)?;
         let daemon = ServiceDaemon::new()?;
+        let probing = Some(daemon.monitor()?);
         let mut advertiser = Self {
             host_name: host_name(&advertisement.node_id),
             fullname: String::new(),
             daemon,
             options,
             current: advertisement,
+            probing,
             stopped: false,
         };
         select_interfaces(&advertiser.daemon, &advertiser.options.interfaces, advertiser.options.ipv6)?;
@@ -71,9 +75,13 @@ impl Advertiser {
     }
 
     /// Re-registers with `advertisement` if it differs from the current one (the
-    /// new TXT record is announced at once); returns whether it did.
+    /// new TXT record is announced at once); returns whether it did. Until the first
+    /// registration has been announced nothing changes (call again later): a new
+    /// TXT record announced while the name is still being probed reaches our own
+    /// probe through multicast loop, which takes it for another host's record and
+    /// renames the instance (`w2 (2)`, `w2 (3)`, ... was seen).
     pub fn update(&mut self, advertisement: Advertisement) -> Result<bool, Error> {
-        if advertisement == self.current {
+        if advertisement == self.current || !self.announced() {
             return Ok(false);
         }
         let mut info = self.service_info(&advertisement)?;
@@ -84,6 +92,19 @@ impl Advertiser {
         tracing::debug!(instance = %self.options.instance, state = advertisement.state.as_str(), "mDNS advertisement updated");
         self.current = advertisement;
         Ok(true)
+    }
+
+    /// Whether the first registration has been announced on some interface.
+    fn announced(&mut self) -> bool {
+        let Some(events) = &self.probing else { return true };
+        let announced = events.try_iter().any(|event| match event {
+            DaemonEvent::Announce(fullname, _) => fullname.eq_ignore_ascii_case(&self.fullname),
+            _ => false,
+        });
+        if announced || events.is_disconnected() {
+            self.probing = None;
+        }
+        self.probing.is_none()
     }
 
     /// Unregisters the instance (goodbye packets, so browsers drop it within about a

@@ -3,7 +3,10 @@
 //! the single-process reference the cluster must reproduce.
 //!
 //! Children are found by the lines they print (no sleeps) and always stopped: by
-//! [`TestCluster::stop`], or by the guard's drop on a failed test.
+//! [`TestCluster::stop`], or by the guard's drop on a failed test. [`netns`] builds
+//! hosts out of network namespaces for the tests that need a network (mDNS).
+
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,7 +16,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use strata_coordinator::cli::children::{Children, Process};
 use strata_model::stage::StageOptions;
-use strata_model::{Device, Generator, ModelFile, SamplingParams};
+use strata_model::tokenizer::DecodeStream;
+use strata_model::{Device, Generator, ModelFile, SamplingParams, Tokenizer};
 
 /// How long a child may take to print its readiness line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -55,6 +59,21 @@ pub fn reference_tokens(model: &Path, prompt: &[u32], max_tokens: usize) -> anyh
     let file = ModelFile::open(model)?;
     let mut generator = Generator::load(&file, &Device::Cpu, StageOptions::default())?;
     Ok(generator.generate(prompt, max_tokens, &SamplingParams::greedy(), |_, _| true)?.tokens)
+}
+
+/// What a greedy completion of `prompt` through the API must say: its text (decoded
+/// the way the API streams it, piece by piece, chat markers left out) and its
+/// completion token count.
+pub fn reference_completion(model: &Path, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(String, u64)> {
+    let tokens = reference_tokens(model, prompt, max_tokens)?;
+    let tokenizer = Tokenizer::from_gguf(ModelFile::open(model)?.metadata())?;
+    let mut stream = DecodeStream::new();
+    let mut text = String::new();
+    for &t in tokens.iter().filter(|&&t| !tokenizer.is_control(t)) {
+        text.push_str(&tokenizer.decode_next(&mut stream, t)?.unwrap_or_default());
+    }
+    text.push_str(&stream.flush().unwrap_or_default());
+    Ok((text, tokens.len() as u64))
 }
 
 /// Options of a test cluster.

@@ -15,10 +15,9 @@ use strata_coordinator::cluster::{
 use strata_coordinator::engine::{GenerateEvent, GenerateRequest};
 use strata_model::generate::FinishReason;
 use strata_model::synthetic::SyntheticModel;
-use strata_model::tokenizer::DecodeStream;
 use strata_model::{ModelFile, SamplingParams, Tokenizer};
 use strata_proto::v1::{self, worker_client::WorkerClient, worker_event, WireDtype};
-use strata_tests::{reference_tokens, ClusterOptions, TestCluster};
+use strata_tests::{reference_completion, reference_tokens, ClusterOptions, TestCluster};
 
 /// Six layers, so three workers hold two each.
 fn synthetic(dir: &Path) -> PathBuf {
@@ -43,16 +42,7 @@ async fn complete(addr: &str, prompt: &[u32], max_tokens: usize) -> anyhow::Resu
 }
 
 async fn expected(model: &Path, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(String, u64)> {
-    let tokens = reference_tokens(model, prompt, max_tokens)?;
-    // Decoded the way the API streams text: piece by piece, chat markers left out.
-    let tokenizer = tokenizer(model);
-    let mut stream = DecodeStream::new();
-    let mut text = String::new();
-    for &t in tokens.iter().filter(|&&t| !tokenizer.is_control(t)) {
-        text.push_str(&tokenizer.decode_next(&mut stream, t)?.unwrap_or_default());
-    }
-    text.push_str(&stream.flush().unwrap_or_default());
-    Ok((text, tokens.len() as u64))
+    reference_completion(model, prompt, max_tokens)
 }
 
 #[tokio::test]

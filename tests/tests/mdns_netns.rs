@@ -1,0 +1,261 @@
+//! mDNS discovery across hosts made of network namespaces (`strata_tests::netns`):
+//! a cluster that forms with no address given, a worker's advertisement as
+//! avahi-browse sees it, and workers and coordinators beside avahi-daemon.
+//!
+//! These tests need root (they print `SKIPPED: ...` and pass otherwise); the avahi
+//! ones need avahi-daemon, avahi-utils and dbus (`.ci/run` installs them).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+use strata_coordinator::cli::children::Process;
+use strata_coordinator::cli::http;
+use strata_discovery::{
+    Advertisement, Advertiser, AdvertiserOptions, Browser, BrowserOptions, ClusterTag, DeviceSummary, Error, Event,
+    NodeState,
+};
+use strata_model::{ModelFile, Tokenizer};
+use strata_tests::netns::{avahi_missing, AvahiOptions, Hosts};
+use strata_tests::{binary, real_model, reference_completion, READY_TIMEOUT};
+
+const GRPC_PORT: u16 = 7070;
+
+fn log_level() -> String {
+    std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into())
+}
+
+/// A worker in `host` listening on every address (so it advertises the host's).
+async fn start_worker(
+    hosts: &Hosts,
+    host: usize,
+    name: &str,
+    port: u16,
+    cluster: &str,
+    model: Option<&Path>,
+    cache: &Path,
+) -> anyhow::Result<Process> {
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        format!("0.0.0.0:{port}"),
+        "--name".into(),
+        name.into(),
+        "--threads".into(),
+        "1".into(),
+        "--cluster".into(),
+        cluster.into(),
+        "--cache-dir".into(),
+        cache.join(name).display().to_string(),
+    ];
+    if let Some(model) = model {
+        args.extend(["--model".into(), model.display().to_string()]);
+    }
+    let mut p = hosts.spawn(host, name, &binary("strata-worker")?, &args, &[("STRATA_LOG", log_level())])?;
+    p.wait_for_line("worker listening", READY_TIMEOUT, |_| {}).await?;
+    p.drain_output();
+    Ok(p)
+}
+
+/// The skip line for a test that needs avahi, when it is not installed.
+fn avahi_skipped(test: &str) -> bool {
+    match avahi_missing() {
+        Some(missing) => {
+            eprintln!("SKIPPED: {test}: {missing} not installed (apt-get install avahi-daemon avahi-utils dbus)");
+            true
+        }
+        None => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_found_over_mdns_form_a_cluster_and_a_stopped_one_is_noticed() -> anyhow::Result<()> {
+    let test = "workers_found_over_mdns_form_a_cluster_and_a_stopped_one_is_noticed";
+    let Some(model) = real_model() else { return Ok(()) };
+    let Some(hosts) = Hosts::for_test(test, 3)? else { return Ok(()) };
+    let cache = tempfile::tempdir()?;
+    let cluster = "mdns-test";
+    let http_listen = format!("{}:8000", hosts.address(1));
+    let serve: Vec<String> = [
+        "--threads",
+        "1",
+        "serve",
+        "--model",
+        &model.display().to_string(),
+        "--model-id",
+        "test-model",
+        "--min-workers",
+        "2",
+        "--grpc-listen",
+        "0.0.0.0:7100",
+        "--http-listen",
+        &http_listen,
+        "--cluster",
+        cluster,
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    let mut coordinator = hosts.spawn(1, "coordinator", &binary("strata")?, &serve, &[("STRATA_LOG", log_level())])?;
+    let _w2 = start_worker(&hosts, 2, "w2", GRPC_PORT, cluster, Some(&model), cache.path()).await?;
+    let w3 = start_worker(&hosts, 3, "w3", GRPC_PORT, cluster, Some(&model), cache.path()).await?;
+    // Beside w3, a worker of another cluster that the coordinator must not take.
+    let _other = start_worker(&hosts, 3, "other", GRPC_PORT + 1, "another-cluster", None, cache.path()).await?;
+
+    let mut stages = Vec::new();
+    let ready = coordinator
+        .wait_for_line("listening http=", READY_TIMEOUT, |l| {
+            if l.starts_with("stage ") {
+                stages.push(l.to_string());
+            }
+        })
+        .await?;
+    coordinator.drain_output();
+    let placed: BTreeSet<String> =
+        stages.iter().filter_map(|l| l.split_whitespace().nth(5).map(str::to_string)).collect();
+    let expected: BTreeSet<String> = [2, 3].iter().map(|&h| format!("{}:{GRPC_PORT}", hosts.address(h))).collect();
+    assert_eq!(placed, expected, "{stages:?}");
+
+    let http = Process::field(&ready, "http").context("no http= in the coordinator's line")?;
+    let tokenizer = Tokenizer::from_gguf(ModelFile::open(&model)?.metadata())?;
+    let prompt = tokenizer.encode("The capital of France is")?;
+    let (want, _) = reference_completion(&model, &prompt, 12)?;
+    let body = json!({"model": "test-model", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0});
+    // The coordinator's address exists only in host 1: ask from there.
+    let reply = tokio::task::block_in_place(|| {
+        hosts.block_on(1, http::request(&http, "POST", "/v1/completions", Some(&body)))
+    })??;
+    anyhow::ensure!(reply.status == 200, "HTTP {}: {}", reply.status, reply.body);
+    assert_eq!(reply.json()?["choices"][0]["text"].as_str(), Some(want.as_str()));
+
+    // A worker that stops is noticed within a few seconds.
+    w3.stop(Duration::from_secs(10)).await;
+    let stopped = Instant::now();
+    let gone = format!("{}:{GRPC_PORT}", hosts.address(3));
+    // Needs `GET /admin/status` (the lead's work, merged separately), whose contract
+    // is `{"nodes":[{"name", "address", "state": "serving"|"draining"|"gone"|...}]}`:
+    // until it is merged this fails here, with the 404 in its message.
+    let noticed = tokio::task::block_in_place(|| {
+        hosts.block_on(1, async {
+            loop {
+                let reply = http::request(&http, "GET", "/admin/status", None).await?;
+                anyhow::ensure!(reply.status == 200, "GET /admin/status: HTTP {}: {}", reply.status, reply.body);
+                let status = reply.json()?;
+                let nodes = status["nodes"].as_array().context("no nodes in /admin/status")?;
+                let serving = nodes
+                    .iter()
+                    .any(|n| (n["address"] == gone.as_str() || n["name"] == "w3") && n["state"] == "serving");
+                if !serving {
+                    return Ok(stopped.elapsed());
+                }
+                anyhow::ensure!(
+                    stopped.elapsed() < Duration::from_secs(5),
+                    "w3 still serving 5 s after it stopped: {status}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    })??;
+    eprintln!("the stopped worker was noticed after {noticed:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avahi_browse_sees_a_worker_advertisement() -> anyhow::Result<()> {
+    let test = "avahi_browse_sees_a_worker_advertisement";
+    if avahi_skipped(test) {
+        return Ok(());
+    }
+    let Some(hosts) = Hosts::for_test(test, 2)? else { return Ok(()) };
+    let cache = tempfile::tempdir()?;
+    let avahi = hosts.start_avahi(1, AvahiOptions::default())?;
+    let _worker = start_worker(&hosts, 2, "wb", GRPC_PORT, "lab", None, cache.path()).await?;
+
+    // `avahi-browse -p` prints resolved services as
+    // `=;IFACE;IPv4;NAME;TYPE;DOMAIN;HOST;ADDRESS;PORT;"k=v" "k=v" ...`.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        let out = hosts
+            .command(1, Path::new("avahi-browse"), &["--resolve", "--terminate", "--parsable", "_strata._tcp"])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", avahi.bus_address())
+            .output()
+            .context("running avahi-browse")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(line) = stdout.lines().find(|l| l.starts_with("=;") && l.split(';').nth(3) == Some("wb")) {
+            break line.to_string();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "avahi-browse never resolved the worker: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let fields: Vec<&str> = line.splitn(10, ';').collect();
+    assert_eq!(fields[4], "_strata._tcp", "{line}");
+    assert!(fields[6].starts_with("strata-") && fields[6].ends_with(".local"), "our own host name: {line}");
+    assert_eq!(fields[7], hosts.address(2).to_string(), "{line}");
+    assert_eq!(fields[8], GRPC_PORT.to_string(), "{line}");
+    let txt = fields[9];
+    for pair in [format!("cluster={}", ClusterTag::of("lab")), "state=idle".into(), format!("port={GRPC_PORT}")] {
+        assert!(txt.contains(&format!("\"{pair}\"")), "{pair} in {txt}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_browsers_beside_avahi_still_find_each_other() -> anyhow::Result<()> {
+    let test = "workers_and_browsers_beside_avahi_still_find_each_other";
+    if avahi_skipped(test) {
+        return Ok(());
+    }
+    let Some(hosts) = Hosts::for_test(test, 3)? else { return Ok(()) };
+    let cache = tempfile::tempdir()?;
+    // avahi first everywhere, so ours is the second stack to bind port 5353.
+    let _avahi1 = hosts.start_avahi(1, AvahiOptions::default())?;
+    let _avahi2 = hosts.start_avahi(2, AvahiOptions::default())?;
+    let _avahi3 = hosts.start_avahi(3, AvahiOptions { exclusive: true })?;
+    let _worker = start_worker(&hosts, 2, "w2", GRPC_PORT, "lab", None, cache.path()).await?;
+
+    // A browser beside avahi in host 1 finds the worker beside avahi in host 2.
+    let options = BrowserOptions { cluster: ClusterTag::of("lab"), interfaces: Vec::new(), ipv6: false };
+    let found = tokio::task::block_in_place(|| {
+        hosts.block_on(1, async {
+            let mut browser = Browser::start(options.clone())?;
+            let event = tokio::time::timeout(Duration::from_secs(30), browser.next()).await;
+            browser.shutdown().await?;
+            anyhow::Ok(event)
+        })
+    })??;
+    let Ok(Some(event @ Event::Resolved { .. })) = found else {
+        anyhow::bail!("the worker was not resolved within 30 s: {found:?}");
+    };
+    assert_eq!(event.instance(), "w2");
+    assert_eq!(event.grpc_address(), Some((hosts.address(2), GRPC_PORT).into()));
+
+    // An avahi that holds the port alone is named, not silently talked past.
+    let advertisement = Advertisement {
+        protocol_version: strata_proto::PROTOCOL_VERSION,
+        node_id: "n3".into(),
+        grpc_port: GRPC_PORT,
+        devices: DeviceSummary::default(),
+        memory_offered_bytes: 0,
+        speed: 0,
+        state: NodeState::Idle,
+        cluster: ClusterTag::of("lab"),
+    };
+    let (advertiser, browser) = tokio::task::block_in_place(|| {
+        hosts.block_on(3, async {
+            let instance = AdvertiserOptions { instance: "w3".into(), ..Default::default() };
+            (Advertiser::start(instance, advertisement).map(drop), Browser::start(options).map(drop))
+        })
+    })?;
+    for result in [advertiser, browser] {
+        match result {
+            Err(Error::PortTaken { port: 5353, .. }) => {}
+            other => anyhow::bail!("expected the mDNS port to be reported taken, got {other:?}"),
+        }
+    }
+    Ok(())
+}
