@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use mdns_sd::{DaemonEvent, IfKind, ServiceDaemon, ServiceInfo};
+use mdns_sd::{IfKind, ServiceDaemon, ServiceInfo};
 
 use crate::{answer, check_port, stop_daemon, Advertisement, Error, SERVICE_TYPE};
 
@@ -33,8 +33,6 @@ pub struct Advertiser {
     host_name: String,
     fullname: String,
     current: Advertisement,
-    /// The daemon's events until the first registration is announced; `None` after.
-    probing: Option<mdns_sd::Receiver<DaemonEvent>>,
     stopped: bool,
 }
 
@@ -46,14 +44,12 @@ impl Advertiser {
         }
         check_port(mdns_sd::MDNS_PORT)?;
         let daemon = ServiceDaemon::new()?;
-        let probing = Some(daemon.monitor()?);
         let mut advertiser = Self {
             host_name: host_name(&advertisement.node_id),
             fullname: String::new(),
             daemon,
             options,
             current: advertisement,
-            probing,
             stopped: false,
         };
         select_interfaces(&advertiser.daemon, &advertiser.options.interfaces, advertiser.options.ipv6)?;
@@ -75,36 +71,15 @@ impl Advertiser {
     }
 
     /// Re-registers with `advertisement` if it differs from the current one (the
-    /// new TXT record is announced at once); returns whether it did. Until the first
-    /// registration has been announced nothing changes (call again later): a new
-    /// TXT record announced while the name is still being probed reaches our own
-    /// probe through multicast loop, which takes it for another host's record and
-    /// renames the instance (`w2 (2)`, `w2 (3)`, ... was seen).
+    /// new TXT record is announced at once); returns whether it did.
     pub fn update(&mut self, advertisement: Advertisement) -> Result<bool, Error> {
-        if advertisement == self.current || !self.announced() {
+        if advertisement == self.current {
             return Ok(false);
         }
-        let mut info = self.service_info(&advertisement)?;
-        // The names were probed at the first registration; re-probing would delay
-        // the announcement of a new state by most of a second.
-        info.set_requires_probe(false);
-        self.daemon.register(info)?;
+        self.daemon.register(self.service_info(&advertisement)?)?;
         tracing::debug!(instance = %self.options.instance, state = advertisement.state.as_str(), "mDNS advertisement updated");
         self.current = advertisement;
         Ok(true)
-    }
-
-    /// Whether the first registration has been announced on some interface.
-    fn announced(&mut self) -> bool {
-        let Some(events) = &self.probing else { return true };
-        let announced = events.try_iter().any(|event| match event {
-            DaemonEvent::Announce(fullname, _) => fullname.eq_ignore_ascii_case(&self.fullname),
-            _ => false,
-        });
-        if announced || events.is_disconnected() {
-            self.probing = None;
-        }
-        self.probing.is_none()
     }
 
     /// Unregisters the instance (goodbye packets, so browsers drop it within about a
@@ -131,7 +106,16 @@ impl Advertiser {
             advertisement.grpc_port,
             &properties[..],
         )?;
-        Ok(if self.options.addresses.is_empty() { info.enable_addr_auto() } else { info })
+        let mut info = if self.options.addresses.is_empty() { info.enable_addr_auto() } else { info };
+        // No probing. mdns-sd's probe takes our own announcements, looped back by
+        // multicast, for another host's records whenever the TXT record changes
+        // while a name is being probed on some interface, and renames the
+        // instance: `w2 (2)`, `w2 (3)`, ... was seen within seconds of a worker
+        // starting to load a shard. Names are the operator's to keep unique (the
+        // default, the host name, is for one worker per machine); the browser
+        // warns when two nodes advertise under one name.
+        info.set_requires_probe(false);
+        Ok(info)
     }
 }
 

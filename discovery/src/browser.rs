@@ -161,6 +161,15 @@ impl Filter {
             tracing::debug!(%instance, "resolved without a usable address yet");
             return None;
         }
+        if let Some(Event::Resolved { advertisement: before, .. }) = self.reported.get(fullname) {
+            if before.node_id != advertisement.node_id {
+                tracing::warn!(
+                    %instance,
+                    nodes = %format!("{} and {}", before.node_id, advertisement.node_id),
+                    "two workers advertise under one name; give them distinct --name"
+                );
+            }
+        }
         let event = Event::Resolved { instance, addresses, port, advertisement };
         if self.reported.get(fullname) == Some(&event) {
             return None;

@@ -47,6 +47,13 @@
 //!   the worker to 10.77.0.2 *and* 10.77.0.102, one of which it does not serve
 //!   on. Our SRV target is a name of our own, `strata-NODEID.local.`, that nobody
 //!   else answers for.
+//! * Probing (not about avahi, but found on the way). mdns-sd probes a new name
+//!   on each interface for most of a second. A changed TXT record registered in
+//!   that window comes back through multicast loop, and the probe takes our own
+//!   record for another host's: the instance was renamed `w2 (2)`, `w2 (3)`, ...
+//!   `w2 (11)` within seconds of a worker starting to load a shard. We register
+//!   without probing; two workers under one name are the operator's to avoid, and
+//!   the [`Browser`] warns when it sees them.
 //! * Addresses. A resolution's address set may hold an IPv6 link-local address
 //!   first, and only that (the IPv4 one follows a few milliseconds later); taking
 //!   "the first address" of it can give an address no gRPC client can use. We run

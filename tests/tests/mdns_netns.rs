@@ -235,16 +235,7 @@ async fn workers_and_browsers_beside_avahi_still_find_each_other() -> anyhow::Re
     assert_eq!(event.grpc_address(), Some((hosts.address(2), GRPC_PORT).into()));
 
     // An avahi that holds the port alone is named, not silently talked past.
-    let advertisement = Advertisement {
-        protocol_version: strata_proto::PROTOCOL_VERSION,
-        node_id: "n3".into(),
-        grpc_port: GRPC_PORT,
-        devices: DeviceSummary::default(),
-        memory_offered_bytes: 0,
-        speed: 0,
-        state: NodeState::Idle,
-        cluster: ClusterTag::of("lab"),
-    };
+    let advertisement = advertisement("n3", NodeState::Idle);
     let (advertiser, browser) = tokio::task::block_in_place(|| {
         hosts.block_on(3, async {
             let instance = AdvertiserOptions { instance: "w3".into(), ..Default::default() };
@@ -257,5 +248,73 @@ async fn workers_and_browsers_beside_avahi_still_find_each_other() -> anyhow::Re
             other => anyhow::bail!("expected the mDNS port to be reported taken, got {other:?}"),
         }
     }
+    Ok(())
+}
+
+/// What a worker advertises in the tests that run an [`Advertiser`] in-process.
+fn advertisement(node_id: &str, state: NodeState) -> Advertisement {
+    Advertisement {
+        protocol_version: strata_proto::PROTOCOL_VERSION,
+        node_id: node_id.into(),
+        grpc_port: GRPC_PORT,
+        devices: DeviceSummary::default(),
+        memory_offered_bytes: 0,
+        speed: 0,
+        state,
+        cluster: ClusterTag::of("lab"),
+    }
+}
+
+/// Regression: an update sent while the name was still being probed reached the
+/// probe through multicast loop and renamed the instance `w2 (2)`, `w2 (3)`, ...
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_right_after_start_keeps_the_instance_name() -> anyhow::Result<()> {
+    let Some(hosts) = Hosts::for_test("an_update_right_after_start_keeps_the_instance_name", 2)? else {
+        return Ok(());
+    };
+    let options = BrowserOptions { cluster: ClusterTag::of("lab"), interfaces: Vec::new(), ipv6: false };
+    let (advertised, events) = tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let browsing = scope.spawn(|| {
+                hosts.block_on(1, async {
+                    let mut browser = Browser::start(options)?;
+                    let mut events = Vec::new();
+                    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+                    while let Ok(Some(event)) = tokio::time::timeout_at(until, browser.next()).await {
+                        events.push(event);
+                    }
+                    browser.shutdown().await?;
+                    anyhow::Ok(events)
+                })
+            });
+            let advertising = hosts.block_on(2, async {
+                let options = AdvertiserOptions { instance: "w2".into(), ..Default::default() };
+                let mut advertiser = Advertiser::start(options, advertisement("n2", NodeState::Idle))?;
+                // What a worker does when a shard starts loading at once: update at
+                // every turn until the update goes out.
+                let started = Instant::now();
+                for state in [NodeState::Loading, NodeState::Ready] {
+                    while !advertiser.update(advertisement("n2", state))? {
+                        anyhow::ensure!(started.elapsed() < Duration::from_secs(3), "never announced");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                advertiser.shutdown().await?;
+                anyhow::Ok(())
+            });
+            let events = browsing.join().map_err(|_| anyhow::anyhow!("the browsing thread panicked"));
+            (advertising, events)
+        })
+    });
+    advertised??;
+    let events = events???;
+    let names: BTreeSet<&str> = events.iter().map(Event::instance).collect();
+    assert_eq!(names, BTreeSet::from(["w2"]), "{events:?}");
+    let last_state = events.iter().rev().find_map(|e| match e {
+        Event::Resolved { advertisement, .. } => Some(advertisement.state),
+        Event::Removed { .. } => None,
+    });
+    assert_eq!(last_state, Some(NodeState::Ready), "{events:?}");
     Ok(())
 }
