@@ -160,14 +160,7 @@ impl TestCluster {
         }
         args.extend(options.serve_args.iter().cloned());
         let mut p = Process::spawn("coordinator", &binary("strata")?, &args, &[("STRATA_LOG", "warn".into())])?;
-        let mut stages = Vec::new();
-        let line = p
-            .wait_for_line("listening http=", READY_TIMEOUT, |l| {
-                if l.starts_with("stage ") {
-                    stages.push(l.to_string());
-                }
-            })
-            .await?;
+        let (line, stages) = until_serving(&mut p).await?;
         p.drain_output();
         cluster.children.processes.push(p);
         cluster.stage_lines = stages;
@@ -194,16 +187,10 @@ impl TestCluster {
                 return cluster;
             }
         };
-        let mut stages = Vec::new();
-        let ready = coordinator.wait_for_line("listening http=", READY_TIMEOUT, |l| {
-            if l.starts_with("stage ") {
-                stages.push(l.to_string());
-            }
-        });
-        let ready = ready.await;
+        let ready = until_serving(&mut coordinator).await;
         coordinator.drain_output();
         cluster.children.processes.push(coordinator);
-        let line = ready?;
+        let (line, stages) = ready?;
         cluster.stage_lines = stages;
         cluster.http = Process::field(&line, "http");
         cluster.grpc = Some(grpc);
@@ -218,6 +205,20 @@ impl TestCluster {
     pub async fn stop(mut self) {
         self.children.stop_all().await;
     }
+}
+
+/// Waits until a `strata serve` child serves HTTP: its `listening http=...` line,
+/// and the `stage N ...` lines it printed before.
+pub async fn until_serving(coordinator: &mut Process) -> anyhow::Result<(String, Vec<String>)> {
+    let mut stages = Vec::new();
+    let line = coordinator
+        .wait_for_line("listening http=", READY_TIMEOUT, |l| {
+            if l.starts_with("stage ") {
+                stages.push(l.to_string());
+            }
+        })
+        .await?;
+    Ok((line, stages))
 }
 
 pub use strata_model::synthetic::real_test_model as real_model;

@@ -19,7 +19,7 @@ use strata_discovery::{
 };
 use strata_model::{ModelFile, Tokenizer};
 use strata_tests::netns::{avahi_missing, AvahiOptions, Hosts};
-use strata_tests::{binary, real_model, reference_completion, READY_TIMEOUT};
+use strata_tests::{binary, real_model, reference_completion, until_serving, READY_TIMEOUT};
 
 const GRPC_PORT: u16 = 7070;
 
@@ -58,15 +58,14 @@ async fn start_worker(
     Ok(p)
 }
 
-/// The skip line for a test that needs avahi, when it is not installed.
-fn avahi_skipped(test: &str) -> bool {
-    match avahi_missing() {
-        Some(missing) => {
-            eprintln!("SKIPPED: {test}: {missing} not installed (apt-get install avahi-daemon avahi-utils dbus)");
-            true
-        }
-        None => false,
+/// Hosts for a test that runs avahi-daemon; `None` after a `SKIPPED` line when
+/// avahi is not installed or namespaces cannot be made.
+fn hosts_with_avahi(test: &str, count: usize) -> anyhow::Result<Option<Hosts>> {
+    if let Some(missing) = avahi_missing() {
+        eprintln!("SKIPPED: {test}: {missing} not installed (apt-get install avahi-daemon avahi-utils dbus)");
+        return Ok(None);
     }
+    Hosts::for_test(test, count)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,14 +102,7 @@ async fn workers_found_over_mdns_form_a_cluster_and_a_stopped_one_is_noticed() -
     // Beside w3, a worker of another cluster that the coordinator must not take.
     let _other = start_worker(&hosts, 3, "other", GRPC_PORT + 1, "another-cluster", None, cache.path()).await?;
 
-    let mut stages = Vec::new();
-    let ready = coordinator
-        .wait_for_line("listening http=", READY_TIMEOUT, |l| {
-            if l.starts_with("stage ") {
-                stages.push(l.to_string());
-            }
-        })
-        .await?;
+    let (ready, stages) = until_serving(&mut coordinator).await?;
     coordinator.drain_output();
     let placed: BTreeSet<String> =
         stages.iter().filter_map(|l| l.split_whitespace().nth(5).map(str::to_string)).collect();
@@ -163,11 +155,7 @@ async fn workers_found_over_mdns_form_a_cluster_and_a_stopped_one_is_noticed() -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn avahi_browse_sees_a_worker_advertisement() -> anyhow::Result<()> {
-    let test = "avahi_browse_sees_a_worker_advertisement";
-    if avahi_skipped(test) {
-        return Ok(());
-    }
-    let Some(hosts) = Hosts::for_test(test, 2)? else { return Ok(()) };
+    let Some(hosts) = hosts_with_avahi("avahi_browse_sees_a_worker_advertisement", 2)? else { return Ok(()) };
     let cache = tempfile::tempdir()?;
     let avahi = hosts.start_avahi(1, AvahiOptions::default())?;
     let _worker = start_worker(&hosts, 2, "wb", GRPC_PORT, "lab", None, cache.path()).await?;
@@ -206,11 +194,9 @@ async fn avahi_browse_sees_a_worker_advertisement() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_and_browsers_beside_avahi_still_find_each_other() -> anyhow::Result<()> {
-    let test = "workers_and_browsers_beside_avahi_still_find_each_other";
-    if avahi_skipped(test) {
+    let Some(hosts) = hosts_with_avahi("workers_and_browsers_beside_avahi_still_find_each_other", 3)? else {
         return Ok(());
-    }
-    let Some(hosts) = Hosts::for_test(test, 3)? else { return Ok(()) };
+    };
     let cache = tempfile::tempdir()?;
     // avahi first everywhere, so ours is the second stack to bind port 5353.
     let _avahi1 = hosts.start_avahi(1, AvahiOptions::default())?;

@@ -176,9 +176,16 @@ mod tests {
         }
     }
 
-    fn member(confirm: &Confirm) -> Result<Member, ClusterError> {
+    fn start() -> (Arc<Membership>, Found) {
+        let membership = Arc::new(Membership::default());
+        (membership.clone(), Found::new(membership))
+    }
+
+    /// The worker answers Describe as the one advertised.
+    fn answer(found: &mut Found, confirm: Confirm) {
         let description = WorkerDescription { node_id: confirm.node_id.clone(), ..Default::default() };
-        Ok(Member { address: confirm.address.clone(), description })
+        let member = Member { address: confirm.address.clone(), description };
+        found.described(confirm, Ok(member));
     }
 
     fn addresses(membership: &Membership) -> Vec<String> {
@@ -187,13 +194,11 @@ mod tests {
 
     #[test]
     fn found_workers_are_confirmed_once_and_removed_on_goodbye() {
-        let membership = Arc::new(Membership::default());
-        let mut found = Found::new(membership.clone());
+        let (membership, mut found) = start();
         let confirm = found.event(resolved("w1", "10.0.0.1", NodeState::Idle)).expect("a new worker is described");
         assert_eq!(confirm.address, "10.0.0.1:7070");
         assert!(found.event(resolved("w1", "10.0.0.1", NodeState::Ready)).is_none(), "an update is not");
-        let result = member(&confirm);
-        found.described(confirm, result);
+        answer(&mut found, confirm);
         assert_eq!(addresses(&membership), ["10.0.0.1:7070"]);
         found.event(Event::Removed { instance: "w1".into() });
         assert!(addresses(&membership).is_empty());
@@ -201,33 +206,27 @@ mod tests {
 
     #[test]
     fn a_worker_that_leaves_while_described_is_not_added() {
-        let membership = Arc::new(Membership::default());
-        let mut found = Found::new(membership.clone());
+        let (membership, mut found) = start();
         let confirm = found.event(resolved("w1", "10.0.0.1", NodeState::Idle)).unwrap();
         found.event(Event::Removed { instance: "w1".into() });
-        let result = member(&confirm);
-        found.described(confirm, result);
+        answer(&mut found, confirm);
         assert!(addresses(&membership).is_empty());
     }
 
     #[test]
     fn a_moved_worker_is_described_again_and_its_old_address_dropped() {
-        let membership = Arc::new(Membership::default());
-        let mut found = Found::new(membership.clone());
+        let (membership, mut found) = start();
         let first = found.event(resolved("w1", "10.0.0.1", NodeState::Idle)).unwrap();
-        let result = member(&first);
-        found.described(first, result);
+        answer(&mut found, first);
         let second = found.event(resolved("w1", "10.0.0.9", NodeState::Idle)).expect("a new address is described");
         assert!(addresses(&membership).is_empty(), "the old address is gone at once");
-        let result = member(&second);
-        found.described(second, result);
+        answer(&mut found, second);
         assert_eq!(addresses(&membership), ["10.0.0.9:7070"]);
     }
 
     #[test]
     fn draining_strangers_and_impostors_are_not_added() {
-        let membership = Arc::new(Membership::default());
-        let mut found = Found::new(membership.clone());
+        let (membership, mut found) = start();
         assert!(found.event(resolved("w1", "10.0.0.1", NodeState::Draining)).is_none());
         let confirm = found.event(resolved("w2", "10.0.0.2", NodeState::Idle)).unwrap();
         let impostor = Ok(Member {
