@@ -8,7 +8,10 @@ fn main() -> anyhow::Result<()> {
     // Before anything else runs: this sizes the compute pool through the environment.
     cli::set_compute_threads(cli.threads);
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -19,5 +22,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => cli::serve::run(args),
         Command::Demo(args) => cli::demo::run(args),
         Command::Plan(args) => cli::plan::run(args),
+        Command::Status(args) => cli::admin::status(args),
+        Command::Drain(args) => cli::admin::drain(args),
+        Command::Undrain(args) => cli::admin::undrain(args),
     }
 }

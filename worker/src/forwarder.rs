@@ -20,7 +20,8 @@ use crate::events::EventHub;
 /// Connects to a peer worker, retrying briefly: the peer may be starting up.
 pub async fn connect(address: String) -> Result<Channel, String> {
     let address = address.as_str();
-    let endpoint = strata_proto::transport::endpoint(address).map_err(|e| format!("bad address {address:?}: {e}"))?;
+    let endpoint = strata_proto::transport::endpoint(address)
+        .map_err(|e| format!("bad address {address:?}: {e}"))?;
     let mut delay = Duration::from_millis(50);
     let mut attempts = 0;
     loop {
@@ -40,12 +41,21 @@ pub async fn connect(address: String) -> Result<Channel, String> {
 pub fn spawn(
     address: String,
     channel: Channel,
+    pipeline_id: u64,
     stage_index: u32,
     hub: Arc<EventHub>,
     shutdown: watch::Receiver<bool>,
 ) -> mpsc::UnboundedSender<StageMessage> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(address, channel, Arc::new(Mutex::new(rx)), stage_index, hub, shutdown));
+    tokio::spawn(run(
+        address,
+        channel,
+        Arc::new(Mutex::new(rx)),
+        pipeline_id,
+        stage_index,
+        hub,
+        shutdown,
+    ));
     tx
 }
 
@@ -53,6 +63,7 @@ async fn run(
     address: String,
     mut channel: Channel,
     rx: Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>,
+    pipeline_id: u64,
     stage_index: u32,
     hub: Arc<EventHub>,
     mut shutdown: watch::Receiver<bool>,
@@ -65,7 +76,7 @@ async fn run(
         // the next stream picks up where the old one stopped.
         let stream = futures::stream::unfold(rx.clone(), next_message);
         let result = tokio::select! {
-            r = client.forward(stream) => r,
+            r = client.forward(strata_proto::with_pipeline(stream, pipeline_id)) => r,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         match result {
@@ -113,7 +124,10 @@ async fn run(
 
 async fn next_message(
     rx: Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>,
-) -> Option<(StageMessage, Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>)> {
+) -> Option<(
+    StageMessage,
+    Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>,
+)> {
     let message = rx.lock().await.recv().await?;
     Some((message, rx))
 }

@@ -12,7 +12,7 @@ use super::errors::{ApiError, ApiJson};
 use super::generation::Finish;
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
-use super::{begin, Begun, off_reactor, start, to_json, unix_now, AppState};
+use super::{begin, off_reactor, start, to_json, unix_now, AppState, Begun};
 
 /// OpenAI's default for this endpoint.
 const DEFAULT_MAX_TOKENS: usize = 16;
@@ -25,10 +25,14 @@ enum Prompt {
 }
 
 fn prompt(fields: &Fields) -> Result<Prompt, ApiError> {
-    let value =
-        fields.raw("prompt").ok_or_else(|| ApiError::invalid("prompt", "missing required parameter `prompt`"))?;
+    let value = fields
+        .raw("prompt")
+        .ok_or_else(|| ApiError::invalid("prompt", "missing required parameter `prompt`"))?;
     let shape = || {
-        ApiError::invalid("prompt", "prompt must be a string, an array of token ids, or an array holding one of those")
+        ApiError::invalid(
+            "prompt",
+            "prompt must be a string, an array of token ids, or an array holding one of those",
+        )
     };
     match value {
         Value::String(text) => Ok(Prompt::Text(text.clone())),
@@ -36,9 +40,10 @@ fn prompt(fields: &Fields) -> Result<Prompt, ApiError> {
             [] => Err(ApiError::invalid("prompt", "the prompt is empty")),
             [Value::String(text)] => Ok(Prompt::Text(text.clone())),
             [Value::Array(ids)] => token_ids(ids).map(Prompt::Tokens),
-            [Value::String(_) | Value::Array(_), ..] => {
-                Err(ApiError::unsupported("prompt", "only one prompt per request is supported"))
-            }
+            [Value::String(_) | Value::Array(_), ..] => Err(ApiError::unsupported(
+                "prompt",
+                "only one prompt per request is supported",
+            )),
             ids => token_ids(ids).map(Prompt::Tokens).map_err(|_| shape()),
         },
         _ => Err(shape()),
@@ -98,7 +103,12 @@ impl CompletionChunks {
             object: "text_completion",
             created: self.created,
             model: &self.model,
-            choices: [Choice { index: 0, text, logprobs: None, finish_reason: finish }],
+            choices: [Choice {
+                index: 0,
+                text,
+                logprobs: None,
+                finish_reason: finish,
+            }],
             usage: None,
         };
         to_json(&chunk)
@@ -136,7 +146,12 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let Begun { request_id, fields, card, options } = begin(&state, body)?;
+    let Begun {
+        request_id,
+        fields,
+        card,
+        options,
+    } = begin(&state, body)?;
     let requested = params::max_tokens(&fields, "max_tokens")?;
     let prompt = prompt(&fields)?;
     let prompt_tokens = off_reactor(&card, move |card| match prompt {
@@ -152,7 +167,10 @@ pub(super) async fn create(
     }
     let vocab = card.tokenizer.vocab_size();
     if let Some(bad) = prompt_tokens.iter().find(|&&id| id as usize >= vocab) {
-        return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}")));
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
     }
     let max_tokens = params::fit_in_context(
         prompt_tokens.len(),
@@ -161,11 +179,21 @@ pub(super) async fn create(
         card.context_length,
         "prompt",
     )?;
-    let mut generation = start(state.engine.as_ref(), &request_id, prompt_tokens, max_tokens, &options)?;
+    let mut generation = start(
+        state.engine.as_ref(),
+        &request_id,
+        prompt_tokens,
+        max_tokens,
+        &options,
+    )?;
     let id = format!("cmpl-{request_id}");
     let created = unix_now();
     if options.stream {
-        let chunks = CompletionChunks { id, created, model: card.id.clone() };
+        let chunks = CompletionChunks {
+            id,
+            created,
+            model: card.id.clone(),
+        };
         return Ok(sse::response(generation, chunks, options.include_usage));
     }
     let (text, finish) = generation.collect().await?;
@@ -174,7 +202,12 @@ pub(super) async fn create(
         object: "text_completion",
         created,
         model: &card.id,
-        choices: [Choice { index: 0, text: &text, logprobs: None, finish_reason: Some(finish) }],
+        choices: [Choice {
+            index: 0,
+            text: &text,
+            logprobs: None,
+            finish_reason: Some(finish),
+        }],
         usage: Some(Usage::of(&generation)),
     };
     Ok(Json(body).into_response())
@@ -196,11 +229,23 @@ mod tests {
     fn prompts_come_in_four_shapes() {
         assert_eq!(prompt_of(json!("hi")).unwrap(), Prompt::Text("hi".into()));
         assert_eq!(prompt_of(json!(["hi"])).unwrap(), Prompt::Text("hi".into()));
-        assert_eq!(prompt_of(json!([1, 2, 3])).unwrap(), Prompt::Tokens(vec![1, 2, 3]));
-        assert_eq!(prompt_of(json!([[4, 5]])).unwrap(), Prompt::Tokens(vec![4, 5]));
-        for bad in
-            [json!(["a", "b"]), json!([]), json!(5), json!([1, -1]), json!([1, "a"]), json!([[1, 2.5]]), json!({})]
-        {
+        assert_eq!(
+            prompt_of(json!([1, 2, 3])).unwrap(),
+            Prompt::Tokens(vec![1, 2, 3])
+        );
+        assert_eq!(
+            prompt_of(json!([[4, 5]])).unwrap(),
+            Prompt::Tokens(vec![4, 5])
+        );
+        for bad in [
+            json!(["a", "b"]),
+            json!([]),
+            json!(5),
+            json!([1, -1]),
+            json!([1, "a"]),
+            json!([[1, 2.5]]),
+            json!({}),
+        ] {
             let err = prompt_of(bad.clone()).unwrap_err();
             assert_eq!(err.param.as_deref(), Some("prompt"), "{bad}");
         }

@@ -11,7 +11,9 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::model_store;
-use crate::planner::{self, catalog, format_bytes, MemoryLimits, ModelSpec, Plan, PlanError, PlanOptions, Shortfall};
+use crate::planner::{
+    self, catalog, format_bytes, MemoryLimits, ModelSpec, Plan, PlanError, PlanOptions, Shortfall,
+};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -76,19 +78,35 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     };
     let model = load_model(&args.model)?;
     let limits = MemoryLimits {
-        max_memory: args.max_memory.as_deref().map(planner::node::parse_bytes).transpose().context("--max-memory")?,
-        reserve: args.reserve.as_deref().map(planner::node::parse_bytes).transpose().context("--reserve")?,
+        max_memory: args
+            .max_memory
+            .as_deref()
+            .map(planner::node::parse_bytes)
+            .transpose()
+            .context("--max-memory")?,
+        reserve: args
+            .reserve
+            .as_deref()
+            .map(planner::node::parse_bytes)
+            .transpose()
+            .context("--reserve")?,
     };
     if !(args.link_latency_ms.is_finite() && args.link_latency_ms >= 0.0) {
         bail!("--link-latency-ms must be a number of milliseconds, 0 or more");
     }
-    let nodes = planner::node::parse_nodes(nodes_spec, limits, args.link_latency_ms / 1e3).context("--nodes")?;
-    let options = PlanOptions { context: args.context, sequences: args.sequences, ..PlanOptions::default() };
+    let nodes = planner::node::parse_nodes(nodes_spec, limits, args.link_latency_ms / 1e3)
+        .context("--nodes")?;
+    let options = PlanOptions {
+        context: args.context,
+        sequences: args.sequences,
+        ..PlanOptions::default()
+    };
 
     let result = match &args.layers {
         Some(spec) => {
             let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-            let assignment = planner::parse_layers(spec, &names, model.layers()).context("--layers")?;
+            let assignment =
+                planner::parse_layers(spec, &names, model.layers()).context("--layers")?;
             planner::evaluate(&model, &nodes, &assignment, &options)
         }
         None => planner::plan(&model, &nodes, &options),
@@ -135,15 +153,24 @@ fn load_model(spec: &str) -> anyhow::Result<ModelSpec> {
     let path = if path.exists() || model_store::known(spec).is_some() {
         model_store::resolve(spec)?
     } else {
-        bail!("unknown model `{spec}`: not a file, and not in the catalog ({})", catalog::model_names().join(", "));
+        bail!(
+            "unknown model `{spec}`: not a file, and not in the catalog ({})",
+            catalog::model_names().join(", ")
+        );
     };
     let file = strata_model::ModelFile::open(&path)?;
-    let name = path.file_name().map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned());
+    let name = path
+        .file_name()
+        .map_or_else(|| spec.to_string(), |n| n.to_string_lossy().into_owned());
     Ok(ModelSpec::from_gguf(name, &file))
 }
 
 fn print_text(model: &ModelSpec, options: &PlanOptions, latency_ms: f64, report: &Report) {
-    let sequences = if options.sequences == 1 { "1 sequence".to_string() } else { format!("{} sequences", options.sequences) };
+    let sequences = if options.sequences == 1 {
+        "1 sequence".to_string()
+    } else {
+        format!("{} sequences", options.sequences)
+    };
     println!(
         "{}: {} layers, {} of weights; context {} × {sequences}",
         model.name,
@@ -159,7 +186,14 @@ fn print_text(model: &ModelSpec, options: &PlanOptions, latency_ms: f64, report:
         println!();
         println!(
             "{:>5}  {:<14} {:<12} {:>7}  {:>10} {:>10} {:>10}  {:>21}",
-            "stage", "node", "device", "layers", "weights", "kv cache", "scratch", "needed / offered"
+            "stage",
+            "node",
+            "device",
+            "layers",
+            "weights",
+            "kv cache",
+            "scratch",
+            "needed / offered"
         );
         for (i, s) in plan.stages.iter().enumerate() {
             let layers = format!("{}-{}", s.layers.start, s.layers.end - 1);
@@ -173,7 +207,11 @@ fn print_text(model: &ModelSpec, options: &PlanOptions, latency_ms: f64, report:
                 format_bytes(s.weight_bytes),
                 format_bytes(s.kv_bytes),
                 format_bytes(s.scratch_bytes),
-                format!("{} / {}", format_bytes(s.needed_bytes()), format_bytes(s.offered_bytes)),
+                format!(
+                    "{} / {}",
+                    format_bytes(s.needed_bytes()),
+                    format_bytes(s.offered_bytes)
+                ),
             );
         }
         for left in &plan.left_out {
@@ -196,7 +234,9 @@ fn print_text(model: &ModelSpec, options: &PlanOptions, latency_ms: f64, report:
         None => "none".to_string(),
     };
     match report.plan_max_context {
-        Some(p) => println!("largest context: {p} tokens with this plan, {nodes} with a plan made for it"),
+        Some(p) => {
+            println!("largest context: {p} tokens with this plan, {nodes} with a plan made for it")
+        }
         None => println!("largest context on these nodes: {nodes}"),
     }
 }

@@ -17,7 +17,10 @@ use clap::{Args, ValueEnum};
 use strata_proto::v1::WireDtype;
 use tokio::sync::watch;
 
-use crate::cluster::{self, Cluster, ClusterConfig, CoordinatorService, Membership, ReturnPath, ServedModel};
+use crate::cluster::{
+    self, Cluster, ClusterConfig, CoordinatorService, Membership, PlacementPolicy, ReturnPath,
+    ServedModel,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WireDtypeArg {
@@ -68,15 +71,50 @@ pub struct ServeArgs {
     /// The model id clients send as `"model"` (default: the name, or file stem).
     #[arg(long)]
     pub model_id: Option<String>,
+    /// How layers are spread: `fastest` (the planner's fastest plan for one stream;
+    /// workers that would only slow it down hold nothing) or `spread` (every worker
+    /// holds layers, in proportion to its speed).
+    #[arg(long, value_enum, default_value_t = PlacementArg::Fastest)]
+    pub placement: PlacementArg,
+    /// A manual plan by worker name, such as `debian:0-9,gaming-pc:10-39,rack:40-79`
+    /// (overrides --placement).
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Context length every sequence may reach, for sizing the KV caches the plan
+    /// must fit.
+    #[arg(long, default_value_t = 4096)]
+    pub context: usize,
+    /// Sequences decoded at once, for the same sizing.
+    #[arg(long, default_value_t = 4)]
+    pub sequences: usize,
+    /// Seconds a request may wait for capacity (after a worker is lost, or drained
+    /// with --force) before it fails.
+    #[arg(long, default_value_t = 120)]
+    pub queue_timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlacementArg {
+    Fastest,
+    Spread,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let path = crate::model_store::resolve(&args.model)?;
-    let model_id = args.model_id.clone().unwrap_or_else(|| default_model_id(&args.model));
-    let model = Arc::new(ServedModel::open(&path, model_id).with_context(|| format!("opening {}", path.display()))?);
+    let model_id = args
+        .model_id
+        .clone()
+        .unwrap_or_else(|| default_model_id(&args.model));
+    let model = Arc::new(
+        ServedModel::open(&path, model_id)
+            .with_context(|| format!("opening {}", path.display()))?,
+    );
     // The coordinator computes nothing heavy (tokenizing runs on the blocking pool):
     // a small runtime leaves the cores to workers sharing this machine.
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.block_on(serve(args, model, super::serve_local::shutdown_signal()))
 }
 
@@ -85,7 +123,11 @@ fn default_model_id(spec: &str) -> String {
     if crate::model_store::known(spec).is_some() {
         return spec.to_owned();
     }
-    Path::new(spec).file_stem().and_then(|s| s.to_str()).unwrap_or(spec).to_owned()
+    Path::new(spec)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or(spec)
+        .to_owned()
 }
 
 fn say(line: &str) -> anyhow::Result<()> {
@@ -115,7 +157,10 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", args.grpc_listen))?;
     let grpc_addr = grpc.local_addr()?;
-    let advertised = args.grpc_advertise.clone().unwrap_or_else(|| advertised(grpc_addr));
+    let advertised = args
+        .grpc_advertise
+        .clone()
+        .unwrap_or_else(|| advertised(grpc_addr));
     let membership = Arc::new(Membership::default());
     let service = CoordinatorService {
         id: format!("strata-{}", std::process::id()),
@@ -138,6 +183,17 @@ pub async fn serve(
             ReturnPathArg::Direct => ReturnPath::Direct,
         },
         weights_source: advertised.clone(),
+        placement: match (&args.layers, args.placement) {
+            (Some(layers), _) => PlacementPolicy::Manual(layers.clone()),
+            (None, PlacementArg::Fastest) => PlacementPolicy::Fastest,
+            (None, PlacementArg::Spread) => PlacementPolicy::Spread,
+        },
+        plan: crate::planner::PlanOptions {
+            context: args.context.max(1),
+            sequences: args.sequences.max(1),
+            ..crate::planner::PlanOptions::default()
+        },
+        queue_timeout: Duration::from_secs(args.queue_timeout),
     };
     let cluster = tokio::select! {
         c = Cluster::start(&config, model.clone(), membership) => c.context("cannot start the pipeline")?,
@@ -154,7 +210,11 @@ pub async fn serve(
             p.layers.end,
             p.address,
             p.name,
-            if p.weights_were_local { "local" } else { "pulled" },
+            if p.weights_were_local {
+                "local"
+            } else {
+                "pulled"
+            },
             p.load_seconds
         ))?;
     }
@@ -169,7 +229,8 @@ pub async fn serve(
     let http_addr = http.local_addr()?;
     say(&format!("listening http={http_addr} grpc={advertised}"))?;
     let engine: Arc<dyn crate::engine::Engine> = cluster.engine.clone();
-    let served = crate::api::serve(http, engine, stopped(stop.clone())).await;
+    let served =
+        crate::api::serve(http, engine, Some(cluster.admin()), stopped(stop.clone())).await;
     cluster.shutdown().await;
     let _ = grpc_server.await;
     served.context("the HTTP API failed")?;
@@ -177,6 +238,10 @@ pub async fn serve(
 }
 
 fn advertised(local: SocketAddr) -> String {
-    let ip = if local.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { local.ip() };
+    let ip = if local.ip().is_unspecified() {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        local.ip()
+    };
     SocketAddr::new(ip, local.port()).to_string()
 }
