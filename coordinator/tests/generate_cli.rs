@@ -6,10 +6,7 @@ use std::process::{Command, Output};
 use strata_model::synthetic::SyntheticModel;
 
 fn strata(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(args)
-        .output()
-        .expect("the strata binary runs")
+    Command::new(env!("CARGO_BIN_EXE_strata")).args(args).output().expect("the strata binary runs")
 }
 
 fn real_model() -> Option<PathBuf> {
@@ -19,32 +16,15 @@ fn real_model() -> Option<PathBuf> {
 #[test]
 fn json_output_matches_llama_cpp_on_the_real_model() {
     let Some(model) = real_model() else { return };
-    let out = strata(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "-n",
-        "32",
-        "--temperature",
-        "0",
-        "--json",
-        "The capital of France is",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = strata(&["generate", "--model", model.to_str().unwrap(), "-n", "32", "--temperature", "0", "--json", "The capital of France is"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        v["prompt_tokens"],
-        serde_json::json!([504, 3575, 282, 4649, 314])
-    );
+    assert_eq!(v["prompt_tokens"], serde_json::json!([504, 3575, 282, 4649, 314]));
     assert_eq!(
         v["tokens"],
         serde_json::json!([
-            7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33, 2215,
-            701, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33
+            7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33, 2215, 701, 30, 198, 198,
+            504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33
         ])
     );
     assert_eq!(
@@ -57,19 +37,8 @@ fn json_output_matches_llama_cpp_on_the_real_model() {
 fn streams_text_from_a_synthetic_model() {
     let dir = tempfile::tempdir().unwrap();
     let model = SyntheticModel::tiny().write_to(dir.path()).unwrap();
-    let out = strata(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "-n",
-        "5",
-        "hello",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = strata(&["generate", "--model", model.to_str().unwrap(), "-n", "5", "hello"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("hello"));
 }
 
@@ -89,34 +58,13 @@ fn bad_input_gets_a_clear_error() {
     let long_prompt = "a ".repeat(400);
     let m = model.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (
-            vec!["generate", "--model", "/no/such/file.gguf", "x"],
-            "neither a file nor a known model",
-        ),
-        (
-            vec!["generate", "--model", not_gguf.to_str().unwrap(), "x"],
-            "not a GGUF file",
-        ),
-        (
-            vec!["generate", "--model", truncated.to_str().unwrap(), "x"],
-            "truncated or corrupt",
-        ),
-        (
-            vec!["generate", "--model", mamba.to_str().unwrap(), "x"],
-            "unsupported architecture `mamba`",
-        ),
-        (
-            vec!["generate", "--model", m, &long_prompt],
-            "exceed the context length",
-        ),
-        (
-            vec!["generate", "--model", m, "--temperature=-1", "x"],
-            "temperature",
-        ),
-        (
-            vec!["generate", "--model", m, "--device", "tpu", "x"],
-            "unknown device",
-        ),
+        (vec!["generate", "--model", "/no/such/file.gguf", "x"], "neither a file nor a known model"),
+        (vec!["generate", "--model", not_gguf.to_str().unwrap(), "x"], "not a GGUF file"),
+        (vec!["generate", "--model", truncated.to_str().unwrap(), "x"], "truncated or corrupt"),
+        (vec!["generate", "--model", mamba.to_str().unwrap(), "x"], "unsupported architecture `mamba`"),
+        (vec!["generate", "--model", m, &long_prompt], "exceed the context length"),
+        (vec!["generate", "--model", m, "--temperature=-1", "x"], "temperature"),
+        (vec!["generate", "--model", m, "--device", "tpu", "x"], "unknown device"),
     ];
     for (args, expected) in cases {
         let out = strata(&args);

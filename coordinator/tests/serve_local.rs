@@ -31,9 +31,7 @@ impl Server {
             .spawn()
             .expect("the strata binary runs");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let addr = line
             .trim()
             .strip_prefix("listening http=")
@@ -46,9 +44,7 @@ impl Server {
     /// One request on its own connection; returns the status and the body.
     fn request(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
         let mut stream = TcpStream::connect(self.addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let body = body.map(Value::to_string).unwrap_or_default();
         write!(
             stream,
@@ -58,24 +54,15 @@ impl Server {
         .unwrap();
         let mut reply = String::new();
         stream.read_to_string(&mut reply).unwrap();
-        let status = reply
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad reply: {reply}"));
-        let body = reply
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
+        let status =
+            reply.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad reply: {reply}"));
+        let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
         (status, body)
     }
 
     /// Sends `signal` and waits for a clean exit.
     fn stop(mut self, signal: &str) {
-        let sent = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let sent = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
         assert!(sent.success());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -102,16 +89,10 @@ fn serves_completions_and_stops_on_signals() {
     let model = SyntheticModel::tiny().write_to(dir.path()).unwrap();
     for signal in ["TERM", "INT"] {
         let server = Server::start(&model);
-        assert_eq!(
-            server.request("GET", "/health", None),
-            (200, r#"{"status":"ok"}"#.to_owned())
-        );
+        assert_eq!(server.request("GET", "/health", None), (200, r#"{"status":"ok"}"#.to_owned()));
         let (status, body) = server.request("GET", "/v1/models", None);
         assert_eq!(status, 200);
-        assert_eq!(
-            serde_json::from_str::<Value>(&body).unwrap()["data"][0]["id"],
-            "tiny"
-        );
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["data"][0]["id"], "tiny");
         let request = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5});
         let (status, body) = server.request("POST", "/v1/chat/completions", Some(&request));
         assert_eq!(status, 200, "{body}");
@@ -124,10 +105,7 @@ fn serves_completions_and_stops_on_signals() {
             Some(&json!({"model": "tiny", "prompt": "hi", "temperature": 7})),
         );
         assert_eq!(status, 400);
-        assert_eq!(
-            serde_json::from_str::<Value>(&body).unwrap()["error"]["param"],
-            "temperature"
-        );
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["param"], "temperature");
         server.stop(signal);
     }
 }

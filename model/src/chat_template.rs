@@ -56,10 +56,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self {
-            role,
-            content: content.into(),
-        }
+        Self { role, content: content.into() }
     }
 }
 
@@ -91,11 +88,7 @@ impl ChatTemplate {
         let source = match metadata.get(CHAT_TEMPLATE_KEY) {
             None => CHATML_TEMPLATE.to_owned(),
             Some(Value::String(source)) => source.clone(),
-            Some(_) => {
-                return Err(ChatTemplateError::Invalid(format!(
-                    "`{CHAT_TEMPLATE_KEY}` is not a string"
-                )))
-            }
+            Some(_) => return Err(ChatTemplateError::Invalid(format!("`{CHAT_TEMPLATE_KEY}` is not a string"))),
         };
         let tokens = TemplateTokens::from_gguf(metadata);
         let mut template = Self::new(
@@ -140,30 +133,19 @@ impl ChatTemplate {
         &self.source
     }
 
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, ChatTemplateError> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| ChatTemplateError::Invalid(describe(&e)))?;
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatTemplateError> {
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatTemplateError::Invalid(describe(&e)))?;
         let context = minijinja::context! {
             messages => JinjaValue::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
-        let mut text = template
-            .render(context)
-            .map_err(|e| ChatTemplateError::Render(describe(&e)))?;
-        if self.strip_leading_bos && !self.bos_token.is_empty() && text.starts_with(&self.bos_token)
-        {
+        let mut text = template.render(context).map_err(|e| ChatTemplateError::Render(describe(&e)))?;
+        if self.strip_leading_bos && !self.bos_token.is_empty() && text.starts_with(&self.bos_token) {
             text.drain(..self.bos_token.len());
         }
-        if self.strip_trailing_eos && !self.eos_token.is_empty() && text.ends_with(&self.eos_token)
-        {
+        if self.strip_trailing_eos && !self.eos_token.is_empty() && text.ends_with(&self.eos_token) {
             text.truncate(text.len() - self.eos_token.len());
         }
         Ok(text)
@@ -187,10 +169,7 @@ fn raise_exception(message: String) -> Result<JinjaValue, minijinja::Error> {
 /// `strftime_now(format)`: the current UTC time, for templates that date their
 /// system prompt (Llama 3.x).
 fn strftime_now(format: String) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     format_time(i64::try_from(now).unwrap_or(0), &format)
 }
 
@@ -198,39 +177,24 @@ fn strftime_now(format: String) -> String {
 /// indent=indent)`, so `", "` and `": "` separators and no HTML escaping, unlike
 /// minijinja's own. Other keyword arguments (`sort_keys`, ...) are accepted and
 /// ignored.
-fn tojson(
-    value: &JinjaValue,
-    indent: Option<JinjaValue>,
-    kwargs: Kwargs,
-) -> Result<JinjaValue, minijinja::Error> {
+fn tojson(value: &JinjaValue, indent: Option<JinjaValue>, kwargs: Kwargs) -> Result<JinjaValue, minijinja::Error> {
     let indent = match indent {
         Some(indent) => Some(indent),
         None => kwargs.get::<Option<JinjaValue>>("indent")?,
     };
     let indent = match indent {
         Some(v) if !v.is_none() && !v.is_undefined() => Some(v.as_usize().ok_or_else(|| {
-            minijinja::Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson indent must be a non-negative integer",
-            )
+            minijinja::Error::new(ErrorKind::InvalidOperation, "tojson indent must be a non-negative integer")
         })?),
         _ => None,
     };
     let mut out = Vec::new();
-    let mut serializer =
-        serde_json::Serializer::with_formatter(&mut out, PythonJsonFormatter::new(indent));
-    value.serialize(&mut serializer).map_err(|e| {
-        minijinja::Error::new(
-            ErrorKind::InvalidOperation,
-            format!("cannot write json: {e}"),
-        )
-    })?;
-    let text = String::from_utf8(out).map_err(|e| {
-        minijinja::Error::new(
-            ErrorKind::InvalidOperation,
-            format!("cannot write json: {e}"),
-        )
-    })?;
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonJsonFormatter::new(indent));
+    value
+        .serialize(&mut serializer)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("cannot write json: {e}")))?;
+    let text = String::from_utf8(out)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("cannot write json: {e}")))?;
     Ok(JinjaValue::from_safe_string(text))
 }
 
@@ -243,11 +207,7 @@ struct PythonJsonFormatter {
 
 impl PythonJsonFormatter {
     fn new(indent: Option<usize>) -> Self {
-        Self {
-            indent,
-            depth: 0,
-            has_value: false,
-        }
+        Self { indent, depth: 0, has_value: false }
     }
 
     fn new_line<W: ?Sized + io::Write>(&self, writer: &mut W) -> io::Result<()> {
@@ -292,11 +252,7 @@ impl serde_json::ser::Formatter for PythonJsonFormatter {
         self.close(writer, b"]")
     }
 
-    fn begin_array_value<W: ?Sized + io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
+    fn begin_array_value<W: ?Sized + io::Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
         self.item(writer, first)
     }
 
@@ -313,11 +269,7 @@ impl serde_json::ser::Formatter for PythonJsonFormatter {
         self.close(writer, b"}")
     }
 
-    fn begin_object_key<W: ?Sized + io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
+    fn begin_object_key<W: ?Sized + io::Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
         self.item(writer, first)
     }
 
@@ -331,15 +283,7 @@ impl serde_json::ser::Formatter for PythonJsonFormatter {
     }
 }
 
-const WEEKDAYS: [&str; 7] = [
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-];
+const WEEKDAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
 const MONTHS: [&str; 12] = [
     "January",
     "February",
@@ -461,19 +405,14 @@ mod tests {
 
     #[test]
     fn smollm2_template_renders_a_conversation() {
-        let Some(md) = crate::tokenizer::tests::smollm2_metadata() else {
-            return;
-        };
+        let Some(md) = crate::tokenizer::tests::smollm2_metadata() else { return };
         let template = ChatTemplate::from_gguf(&md).unwrap();
         let text = template.render(&conversation(), true).unwrap();
         assert!(
             text.starts_with("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"),
             "{text:?}"
         );
-        assert!(
-            text.contains("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"),
-            "{text:?}"
-        );
+        assert!(text.contains("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"), "{text:?}");
         assert!(text.ends_with("<|im_start|>assistant\n"), "{text:?}");
         // The tokenizer adds no BOS, and the prompt starts with exactly one marker.
         let tokenizer = crate::tokenizer::Tokenizer::from_gguf(&md).unwrap();
@@ -485,21 +424,12 @@ mod tests {
     #[test]
     fn synthetic_model_template_renders() {
         let dir = tempfile::tempdir().unwrap();
-        let path = crate::synthetic::SyntheticModel::tiny()
-            .write_to(dir.path())
-            .unwrap();
+        let path = crate::synthetic::SyntheticModel::tiny().write_to(dir.path()).unwrap();
         let mut file = std::fs::File::open(&path).unwrap();
-        let md = candle_core::quantized::gguf_file::Content::read(&mut file)
-            .unwrap()
-            .metadata;
+        let md = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap().metadata;
         let template = ChatTemplate::from_gguf(&md).unwrap();
-        let text = template
-            .render(&[ChatMessage::new(Role::User, "hi")], true)
-            .unwrap();
-        assert_eq!(
-            text,
-            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        let text = template.render(&[ChatMessage::new(Role::User, "hi")], true).unwrap();
+        assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     const LLAMA2_STYLE: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'].strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
@@ -512,29 +442,17 @@ mod tests {
             ChatMessage::new(Role::Assistant, "Hello"),
             ChatMessage::new(Role::User, "Bye"),
         ];
-        assert_eq!(
-            template.render(&messages, true).unwrap(),
-            "<s>[INST] Hi [/INST] Hello </s>[INST] Bye [/INST]"
-        );
+        assert_eq!(template.render(&messages, true).unwrap(), "<s>[INST] Hi [/INST] Hello </s>[INST] Bye [/INST]");
         let err = template.render(&messages[1..], true).unwrap_err();
-        assert!(
-            matches!(&err, ChatTemplateError::Render(m) if m.contains("must alternate")),
-            "{err}"
-        );
+        assert!(matches!(&err, ChatTemplateError::Render(m) if m.contains("must alternate")), "{err}");
     }
 
     #[test]
     fn blocks_are_trimmed_like_hugging_face() {
         let source = "{% for m in messages %}\n    {% if m.role == 'user' %}\n    {{ m.role }}: {{ m.content }}\n    {% endif %}\n{% endfor %}\n";
         let template = ChatTemplate::new(source, "", "").unwrap();
-        let messages = [
-            ChatMessage::new(Role::User, "a"),
-            ChatMessage::new(Role::User, "b"),
-        ];
-        assert_eq!(
-            template.render(&messages, false).unwrap(),
-            "    user: a\n    user: b\n"
-        );
+        let messages = [ChatMessage::new(Role::User, "a"), ChatMessage::new(Role::User, "b")];
+        assert_eq!(template.render(&messages, false).unwrap(), "    user: a\n    user: b\n");
     }
 
     #[test]
@@ -546,10 +464,7 @@ mod tests {
             ChatMessage::new(Role::Assistant, "c"),
             ChatMessage::new(Role::User, "never shown"),
         ];
-        assert_eq!(
-            template.render(&messages, false).unwrap(),
-            "[a,b|2|True][c|1|False]"
-        );
+        assert_eq!(template.render(&messages, false).unwrap(), "[a,b|2|True][c|1|False]");
     }
 
     #[test]
@@ -568,18 +483,14 @@ mod tests {
 
     #[test]
     fn messages_expose_lowercase_roles() {
-        let template =
-            ChatTemplate::new("{% for m in messages %}{{ m.role }} {% endfor %}", "", "").unwrap();
+        let template = ChatTemplate::new("{% for m in messages %}{{ m.role }} {% endfor %}", "", "").unwrap();
         let messages = [
             ChatMessage::new(Role::System, ""),
             ChatMessage::new(Role::User, ""),
             ChatMessage::new(Role::Assistant, ""),
             ChatMessage::new(Role::Tool, ""),
         ];
-        assert_eq!(
-            template.render(&messages, false).unwrap(),
-            "system user assistant tool "
-        );
+        assert_eq!(template.render(&messages, false).unwrap(), "system user assistant tool ");
     }
 
     fn sentencepiece_metadata(add_bos: Option<bool>) -> HashMap<String, Value> {
@@ -595,10 +506,7 @@ mod tests {
         }
         md.insert(
             CHAT_TEMPLATE_KEY.into(),
-            Value::String(
-                "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
-                    .into(),
-            ),
+            Value::String("{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}".into()),
         );
         md
     }
@@ -615,46 +523,25 @@ mod tests {
 
     #[test]
     fn bad_templates_are_errors() {
-        assert!(matches!(
-            ChatTemplate::new("{% for %}", "", ""),
-            Err(ChatTemplateError::Invalid(_))
-        ));
+        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(ChatTemplateError::Invalid(_))));
         let mut md = HashMap::new();
         md.insert(CHAT_TEMPLATE_KEY.to_owned(), Value::U32(1));
-        assert!(matches!(
-            ChatTemplate::from_gguf(&md),
-            Err(ChatTemplateError::Invalid(_))
-        ));
+        assert!(matches!(ChatTemplate::from_gguf(&md), Err(ChatTemplateError::Invalid(_))));
         let template = ChatTemplate::new("{{ messages | no_such_filter }}", "", "").unwrap();
-        assert!(matches!(
-            template.render(&[], false),
-            Err(ChatTemplateError::Render(_))
-        ));
+        assert!(matches!(template.render(&[], false), Err(ChatTemplateError::Render(_))));
         // Broken tokenizer metadata only loses the token texts.
         let mut md = HashMap::new();
         md.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
         md.insert("tokenizer.ggml.tokens".into(), Value::U8(0));
-        md.insert(
-            CHAT_TEMPLATE_KEY.into(),
-            Value::String("[{{ bos_token }}]".into()),
-        );
-        assert_eq!(
-            ChatTemplate::from_gguf(&md)
-                .unwrap()
-                .render(&[], false)
-                .unwrap(),
-            "[]"
-        );
+        md.insert(CHAT_TEMPLATE_KEY.into(), Value::String("[{{ bos_token }}]".into()));
+        assert_eq!(ChatTemplate::from_gguf(&md).unwrap().render(&[], false).unwrap(), "[]");
     }
 
     #[test]
     fn strftime_formats_utc_times() {
         assert_eq!(format_time(1_721_952_000, "%d %b %Y"), "26 Jul 2024");
         assert_eq!(
-            format_time(
-                951_829_509,
-                "%Y-%m-%d %H:%M:%S %A %a %b %B %j %y %I %p %% %Q"
-            ),
+            format_time(951_829_509, "%Y-%m-%d %H:%M:%S %A %a %b %B %j %y %I %p %% %Q"),
             "2000-02-29 13:05:09 Tuesday Tue Feb February 060 00 01 PM % %Q"
         );
         assert_eq!(format_time(0, "%A %e %j"), "Thursday  1 001");

@@ -10,9 +10,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal = match s.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse::<usize>()
-                    .map_err(|_| Error::UnknownDevice(spec.to_string()))?,
+                Some(n) => n.parse::<usize>().map_err(|_| Error::UnknownDevice(spec.to_string()))?,
                 None => 0,
             };
             open_cuda(spec, ordinal)
@@ -27,10 +25,7 @@ fn open_cuda(spec: &str, ordinal: usize) -> Result<Device> {
     match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
         Ok(Ok(device)) => Ok(device),
         Ok(Err(e)) => Err(Error::DeviceUnavailable(spec.to_string(), e.to_string())),
-        Err(_) => Err(Error::DeviceUnavailable(
-            spec.to_string(),
-            "the CUDA driver could not be loaded".into(),
-        )),
+        Err(_) => Err(Error::DeviceUnavailable(spec.to_string(), "the CUDA driver could not be loaded".into())),
     }
 }
 
@@ -49,14 +44,8 @@ mod tests {
     #[test]
     fn parses_cpu_and_rejects_nonsense() {
         assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
-        assert!(matches!(
-            parse_device("tpu:0"),
-            Err(Error::UnknownDevice(_))
-        ));
-        assert!(matches!(
-            parse_device("cuda:x"),
-            Err(Error::UnknownDevice(_))
-        ));
+        assert!(matches!(parse_device("tpu:0"), Err(Error::UnknownDevice(_))));
+        assert!(matches!(parse_device("cuda:x"), Err(Error::UnknownDevice(_))));
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -7,10 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open model file {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
 
     #[error("{path} is not a GGUF file (bad magic or version)")]
     NotGguf { path: PathBuf },
@@ -34,28 +31,16 @@ pub enum Error {
     MissingTensor(String),
 
     #[error("layer range {start}..{end} is outside the model's {layers} layers")]
-    LayerRange {
-        start: usize,
-        end: usize,
-        layers: usize,
-    },
+    LayerRange { start: usize, end: usize, layers: usize },
 
     #[error("sequence {0} is unknown on this stage")]
     UnknownSequence(u64),
 
     #[error("sequence {seq}: expected position {expected}, got {got}")]
-    PositionMismatch {
-        seq: u64,
-        expected: usize,
-        got: usize,
-    },
+    PositionMismatch { seq: u64, expected: usize, got: usize },
 
     #[error("sequence {seq}: {tokens} tokens exceed the context length of {context}")]
-    ContextOverflow {
-        seq: u64,
-        tokens: usize,
-        context: usize,
-    },
+    ContextOverflow { seq: u64, tokens: usize, context: usize },
 
     #[error("bad stage input: {0}")]
     BadInput(String),

@@ -67,11 +67,7 @@ impl Generator {
             return Err(Error::BadInput("the prompt has no tokens".into()));
         }
         if prompt.len() >= context {
-            return Err(Error::ContextOverflow {
-                seq: SEQ,
-                tokens: prompt.len(),
-                context,
-            });
+            return Err(Error::ContextOverflow { seq: SEQ, tokens: prompt.len(), context });
         }
         let mut history = prompt.to_vec();
         let mut tokens = Vec::new();
@@ -81,18 +77,10 @@ impl Generator {
             if tokens.len() >= max_tokens || history.len() >= context {
                 break FinishReason::Length;
             }
-            let step = StageStep {
-                seq: SEQ,
-                position,
-                input: StageInput::Tokens(input.clone()),
-            };
+            let step = StageStep { seq: SEQ, position, input: StageInput::Tokens(input.clone()) };
             let logits = match self.stage.forward(std::slice::from_ref(&step))?.pop() {
                 Some(StageOutput::Logits(l)) => l.to_vec1::<f32>()?,
-                _ => {
-                    return Err(Error::InvalidModel(
-                        "a full stage must return logits".into(),
-                    ))
-                }
+                _ => return Err(Error::InvalidModel("a full stage must return logits".into())),
             };
             position += input.len();
             let next = sampler.sample(&logits, &history, history.len())?;
@@ -107,9 +95,6 @@ impl Generator {
             input = vec![next];
         };
         self.stage.release(SEQ);
-        Ok(Generation {
-            tokens,
-            finish: result,
-        })
+        Ok(Generation { tokens, finish: result })
     }
 }

@@ -97,9 +97,7 @@ impl TensorSizes {
     /// first stage and the head on the last.
     pub fn stage_bytes(&self, layers: Range<usize>) -> u64 {
         let n = self.layers.len();
-        let mut total: u64 = self.layers[layers.start.min(n)..layers.end.min(n)]
-            .iter()
-            .sum();
+        let mut total: u64 = self.layers[layers.start.min(n)..layers.end.min(n)].iter().sum();
         total += self.shared;
         if layers.start == 0 {
             total += self.embedding;
@@ -132,16 +130,10 @@ const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 impl ModelFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|source| Error::Open {
-            path: path.clone(),
-            source,
-        })?;
+        let file = File::open(&path).map_err(|source| Error::Open { path: path.clone(), source })?;
         let file_len = file
             .metadata()
-            .map_err(|source| Error::Open {
-                path: path.clone(),
-                source,
-            })?
+            .map_err(|source| Error::Open { path: path.clone(), source })?
             .len();
         let mut reader = BufReader::new(file);
         let mut magic = [0u8; 4];
@@ -149,22 +141,14 @@ impl ModelFile {
             return Err(Error::NotGguf { path });
         }
         let mut reader = reader.into_inner();
-        std::io::Seek::rewind(&mut reader).map_err(|source| Error::Open {
-            path: path.clone(),
-            source,
-        })?;
+        std::io::Seek::rewind(&mut reader).map_err(|source| Error::Open { path: path.clone(), source })?;
         let mut reader = BufReader::new(reader);
         let content = Content::read(&mut reader).map_err(|e| header_error(&path, e))?;
         check_tensor_types(&content)?;
         let info = read_info(&content)?;
         let sizes = tensor_sizes(&content, &info)?;
         check_tensor_bounds(&path, &content, file_len)?;
-        Ok(Self {
-            path,
-            content,
-            info,
-            sizes,
-        })
+        Ok(Self { path, content, info, sizes })
     }
 
     pub fn path(&self) -> &Path {
@@ -192,29 +176,19 @@ impl ModelFile {
     }
 
     /// Loads one tensor onto `device`, seeking straight to its bytes.
-    pub fn load_tensor(
-        &self,
-        reader: &mut BufReader<File>,
-        name: &str,
-        device: &Device,
-    ) -> Result<QTensor> {
+    pub fn load_tensor(&self, reader: &mut BufReader<File>, name: &str, device: &Device) -> Result<QTensor> {
         if !self.has_tensor(name) {
             return Err(Error::MissingTensor(name.to_string()));
         }
-        self.content
-            .tensor(reader, name, device)
-            .map_err(|e| Error::Corrupt {
-                path: self.path.clone(),
-                reason: format!("reading tensor `{name}`: {}", first_line(&e)),
-            })
+        self.content.tensor(reader, name, device).map_err(|e| Error::Corrupt {
+            path: self.path.clone(),
+            reason: format!("reading tensor `{name}`: {}", first_line(&e)),
+        })
     }
 
     /// A reader positioned anywhere; [`Self::load_tensor`] seeks.
     pub fn reader(&self) -> Result<BufReader<File>> {
-        let file = File::open(&self.path).map_err(|source| Error::Open {
-            path: self.path.clone(),
-            source,
-        })?;
+        let file = File::open(&self.path).map_err(|source| Error::Open { path: self.path.clone(), source })?;
         Ok(BufReader::new(file))
     }
 
@@ -255,14 +229,9 @@ fn header_error(path: &Path, e: candle_core::Error) -> Error {
     if msg.contains("unknown dtype") {
         Error::UnsupportedTensorType(msg)
     } else if msg.contains("magic") {
-        Error::NotGguf {
-            path: path.to_path_buf(),
-        }
+        Error::NotGguf { path: path.to_path_buf() }
     } else {
-        Error::Corrupt {
-            path: path.to_path_buf(),
-            reason: msg,
-        }
+        Error::Corrupt { path: path.to_path_buf(), reason: msg }
     }
 }
 
@@ -276,19 +245,14 @@ fn check_tensor_bounds(path: &Path, content: &Content, file_len: u64) -> Result<
         if t.shape.elem_count() % t.ggml_dtype.block_size() != 0 {
             return Err(Error::Corrupt {
                 path: path.to_path_buf(),
-                reason: format!(
-                    "tensor `{name}` has {} elements, not a whole number of blocks",
-                    t.shape.elem_count()
-                ),
+                reason: format!("tensor `{name}` has {} elements, not a whole number of blocks", t.shape.elem_count()),
             });
         }
         let end = content.tensor_data_offset + t.offset + tensor_byte_len(&t.shape, t.ggml_dtype);
         if end > file_len {
             return Err(Error::Corrupt {
                 path: path.to_path_buf(),
-                reason: format!(
-                    "tensor `{name}` ends at byte {end} but the file has {file_len} bytes"
-                ),
+                reason: format!("tensor `{name}` ends at byte {end} but the file has {file_len} bytes"),
             });
         }
     }
@@ -309,9 +273,7 @@ impl Meta<'_> {
         self.get(key)
             .and_then(value_as_u64)
             .map(|v| v as usize)
-            .ok_or_else(|| Error::Metadata {
-                key: format!("{}.{key}", self.arch),
-            })
+            .ok_or_else(|| Error::Metadata { key: format!("{}.{key}", self.arch) })
     }
 
     fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
@@ -319,9 +281,7 @@ impl Meta<'_> {
             None => Ok(default),
             Some(v) => value_as_f64(v)
                 .map(|v| v as f32)
-                .ok_or_else(|| Error::Metadata {
-                    key: format!("{}.{key}", self.arch),
-                }),
+                .ok_or_else(|| Error::Metadata { key: format!("{}.{key}", self.arch) }),
         }
     }
 }
@@ -352,24 +312,15 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
     let md = &content.metadata;
     let arch_name = match md.get("general.architecture") {
         Some(Value::String(s)) => s.as_str(),
-        _ => {
-            return Err(Error::Metadata {
-                key: "general.architecture".into(),
-            })
-        }
+        _ => return Err(Error::Metadata { key: "general.architecture".into() }),
     };
     let architecture = Architecture::parse(arch_name)?;
-    let m = Meta {
-        md,
-        arch: arch_name,
-    };
+    let m = Meta { md, arch: arch_name };
     let layers = m.usize("block_count")?;
     let hidden = m.usize("embedding_length")?;
     let heads = m.usize("attention.head_count")?;
     let kv_heads = match m.get("attention.head_count_kv") {
-        Some(v) => value_as_u64(v).ok_or_else(|| Error::Metadata {
-            key: format!("{arch_name}.attention.head_count_kv"),
-        })? as usize,
+        Some(v) => value_as_u64(v).ok_or_else(|| Error::Metadata { key: format!("{arch_name}.attention.head_count_kv") })? as usize,
         None => heads,
     };
     if layers == 0 || hidden == 0 || heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
@@ -378,15 +329,11 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
         )));
     }
     let head_dim = match m.get("attention.key_length") {
-        Some(v) => value_as_u64(v)
-            .map(|v| v as usize)
-            .unwrap_or(hidden / heads),
+        Some(v) => value_as_u64(v).map(|v| v as usize).unwrap_or(hidden / heads),
         None => hidden / heads,
     };
     if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(Error::InvalidModel(format!(
-            "head dimension {head_dim} must be even and positive"
-        )));
+        return Err(Error::InvalidModel(format!("head dimension {head_dim} must be even and positive")));
     }
     let feed_forward = m.usize("feed_forward_length")?;
     let rope_base = m.f32_or("rope.freq_base", 10_000.0)?;
@@ -395,13 +342,8 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
     let rope_scaling = if content.tensor_infos.contains_key("rope_freqs.weight") {
         RopeScaling::FreqFactors
     } else {
-        match (
-            m.get("rope.scaling.type"),
-            m.f32_or("rope.scaling.factor", 1.0)?,
-        ) {
-            (Some(Value::String(t)), f) if t == "linear" && f > 0.0 && f != 1.0 => {
-                RopeScaling::Linear(f)
-            }
+        match (m.get("rope.scaling.type"), m.f32_or("rope.scaling.factor", 1.0)?) {
+            (Some(Value::String(t)), f) if t == "linear" && f > 0.0 && f != 1.0 => RopeScaling::Linear(f),
             _ => RopeScaling::None,
         }
     };
@@ -433,14 +375,10 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
 fn vocab_size(content: &Content, hidden: usize) -> Result<usize> {
     for name in ["token_embd.weight", "output.weight"] {
         if let Some(t) = content.tensor_infos.get(name) {
-            let (rows, width) = t
-                .shape
-                .dims2()
-                .map_err(|_| Error::InvalidModel(format!("{name} is not a matrix")))?;
+            let (rows, width) =
+                t.shape.dims2().map_err(|_| Error::InvalidModel(format!("{name} is not a matrix")))?;
             if width != hidden {
-                return Err(Error::InvalidModel(format!(
-                    "{name} has width {width}, the metadata says hidden {hidden}"
-                )));
+                return Err(Error::InvalidModel(format!("{name} has width {width}, the metadata says hidden {hidden}")));
             }
             return Ok(rows);
         }
@@ -457,22 +395,14 @@ pub(crate) fn layer_of(name: &str) -> Option<usize> {
 }
 
 fn tensor_sizes(content: &Content, info: &ModelInfo) -> Result<TensorSizes> {
-    let mut sizes = TensorSizes {
-        layers: vec![0; info.layers],
-        embedding: 0,
-        head: 0,
-        shared: 0,
-        tied_head: info.tied_embedding,
-    };
+    let mut sizes =
+        TensorSizes { layers: vec![0; info.layers], embedding: 0, head: 0, shared: 0, tied_head: info.tied_embedding };
     for (name, t) in &content.tensor_infos {
         let bytes = tensor_byte_len(&t.shape, t.ggml_dtype);
         match (layer_of(name), name.as_str()) {
             (Some(layer), _) => {
                 let slot = sizes.layers.get_mut(layer).ok_or_else(|| {
-                    Error::InvalidModel(format!(
-                        "tensor `{name}` names a layer beyond the {} layers",
-                        info.layers
-                    ))
+                    Error::InvalidModel(format!("tensor `{name}` names a layer beyond the {} layers", info.layers))
                 })?;
                 *slot += bytes;
             }
@@ -521,14 +451,8 @@ mod tests {
         assert!(matches!(ModelFile::open(&path), Err(Error::NotGguf { .. })));
         let empty = dir.path().join("empty.gguf");
         std::fs::write(&empty, b"").unwrap();
-        assert!(matches!(
-            ModelFile::open(&empty),
-            Err(Error::NotGguf { .. })
-        ));
-        assert!(matches!(
-            ModelFile::open(dir.path().join("missing.gguf")),
-            Err(Error::Open { .. })
-        ));
+        assert!(matches!(ModelFile::open(&empty), Err(Error::NotGguf { .. })));
+        assert!(matches!(ModelFile::open(dir.path().join("missing.gguf")), Err(Error::Open { .. })));
     }
 
     #[test]
@@ -548,18 +472,10 @@ mod tests {
     #[test]
     fn rejects_tensor_types_it_cannot_compute_with() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = SyntheticModel {
-            dtype: GgmlDType::Q8K,
-            hidden: 256,
-            feed_forward: 256,
-            ..SyntheticModel::tiny()
-        };
+        let spec = SyntheticModel { dtype: GgmlDType::Q8K, hidden: 256, feed_forward: 256, ..SyntheticModel::tiny() };
         let path = spec.write_to(dir.path()).unwrap();
         let err = ModelFile::open(&path).unwrap_err();
-        assert!(
-            matches!(&err, Error::UnsupportedTensorType(m) if m.contains("Q8K")),
-            "{err}"
-        );
+        assert!(matches!(&err, Error::UnsupportedTensorType(m) if m.contains("Q8K")), "{err}");
         // A type id no GGUF reader knows.
         let good = SyntheticModel::tiny().write_to(dir.path()).unwrap();
         let bytes = std::fs::read(&good).unwrap();
@@ -580,8 +496,6 @@ mod tests {
         let mut spec = SyntheticModel::tiny();
         spec.architecture = "mamba".into();
         let path = spec.write_to(dir.path()).unwrap();
-        assert!(
-            matches!(ModelFile::open(&path), Err(Error::UnsupportedArchitecture(a)) if a == "mamba")
-        );
+        assert!(matches!(ModelFile::open(&path), Err(Error::UnsupportedArchitecture(a)) if a == "mamba"));
     }
 }

@@ -21,11 +21,7 @@ pub(crate) struct LayerCache {
 
 impl LayerCache {
     pub fn new() -> Self {
-        Self {
-            k: None,
-            v: None,
-            len: 0,
-        }
+        Self { k: None, v: None, len: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -49,20 +45,8 @@ impl LayerCache {
         let capacity = self.k.as_ref().map(|t| t.dim(1)).transpose()?.unwrap_or(0);
         if needed > capacity {
             let capacity = needed.div_ceil(GROWTH_BLOCK) * GROWTH_BLOCK;
-            self.k = Some(grow(
-                self.k.as_ref(),
-                self.len,
-                (kv_heads, capacity, head_dim),
-                k.dtype(),
-                k.device(),
-            )?);
-            self.v = Some(grow(
-                self.v.as_ref(),
-                self.len,
-                (kv_heads, capacity, head_dim),
-                v.dtype(),
-                v.device(),
-            )?);
+            self.k = Some(grow(self.k.as_ref(), self.len, (kv_heads, capacity, head_dim), k.dtype(), k.device())?);
+            self.v = Some(grow(self.v.as_ref(), self.len, (kv_heads, capacity, head_dim), v.dtype(), v.device())?);
         }
         let (ck, cv) = match (&self.k, &self.v) {
             (Some(ck), Some(cv)) => (ck, cv),
@@ -75,13 +59,7 @@ impl LayerCache {
     }
 }
 
-fn grow(
-    old: Option<&Tensor>,
-    len: usize,
-    shape: (usize, usize, usize),
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+fn grow(old: Option<&Tensor>, len: usize, shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
     let fresh = Tensor::zeros(shape, dtype, device)?;
     if let Some(old) = old {
         if len > 0 {
@@ -107,14 +85,7 @@ mod tests {
             let (hk, hv) = cache.append(&k, &k).unwrap();
             let expected = Tensor::cat(&all, 1).unwrap();
             assert_eq!(hk.dims3().unwrap(), expected.dims3().unwrap());
-            let diff = (hk - &expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = (hk - &expected).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(diff, 0.0);
             assert_eq!(hv.dim(1).unwrap(), cache.len());
         }

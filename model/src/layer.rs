@@ -24,28 +24,16 @@ pub(crate) struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(
-        file: &ModelFile,
-        reader: &mut BufReader<File>,
-        name: &str,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn load(file: &ModelFile, reader: &mut BufReader<File>, name: &str, device: &Device) -> Result<Self> {
         let weight = file.load_tensor(reader, name, device)?.dequantize(device)?;
-        Ok(Self {
-            weight,
-            eps: file.info().norm_eps,
-        })
+        Ok(Self { weight, eps: file.info().norm_eps })
     }
 
     /// `x` is `[tokens, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // llama.cpp sums squares in double and multiplies by 1/sqrt(mean + eps).
         let hidden = x.dim(D::Minus1)? as f64;
-        let mean = x
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .affine(1.0 / hidden, self.eps)?;
+        let mean = x.to_dtype(DType::F64)?.sqr()?.sum_keepdim(D::Minus1)?.affine(1.0 / hidden, self.eps)?;
         let scale = mean.to_dtype(DType::F32)?.sqrt()?.recip()?;
         Ok(x.broadcast_mul(&scale)?.broadcast_mul(&self.weight)?)
     }
@@ -139,21 +127,13 @@ pub(crate) struct Layer {
 }
 
 impl Layer {
-    pub fn load(
-        file: &ModelFile,
-        reader: &mut BufReader<File>,
-        index: usize,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn load(file: &ModelFile, reader: &mut BufReader<File>, index: usize, device: &Device) -> Result<Self> {
         let info = file.info();
         let p = format!("blk.{index}");
         let mut linear = |name: &str, bias: bool| -> Result<Linear> {
             let w = file.load_tensor(reader, &format!("{p}.{name}.weight"), device)?;
             let b = if bias {
-                Some(
-                    file.load_tensor(reader, &format!("{p}.{name}.bias"), device)?
-                        .dequantize(device)?,
-                )
+                Some(file.load_tensor(reader, &format!("{p}.{name}.bias"), device)?.dequantize(device)?)
             } else {
                 None
             };
@@ -211,11 +191,7 @@ impl Layer {
             let (k, v) = cache.append(&k, &v)?;
             outputs.push(self.attention(&q, &k, &v, span)?);
         }
-        let attn = if outputs.len() == 1 {
-            outputs.pop().unwrap_or_else(|| unreachable!())
-        } else {
-            Tensor::cat(&outputs, 0)?
-        };
+        let attn = if outputs.len() == 1 { outputs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outputs, 0)? };
         let x = (x + self.o.forward(&attn)?)?;
         let h = self.ffn_norm.forward(&x)?;
         let mlp = (candle_nn::ops::silu(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?;
@@ -233,10 +209,11 @@ impl Layer {
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = if span.len > 1 {
             let mask = causal_mask(span.len, span.position, total, q.device())?;
-            scores
-                .reshape((self.kv_heads, group, span.len, total))?
-                .broadcast_add(&mask)?
-                .reshape((self.kv_heads, group * span.len, total))?
+            scores.reshape((self.kv_heads, group, span.len, total))?.broadcast_add(&mask)?.reshape((
+                self.kv_heads,
+                group * span.len,
+                total,
+            ))?
         } else {
             scores
         };
@@ -252,15 +229,7 @@ impl Layer {
 /// `[len, total]`: 0 where token `i` (at `position + i`) may see column `j`, else -inf.
 fn causal_mask(len: usize, position: usize, total: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..len)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j <= position + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
+        .flat_map(|i| (0..total).map(move |j| if j <= position + i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     Ok(Tensor::from_vec(mask, (len, total), device)?)
 }

@@ -101,8 +101,7 @@ impl Linear {
             Weight::Packed { weight, .. } => {
                 let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
                 let bytes = weight.ggml_rows(&ids)?;
-                let storage =
-                    QStorage::from_data(bytes.into(), &Device::Cpu, weight.format().dtype())?;
+                let storage = QStorage::from_data(bytes.into(), &Device::Cpu, weight.format().dtype())?;
                 let rows = QTensor::new(storage, (ids.len(), weight.cols()))?;
                 Ok(rows.dequantize(&Device::Cpu)?)
             }
@@ -371,13 +370,7 @@ mod tests {
     #[test]
     fn embedding_rows_equal_candles_lookup() {
         let mut rng = Rng(77);
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q6K,
-            GgmlDType::F32,
-        ] {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q6K, GgmlDType::F32] {
             let cols = if dtype == GgmlDType::Q6K { 256 } else { 96 };
             let want_q = quantized(&mut rng, 40, cols, dtype);
             // A byte-for-byte copy: QTensor is not Clone.
@@ -389,10 +382,7 @@ mod tests {
             let got = linear.embedding(&ids).unwrap().to_vec2::<f32>().unwrap();
             assert!(got == want, "{dtype:?}");
             let bad = Tensor::new(&[40u32], &Device::Cpu).unwrap();
-            assert!(
-                linear.embedding(&bad).is_err(),
-                "{dtype:?}: row out of range"
-            );
+            assert!(linear.embedding(&bad).is_err(), "{dtype:?}: row out of range");
         }
     }
 

@@ -32,24 +32,13 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            min_p: None,
-            repetition_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: 0,
-        }
+        Self { temperature: 0.0, top_k: None, top_p: None, min_p: None, repetition_penalty: 1.0, repeat_last_n: 64, seed: 0 }
     }
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::BadSampling(m));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!(
-                "temperature must be a finite number >= 0, got {}",
-                self.temperature
-            ));
+            return bad(format!("temperature must be a finite number >= 0, got {}", self.temperature));
         }
         if self.top_k == Some(0) {
             return bad("top_k must be at least 1".into());
@@ -65,10 +54,7 @@ impl SamplingParams {
             }
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            ));
+            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
         }
         Ok(())
     }
@@ -78,12 +64,7 @@ impl SamplingParams {
 #[derive(Debug, Clone, PartialEq)]
 enum Method {
     Greedy,
-    Random {
-        temperature: f32,
-        top_k: Option<usize>,
-        top_p: Option<f32>,
-        min_p: Option<f32>,
-    },
+    Random { temperature: f32, top_k: Option<usize>, top_p: Option<f32>, min_p: Option<f32> },
 }
 
 #[derive(Debug, Clone)]
@@ -100,19 +81,9 @@ impl Sampler {
         let method = if params.temperature == 0.0 || params.top_k == Some(1) {
             Method::Greedy
         } else {
-            Method::Random {
-                temperature: params.temperature,
-                top_k: params.top_k,
-                top_p: params.top_p,
-                min_p: params.min_p,
-            }
+            Method::Random { temperature: params.temperature, top_k: params.top_k, top_p: params.top_p, min_p: params.min_p }
         };
-        Ok(Self {
-            method,
-            repetition_penalty: params.repetition_penalty,
-            repeat_last_n: params.repeat_last_n,
-            seed: params.seed,
-        })
+        Ok(Self { method, repetition_penalty: params.repetition_penalty, repeat_last_n: params.repeat_last_n, seed: params.seed })
     }
 
     /// Picks the token at `position` from `logits`; `history` is every token of the
@@ -128,28 +99,15 @@ impl Sampler {
             for &t in recent {
                 if let Some(l) = logits.get_mut(t as usize) {
                     if seen.insert(t) {
-                        *l = if *l > 0.0 {
-                            *l / self.repetition_penalty
-                        } else {
-                            *l * self.repetition_penalty
-                        };
+                        *l = if *l > 0.0 { *l / self.repetition_penalty } else { *l * self.repetition_penalty };
                     }
                 }
             }
         }
         match &self.method {
             Method::Greedy => Ok(argmax(&logits)),
-            Method::Random {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-            } => {
-                let mut candidates: Vec<(u32, f32)> = logits
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &l)| (i as u32, l))
-                    .collect();
+            Method::Random { temperature, top_k, top_p, min_p } => {
+                let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
                 candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
                 if let Some(k) = top_k {
                     candidates.truncate(*k);
@@ -224,11 +182,7 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            seed: 42,
-            ..SamplingParams::greedy()
-        }
+        SamplingParams { temperature, seed: 42, ..SamplingParams::greedy() }
     }
 
     #[test]
@@ -241,46 +195,21 @@ mod tests {
     fn a_seed_makes_sampling_reproducible_per_position() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let s = Sampler::new(&params(1.0)).unwrap();
-        let a: Vec<u32> = (0..20)
-            .map(|p| s.sample(&logits, &[], p).unwrap())
-            .collect();
-        let b: Vec<u32> = (0..20)
-            .map(|p| s.sample(&logits, &[], p).unwrap())
-            .collect();
+        let a: Vec<u32> = (0..20).map(|p| s.sample(&logits, &[], p).unwrap()).collect();
+        let b: Vec<u32> = (0..20).map(|p| s.sample(&logits, &[], p).unwrap()).collect();
         assert_eq!(a, b);
-        assert!(
-            a.iter().any(|&t| t != a[0]),
-            "draws should vary with position: {a:?}"
-        );
-        let other = Sampler::new(&SamplingParams {
-            seed: 43,
-            ..params(1.0)
-        })
-        .unwrap();
-        let c: Vec<u32> = (0..20)
-            .map(|p| other.sample(&logits, &[], p).unwrap())
-            .collect();
+        assert!(a.iter().any(|&t| t != a[0]), "draws should vary with position: {a:?}");
+        let other = Sampler::new(&SamplingParams { seed: 43, ..params(1.0) }).unwrap();
+        let c: Vec<u32> = (0..20).map(|p| other.sample(&logits, &[], p).unwrap()).collect();
         assert_ne!(a, c);
     }
 
     #[test]
     fn filters_restrict_the_candidates() {
         let logits = [5.0, 4.9, 0.0, -3.0];
-        let top_k = Sampler::new(&SamplingParams {
-            top_k: Some(2),
-            ..params(2.0)
-        })
-        .unwrap();
-        let top_p = Sampler::new(&SamplingParams {
-            top_p: Some(0.5),
-            ..params(2.0)
-        })
-        .unwrap();
-        let min_p = Sampler::new(&SamplingParams {
-            min_p: Some(0.5),
-            ..params(2.0)
-        })
-        .unwrap();
+        let top_k = Sampler::new(&SamplingParams { top_k: Some(2), ..params(2.0) }).unwrap();
+        let top_p = Sampler::new(&SamplingParams { top_p: Some(0.5), ..params(2.0) }).unwrap();
+        let min_p = Sampler::new(&SamplingParams { min_p: Some(0.5), ..params(2.0) }).unwrap();
         for p in 0..200 {
             assert!(top_k.sample(&logits, &[], p).unwrap() < 2);
             assert_eq!(top_p.sample(&logits, &[], p).unwrap(), 0);
@@ -290,11 +219,7 @@ mod tests {
 
     #[test]
     fn repetition_penalty_discourages_recent_tokens() {
-        let s = Sampler::new(&SamplingParams {
-            repetition_penalty: 2.0,
-            ..SamplingParams::greedy()
-        })
-        .unwrap();
+        let s = Sampler::new(&SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() }).unwrap();
         assert_eq!(s.sample(&[3.0, 2.0], &[0], 0).unwrap(), 1);
         assert_eq!(s.sample(&[3.0, 2.0], &[1], 0).unwrap(), 0);
     }
@@ -302,35 +227,14 @@ mod tests {
     #[test]
     fn bad_parameters_are_refused() {
         for p in [
-            SamplingParams {
-                temperature: -1.0,
-                ..params(1.0)
-            },
-            SamplingParams {
-                temperature: f32::NAN,
-                ..params(1.0)
-            },
-            SamplingParams {
-                top_p: Some(0.0),
-                ..params(1.0)
-            },
-            SamplingParams {
-                min_p: Some(1.5),
-                ..params(1.0)
-            },
-            SamplingParams {
-                top_k: Some(0),
-                ..params(1.0)
-            },
-            SamplingParams {
-                repetition_penalty: 0.0,
-                ..params(1.0)
-            },
+            SamplingParams { temperature: -1.0, ..params(1.0) },
+            SamplingParams { temperature: f32::NAN, ..params(1.0) },
+            SamplingParams { top_p: Some(0.0), ..params(1.0) },
+            SamplingParams { min_p: Some(1.5), ..params(1.0) },
+            SamplingParams { top_k: Some(0), ..params(1.0) },
+            SamplingParams { repetition_penalty: 0.0, ..params(1.0) },
         ] {
-            assert!(
-                matches!(Sampler::new(&p), Err(Error::BadSampling(_))),
-                "{p:?}"
-            );
+            assert!(matches!(Sampler::new(&p), Err(Error::BadSampling(_))), "{p:?}");
         }
     }
 }

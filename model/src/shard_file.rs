@@ -46,10 +46,7 @@ impl ShardOrigin {
             Some(Value::U32(v)) => Some(*v as usize),
             _ => None,
         };
-        Some(Self {
-            source_hash,
-            layers: get(LAYER_START_KEY)?..get(LAYER_END_KEY)?,
-        })
+        Some(Self { source_hash, layers: get(LAYER_START_KEY)?..get(LAYER_END_KEY)? })
     }
 }
 
@@ -57,11 +54,7 @@ impl ShardOrigin {
 pub fn stage_tensor_names(file: &ModelFile, layers: Range<usize>) -> Result<Vec<String>> {
     let n = file.info().layers;
     if layers.start >= layers.end || layers.end > n {
-        return Err(Error::LayerRange {
-            start: layers.start,
-            end: layers.end,
-            layers: n,
-        });
+        return Err(Error::LayerRange { start: layers.start, end: layers.end, layers: n });
     }
     let first = layers.start == 0;
     let last = layers.end == n;
@@ -94,12 +87,7 @@ pub fn write_shard<W: Write + Seek>(
     let mut reader = file.reader()?;
     let tensors: Vec<(String, QTensor)> = names
         .iter()
-        .map(|name| {
-            Ok((
-                name.clone(),
-                file.load_tensor(&mut reader, name, &Device::Cpu)?,
-            ))
-        })
+        .map(|name| Ok((name.clone(), file.load_tensor(&mut reader, name, &Device::Cpu)?)))
         .collect::<Result<_>>()?;
     let mut metadata: Vec<(String, Value)> = file
         .metadata()
@@ -107,10 +95,7 @@ pub fn write_shard<W: Write + Seek>(
         .filter(|(k, _)| !k.starts_with("strata.shard."))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    metadata.push((
-        SOURCE_HASH_KEY.into(),
-        Value::String(source_hash.to_string()),
-    ));
+    metadata.push((SOURCE_HASH_KEY.into(), Value::String(source_hash.to_string())));
     metadata.push((LAYER_START_KEY.into(), Value::U32(layers.start as u32)));
     metadata.push((LAYER_END_KEY.into(), Value::U32(layers.end as u32)));
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
@@ -129,11 +114,7 @@ mod tests {
     use crate::synthetic::SyntheticModel;
     use crate::Stage;
 
-    fn write_shard_to(
-        file: &ModelFile,
-        layers: Range<usize>,
-        path: &std::path::Path,
-    ) -> Vec<String> {
+    fn write_shard_to(file: &ModelFile, layers: Range<usize>, path: &std::path::Path) -> Vec<String> {
         let mut out = BufWriter::new(std::fs::File::create(path).unwrap());
         let names = write_shard(file, layers, "abc123", &mut out).unwrap();
         out.flush().unwrap();
@@ -143,10 +124,7 @@ mod tests {
     #[test]
     fn a_stage_from_its_shard_computes_what_it_computes_from_the_whole_file() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = SyntheticModel {
-            layers: 6,
-            ..SyntheticModel::tiny()
-        };
+        let spec = SyntheticModel { layers: 6, ..SyntheticModel::tiny() };
         let whole = ModelFile::open(spec.write_to(dir.path()).unwrap()).unwrap();
         let ranges = [0..2, 2..5, 5..6];
         let mut from_whole = Vec::new();
@@ -154,68 +132,31 @@ mod tests {
         for (i, r) in ranges.iter().enumerate() {
             let path = dir.path().join(format!("shard-{i}.gguf"));
             let names = write_shard_to(&whole, r.clone(), &path);
-            assert!(
-                names
-                    .iter()
-                    .all(|n| layer_of(n).is_none_or(|l| r.contains(&l))),
-                "{names:?}"
-            );
+            assert!(names.iter().all(|n| layer_of(n).is_none_or(|l| r.contains(&l))), "{names:?}");
             // Only stages that read the embedding carry it (the last uses it as its tied head).
-            assert_eq!(
-                names.iter().any(|n| n == "token_embd.weight"),
-                i != 1,
-                "{names:?}"
-            );
+            assert_eq!(names.iter().any(|n| n == "token_embd.weight"), i != 1, "{names:?}");
             let shard = ModelFile::open(&path).unwrap();
             assert_eq!(shard.info(), whole.info());
-            assert_eq!(
-                ShardOrigin::of(&shard),
-                Some(ShardOrigin {
-                    source_hash: "abc123".into(),
-                    layers: r.clone()
-                })
-            );
+            assert_eq!(ShardOrigin::of(&shard), Some(ShardOrigin { source_hash: "abc123".into(), layers: r.clone() }));
             assert_eq!(ShardOrigin::of(&whole), None);
-            assert!(
-                std::fs::metadata(&path).unwrap().len()
-                    < std::fs::metadata(whole.path()).unwrap().len()
-            );
-            from_whole.push(
-                Stage::load(&whole, r.clone(), &Device::Cpu, StageOptions::default()).unwrap(),
-            );
-            from_shards.push(
-                Stage::load(&shard, r.clone(), &Device::Cpu, StageOptions::default()).unwrap(),
-            );
+            assert!(std::fs::metadata(&path).unwrap().len() < std::fs::metadata(whole.path()).unwrap().len());
+            from_whole.push(Stage::load(&whole, r.clone(), &Device::Cpu, StageOptions::default()).unwrap());
+            from_shards.push(Stage::load(&shard, r.clone(), &Device::Cpu, StageOptions::default()).unwrap());
             // A shard holds its range and nothing more.
             assert!(Stage::load(&shard, 0..6, &Device::Cpu, StageOptions::default()).is_err());
         }
         let run = |stages: &mut [Stage], position: usize, tokens: &[u32]| -> Vec<f32> {
-            let mut step = StageStep {
-                seq: 1,
-                position,
-                input: StageInput::Tokens(tokens.to_vec()),
-            };
+            let mut step = StageStep { seq: 1, position, input: StageInput::Tokens(tokens.to_vec()) };
             for stage in stages.iter_mut() {
-                match stage
-                    .forward(std::slice::from_ref(&step))
-                    .unwrap()
-                    .pop()
-                    .unwrap()
-                {
+                match stage.forward(std::slice::from_ref(&step)).unwrap().pop().unwrap() {
                     StageOutput::Hidden(h) => step.input = StageInput::Hidden(h),
                     StageOutput::Logits(l) => return l.to_vec1().unwrap(),
                 }
             }
             panic!("no logits")
         };
-        assert_eq!(
-            run(&mut from_whole, 0, &[3, 14, 15, 92]),
-            run(&mut from_shards, 0, &[3, 14, 15, 92])
-        );
-        assert_eq!(
-            run(&mut from_whole, 4, &[65]),
-            run(&mut from_shards, 4, &[65])
-        );
+        assert_eq!(run(&mut from_whole, 0, &[3, 14, 15, 92]), run(&mut from_shards, 0, &[3, 14, 15, 92]));
+        assert_eq!(run(&mut from_whole, 4, &[65]), run(&mut from_shards, 4, &[65]));
     }
 
     #[test]
@@ -226,9 +167,6 @@ mod tests {
         write_shard_to(&whole, 1..3, &a);
         write_shard_to(&whole, 1..3, &b);
         assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
-        assert!(matches!(
-            stage_tensor_names(&whole, 3..9),
-            Err(Error::LayerRange { .. })
-        ));
+        assert!(matches!(stage_tensor_names(&whole, 3..9), Err(Error::LayerRange { .. })));
     }
 }

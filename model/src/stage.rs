@@ -106,22 +106,12 @@ pub struct Stage {
 impl Stage {
     /// Loads the tensors of `layers` (and the embedding / head where this stage is
     /// first / last) from `file` onto `device`. Nothing else is read.
-    pub fn load(
-        file: &ModelFile,
-        layers: Range<usize>,
-        device: &Device,
-        options: StageOptions,
-    ) -> Result<Self> {
+    pub fn load(file: &ModelFile, layers: Range<usize>, device: &Device, options: StageOptions) -> Result<Self> {
         let info = file.info().clone();
         if layers.start >= layers.end || layers.end > info.layers {
-            return Err(Error::LayerRange {
-                start: layers.start,
-                end: layers.end,
-                layers: info.layers,
-            });
+            return Err(Error::LayerRange { start: layers.start, end: layers.end, layers: info.layers });
         }
-        let _span =
-            tracing::info_span!("stage_load", start = layers.start, end = layers.end).entered();
+        let _span = tracing::info_span!("stage_load", start = layers.start, end = layers.end).entered();
         let mut reader = file.reader()?;
         let first = layers.start == 0;
         let last = layers.end == info.layers;
@@ -138,11 +128,7 @@ impl Stage {
             .map(|i| Layer::load(file, &mut reader, i, device))
             .collect::<Result<_>>()?;
         let head = if last {
-            let name = if info.tied_embedding {
-                "token_embd.weight"
-            } else {
-                "output.weight"
-            };
+            let name = if info.tied_embedding { "token_embd.weight" } else { "output.weight" };
             Some(Head {
                 norm: RmsNorm::load(file, &mut reader, "output_norm.weight", device)?,
                 output: Linear::new(file.load_tensor(&mut reader, name, device)?, None)?,
@@ -152,9 +138,7 @@ impl Stage {
         };
         let freq_factors = match info.rope_scaling {
             RopeScaling::FreqFactors => {
-                let t = file
-                    .load_tensor(&mut reader, "rope_freqs.weight", device)?
-                    .dequantize(&Device::Cpu)?;
+                let t = file.load_tensor(&mut reader, "rope_freqs.weight", device)?.dequantize(&Device::Cpu)?;
                 let factors = t.flatten_all()?.to_vec1::<f32>()?;
                 if factors.len() != info.head_dim / 2 {
                     return Err(Error::InvalidModel(format!(
@@ -210,11 +194,7 @@ impl Stage {
 
     /// Bytes held by the KV caches of all sequences.
     pub fn cache_bytes(&self) -> u64 {
-        self.sequences
-            .values()
-            .flat_map(|s| &s.layers)
-            .map(|c| c.bytes() as u64)
-            .sum()
+        self.sequences.values().flat_map(|s| &s.layers).map(|c| c.bytes() as u64).sum()
     }
 
     /// Sequences holding a cache here.
@@ -237,10 +217,7 @@ impl Stage {
     pub fn check(&self, step: &StageStep) -> Result<()> {
         let len = step.input.len()?;
         if len == 0 {
-            return Err(Error::BadInput(format!(
-                "sequence {}: empty step",
-                step.seq
-            )));
+            return Err(Error::BadInput(format!("sequence {}: empty step", step.seq)));
         }
         match (&step.input, self.is_first()) {
             (StageInput::Tokens(ids), true) => {
@@ -264,14 +241,10 @@ impl Stage {
                 }
             }
             (StageInput::Tokens(_), false) => {
-                return Err(Error::BadInput(
-                    "token ids sent to a stage that expects hidden states".into(),
-                ))
+                return Err(Error::BadInput("token ids sent to a stage that expects hidden states".into()))
             }
             (StageInput::Hidden(_), true) => {
-                return Err(Error::BadInput(
-                    "hidden states sent to the first stage, which expects token ids".into(),
-                ))
+                return Err(Error::BadInput("hidden states sent to the first stage, which expects token ids".into()))
             }
         }
         let expected = match self.sequences.get(&step.seq) {
@@ -281,11 +254,7 @@ impl Stage {
             None => return Err(Error::UnknownSequence(step.seq)),
         };
         if step.position != expected {
-            return Err(Error::PositionMismatch {
-                seq: step.seq,
-                expected,
-                got: step.position,
-            });
+            return Err(Error::PositionMismatch { seq: step.seq, expected, got: step.position });
         }
         if step.position + len > self.info.context_length {
             return Err(Error::ContextOverflow {
@@ -303,10 +272,7 @@ impl Stage {
         for (i, step) in steps.iter().enumerate() {
             self.check(step)?;
             if steps[..i].iter().any(|s| s.seq == step.seq) {
-                return Err(Error::BadInput(format!(
-                    "sequence {} appears twice in one batch",
-                    step.seq
-                )));
+                return Err(Error::BadInput(format!("sequence {} appears twice in one batch", step.seq)));
             }
         }
         for step in steps {
@@ -339,10 +305,7 @@ impl Stage {
         }
         let mut results = Vec::with_capacity(steps.len());
         for parts in pieces {
-            let last = parts
-                .last()
-                .cloned()
-                .ok_or_else(|| Error::BadInput("empty step".into()))?;
+            let last = parts.last().cloned().ok_or_else(|| Error::BadInput("empty step".into()))?;
             results.push(if self.is_last() {
                 StageOutput::Logits(last)
             } else if parts.len() == 1 {
@@ -356,11 +319,7 @@ impl Stage {
 
     /// One batched forward over `(step index, offset, len)` slices of the steps.
     /// Returns per slice the hidden states, or the last token's logits on the last stage.
-    fn forward_round(
-        &mut self,
-        steps: &[StageStep],
-        round: &[(usize, usize, usize)],
-    ) -> Result<Vec<Tensor>> {
+    fn forward_round(&mut self, steps: &[StageStep], round: &[(usize, usize, usize)]) -> Result<Vec<Tensor>> {
         let mut inputs = Vec::with_capacity(round.len());
         let mut spans = Vec::with_capacity(round.len());
         let mut ropes = Vec::with_capacity(round.len());
@@ -380,39 +339,22 @@ impl Stage {
             };
             inputs.push(x);
             let position = step.position + from;
-            spans.push(Span {
-                offset,
-                len,
-                position,
-            });
+            spans.push(Span { offset, len, position });
             ropes.push(self.rope.tables(position, len, &self.device)?);
             offset += len;
         }
-        let mut x = if inputs.len() == 1 {
-            inputs.swap_remove(0)
-        } else {
-            Tensor::cat(&inputs, 0)?
-        };
-        let mut seq_caches = caches_in_order(
-            &mut self.sequences,
-            round.iter().map(|&(i, _, _)| steps[i].seq),
-        )?;
+        let mut x = if inputs.len() == 1 { inputs.swap_remove(0) } else { Tensor::cat(&inputs, 0)? };
+        let mut seq_caches = caches_in_order(&mut self.sequences, round.iter().map(|&(i, _, _)| steps[i].seq))?;
         for (l, layer) in self.layers.iter().enumerate() {
             let _span = tracing::trace_span!("layer", index = self.layer_range.start + l).entered();
-            let mut caches: Vec<&mut LayerCache> =
-                seq_caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            let mut caches: Vec<&mut LayerCache> = seq_caches.iter_mut().map(|c| &mut c.layers[l]).collect();
             x = layer.forward(&x, &spans, &mut caches, &ropes, &self.rope)?;
         }
         match &self.head {
-            None => spans
-                .iter()
-                .map(|s| Ok(x.narrow(0, s.offset, s.len)?))
-                .collect(),
+            None => spans.iter().map(|s| Ok(x.narrow(0, s.offset, s.len)?)).collect(),
             Some(head) => {
-                let lasts: Vec<Tensor> = spans
-                    .iter()
-                    .map(|s| x.narrow(0, s.offset + s.len - 1, 1))
-                    .collect::<candle_core::Result<_>>()?;
+                let lasts: Vec<Tensor> =
+                    spans.iter().map(|s| x.narrow(0, s.offset + s.len - 1, 1)).collect::<candle_core::Result<_>>()?;
                 let lasts = Tensor::cat(&lasts, 0)?;
                 let logits = head.output.forward(&head.norm.forward(&lasts)?)?;
                 (0..spans.len()).map(|i| Ok(logits.get(i)?)).collect()
@@ -426,13 +368,9 @@ fn caches_in_order(
     sequences: &mut HashMap<SeqId, SequenceCache>,
     ids: impl Iterator<Item = SeqId> + Clone,
 ) -> Result<Vec<&mut SequenceCache>> {
-    let mut wanted: HashMap<SeqId, &mut SequenceCache> = sequences
-        .iter_mut()
-        .filter(|(id, _)| ids.clone().any(|w| w == **id))
-        .map(|(id, c)| (*id, c))
-        .collect();
-    ids.map(|id| wanted.remove(&id).ok_or(Error::UnknownSequence(id)))
-        .collect()
+    let mut wanted: HashMap<SeqId, &mut SequenceCache> =
+        sequences.iter_mut().filter(|(id, _)| ids.clone().any(|w| w == **id)).map(|(id, c)| (*id, c)).collect();
+    ids.map(|id| wanted.remove(&id).ok_or(Error::UnknownSequence(id))).collect()
 }
 
 #[cfg(test)]
@@ -452,23 +390,14 @@ mod tests {
     }
 
     fn tokens(seq: SeqId, position: usize, ids: &[u32]) -> StageStep {
-        StageStep {
-            seq,
-            position,
-            input: StageInput::Tokens(ids.to_vec()),
-        }
+        StageStep { seq, position, input: StageInput::Tokens(ids.to_vec()) }
     }
 
     /// Runs one step through a chain of stages and returns the final logits.
     fn through(stages: &mut [Stage], step: StageStep) -> Vec<f32> {
         let mut step = step;
         for stage in stages.iter_mut() {
-            match stage
-                .forward(std::slice::from_ref(&step))
-                .unwrap()
-                .pop()
-                .unwrap()
-            {
+            match stage.forward(std::slice::from_ref(&step)).unwrap().pop().unwrap() {
                 StageOutput::Hidden(h) => step.input = StageInput::Hidden(h),
                 StageOutput::Logits(l) => return l.to_vec1().unwrap(),
             }
@@ -478,10 +407,7 @@ mod tests {
 
     #[test]
     fn three_chained_stages_give_bit_identical_logits() {
-        let (_dir, file) = model(&SyntheticModel {
-            layers: 6,
-            ..SyntheticModel::tiny()
-        });
+        let (_dir, file) = model(&SyntheticModel { layers: 6, ..SyntheticModel::tiny() });
         let mut whole = [stage(&file, 0..6)];
         let mut chain = [stage(&file, 0..2), stage(&file, 2..5), stage(&file, 5..6)];
         let prompt = [5, 80, 120, 33, 7, 250, 2];
@@ -500,43 +426,22 @@ mod tests {
         let (_dir, file) = model(&SyntheticModel::tiny());
         let mut batched = stage(&file, 0..4);
         let mut alone = stage(&file, 0..4);
-        let steps = [
-            tokens(1, 0, &[1, 2, 3]),
-            tokens(2, 0, &[9, 8, 7, 6, 5]),
-            tokens(3, 0, &[42]),
-        ];
+        let steps = [tokens(1, 0, &[1, 2, 3]), tokens(2, 0, &[9, 8, 7, 6, 5]), tokens(3, 0, &[42])];
         let outs = batched.forward(&steps).unwrap();
         for (step, out) in steps.iter().zip(outs) {
-            let StageOutput::Logits(b) = out else {
-                panic!("last stage returns logits")
-            };
-            let StageOutput::Logits(a) = alone
-                .forward(std::slice::from_ref(step))
-                .unwrap()
-                .pop()
-                .unwrap()
-            else {
+            let StageOutput::Logits(b) = out else { panic!("last stage returns logits") };
+            let StageOutput::Logits(a) = alone.forward(std::slice::from_ref(step)).unwrap().pop().unwrap() else {
                 panic!()
             };
-            assert_eq!(
-                a.to_vec1::<f32>().unwrap(),
-                b.to_vec1::<f32>().unwrap(),
-                "sequence {}",
-                step.seq
-            );
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "sequence {}", step.seq);
         }
         // Then a batched decode step of sequences at different positions.
         let decode = [tokens(1, 3, &[4]), tokens(2, 5, &[4]), tokens(3, 1, &[4])];
         let outs = batched.forward(&decode).unwrap();
         for (step, out) in decode.iter().zip(outs) {
-            let (StageOutput::Logits(b), StageOutput::Logits(a)) = (
-                out,
-                alone
-                    .forward(std::slice::from_ref(step))
-                    .unwrap()
-                    .pop()
-                    .unwrap(),
-            ) else {
+            let (StageOutput::Logits(b), StageOutput::Logits(a)) =
+                (out, alone.forward(std::slice::from_ref(step)).unwrap().pop().unwrap())
+            else {
                 panic!()
             };
             assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
@@ -551,17 +456,12 @@ mod tests {
     fn chunked_prefill_matches_one_pass() {
         let (_dir, file) = model(&SyntheticModel::tiny());
         let mut one = stage(&file, 0..4);
-        let mut chunked =
-            Stage::load(&file, 0..4, &Device::Cpu, StageOptions { prefill_chunk: 4 }).unwrap();
+        let mut chunked = Stage::load(&file, 0..4, &Device::Cpu, StageOptions { prefill_chunk: 4 }).unwrap();
         let prompt: Vec<u32> = (0..11).map(|i| (i * 37 % 250) as u32).collect();
         let a = through(std::slice::from_mut(&mut one), tokens(1, 0, &prompt));
         let b = through(std::slice::from_mut(&mut chunked), tokens(1, 0, &prompt));
         assert_eq!(chunked.sequence_len(1), Some(11));
-        let max_diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
         assert!(max_diff < 1e-4, "chunked prefill differs by {max_diff}");
     }
 
@@ -569,12 +469,7 @@ mod tests {
     fn hidden_states_of_a_middle_stage_have_the_prompt_shape() {
         let (_dir, file) = model(&SyntheticModel::tiny());
         let mut first = stage(&file, 0..2);
-        let StageOutput::Hidden(h) = first
-            .forward(&[tokens(1, 0, &[1, 2, 3])])
-            .unwrap()
-            .pop()
-            .unwrap()
-        else {
+        let StageOutput::Hidden(h) = first.forward(&[tokens(1, 0, &[1, 2, 3])]).unwrap().pop().unwrap() else {
             panic!("a first stage returns hidden states")
         };
         assert_eq!(h.dims(), &[3, 64]);
@@ -584,24 +479,10 @@ mod tests {
     #[test]
     fn variant_architectures_load_and_run() {
         for spec in [
-            SyntheticModel {
-                architecture: "qwen2".into(),
-                qkv_bias: true,
-                ..SyntheticModel::tiny()
-            },
-            SyntheticModel {
-                rope_freqs: true,
-                untied_head: true,
-                ..SyntheticModel::tiny()
-            },
-            SyntheticModel {
-                dtype: candle_core::quantized::GgmlDType::Q4_1,
-                ..SyntheticModel::tiny()
-            },
-            SyntheticModel {
-                dtype: candle_core::quantized::GgmlDType::F16,
-                ..SyntheticModel::tiny()
-            },
+            SyntheticModel { architecture: "qwen2".into(), qkv_bias: true, ..SyntheticModel::tiny() },
+            SyntheticModel { rope_freqs: true, untied_head: true, ..SyntheticModel::tiny() },
+            SyntheticModel { dtype: candle_core::quantized::GgmlDType::Q4_1, ..SyntheticModel::tiny() },
+            SyntheticModel { dtype: candle_core::quantized::GgmlDType::F16, ..SyntheticModel::tiny() },
         ] {
             let (_dir, file) = model(&spec);
             let mut whole = [stage(&file, 0..4)];
@@ -616,9 +497,7 @@ mod tests {
     #[test]
     fn every_tensor_type_candle_reads_loads_and_runs() {
         use candle_core::quantized::GgmlDType::*;
-        for dtype in [
-            F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K,
-        ] {
+        for dtype in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
             // K-quants pack 256 values a block, so rows must be that wide.
             let wide = matches!(dtype, Q2K | Q3K | Q4K | Q5K | Q6K);
             let spec = SyntheticModel {
@@ -638,10 +517,7 @@ mod tests {
 
     #[test]
     fn a_stage_holds_only_its_share_of_the_weights() {
-        let (_dir, file) = model(&SyntheticModel {
-            layers: 6,
-            ..SyntheticModel::tiny()
-        });
+        let (_dir, file) = model(&SyntheticModel { layers: 6, ..SyntheticModel::tiny() });
         let sizes = file.sizes();
         let middle = stage(&file, 2..4);
         assert_eq!(middle.weight_bytes(), sizes.layers[2] + sizes.layers[3]);
@@ -656,30 +532,17 @@ mod tests {
             Stage::load(&file, 2..9, &Device::Cpu, StageOptions::default()),
             Err(Error::LayerRange { end: 9, .. })
         ));
-        assert!(matches!(
-            Stage::load(&file, 2..2, &Device::Cpu, StageOptions::default()),
-            Err(Error::LayerRange { .. })
-        ));
+        assert!(matches!(Stage::load(&file, 2..2, &Device::Cpu, StageOptions::default()), Err(Error::LayerRange { .. })));
         let mut first = stage(&file, 0..2);
         let mut second = stage(&file, 2..4);
         let vocab = first.info().vocab_size as u32;
-        let hidden = |rows: usize, cols: usize| {
-            StageInput::Hidden(Tensor::zeros((rows, cols), DType::F32, &Device::Cpu).unwrap())
-        };
+        let hidden = |rows: usize, cols: usize| StageInput::Hidden(Tensor::zeros((rows, cols), DType::F32, &Device::Cpu).unwrap());
         let cases = [
             (true, tokens(1, 0, &[vocab]), "outside the vocabulary"),
             (true, tokens(1, 3, &[1]), "unknown"),
             (true, tokens(1, 0, &[]), "empty"),
             (true, tokens(1, 0, &[1; 300]), "context"),
-            (
-                false,
-                StageStep {
-                    seq: 1,
-                    position: 0,
-                    input: hidden(2, 63),
-                },
-                "hidden states must be",
-            ),
+            (false, StageStep { seq: 1, position: 0, input: hidden(2, 63) }, "hidden states must be"),
             (false, tokens(1, 0, &[1]), "expects hidden states"),
         ];
         for (to_first, step, expected) in cases {
@@ -689,20 +552,8 @@ mod tests {
         }
         first.forward(&[tokens(1, 0, &[1, 2])]).unwrap();
         let err = first.forward(&[tokens(1, 5, &[3])]).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::PositionMismatch {
-                    expected: 2,
-                    got: 5,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        let err = first
-            .forward(&[tokens(1, 2, &[3]), tokens(1, 2, &[3])])
-            .unwrap_err();
+        assert!(matches!(err, Error::PositionMismatch { expected: 2, got: 5, .. }), "{err}");
+        let err = first.forward(&[tokens(1, 2, &[3]), tokens(1, 2, &[3])]).unwrap_err();
         assert!(err.to_string().contains("twice"), "{err}");
         // A refused batch leaves the sequence where it was.
         assert_eq!(first.sequence_len(1), Some(2));

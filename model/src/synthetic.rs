@@ -21,20 +21,13 @@ use crate::error::{Error, Result};
 /// file. `None`, with a visible message, when it is absent, so such tests say they
 /// were skipped rather than pass silently.
 pub fn real_test_model() -> Option<PathBuf> {
-    let path = std::env::var_os("STRATA_TEST_MODEL")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| {
-                PathBuf::from(h).join(".cache/strata/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-            })
-        })?;
+    let path = std::env::var_os("STRATA_TEST_MODEL").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/strata/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    })?;
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!(
-            "SKIPPED: the real model is not at {} (set STRATA_TEST_MODEL)",
-            path.display()
-        );
+        eprintln!("SKIPPED: the real model is not at {} (set STRATA_TEST_MODEL)", path.display());
         None
     }
 }
@@ -61,14 +54,7 @@ pub struct SyntheticModel {
 }
 
 /// Extra merges on top of the 256 byte tokens, so BPE has something to merge.
-const MERGES: &[(&str, &str)] = &[
-    ("Ġ", "t"),
-    ("h", "e"),
-    ("Ġt", "he"),
-    ("i", "n"),
-    ("Ġ", "a"),
-    ("e", "r"),
-];
+const MERGES: &[(&str, &str)] = &[("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r")];
 const SPECIAL_TOKENS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -110,10 +96,7 @@ impl SyntheticModel {
 
     /// Writes `model.gguf` into `dir` and returns its path.
     pub fn write_to(&self, dir: &Path) -> Result<PathBuf> {
-        let path = dir.join(format!(
-            "synthetic-{}-{}.gguf",
-            self.architecture, self.seed
-        ));
+        let path = dir.join(format!("synthetic-{}-{}.gguf", self.architecture, self.seed));
         self.write(&path)?;
         Ok(path)
     }
@@ -123,10 +106,7 @@ impl SyntheticModel {
         let metadata = self.metadata();
         let md_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let file = File::create(path).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file = File::create(path).map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
         let mut w = BufWriter::new(file);
         gguf_file::write(&mut w, &md_refs, &t_refs)?;
         Ok(())
@@ -136,9 +116,8 @@ impl SyntheticModel {
         let a = &self.architecture;
         let tokens = Self::vocabulary();
         let special_start = tokens.len() - SPECIAL_TOKENS.len();
-        let token_types: Vec<Value> = (0..tokens.len())
-            .map(|i| Value::I32(if i >= special_start { 3 } else { 1 }))
-            .collect();
+        let token_types: Vec<Value> =
+            (0..tokens.len()).map(|i| Value::I32(if i >= special_start { 3 } else { 1 })).collect();
         let u32v = |x: usize| Value::U32(x as u32);
         vec![
             ("general.architecture".into(), Value::String(a.clone())),
@@ -149,43 +128,20 @@ impl SyntheticModel {
             (format!("{a}.attention.head_count"), u32v(self.heads)),
             (format!("{a}.attention.head_count_kv"), u32v(self.kv_heads)),
             (format!("{a}.rope.freq_base"), Value::F32(10_000.0)),
-            (
-                format!("{a}.attention.layer_norm_rms_epsilon"),
-                Value::F32(1e-5),
-            ),
+            (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
             (format!("{a}.context_length"), u32v(self.context_length)),
             ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
             ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
-            (
-                "tokenizer.ggml.tokens".into(),
-                Value::Array(tokens.into_iter().map(Value::String).collect()),
-            ),
-            (
-                "tokenizer.ggml.token_type".into(),
-                Value::Array(token_types),
-            ),
+            ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+            ("tokenizer.ggml.token_type".into(), Value::Array(token_types)),
             (
                 "tokenizer.ggml.merges".into(),
-                Value::Array(
-                    MERGES
-                        .iter()
-                        .map(|(x, y)| Value::String(format!("{x} {y}")))
-                        .collect(),
-                ),
+                Value::Array(MERGES.iter().map(|(x, y)| Value::String(format!("{x} {y}"))).collect()),
             ),
-            (
-                "tokenizer.ggml.bos_token_id".into(),
-                u32v(special_start + 1),
-            ),
-            (
-                "tokenizer.ggml.eos_token_id".into(),
-                u32v(special_start + 2),
-            ),
+            ("tokenizer.ggml.bos_token_id".into(), u32v(special_start + 1)),
+            ("tokenizer.ggml.eos_token_id".into(), u32v(special_start + 2)),
             ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
-            (
-                "tokenizer.chat_template".into(),
-                Value::String(CHATML_TEMPLATE.into()),
-            ),
+            ("tokenizer.chat_template".into(), Value::String(CHATML_TEMPLATE.into())),
         ]
     }
 
@@ -195,16 +151,9 @@ impl SyntheticModel {
         let vocab = Self::vocab_size();
         let (h, kv) = (self.hidden, self.kv_heads * self.head_dim());
         let mut out = Vec::new();
-        let mut matrix = |rng: &mut StdRng,
-                          name: String,
-                          rows: usize,
-                          cols: usize,
-                          dtype: GgmlDType|
-         -> Result<()> {
+        let mut matrix = |rng: &mut StdRng, name: String, rows: usize, cols: usize, dtype: GgmlDType| -> Result<()> {
             let scale = 1.0 / (cols as f32).sqrt();
-            let data: Vec<f32> = (0..rows * cols)
-                .map(|_| rng.random_range(-scale..scale) * 1.7)
-                .collect();
+            let data: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-scale..scale) * 1.7).collect();
             let t = Tensor::from_vec(data, (rows, cols), &dev)?;
             out.push((name, QTensor::quantize(&t, dtype)?));
             Ok(())
@@ -215,42 +164,16 @@ impl SyntheticModel {
             matrix(&mut rng, format!("{p}.attn_q.weight"), h, h, self.dtype)?;
             matrix(&mut rng, format!("{p}.attn_k.weight"), kv, h, self.dtype)?;
             matrix(&mut rng, format!("{p}.attn_v.weight"), kv, h, self.dtype)?;
-            matrix(
-                &mut rng,
-                format!("{p}.attn_output.weight"),
-                h,
-                h,
-                self.dtype,
-            )?;
-            matrix(
-                &mut rng,
-                format!("{p}.ffn_gate.weight"),
-                self.feed_forward,
-                h,
-                self.dtype,
-            )?;
-            matrix(
-                &mut rng,
-                format!("{p}.ffn_up.weight"),
-                self.feed_forward,
-                h,
-                self.dtype,
-            )?;
-            matrix(
-                &mut rng,
-                format!("{p}.ffn_down.weight"),
-                h,
-                self.feed_forward,
-                self.dtype,
-            )?;
+            matrix(&mut rng, format!("{p}.attn_output.weight"), h, h, self.dtype)?;
+            matrix(&mut rng, format!("{p}.ffn_gate.weight"), self.feed_forward, h, self.dtype)?;
+            matrix(&mut rng, format!("{p}.ffn_up.weight"), self.feed_forward, h, self.dtype)?;
+            matrix(&mut rng, format!("{p}.ffn_down.weight"), h, self.feed_forward, self.dtype)?;
         }
         if self.untied_head {
             matrix(&mut rng, "output.weight".into(), vocab, h, self.dtype)?;
         }
         let mut vector = |name: String, len: usize, base: f32, spread: f32| -> Result<()> {
-            let data: Vec<f32> = (0..len)
-                .map(|_| base + rng.random_range(-spread..=spread))
-                .collect();
+            let data: Vec<f32> = (0..len).map(|_| base + rng.random_range(-spread..=spread)).collect();
             let t = Tensor::from_vec(data, len, &dev)?;
             out.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
             Ok(())
@@ -274,10 +197,7 @@ impl SyntheticModel {
 
 /// The 256 printable symbols GPT-2's byte-level BPE uses for raw bytes.
 fn byte_symbols() -> Vec<char> {
-    let mut printable: Vec<u32> = ('!' as u32..='~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
+    let mut printable: Vec<u32> = ('!' as u32..='~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut symbols: Vec<u32> = printable.clone();
     let mut extra = 0;
     for b in 0..256u32 {
@@ -289,8 +209,5 @@ fn byte_symbols() -> Vec<char> {
     }
     let mut pairs: Vec<(u32, u32)> = printable.into_iter().zip(symbols).collect();
     pairs.sort_unstable();
-    pairs
-        .into_iter()
-        .filter_map(|(_, s)| char::from_u32(s))
-        .collect()
+    pairs.into_iter().filter_map(|(_, s)| char::from_u32(s)).collect()
 }

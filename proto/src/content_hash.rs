@@ -36,9 +36,6 @@ mod tests {
         std::fs::write(&dir, b"abc").unwrap();
         let h = sha256_file(&dir).unwrap();
         std::fs::remove_file(&dir).unwrap();
-        assert_eq!(
-            h,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

@@ -34,9 +34,7 @@ impl WorkerError {
     pub fn code(&self) -> Code {
         match self {
             Self::NoShard | Self::Draining => Code::FailedPrecondition,
-            Self::ShardOutOfRange { .. } | Self::BadFrame(_) | Self::InvalidShard(_) => {
-                Code::InvalidArgument
-            }
+            Self::ShardOutOfRange { .. } | Self::BadFrame(_) | Self::InvalidShard(_) => Code::InvalidArgument,
             Self::ModelHashMismatch { .. } => Code::FailedPrecondition,
             Self::ModelUnavailable(_) => Code::NotFound,
             Self::UnknownSequence(_) => Code::NotFound,
@@ -90,12 +88,7 @@ mod tests {
 
     #[test]
     fn errors_map_to_grpc_codes_with_their_message() {
-        let s: Status = WorkerError::ShardOutOfRange {
-            start: 0,
-            end: 40,
-            layers: 30,
-        }
-        .into();
+        let s: Status = WorkerError::ShardOutOfRange { start: 0, end: 40, layers: 30 }.into();
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("40"));
         let s: Status = CoordinatorError::UnknownModel("x".into()).into();

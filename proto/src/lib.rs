@@ -27,22 +27,13 @@ pub const PIPELINE_HEADER: &str = "strata-pipeline-id";
 /// Tags a Forward call with its pipeline.
 pub fn with_pipeline<T>(message: T, pipeline_id: u64) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        PIPELINE_HEADER,
-        tonic::metadata::MetadataValue::from(pipeline_id),
-    );
+    request.metadata_mut().insert(PIPELINE_HEADER, tonic::metadata::MetadataValue::from(pipeline_id));
     request
 }
 
 /// The pipeline a Forward call names, if it names one.
 pub fn pipeline_of<T>(request: &tonic::Request<T>) -> Option<u64> {
-    request
-        .metadata()
-        .get(PIPELINE_HEADER)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    request.metadata().get(PIPELINE_HEADER)?.to_str().ok()?.parse().ok()
 }
 
 /// Largest gRPC message either side accepts or sends. Frames are chunked to stay

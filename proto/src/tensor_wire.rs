@@ -24,30 +24,15 @@ pub enum WireError {
 /// Encodes row-major f32 values of shape `[rows, hidden]`.
 pub fn encode_hidden(values: &[f32], rows: usize, hidden: usize, dtype: WireDtype) -> v1::Tensor {
     let data = match dtype {
-        WireDtype::F16 => values
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect(),
+        WireDtype::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
         _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     };
-    let dtype = if dtype == WireDtype::F16 {
-        WireDtype::F16
-    } else {
-        WireDtype::F32
-    };
-    v1::Tensor {
-        dtype: dtype as i32,
-        shape: vec![rows as u32, hidden as u32],
-        data,
-    }
+    let dtype = if dtype == WireDtype::F16 { WireDtype::F16 } else { WireDtype::F32 };
+    v1::Tensor { dtype: dtype as i32, shape: vec![rows as u32, hidden as u32], data }
 }
 
 /// Decodes and validates hidden states for `tokens` positions of width `hidden`.
-pub fn decode_hidden(
-    t: Option<&v1::Tensor>,
-    tokens: usize,
-    hidden: usize,
-) -> Result<Vec<f32>, WireError> {
+pub fn decode_hidden(t: Option<&v1::Tensor>, tokens: usize, hidden: usize) -> Result<Vec<f32>, WireError> {
     let t = t.ok_or(WireError::Missing)?;
     let dtype = WireDtype::try_from(t.dtype).map_err(|_| WireError::DType(t.dtype))?;
     let width = match dtype {
@@ -57,34 +42,18 @@ pub fn decode_hidden(
     };
     let (rows, cols) = match t.shape.as_slice() {
         [r, c] if *c as usize == hidden => (*r as usize, *c as usize),
-        _ => {
-            return Err(WireError::Shape {
-                shape: t.shape.clone(),
-                hidden,
-            })
-        }
+        _ => return Err(WireError::Shape { shape: t.shape.clone(), hidden }),
     };
     if rows != tokens {
         return Err(WireError::Rows { tokens, rows });
     }
     let expected = rows * cols * width;
     if t.data.len() != expected {
-        return Err(WireError::Length {
-            got: t.data.len(),
-            expected,
-        });
+        return Err(WireError::Length { got: t.data.len(), expected });
     }
     Ok(match dtype {
-        WireDtype::F16 => t
-            .data
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => t
-            .data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        WireDtype::F16 => t.data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
     })
 }
 
@@ -114,25 +83,10 @@ mod tests {
     fn bad_tensors_are_named() {
         let good = encode_hidden(&[0.0; 8], 2, 4, WireDtype::F32);
         assert_eq!(decode_hidden(None, 2, 4), Err(WireError::Missing));
-        assert!(matches!(
-            decode_hidden(Some(&good), 2, 5),
-            Err(WireError::Shape { .. })
-        ));
-        assert_eq!(
-            decode_hidden(Some(&good), 3, 4),
-            Err(WireError::Rows { tokens: 3, rows: 2 })
-        );
-        let short = v1::Tensor {
-            data: vec![0; 7],
-            ..good.clone()
-        };
-        assert_eq!(
-            decode_hidden(Some(&short), 2, 4),
-            Err(WireError::Length {
-                got: 7,
-                expected: 32
-            })
-        );
+        assert!(matches!(decode_hidden(Some(&good), 2, 5), Err(WireError::Shape { .. })));
+        assert_eq!(decode_hidden(Some(&good), 3, 4), Err(WireError::Rows { tokens: 3, rows: 2 }));
+        let short = v1::Tensor { data: vec![0; 7], ..good.clone() };
+        assert_eq!(decode_hidden(Some(&short), 2, 4), Err(WireError::Length { got: 7, expected: 32 }));
         let odd = v1::Tensor { dtype: 99, ..good };
         assert_eq!(decode_hidden(Some(&odd), 2, 4), Err(WireError::DType(99)));
     }

@@ -19,11 +19,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A client endpoint for `address` (`host:port`, or a URL with a scheme).
 pub fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
+    let uri = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
     Ok(Endpoint::from_shared(uri)?
         .tcp_nodelay(true)
         .connect_timeout(CONNECT_TIMEOUT)

@@ -10,8 +10,7 @@ use anyhow::Context;
 use serde_json::json;
 use strata_coordinator::cli::http;
 use strata_coordinator::cluster::{
-    self, Cluster, ClusterConfig, CoordinatorService, Membership, PlacementPolicy, ReturnPath,
-    ServedModel,
+    self, Cluster, ClusterConfig, CoordinatorService, Membership, PlacementPolicy, ReturnPath, ServedModel,
 };
 use strata_coordinator::engine::{GenerateEvent, GenerateRequest};
 use strata_model::generate::FinishReason;
@@ -23,24 +22,15 @@ use strata_tests::{reference_tokens, ClusterOptions, TestCluster};
 
 /// Six layers, so three workers hold two each.
 fn synthetic(dir: &Path) -> PathBuf {
-    SyntheticModel {
-        layers: 6,
-        ..SyntheticModel::tiny()
-    }
-    .write_to(dir)
-    .unwrap()
+    SyntheticModel { layers: 6, ..SyntheticModel::tiny() }.write_to(dir).unwrap()
 }
 
 fn tokenizer(model: &Path) -> Tokenizer {
     Tokenizer::from_gguf(ModelFile::open(model).unwrap().metadata()).unwrap()
 }
 
-const PROMPTS: [&[u32]; 4] = [
-    &[5, 80, 120, 33],
-    &[17],
-    &[200, 3, 3, 3, 9, 41, 250, 8],
-    &[100, 101, 102, 103, 104, 105],
-];
+const PROMPTS: [&[u32]; 4] =
+    [&[5, 80, 120, 33], &[17], &[200, 3, 3, 3, 9, 41, 250, 8], &[100, 101, 102, 103, 104, 105]];
 
 /// One greedy completion over HTTP: its text and completion token count.
 async fn complete(addr: &str, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(String, u64)> {
@@ -48,23 +38,11 @@ async fn complete(addr: &str, prompt: &[u32], max_tokens: usize) -> anyhow::Resu
     let reply = http::request(addr, "POST", "/v1/completions", Some(&body)).await?;
     anyhow::ensure!(reply.status == 200, "HTTP {}: {}", reply.status, reply.body);
     let v = reply.json()?;
-    let text = v["choices"][0]["text"]
-        .as_str()
-        .context("no text")?
-        .to_string();
-    Ok((
-        text,
-        v["usage"]["completion_tokens"]
-            .as_u64()
-            .context("no usage")?,
-    ))
+    let text = v["choices"][0]["text"].as_str().context("no text")?.to_string();
+    Ok((text, v["usage"]["completion_tokens"].as_u64().context("no usage")?))
 }
 
-async fn expected(
-    model: &Path,
-    prompt: &[u32],
-    max_tokens: usize,
-) -> anyhow::Result<(String, u64)> {
+async fn expected(model: &Path, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(String, u64)> {
     let tokens = reference_tokens(model, prompt, max_tokens)?;
     // Decoded the way the API streams text: piece by piece, chat markers left out.
     let tokenizer = tokenizer(model);
@@ -83,11 +61,7 @@ async fn greedy_completions_through_three_workers_match_one_process() -> anyhow:
     let model = synthetic(dir.path());
     let cluster = TestCluster::start(&model, &ClusterOptions::default()).await?;
     assert_eq!(cluster.stage_lines.len(), 3, "{:?}", cluster.stage_lines);
-    assert!(
-        cluster.stage_lines[1].contains("layers 2..4"),
-        "{:?}",
-        cluster.stage_lines
-    );
+    assert!(cluster.stage_lines[1].contains("layers 2..4"), "{:?}", cluster.stage_lines);
     for prompt in PROMPTS {
         assert_eq!(
             complete(cluster.http(), prompt, 16).await?,
@@ -112,17 +86,12 @@ async fn eight_concurrent_requests_all_come_back_right() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = synthetic(dir.path());
     let cluster = TestCluster::start(&model, &ClusterOptions::default()).await?;
-    let prompts: Vec<Vec<u32>> = (0..8u32)
-        .map(|i| (0..(3 + i)).map(|j| (i * 31 + j * 7) % 250 + 1).collect())
-        .collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..8u32).map(|i| (0..(3 + i)).map(|j| (i * 31 + j * 7) % 250 + 1).collect()).collect();
     let addr = cluster.http().to_string();
     let replies = futures::future::join_all(prompts.iter().map(|p| complete(&addr, p, 20))).await;
     for (prompt, reply) in prompts.iter().zip(replies) {
-        assert_eq!(
-            reply?,
-            expected(&model, prompt, 20).await?,
-            "prompt {prompt:?}"
-        );
+        assert_eq!(reply?, expected(&model, prompt, 20).await?, "prompt {prompt:?}");
     }
     cluster.stop().await;
     Ok(())
@@ -132,48 +101,24 @@ async fn eight_concurrent_requests_all_come_back_right() -> anyhow::Result<()> {
 async fn workers_that_join_pull_their_shards_and_serve() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = synthetic(dir.path());
-    let options = ClusterOptions {
-        workers_have_model: false,
-        ..ClusterOptions::default()
-    };
+    let options = ClusterOptions { workers_have_model: false, ..ClusterOptions::default() };
     let cluster = TestCluster::start_joined(&model, &options).await?;
     assert_eq!(cluster.stage_lines.len(), 3);
-    assert!(
-        cluster
-            .stage_lines
-            .iter()
-            .all(|l| l.contains("weights pulled")),
-        "{:?}",
-        cluster.stage_lines
-    );
-    assert_eq!(
-        complete(cluster.http(), PROMPTS[2], 12).await?,
-        expected(&model, PROMPTS[2], 12).await?
-    );
+    assert!(cluster.stage_lines.iter().all(|l| l.contains("weights pulled")), "{:?}", cluster.stage_lines);
+    assert_eq!(complete(cluster.http(), PROMPTS[2], 12).await?, expected(&model, PROMPTS[2], 12).await?);
     cluster.stop().await;
     Ok(())
 }
 
 /// Tokens of one request through an in-process engine.
-async fn run(
-    engine: &cluster::ClusterEngine,
-    prompt: &[u32],
-    n: usize,
-    path: ReturnPath,
-) -> anyhow::Result<Vec<u32>> {
-    let request = GenerateRequest {
-        prompt_tokens: prompt.to_vec(),
-        max_tokens: n,
-        sampling: SamplingParams::greedy(),
-    };
+async fn run(engine: &cluster::ClusterEngine, prompt: &[u32], n: usize, path: ReturnPath) -> anyhow::Result<Vec<u32>> {
+    let request = GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens: n, sampling: SamplingParams::greedy() };
     let mut rx = engine.generate_via(request, path)?;
     let mut tokens = Vec::new();
     while let Some(event) = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await? {
         match event {
             GenerateEvent::Token(t) => tokens.push(t),
-            GenerateEvent::Finished(FinishReason::Stop | FinishReason::Length) => {
-                return Ok(tokens)
-            }
+            GenerateEvent::Finished(FinishReason::Stop | FinishReason::Length) => return Ok(tokens),
             other => anyhow::bail!("unexpected {other:?}"),
         }
     }
@@ -184,10 +129,7 @@ async fn run(
 async fn wait_until_no_sequences(workers: &[String]) -> anyhow::Result<()> {
     for w in workers {
         let channel = strata_proto::transport::endpoint(w)?.connect().await?;
-        let mut events = WorkerClient::new(channel)
-            .events(v1::EventsRequest {})
-            .await?
-            .into_inner();
+        let mut events = WorkerClient::new(channel).events(v1::EventsRequest {}).await?.into_inner();
         loop {
             let event = events.message().await?.context("events ended")?;
             if let Some(worker_event::Kind::Heartbeat(h)) = event.kind {
@@ -201,15 +143,11 @@ async fn wait_until_no_sequences(workers: &[String]) -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -> anyhow::Result<()>
-{
+async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model_path = synthetic(dir.path());
     // Workers without the model: they pull their shards from this in-process coordinator.
-    let options = ClusterOptions {
-        workers_have_model: false,
-        ..ClusterOptions::default()
-    };
+    let options = ClusterOptions { workers_have_model: false, ..ClusterOptions::default() };
     let workers = TestCluster::workers(&model_path, &options).await?;
     let model = Arc::new(
         tokio::task::spawn_blocking({
@@ -221,11 +159,7 @@ async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let grpc_addr = grpc.local_addr()?.to_string();
     let membership = Arc::new(Membership::default());
-    let service = CoordinatorService {
-        id: "test".into(),
-        model: model.clone(),
-        membership: membership.clone(),
-    };
+    let service = CoordinatorService { id: "test".into(), model: model.clone(), membership: membership.clone() };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(cluster::serve_grpc(grpc, service, async {
         let _ = stopped.await;
@@ -245,37 +179,21 @@ async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -
     assert!(cluster.placements.iter().all(|p| !p.weights_were_local));
     for prompt in PROMPTS {
         let expected = reference_tokens(&model_path, prompt, 24)?;
-        assert_eq!(
-            run(&cluster.engine, prompt, 24, ReturnPath::Coordinator).await?,
-            expected,
-            "{prompt:?}"
-        );
-        assert_eq!(
-            run(&cluster.engine, prompt, 24, ReturnPath::Direct).await?,
-            expected,
-            "{prompt:?}"
-        );
+        assert_eq!(run(&cluster.engine, prompt, 24, ReturnPath::Coordinator).await?, expected, "{prompt:?}");
+        assert_eq!(run(&cluster.engine, prompt, 24, ReturnPath::Direct).await?, expected, "{prompt:?}");
     }
     // A request whose client goes away mid-generation is released too.
-    let request = GenerateRequest {
-        prompt_tokens: PROMPTS[3].to_vec(),
-        max_tokens: 200,
-        sampling: SamplingParams::greedy(),
-    };
+    let request =
+        GenerateRequest { prompt_tokens: PROMPTS[3].to_vec(), max_tokens: 200, sampling: SamplingParams::greedy() };
     let mut rx = cluster.engine.generate_via(request, ReturnPath::Direct)?;
     rx.recv().await.context("no first event")?;
     drop(rx);
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        wait_until_no_sequences(&workers.workers),
-    )
-    .await
-    .context("workers still hold sequences")??;
+    tokio::time::timeout(Duration::from_secs(20), wait_until_no_sequences(&workers.workers))
+        .await
+        .context("workers still hold sequences")??;
     let stats = cluster.stats(true).await?;
     assert_eq!(stats.len(), 3);
-    assert!(stats
-        .iter()
-        .all(|s| s.frames > 0 && !s.hop_micros.is_empty()));
+    assert!(stats.iter().all(|s| s.frames > 0 && !s.hop_micros.is_empty()));
     cluster.shutdown().await;
     let _ = stop.send(());
     server.await??;

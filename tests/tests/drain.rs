@@ -19,23 +19,15 @@ use strata_tests::{reference_tokens, ClusterOptions, TestCluster};
 /// Wide enough that a few hundred tokens take a while, so the requests are still
 /// running when the worker leaves.
 fn model(dir: &Path) -> PathBuf {
-    SyntheticModel {
-        layers: 6,
-        hidden: 256,
-        feed_forward: 1024,
-        context_length: 512,
-        ..SyntheticModel::tiny()
-    }
-    .write_to(dir)
-    .unwrap()
+    SyntheticModel { layers: 6, hidden: 256, feed_forward: 1024, context_length: 512, ..SyntheticModel::tiny() }
+        .write_to(dir)
+        .unwrap()
 }
 
 const MAX_TOKENS: usize = 160;
 
 fn prompts() -> Vec<Vec<u32>> {
-    (0..8u32)
-        .map(|i| (0..(3 + i)).map(|j| (i * 31 + j * 7) % 250 + 1).collect())
-        .collect()
+    (0..8u32).map(|i| (0..(3 + i)).map(|j| (i * 31 + j * 7) % 250 + 1).collect()).collect()
 }
 
 /// The text an undisturbed single process gives, decoded as the API streams it.
@@ -82,12 +74,7 @@ impl Streams {
     /// Waits until every stream has had a few events (or ended).
     async fn wait_until_running(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while self
-            .received
-            .iter()
-            .zip(&self.tasks)
-            .any(|(c, t)| c.load(Ordering::Relaxed) < 3 && !t.is_finished())
-        {
+        while self.received.iter().zip(&self.tasks).any(|(c, t)| c.load(Ordering::Relaxed) < 3 && !t.is_finished()) {
             anyhow::ensure!(Instant::now() < deadline, "the streams did not start");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -97,9 +84,7 @@ impl Streams {
     /// Every stream's text equals the undisturbed run's.
     async fn check(self, model: &Path) -> anyhow::Result<()> {
         for (prompt, task) in prompts().iter().zip(self.tasks) {
-            let text = tokio::time::timeout(Duration::from_secs(120), task)
-                .await
-                .context("a stream hung")???;
+            let text = tokio::time::timeout(Duration::from_secs(120), task).await.context("a stream hung")???;
             assert_eq!(text, expected(model, prompt)?, "prompt {prompt:?}");
         }
         Ok(())
@@ -113,40 +98,23 @@ async fn admin(addr: &str, path: &str, body: Value) -> anyhow::Result<(u16, Valu
 
 async fn status(addr: &str) -> anyhow::Result<Value> {
     let reply = http::request(addr, "GET", "/admin/status", None).await?;
-    anyhow::ensure!(
-        reply.status == 200,
-        "status: HTTP {}: {}",
-        reply.status,
-        reply.body
-    );
+    anyhow::ensure!(reply.status == 200, "status: HTTP {}: {}", reply.status, reply.body);
     Ok(reply.json()?)
 }
 
 fn node<'a>(status: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
-    status["nodes"]
-        .as_array()
-        .context("no nodes")?
-        .iter()
-        .find(|n| n["name"] == name)
-        .context("node not listed")
+    status["nodes"].as_array().context("no nodes")?.iter().find(|n| n["name"] == name).context("node not listed")
 }
 
 /// Polls the status until `check` holds for it.
-async fn wait_for_status(
-    addr: &str,
-    what: &str,
-    check: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
+async fn wait_for_status(addr: &str, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = status(addr).await?;
         if check(&s) {
             return Ok(s);
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s}"
-        );
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}: {s}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -156,10 +124,8 @@ fn holds_layers(s: &Value, name: &str) -> bool {
 }
 
 async fn start(model: &Path) -> anyhow::Result<TestCluster> {
-    let options = ClusterOptions {
-        serve_args: vec!["--queue-timeout".into(), "60".into()],
-        ..ClusterOptions::default()
-    };
+    let options =
+        ClusterOptions { serve_args: vec!["--queue-timeout".into(), "60".into()], ..ClusterOptions::default() };
     let cluster = TestCluster::start(model, &options).await?;
     assert_eq!(cluster.stage_lines.len(), 3, "{:?}", cluster.stage_lines);
     Ok(cluster)
@@ -173,30 +139,18 @@ async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyh
     let addr = cluster.http().to_string();
     let streams = Streams::start(&addr);
     streams.wait_until_running().await?;
-    let (code, report) = admin(
-        &addr,
-        "/admin/drain",
-        json!({"node": "worker-1", "wait": true}),
-    )
-    .await?;
+    let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
     assert_eq!(code, 200, "{report}");
     assert_eq!(report["finished"], true, "{report}");
-    assert!(
-        report["memory_freed_bytes"].as_u64().unwrap_or(0) > 0,
-        "{report}"
-    );
+    assert!(report["memory_freed_bytes"].as_u64().unwrap_or(0) > 0, "{report}");
     eprintln!("drain: {}", report["message"]);
     streams.check(&model).await?;
     let s = wait_for_status(&addr, "the drained worker to hold nothing", |s| {
-        node(s, "worker-1").is_ok_and(|n| {
-            n["state"] == "draining" && n["layers"].is_null() && n["memory_used_bytes"] == 0
-        })
+        node(s, "worker-1")
+            .is_ok_and(|n| n["state"] == "draining" && n["layers"].is_null() && n["memory_used_bytes"] == 0)
     })
     .await?;
-    assert!(
-        holds_layers(&s, "worker-0") && holds_layers(&s, "worker-2"),
-        "{s}"
-    );
+    assert!(holds_layers(&s, "worker-0") && holds_layers(&s, "worker-2"), "{s}");
     cluster.stop().await;
     Ok(())
 }
@@ -216,10 +170,7 @@ async fn killing_a_worker_mid_generation_loses_nothing() -> anyhow::Result<()> {
     })
     .await?;
     let noticed = killed.elapsed();
-    assert!(
-        noticed < Duration::from_secs(2),
-        "noticed after {noticed:?}"
-    );
+    assert!(noticed < Duration::from_secs(2), "noticed after {noticed:?}");
     streams.check(&model).await?;
     cluster.stop().await;
     Ok(())
@@ -233,22 +184,14 @@ async fn drain_then_undrain_rebalances_without_losing_anything() -> anyhow::Resu
     let addr = cluster.http().to_string();
     let streams = Streams::start(&addr);
     streams.wait_until_running().await?;
-    let (code, report) = admin(
-        &addr,
-        "/admin/drain",
-        json!({"node": "worker-1", "wait": true}),
-    )
-    .await?;
+    let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
     assert_eq!(code, 200, "{report}");
     let (code, reply) = admin(&addr, "/admin/undrain", json!({"node": "worker-1"})).await?;
     assert_eq!(code, 200, "{reply}");
     streams.check(&model).await?;
     let s = status(&addr).await?;
     for name in ["worker-0", "worker-1", "worker-2"] {
-        assert!(
-            holds_layers(&s, name),
-            "{name} holds no layers after the undrain: {s}"
-        );
+        assert!(holds_layers(&s, name), "{name} holds no layers after the undrain: {s}");
     }
     cluster.stop().await;
     Ok(())
@@ -264,74 +207,29 @@ async fn bad_drains_are_refused_and_change_nothing() -> anyhow::Result<()> {
 
     let (code, e) = admin(&addr, "/admin/drain", json!({"node": "nobody"})).await?;
     assert_eq!(code, 404, "{e}");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("worker-0"),
-        "{e}"
-    );
+    assert!(e["error"]["message"].as_str().unwrap_or("").contains("worker-0"), "{e}");
     let (code, e) = admin(&addr, "/admin/drain", json!({"nod": "worker-0"})).await?;
     assert_eq!(code, 400, "{e}");
     let (code, e) = admin(&addr, "/admin/undrain", json!({"node": "worker-0"})).await?;
     assert_eq!(code, 409, "{e}");
-    assert_eq!(
-        status(&addr).await?["pipeline_id"],
-        before["pipeline_id"],
-        "a refused command re-planned"
-    );
+    assert_eq!(status(&addr).await?["pipeline_id"], before["pipeline_id"], "a refused command re-planned");
 
-    assert_eq!(
-        admin(
-            &addr,
-            "/admin/drain",
-            json!({"node": "worker-2", "wait": true})
-        )
-        .await?
-        .0,
-        200
-    );
+    assert_eq!(admin(&addr, "/admin/drain", json!({"node": "worker-2", "wait": true})).await?.0, 200);
     let (code, e) = admin(&addr, "/admin/drain", json!({"node": "worker-2"})).await?;
     assert_eq!(code, 409, "{e}");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("already draining"),
-        "{e}"
-    );
-    assert_eq!(
-        admin(
-            &addr,
-            "/admin/drain",
-            json!({"node": "worker-1", "wait": true})
-        )
-        .await?
-        .0,
-        200
-    );
+    assert!(e["error"]["message"].as_str().unwrap_or("").contains("already draining"), "{e}");
+    assert_eq!(admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?.0, 200);
     // worker-0 is the last one holding layers.
     let pipeline = status(&addr).await?["pipeline_id"].clone();
     let (code, e) = admin(&addr, "/admin/drain", json!({"node": "worker-0"})).await?;
     assert_eq!(code, 409, "{e}");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("last worker"),
-        "{e}"
-    );
+    assert!(e["error"]["message"].as_str().unwrap_or("").contains("last worker"), "{e}");
     let s = status(&addr).await?;
     assert_eq!(s["pipeline_id"], pipeline);
     assert!(holds_layers(&s, "worker-0"), "{s}");
 
     // Forced, requests wait with a clear status, and run once a worker is back.
-    let (code, report) = admin(
-        &addr,
-        "/admin/drain",
-        json!({"node": "worker-0", "force": true, "wait": true}),
-    )
-    .await?;
+    let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-0", "force": true, "wait": true})).await?;
     assert_eq!(code, 200, "{report}");
     assert_eq!(report["requests_wait"], true, "{report}");
     let waiting = tokio::spawn({
@@ -342,16 +240,8 @@ async fn bad_drains_are_refused_and_change_nothing() -> anyhow::Result<()> {
         }
     });
     let s = wait_for_status(&addr, "the request to wait", |s| s["waiting"] == 1).await?;
-    assert!(
-        s["waiting_reason"].as_str().is_some_and(|r| !r.is_empty()),
-        "{s}"
-    );
-    assert_eq!(
-        admin(&addr, "/admin/undrain", json!({"node": "worker-2"}))
-            .await?
-            .0,
-        200
-    );
+    assert!(s["waiting_reason"].as_str().is_some_and(|r| !r.is_empty()), "{s}");
+    assert_eq!(admin(&addr, "/admin/undrain", json!({"node": "worker-2"})).await?.0, 200);
     let reply = tokio::time::timeout(Duration::from_secs(60), waiting).await???;
     assert_eq!(reply.status, 200, "{}", reply.body);
     cluster.stop().await;

@@ -97,14 +97,8 @@ impl WorkerConfig {
     }
 
     /// Validates `args`; `env` is the process environment (a map in tests).
-    pub fn from_args(
-        args: WorkerArgs,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
-        let listen: SocketAddr = args
-            .listen
-            .parse()
-            .map_err(|_| ConfigError::Listen(args.listen.clone()))?;
+    pub fn from_args(args: WorkerArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let listen: SocketAddr = args.listen.parse().map_err(|_| ConfigError::Listen(args.listen.clone()))?;
         if let Some(missing) = args.models.iter().find(|p| !p.is_file()) {
             return Err(ConfigError::MissingModel(missing.clone()));
         }
@@ -119,9 +113,7 @@ impl WorkerConfig {
         let device = args.device.trim().to_string();
         if !(device == "cpu"
             || device == "cuda"
-            || device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok()))
+            || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()))
         {
             return Err(ConfigError::Device(device));
         }
@@ -129,14 +121,8 @@ impl WorkerConfig {
             Some(dir) => dir,
             None => default_cache_dir(env).ok_or(ConfigError::NoCacheDir)?,
         };
-        let name = args
-            .name
-            .or_else(|| env("HOSTNAME"))
-            .or_else(host_name)
-            .unwrap_or_else(|| "worker".into());
-        let threads = args
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let name = args.name.or_else(|| env("HOSTNAME")).or_else(host_name).unwrap_or_else(|| "worker".into());
+        let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         Ok(Self {
             listen,
             advertise: args.advertise,
@@ -165,10 +151,7 @@ fn looks_like_host_port(s: &str) -> bool {
 }
 
 fn host_name() -> Option<String> {
-    std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
+    std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
 #[cfg(test)]
@@ -193,9 +176,7 @@ mod tests {
             (vec!["--device", "tpu"], "--device"),
         ];
         for (flags, expected) in bad {
-            let err = WorkerConfig::from_args(args(&flags), &no_env)
-                .unwrap_err()
-                .to_string();
+            let err = WorkerConfig::from_args(args(&flags), &no_env).unwrap_err().to_string();
             assert!(err.contains(expected), "{flags:?}: {err}");
         }
     }
@@ -203,11 +184,8 @@ mod tests {
     #[test]
     fn the_cache_folder_follows_the_environment() {
         let env = |k: &str| (k == "STRATA_CACHE_DIR").then(|| "/tmp/x".to_string());
-        let config = WorkerConfig::from_args(
-            args(&["--listen", "127.0.0.1:0", "--join", "127.0.0.1:9"]),
-            &env,
-        )
-        .unwrap();
+        let config =
+            WorkerConfig::from_args(args(&["--listen", "127.0.0.1:0", "--join", "127.0.0.1:9"]), &env).unwrap();
         assert_eq!(config.cache_dir, PathBuf::from("/tmp/x/shards"));
         assert_eq!(config.join.as_deref(), Some("127.0.0.1:9"));
     }

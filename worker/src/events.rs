@@ -31,12 +31,7 @@ impl EventHub {
 
     pub fn sequence_error(&self, seq_id: u64, code: ErrorCode, message: String, stage_index: u32) {
         tracing::debug!(seq_id, ?code, %message, "sequence error");
-        self.emit(worker_event::Kind::Error(v1::SequenceError {
-            seq_id,
-            code: code as i32,
-            message,
-            stage_index,
-        }));
+        self.emit(worker_event::Kind::Error(v1::SequenceError { seq_id, code: code as i32, message, stage_index }));
     }
 }
 
@@ -74,8 +69,7 @@ impl Stats {
     pub fn record_batch(&self, frames: usize, busy: Duration) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.frames.fetch_add(frames as u64, Ordering::Relaxed);
-        self.busy_nanos
-            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+        self.busy_nanos.fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self, reset: bool) -> v1::StatsResponse {
@@ -98,7 +92,5 @@ impl Stats {
 
 /// Now, in nanoseconds since the unix epoch (0 if the clock is before it).
 pub fn unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }

@@ -20,8 +20,7 @@ use crate::events::EventHub;
 /// Connects to a peer worker, retrying briefly: the peer may be starting up.
 pub async fn connect(address: String) -> Result<Channel, String> {
     let address = address.as_str();
-    let endpoint = strata_proto::transport::endpoint(address)
-        .map_err(|e| format!("bad address {address:?}: {e}"))?;
+    let endpoint = strata_proto::transport::endpoint(address).map_err(|e| format!("bad address {address:?}: {e}"))?;
     let mut delay = Duration::from_millis(50);
     let mut attempts = 0;
     loop {
@@ -47,15 +46,7 @@ pub fn spawn(
     shutdown: watch::Receiver<bool>,
 ) -> mpsc::UnboundedSender<StageMessage> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(
-        address,
-        channel,
-        Arc::new(Mutex::new(rx)),
-        pipeline_id,
-        stage_index,
-        hub,
-        shutdown,
-    ));
+    tokio::spawn(run(address, channel, Arc::new(Mutex::new(rx)), pipeline_id, stage_index, hub, shutdown));
     tx
 }
 
@@ -124,10 +115,7 @@ async fn run(
 
 async fn next_message(
     rx: Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>,
-) -> Option<(
-    StageMessage,
-    Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>,
-)> {
+) -> Option<(StageMessage, Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>)> {
     let message = rx.lock().await.recv().await?;
     Some((message, rx))
 }

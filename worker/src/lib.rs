@@ -42,11 +42,7 @@ pub enum RunError {
 
 /// The address peers should use for a listener bound to `local`.
 pub fn advertised_address(local: SocketAddr) -> String {
-    let ip = if local.ip().is_unspecified() {
-        std::net::Ipv4Addr::LOCALHOST.into()
-    } else {
-        local.ip()
-    };
+    let ip = if local.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { local.ip() };
     SocketAddr::new(ip, local.port()).to_string()
 }
 
@@ -57,10 +53,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let local = listener.local_addr().map_err(RunError::Listener)?;
-    let address = config
-        .advertise
-        .clone()
-        .unwrap_or_else(|| advertised_address(local));
+    let address = config.advertise.clone().unwrap_or_else(|| advertised_address(local));
     let (stop_tx, stop_rx) = watch::channel(false);
     let service = WorkerService::new(config.clone(), address.clone(), stop_rx.clone());
     tracing::info!(%address, name = %config.name, "worker serving");
@@ -77,8 +70,7 @@ pub async fn run(
         tracing::info!("worker shutting down");
         let _ = stop_tx.send(true);
     };
-    let serve =
-        server.serve_with_incoming_shutdown(strata_proto::transport::incoming(listener), signal);
+    let serve = server.serve_with_incoming_shutdown(strata_proto::transport::incoming(listener), signal);
     tokio::pin!(serve);
     let mut stopped = stop_rx.clone();
     let grace = async move {
@@ -102,16 +94,10 @@ async fn join_loop(service: WorkerService, coordinator: String, mut stop: watch:
     let mut delay = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let endpoint =
-                strata_proto::transport::endpoint(&coordinator).map_err(|e| e.to_string())?;
+            let endpoint = strata_proto::transport::endpoint(&coordinator).map_err(|e| e.to_string())?;
             let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-            let request = JoinRequest {
-                worker: Some(service.description()),
-            };
-            CoordinatorClient::new(channel)
-                .join(request)
-                .await
-                .map_err(|s| s.message().to_string())
+            let request = JoinRequest { worker: Some(service.description()) };
+            CoordinatorClient::new(channel).join(request).await.map_err(|s| s.message().to_string())
         };
         tokio::select! {
             result = attempt => match result {

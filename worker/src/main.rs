@@ -21,28 +21,19 @@ fn main() -> anyhow::Result<()> {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "10000");
     }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let config = WorkerConfig::from_args(args, &|k| std::env::var(k).ok())?;
     // Networking only: the model runs on its own thread, so one reactor thread is
     // enough and leaves the cores to compute.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
+        let listener =
+            tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let local = listener.local_addr()?;
         // Scripts and tests wait for this line.
-        println!(
-            "worker listening grpc={}",
-            strata_worker::advertised_address(local)
-        );
+        println!("worker listening grpc={}", strata_worker::advertised_address(local));
         strata_worker::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-pub use strata_proto::content_hash::{hex, sha256_file};
 use strata_proto::v1::coordinator_client::CoordinatorClient;
 use strata_proto::v1::{weight_chunk, worker_event, FetchWeightsRequest, LoadProgress, ModelRef};
+pub use strata_proto::content_hash::{hex, sha256_file};
 use strata_proto::{WorkerError, MAX_MESSAGE_BYTES};
 use tokio::sync::{mpsc, Mutex};
 
@@ -34,10 +34,7 @@ pub struct LocalModels {
 
 impl LocalModels {
     pub fn new(paths: Vec<PathBuf>) -> Self {
-        Self {
-            paths,
-            hashes: Mutex::default(),
-        }
+        Self { paths, hashes: Mutex::default() }
     }
 
     /// Every local model with its hash; hashing runs off the async threads.
@@ -62,16 +59,12 @@ impl LocalModels {
 }
 
 fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The cache file of a shard: `<cache>/<hash>/layers-<start>-<end>.gguf`.
 pub fn cache_path(cache_dir: &Path, hash: &str, layers: &Range<usize>) -> PathBuf {
-    cache_dir
-        .join(hash)
-        .join(format!("layers-{}-{}.gguf", layers.start, layers.end))
+    cache_dir.join(hash).join(format!("layers-{}-{}.gguf", layers.start, layers.end))
 }
 
 /// Finds or fetches the weights of `layers` of `model`.
@@ -92,27 +85,18 @@ pub async fn locate(
     }
     let locals = local.hashes().await?;
     if let Some((path, _)) = locals.iter().find(|(_, h)| *h == model.content_hash) {
-        return Ok(Located {
-            path: path.clone(),
-            local: true,
-        });
+        return Ok(Located { path: path.clone(), local: true });
     }
     let cached = cache_path(cache_dir, &model.content_hash, layers);
     if cached.is_file() {
         tracing::info!(path = %cached.display(), "using the cached shard");
-        return Ok(Located {
-            path: cached,
-            local: false,
-        });
+        return Ok(Located { path: cached, local: false });
     }
     if weights_source.is_empty() {
         return Err(match locals.first() {
             Some((path, got)) => WorkerError::ModelHashMismatch {
                 expected: format!("{} ({})", model.content_hash, model.model_id),
-                got: format!(
-                    "{got} ({}), and no weights source was given to pull from",
-                    path.display()
-                ),
+                got: format!("{got} ({}), and no weights source was given to pull from", path.display()),
             },
             None => WorkerError::ModelUnavailable(format!(
                 "{} ({}) is not on this worker and no weights source was given",
@@ -121,10 +105,7 @@ pub async fn locate(
         });
     }
     pull(weights_source, model, layers, &cached, hub).await?;
-    Ok(Located {
-        path: cached,
-        local: false,
-    })
+    Ok(Located { path: cached, local: false })
 }
 
 /// Streams the shard from the coordinator into `dest`, checking its length and hash
@@ -136,11 +117,8 @@ async fn pull(
     dest: &Path,
     hub: &Arc<EventHub>,
 ) -> Result<(), WorkerError> {
-    let unavailable =
-        |what: String| WorkerError::ModelUnavailable(format!("pulling from {source}: {what}"));
-    let channel = crate::forwarder::connect(source.to_string())
-        .await
-        .map_err(unavailable)?;
+    let unavailable = |what: String| WorkerError::ModelUnavailable(format!("pulling from {source}: {what}"));
+    let channel = crate::forwarder::connect(source.to_string()).await.map_err(unavailable)?;
     let mut client = CoordinatorClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let request = FetchWeightsRequest {
         model: Some(model.clone()),
@@ -155,18 +133,12 @@ async fn pull(
     let manifest = match stream.message().await {
         Ok(Some(chunk)) => match chunk.kind {
             Some(weight_chunk::Kind::Manifest(m)) => m,
-            _ => {
-                return Err(unavailable(
-                    "the stream did not start with a manifest".into(),
-                ))
-            }
+            _ => return Err(unavailable("the stream did not start with a manifest".into())),
         },
         Ok(None) => return Err(unavailable("the stream ended before the manifest".into())),
         Err(s) => return Err(unavailable(s.message().to_string())),
     };
-    let dir = dest
-        .parent()
-        .ok_or_else(|| WorkerError::Internal("cache path has no folder".into()))?;
+    let dir = dest.parent().ok_or_else(|| WorkerError::Internal("cache path has no folder".into()))?;
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| WorkerError::Internal(format!("creating {}: {e}", dir.display())))?;
@@ -203,17 +175,10 @@ async fn pull(
             };
             done += data.len() as u64;
             if done > total {
-                return Err(unavailable(format!(
-                    "more than the {total} bytes the manifest announced"
-                )));
+                return Err(unavailable(format!("more than the {total} bytes the manifest announced")));
             }
-            tx.send(data)
-                .await
-                .map_err(|_| WorkerError::Internal("the shard writer stopped".into()))?;
-            hub.emit(worker_event::Kind::LoadProgress(LoadProgress {
-                bytes_done: done,
-                bytes_total: total,
-            }));
+            tx.send(data).await.map_err(|_| WorkerError::Internal("the shard writer stopped".into()))?;
+            hub.emit(worker_event::Kind::LoadProgress(LoadProgress { bytes_done: done, bytes_total: total }));
             if done >= next_log {
                 tracing::info!(
                     "pulled {:.1} of {:.1} MiB ({:.0}%)",
@@ -228,9 +193,7 @@ async fn pull(
     }
     .await;
     drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| WorkerError::Internal(e.to_string()))?;
+    let written = writer.await.map_err(|e| WorkerError::Internal(e.to_string()))?;
     let cleanup = || {
         let _ = std::fs::remove_file(&partial);
     };
@@ -242,27 +205,18 @@ async fn pull(
         Ok(x) => x,
         Err(e) => {
             cleanup();
-            return Err(WorkerError::Internal(format!(
-                "writing {}: {e}",
-                partial.display()
-            )));
+            return Err(WorkerError::Internal(format!("writing {}: {e}", partial.display())));
         }
     };
     if bytes != total {
         cleanup();
-        return Err(unavailable(format!(
-            "got {bytes} bytes, the manifest announced {total}"
-        )));
+        return Err(unavailable(format!("got {bytes} bytes, the manifest announced {total}")));
     }
     if sha != manifest.sha256 {
         cleanup();
-        return Err(WorkerError::ModelHashMismatch {
-            expected: manifest.sha256,
-            got: format!("{sha} (pulled shard)"),
-        });
+        return Err(WorkerError::ModelHashMismatch { expected: manifest.sha256, got: format!("{sha} (pulled shard)") });
     }
-    std::fs::rename(&partial, dest)
-        .map_err(|e| WorkerError::Internal(format!("saving {}: {e}", dest.display())))?;
+    std::fs::rename(&partial, dest).map_err(|e| WorkerError::Internal(format!("saving {}: {e}", dest.display())))?;
     tracing::info!(path = %dest.display(), "shard cached");
     Ok(())
 }

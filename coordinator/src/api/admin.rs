@@ -30,9 +30,7 @@ pub struct UndrainBody {
 
 fn admin(state: &AppState) -> Result<&ClusterAdmin, ApiError> {
     state.admin.as_ref().ok_or_else(|| {
-        ApiError::not_found(
-            "this server runs the model in one process; it has no cluster to administer",
-        )
+        ApiError::not_found("this server runs the model in one process; it has no cluster to administer")
     })
 }
 
@@ -43,29 +41,18 @@ fn refused(e: AdminError) -> ApiError {
 
 /// The body, parsed, or a 400 naming what is wrong with it.
 fn parse<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, ApiError> {
-    serde_json::from_str(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("the request body is not valid: {e}"),
-        )
-    })
+    serde_json::from_str(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("the request body is not valid: {e}")))
 }
 
 pub async fn status(State(state): State<AppState>) -> Result<Json<ClusterStatus>, ApiError> {
     admin(&state)?.status().await.map(Json).map_err(refused)
 }
 
-pub async fn drain(
-    State(state): State<AppState>,
-    body: String,
-) -> Result<Json<DrainReport>, ApiError> {
+pub async fn drain(State(state): State<AppState>, body: String) -> Result<Json<DrainReport>, ApiError> {
     let admin = admin(&state)?;
     let body: DrainBody = parse(&body)?;
-    admin
-        .drain(body.node, body.force, body.wait)
-        .await
-        .map(Json)
-        .map_err(refused)
+    admin.drain(body.node, body.force, body.wait).await.map(Json).map_err(refused)
 }
 
 pub async fn undrain(State(state): State<AppState>, body: String) -> Result<Json<Value>, ApiError> {

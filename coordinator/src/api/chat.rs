@@ -16,64 +16,38 @@ use super::errors::{ApiError, ApiJson};
 use super::generation::Finish;
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
-use super::{begin, off_reactor, start, to_json, unix_now, AppState, Begun};
+use super::{begin, Begun, off_reactor, start, to_json, unix_now, AppState};
 
 fn messages(fields: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
     let items = match fields.raw("messages") {
-        None => {
-            return Err(ApiError::invalid(
-                "messages",
-                "missing required parameter `messages`",
-            ))
-        }
+        None => return Err(ApiError::invalid("messages", "missing required parameter `messages`")),
         Some(Value::Array(items)) if items.is_empty() => {
-            return Err(ApiError::invalid(
-                "messages",
-                "messages must hold at least one message",
-            ))
+            return Err(ApiError::invalid("messages", "messages must hold at least one message"))
         }
         Some(Value::Array(items)) => items,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "messages",
-                "messages must be an array of messages",
-            ))
-        }
+        Some(_) => return Err(ApiError::invalid("messages", "messages must be an array of messages")),
     };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| message(i, item))
-        .collect()
+    items.iter().enumerate().map(|(i, item)| message(i, item)).collect()
 }
 
 fn message(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
     let at = |field: &str| format!("messages[{i}].{field}");
     let Value::Object(item) = item else {
-        return Err(ApiError::invalid(
-            format!("messages[{i}]"),
-            format!("messages[{i}] must be an object"),
-        ));
+        return Err(ApiError::invalid(format!("messages[{i}]"), format!("messages[{i}] must be an object")));
     };
-    let role =
-        match item.get("role").and_then(Value::as_str) {
-            Some("system" | "developer") => Role::System,
-            Some("user") => Role::User,
-            Some("assistant") => Role::Assistant,
-            Some("tool") => Role::Tool,
-            Some(other) => return Err(ApiError::invalid(
+    let role = match item.get("role").and_then(Value::as_str) {
+        Some("system" | "developer") => Role::System,
+        Some("user") => Role::User,
+        Some("assistant") => Role::Assistant,
+        Some("tool") => Role::Tool,
+        Some(other) => {
+            return Err(ApiError::invalid(
                 at("role"),
-                format!(
-                    "unknown role `{other}` (expected system, developer, user, assistant or tool)"
-                ),
-            )),
-            None => {
-                return Err(ApiError::invalid(
-                    at("role"),
-                    format!("{} must be a string", at("role")),
-                ))
-            }
-        };
+                format!("unknown role `{other}` (expected system, developer, user, assistant or tool)"),
+            ))
+        }
+        None => return Err(ApiError::invalid(at("role"), format!("{} must be a string", at("role")))),
+    };
     let content = match item.get("content") {
         // Assistant turns that only called tools have no content.
         None | Some(Value::Null) => String::new(),
@@ -82,15 +56,9 @@ fn message(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
             let texts = parts
                 .iter()
                 .map(|part| {
-                    match (
-                        part.get("type").and_then(Value::as_str),
-                        part.get("text").and_then(Value::as_str),
-                    ) {
+                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
                         (Some("text"), Some(text)) => Ok(text),
-                        _ => Err(ApiError::unsupported(
-                            &at("content"),
-                            "only text content parts are supported",
-                        )),
+                        _ => Err(ApiError::unsupported(&at("content"), "only text content parts are supported")),
                     }
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -177,42 +145,22 @@ impl ChatChunks {
     }
 
     fn choice(delta: Delta<'_>, finish: Option<Finish>) -> Vec<ChunkChoice<'_>> {
-        vec![ChunkChoice {
-            index: 0,
-            delta,
-            logprobs: None,
-            finish_reason: finish,
-        }]
+        vec![ChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish }]
     }
 }
 
 impl Chunks for ChatChunks {
     fn opening(&self) -> Option<String> {
-        let delta = Delta {
-            role: Some("assistant"),
-            content: Some(""),
-        };
+        let delta = Delta { role: Some("assistant"), content: Some("") };
         Some(self.chunk(Self::choice(delta, None), None))
     }
 
     fn text(&self, text: &str) -> String {
-        self.chunk(
-            Self::choice(
-                Delta {
-                    role: None,
-                    content: Some(text),
-                },
-                None,
-            ),
-            None,
-        )
+        self.chunk(Self::choice(Delta { role: None, content: Some(text) }, None), None)
     }
 
     fn finish(&self, text: &str, finish: Finish) -> String {
-        let delta = Delta {
-            role: None,
-            content: (!text.is_empty()).then_some(text),
-        };
+        let delta = Delta { role: None, content: (!text.is_empty()).then_some(text) };
         self.chunk(Self::choice(delta, Some(finish)), None)
     }
 
@@ -226,12 +174,7 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let Begun {
-        request_id,
-        fields,
-        card,
-        options,
-    } = begin(&state, body)?;
+    let Begun { request_id, fields, card, options } = begin(&state, body)?;
     // `max_completion_tokens` replaced `max_tokens` in OpenAI's chat API; the newer wins.
     let requested = match params::max_tokens(&fields, "max_completion_tokens")? {
         Some(n) => Some(("max_completion_tokens", n)),
@@ -239,43 +182,26 @@ pub(super) async fn create(
     };
     let messages = messages(&fields)?;
     let prompt_tokens = off_reactor(&card, move |card| {
-        let text = card.chat_template.render(&messages, true).map_err(|e| {
-            ApiError::invalid("messages", format!("cannot apply the chat template: {e}"))
-        })?;
-        card.tokenizer.encode(&text).map_err(|e| {
-            ApiError::invalid("messages", format!("cannot tokenize the conversation: {e}"))
-        })
+        let text = card
+            .chat_template
+            .render(&messages, true)
+            .map_err(|e| ApiError::invalid("messages", format!("cannot apply the chat template: {e}")))?;
+        card.tokenizer
+            .encode(&text)
+            .map_err(|e| ApiError::invalid("messages", format!("cannot tokenize the conversation: {e}")))
     })
     .await?;
     if prompt_tokens.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "the conversation renders to an empty prompt",
-        ));
+        return Err(ApiError::invalid("messages", "the conversation renders to an empty prompt"));
     }
     // Without a limit, the answer may fill the context.
-    let max_tokens = params::fit_in_context(
-        prompt_tokens.len(),
-        requested,
-        usize::MAX,
-        card.context_length,
-        "messages",
-    )?;
-    let mut generation = start(
-        state.engine.as_ref(),
-        &request_id,
-        prompt_tokens,
-        max_tokens,
-        &options,
-    )?;
+    let max_tokens =
+        params::fit_in_context(prompt_tokens.len(), requested, usize::MAX, card.context_length, "messages")?;
+    let mut generation = start(state.engine.as_ref(), &request_id, prompt_tokens, max_tokens, &options)?;
     let id = format!("chatcmpl-{request_id}");
     let created = unix_now();
     if options.stream {
-        let chunks = ChatChunks {
-            id,
-            created,
-            model: card.id.clone(),
-        };
+        let chunks = ChatChunks { id, created, model: card.id.clone() };
         return Ok(sse::response(generation, chunks, options.include_usage));
     }
     let (text, finish) = generation.collect().await?;
@@ -286,10 +212,7 @@ pub(super) async fn create(
         model: &card.id,
         choices: [Choice {
             index: 0,
-            message: Message {
-                role: "assistant",
-                content: &text,
-            },
+            message: Message { role: "assistant", content: &text },
             logprobs: None,
             finish_reason: finish,
         }],
@@ -336,19 +259,10 @@ mod tests {
             (json!([]), "messages"),
             (json!("hi"), "messages"),
             (json!([{"role": "user", "content": "a"}, 3]), "messages[1]"),
-            (
-                json!([{"role": "robot", "content": "a"}]),
-                "messages[0].role",
-            ),
+            (json!([{"role": "robot", "content": "a"}]), "messages[0].role"),
             (json!([{"content": "a"}]), "messages[0].role"),
-            (
-                json!([{"role": "user", "content": 5}]),
-                "messages[0].content",
-            ),
-            (
-                json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-                "messages[0].content",
-            ),
+            (json!([{"role": "user", "content": 5}]), "messages[0].content"),
+            (json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), "messages[0].content"),
         ] {
             let err = parse(value.clone()).unwrap_err();
             assert_eq!(err.param.as_deref(), Some(param), "{value}: {err:?}");

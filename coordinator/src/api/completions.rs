@@ -12,7 +12,7 @@ use super::errors::{ApiError, ApiJson};
 use super::generation::Finish;
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
-use super::{begin, off_reactor, start, to_json, unix_now, AppState, Begun};
+use super::{begin, Begun, off_reactor, start, to_json, unix_now, AppState};
 
 /// OpenAI's default for this endpoint.
 const DEFAULT_MAX_TOKENS: usize = 16;
@@ -25,14 +25,10 @@ enum Prompt {
 }
 
 fn prompt(fields: &Fields) -> Result<Prompt, ApiError> {
-    let value = fields
-        .raw("prompt")
-        .ok_or_else(|| ApiError::invalid("prompt", "missing required parameter `prompt`"))?;
+    let value =
+        fields.raw("prompt").ok_or_else(|| ApiError::invalid("prompt", "missing required parameter `prompt`"))?;
     let shape = || {
-        ApiError::invalid(
-            "prompt",
-            "prompt must be a string, an array of token ids, or an array holding one of those",
-        )
+        ApiError::invalid("prompt", "prompt must be a string, an array of token ids, or an array holding one of those")
     };
     match value {
         Value::String(text) => Ok(Prompt::Text(text.clone())),
@@ -40,10 +36,9 @@ fn prompt(fields: &Fields) -> Result<Prompt, ApiError> {
             [] => Err(ApiError::invalid("prompt", "the prompt is empty")),
             [Value::String(text)] => Ok(Prompt::Text(text.clone())),
             [Value::Array(ids)] => token_ids(ids).map(Prompt::Tokens),
-            [Value::String(_) | Value::Array(_), ..] => Err(ApiError::unsupported(
-                "prompt",
-                "only one prompt per request is supported",
-            )),
+            [Value::String(_) | Value::Array(_), ..] => {
+                Err(ApiError::unsupported("prompt", "only one prompt per request is supported"))
+            }
             ids => token_ids(ids).map(Prompt::Tokens).map_err(|_| shape()),
         },
         _ => Err(shape()),
@@ -103,12 +98,7 @@ impl CompletionChunks {
             object: "text_completion",
             created: self.created,
             model: &self.model,
-            choices: [Choice {
-                index: 0,
-                text,
-                logprobs: None,
-                finish_reason: finish,
-            }],
+            choices: [Choice { index: 0, text, logprobs: None, finish_reason: finish }],
             usage: None,
         };
         to_json(&chunk)
@@ -146,12 +136,7 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let Begun {
-        request_id,
-        fields,
-        card,
-        options,
-    } = begin(&state, body)?;
+    let Begun { request_id, fields, card, options } = begin(&state, body)?;
     let requested = params::max_tokens(&fields, "max_tokens")?;
     let prompt = prompt(&fields)?;
     let prompt_tokens = off_reactor(&card, move |card| match prompt {
@@ -167,10 +152,7 @@ pub(super) async fn create(
     }
     let vocab = card.tokenizer.vocab_size();
     if let Some(bad) = prompt_tokens.iter().find(|&&id| id as usize >= vocab) {
-        return Err(ApiError::invalid(
-            "prompt",
-            format!("token id {bad} is outside the vocabulary of {vocab}"),
-        ));
+        return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}")));
     }
     let max_tokens = params::fit_in_context(
         prompt_tokens.len(),
@@ -179,21 +161,11 @@ pub(super) async fn create(
         card.context_length,
         "prompt",
     )?;
-    let mut generation = start(
-        state.engine.as_ref(),
-        &request_id,
-        prompt_tokens,
-        max_tokens,
-        &options,
-    )?;
+    let mut generation = start(state.engine.as_ref(), &request_id, prompt_tokens, max_tokens, &options)?;
     let id = format!("cmpl-{request_id}");
     let created = unix_now();
     if options.stream {
-        let chunks = CompletionChunks {
-            id,
-            created,
-            model: card.id.clone(),
-        };
+        let chunks = CompletionChunks { id, created, model: card.id.clone() };
         return Ok(sse::response(generation, chunks, options.include_usage));
     }
     let (text, finish) = generation.collect().await?;
@@ -202,12 +174,7 @@ pub(super) async fn create(
         object: "text_completion",
         created,
         model: &card.id,
-        choices: [Choice {
-            index: 0,
-            text: &text,
-            logprobs: None,
-            finish_reason: Some(finish),
-        }],
+        choices: [Choice { index: 0, text: &text, logprobs: None, finish_reason: Some(finish) }],
         usage: Some(Usage::of(&generation)),
     };
     Ok(Json(body).into_response())
@@ -229,23 +196,11 @@ mod tests {
     fn prompts_come_in_four_shapes() {
         assert_eq!(prompt_of(json!("hi")).unwrap(), Prompt::Text("hi".into()));
         assert_eq!(prompt_of(json!(["hi"])).unwrap(), Prompt::Text("hi".into()));
-        assert_eq!(
-            prompt_of(json!([1, 2, 3])).unwrap(),
-            Prompt::Tokens(vec![1, 2, 3])
-        );
-        assert_eq!(
-            prompt_of(json!([[4, 5]])).unwrap(),
-            Prompt::Tokens(vec![4, 5])
-        );
-        for bad in [
-            json!(["a", "b"]),
-            json!([]),
-            json!(5),
-            json!([1, -1]),
-            json!([1, "a"]),
-            json!([[1, 2.5]]),
-            json!({}),
-        ] {
+        assert_eq!(prompt_of(json!([1, 2, 3])).unwrap(), Prompt::Tokens(vec![1, 2, 3]));
+        assert_eq!(prompt_of(json!([[4, 5]])).unwrap(), Prompt::Tokens(vec![4, 5]));
+        for bad in
+            [json!(["a", "b"]), json!([]), json!(5), json!([1, -1]), json!([1, "a"]), json!([[1, 2.5]]), json!({})]
+        {
             let err = prompt_of(bad.clone()).unwrap_err();
             assert_eq!(err.param.as_deref(), Some("prompt"), "{bad}");
         }

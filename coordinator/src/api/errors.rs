@@ -37,12 +37,7 @@ struct Detail<'a> {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            param: None,
-            code: None,
-        }
+        Self { status, message: message.into(), param: None, code: None }
     }
 
     /// A 400 caused by one request field.
@@ -59,12 +54,9 @@ impl ApiError {
     }
 
     pub fn model_not_found(model: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            format!("the model `{model}` does not exist"),
-        )
-        .with_param("model")
-        .with_code("model_not_found")
+        Self::new(StatusCode::NOT_FOUND, format!("the model `{model}` does not exist"))
+            .with_param("model")
+            .with_code("model_not_found")
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
@@ -97,12 +89,7 @@ impl ApiError {
     /// The JSON body, also sent as an event when a stream fails after it started.
     pub fn body(&self) -> String {
         let body = Body {
-            error: Detail {
-                message: &self.message,
-                kind: self.kind(),
-                param: self.param.as_deref(),
-                code: self.code,
-            },
+            error: Detail { message: &self.message, kind: self.kind(), param: self.param.as_deref(), code: self.code },
         };
         // A struct of strings always serializes.
         serde_json::to_string(&body).unwrap_or_else(|_| String::from(r#"{"error":{}}"#))
@@ -138,9 +125,7 @@ impl From<EngineError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         // The rejection's own text is a fixed sentence; what serde said is its source.
-        let detail = std::error::Error::source(&rejection)
-            .map(ToString::to_string)
-            .unwrap_or_default();
+        let detail = std::error::Error::source(&rejection).map(ToString::to_string).unwrap_or_default();
         match rejection {
             JsonRejection::JsonSyntaxError(_) => {
                 Self::invalid_json(format!("the request body is not valid json: {detail}"))
@@ -152,13 +137,9 @@ impl From<JsonRejection> for ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "the request needs the header `content-type: application/json`",
             ),
-            other => Self::new(
-                other.status(),
-                format!(
-                    "cannot read the request body: {}",
-                    other.body_text().to_lowercase()
-                ),
-            ),
+            other => {
+                Self::new(other.status(), format!("cannot read the request body: {}", other.body_text().to_lowercase()))
+            }
         }
     }
 }
@@ -192,9 +173,6 @@ pub async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiEr
 
 /// What known routes answer to a method they do not serve.
 pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("{} does not accept {method}", uri.path()),
-    )
-    .with_code("method_not_allowed")
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} does not accept {method}", uri.path()))
+        .with_code("method_not_allowed")
 }

@@ -42,31 +42,18 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        Self {
-            stops,
-            pending: String::new(),
-        }
+        Self { stops, pending: String::new() }
     }
 
     /// Adds `text`; returns what may be sent now and whether a stop string was
     /// reached (the text returned then ends just before it).
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
             self.pending.truncate(at);
             return (std::mem::take(&mut self.pending), true);
         }
-        let held = self
-            .stops
-            .iter()
-            .map(|s| partial_match(&self.pending, s))
-            .max()
-            .unwrap_or(0);
+        let held = self.stops.iter().map(|s| partial_match(&self.pending, s)).max().unwrap_or(0);
         let rest = self.pending.split_off(self.pending.len() - held);
         (std::mem::replace(&mut self.pending, rest), false)
     }
@@ -148,10 +135,7 @@ impl Generation {
         loop {
             match self.next().await {
                 Some(Piece::Text(piece)) => text.push_str(&piece),
-                Some(Piece::End {
-                    text: piece,
-                    finish,
-                }) => {
+                Some(Piece::End { text: piece, finish }) => {
                     text.push_str(&piece);
                     return Ok((text, finish));
                 }
@@ -178,11 +162,7 @@ impl Generation {
                     let text = match self.tokenizer.decode_next(&mut self.decode, id) {
                         Ok(Some(text)) => text,
                         Ok(None) => continue,
-                        Err(e) => {
-                            return Some(self.fail(ApiError::internal(format!(
-                                "cannot decode the output: {e}"
-                            ))))
-                        }
+                        Err(e) => return Some(self.fail(ApiError::internal(format!("cannot decode the output: {e}")))),
                     };
                     let (text, stopped) = self.stop.push(&text);
                     if stopped {
@@ -208,11 +188,7 @@ impl Generation {
                     return Some(self.end(text, finish));
                 }
                 Some(GenerateEvent::Failed(e)) => return Some(self.fail(e.into())),
-                None => {
-                    return Some(self.fail(ApiError::internal(
-                        "the engine stopped without finishing the request",
-                    )))
-                }
+                None => return Some(self.fail(ApiError::internal("the engine stopped without finishing the request"))),
             }
         }
     }
@@ -276,22 +252,13 @@ mod tests {
 
     #[test]
     fn text_without_stops_passes_through() {
-        assert_eq!(
-            run(&[], &["ab", "c"]),
-            (vec!["ab".into(), "c".into(), "".into()], false)
-        );
+        assert_eq!(run(&[], &["ab", "c"]), (vec!["ab".into(), "c".into(), "".into()], false));
     }
 
     #[test]
     fn a_stop_string_is_cut_even_across_pieces() {
-        assert_eq!(
-            run(&["END"], &["abc E", "N", "Dxyz"]),
-            (vec!["abc ".into(), "".into(), "".into()], true)
-        );
-        assert_eq!(
-            run(&["\n\n"], &["a\n", "\nb"]),
-            (vec!["a".into(), "".into()], true)
-        );
+        assert_eq!(run(&["END"], &["abc E", "N", "Dxyz"]), (vec!["abc ".into(), "".into(), "".into()], true));
+        assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), (vec!["a".into(), "".into()], true));
         // The earliest of several wins.
         assert_eq!(run(&["yz", "x"], &["wxyz"]), (vec!["w".into()], true));
     }
@@ -300,10 +267,7 @@ mod tests {
     fn held_text_is_released_when_it_turns_out_not_to_stop() {
         assert_eq!(
             run(&["END"], &["abc E", "NX", "!"]),
-            (
-                vec!["abc ".into(), "ENX".into(), "!".into(), "".into()],
-                false
-            )
+            (vec!["abc ".into(), "ENX".into(), "!".into(), "".into()], false)
         );
         assert_eq!(run(&["END"], &["E"]), (vec!["".into(), "E".into()], false));
     }
@@ -312,9 +276,6 @@ mod tests {
     fn partial_matches_respect_characters() {
         assert_eq!(partial_match("abé", "éx"), 2);
         assert_eq!(partial_match("ab", "éx"), 0);
-        assert_eq!(
-            run(&["日本"], &["今日", "本だ"]),
-            (vec!["今".into(), "".into()], true)
-        );
+        assert_eq!(run(&["日本"], &["今日", "本だ"]), (vec!["今".into(), "".into()], true));
     }
 }

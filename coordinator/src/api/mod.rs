@@ -46,11 +46,7 @@ struct AppState {
 }
 
 pub fn router(engine: Arc<dyn Engine>, admin: Option<ClusterAdmin>) -> Router {
-    let state = AppState {
-        engine,
-        admin,
-        started: unix_now(),
-    };
+    let state = AppState { engine, admin, started: unix_now() };
     Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
@@ -91,9 +87,7 @@ pub async fn serve_with_grace(
         tracing::info!("shutting down: no new connections, draining requests");
         let _ = began.send(());
     };
-    let server = axum::serve(listener, router(engine, admin))
-        .with_graceful_shutdown(shutdown)
-        .into_future();
+    let server = axum::serve(listener, router(engine, admin)).with_graceful_shutdown(shutdown).into_future();
     let deadline = async move {
         // An error means the server ended first and dropped the sender.
         if shutdown_began.await.is_ok() {
@@ -116,9 +110,7 @@ async fn health() -> Json<Value> {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn to_json(value: &impl serde::Serialize) -> String {
@@ -132,10 +124,7 @@ fn new_request_id() -> String {
 
 /// What every generation handler starts with: a request id on the handler's span, the
 /// body's fields, and the served model, checked against the one the body names.
-fn begin(
-    state: &AppState,
-    body: serde_json::Map<String, serde_json::Value>,
-) -> Result<Begun, ApiError> {
+fn begin(state: &AppState, body: serde_json::Map<String, serde_json::Value>) -> Result<Begun, ApiError> {
     let request_id = new_request_id();
     let card = state.engine.model().clone();
     let span = tracing::Span::current();
@@ -144,12 +133,7 @@ fn begin(
     let fields = params::Fields::new(body);
     params::check_model(&fields, &card)?;
     let options = params::options(&fields)?;
-    Ok(Begun {
-        request_id,
-        fields,
-        card,
-        options,
-    })
+    Ok(Begun { request_id, fields, card, options })
 }
 
 struct Begun {
@@ -180,18 +164,8 @@ fn start(
     options: &Options,
 ) -> Result<Generation, ApiError> {
     let prompt_len = prompt_tokens.len();
-    tracing::info!(
-        request_id,
-        prompt_tokens = prompt_len,
-        max_tokens,
-        stream = options.stream,
-        "generation starts"
-    );
-    let request = GenerateRequest {
-        prompt_tokens,
-        max_tokens,
-        sampling: options.sampling.clone(),
-    };
+    tracing::info!(request_id, prompt_tokens = prompt_len, max_tokens, stream = options.stream, "generation starts");
+    let request = GenerateRequest { prompt_tokens, max_tokens, sampling: options.sampling.clone() };
     let events = engine.generate(request)?;
     Ok(Generation::new(
         events,

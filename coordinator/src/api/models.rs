@@ -26,32 +26,19 @@ pub(super) struct ModelList {
 }
 
 fn model(card: &ModelCard, created: u64) -> Model {
-    Model {
-        id: card.id.clone(),
-        object: "model",
-        created,
-        owned_by: "strata",
-        context_length: card.context_length,
-    }
+    Model { id: card.id.clone(), object: "model", created, owned_by: "strata", context_length: card.context_length }
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> Json<ModelList> {
-    Json(ModelList {
-        object: "list",
-        data: vec![model(state.engine.model(), state.started)],
-    })
+    Json(ModelList { object: "list", data: vec![model(state.engine.model(), state.started)] })
 }
 
 pub(super) async fn retrieve(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Model>, ApiError> {
-    let Path(id) = id.map_err(|e| {
-        ApiError::invalid(
-            "model",
-            format!("bad model id: {}", e.body_text().to_lowercase()),
-        )
-    })?;
+    let Path(id) =
+        id.map_err(|e| ApiError::invalid("model", format!("bad model id: {}", e.body_text().to_lowercase())))?;
     let card = state.engine.model();
     if id != card.id {
         return Err(ApiError::model_not_found(&id));

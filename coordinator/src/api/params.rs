@@ -25,15 +25,14 @@ impl Fields {
     pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, ApiError> {
         match self.raw(name) {
             None => Ok(None),
-            Some(value) => T::deserialize(value)
-                .map(Some)
-                .map_err(|e| ApiError::invalid(name, format!("invalid `{name}`: {e}"))),
+            Some(value) => {
+                T::deserialize(value).map(Some).map_err(|e| ApiError::invalid(name, format!("invalid `{name}`: {e}")))
+            }
         }
     }
 
     pub fn require<T: DeserializeOwned>(&self, name: &str) -> Result<T, ApiError> {
-        self.get(name)?
-            .ok_or_else(|| ApiError::invalid(name, format!("missing required parameter `{name}`")))
+        self.get(name)?.ok_or_else(|| ApiError::invalid(name, format!("missing required parameter `{name}`")))
     }
 
     /// The field as it came, unless absent or `null`.
@@ -81,9 +80,7 @@ pub fn options(fields: &Fields) -> Result<Options, ApiError> {
             ));
         }
     }
-    let temperature = fields
-        .get::<f64>("temperature")?
-        .unwrap_or(DEFAULT_TEMPERATURE);
+    let temperature = fields.get::<f64>("temperature")?.unwrap_or(DEFAULT_TEMPERATURE);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid(
             "temperature",
@@ -92,10 +89,7 @@ pub fn options(fields: &Fields) -> Result<Options, ApiError> {
     }
     let top_p = match fields.get::<f64>("top_p")? {
         Some(p) if !(p > 0.0 && p <= 1.0) => {
-            return Err(ApiError::invalid(
-                "top_p",
-                format!("top_p must be greater than 0 and at most 1, got {p}"),
-            ))
+            return Err(ApiError::invalid("top_p", format!("top_p must be greater than 0 and at most 1, got {p}")))
         }
         // 1 keeps every token: no filter at all.
         Some(p) if p < 1.0 => Some(p as f32),
@@ -104,20 +98,14 @@ pub fn options(fields: &Fields) -> Result<Options, ApiError> {
     // -1 and 0 mean no limit, as in vLLM.
     let top_k = match fields.get::<i64>("top_k")? {
         Some(k) if k < -1 => {
-            return Err(ApiError::invalid(
-                "top_k",
-                format!("top_k must be -1 (no limit) or at least 1, got {k}"),
-            ))
+            return Err(ApiError::invalid("top_k", format!("top_k must be -1 (no limit) or at least 1, got {k}")))
         }
         Some(k) if k >= 1 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
         _ => None,
     };
     let min_p = match fields.get::<f64>("min_p")? {
         Some(p) if !(0.0..=1.0).contains(&p) => {
-            return Err(ApiError::invalid(
-                "min_p",
-                format!("min_p must be between 0 and 1, got {p}"),
-            ))
+            return Err(ApiError::invalid("min_p", format!("min_p must be between 0 and 1, got {p}")))
         }
         Some(p) if p > 0.0 => Some(p as f32),
         _ => None,
@@ -153,16 +141,8 @@ pub fn options(fields: &Fields) -> Result<Options, ApiError> {
         ..SamplingParams::greedy()
     };
     let stream = fields.get::<bool>("stream")?.unwrap_or(false);
-    let include_usage = fields
-        .get::<StreamOptions>("stream_options")?
-        .unwrap_or_default()
-        .include_usage;
-    Ok(Options {
-        sampling,
-        stop: stop_strings(fields)?,
-        stream,
-        include_usage,
-    })
+    let include_usage = fields.get::<StreamOptions>("stream_options")?.unwrap_or_default().include_usage;
+    Ok(Options { sampling, stop: stop_strings(fields)?, stream, include_usage })
 }
 
 fn stop_strings(fields: &Fields) -> Result<Vec<String>, ApiError> {
@@ -173,18 +153,10 @@ fn stop_strings(fields: &Fields) -> Result<Vec<String>, ApiError> {
             .iter()
             .map(|item| match item {
                 Value::String(s) => Ok(s.clone()),
-                _ => Err(ApiError::invalid(
-                    "stop",
-                    "stop must be a string or an array of strings",
-                )),
+                _ => Err(ApiError::invalid("stop", "stop must be a string or an array of strings")),
             })
             .collect::<Result<_, _>>()?,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "stop",
-                "stop must be a string or an array of strings",
-            ))
-        }
+        Some(_) => return Err(ApiError::invalid("stop", "stop must be a string or an array of strings")),
     };
     Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
 }
@@ -199,34 +171,17 @@ fn refuse_unsupported(fields: &Fields) -> Result<(), ApiError> {
         Some(Value::Object(o)) => !o.is_empty(),
         Some(_) => true,
     };
-    for name in [
-        "logprobs",
-        "top_logprobs",
-        "echo",
-        "suffix",
-        "logit_bias",
-        "tools",
-        "functions",
-    ] {
+    for name in ["logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"] {
         if set(name) {
-            return Err(ApiError::unsupported(
-                name,
-                format!("`{name}` is not supported"),
-            ));
+            return Err(ApiError::unsupported(name, format!("`{name}` is not supported")));
         }
     }
     if fields.get::<i64>("best_of")?.is_some_and(|b| b != 1) {
-        return Err(ApiError::unsupported(
-            "best_of",
-            "only best_of = 1 is supported",
-        ));
+        return Err(ApiError::unsupported("best_of", "only best_of = 1 is supported"));
     }
     if let Some(format) = fields.raw("response_format") {
         if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::unsupported(
-                "response_format",
-                "only the `text` response_format is supported",
-            ));
+            return Err(ApiError::unsupported("response_format", "only the `text` response_format is supported"));
         }
     }
     Ok(())
@@ -236,10 +191,7 @@ fn refuse_unsupported(fields: &Fields) -> Result<(), ApiError> {
 pub fn max_tokens(fields: &Fields, name: &str) -> Result<Option<usize>, ApiError> {
     match fields.get::<i64>(name)? {
         None => Ok(None),
-        Some(n) if n < 1 => Err(ApiError::invalid(
-            name,
-            format!("{name} must be at least 1, got {n}"),
-        )),
+        Some(n) if n < 1 => Err(ApiError::invalid(name, format!("{name} must be at least 1, got {n}"))),
         Some(n) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
     }
 }
@@ -291,14 +243,7 @@ mod tests {
     #[test]
     fn defaults_follow_openai() {
         let options = options(&fields(json!({"seed": 3}))).unwrap();
-        assert_eq!(
-            options.sampling,
-            SamplingParams {
-                temperature: 1.0,
-                seed: 3,
-                ..SamplingParams::greedy()
-            }
-        );
+        assert_eq!(options.sampling, SamplingParams { temperature: 1.0, seed: 3, ..SamplingParams::greedy() });
         assert!(options.stop.is_empty() && !options.stream && !options.include_usage);
     }
 
@@ -325,12 +270,8 @@ mod tests {
         );
         assert_eq!(options.stop, ["a", "bc"]);
         assert!(options.stream && options.include_usage);
-        let options =
-            super::options(&fields(json!({"stop": "x", "top_k": -1, "top_p": 1}))).unwrap();
-        assert_eq!(
-            (options.stop, options.sampling.top_k, options.sampling.top_p),
-            (vec!["x".to_owned()], None, None)
-        );
+        let options = super::options(&fields(json!({"stop": "x", "top_k": -1, "top_p": 1}))).unwrap();
+        assert_eq!((options.stop, options.sampling.top_k, options.sampling.top_p), (vec!["x".to_owned()], None, None));
     }
 
     #[test]
@@ -353,10 +294,7 @@ mod tests {
             (json!({"logprobs": 2}), "logprobs"),
             (json!({"echo": true}), "echo"),
             (json!({"best_of": 3}), "best_of"),
-            (
-                json!({"response_format": {"type": "json_object"}}),
-                "response_format",
-            ),
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
             (json!({"tools": [{"type": "function"}]}), "tools"),
         ] {
             let err = options(&fields(body.clone())).unwrap_err();
@@ -368,32 +306,17 @@ mod tests {
 
     #[test]
     fn max_tokens_must_fit_beside_the_prompt() {
-        assert_eq!(
-            max_tokens(&fields(json!({"max_tokens": 5})), "max_tokens").unwrap(),
-            Some(5)
-        );
-        assert_eq!(
-            max_tokens(&fields(json!({"max_tokens": null})), "max_tokens").unwrap(),
-            None
-        );
+        assert_eq!(max_tokens(&fields(json!({"max_tokens": 5})), "max_tokens").unwrap(), Some(5));
+        assert_eq!(max_tokens(&fields(json!({"max_tokens": null})), "max_tokens").unwrap(), None);
         for n in [0, -3] {
             let err = max_tokens(&fields(json!({"max_tokens": n})), "max_tokens").unwrap_err();
             assert_eq!(err.param.as_deref(), Some("max_tokens"));
         }
         assert_eq!(fit_in_context(10, None, 16, 20, "prompt").unwrap(), 10);
-        assert_eq!(
-            fit_in_context(10, Some(("max_tokens", 10)), 16, 20, "prompt").unwrap(),
-            10
-        );
+        assert_eq!(fit_in_context(10, Some(("max_tokens", 10)), 16, 20, "prompt").unwrap(), 10);
         let err = fit_in_context(10, Some(("max_tokens", 11)), 16, 20, "prompt").unwrap_err();
-        assert_eq!(
-            (err.param.as_deref(), err.code),
-            (Some("max_tokens"), Some("context_length_exceeded"))
-        );
+        assert_eq!((err.param.as_deref(), err.code), (Some("max_tokens"), Some("context_length_exceeded")));
         let err = fit_in_context(20, None, 16, 20, "messages").unwrap_err();
-        assert_eq!(
-            (err.param.as_deref(), err.code),
-            (Some("messages"), Some("context_length_exceeded"))
-        );
+        assert_eq!((err.param.as_deref(), err.code), (Some("messages"), Some("context_length_exceeded")));
     }
 }

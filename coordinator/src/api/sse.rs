@@ -25,13 +25,8 @@ pub struct Usage {
 
 impl Usage {
     pub fn of(generation: &Generation) -> Self {
-        let (prompt_tokens, completion_tokens) =
-            (generation.prompt_tokens(), generation.completion_tokens());
-        Self {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        }
+        let (prompt_tokens, completion_tokens) = (generation.prompt_tokens(), generation.completion_tokens());
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
     }
 }
 
@@ -75,11 +70,7 @@ impl<C: Chunks> Streamer<C> {
                 Phase::Running => match self.generation.next().await {
                     Some(Piece::Text(text)) => return Some(data(self.chunks.text(&text))),
                     Some(Piece::End { text, finish }) => {
-                        self.phase = if self.include_usage {
-                            Phase::Usage
-                        } else {
-                            Phase::Done
-                        };
+                        self.phase = if self.include_usage { Phase::Usage } else { Phase::Done };
                         return Some(data(self.chunks.finish(&text, finish)));
                     }
                     // Headers are long gone: the error travels as an event, the way
@@ -114,12 +105,7 @@ pub fn events<C: Chunks>(
     chunks: C,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
-    let streamer = Streamer {
-        generation,
-        chunks,
-        include_usage,
-        phase: Phase::Opening,
-    };
+    let streamer = Streamer { generation, chunks, include_usage, phase: Phase::Opening };
     futures::stream::unfold(streamer, |mut streamer| async move {
         let event = streamer.next_event().await?;
         Some((Ok(event), streamer))

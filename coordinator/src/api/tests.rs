@@ -12,9 +12,7 @@ use serde_json::{json, Value};
 use strata_model::chat_template::Role;
 use strata_model::stage::StageOptions;
 use strata_model::synthetic::SyntheticModel;
-use strata_model::{
-    ChatMessage, ChatTemplate, Device, Generator, ModelFile, SamplingParams, Tokenizer,
-};
+use strata_model::{ChatMessage, ChatTemplate, Device, Generator, ModelFile, SamplingParams, Tokenizer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tower::ServiceExt;
@@ -38,12 +36,7 @@ fn harness_with(spec: SyntheticModel) -> Harness {
     let file = ModelFile::open(spec.write_to(dir.path()).unwrap()).unwrap();
     let engine = Arc::new(LocalEngine::start(&file, &Device::Cpu, MODEL.into()).unwrap());
     let router = router(engine.clone(), None);
-    Harness {
-        _dir: dir,
-        file,
-        engine,
-        router,
-    }
+    Harness { _dir: dir, file, engine, router }
 }
 
 fn harness() -> Harness {
@@ -63,18 +56,11 @@ impl Reply {
 
     /// The `data:` payloads of a server-sent event stream.
     fn events(&self) -> Vec<String> {
-        assert!(
-            self.content_type.starts_with("text/event-stream"),
-            "{}",
-            self.content_type
-        );
+        assert!(self.content_type.starts_with("text/event-stream"), "{}", self.content_type);
         self.body
             .split("\n\n")
             .filter_map(|event| {
-                let data: Vec<&str> = event
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data: "))
-                    .collect();
+                let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
                 (!data.is_empty()).then(|| data.join("\n"))
             })
             .collect()
@@ -84,31 +70,17 @@ impl Reply {
     fn chunks(&self) -> Vec<Value> {
         let mut events = self.events();
         assert_eq!(events.pop().as_deref(), Some("[DONE]"), "{}", self.body);
-        events
-            .iter()
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect()
+        events.iter().map(|e| serde_json::from_str(e).unwrap()).collect()
     }
 
     /// Checks the body is an OpenAI error with this status and param.
     fn assert_error(&self, status: StatusCode, param: Option<&str>) -> Value {
         assert_eq!(self.status, status, "{}", self.body);
-        assert!(
-            self.content_type.starts_with("application/json"),
-            "{}",
-            self.content_type
-        );
+        assert!(self.content_type.starts_with("application/json"), "{}", self.content_type);
         let body = self.json();
         let error = &body["error"];
-        assert!(
-            error["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{body}"
-        );
-        let kind = if status.is_server_error() {
-            "server_error"
-        } else {
-            "invalid_request_error"
-        };
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+        let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
         assert_eq!(error["type"], kind, "{body}");
         assert_eq!(error["param"].as_str(), param, "{body}");
         assert!(error.as_object().unwrap().contains_key("code"), "{body}");
@@ -119,19 +91,10 @@ impl Reply {
 async fn send(router: &Router, request: Request<Body>) -> Reply {
     let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
-    let content_type = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    Reply {
-        status,
-        content_type,
-        body: String::from_utf8(bytes.to_vec()).unwrap(),
-    }
+    let content_type =
+        response.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    Reply { status, content_type, body: String::from_utf8(bytes.to_vec()).unwrap() }
 }
 
 async fn post(router: &Router, uri: &str, body: Value) -> Reply {
@@ -139,9 +102,7 @@ async fn post(router: &Router, uri: &str, body: Value) -> Reply {
 }
 
 async fn post_raw(router: &Router, uri: &str, body: &str) -> Reply {
-    let request = Request::post(uri)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_owned()));
+    let request = Request::post(uri).header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_owned()));
     send(router, request.unwrap()).await
 }
 
@@ -152,13 +113,8 @@ async fn get(router: &Router, uri: &str) -> Reply {
 /// What greedy decoding gives in a single-sequence loop, as text the API would show.
 fn reference(file: &ModelFile, prompt: &[u32], max_tokens: usize) -> (String, usize, &'static str) {
     let mut generator = Generator::load(file, &Device::Cpu, StageOptions::default()).unwrap();
-    let generation = generator
-        .generate(prompt, max_tokens, &SamplingParams::greedy(), |_, _| true)
-        .unwrap();
-    let text = generator
-        .tokenizer()
-        .decode_skipping_special(&generation.tokens)
-        .unwrap();
+    let generation = generator.generate(prompt, max_tokens, &SamplingParams::greedy(), |_, _| true).unwrap();
+    let text = generator.tokenizer().decode_skipping_special(&generation.tokens).unwrap();
     let finish = match generation.finish {
         strata_model::generate::FinishReason::Length => "length",
         _ => "stop",
@@ -172,17 +128,12 @@ fn tokenizer(file: &ModelFile) -> Tokenizer {
 
 fn chat_prompt(file: &ModelFile, content: &str) -> Vec<u32> {
     let template = ChatTemplate::from_gguf(file.metadata()).unwrap();
-    let text = template
-        .render(&[ChatMessage::new(Role::User, content)], true)
-        .unwrap();
+    let text = template.render(&[ChatMessage::new(Role::User, content)], true).unwrap();
     tokenizer(file).encode(&text).unwrap()
 }
 
 fn stream_text(chunks: &[Value], field: impl Fn(&Value) -> Option<&str>) -> String {
-    chunks
-        .iter()
-        .filter_map(|c| c["choices"].get(0).and_then(&field))
-        .collect()
+    chunks.iter().filter_map(|c| c["choices"].get(0).and_then(&field)).collect()
 }
 
 #[tokio::test]
@@ -216,12 +167,7 @@ async fn every_prompt_shape_gives_the_same_completion() {
     let h = harness();
     let ids = tokenizer(&h.file).encode("the cat").unwrap();
     let mut texts = Vec::new();
-    for prompt in [
-        json!("the cat"),
-        json!(["the cat"]),
-        json!(ids),
-        json!([ids]),
-    ] {
+    for prompt in [json!("the cat"), json!(["the cat"]), json!(ids), json!([ids])] {
         let reply = post(
             &h.router,
             "/v1/completions",
@@ -229,12 +175,7 @@ async fn every_prompt_shape_gives_the_same_completion() {
         )
         .await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-        texts.push(
-            reply.json()["choices"][0]["text"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        texts.push(reply.json()["choices"][0]["text"].as_str().unwrap().to_owned());
     }
     assert!(texts.windows(2).all(|w| w[0] == w[1]), "{texts:?}");
 }
@@ -242,28 +183,15 @@ async fn every_prompt_shape_gives_the_same_completion() {
 #[tokio::test]
 async fn completions_default_to_sixteen_tokens() {
     let h = harness();
-    let reply = post(
-        &h.router,
-        "/v1/completions",
-        json!({"model": MODEL, "prompt": [1], "temperature": 0}),
-    )
-    .await;
-    assert_eq!(
-        reply.json()["usage"]["completion_tokens"],
-        16,
-        "{}",
-        reply.body
-    );
+    let reply = post(&h.router, "/v1/completions", json!({"model": MODEL, "prompt": [1], "temperature": 0})).await;
+    assert_eq!(reply.json()["usage"]["completion_tokens"], 16, "{}", reply.body);
 }
 
 #[tokio::test]
 async fn a_streamed_completion_sends_the_same_text_then_done() {
     let h = harness();
-    let request =
-        json!({"model": MODEL, "prompt": "hello there", "max_tokens": 12, "temperature": 0});
-    let whole = post(&h.router, "/v1/completions", request.clone())
-        .await
-        .json();
+    let request = json!({"model": MODEL, "prompt": "hello there", "max_tokens": 12, "temperature": 0});
+    let whole = post(&h.router, "/v1/completions", request.clone()).await.json();
     let mut streaming = request.clone();
     streaming["stream"] = json!(true);
     let reply = post(&h.router, "/v1/completions", streaming).await;
@@ -275,18 +203,10 @@ async fn a_streamed_completion_sends_the_same_text_then_done() {
         assert_eq!(chunk["model"], MODEL);
         assert!(chunk["id"].as_str().unwrap().starts_with("cmpl-"));
     }
-    assert_eq!(
-        stream_text(&chunks, |c| c["text"].as_str()),
-        whole["choices"][0]["text"].as_str().unwrap()
-    );
+    assert_eq!(stream_text(&chunks, |c| c["text"].as_str()), whole["choices"][0]["text"].as_str().unwrap());
     let (last, rest) = chunks.split_last().unwrap();
-    assert_eq!(
-        last["choices"][0]["finish_reason"],
-        whole["choices"][0]["finish_reason"]
-    );
-    assert!(rest
-        .iter()
-        .all(|c| c["choices"][0]["finish_reason"].is_null()));
+    assert_eq!(last["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    assert!(rest.iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
     assert!(chunks.iter().all(|c| c.get("usage").is_none()));
 
     streaming = request;
@@ -312,60 +232,35 @@ async fn a_chat_completion_renders_the_template_and_matches_greedy_decoding() {
     let body = reply.json();
     assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert_eq!(body["object"], "chat.completion");
-    assert_eq!(
-        body["choices"][0]["message"],
-        json!({"role": "assistant", "content": text})
-    );
+    assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": text}));
     assert_eq!(body["choices"][0]["finish_reason"], finish);
     assert_eq!(body["usage"]["prompt_tokens"], prompt.len());
     assert_eq!(body["usage"]["completion_tokens"], tokens);
     // `max_tokens` works too.
     let mut older = request.clone();
-    older
-        .as_object_mut()
-        .unwrap()
-        .remove("max_completion_tokens");
+    older.as_object_mut().unwrap().remove("max_completion_tokens");
     older["max_tokens"] = json!(10);
-    assert_eq!(
-        post(&h.router, "/v1/chat/completions", older).await.json()["choices"],
-        body["choices"]
-    );
+    assert_eq!(post(&h.router, "/v1/chat/completions", older).await.json()["choices"], body["choices"]);
 
     let mut streaming = request;
     streaming["stream"] = json!(true);
     let reply = post(&h.router, "/v1/chat/completions", streaming).await;
     let chunks = reply.chunks();
-    assert_eq!(
-        chunks[0]["choices"][0]["delta"]["role"], "assistant",
-        "{}",
-        reply.body
-    );
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant", "{}", reply.body);
     for chunk in &chunks {
         assert_eq!(chunk["object"], "chat.completion.chunk");
         assert_eq!(chunk["id"], chunks[0]["id"]);
     }
-    assert_eq!(
-        stream_text(&chunks, |c| c["delta"]["content"].as_str()),
-        text
-    );
-    assert_eq!(
-        chunks.last().unwrap()["choices"][0]["finish_reason"],
-        finish
-    );
+    assert_eq!(stream_text(&chunks, |c| c["delta"]["content"].as_str()), text);
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], finish);
 }
 
 #[tokio::test]
 async fn a_chat_without_a_limit_may_fill_the_context() {
-    let h = harness_with(SyntheticModel {
-        context_length: 48,
-        ..SyntheticModel::tiny()
-    });
+    let h = harness_with(SyntheticModel { context_length: 48, ..SyntheticModel::tiny() });
     let prompt = chat_prompt(&h.file, "hi");
-    let request =
-        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 0});
-    let body = post(&h.router, "/v1/chat/completions", request)
-        .await
-        .json();
+    let request = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 0});
+    let body = post(&h.router, "/v1/chat/completions", request).await.json();
     let (text, tokens, finish) = reference(&h.file, &prompt, 48 - prompt.len());
     assert_eq!(body["choices"][0]["message"]["content"], text.as_str());
     assert_eq!(body["usage"]["completion_tokens"], tokens);
@@ -375,18 +270,12 @@ async fn a_chat_without_a_limit_may_fill_the_context() {
 #[tokio::test]
 async fn stop_strings_end_the_text_before_them() {
     let h = harness();
-    let request =
-        json!({"model": MODEL, "prompt": "hello there", "max_tokens": 30, "temperature": 0});
-    let whole = post(&h.router, "/v1/completions", request.clone())
-        .await
-        .json();
+    let request = json!({"model": MODEL, "prompt": "hello there", "max_tokens": 30, "temperature": 0});
+    let whole = post(&h.router, "/v1/completions", request.clone()).await.json();
     let full = whole["choices"][0]["text"].as_str().unwrap().to_owned();
     // A stop string the model will write: two characters from the middle of its text.
     let chars: Vec<char> = full.chars().collect();
-    assert!(
-        chars.len() >= 6,
-        "the model wrote too little to test with: {full:?}"
-    );
+    assert!(chars.len() >= 6, "the model wrote too little to test with: {full:?}");
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let expected = &full[..full.find(&stop).unwrap()];
     for stream in [false, true] {
@@ -402,10 +291,7 @@ async fn stop_strings_end_the_text_before_them() {
             )
         } else {
             let body = reply.json();
-            (
-                body["choices"][0]["text"].as_str().unwrap().to_owned(),
-                body["choices"][0]["finish_reason"].clone(),
-            )
+            (body["choices"][0]["text"].as_str().unwrap().to_owned(), body["choices"][0]["finish_reason"].clone())
         };
         assert_eq!(text, expected, "stream: {stream}, stop {stop:?}");
         assert_eq!(finish, "stop");
@@ -418,9 +304,7 @@ async fn stop_strings_end_the_text_before_them() {
 async fn sampling_with_a_seed_is_repeatable() {
     let h = harness();
     let request = json!({"model": MODEL, "prompt": "a", "max_tokens": 20, "temperature": 1.2, "top_k": 50, "top_p": 0.95, "seed": 9});
-    let a = post(&h.router, "/v1/completions", request.clone())
-        .await
-        .json();
+    let a = post(&h.router, "/v1/completions", request.clone()).await.json();
     let b = post(&h.router, "/v1/completions", request).await.json();
     assert_eq!(a["choices"], b["choices"]);
 }
@@ -437,101 +321,25 @@ async fn bad_requests_get_openai_errors() {
     };
     let long_prompt: Vec<u32> = vec![5; 256];
     let cases = [
-        (
-            completion(json!({"model": null})),
-            StatusCode::BAD_REQUEST,
-            Some("model"),
-        ),
-        (
-            json!({"prompt": "hi"}),
-            StatusCode::BAD_REQUEST,
-            Some("model"),
-        ),
-        (
-            json!({"model": MODEL}),
-            StatusCode::BAD_REQUEST,
-            Some("prompt"),
-        ),
-        (
-            completion(json!({"model": "gpt-4"})),
-            StatusCode::NOT_FOUND,
-            Some("model"),
-        ),
-        (
-            completion(json!({"temperature": 2.5})),
-            StatusCode::BAD_REQUEST,
-            Some("temperature"),
-        ),
-        (
-            completion(json!({"temperature": -1})),
-            StatusCode::BAD_REQUEST,
-            Some("temperature"),
-        ),
-        (
-            completion(json!({"top_p": 0})),
-            StatusCode::BAD_REQUEST,
-            Some("top_p"),
-        ),
-        (
-            completion(json!({"top_p": 1.01})),
-            StatusCode::BAD_REQUEST,
-            Some("top_p"),
-        ),
-        (
-            completion(json!({"max_tokens": 0})),
-            StatusCode::BAD_REQUEST,
-            Some("max_tokens"),
-        ),
-        (
-            completion(json!({"max_tokens": 300})),
-            StatusCode::BAD_REQUEST,
-            Some("max_tokens"),
-        ),
-        (
-            completion(json!({"max_tokens": "many"})),
-            StatusCode::BAD_REQUEST,
-            Some("max_tokens"),
-        ),
-        (
-            completion(json!({"prompt": long_prompt})),
-            StatusCode::BAD_REQUEST,
-            Some("prompt"),
-        ),
-        (
-            completion(json!({"prompt": [100_000]})),
-            StatusCode::BAD_REQUEST,
-            Some("prompt"),
-        ),
-        (
-            completion(json!({"prompt": ""})),
-            StatusCode::BAD_REQUEST,
-            Some("prompt"),
-        ),
-        (
-            completion(json!({"n": 2})),
-            StatusCode::BAD_REQUEST,
-            Some("n"),
-        ),
-        (
-            completion(json!({"frequency_penalty": 0.5})),
-            StatusCode::BAD_REQUEST,
-            Some("frequency_penalty"),
-        ),
-        (
-            completion(json!({"presence_penalty": 1})),
-            StatusCode::BAD_REQUEST,
-            Some("presence_penalty"),
-        ),
-        (
-            completion(json!({"stop": 3})),
-            StatusCode::BAD_REQUEST,
-            Some("stop"),
-        ),
-        (
-            completion(json!({"logprobs": 5})),
-            StatusCode::BAD_REQUEST,
-            Some("logprobs"),
-        ),
+        (completion(json!({"model": null})), StatusCode::BAD_REQUEST, Some("model")),
+        (json!({"prompt": "hi"}), StatusCode::BAD_REQUEST, Some("model")),
+        (json!({"model": MODEL}), StatusCode::BAD_REQUEST, Some("prompt")),
+        (completion(json!({"model": "gpt-4"})), StatusCode::NOT_FOUND, Some("model")),
+        (completion(json!({"temperature": 2.5})), StatusCode::BAD_REQUEST, Some("temperature")),
+        (completion(json!({"temperature": -1})), StatusCode::BAD_REQUEST, Some("temperature")),
+        (completion(json!({"top_p": 0})), StatusCode::BAD_REQUEST, Some("top_p")),
+        (completion(json!({"top_p": 1.01})), StatusCode::BAD_REQUEST, Some("top_p")),
+        (completion(json!({"max_tokens": 0})), StatusCode::BAD_REQUEST, Some("max_tokens")),
+        (completion(json!({"max_tokens": 300})), StatusCode::BAD_REQUEST, Some("max_tokens")),
+        (completion(json!({"max_tokens": "many"})), StatusCode::BAD_REQUEST, Some("max_tokens")),
+        (completion(json!({"prompt": long_prompt})), StatusCode::BAD_REQUEST, Some("prompt")),
+        (completion(json!({"prompt": [100_000]})), StatusCode::BAD_REQUEST, Some("prompt")),
+        (completion(json!({"prompt": ""})), StatusCode::BAD_REQUEST, Some("prompt")),
+        (completion(json!({"n": 2})), StatusCode::BAD_REQUEST, Some("n")),
+        (completion(json!({"frequency_penalty": 0.5})), StatusCode::BAD_REQUEST, Some("frequency_penalty")),
+        (completion(json!({"presence_penalty": 1})), StatusCode::BAD_REQUEST, Some("presence_penalty")),
+        (completion(json!({"stop": 3})), StatusCode::BAD_REQUEST, Some("stop")),
+        (completion(json!({"logprobs": 5})), StatusCode::BAD_REQUEST, Some("logprobs")),
     ];
     for (body, status, param) in cases {
         let reply = post(&h.router, "/v1/completions", body.clone()).await;
@@ -542,13 +350,9 @@ async fn bad_requests_get_openai_errors() {
             assert_eq!(error["code"], "context_length_exceeded", "{body}");
         }
     }
-    let error = post(
-        &h.router,
-        "/v1/completions",
-        completion(json!({"model": "gpt-4"})),
-    )
-    .await
-    .assert_error(StatusCode::NOT_FOUND, Some("model"));
+    let error = post(&h.router, "/v1/completions", completion(json!({"model": "gpt-4"})))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, Some("model"));
     assert_eq!(error["code"], "model_not_found");
 
     let chat = |extra: Value| {
@@ -560,56 +364,22 @@ async fn bad_requests_get_openai_errors() {
     };
     let long = "x ".repeat(400);
     let cases = [
-        (
-            json!({"model": MODEL}),
-            StatusCode::BAD_REQUEST,
-            Some("messages"),
-        ),
-        (
-            chat(json!({"messages": []})),
-            StatusCode::BAD_REQUEST,
-            Some("messages"),
-        ),
+        (json!({"model": MODEL}), StatusCode::BAD_REQUEST, Some("messages")),
+        (chat(json!({"messages": []})), StatusCode::BAD_REQUEST, Some("messages")),
         (
             chat(json!({"messages": [{"role": "wizard", "content": "hi"}]})),
             StatusCode::BAD_REQUEST,
             Some("messages[0].role"),
         ),
-        (
-            chat(json!({"model": "other"})),
-            StatusCode::NOT_FOUND,
-            Some("model"),
-        ),
-        (
-            chat(json!({"max_completion_tokens": 0})),
-            StatusCode::BAD_REQUEST,
-            Some("max_completion_tokens"),
-        ),
-        (
-            chat(json!({"max_tokens": 1000})),
-            StatusCode::BAD_REQUEST,
-            Some("max_tokens"),
-        ),
-        (
-            chat(json!({"messages": [{"role": "user", "content": long}]})),
-            StatusCode::BAD_REQUEST,
-            Some("messages"),
-        ),
-        (
-            chat(json!({"temperature": 9})),
-            StatusCode::BAD_REQUEST,
-            Some("temperature"),
-        ),
-        (
-            chat(json!({"n": 3, "stream": true})),
-            StatusCode::BAD_REQUEST,
-            Some("n"),
-        ),
+        (chat(json!({"model": "other"})), StatusCode::NOT_FOUND, Some("model")),
+        (chat(json!({"max_completion_tokens": 0})), StatusCode::BAD_REQUEST, Some("max_completion_tokens")),
+        (chat(json!({"max_tokens": 1000})), StatusCode::BAD_REQUEST, Some("max_tokens")),
+        (chat(json!({"messages": [{"role": "user", "content": long}]})), StatusCode::BAD_REQUEST, Some("messages")),
+        (chat(json!({"temperature": 9})), StatusCode::BAD_REQUEST, Some("temperature")),
+        (chat(json!({"n": 3, "stream": true})), StatusCode::BAD_REQUEST, Some("n")),
     ];
     for (body, status, param) in cases {
-        post(&h.router, "/v1/chat/completions", body)
-            .await
-            .assert_error(status, param);
+        post(&h.router, "/v1/chat/completions", body).await.assert_error(status, param);
     }
     // Nothing was started by any of them.
     assert_eq!(h.engine.occupancy().sequences, 0);
@@ -620,46 +390,26 @@ async fn bodies_axum_cannot_parse_get_openai_errors() {
     let h = harness();
     for uri in ["/v1/completions", "/v1/chat/completions"] {
         for body in ["{\"model\": ", "not json", "{\"model\": \"tiny\",}"] {
-            let error = post_raw(&h.router, uri, body)
-                .await
-                .assert_error(StatusCode::BAD_REQUEST, None);
+            let error = post_raw(&h.router, uri, body).await.assert_error(StatusCode::BAD_REQUEST, None);
             assert_eq!(error["code"], "invalid_json");
         }
         for body in ["[1, 2]", "\"text\"", "null"] {
-            post_raw(&h.router, uri, body)
-                .await
-                .assert_error(StatusCode::BAD_REQUEST, None);
+            post_raw(&h.router, uri, body).await.assert_error(StatusCode::BAD_REQUEST, None);
         }
-        let request = Request::post(uri)
-            .body(Body::from(json!({"model": MODEL}).to_string()))
-            .unwrap();
-        send(&h.router, request)
-            .await
-            .assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
+        let request = Request::post(uri).body(Body::from(json!({"model": MODEL}).to_string())).unwrap();
+        send(&h.router, request).await.assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
     }
 }
 
 #[tokio::test]
 async fn unknown_routes_and_methods_get_openai_errors() {
     let h = harness();
-    let error = get(&h.router, "/v1/engines")
-        .await
-        .assert_error(StatusCode::NOT_FOUND, None);
+    let error = get(&h.router, "/v1/engines").await.assert_error(StatusCode::NOT_FOUND, None);
     assert!(error["message"].as_str().unwrap().contains("/v1/engines"));
-    post(&h.router, "/v2/completions", json!({}))
-        .await
-        .assert_error(StatusCode::NOT_FOUND, None);
-    get(&h.router, "/v1/completions")
-        .await
-        .assert_error(StatusCode::METHOD_NOT_ALLOWED, None);
-    let request = Request::builder()
-        .method(Method::DELETE)
-        .uri("/v1/models")
-        .body(Body::empty())
-        .unwrap();
-    send(&h.router, request)
-        .await
-        .assert_error(StatusCode::METHOD_NOT_ALLOWED, None);
+    post(&h.router, "/v2/completions", json!({})).await.assert_error(StatusCode::NOT_FOUND, None);
+    get(&h.router, "/v1/completions").await.assert_error(StatusCode::METHOD_NOT_ALLOWED, None);
+    let request = Request::builder().method(Method::DELETE).uri("/v1/models").body(Body::empty()).unwrap();
+    send(&h.router, request).await.assert_error(StatusCode::METHOD_NOT_ALLOWED, None);
 }
 
 #[tokio::test]
@@ -677,24 +427,16 @@ async fn models_and_health() {
     assert_eq!(data[0]["context_length"], 256);
     assert!(data[0]["created"].as_u64().is_some());
     assert_eq!(get(&h.router, "/v1/models/tiny").await.json(), data[0]);
-    get(&h.router, "/v1/models/nope")
-        .await
-        .assert_error(StatusCode::NOT_FOUND, Some("model"));
+    get(&h.router, "/v1/models/nope").await.assert_error(StatusCode::NOT_FOUND, Some("model"));
     let reply = get(&h.router, "/health").await;
-    assert_eq!(
-        (reply.status, reply.json()),
-        (StatusCode::OK, json!({"status": "ok"}))
-    );
+    assert_eq!((reply.status, reply.json()), (StatusCode::OK, json!({"status": "ok"})));
 }
 
 #[tokio::test]
 async fn dropping_a_stream_cancels_the_generation_and_frees_the_cache() {
     // A long context, and a prompt the tiny model greedily repeats a token after
     // without ever ending: the generation is still running when the stream goes.
-    let h = harness_with(SyntheticModel {
-        context_length: 4096,
-        ..SyntheticModel::tiny()
-    });
+    let h = harness_with(SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
     let request = json!({"model": MODEL, "prompt": [1], "max_tokens": 4000, "temperature": 0, "stream": true});
     let request = Request::post("/v1/completions")
         .header(header::CONTENT_TYPE, "application/json")
@@ -725,10 +467,7 @@ async fn raw_http(
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while !until(&String::from_utf8_lossy(&seen)) {
-        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await.unwrap().unwrap();
         if n == 0 {
             break;
         }
@@ -747,10 +486,7 @@ fn http_post(path: &str, body: &Value) -> String {
 
 #[tokio::test]
 async fn a_served_api_answers_notices_disconnects_and_shuts_down() {
-    let h = harness_with(SyntheticModel {
-        context_length: 4096,
-        ..SyntheticModel::tiny()
-    });
+    let h = harness_with(SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -758,20 +494,13 @@ async fn a_served_api_answers_notices_disconnects_and_shuts_down() {
         let _ = stopped.await;
     }));
 
-    let (_, reply) = raw_http(
-        addr,
-        "GET /health HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n",
-        |_| false,
-    )
-    .await;
+    let (_, reply) = raw_http(addr, "GET /health HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n", |_| false).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.ends_with("{\"status\":\"ok\"}"), "{reply}");
 
     let request = json!({"model": MODEL, "prompt": [1], "max_tokens": 4000, "temperature": 0, "stream": true});
-    let (connection, reply) = raw_http(addr, &http_post("/v1/completions", &request), |s| {
-        s.matches("data: ").count() >= 3
-    })
-    .await;
+    let (connection, reply) =
+        raw_http(addr, &http_post("/v1/completions", &request), |s| s.matches("data: ").count() >= 3).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(h.engine.occupancy().sequences, 1);
     drop(connection);
@@ -779,15 +508,8 @@ async fn a_served_api_answers_notices_disconnects_and_shuts_down() {
     assert_eq!(now.cancelled, 1);
 
     stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "still accepting after shutdown"
-    );
+    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
 }
 
 /// An engine that answers from a script, for failures a real one will not produce
@@ -813,9 +535,7 @@ impl Engine for FakeEngine {
 }
 
 /// A router over a fake engine; `answer` may use the tokenizer to script tokens.
-fn fake(
-    answer: impl FnOnce(&Tokenizer) -> Result<Vec<GenerateEvent>, EngineError>,
-) -> (tempfile::TempDir, Router) {
+fn fake(answer: impl FnOnce(&Tokenizer) -> Result<Vec<GenerateEvent>, EngineError>) -> (tempfile::TempDir, Router) {
     let dir = tempfile::tempdir().unwrap();
     let file = ModelFile::open(SyntheticModel::tiny().write_to(dir.path()).unwrap()).unwrap();
     let answer = answer(&tokenizer(&file));
@@ -830,16 +550,11 @@ fn fake(
 
 #[tokio::test]
 async fn an_unavailable_engine_answers_503() {
-    for refusal in [
-        EngineError::Unavailable("all workers are gone".into()),
-        EngineError::ShuttingDown,
-    ] {
+    for refusal in [EngineError::Unavailable("all workers are gone".into()), EngineError::ShuttingDown] {
         let (_dir, router) = fake(|_| Err(refusal));
         for stream in [false, true] {
             let request = json!({"model": MODEL, "prompt": "hi", "stream": stream});
-            post(&router, "/v1/completions", request)
-                .await
-                .assert_error(StatusCode::SERVICE_UNAVAILABLE, None);
+            post(&router, "/v1/completions", request).await.assert_error(StatusCode::SERVICE_UNAVAILABLE, None);
         }
     }
 }
@@ -859,9 +574,7 @@ async fn a_failure_mid_generation_is_reported() {
     assert!(error["message"].as_str().unwrap().contains("worker 2 lost"));
     let mut streaming = request;
     streaming["stream"] = json!(true);
-    let chunks = post(&router, "/v1/chat/completions", streaming)
-        .await
-        .chunks();
+    let chunks = post(&router, "/v1/chat/completions", streaming).await.chunks();
     assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "a");
     assert_eq!(chunks.last().unwrap()["error"]["type"], "server_error");
 }
@@ -870,9 +583,7 @@ async fn a_failure_mid_generation_is_reported() {
 async fn an_engine_that_vanishes_is_an_error_not_a_hang() {
     let (_dir, router) = fake(|t| Ok(vec![GenerateEvent::Token(token(t, "a"))]));
     let request = json!({"model": MODEL, "prompt": "hi"});
-    post(&router, "/v1/completions", request)
-        .await
-        .assert_error(StatusCode::INTERNAL_SERVER_ERROR, None);
+    post(&router, "/v1/completions", request).await.assert_error(StatusCode::INTERNAL_SERVER_ERROR, None);
 }
 
 fn token(tokenizer: &Tokenizer, text: &str) -> u32 {
@@ -885,19 +596,13 @@ fn token(tokenizer: &Tokenizer, text: &str) -> u32 {
 /// Hyper notices the closed connection while the handler still waits on the engine.
 #[tokio::test]
 async fn hanging_up_on_a_non_streaming_request_cancels_it() {
-    let h = harness_with(SyntheticModel {
-        context_length: 4096,
-        ..SyntheticModel::tiny()
-    });
+    let h = harness_with(SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let _server = tokio::spawn(serve(listener, h.engine.clone(), std::future::pending()));
     let request = json!({"model": MODEL, "prompt": [1], "max_tokens": 4000, "temperature": 0});
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(http_post("/v1/completions", &request).as_bytes())
-        .await
-        .unwrap();
+    stream.write_all(http_post("/v1/completions", &request).as_bytes()).await.unwrap();
     wait_for(&h.engine, |o| o.sequences == 1).await;
     drop(stream);
     let now = wait_for(&h.engine, |o| o.sequences == 0).await;

@@ -54,23 +54,16 @@ pub struct UndrainArgs {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 /// The reply's body when it is a success, else the API's error message.
 fn checked(reply: Reply) -> anyhow::Result<serde_json::Value> {
-    let body = reply
-        .json()
-        .unwrap_or_else(|_| json!({ "error": { "message": reply.body.clone() } }));
+    let body = reply.json().unwrap_or_else(|_| json!({ "error": { "message": reply.body.clone() } }));
     if reply.status == 200 {
         return Ok(body);
     }
-    let message = body["error"]["message"]
-        .as_str()
-        .unwrap_or(reply.body.as_str())
-        .to_string();
+    let message = body["error"]["message"].as_str().unwrap_or(reply.body.as_str()).to_string();
     anyhow::bail!("{message}")
 }
 
@@ -84,8 +77,16 @@ async fn call(
     let reply = tokio::time::timeout(wait, http::request(coordinator, method, path, body.as_ref()))
         .await
         .with_context(|| format!("the coordinator at {coordinator} did not answer within {wait:?}"))?
-        .with_context(|| format!("cannot reach the coordinator at {coordinator} (is `strata serve` running? --coordinator)"))?;
+        .with_context(|| {
+            format!("cannot reach the coordinator at {coordinator} (is `strata serve` running? --coordinator)")
+        })?;
     checked(reply)
+}
+
+/// The running cluster's status.
+pub fn fetch_status(coordinator: &str) -> anyhow::Result<ClusterStatus> {
+    let value = runtime()?.block_on(call(coordinator, "GET", "/admin/status", None, Duration::from_secs(10)))?;
+    serde_json::from_value(value).context("the coordinator's status is malformed")
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
@@ -100,8 +101,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    let status: ClusterStatus =
-        serde_json::from_value(value).context("the coordinator's status is malformed")?;
+    let status: ClusterStatus = serde_json::from_value(value).context("the coordinator's status is malformed")?;
     print!("{}", format_status(&status));
     Ok(())
 }
@@ -121,14 +121,9 @@ pub fn format_status(s: &ClusterStatus) -> String {
     }
     out.push('\n');
     if let Some(reason) = &s.waiting_reason {
-        out.push_str(&format!(
-            "{} request(s) wait for capacity: {reason}\n",
-            s.waiting
-        ));
+        out.push_str(&format!("{} request(s) wait for capacity: {reason}\n", s.waiting));
     }
-    let header = [
-        "NAME", "ADDRESS", "STATE", "LAYERS", "DEVICES", "OFFERED", "USED", "SPEED", "SEQS",
-    ];
+    let header = ["NAME", "ADDRESS", "STATE", "LAYERS", "DEVICES", "OFFERED", "USED", "SPEED", "SEQS"];
     let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     for n in &s.nodes {
         rows.push(vec![
@@ -150,15 +145,10 @@ pub fn format_status(s: &ClusterStatus) -> String {
             n.sequences.to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> =
+        (0..header.len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
@@ -168,24 +158,13 @@ pub fn format_status(s: &ClusterStatus) -> String {
 pub fn drain(args: DrainArgs) -> anyhow::Result<()> {
     let body = json!({ "node": args.node, "force": args.force, "wait": args.wait });
     // A drain that waits loads layers elsewhere first: give it time.
-    let wait = if args.wait {
-        Duration::from_secs(600)
-    } else {
-        Duration::from_secs(30)
-    };
-    let value = runtime()?.block_on(call(
-        &args.coordinator.coordinator,
-        "POST",
-        "/admin/drain",
-        Some(body),
-        wait,
-    ))?;
+    let wait = if args.wait { Duration::from_secs(600) } else { Duration::from_secs(30) };
+    let value = runtime()?.block_on(call(&args.coordinator.coordinator, "POST", "/admin/drain", Some(body), wait))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    let report: DrainReport =
-        serde_json::from_value(value).context("the coordinator's answer is malformed")?;
+    let report: DrainReport = serde_json::from_value(value).context("the coordinator's answer is malformed")?;
     println!("{}", report.message);
     Ok(())
 }

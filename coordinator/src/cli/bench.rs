@@ -84,26 +84,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut stage = Stage::load(&file, 0..n_layers, &device, StageOptions::default())?;
     let vocab = file.info().vocab_size as u32;
-    let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
-        .map(|i| 100 + (i * 7919) % (vocab - 100))
-        .collect();
+    let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 100 + (i * 7919) % (vocab - 100)).collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for run in 0..args.runs.max(1) + 1 {
         let seq = run as u64;
         let t = Instant::now();
-        let mut next = last_token(&stage.forward(&[StageStep {
-            seq,
-            position: 0,
-            input: StageInput::Tokens(prompt.clone()),
-        }])?)?;
+        let mut next = last_token(&stage.forward(&[StageStep { seq, position: 0, input: StageInput::Tokens(prompt.clone()) }])?)?;
         let prefill_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
         for i in 0..args.decode_tokens {
-            let step = StageStep {
-                seq,
-                position: prompt.len() + i,
-                input: StageInput::Tokens(vec![next]),
-            };
+            let step = StageStep { seq, position: prompt.len() + i, input: StageInput::Tokens(vec![next]) };
             next = last_token(&stage.forward(&[step])?)?;
         }
         let decode_s = t.elapsed().as_secs_f64();
@@ -134,25 +124,13 @@ fn print_report(r: &Report, layer_bytes: u64) {
     const MIB: f64 = 1024.0 * 1024.0;
     println!("model            {}", r.model);
     println!("threads          {}", r.threads);
-    println!(
-        "prefill          {:.1} tokens/s (median)",
-        r.prefill_tokens_per_s
-    );
-    println!(
-        "decode           {:.1} tokens/s (median)",
-        r.decode_tokens_per_s
-    );
-    println!(
-        "peak memory      {:.1} MiB",
-        r.peak_resident_bytes as f64 / MIB
-    );
+    println!("prefill          {:.1} tokens/s (median)", r.prefill_tokens_per_s);
+    println!("decode           {:.1} tokens/s (median)", r.decode_tokens_per_s);
+    println!("peak memory      {:.1} MiB", r.peak_resident_bytes as f64 / MIB);
     if r.stages.is_empty() {
         return;
     }
-    println!(
-        "stages, each loaded alone in a fresh process (all layers: {:.1} MiB):",
-        layer_bytes as f64 / MIB
-    );
+    println!("stages, each loaded alone in a fresh process (all layers: {:.1} MiB):", layer_bytes as f64 / MIB);
     for s in &r.stages {
         println!(
             "  layers {:<8} {:>5.1} MiB of layers ({:.2} of all layers), {:>5.1} MiB with embedding/head, resident {:>5.1} MiB",
@@ -181,9 +159,7 @@ pub fn even_ranges(layers: usize, parts: usize) -> Vec<Range<usize>> {
     if parts == 0 {
         return Vec::new();
     }
-    (0..parts)
-        .map(|i| i * layers / parts..(i + 1) * layers / parts)
-        .collect()
+    (0..parts).map(|i| i * layers / parts..(i + 1) * layers / parts).collect()
 }
 
 fn parse_range(s: &str) -> anyhow::Result<Range<usize>> {
@@ -191,11 +167,7 @@ fn parse_range(s: &str) -> anyhow::Result<Range<usize>> {
     Ok(a.parse()?..b.parse()?)
 }
 
-fn measure_stage_here(
-    file: &ModelFile,
-    device: &strata_model::Device,
-    layers: Range<usize>,
-) -> anyhow::Result<()> {
+fn measure_stage_here(file: &ModelFile, device: &strata_model::Device, layers: Range<usize>) -> anyhow::Result<()> {
     let before = proc_status_bytes("VmRSS")?;
     let stage = Stage::load(file, layers, device, StageOptions::default())?;
     let after = proc_status_bytes("VmRSS")?;
@@ -203,55 +175,29 @@ fn measure_stage_here(
     Ok(())
 }
 
-fn measure_stage_in_child(
-    args: &BenchArgs,
-    layers: Range<usize>,
-    file: &ModelFile,
-) -> anyhow::Result<StageMemory> {
+fn measure_stage_in_child(args: &BenchArgs, layers: Range<usize>, file: &ModelFile) -> anyhow::Result<StageMemory> {
     let layer_bytes = file.sizes().layers[layers.clone()].iter().sum();
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
-        .args([
-            "bench",
-            "--model",
-            &args.model.model,
-            "--device",
-            &args.model.device,
-            "--measure-stage",
-        ])
+        .args(["bench", "--model", &args.model.model, "--device", &args.model.device, "--measure-stage"])
         .arg(format!("{}..{}", layers.start, layers.end))
         .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "measuring stage {layers:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    anyhow::ensure!(out.status.success(), "measuring stage {layers:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout)?;
     let mut fields = text.split_whitespace().map(str::parse::<u64>);
     match (fields.next(), fields.next()) {
-        (Some(Ok(weight_bytes)), Some(Ok(resident_bytes))) => Ok(StageMemory {
-            layers: format!("{}..{}", layers.start, layers.end),
-            layer_bytes,
-            weight_bytes,
-            resident_bytes,
-        }),
+        (Some(Ok(weight_bytes)), Some(Ok(resident_bytes))) => {
+            Ok(StageMemory { layers: format!("{}..{}", layers.start, layers.end), layer_bytes, weight_bytes, resident_bytes })
+        }
         _ => anyhow::bail!("unexpected output from the stage measurement: {text}"),
     }
 }
 
 /// A `/proc/self/status` field in bytes (Linux).
 fn proc_status_bytes(field: &str) -> anyhow::Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .with_context(|| format!("no {field} in /proc/self/status"))?;
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("malformed status line")?
-        .parse()?;
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in /proc/self/status"))?;
+    let kib: u64 = line.split_whitespace().nth(1).context("malformed status line")?.parse()?;
     Ok(kib * 1024)
 }
 

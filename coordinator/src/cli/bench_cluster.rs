@@ -22,9 +22,7 @@ use strata_proto::v1::WireDtype;
 
 use super::bench::BenchArgs;
 use super::children::{start_local_worker, Children};
-use crate::cluster::{
-    Cluster, ClusterConfig, ClusterEngine, Membership, PlacementPolicy, ReturnPath, ServedModel,
-};
+use crate::cluster::{Cluster, ClusterConfig, ClusterEngine, Membership, PlacementPolicy, ReturnPath, ServedModel};
 use crate::engine::{GenerateEvent, GenerateRequest};
 
 #[derive(Debug, Serialize)]
@@ -60,14 +58,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let single = single_process_decode(&file, &device, args)?;
     drop(file);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args
-        .worker_threads
-        .unwrap_or_else(|| super::demo::threads_per_worker(cores, args.workers));
+    let threads = args.worker_threads.unwrap_or_else(|| super::demo::threads_per_worker(cores, args.workers));
     let model = Arc::new(ServedModel::open(&path, args.model.model.clone())?);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let mut children = Children::default();
     let result = runtime.block_on(pipeline(args, model, threads, single, &path, &mut children));
     runtime.block_on(children.stop_all());
@@ -86,10 +79,7 @@ fn print(r: &Report) {
         "threads                     {} (one process), {} per worker x {}",
         r.threads_single_process, r.threads_per_worker, r.workers
     );
-    println!(
-        "single process decode       {:.1} tokens/s",
-        r.single_process_decode_tokens_per_s
-    );
+    println!("single process decode       {:.1} tokens/s", r.single_process_decode_tokens_per_s);
     println!(
         "pipeline decode, 1 stream   {:.1} tokens/s (token back via the coordinator)",
         r.pipeline_decode_tokens_per_s_coordinator_return
@@ -98,42 +88,22 @@ fn print(r: &Report) {
         "pipeline decode, 1 stream   {:.1} tokens/s (token straight to stage 0)",
         r.pipeline_decode_tokens_per_s_direct_return
     );
-    println!(
-        "pipeline / single process   {:.2} (return path: {})",
-        r.pipeline_to_single_ratio, r.return_path_kept
-    );
+    println!("pipeline / single process   {:.2} (return path: {})", r.pipeline_to_single_ratio, r.return_path_kept);
     for (streams, tps) in &r.aggregate_tokens_per_s {
         println!("aggregate, {streams:>2} streams        {tps:.1} tokens/s");
     }
     for (streams, sizes, busy) in &r.batch_sizes {
         let sizes: Vec<String> = sizes.iter().map(|s| format!("{s:.1}")).collect();
         let busy: Vec<String> = busy.iter().map(|s| format!("{s:.2}")).collect();
-        println!(
-            "  {streams:>2} streams: frames per batch [{}], busy s [{}]",
-            sizes.join(", "),
-            busy.join(", ")
-        );
+        println!("  {streams:>2} streams: frames per batch [{}], busy s [{}]", sizes.join(", "), busy.join(", "));
     }
-    if let (Some(one), Some(last)) = (
-        r.aggregate_tokens_per_s.first(),
-        r.aggregate_tokens_per_s.last(),
-    ) {
-        println!(
-            "{} streams / 1 stream       {:.2}",
-            last.0,
-            last.1 / one.1.max(1e-9)
-        );
+    if let (Some(one), Some(last)) = (r.aggregate_tokens_per_s.first(), r.aggregate_tokens_per_s.last()) {
+        println!("{} streams / 1 stream       {:.2}", last.0, last.1 / one.1.max(1e-9));
     }
-    println!(
-        "compute per decode step     {:?} us by stage (single stream)",
-        r.compute_per_step_us
-    );
+    println!("compute per decode step     {:?} us by stage (single stream)", r.compute_per_step_us);
     println!("per-hop latency (decode steps, single stream):");
     for h in &r.hops {
-        println!(
-            "  {:<28} p50 {:>6} us  p99 {:>6} us  ({} frames)",
-            h.hop, h.p50_us, h.p99_us, h.samples
-        );
+        println!("  {:<28} p50 {:>6} us  p99 {:>6} us  ({} frames)", h.hop, h.p50_us, h.p99_us, h.samples);
     }
 }
 
@@ -151,9 +121,7 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 
 fn prompt(vocab: usize, len: usize, salt: u32) -> Vec<u32> {
     let vocab = vocab as u32;
-    (0..len as u32)
-        .map(|i| 100 + (i * 7919 + salt * 104_729) % (vocab - 100))
-        .collect()
+    (0..len as u32).map(|i| 100 + (i * 7919 + salt * 104_729) % (vocab - 100)).collect()
 }
 
 /// Decode tokens/s of the whole model in this process (median of `--runs`).
@@ -173,18 +141,11 @@ fn single_process_decode(
                 _ => anyhow::bail!("no logits"),
             }
         };
-        let mut next = argmax(stage.forward(&[StageStep {
-            seq,
-            position: 0,
-            input: StageInput::Tokens(prompt.clone()),
-        }])?)?;
+        let mut next =
+            argmax(stage.forward(&[StageStep { seq, position: 0, input: StageInput::Tokens(prompt.clone()) }])?)?;
         let t = Instant::now();
         for i in 0..args.decode_tokens {
-            let step = StageStep {
-                seq,
-                position: prompt.len() + i,
-                input: StageInput::Tokens(vec![next]),
-            };
+            let step = StageStep { seq, position: prompt.len() + i, input: StageInput::Tokens(vec![next]) };
             next = argmax(stage.forward(&[step])?)?;
         }
         let secs = t.elapsed().as_secs_f64();
@@ -198,17 +159,8 @@ fn single_process_decode(
 
 /// Decode speed of one request: tokens after the first over the time since the
 /// first arrived (prefill excluded).
-async fn one_stream(
-    engine: &ClusterEngine,
-    prompt: Vec<u32>,
-    n: usize,
-    path: ReturnPath,
-) -> anyhow::Result<f64> {
-    let request = GenerateRequest {
-        prompt_tokens: prompt,
-        max_tokens: n,
-        sampling: SamplingParams::greedy(),
-    };
+async fn one_stream(engine: &ClusterEngine, prompt: Vec<u32>, n: usize, path: ReturnPath) -> anyhow::Result<f64> {
+    let request = GenerateRequest { prompt_tokens: prompt, max_tokens: n, sampling: SamplingParams::greedy() };
     let mut rx = engine.generate_ignoring_eos(request, path)?;
     let mut first = None;
     let mut tokens = 0usize;
@@ -270,9 +222,7 @@ async fn pipeline(
     let mut addresses = Vec::new();
     for i in 0..args.workers {
         let lock = (!args.no_compute_lock).then_some(lock.as_path());
-        addresses.push(
-            start_local_worker(children, &format!("bench-worker-{i}"), path, threads, lock).await?,
-        );
+        addresses.push(start_local_worker(children, &format!("bench-worker-{i}"), path, threads, lock).await?);
     }
     let config = ClusterConfig {
         workers: addresses,
@@ -296,10 +246,7 @@ async fn pipeline(
     let mut hops = Vec::new();
     let mut speeds = [Vec::new(), Vec::new()];
     let paths = [ReturnPath::Coordinator, ReturnPath::Direct];
-    let mut samples: [Vec<Vec<u32>>; 2] = [
-        vec![Vec::new(); args.workers + 1],
-        vec![Vec::new(); args.workers + 1],
-    ];
+    let mut samples: [Vec<Vec<u32>>; 2] = [vec![Vec::new(); args.workers + 1], vec![Vec::new(); args.workers + 1]];
     let mut busy = vec![(0.0f64, 0u64); args.workers];
     for run in 0..args.runs.max(1) {
         for (k, path) in paths.iter().enumerate() {
@@ -348,25 +295,16 @@ async fn pipeline(
     let mut batch_sizes = Vec::new();
     for streams in [1usize, 4, 16] {
         cluster.stats(true).await?;
-        aggregate_tps.push((
-            streams,
-            aggregate(&engine, vocab, streams, n, kept_path).await?,
-        ));
+        aggregate_tps.push((streams, aggregate(&engine, vocab, streams, n, kept_path).await?));
         let stats = cluster.stats(false).await?;
         batch_sizes.push((
             streams,
-            stats
-                .iter()
-                .map(|s| s.frames as f64 / s.batches.max(1) as f64)
-                .collect::<Vec<_>>(),
+            stats.iter().map(|s| s.frames as f64 / s.batches.max(1) as f64).collect::<Vec<_>>(),
             stats.iter().map(|s| s.busy_seconds).collect::<Vec<_>>(),
         ));
     }
     cluster.shutdown().await;
-    let compute_per_step_us = busy
-        .iter()
-        .map(|(s, b)| (s / (*b).max(1) as f64 * 1e6) as u32)
-        .collect();
+    let compute_per_step_us = busy.iter().map(|(s, b)| (s / (*b).max(1) as f64 * 1e6) as u32).collect();
     Ok(Report {
         compute_per_step_us,
         batch_sizes,

@@ -20,19 +20,9 @@ pub struct Process {
 
 impl Process {
     /// Starts `program` with stdout captured (stderr goes to ours).
-    pub fn spawn(
-        name: &str,
-        program: &Path,
-        args: &[String],
-        envs: &[(&str, String)],
-    ) -> anyhow::Result<Self> {
+    pub fn spawn(name: &str, program: &Path, args: &[String], envs: &[(&str, String)]) -> anyhow::Result<Self> {
         let mut command = Command::new(program);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+        command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
         for (k, v) in envs {
             command.env(k, v);
         }
@@ -44,15 +34,9 @@ impl Process {
                 Ok(())
             });
         }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", program.display()))?;
+        let mut child = command.spawn().with_context(|| format!("cannot start {}", program.display()))?;
         let stdout = child.stdout.take().context("no stdout")?;
-        Ok(Self {
-            name: name.to_string(),
-            child,
-            lines: Some(BufReader::new(stdout).lines()),
-        })
+        Ok(Self { name: name.to_string(), child, lines: Some(BufReader::new(stdout).lines()) })
     }
 
     /// Reads lines until one starts with `prefix`, passing the others to `on_line`;
@@ -64,19 +48,11 @@ impl Process {
         mut on_line: impl FnMut(&str),
     ) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let lines = self
-            .lines
-            .as_mut()
-            .with_context(|| format!("{}'s output is no longer read here", self.name))?;
+        let lines = self.lines.as_mut().with_context(|| format!("{}'s output is no longer read here", self.name))?;
         loop {
             let line = tokio::time::timeout_at(deadline, lines.next_line())
                 .await
-                .with_context(|| {
-                    format!(
-                        "{} printed no `{prefix}` line within {timeout:?}",
-                        self.name
-                    )
-                })??;
+                .with_context(|| format!("{} printed no `{prefix}` line within {timeout:?}", self.name))??;
             match line {
                 Some(line) if line.starts_with(prefix) => return Ok(line),
                 Some(line) => on_line(&line),
@@ -87,8 +63,7 @@ impl Process {
 
     /// The value of `key=` in a line like `listening http=A grpc=B`.
     pub fn field(line: &str, key: &str) -> Option<String> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+        line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
     }
 
     /// Keeps reading the child's stdout in the background (logged at debug), so
@@ -121,10 +96,7 @@ impl Process {
     /// SIGTERM, then SIGKILL if it has not exited within `grace`.
     pub async fn stop(mut self, grace: Duration) {
         self.signal(libc::SIGTERM);
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
             let _ = self.child.kill().await;
         }
     }
@@ -189,19 +161,8 @@ pub async fn start_local_worker(
         args.extend(["--compute-lock".into(), lock.display().to_string()]);
     }
     let log = std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into());
-    let mut p = Process::spawn(
-        name,
-        &sibling_binary("strata-worker"),
-        &args,
-        &[("STRATA_LOG", log)],
-    )?;
-    let line = p
-        .wait_for_line(
-            "worker listening",
-            std::time::Duration::from_secs(30),
-            |_| {},
-        )
-        .await?;
+    let mut p = Process::spawn(name, &sibling_binary("strata-worker"), &args, &[("STRATA_LOG", log)])?;
+    let line = p.wait_for_line("worker listening", std::time::Duration::from_secs(30), |_| {}).await?;
     let address = Process::field(&line, "grpc").context("no grpc= in the worker's line")?;
     p.drain_output();
     children.processes.push(p);

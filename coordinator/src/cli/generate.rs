@@ -40,10 +40,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut generator = Generator::load(&file, &device, StageOptions::default())?;
     let prompt = if args.chat {
         let template = strata_model::ChatTemplate::from_gguf(file.metadata())?;
-        let message = strata_model::ChatMessage {
-            role: strata_model::chat_template::Role::User,
-            content: args.prompt.clone(),
-        };
+        let message = strata_model::ChatMessage { role: strata_model::chat_template::Role::User, content: args.prompt.clone() };
         template.render(&[message], true)?
     } else {
         args.prompt.clone()
@@ -51,14 +48,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt_tokens = generator.tokenizer().encode(&prompt)?;
     let params = args.sampling.params();
     if args.json {
-        let generation =
-            generator.generate(&prompt_tokens, args.max_tokens, &params, |_, _| true)?;
+        let generation = generator.generate(&prompt_tokens, args.max_tokens, &params, |_, _| true)?;
         let text = generator.tokenizer().decode(&generation.tokens)?;
-        let out = JsonOutput {
-            prompt_tokens: &prompt_tokens,
-            tokens: &generation.tokens,
-            text: &text,
-        };
+        let out = JsonOutput { prompt_tokens: &prompt_tokens, tokens: &generation.tokens, text: &text };
         println!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
@@ -67,29 +59,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     stdout.flush()?;
     let mut stream = DecodeStream::default();
     let mut failure = None;
-    generator.generate(
-        &prompt_tokens,
-        args.max_tokens,
-        &params,
-        |tokenizer, token| {
-            let piece = tokenizer
-                .decode_next(&mut stream, token)
-                .map_err(anyhow::Error::from);
-            let written = piece.and_then(|p| {
-                Ok(
-                    p.map(|text| write!(stdout, "{text}").and_then(|()| stdout.flush()))
-                        .transpose()?,
-                )
-            });
-            match written {
-                Ok(_) => true,
-                Err(e) => {
-                    failure = Some(e);
-                    false
-                }
+    generator.generate(&prompt_tokens, args.max_tokens, &params, |tokenizer, token| {
+        let piece = tokenizer.decode_next(&mut stream, token).map_err(anyhow::Error::from);
+        let written = piece.and_then(|p| Ok(p.map(|text| write!(stdout, "{text}").and_then(|()| stdout.flush())).transpose()?));
+        match written {
+            Ok(_) => true,
+            Err(e) => {
+                failure = Some(e);
+                false
             }
-        },
-    )?;
+        }
+    })?;
     writeln!(stdout)?;
     failure.map_or(Ok(()), Err)
 }

@@ -31,8 +31,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Result<serde_json::Value, HttpError> {
-        serde_json::from_str(&self.body)
-            .map_err(|e| HttpError::Malformed(format!("{e}: {}", self.body)))
+        serde_json::from_str(&self.body).map_err(|e| HttpError::Malformed(format!("{e}: {}", self.body)))
     }
 }
 
@@ -44,15 +43,8 @@ struct Response {
     buffered: Vec<u8>,
 }
 
-async fn send(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: Option<&serde_json::Value>,
-) -> Result<Response, HttpError> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| HttpError::Connect(addr.to_string(), e))?;
+async fn send(addr: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<Response, HttpError> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| HttpError::Connect(addr.to_string(), e))?;
     stream.set_nodelay(true)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let request = format!(
@@ -68,9 +60,7 @@ async fn send(
         let mut buf = [0u8; 4096];
         let n = stream.read(&mut buf).await?;
         if n == 0 {
-            return Err(HttpError::Malformed(
-                "the connection closed inside the headers".into(),
-            ));
+            return Err(HttpError::Malformed("the connection closed inside the headers".into()));
         }
         buffered.extend_from_slice(&buf[..n]);
     };
@@ -85,12 +75,7 @@ async fn send(
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     buffered.drain(..header_end + 4);
-    Ok(Response {
-        stream,
-        status,
-        chunked,
-        buffered,
-    })
+    Ok(Response { stream, status, chunked, buffered })
 }
 
 impl Response {
@@ -126,9 +111,7 @@ impl Response {
             }
             let n = self.stream.read(&mut buf).await?;
             if n == 0 {
-                return Err(HttpError::Malformed(
-                    "the connection closed inside a chunked body".into(),
-                ));
+                return Err(HttpError::Malformed("the connection closed inside a chunked body".into()));
             }
             raw.extend_from_slice(&buf[..n]);
         }
@@ -146,10 +129,7 @@ pub async fn request(
     let status = response.status;
     let mut bytes = Vec::new();
     response.body(|b| bytes.extend_from_slice(b)).await?;
-    Ok(Reply {
-        status,
-        body: String::from_utf8_lossy(&bytes).to_string(),
-    })
+    Ok(Reply { status, body: String::from_utf8_lossy(&bytes).to_string() })
 }
 
 /// POSTs `body` and calls `on_event` with each server-sent event's JSON payload as
@@ -165,10 +145,7 @@ pub async fn post_events(
         let status = response.status;
         let mut bytes = Vec::new();
         response.body(|b| bytes.extend_from_slice(b)).await?;
-        return Err(HttpError::Status {
-            status,
-            body: String::from_utf8_lossy(&bytes).to_string(),
-        });
+        return Err(HttpError::Status { status, body: String::from_utf8_lossy(&bytes).to_string() });
     }
     let mut pending = Vec::new();
     let mut events = Vec::new();

@@ -23,19 +23,14 @@ pub enum ModelCommand {
 pub fn run(command: ModelCommand) -> anyhow::Result<()> {
     match command {
         ModelCommand::Fetch { name } => {
-            let model = model_store::known(&name)
-                .ok_or_else(|| model_store::ModelStoreError::Unknown(name.clone()))?;
+            let model = model_store::known(&name).ok_or_else(|| model_store::ModelStoreError::Unknown(name.clone()))?;
             println!("{}", model_store::fetch(model)?.display());
         }
         ModelCommand::List => {
             let dir = model_store::cache_dir(&|k| std::env::var(k).ok())?;
             for m in KNOWN_MODELS {
                 let path = dir.join(m.file_name());
-                let state = if path.exists() {
-                    path.display().to_string()
-                } else {
-                    "not fetched".into()
-                };
+                let state = if path.exists() { path.display().to_string() } else { "not fetched".into() };
                 println!("{:<16} {:<24} {}", m.name, m.package, state);
             }
         }
@@ -47,35 +42,15 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             println!("name           {}", info.name.as_deref().unwrap_or("-"));
             println!("layers         {}", info.layers);
             println!("hidden         {} (ffn {})", info.hidden, info.feed_forward);
-            println!(
-                "heads          {} ({} kv, head dim {})",
-                info.heads, info.kv_heads, info.head_dim
-            );
+            println!("heads          {} ({} kv, head dim {})", info.heads, info.kv_heads, info.head_dim);
             println!("context        {}", info.context_length);
             println!("vocabulary     {}", info.vocab_size);
-            println!(
-                "rope           base {} scaling {:?}",
-                info.rope_base, info.rope_scaling
-            );
+            println!("rope           base {} scaling {:?}", info.rope_base, info.rope_scaling);
             println!("weights        {:.1} MiB", sizes.total() as f64 / MIB);
             println!("embedding      {:.1} MiB", sizes.embedding as f64 / MIB);
-            println!(
-                "head           {:.1} MiB{}",
-                sizes.head as f64 / MIB,
-                if info.tied_embedding {
-                    " (tied to the embedding)"
-                } else {
-                    ""
-                }
-            );
-            println!(
-                "per layer      {:.2} MiB",
-                sizes.layers.first().copied().unwrap_or(0) as f64 / MIB
-            );
-            println!(
-                "kv per token   {} bytes a layer",
-                info.kv_bytes_per_token_per_layer()
-            );
+            println!("head           {:.1} MiB{}", sizes.head as f64 / MIB, if info.tied_embedding { " (tied to the embedding)" } else { "" });
+            println!("per layer      {:.2} MiB", sizes.layers.first().copied().unwrap_or(0) as f64 / MIB);
+            println!("kv per token   {} bytes a layer", info.kv_bytes_per_token_per_layer());
         }
     }
     Ok(())

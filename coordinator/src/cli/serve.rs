@@ -18,8 +18,7 @@ use strata_proto::v1::WireDtype;
 use tokio::sync::watch;
 
 use crate::cluster::{
-    self, Cluster, ClusterConfig, CoordinatorService, Membership, PlacementPolicy, ReturnPath,
-    ServedModel,
+    self, Cluster, ClusterConfig, CoordinatorService, Membership, PlacementPolicy, ReturnPath, ServedModel,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -101,20 +100,11 @@ pub enum PlacementArg {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let path = crate::model_store::resolve(&args.model)?;
-    let model_id = args
-        .model_id
-        .clone()
-        .unwrap_or_else(|| default_model_id(&args.model));
-    let model = Arc::new(
-        ServedModel::open(&path, model_id)
-            .with_context(|| format!("opening {}", path.display()))?,
-    );
+    let model_id = args.model_id.clone().unwrap_or_else(|| default_model_id(&args.model));
+    let model = Arc::new(ServedModel::open(&path, model_id).with_context(|| format!("opening {}", path.display()))?);
     // The coordinator computes nothing heavy (tokenizing runs on the blocking pool):
     // a small runtime leaves the cores to workers sharing this machine.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(serve(args, model, super::serve_local::shutdown_signal()))
 }
 
@@ -123,11 +113,7 @@ fn default_model_id(spec: &str) -> String {
     if crate::model_store::known(spec).is_some() {
         return spec.to_owned();
     }
-    Path::new(spec)
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or(spec)
-        .to_owned()
+    Path::new(spec).file_stem().and_then(|s| s.to_str()).unwrap_or(spec).to_owned()
 }
 
 fn say(line: &str) -> anyhow::Result<()> {
@@ -157,10 +143,7 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", args.grpc_listen))?;
     let grpc_addr = grpc.local_addr()?;
-    let advertised = args
-        .grpc_advertise
-        .clone()
-        .unwrap_or_else(|| advertised(grpc_addr));
+    let advertised = args.grpc_advertise.clone().unwrap_or_else(|| advertised(grpc_addr));
     let membership = Arc::new(Membership::default());
     let service = CoordinatorService {
         id: format!("strata-{}", std::process::id()),
@@ -210,11 +193,7 @@ pub async fn serve(
             p.layers.end,
             p.address,
             p.name,
-            if p.weights_were_local {
-                "local"
-            } else {
-                "pulled"
-            },
+            if p.weights_were_local { "local" } else { "pulled" },
             p.load_seconds
         ))?;
     }
@@ -229,8 +208,7 @@ pub async fn serve(
     let http_addr = http.local_addr()?;
     say(&format!("listening http={http_addr} grpc={advertised}"))?;
     let engine: Arc<dyn crate::engine::Engine> = cluster.engine.clone();
-    let served =
-        crate::api::serve(http, engine, Some(cluster.admin()), stopped(stop.clone())).await;
+    let served = crate::api::serve(http, engine, Some(cluster.admin()), stopped(stop.clone())).await;
     cluster.shutdown().await;
     let _ = grpc_server.await;
     served.context("the HTTP API failed")?;
@@ -238,10 +216,6 @@ pub async fn serve(
 }
 
 fn advertised(local: SocketAddr) -> String {
-    let ip = if local.ip().is_unspecified() {
-        std::net::Ipv4Addr::LOCALHOST.into()
-    } else {
-        local.ip()
-    };
+    let ip = if local.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { local.ip() };
     SocketAddr::new(ip, local.port()).to_string()
 }

@@ -27,16 +27,11 @@ pub struct ServeLocalArgs {
 
 pub fn run(args: ServeLocalArgs) -> anyhow::Result<()> {
     let (file, device) = args.model.open()?;
-    let model_id = args
-        .model_id
-        .clone()
-        .unwrap_or_else(|| default_model_id(&args.model.model));
+    let model_id = args.model_id.clone().unwrap_or_else(|| default_model_id(&args.model.model));
     let engine = LocalEngine::start(&file, &device, model_id.clone())
         .with_context(|| format!("cannot start the model {}", args.model.model))?;
     drop(file);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.http_listen)
             .await
@@ -59,11 +54,7 @@ fn default_model_id(spec: &str) -> String {
     if crate::model_store::known(spec).is_some() {
         return spec.to_owned();
     }
-    Path::new(spec)
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or(spec)
-        .to_owned()
+    Path::new(spec).file_stem().and_then(|s| s.to_str()).unwrap_or(spec).to_owned()
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -101,10 +92,7 @@ mod tests {
     #[test]
     fn models_are_served_under_their_name() {
         assert_eq!(default_model_id("smollm2-135m"), "smollm2-135m");
-        assert_eq!(
-            default_model_id("/models/Qwen2.5-0.5B-Instruct-Q4_K_M.gguf"),
-            "Qwen2.5-0.5B-Instruct-Q4_K_M"
-        );
+        assert_eq!(default_model_id("/models/Qwen2.5-0.5B-Instruct-Q4_K_M.gguf"), "Qwen2.5-0.5B-Instruct-Q4_K_M");
         assert_eq!(default_model_id("model"), "model");
     }
 }

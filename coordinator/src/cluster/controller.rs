@@ -113,9 +113,8 @@ pub(super) struct Controller {
 impl Controller {
     pub fn new(spec: ControllerSpec, control: mpsc::UnboundedSender<Control>) -> Self {
         let model_spec = ModelSpec::from_gguf(spec.model.card.id.clone(), &spec.model.file);
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
         Self {
             spec,
             model_spec,
@@ -171,12 +170,7 @@ impl Controller {
         match msg {
             Control::Trouble { reason } => self.trouble(&reason).await,
             Control::Lost { address, reason } => self.lost(&address, &reason).await,
-            Control::Drain {
-                node,
-                force,
-                wait,
-                reply,
-            } => self.drain(&node, force, wait, reply).await,
+            Control::Drain { node, force, wait, reply } => self.drain(&node, force, wait, reply).await,
             Control::Undrain { node, reply } => {
                 let result = self.undrain(&node).await;
                 let _ = reply.send(result);
@@ -186,12 +180,7 @@ impl Controller {
                 let _ = reply.send(status);
             }
             Control::Placements { reply } => {
-                let _ = reply.send(
-                    self.current
-                        .as_ref()
-                        .map(|p| p.placements.clone())
-                        .unwrap_or_default(),
-                );
+                let _ = reply.send(self.current.as_ref().map(|p| p.placements.clone()).unwrap_or_default());
             }
             Control::Shutdown { done } => {
                 self.shutdown().await;
@@ -205,12 +194,7 @@ impl Controller {
     fn waiting_reason(&self) -> String {
         let members = self.spec.membership.members();
         let eligible = self.eligible(&members);
-        match placement::place(
-            &self.model_spec,
-            &eligible,
-            &self.spec.policy,
-            &self.spec.options,
-        ) {
+        match placement::place(&self.model_spec, &eligible, &self.spec.policy, &self.spec.options) {
             Ok(_) => "a new pipeline is being loaded".into(),
             Err(e) => e.to_string(),
         }
@@ -222,11 +206,7 @@ impl Controller {
         members
             .iter()
             .filter(|m| m.status == NodeStatus::Ready)
-            .filter(|m| {
-                self.backoff
-                    .get(&m.address)
-                    .is_none_or(|(_, until)| *until <= now)
-            })
+            .filter(|m| self.backoff.get(&m.address).is_none_or(|(_, until)| *until <= now))
             .cloned()
             .collect()
     }
@@ -262,10 +242,7 @@ impl Controller {
                     self.links.insert(m.address.clone(), task);
                 }
                 Err(e) => {
-                    let _ = self.control.send(Control::Lost {
-                        address: m.address.clone(),
-                        reason: e.to_string(),
-                    });
+                    let _ = self.control.send(Control::Lost { address: m.address.clone(), reason: e.to_string() });
                 }
             }
         }
@@ -277,11 +254,7 @@ impl Controller {
         self.follow(&members).await;
         let holds = |pred: &dyn Fn(&NodeStatus) -> bool| {
             self.current.as_ref().is_some_and(|p| {
-                p.placements.iter().all(|s| {
-                    members
-                        .iter()
-                        .any(|m| m.address == s.address && pred(&m.status))
-                })
+                p.placements.iter().all(|s| members.iter().any(|m| m.address == s.address && pred(&m.status)))
             })
         };
         // Every stage's worker still answers: the pipeline works until the next one
@@ -290,12 +263,7 @@ impl Controller {
         let current_ok = holds(&|s| *s == NodeStatus::Ready);
         for _attempt in 0..members.len().max(1) {
             let eligible = self.eligible(&self.spec.membership.members());
-            let planned = placement::place(
-                &self.model_spec,
-                &eligible,
-                &self.spec.policy,
-                &self.spec.options,
-            );
+            let planned = placement::place(&self.model_spec, &eligible, &self.spec.policy, &self.spec.options);
             let (stages, plan) = match planned {
                 Ok(x) => x,
                 Err(e) if current_ok => {
@@ -310,10 +278,7 @@ impl Controller {
             };
             let same = self.current.as_ref().is_some_and(|p| {
                 p.placements.len() == stages.len()
-                    && p.placements
-                        .iter()
-                        .zip(&stages)
-                        .all(|(a, b)| a.address == b.address && a.layers == b.layers)
+                    && p.placements.iter().zip(&stages).all(|(a, b)| a.address == b.address && a.layers == b.layers)
             });
             if same && current_ok {
                 return Switched::default();
@@ -351,8 +316,7 @@ impl Controller {
             };
             match pipeline::build(spec, &stages, &clients, self.control.clone()).await {
                 Ok(new) => {
-                    self.backoff
-                        .retain(|a, _| !stages.iter().any(|s| &s.address == a));
+                    self.backoff.retain(|a, _| !stages.iter().any(|s| &s.address == a));
                     self.predicted_tokens_per_second = Some(plan.tokens_per_second());
                     return self.switch_to(new).await;
                 }
@@ -362,21 +326,12 @@ impl Controller {
                     if !alive {
                         self.mark_gone(&failed.address, &failed.error.to_string());
                     } else {
-                        let (count, _) = self
-                            .backoff
-                            .get(&failed.address)
-                            .copied()
-                            .unwrap_or((0, Instant::now()));
+                        let (count, _) = self.backoff.get(&failed.address).copied().unwrap_or((0, Instant::now()));
                         let wait = Duration::from_secs(1 << count.min(6));
-                        self.backoff
-                            .insert(failed.address.clone(), (count + 1, Instant::now() + wait));
+                        self.backoff.insert(failed.address.clone(), (count + 1, Instant::now() + wait));
                     }
                     // Shards of the failed attempt that did load are dropped.
-                    self.unload_pipeline(
-                        id,
-                        &stages.iter().map(|s| s.address.clone()).collect::<Vec<_>>(),
-                    )
-                    .await;
+                    self.unload_pipeline(id, &stages.iter().map(|s| s.address.clone()).collect::<Vec<_>>()).await;
                     if make_before_break {
                         return Switched::default();
                     }
@@ -426,16 +381,7 @@ impl Controller {
 
     async fn scheduler_switch(&self, pipeline: Option<PipelineLink>, reason: String) -> usize {
         let (done, moved) = oneshot::channel();
-        if self
-            .spec
-            .scheduler
-            .send(SchedulerMsg::Switch {
-                pipeline,
-                reason,
-                done,
-            })
-            .is_err()
-        {
+        if self.spec.scheduler.send(SchedulerMsg::Switch { pipeline, reason, done }).is_err() {
             return 0;
         }
         moved.await.unwrap_or(0)
@@ -446,9 +392,7 @@ impl Controller {
         let members = self.spec.membership.members();
         let mut targets = Vec::new();
         for a in addresses {
-            let gone = members
-                .iter()
-                .any(|m| &m.address == a && matches!(m.status, NodeStatus::Gone { .. }));
+            let gone = members.iter().any(|m| &m.address == a && matches!(m.status, NodeStatus::Gone { .. }));
             if !gone {
                 if let Ok(c) = self.client(a).await {
                     targets.push((a.clone(), c));
@@ -483,10 +427,7 @@ impl Controller {
         let Ok(mut c) = self.client(address).await else {
             return false;
         };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), c.health(v1::HealthRequest {})).await,
-            Ok(Ok(_))
-        )
+        matches!(tokio::time::timeout(Duration::from_secs(1), c.health(v1::HealthRequest {})).await, Ok(Ok(_)))
     }
 
     fn mark_gone(&mut self, address: &str, reason: &str) {
@@ -495,40 +436,27 @@ impl Controller {
         if let Some(link) = self.links.remove(address) {
             link.abort();
         }
-        self.spec.membership.set_status(
-            address,
-            NodeStatus::Gone {
-                since: Instant::now(),
-                reason: reason.to_string(),
-            },
-        );
+        self.spec
+            .membership
+            .set_status(address, NodeStatus::Gone { since: Instant::now(), reason: reason.to_string() });
     }
 
     async fn lost(&mut self, address: &str, reason: &str) {
-        let known = self
-            .spec
-            .membership
-            .members()
-            .into_iter()
-            .find(|m| m.address == address);
+        let known = self.spec.membership.members().into_iter().find(|m| m.address == address);
         if known.is_none_or(|m| matches!(m.status, NodeStatus::Gone { .. })) {
             return;
         }
         self.mark_gone(address, reason);
         // The membership watch re-plans too; doing it now saves a turn.
-        self.reconcile(&format!("{address} is gone: {reason}"))
-            .await;
+        self.reconcile(&format!("{address} is gone: {reason}")).await;
     }
 
     /// A stream broke or a stage reported trouble: find out whether a worker of the
     /// pipeline is gone; if none is, run the parked requests again.
     async fn trouble(&mut self, reason: &str) {
-        let Some(addresses) = self.current.as_ref().map(|p| {
-            p.placements
-                .iter()
-                .map(|s| s.address.clone())
-                .collect::<Vec<_>>()
-        }) else {
+        let Some(addresses) =
+            self.current.as_ref().map(|p| p.placements.iter().map(|s| s.address.clone()).collect::<Vec<_>>())
+        else {
             return;
         };
         let mut any_gone = false;
@@ -555,19 +483,14 @@ impl Controller {
             .map(|m| m.address)
             .collect();
         let back = join_all(gone.iter().map(|a| async move {
-            tokio::time::timeout(Duration::from_secs(1), membership::describe_once(a))
-                .await
-                .ok()
-                .and_then(Result::ok)
+            tokio::time::timeout(Duration::from_secs(1), membership::describe_once(a)).await.ok().and_then(Result::ok)
         }))
         .await;
         for member in back.into_iter().flatten() {
             tracing::info!(address = %member.address, name = %member.name(), "worker is back");
             // Its previous stages died with it; whatever it holds is stale.
             if let Ok(mut c) = self.client(&member.address).await {
-                let _ = c
-                    .unload_shard(v1::UnloadShardRequest { pipeline_id: 0 })
-                    .await;
+                let _ = c.unload_shard(v1::UnloadShardRequest { pipeline_id: 0 }).await;
             }
             self.spec.membership.add(member);
         }
@@ -577,49 +500,31 @@ impl Controller {
         let status = self.scheduler_status().await;
         let now = Instant::now();
         self.rate.push_back((now, status.tokens_generated));
-        while self
-            .rate
-            .front()
-            .is_some_and(|(t, _)| now - *t > RATE_WINDOW)
-        {
+        while self.rate.front().is_some_and(|(t, _)| now - *t > RATE_WINDOW) {
             self.rate.pop_front();
         }
     }
 
     async fn scheduler_status(&self) -> SchedulerStatus {
         let (reply, status) = oneshot::channel();
-        if self
-            .spec
-            .scheduler
-            .send(SchedulerMsg::Status { reply })
-            .is_err()
-        {
+        if self.spec.scheduler.send(SchedulerMsg::Status { reply }).is_err() {
             return SchedulerStatus::default();
         }
         status.await.unwrap_or_default()
     }
 
     fn find(&self, node: &str) -> Result<Member, AdminError> {
-        self.spec
-            .membership
-            .find(node)
-            .ok_or_else(|| AdminError::UnknownNode {
-                node: node.to_string(),
-                known: {
-                    let names: Vec<String> = self
-                        .spec
-                        .membership
-                        .members()
-                        .iter()
-                        .map(|m| m.name().to_string())
-                        .collect();
-                    if names.is_empty() {
-                        "none".into()
-                    } else {
-                        names.join(", ")
-                    }
-                },
-            })
+        self.spec.membership.find(node).ok_or_else(|| AdminError::UnknownNode {
+            node: node.to_string(),
+            known: {
+                let names: Vec<String> = self.spec.membership.members().iter().map(|m| m.name().to_string()).collect();
+                if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.join(", ")
+                }
+            },
+        })
     }
 
     async fn set_worker_draining(&mut self, address: &str, draining: bool) {
@@ -656,10 +561,7 @@ impl Controller {
                 return;
             }
             NodeStatus::Gone { reason, .. } => {
-                let _ = reply.send(Err(AdminError::Gone {
-                    node: member.name().to_string(),
-                    reason: reason.clone(),
-                }));
+                let _ = reply.send(Err(AdminError::Gone { node: member.name().to_string(), reason: reason.clone() }));
                 return;
             }
             NodeStatus::Ready => {}
@@ -669,33 +571,20 @@ impl Controller {
             .into_iter()
             .filter(|m| m.address != member.address)
             .collect();
-        let fits = placement::place(
-            &self.model_spec,
-            &others,
-            &self.spec.policy,
-            &self.spec.options,
-        )
-        .map(|_| ());
+        let fits = placement::place(&self.model_spec, &others, &self.spec.policy, &self.spec.options).map(|_| ());
         if let Err(e) = &fits {
             let reason = match e {
-                placement::PlacementError::NoWorkers => {
-                    "it is the last worker that can hold layers".to_string()
-                }
+                placement::PlacementError::NoWorkers => "it is the last worker that can hold layers".to_string(),
                 other => other.to_string(),
             };
             if !force {
-                let _ = reply.send(Err(AdminError::WouldNotFit {
-                    node: member.name().to_string(),
-                    reason,
-                }));
+                let _ = reply.send(Err(AdminError::WouldNotFit { node: member.name().to_string(), reason }));
                 return;
             }
             tracing::warn!(node = %member.name(), %reason, "forced drain: requests will wait for capacity");
         }
         self.set_worker_draining(&member.address, true).await;
-        self.spec
-            .membership
-            .set_status(&member.address, NodeStatus::Draining);
+        self.spec.membership.set_status(&member.address, NodeStatus::Draining);
         let mut report = DrainReport {
             node: member.name().to_string(),
             finished: false,
@@ -709,10 +598,7 @@ impl Controller {
         let reply = if wait {
             Some(reply)
         } else {
-            report.message = format!(
-                "draining {}; `strata status` shows when it holds no layers",
-                member.name()
-            );
+            report.message = format!("draining {}; `strata status` shows when it holds no layers", member.name());
             let _ = reply.send(Ok(report.clone()));
             None
         };
@@ -731,12 +617,7 @@ impl Controller {
         let Some(reply) = reply else { return };
         if switched.moved > 0 {
             let (tx, rx) = oneshot::channel();
-            if self
-                .spec
-                .scheduler
-                .send(SchedulerMsg::AwaitResumed { reply: tx })
-                .is_ok()
-            {
+            if self.spec.scheduler.send(SchedulerMsg::AwaitResumed { reply: tx }).is_ok() {
                 if let Ok(Ok(pause)) = tokio::time::timeout(RESUME_WAIT, rx).await {
                     report.longest_pause_seconds = pause.as_secs_f64();
                 }
@@ -750,7 +631,11 @@ impl Controller {
             crate::planner::format_bytes(freed_here),
             switched.moved,
             report.longest_pause_seconds * 1e3,
-            if report.requests_wait { "; what is left cannot hold the model: new requests wait for capacity" } else { "" }
+            if report.requests_wait {
+                "; what is left cannot hold the model: new requests wait for capacity"
+            } else {
+                ""
+            }
         );
         let _ = reply.send(Ok(report));
     }
@@ -761,9 +646,7 @@ impl Controller {
             return Err(AdminError::NotDraining(member.name().to_string()));
         }
         self.set_worker_draining(&member.address, false).await;
-        self.spec
-            .membership
-            .set_status(&member.address, NodeStatus::Ready);
+        self.spec.membership.set_status(&member.address, NodeStatus::Ready);
         let started = Instant::now();
         let switched = self.reconcile(&format!("{} is back", member.name())).await;
         Ok(format!(
@@ -777,11 +660,7 @@ impl Controller {
     async fn status(&mut self) -> ClusterStatus {
         let scheduler = self.scheduler_status().await;
         let members = self.spec.membership.members();
-        let placements = self
-            .current
-            .as_ref()
-            .map(|p| p.placements.clone())
-            .unwrap_or_default();
+        let placements = self.current.as_ref().map(|p| p.placements.clone()).unwrap_or_default();
         let nodes = members
             .iter()
             .map(|m| {
@@ -795,37 +674,25 @@ impl Controller {
                     devices: d
                         .devices
                         .iter()
-                        .map(|x| {
-                            format!(
-                                "{} ({})",
-                                x.name,
-                                crate::planner::format_bytes(x.total_memory_bytes)
-                            )
-                        })
+                        .map(|x| format!("{} ({})", x.name, crate::planner::format_bytes(x.total_memory_bytes)))
                         .collect(),
                     memory_offered_bytes: d.memory_offered_bytes,
                     memory_used_bytes: m.heartbeat.memory_used_bytes,
-                    bandwidth_bytes_per_second: d
-                        .devices
-                        .first()
-                        .map_or(0.0, |x| x.memory_bandwidth_bytes_per_second),
+                    bandwidth_bytes_per_second: d.devices.first().map_or(0.0, |x| x.memory_bandwidth_bytes_per_second),
                     layers: stage.map(|s| [s.layers.start, s.layers.end]),
                     stage: stage.map(|s| s.stage),
                     sequences: m.heartbeat.sequences,
                     reason: match &m.status {
-                        NodeStatus::Gone { reason, since } => Some(format!(
-                            "{reason} ({:.0}s ago)",
-                            since.elapsed().as_secs_f64()
-                        )),
+                        NodeStatus::Gone { reason, since } => {
+                            Some(format!("{reason} ({:.0}s ago)", since.elapsed().as_secs_f64()))
+                        }
                         _ => None,
                     },
                 }
             })
             .collect();
         let measured = match (self.rate.front(), self.rate.back()) {
-            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => {
-                (n1 - n0) as f64 / (*t1 - *t0).as_secs_f64()
-            }
+            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => (n1 - n0) as f64 / (*t1 - *t0).as_secs_f64(),
             _ => 0.0,
         };
         ClusterStatus {
@@ -872,8 +739,7 @@ async fn follow_worker(
                 match tokio::time::timeout(HEARTBEAT_TIMEOUT, stream.message()).await {
                     Ok(Ok(Some(event))) => match &event.kind {
                         Some(worker_event::Kind::Heartbeat(h)) => {
-                            let state =
-                                WorkerState::try_from(h.state).unwrap_or(WorkerState::Unspecified);
+                            let state = WorkerState::try_from(h.state).unwrap_or(WorkerState::Unspecified);
                             let beat = Heartbeat {
                                 memory_used_bytes: h.memory_used_bytes,
                                 sequences: h.sequences,

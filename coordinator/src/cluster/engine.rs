@@ -40,9 +40,7 @@ impl HopSamples {
         if sent_unix_nanos == 0 {
             return;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let micros = (now.saturating_sub(sent_unix_nanos) / 1_000).min(u32::MAX as u64) as u32;
         let mut samples = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if samples.len() < 100_000 {
@@ -97,13 +95,7 @@ impl ClusterEngine {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let direct = path == ReturnPath::Direct;
         self.tx
-            .send(SchedulerMsg::Start {
-                id,
-                request,
-                direct,
-                ignore_eos,
-                events,
-            })
+            .send(SchedulerMsg::Start { id, request, direct, ignore_eos, events })
             .map_err(|_| EngineError::ShuttingDown)?;
         Ok(receiver)
     }
@@ -126,10 +118,7 @@ impl Engine for ClusterEngine {
         &self.card
     }
 
-    fn generate(
-        &self,
-        request: GenerateRequest,
-    ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
+    fn generate(&self, request: GenerateRequest) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
         self.generate_via(request, self.return_path)
     }
 }

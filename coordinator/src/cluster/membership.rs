@@ -60,18 +60,9 @@ pub struct Member {
 
 impl Member {
     pub fn new(address: String, description: WorkerDescription) -> Self {
-        let status = if description.state == WorkerState::Draining as i32 {
-            NodeStatus::Draining
-        } else {
-            NodeStatus::Ready
-        };
-        Self {
-            address,
-            description,
-            status,
-            status_set_at: None,
-            heartbeat: Heartbeat::default(),
-        }
+        let status =
+            if description.state == WorkerState::Draining as i32 { NodeStatus::Draining } else { NodeStatus::Ready };
+        Self { address, description, status, status_set_at: None, heartbeat: Heartbeat::default() }
     }
 
     pub fn name(&self) -> &str {
@@ -93,9 +84,7 @@ pub struct Membership {
 
 impl Default for Membership {
     fn default() -> Self {
-        Self {
-            members: watch::channel(Vec::new()).0,
-        }
+        Self { members: watch::channel(Vec::new()).0 }
     }
 }
 
@@ -111,17 +100,15 @@ impl Membership {
     /// Adds a worker, or updates the one at the same address. A worker that comes
     /// back keeps a drain asked of it before.
     pub fn add(&self, member: Member) {
-        self.members.send_modify(|members| {
-            match members.iter_mut().find(|m| m.address == member.address) {
-                Some(existing) => {
-                    let drained = existing.status == NodeStatus::Draining;
-                    *existing = member;
-                    if drained {
-                        existing.status = NodeStatus::Draining;
-                    }
+        self.members.send_modify(|members| match members.iter_mut().find(|m| m.address == member.address) {
+            Some(existing) => {
+                let drained = existing.status == NodeStatus::Draining;
+                *existing = member;
+                if drained {
+                    existing.status = NodeStatus::Draining;
                 }
-                None => members.push(member),
             }
+            None => members.push(member),
         });
     }
 
@@ -141,15 +128,13 @@ impl Membership {
 
     /// Sets a worker's status; false when it is unknown or already so.
     pub fn set_status(&self, address: &str, status: NodeStatus) -> bool {
-        self.members.send_if_modified(|members| {
-            match members.iter_mut().find(|m| m.address == address) {
-                Some(m) if m.status != status => {
-                    m.status = status;
-                    m.status_set_at = Some(Instant::now());
-                    true
-                }
-                _ => false,
+        self.members.send_if_modified(|members| match members.iter_mut().find(|m| m.address == address) {
+            Some(m) if m.status != status => {
+                m.status = status;
+                m.status_set_at = Some(Instant::now());
+                true
             }
+            _ => false,
         })
     }
 
@@ -187,9 +172,7 @@ impl Membership {
             });
         }
         if description.grpc_address.is_empty() {
-            return Err(CoordinatorError::BadRequest(
-                "the worker gave no grpc_address".into(),
-            ));
+            return Err(CoordinatorError::BadRequest("the worker gave no grpc_address".into()));
         }
         tracing::info!(address = %description.grpc_address, name = %description.name, "worker joined");
         self.add(Member::new(description.grpc_address.clone(), description));
@@ -197,11 +180,7 @@ impl Membership {
     }
 
     /// Waits until at least `count` workers may hold layers, for at most `wait`.
-    pub async fn wait_for(
-        &self,
-        count: usize,
-        wait: Duration,
-    ) -> Result<Vec<Member>, ClusterError> {
+    pub async fn wait_for(&self, count: usize, wait: Duration) -> Result<Vec<Member>, ClusterError> {
         let mut rx = self.members.subscribe();
         let ready = |m: &Vec<Member>| m.iter().filter(|m| m.status == NodeStatus::Ready).count();
         let found = tokio::time::timeout(wait, rx.wait_for(|m| ready(m) >= count))
@@ -218,19 +197,11 @@ impl Membership {
 
 /// Describes a worker once.
 pub async fn describe_once(address: &str) -> Result<Member, ClusterError> {
-    let worker = |message: String| ClusterError::Worker {
-        address: address.to_string(),
-        message,
-    };
+    let worker = |message: String| ClusterError::Worker { address: address.to_string(), message };
     let endpoint = strata_proto::transport::endpoint(address).map_err(|e| worker(e.to_string()))?;
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| worker(format!("cannot connect: {e}")))?;
-    let description = WorkerClient::new(channel)
-        .describe(DescribeRequest {})
-        .await
-        .map_err(|s| worker(s.message().to_string()))?;
+    let channel = endpoint.connect().await.map_err(|e| worker(format!("cannot connect: {e}")))?;
+    let description =
+        WorkerClient::new(channel).describe(DescribeRequest {}).await.map_err(|s| worker(s.message().to_string()))?;
     let description = description.into_inner();
     if description.protocol_version != PROTOCOL_VERSION {
         return Err(worker(format!(

@@ -59,26 +59,13 @@ pub enum ClusterError {
     #[error(transparent)]
     Model(#[from] strata_model::Error),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("worker {address}: {message}")]
     Worker { address: String, message: String },
     #[error("{found} of the {wanted} workers needed are known after waiting {waited:?}")]
-    NotEnoughWorkers {
-        found: usize,
-        wanted: usize,
-        waited: Duration,
-    },
+    NotEnoughWorkers { found: usize, wanted: usize, waited: Duration },
     #[error("stage {stage} (layers {start}..{end}) on {address}: {message}")]
-    Load {
-        stage: usize,
-        start: usize,
-        end: usize,
-        address: String,
-        message: String,
-    },
+    Load { stage: usize, start: usize, end: usize, address: String, message: String },
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("internal error: {0}")]
@@ -115,23 +102,13 @@ pub struct Cluster {
 }
 
 fn client(channel: Channel) -> WorkerClient {
-    WorkerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    WorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 async fn connect(address: &str) -> Result<WorkerClient, ClusterError> {
-    let worker = |message: String| ClusterError::Worker {
-        address: address.to_string(),
-        message,
-    };
+    let worker = |message: String| ClusterError::Worker { address: address.to_string(), message };
     let endpoint = strata_proto::transport::endpoint(address).map_err(|e| worker(e.to_string()))?;
-    Ok(client(
-        endpoint
-            .connect()
-            .await
-            .map_err(|e| worker(format!("cannot connect: {e}")))?,
-    ))
+    Ok(client(endpoint.connect().await.map_err(|e| worker(format!("cannot connect: {e}")))?))
 }
 
 impl Cluster {
@@ -141,13 +118,7 @@ impl Cluster {
         model: Arc<ServedModel>,
         membership: Arc<Membership>,
     ) -> Result<Self, ClusterError> {
-        let described = join_all(
-            config
-                .workers
-                .iter()
-                .map(|a| membership::describe(a, config.worker_wait)),
-        )
-        .await;
+        let described = join_all(config.workers.iter().map(|a| membership::describe(a, config.worker_wait))).await;
         for member in described {
             membership.add(member?);
         }
@@ -158,12 +129,7 @@ impl Cluster {
         let (scheduler_tx, scheduler_rx) = mpsc::unbounded_channel();
         let token_hops = Arc::new(HopSamples::default());
         let info = model.file.info();
-        let scheduler = Scheduler::new(
-            model.card.clone(),
-            info.hidden,
-            config.queue_timeout,
-            control_tx.clone(),
-        );
+        let scheduler = Scheduler::new(model.card.clone(), info.hidden, config.queue_timeout, control_tx.clone());
         let mut tasks = vec![tokio::spawn(scheduler.run(scheduler_rx))];
         let spec = ControllerSpec {
             model: model.clone(),
@@ -193,13 +159,7 @@ impl Cluster {
             next_request: AtomicU64::new(1),
             return_path: config.return_path,
         });
-        Ok(Self {
-            engine,
-            placements,
-            token_hops,
-            control: control_tx,
-            tasks,
-        })
+        Ok(Self { engine, placements, token_hops, control: control_tx, tasks })
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Control) -> Option<T> {
@@ -210,16 +170,12 @@ impl Cluster {
 
     /// The handle the admin API uses.
     pub fn admin(&self) -> ClusterAdmin {
-        ClusterAdmin {
-            control: self.control.clone(),
-        }
+        ClusterAdmin { control: self.control.clone() }
     }
 
     /// The stages of the current pipeline.
     pub async fn placements(&self) -> Vec<Placement> {
-        self.ask(|reply| Control::Placements { reply })
-            .await
-            .unwrap_or_default()
+        self.ask(|reply| Control::Placements { reply }).await.unwrap_or_default()
     }
 
     /// Every stage's counters, in stage order.
@@ -227,13 +183,10 @@ impl Cluster {
         let mut out = Vec::new();
         for p in self.placements().await {
             let mut c = connect(&p.address).await?;
-            let stats =
-                c.stats(v1::StatsRequest { reset })
-                    .await
-                    .map_err(|s| ClusterError::Worker {
-                        address: p.address.clone(),
-                        message: s.message().to_string(),
-                    })?;
+            let stats = c
+                .stats(v1::StatsRequest { reset })
+                .await
+                .map_err(|s| ClusterError::Worker { address: p.address.clone(), message: s.message().to_string() })?;
             out.push(stats.into_inner());
         }
         Ok(out)
@@ -256,14 +209,9 @@ pub struct ClusterAdmin {
 }
 
 impl ClusterAdmin {
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Control,
-    ) -> Result<T, AdminError> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Control) -> Result<T, AdminError> {
         let (reply, answer) = oneshot::channel();
-        self.control
-            .send(make(reply))
-            .map_err(|_| AdminError::ShuttingDown)?;
+        self.control.send(make(reply)).map_err(|_| AdminError::ShuttingDown)?;
         answer.await.map_err(|_| AdminError::ShuttingDown)
     }
 
@@ -271,19 +219,8 @@ impl ClusterAdmin {
         self.ask(|reply| Control::Status { reply }).await
     }
 
-    pub async fn drain(
-        &self,
-        node: String,
-        force: bool,
-        wait: bool,
-    ) -> Result<DrainReport, AdminError> {
-        self.ask(|reply| Control::Drain {
-            node,
-            force,
-            wait,
-            reply,
-        })
-        .await?
+    pub async fn drain(&self, node: String, force: bool, wait: bool) -> Result<DrainReport, AdminError> {
+        self.ask(|reply| Control::Drain { node, force, wait, reply }).await?
     }
 
     pub async fn undrain(&self, node: String) -> Result<String, AdminError> {

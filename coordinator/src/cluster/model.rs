@@ -38,34 +38,15 @@ impl ServedModel {
     /// Opens the model and hashes it (blocking: reads the whole file).
     pub fn open(path: &Path, model_id: String) -> Result<Self, ClusterError> {
         let file = ModelFile::open(path)?;
-        let content_hash = sha256_file(path).map_err(|source| ClusterError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let tokenizer =
-            Arc::new(Tokenizer::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
-        let chat_template =
-            Arc::new(ChatTemplate::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
-        let card = ModelCard {
-            id: model_id,
-            context_length: file.info().context_length,
-            tokenizer,
-            chat_template,
-        };
+        let content_hash = sha256_file(path).map_err(|source| ClusterError::Io { path: path.to_path_buf(), source })?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
+        let chat_template = Arc::new(ChatTemplate::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
+        let card = ModelCard { id: model_id, context_length: file.info().context_length, tokenizer, chat_template };
         let shard_dir = tempfile::Builder::new()
             .prefix("strata-shards-")
             .tempdir()
-            .map_err(|source| ClusterError::Io {
-                path: std::env::temp_dir(),
-                source,
-            })?;
-        Ok(Self {
-            file,
-            content_hash,
-            card,
-            shard_dir,
-            shards: Mutex::default(),
-        })
+            .map_err(|source| ClusterError::Io { path: std::env::temp_dir(), source })?;
+        Ok(Self { file, content_hash, card, shard_dir, shards: Mutex::default() })
     }
 
     pub fn layers(&self) -> usize {
@@ -76,10 +57,7 @@ impl ServedModel {
     pub async fn shard(self: &Arc<Self>, layers: Range<usize>) -> Result<BuiltShard, ClusterError> {
         let cell = {
             let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
-            shards
-                .entry((layers.start, layers.end))
-                .or_default()
-                .clone()
+            shards.entry((layers.start, layers.end)).or_default().clone()
         };
         let me = self.clone();
         cell.get_or_try_init(|| async move {
@@ -92,35 +70,16 @@ impl ServedModel {
     }
 
     fn cut(&self, layers: Range<usize>) -> Result<BuiltShard, ClusterError> {
-        let path = self
-            .shard_dir
-            .path()
-            .join(format!("layers-{}-{}.gguf", layers.start, layers.end));
-        let io = |source| ClusterError::Io {
-            path: path.clone(),
-            source,
-        };
+        let path = self.shard_dir.path().join(format!("layers-{}-{}.gguf", layers.start, layers.end));
+        let io = |source| ClusterError::Io { path: path.clone(), source };
         let mut out = BufWriter::new(std::fs::File::create(&path).map_err(io)?);
-        let tensor_names = strata_model::shard_file::write_shard(
-            &self.file,
-            layers.clone(),
-            &self.content_hash,
-            &mut out,
-        )?;
+        let tensor_names =
+            strata_model::shard_file::write_shard(&self.file, layers.clone(), &self.content_hash, &mut out)?;
         out.flush().map_err(io)?;
         drop(out);
         let total_bytes = std::fs::metadata(&path).map_err(io)?.len();
         let sha256 = sha256_file(&path).map_err(io)?;
-        tracing::info!(
-            ?layers,
-            bytes = total_bytes,
-            "cut a shard for pulling workers"
-        );
-        Ok(BuiltShard {
-            path,
-            total_bytes,
-            sha256,
-            tensor_names,
-        })
+        tracing::info!(?layers, bytes = total_bytes, "cut a shard for pulling workers");
+        Ok(BuiltShard { path, total_bytes, sha256, tensor_names })
     }
 }

@@ -68,41 +68,23 @@ pub(super) async fn build(
 ) -> Result<Pipeline, BuildError> {
     let layers = spec.model.layers();
     let shard = |i: usize, r: &Range<usize>| ShardSpec {
-        model: Some(ModelRef {
-            model_id: spec.model.card.id.clone(),
-            content_hash: spec.model.content_hash.clone(),
-        }),
+        model: Some(ModelRef { model_id: spec.model.card.id.clone(), content_hash: spec.model.content_hash.clone() }),
         layer_start: r.start as u32,
         layer_end: r.end as u32,
         total_layers: layers as u32,
         wire_dtype: spec.wire_dtype as i32,
-        next_stage_address: stages
-            .get(i + 1)
-            .map(|s| s.address.clone())
-            .unwrap_or_default(),
+        next_stage_address: stages.get(i + 1).map(|s| s.address.clone()).unwrap_or_default(),
         weights_source: spec.weights_source.to_string(),
         stage_index: i as u32,
         pipeline_id: spec.id,
-        first_stage_address: if i + 1 == stages.len() {
-            stages[0].address.clone()
-        } else {
-            String::new()
-        },
+        first_stage_address: if i + 1 == stages.len() { stages[0].address.clone() } else { String::new() },
     };
-    let loads = join_all(
-        stages
-            .iter()
-            .zip(clients)
-            .enumerate()
-            .map(|(i, (stage, client))| {
-                let mut client = client.clone();
-                let request = v1::LoadShardRequest {
-                    shard: Some(shard(i, &stage.layers)),
-                    keep_other_pipelines: spec.keep_others,
-                };
-                async move { client.load_shard(request).await }
-            }),
-    )
+    let loads = join_all(stages.iter().zip(clients).enumerate().map(|(i, (stage, client))| {
+        let mut client = client.clone();
+        let request =
+            v1::LoadShardRequest { shard: Some(shard(i, &stage.layers)), keep_other_pipelines: spec.keep_others };
+        async move { client.load_shard(request).await }
+    }))
     .await;
     let mut placements = Vec::new();
     for (i, result) in loads.into_iter().enumerate() {
@@ -138,10 +120,5 @@ pub(super) async fn build(
         };
         let _ = control.send(Control::Trouble { reason });
     });
-    Ok(Pipeline {
-        id,
-        placements,
-        link: PipelineLink { id, stage0 },
-        forward,
-    })
+    Ok(Pipeline { id, placements, link: PipelineLink { id, stage0 }, forward })
 }

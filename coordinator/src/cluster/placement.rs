@@ -54,22 +54,25 @@ pub enum PlacementError {
 pub fn node_spec(member: &Member, unique_name: String) -> NodeSpec {
     let d: &WorkerDescription = &member.description;
     let device = d.devices.first();
-    let bandwidth = device.map_or(0.0, |d| d.memory_bandwidth_bytes_per_second);
     let memory = if d.memory_offered_bytes > 0 {
         d.memory_offered_bytes
     } else {
         device.map_or(0, |d| d.free_memory_bytes.max(d.total_memory_bytes))
     };
+    let device_name = device.map_or_else(|| "unknown".to_string(), |d| d.name.clone());
+    let bandwidth = device.map_or(0.0, |d| d.memory_bandwidth_bytes_per_second);
+    one_device_node(unique_name, device_name, memory, bandwidth)
+}
+
+/// A node of one device, as every worker is (it computes on its `--device`); an
+/// unmeasured bandwidth is assumed.
+pub fn one_device_node(name: String, device: String, memory: u64, bandwidth: f64) -> NodeSpec {
     NodeSpec {
-        name: unique_name,
+        name,
         devices: vec![DeviceSpec {
-            name: device.map_or_else(|| "unknown".to_string(), |d| d.name.clone()),
+            name: device,
             memory,
-            bandwidth: if bandwidth.is_finite() && bandwidth > 0.0 {
-                bandwidth
-            } else {
-                UNKNOWN_BANDWIDTH
-            },
+            bandwidth: if bandwidth.is_finite() && bandwidth > 0.0 { bandwidth } else { UNKNOWN_BANDWIDTH },
         }],
         link_latency: LINK_LATENCY,
     }
@@ -101,11 +104,7 @@ pub fn place(
         return Err(PlacementError::NoWorkers);
     }
     let names = unique_names(members);
-    let nodes: Vec<NodeSpec> = members
-        .iter()
-        .zip(&names)
-        .map(|(m, n)| node_spec(m, n.clone()))
-        .collect();
+    let nodes: Vec<NodeSpec> = members.iter().zip(&names).map(|(m, n)| node_spec(m, n.clone())).collect();
     let plan = match policy {
         PlacementPolicy::Fastest => planner::plan(model, &nodes, options)?,
         PlacementPolicy::Spread => spread(model, &nodes, options)?,
@@ -137,17 +136,10 @@ pub fn place(
 /// Every node holds layers, as many as its share of the total bandwidth (largest
 /// remainders, at least one each), in the given order; the fastest plan when that
 /// does not fit.
-fn spread(
-    model: &ModelSpec,
-    nodes: &[NodeSpec],
-    options: &PlanOptions,
-) -> Result<planner::Plan, PlanError> {
+fn spread(model: &ModelSpec, nodes: &[NodeSpec], options: &PlanOptions) -> Result<planner::Plan, PlanError> {
     let layers = model.layers();
     let used = nodes.len().min(layers);
-    let speeds: Vec<f64> = nodes[..used]
-        .iter()
-        .map(|n| n.devices.iter().map(|d| d.bandwidth).sum())
-        .collect();
+    let speeds: Vec<f64> = nodes[..used].iter().map(|n| n.devices.iter().map(|d| d.bandwidth).sum()).collect();
     let counts = proportional(layers, &speeds);
     let mut start = 0;
     let assignment: Vec<(usize, Range<usize>)> = counts
@@ -173,21 +165,11 @@ fn proportional(total: usize, weights: &[f64]) -> Vec<usize> {
     let n = weights.len();
     let spare = total - n;
     let sum: f64 = weights.iter().sum();
-    let shares: Vec<f64> = weights
-        .iter()
-        .map(|w| {
-            if sum > 0.0 {
-                w / sum * spare as f64
-            } else {
-                spare as f64 / n as f64
-            }
-        })
-        .collect();
+    let shares: Vec<f64> =
+        weights.iter().map(|w| if sum > 0.0 { w / sum * spare as f64 } else { spare as f64 / n as f64 }).collect();
     let mut counts: Vec<usize> = shares.iter().map(|s| s.floor() as usize).collect();
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| {
-        (shares[b] - shares[b].floor()).total_cmp(&(shares[a] - shares[a].floor()))
-    });
+    order.sort_by(|&a, &b| (shares[b] - shares[b].floor()).total_cmp(&(shares[a] - shares[a].floor())));
     let mut left = spare - counts.iter().sum::<usize>();
     for i in order.into_iter().cycle().take(n * 2) {
         if left == 0 {
@@ -238,12 +220,7 @@ mod tests {
     }
 
     fn options() -> PlanOptions {
-        PlanOptions {
-            context: 256,
-            sequences: 1,
-            headroom: 0,
-            ..PlanOptions::default()
-        }
+        PlanOptions { context: 256, sequences: 1, headroom: 0, ..PlanOptions::default() }
     }
 
     #[test]
@@ -258,28 +235,17 @@ mod tests {
 
     #[test]
     fn spread_uses_every_worker_in_order() {
-        let members = [
-            member("a", "h:1", 1 << 30, 0.0),
-            member("b", "h:2", 1 << 30, 0.0),
-            member("c", "h:3", 1 << 30, 0.0),
-        ];
-        let (stages, _) =
-            place(&model(30), &members, &PlacementPolicy::Spread, &options()).unwrap();
-        let got: Vec<(&str, Range<usize>)> = stages
-            .iter()
-            .map(|s| (s.name.as_str(), s.layers.clone()))
-            .collect();
+        let members =
+            [member("a", "h:1", 1 << 30, 0.0), member("b", "h:2", 1 << 30, 0.0), member("c", "h:3", 1 << 30, 0.0)];
+        let (stages, _) = place(&model(30), &members, &PlacementPolicy::Spread, &options()).unwrap();
+        let got: Vec<(&str, Range<usize>)> = stages.iter().map(|s| (s.name.as_str(), s.layers.clone())).collect();
         assert_eq!(got, vec![("a", 0..10), ("b", 10..20), ("c", 20..30)]);
     }
 
     #[test]
     fn fastest_leaves_out_a_worker_that_only_adds_hops() {
-        let members = [
-            member("a", "h:1", 1 << 30, 50e9),
-            member("b", "h:2", 1 << 30, 50e9),
-        ];
-        let (stages, plan) =
-            place(&model(30), &members, &PlacementPolicy::Fastest, &options()).unwrap();
+        let members = [member("a", "h:1", 1 << 30, 50e9), member("b", "h:2", 1 << 30, 50e9)];
+        let (stages, plan) = place(&model(30), &members, &PlacementPolicy::Fastest, &options()).unwrap();
         assert_eq!(stages.len(), 1);
         assert_eq!(plan.left_out.len(), 1);
     }
@@ -287,67 +253,36 @@ mod tests {
     #[test]
     fn spread_respects_memory_and_falls_back_to_the_planner() {
         // `b` holds at most a few layers: the even split does not fit, the planner's does.
-        let members = [
-            member("a", "h:1", 40 << 20, 20e9),
-            member("b", "h:2", 8 << 20, 20e9),
-        ];
-        let (stages, _) =
-            place(&model(30), &members, &PlacementPolicy::Spread, &options()).unwrap();
+        let members = [member("a", "h:1", 40 << 20, 20e9), member("b", "h:2", 8 << 20, 20e9)];
+        let (stages, _) = place(&model(30), &members, &PlacementPolicy::Spread, &options()).unwrap();
         assert_eq!(stages.iter().map(|s| s.layers.len()).sum::<usize>(), 30);
         assert!(stages.iter().all(|s| s.layers.len() <= 30));
     }
 
     #[test]
     fn manual_layers_name_workers_and_refuse_what_does_not_fit() {
-        let members = [
-            member("a", "h:1", 1 << 30, 0.0),
-            member("b", "h:2", 1 << 30, 0.0),
-        ];
+        let members = [member("a", "h:1", 1 << 30, 0.0), member("b", "h:2", 1 << 30, 0.0)];
         let policy = PlacementPolicy::Manual("a:0-4,b:5-29".into());
         let (stages, _) = place(&model(30), &members, &policy, &options()).unwrap();
         assert_eq!(stages[0].layers, 0..5);
         assert_eq!(stages[1].address, "h:2");
-        let small = [
-            member("a", "h:1", 2 << 20, 0.0),
-            member("b", "h:2", 1 << 30, 0.0),
-        ];
+        let small = [member("a", "h:1", 2 << 20, 0.0), member("b", "h:2", 1 << 30, 0.0)];
+        assert!(matches!(place(&model(30), &small, &policy, &options()), Err(PlacementError::ManualDoesNotFit(_))));
         assert!(matches!(
-            place(&model(30), &small, &policy, &options()),
-            Err(PlacementError::ManualDoesNotFit(_))
-        ));
-        assert!(matches!(
-            place(
-                &model(30),
-                &members,
-                &PlacementPolicy::Manual("zz:0-29".into()),
-                &options()
-            ),
+            place(&model(30), &members, &PlacementPolicy::Manual("zz:0-29".into()), &options()),
             Err(PlacementError::Override(_))
         ));
     }
 
     #[test]
     fn workers_sharing_a_name_stay_apart() {
-        let members = [
-            member("w", "h:1", 1 << 30, 0.0),
-            member("w", "h:2", 1 << 30, 0.0),
-        ];
-        let (stages, _) =
-            place(&model(30), &members, &PlacementPolicy::Spread, &options()).unwrap();
-        assert_eq!(
-            stages
-                .iter()
-                .map(|s| s.address.as_str())
-                .collect::<Vec<_>>(),
-            ["h:1", "h:2"]
-        );
+        let members = [member("w", "h:1", 1 << 30, 0.0), member("w", "h:2", 1 << 30, 0.0)];
+        let (stages, _) = place(&model(30), &members, &PlacementPolicy::Spread, &options()).unwrap();
+        assert_eq!(stages.iter().map(|s| s.address.as_str()).collect::<Vec<_>>(), ["h:1", "h:2"]);
     }
 
     #[test]
     fn no_workers_is_an_error() {
-        assert!(matches!(
-            place(&model(30), &[], &PlacementPolicy::Spread, &options()),
-            Err(PlacementError::NoWorkers)
-        ));
+        assert!(matches!(place(&model(30), &[], &PlacementPolicy::Spread, &options()), Err(PlacementError::NoWorkers)));
     }
 }

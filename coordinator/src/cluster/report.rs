@@ -82,9 +82,7 @@ impl AdminError {
     pub fn http_status(&self) -> u16 {
         match self {
             AdminError::UnknownNode { .. } => 404,
-            AdminError::AlreadyDraining(_)
-            | AdminError::NotDraining(_)
-            | AdminError::Gone { .. } => 409,
+            AdminError::AlreadyDraining(_) | AdminError::NotDraining(_) | AdminError::Gone { .. } => 409,
             AdminError::WouldNotFit { .. } => 409,
             AdminError::ShuttingDown => 503,
         }

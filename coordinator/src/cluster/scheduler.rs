@@ -130,9 +130,7 @@ fn message(kind: stage_message::Kind) -> StageMessage {
 }
 
 fn unix_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl Scheduler {
@@ -172,19 +170,11 @@ impl Scheduler {
                 }
             };
             match msg {
-                SchedulerMsg::Start {
-                    id,
-                    request,
-                    direct,
-                    ignore_eos,
-                    events,
-                } => self.start(id, request, direct, ignore_eos, events),
+                SchedulerMsg::Start { id, request, direct, ignore_eos, events } => {
+                    self.start(id, request, direct, ignore_eos, events)
+                }
                 SchedulerMsg::Event { event } => self.on_event(event),
-                SchedulerMsg::Switch {
-                    pipeline,
-                    reason,
-                    done,
-                } => {
+                SchedulerMsg::Switch { pipeline, reason, done } => {
                     let moved = self.switch(pipeline, reason);
                     let _ = done.send(moved);
                 }
@@ -195,15 +185,8 @@ impl Scheduler {
                 SchedulerMsg::Status { reply } => {
                     let _ = reply.send(SchedulerStatus {
                         in_flight: self.requests.len(),
-                        waiting: self
-                            .requests
-                            .values()
-                            .filter(|r| r.running.is_none())
-                            .count(),
-                        waiting_reason: self
-                            .pipeline
-                            .is_none()
-                            .then(|| self.waiting_reason.clone()),
+                        waiting: self.requests.values().filter(|r| r.running.is_none()).count(),
+                        waiting_reason: self.pipeline.is_none().then(|| self.waiting_reason.clone()),
                         tokens_generated: self.tokens_generated,
                     });
                 }
@@ -233,8 +216,7 @@ impl Scheduler {
         ignore_eos: bool,
         events: mpsc::Sender<GenerateEvent>,
     ) {
-        let end_position =
-            (request.prompt_tokens.len() + request.max_tokens).min(self.card.context_length);
+        let end_position = (request.prompt_tokens.len() + request.max_tokens).min(self.card.context_length);
         let now = Instant::now();
         self.requests.insert(
             id,
@@ -280,11 +262,7 @@ impl Scheduler {
             sampling: Some(r.sampling),
             direct_return: r.direct,
             end_position: r.end_position as u32,
-            stop_tokens: if r.ignore_eos {
-                Vec::new()
-            } else {
-                stop_tokens
-            },
+            stop_tokens: if r.ignore_eos { Vec::new() } else { stop_tokens },
         }))];
         let chunks = r.prompt.len().div_ceil(chunk);
         let sent = unix_nanos();
@@ -323,12 +301,7 @@ impl Scheduler {
         }
         if let Some((pipeline, seq)) = r.running {
             self.wire.remove(&seq);
-            self.send(
-                pipeline,
-                message(stage_message::Kind::Release(v1::ReleaseSequence {
-                    seq_id: seq,
-                })),
-            );
+            self.send(pipeline, message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: seq })));
         }
         self.check_resumed();
     }
@@ -418,17 +391,12 @@ impl Scheduler {
             }
             r.waiting_since = Some(Instant::now());
             r.moved = true;
-            let _ = self.control.send(Control::Trouble {
-                reason: format!("stage {}: {}", e.stage_index, e.message),
-            });
+            let _ = self.control.send(Control::Trouble { reason: format!("stage {}: {}", e.stage_index, e.message) });
             return;
         }
         tracing::warn!(request = id, stage = e.stage_index, ?code, message = %e.message, "sequence failed");
         let reason = format!("stage {}: {}", e.stage_index, e.message);
-        self.finish(
-            id,
-            Some(GenerateEvent::Failed(EngineError::Internal(reason))),
-        );
+        self.finish(id, Some(GenerateEvent::Failed(EngineError::Internal(reason))));
     }
 
     /// Runs every request on `pipeline`, replaying those that ran elsewhere (or
@@ -488,10 +456,7 @@ impl Scheduler {
         for (&id, r) in &self.requests {
             if r.events.is_closed() {
                 gone.push(id);
-            } else if r
-                .waiting_since
-                .is_some_and(|t| now - t >= self.queue_timeout)
-            {
+            } else if r.waiting_since.is_some_and(|t| now - t >= self.queue_timeout) {
                 expired.push(id);
             }
         }
@@ -505,10 +470,7 @@ impl Scheduler {
                 self.queue_timeout.as_secs(),
                 self.waiting_reason
             );
-            self.finish(
-                id,
-                Some(GenerateEvent::Failed(EngineError::Unavailable(reason))),
-            );
+            self.finish(id, Some(GenerateEvent::Failed(EngineError::Unavailable(reason))));
         }
         self.check_resumed();
     }

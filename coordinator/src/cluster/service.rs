@@ -26,25 +26,18 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
-    async fn join(
-        &self,
-        request: Request<v1::JoinRequest>,
-    ) -> Result<Response<v1::JoinResponse>, Status> {
-        let worker = request.into_inner().worker.ok_or_else(|| {
-            CoordinatorError::BadRequest("the join request has no worker description".into())
-        })?;
+    async fn join(&self, request: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
+        let worker = request
+            .into_inner()
+            .worker
+            .ok_or_else(|| CoordinatorError::BadRequest("the join request has no worker description".into()))?;
         self.membership.join(worker)?;
-        Ok(Response::new(v1::JoinResponse {
-            coordinator_id: self.id.clone(),
-        }))
+        Ok(Response::new(v1::JoinResponse { coordinator_id: self.id.clone() }))
     }
 
     type FetchWeightsStream = ChunkStream;
 
-    async fn fetch_weights(
-        &self,
-        request: Request<v1::FetchWeightsRequest>,
-    ) -> Result<Response<ChunkStream>, Status> {
+    async fn fetch_weights(&self, request: Request<v1::FetchWeightsRequest>) -> Result<Response<ChunkStream>, Status> {
         let r = request.into_inner();
         let model = r.model.unwrap_or_default();
         if model.content_hash != self.model.content_hash {
@@ -56,12 +49,7 @@ impl Coordinator for CoordinatorService {
         }
         let layers = self.model.layers() as u32;
         if r.layer_start >= r.layer_end || r.layer_end > layers {
-            return Err(CoordinatorError::RangeOutOfModel {
-                start: r.layer_start,
-                end: r.layer_end,
-                layers,
-            }
-            .into());
+            return Err(CoordinatorError::RangeOutOfModel { start: r.layer_start, end: r.layer_end, layers }.into());
         }
         let shard = self
             .model
@@ -85,8 +73,7 @@ impl Coordinator for CoordinatorService {
             let mut file = match std::fs::File::open(&shard.path) {
                 Ok(f) => f,
                 Err(e) => {
-                    let _ =
-                        tx.blocking_send(Err(Status::internal(format!("opening the shard: {e}"))));
+                    let _ = tx.blocking_send(Err(Status::internal(format!("opening the shard: {e}"))));
                     return;
                 }
             };
@@ -98,9 +85,7 @@ impl Coordinator for CoordinatorService {
                         Ok(0) => break,
                         Ok(n) => filled += n,
                         Err(e) => {
-                            let _ = tx.blocking_send(Err(Status::internal(format!(
-                                "reading the shard: {e}"
-                            ))));
+                            let _ = tx.blocking_send(Err(Status::internal(format!("reading the shard: {e}"))));
                             return;
                         }
                     }
@@ -109,12 +94,7 @@ impl Coordinator for CoordinatorService {
                     return;
                 }
                 buf.truncate(filled);
-                if tx
-                    .blocking_send(Ok(WeightChunk {
-                        kind: Some(weight_chunk::Kind::Data(buf)),
-                    }))
-                    .is_err()
-                {
+                if tx.blocking_send(Ok(WeightChunk { kind: Some(weight_chunk::Kind::Data(buf)) })).is_err() {
                     return;
                 }
             }
@@ -122,12 +102,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn health(
-        &self,
-        _: Request<v1::HealthRequest>,
-    ) -> Result<Response<v1::HealthResponse>, Status> {
-        Ok(Response::new(v1::HealthResponse {
-            state: v1::WorkerState::Serving as i32,
-        }))
+    async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
+        Ok(Response::new(v1::HealthResponse { state: v1::WorkerState::Serving as i32 }))
     }
 }

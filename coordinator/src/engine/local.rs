@@ -15,8 +15,7 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use strata_model::generate::FinishReason;
 use strata_model::stage::StageOptions;
 use strata_model::{
-    ChatTemplate, Device, ModelFile, Sampler, SeqId, Stage, StageInput, StageOutput, StageStep,
-    Tokenizer,
+    ChatTemplate, Device, ModelFile, Sampler, SeqId, Stage, StageInput, StageOutput, StageStep, Tokenizer,
 };
 use tokio::sync::mpsc;
 
@@ -37,11 +36,7 @@ pub struct LocalEngineConfig {
 
 impl Default for LocalEngineConfig {
     fn default() -> Self {
-        Self {
-            max_sequences: 32,
-            queue: 64,
-            max_batch_tokens: 512,
-        }
+        Self { max_sequences: 32, queue: 64, max_batch_tokens: 512 }
     }
 }
 
@@ -90,11 +85,7 @@ pub struct LocalEngine {
 
 impl LocalEngine {
     /// Loads every layer of `file` onto `device` and starts the compute thread.
-    pub fn start(
-        file: &ModelFile,
-        device: &Device,
-        model_id: String,
-    ) -> Result<Self, LocalEngineError> {
+    pub fn start(file: &ModelFile, device: &Device, model_id: String) -> Result<Self, LocalEngineError> {
         Self::start_with(file, device, model_id, LocalEngineConfig::default())
     }
 
@@ -105,9 +96,7 @@ impl LocalEngine {
         config: LocalEngineConfig,
     ) -> Result<Self, LocalEngineError> {
         if config.max_sequences == 0 || config.queue == 0 || config.max_batch_tokens == 0 {
-            return Err(LocalEngineError::Config(format!(
-                "every limit must be at least 1, got {config:?}"
-            )));
+            return Err(LocalEngineError::Config(format!("every limit must be at least 1, got {config:?}")));
         }
         // Every live sequence's decode step fits in one batch with room to spare, so
         // none waits a round and prompts always move.
@@ -117,15 +106,11 @@ impl LocalEngine {
                 config.max_batch_tokens, config.max_sequences
             )));
         }
-        let tokenizer =
-            Arc::new(Tokenizer::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
-        let chat_template =
-            Arc::new(ChatTemplate::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
+        let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
+        let chat_template = Arc::new(ChatTemplate::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
         // The thread never hands the stage more than `max_batch_tokens` of one
         // sequence, so the stage need not cut them again.
-        let options = StageOptions {
-            prefill_chunk: config.max_batch_tokens,
-        };
+        let options = StageOptions { prefill_chunk: config.max_batch_tokens };
         let stage = Stage::load(file, 0..file.info().layers, device, options)?;
         let card = ModelCard {
             id: model_id,
@@ -146,16 +131,8 @@ impl LocalEngine {
         };
         // Detached: the thread ends by itself once every handle is gone and the
         // sequences it still holds are finished.
-        std::thread::Builder::new()
-            .name("strata-local-engine".into())
-            .spawn(move || worker.run())?;
-        Ok(Self {
-            card,
-            jobs,
-            next_seq: AtomicU64::new(0),
-            vocab_size: file.info().vocab_size,
-            occupancy,
-        })
+        std::thread::Builder::new().name("strata-local-engine".into()).spawn(move || worker.run())?;
+        Ok(Self { card, jobs, next_seq: AtomicU64::new(0), vocab_size: file.info().vocab_size, occupancy })
     }
 
     pub fn occupancy(&self) -> Occupancy {
@@ -172,30 +149,19 @@ impl Engine for LocalEngine {
         &self.card
     }
 
-    fn generate(
-        &self,
-        request: GenerateRequest,
-    ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
+    fn generate(&self, request: GenerateRequest) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
         request.validate(self.vocab_size, self.card.context_length)?;
-        let sampler = Sampler::new(&request.sampling)
-            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        let sampler = Sampler::new(&request.sampling).map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         // Room for every event the request can produce, so the compute thread never
         // waits on a slow reader and never has to drop a token.
         let (events, receiver) = mpsc::channel(request.max_tokens + 1);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        match self.jobs.try_send(Job {
-            seq,
-            request,
-            sampler,
-            events,
-        }) {
+        match self.jobs.try_send(Job { seq, request, sampler, events }) {
             Ok(()) => Ok(receiver),
-            Err(std_mpsc::TrySendError::Full(_)) => {
-                Err(EngineError::Unavailable("the request queue is full".into()))
+            Err(std_mpsc::TrySendError::Full(_)) => Err(EngineError::Unavailable("the request queue is full".into())),
+            Err(std_mpsc::TrySendError::Disconnected(_)) => {
+                Err(EngineError::Unavailable("the compute thread has stopped".into()))
             }
-            Err(std_mpsc::TrySendError::Disconnected(_)) => Err(EngineError::Unavailable(
-                "the compute thread has stopped".into(),
-            )),
         }
     }
 }
@@ -338,11 +304,7 @@ impl Worker {
         let outputs = match self.stage.forward(&steps) {
             Ok(outputs) if outputs.len() == steps.len() => outputs,
             Ok(outputs) => {
-                let e = format!(
-                    "the stage returned {} outputs for {} steps",
-                    outputs.len(),
-                    steps.len()
-                );
+                let e = format!("the stage returned {} outputs for {} steps", outputs.len(), steps.len());
                 return self.fail(&picked, e);
             }
             Err(e) => return self.fail(&picked, e.to_string()),
@@ -355,15 +317,12 @@ impl Worker {
                 continue;
             }
             let outcome = match output {
-                StageOutput::Logits(logits) => step_sequence(
-                    s,
-                    &self.tokenizer,
-                    self.stage.info().context_length,
-                    &logits,
-                ),
-                StageOutput::Hidden(_) => Outcome::Done(GenerateEvent::Failed(
-                    EngineError::Internal("a full stage must return logits".into()),
-                )),
+                StageOutput::Logits(logits) => {
+                    step_sequence(s, &self.tokenizer, self.stage.info().context_length, &logits)
+                }
+                StageOutput::Hidden(_) => Outcome::Done(GenerateEvent::Failed(EngineError::Internal(
+                    "a full stage must return logits".into(),
+                ))),
             };
             outcomes.push((i, outcome));
         }
@@ -393,40 +352,25 @@ impl Worker {
         for &i in picked.iter().rev() {
             let s = self.active.remove(i);
             self.stage.release(s.seq);
-            let _ = s
-                .events
-                .try_send(GenerateEvent::Failed(EngineError::Internal(reason.clone())));
+            let _ = s.events.try_send(GenerateEvent::Failed(EngineError::Internal(reason.clone())));
         }
     }
 
     fn publish(&self) {
-        self.occupancy
-            .sequences
-            .store(self.stage.sequence_count(), Ordering::Release);
-        self.occupancy
-            .cache_bytes
-            .store(self.stage.cache_bytes(), Ordering::Release);
+        self.occupancy.sequences.store(self.stage.sequence_count(), Ordering::Release);
+        self.occupancy.cache_bytes.store(self.stage.cache_bytes(), Ordering::Release);
     }
 }
 
 /// Samples the next token of a sequence whose whole history is cached, and reports it.
-fn step_sequence(
-    s: &mut Sequence,
-    tokenizer: &Tokenizer,
-    context: usize,
-    logits: &strata_model::Tensor,
-) -> Outcome {
+fn step_sequence(s: &mut Sequence, tokenizer: &Tokenizer, context: usize, logits: &strata_model::Tensor) -> Outcome {
     let logits = match logits.to_vec1::<f32>() {
         Ok(l) => l,
-        Err(e) => {
-            return Outcome::Done(GenerateEvent::Failed(EngineError::Internal(e.to_string())))
-        }
+        Err(e) => return Outcome::Done(GenerateEvent::Failed(EngineError::Internal(e.to_string()))),
     };
     let next = match s.sampler.sample(&logits, &s.history, s.history.len()) {
         Ok(t) => t,
-        Err(e) => {
-            return Outcome::Done(GenerateEvent::Failed(EngineError::Internal(e.to_string())))
-        }
+        Err(e) => return Outcome::Done(GenerateEvent::Failed(EngineError::Internal(e.to_string()))),
     };
     if tokenizer.is_eos(next) {
         return Outcome::Done(GenerateEvent::Finished(FinishReason::Stop));
@@ -459,11 +403,7 @@ pub(crate) mod tests {
     }
 
     fn request(prompt: &[u32], max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
-        GenerateRequest {
-            prompt_tokens: prompt.to_vec(),
-            max_tokens,
-            sampling,
-        }
+        GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens, sampling }
     }
 
     /// The reference: the same loop as `Generator`, on a private stage.
@@ -473,21 +413,15 @@ pub(crate) mod tests {
         max_tokens: usize,
         sampling: &SamplingParams,
     ) -> (Vec<u32>, FinishReason) {
-        let mut generator =
-            strata_model::Generator::load(file, &Device::Cpu, StageOptions::default()).unwrap();
-        let generation = generator
-            .generate(prompt, max_tokens, sampling, |_, _| true)
-            .unwrap();
+        let mut generator = strata_model::Generator::load(file, &Device::Cpu, StageOptions::default()).unwrap();
+        let generation = generator.generate(prompt, max_tokens, sampling, |_, _| true).unwrap();
         (generation.tokens, generation.finish)
     }
 
     async fn collect(mut events: mpsc::Receiver<GenerateEvent>) -> (Vec<u32>, GenerateEvent) {
         let mut tokens = Vec::new();
         loop {
-            match tokio::time::timeout(Duration::from_secs(60), events.recv())
-                .await
-                .expect("engine is stuck")
-            {
+            match tokio::time::timeout(Duration::from_secs(60), events.recv()).await.expect("engine is stuck") {
                 Some(GenerateEvent::Token(t)) => tokens.push(t),
                 Some(end) => return (tokens, end),
                 None => panic!("the channel closed without a final event"),
@@ -497,20 +431,14 @@ pub(crate) mod tests {
 
     /// Polls `engine` until its occupancy satisfies `what` (30 s at most). Shared with
     /// the API tests, which watch caches being freed when a client goes away.
-    pub(crate) async fn wait_for(
-        engine: &LocalEngine,
-        what: impl Fn(Occupancy) -> bool,
-    ) -> Occupancy {
+    pub(crate) async fn wait_for(engine: &LocalEngine, what: impl Fn(Occupancy) -> bool) -> Occupancy {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let now = engine.occupancy();
             if what(now) {
                 return now;
             }
-            assert!(
-                Instant::now() < deadline,
-                "occupancy never got there: {now:?}"
-            );
+            assert!(Instant::now() < deadline, "occupancy never got there: {now:?}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -519,39 +447,17 @@ pub(crate) mod tests {
     async fn concurrent_requests_match_single_runs_token_for_token() {
         let (_dir, file) = synthetic(&SyntheticModel::tiny());
         let engine = LocalEngine::start(&file, &Device::Cpu, "tiny".into()).unwrap();
-        let random = |seed| SamplingParams {
-            temperature: 0.8,
-            top_k: Some(40),
-            seed,
-            ..SamplingParams::greedy()
-        };
+        let random = |seed| SamplingParams { temperature: 0.8, top_k: Some(40), seed, ..SamplingParams::greedy() };
         let cases: Vec<(Vec<u32>, usize, SamplingParams)> = vec![
             (vec![1, 2, 3], 40, SamplingParams::greedy()),
-            (
-                vec![9, 8, 7, 6, 5, 4, 3, 2, 1],
-                25,
-                SamplingParams::greedy(),
-            ),
+            (vec![9, 8, 7, 6, 5, 4, 3, 2, 1], 25, SamplingParams::greedy()),
             (vec![200], 60, SamplingParams::greedy()),
-            (
-                (0..90).map(|i| (i * 31 % 250) as u32).collect(),
-                30,
-                SamplingParams::greedy(),
-            ),
+            ((0..90).map(|i| (i * 31 % 250) as u32).collect(), 30, SamplingParams::greedy()),
             (vec![42, 17], 50, random(3)),
-            (
-                vec![42, 17],
-                50,
-                SamplingParams {
-                    repetition_penalty: 1.3,
-                    ..random(4)
-                },
-            ),
+            (vec![42, 17], 50, SamplingParams { repetition_penalty: 1.3, ..random(4) }),
         ];
-        let receivers: Vec<_> = cases
-            .iter()
-            .map(|(p, n, s)| engine.generate(request(p, *n, s.clone())).unwrap())
-            .collect();
+        let receivers: Vec<_> =
+            cases.iter().map(|(p, n, s)| engine.generate(request(p, *n, s.clone())).unwrap()).collect();
         let results = futures::future::join_all(receivers.into_iter().map(collect)).await;
         for ((prompt, max_tokens, sampling), (tokens, end)) in cases.iter().zip(results) {
             let (expected, finish) = alone(&file, prompt, *max_tokens, sampling);
@@ -565,24 +471,13 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn long_prompts_are_fed_in_chunks_beside_decodes() {
         let (_dir, file) = synthetic(&SyntheticModel::tiny());
-        let config = LocalEngineConfig {
-            max_batch_tokens: 16,
-            max_sequences: 4,
-            ..LocalEngineConfig::default()
-        };
+        let config = LocalEngineConfig { max_batch_tokens: 16, max_sequences: 4, ..LocalEngineConfig::default() };
         let engine = LocalEngine::start_with(&file, &Device::Cpu, "tiny".into(), config).unwrap();
-        let short = engine
-            .generate(request(&[5, 6], 30, SamplingParams::greedy()))
-            .unwrap();
+        let short = engine.generate(request(&[5, 6], 30, SamplingParams::greedy())).unwrap();
         let prompt: Vec<u32> = (0..70).map(|i| (i * 7 % 250) as u32).collect();
-        let long = engine
-            .generate(request(&prompt, 10, SamplingParams::greedy()))
-            .unwrap();
+        let long = engine.generate(request(&prompt, 10, SamplingParams::greedy())).unwrap();
         let (tokens, _) = collect(short).await;
-        assert_eq!(
-            tokens,
-            alone(&file, &[5, 6], 30, &SamplingParams::greedy()).0
-        );
+        assert_eq!(tokens, alone(&file, &[5, 6], 30, &SamplingParams::greedy()).0);
         let (tokens, end) = collect(long).await;
         // Chunked prefill is not bit-exact, so only the shape is compared.
         assert!(matches!(end, GenerateEvent::Finished(_)), "{end:?}");
@@ -591,40 +486,18 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn generation_stops_at_max_tokens_and_the_context_end() {
-        let (_dir, file) = synthetic(&SyntheticModel {
-            context_length: 40,
-            ..SyntheticModel::tiny()
-        });
+        let (_dir, file) = synthetic(&SyntheticModel { context_length: 40, ..SyntheticModel::tiny() });
         let engine = LocalEngine::start(&file, &Device::Cpu, "tiny".into()).unwrap();
-        let (tokens, end) = collect(
-            engine
-                .generate(request(&[1, 2], 3, SamplingParams::greedy()))
-                .unwrap(),
-        )
-        .await;
+        let (tokens, end) = collect(engine.generate(request(&[1, 2], 3, SamplingParams::greedy())).unwrap()).await;
         let (expected, finish) = alone(&file, &[1, 2], 3, &SamplingParams::greedy());
         assert_eq!((tokens, end), (expected, GenerateEvent::Finished(finish)));
         // Exactly filling the context is allowed; one more token is not.
         let prompt: Vec<u32> = (0..30).collect();
-        let (tokens, end) = collect(
-            engine
-                .generate(request(&prompt, 10, SamplingParams::greedy()))
-                .unwrap(),
-        )
-        .await;
+        let (tokens, end) = collect(engine.generate(request(&prompt, 10, SamplingParams::greedy())).unwrap()).await;
         let (expected, finish) = alone(&file, &prompt, 10, &SamplingParams::greedy());
         assert_eq!((tokens, end), (expected, GenerateEvent::Finished(finish)));
-        let err = engine
-            .generate(request(&prompt, 11, SamplingParams::greedy()))
-            .unwrap_err();
-        assert_eq!(
-            err,
-            EngineError::ContextOverflow {
-                tokens: 30,
-                needed: 41,
-                context: 40
-            }
-        );
+        let err = engine.generate(request(&prompt, 11, SamplingParams::greedy())).unwrap_err();
+        assert_eq!(err, EngineError::ContextOverflow { tokens: 30, needed: 41, context: 40 });
     }
 
     #[tokio::test]
@@ -634,28 +507,13 @@ pub(crate) mod tests {
         let vocab = SyntheticModel::vocab_size() as u32;
         let cases = [
             (request(&[], 5, SamplingParams::greedy()), "no tokens"),
-            (
-                request(&[vocab], 5, SamplingParams::greedy()),
-                "outside the vocabulary",
-            ),
+            (request(&[vocab], 5, SamplingParams::greedy()), "outside the vocabulary"),
             (request(&[1], 0, SamplingParams::greedy()), "max_tokens"),
-            (
-                request(
-                    &[1],
-                    5,
-                    SamplingParams {
-                        temperature: -1.0,
-                        ..SamplingParams::greedy()
-                    },
-                ),
-                "temperature",
-            ),
+            (request(&[1], 5, SamplingParams { temperature: -1.0, ..SamplingParams::greedy() }), "temperature"),
         ];
         for (req, expected) in cases {
             match engine.generate(req) {
-                Err(EngineError::InvalidRequest(m)) => {
-                    assert!(m.contains(expected), "{m} should mention {expected}")
-                }
+                Err(EngineError::InvalidRequest(m)) => assert!(m.contains(expected), "{m} should mention {expected}"),
                 other => panic!("expected an invalid request, got {:?}", other.map(|_| ())),
             }
         }
@@ -665,17 +523,10 @@ pub(crate) mod tests {
     async fn a_dropped_receiver_cancels_and_frees_the_cache() {
         // A long context, and prompts the tiny model greedily repeats a token after
         // without ever ending, so the generations still run when the receivers go.
-        let (_dir, file) = synthetic(&SyntheticModel {
-            context_length: 4096,
-            ..SyntheticModel::tiny()
-        });
+        let (_dir, file) = synthetic(&SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
         let engine = LocalEngine::start(&file, &Device::Cpu, "tiny".into()).unwrap();
-        let mut events = engine
-            .generate(request(&[1, 2, 3], 4000, SamplingParams::greedy()))
-            .unwrap();
-        let mut other = engine
-            .generate(request(&[1], 4000, SamplingParams::greedy()))
-            .unwrap();
+        let mut events = engine.generate(request(&[1, 2, 3], 4000, SamplingParams::greedy())).unwrap();
+        let mut other = engine.generate(request(&[1], 4000, SamplingParams::greedy())).unwrap();
         for _ in 0..3 {
             assert!(matches!(events.recv().await, Some(GenerateEvent::Token(_))));
         }
@@ -687,12 +538,7 @@ pub(crate) mod tests {
         assert_eq!(now.cache_bytes, 0);
         assert_eq!(now.cancelled, 2);
         // The engine goes on serving.
-        let (tokens, _) = collect(
-            engine
-                .generate(request(&[1], 4, SamplingParams::greedy()))
-                .unwrap(),
-        )
-        .await;
+        let (tokens, _) = collect(engine.generate(request(&[1], 4, SamplingParams::greedy())).unwrap()).await;
         assert!(!tokens.is_empty());
     }
 
@@ -701,16 +547,9 @@ pub(crate) mod tests {
         let (_dir, file) = synthetic(&SyntheticModel::tiny());
         let d = LocalEngineConfig::default;
         for config in [
-            LocalEngineConfig {
-                max_sequences: 0,
-                ..d()
-            },
+            LocalEngineConfig { max_sequences: 0, ..d() },
             LocalEngineConfig { queue: 0, ..d() },
-            LocalEngineConfig {
-                max_batch_tokens: 32,
-                max_sequences: 32,
-                ..d()
-            },
+            LocalEngineConfig { max_batch_tokens: 32, max_sequences: 32, ..d() },
         ] {
             let result = LocalEngine::start_with(&file, &Device::Cpu, "tiny".into(), config);
             assert!(matches!(result, Err(LocalEngineError::Config(_))));
@@ -719,26 +558,15 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_full_queue_is_reported_as_unavailable() {
-        let (_dir, file) = synthetic(&SyntheticModel {
-            context_length: 4096,
-            ..SyntheticModel::tiny()
-        });
-        let config = LocalEngineConfig {
-            max_sequences: 1,
-            queue: 1,
-            ..LocalEngineConfig::default()
-        };
+        let (_dir, file) = synthetic(&SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
+        let config = LocalEngineConfig { max_sequences: 1, queue: 1, ..LocalEngineConfig::default() };
         let engine = LocalEngine::start_with(&file, &Device::Cpu, "tiny".into(), config).unwrap();
         // The tiny model never ends this one by itself (see above).
         let sampling = SamplingParams::greedy();
-        let mut busy = engine
-            .generate(request(&[1], 4000, sampling.clone()))
-            .unwrap();
+        let mut busy = engine.generate(request(&[1], 4000, sampling.clone())).unwrap();
         assert!(matches!(busy.recv().await, Some(GenerateEvent::Token(_))));
         // One waits in the queue; the next finds it full.
-        let _queued = engine
-            .generate(request(&[1], 4000, sampling.clone()))
-            .unwrap();
+        let _queued = engine.generate(request(&[1], 4000, sampling.clone())).unwrap();
         let err = engine.generate(request(&[1], 4000, sampling)).unwrap_err();
         assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
     }

@@ -26,35 +26,19 @@ impl GenerateRequest {
     pub fn validate(&self, vocab_size: usize, context: usize) -> Result<(), EngineError> {
         let tokens = self.prompt_tokens.len();
         if tokens == 0 {
-            return Err(EngineError::InvalidRequest(
-                "the prompt has no tokens".into(),
-            ));
+            return Err(EngineError::InvalidRequest("the prompt has no tokens".into()));
         }
-        if let Some(bad) = self
-            .prompt_tokens
-            .iter()
-            .find(|&&id| id as usize >= vocab_size)
-        {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary of {vocab_size}"
-            )));
+        if let Some(bad) = self.prompt_tokens.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary of {vocab_size}")));
         }
         if self.max_tokens == 0 {
-            return Err(EngineError::InvalidRequest(
-                "max_tokens must be at least 1".into(),
-            ));
+            return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
         }
         let needed = tokens.saturating_add(self.max_tokens);
         if needed > context {
-            return Err(EngineError::ContextOverflow {
-                tokens,
-                needed,
-                context,
-            });
+            return Err(EngineError::ContextOverflow { tokens, needed, context });
         }
-        self.sampling
-            .validate()
-            .map_err(|e| EngineError::InvalidRequest(e.to_string()))
+        self.sampling.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))
     }
 }
 
@@ -72,11 +56,7 @@ pub enum EngineError {
     #[error("the request is invalid: {0}")]
     InvalidRequest(String),
     #[error("the prompt has {tokens} tokens; with max_tokens the request needs {needed}, the context holds {context}")]
-    ContextOverflow {
-        tokens: usize,
-        needed: usize,
-        context: usize,
-    },
+    ContextOverflow { tokens: usize, needed: usize, context: usize },
     #[error("no capacity to serve the request: {0}")]
     Unavailable(String),
     #[error("the engine is shutting down")]
@@ -101,8 +81,5 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Starts a generation. Events arrive on the returned channel; dropping it cancels
     /// the request.
-    fn generate(
-        &self,
-        request: GenerateRequest,
-    ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError>;
+    fn generate(&self, request: GenerateRequest) -> Result<mpsc::Receiver<GenerateEvent>, EngineError>;
 }

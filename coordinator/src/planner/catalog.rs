@@ -84,9 +84,7 @@ pub fn devices() -> Vec<DeviceModel> {
 /// (`RTX 4090`, `rtx-4090` and `rtx4090` are one card).
 pub fn device(name: &str) -> Option<DeviceModel> {
     let wanted = normalize(name);
-    devices()
-        .into_iter()
-        .find(|d| normalize(&d.name) == wanted || (d.name == "a100-80gb" && wanted == "a100"))
+    devices().into_iter().find(|d| normalize(&d.name) == wanted || (d.name == "a100-80gb" && wanted == "a100"))
 }
 
 /// The smallest discrete GPU with at least `memory` bytes, for "what would help".
@@ -94,11 +92,7 @@ pub fn smallest_gpu_with(memory: u64) -> Option<DeviceModel> {
     devices()
         .into_iter()
         .filter(|d| d.default_reserve == 0 && d.memory >= memory)
-        .min_by(|a, b| {
-            a.memory
-                .cmp(&b.memory)
-                .then(b.bandwidth.total_cmp(&a.bandwidth))
-        })
+        .min_by(|a, b| a.memory.cmp(&b.memory).then(b.bandwidth.total_cmp(&a.bandwidth)))
 }
 
 /// A quantization: the average bits per weight of its files.
@@ -111,25 +105,13 @@ pub struct Quantization {
 /// FP16 stores 16 bits; Q8_0 blocks of 32 weights carry an f16 scale (8.5 bits);
 /// Q4_K_M mixes Q4_K with Q6_K for some tensors, about 4.85 bits on Llama models.
 pub const QUANTIZATIONS: &[Quantization] = &[
-    Quantization {
-        name: "fp16",
-        bits_per_weight: 16.0,
-    },
-    Quantization {
-        name: "q8_0",
-        bits_per_weight: 8.5,
-    },
-    Quantization {
-        name: "q4_k_m",
-        bits_per_weight: 4.85,
-    },
+    Quantization { name: "fp16", bits_per_weight: 16.0 },
+    Quantization { name: "q8_0", bits_per_weight: 8.5 },
+    Quantization { name: "q4_k_m", bits_per_weight: 4.85 },
 ];
 
 /// The smallest quantization in the table, offered when a model does not fit.
-pub const SMALLEST_QUANTIZATION: Quantization = Quantization {
-    name: "q4_k_m",
-    bits_per_weight: 4.85,
-};
+pub const SMALLEST_QUANTIZATION: Quantization = Quantization { name: "q4_k_m", bits_per_weight: 4.85 };
 
 /// The shape of a catalog model.
 #[derive(Debug, Clone, Copy)]
@@ -156,83 +138,44 @@ const MODELS: &[(&str, Shape, &str)] = &[
     (
         "llama-3.1-8b",
         Shape::Dense {
-            layers: 32,
-            hidden: 4096,
-            feed_forward: 14336,
-            heads: 32,
-            kv_heads: 8,
-            head_dim: 128,
-            vocab: 128256,
-            context: 131072,
-            qkv_bias: false,
+            layers: 32, hidden: 4096, feed_forward: 14336, heads: 32, kv_heads: 8,
+            head_dim: 128, vocab: 128256, context: 131072, qkv_bias: false,
         },
         "meta-llama/Llama-3.1-8B config.json",
     ),
     (
         "llama-3.1-70b",
         Shape::Dense {
-            layers: 80,
-            hidden: 8192,
-            feed_forward: 28672,
-            heads: 64,
-            kv_heads: 8,
-            head_dim: 128,
-            vocab: 128256,
-            context: 131072,
-            qkv_bias: false,
+            layers: 80, hidden: 8192, feed_forward: 28672, heads: 64, kv_heads: 8,
+            head_dim: 128, vocab: 128256, context: 131072, qkv_bias: false,
         },
         "meta-llama/Llama-3.1-70B config.json",
     ),
     (
         "llama-3.1-405b",
         Shape::Dense {
-            layers: 126,
-            hidden: 16384,
-            feed_forward: 53248,
-            heads: 128,
-            kv_heads: 8,
-            head_dim: 128,
-            vocab: 128256,
-            context: 131072,
-            qkv_bias: false,
+            layers: 126, hidden: 16384, feed_forward: 53248, heads: 128, kv_heads: 8,
+            head_dim: 128, vocab: 128256, context: 131072, qkv_bias: false,
         },
         "meta-llama/Llama-3.1-405B config.json",
     ),
     (
         "qwen-2.5-32b",
         Shape::Dense {
-            layers: 64,
-            hidden: 5120,
-            feed_forward: 27648,
-            heads: 40,
-            kv_heads: 8,
-            head_dim: 128,
-            vocab: 152064,
-            context: 32768,
-            qkv_bias: true,
+            layers: 64, hidden: 5120, feed_forward: 27648, heads: 40, kv_heads: 8,
+            head_dim: 128, vocab: 152064, context: 32768, qkv_bias: true,
         },
         "Qwen/Qwen2.5-32B-Instruct config.json",
     ),
     (
         "qwen-2.5-72b",
         Shape::Dense {
-            layers: 80,
-            hidden: 8192,
-            feed_forward: 29568,
-            heads: 64,
-            kv_heads: 8,
-            head_dim: 128,
-            vocab: 152064,
-            context: 32768,
-            qkv_bias: true,
+            layers: 80, hidden: 8192, feed_forward: 29568, heads: 64, kv_heads: 8,
+            head_dim: 128, vocab: 152064, context: 32768, qkv_bias: true,
         },
         "Qwen/Qwen2.5-72B-Instruct config.json",
     ),
-    (
-        "deepseek-v3",
-        Shape::DeepSeekV3,
-        "deepseek-ai/DeepSeek-V3 config.json (without the multi-token-prediction module)",
-    ),
+    ("deepseek-v3", Shape::DeepSeekV3, "deepseek-ai/DeepSeek-V3 config.json (without the multi-token-prediction module)"),
 ];
 
 /// DeepSeek V3's `config.json` values.
@@ -256,19 +199,13 @@ mod deepseek {
 
 /// Names of every catalog model, with each quantization (`llama-3.1-70b-q4_k_m`).
 pub fn model_names() -> Vec<String> {
-    MODELS
-        .iter()
-        .flat_map(|(m, _, _)| QUANTIZATIONS.iter().map(move |q| format!("{m}-{}", q.name)))
-        .collect()
+    MODELS.iter().flat_map(|(m, _, _)| QUANTIZATIONS.iter().map(move |q| format!("{m}-{}", q.name))).collect()
 }
 
 /// Where the shape of a catalog model comes from.
 pub fn model_source(name: &str) -> Option<&'static str> {
     let wanted = normalize(name);
-    MODELS
-        .iter()
-        .find(|(m, _, _)| wanted.starts_with(&normalize(m)))
-        .map(|(_, _, source)| *source)
+    MODELS.iter().find(|(m, _, _)| wanted.starts_with(&normalize(m))).map(|(_, _, source)| *source)
 }
 
 /// A catalog model by name, e.g. `llama-3.1-70b-q4_k_m`.
@@ -277,11 +214,7 @@ pub fn model(name: &str) -> Option<ModelSpec> {
     for (model, shape, _) in MODELS {
         for quant in QUANTIZATIONS {
             if wanted == normalize(&format!("{model}-{}", quant.name)) {
-                return Some(build(
-                    &format!("{model}-{}", quant.name),
-                    *shape,
-                    quant.bits_per_weight,
-                ));
+                return Some(build(&format!("{model}-{}", quant.name), *shape, quant.bits_per_weight));
             }
         }
     }
@@ -293,24 +226,10 @@ pub fn model(name: &str) -> Option<ModelSpec> {
 fn build(name: &str, shape: Shape, bits: f64) -> ModelSpec {
     let bytes = |params: usize| (params as f64 * bits / 8.0).ceil() as u64;
     match shape {
-        Shape::Dense {
-            layers,
-            hidden,
-            feed_forward,
-            heads,
-            kv_heads,
-            head_dim,
-            vocab,
-            context,
-            qkv_bias,
-        } => {
+        Shape::Dense { layers, hidden, feed_forward, heads, kv_heads, head_dim, vocab, context, qkv_bias } => {
             let kv_dim = kv_heads * head_dim;
             let attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_dim;
-            let bias = if qkv_bias {
-                heads * head_dim + 2 * kv_dim
-            } else {
-                0
-            };
+            let bias = if qkv_bias { heads * head_dim + 2 * kv_dim } else { 0 };
             let layer = attention + bias + 3 * hidden * feed_forward + 2 * hidden;
             ModelSpec {
                 name: name.to_string(),
@@ -330,22 +249,13 @@ fn build(name: &str, shape: Shape, bits: f64) -> ModelSpec {
         }
         Shape::DeepSeekV3 => {
             use deepseek::*;
-            let q = HIDDEN * Q_LORA_RANK
-                + Q_LORA_RANK
-                + Q_LORA_RANK * HEADS * (QK_NOPE_DIM + QK_ROPE_DIM);
-            let kv = HIDDEN * (KV_LORA_RANK + QK_ROPE_DIM)
-                + KV_LORA_RANK
-                + KV_LORA_RANK * HEADS * (QK_NOPE_DIM + V_DIM);
+            let q = HIDDEN * Q_LORA_RANK + Q_LORA_RANK + Q_LORA_RANK * HEADS * (QK_NOPE_DIM + QK_ROPE_DIM);
+            let kv = HIDDEN * (KV_LORA_RANK + QK_ROPE_DIM) + KV_LORA_RANK + KV_LORA_RANK * HEADS * (QK_NOPE_DIM + V_DIM);
             let attention = q + kv + HEADS * V_DIM * HIDDEN + 2 * HIDDEN;
             let expert = 3 * HIDDEN * EXPERT_FFN;
             let dense = attention + 3 * HIDDEN * DENSE_FFN;
-            let moe = attention
-                + (ROUTED_EXPERTS + SHARED_EXPERTS) * expert
-                + ROUTED_EXPERTS * HIDDEN
-                + ROUTED_EXPERTS;
-            let layer_bytes = (0..LAYERS)
-                .map(|i| bytes(if i < DENSE_LAYERS { dense } else { moe }))
-                .collect();
+            let moe = attention + (ROUTED_EXPERTS + SHARED_EXPERTS) * expert + ROUTED_EXPERTS * HIDDEN + ROUTED_EXPERTS;
+            let layer_bytes = (0..LAYERS).map(|i| bytes(if i < DENSE_LAYERS { dense } else { moe })).collect();
             ModelSpec {
                 name: name.to_string(),
                 layer_bytes,
@@ -368,10 +278,7 @@ fn build(name: &str, shape: Shape, bits: f64) -> ModelSpec {
 }
 
 fn normalize(name: &str) -> String {
-    name.chars()
-        .filter(|c| !matches!(c, ' ' | '-' | '_' | '.' | ':'))
-        .flat_map(char::to_lowercase)
-        .collect()
+    name.chars().filter(|c| !matches!(c, ' ' | '-' | '_' | '.' | ':')).flat_map(char::to_lowercase).collect()
 }
 
 #[cfg(test)]
@@ -395,10 +302,7 @@ mod tests {
         ] {
             let m = model(name).unwrap();
             let got = params(&m);
-            assert!(
-                (got - billions).abs() / billions < 0.01,
-                "{name}: {got:.2}B, expected {billions}B"
-            );
+            assert!((got - billions).abs() / billions < 0.01, "{name}: {got:.2}B, expected {billions}B");
         }
     }
 
@@ -411,10 +315,7 @@ mod tests {
         assert!((q4 / 1e9 - 42.8).abs() < 0.5, "{}", q4 / 1e9);
         let ds = model("deepseek-v3-q8_0").unwrap();
         assert_eq!(ds.layers(), 61);
-        assert!(
-            ds.layer_bytes[3] > 10 * ds.layer_bytes[0],
-            "expert layers dwarf the dense ones"
-        );
+        assert!(ds.layer_bytes[3] > 10 * ds.layer_bytes[0], "expert layers dwarf the dense ones");
         assert!(model("llama-3.1-70b-q2_k").is_none());
         assert_eq!(model_names().len(), 18);
     }
@@ -425,10 +326,7 @@ mod tests {
         assert_eq!(device("rtx-3070").unwrap().memory, 8 * GIB);
         assert_eq!(device("a100").unwrap().name, "a100-80gb");
         let m = device("m2-max-96gb").unwrap();
-        assert_eq!(
-            (m.memory, m.bandwidth, m.default_reserve),
-            (96 * GIB, 400e9, 24 * GIB)
-        );
+        assert_eq!((m.memory, m.bandwidth, m.default_reserve), (96 * GIB, 400e9, 24 * GIB));
         assert_eq!(device("m4-max-36gb").unwrap().bandwidth, 410e9);
         assert!(device("m4-max-96gb").is_none());
         assert_eq!(smallest_gpu_with(20 * GIB).unwrap().name, "rtx4090");

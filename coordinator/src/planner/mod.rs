@@ -53,13 +53,7 @@ impl Default for PlanOptions {
     /// Half a GiB of headroom covers a CUDA context and allocator slack; 50 µs is a
     /// hop between two workers of one machine, over loopback.
     fn default() -> Self {
-        Self {
-            context: 4096,
-            sequences: 1,
-            prefill_chunk: 512,
-            headroom: 512 << 20,
-            intra_node_latency: 50e-6,
-        }
+        Self { context: 4096, sequences: 1, prefill_chunk: 512, headroom: 512 << 20, intra_node_latency: 50e-6 }
     }
 }
 
@@ -155,8 +149,7 @@ impl Plan {
             let kv = model.kv_bytes_per_layer(context, options.sequences);
             let scratch = model.scratch_bytes(context, options.sequences, options.prefill_chunk);
             self.stages.iter().all(|s| {
-                s.weight_bytes + kv * s.layers.len() as u64 + scratch + s.headroom_bytes
-                    <= s.offered_bytes
+                s.weight_bytes + kv * s.layers.len() as u64 + scratch + s.headroom_bytes <= s.offered_bytes
             })
         };
         largest(model.max_context, fits_at)
@@ -219,23 +212,11 @@ pub enum PlanError {
 
 /// The fastest placement of `model` on (some of) `nodes` that fits, or what is
 /// missing. Nodes that would only slow the pipeline are left out.
-pub fn plan(
-    model: &ModelSpec,
-    nodes: &[NodeSpec],
-    options: &PlanOptions,
-) -> Result<Plan, PlanError> {
+pub fn plan(model: &ModelSpec, nodes: &[NodeSpec], options: &PlanOptions) -> Result<Plan, PlanError> {
     check(model, nodes, options)?;
     match Problem::new(model, nodes, options).search() {
-        Some((_, placements)) => Ok(describe(
-            model,
-            nodes,
-            options,
-            &placements,
-            LeftOutReason::NotNeeded,
-        )),
-        None => Err(PlanError::DoesNotFit(Box::new(shortfall(
-            model, nodes, options,
-        )))),
+        Some((_, placements)) => Ok(describe(model, nodes, options, &placements, LeftOutReason::NotNeeded)),
+        None => Err(PlanError::DoesNotFit(Box::new(shortfall(model, nodes, options)))),
     }
 }
 
@@ -259,36 +240,19 @@ pub fn evaluate(
                 for d in 0..devices {
                     let a = layers.start + d * layers.len() / devices;
                     let b = layers.start + (d + 1) * layers.len() / devices;
-                    placements.push(Placement {
-                        node: *node,
-                        device: d,
-                        layers: a..b,
-                    });
+                    placements.push(Placement { node: *node, device: d, layers: a..b });
                 }
             }
         }
     }
-    Ok(describe(
-        model,
-        nodes,
-        options,
-        &placements,
-        LeftOutReason::NotNamed,
-    ))
+    Ok(describe(model, nodes, options, &placements, LeftOutReason::NotNamed))
 }
 
 /// The longest context (for `options.sequences`) any plan on these nodes holds,
 /// capped at the model's trained context; `None` when not even one token fits.
-pub fn largest_context(
-    model: &ModelSpec,
-    nodes: &[NodeSpec],
-    options: &PlanOptions,
-) -> Option<usize> {
+pub fn largest_context(model: &ModelSpec, nodes: &[NodeSpec], options: &PlanOptions) -> Option<usize> {
     let context = largest(model.max_context, |context| {
-        let options = PlanOptions {
-            context,
-            ..options.clone()
-        };
+        let options = PlanOptions { context, ..options.clone() };
         Problem::new(model, nodes, &options).search().is_some()
     });
     (context > 0).then_some(context)
@@ -344,38 +308,19 @@ fn describe(
             used.push(p.node);
         }
     }
-    let intra_hops = placements
-        .windows(2)
-        .filter(|w| w[0].node == w[1].node)
-        .count();
+    let intra_hops = placements.windows(2).filter(|w| w[0].node == w[1].node).count();
     let network = problem.network_seconds(&used) + intra_hops as f64 * options.intra_node_latency;
     let mut left_out = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
         if !used.contains(&n) {
-            let reason = if reason == LeftOutReason::NotNeeded && !problem.can_hold_a_layer(n) {
-                LeftOutReason::TooSmall
-            } else {
-                reason
-            };
-            left_out.push(LeftOut {
-                node: node.name.clone(),
-                device: None,
-                reason,
-            });
+            let reason = if reason == LeftOutReason::NotNeeded && !problem.can_hold_a_layer(n) { LeftOutReason::TooSmall } else { reason };
+            left_out.push(LeftOut { node: node.name.clone(), device: None, reason });
             continue;
         }
         for (d, device) in node.devices.iter().enumerate() {
             if !placements.iter().any(|p| p.node == n && p.device == d) {
-                let reason = if problem.can_hold_a_layer_on(n, d) {
-                    LeftOutReason::NotNeeded
-                } else {
-                    LeftOutReason::TooSmall
-                };
-                left_out.push(LeftOut {
-                    node: node.name.clone(),
-                    device: Some(format!("{}#{d}", device.name)),
-                    reason,
-                });
+                let reason = if problem.can_hold_a_layer_on(n, d) { LeftOutReason::NotNeeded } else { LeftOutReason::TooSmall };
+                left_out.push(LeftOut { node: node.name.clone(), device: Some(format!("{}#{d}", device.name)), reason });
             }
         }
     }
@@ -398,32 +343,18 @@ fn shortfall(model: &ModelSpec, nodes: &[NodeSpec], options: &PlanOptions) -> Sh
     let layers = model.layers();
     let needed = model.total_bytes() - model.shared_bytes + problem.kv_bytes(&(0..layers));
     let overhead = problem.scratch_bytes() + options.headroom + model.shared_bytes;
-    let available: u64 = nodes
-        .iter()
-        .flat_map(|n| &n.devices)
-        .map(|d| d.memory.saturating_sub(overhead))
-        .sum();
-    let biggest_layer =
-        model.layer_bytes.iter().copied().max().unwrap_or(0) + problem.kv_bytes(&(0..1));
+    let available: u64 = nodes.iter().flat_map(|n| &n.devices).map(|d| d.memory.saturating_sub(overhead)).sum();
+    let biggest_layer = model.layer_bytes.iter().copied().max().unwrap_or(0) + problem.kv_bytes(&(0..1));
     let layers_do_not_divide = needed <= available;
-    let short_by = if layers_do_not_divide {
-        biggest_layer
-    } else {
-        needed - available
-    };
+    let short_by = if layers_do_not_divide { biggest_layer } else { needed - available };
 
     let mut help = Vec::new();
     if let Some(context) = largest_context(model, nodes, options) {
-        help.push(format!(
-            "a context of at most {context} tokens (--context {context})"
-        ));
+        help.push(format!("a context of at most {context} tokens (--context {context})"));
     }
     if options.sequences > 1 {
         let sequences = largest(options.sequences - 1, |sequences| {
-            let options = PlanOptions {
-                sequences,
-                ..options.clone()
-            };
+            let options = PlanOptions { sequences, ..options.clone() };
             Problem::new(model, nodes, &options).search().is_some()
         });
         if sequences > 0 {
@@ -432,31 +363,19 @@ fn shortfall(model: &ModelSpec, nodes: &[NodeSpec], options: &PlanOptions) -> Sh
         }
     }
     let smaller = catalog::SMALLEST_QUANTIZATION;
-    if let Some(bits) = model
-        .bits_per_weight
-        .filter(|&b| b > smaller.bits_per_weight + 0.1)
-    {
+    if let Some(bits) = model.bits_per_weight.filter(|&b| b > smaller.bits_per_weight + 0.1) {
         let scaled = scale_weights(model, smaller.bits_per_weight / bits);
         let weights = format_bytes(scaled.total_bytes());
         if Problem::new(&scaled, nodes, options).search().is_some() {
-            help.push(format!(
-                "a smaller quantization: {} ({weights} of weights) fits",
-                smaller.name
-            ));
+            help.push(format!("a smaller quantization: {} ({weights} of weights) fits", smaller.name));
         } else {
-            help.push(format!(
-                "a smaller quantization alone is not enough ({} still has {weights} of weights)",
-                smaller.name
-            ));
+            help.push(format!("a smaller quantization alone is not enough ({} still has {weights} of weights)", smaller.name));
         }
     }
     // One more device must hold the missing bytes, its own overhead, and the slack
     // of a layer that does not divide evenly.
     let device_needs = short_by + overhead + biggest_layer;
-    let biggest_gpu = catalog::devices()
-        .into_iter()
-        .filter(|d| d.default_reserve == 0)
-        .max_by_key(|d| d.memory);
+    let biggest_gpu = catalog::devices().into_iter().filter(|d| d.default_reserve == 0).max_by_key(|d| d.memory);
     match (catalog::smallest_gpu_with(device_needs), biggest_gpu) {
         (Some(gpu), _) => help.push(format!(
             "another GPU offering at least {} (e.g. an {}, {})",
@@ -468,11 +387,7 @@ fn shortfall(model: &ModelSpec, nodes: &[NodeSpec], options: &PlanOptions) -> Sh
         // GPUs do not help; the context has to shrink.
         (None, Some(gpu)) if gpu.memory > overhead + biggest_layer => {
             let count = short_by.div_ceil(gpu.memory - overhead - biggest_layer);
-            help.push(format!(
-                "about {count} more GPUs of {} (e.g. {})",
-                format_bytes(gpu.memory),
-                gpu.name
-            ));
+            help.push(format!("about {count} more GPUs of {} (e.g. {})", format_bytes(gpu.memory), gpu.name));
         }
         (None, _) => {}
     }

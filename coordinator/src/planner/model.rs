@@ -40,15 +40,7 @@ impl ModelSpec {
     pub fn from_gguf(name: impl Into<String>, file: &ModelFile) -> Self {
         let info = file.info();
         let sizes = file.sizes();
-        let params = dense_params(
-            info.layers,
-            info.hidden,
-            info.feed_forward,
-            info.heads,
-            info.kv_heads,
-            info.head_dim,
-            info.vocab_size,
-        );
+        let params = dense_params(info.layers, info.hidden, info.feed_forward, info.heads, info.kv_heads, info.head_dim, info.vocab_size);
         let bits_per_weight = (params > 0).then(|| sizes.total() as f64 * 8.0 / params as f64);
         Self {
             name: name.into(),
@@ -72,10 +64,7 @@ impl ModelSpec {
 
     /// Bytes of every weight, counting the embedding and head once each.
     pub fn total_bytes(&self) -> u64 {
-        self.layer_bytes.iter().sum::<u64>()
-            + self.embedding_bytes
-            + self.head_bytes
-            + self.shared_bytes
+        self.layer_bytes.iter().sum::<u64>() + self.embedding_bytes + self.head_bytes + self.shared_bytes
     }
 
     /// Weight bytes a stage holding `layers` keeps resident.
@@ -90,8 +79,7 @@ impl ModelSpec {
     /// Weight bytes a stage holding `layers` reads for every token. The embedding is
     /// not among them: a token looks up one row of it, not the whole matrix.
     pub fn read_bytes(&self, layers: Range<usize>) -> u64 {
-        let mut total: u64 =
-            self.layer_bytes[layers.clone()].iter().sum::<u64>() + self.shared_bytes;
+        let mut total: u64 = self.layer_bytes[layers.clone()].iter().sum::<u64>() + self.shared_bytes;
         if layers.end == self.layers() {
             total += self.head_bytes;
         }

@@ -102,11 +102,7 @@ impl<'a> Problem<'a> {
                 if so_far == INF {
                     continue;
                 }
-                let hop = if c > start {
-                    self.options.intra_node_latency
-                } else {
-                    0.0
-                };
+                let hop = if c > start { self.options.intra_node_latency } else { 0.0 };
                 for end in c + 1..=self.layers {
                     // Memory needed only grows with the range, so the first miss ends it.
                     if !self.fits(node, d, c..end) {
@@ -120,12 +116,7 @@ impl<'a> Problem<'a> {
                 }
             }
         }
-        Inner {
-            cost,
-            from,
-            width,
-            devices,
-        }
+        Inner { cost, from, width, devices }
     }
 
     /// How `node` best splits `layers` over its devices, if it can hold them.
@@ -140,11 +131,7 @@ impl<'a> Problem<'a> {
         for d in (0..inner.devices).rev() {
             let c = inner.from[(d + 1) * inner.width + end];
             if c != usize::MAX {
-                placements.push(Placement {
-                    node,
-                    device: d,
-                    layers: c..end,
-                });
+                placements.push(Placement { node, device: d, layers: c..end });
                 end = c;
             }
         }
@@ -154,8 +141,7 @@ impl<'a> Problem<'a> {
 
     /// Whether `node` could hold a single middle layer anywhere.
     pub fn can_hold_a_layer(&self, node: usize) -> bool {
-        (0..self.nodes[node].devices.len())
-            .any(|d| (0..self.layers).any(|l| self.fits(node, d, l..l + 1)))
+        (0..self.nodes[node].devices.len()).any(|d| (0..self.layers).any(|l| self.fits(node, d, l..l + 1)))
     }
 
     pub fn can_hold_a_layer_on(&self, node: usize, device: usize) -> bool {
@@ -176,9 +162,7 @@ impl<'a> Problem<'a> {
                 table[base + start + 1..base + width].copy_from_slice(&row[start + 1..width]);
             }
         }
-        let cost = |node: usize, range: Range<usize>| {
-            table[(node * width + range.start) * width + range.end]
-        };
+        let cost = |node: usize, range: Range<usize>| table[(node * width + range.start) * width + range.end];
 
         let mut best: Option<(f64, Chain)> = None;
         let mut consider = |total: f64, chain: Chain| {

@@ -18,29 +18,19 @@ fn model(name: &str) -> ModelSpec {
 }
 
 fn with_context(context: usize) -> PlanOptions {
-    PlanOptions {
-        context,
-        ..PlanOptions::default()
-    }
+    PlanOptions { context, ..PlanOptions::default() }
 }
 
 /// Layers each (node, device) holds, 0 for those left out.
 fn layers_on(plan: &Plan, node: &str, device: usize) -> usize {
-    plan.stages
-        .iter()
-        .filter(|s| s.node == node && s.device_index == device)
-        .map(|s| s.layers.len())
-        .sum()
+    plan.stages.iter().filter(|s| s.node == node && s.device_index == device).map(|s| s.layers.len()).sum()
 }
 
 fn assert_valid(plan: &Plan) {
     assert!(plan.fits(), "{plan:#?}");
     assert_eq!(plan.stages.first().unwrap().layers.start, 0);
     assert_eq!(plan.stages.last().unwrap().layers.end, plan.layers);
-    assert!(plan
-        .stages
-        .windows(2)
-        .all(|w| w[0].layers.end == w[1].layers.start));
+    assert!(plan.stages.windows(2).all(|w| w[0].layers.end == w[1].layers.start));
     assert!(plan.stages.iter().all(|s| !s.layers.is_empty()));
 }
 
@@ -49,19 +39,10 @@ const HOME_LAB: &str = "rtx3070,rtx3090,2x rtx4090";
 /// Weight bytes each (node, device) holds, 0 for those left out: layer counts alone
 /// would favour whichever card does not hold the head.
 fn weights_on(plan: &Plan, node: &str, device: usize) -> u64 {
-    plan.stages
-        .iter()
-        .filter(|s| s.node == node && s.device_index == device)
-        .map(|s| s.weight_bytes)
-        .sum()
+    plan.stages.iter().filter(|s| s.node == node && s.device_index == device).map(|s| s.weight_bytes).sum()
 }
 
-const CARDS: [(&str, usize); 4] = [
-    ("rtx4090", 0),
-    ("rtx4090", 1),
-    ("rtx3090", 0),
-    ("rtx3070", 0),
-];
+const CARDS: [(&str, usize); 4] = [("rtx4090", 0), ("rtx4090", 1), ("rtx3090", 0), ("rtx3070", 0)];
 
 #[test]
 fn home_lab_holds_llama_70b_q4_with_the_faster_cards_taking_more_layers() {
@@ -70,15 +51,9 @@ fn home_lab_holds_llama_70b_q4_with_the_faster_cards_taking_more_layers() {
     let check = |options: &PlanOptions| {
         let plan = plan(&m, &lab, options).unwrap();
         assert_valid(&plan);
-        let weights: Vec<u64> = CARDS
-            .iter()
-            .map(|&(n, d)| weights_on(&plan, n, d))
-            .collect();
+        let weights: Vec<u64> = CARDS.iter().map(|&(n, d)| weights_on(&plan, n, d)).collect();
         // Equal where memory, not speed, is the limit: a full 4090 holds what a full 3090 does.
-        assert!(
-            weights[0].min(weights[1]) >= weights[2] && weights[2] > weights[3],
-            "{weights:?}"
-        );
+        assert!(weights[0].min(weights[1]) >= weights[2] && weights[2] > weights[3], "{weights:?}");
         assert!(plan.max_context(&m, options) >= options.context);
         plan
     };
@@ -86,89 +61,38 @@ fn home_lab_holds_llama_70b_q4_with_the_faster_cards_taking_more_layers() {
     // add a hop and slower reads.
     let plan = check(&with_context(8192));
     assert_eq!(layers_on(&plan, "rtx3070", 0), 0);
-    assert_eq!(
-        plan.left_out,
-        vec![LeftOut {
-            node: "rtx3070".into(),
-            device: None,
-            reason: LeftOutReason::NotNeeded
-        }]
-    );
+    assert_eq!(plan.left_out, vec![LeftOut { node: "rtx3070".into(), device: None, reason: LeftOutReason::NotNeeded }]);
     // A long context (with a smaller prefill chunk to bound scratch) needs every card.
-    let plan = check(&PlanOptions {
-        context: 40000,
-        prefill_chunk: 128,
-        ..PlanOptions::default()
-    });
-    assert!(
-        CARDS.iter().all(|&(n, d)| layers_on(&plan, n, d) > 0),
-        "{:?}",
-        plan.stages
-    );
+    let plan = check(&PlanOptions { context: 40000, prefill_chunk: 128, ..PlanOptions::default() });
+    assert!(CARDS.iter().all(|&(n, d)| layers_on(&plan, n, d) > 0), "{:?}", plan.stages);
     assert!(plan.left_out.is_empty(), "{:?}", plan.left_out);
     // Bounded by the 4090s' bandwidth from above and the 3070's from below.
     let tps = plan.tokens_per_second();
-    assert!(
-        tps > 448e9 / m.total_bytes() as f64 && tps < 1008e9 / m.total_bytes() as f64,
-        "{tps}"
-    );
+    assert!(tps > 448e9 / m.total_bytes() as f64 && tps < 1008e9 / m.total_bytes() as f64, "{tps}");
 }
 
 #[test]
 fn the_3070_and_3090_alone_cannot_hold_llama_70b_and_the_error_names_the_shortfall() {
     let m = model("llama-3.1-70b-q4_k_m");
     let err = plan(&m, &nodes("rtx3070,rtx3090"), &with_context(8192)).unwrap_err();
-    let PlanError::DoesNotFit(short) = &err else {
-        panic!("{err}")
-    };
+    let PlanError::DoesNotFit(short) = &err else { panic!("{err}") };
     assert!(!short.layers_do_not_divide);
     // About 40 GiB of weights and 5 GiB of cache against 32 GiB of cards.
-    assert!(
-        short.short_by_bytes > 8 * GIB && short.short_by_bytes < 24 * GIB,
-        "{err}"
-    );
-    assert_eq!(
-        short.short_by_bytes,
-        short.needed_bytes - short.available_bytes
-    );
+    assert!(short.short_by_bytes > 8 * GIB && short.short_by_bytes < 24 * GIB, "{err}");
+    assert_eq!(short.short_by_bytes, short.needed_bytes - short.available_bytes);
     let message = err.to_string();
-    assert!(
-        message.starts_with("llama-3.1-70b-q4_k_m does not fit: weights and kv cache need"),
-        "{message}"
-    );
-    assert!(
-        message.contains(&format!("{} short", format_bytes(short.short_by_bytes))),
-        "{message}"
-    );
-    assert!(
-        message.contains("another GPU offering at least"),
-        "{message}"
-    );
+    assert!(message.starts_with("llama-3.1-70b-q4_k_m does not fit: weights and kv cache need"), "{message}");
+    assert!(message.contains(&format!("{} short", format_bytes(short.short_by_bytes))), "{message}");
+    assert!(message.contains("another GPU offering at least"), "{message}");
     // At Q8_0 the same cards are short by more, and a smaller quantization is offered.
-    let err = plan(
-        &model("llama-3.1-70b-q8_0"),
-        &nodes("rtx3070,rtx3090"),
-        &with_context(8192),
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("a smaller quantization alone is not enough"),
-        "{err}"
-    );
+    let err = plan(&model("llama-3.1-70b-q8_0"), &nodes("rtx3070,rtx3090"), &with_context(8192)).unwrap_err();
+    assert!(err.to_string().contains("a smaller quantization alone is not enough"), "{err}");
 }
 
 #[test]
 fn llama_405b_does_not_fit_on_the_four_cards() {
-    let err = plan(
-        &model("llama-3.1-405b-q4_k_m"),
-        &nodes(HOME_LAB),
-        &PlanOptions::default(),
-    )
-    .unwrap_err();
-    let PlanError::DoesNotFit(short) = &err else {
-        panic!("{err}")
-    };
+    let err = plan(&model("llama-3.1-405b-q4_k_m"), &nodes(HOME_LAB), &PlanOptions::default()).unwrap_err();
+    let PlanError::DoesNotFit(short) = &err else { panic!("{err}") };
     assert!(short.short_by_bytes > 150 * GIB, "{err}");
     assert!(err.to_string().contains("more GPUs of 80.0 GiB"), "{err}");
 }
@@ -177,54 +101,15 @@ fn llama_405b_does_not_fit_on_the_four_cards() {
 fn what_would_help_names_a_context_that_fits_and_fewer_sequences() {
     let m = model("llama-3.1-70b-q4_k_m");
     let lab = nodes(HOME_LAB);
-    let options = PlanOptions {
-        context: 16384,
-        sequences: 2,
-        ..PlanOptions::default()
-    };
+    let options = PlanOptions { context: 16384, sequences: 2, ..PlanOptions::default() };
     let err = plan(&m, &lab, &options).unwrap_err();
-    let PlanError::DoesNotFit(short) = &err else {
-        panic!("{err}")
-    };
-    let context_help = short
-        .help
-        .iter()
-        .find(|h| h.starts_with("a context of at most"))
-        .expect("context help");
-    let context: usize = context_help
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .trim_end_matches(')')
-        .parse()
-        .unwrap();
-    assert!(plan(
-        &m,
-        &lab,
-        &PlanOptions {
-            context,
-            ..options.clone()
-        }
-    )
-    .is_ok());
-    assert!(plan(
-        &m,
-        &lab,
-        &PlanOptions {
-            context: context + 1,
-            ..options.clone()
-        }
-    )
-    .is_err());
+    let PlanError::DoesNotFit(short) = &err else { panic!("{err}") };
+    let context_help = short.help.iter().find(|h| h.starts_with("a context of at most")).expect("context help");
+    let context: usize = context_help.rsplit(' ').next().unwrap().trim_end_matches(')').parse().unwrap();
+    assert!(plan(&m, &lab, &PlanOptions { context, ..options.clone() }).is_ok());
+    assert!(plan(&m, &lab, &PlanOptions { context: context + 1, ..options.clone() }).is_err());
     assert_eq!(largest_context(&m, &lab, &options), Some(context));
-    assert!(
-        short
-            .help
-            .iter()
-            .any(|h| h == "at most 1 concurrent sequence"),
-        "{:?}",
-        short.help
-    );
+    assert!(short.help.iter().any(|h| h == "at most 1 concurrent sequence"), "{:?}", short.help);
 }
 
 #[test]
@@ -235,36 +120,18 @@ fn a_node_too_slow_to_help_is_left_out() {
     assert_valid(&plan);
     assert_eq!(plan.stages.len(), 1);
     assert_eq!(plan.stages[0].node, "rtx4090");
-    assert_eq!(
-        plan.network_seconds_per_token, 0.0,
-        "one node makes no hops"
-    );
+    assert_eq!(plan.network_seconds_per_token, 0.0, "one node makes no hops");
     assert_eq!(
         plan.left_out,
         vec![
-            LeftOut {
-                node: "pi".into(),
-                device: None,
-                reason: LeftOutReason::NotNeeded
-            },
-            LeftOut {
-                node: "tiny".into(),
-                device: None,
-                reason: LeftOutReason::TooSmall
-            },
+            LeftOut { node: "pi".into(), device: None, reason: LeftOutReason::NotNeeded },
+            LeftOut { node: "tiny".into(), device: None, reason: LeftOutReason::TooSmall },
         ]
     );
     // The same slow node is used when nothing else can hold the model.
-    let plan = super::plan(
-        &model("llama-3.1-70b-q4_k_m"),
-        &lab,
-        &PlanOptions::default(),
-    )
-    .unwrap();
+    let plan = super::plan(&model("llama-3.1-70b-q4_k_m"), &lab, &PlanOptions::default()).unwrap();
     assert_valid(&plan);
-    assert!(
-        layers_on(&plan, "rtx4090", 0) > layers_on(&plan, "pi", 0) && layers_on(&plan, "pi", 0) > 0
-    );
+    assert!(layers_on(&plan, "rtx4090", 0) > layers_on(&plan, "pi", 0) && layers_on(&plan, "pi", 0) > 0);
 }
 
 #[test]
@@ -278,25 +145,14 @@ fn a_manual_override_is_evaluated() {
     let even = parse_layers("rtx3070:0-4,rtx3090:5-34,rtx4090:35-79", &names, 80).unwrap();
     let manual = evaluate(&m, &lab, &even, &options).unwrap();
     assert_valid(&manual);
-    assert_eq!(
-        manual.stages.len(),
-        4,
-        "the 4090 node splits its range over both cards"
-    );
+    assert_eq!(manual.stages.len(), 4, "the 4090 node splits its range over both cards");
     assert!(manual.seconds_per_token > best.seconds_per_token);
 
     let greedy = parse_layers("rtx3070:0-39,rtx3090:40-79", &names, 80).unwrap();
     let manual = evaluate(&m, &lab, &greedy, &options).unwrap();
     assert!(!manual.fits());
     assert!(!manual.stages[0].fits());
-    assert_eq!(
-        manual.left_out,
-        vec![LeftOut {
-            node: "rtx4090".into(),
-            device: None,
-            reason: LeftOutReason::NotNamed
-        }]
-    );
+    assert_eq!(manual.left_out, vec![LeftOut { node: "rtx4090".into(), device: None, reason: LeftOutReason::NotNamed }]);
 }
 
 #[test]
@@ -307,43 +163,23 @@ fn plans_a_gguf_from_its_header() {
     let m = ModelSpec::from_gguf("tiny", &file);
     assert_eq!(m.layers(), file.info().layers);
     let sizes = file.sizes();
-    assert_eq!(
-        m.total_bytes(),
-        sizes.layers.iter().sum::<u64>() + sizes.embedding + sizes.head + sizes.shared
-    );
-    let options = PlanOptions {
-        context: 64,
-        headroom: 0,
-        ..PlanOptions::default()
-    };
+    assert_eq!(m.total_bytes(), sizes.layers.iter().sum::<u64>() + sizes.embedding + sizes.head + sizes.shared);
+    let options = PlanOptions { context: 64, headroom: 0, ..PlanOptions::default() };
     // Two equal devices that each hold a little over half the model.
     let half = m.resident_bytes(0..2).max(m.resident_bytes(2..4))
         + m.kv_bytes_per_layer(64, 1) * 2
         + m.scratch_bytes(64, 1, options.prefill_chunk);
     let device = |name: &str, bandwidth: f64| NodeSpec {
         name: name.into(),
-        devices: vec![DeviceSpec {
-            name: "cpu".into(),
-            memory: half,
-            bandwidth,
-        }],
+        devices: vec![DeviceSpec { name: "cpu".into(), memory: half, bandwidth }],
         link_latency: 1e-4,
     };
     let plan = plan(&m, &[device("a", 1e9), device("b", 2e9)], &options).unwrap();
     assert_valid(&plan);
-    assert_eq!(
-        plan.stages
-            .iter()
-            .map(|s| s.layers.clone())
-            .collect::<Vec<_>>(),
-        vec![0..2, 2..4]
-    );
+    assert_eq!(plan.stages.iter().map(|s| s.layers.clone()).collect::<Vec<_>>(), vec![0..2, 2..4]);
     let weights: u64 = plan.stages.iter().map(|s| s.weight_bytes).sum();
     assert_eq!(weights, m.total_bytes() - m.shared_bytes);
-    assert!(
-        (plan.network_seconds_per_token - 2e-4).abs() < 1e-12,
-        "both nodes send once per token"
-    );
+    assert!((plan.network_seconds_per_token - 2e-4).abs() < 1e-12, "both nodes send once per token");
     // The faster node reads the head: it is the last stage.
     assert_eq!(plan.stages[1].node, "b");
 }
@@ -351,20 +187,11 @@ fn plans_a_gguf_from_its_header() {
 #[test]
 fn bad_inputs_are_refused() {
     let m = model("llama-3.1-8b-q4_k_m");
-    assert_eq!(
-        plan(&m, &[], &PlanOptions::default()),
-        Err(PlanError::NoNodes)
-    );
-    assert_eq!(
-        plan(&m, &nodes("rtx4090"), &with_context(0)),
-        Err(PlanError::Empty)
-    );
+    assert_eq!(plan(&m, &[], &PlanOptions::default()), Err(PlanError::NoNodes));
+    assert_eq!(plan(&m, &nodes("rtx4090"), &with_context(0)), Err(PlanError::Empty));
     let mut twice = nodes("rtx4090");
     twice.push(twice[0].clone());
-    assert_eq!(
-        plan(&m, &twice, &PlanOptions::default()),
-        Err(PlanError::DuplicateNode("rtx4090".into()))
-    );
+    assert_eq!(plan(&m, &twice, &PlanOptions::default()), Err(PlanError::DuplicateNode("rtx4090".into())));
 }
 
 /// Every order of every subset of nodes and every split, for uniform layers.
@@ -439,12 +266,7 @@ fn the_search_matches_brute_force_on_small_random_clusters() {
             vocab_size: 1,
             bits_per_weight: None,
         };
-        let options = PlanOptions {
-            context: 8,
-            prefill_chunk: 1,
-            headroom: 0,
-            ..PlanOptions::default()
-        };
+        let options = PlanOptions { context: 8, prefill_chunk: 1, headroom: 0, ..PlanOptions::default() };
         let lab: Vec<NodeSpec> = (0..rng.random_range(1..=4))
             .map(|i| NodeSpec {
                 name: format!("n{i}"),
@@ -461,11 +283,7 @@ fn the_search_matches_brute_force_on_small_random_clusters() {
         match (expected, got) {
             (None, Err(PlanError::DoesNotFit(_))) => {}
             (Some(best), Ok(plan)) => {
-                assert!(
-                    (plan.seconds_per_token - best).abs() < 1e-9,
-                    "round {round}: {} vs {best}",
-                    plan.seconds_per_token
-                );
+                assert!((plan.seconds_per_token - best).abs() < 1e-9, "round {round}: {} vs {best}", plan.seconds_per_token);
                 assert_valid(&plan);
             }
             (expected, got) => panic!("round {round}: brute force {expected:?}, planner {got:?}"),
@@ -475,22 +293,11 @@ fn the_search_matches_brute_force_on_small_random_clusters() {
 
 #[test]
 fn sixteen_nodes_and_two_hundred_layers_plan_quickly() {
-    let m = ModelSpec {
-        name: "big".into(),
-        layer_bytes: vec![GIB; 200],
-        ..model("llama-3.1-8b-q4_k_m")
-    };
-    let spec = (0..16)
-        .map(|i| if i % 2 == 0 { "rtx4090" } else { "rtx3090" })
-        .collect::<Vec<_>>()
-        .join(",");
+    let m = ModelSpec { name: "big".into(), layer_bytes: vec![GIB; 200], ..model("llama-3.1-8b-q4_k_m") };
+    let spec = (0..16).map(|i| if i % 2 == 0 { "rtx4090" } else { "rtx3090" }).collect::<Vec<_>>().join(",");
     let lab = nodes(&spec);
     let start = std::time::Instant::now();
     let plan = plan(&m, &lab, &PlanOptions::default()).unwrap();
     assert_valid(&plan);
-    assert!(
-        start.elapsed() < std::time::Duration::from_secs(5),
-        "{:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(5), "{:?}", start.elapsed());
 }

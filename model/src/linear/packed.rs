@@ -301,10 +301,7 @@ impl PackedWeights {
         for &r in rows {
             let r = r as usize;
             if r >= self.rows {
-                return Err(Error::BadInput(format!(
-                    "row {r} is out of range for {} rows",
-                    self.rows
-                )));
+                return Err(Error::BadInput(format!("row {r} is out of range for {} rows", self.rows)));
             }
             let tile = (r / TILE) * self.tile_stride;
             let lane = r % TILE;
@@ -318,11 +315,7 @@ impl PackedWeights {
                 let qs_block = tile + self.qs_offset + b * TILE * qsb;
                 for j in 0..qsb {
                     let q = bytes[qs_block + (j / 4) * TILE * 4 + lane * 4 + j % 4];
-                    out.push(if self.format == Format::Q8_0 {
-                        q ^ 0x80
-                    } else {
-                        q
-                    });
+                    out.push(if self.format == Format::Q8_0 { q ^ 0x80 } else { q });
                 }
             }
         }
