@@ -3,6 +3,8 @@
 //! nodes by the devices in them.
 
 use serde::Serialize;
+pub use strata_proto::units::MemoryLimits;
+use strata_proto::units::{parse_bandwidth, parse_bytes, QuantityError};
 
 use super::catalog;
 
@@ -23,23 +25,6 @@ pub struct NodeSpec {
     pub devices: Vec<DeviceSpec>,
     /// Seconds a hidden state takes from this node to the next stage.
     pub link_latency: f64,
-}
-
-/// Per-device limits on what a node offers, as `strata-worker` takes them.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct MemoryLimits {
-    /// Never offer more than this per device.
-    pub max_memory: Option<u64>,
-    /// Keep this much of every device free (else the device's default reserve).
-    pub reserve: Option<u64>,
-}
-
-impl MemoryLimits {
-    /// Bytes a device with `total` bytes offers.
-    pub fn offered(&self, total: u64, default_reserve: u64) -> u64 {
-        let left = total.saturating_sub(self.reserve.unwrap_or(default_reserve));
-        self.max_memory.map_or(left, |cap| left.min(cap))
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,61 +178,9 @@ fn known_devices() -> String {
     names.join(", ")
 }
 
-/// `24GiB`, `24 GB`, `512MiB`, `24G` (binary) → bytes.
-pub fn parse_bytes(text: &str) -> Result<u64, NodeSpecError> {
-    let (number, unit) = split_unit(text)?;
-    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024.0 * 1024.0,
-        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tib" => 1024.0f64.powi(4),
-        _ => {
-            return Err(bad(
-                text,
-                "unknown unit (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)",
-            ))
-        }
-    };
-    Ok((number * scale).round() as u64)
-}
-
-/// `936GB/s`, `1.5TB/s` → bytes per second.
-pub fn parse_bandwidth(text: &str) -> Result<f64, NodeSpecError> {
-    let lower = text.trim().to_ascii_lowercase();
-    let Some(per_second) = lower.strip_suffix("/s") else {
-        return Err(bad(text, "a bandwidth needs a unit such as GB/s"));
-    };
-    let bytes =
-        parse_bytes(per_second).map_err(|_| bad(text, "not a bandwidth such as 936GB/s"))?;
-    if bytes == 0 {
-        return Err(bad(text, "a bandwidth must be above zero"));
-    }
-    Ok(bytes as f64)
-}
-
-fn split_unit(text: &str) -> Result<(f64, &str), NodeSpecError> {
-    let text = text.trim();
-    let end = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let number: f64 = text[..end]
-        .parse()
-        .map_err(|_| bad(text, "not a number followed by a unit"))?;
-    if !number.is_finite() {
-        return Err(bad(text, "not a number followed by a unit"));
-    }
-    Ok((number, text[end..].trim()))
-}
-
-fn bad(text: &str, reason: &'static str) -> NodeSpecError {
-    NodeSpecError::BadQuantity {
-        text: text.to_string(),
-        reason,
+impl From<QuantityError> for NodeSpecError {
+    fn from(e: QuantityError) -> Self {
+        Self::BadQuantity { text: e.text, reason: e.reason }
     }
 }
 
@@ -331,14 +264,5 @@ mod tests {
         assert!(parse("12QB@5GB/s").contains("unknown unit"));
         assert!(parse("12GB@5GB").contains("needs a unit"));
         assert_eq!(parse("x="), "node `x=` has no devices");
-    }
-
-    #[test]
-    fn quantities() {
-        assert_eq!(parse_bytes("24GiB").unwrap(), 24 * GIB);
-        assert_eq!(parse_bytes("1.5 GB").unwrap(), 1_500_000_000);
-        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_bandwidth("1.5TB/s").unwrap(), 1.5e12);
-        assert!(parse_bytes("GiB").is_err());
     }
 }
