@@ -594,23 +594,19 @@ impl Compute {
 }
 
 /// An exclusive `flock` on a file that the workers of one machine share.
-struct ComputeLock {
+pub(crate) struct ComputeLock {
     file: std::fs::File,
 }
 
-struct ComputeLockGuard<'a>(&'a ComputeLock);
+pub(crate) struct ComputeLockGuard<'a>(&'a ComputeLock);
 
 impl ComputeLock {
-    fn open(path: &std::path::Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
+    pub(crate) fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
         Ok(Self { file })
     }
 
-    fn acquire(&self) -> ComputeLockGuard<'_> {
+    pub(crate) fn acquire(&self) -> ComputeLockGuard<'_> {
         use std::os::fd::AsRawFd;
         // SAFETY: flock on a descriptor this struct owns. Failure (EINTR aside, which
         // is retried) only means computing unserialized, which stays correct.

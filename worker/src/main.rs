@@ -1,13 +1,26 @@
 //! `strata-worker`: parses the command line, binds the listener and runs the worker
-//! until SIGINT or SIGTERM.
+//! until SIGINT or SIGTERM; `strata-worker devices` prints what it would offer.
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use strata_worker::{WorkerArgs, WorkerConfig};
+use strata_worker::config::DevicesArgs;
+use strata_worker::profile::Profile;
+use strata_worker::self_bench::BenchMode;
+use strata_worker::{Cli, Command, WorkerArgs, WorkerConfig};
 
 fn main() -> anyhow::Result<()> {
-    let args = WorkerArgs::parse();
-    // Before any thread exists: this sizes candle's compute pool through the environment.
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Devices(args)) => devices(args),
+    }
+}
+
+/// Sets up the process for `args`; call it before any thread exists.
+fn prepare(args: &WorkerArgs) {
+    // This sizes candle's compute pool through the environment.
     if let Some(n) = args.threads.filter(|&n| n > 0) {
         for key in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
             std::env::set_var(key, n.to_string());
@@ -27,7 +40,14 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = WorkerConfig::from_args(args, &|k| std::env::var(k).ok())?;
+}
+
+fn serve(args: WorkerArgs) -> anyhow::Result<()> {
+    prepare(&args);
+    let mut config = WorkerConfig::from_args(args, &|k| std::env::var(k).ok())?;
+    // Before binding and before the runtime: a refused offer stops the worker here,
+    // and the benchmark is not run on a reactor thread.
+    config.profile = Some(Arc::new(Profile::probe(&config)?));
     // Networking only: the model runs on its own thread, so one reactor thread is
     // enough and leaves the cores to compute.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -46,6 +66,21 @@ fn main() -> anyhow::Result<()> {
         strata_worker::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+fn devices(args: DevicesArgs) -> anyhow::Result<()> {
+    prepare(&args.worker);
+    let config = WorkerConfig::from_args(args.worker, &|k| std::env::var(k).ok())?;
+    let mut profile = Profile::detect(&config, true)?;
+    if args.bench {
+        profile.bench(&config, BenchMode::Rerun)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&profile)?);
+    } else {
+        print!("{}", profile.report(args.bench));
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

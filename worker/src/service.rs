@@ -107,31 +107,16 @@ impl WorkerService {
 
     pub fn description(&self) -> v1::WorkerDescription {
         let shard = lock(&self.shared.slot).newest().map(|l| l.spec.clone());
-        let (total, free) = memory_info();
         let config = &self.shared.config;
+        // `run` probes before it serves, so the profile is there.
+        let profile = config.profile.as_deref();
         v1::WorkerDescription {
             node_id: self.shared.node_id.clone(),
             name: config.name.clone(),
             protocol_version: PROTOCOL_VERSION,
             grpc_address: self.shared.address.clone(),
-            devices: vec![v1::Device {
-                kind: if config.device.starts_with("cuda") {
-                    v1::DeviceKind::Cuda
-                } else {
-                    v1::DeviceKind::Cpu
-                } as i32,
-                ordinal: config
-                    .device
-                    .strip_prefix("cuda:")
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0),
-                name: config.device.clone(),
-                total_memory_bytes: total,
-                free_memory_bytes: free,
-                capability: cpu_capability(),
-                memory_bandwidth_bytes_per_second: 0.0,
-            }],
-            memory_offered_bytes: free,
+            devices: profile.map(|p| p.device_proto()).into_iter().collect(),
+            memory_offered_bytes: profile.map_or(0, |p| p.offer.offered_bytes),
             state: self.state() as i32,
             compute_threads: config.threads as u32,
             shard,
@@ -491,41 +476,5 @@ impl Worker for WorkerService {
         Ok(Response::new(
             self.shared.stats.snapshot(request.into_inner().reset),
         ))
-    }
-}
-
-/// Total and available memory from /proc/meminfo (zeros where unknown).
-fn memory_info() -> (u64, u64) {
-    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
-        return (0, 0);
-    };
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024)
-    };
-    (field("MemTotal:"), field("MemAvailable:"))
-}
-
-fn cpu_capability() -> String {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut features = Vec::new();
-        if std::arch::is_x86_feature_detected!("avx2") {
-            features.push("avx2");
-        }
-        if std::arch::is_x86_feature_detected!("fma") {
-            features.push("fma");
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            features.push("avx512f");
-        }
-        features.join(",")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        String::new()
     }
 }
