@@ -26,7 +26,12 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
         "m" | "mib" => 1024.0 * 1024.0,
         "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
         "t" | "tib" => 1024.0f64.powi(4),
-        _ => return Err(bad(text, "unknown unit (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")),
+        _ => {
+            return Err(bad(
+                text,
+                "unknown unit (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)",
+            ))
+        }
     };
     let bytes = number * scale;
     if bytes >= u64::MAX as f64 {
@@ -41,7 +46,8 @@ pub fn parse_bandwidth(text: &str) -> Result<f64, QuantityError> {
     let Some(per_second) = lower.strip_suffix("/s") else {
         return Err(bad(text, "a bandwidth needs a unit such as GB/s"));
     };
-    let bytes = parse_bytes(per_second).map_err(|_| bad(text, "not a bandwidth such as 936GB/s"))?;
+    let bytes =
+        parse_bytes(per_second).map_err(|_| bad(text, "not a bandwidth such as 936GB/s"))?;
     if bytes == 0 {
         return Err(bad(text, "a bandwidth must be above zero"));
     }
@@ -66,8 +72,12 @@ pub fn format_bytes(bytes: u64) -> String {
 
 fn split_unit(text: &str) -> Result<(f64, &str), QuantityError> {
     let text = text.trim();
-    let end = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let number: f64 = text[..end].parse().map_err(|_| bad(text, "not a number followed by a unit"))?;
+    let end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let number: f64 = text[..end]
+        .parse()
+        .map_err(|_| bad(text, "not a number followed by a unit"))?;
     if !number.is_finite() {
         return Err(bad(text, "not a number followed by a unit"));
     }
@@ -75,7 +85,10 @@ fn split_unit(text: &str) -> Result<(f64, &str), QuantityError> {
 }
 
 fn bad(text: &str, reason: &'static str) -> QuantityError {
-    QuantityError { text: text.to_string(), reason }
+    QuantityError {
+        text: text.to_string(),
+        reason,
+    }
 }
 
 /// Per-device limits on what a node offers: `--max-memory` and `--reserve`.
@@ -116,13 +129,25 @@ mod tests {
 
     #[test]
     fn bad_sizes_say_why() {
-        assert_eq!(parse_bytes("GiB").unwrap_err().to_string(), "`GiB`: not a number followed by a unit");
-        assert!(parse_bytes("12QB").unwrap_err().to_string().contains("unknown unit"));
+        assert_eq!(
+            parse_bytes("GiB").unwrap_err().to_string(),
+            "`GiB`: not a number followed by a unit"
+        );
+        assert!(parse_bytes("12QB")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit"));
         assert!(parse_bytes("-1GiB").is_err());
         assert!(parse_bytes("1.2.3GB").is_err());
         assert_eq!(parse_bytes("99999999TiB").unwrap_err().reason, "too large");
-        assert!(parse_bandwidth("12GB").unwrap_err().to_string().contains("needs a unit"));
-        assert!(parse_bandwidth("0GB/s").unwrap_err().to_string().contains("above zero"));
+        assert!(parse_bandwidth("12GB")
+            .unwrap_err()
+            .to_string()
+            .contains("needs a unit"));
+        assert!(parse_bandwidth("0GB/s")
+            .unwrap_err()
+            .to_string()
+            .contains("above zero"));
     }
 
     #[test]
@@ -130,16 +155,30 @@ mod tests {
         assert_eq!(format_bytes(100), "100 B");
         assert_eq!(format_bytes(512 << 20), "512.0 MiB");
         assert_eq!(format_bytes(GIB + GIB / 2), "1.5 GiB");
-        assert_eq!(parse_bytes(&format_bytes(20 * GIB).replace(' ', "")).unwrap(), 20 * GIB);
+        assert_eq!(
+            parse_bytes(&format_bytes(20 * GIB).replace(' ', "")).unwrap(),
+            20 * GIB
+        );
     }
 
     #[test]
     fn offered_is_what_the_reserve_leaves_capped_by_the_maximum() {
         let none = MemoryLimits::default();
-        assert_eq!(none.offered(24 * GIB, GIB), 23 * GIB, "the default reserve applies");
-        let both = MemoryLimits { max_memory: Some(20 * GIB), reserve: Some(2 * GIB) };
+        assert_eq!(
+            none.offered(24 * GIB, GIB),
+            23 * GIB,
+            "the default reserve applies"
+        );
+        let both = MemoryLimits {
+            max_memory: Some(20 * GIB),
+            reserve: Some(2 * GIB),
+        };
         assert_eq!(both.offered(24 * GIB, GIB), 20 * GIB, "capped");
         assert_eq!(both.offered(8 * GIB, GIB), 6 * GIB, "less the reserve");
-        assert_eq!(both.offered(GIB, 0), 0, "a reserve above the total leaves nothing");
+        assert_eq!(
+            both.offered(GIB, 0),
+            0,
+            "a reserve above the total leaves nothing"
+        );
     }
 }

@@ -134,7 +134,12 @@ impl TestCluster {
                 "--name".into(),
                 format!("worker-{i}"),
                 "--cache-dir".into(),
-                cluster._cache.path().join(format!("worker-{i}")).display().to_string(),
+                cluster
+                    ._cache
+                    .path()
+                    .join(format!("worker-{i}"))
+                    .display()
+                    .to_string(),
                 // Each worker has a fresh cache folder: the self-benchmark would run
                 // every time, and the tests need no bandwidth figure.
                 "--no-bench".into(),

@@ -602,7 +602,11 @@ pub(crate) struct ComputeLockGuard<'a>(&'a ComputeLock);
 
 impl ComputeLock {
     pub(crate) fn open(path: &std::path::Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
         Ok(Self { file })
     }
 

@@ -18,7 +18,12 @@ use crate::self_bench::BenchMode;
 ///
 /// With no subcommand it serves, taking the flags below.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "strata-worker", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "strata-worker",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -225,7 +230,10 @@ impl WorkerConfig {
             threads,
             device,
             compute_lock: args.compute_lock,
-            memory: MemoryLimits { max_memory: args.max_memory, reserve: args.reserve },
+            memory: MemoryLimits {
+                max_memory: args.max_memory,
+                reserve: args.reserve,
+            },
             bench,
             profile: None,
         })
@@ -284,17 +292,47 @@ mod tests {
 
     #[test]
     fn sizes_and_bench_flags() {
-        let config = WorkerConfig::from_args(args(&["--max-memory", "20GiB", "--reserve", "512MiB"]), &no_env).unwrap();
-        assert_eq!(config.memory, MemoryLimits { max_memory: Some(20 << 30), reserve: Some(512 << 20) });
+        let config = WorkerConfig::from_args(
+            args(&["--max-memory", "20GiB", "--reserve", "512MiB"]),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            config.memory,
+            MemoryLimits {
+                max_memory: Some(20 << 30),
+                reserve: Some(512 << 20)
+            }
+        );
         assert_eq!(config.bench, BenchMode::Cached);
-        let config = WorkerConfig::from_args(args(&["--max-memory", "8GB", "--rebench"]), &no_env).unwrap();
-        assert_eq!((config.memory.max_memory, config.bench), (Some(8_000_000_000), BenchMode::Rerun));
-        let config = WorkerConfig::from_args(args(&["--reserve", "1048576", "--no-bench"]), &no_env).unwrap();
-        assert_eq!((config.memory.reserve, config.bench), (Some(1 << 20), BenchMode::Skip));
-        let err = WorkerArgs::try_parse_from(["strata-worker", "--max-memory", "20QB"]).unwrap_err().to_string();
-        assert!(err.contains("invalid value '20QB' for '--max-memory <SIZE>'") && err.contains("unknown unit"), "{err}");
-        let err = WorkerArgs::try_parse_from(["strata-worker", "--reserve", "lots"]).unwrap_err().to_string();
-        assert!(err.contains("`lots`: not a number followed by a unit"), "{err}");
+        let config =
+            WorkerConfig::from_args(args(&["--max-memory", "8GB", "--rebench"]), &no_env).unwrap();
+        assert_eq!(
+            (config.memory.max_memory, config.bench),
+            (Some(8_000_000_000), BenchMode::Rerun)
+        );
+        let config =
+            WorkerConfig::from_args(args(&["--reserve", "1048576", "--no-bench"]), &no_env)
+                .unwrap();
+        assert_eq!(
+            (config.memory.reserve, config.bench),
+            (Some(1 << 20), BenchMode::Skip)
+        );
+        let err = WorkerArgs::try_parse_from(["strata-worker", "--max-memory", "20QB"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("invalid value '20QB' for '--max-memory <SIZE>'")
+                && err.contains("unknown unit"),
+            "{err}"
+        );
+        let err = WorkerArgs::try_parse_from(["strata-worker", "--reserve", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`lots`: not a number followed by a unit"),
+            "{err}"
+        );
         assert!(WorkerArgs::try_parse_from(["strata-worker", "--rebench", "--no-bench"]).is_err());
     }
 
@@ -302,11 +340,27 @@ mod tests {
     fn no_subcommand_serves_and_devices_takes_the_worker_flags() {
         let cli = Cli::parse_from(["strata-worker", "--threads", "2", "--max-memory", "1GiB"]);
         assert!(cli.command.is_none());
-        assert_eq!((cli.serve.threads, cli.serve.max_memory), (Some(2), Some(1 << 30)));
-        let cli = Cli::parse_from(["strata-worker", "devices", "--json", "--device", "cuda:1", "--reserve", "2GiB"]);
-        let Some(Command::Devices(d)) = cli.command else { panic!("not the devices subcommand") };
+        assert_eq!(
+            (cli.serve.threads, cli.serve.max_memory),
+            (Some(2), Some(1 << 30))
+        );
+        let cli = Cli::parse_from([
+            "strata-worker",
+            "devices",
+            "--json",
+            "--device",
+            "cuda:1",
+            "--reserve",
+            "2GiB",
+        ]);
+        let Some(Command::Devices(d)) = cli.command else {
+            panic!("not the devices subcommand")
+        };
         assert!(d.json && !d.bench);
-        assert_eq!((d.worker.device.as_str(), d.worker.reserve), ("cuda:1", Some(2 << 30)));
+        assert_eq!(
+            (d.worker.device.as_str(), d.worker.reserve),
+            ("cuda:1", Some(2 << 30))
+        );
     }
 
     #[test]

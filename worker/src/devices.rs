@@ -45,7 +45,10 @@ pub struct GpuInfo {
 impl GpuInfo {
     /// `8.6`.
     pub fn capability(&self) -> String {
-        format!("{}.{}", self.compute_capability.0, self.compute_capability.1)
+        format!(
+            "{}.{}",
+            self.compute_capability.0, self.compute_capability.1
+        )
     }
 }
 
@@ -73,7 +76,11 @@ pub fn detect(free: FreeMemory) -> Inventory {
         Ok(gpus) => (gpus, None),
         Err(why) => (Vec::new(), Some(why)),
     };
-    Inventory { cpu: cpu_info(), gpus, cuda_unavailable }
+    Inventory {
+        cpu: cpu_info(),
+        gpus,
+        cuda_unavailable,
+    }
 }
 
 pub fn cpu_info() -> CpuInfo {
@@ -93,7 +100,9 @@ pub fn cpu_info() -> CpuInfo {
 
 /// Total and available memory from /proc/meminfo (zeros where unknown).
 pub fn memory_info() -> (u64, u64) {
-    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else { return (0, 0) };
+    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
+        return (0, 0);
+    };
     let field = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name))
@@ -107,7 +116,10 @@ pub fn memory_info() -> (u64, u64) {
 fn cpu_name(cpuinfo: &str) -> Option<String> {
     cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name").or_else(|| l.strip_prefix("Hardware")))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .or_else(|| l.strip_prefix("Hardware"))
+        })
         .and_then(|rest| rest.split_once(':'))
         .map(|(_, name)| name.trim().to_string())
         .filter(|name| !name.is_empty())
@@ -118,7 +130,11 @@ fn physical_cores(cpuinfo: &str) -> Option<usize> {
     let mut cores = std::collections::BTreeSet::new();
     for block in cpuinfo.split("\n\n") {
         let field = |name: &str| {
-            block.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim())
+            block
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim())
         };
         if let (Some(package), Some(core)) = (field("physical id"), field("core id")) {
             cores.insert((package.to_string(), core.to_string()));
@@ -178,7 +194,10 @@ mod cuda {
     /// The GPUs the driver sees (after `CUDA_VISIBLE_DEVICES`), or why there are none.
     pub fn devices(free: FreeMemory) -> Result<Vec<GpuInfo>, String> {
         if !driver_present() {
-            return Err(format!("no CUDA driver ({} not found)", LIBRARIES.join(", ")));
+            return Err(format!(
+                "no CUDA driver ({} not found)",
+                LIBRARIES.join(", ")
+            ));
         }
         match catch_unwind(AssertUnwindSafe(|| query(free))) {
             Ok(Ok(gpus)) if gpus.is_empty() => Err("the CUDA driver sees no device".into()),
@@ -206,9 +225,18 @@ mod cuda {
             let (total, major, minor, timeout) = unsafe {
                 (
                     result::device::total_mem(device)?,
-                    result::device::get_attribute(device, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-                    result::device::get_attribute(device, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
-                    result::device::get_attribute(device, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_KERNEL_EXEC_TIMEOUT)?,
+                    result::device::get_attribute(
+                        device,
+                        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                    )?,
+                    result::device::get_attribute(
+                        device,
+                        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                    )?,
+                    result::device::get_attribute(
+                        device,
+                        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_KERNEL_EXEC_TIMEOUT,
+                    )?,
                 )
             };
             let ordinal = ordinal as u32;
@@ -250,8 +278,15 @@ mod tests {
 
     #[test]
     fn cpuinfo_gives_the_name_and_the_physical_cores() {
-        assert_eq!(cpu_name(CPUINFO).as_deref(), Some("Intel(R) Xeon(R) Processor"));
-        assert_eq!(physical_cores(CPUINFO), Some(2), "two hardware threads share core 0");
+        assert_eq!(
+            cpu_name(CPUINFO).as_deref(),
+            Some("Intel(R) Xeon(R) Processor")
+        );
+        assert_eq!(
+            physical_cores(CPUINFO),
+            Some(2),
+            "two hardware threads share core 0"
+        );
         assert_eq!(physical_cores("processor\t: 0\nBogoMIPS\t: 50.00\n"), None);
         assert_eq!(cpu_name("processor\t: 0\n"), None);
     }
@@ -259,10 +294,20 @@ mod tests {
     #[test]
     fn this_machine_has_a_cpu_with_memory() {
         let cpu = cpu_info();
-        assert!(cpu.logical_cores >= 1 && cpu.physical_cores >= 1 && cpu.physical_cores <= cpu.logical_cores);
-        assert!(cpu.total_memory_bytes > 0 && cpu.available_memory_bytes <= cpu.total_memory_bytes, "{cpu:?}");
+        assert!(
+            cpu.logical_cores >= 1
+                && cpu.physical_cores >= 1
+                && cpu.physical_cores <= cpu.logical_cores
+        );
+        assert!(
+            cpu.total_memory_bytes > 0 && cpu.available_memory_bytes <= cpu.total_memory_bytes,
+            "{cpu:?}"
+        );
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(cpu.features.contains(&"avx2"), std::arch::is_x86_feature_detected!("avx2"));
+        assert_eq!(
+            cpu.features.contains(&"avx2"),
+            std::arch::is_x86_feature_detected!("avx2")
+        );
     }
 
     /// Where there is no driver (CI, this build machine), detection reports no GPU and
@@ -278,7 +323,10 @@ mod tests {
             None => {
                 assert!(!found.gpus.is_empty());
                 for gpu in &found.gpus {
-                    assert!(gpu.total_memory_bytes > 0 && gpu.compute_capability.0 >= 3, "{gpu:?}");
+                    assert!(
+                        gpu.total_memory_bytes > 0 && gpu.compute_capability.0 >= 3,
+                        "{gpu:?}"
+                    );
                 }
             }
         }

@@ -78,7 +78,10 @@ pub async fn run(
     };
     profile.log();
     config.profile = Some(profile);
-    let address = config.advertise.clone().unwrap_or_else(|| advertised_address(local));
+    let address = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| advertised_address(local));
     let (stop_tx, stop_rx) = watch::channel(false);
     let service = WorkerService::new(config.clone(), address.clone(), stop_rx.clone());
     tracing::info!(%address, name = %config.name, "worker serving");

@@ -41,11 +41,19 @@ pub enum ProfileError {
         format_bytes(*reserve),
         format_bytes(*basis_bytes)
     )]
-    ReserveTooLarge { device: String, reserve: u64, basis: &'static str, basis_bytes: u64 },
+    ReserveTooLarge {
+        device: String,
+        reserve: u64,
+        basis: &'static str,
+        basis_bytes: u64,
+    },
     #[error("{device} offers no memory (--max-memory is 0)")]
     NothingOffered { device: String },
     #[error("cannot open the compute lock {path}: {source}")]
-    ComputeLock { path: std::path::PathBuf, source: std::io::Error },
+    ComputeLock {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("the device probe did not finish: {0}")]
     Task(String),
 }
@@ -71,10 +79,17 @@ impl Offer {
     ) -> Result<Self, ProfileError> {
         let reserve = limits.reserve.unwrap_or(default_reserve);
         if limits.max_memory == Some(0) {
-            return Err(ProfileError::NothingOffered { device: device.into() });
+            return Err(ProfileError::NothingOffered {
+                device: device.into(),
+            });
         }
         if reserve >= basis_bytes {
-            return Err(ProfileError::ReserveTooLarge { device: device.into(), reserve, basis, basis_bytes });
+            return Err(ProfileError::ReserveTooLarge {
+                device: device.into(),
+                reserve,
+                basis,
+                basis_bytes,
+            });
         }
         Ok(Self {
             basis_bytes,
@@ -149,9 +164,18 @@ impl Profile {
             Some(n) => gpu_offer(&inventory, n, &config.device, config.memory)?,
         };
         let (dtype, threads) = bench_settings(config);
-        let bench =
-            BenchReport { dtype: format!("{dtype:?}"), threads, bytes_per_second: 0.0, source: BenchSource::Skipped };
-        Ok(Self { device, offer, bench, inventory })
+        let bench = BenchReport {
+            dtype: format!("{dtype:?}"),
+            threads,
+            bytes_per_second: 0.0,
+            source: BenchSource::Skipped,
+        };
+        Ok(Self {
+            device,
+            offer,
+            bench,
+            inventory,
+        })
     }
 
     /// Everything a serving worker needs at start: detection, the offer, and the
@@ -169,12 +193,25 @@ impl Profile {
     /// Runs (or looks up) the benchmark by `mode`.
     pub fn bench(&mut self, config: &WorkerConfig, mode: BenchMode) -> Result<(), ProfileError> {
         let (dtype, threads) = bench_settings(config);
-        let key_threads = if self.device.device == "cpu" { threads } else { 0 };
-        let key = BenchKey::new(format!("{} {}", self.device.device, self.device.name), dtype, key_threads);
+        let key_threads = if self.device.device == "cpu" {
+            threads
+        } else {
+            0
+        };
+        let key = BenchKey::new(
+            format!("{} {}", self.device.device, self.device.name),
+            dtype,
+            key_threads,
+        );
         let lock = match &config.compute_lock {
-            Some(path) => Some(
-                ComputeLock::open(path).map_err(|source| ProfileError::ComputeLock { path: path.clone(), source })?,
-            ),
+            Some(path) => {
+                Some(
+                    ComputeLock::open(path).map_err(|source| ProfileError::ComputeLock {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         let (bytes_per_second, source) =
@@ -187,7 +224,12 @@ impl Profile {
         if let BenchSource::Failed(why) = &source {
             tracing::warn!(device = %config.device, error = %why, "self-benchmark failed; bandwidth unknown");
         }
-        self.bench = BenchReport { dtype: format!("{dtype:?}"), threads, bytes_per_second, source };
+        self.bench = BenchReport {
+            dtype: format!("{dtype:?}"),
+            threads,
+            bytes_per_second,
+            source,
+        };
         Ok(())
     }
 
@@ -200,7 +242,11 @@ impl Profile {
             Some(_) => d.free_memory_bytes,
         };
         v1::Device {
-            kind: if ordinal.is_some() { v1::DeviceKind::Cuda } else { v1::DeviceKind::Cpu } as i32,
+            kind: if ordinal.is_some() {
+                v1::DeviceKind::Cuda
+            } else {
+                v1::DeviceKind::Cpu
+            } as i32,
             ordinal: ordinal.unwrap_or(0),
             name: d.name.clone(),
             total_memory_bytes: d.total_memory_bytes,
@@ -224,7 +270,12 @@ impl Profile {
             format_bytes(d.total_memory_bytes),
             self.bench.describe()
         );
-        for gpu in self.inventory.gpus.iter().filter(|g| Some(g.ordinal) != devices::cuda_ordinal(&d.device)) {
+        for gpu in self
+            .inventory
+            .gpus
+            .iter()
+            .filter(|g| Some(g.ordinal) != devices::cuda_ordinal(&d.device))
+        {
             tracing::info!(
                 "also on this machine: cuda:{} {} ({}, compute {}); start another worker with --device cuda:{} to use it",
                 gpu.ordinal,
@@ -247,7 +298,11 @@ impl Profile {
                 cpu.name,
                 cpu.physical_cores,
                 cpu.logical_cores,
-                if cpu.features.is_empty() { "no vector extensions we use".into() } else { cpu.features.join(",") }
+                if cpu.features.is_empty() {
+                    "no vector extensions we use".into()
+                } else {
+                    cpu.features.join(",")
+                }
             ),
             format!(
                 "memory   {}, {} available",
@@ -256,8 +311,15 @@ impl Profile {
             ),
         ];
         for gpu in &self.inventory.gpus {
-            let free = gpu.free_memory_bytes.map(|f| format!(", {} free", format_bytes(f))).unwrap_or_default();
-            let display = if gpu.drives_display { ", drives a display" } else { "" };
+            let free = gpu
+                .free_memory_bytes
+                .map(|f| format!(", {} free", format_bytes(f)))
+                .unwrap_or_default();
+            let display = if gpu.drives_display {
+                ", drives a display"
+            } else {
+                ""
+            };
             lines.push(format!(
                 "cuda:{:<3} {}: compute {}, {}{free}{display}",
                 gpu.ordinal,
@@ -270,7 +332,10 @@ impl Profile {
             lines.push(format!("gpus     none: {why}"));
         }
         let o = &self.offer;
-        let cap = o.max_memory_bytes.map(|m| format!(", at most {}", format_bytes(m))).unwrap_or_default();
+        let cap = o
+            .max_memory_bytes
+            .map(|m| format!(", at most {}", format_bytes(m)))
+            .unwrap_or_default();
         lines.push(format!(
             "offers   {} of {} ({}): {} less a {} reserve{cap}",
             format_bytes(o.offered_bytes),
@@ -295,9 +360,16 @@ impl BenchReport {
             BenchSource::Cached => "cached".to_string(),
             BenchSource::Measured => "measured now".to_string(),
             BenchSource::Skipped => return "bandwidth unknown (not benchmarked)".into(),
-            BenchSource::Failed(why) => return format!("bandwidth unknown (the benchmark failed: {why})"),
+            BenchSource::Failed(why) => {
+                return format!("bandwidth unknown (the benchmark failed: {why})")
+            }
         };
-        format!("reads {} weights at {:.1} GB/s ({} threads, {how})", self.dtype, self.bytes_per_second / 1e9, self.threads)
+        format!(
+            "reads {} weights at {:.1} GB/s ({} threads, {how})",
+            self.dtype,
+            self.bytes_per_second / 1e9,
+            self.threads
+        )
     }
 }
 
@@ -324,10 +396,25 @@ fn cpu_offer(cpu: &CpuInfo, limits: MemoryLimits) -> Result<(DeviceReport, Offer
     let offer = if cpu.total_memory_bytes == 0 {
         // No /proc/meminfo (not Linux): only an explicit maximum says what to offer.
         let max = limits.max_memory.ok_or(ProfileError::UnknownMemory)?;
-        Offer::new("cpu", "memory", max, 0, MemoryLimits { reserve: Some(0), ..limits })?
+        Offer::new(
+            "cpu",
+            "memory",
+            max,
+            0,
+            MemoryLimits {
+                reserve: Some(0),
+                ..limits
+            },
+        )?
     } else {
         let reserve = cpu_reserve(cpu.total_memory_bytes);
-        Offer::new("cpu", "available memory", cpu.available_memory_bytes, reserve, limits)?
+        Offer::new(
+            "cpu",
+            "available memory",
+            cpu.available_memory_bytes,
+            reserve,
+            limits,
+        )?
     };
     Ok((device, offer))
 }
@@ -343,7 +430,10 @@ fn gpu_offer(
             Some(why) => why.clone(),
             None => format!("found {}", inventory.gpus.len()),
         };
-        return Err(ProfileError::NoSuchGpu { device: spec.into(), why });
+        return Err(ProfileError::NoSuchGpu {
+            device: spec.into(),
+            why,
+        });
     };
     let device = DeviceReport {
         device: format!("cuda:{ordinal}"),
@@ -352,7 +442,13 @@ fn gpu_offer(
         free_memory_bytes: gpu.free_memory_bytes.unwrap_or(0),
         capability: gpu.capability(),
     };
-    let offer = Offer::new(&device.device, "total memory", gpu.total_memory_bytes, gpu_reserve(gpu), limits)?;
+    let offer = Offer::new(
+        &device.device,
+        "total memory",
+        gpu.total_memory_bytes,
+        gpu_reserve(gpu),
+        limits,
+    )?;
     Ok((device, offer))
 }
 
@@ -387,50 +483,115 @@ mod tests {
     }
 
     fn limits(max: Option<u64>, reserve: Option<u64>) -> MemoryLimits {
-        MemoryLimits { max_memory: max, reserve }
+        MemoryLimits {
+            max_memory: max,
+            reserve,
+        }
     }
 
     #[test]
     fn a_gpu_offers_its_total_less_the_reserve_capped_by_the_maximum() {
         let offered = |inv: &Inventory, l| gpu_offer(inv, 0, "cuda:0", l).unwrap().1.offered_bytes;
-        assert_eq!(offered(&gpu(24 * GIB, false), limits(None, None)), 24 * GIB - 512 * MIB);
-        assert_eq!(offered(&gpu(24 * GIB, true), limits(None, None)), 23 * GIB, "a desktop keeps 1 GiB");
-        assert_eq!(offered(&gpu(24 * GIB, true), limits(Some(20 * GIB), Some(4 * GIB))), 20 * GIB);
-        assert_eq!(offered(&gpu(24 * GIB, true), limits(Some(22 * GIB), Some(4 * GIB))), 20 * GIB);
+        assert_eq!(
+            offered(&gpu(24 * GIB, false), limits(None, None)),
+            24 * GIB - 512 * MIB
+        );
+        assert_eq!(
+            offered(&gpu(24 * GIB, true), limits(None, None)),
+            23 * GIB,
+            "a desktop keeps 1 GiB"
+        );
+        assert_eq!(
+            offered(&gpu(24 * GIB, true), limits(Some(20 * GIB), Some(4 * GIB))),
+            20 * GIB
+        );
+        assert_eq!(
+            offered(&gpu(24 * GIB, true), limits(Some(22 * GIB), Some(4 * GIB))),
+            20 * GIB
+        );
         let (device, _) = gpu_offer(&gpu(24 * GIB, false), 0, "cuda", limits(None, None)).unwrap();
-        assert_eq!((device.device.as_str(), device.capability.as_str()), ("cuda:0", "8.6"));
+        assert_eq!(
+            (device.device.as_str(), device.capability.as_str()),
+            ("cuda:0", "8.6")
+        );
     }
 
     #[test]
     fn the_cpu_offers_available_ram_less_the_reserve() {
         let offered = |c: &CpuInfo, l| cpu_offer(c, l).unwrap().1.offered_bytes;
-        assert_eq!(offered(&cpu(32 * GIB, 20 * GIB), limits(None, None)), 20 * GIB - 32 * GIB / 10);
-        assert_eq!(offered(&cpu(2 * GIB, 2 * GIB), limits(None, None)), 2 * GIB - 512 * MIB, "at least 512 MiB kept");
-        assert_eq!(offered(&cpu(256 * GIB, 200 * GIB), limits(None, None)), 196 * GIB, "at most 4 GiB kept");
-        assert_eq!(offered(&cpu(32 * GIB, 20 * GIB), limits(Some(64 * MIB), None)), 64 * MIB);
-        assert_eq!(offered(&cpu(32 * GIB, 20 * GIB), limits(None, Some(0))), 20 * GIB);
-        assert_eq!(offered(&cpu(0, 0), limits(Some(GIB), None)), GIB, "unknown RAM: the maximum is the offer");
+        assert_eq!(
+            offered(&cpu(32 * GIB, 20 * GIB), limits(None, None)),
+            20 * GIB - 32 * GIB / 10
+        );
+        assert_eq!(
+            offered(&cpu(2 * GIB, 2 * GIB), limits(None, None)),
+            2 * GIB - 512 * MIB,
+            "at least 512 MiB kept"
+        );
+        assert_eq!(
+            offered(&cpu(256 * GIB, 200 * GIB), limits(None, None)),
+            196 * GIB,
+            "at most 4 GiB kept"
+        );
+        assert_eq!(
+            offered(&cpu(32 * GIB, 20 * GIB), limits(Some(64 * MIB), None)),
+            64 * MIB
+        );
+        assert_eq!(
+            offered(&cpu(32 * GIB, 20 * GIB), limits(None, Some(0))),
+            20 * GIB
+        );
+        assert_eq!(
+            offered(&cpu(0, 0), limits(Some(GIB), None)),
+            GIB,
+            "unknown RAM: the maximum is the offer"
+        );
     }
 
     #[test]
     fn offers_of_nothing_are_refused_with_a_reason() {
-        let err = cpu_offer(&cpu(32 * GIB, 20 * GIB), limits(None, Some(20 * GIB))).unwrap_err().to_string();
+        let err = cpu_offer(&cpu(32 * GIB, 20 * GIB), limits(None, Some(20 * GIB)))
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "a reserve of 20.0 GiB leaves nothing of the 20.0 GiB available memory of cpu; pass a smaller --reserve");
-        let err = gpu_offer(&gpu(8 * GIB, false), 0, "cuda:0", limits(None, Some(9 * GIB))).unwrap_err().to_string();
+        let err = gpu_offer(
+            &gpu(8 * GIB, false),
+            0,
+            "cuda:0",
+            limits(None, Some(9 * GIB)),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("8.0 GiB total memory of cuda:0"), "{err}");
-        let err = cpu_offer(&cpu(32 * GIB, 20 * GIB), limits(Some(0), None)).unwrap_err().to_string();
+        let err = cpu_offer(&cpu(32 * GIB, 20 * GIB), limits(Some(0), None))
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "cpu offers no memory (--max-memory is 0)");
-        assert!(matches!(cpu_offer(&cpu(0, 0), limits(None, None)), Err(ProfileError::UnknownMemory)));
+        assert!(matches!(
+            cpu_offer(&cpu(0, 0), limits(None, None)),
+            Err(ProfileError::UnknownMemory)
+        ));
         // A tiny machine whose default reserve is all it has.
-        assert!(matches!(cpu_offer(&cpu(GIB, 400 * MIB), limits(None, None)), Err(ProfileError::ReserveTooLarge { .. })));
+        assert!(matches!(
+            cpu_offer(&cpu(GIB, 400 * MIB), limits(None, None)),
+            Err(ProfileError::ReserveTooLarge { .. })
+        ));
     }
 
     #[test]
     fn a_missing_gpu_is_named_with_the_reason() {
-        let none = Inventory { gpus: Vec::new(), cuda_unavailable: Some("no CUDA driver".into()), ..gpu(GIB, false) };
-        let err = gpu_offer(&none, 0, "cuda:0", MemoryLimits::default()).unwrap_err().to_string();
+        let none = Inventory {
+            gpus: Vec::new(),
+            cuda_unavailable: Some("no CUDA driver".into()),
+            ..gpu(GIB, false)
+        };
+        let err = gpu_offer(&none, 0, "cuda:0", MemoryLimits::default())
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "--device cuda:0: no such CUDA device (no CUDA driver)");
-        let err = gpu_offer(&gpu(GIB, false), 1, "cuda:1", MemoryLimits::default()).unwrap_err().to_string();
+        let err = gpu_offer(&gpu(GIB, false), 1, "cuda:1", MemoryLimits::default())
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "--device cuda:1: no such CUDA device (found 1)");
     }
 

@@ -71,7 +71,12 @@ impl BenchSize {
     /// 50 MB L2. 4096 inputs divide into every quantized block.
     pub fn for_device(device: &Device) -> Self {
         let matrix_bytes = if device.is_cpu() { 32 << 20 } else { 64 << 20 };
-        Self { matrices: 4, matrix_bytes, cols: 4096, duration: Duration::from_millis(100) }
+        Self {
+            matrices: 4,
+            matrix_bytes,
+            cols: 4096,
+            duration: Duration::from_millis(100),
+        }
     }
 }
 
@@ -87,7 +92,11 @@ pub struct Measurement {
 
 /// Runs the benchmark on `device`. `candle`'s pool must already be sized
 /// (`CANDLE_NUM_THREADS`), as it is for the worker's own compute.
-pub fn measure(device: &Device, dtype: GgmlDType, size: BenchSize) -> Result<Measurement, BenchError> {
+pub fn measure(
+    device: &Device,
+    dtype: GgmlDType,
+    size: BenchSize,
+) -> Result<Measurement, BenchError> {
     let setup = Instant::now();
     let block = dtype.block_size();
     let cols = size.cols.div_ceil(block) * block;
@@ -96,7 +105,10 @@ pub fn measure(device: &Device, dtype: GgmlDType, size: BenchSize) -> Result<Mea
     // matrix would take longer than the measurement.
     const TILE: usize = 64;
     let rows = (size.matrix_bytes / row_bytes).div_ceil(TILE).max(1) * TILE;
-    let tile = QTensor::quantize(&Tensor::randn(0f32, 1f32, (TILE, cols), &Device::Cpu)?, dtype)?;
+    let tile = QTensor::quantize(
+        &Tensor::randn(0f32, 1f32, (TILE, cols), &Device::Cpu)?,
+        dtype,
+    )?;
     let tile = tile.data()?;
     let mut bytes = Vec::with_capacity(tile.len() * rows / TILE);
     for _ in 0..rows / TILE {
@@ -131,7 +143,11 @@ pub fn measure(device: &Device, dtype: GgmlDType, size: BenchSize) -> Result<Mea
         return Err(BenchError::Empty);
     }
     tracing::debug!(?setup, passes, best_pass = ?Duration::from_secs_f64(best), pass_bytes, "self-benchmark");
-    Ok(Measurement { bytes_per_second, pass_bytes, passes })
+    Ok(Measurement {
+        bytes_per_second,
+        pass_bytes,
+        passes,
+    })
 }
 
 /// The type most of the model's layer tensors have (`blk.N.*`, by count: a
@@ -139,7 +155,9 @@ pub fn measure(device: &Device, dtype: GgmlDType, size: BenchSize) -> Result<Mea
 pub fn model_dtype(model: &ModelFile) -> Option<GgmlDType> {
     let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
     for name in model.tensor_names().filter(|n| n.starts_with("blk.")) {
-        let Some(dtype) = model.tensor_dtype(name) else { continue };
+        let Some(dtype) = model.tensor_dtype(name) else {
+            continue;
+        };
         match counts.iter_mut().find(|(d, _)| *d == dtype) {
             Some((_, n)) => *n += 1,
             None => counts.push((dtype, 1)),
@@ -164,7 +182,12 @@ pub struct BenchKey {
 
 impl BenchKey {
     pub fn new(device: String, dtype: GgmlDType, threads: usize) -> Self {
-        Self { device, dtype: format!("{dtype:?}"), threads, version: env!("CARGO_PKG_VERSION").into() }
+        Self {
+            device,
+            dtype: format!("{dtype:?}"),
+            threads,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
     }
 }
 
@@ -188,12 +211,18 @@ pub struct BenchCache {
 
 impl BenchCache {
     pub fn in_dir(dir: &Path) -> Self {
-        Self { path: dir.join(CACHE_FILE) }
+        Self {
+            path: dir.join(CACHE_FILE),
+        }
     }
 
     /// The cached figure for `key`; `None` when there is none or the file is unreadable.
     pub fn get(&self, key: &BenchKey) -> Option<f64> {
-        self.read().entries.into_iter().find(|e| e.key == *key).map(|e| e.bytes_per_second)
+        self.read()
+            .entries
+            .into_iter()
+            .find(|e| e.key == *key)
+            .map(|e| e.bytes_per_second)
     }
 
     /// Stores (or replaces) the figure for `key`; written whole and renamed into
@@ -201,17 +230,25 @@ impl BenchCache {
     pub fn put(&self, key: &BenchKey, bytes_per_second: f64) -> std::io::Result<()> {
         let mut file = self.read();
         file.entries.retain(|e| e.key != *key);
-        file.entries.push(CacheEntry { key: key.clone(), bytes_per_second });
+        file.entries.push(CacheEntry {
+            key: key.clone(),
+            bytes_per_second,
+        });
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let tmp = self.path.with_extension(format!("json.{}.tmp", std::process::id()));
+        let tmp = self
+            .path
+            .with_extension(format!("json.{}.tmp", std::process::id()));
         std::fs::write(&tmp, serde_json::to_vec_pretty(&file)?)?;
         std::fs::rename(&tmp, &self.path)
     }
 
     fn read(&self) -> CacheFile {
-        std::fs::read(&self.path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+        std::fs::read(&self.path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 }
 
@@ -251,7 +288,10 @@ pub fn bandwidth(
             (m.bytes_per_second, BenchSource::Measured)
         }
         // candle appends a backtrace to some messages; the first line says it.
-        Err(e) => (0.0, BenchSource::Failed(e.to_string().lines().next().unwrap_or_default().to_string())),
+        Err(e) => (
+            0.0,
+            BenchSource::Failed(e.to_string().lines().next().unwrap_or_default().to_string()),
+        ),
     }
 }
 
@@ -264,26 +304,50 @@ mod tests {
     use super::*;
 
     fn tiny() -> BenchSize {
-        BenchSize { matrices: 2, matrix_bytes: 64 << 10, cols: 256, duration: Duration::from_millis(5) }
+        BenchSize {
+            matrices: 2,
+            matrix_bytes: 64 << 10,
+            cols: 256,
+            duration: Duration::from_millis(5),
+        }
     }
 
     #[test]
     fn a_tiny_run_gives_a_positive_finite_figure() {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::F16] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::F16,
+        ] {
             let m = measure(&Device::Cpu, dtype, tiny()).unwrap();
-            assert!(m.bytes_per_second.is_finite() && m.bytes_per_second > 0.0, "{dtype:?}: {m:?}");
+            assert!(
+                m.bytes_per_second.is_finite() && m.bytes_per_second > 0.0,
+                "{dtype:?}: {m:?}"
+            );
             assert!(m.passes >= 3);
             // 2 matrices of 64 KiB each, give or take one 64-row tile.
-            assert!(m.pass_bytes >= 2 * (64 << 10) && m.pass_bytes < 4 * (64 << 10), "{dtype:?}: {m:?}");
+            assert!(
+                m.pass_bytes >= 2 * (64 << 10) && m.pass_bytes < 4 * (64 << 10),
+                "{dtype:?}: {m:?}"
+            );
         }
     }
 
     #[test]
     fn the_model_dtype_is_that_of_most_layer_tensors() {
         let dir = tempfile::tempdir().unwrap();
-        let model = SyntheticModel { dtype: GgmlDType::Q4_1, ..SyntheticModel::tiny() };
+        let model = SyntheticModel {
+            dtype: GgmlDType::Q4_1,
+            ..SyntheticModel::tiny()
+        };
         let file = ModelFile::open(model.write_to(dir.path()).unwrap()).unwrap();
-        assert_eq!(model_dtype(&file), Some(GgmlDType::Q4_1), "the norms are F32 but fewer");
+        assert_eq!(
+            model_dtype(&file),
+            Some(GgmlDType::Q4_1),
+            "the norms are F32 but fewer"
+        );
     }
 
     #[test]
@@ -304,7 +368,11 @@ mod tests {
         }
         cache.put(&others[0], 7e9).unwrap();
         cache.put(&key, 2e10).unwrap();
-        assert_eq!((cache.get(&key), cache.get(&others[0])), (Some(2e10), Some(7e9)), "replaced, not duplicated");
+        assert_eq!(
+            (cache.get(&key), cache.get(&others[0])),
+            (Some(2e10), Some(7e9)),
+            "replaced, not duplicated"
+        );
         std::fs::write(dir.path().join("nested").join(CACHE_FILE), "not json").unwrap();
         assert_eq!(cache.get(&key), None, "a damaged file is a miss");
         cache.put(&key, 3e10).unwrap();
@@ -321,17 +389,46 @@ mod tests {
             let runs = &runs;
             move || {
                 runs.set(runs.get() + 1);
-                Ok(Measurement { bytes_per_second: bps, pass_bytes: 1, passes: 3 })
+                Ok(Measurement {
+                    bytes_per_second: bps,
+                    pass_bytes: 1,
+                    passes: 3,
+                })
             }
         };
-        assert_eq!(bandwidth(BenchMode::Skip, &cache, &key, run(1.0)), (0.0, BenchSource::Skipped));
-        assert_eq!(bandwidth(BenchMode::Cached, &cache, &key, run(5.0)), (5.0, BenchSource::Measured));
-        assert_eq!(bandwidth(BenchMode::Cached, &cache, &key, run(6.0)), (5.0, BenchSource::Cached));
-        assert_eq!(bandwidth(BenchMode::Rerun, &cache, &key, run(7.0)), (7.0, BenchSource::Measured));
-        assert_eq!(bandwidth(BenchMode::Cached, &cache, &key, run(8.0)), (7.0, BenchSource::Cached));
+        assert_eq!(
+            bandwidth(BenchMode::Skip, &cache, &key, run(1.0)),
+            (0.0, BenchSource::Skipped)
+        );
+        assert_eq!(
+            bandwidth(BenchMode::Cached, &cache, &key, run(5.0)),
+            (5.0, BenchSource::Measured)
+        );
+        assert_eq!(
+            bandwidth(BenchMode::Cached, &cache, &key, run(6.0)),
+            (5.0, BenchSource::Cached)
+        );
+        assert_eq!(
+            bandwidth(BenchMode::Rerun, &cache, &key, run(7.0)),
+            (7.0, BenchSource::Measured)
+        );
+        assert_eq!(
+            bandwidth(BenchMode::Cached, &cache, &key, run(8.0)),
+            (7.0, BenchSource::Cached)
+        );
         assert_eq!(runs.get(), 2);
         let (bps, source) = bandwidth(BenchMode::Rerun, &cache, &key, || Err(BenchError::Empty));
-        assert_eq!((bps, source), (0.0, BenchSource::Failed("the benchmark measured nothing".into())));
-        assert_eq!(cache.get(&key), Some(7.0), "a failure leaves the cached figure alone");
+        assert_eq!(
+            (bps, source),
+            (
+                0.0,
+                BenchSource::Failed("the benchmark measured nothing".into())
+            )
+        );
+        assert_eq!(
+            cache.get(&key),
+            Some(7.0),
+            "a failure leaves the cached figure alone"
+        );
     }
 }

@@ -688,39 +688,88 @@ async fn the_binary_offers_what_max_memory_allows() -> anyhow::Result<()> {
     let cache_dir = cache.path().display().to_string();
 
     let mut child = tokio::process::Command::new(binary)
-        .args(["--listen", "127.0.0.1:0", "--max-memory", "64MiB", "--no-bench", "--threads", "1"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--max-memory",
+            "64MiB",
+            "--no-bench",
+            "--threads",
+            "1",
+        ])
         .args(["--cache-dir", &cache_dir])
         .env("STRATA_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().context("no stdout")?).lines();
-    let line = tokio::time::timeout(DEADLINE, lines.next_line()).await.context("no listening line in time")??;
+    let line = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .context("no listening line in time")??;
     let line = line.context("the worker exited before listening")?;
-    let address = line.split_once("grpc=").context("no grpc= in the line")?.1.trim().to_string();
-    let description = client(&address).await.describe(v1::DescribeRequest {}).await?.into_inner();
+    let address = line
+        .split_once("grpc=")
+        .context("no grpc= in the line")?
+        .1
+        .trim()
+        .to_string();
+    let description = client(&address)
+        .await
+        .describe(v1::DescribeRequest {})
+        .await?
+        .into_inner();
     child.kill().await?;
     assert_eq!(description.memory_offered_bytes, OFFER);
-    let [device] = description.devices.as_slice() else { bail!("one device expected: {:?}", description.devices) };
+    let [device] = description.devices.as_slice() else {
+        bail!("one device expected: {:?}", description.devices)
+    };
     assert_eq!(device.kind, v1::DeviceKind::Cpu as i32);
-    assert_eq!(device.memory_bandwidth_bytes_per_second, 0.0, "not benchmarked: unknown");
-    assert!(device.total_memory_bytes >= OFFER && !device.name.is_empty(), "{device:?}");
+    assert_eq!(
+        device.memory_bandwidth_bytes_per_second, 0.0,
+        "not benchmarked: unknown"
+    );
+    assert!(
+        device.total_memory_bytes >= OFFER && !device.name.is_empty(),
+        "{device:?}"
+    );
 
     let out = tokio::process::Command::new(binary)
-        .args(["devices", "--json", "--max-memory", "64MiB", "--cache-dir", &cache_dir])
+        .args([
+            "devices",
+            "--json",
+            "--max-memory",
+            "64MiB",
+            "--cache-dir",
+            &cache_dir,
+        ])
         .output()
         .await?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(json["offer"]["offered_bytes"], OFFER, "{json}");
     assert_eq!(json["device"]["device"], "cpu", "{json}");
 
     let out = tokio::process::Command::new(binary)
-        .args(["--listen", "127.0.0.1:0", "--reserve", "1000TiB", "--no-bench", "--cache-dir", &cache_dir])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--reserve",
+            "1000TiB",
+            "--no-bench",
+            "--cache-dir",
+            &cache_dir,
+        ])
         .output()
         .await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("pass a smaller --reserve"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("pass a smaller --reserve"),
+        "{stderr}"
+    );
     assert!(out.stdout.is_empty(), "it must not start listening");
     Ok(())
 }

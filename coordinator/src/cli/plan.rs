@@ -79,8 +79,18 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     };
     let model = load_model(&args.model)?;
     let limits = MemoryLimits {
-        max_memory: args.max_memory.as_deref().map(parse_bytes).transpose().context("--max-memory")?,
-        reserve: args.reserve.as_deref().map(parse_bytes).transpose().context("--reserve")?,
+        max_memory: args
+            .max_memory
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .context("--max-memory")?,
+        reserve: args
+            .reserve
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .context("--reserve")?,
     };
     if !(args.link_latency_ms.is_finite() && args.link_latency_ms >= 0.0) {
         bail!("--link-latency-ms must be a number of milliseconds, 0 or more");

@@ -30,10 +30,10 @@ use serde::Serialize;
 
 pub use model::ModelSpec;
 pub use node::{DeviceSpec, MemoryLimits, NodeSpec, NodeSpecError};
-/// Sizes print the same everywhere; the coordinator's code takes it from here.
-pub use strata_proto::units::format_bytes;
 pub use overrides::{parse_layers, OverrideError};
 use search::{Placement, Problem};
+/// Sizes print the same everywhere; the coordinator's code takes it from here.
+pub use strata_proto::units::format_bytes;
 
 /// What the plan must hold beyond the weights, and the costs it assumes.
 #[derive(Debug, Clone, PartialEq)]

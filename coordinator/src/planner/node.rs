@@ -180,7 +180,10 @@ fn known_devices() -> String {
 
 impl From<QuantityError> for NodeSpecError {
     fn from(e: QuantityError) -> Self {
-        Self::BadQuantity { text: e.text, reason: e.reason }
+        Self::BadQuantity {
+            text: e.text,
+            reason: e.reason,
+        }
     }
 }
 
