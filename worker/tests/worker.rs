@@ -125,7 +125,10 @@ async fn load(
     spec: v1::ShardSpec,
 ) -> Result<v1::LoadShardResponse, Status> {
     client
-        .load_shard(v1::LoadShardRequest { shard: Some(spec) })
+        .load_shard(v1::LoadShardRequest {
+            shard: Some(spec),
+            keep_other_pipelines: false,
+        })
         .await
         .map(Response::into_inner)
 }
@@ -603,7 +606,8 @@ async fn weights_are_pulled_checked_and_cached() -> anyhow::Result<()> {
     );
 
     // Loading again takes the cached file: no second fetch.
-    c.unload_shard(v1::UnloadShardRequest {}).await?;
+    c.unload_shard(v1::UnloadShardRequest { pipeline_id: 0 })
+        .await?;
     load(&mut c, spec).await?;
     assert_eq!(fetches.load(Ordering::SeqCst), 1);
     Ok(())
