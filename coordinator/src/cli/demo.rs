@@ -88,7 +88,7 @@ async fn demo(
         let address = start_local_worker(
             children,
             &format!("worker-{i}"),
-            &path,
+            path,
             threads,
             Some(&lock),
         )
