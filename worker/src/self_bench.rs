@@ -396,26 +396,21 @@ mod tests {
                 })
             }
         };
-        assert_eq!(
-            bandwidth(BenchMode::Skip, &cache, &key, run(1.0)),
-            (0.0, BenchSource::Skipped)
-        );
-        assert_eq!(
-            bandwidth(BenchMode::Cached, &cache, &key, run(5.0)),
-            (5.0, BenchSource::Measured)
-        );
-        assert_eq!(
-            bandwidth(BenchMode::Cached, &cache, &key, run(6.0)),
-            (5.0, BenchSource::Cached)
-        );
-        assert_eq!(
-            bandwidth(BenchMode::Rerun, &cache, &key, run(7.0)),
-            (7.0, BenchSource::Measured)
-        );
-        assert_eq!(
-            bandwidth(BenchMode::Cached, &cache, &key, run(8.0)),
-            (7.0, BenchSource::Cached)
-        );
+        // (mode, what a run would measure, the figure and source expected), in order.
+        let steps = [
+            (BenchMode::Skip, 1.0, (0.0, BenchSource::Skipped)),
+            (BenchMode::Cached, 5.0, (5.0, BenchSource::Measured)),
+            (BenchMode::Cached, 6.0, (5.0, BenchSource::Cached)),
+            (BenchMode::Rerun, 7.0, (7.0, BenchSource::Measured)),
+            (BenchMode::Cached, 8.0, (7.0, BenchSource::Cached)),
+        ];
+        for (i, (mode, measured, expected)) in steps.into_iter().enumerate() {
+            assert_eq!(
+                bandwidth(mode, &cache, &key, run(measured)),
+                expected,
+                "step {i}"
+            );
+        }
         assert_eq!(runs.get(), 2);
         let (bps, source) = bandwidth(BenchMode::Rerun, &cache, &key, || Err(BenchError::Empty));
         assert_eq!(

@@ -85,14 +85,9 @@ async fn demo(
     let lock = lock_dir.path().join("compute.lock");
     let mut addresses = Vec::new();
     for i in 0..args.workers {
-        let address = start_local_worker(
-            children,
-            &format!("worker-{i}"),
-            path,
-            threads,
-            Some(&lock),
-        )
-        .await?;
+        let address =
+            start_local_worker(children, &format!("worker-{i}"), path, threads, Some(&lock))
+                .await?;
         addresses.push(address);
     }
     let mut serve_args: Vec<String> = vec![
