@@ -144,6 +144,9 @@ pub struct Profile {
     pub bench: BenchReport,
     /// Everything detected on the machine, the worker's own device included.
     pub inventory: Inventory,
+    /// The type the benchmark runs in (`bench.dtype` names it).
+    #[serde(skip)]
+    dtype: GgmlDType,
 }
 
 impl Profile {
@@ -163,10 +166,10 @@ impl Profile {
             None => cpu_offer(&inventory.cpu, config.memory)?,
             Some(n) => gpu_offer(&inventory, n, &config.device, config.memory)?,
         };
-        let (dtype, threads) = bench_settings(config);
+        let dtype = bench_dtype(config);
         let bench = BenchReport {
             dtype: format!("{dtype:?}"),
-            threads,
+            threads: config.threads,
             bytes_per_second: 0.0,
             source: BenchSource::Skipped,
         };
@@ -175,6 +178,7 @@ impl Profile {
             offer,
             bench,
             inventory,
+            dtype,
         })
     }
 
@@ -192,7 +196,7 @@ impl Profile {
 
     /// Runs (or looks up) the benchmark by `mode`.
     pub fn bench(&mut self, config: &WorkerConfig, mode: BenchMode) -> Result<(), ProfileError> {
-        let (dtype, threads) = bench_settings(config);
+        let (dtype, threads) = (self.dtype, config.threads);
         let key_threads = if self.device.device == "cpu" {
             threads
         } else {
@@ -373,8 +377,8 @@ impl BenchReport {
     }
 }
 
-/// The type and thread count the benchmark runs with.
-fn bench_settings(config: &WorkerConfig) -> (GgmlDType, usize) {
+/// The type the benchmark runs in: that of the first model's layers, else the default.
+fn bench_dtype(config: &WorkerConfig) -> GgmlDType {
     let dtype = config.models.first().and_then(|path| match ModelFile::open(path) {
         Ok(model) => self_bench::model_dtype(&model),
         Err(e) => {
@@ -382,7 +386,7 @@ fn bench_settings(config: &WorkerConfig) -> (GgmlDType, usize) {
             None
         }
     });
-    (dtype.unwrap_or(self_bench::DEFAULT_DTYPE), config.threads)
+    dtype.unwrap_or(self_bench::DEFAULT_DTYPE)
 }
 
 fn cpu_offer(cpu: &CpuInfo, limits: MemoryLimits) -> Result<(DeviceReport, Offer), ProfileError> {

@@ -121,7 +121,8 @@ pub fn measure(
     }
     drop(bytes);
     let pass_bytes = (size.matrices * rows * row_bytes) as u64;
-    let x = Tensor::randn(0f32, 1f32, (1, cols), device)?;
+    // Made on the CPU and copied: a GPU's own randn would need cuRAND.
+    let x = Tensor::randn(0f32, 1f32, (1, cols), &Device::Cpu)?.to_device(device)?;
     let pass = || -> Result<f64, BenchError> {
         let start = Instant::now();
         for layer in &layers {
