@@ -290,9 +290,7 @@ impl Profile {
             );
         }
     }
-}
 
-impl Profile {
     /// What `strata-worker devices` prints; `benched` says whether the benchmark ran.
     pub fn report(&self, benched: bool) -> String {
         let cpu = &self.inventory.cpu;
