@@ -64,11 +64,13 @@ pub struct BenchSize {
 }
 
 impl BenchSize {
-    /// What a start-up run uses: 4 × 32 MiB on a CPU, far past its L2 and past
-    /// most of a server's L3 (on a 2-core Xeon VM, 4 × 16 MiB still read at L3
-    /// speed, twice the 4 × 64 MiB figure; 4 × 32 MiB sits between, and keeps the
-    /// whole run near half a second); 4 × 64 MiB on a GPU, past even an H100's
-    /// 50 MB L2. 4096 inputs divide into every quantized block.
+    /// What a start-up run uses: 4 × 32 MiB on a CPU, four times a desktop CPU's L3
+    /// (16 to 36 MB), and about half a second with the set-up (repacking is the
+    /// slow part); 4 × 64 MiB on a GPU, past even an H100's 50 MB L2. 4096 inputs
+    /// divide into every quantized block. A server with a very large L3 reads part
+    /// of 128 MiB from it: the 2-core Xeon VM strata is developed on (480 MiB L3
+    /// reported) measured 39 GB/s with 2 threads at 4 × 32 MiB, 24 GB/s at 4 × 64
+    /// and 4 × 128 MiB, whose set-up takes twice and four times as long.
     pub fn for_device(device: &Device) -> Self {
         let matrix_bytes = if device.is_cpu() { 32 << 20 } else { 64 << 20 };
         Self {
