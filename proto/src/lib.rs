@@ -2,8 +2,9 @@
 //!
 //! Generated code lives in OUT_DIR (not committed): `proto/strata.proto` is the one
 //! source of truth, and the generated types are re-exported from [`v1`]. Besides the
-//! generated code, this crate holds the limits both sides must agree on and the
-//! conversion of hidden-state tensors to and from wire bytes.
+//! generated code, this crate holds the limits both sides must agree on, the
+//! conversion of hidden-state tensors to and from wire bytes, and the [`units`] both
+//! sides read sizes in.
 
 pub mod v1 {
     tonic::include_proto!("strata.v1");
@@ -13,6 +14,7 @@ pub mod content_hash;
 mod error;
 mod tensor_wire;
 pub mod transport;
+pub mod units;
 
 pub use error::{CoordinatorError, WorkerError};
 pub use tensor_wire::{decode_hidden, encode_hidden, WireError};

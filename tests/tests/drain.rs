@@ -247,3 +247,31 @@ async fn bad_drains_are_refused_and_change_nothing() -> anyhow::Result<()> {
     cluster.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_worker_drains_and_undrains_itself_from_its_own_machine() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = model(dir.path());
+    let cluster = start(&model).await?;
+    let addr = cluster.http().to_string();
+    let worker = strata_tests::binary("strata-worker")?;
+    let run = |verb: &str| {
+        std::process::Command::new(&worker).args([verb, "--address", &cluster.workers[1]]).output()
+    };
+    let out = run("drain")?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = wait_for_status(&addr, "the self-drained worker to hold nothing", |s| {
+        node(s, "worker-1").is_ok_and(|n| n["state"] == "draining" && n["layers"].is_null())
+    })
+    .await?;
+    assert!(holds_layers(&s, "worker-0") && holds_layers(&s, "worker-2"), "{s}");
+    let out = run("undrain")?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for_status(&addr, "the worker to hold layers again", |s| holds_layers(s, "worker-1")).await?;
+    let prompt = [5u32, 6, 7];
+    let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": 8, "temperature": 0});
+    let reply = http::request(&addr, "POST", "/v1/completions", Some(&body)).await?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    cluster.stop().await;
+    Ok(())
+}

@@ -490,7 +490,7 @@ async fn a_served_api_answers_notices_disconnects_and_shuts_down() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, h.engine.clone(), async {
+    let server = tokio::spawn(serve(listener, h.engine.clone(), None, async {
         let _ = stopped.await;
     }));
 
@@ -599,7 +599,12 @@ async fn hanging_up_on_a_non_streaming_request_cancels_it() {
     let h = harness_with(SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let _server = tokio::spawn(serve(listener, h.engine.clone(), std::future::pending()));
+    let _server = tokio::spawn(serve(
+        listener,
+        h.engine.clone(),
+        None,
+        std::future::pending(),
+    ));
     let request = json!({"model": MODEL, "prompt": [1], "max_tokens": 4000, "temperature": 0});
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(http_post("/v1/completions", &request).as_bytes()).await.unwrap();

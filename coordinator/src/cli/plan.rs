@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
+use strata_proto::units::parse_bytes;
 
 use crate::cluster::placement::one_device_node;
 use crate::model_store;
@@ -97,8 +98,8 @@ struct Report {
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let model = load_model(&args.model)?;
     let limits = MemoryLimits {
-        max_memory: args.max_memory.as_deref().map(planner::node::parse_bytes).transpose().context("--max-memory")?,
-        reserve: args.reserve.as_deref().map(planner::node::parse_bytes).transpose().context("--reserve")?,
+        max_memory: args.max_memory.as_deref().map(parse_bytes).transpose().context("--max-memory")?,
+        reserve: args.reserve.as_deref().map(parse_bytes).transpose().context("--reserve")?,
     };
     if !(args.link_latency_ms.is_finite() && args.link_latency_ms >= 0.0) {
         bail!("--link-latency-ms must be a number of milliseconds, 0 or more");
