@@ -19,5 +19,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => cli::serve::run(args),
         Command::Demo(args) => cli::demo::run(args),
         Command::Plan(args) => cli::plan::run(args),
+        Command::Status(args) => cli::admin::status(args),
+        Command::Drain(args) => cli::admin::drain(args),
+        Command::Undrain(args) => cli::admin::undrain(args),
     }
 }

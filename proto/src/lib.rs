@@ -2,8 +2,9 @@
 //!
 //! Generated code lives in OUT_DIR (not committed): `proto/strata.proto` is the one
 //! source of truth, and the generated types are re-exported from [`v1`]. Besides the
-//! generated code, this crate holds the limits both sides must agree on and the
-//! conversion of hidden-state tensors to and from wire bytes.
+//! generated code, this crate holds the limits both sides must agree on, the
+//! conversion of hidden-state tensors to and from wire bytes, and the [`units`] both
+//! sides read sizes in.
 
 pub mod v1 {
     tonic::include_proto!("strata.v1");
@@ -13,12 +14,29 @@ pub mod content_hash;
 mod error;
 mod tensor_wire;
 pub mod transport;
+pub mod units;
 
 pub use error::{CoordinatorError, WorkerError};
 pub use tensor_wire::{decode_hidden, encode_hidden, WireError};
 
 /// Bumped on any incompatible change to `strata.proto`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// gRPC metadata key on a Forward call naming the pipeline its messages belong to:
+/// during a re-plan a worker holds a shard of the old pipeline and one of the new.
+pub const PIPELINE_HEADER: &str = "strata-pipeline-id";
+
+/// Tags a Forward call with its pipeline.
+pub fn with_pipeline<T>(message: T, pipeline_id: u64) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(PIPELINE_HEADER, tonic::metadata::MetadataValue::from(pipeline_id));
+    request
+}
+
+/// The pipeline a Forward call names, if it names one.
+pub fn pipeline_of<T>(request: &tonic::Request<T>) -> Option<u64> {
+    request.metadata().get(PIPELINE_HEADER)?.to_str().ok()?.parse().ok()
+}
 
 /// Largest gRPC message either side accepts or sends. Frames are chunked to stay
 /// well under it; tonic's default of 4 MiB would break a long prefill of a large model.

@@ -36,7 +36,14 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let built = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = Command::new(cargo);
-        command.args(["build", "--bins", "-p", "strata-coordinator", "-p", "strata-worker"]);
+        command.args([
+            "build",
+            "--bins",
+            "-p",
+            "strata-coordinator",
+            "-p",
+            "strata-worker",
+        ]);
         if bin_dir().ends_with("release") {
             command.arg("--release");
         }
@@ -55,10 +62,16 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Greedy tokens of the whole model in one process: what a cluster must produce.
-pub fn reference_tokens(model: &Path, prompt: &[u32], max_tokens: usize) -> anyhow::Result<Vec<u32>> {
+pub fn reference_tokens(
+    model: &Path,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> anyhow::Result<Vec<u32>> {
     let file = ModelFile::open(model)?;
     let mut generator = Generator::load(&file, &Device::Cpu, StageOptions::default())?;
-    Ok(generator.generate(prompt, max_tokens, &SamplingParams::greedy(), |_, _| true)?.tokens)
+    Ok(generator
+        .generate(prompt, max_tokens, &SamplingParams::greedy(), |_, _| true)?
+        .tokens)
 }
 
 /// What a greedy completion of `prompt` through the API must say: its text (decoded
@@ -89,7 +102,12 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { workers: 3, workers_have_model: true, threads_per_worker: 1, serve_args: Vec::new() }
+        Self {
+            workers: 3,
+            workers_have_model: true,
+            threads_per_worker: 1,
+            serve_args: Vec::new(),
+        }
     }
 }
 
@@ -111,7 +129,11 @@ impl TestCluster {
         Self::workers_joining(model, options, None).await
     }
 
-    async fn workers_joining(model: &Path, options: &ClusterOptions, join: Option<&str>) -> anyhow::Result<Self> {
+    async fn workers_joining(
+        model: &Path,
+        options: &ClusterOptions,
+        join: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let cache = tempfile::tempdir()?;
         let mut cluster = Self {
             workers: Vec::new(),
@@ -131,7 +153,15 @@ impl TestCluster {
                 "--name".into(),
                 format!("worker-{i}"),
                 "--cache-dir".into(),
-                cluster._cache.path().join(format!("worker-{i}")).display().to_string(),
+                cluster
+                    ._cache
+                    .path()
+                    .join(format!("worker-{i}"))
+                    .display()
+                    .to_string(),
+                // Each worker has a fresh cache folder: the self-benchmark would run
+                // every time, and the tests need no bandwidth figure.
+                "--no-bench".into(),
                 // mDNS must never run in the machine's own network namespace.
                 "--no-mdns".into(),
             ];
@@ -141,9 +171,18 @@ impl TestCluster {
             if let Some(join) = join {
                 args.extend(["--join".into(), join.to_string()]);
             }
-            let mut p = Process::spawn(&format!("worker-{i}"), &worker_bin, &args, &[("STRATA_LOG", "warn".into())])?;
-            let line = p.wait_for_line("worker listening", READY_TIMEOUT, |_| {}).await?;
-            cluster.workers.push(Process::field(&line, "grpc").context("no grpc= in the worker's line")?);
+            let mut p = Process::spawn(
+                &format!("worker-{i}"),
+                &worker_bin,
+                &args,
+                &[("STRATA_LOG", "warn".into())],
+            )?;
+            let line = p
+                .wait_for_line("worker listening", READY_TIMEOUT, |_| {})
+                .await?;
+            cluster
+                .workers
+                .push(Process::field(&line, "grpc").context("no grpc= in the worker's line")?);
             p.drain_output();
             cluster.children.processes.push(p);
         }
@@ -175,9 +214,15 @@ impl TestCluster {
         let mut args = serve_args(model);
         args.extend(["--min-workers".into(), options.workers.to_string()]);
         args.extend(options.serve_args.iter().cloned());
-        let mut coordinator =
-            Process::spawn("coordinator", &binary("strata")?, &args, &[("STRATA_LOG", "warn".into())])?;
-        let line = coordinator.wait_for_line("coordinator grpc=", READY_TIMEOUT, |_| {}).await?;
+        let mut coordinator = Process::spawn(
+            "coordinator",
+            &binary("strata")?,
+            &args,
+            &[("STRATA_LOG", "warn".into())],
+        )?;
+        let line = coordinator
+            .wait_for_line("coordinator grpc=", READY_TIMEOUT, |_| {})
+            .await?;
         let grpc = Process::field(&line, "grpc").context("no grpc= in the coordinator's line")?;
         let mut cluster = Self::workers_joining(model, options, Some(&grpc)).await;
         let mut cluster = match cluster.as_mut() {
@@ -198,7 +243,22 @@ impl TestCluster {
     }
 
     pub fn http(&self) -> &str {
-        self.http.as_deref().expect("this cluster has a coordinator")
+        self.http
+            .as_deref()
+            .expect("this cluster has a coordinator")
+    }
+
+    /// SIGKILLs worker `index` (as a crash would end it).
+    pub async fn kill_worker(&mut self, index: usize) -> anyhow::Result<()> {
+        let name = format!("worker-{index}");
+        let p = self
+            .children
+            .processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .context("no such worker")?;
+        p.kill().await;
+        Ok(())
     }
 
     /// Stops every child cleanly (SIGTERM, waiting for each to exit).
@@ -237,6 +297,8 @@ fn serve_args(model: &Path) -> Vec<String> {
         "127.0.0.1:0".into(),
         "--http-listen".into(),
         "127.0.0.1:0".into(),
+        "--placement".into(),
+        "spread".into(),
         // mDNS must never run in the machine's own network namespace.
         "--no-mdns".into(),
     ]

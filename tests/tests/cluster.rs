@@ -10,7 +10,7 @@ use anyhow::Context;
 use serde_json::json;
 use strata_coordinator::cli::http;
 use strata_coordinator::cluster::{
-    self, Cluster, ClusterConfig, CoordinatorService, Membership, ReturnPath, ServedModel,
+    self, Cluster, ClusterConfig, CoordinatorService, Membership, PlacementPolicy, ReturnPath, ServedModel,
 };
 use strata_coordinator::engine::{GenerateEvent, GenerateRequest};
 use strata_model::generate::FinishReason;
@@ -161,6 +161,9 @@ async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -
         wire_dtype: WireDtype::F32,
         return_path: ReturnPath::Direct,
         weights_source: grpc_addr,
+        placement: PlacementPolicy::Spread,
+        plan: strata_coordinator::planner::PlanOptions::default(),
+        queue_timeout: Duration::from_secs(30),
     };
     let cluster = Cluster::start(&config, model, membership).await?;
     assert!(cluster.placements.iter().all(|p| !p.weights_were_local));
@@ -190,7 +193,9 @@ async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -
 
 #[tokio::test]
 async fn the_real_model_through_three_workers_matches_one_process() -> anyhow::Result<()> {
-    let Some(model) = strata_tests::real_model() else { return Ok(()) };
+    let Some(model) = strata_tests::real_model() else {
+        return Ok(());
+    };
     let cluster = TestCluster::start(&model, &ClusterOptions::default()).await?;
     let prompt = tokenizer(&model).encode("The capital of France is")?;
     assert_eq!(prompt, [504, 3575, 282, 4649, 314]);

@@ -19,7 +19,9 @@ use std::time::Instant;
 
 use strata_model::shard_file::ShardOrigin;
 use strata_model::stage::StageOptions;
-use strata_model::{Device, ModelFile, Sampler, SamplingParams, Stage, StageInput, StageOutput, StageStep, Tensor};
+use strata_model::{
+    Device, ModelFile, Sampler, SamplingParams, Stage, StageInput, StageOutput, StageStep, Tensor,
+};
 use strata_proto::v1::{self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype};
 use strata_proto::WorkerError;
 use tokio::sync::{mpsc, oneshot};
@@ -98,7 +100,10 @@ pub async fn start(
             let loaded = load(&spec).and_then(|stage| {
                 let lock = match &spec.compute_lock {
                     Some(path) => Some(ComputeLock::open(path).map_err(|e| {
-                        WorkerError::Internal(format!("cannot open the compute lock {}: {e}", path.display()))
+                        WorkerError::Internal(format!(
+                            "cannot open the compute lock {}: {e}",
+                            path.display()
+                        ))
                     })?),
                     None => None,
                 };
@@ -125,6 +130,7 @@ pub async fn start(
                 stage_index: spec.stage_index,
                 wire_dtype: spec.wire_dtype,
                 sequences: HashMap::new(),
+                own: Vec::new(),
                 outputs,
                 hub,
                 stats,
@@ -136,19 +142,26 @@ pub async fn start(
         })
         .map_err(|e| WorkerError::Internal(format!("cannot start the compute thread: {e}")))?;
     match ready_rx.await {
-        Ok(Ok((weight_bytes, layers, is_last))) => {
-            Ok(ComputeHandle { tx, weight_bytes, layers, is_last, thread: Some(thread) })
-        }
+        Ok(Ok((weight_bytes, layers, is_last))) => Ok(ComputeHandle {
+            tx,
+            weight_bytes,
+            layers,
+            is_last,
+            thread: Some(thread),
+        }),
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(e)
         }
-        Err(_) => Err(WorkerError::Internal("the compute thread died while loading".into())),
+        Err(_) => Err(WorkerError::Internal(
+            "the compute thread died while loading".into(),
+        )),
     }
 }
 
 fn load(spec: &ComputeSpec) -> Result<Stage, WorkerError> {
-    let file = ModelFile::open(&spec.path).map_err(|e| WorkerError::ModelUnavailable(e.to_string()))?;
+    let file =
+        ModelFile::open(&spec.path).map_err(|e| WorkerError::ModelUnavailable(e.to_string()))?;
     let layers = file.info().layers;
     if spec.layers.end > layers {
         return Err(WorkerError::ShardOutOfRange {
@@ -178,13 +191,25 @@ fn load(spec: &ComputeSpec) -> Result<Stage, WorkerError> {
                 )))
             }
             Some(_) => {}
-            None => return Err(WorkerError::InvalidShard("the pulled file is not a strata shard".into())),
+            None => {
+                return Err(WorkerError::InvalidShard(
+                    "the pulled file is not a strata shard".into(),
+                ))
+            }
         }
     }
-    Stage::load(&file, spec.layers.clone(), &spec.device, StageOptions::default()).map_err(|e| match e {
-        strata_model::Error::LayerRange { start, end, layers } => {
-            WorkerError::ShardOutOfRange { start: start as u32, end: end as u32, layers: layers as u32 }
-        }
+    Stage::load(
+        &file,
+        spec.layers.clone(),
+        &spec.device,
+        StageOptions::default(),
+    )
+    .map_err(|e| match e {
+        strata_model::Error::LayerRange { start, end, layers } => WorkerError::ShardOutOfRange {
+            start: start as u32,
+            end: end as u32,
+            layers: layers as u32,
+        },
         other => WorkerError::Internal(format!("loading layers {:?}: {other}", spec.layers)),
     })
 }
@@ -218,6 +243,9 @@ struct Compute {
     stage_index: u32,
     wire_dtype: WireDtype,
     sequences: HashMap<u64, Sequence>,
+    /// Direct-return frames of a stage that is both first and last: they go back
+    /// into its own queue.
+    own: Vec<StageMessage>,
     outputs: Outputs,
     hub: Arc<EventHub>,
     stats: Arc<Stats>,
@@ -249,8 +277,14 @@ impl Compute {
             if !steps.is_empty() {
                 self.run_batch(steps, ready);
             }
-            self.gauges.sequences.store(self.sequences.len() as u32, Ordering::Relaxed);
-            self.gauges.memory_bytes.store(self.stage.weight_bytes() + self.stage.cache_bytes(), Ordering::Relaxed);
+            pending.extend(self.own.drain(..));
+            self.gauges
+                .sequences
+                .store(self.sequences.len() as u32, Ordering::Relaxed);
+            self.gauges.memory_bytes.store(
+                self.stage.weight_bytes() + self.stage.cache_bytes(),
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -262,7 +296,9 @@ impl Compute {
         let mut busy: HashSet<u64> = HashSet::new();
         let mut waiting = VecDeque::new();
         for message in pending.drain(..) {
-            let Some(seq) = seq_of(&message) else { continue };
+            let Some(seq) = seq_of(&message) else {
+                continue;
+            };
             if busy.contains(&seq) {
                 waiting.push_back(message);
                 continue;
@@ -276,7 +312,10 @@ impl Compute {
                         steps.push(step);
                         ready.push(r);
                     }
-                    Err((code, message)) => self.hub.sequence_error(seq, code, message, self.stage_index),
+                    Err((code, message)) => {
+                        self.hub
+                            .sequence_error(seq, code, message, self.stage_index)
+                    }
                 },
                 None => {}
             }
@@ -288,11 +327,13 @@ impl Compute {
     fn open(&mut self, open: v1::OpenSequence) {
         let seq = open.seq_id;
         let sampler = if self.stage.is_last() {
-            match sampling_from_proto(open.sampling.as_ref()).and_then(|p| Sampler::new(&p).map_err(|e| e.to_string()))
+            match sampling_from_proto(open.sampling.as_ref())
+                .and_then(|p| Sampler::new(&p).map_err(|e| e.to_string()))
             {
                 Ok(s) => Some(s),
                 Err(message) => {
-                    self.hub.sequence_error(seq, ErrorCode::BadFrame, message, self.stage_index);
+                    self.hub
+                        .sequence_error(seq, ErrorCode::BadFrame, message, self.stage_index);
                     return;
                 }
             }
@@ -301,11 +342,24 @@ impl Compute {
         };
         // Opening again restarts the sequence.
         self.stage.release(seq);
-        let direct = open
-            .direct_return
-            .then(|| DirectReturn { end_position: open.end_position as usize, stop_tokens: open.stop_tokens.clone() });
-        self.sequences.insert(seq, Sequence { sampler, history: Vec::new(), direct });
-        self.send_next(StageMessage { kind: Some(stage_message::Kind::Open(open)) }, seq);
+        let direct = open.direct_return.then(|| DirectReturn {
+            end_position: open.end_position as usize,
+            stop_tokens: open.stop_tokens.clone(),
+        });
+        self.sequences.insert(
+            seq,
+            Sequence {
+                sampler,
+                history: Vec::new(),
+                direct,
+            },
+        );
+        self.send_next(
+            StageMessage {
+                kind: Some(stage_message::Kind::Open(open)),
+            },
+            seq,
+        );
     }
 
     fn release(&mut self, release: v1::ReleaseSequence) {
@@ -313,7 +367,9 @@ impl Compute {
         self.sequences.remove(&release.seq_id);
         let seq = release.seq_id;
         if let Some(next) = &self.outputs.next {
-            let _ = next.send(StageMessage { kind: Some(stage_message::Kind::Release(release)) });
+            let _ = next.send(StageMessage {
+                kind: Some(stage_message::Kind::Release(release)),
+            });
         } else if !self.stage.is_last() {
             tracing::debug!(seq, "release not forwarded: no next stage");
         }
@@ -324,11 +380,17 @@ impl Compute {
         if !self.sequences.contains_key(&seq) {
             return Err((
                 ErrorCode::UnknownSequence,
-                format!("sequence {seq} was never opened on stage {}", self.stage_index),
+                format!(
+                    "sequence {seq} was never opened on stage {}",
+                    self.stage_index
+                ),
             ));
         }
         if frame.tokens.is_empty() {
-            return Err((ErrorCode::BadFrame, format!("sequence {seq}: the frame carries no token ids")));
+            return Err((
+                ErrorCode::BadFrame,
+                format!("sequence {seq}: the frame carries no token ids"),
+            ));
         }
         let input = if self.stage.is_first() {
             if frame.hidden.is_some() {
@@ -346,7 +408,11 @@ impl Compute {
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
             StageInput::Hidden(t)
         };
-        let step = StageStep { seq, position: frame.position as usize, input };
+        let step = StageStep {
+            seq,
+            position: frame.position as usize,
+            input,
+        };
         self.stage.check(&step).map_err(|e| {
             let code = match e {
                 strata_model::Error::PositionMismatch { .. } | strata_model::Error::UnknownSequence(_) => {
@@ -365,7 +431,15 @@ impl Compute {
             };
             (code, message)
         })?;
-        Ok((step, Ready { seq, position: frame.position as usize, tokens: frame.tokens, sample: frame.sample }))
+        Ok((
+            step,
+            Ready {
+                seq,
+                position: frame.position as usize,
+                tokens: frame.tokens,
+                sample: frame.sample,
+            },
+        ))
     }
 
     fn run_batch(&mut self, steps: Vec<StageStep>, ready: Vec<Ready>) {
@@ -380,7 +454,12 @@ impl Compute {
                 for (r, output) in ready.into_iter().zip(outputs) {
                     let seq = r.seq;
                     if let Err(message) = self.deliver(r, output) {
-                        self.hub.sequence_error(seq, ErrorCode::Internal, message, self.stage_index);
+                        self.hub.sequence_error(
+                            seq,
+                            ErrorCode::Internal,
+                            message,
+                            self.stage_index,
+                        );
                     }
                 }
             }
@@ -401,8 +480,16 @@ impl Compute {
     fn deliver(&mut self, r: Ready, output: StageOutput) -> Result<(), String> {
         match output {
             StageOutput::Hidden(h) => {
-                let values = h.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
-                let hidden = strata_proto::encode_hidden(&values, r.tokens.len(), self.hidden, self.wire_dtype);
+                let values = h
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| e.to_string())?;
+                let hidden = strata_proto::encode_hidden(
+                    &values,
+                    r.tokens.len(),
+                    self.hidden,
+                    self.wire_dtype,
+                );
                 let frame = v1::ActivationFrame {
                     seq_id: r.seq,
                     position: r.position as u32,
@@ -411,25 +498,35 @@ impl Compute {
                     sample: r.sample,
                     sent_unix_nanos: unix_nanos(),
                 };
-                self.send_next(StageMessage { kind: Some(stage_message::Kind::Frame(frame)) }, r.seq);
+                self.send_next(
+                    StageMessage {
+                        kind: Some(stage_message::Kind::Frame(frame)),
+                    },
+                    r.seq,
+                );
                 Ok(())
             }
             StageOutput::Logits(logits) => {
-                let Some(sequence) = self.sequences.get_mut(&r.seq) else { return Ok(()) };
+                let Some(sequence) = self.sequences.get_mut(&r.seq) else {
+                    return Ok(());
+                };
                 sequence.history.truncate(r.position);
                 sequence.history.extend_from_slice(&r.tokens);
                 if !r.sample {
                     return Ok(());
                 }
-                let Some(sampler) = &sequence.sampler else { return Err("no sampler for the sequence".into()) };
+                let Some(sampler) = &sequence.sampler else {
+                    return Err("no sampler for the sequence".into());
+                };
                 let logits = logits.to_vec1::<f32>().map_err(|e| e.to_string())?;
                 let position = sequence.history.len();
-                let token = sampler.sample(&logits, &sequence.history, position).map_err(|e| e.to_string())?;
+                let token = sampler
+                    .sample(&logits, &sequence.history, position)
+                    .map_err(|e| e.to_string())?;
                 let sent_unix_nanos = unix_nanos();
-                let feed_back = sequence
-                    .direct
-                    .as_ref()
-                    .is_some_and(|d| !d.stop_tokens.contains(&token) && position + 1 < d.end_position);
+                let feed_back = sequence.direct.as_ref().is_some_and(|d| {
+                    !d.stop_tokens.contains(&token) && position + 1 < d.end_position
+                });
                 if feed_back {
                     let frame = v1::ActivationFrame {
                         seq_id: r.seq,
@@ -439,9 +536,18 @@ impl Compute {
                         sample: true,
                         sent_unix_nanos,
                     };
-                    let sent = self.outputs.first.as_ref().is_some_and(|first| {
-                        first.send(StageMessage { kind: Some(stage_message::Kind::Frame(frame)) }).is_ok()
-                    });
+                    let message = StageMessage {
+                        kind: Some(stage_message::Kind::Frame(frame)),
+                    };
+                    let sent = if self.stage.is_first() {
+                        self.own.push(message);
+                        true
+                    } else {
+                        self.outputs
+                            .first
+                            .as_ref()
+                            .is_some_and(|first| first.send(message).is_ok())
+                    };
                     if !sent {
                         self.hub.sequence_error(
                             r.seq,
@@ -468,12 +574,19 @@ impl Compute {
         if self.stage.is_last() {
             return;
         }
-        let sent = self.outputs.next.as_ref().is_some_and(|next| next.send(message).is_ok());
+        let sent = self
+            .outputs
+            .next
+            .as_ref()
+            .is_some_and(|next| next.send(message).is_ok());
         if !sent {
             self.hub.sequence_error(
                 seq,
                 ErrorCode::NextStageUnreachable,
-                format!("stage {} has no connection to the next stage", self.stage_index),
+                format!(
+                    "stage {} has no connection to the next stage",
+                    self.stage_index
+                ),
                 self.stage_index,
             );
         }
@@ -481,19 +594,23 @@ impl Compute {
 }
 
 /// An exclusive `flock` on a file that the workers of one machine share.
-struct ComputeLock {
+pub(crate) struct ComputeLock {
     file: std::fs::File,
 }
 
-struct ComputeLockGuard<'a>(&'a ComputeLock);
+pub(crate) struct ComputeLockGuard<'a>(&'a ComputeLock);
 
 impl ComputeLock {
-    fn open(path: &std::path::Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    pub(crate) fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
         Ok(Self { file })
     }
 
-    fn acquire(&self) -> ComputeLockGuard<'_> {
+    pub(crate) fn acquire(&self) -> ComputeLockGuard<'_> {
         use std::os::fd::AsRawFd;
         // SAFETY: flock on a descriptor this struct owns. Failure (EINTR aside, which
         // is retried) only means computing unserialized, which stays correct.
@@ -520,14 +637,20 @@ impl Drop for ComputeLockGuard<'_> {
 
 /// The wire's sampling parameters as the runtime's; absent fields mean greedy.
 pub fn sampling_from_proto(p: Option<&v1::SamplingParams>) -> Result<SamplingParams, String> {
-    let Some(p) = p else { return Ok(SamplingParams::greedy()) };
+    let Some(p) = p else {
+        return Ok(SamplingParams::greedy());
+    };
     Ok(SamplingParams {
         temperature: p.temperature,
         top_k: p.top_k.map(|k| k as usize),
         top_p: p.top_p,
         min_p: p.min_p,
         // proto3 sends an unset float as 0, which would be an invalid penalty.
-        repetition_penalty: if p.repetition_penalty == 0.0 { 1.0 } else { p.repetition_penalty },
+        repetition_penalty: if p.repetition_penalty == 0.0 {
+            1.0
+        } else {
+            p.repetition_penalty
+        },
         repeat_last_n: p.repeat_last_n as usize,
         seed: p.seed,
     })

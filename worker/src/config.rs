@@ -6,10 +6,66 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use strata_proto::units::{self, MemoryLimits};
+
+use crate::profile::Profile;
+use crate::self_bench::BenchMode;
 
 /// strata-worker: holds a layer range of a model and serves it over gRPC.
+///
+/// With no subcommand it serves, taking the flags below.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "strata-worker",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: WorkerArgs,
+}
+
+// Parsed once at start: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Print the devices found and what a worker started with the same flags would
+    /// offer.
+    Devices(DevicesArgs),
+    /// Ask the worker running on this machine to leave the cluster: the coordinator
+    /// moves its layers to the others and it frees its memory.
+    Drain(ControlArgs),
+    /// Bring the worker on this machine back into the cluster.
+    Undrain(ControlArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlArgs {
+    /// The local worker's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "STRATA_WORKER_ADDRESS")]
+    pub address: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevicesArgs {
+    /// Run the self-benchmark now (and cache its figure) and print it.
+    #[arg(long)]
+    pub bench: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The worker's flags (`--device`, `--max-memory`, `--reserve`, `--threads`, ...).
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+/// The flags of a serving worker.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "strata-worker", version, about)]
 pub struct WorkerArgs {
@@ -56,6 +112,25 @@ pub struct WorkerArgs {
     /// A name for people and logs (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
+    /// The most memory of the device to offer (`20GiB`, `512MiB`, `8GB`, bytes).
+    #[arg(long, value_name = "SIZE", value_parser = size, env = "STRATA_MAX_MEMORY")]
+    pub max_memory: Option<u64>,
+    /// Memory of the device to leave alone (default: 1 GiB of a GPU that drives a
+    /// display, 512 MiB of another; 10% of the RAM, 512 MiB to 4 GiB, on the CPU).
+    #[arg(long, value_name = "SIZE", value_parser = size, env = "STRATA_RESERVE")]
+    pub reserve: Option<u64>,
+    /// Run the start-up self-benchmark even if its result is cached.
+    #[arg(long, conflicts_with = "no_bench")]
+    pub rebench: bool,
+    /// Skip the start-up self-benchmark: the device's bandwidth is reported as
+    /// unknown (0).
+    #[arg(long, env = "STRATA_NO_BENCH")]
+    pub no_bench: bool,
+}
+
+/// A `--max-memory` / `--reserve` size, for clap.
+fn size(text: &str) -> Result<u64, String> {
+    units::parse_bytes(text).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +147,8 @@ pub enum ConfigError {
     NoCacheDir,
     #[error("--device {0:?} is not cpu or cuda:N")]
     Device(String),
+    #[error("--max-memory must be above zero")]
+    ZeroMaxMemory,
     #[error("--advertise {0:?} is not HOST:PORT")]
     Advertise(String),
 }
@@ -92,6 +169,12 @@ pub struct WorkerConfig {
     pub threads: usize,
     pub device: String,
     pub compute_lock: Option<PathBuf>,
+    /// `--max-memory` and `--reserve`.
+    pub memory: MemoryLimits,
+    pub bench: BenchMode,
+    /// What the worker found and measured at start. `main` probes before binding (a
+    /// refused offer stops it there); [`crate::run`] probes when it is missing.
+    pub profile: Option<Arc<Profile>>,
 }
 
 impl WorkerConfig {
@@ -109,6 +192,10 @@ impl WorkerConfig {
             threads: 1,
             device: "cpu".into(),
             compute_lock: None,
+            memory: MemoryLimits::default(),
+            // Tests start many workers; none of them needs the figure.
+            bench: BenchMode::Skip,
+            profile: None,
         }
     }
 
@@ -138,6 +225,16 @@ impl WorkerConfig {
         {
             return Err(ConfigError::Device(device));
         }
+        if args.max_memory == Some(0) {
+            return Err(ConfigError::ZeroMaxMemory);
+        }
+        let bench = if args.no_bench {
+            BenchMode::Skip
+        } else if args.rebench {
+            BenchMode::Rerun
+        } else {
+            BenchMode::Cached
+        };
         let cache_dir = match args.cache_dir {
             Some(dir) => dir,
             None => default_cache_dir(env).ok_or(ConfigError::NoCacheDir)?,
@@ -156,6 +253,12 @@ impl WorkerConfig {
             threads,
             device,
             compute_lock: args.compute_lock,
+            memory: MemoryLimits {
+                max_memory: args.max_memory,
+                reserve: args.reserve,
+            },
+            bench,
+            profile: None,
         })
     }
 }
@@ -197,12 +300,86 @@ mod tests {
             (vec!["--threads", "0"], "--threads"),
             (vec!["--join", "coordinator"], "--join"),
             (vec!["--device", "tpu"], "--device"),
+            (vec!["--max-memory", "0"], "--max-memory must be above zero"),
             (vec!["--advertise", "box1"], "--advertise"),
         ];
         for (flags, expected) in bad {
             let err = WorkerConfig::from_args(args(&flags), &no_env).unwrap_err().to_string();
             assert!(err.contains(expected), "{flags:?}: {err}");
         }
+    }
+
+    #[test]
+    fn sizes_and_bench_flags() {
+        let config = WorkerConfig::from_args(
+            args(&["--max-memory", "20GiB", "--reserve", "512MiB"]),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            config.memory,
+            MemoryLimits {
+                max_memory: Some(20 << 30),
+                reserve: Some(512 << 20)
+            }
+        );
+        assert_eq!(config.bench, BenchMode::Cached);
+        let config =
+            WorkerConfig::from_args(args(&["--max-memory", "8GB", "--rebench"]), &no_env).unwrap();
+        assert_eq!(
+            (config.memory.max_memory, config.bench),
+            (Some(8_000_000_000), BenchMode::Rerun)
+        );
+        let config =
+            WorkerConfig::from_args(args(&["--reserve", "1048576", "--no-bench"]), &no_env)
+                .unwrap();
+        assert_eq!(
+            (config.memory.reserve, config.bench),
+            (Some(1 << 20), BenchMode::Skip)
+        );
+        let err = WorkerArgs::try_parse_from(["strata-worker", "--max-memory", "20QB"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("invalid value '20QB' for '--max-memory <SIZE>'")
+                && err.contains("unknown unit"),
+            "{err}"
+        );
+        let err = WorkerArgs::try_parse_from(["strata-worker", "--reserve", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`lots`: not a number followed by a unit"),
+            "{err}"
+        );
+        assert!(WorkerArgs::try_parse_from(["strata-worker", "--rebench", "--no-bench"]).is_err());
+    }
+
+    #[test]
+    fn no_subcommand_serves_and_devices_takes_the_worker_flags() {
+        let cli = Cli::parse_from(["strata-worker", "--threads", "2", "--max-memory", "1GiB"]);
+        assert!(cli.command.is_none());
+        assert_eq!(
+            (cli.serve.threads, cli.serve.max_memory),
+            (Some(2), Some(1 << 30))
+        );
+        let cli = Cli::parse_from([
+            "strata-worker",
+            "devices",
+            "--json",
+            "--device",
+            "cuda:1",
+            "--reserve",
+            "2GiB",
+        ]);
+        let Some(Command::Devices(d)) = cli.command else {
+            panic!("not the devices subcommand")
+        };
+        assert!(d.json && !d.bench);
+        assert_eq!(
+            (d.worker.device.as_str(), d.worker.reserve),
+            ("cuda:1", Some(2 << 30))
+        );
     }
 
     #[test]

@@ -40,12 +40,13 @@ pub async fn connect(address: String) -> Result<Channel, String> {
 pub fn spawn(
     address: String,
     channel: Channel,
+    pipeline_id: u64,
     stage_index: u32,
     hub: Arc<EventHub>,
     shutdown: watch::Receiver<bool>,
 ) -> mpsc::UnboundedSender<StageMessage> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(address, channel, Arc::new(Mutex::new(rx)), stage_index, hub, shutdown));
+    tokio::spawn(run(address, channel, Arc::new(Mutex::new(rx)), pipeline_id, stage_index, hub, shutdown));
     tx
 }
 
@@ -53,6 +54,7 @@ async fn run(
     address: String,
     mut channel: Channel,
     rx: Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>,
+    pipeline_id: u64,
     stage_index: u32,
     hub: Arc<EventHub>,
     mut shutdown: watch::Receiver<bool>,
@@ -65,7 +67,7 @@ async fn run(
         // the next stream picks up where the old one stopped.
         let stream = futures::stream::unfold(rx.clone(), next_message);
         let result = tokio::select! {
-            r = client.forward(stream) => r,
+            r = client.forward(strata_proto::with_pipeline(stream, pipeline_id)) => r,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         match result {

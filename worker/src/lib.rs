@@ -8,21 +8,28 @@
 //! * [`forwarder`]: tasks that stream a stage's outputs to the next worker;
 //! * [`weights`]: finding a shard's weights locally, in the cache, or by pulling;
 //! * [`events`]: fan-out of events to subscribers, and counters;
+//! * [`devices`], [`profile`], [`self_bench`]: what the machine has, what the worker
+//!   offers (memory, measured bandwidth), and the start-up benchmark behind it;
 //! * [`advertise`]: the mDNS advertisement (on unless `--no-mdns`).
 
 pub mod advertise;
 pub mod compute;
 pub mod config;
+pub mod devices;
 pub mod events;
 pub mod forwarder;
+pub mod profile;
+pub mod self_bench;
 pub mod service;
 pub mod weights;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::{WorkerArgs, WorkerConfig};
+pub use config::{Cli, Command, WorkerArgs, WorkerConfig};
+use profile::{Profile, ProfileError};
 use service::WorkerService;
 use strata_proto::v1::coordinator_client::CoordinatorClient;
 use strata_proto::v1::worker_server::WorkerServer;
@@ -40,22 +47,43 @@ pub enum RunError {
     Listener(std::io::Error),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
 }
 
 /// The address peers should use for a listener bound to `local`.
 pub fn advertised_address(local: SocketAddr) -> String {
-    let ip = if local.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { local.ip() };
+    let ip = if local.ip().is_unspecified() {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        local.ip()
+    };
     SocketAddr::new(ip, local.port()).to_string()
 }
 
 /// Serves the worker on `listener` until `shutdown` completes.
 pub async fn run(
     listener: TcpListener,
-    config: WorkerConfig,
+    mut config: WorkerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let local = listener.local_addr().map_err(RunError::Listener)?;
-    let address = config.advertise.clone().unwrap_or_else(|| advertised_address(local));
+    let profile = match config.profile.clone() {
+        Some(profile) => profile,
+        None => {
+            let probing = config.clone();
+            let probed = tokio::task::spawn_blocking(move || Profile::probe(&probing)).await;
+            // The probe does not panic (driver calls are caught), so only a
+            // cancelled runtime ends here, and then nothing is served anyway.
+            Arc::new(probed.map_err(|e| ProfileError::Task(e.to_string()))??)
+        }
+    };
+    profile.log();
+    config.profile = Some(profile);
+    let address = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| advertised_address(local));
     let (stop_tx, stop_rx) = watch::channel(false);
     let service = WorkerService::new(config.clone(), address.clone(), stop_rx.clone());
     tracing::info!(%address, name = %config.name, "worker serving");
@@ -78,7 +106,8 @@ pub async fn run(
         }
         let _ = stop_tx.send(true);
     };
-    let serve = server.serve_with_incoming_shutdown(strata_proto::transport::incoming(listener), signal);
+    let serve =
+        server.serve_with_incoming_shutdown(strata_proto::transport::incoming(listener), signal);
     tokio::pin!(serve);
     let mut stopped = stop_rx.clone();
     let grace = async move {
@@ -92,7 +121,7 @@ pub async fn run(
             Ok(())
         }
     };
-    service.unload().await;
+    service.unload(None).await;
     result
 }
 
@@ -102,10 +131,16 @@ async fn join_loop(service: WorkerService, coordinator: String, mut stop: watch:
     let mut delay = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let endpoint = strata_proto::transport::endpoint(&coordinator).map_err(|e| e.to_string())?;
+            let endpoint =
+                strata_proto::transport::endpoint(&coordinator).map_err(|e| e.to_string())?;
             let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-            let request = JoinRequest { worker: Some(service.description()) };
-            CoordinatorClient::new(channel).join(request).await.map_err(|s| s.message().to_string())
+            let request = JoinRequest {
+                worker: Some(service.description()),
+            };
+            CoordinatorClient::new(channel)
+                .join(request)
+                .await
+                .map_err(|s| s.message().to_string())
         };
         tokio::select! {
             result = attempt => match result {

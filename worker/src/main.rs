@@ -1,13 +1,44 @@
 //! `strata-worker`: parses the command line, binds the listener and runs the worker
-//! until SIGINT or SIGTERM.
+//! until SIGINT or SIGTERM; `strata-worker devices` prints what it would offer;
+//! `strata-worker drain` / `undrain` reach the worker running on this machine.
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use strata_worker::{WorkerArgs, WorkerConfig};
+use strata_proto::v1::{self, worker_client::WorkerClient};
+use strata_worker::config::DevicesArgs;
+use strata_worker::profile::Profile;
+use strata_worker::self_bench::BenchMode;
+use strata_worker::{Cli, Command, WorkerArgs, WorkerConfig};
 
 fn main() -> anyhow::Result<()> {
-    let args = WorkerArgs::parse();
-    // Before any thread exists: this sizes candle's compute pool through the environment.
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Devices(args)) => devices(args),
+        Some(Command::Drain(args)) => set_draining(&args.address, true),
+        Some(Command::Undrain(args)) => set_draining(&args.address, false),
+    }
+}
+
+/// `strata-worker drain` / `undrain`: tells the local worker; the coordinator sees
+/// it in the next heartbeat and moves the layers.
+fn set_draining(address: &str, draining: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let response = runtime.block_on(request_drain_state(address, draining))?;
+    let what = if draining { "draining" } else { "back in service" };
+    if response.changed {
+        println!("the worker at {address} is {what}; the coordinator moves its layers within a second");
+    } else {
+        println!("the worker at {address} already was {what}");
+    }
+    Ok(())
+}
+
+/// Sets up the process for `args`; call it before any thread exists.
+fn prepare(args: &WorkerArgs) {
+    // This sizes candle's compute pool through the environment.
     if let Some(n) = args.threads.filter(|&n| n > 0) {
         for key in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
             std::env::set_var(key, n.to_string());
@@ -24,7 +55,14 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let config = WorkerConfig::from_args(args, &|k| std::env::var(k).ok())?;
+}
+
+fn serve(args: WorkerArgs) -> anyhow::Result<()> {
+    prepare(&args);
+    let mut config = WorkerConfig::from_args(args, &|k| std::env::var(k).ok())?;
+    // Before binding and before the runtime: a refused offer stops the worker here,
+    // and the benchmark is not run on a reactor thread.
+    config.profile = Some(Arc::new(Profile::probe(&config)?));
     // Networking only: the model runs on its own thread, so one reactor thread is
     // enough and leaves the cores to compute.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -37,6 +75,34 @@ fn main() -> anyhow::Result<()> {
         strata_worker::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+async fn request_drain_state(address: &str, draining: bool) -> anyhow::Result<v1::SetDrainingResponse> {
+    let endpoint = strata_proto::transport::endpoint(address).with_context(|| format!("bad address {address:?}"))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("no worker answers at {address} (is strata-worker running? --address)"))?;
+    let response = WorkerClient::new(channel)
+        .set_draining(v1::SetDrainingRequest { draining })
+        .await
+        .map_err(|s| anyhow::anyhow!("the worker refused: {}", s.message()))?;
+    Ok(response.into_inner())
+}
+
+fn devices(args: DevicesArgs) -> anyhow::Result<()> {
+    prepare(&args.worker);
+    let config = WorkerConfig::from_args(args.worker, &|k| std::env::var(k).ok())?;
+    let mut profile = Profile::detect(&config, true)?;
+    if args.bench {
+        profile.bench(&config, BenchMode::Rerun)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&profile)?);
+    } else {
+        print!("{}", profile.report(args.bench));
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use strata_proto::v1::worker_server::Worker;
-use strata_proto::v1::{self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype, WorkerState};
+use strata_proto::v1::{
+    self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype, WorkerState,
+};
 use strata_proto::{WorkerError, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{IntervalStream, UnboundedReceiverStream};
@@ -24,7 +26,7 @@ use crate::forwarder;
 use crate::weights::{self, LocalModels};
 
 /// How often Events subscribers get a heartbeat.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(300);
 
 /// A cheap handle on the worker's shared state.
 #[derive(Clone)]
@@ -38,29 +40,41 @@ struct Shared {
     node_id: String,
     hub: Arc<EventHub>,
     stats: Arc<Stats>,
-    gauges: Arc<Gauges>,
     local_models: LocalModels,
     slot: Mutex<Slot>,
     /// Serializes LoadShard and UnloadShard.
     load_lock: tokio::sync::Mutex<()>,
+    /// The worker is shutting down.
     stop: watch::Receiver<bool>,
+    /// Asked to leave the cluster (SetDraining), by the coordinator or at this machine.
+    draining: watch::Sender<bool>,
 }
 
+/// The shards a worker holds: usually one, two while a re-plan switches pipelines.
 #[derive(Default)]
 struct Slot {
     loading: bool,
-    shard: Option<Loaded>,
+    /// By pipeline id, in load order (the last is the newest).
+    shards: Vec<(u64, Loaded)>,
 }
 
 struct Loaded {
     spec: v1::ShardSpec,
     compute: ComputeHandle,
+    gauges: Arc<Gauges>,
+}
+
+impl Slot {
+    fn newest(&self) -> Option<&Loaded> {
+        self.shards.last().map(|(_, l)| l)
+    }
 }
 
 impl WorkerService {
     pub fn new(config: WorkerConfig, address: String, stop: watch::Receiver<bool>) -> Self {
         // Stable for a given name and address, so a restarted worker is recognised.
-        let node_id = weights::hex(&Sha256::digest(format!("{}@{address}", config.name).as_bytes())[..8]);
+        let node_id =
+            weights::hex(&Sha256::digest(format!("{}@{address}", config.name).as_bytes())[..8]);
         let local_models = LocalModels::new(config.models.clone());
         Self {
             shared: Arc::new(Shared {
@@ -69,22 +83,22 @@ impl WorkerService {
                 node_id,
                 hub: Arc::default(),
                 stats: Arc::default(),
-                gauges: Arc::default(),
                 local_models,
                 slot: Mutex::default(),
                 load_lock: tokio::sync::Mutex::new(()),
                 stop,
+                draining: watch::channel(false).0,
             }),
         }
     }
 
     fn state(&self) -> WorkerState {
         let slot = lock(&self.shared.slot);
-        if *self.shared.stop.borrow() {
+        if *self.shared.stop.borrow() || *self.shared.draining.borrow() {
             WorkerState::Draining
         } else if slot.loading {
             WorkerState::Loading
-        } else if slot.shard.is_some() {
+        } else if !slot.shards.is_empty() {
             WorkerState::Serving
         } else {
             WorkerState::Idle
@@ -92,60 +106,111 @@ impl WorkerService {
     }
 
     pub fn description(&self) -> v1::WorkerDescription {
-        let shard = lock(&self.shared.slot).shard.as_ref().map(|l| l.spec.clone());
-        let (total, free) = memory_info();
+        let shard = lock(&self.shared.slot).newest().map(|l| l.spec.clone());
         let config = &self.shared.config;
+        // `run` probes before it serves, so the profile is there.
+        let profile = config.profile.as_deref();
         v1::WorkerDescription {
             node_id: self.shared.node_id.clone(),
             name: config.name.clone(),
             protocol_version: PROTOCOL_VERSION,
             grpc_address: self.shared.address.clone(),
-            devices: vec![v1::Device {
-                kind: if config.device.starts_with("cuda") { v1::DeviceKind::Cuda } else { v1::DeviceKind::Cpu } as i32,
-                ordinal: config.device.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0),
-                name: config.device.clone(),
-                total_memory_bytes: total,
-                free_memory_bytes: free,
-                capability: cpu_capability(),
-                memory_bandwidth_bytes_per_second: 0.0,
-            }],
-            memory_offered_bytes: free,
+            devices: profile.map(|p| p.device_proto()).into_iter().collect(),
+            memory_offered_bytes: profile.map_or(0, |p| p.offer.offered_bytes),
             state: self.state() as i32,
             compute_threads: config.threads as u32,
             shard,
         }
     }
 
-    /// Drops the shard, if any, and waits for its compute thread to exit.
-    pub async fn unload(&self) -> u64 {
+    /// Drops the shard of `pipeline` (every shard for `None`) and waits for the
+    /// compute threads to exit, so the memory is free when this returns.
+    pub async fn unload(&self, pipeline: Option<u64>) -> u64 {
         let _guard = self.shared.load_lock.lock().await;
-        self.take_shard().await
+        self.take_shards(|id| pipeline.is_none_or(|p| p == id))
+            .await
     }
 
-    async fn take_shard(&self) -> u64 {
-        let loaded = lock(&self.shared.slot).shard.take();
-        match loaded {
-            Some(loaded) => {
-                let freed = loaded.compute.weight_bytes;
-                let _ = tokio::task::spawn_blocking(move || loaded.compute.stop()).await;
-                freed
-            }
-            None => 0,
+    async fn take_shards(&self, which: impl Fn(u64) -> bool) -> u64 {
+        let taken: Vec<Loaded> = {
+            let mut slot = lock(&self.shared.slot);
+            let (taken, kept) = std::mem::take(&mut slot.shards)
+                .into_iter()
+                .partition(|(id, _)| which(*id));
+            slot.shards = kept;
+            taken.into_iter().map(|(_, l)| l).collect()
+        };
+        let mut freed = 0;
+        for loaded in taken {
+            // Weights and whatever KV cache the stage held.
+            freed += loaded
+                .gauges
+                .memory_bytes
+                .load(Ordering::Relaxed)
+                .max(loaded.compute.weight_bytes);
+            let _ = tokio::task::spawn_blocking(move || loaded.compute.stop()).await;
+        }
+        freed
+    }
+
+    /// The compute queue for `pipeline`; without one, the newest shard's.
+    fn compute_sender(&self, pipeline: Option<u64>) -> Option<mpsc::Sender<StageMessage>> {
+        let slot = lock(&self.shared.slot);
+        match pipeline {
+            Some(id) => slot
+                .shards
+                .iter()
+                .find(|(p, _)| *p == id)
+                .map(|(_, l)| l.compute.tx.clone()),
+            None => slot.newest().map(|l| l.compute.tx.clone()),
         }
     }
 
-    fn compute_sender(&self) -> Option<mpsc::Sender<StageMessage>> {
-        lock(&self.shared.slot).shard.as_ref().map(|l| l.compute.tx.clone())
+    /// Marks the worker draining or back in service; true when that changed.
+    pub fn set_draining(&self, draining: bool) -> bool {
+        let changed = self.shared.draining.send_replace(draining) != draining;
+        if changed {
+            tracing::info!(draining, "drain state changed");
+        }
+        changed
     }
 
-    async fn load_shard(&self, spec: v1::ShardSpec) -> Result<v1::LoadShardResponse, WorkerError> {
+    /// Memory the loaded shards use, and how many sequences they hold.
+    fn usage(&self) -> (u64, u32, Vec<u64>) {
+        let slot = lock(&self.shared.slot);
+        let mut memory = 0;
+        let mut sequences = 0;
+        for (_, l) in &slot.shards {
+            memory += l.gauges.memory_bytes.load(Ordering::Relaxed);
+            sequences += l.gauges.sequences.load(Ordering::Relaxed);
+        }
+        (
+            memory,
+            sequences,
+            slot.shards.iter().map(|(id, _)| *id).collect(),
+        )
+    }
+
+    async fn load_shard(
+        &self,
+        spec: v1::ShardSpec,
+        keep_others: bool,
+    ) -> Result<v1::LoadShardResponse, WorkerError> {
         let started = Instant::now();
-        let model = spec.model.clone().ok_or_else(|| WorkerError::InvalidShard("the shard names no model".into()))?;
+        let model = spec
+            .model
+            .clone()
+            .ok_or_else(|| WorkerError::InvalidShard("the shard names no model".into()))?;
         let layers = checked_range(&spec)?;
         let wire_dtype = match WireDtype::try_from(spec.wire_dtype) {
             Ok(WireDtype::F16) => WireDtype::F16,
             Ok(_) => WireDtype::F32,
-            Err(_) => return Err(WorkerError::InvalidShard(format!("unknown wire dtype {}", spec.wire_dtype))),
+            Err(_) => {
+                return Err(WorkerError::InvalidShard(format!(
+                    "unknown wire dtype {}",
+                    spec.wire_dtype
+                )))
+            }
         };
         let is_last = layers.end == spec.total_layers as usize;
         if !is_last && spec.next_stage_address.is_empty() {
@@ -154,13 +219,17 @@ impl WorkerService {
                 spec.stage_index, layers.start, layers.end
             )));
         }
-        if *self.shared.stop.borrow() {
+        if *self.shared.stop.borrow() || *self.shared.draining.borrow() {
             return Err(WorkerError::Draining);
         }
         let _guard = self.shared.load_lock.lock().await;
-        self.take_shard().await;
+        let pipeline = spec.pipeline_id;
+        self.take_shards(|id| !keep_others || id == pipeline).await;
         lock(&self.shared.slot).loading = true;
-        let result = self.load_locked(&spec, &model, layers, wire_dtype, is_last).await;
+        let gauges = Arc::new(Gauges::default());
+        let result = self
+            .load_locked(&spec, &model, layers, wire_dtype, is_last, gauges.clone())
+            .await;
         lock(&self.shared.slot).loading = false;
         let (compute, local) = result?;
         let weight_bytes = compute.weight_bytes;
@@ -171,7 +240,14 @@ impl WorkerService {
             "shard loaded in {:.2}s",
             started.elapsed().as_secs_f64()
         );
-        lock(&self.shared.slot).shard = Some(Loaded { spec, compute });
+        lock(&self.shared.slot).shards.push((
+            pipeline,
+            Loaded {
+                spec,
+                compute,
+                gauges,
+            },
+        ));
         Ok(v1::LoadShardResponse {
             weight_bytes,
             weights_were_local: local,
@@ -186,6 +262,7 @@ impl WorkerService {
         layers: Range<usize>,
         wire_dtype: WireDtype,
         is_last: bool,
+        gauges: Arc<Gauges>,
     ) -> Result<(ComputeHandle, bool), WorkerError> {
         let shared = &self.shared;
         let located = weights::locate(
@@ -197,24 +274,30 @@ impl WorkerService {
             &shared.hub,
         )
         .await?;
-        let device =
-            strata_model::parse_device(&shared.config.device).map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let device = strata_model::parse_device(&shared.config.device)
+            .map_err(|e| WorkerError::Internal(e.to_string()))?;
         // Connect before loading, so a wrong address fails the load, not the first frame.
         let mut outputs = Outputs::default();
         if !is_last {
-            let channel = forwarder::connect(spec.next_stage_address.clone()).await.map_err(WorkerError::Internal)?;
+            let channel = forwarder::connect(spec.next_stage_address.clone())
+                .await
+                .map_err(WorkerError::Internal)?;
             outputs.next = Some(forwarder::spawn(
                 spec.next_stage_address.clone(),
                 channel,
+                spec.pipeline_id,
                 spec.stage_index,
                 shared.hub.clone(),
                 shared.stop.clone(),
             ));
         } else if !spec.first_stage_address.is_empty() && layers.start != 0 {
-            let channel = forwarder::connect(spec.first_stage_address.clone()).await.map_err(WorkerError::Internal)?;
+            let channel = forwarder::connect(spec.first_stage_address.clone())
+                .await
+                .map_err(WorkerError::Internal)?;
             outputs.first = Some(forwarder::spawn(
                 spec.first_stage_address.clone(),
                 channel,
+                spec.pipeline_id,
                 spec.stage_index,
                 shared.hub.clone(),
                 shared.stop.clone(),
@@ -233,19 +316,26 @@ impl WorkerService {
             device,
             compute_lock: shared.config.compute_lock.clone(),
         };
-        let compute =
-            compute::start(compute_spec, outputs, shared.hub.clone(), shared.stats.clone(), shared.gauges.clone())
-                .await?;
+        let compute = compute::start(
+            compute_spec,
+            outputs,
+            shared.hub.clone(),
+            shared.stats.clone(),
+            gauges,
+        )
+        .await?;
         Ok((compute, located.local))
     }
 
     fn heartbeat(&self) -> v1::WorkerEvent {
+        let (memory_used_bytes, sequences, pipelines) = self.usage();
         v1::WorkerEvent {
             kind: Some(worker_event::Kind::Heartbeat(v1::Heartbeat {
                 unix_millis: unix_nanos() / 1_000_000,
                 state: self.state() as i32,
-                sequences: self.shared.gauges.sequences.load(Ordering::Relaxed),
-                memory_used_bytes: self.shared.gauges.memory_bytes.load(Ordering::Relaxed),
+                sequences,
+                memory_used_bytes,
+                pipelines,
             })),
         }
     }
@@ -254,7 +344,9 @@ impl WorkerService {
 fn checked_range(spec: &v1::ShardSpec) -> Result<Range<usize>, WorkerError> {
     let (start, end, layers) = (spec.layer_start, spec.layer_end, spec.total_layers);
     if start >= end {
-        return Err(WorkerError::InvalidShard(format!("layer range {start}..{end} is empty")));
+        return Err(WorkerError::InvalidShard(format!(
+            "layer range {start}..{end} is empty"
+        )));
     }
     if end > layers {
         return Err(WorkerError::ShardOutOfRange { start, end, layers });
@@ -266,7 +358,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<v1::WorkerEvent, Status>> + 
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
-    async fn describe(&self, _: Request<v1::DescribeRequest>) -> Result<Response<v1::WorkerDescription>, Status> {
+    async fn describe(
+        &self,
+        _: Request<v1::DescribeRequest>,
+    ) -> Result<Response<v1::WorkerDescription>, Status> {
         Ok(Response::new(self.description()))
     }
 
@@ -274,9 +369,11 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::LoadShardRequest>,
     ) -> Result<Response<v1::LoadShardResponse>, Status> {
-        let spec =
-            request.into_inner().shard.ok_or_else(|| WorkerError::InvalidShard("no shard in the request".into()))?;
-        match self.load_shard(spec).await {
+        let request = request.into_inner();
+        let spec = request
+            .shard
+            .ok_or_else(|| WorkerError::InvalidShard("no shard in the request".into()))?;
+        match self.load_shard(spec, request.keep_other_pipelines).await {
             Ok(r) => Ok(Response::new(r)),
             Err(e) => {
                 tracing::warn!(error = %e, "load refused");
@@ -287,12 +384,30 @@ impl Worker for WorkerService {
 
     async fn unload_shard(
         &self,
-        _: Request<v1::UnloadShardRequest>,
+        request: Request<v1::UnloadShardRequest>,
     ) -> Result<Response<v1::UnloadShardResponse>, Status> {
-        Ok(Response::new(v1::UnloadShardResponse { freed_bytes: self.unload().await }))
+        let pipeline = Some(request.into_inner().pipeline_id).filter(|&p| p != 0);
+        Ok(Response::new(v1::UnloadShardResponse {
+            freed_bytes: self.unload(pipeline).await,
+        }))
     }
 
-    async fn forward(&self, request: Request<Streaming<StageMessage>>) -> Result<Response<v1::ForwardSummary>, Status> {
+    async fn set_draining(
+        &self,
+        request: Request<v1::SetDrainingRequest>,
+    ) -> Result<Response<v1::SetDrainingResponse>, Status> {
+        let changed = self.set_draining(request.into_inner().draining);
+        Ok(Response::new(v1::SetDrainingResponse {
+            state: self.state() as i32,
+            changed,
+        }))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Streaming<StageMessage>>,
+    ) -> Result<Response<v1::ForwardSummary>, Status> {
+        let pipeline = strata_proto::pipeline_of(&request);
         let mut stream = request.into_inner();
         let mut stop = self.shared.stop.clone();
         let mut frames = 0;
@@ -311,12 +426,17 @@ impl Worker for WorkerService {
                 Some(stage_message::Kind::Open(o)) => Some(o.seq_id),
                 _ => None,
             };
-            let delivered = match self.compute_sender() {
+            let delivered = match self.compute_sender(pipeline) {
                 Some(tx) => tx.send(message).await.is_ok(),
                 None => false,
             };
             if let (false, Some(seq)) = (delivered, seq) {
-                self.shared.hub.sequence_error(seq, ErrorCode::NoShard, WorkerError::NoShard.to_string(), 0);
+                self.shared.hub.sequence_error(
+                    seq,
+                    ErrorCode::NoShard,
+                    WorkerError::NoShard.to_string(),
+                    0,
+                );
             }
         }
         Ok(Response::new(v1::ForwardSummary { frames }))
@@ -324,10 +444,14 @@ impl Worker for WorkerService {
 
     type EventsStream = EventStream;
 
-    async fn events(&self, _: Request<v1::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+    async fn events(
+        &self,
+        _: Request<v1::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
         let events = UnboundedReceiverStream::new(self.shared.hub.subscribe()).map(Ok);
         let me = self.clone();
-        let beats = IntervalStream::new(tokio::time::interval(HEARTBEAT_INTERVAL)).map(move |_| Ok(me.heartbeat()));
+        let beats = IntervalStream::new(tokio::time::interval(HEARTBEAT_INTERVAL))
+            .map(move |_| Ok(me.heartbeat()));
         let mut stop = self.shared.stop.clone();
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -336,45 +460,21 @@ impl Worker for WorkerService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
-        Ok(Response::new(v1::HealthResponse { state: self.state() as i32 }))
+    async fn health(
+        &self,
+        _: Request<v1::HealthRequest>,
+    ) -> Result<Response<v1::HealthResponse>, Status> {
+        Ok(Response::new(v1::HealthResponse {
+            state: self.state() as i32,
+        }))
     }
 
-    async fn stats(&self, request: Request<v1::StatsRequest>) -> Result<Response<v1::StatsResponse>, Status> {
-        Ok(Response::new(self.shared.stats.snapshot(request.into_inner().reset)))
-    }
-}
-
-/// Total and available memory from /proc/meminfo (zeros where unknown).
-fn memory_info() -> (u64, u64) {
-    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else { return (0, 0) };
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024)
-    };
-    (field("MemTotal:"), field("MemAvailable:"))
-}
-
-fn cpu_capability() -> String {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut features = Vec::new();
-        if std::arch::is_x86_feature_detected!("avx2") {
-            features.push("avx2");
-        }
-        if std::arch::is_x86_feature_detected!("fma") {
-            features.push("fma");
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            features.push("avx512f");
-        }
-        features.join(",")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        String::new()
+    async fn stats(
+        &self,
+        request: Request<v1::StatsRequest>,
+    ) -> Result<Response<v1::StatsResponse>, Status> {
+        Ok(Response::new(
+            self.shared.stats.snapshot(request.into_inner().reset),
+        ))
     }
 }

@@ -17,7 +17,8 @@ use strata_model::{Device, Generator, ModelFile, SamplingParams};
 use strata_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_proto::v1::{
-    self, stage_message, weight_chunk, worker_event, ErrorCode, StageMessage, WireDtype, WorkerEvent,
+    self, stage_message, weight_chunk, worker_event, ErrorCode, StageMessage, WireDtype,
+    WorkerEvent,
 };
 use strata_proto::{encode_hidden, MAX_MESSAGE_BYTES};
 use strata_worker::weights::sha256_file;
@@ -41,7 +42,12 @@ fn synthetic() -> Model {
     let dir = tempfile::tempdir().unwrap();
     let path = SyntheticModel::tiny().write_to(dir.path()).unwrap();
     let hash = sha256_file(&path).unwrap();
-    Model { _dir: dir, path, hash, layers: SyntheticModel::tiny().layers as u32 }
+    Model {
+        _dir: dir,
+        path,
+        hash,
+        layers: SyntheticModel::tiny().layers as u32,
+    }
 }
 
 /// A worker running in this process; stops when dropped.
@@ -64,10 +70,16 @@ async fn start_worker(models: Vec<std::path::PathBuf>) -> TestWorker {
     start_worker_with_cache(models, cache).await
 }
 
-async fn start_worker_with_cache(models: Vec<std::path::PathBuf>, cache: tempfile::TempDir) -> TestWorker {
+async fn start_worker_with_cache(
+    models: Vec<std::path::PathBuf>,
+    cache: tempfile::TempDir,
+) -> TestWorker {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
-    let config = WorkerConfig { models, ..WorkerConfig::local(cache.path().to_path_buf()) };
+    let config = WorkerConfig {
+        models,
+        ..WorkerConfig::local(cache.path().to_path_buf())
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let _ = strata_worker::run(listener, config, async {
@@ -75,17 +87,30 @@ async fn start_worker_with_cache(models: Vec<std::path::PathBuf>, cache: tempfil
         })
         .await;
     });
-    TestWorker { address, stop: Some(stop), _cache: cache }
+    TestWorker {
+        address,
+        stop: Some(stop),
+        _cache: cache,
+    }
 }
 
 async fn client(address: &str) -> WorkerClient<Channel> {
-    let channel = strata_proto::transport::endpoint(address).unwrap().connect().await.unwrap();
-    WorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+    let channel = strata_proto::transport::endpoint(address)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    WorkerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 fn shard(model: &Model, layers: std::ops::Range<u32>, stage_index: u32) -> v1::ShardSpec {
     v1::ShardSpec {
-        model: Some(v1::ModelRef { model_id: "synthetic".into(), content_hash: model.hash.clone() }),
+        model: Some(v1::ModelRef {
+            model_id: "synthetic".into(),
+            content_hash: model.hash.clone(),
+        }),
         layer_start: layers.start,
         layer_end: layers.end,
         total_layers: model.layers,
@@ -95,8 +120,17 @@ fn shard(model: &Model, layers: std::ops::Range<u32>, stage_index: u32) -> v1::S
     }
 }
 
-async fn load(client: &mut WorkerClient<Channel>, spec: v1::ShardSpec) -> Result<v1::LoadShardResponse, Status> {
-    client.load_shard(v1::LoadShardRequest { shard: Some(spec) }).await.map(Response::into_inner)
+async fn load(
+    client: &mut WorkerClient<Channel>,
+    spec: v1::ShardSpec,
+) -> Result<v1::LoadShardResponse, Status> {
+    client
+        .load_shard(v1::LoadShardRequest {
+            shard: Some(spec),
+            keep_other_pipelines: false,
+        })
+        .await
+        .map(Response::into_inner)
 }
 
 /// Events of one worker, read with a deadline.
@@ -104,15 +138,24 @@ struct Events(tonic::Streaming<WorkerEvent>);
 
 impl Events {
     async fn subscribe(client: &mut WorkerClient<Channel>) -> Self {
-        Self(client.events(v1::EventsRequest {}).await.unwrap().into_inner())
+        Self(
+            client
+                .events(v1::EventsRequest {})
+                .await
+                .unwrap()
+                .into_inner(),
+        )
     }
 
     /// The next token or error event (heartbeats and progress are skipped).
     async fn next(&mut self) -> anyhow::Result<worker_event::Kind> {
         loop {
-            let event = tokio::time::timeout(DEADLINE, self.0.message()).await.context("no event in time")??;
+            let event = tokio::time::timeout(DEADLINE, self.0.message())
+                .await
+                .context("no event in time")??;
             match event.and_then(|e| e.kind) {
-                Some(worker_event::Kind::Heartbeat(_)) | Some(worker_event::Kind::LoadProgress(_)) => continue,
+                Some(worker_event::Kind::Heartbeat(_))
+                | Some(worker_event::Kind::LoadProgress(_)) => continue,
                 Some(kind) => return Ok(kind),
                 None => bail!("the event stream ended"),
             }
@@ -126,10 +169,14 @@ struct Sender(mpsc::UnboundedSender<StageMessage>);
 impl Sender {
     fn open(
         client: &WorkerClient<Channel>,
-    ) -> (Self, tokio::task::JoinHandle<Result<Response<v1::ForwardSummary>, Status>>) {
+    ) -> (
+        Self,
+        tokio::task::JoinHandle<Result<Response<v1::ForwardSummary>, Status>>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut client = client.clone();
-        let call = tokio::spawn(async move { client.forward(UnboundedReceiverStream::new(rx)).await });
+        let call =
+            tokio::spawn(async move { client.forward(UnboundedReceiverStream::new(rx)).await });
         (Self(tx), call)
     }
 
@@ -140,12 +187,22 @@ impl Sender {
     fn open_seq(&self, seq_id: u64) {
         self.send(stage_message::Kind::Open(v1::OpenSequence {
             seq_id,
-            sampling: Some(v1::SamplingParams { repetition_penalty: 1.0, ..Default::default() }),
+            sampling: Some(v1::SamplingParams {
+                repetition_penalty: 1.0,
+                ..Default::default()
+            }),
             ..Default::default()
         }));
     }
 
-    fn frame(&self, seq_id: u64, position: u32, tokens: Vec<u32>, hidden: Option<v1::Tensor>, sample: bool) {
+    fn frame(
+        &self,
+        seq_id: u64,
+        position: u32,
+        tokens: Vec<u32>,
+        hidden: Option<v1::Tensor>,
+        sample: bool,
+    ) {
         self.send(stage_message::Kind::Frame(v1::ActivationFrame {
             seq_id,
             position,
@@ -158,7 +215,9 @@ impl Sender {
 }
 
 fn hidden_rows(rows: usize, width: usize) -> v1::Tensor {
-    let values: Vec<f32> = (0..rows * width).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
+    let values: Vec<f32> = (0..rows * width)
+        .map(|i| ((i % 17) as f32 - 8.0) * 0.05)
+        .collect();
     encode_hidden(&values, rows, width, WireDtype::F32)
 }
 
@@ -167,7 +226,11 @@ fn expect_error(kind: worker_event::Kind, seq: u64, code: ErrorCode, words: &str
         worker_event::Kind::Error(e) => {
             assert_eq!(e.seq_id, seq, "{e:?}");
             assert_eq!(e.code, code as i32, "{e:?}");
-            assert!(e.message.contains(words), "{:?} should mention {words:?}", e.message);
+            assert!(
+                e.message.contains(words),
+                "{:?} should mention {words:?}",
+                e.message
+            );
         }
         other => panic!("expected an error for sequence {seq}, got {other:?}"),
     }
@@ -190,7 +253,16 @@ async fn bad_frames_fail_their_sequence_and_the_worker_goes_on() -> anyhow::Resu
     expect_error(events.next().await?, 1, ErrorCode::BadFrame, "shape");
 
     tx.open_seq(2);
-    tx.frame(2, 0, vec![1, 2], Some(v1::Tensor { dtype: 99, ..hidden_rows(2, width) }), true);
+    tx.frame(
+        2,
+        0,
+        vec![1, 2],
+        Some(v1::Tensor {
+            dtype: 99,
+            ..hidden_rows(2, width)
+        }),
+        true,
+    );
     expect_error(events.next().await?, 2, ErrorCode::BadFrame, "dtype");
 
     tx.open_seq(3);
@@ -200,13 +272,25 @@ async fn bad_frames_fail_their_sequence_and_the_worker_goes_on() -> anyhow::Resu
     expect_error(events.next().await?, 3, ErrorCode::BadFrame, "bytes");
 
     tx.frame(4, 0, vec![1], Some(hidden_rows(1, width)), true);
-    expect_error(events.next().await?, 4, ErrorCode::UnknownSequence, "never opened");
+    expect_error(
+        events.next().await?,
+        4,
+        ErrorCode::UnknownSequence,
+        "never opened",
+    );
 
     tx.open_seq(5);
     tx.frame(5, 0, vec![1, 2], Some(hidden_rows(2, width)), true);
-    assert!(matches!(events.next().await?, worker_event::Kind::Token(t) if t.seq_id == 5 && t.position == 2));
+    assert!(
+        matches!(events.next().await?, worker_event::Kind::Token(t) if t.seq_id == 5 && t.position == 2)
+    );
     tx.frame(5, 7, vec![3], Some(hidden_rows(1, width)), true);
-    expect_error(events.next().await?, 5, ErrorCode::PositionMismatch, "expected position 2, got 7");
+    expect_error(
+        events.next().await?,
+        5,
+        ErrorCode::PositionMismatch,
+        "expected position 2, got 7",
+    );
 
     // A good sequence, sent after all that, is served; so is sequence 5 at the right position.
     tx.open_seq(6);
@@ -231,34 +315,66 @@ async fn bad_shards_get_a_status_that_names_the_problem() -> anyhow::Result<()> 
     let worker = start_worker(vec![model.path.clone()]).await;
     let mut c = client(&worker.address).await;
 
-    let beyond = v1::ShardSpec { layer_end: 9, ..shard(&model, 2..4, 1) };
+    let beyond = v1::ShardSpec {
+        layer_end: 9,
+        ..shard(&model, 2..4, 1)
+    };
     let s = load(&mut c, beyond).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    assert!(s.message().contains("2..9") && s.message().contains("4 layers"), "{}", s.message());
+    assert!(
+        s.message().contains("2..9") && s.message().contains("4 layers"),
+        "{}",
+        s.message()
+    );
 
     // The spec claims more layers than the model has: the worker finds out from the file.
-    let claims_more = v1::ShardSpec { layer_end: 9, total_layers: 9, ..shard(&model, 2..4, 1) };
+    let claims_more = v1::ShardSpec {
+        layer_end: 9,
+        total_layers: 9,
+        ..shard(&model, 2..4, 1)
+    };
     let s = load(&mut c, claims_more).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    assert!(s.message().contains("outside the model's 4 layers"), "{}", s.message());
+    assert!(
+        s.message().contains("outside the model's 4 layers"),
+        "{}",
+        s.message()
+    );
 
     let other_model = v1::ShardSpec {
-        model: Some(v1::ModelRef { model_id: "other".into(), content_hash: "ab".repeat(32) }),
+        model: Some(v1::ModelRef {
+            model_id: "other".into(),
+            content_hash: "ab".repeat(32),
+        }),
         ..shard(&model, 2..4, 1)
     };
     let s = load(&mut c, other_model).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
-    assert!(s.message().contains("hash mismatch") && s.message().contains(&"ab".repeat(32)), "{}", s.message());
+    assert!(
+        s.message().contains("hash mismatch") && s.message().contains(&"ab".repeat(32)),
+        "{}",
+        s.message()
+    );
 
     let not_hex = v1::ShardSpec {
-        model: Some(v1::ModelRef { model_id: "x".into(), content_hash: "../../etc".into() }),
+        model: Some(v1::ModelRef {
+            model_id: "x".into(),
+            content_hash: "../../etc".into(),
+        }),
         ..shard(&model, 2..4, 1)
     };
-    assert_eq!(load(&mut c, not_hex).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        load(&mut c, not_hex).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
     let no_next = shard(&model, 0..2, 0);
     let s = load(&mut c, no_next).await.unwrap_err();
-    assert!(s.message().contains("no next stage address"), "{}", s.message());
+    assert!(
+        s.message().contains("no next stage address"),
+        "{}",
+        s.message()
+    );
 
     // After all that the worker loads a good shard.
     load(&mut c, shard(&model, 2..4, 1)).await?;
@@ -275,11 +391,19 @@ async fn an_oversized_message_gets_the_transport_limit_status() -> anyhow::Resul
     let unlimited = c.clone().max_encoding_message_size(usize::MAX);
     let (tx, call) = Sender::open(&unlimited);
     tx.open_seq(1);
-    let huge = v1::Tensor { dtype: WireDtype::F32 as i32, shape: vec![1, 64], data: vec![0; MAX_MESSAGE_BYTES + 1] };
+    let huge = v1::Tensor {
+        dtype: WireDtype::F32 as i32,
+        shape: vec![1, 64],
+        data: vec![0; MAX_MESSAGE_BYTES + 1],
+    };
     tx.frame(1, 0, vec![1], Some(huge), true);
     let status = tokio::time::timeout(DEADLINE, call).await??.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
-    assert!(status.message().contains("too large"), "{}", status.message());
+    assert!(
+        status.message().contains("too large"),
+        "{}",
+        status.message()
+    );
     // The worker still serves a new stream.
     let mut events = Events::subscribe(&mut c).await;
     let (tx, _call) = Sender::open(&c);
@@ -301,13 +425,19 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::WeightChunk, Status>> + 
 
 #[tonic::async_trait]
 impl Coordinator for FakeCoordinator {
-    async fn join(&self, _: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        _: Request<v1::JoinRequest>,
+    ) -> Result<Response<v1::JoinResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 
     type FetchWeightsStream = ChunkStream;
 
-    async fn fetch_weights(&self, request: Request<v1::FetchWeightsRequest>) -> Result<Response<ChunkStream>, Status> {
+    async fn fetch_weights(
+        &self,
+        request: Request<v1::FetchWeightsRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         let r = request.into_inner();
         assert_eq!(r.model.unwrap().content_hash, self.hash);
@@ -321,7 +451,11 @@ impl Coordinator for FakeCoordinator {
         )
         .unwrap();
         let bytes = bytes.into_inner();
-        let sha = if self.corrupt { "00".repeat(32) } else { sha256_hex(&bytes) };
+        let sha = if self.corrupt {
+            "00".repeat(32)
+        } else {
+            sha256_hex(&bytes)
+        };
         let mut chunks = vec![Ok(v1::WeightChunk {
             kind: Some(weight_chunk::Kind::Manifest(v1::WeightManifest {
                 total_bytes: bytes.len() as u64,
@@ -331,13 +465,20 @@ impl Coordinator for FakeCoordinator {
         })];
         // Small chunks, so the transfer takes several messages.
         for chunk in bytes.chunks(16 * 1024) {
-            chunks.push(Ok(v1::WeightChunk { kind: Some(weight_chunk::Kind::Data(chunk.to_vec())) }));
+            chunks.push(Ok(v1::WeightChunk {
+                kind: Some(weight_chunk::Kind::Data(chunk.to_vec())),
+            }));
         }
         Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
-    async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
-        Ok(Response::new(v1::HealthResponse { state: v1::WorkerState::Serving as i32 }))
+    async fn health(
+        &self,
+        _: Request<v1::HealthRequest>,
+    ) -> Result<Response<v1::HealthResponse>, Status> {
+        Ok(Response::new(v1::HealthResponse {
+            state: v1::WorkerState::Serving as i32,
+        }))
     }
 }
 
@@ -346,20 +487,26 @@ fn sha256_hex(bytes: &[u8]) -> String {
     strata_worker::weights::hex(&sha2::Sha256::digest(bytes))
 }
 
-async fn start_fake_coordinator(model: &Model, corrupt: bool) -> (String, Arc<AtomicUsize>, oneshot::Sender<()>) {
+async fn start_fake_coordinator(
+    model: &Model,
+    corrupt: bool,
+) -> (String, Arc<AtomicUsize>, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let fetches = Arc::new(AtomicUsize::new(0));
-    let service =
-        FakeCoordinator { model: model.path.clone(), hash: model.hash.clone(), fetches: fetches.clone(), corrupt };
+    let service = FakeCoordinator {
+        model: model.path.clone(),
+        hash: model.hash.clone(),
+        fetches: fetches.clone(),
+        corrupt,
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(
-        strata_proto::transport::server().add_service(CoordinatorServer::new(service)).serve_with_incoming_shutdown(
-            strata_proto::transport::incoming(listener),
-            async {
+        strata_proto::transport::server()
+            .add_service(CoordinatorServer::new(service))
+            .serve_with_incoming_shutdown(strata_proto::transport::incoming(listener), async {
                 let _ = stopped.await;
-            },
-        ),
+            }),
     );
     (address, fetches, stop)
 }
@@ -368,7 +515,10 @@ async fn start_fake_coordinator(model: &Model, corrupt: bool) -> (String, Arc<At
 fn reference_tokens(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
     let file = ModelFile::open(&model.path).unwrap();
     let mut generator = Generator::load(&file, &Device::Cpu, StageOptions::default()).unwrap();
-    generator.generate(prompt, n, &SamplingParams::greedy(), |_, _| true).unwrap().tokens
+    generator
+        .generate(prompt, n, &SamplingParams::greedy(), |_, _| true)
+        .unwrap()
+        .tokens
 }
 
 /// Drives one greedy sequence through a pipeline whose stage 0 is `first`, feeding
@@ -384,7 +534,10 @@ async fn generate(
     let (tx, _call) = Sender::open(first);
     tx.send(stage_message::Kind::Open(v1::OpenSequence {
         seq_id: seq,
-        sampling: Some(v1::SamplingParams { repetition_penalty: 1.0, ..Default::default() }),
+        sampling: Some(v1::SamplingParams {
+            repetition_penalty: 1.0,
+            ..Default::default()
+        }),
         direct_return: direct,
         end_position: (prompt.len() + n) as u32,
         stop_tokens: vec![],
@@ -404,7 +557,9 @@ async fn generate(
             other => bail!("unexpected event {other:?}"),
         }
     }
-    tx.send(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: seq }));
+    tx.send(stage_message::Kind::Release(v1::ReleaseSequence {
+        seq_id: seq,
+    }));
     Ok(out)
 }
 
@@ -417,7 +572,10 @@ async fn weights_are_pulled_checked_and_cached() -> anyhow::Result<()> {
     let cache_path = cache.path().to_path_buf();
     let worker = start_worker_with_cache(vec![], cache).await;
     let mut c = client(&worker.address).await;
-    let spec = v1::ShardSpec { weights_source: source.clone(), ..shard(&model, 0..4, 0) };
+    let spec = v1::ShardSpec {
+        weights_source: source.clone(),
+        ..shard(&model, 0..4, 0)
+    };
     let mut events = Events::subscribe(&mut c).await;
     let r = load(&mut c, spec.clone()).await?;
     assert!(!r.weights_were_local);
@@ -426,7 +584,9 @@ async fn weights_are_pulled_checked_and_cached() -> anyhow::Result<()> {
     assert!(cached.is_file(), "{} should exist", cached.display());
     // Progress was reported while pulling.
     let mut progress = None;
-    while let Ok(Ok(Some(event))) = tokio::time::timeout(Duration::from_millis(200), events.0.message()).await {
+    while let Ok(Ok(Some(event))) =
+        tokio::time::timeout(Duration::from_millis(200), events.0.message()).await
+    {
         if let Some(worker_event::Kind::LoadProgress(p)) = event.kind {
             progress = Some(p);
             if p.bytes_done == p.bytes_total {
@@ -440,10 +600,14 @@ async fn weights_are_pulled_checked_and_cached() -> anyhow::Result<()> {
     // The pulled shard computes what the whole model computes.
     let prompt = [5, 80, 120, 33];
     let mut events = Events::subscribe(&mut c).await;
-    assert_eq!(generate(&c, &mut events, 1, &prompt, 6, false).await?, reference_tokens(&model, &prompt, 6));
+    assert_eq!(
+        generate(&c, &mut events, 1, &prompt, 6, false).await?,
+        reference_tokens(&model, &prompt, 6)
+    );
 
     // Loading again takes the cached file: no second fetch.
-    c.unload_shard(v1::UnloadShardRequest {}).await?;
+    c.unload_shard(v1::UnloadShardRequest { pipeline_id: 0 })
+        .await?;
     load(&mut c, spec).await?;
     assert_eq!(fetches.load(Ordering::SeqCst), 1);
     Ok(())
@@ -457,12 +621,17 @@ async fn a_corrupt_pull_is_refused_and_not_cached() -> anyhow::Result<()> {
     let cache_path = cache.path().to_path_buf();
     let worker = start_worker_with_cache(vec![], cache).await;
     let mut c = client(&worker.address).await;
-    let spec = v1::ShardSpec { weights_source: source, ..shard(&model, 0..4, 0) };
+    let spec = v1::ShardSpec {
+        weights_source: source,
+        ..shard(&model, 0..4, 0)
+    };
     let s = load(&mut c, spec).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     assert!(s.message().contains("pulled shard"), "{}", s.message());
     let dir = cache_path.join(&model.hash);
-    let left: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "nothing may stay in the cache: {left:?}");
     Ok(())
 }
@@ -473,17 +642,195 @@ async fn a_two_stage_pipeline_matches_one_process_both_ways_back() -> anyhow::Re
     let a = start_worker(vec![model.path.clone()]).await;
     let b = start_worker(vec![model.path.clone()]).await;
     let (mut ca, mut cb) = (client(&a.address).await, client(&b.address).await);
-    load(&mut cb, v1::ShardSpec { first_stage_address: a.address.clone(), ..shard(&model, 1..4, 1) }).await?;
-    load(&mut ca, v1::ShardSpec { next_stage_address: b.address.clone(), ..shard(&model, 0..1, 0) }).await?;
+    load(
+        &mut cb,
+        v1::ShardSpec {
+            first_stage_address: a.address.clone(),
+            ..shard(&model, 1..4, 1)
+        },
+    )
+    .await?;
+    load(
+        &mut ca,
+        v1::ShardSpec {
+            next_stage_address: b.address.clone(),
+            ..shard(&model, 0..1, 0)
+        },
+    )
+    .await?;
     let mut events = Events::subscribe(&mut cb).await;
     for (seq, prompt) in [[3u32, 1, 4, 1], [2, 7, 1, 8]].iter().enumerate() {
         let expected = reference_tokens(&model, prompt, 8);
-        assert_eq!(generate(&ca, &mut events, seq as u64 * 2, prompt, 8, false).await?, expected);
-        assert_eq!(generate(&ca, &mut events, seq as u64 * 2 + 1, prompt, 8, true).await?, expected);
+        assert_eq!(
+            generate(&ca, &mut events, seq as u64 * 2, prompt, 8, false).await?,
+            expected
+        );
+        assert_eq!(
+            generate(&ca, &mut events, seq as u64 * 2 + 1, prompt, 8, true).await?,
+            expected
+        );
     }
     // Hop latencies were recorded on the receiving side.
-    let stats = cb.stats(v1::StatsRequest { reset: true }).await?.into_inner();
+    let stats = cb
+        .stats(v1::StatsRequest { reset: true })
+        .await?
+        .into_inner();
     assert!(!stats.hop_micros.is_empty() && stats.frames > 0);
     let _ = std::io::stderr().flush();
+    Ok(())
+}
+
+/// The binary as an operator starts it: `--max-memory` caps what Describe offers
+/// (`--no-bench` keeps the start quick), `devices --json` says the same before
+/// anything is started, and a reserve that leaves nothing stops the start.
+#[tokio::test]
+async fn the_binary_offers_what_max_memory_allows() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    const OFFER: u64 = 64 << 20;
+    let binary = env!("CARGO_BIN_EXE_strata-worker");
+    let cache = tempfile::tempdir()?;
+    let cache_dir = cache.path().display().to_string();
+
+    let mut child = tokio::process::Command::new(binary)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--max-memory",
+            "64MiB",
+            "--no-bench",
+            "--threads",
+            "1",
+            // mDNS must never run in the machine's own network namespace.
+            "--no-mdns",
+        ])
+        .args(["--cache-dir", &cache_dir])
+        .env("STRATA_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("no stdout")?).lines();
+    let line = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .context("no listening line in time")??;
+    let line = line.context("the worker exited before listening")?;
+    let address = line
+        .split_once("grpc=")
+        .context("no grpc= in the line")?
+        .1
+        .trim()
+        .to_string();
+    let description = client(&address)
+        .await
+        .describe(v1::DescribeRequest {})
+        .await?
+        .into_inner();
+    child.kill().await?;
+    assert_eq!(description.memory_offered_bytes, OFFER);
+    let [device] = description.devices.as_slice() else {
+        bail!("one device expected: {:?}", description.devices)
+    };
+    assert_eq!(device.kind, v1::DeviceKind::Cpu as i32);
+    assert_eq!(
+        device.memory_bandwidth_bytes_per_second, 0.0,
+        "not benchmarked: unknown"
+    );
+    assert!(
+        device.total_memory_bytes >= OFFER && !device.name.is_empty(),
+        "{device:?}"
+    );
+
+    let out = tokio::process::Command::new(binary)
+        .args([
+            "devices",
+            "--json",
+            "--max-memory",
+            "64MiB",
+            "--cache-dir",
+            &cache_dir,
+        ])
+        .output()
+        .await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(json["offer"]["offered_bytes"], OFFER, "{json}");
+    assert_eq!(json["device"]["device"], "cpu", "{json}");
+
+    let out = tokio::process::Command::new(binary)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--reserve",
+            "1000TiB",
+            "--no-bench",
+            "--no-mdns",
+            "--cache-dir",
+            &cache_dir,
+        ])
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("pass a smaller --reserve"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "it must not start listening");
+    Ok(())
+}
+
+/// The pipelines the next heartbeat lists.
+async fn heartbeat_pipelines(events: &mut Events) -> anyhow::Result<Vec<u64>> {
+    loop {
+        let event = tokio::time::timeout(DEADLINE, events.0.message()).await.context("no heartbeat in time")??;
+        match event.and_then(|e| e.kind) {
+            Some(worker_event::Kind::Heartbeat(h)) => return Ok(h.pipelines),
+            Some(_) => continue,
+            None => bail!("the event stream ended"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_pipelines_live_side_by_side_and_unload_apart() -> anyhow::Result<()> {
+    let model = synthetic();
+    let w = start_worker(vec![model.path.clone()]).await;
+    let mut c = client(&w.address).await;
+    let whole = |pipeline_id| v1::ShardSpec { pipeline_id, ..shard(&model, 0..model.layers, 0) };
+    load(&mut c, whole(7)).await?;
+    c.load_shard(v1::LoadShardRequest { shard: Some(whole(9)), keep_other_pipelines: true }).await?;
+    let mut events = Events::subscribe(&mut c).await;
+    assert_eq!(heartbeat_pipelines(&mut events).await?, [7, 9]);
+    let prompt = [3u32, 1, 4, 1];
+    let expected = reference_tokens(&model, &prompt, 6);
+    // One stage that is first and last feeds its own tokens back.
+    assert_eq!(generate(&c, &mut events, 1, &prompt, 6, true).await?, expected);
+    let freed = c.unload_shard(v1::UnloadShardRequest { pipeline_id: 9 }).await?.into_inner().freed_bytes;
+    assert!(freed > 0);
+    assert_eq!(heartbeat_pipelines(&mut events).await?, [7]);
+    assert_eq!(generate(&c, &mut events, 2, &prompt, 6, false).await?, expected);
+    // Loading without keeping others replaces them.
+    load(&mut c, whole(11)).await?;
+    assert_eq!(heartbeat_pipelines(&mut events).await?, [11]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_draining_worker_says_so_and_takes_no_shard() -> anyhow::Result<()> {
+    let model = synthetic();
+    let w = start_worker(vec![model.path.clone()]).await;
+    let mut c = client(&w.address).await;
+    let r = c.set_draining(v1::SetDrainingRequest { draining: true }).await?.into_inner();
+    assert!(r.changed);
+    assert_eq!(r.state, v1::WorkerState::Draining as i32);
+    assert!(!c.set_draining(v1::SetDrainingRequest { draining: true }).await?.into_inner().changed);
+    assert_eq!(c.health(v1::HealthRequest {}).await?.into_inner().state, v1::WorkerState::Draining as i32);
+    let refused = load(&mut c, shard(&model, 0..model.layers, 0)).await.expect_err("a draining worker loads nothing");
+    assert!(refused.message().contains("draining"), "{}", refused.message());
+    c.set_draining(v1::SetDrainingRequest { draining: false }).await?;
+    load(&mut c, shard(&model, 0..model.layers, 0)).await?;
+    assert_eq!(c.health(v1::HealthRequest {}).await?.into_inner().state, v1::WorkerState::Serving as i32);
     Ok(())
 }

@@ -1,12 +1,14 @@
 //! The OpenAI-compatible HTTP API over any [`Engine`].
 //!
 //! `POST /v1/completions`, `POST /v1/chat/completions` (both also as server-sent
-//! event streams), `GET /v1/models`, `GET /v1/models/{id}` and `GET /health`. Every
+//! event streams), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, and for a
+//! cluster the admin endpoints of [`admin`]. Every
 //! failure answers with OpenAI's error body. Handlers only check requests, turn them
 //! into tokens and follow the engine's events: tokenizing and rendering templates
 //! run on the blocking pool, generating on whatever the engine uses, never on the
 //! reactor. Prompts are not logged; request ids and token counts are.
 
+mod admin;
 mod chat;
 mod completions;
 mod errors;
@@ -25,6 +27,7 @@ use serde_json::{json, Value};
 
 pub use errors::ApiError;
 
+use crate::cluster::ClusterAdmin;
 use crate::engine::{Engine, GenerateRequest, ModelCard};
 use generation::Generation;
 use params::Options;
@@ -36,12 +39,14 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 struct AppState {
     engine: Arc<dyn Engine>,
+    /// The cluster's admin handle; `None` for a single process.
+    admin: Option<ClusterAdmin>,
     /// When this API started: the `created` time of the model it lists.
     started: u64,
 }
 
-pub fn router(engine: Arc<dyn Engine>) -> Router {
-    let state = AppState { engine, started: unix_now() };
+pub fn router(engine: Arc<dyn Engine>, admin: Option<ClusterAdmin>) -> Router {
+    let state = AppState { engine, admin, started: unix_now() };
     Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
@@ -49,6 +54,9 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
         // Model ids may contain slashes (`org/name`).
         .route("/v1/models/{*id}", get(models::retrieve))
         .route("/health", get(health))
+        .route("/admin/status", get(admin::status))
+        .route("/admin/drain", post(admin::drain))
+        .route("/admin/undrain", post(admin::undrain))
         .fallback(errors::no_route)
         .method_not_allowed_fallback(errors::wrong_method)
         .with_state(state)
@@ -60,14 +68,16 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<dyn Engine>,
+    admin: Option<ClusterAdmin>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_with_grace(listener, engine, shutdown, DRAIN_GRACE).await
+    serve_with_grace(listener, engine, admin, shutdown, DRAIN_GRACE).await
 }
 
 pub async fn serve_with_grace(
     listener: tokio::net::TcpListener,
     engine: Arc<dyn Engine>,
+    admin: Option<ClusterAdmin>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
@@ -77,7 +87,7 @@ pub async fn serve_with_grace(
         tracing::info!("shutting down: no new connections, draining requests");
         let _ = began.send(());
     };
-    let server = axum::serve(listener, router(engine)).with_graceful_shutdown(shutdown).into_future();
+    let server = axum::serve(listener, router(engine, admin)).with_graceful_shutdown(shutdown).into_future();
     let deadline = async move {
         // An error means the server ended first and dropped the sender.
         if shutdown_began.await.is_ok() {

@@ -35,7 +35,7 @@ fn harness_with(spec: SyntheticModel) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let file = ModelFile::open(spec.write_to(dir.path()).unwrap()).unwrap();
     let engine = Arc::new(LocalEngine::start(&file, &Device::Cpu, MODEL.into()).unwrap());
-    let router = router(engine.clone());
+    let router = router(engine.clone(), None);
     Harness { _dir: dir, file, engine, router }
 }
 
@@ -490,7 +490,7 @@ async fn a_served_api_answers_notices_disconnects_and_shuts_down() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, h.engine.clone(), async {
+    let server = tokio::spawn(serve(listener, h.engine.clone(), None, async {
         let _ = stopped.await;
     }));
 
@@ -545,7 +545,7 @@ fn fake(answer: impl FnOnce(&Tokenizer) -> Result<Vec<GenerateEvent>, EngineErro
         tokenizer: Arc::new(tokenizer(&file)),
         chat_template: Arc::new(ChatTemplate::from_gguf(file.metadata()).unwrap()),
     };
-    (dir, router(Arc::new(FakeEngine { card, answer })))
+    (dir, router(Arc::new(FakeEngine { card, answer }), None))
 }
 
 #[tokio::test]
@@ -599,7 +599,12 @@ async fn hanging_up_on_a_non_streaming_request_cancels_it() {
     let h = harness_with(SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let _server = tokio::spawn(serve(listener, h.engine.clone(), std::future::pending()));
+    let _server = tokio::spawn(serve(
+        listener,
+        h.engine.clone(),
+        None,
+        std::future::pending(),
+    ));
     let request = json!({"model": MODEL, "prompt": [1], "max_tokens": 4000, "temperature": 0});
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(http_post("/v1/completions", &request).as_bytes()).await.unwrap();

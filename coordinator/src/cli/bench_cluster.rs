@@ -22,7 +22,7 @@ use strata_proto::v1::WireDtype;
 
 use super::bench::BenchArgs;
 use super::children::{start_local_worker, Children};
-use crate::cluster::{Cluster, ClusterConfig, ClusterEngine, Membership, ReturnPath, ServedModel};
+use crate::cluster::{Cluster, ClusterConfig, ClusterEngine, Membership, PlacementPolicy, ReturnPath, ServedModel};
 use crate::engine::{GenerateEvent, GenerateRequest};
 
 #[derive(Debug, Serialize)]
@@ -231,6 +231,9 @@ async fn pipeline(
         wire_dtype: WireDtype::F32,
         return_path: ReturnPath::Direct,
         weights_source: String::new(),
+        placement: PlacementPolicy::Spread,
+        plan: crate::planner::PlanOptions::default(),
+        queue_timeout: Duration::from_secs(60),
     };
     let cluster = Cluster::start(&config, model.clone(), Arc::new(Membership::default())).await?;
     let engine = cluster.engine.clone();

@@ -88,6 +88,11 @@ impl Process {
         }
     }
 
+    /// SIGKILL, as a crash or a power cut would end it; waits for it to exit.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited within `grace`.
     pub async fn stop(mut self, grace: Duration) {
         self.signal(libc::SIGTERM);

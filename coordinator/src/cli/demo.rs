@@ -47,7 +47,9 @@ pub fn threads_per_worker(cores: usize, _workers: usize) -> usize {
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
     let path = crate::model_store::resolve(&args.model)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut children = Children::default();
     let result = runtime.block_on(async {
         tokio::select! {
@@ -62,19 +64,30 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn demo(args: &DemoArgs, path: &std::path::Path, children: &mut Children) -> anyhow::Result<()> {
+async fn demo(
+    args: &DemoArgs,
+    path: &std::path::Path,
+    children: &mut Children,
+) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args.worker_threads.unwrap_or_else(|| threads_per_worker(cores, args.workers));
+    let threads = args
+        .worker_threads
+        .unwrap_or_else(|| threads_per_worker(cores, args.workers));
     let strata_bin = std::env::current_exe().context("cannot find the strata binary")?;
     let log = std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into());
     let started = Instant::now();
     println!("model {}", path.display());
-    println!("starting {} workers ({threads} compute threads each, {cores} cores here)", args.workers);
+    println!(
+        "starting {} workers ({threads} compute threads each, {cores} cores here)",
+        args.workers
+    );
     let lock_dir = tempfile::tempdir()?;
     let lock = lock_dir.path().join("compute.lock");
     let mut addresses = Vec::new();
     for i in 0..args.workers {
-        let address = start_local_worker(children, &format!("worker-{i}"), path, threads, Some(&lock)).await?;
+        let address =
+            start_local_worker(children, &format!("worker-{i}"), path, threads, Some(&lock))
+                .await?;
         addresses.push(address);
     }
     let mut serve_args: Vec<String> = vec![
@@ -89,6 +102,10 @@ async fn demo(args: &DemoArgs, path: &std::path::Path, children: &mut Children) 
         "127.0.0.1:0".into(),
         "--model-id".into(),
         args.model.clone(),
+        // Show the pipeline: every worker holds layers, even where one could
+        // hold them all.
+        "--placement".into(),
+        "spread".into(),
         // Everything runs on loopback and the workers are named below.
         "--no-mdns".into(),
     ];
@@ -96,7 +113,12 @@ async fn demo(args: &DemoArgs, path: &std::path::Path, children: &mut Children) 
         serve_args.push("--worker".into());
         serve_args.push(a.clone());
     }
-    let mut coordinator = Process::spawn("coordinator", &strata_bin, &serve_args, &[("STRATA_LOG", log.clone())])?;
+    let mut coordinator = Process::spawn(
+        "coordinator",
+        &strata_bin,
+        &serve_args,
+        &[("STRATA_LOG", log.clone())],
+    )?;
     let ready = coordinator
         .wait_for_line("listening http=", Duration::from_secs(120), |line| {
             // `stage N layers A..B on ADDR (worker-i), ...`: which worker holds what.
@@ -108,7 +130,10 @@ async fn demo(args: &DemoArgs, path: &std::path::Path, children: &mut Children) 
     coordinator.drain_output();
     children.processes.push(coordinator);
     let http = Process::field(&ready, "http").context("no http= in the coordinator's line")?;
-    println!("cluster ready in {:.1}s; API at http://{http}/v1", started.elapsed().as_secs_f64());
+    println!(
+        "cluster ready in {:.1}s; API at http://{http}/v1",
+        started.elapsed().as_secs_f64()
+    );
     println!();
     println!("> {}", args.prompt);
 

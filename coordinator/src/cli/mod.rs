@@ -1,5 +1,6 @@
 //! The `strata` command line: one subcommand a module.
 
+pub mod admin;
 pub mod bench;
 pub mod bench_cluster;
 pub mod children;
@@ -43,6 +44,12 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Will a model fit on these machines, how is it split, and how fast does it run?
     Plan(plan::PlanArgs),
+    /// The workers of a running cluster: state, layers, memory, speed.
+    Status(admin::StatusArgs),
+    /// Move a worker's layers to the others and free its memory.
+    Drain(admin::DrainArgs),
+    /// Bring a drained worker back; the cluster rebalances.
+    Undrain(admin::UndrainArgs),
 }
 
 /// Which model and where to run it.

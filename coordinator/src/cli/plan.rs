@@ -9,7 +9,9 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
+use strata_proto::units::parse_bytes;
 
+use crate::cluster::placement::one_device_node;
 use crate::model_store;
 use crate::planner::{self, catalog, format_bytes, MemoryLimits, ModelSpec, Plan, PlanError, PlanOptions, Shortfall};
 
@@ -21,9 +23,12 @@ pub struct PlanArgs {
     pub model: String,
     /// The machines, comma-separated, each `[NAME=]DEVICE[+DEVICE…]`; a device is a
     /// catalog name (`rtx3090`, `m2-max-64gb`), `2x rtx4090` for two in one machine,
-    /// or `MEMORY@BANDWIDTH` (`64GiB@50GB/s`). Required until discovery lands.
+    /// or `MEMORY@BANDWIDTH` (`64GiB@50GB/s`). Without it, the workers of the running
+    /// cluster at --coordinator, with what they offer and measured.
     #[arg(long)]
     pub nodes: Option<String>,
+    #[command(flatten)]
+    pub coordinator: super::admin::CoordinatorArg,
     /// Tokens of context every sequence may reach.
     #[arg(long, default_value_t = 4096)]
     pub context: usize,
@@ -47,6 +52,29 @@ pub struct PlanArgs {
     pub json: bool,
 }
 
+/// The workers of the running cluster that may hold layers, as planner nodes.
+fn live_nodes(coordinator: &str, limits: MemoryLimits, link_latency: f64) -> anyhow::Result<Vec<planner::NodeSpec>> {
+    let status = super::admin::fetch_status(coordinator)
+        .with_context(|| "without --nodes, `strata plan` plans for the running cluster".to_string())?;
+    let nodes: Vec<planner::NodeSpec> = status
+        .nodes
+        .iter()
+        .filter(|n| n.state == "ready")
+        .map(|n| {
+            let offered = limits.max_memory.map_or(n.memory_offered_bytes, |cap| cap.min(n.memory_offered_bytes));
+            let offered = offered.saturating_sub(limits.reserve.unwrap_or(0));
+            let device = n.devices.first().cloned().unwrap_or_else(|| "device".into());
+            let mut node = one_device_node(n.name.clone(), device, offered, n.bandwidth_bytes_per_second);
+            node.link_latency = link_latency;
+            node
+        })
+        .collect();
+    if nodes.is_empty() {
+        bail!("the cluster at {coordinator} has no ready workers to plan for");
+    }
+    Ok(nodes)
+}
+
 /// The answer, as `--json` prints it.
 #[derive(Debug, Serialize)]
 struct Report {
@@ -68,21 +96,18 @@ struct Report {
 }
 
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
-    let Some(nodes_spec) = &args.nodes else {
-        bail!(
-            "--nodes is required for now: planning for the live cluster needs node discovery, which is not built yet \
-             (e.g. --nodes \"rtx3070,rtx3090,2x rtx4090\")"
-        );
-    };
     let model = load_model(&args.model)?;
     let limits = MemoryLimits {
-        max_memory: args.max_memory.as_deref().map(planner::node::parse_bytes).transpose().context("--max-memory")?,
-        reserve: args.reserve.as_deref().map(planner::node::parse_bytes).transpose().context("--reserve")?,
+        max_memory: args.max_memory.as_deref().map(parse_bytes).transpose().context("--max-memory")?,
+        reserve: args.reserve.as_deref().map(parse_bytes).transpose().context("--reserve")?,
     };
     if !(args.link_latency_ms.is_finite() && args.link_latency_ms >= 0.0) {
         bail!("--link-latency-ms must be a number of milliseconds, 0 or more");
     }
-    let nodes = planner::node::parse_nodes(nodes_spec, limits, args.link_latency_ms / 1e3).context("--nodes")?;
+    let nodes = match &args.nodes {
+        Some(spec) => planner::node::parse_nodes(spec, limits, args.link_latency_ms / 1e3).context("--nodes")?,
+        None => live_nodes(&args.coordinator.coordinator, limits, args.link_latency_ms / 1e3)?,
+    };
     let options = PlanOptions { context: args.context, sequences: args.sequences, ..PlanOptions::default() };
 
     let result = match &args.layers {

@@ -17,7 +17,9 @@ use clap::{Args, ValueEnum};
 use strata_proto::v1::WireDtype;
 use tokio::sync::watch;
 
-use crate::cluster::{self, Cluster, ClusterConfig, CoordinatorService, Membership, ReturnPath, ServedModel};
+use crate::cluster::{
+    self, Cluster, ClusterConfig, CoordinatorService, Membership, PlacementPolicy, ReturnPath, ServedModel,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WireDtypeArg {
@@ -75,6 +77,32 @@ pub struct ServeArgs {
     /// The model id clients send as `"model"` (default: the name, or file stem).
     #[arg(long)]
     pub model_id: Option<String>,
+    /// How layers are spread: `fastest` (the planner's fastest plan for one stream;
+    /// workers that would only slow it down hold nothing) or `spread` (every worker
+    /// holds layers, in proportion to its speed).
+    #[arg(long, value_enum, default_value_t = PlacementArg::Fastest)]
+    pub placement: PlacementArg,
+    /// A manual plan by worker name, such as `debian:0-9,gaming-pc:10-39,rack:40-79`
+    /// (overrides --placement).
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Context length every sequence may reach, for sizing the KV caches the plan
+    /// must fit.
+    #[arg(long, default_value_t = 4096)]
+    pub context: usize,
+    /// Sequences decoded at once, for the same sizing.
+    #[arg(long, default_value_t = 4)]
+    pub sequences: usize,
+    /// Seconds a request may wait for capacity (after a worker is lost, or drained
+    /// with --force) before it fails.
+    #[arg(long, default_value_t = 120)]
+    pub queue_timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlacementArg {
+    Fastest,
+    Spread,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -153,6 +181,17 @@ pub async fn serve(
             ReturnPathArg::Direct => ReturnPath::Direct,
         },
         weights_source: advertised.clone(),
+        placement: match (&args.layers, args.placement) {
+            (Some(layers), _) => PlacementPolicy::Manual(layers.clone()),
+            (None, PlacementArg::Fastest) => PlacementPolicy::Fastest,
+            (None, PlacementArg::Spread) => PlacementPolicy::Spread,
+        },
+        plan: crate::planner::PlanOptions {
+            context: args.context.max(1),
+            sequences: args.sequences.max(1),
+            ..crate::planner::PlanOptions::default()
+        },
+        queue_timeout: Duration::from_secs(args.queue_timeout),
     };
     let cluster = tokio::select! {
         c = Cluster::start(&config, model.clone(), membership) => c.context("cannot start the pipeline")?,
@@ -187,7 +226,7 @@ pub async fn serve(
     let http_addr = http.local_addr()?;
     say(&format!("listening http={http_addr} grpc={advertised}"))?;
     let engine: Arc<dyn crate::engine::Engine> = cluster.engine.clone();
-    let served = crate::api::serve(http, engine, stopped(stop.clone())).await;
+    let served = crate::api::serve(http, engine, Some(cluster.admin()), stopped(stop.clone())).await;
     cluster.shutdown().await;
     let _ = grpc_server.await;
     if let Some(discovery) = discovery {

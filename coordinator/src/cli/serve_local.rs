@@ -43,7 +43,7 @@ pub fn run(args: ServeLocalArgs) -> anyhow::Result<()> {
         stdout.flush()?;
         drop(stdout);
         tracing::info!(%addr, model = %model_id, "serving the api");
-        crate::api::serve(listener, Arc::new(engine), shutdown_signal()).await?;
+        crate::api::serve(listener, Arc::new(engine), None, shutdown_signal()).await?;
         Ok(())
     })
 }

@@ -101,9 +101,8 @@ impl Found {
             }
             (Event::Removed { instance }, _) => {
                 if let Some(address) = self.addresses.remove(&instance) {
-                    if self.membership.remove(&address) {
-                        tracing::info!(%instance, %address, "worker left (mDNS goodbye)");
-                    }
+                    tracing::info!(%instance, %address, "worker left (mDNS goodbye)");
+                    self.membership.remove(&address);
                 }
                 None
             }
@@ -184,7 +183,7 @@ mod tests {
     /// The worker answers Describe as the one advertised.
     fn answer(found: &mut Found, confirm: Confirm) {
         let description = WorkerDescription { node_id: confirm.node_id.clone(), ..Default::default() };
-        let member = Member { address: confirm.address.clone(), description };
+        let member = Member::new(confirm.address.clone(), description);
         found.described(confirm, Ok(member));
     }
 
@@ -229,10 +228,8 @@ mod tests {
         let (membership, mut found) = start();
         assert!(found.event(resolved("w1", "10.0.0.1", NodeState::Draining)).is_none());
         let confirm = found.event(resolved("w2", "10.0.0.2", NodeState::Idle)).unwrap();
-        let impostor = Ok(Member {
-            address: confirm.address.clone(),
-            description: WorkerDescription { node_id: "someone-else".into(), ..Default::default() },
-        });
+        let description = WorkerDescription { node_id: "someone-else".into(), ..Default::default() };
+        let impostor = Ok(Member::new(confirm.address.clone(), description));
         found.described(confirm, impostor);
         assert!(addresses(&membership).is_empty());
     }

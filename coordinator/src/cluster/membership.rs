@@ -1,22 +1,78 @@
-//! The workers a coordinator knows: those given on the command line, checked with
-//! Describe, and those that announced themselves with Join.
+//! The workers a coordinator knows — given on the command line, joined with Join,
+//! or found over mDNS — and what is known of each: its description, whether it may
+//! hold layers, and its last heartbeat.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_proto::v1::worker_client::WorkerClient;
-use strata_proto::v1::{DescribeRequest, WorkerDescription};
+use strata_proto::v1::{DescribeRequest, WorkerDescription, WorkerState};
 use strata_proto::{CoordinatorError, PROTOCOL_VERSION};
 use tokio::sync::watch;
 
 use super::ClusterError;
 
+/// How long after the coordinator sets a worker's status heartbeats may not undo it.
+const STATUS_SETTLE: Duration = Duration::from_secs(1);
+
+/// Whether a worker may hold layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeStatus {
+    /// Answering, and takes layers.
+    Ready,
+    /// Asked to leave (`strata drain`, or at the machine itself): holds no layers
+    /// once the cluster has moved off it.
+    Draining,
+    /// Not answering since `since`; retried until it comes back.
+    Gone { since: Instant, reason: String },
+}
+
+impl NodeStatus {
+    pub fn label(&self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Draining => "draining",
+            NodeStatus::Gone { .. } => "gone",
+        }
+    }
+}
+
+/// The live figures a worker's heartbeats carry.
+#[derive(Debug, Clone, Default)]
+pub struct Heartbeat {
+    pub memory_used_bytes: u64,
+    pub sequences: u32,
+    pub pipelines: Vec<u64>,
+}
+
 /// A worker the coordinator may place a stage on.
 #[derive(Debug, Clone)]
 pub struct Member {
     /// Where peers reach it: the address given on the command line for a static
-    /// worker, the one it advertised for a joined one.
+    /// worker, the one it advertised for a joined or discovered one.
     pub address: String,
     pub description: WorkerDescription,
+    pub status: NodeStatus,
+    /// When the coordinator last set `status` itself: heartbeats sent before that
+    /// may still be on their way and must not undo it.
+    pub status_set_at: Option<Instant>,
+    pub heartbeat: Heartbeat,
+}
+
+impl Member {
+    pub fn new(address: String, description: WorkerDescription) -> Self {
+        let status =
+            if description.state == WorkerState::Draining as i32 { NodeStatus::Draining } else { NodeStatus::Ready };
+        Self { address, description, status, status_set_at: None, heartbeat: Heartbeat::default() }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.description.name
+    }
+
+    /// Whether `node` names this worker: its name, address or node id.
+    pub fn is(&self, node: &str) -> bool {
+        self.description.name == node || self.address == node || self.description.node_id == node
+    }
 }
 
 /// Known workers, in the order they became known. Cheap to share: a watch channel
@@ -37,21 +93,74 @@ impl Membership {
         self.members.borrow().clone()
     }
 
-    /// Adds a worker, or updates the one at the same address.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<Member>> {
+        self.members.subscribe()
+    }
+
+    /// Adds a worker, or updates the one at the same address. A worker that comes
+    /// back keeps a drain asked of it before.
     pub fn add(&self, member: Member) {
         self.members.send_modify(|members| match members.iter_mut().find(|m| m.address == member.address) {
-            Some(existing) => *existing = member,
+            Some(existing) => {
+                let drained = existing.status == NodeStatus::Draining;
+                *existing = member;
+                if drained {
+                    existing.status = NodeStatus::Draining;
+                }
+            }
             None => members.push(member),
         });
     }
 
-    /// Forgets the worker at `address`; returns whether it was known.
-    pub fn remove(&self, address: &str) -> bool {
+    /// Forgets a worker (an mDNS goodbye).
+    pub fn remove(&self, address: &str) {
         self.members.send_if_modified(|members| {
             let before = members.len();
             members.retain(|m| m.address != address);
             members.len() != before
+        });
+    }
+
+    /// The worker `node` names (name, address or node id).
+    pub fn find(&self, node: &str) -> Option<Member> {
+        self.members.borrow().iter().find(|m| m.is(node)).cloned()
+    }
+
+    /// Sets a worker's status; false when it is unknown or already so.
+    pub fn set_status(&self, address: &str, status: NodeStatus) -> bool {
+        self.members.send_if_modified(|members| match members.iter_mut().find(|m| m.address == address) {
+            Some(m) if m.status != status => {
+                m.status = status;
+                m.status_set_at = Some(Instant::now());
+                true
+            }
+            _ => false,
         })
+    }
+
+    /// Records a heartbeat. The worker says whether it is draining (it may have been
+    /// drained or undrained at its own machine); watchers wake only when that
+    /// changes whether it may hold layers.
+    pub fn heartbeat(&self, address: &str, state: WorkerState, beat: Heartbeat) {
+        self.members.send_if_modified(|members| {
+            let Some(m) = members.iter_mut().find(|m| m.address == address) else {
+                return false;
+            };
+            m.heartbeat = beat;
+            m.description.state = state as i32;
+            if m.status_set_at.is_some_and(|t| t.elapsed() < STATUS_SETTLE) {
+                return false;
+            }
+            let draining = state == WorkerState::Draining;
+            let next = match (&m.status, draining) {
+                (NodeStatus::Ready, true) => NodeStatus::Draining,
+                (NodeStatus::Draining, false) => NodeStatus::Ready,
+                _ => return false,
+            };
+            tracing::info!(%address, status = next.label(), "the worker changed its drain state");
+            m.status = next;
+            true
+        });
     }
 
     /// A Join request, checked.
@@ -66,52 +175,51 @@ impl Membership {
             return Err(CoordinatorError::BadRequest("the worker gave no grpc_address".into()));
         }
         tracing::info!(address = %description.grpc_address, name = %description.name, "worker joined");
-        self.add(Member { address: description.grpc_address.clone(), description });
+        self.add(Member::new(description.grpc_address.clone(), description));
         Ok(())
     }
 
-    /// Waits until at least `count` workers are known, for at most `wait`.
+    /// Waits until at least `count` workers may hold layers, for at most `wait`.
     pub async fn wait_for(&self, count: usize, wait: Duration) -> Result<Vec<Member>, ClusterError> {
         let mut rx = self.members.subscribe();
-        let found = tokio::time::timeout(wait, rx.wait_for(|m| m.len() >= count))
+        let ready = |m: &Vec<Member>| m.iter().filter(|m| m.status == NodeStatus::Ready).count();
+        let found = tokio::time::timeout(wait, rx.wait_for(|m| ready(m) >= count))
             .await
             .ok()
             .and_then(|r| r.ok().map(|m| m.clone()));
         found.ok_or_else(|| ClusterError::NotEnoughWorkers {
-            found: self.members.borrow().len(),
+            found: ready(&self.members.borrow()),
             wanted: count,
             waited: wait,
         })
     }
 }
 
-/// Describes a static worker, retrying until it answers or `wait` runs out.
+/// Describes a worker once.
+pub async fn describe_once(address: &str) -> Result<Member, ClusterError> {
+    let worker = |message: String| ClusterError::Worker { address: address.to_string(), message };
+    let endpoint = strata_proto::transport::endpoint(address).map_err(|e| worker(e.to_string()))?;
+    let channel = endpoint.connect().await.map_err(|e| worker(format!("cannot connect: {e}")))?;
+    let description =
+        WorkerClient::new(channel).describe(DescribeRequest {}).await.map_err(|s| worker(s.message().to_string()))?;
+    let description = description.into_inner();
+    if description.protocol_version != PROTOCOL_VERSION {
+        return Err(worker(format!(
+            "speaks protocol version {}, this coordinator {PROTOCOL_VERSION}",
+            description.protocol_version
+        )));
+    }
+    Ok(Member::new(address.to_string(), description))
+}
+
+/// Describes a worker, retrying until it answers or `wait` runs out.
 pub async fn describe(address: &str, wait: Duration) -> Result<Member, ClusterError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut delay = Duration::from_millis(50);
     loop {
-        let attempt = async {
-            let endpoint = strata_proto::transport::endpoint(address).map_err(|e| e.to_string())?;
-            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-            WorkerClient::new(channel).describe(DescribeRequest {}).await.map_err(|s| s.message().to_string())
-        };
-        match attempt.await {
-            Ok(response) => {
-                let description = response.into_inner();
-                if description.protocol_version != PROTOCOL_VERSION {
-                    return Err(ClusterError::Worker {
-                        address: address.to_string(),
-                        message: format!(
-                            "speaks protocol {}, this coordinator {PROTOCOL_VERSION}",
-                            description.protocol_version
-                        ),
-                    });
-                }
-                return Ok(Member { address: address.to_string(), description });
-            }
-            Err(message) if tokio::time::Instant::now() + delay >= deadline => {
-                return Err(ClusterError::Worker { address: address.to_string(), message })
-            }
+        match describe_once(address).await {
+            Ok(member) => return Ok(member),
+            Err(e) if tokio::time::Instant::now() + delay >= deadline => return Err(e),
             Err(_) => {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));

@@ -7,8 +7,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-pub use strata_proto::content_hash::sha256_file;
 use strata_model::{ChatTemplate, ModelFile, Tokenizer};
+pub use strata_proto::content_hash::sha256_file;
 use tokio::sync::OnceCell;
 
 use super::ClusterError;
@@ -83,4 +83,3 @@ impl ServedModel {
         Ok(BuiltShard { path, total_bytes, sha256, tensor_names })
     }
 }
-

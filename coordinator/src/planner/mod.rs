@@ -32,6 +32,8 @@ pub use model::ModelSpec;
 pub use node::{DeviceSpec, MemoryLimits, NodeSpec, NodeSpecError};
 pub use overrides::{parse_layers, OverrideError};
 use search::{Placement, Problem};
+/// Sizes print the same everywhere; the coordinator's code takes it from here.
+pub use strata_proto::units::format_bytes;
 
 /// What the plan must hold beyond the weights, and the costs it assumes.
 #[derive(Debug, Clone, PartialEq)]
@@ -432,22 +434,6 @@ fn largest(max: usize, fits: impl Fn(usize) -> bool) -> usize {
         }
     }
     good
-}
-
-/// `39.8 GiB`, `512.0 MiB`.
-pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 #[cfg(test)]

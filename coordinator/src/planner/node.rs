@@ -3,6 +3,8 @@
 //! nodes by the devices in them.
 
 use serde::Serialize;
+pub use strata_proto::units::MemoryLimits;
+use strata_proto::units::{parse_bandwidth, parse_bytes, QuantityError};
 
 use super::catalog;
 
@@ -23,23 +25,6 @@ pub struct NodeSpec {
     pub devices: Vec<DeviceSpec>,
     /// Seconds a hidden state takes from this node to the next stage.
     pub link_latency: f64,
-}
-
-/// Per-device limits on what a node offers, as `strata-worker` takes them.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct MemoryLimits {
-    /// Never offer more than this per device.
-    pub max_memory: Option<u64>,
-    /// Keep this much of every device free (else the device's default reserve).
-    pub reserve: Option<u64>,
-}
-
-impl MemoryLimits {
-    /// Bytes a device with `total` bytes offers.
-    pub fn offered(&self, total: u64, default_reserve: u64) -> u64 {
-        let left = total.saturating_sub(self.reserve.unwrap_or(default_reserve));
-        self.max_memory.map_or(left, |cap| left.min(cap))
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,8 +49,16 @@ pub enum NodeSpecError {
 /// a device being `[Nx ]KIND` with KIND a catalog name (`rtx4090`, `m2-max-64gb`) or
 /// `MEMORY@BANDWIDTH` (`64GiB@50GB/s`). `2x rtx4090` is one machine with two cards.
 /// Unnamed nodes take the name of their first device, numbered when repeated.
-pub fn parse_nodes(spec: &str, limits: MemoryLimits, link_latency: f64) -> Result<Vec<NodeSpec>, NodeSpecError> {
-    let parts: Vec<&str> = spec.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+pub fn parse_nodes(
+    spec: &str,
+    limits: MemoryLimits,
+    link_latency: f64,
+) -> Result<Vec<NodeSpec>, NodeSpecError> {
+    let parts: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
     if parts.is_empty() {
         return Err(NodeSpecError::Empty);
     }
@@ -77,7 +70,11 @@ pub fn parse_nodes(spec: &str, limits: MemoryLimits, link_latency: f64) -> Resul
             None => (None, part),
         };
         let mut devices = Vec::new();
-        for device in devices_text.split('+').map(str::trim).filter(|d| !d.is_empty()) {
+        for device in devices_text
+            .split('+')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+        {
             let (count, kind) = split_count(device)?;
             let parsed = parse_device(kind, limits)?;
             devices.extend(std::iter::repeat_n(parsed, count));
@@ -86,7 +83,11 @@ pub fn parse_nodes(spec: &str, limits: MemoryLimits, link_latency: f64) -> Resul
             return Err(NodeSpecError::NoDevices(part.to_string()));
         }
         explicit.push(name.clone());
-        nodes.push(NodeSpec { name: name.unwrap_or_default(), devices, link_latency });
+        nodes.push(NodeSpec {
+            name: name.unwrap_or_default(),
+            devices,
+            link_latency,
+        });
     }
     for name in explicit.iter().flatten() {
         if name.is_empty() || name.contains([',', ':', '=', '+']) {
@@ -116,14 +117,20 @@ pub fn parse_nodes(spec: &str, limits: MemoryLimits, link_latency: f64) -> Resul
 
 /// `2x rtx4090`, `2xrtx4090` or `rtx4090` → (count, kind).
 fn split_count(device: &str) -> Result<(usize, &str), NodeSpecError> {
-    let digits = device.len() - device.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let digits = device.len()
+        - device
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .len();
     let rest = &device[digits..];
     if digits > 0 {
         if let Some(kind) = rest.strip_prefix(['x', 'X', '×']) {
-            let count: usize = device[..digits].parse().map_err(|_| NodeSpecError::BadQuantity {
-                text: device.to_string(),
-                reason: "the device count is too large",
-            })?;
+            let count: usize =
+                device[..digits]
+                    .parse()
+                    .map_err(|_| NodeSpecError::BadQuantity {
+                        text: device.to_string(),
+                        reason: "the device count is too large",
+                    })?;
             if count == 0 {
                 return Err(NodeSpecError::ZeroCount(device.to_string()));
             }
@@ -137,7 +144,11 @@ fn parse_device(kind: &str, limits: MemoryLimits) -> Result<DeviceSpec, NodeSpec
     if let Some((memory, bandwidth)) = kind.split_once('@') {
         let memory = parse_bytes(memory)?;
         let bandwidth = parse_bandwidth(bandwidth)?;
-        return Ok(DeviceSpec { name: kind.to_string(), memory: limits.offered(memory, 0), bandwidth });
+        return Ok(DeviceSpec {
+            name: kind.to_string(),
+            memory: limits.offered(memory, 0),
+            bandwidth,
+        });
     }
     let model = catalog::device(kind).ok_or_else(|| NodeSpecError::UnknownDevice {
         name: kind.to_string(),
@@ -155,7 +166,9 @@ fn known_devices() -> String {
     let mut names: Vec<String> = Vec::new();
     for d in catalog::devices() {
         let short = match d.name.rsplit_once('-') {
-            Some((chip, size)) if size.ends_with("gb") && d.default_reserve > 0 => format!("{chip}-<GB>gb"),
+            Some((chip, size)) if size.ends_with("gb") && d.default_reserve > 0 => {
+                format!("{chip}-<GB>gb")
+            }
             _ => d.name.clone(),
         };
         if !names.contains(&short) {
@@ -165,49 +178,13 @@ fn known_devices() -> String {
     names.join(", ")
 }
 
-/// `24GiB`, `24 GB`, `512MiB`, `24G` (binary) → bytes.
-pub fn parse_bytes(text: &str) -> Result<u64, NodeSpecError> {
-    let (number, unit) = split_unit(text)?;
-    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024.0 * 1024.0,
-        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tib" => 1024.0f64.powi(4),
-        _ => return Err(bad(text, "unknown unit (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")),
-    };
-    Ok((number * scale).round() as u64)
-}
-
-/// `936GB/s`, `1.5TB/s` → bytes per second.
-pub fn parse_bandwidth(text: &str) -> Result<f64, NodeSpecError> {
-    let lower = text.trim().to_ascii_lowercase();
-    let Some(per_second) = lower.strip_suffix("/s") else {
-        return Err(bad(text, "a bandwidth needs a unit such as GB/s"));
-    };
-    let bytes = parse_bytes(per_second).map_err(|_| bad(text, "not a bandwidth such as 936GB/s"))?;
-    if bytes == 0 {
-        return Err(bad(text, "a bandwidth must be above zero"));
+impl From<QuantityError> for NodeSpecError {
+    fn from(e: QuantityError) -> Self {
+        Self::BadQuantity {
+            text: e.text,
+            reason: e.reason,
+        }
     }
-    Ok(bytes as f64)
-}
-
-fn split_unit(text: &str) -> Result<(f64, &str), NodeSpecError> {
-    let text = text.trim();
-    let end = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let number: f64 = text[..end].parse().map_err(|_| bad(text, "not a number followed by a unit"))?;
-    if !number.is_finite() {
-        return Err(bad(text, "not a number followed by a unit"));
-    }
-    Ok((number, text[end..].trim()))
-}
-
-fn bad(text: &str, reason: &'static str) -> NodeSpecError {
-    NodeSpecError::BadQuantity { text: text.to_string(), reason }
 }
 
 #[cfg(test)]
@@ -218,7 +195,12 @@ mod tests {
 
     #[test]
     fn nodes_are_named_after_their_devices() {
-        let nodes = parse_nodes("rtx3070, rtx3090,2x rtx4090, rtx3090", MemoryLimits::default(), 1e-3).unwrap();
+        let nodes = parse_nodes(
+            "rtx3070, rtx3090,2x rtx4090, rtx3090",
+            MemoryLimits::default(),
+            1e-3,
+        )
+        .unwrap();
         let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["rtx3070", "rtx3090", "rtx4090", "rtx3090-2"]);
         assert_eq!(nodes[2].devices.len(), 2);
@@ -228,37 +210,62 @@ mod tests {
 
     #[test]
     fn named_nodes_custom_devices_and_limits() {
-        let limits = MemoryLimits { max_memory: Some(20 * GIB), reserve: Some(2 * GIB) };
-        let nodes = parse_nodes("gaming-pc=rtx4090+rtx3070,rack=64GiB@50GB/s,m2-max-64gb", limits, 0.0).unwrap();
+        let limits = MemoryLimits {
+            max_memory: Some(20 * GIB),
+            reserve: Some(2 * GIB),
+        };
+        let nodes = parse_nodes(
+            "gaming-pc=rtx4090+rtx3070,rack=64GiB@50GB/s,m2-max-64gb",
+            limits,
+            0.0,
+        )
+        .unwrap();
         assert_eq!(nodes[0].name, "gaming-pc");
-        assert_eq!(nodes[0].devices[0].memory, 20 * GIB, "capped by --max-memory");
-        assert_eq!(nodes[0].devices[1].memory, 6 * GIB, "8 GiB less the reserve");
+        assert_eq!(
+            nodes[0].devices[0].memory,
+            20 * GIB,
+            "capped by --max-memory"
+        );
+        assert_eq!(
+            nodes[0].devices[1].memory,
+            6 * GIB,
+            "8 GiB less the reserve"
+        );
         assert_eq!(nodes[1].devices[0].bandwidth, 50e9);
         assert_eq!(nodes[1].devices[0].memory, 20 * GIB);
         assert_eq!(nodes[2].devices[0].memory, 20 * GIB);
         let apple = parse_nodes("m2-max-64gb", MemoryLimits::default(), 0.0).unwrap();
-        assert_eq!(apple[0].devices[0].memory, 48 * GIB, "a quarter of unified memory stays with macOS");
+        assert_eq!(
+            apple[0].devices[0].memory,
+            48 * GIB,
+            "a quarter of unified memory stays with macOS"
+        );
     }
 
     #[test]
     fn bad_node_lists_are_refused() {
-        let parse = |s| parse_nodes(s, MemoryLimits::default(), 0.0).unwrap_err().to_string();
+        let parse = |s| {
+            parse_nodes(s, MemoryLimits::default(), 0.0)
+                .unwrap_err()
+                .to_string()
+        };
         assert_eq!(parse(" , "), "no nodes given");
-        assert!(parse("rtx9999").starts_with("unknown device `rtx9999` (known: rtx3070"), "{}", parse("rtx9999"));
-        assert_eq!(parse("0x rtx4090"), "`0x rtx4090`: a device count must be at least 1");
+        assert!(
+            parse("rtx9999").starts_with("unknown device `rtx9999` (known: rtx3070"),
+            "{}",
+            parse("rtx9999")
+        );
+        assert_eq!(
+            parse("0x rtx4090"),
+            "`0x rtx4090`: a device count must be at least 1"
+        );
         assert_eq!(parse("a=rtx4090,a=rtx3090"), "node name `a` is used twice");
-        assert_eq!(parse("a:b=rtx4090"), "node name `a:b` may not contain `,`, `:`, `=` or `+`");
+        assert_eq!(
+            parse("a:b=rtx4090"),
+            "node name `a:b` may not contain `,`, `:`, `=` or `+`"
+        );
         assert!(parse("12QB@5GB/s").contains("unknown unit"));
         assert!(parse("12GB@5GB").contains("needs a unit"));
         assert_eq!(parse("x="), "node `x=` has no devices");
-    }
-
-    #[test]
-    fn quantities() {
-        assert_eq!(parse_bytes("24GiB").unwrap(), 24 * GIB);
-        assert_eq!(parse_bytes("1.5 GB").unwrap(), 1_500_000_000);
-        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_bandwidth("1.5TB/s").unwrap(), 1.5e12);
-        assert!(parse_bytes("GiB").is_err());
     }
 }

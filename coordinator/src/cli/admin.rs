@@ -1,0 +1,183 @@
+//! `strata status`, `strata drain NODE` and `strata undrain NODE`: the operator's
+//! side of the coordinator's admin endpoints.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+
+use super::http::{self, Reply};
+use crate::cluster::{ClusterStatus, DrainReport};
+use crate::planner::format_bytes;
+
+/// Where the coordinator's HTTP API is.
+#[derive(Debug, Clone, Args)]
+pub struct CoordinatorArg {
+    /// The coordinator's HTTP address (HOST:PORT), as `strata serve --http-listen`.
+    #[arg(long, env = "STRATA_COORDINATOR", default_value = "127.0.0.1:8000")]
+    pub coordinator: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub coordinator: CoordinatorArg,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// The worker: its name, address or node id.
+    pub node: String,
+    #[command(flatten)]
+    pub coordinator: CoordinatorArg,
+    /// Return when the worker's memory is free, with what the drain did.
+    #[arg(long)]
+    pub wait: bool,
+    /// Drain even when what is left cannot hold the model: new requests then wait
+    /// until capacity returns.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UndrainArgs {
+    /// The worker: its name, address or node id.
+    pub node: String,
+    #[command(flatten)]
+    pub coordinator: CoordinatorArg,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// The reply's body when it is a success, else the API's error message.
+fn checked(reply: Reply) -> anyhow::Result<serde_json::Value> {
+    let body = reply.json().unwrap_or_else(|_| json!({ "error": { "message": reply.body.clone() } }));
+    if reply.status == 200 {
+        return Ok(body);
+    }
+    let message = body["error"]["message"].as_str().unwrap_or(reply.body.as_str()).to_string();
+    anyhow::bail!("{message}")
+}
+
+async fn call(
+    coordinator: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    wait: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let reply = tokio::time::timeout(wait, http::request(coordinator, method, path, body.as_ref()))
+        .await
+        .with_context(|| format!("the coordinator at {coordinator} did not answer within {wait:?}"))?
+        .with_context(|| {
+            format!("cannot reach the coordinator at {coordinator} (is `strata serve` running? --coordinator)")
+        })?;
+    checked(reply)
+}
+
+/// The running cluster's status.
+pub fn fetch_status(coordinator: &str) -> anyhow::Result<ClusterStatus> {
+    let value = runtime()?.block_on(call(coordinator, "GET", "/admin/status", None, Duration::from_secs(10)))?;
+    serde_json::from_value(value).context("the coordinator's status is malformed")
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let value = runtime()?.block_on(call(
+        &args.coordinator.coordinator,
+        "GET",
+        "/admin/status",
+        None,
+        Duration::from_secs(10),
+    ))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let status: ClusterStatus = serde_json::from_value(value).context("the coordinator's status is malformed")?;
+    print!("{}", format_status(&status));
+    Ok(())
+}
+
+/// `strata status` as a table.
+pub fn format_status(s: &ClusterStatus) -> String {
+    let mut out = format!("model {} ({} layers)", s.model, s.layers);
+    match s.pipeline_id {
+        Some(_) => out.push_str(&format!(
+            ", {} request(s) in flight, {:.1} tokens/s measured",
+            s.in_flight, s.measured_tokens_per_second
+        )),
+        None => out.push_str(", no pipeline"),
+    }
+    if let Some(p) = s.predicted_tokens_per_second {
+        out.push_str(&format!(", {p:.1} tokens/s predicted for one stream"));
+    }
+    out.push('\n');
+    if let Some(reason) = &s.waiting_reason {
+        out.push_str(&format!("{} request(s) wait for capacity: {reason}\n", s.waiting));
+    }
+    let header = ["NAME", "ADDRESS", "STATE", "LAYERS", "DEVICES", "OFFERED", "USED", "SPEED", "SEQS"];
+    let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    for n in &s.nodes {
+        rows.push(vec![
+            n.name.clone(),
+            n.address.clone(),
+            match &n.reason {
+                Some(r) => format!("{} ({r})", n.state),
+                None => n.state.clone(),
+            },
+            n.layers.map_or("-".into(), |[a, b]| format!("{a}..{b}")),
+            n.devices.join(", "),
+            format_bytes(n.memory_offered_bytes),
+            format_bytes(n.memory_used_bytes),
+            if n.bandwidth_bytes_per_second > 0.0 {
+                format!("{:.1} GB/s", n.bandwidth_bytes_per_second / 1e9)
+            } else {
+                "-".into()
+            },
+            n.sequences.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> =
+        (0..header.len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    let body = json!({ "node": args.node, "force": args.force, "wait": args.wait });
+    // A drain that waits loads layers elsewhere first: give it time.
+    let wait = if args.wait { Duration::from_secs(600) } else { Duration::from_secs(30) };
+    let value = runtime()?.block_on(call(&args.coordinator.coordinator, "POST", "/admin/drain", Some(body), wait))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let report: DrainReport = serde_json::from_value(value).context("the coordinator's answer is malformed")?;
+    println!("{}", report.message);
+    Ok(())
+}
+
+pub fn undrain(args: UndrainArgs) -> anyhow::Result<()> {
+    let body = json!({ "node": args.node });
+    let value = runtime()?.block_on(call(
+        &args.coordinator.coordinator,
+        "POST",
+        "/admin/undrain",
+        Some(body),
+        Duration::from_secs(600),
+    ))?;
+    println!("{}", value["message"].as_str().unwrap_or_default());
+    Ok(())
+}

@@ -1,0 +1,770 @@
+//! The controller: one task that decides where the layers live.
+//!
+//! It watches the membership (joins, mDNS, heartbeats that say a worker drains
+//! itself), follows every worker's Events stream (a silent or broken stream means
+//! the worker is gone), and whenever the best plan changes it builds the new
+//! pipeline and has the scheduler move every request onto it:
+//!
+//! * a worker joins, comes back, is undrained, or drains: the new pipeline is
+//!   loaded *beside* the old one, requests switch between two steps, then the old
+//!   shards are unloaded (make before break; no request waits on a load);
+//! * a worker of the pipeline is lost: requests are parked at once, the survivors
+//!   drop the broken pipeline and load the new one, requests are replayed;
+//! * nothing left can hold the model: requests wait (with the reason) until a
+//!   worker returns or the queue timeout passes.
+//!
+//! Gone workers are asked again every second, so a worker that comes back is taken
+//! in again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use strata_proto::v1::{self, worker_event, WireDtype, WorkerState};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::membership::{self, Heartbeat, Member, Membership, NodeStatus};
+use super::model::ServedModel;
+use super::pipeline::{self, BuildSpec, Pipeline, Placement};
+use super::placement::{self, PlacementPolicy};
+use super::report::{AdminError, ClusterStatus, DrainReport, NodeReport};
+use super::scheduler::{PipelineLink, SchedulerMsg, SchedulerStatus};
+use super::{connect, HopSamples, WorkerClient, HEARTBEAT_TIMEOUT};
+use crate::planner::{ModelSpec, PlanOptions};
+
+/// How often gone workers are asked whether they are back.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a drain waits for the moved requests to produce a token again before
+/// it reports.
+const RESUME_WAIT: Duration = Duration::from_secs(30);
+
+/// Window of the measured tokens per second.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+pub(super) enum Control {
+    /// Something in the pipeline failed (a broken stream, a sequence error that
+    /// points at a worker): check the workers.
+    Trouble {
+        reason: String,
+    },
+    Lost {
+        address: String,
+        reason: String,
+    },
+    Drain {
+        node: String,
+        force: bool,
+        wait: bool,
+        reply: oneshot::Sender<Result<DrainReport, AdminError>>,
+    },
+    Undrain {
+        node: String,
+        reply: oneshot::Sender<Result<String, AdminError>>,
+    },
+    Status {
+        reply: oneshot::Sender<ClusterStatus>,
+    },
+    Placements {
+        reply: oneshot::Sender<Vec<Placement>>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// What the controller is started with.
+pub(super) struct ControllerSpec {
+    pub model: Arc<ServedModel>,
+    pub membership: Arc<Membership>,
+    pub policy: PlacementPolicy,
+    pub options: PlanOptions,
+    pub wire_dtype: WireDtype,
+    pub weights_source: String,
+    pub scheduler: mpsc::UnboundedSender<SchedulerMsg>,
+    pub token_hops: Arc<HopSamples>,
+}
+
+/// The outcome of one re-plan.
+#[derive(Default)]
+struct Switched {
+    moved: usize,
+    /// Bytes each worker freed when the old pipeline was unloaded.
+    freed: HashMap<String, u64>,
+}
+
+pub(super) struct Controller {
+    spec: ControllerSpec,
+    model_spec: ModelSpec,
+    control: mpsc::UnboundedSender<Control>,
+    links: HashMap<String, JoinHandle<()>>,
+    clients: HashMap<String, WorkerClient>,
+    current: Option<Pipeline>,
+    predicted_tokens_per_second: Option<f64>,
+    /// Workers whose loads failed, left out until the instant given.
+    backoff: HashMap<String, (u32, Instant)>,
+    next_pipeline: u64,
+    /// (when, tokens generated) samples for the measured rate.
+    rate: VecDeque<(Instant, u64)>,
+}
+
+impl Controller {
+    pub fn new(spec: ControllerSpec, control: mpsc::UnboundedSender<Control>) -> Self {
+        let model_spec = ModelSpec::from_gguf(spec.model.card.id.clone(), &spec.model.file);
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        Self {
+            spec,
+            model_spec,
+            control,
+            links: HashMap::new(),
+            clients: HashMap::new(),
+            current: None,
+            predicted_tokens_per_second: None,
+            backoff: HashMap::new(),
+            next_pipeline: seed.max(1),
+            rate: VecDeque::new(),
+        }
+    }
+
+    /// Plans and loads the first pipeline; the error says why none could be built.
+    pub async fn start(&mut self) -> Result<Vec<Placement>, super::ClusterError> {
+        self.reconcile("the cluster starts").await;
+        match &self.current {
+            Some(p) => Ok(p.placements.clone()),
+            None => Err(super::ClusterError::Internal(self.waiting_reason())),
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Control>) {
+        let mut members = self.spec.membership.subscribe();
+        members.mark_unchanged();
+        let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    if !self.handle(msg).await {
+                        break;
+                    }
+                }
+                changed = members.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    members.mark_unchanged();
+                    self.reconcile("the workers changed").await;
+                }
+                _ = retry.tick() => {
+                    self.retry_gone().await;
+                    self.sample_rate().await;
+                }
+            }
+        }
+    }
+
+    /// Handles one message; false to stop.
+    async fn handle(&mut self, msg: Control) -> bool {
+        match msg {
+            Control::Trouble { reason } => self.trouble(&reason).await,
+            Control::Lost { address, reason } => self.lost(&address, &reason).await,
+            Control::Drain { node, force, wait, reply } => self.drain(&node, force, wait, reply).await,
+            Control::Undrain { node, reply } => {
+                let result = self.undrain(&node).await;
+                let _ = reply.send(result);
+            }
+            Control::Status { reply } => {
+                let status = self.status().await;
+                let _ = reply.send(status);
+            }
+            Control::Placements { reply } => {
+                let _ = reply.send(self.current.as_ref().map(|p| p.placements.clone()).unwrap_or_default());
+            }
+            Control::Shutdown { done } => {
+                self.shutdown().await;
+                let _ = done.send(());
+                return false;
+            }
+        }
+        true
+    }
+
+    fn waiting_reason(&self) -> String {
+        let members = self.spec.membership.members();
+        let eligible = self.eligible(&members);
+        match placement::place(&self.model_spec, &eligible, &self.spec.policy, &self.spec.options) {
+            Ok(_) => "a new pipeline is being loaded".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Workers that may hold layers now, in the order they became known.
+    fn eligible(&self, members: &[Member]) -> Vec<Member> {
+        let now = Instant::now();
+        members
+            .iter()
+            .filter(|m| m.status == NodeStatus::Ready)
+            .filter(|m| self.backoff.get(&m.address).is_none_or(|(_, until)| *until <= now))
+            .cloned()
+            .collect()
+    }
+
+    async fn client(&mut self, address: &str) -> Result<WorkerClient, super::ClusterError> {
+        if let Some(c) = self.clients.get(address) {
+            return Ok(c.clone());
+        }
+        let c = connect(address).await?;
+        self.clients.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Starts following the Events of every worker not followed yet.
+    async fn follow(&mut self, members: &[Member]) {
+        for m in members {
+            if matches!(m.status, NodeStatus::Gone { .. }) {
+                continue;
+            }
+            if self.links.get(&m.address).is_some_and(|l| !l.is_finished()) {
+                continue;
+            }
+            match self.client(&m.address).await {
+                Ok(client) => {
+                    let task = tokio::spawn(follow_worker(
+                        m.address.clone(),
+                        client,
+                        self.spec.scheduler.clone(),
+                        self.control.clone(),
+                        self.spec.membership.clone(),
+                        self.spec.token_hops.clone(),
+                    ));
+                    self.links.insert(m.address.clone(), task);
+                }
+                Err(e) => {
+                    let _ = self.control.send(Control::Lost { address: m.address.clone(), reason: e.to_string() });
+                }
+            }
+        }
+    }
+
+    /// Brings the pipeline in line with the best plan for the workers there are now.
+    async fn reconcile(&mut self, why: &str) -> Switched {
+        let members = self.spec.membership.members();
+        self.follow(&members).await;
+        let holds = |pred: &dyn Fn(&NodeStatus) -> bool| {
+            self.current.as_ref().is_some_and(|p| {
+                p.placements.iter().all(|s| members.iter().any(|m| m.address == s.address && pred(&m.status)))
+            })
+        };
+        // Every stage's worker still answers: the pipeline works until the next one
+        // is loaded. A draining worker still serves; it must only be moved off.
+        let working = holds(&|s| !matches!(s, NodeStatus::Gone { .. }));
+        let current_ok = holds(&|s| *s == NodeStatus::Ready);
+        for _attempt in 0..members.len().max(1) {
+            let eligible = self.eligible(&self.spec.membership.members());
+            let planned = placement::place(&self.model_spec, &eligible, &self.spec.policy, &self.spec.options);
+            let (stages, plan) = match planned {
+                Ok(x) => x,
+                Err(e) if current_ok => {
+                    tracing::warn!(error = %e, "no better plan; keeping the current pipeline");
+                    return Switched::default();
+                }
+                Err(e) => {
+                    let reason = format!("{e}");
+                    self.park(reason).await;
+                    return Switched::default();
+                }
+            };
+            let same = self.current.as_ref().is_some_and(|p| {
+                p.placements.len() == stages.len()
+                    && p.placements.iter().zip(&stages).all(|(a, b)| a.address == b.address && a.layers == b.layers)
+            });
+            if same && current_ok {
+                return Switched::default();
+            }
+            tracing::info!(why, stages = ?stages.iter().map(|s| format!("{}:{}..{}", s.name, s.layers.start, s.layers.end)).collect::<Vec<_>>(), "re-planning");
+            let mut clients = Vec::new();
+            let mut unreachable = None;
+            for s in &stages {
+                match self.client(&s.address).await {
+                    Ok(c) => clients.push(c),
+                    Err(e) => {
+                        unreachable = Some((s.address.clone(), e.to_string()));
+                        break;
+                    }
+                }
+            }
+            if let Some((address, reason)) = unreachable {
+                self.mark_gone(&address, &reason);
+                continue;
+            }
+            // A broken pipeline is dropped first, freeing the survivors' memory; a
+            // working one keeps serving while the new one loads.
+            let make_before_break = working;
+            if !make_before_break && self.current.is_some() {
+                self.park(format!("re-planning: {why}")).await;
+            }
+            let id = self.next_pipeline;
+            self.next_pipeline += 1;
+            let spec = BuildSpec {
+                id,
+                model: &self.spec.model,
+                wire_dtype: self.spec.wire_dtype,
+                weights_source: &self.spec.weights_source,
+                keep_others: make_before_break,
+            };
+            match pipeline::build(spec, &stages, &clients, self.control.clone()).await {
+                Ok(new) => {
+                    self.backoff.retain(|a, _| !stages.iter().any(|s| &s.address == a));
+                    self.predicted_tokens_per_second = Some(plan.tokens_per_second());
+                    return self.switch_to(new).await;
+                }
+                Err(failed) => {
+                    tracing::warn!(address = %failed.address, error = %failed.error, "a stage failed to load");
+                    let alive = self.healthy(&failed.address).await;
+                    if !alive {
+                        self.mark_gone(&failed.address, &failed.error.to_string());
+                    } else {
+                        let (count, _) = self.backoff.get(&failed.address).copied().unwrap_or((0, Instant::now()));
+                        let wait = Duration::from_secs(1 << count.min(6));
+                        self.backoff.insert(failed.address.clone(), (count + 1, Instant::now() + wait));
+                    }
+                    // Shards of the failed attempt that did load are dropped.
+                    self.unload_pipeline(id, &stages.iter().map(|s| s.address.clone()).collect::<Vec<_>>()).await;
+                    if make_before_break {
+                        return Switched::default();
+                    }
+                }
+            }
+        }
+        Switched::default()
+    }
+
+    /// Moves every request to `new` and unloads the pipeline it replaces.
+    async fn switch_to(&mut self, new: Pipeline) -> Switched {
+        let link = new.link.clone();
+        let moved = self.scheduler_switch(Some(link), String::new()).await;
+        for p in &new.placements {
+            tracing::info!(
+                stage = p.stage,
+                layers = ?p.layers,
+                address = %p.address,
+                name = %p.name,
+                "stage loaded in {:.2}s",
+                p.load_seconds
+            );
+        }
+        let old = self.current.replace(new);
+        let mut freed = HashMap::new();
+        if let Some(old) = old {
+            let addresses: Vec<String> = old.placements.iter().map(|p| p.address.clone()).collect();
+            let id = old.id;
+            drop(old);
+            freed = self.unload_pipeline(id, &addresses).await;
+        }
+        Switched { moved, freed }
+    }
+
+    /// Parks every request (no pipeline) with `reason`.
+    async fn park(&mut self, reason: String) {
+        let old = self.current.take();
+        self.predicted_tokens_per_second = None;
+        self.scheduler_switch(None, reason).await;
+        if let Some(old) = old {
+            let addresses: Vec<String> = old.placements.iter().map(|p| p.address.clone()).collect();
+            let id = old.id;
+            drop(old);
+            self.unload_pipeline(id, &addresses).await;
+        }
+    }
+
+    async fn scheduler_switch(&self, pipeline: Option<PipelineLink>, reason: String) -> usize {
+        let (done, moved) = oneshot::channel();
+        if self.spec.scheduler.send(SchedulerMsg::Switch { pipeline, reason, done }).is_err() {
+            return 0;
+        }
+        moved.await.unwrap_or(0)
+    }
+
+    /// Unloads pipeline `id` from the workers that answer; bytes freed by each.
+    async fn unload_pipeline(&mut self, id: u64, addresses: &[String]) -> HashMap<String, u64> {
+        let members = self.spec.membership.members();
+        let mut targets = Vec::new();
+        for a in addresses {
+            let gone = members.iter().any(|m| &m.address == a && matches!(m.status, NodeStatus::Gone { .. }));
+            if !gone {
+                if let Ok(c) = self.client(a).await {
+                    targets.push((a.clone(), c));
+                }
+            }
+        }
+        let results = join_all(targets.into_iter().map(|(address, mut c)| async move {
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                c.unload_shard(v1::UnloadShardRequest { pipeline_id: id }),
+            )
+            .await;
+            (address, r)
+        }))
+        .await;
+        let mut freed = HashMap::new();
+        for (address, r) in results {
+            match r {
+                Ok(Ok(r)) => {
+                    freed.insert(address, r.into_inner().freed_bytes);
+                }
+                Ok(Err(s)) => {
+                    tracing::warn!(%address, error = %s.message(), "unloading the old pipeline failed")
+                }
+                Err(_) => tracing::warn!(%address, "unloading the old pipeline timed out"),
+            }
+        }
+        freed
+    }
+
+    async fn healthy(&mut self, address: &str) -> bool {
+        let Ok(mut c) = self.client(address).await else {
+            return false;
+        };
+        matches!(tokio::time::timeout(Duration::from_secs(1), c.health(v1::HealthRequest {})).await, Ok(Ok(_)))
+    }
+
+    fn mark_gone(&mut self, address: &str, reason: &str) {
+        tracing::warn!(%address, %reason, "worker gone");
+        self.clients.remove(address);
+        if let Some(link) = self.links.remove(address) {
+            link.abort();
+        }
+        self.spec
+            .membership
+            .set_status(address, NodeStatus::Gone { since: Instant::now(), reason: reason.to_string() });
+    }
+
+    async fn lost(&mut self, address: &str, reason: &str) {
+        let known = self.spec.membership.members().into_iter().find(|m| m.address == address);
+        if known.is_none_or(|m| matches!(m.status, NodeStatus::Gone { .. })) {
+            return;
+        }
+        self.mark_gone(address, reason);
+        // The membership watch re-plans too; doing it now saves a turn.
+        self.reconcile(&format!("{address} is gone: {reason}")).await;
+    }
+
+    /// A stream broke or a stage reported trouble: find out whether a worker of the
+    /// pipeline is gone; if none is, run the parked requests again.
+    async fn trouble(&mut self, reason: &str) {
+        let Some(addresses) =
+            self.current.as_ref().map(|p| p.placements.iter().map(|s| s.address.clone()).collect::<Vec<_>>())
+        else {
+            return;
+        };
+        let mut any_gone = false;
+        for a in addresses {
+            if !self.healthy(&a).await {
+                self.mark_gone(&a, reason);
+                any_gone = true;
+            }
+        }
+        if any_gone {
+            self.reconcile(reason).await;
+        } else if let Some(link) = self.current.as_ref().map(|p| p.link.clone()) {
+            self.scheduler_switch(Some(link), String::new()).await;
+        }
+    }
+
+    async fn retry_gone(&mut self) {
+        let gone: Vec<String> = self
+            .spec
+            .membership
+            .members()
+            .into_iter()
+            .filter(|m| matches!(m.status, NodeStatus::Gone { .. }))
+            .map(|m| m.address)
+            .collect();
+        let back = join_all(gone.iter().map(|a| async move {
+            tokio::time::timeout(Duration::from_secs(1), membership::describe_once(a)).await.ok().and_then(Result::ok)
+        }))
+        .await;
+        for member in back.into_iter().flatten() {
+            tracing::info!(address = %member.address, name = %member.name(), "worker is back");
+            // Its previous stages died with it; whatever it holds is stale.
+            if let Ok(mut c) = self.client(&member.address).await {
+                let _ = c.unload_shard(v1::UnloadShardRequest { pipeline_id: 0 }).await;
+            }
+            self.spec.membership.add(member);
+        }
+    }
+
+    async fn sample_rate(&mut self) {
+        let status = self.scheduler_status().await;
+        let now = Instant::now();
+        self.rate.push_back((now, status.tokens_generated));
+        while self.rate.front().is_some_and(|(t, _)| now - *t > RATE_WINDOW) {
+            self.rate.pop_front();
+        }
+    }
+
+    async fn scheduler_status(&self) -> SchedulerStatus {
+        let (reply, status) = oneshot::channel();
+        if self.spec.scheduler.send(SchedulerMsg::Status { reply }).is_err() {
+            return SchedulerStatus::default();
+        }
+        status.await.unwrap_or_default()
+    }
+
+    fn find(&self, node: &str) -> Result<Member, AdminError> {
+        self.spec.membership.find(node).ok_or_else(|| AdminError::UnknownNode {
+            node: node.to_string(),
+            known: {
+                let names: Vec<String> = self.spec.membership.members().iter().map(|m| m.name().to_string()).collect();
+                if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.join(", ")
+                }
+            },
+        })
+    }
+
+    async fn set_worker_draining(&mut self, address: &str, draining: bool) {
+        if let Ok(mut c) = self.client(address).await {
+            let call = c.set_draining(v1::SetDrainingRequest { draining });
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(2), call)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|s| s.message().to_string()))
+            {
+                tracing::warn!(%address, error = %e, "could not tell the worker its drain state");
+            }
+        }
+    }
+
+    async fn drain(
+        &mut self,
+        node: &str,
+        force: bool,
+        wait: bool,
+        reply: oneshot::Sender<Result<DrainReport, AdminError>>,
+    ) {
+        let started = Instant::now();
+        let member = match self.find(node) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        match &member.status {
+            NodeStatus::Draining => {
+                let _ = reply.send(Err(AdminError::AlreadyDraining(member.name().to_string())));
+                return;
+            }
+            NodeStatus::Gone { reason, .. } => {
+                let _ = reply.send(Err(AdminError::Gone { node: member.name().to_string(), reason: reason.clone() }));
+                return;
+            }
+            NodeStatus::Ready => {}
+        }
+        let others: Vec<Member> = self
+            .eligible(&self.spec.membership.members())
+            .into_iter()
+            .filter(|m| m.address != member.address)
+            .collect();
+        let fits = placement::place(&self.model_spec, &others, &self.spec.policy, &self.spec.options).map(|_| ());
+        if let Err(e) = &fits {
+            let reason = match e {
+                placement::PlacementError::NoWorkers => "it is the last worker that can hold layers".to_string(),
+                other => other.to_string(),
+            };
+            if !force {
+                let _ = reply.send(Err(AdminError::WouldNotFit { node: member.name().to_string(), reason }));
+                return;
+            }
+            tracing::warn!(node = %member.name(), %reason, "forced drain: requests will wait for capacity");
+        }
+        self.set_worker_draining(&member.address, true).await;
+        self.spec.membership.set_status(&member.address, NodeStatus::Draining);
+        let mut report = DrainReport {
+            node: member.name().to_string(),
+            finished: false,
+            sequences_moved: 0,
+            memory_freed_bytes: 0,
+            seconds: 0.0,
+            longest_pause_seconds: 0.0,
+            requests_wait: fits.is_err(),
+            message: String::new(),
+        };
+        let reply = if wait {
+            Some(reply)
+        } else {
+            report.message = format!("draining {}; `strata status` shows when it holds no layers", member.name());
+            let _ = reply.send(Ok(report.clone()));
+            None
+        };
+        let switched = self.reconcile(&format!("draining {}", member.name())).await;
+        let freed_here = switched.freed.get(&member.address).copied().unwrap_or(0);
+        report.seconds = started.elapsed().as_secs_f64();
+        report.sequences_moved = switched.moved;
+        report.memory_freed_bytes = freed_here;
+        tracing::info!(
+            node = %member.name(),
+            moved = switched.moved,
+            freed_bytes = freed_here,
+            "drained in {:.2}s",
+            report.seconds
+        );
+        let Some(reply) = reply else { return };
+        if switched.moved > 0 {
+            let (tx, rx) = oneshot::channel();
+            if self.spec.scheduler.send(SchedulerMsg::AwaitResumed { reply: tx }).is_ok() {
+                if let Ok(Ok(pause)) = tokio::time::timeout(RESUME_WAIT, rx).await {
+                    report.longest_pause_seconds = pause.as_secs_f64();
+                }
+            }
+        }
+        report.finished = true;
+        report.message = format!(
+            "{} drained in {:.2}s: {} freed, {} sequence(s) moved, longest pause a client saw {:.0} ms{}",
+            member.name(),
+            report.seconds,
+            crate::planner::format_bytes(freed_here),
+            switched.moved,
+            report.longest_pause_seconds * 1e3,
+            if report.requests_wait {
+                "; what is left cannot hold the model: new requests wait for capacity"
+            } else {
+                ""
+            }
+        );
+        let _ = reply.send(Ok(report));
+    }
+
+    async fn undrain(&mut self, node: &str) -> Result<String, AdminError> {
+        let member = self.find(node)?;
+        if member.status != NodeStatus::Draining {
+            return Err(AdminError::NotDraining(member.name().to_string()));
+        }
+        self.set_worker_draining(&member.address, false).await;
+        self.spec.membership.set_status(&member.address, NodeStatus::Ready);
+        let started = Instant::now();
+        let switched = self.reconcile(&format!("{} is back", member.name())).await;
+        Ok(format!(
+            "{} is back in service; re-planned in {:.2}s, {} sequence(s) moved",
+            member.name(),
+            started.elapsed().as_secs_f64(),
+            switched.moved
+        ))
+    }
+
+    async fn status(&mut self) -> ClusterStatus {
+        let scheduler = self.scheduler_status().await;
+        let members = self.spec.membership.members();
+        let placements = self.current.as_ref().map(|p| p.placements.clone()).unwrap_or_default();
+        let nodes = members
+            .iter()
+            .map(|m| {
+                let stage = placements.iter().find(|p| p.address == m.address);
+                let d = &m.description;
+                NodeReport {
+                    name: m.name().to_string(),
+                    address: m.address.clone(),
+                    node_id: d.node_id.clone(),
+                    state: m.status.label().to_string(),
+                    devices: d
+                        .devices
+                        .iter()
+                        .map(|x| format!("{} ({})", x.name, crate::planner::format_bytes(x.total_memory_bytes)))
+                        .collect(),
+                    memory_offered_bytes: d.memory_offered_bytes,
+                    memory_used_bytes: m.heartbeat.memory_used_bytes,
+                    bandwidth_bytes_per_second: d.devices.first().map_or(0.0, |x| x.memory_bandwidth_bytes_per_second),
+                    layers: stage.map(|s| [s.layers.start, s.layers.end]),
+                    stage: stage.map(|s| s.stage),
+                    sequences: m.heartbeat.sequences,
+                    reason: match &m.status {
+                        NodeStatus::Gone { reason, since } => {
+                            Some(format!("{reason} ({:.0}s ago)", since.elapsed().as_secs_f64()))
+                        }
+                        _ => None,
+                    },
+                }
+            })
+            .collect();
+        let measured = match (self.rate.front(), self.rate.back()) {
+            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => (n1 - n0) as f64 / (*t1 - *t0).as_secs_f64(),
+            _ => 0.0,
+        };
+        ClusterStatus {
+            model: self.spec.model.card.id.clone(),
+            layers: self.spec.model.layers(),
+            pipeline_id: self.current.as_ref().map(|p| p.id),
+            nodes,
+            in_flight: scheduler.in_flight,
+            waiting: scheduler.waiting,
+            waiting_reason: scheduler.waiting_reason,
+            predicted_tokens_per_second: self.predicted_tokens_per_second,
+            measured_tokens_per_second: measured,
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        for (_, link) in self.links.drain() {
+            link.abort();
+        }
+        if let Some(p) = self.current.take() {
+            let addresses: Vec<String> = p.placements.iter().map(|s| s.address.clone()).collect();
+            let id = p.id;
+            drop(p);
+            self.unload_pipeline(id, &addresses).await;
+        }
+    }
+}
+
+/// Follows one worker's Events: tokens and errors go to the scheduler, heartbeats
+/// to the membership; a silent or closed stream means the worker is gone.
+async fn follow_worker(
+    address: String,
+    mut client: WorkerClient,
+    scheduler: mpsc::UnboundedSender<SchedulerMsg>,
+    control: mpsc::UnboundedSender<Control>,
+    membership: Arc<Membership>,
+    token_hops: Arc<HopSamples>,
+) {
+    let reason = match client.events(v1::EventsRequest {}).await {
+        Err(s) => format!("cannot subscribe to its events: {}", s.message()),
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            loop {
+                match tokio::time::timeout(HEARTBEAT_TIMEOUT, stream.message()).await {
+                    Ok(Ok(Some(event))) => match &event.kind {
+                        Some(worker_event::Kind::Heartbeat(h)) => {
+                            let state = WorkerState::try_from(h.state).unwrap_or(WorkerState::Unspecified);
+                            let beat = Heartbeat {
+                                memory_used_bytes: h.memory_used_bytes,
+                                sequences: h.sequences,
+                                pipelines: h.pipelines.clone(),
+                            };
+                            membership.heartbeat(&address, state, beat);
+                        }
+                        Some(worker_event::Kind::Token(t)) => {
+                            token_hops.record(t.sent_unix_nanos);
+                            if scheduler.send(SchedulerMsg::Event { event }).is_err() {
+                                return;
+                            }
+                        }
+                        _ => {
+                            if scheduler.send(SchedulerMsg::Event { event }).is_err() {
+                                return;
+                            }
+                        }
+                    },
+                    Ok(Ok(None)) => break "its event stream ended".to_string(),
+                    Ok(Err(s)) => break format!("its event stream failed: {}", s.message()),
+                    Err(_) => break format!("no heartbeat for {HEARTBEAT_TIMEOUT:?}"),
+                }
+            }
+        }
+    };
+    let _ = control.send(Control::Lost { address, reason });
+}

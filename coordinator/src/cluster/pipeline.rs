@@ -1,0 +1,124 @@
+//! One pipeline: its stages loaded on workers under a pipeline id, and the Forward
+//! stream into stage 0. A re-plan builds a new pipeline beside the old one, then
+//! switches the requests over and unloads the old.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use futures::future::join_all;
+use strata_proto::v1::{self, ModelRef, ShardSpec, StageMessage, WireDtype};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::controller::Control;
+use super::model::ServedModel;
+use super::placement::StagePlan;
+use super::scheduler::PipelineLink;
+use super::{ClusterError, WorkerClient};
+
+/// Where a stage of the plan runs.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub stage: usize,
+    pub layers: Range<usize>,
+    pub address: String,
+    pub name: String,
+    pub weights_were_local: bool,
+    pub load_seconds: f64,
+}
+
+/// A loaded pipeline.
+pub struct Pipeline {
+    pub id: u64,
+    pub placements: Vec<Placement>,
+    pub link: PipelineLink,
+    forward: JoinHandle<()>,
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.forward.abort();
+    }
+}
+
+/// A load that failed, and on which worker.
+pub struct BuildError {
+    pub address: String,
+    pub error: ClusterError,
+}
+
+/// What building needs besides the stages.
+pub struct BuildSpec<'a> {
+    pub id: u64,
+    pub model: &'a Arc<ServedModel>,
+    pub wire_dtype: WireDtype,
+    pub weights_source: &'a str,
+    /// Keep the workers' other shards (the old pipeline keeps serving meanwhile).
+    pub keep_others: bool,
+}
+
+/// Loads every stage at once (a stage connects to its already-serving next stage
+/// while it loads) and opens the stream into stage 0.
+pub(super) async fn build(
+    spec: BuildSpec<'_>,
+    stages: &[StagePlan],
+    clients: &[WorkerClient],
+    control: mpsc::UnboundedSender<Control>,
+) -> Result<Pipeline, BuildError> {
+    let layers = spec.model.layers();
+    let shard = |i: usize, r: &Range<usize>| ShardSpec {
+        model: Some(ModelRef { model_id: spec.model.card.id.clone(), content_hash: spec.model.content_hash.clone() }),
+        layer_start: r.start as u32,
+        layer_end: r.end as u32,
+        total_layers: layers as u32,
+        wire_dtype: spec.wire_dtype as i32,
+        next_stage_address: stages.get(i + 1).map(|s| s.address.clone()).unwrap_or_default(),
+        weights_source: spec.weights_source.to_string(),
+        stage_index: i as u32,
+        pipeline_id: spec.id,
+        first_stage_address: if i + 1 == stages.len() { stages[0].address.clone() } else { String::new() },
+    };
+    let loads = join_all(stages.iter().zip(clients).enumerate().map(|(i, (stage, client))| {
+        let mut client = client.clone();
+        let request =
+            v1::LoadShardRequest { shard: Some(shard(i, &stage.layers)), keep_other_pipelines: spec.keep_others };
+        async move { client.load_shard(request).await }
+    }))
+    .await;
+    let mut placements = Vec::new();
+    for (i, result) in loads.into_iter().enumerate() {
+        let stage = &stages[i];
+        let response = result.map_err(|s| BuildError {
+            address: stage.address.clone(),
+            error: ClusterError::Load {
+                stage: i,
+                start: stage.layers.start,
+                end: stage.layers.end,
+                address: stage.address.clone(),
+                message: format!("{:?}: {}", s.code(), s.message()),
+            },
+        })?;
+        let response = response.into_inner();
+        placements.push(Placement {
+            stage: i,
+            layers: stage.layers.clone(),
+            address: stage.address.clone(),
+            name: stage.name.clone(),
+            weights_were_local: response.weights_were_local,
+            load_seconds: response.load_seconds,
+        });
+    }
+    let (stage0, frames) = mpsc::unbounded_channel::<StageMessage>();
+    let mut first = clients[0].clone();
+    let id = spec.id;
+    let forward = tokio::spawn(async move {
+        let request = strata_proto::with_pipeline(UnboundedReceiverStream::new(frames), id);
+        let reason = match first.forward(request).await {
+            Ok(_) => "the stream to stage 0 closed".to_string(),
+            Err(s) => format!("the stream to stage 0 broke: {}", s.message()),
+        };
+        let _ = control.send(Control::Trouble { reason });
+    });
+    Ok(Pipeline { id, placements, link: PipelineLink { id, stage0 }, forward })
+}

@@ -1,0 +1,90 @@
+//! What the cluster tells its operators: `strata status`, `strata drain` and
+//! `strata undrain` answers, as the HTTP admin API returns them.
+
+use serde::{Deserialize, Serialize};
+
+/// One worker, as `strata status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeReport {
+    pub name: String,
+    pub address: String,
+    pub node_id: String,
+    /// `ready`, `draining` or `gone`.
+    pub state: String,
+    /// Devices as `NAME (MEMORY)`.
+    pub devices: Vec<String>,
+    pub memory_offered_bytes: u64,
+    pub memory_used_bytes: u64,
+    /// Measured weight bytes the device reads per second (0: not measured).
+    pub bandwidth_bytes_per_second: f64,
+    /// The layers it holds in the current pipeline.
+    pub layers: Option<[usize; 2]>,
+    pub stage: Option<usize>,
+    pub sequences: u32,
+    /// Why it is gone.
+    pub reason: Option<String>,
+}
+
+/// The cluster, as `strata status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterStatus {
+    pub model: String,
+    pub layers: usize,
+    pub pipeline_id: Option<u64>,
+    pub nodes: Vec<NodeReport>,
+    /// Requests being generated, and those of them waiting for capacity.
+    pub in_flight: usize,
+    pub waiting: usize,
+    /// Why there is no pipeline, while there is none.
+    pub waiting_reason: Option<String>,
+    /// The planner's prediction for one stream on the current pipeline.
+    pub predicted_tokens_per_second: Option<f64>,
+    /// Tokens per second the cluster delivered over the last few seconds.
+    pub measured_tokens_per_second: f64,
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DrainReport {
+    pub node: String,
+    /// False when the command returned as soon as the drain began (no `--wait`).
+    pub finished: bool,
+    pub sequences_moved: usize,
+    pub memory_freed_bytes: u64,
+    /// From the command to the node's memory being free.
+    pub seconds: f64,
+    /// The longest gap between two tokens a client saw while its request moved.
+    pub longest_pause_seconds: f64,
+    /// With `--force` and too little left: new requests wait for capacity.
+    pub requests_wait: bool,
+    pub message: String,
+}
+
+/// Why a drain or undrain was refused; nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("no worker is named `{node}` (known: {known})")]
+    UnknownNode { node: String, known: String },
+    #[error("`{0}` is already draining")]
+    AlreadyDraining(String),
+    #[error("`{0}` is not draining")]
+    NotDraining(String),
+    #[error("`{node}` is gone ({reason}); there is nothing to drain")]
+    Gone { node: String, reason: String },
+    #[error("draining `{node}` would leave too little to hold the model: {reason}; `--force` drains it anyway and new requests wait until capacity returns")]
+    WouldNotFit { node: String, reason: String },
+    #[error("the cluster is shutting down")]
+    ShuttingDown,
+}
+
+impl AdminError {
+    /// The HTTP status the admin API answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            AdminError::UnknownNode { .. } => 404,
+            AdminError::AlreadyDraining(_) | AdminError::NotDraining(_) | AdminError::Gone { .. } => 409,
+            AdminError::WouldNotFit { .. } => 409,
+            AdminError::ShuttingDown => 503,
+        }
+    }
+}
