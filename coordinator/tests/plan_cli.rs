@@ -90,9 +90,10 @@ fn bad_input_gets_a_clear_error() {
     assert!(out.stdout.is_empty());
     assert!(stderr(&out).contains("unknown device `rtx9090` (known: rtx3070"), "{}", stderr(&out));
 
-    let out = strata(&["plan", "-m", "llama-3.1-70b-q4_k_m"]);
+    // Without --nodes it plans for the running cluster, and says when there is none.
+    let out = strata(&["plan", "-m", "llama-3.1-70b-q4_k_m", "--coordinator", "127.0.0.1:1"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("--nodes is required for now"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot reach the coordinator at 127.0.0.1:1"), "{}", stderr(&out));
 
     let out = strata(&["plan", "-m", "no-such-model", "--nodes", "rtx4090"]);
     assert!(!out.status.success());
