@@ -12,9 +12,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
-use strata_model::tokenizer::DecodeStream;
-use strata_model::{ModelFile, Tokenizer};
-use strata_tests::{reference_tokens, ClusterOptions, TestCluster};
+use strata_tests::{reference_completion, ClusterOptions, TestCluster};
 
 /// Wide enough that a few hundred tokens take a while, so the requests are still
 /// running when the worker leaves.
@@ -32,15 +30,7 @@ fn prompts() -> Vec<Vec<u32>> {
 
 /// The text an undisturbed single process gives, decoded as the API streams it.
 fn expected(model: &Path, prompt: &[u32]) -> anyhow::Result<String> {
-    let tokens = reference_tokens(model, prompt, MAX_TOKENS)?;
-    let tokenizer = Tokenizer::from_gguf(ModelFile::open(model)?.metadata())?;
-    let mut stream = DecodeStream::new();
-    let mut text = String::new();
-    for &t in tokens.iter().filter(|&&t| !tokenizer.is_control(t)) {
-        text.push_str(&tokenizer.decode_next(&mut stream, t)?.unwrap_or_default());
-    }
-    text.push_str(&stream.flush().unwrap_or_default());
-    Ok(text)
+    Ok(reference_completion(model, prompt, MAX_TOKENS)?.0)
 }
 
 /// Eight streaming requests, each counting the events it has received.
