@@ -355,15 +355,20 @@ impl Controller {
                 p.load_seconds
             );
         }
-        let old = self.current.replace(new);
-        let mut freed = HashMap::new();
-        if let Some(old) = old {
-            let addresses: Vec<String> = old.placements.iter().map(|p| p.address.clone()).collect();
-            let id = old.id;
-            drop(old);
-            freed = self.unload_pipeline(id, &addresses).await;
-        }
+        let freed = match self.current.replace(new) {
+            Some(old) => self.retire(old).await,
+            None => HashMap::new(),
+        };
         Switched { moved, freed }
+    }
+
+    /// Stops a pipeline's stream into stage 0 and unloads its shards; bytes freed
+    /// by each worker.
+    async fn retire(&mut self, old: Pipeline) -> HashMap<String, u64> {
+        let addresses: Vec<String> = old.placements.iter().map(|p| p.address.clone()).collect();
+        let id = old.id;
+        drop(old);
+        self.unload_pipeline(id, &addresses).await
     }
 
     /// Parks every request (no pipeline) with `reason`.
@@ -372,10 +377,7 @@ impl Controller {
         self.predicted_tokens_per_second = None;
         self.scheduler_switch(None, reason).await;
         if let Some(old) = old {
-            let addresses: Vec<String> = old.placements.iter().map(|p| p.address.clone()).collect();
-            let id = old.id;
-            drop(old);
-            self.unload_pipeline(id, &addresses).await;
+            self.retire(old).await;
         }
     }
 
@@ -712,11 +714,8 @@ impl Controller {
         for (_, link) in self.links.drain() {
             link.abort();
         }
-        if let Some(p) = self.current.take() {
-            let addresses: Vec<String> = p.placements.iter().map(|s| s.address.clone()).collect();
-            let id = p.id;
-            drop(p);
-            self.unload_pipeline(id, &addresses).await;
+        if let Some(old) = self.current.take() {
+            self.retire(old).await;
         }
     }
 }

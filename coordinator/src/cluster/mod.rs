@@ -99,7 +99,7 @@ pub struct Cluster {
     pub placements: Vec<Placement>,
     /// Latency of the last hop, last stage to coordinator (TokenSampled events).
     pub token_hops: Arc<HopSamples>,
-    control: mpsc::UnboundedSender<Control>,
+    admin: ClusterAdmin,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -161,23 +161,17 @@ impl Cluster {
             next_request: AtomicU64::new(1),
             return_path: config.return_path,
         });
-        Ok(Self { engine, placements, token_hops, control: control_tx, tasks })
-    }
-
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Control) -> Option<T> {
-        let (reply, answer) = oneshot::channel();
-        self.control.send(make(reply)).ok()?;
-        answer.await.ok()
+        Ok(Self { engine, placements, token_hops, admin: ClusterAdmin { control: control_tx }, tasks })
     }
 
     /// The handle the admin API uses.
     pub fn admin(&self) -> ClusterAdmin {
-        ClusterAdmin { control: self.control.clone() }
+        self.admin.clone()
     }
 
     /// The stages of the current pipeline.
     pub async fn placements(&self) -> Vec<Placement> {
-        self.ask(|reply| Control::Placements { reply }).await.unwrap_or_default()
+        self.admin.ask(|reply| Control::Placements { reply }).await.unwrap_or_default()
     }
 
     /// Every stage's counters, in stage order.
@@ -197,7 +191,7 @@ impl Cluster {
     /// Ends what is in flight, stops the controller and unloads every stage.
     pub async fn shutdown(self) {
         self.engine.shutdown().await;
-        let _ = self.ask(|done| Control::Shutdown { done }).await;
+        let _ = self.admin.ask(|done| Control::Shutdown { done }).await;
         for t in &self.tasks {
             t.abort();
         }
