@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -271,16 +272,27 @@ async fn an_update_right_after_start_keeps_the_instance_name() -> anyhow::Result
         return Ok(());
     };
     let options = BrowserOptions { cluster: ClusterTag::of("lab"), interfaces: Vec::new(), ipv6: false };
+    // Both sides wait on what is checked, not on fixed windows (a loaded CI machine
+    // once let the whole advertisement pass before the browser heard it): the
+    // advertiser stays up until the browser has seen it ready, and the browser
+    // listens a while longer for a renamed twin.
+    let seen_ready = AtomicBool::new(false);
     let (advertised, events) = tokio::task::block_in_place(|| {
         std::thread::scope(|scope| {
             let browsing = scope.spawn(|| {
                 hosts.block_on(1, async {
                     let mut browser = Browser::start(options)?;
                     let mut events = Vec::new();
-                    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+                    let mut until = tokio::time::Instant::now() + Duration::from_secs(15);
                     while let Ok(Some(event)) = tokio::time::timeout_at(until, browser.next()).await {
+                        let ready = matches!(&event, Event::Resolved { advertisement, .. }
+                            if advertisement.state == NodeState::Ready);
+                        if ready && !seen_ready.swap(true, Ordering::SeqCst) {
+                            until = tokio::time::Instant::now() + Duration::from_secs(2);
+                        }
                         events.push(event);
                     }
+                    seen_ready.store(true, Ordering::SeqCst);
                     browser.shutdown().await?;
                     anyhow::Ok(events)
                 })
@@ -296,6 +308,9 @@ async fn an_update_right_after_start_keeps_the_instance_name() -> anyhow::Result
                         anyhow::ensure!(started.elapsed() < Duration::from_secs(3), "never announced");
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
+                }
+                while !seen_ready.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 advertiser.shutdown().await?;
