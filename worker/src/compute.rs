@@ -447,6 +447,7 @@ impl Compute {
         let guard = self.lock.as_ref().map(ComputeLock::acquire);
         // Busy time starts once the cores are ours.
         let started = Instant::now();
+        let tokens: usize = steps.iter().map(|s| s.input.len().unwrap_or(0)).sum();
         let result = self.stage.forward(&steps);
         drop(guard);
         match result {
@@ -474,7 +475,7 @@ impl Compute {
                 }
             }
         }
-        self.stats.record_batch(steps.len(), started.elapsed());
+        self.stats.record_batch(steps.len(), tokens, started.elapsed());
     }
 
     fn deliver(&mut self, r: Ready, output: StageOutput) -> Result<(), String> {

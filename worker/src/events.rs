@@ -50,6 +50,24 @@ pub struct Stats {
     batches: AtomicU64,
     frames: AtomicU64,
     busy_nanos: AtomicU64,
+    lifetime: Lifetime,
+}
+
+/// Counters since the worker started, for heartbeats: the Stats RPC's reset does
+/// not touch them.
+#[derive(Debug, Default)]
+struct Lifetime {
+    tokens: AtomicU64,
+    batches: AtomicU64,
+    busy_nanos: AtomicU64,
+}
+
+/// What [`Stats::lifetime`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LifetimeCounters {
+    pub tokens: u64,
+    pub batches: u64,
+    pub busy_seconds: f64,
 }
 
 impl Stats {
@@ -66,10 +84,23 @@ impl Stats {
         hops.push_back(micros.min(u32::MAX as u64) as u32);
     }
 
-    pub fn record_batch(&self, frames: usize, busy: Duration) {
+    /// Records a forward of `frames` frames holding `tokens` token positions.
+    pub fn record_batch(&self, frames: usize, tokens: usize, busy: Duration) {
+        let busy = busy.as_nanos() as u64;
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.frames.fetch_add(frames as u64, Ordering::Relaxed);
-        self.busy_nanos.fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+        self.busy_nanos.fetch_add(busy, Ordering::Relaxed);
+        self.lifetime.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        self.lifetime.batches.fetch_add(1, Ordering::Relaxed);
+        self.lifetime.busy_nanos.fetch_add(busy, Ordering::Relaxed);
+    }
+
+    pub fn lifetime(&self) -> LifetimeCounters {
+        LifetimeCounters {
+            tokens: self.lifetime.tokens.load(Ordering::Relaxed),
+            batches: self.lifetime.batches.load(Ordering::Relaxed),
+            busy_seconds: self.lifetime.busy_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        }
     }
 
     pub fn snapshot(&self, reset: bool) -> v1::StatsResponse {

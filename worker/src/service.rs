@@ -329,6 +329,7 @@ impl WorkerService {
 
     fn heartbeat(&self) -> v1::WorkerEvent {
         let (memory_used_bytes, sequences, pipelines) = self.usage();
+        let counters = self.shared.stats.lifetime();
         v1::WorkerEvent {
             kind: Some(worker_event::Kind::Heartbeat(v1::Heartbeat {
                 unix_millis: unix_nanos() / 1_000_000,
@@ -336,6 +337,9 @@ impl WorkerService {
                 sequences,
                 memory_used_bytes,
                 pipelines,
+                tokens_computed: counters.tokens,
+                batches: counters.batches,
+                busy_seconds: counters.busy_seconds,
             })),
         }
     }

@@ -123,7 +123,8 @@ pub fn format_status(s: &ClusterStatus) -> String {
     if let Some(reason) = &s.waiting_reason {
         out.push_str(&format!("{} request(s) wait for capacity: {reason}\n", s.waiting));
     }
-    let header = ["NAME", "ADDRESS", "STATE", "LAYERS", "DEVICES", "OFFERED", "USED", "SPEED", "SEQS"];
+    let header =
+        ["NAME", "ADDRESS", "STATE", "LAYERS", "DEVICES", "OFFERED", "USED", "SPEED", "SEQS", "TOK/S", "STEP (PREDICTED)"];
     let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     for n in &s.nodes {
         rows.push(vec![
@@ -143,6 +144,8 @@ pub fn format_status(s: &ClusterStatus) -> String {
                 "-".into()
             },
             n.sequences.to_string(),
+            format!("{:.0}", n.measured_tokens_per_second),
+            format_step(n.measured_step_ms, n.predicted_step_ms),
         ]);
     }
     let widths: Vec<usize> =
@@ -153,6 +156,19 @@ pub fn format_status(s: &ClusterStatus) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A node's measured time per step next to the planner's prediction.
+fn format_step(measured: Option<f64>, predicted: Option<f64>) -> String {
+    let ms = |v: Option<f64>| match v {
+        None => "-".to_string(),
+        Some(v) if v < 0.1 => format!("{:.0} µs", v * 1e3),
+        Some(v) => format!("{v:.2} ms"),
+    };
+    match predicted {
+        Some(_) => format!("{} ({})", ms(measured), ms(predicted)),
+        None => ms(measured),
+    }
 }
 
 pub fn drain(args: DrainArgs) -> anyhow::Result<()> {

@@ -16,7 +16,7 @@
 //! Gone workers are asked again every second, so a worker that comes back is taken
 //! in again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ use super::membership::{self, Heartbeat, Member, Membership, NodeStatus};
 use super::model::ServedModel;
 use super::pipeline::{self, BuildSpec, Pipeline, Placement};
 use super::placement::{self, PlacementPolicy};
+use super::rates::CounterWindow;
 use super::report::{AdminError, ClusterStatus, DrainReport, NodeReport};
 use super::scheduler::{PipelineLink, SchedulerMsg, SchedulerStatus};
 use super::{connect, HopSamples, WorkerClient, HEARTBEAT_TIMEOUT};
@@ -103,11 +104,15 @@ pub(super) struct Controller {
     clients: HashMap<String, WorkerClient>,
     current: Option<Pipeline>,
     predicted_tokens_per_second: Option<f64>,
+    /// The planner's compute time per token for each stage's worker, by address.
+    predicted_stage_seconds: HashMap<String, f64>,
     /// Workers whose loads failed, left out until the instant given.
     backoff: HashMap<String, (u32, Instant)>,
     next_pipeline: u64,
-    /// (when, tokens generated) samples for the measured rate.
-    rate: VecDeque<(Instant, u64)>,
+    /// Tokens the cluster generated, for its measured rate.
+    rate: CounterWindow<1>,
+    /// Each worker's [tokens computed, batches, busy seconds], by address.
+    node_rates: HashMap<String, CounterWindow<3>>,
 }
 
 impl Controller {
@@ -123,9 +128,11 @@ impl Controller {
             clients: HashMap::new(),
             current: None,
             predicted_tokens_per_second: None,
+            predicted_stage_seconds: HashMap::new(),
             backoff: HashMap::new(),
             next_pipeline: seed.max(1),
-            rate: VecDeque::new(),
+            rate: CounterWindow::new(RATE_WINDOW),
+            node_rates: HashMap::new(),
         }
     }
 
@@ -318,6 +325,8 @@ impl Controller {
                 Ok(new) => {
                     self.backoff.retain(|a, _| !stages.iter().any(|s| &s.address == a));
                     self.predicted_tokens_per_second = Some(plan.tokens_per_second());
+                    self.predicted_stage_seconds =
+                        stages.iter().map(|s| (s.address.clone(), s.predicted_seconds_per_token)).collect();
                     return self.switch_to(new).await;
                 }
                 Err(failed) => {
@@ -375,6 +384,7 @@ impl Controller {
     async fn park(&mut self, reason: String) {
         let old = self.current.take();
         self.predicted_tokens_per_second = None;
+        self.predicted_stage_seconds.clear();
         self.scheduler_switch(None, reason).await;
         if let Some(old) = old {
             self.retire(old).await;
@@ -501,9 +511,13 @@ impl Controller {
     async fn sample_rate(&mut self) {
         let status = self.scheduler_status().await;
         let now = Instant::now();
-        self.rate.push_back((now, status.tokens_generated));
-        while self.rate.front().is_some_and(|(t, _)| now - *t > RATE_WINDOW) {
-            self.rate.pop_front();
+        self.rate.push(now, [status.tokens_generated as f64]);
+        let members = self.spec.membership.members();
+        self.node_rates.retain(|a, _| members.iter().any(|m| &m.address == a));
+        for m in members {
+            let h = &m.heartbeat;
+            let counters = [h.tokens_computed as f64, h.batches as f64, h.busy_seconds];
+            self.node_rates.entry(m.address).or_insert_with(|| CounterWindow::new(RATE_WINDOW)).push(now, counters);
         }
     }
 
@@ -667,6 +681,7 @@ impl Controller {
             .iter()
             .map(|m| {
                 let stage = placements.iter().find(|p| p.address == m.address);
+                let rates = self.node_rates.get(&m.address);
                 let d = &m.description;
                 NodeReport {
                     name: m.name().to_string(),
@@ -684,6 +699,11 @@ impl Controller {
                     layers: stage.map(|s| [s.layers.start, s.layers.end]),
                     stage: stage.map(|s| s.stage),
                     sequences: m.heartbeat.sequences,
+                    measured_tokens_per_second: rates.map_or(0.0, |r| r.per_second(0)),
+                    measured_step_ms: rates.and_then(|r| r.ratio(2, 1)).map(|s| s * 1e3),
+                    predicted_step_ms: stage
+                        .and_then(|_| self.predicted_stage_seconds.get(&m.address))
+                        .map(|s| s * 1e3),
                     reason: match &m.status {
                         NodeStatus::Gone { reason, since } => {
                             Some(format!("{reason} ({:.0}s ago)", since.elapsed().as_secs_f64()))
@@ -693,10 +713,7 @@ impl Controller {
                 }
             })
             .collect();
-        let measured = match (self.rate.front(), self.rate.back()) {
-            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => (n1 - n0) as f64 / (*t1 - *t0).as_secs_f64(),
-            _ => 0.0,
-        };
+        let measured = self.rate.per_second(0);
         ClusterStatus {
             model: self.spec.model.card.id.clone(),
             layers: self.spec.model.layers(),
@@ -743,6 +760,9 @@ async fn follow_worker(
                                 memory_used_bytes: h.memory_used_bytes,
                                 sequences: h.sequences,
                                 pipelines: h.pipelines.clone(),
+                                tokens_computed: h.tokens_computed,
+                                batches: h.batches,
+                                busy_seconds: h.busy_seconds,
                             };
                             membership.heartbeat(&address, state, beat);
                         }

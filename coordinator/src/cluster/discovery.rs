@@ -14,7 +14,7 @@ use std::time::Duration;
 use strata_discovery::{Browser, BrowserOptions, ClusterTag, Event, NodeState};
 use tokio::task::JoinSet;
 
-use super::membership::{self, Member, Membership};
+use super::membership::{self, Added, Member, Membership};
 use super::ClusterError;
 
 /// How long a found worker gets to answer Describe.
@@ -135,18 +135,13 @@ impl Found {
             self.addresses.remove(&instance);
             return;
         }
-        let known_elsewhere = self
-            .membership
-            .members()
-            .into_iter()
-            .find(|m| m.description.node_id == node_id && m.address != address)
-            .map(|m| m.address);
-        if let Some(elsewhere) = known_elsewhere {
-            tracing::info!(%instance, %address, %elsewhere, "worker already known at another address");
-            return;
+        let name = member.description.name.clone();
+        match self.membership.add(member) {
+            Added::KnownElsewhere(elsewhere) => {
+                tracing::info!(%instance, %address, %elsewhere, "worker already known at another address")
+            }
+            _ => tracing::info!(%instance, %address, %name, "worker found over mDNS"),
         }
-        tracing::info!(%instance, %address, name = %member.description.name, "worker found over mDNS");
-        self.membership.add(member);
     }
 }
 

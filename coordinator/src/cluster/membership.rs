@@ -42,6 +42,11 @@ pub struct Heartbeat {
     pub memory_used_bytes: u64,
     pub sequences: u32,
     pub pipelines: Vec<u64>,
+    /// Cumulative since the worker started: token positions computed, forward
+    /// batches, busy seconds.
+    pub tokens_computed: u64,
+    pub batches: u64,
+    pub busy_seconds: f64,
 }
 
 /// A worker the coordinator may place a stage on.
@@ -75,6 +80,17 @@ impl Member {
     }
 }
 
+/// What [`Membership::add`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Added {
+    New,
+    /// The member at that address, or this node gone from another address, was
+    /// replaced.
+    Updated,
+    /// This node is live at the address given; nothing changed.
+    KnownElsewhere(String),
+}
+
 /// Known workers, in the order they became known. Cheap to share: a watch channel
 /// whose value is the list, so waiters wake on every change.
 #[derive(Debug)]
@@ -99,17 +115,38 @@ impl Membership {
 
     /// Adds a worker, or updates the one at the same address. A worker that comes
     /// back keeps a drain asked of it before.
-    pub fn add(&self, member: Member) {
-        self.members.send_modify(|members| match members.iter_mut().find(|m| m.address == member.address) {
-            Some(existing) => {
-                let drained = existing.status == NodeStatus::Draining;
-                *existing = member;
-                if drained {
-                    existing.status = NodeStatus::Draining;
-                }
+    ///
+    /// The same worker can be reached at several addresses (found over mDNS at its
+    /// LAN address, joined with the address it was told to give, or at a new DHCP
+    /// lease). It is one member, told apart by its node id: a live member keeps the
+    /// address it is known at (its stages run there); a gone one moves to the new.
+    pub fn add(&self, member: Member) -> Added {
+        let mut added = Added::New;
+        self.members.send_if_modified(|members| {
+            let id = &member.description.node_id;
+            let same_node = |m: &Member| !id.is_empty() && m.description.node_id == *id;
+            let existing = match members.iter().position(|m| m.address == member.address) {
+                Some(i) => Some(i),
+                None => members.iter().position(same_node),
+            };
+            let Some(i) = existing else {
+                members.push(member.clone());
+                return true;
+            };
+            let existing = &mut members[i];
+            if existing.address != member.address && !matches!(existing.status, NodeStatus::Gone { .. }) {
+                added = Added::KnownElsewhere(existing.address.clone());
+                return false;
             }
-            None => members.push(member),
+            added = Added::Updated;
+            let drained = existing.status == NodeStatus::Draining;
+            *existing = member.clone();
+            if drained {
+                existing.status = NodeStatus::Draining;
+            }
+            true
         });
+        added
     }
 
     /// Forgets a worker (an mDNS goodbye).
@@ -174,8 +211,13 @@ impl Membership {
         if description.grpc_address.is_empty() {
             return Err(CoordinatorError::BadRequest("the worker gave no grpc_address".into()));
         }
-        tracing::info!(address = %description.grpc_address, name = %description.name, "worker joined");
-        self.add(Member::new(description.grpc_address.clone(), description));
+        let (address, name) = (description.grpc_address.clone(), description.name.clone());
+        match self.add(Member::new(address.clone(), description)) {
+            Added::KnownElsewhere(elsewhere) => {
+                tracing::info!(%address, %name, %elsewhere, "worker joined; already known at another address")
+            }
+            _ => tracing::info!(%address, %name, "worker joined"),
+        }
         Ok(())
     }
 
@@ -225,5 +267,60 @@ pub async fn describe(address: &str, wait: Duration) -> Result<Member, ClusterEr
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(address: &str, node_id: &str) -> Member {
+        let description = WorkerDescription { node_id: node_id.into(), name: node_id.into(), ..Default::default() };
+        Member::new(address.into(), description)
+    }
+
+    fn addresses(membership: &Membership) -> Vec<String> {
+        membership.members().into_iter().map(|m| m.address).collect()
+    }
+
+    #[test]
+    fn a_worker_found_and_then_joined_at_another_address_is_one_member() {
+        let membership = Membership::default();
+        assert_eq!(membership.add(member("10.0.0.5:7070", "n1")), Added::New);
+        // The same worker, joining with the address it was told to give.
+        assert_eq!(membership.add(member("gaming-pc:7070", "n1")), Added::KnownElsewhere("10.0.0.5:7070".into()));
+        assert_eq!(addresses(&membership), ["10.0.0.5:7070"]);
+        assert_eq!(
+            membership.join(WorkerDescription {
+                protocol_version: PROTOCOL_VERSION,
+                grpc_address: "gaming-pc:7070".into(),
+                node_id: "n1".into(),
+                ..Default::default()
+            }),
+            Ok(())
+        );
+        assert_eq!(addresses(&membership), ["10.0.0.5:7070"]);
+        assert_eq!(membership.add(member("10.0.0.6:7070", "n2")), Added::New);
+        assert_eq!(addresses(&membership), ["10.0.0.5:7070", "10.0.0.6:7070"]);
+    }
+
+    #[test]
+    fn a_gone_worker_back_at_a_new_address_moves_there() {
+        let membership = Membership::default();
+        membership.add(member("10.0.0.5:7070", "n1"));
+        membership.set_status("10.0.0.5:7070", NodeStatus::Draining);
+        assert_eq!(membership.add(member("10.0.0.5:7070", "n1")), Added::Updated);
+        assert_eq!(membership.members()[0].status, NodeStatus::Draining, "a drain outlives a restart");
+        membership.set_status("10.0.0.5:7070", NodeStatus::Gone { since: Instant::now(), reason: "cut".into() });
+        assert_eq!(membership.add(member("10.0.0.9:7070", "n1")), Added::Updated);
+        assert_eq!(addresses(&membership), ["10.0.0.9:7070"]);
+    }
+
+    #[test]
+    fn workers_without_a_node_id_are_told_apart_by_address() {
+        let membership = Membership::default();
+        membership.add(member("127.0.0.1:1", ""));
+        membership.add(member("127.0.0.1:2", ""));
+        assert_eq!(addresses(&membership), ["127.0.0.1:1", "127.0.0.1:2"]);
     }
 }

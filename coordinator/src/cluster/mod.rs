@@ -22,6 +22,7 @@ pub mod membership;
 pub mod model;
 pub mod pipeline;
 pub mod placement;
+pub mod rates;
 pub mod report;
 pub mod scheduler;
 pub mod service;

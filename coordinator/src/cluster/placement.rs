@@ -30,11 +30,13 @@ pub enum PlacementPolicy {
 }
 
 /// One stage of a chosen plan.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StagePlan {
     pub address: String,
     pub name: String,
     pub layers: Range<usize>,
+    /// The planner's prediction of this stage's compute per token of one stream.
+    pub predicted_seconds_per_token: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +129,7 @@ pub fn place(
                 address: members[i].address.clone(),
                 name: members[i].name().to_string(),
                 layers: s.layers.clone(),
+                predicted_seconds_per_token: s.seconds_per_token,
             })
         })
         .collect();

@@ -21,6 +21,18 @@ pub struct NodeReport {
     pub layers: Option<[usize; 2]>,
     pub stage: Option<usize>,
     pub sequences: u32,
+    /// Token positions its layers computed per second over the last few seconds
+    /// (prompt tokens included).
+    #[serde(default)]
+    pub measured_tokens_per_second: f64,
+    /// Its measured compute time per forward step over the last few seconds, next
+    /// to the planner's prediction for one stream's step (a batched step reads the
+    /// weights once for every sequence in it, so under load it costs about the
+    /// same).
+    #[serde(default)]
+    pub measured_step_ms: Option<f64>,
+    #[serde(default)]
+    pub predicted_step_ms: Option<f64>,
     /// Why it is gone.
     pub reason: Option<String>,
 }

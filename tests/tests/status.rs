@@ -1,0 +1,63 @@
+//! `strata status` shows each node's measured tokens/s and time per step next to
+//! the planner's prediction, from the heartbeats of a running cluster.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use strata_coordinator::cli::http;
+use strata_model::synthetic::SyntheticModel;
+use strata_tests::{binary, ClusterOptions, TestCluster};
+
+async fn status(addr: &str) -> anyhow::Result<Value> {
+    let reply = http::request(addr, "GET", "/admin/status", None).await?;
+    anyhow::ensure!(reply.status == 200, "status: HTTP {}: {}", reply.status, reply.body);
+    Ok(reply.json()?)
+}
+
+/// Every node holding layers has measured something and has a prediction.
+fn measured_everywhere(s: &Value) -> bool {
+    let nodes = s["nodes"].as_array().map(Vec::as_slice).unwrap_or_default();
+    !nodes.is_empty()
+        && nodes.iter().all(|n| {
+            n["measured_tokens_per_second"].as_f64().is_some_and(|t| t > 0.0)
+                && n["measured_step_ms"].as_f64().is_some_and(|t| t > 0.0)
+                && n["predicted_step_ms"].as_f64().is_some_and(|t| t > 0.0)
+        })
+}
+
+#[tokio::test]
+async fn status_shows_each_nodes_measured_speed_next_to_the_prediction() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = SyntheticModel { layers: 6, context_length: 512, ..SyntheticModel::tiny() }.write_to(dir.path())?;
+    let cluster = TestCluster::start(&model, &ClusterOptions::default()).await?;
+    let addr = cluster.http().to_string();
+    let before = status(&addr).await?;
+    let idle = before["nodes"].as_array().context("no nodes")?;
+    assert!(idle.iter().all(|n| n["measured_tokens_per_second"] == 0.0), "nothing ran yet: {before}");
+
+    // Keep the cluster busy until every node's rate shows in the status.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let body = json!({"model": "test-model", "prompt": [1, 2, 3], "max_tokens": 64, "temperature": 0});
+        let reply = http::request(&addr, "POST", "/v1/completions", Some(&body)).await?;
+        anyhow::ensure!(reply.status == 200, "{}", reply.body);
+        let s = status(&addr).await?;
+        if measured_everywhere(&s) {
+            break s;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no per-node measurement after 60 s: {s}");
+    };
+    eprintln!("{s}");
+
+    let out = tokio::process::Command::new(binary("strata")?)
+        .args(["status", "--coordinator", &addr])
+        .output()
+        .await?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.contains("TOK/S") && table.contains("STEP (PREDICTED)"), "{table}");
+    assert!(table.lines().filter(|l| l.starts_with("worker-") && l.contains("s (")).count() == 3, "{table}");
+    cluster.stop().await;
+    Ok(())
+}
