@@ -35,8 +35,8 @@ async fn start_worker(
     name: &str,
     port: u16,
     cluster: &str,
-    model: Option<&Path>,
     cache: &Path,
+    extra: &[&str],
 ) -> anyhow::Result<Process> {
     let mut args: Vec<String> = vec![
         "--listen".into(),
@@ -52,9 +52,7 @@ async fn start_worker(
         // A fresh cache would run the start-up benchmark; no test needs its figure.
         "--no-bench".into(),
     ];
-    if let Some(model) = model {
-        args.extend(["--model".into(), model.display().to_string()]);
-    }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let mut p = hosts.spawn(host, name, &binary("strata-worker")?, &args, &[("STRATA_LOG", log_level())])?;
     p.wait_for_line("worker listening", READY_TIMEOUT, |_| {}).await?;
     p.drain_output();
@@ -103,10 +101,15 @@ async fn workers_found_over_mdns_form_a_cluster_and_a_stopped_one_is_noticed() -
     .map(String::from)
     .collect();
     let mut coordinator = hosts.spawn(1, "coordinator", &binary("strata")?, &serve, &[("STRATA_LOG", log_level())])?;
-    let _w2 = start_worker(&hosts, 2, "w2", GRPC_PORT, cluster, Some(&model), cache.path()).await?;
-    let w3 = start_worker(&hosts, 3, "w3", GRPC_PORT, cluster, Some(&model), cache.path()).await?;
+    // w2 is also told the coordinator's address: found over mDNS and joined, it
+    // must still be one node.
+    let coordinator_grpc = format!("{}:7100", hosts.address(1));
+    let model_arg = model.display().to_string();
+    let w2_args = ["--model", &model_arg, "--join", &coordinator_grpc];
+    let _w2 = start_worker(&hosts, 2, "w2", GRPC_PORT, cluster, cache.path(), &w2_args).await?;
+    let w3 = start_worker(&hosts, 3, "w3", GRPC_PORT, cluster, cache.path(), &["--model", &model_arg]).await?;
     // Beside w3, a worker of another cluster that the coordinator must not take.
-    let _other = start_worker(&hosts, 3, "other", GRPC_PORT + 1, "another-cluster", None, cache.path()).await?;
+    let _other = start_worker(&hosts, 3, "other", GRPC_PORT + 1, "another-cluster", cache.path(), &[]).await?;
 
     let (ready, stages) = until_serving(&mut coordinator).await?;
     coordinator.drain_output();
@@ -145,6 +148,9 @@ async fn workers_found_over_mdns_form_a_cluster_and_a_stopped_one_is_noticed() -
     };
     let before = tokio::task::block_in_place(|| hosts.block_on(1, status(http.clone())))??;
     anyhow::ensure!(w3_live(&before)?, "w3 is not live before it stops: {before}");
+    let names: Vec<&str> =
+        before["nodes"].as_array().context("no nodes")?.iter().filter_map(|n| n["name"].as_str()).collect();
+    assert_eq!(names, ["w2", "w3"], "each worker is listed once: {before}");
     w3.stop(Duration::from_secs(10)).await;
     let stopped = Instant::now();
     let noticed = tokio::task::block_in_place(|| {
@@ -171,7 +177,7 @@ async fn avahi_browse_sees_a_worker_advertisement() -> anyhow::Result<()> {
     let Some(hosts) = hosts_with_avahi("avahi_browse_sees_a_worker_advertisement", 2)? else { return Ok(()) };
     let cache = tempfile::tempdir()?;
     let avahi = hosts.start_avahi(1, AvahiOptions::default())?;
-    let _worker = start_worker(&hosts, 2, "wb", GRPC_PORT, "lab", None, cache.path()).await?;
+    let _worker = start_worker(&hosts, 2, "wb", GRPC_PORT, "lab", cache.path(), &[]).await?;
 
     // `avahi-browse -p` prints resolved services as
     // `=;IFACE;IPv4;NAME;TYPE;DOMAIN;HOST;ADDRESS;PORT;"k=v" "k=v" ...`.
@@ -215,7 +221,7 @@ async fn workers_and_browsers_beside_avahi_still_find_each_other() -> anyhow::Re
     let _avahi1 = hosts.start_avahi(1, AvahiOptions::default())?;
     let _avahi2 = hosts.start_avahi(2, AvahiOptions::default())?;
     let _avahi3 = hosts.start_avahi(3, AvahiOptions { exclusive: true })?;
-    let _worker = start_worker(&hosts, 2, "w2", GRPC_PORT, "lab", None, cache.path()).await?;
+    let _worker = start_worker(&hosts, 2, "w2", GRPC_PORT, "lab", cache.path(), &[]).await?;
 
     // A browser beside avahi in host 1 finds the worker beside avahi in host 2.
     let options = BrowserOptions { cluster: ClusterTag::of("lab"), interfaces: Vec::new(), ipv6: false };

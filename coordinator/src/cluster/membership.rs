@@ -2,6 +2,7 @@
 //! or found over mDNS — and what is known of each: its description, whether it may
 //! hold layers, and its last heartbeat.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::worker_client::WorkerClient;
@@ -200,8 +201,8 @@ impl Membership {
         });
     }
 
-    /// A Join request, checked.
-    pub fn join(&self, description: WorkerDescription) -> Result<(), CoordinatorError> {
+    /// A Join request from `peer`, checked.
+    pub fn join(&self, mut description: WorkerDescription, peer: Option<IpAddr>) -> Result<(), CoordinatorError> {
         if description.protocol_version != PROTOCOL_VERSION {
             return Err(CoordinatorError::ProtocolVersion {
                 got: description.protocol_version,
@@ -210,6 +211,9 @@ impl Membership {
         }
         if description.grpc_address.is_empty() {
             return Err(CoordinatorError::BadRequest("the worker gave no grpc_address".into()));
+        }
+        if let Some(peer) = peer {
+            description.grpc_address = reachable_address(&description.grpc_address, peer);
         }
         let (address, name) = (description.grpc_address.clone(), description.name.clone());
         match self.add(Member::new(address.clone(), description)) {
@@ -234,6 +238,18 @@ impl Membership {
             wanted: count,
             waited: wait,
         })
+    }
+}
+
+/// Where a joining worker is reached. A worker listening on every address with no
+/// `--advertise` only knows itself as 127.0.0.1; from another machine it is reached
+/// at the address its Join came from.
+fn reachable_address(given: &str, peer: IpAddr) -> String {
+    match given.parse::<SocketAddr>() {
+        Ok(a) if (a.ip().is_loopback() || a.ip().is_unspecified()) && !peer.is_loopback() => {
+            SocketAddr::new(peer, a.port()).to_string()
+        }
+        _ => given.to_string(),
     }
 }
 
@@ -291,12 +307,15 @@ mod tests {
         assert_eq!(membership.add(member("gaming-pc:7070", "n1")), Added::KnownElsewhere("10.0.0.5:7070".into()));
         assert_eq!(addresses(&membership), ["10.0.0.5:7070"]);
         assert_eq!(
-            membership.join(WorkerDescription {
-                protocol_version: PROTOCOL_VERSION,
-                grpc_address: "gaming-pc:7070".into(),
-                node_id: "n1".into(),
-                ..Default::default()
-            }),
+            membership.join(
+                WorkerDescription {
+                    protocol_version: PROTOCOL_VERSION,
+                    grpc_address: "gaming-pc:7070".into(),
+                    node_id: "n1".into(),
+                    ..Default::default()
+                },
+                None
+            ),
             Ok(())
         );
         assert_eq!(addresses(&membership), ["10.0.0.5:7070"]);
@@ -314,6 +333,16 @@ mod tests {
         membership.set_status("10.0.0.5:7070", NodeStatus::Gone { since: Instant::now(), reason: "cut".into() });
         assert_eq!(membership.add(member("10.0.0.9:7070", "n1")), Added::Updated);
         assert_eq!(addresses(&membership), ["10.0.0.9:7070"]);
+    }
+
+    #[test]
+    fn a_worker_that_only_knows_itself_as_loopback_is_reached_where_its_join_came_from() {
+        let lan: IpAddr = "10.0.0.7".parse().unwrap();
+        assert_eq!(reachable_address("127.0.0.1:7070", lan), "10.0.0.7:7070");
+        assert_eq!(reachable_address("0.0.0.0:7070", lan), "10.0.0.7:7070");
+        assert_eq!(reachable_address("10.0.0.9:7070", lan), "10.0.0.9:7070", "an advertised address is kept");
+        assert_eq!(reachable_address("gaming-pc:7070", lan), "gaming-pc:7070");
+        assert_eq!(reachable_address("127.0.0.1:7070", "127.0.0.1".parse().unwrap()), "127.0.0.1:7070");
     }
 
     #[test]

@@ -27,11 +27,12 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn join(&self, request: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let worker = request
             .into_inner()
             .worker
             .ok_or_else(|| CoordinatorError::BadRequest("the join request has no worker description".into()))?;
-        self.membership.join(worker)?;
+        self.membership.join(worker, peer)?;
         Ok(Response::new(v1::JoinResponse { coordinator_id: self.id.clone() }))
     }
 
