@@ -61,7 +61,7 @@ pub(super) enum Control {
     },
     /// A gone worker answered a Describe again.
     Back {
-        member: Member,
+        member: Box<Member>,
     },
     Drain {
         node: String,
@@ -182,7 +182,7 @@ impl Controller {
         match msg {
             Control::Trouble { reason } => self.trouble(&reason).await,
             Control::Lost { address, reason } => self.lost(&address, &reason).await,
-            Control::Back { member } => self.back(member).await,
+            Control::Back { member } => self.back(*member).await,
             Control::Drain { node, force, wait, reply } => self.drain(&node, force, wait, reply).await,
             Control::Undrain { node, reply } => {
                 let result = self.undrain(&node).await;
@@ -506,7 +506,7 @@ impl Controller {
             let probe = tokio::spawn(async move {
                 let described = tokio::time::timeout(RETRY_INTERVAL, membership::describe_once(&address)).await;
                 if let Ok(Ok(member)) = described {
-                    let _ = control.send(Control::Back { member });
+                    let _ = control.send(Control::Back { member: Box::new(member) });
                 }
             });
             self.probes.insert(m.address, probe);
