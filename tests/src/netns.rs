@@ -6,7 +6,8 @@
 //! left in its namespaces and deletes them, on every exit path.
 //!
 //! mDNS tests run only here: mdns-sd joins multicast groups on every interface it
-//! finds, which must never happen in the machine's own namespace.
+//! finds, which must never happen in the machine's own namespace. So do the tests
+//! of a worker cut off from the network ([`Hosts::set_link`]).
 
 use std::fs::File;
 use std::future::Future;
@@ -129,6 +130,16 @@ impl Hosts {
                 .join()
                 .map_err(|_| anyhow::anyhow!("the thread in {} panicked", self.namespace(host)))?
         })
+    }
+
+    /// Sets host `host`'s link down or up at the switch: its port `pN` on the hub's
+    /// bridge, as a pulled cable would. The host's own `eth0` keeps its address and
+    /// routes (it only loses carrier), so what it sends is dropped silently and
+    /// its connections neither fail nor close: TCP just retransmits, as on a real
+    /// network.
+    pub fn set_link(&self, host: usize, up: bool) -> anyhow::Result<()> {
+        anyhow::ensure!((1..=self.count).contains(&host), "no host {host}");
+        ip(&["-n", &self.hub(), "link", "set", &format!("p{host}"), if up { "up" } else { "down" }])
     }
 
     /// Starts dbus-daemon and avahi-daemon in host `host` (see [`Avahi`]).

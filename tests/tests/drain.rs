@@ -3,115 +3,14 @@
 //! or drained and brought back; every request completes with exactly the tokens
 //! an undisturbed run gives.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use serde_json::{json, Value};
+use serde_json::json;
 use strata_coordinator::cli::http;
-use strata_model::synthetic::SyntheticModel;
-use strata_tests::{reference_completion, ClusterOptions, TestCluster};
-
-/// Wide enough that a few hundred tokens take a while, so the requests are still
-/// running when the worker leaves.
-fn model(dir: &Path) -> PathBuf {
-    SyntheticModel { layers: 6, hidden: 256, feed_forward: 1024, context_length: 512, ..SyntheticModel::tiny() }
-        .write_to(dir)
-        .unwrap()
-}
-
-const MAX_TOKENS: usize = 160;
-
-fn prompts() -> Vec<Vec<u32>> {
-    (0..8u32).map(|i| (0..(3 + i)).map(|j| (i * 31 + j * 7) % 250 + 1).collect()).collect()
-}
-
-/// The text an undisturbed single process gives, decoded as the API streams it.
-fn expected(model: &Path, prompt: &[u32]) -> anyhow::Result<String> {
-    Ok(reference_completion(model, prompt, MAX_TOKENS)?.0)
-}
-
-/// Eight streaming requests, each counting the events it has received.
-struct Streams {
-    received: Vec<Arc<AtomicUsize>>,
-    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<String>>>,
-}
-
-impl Streams {
-    fn start(addr: &str) -> Self {
-        let mut received = Vec::new();
-        let mut tasks = Vec::new();
-        for prompt in prompts() {
-            let count = Arc::new(AtomicUsize::new(0));
-            received.push(count.clone());
-            let addr = addr.to_string();
-            tasks.push(tokio::spawn(async move {
-                let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true});
-                let mut text = String::new();
-                http::post_events(&addr, "/v1/completions", &body, |e| {
-                    text.push_str(e["choices"][0]["text"].as_str().unwrap_or(""));
-                    count.fetch_add(1, Ordering::Relaxed);
-                })
-                .await?;
-                Ok(text)
-            }));
-        }
-        Self { received, tasks }
-    }
-
-    /// Waits until every stream has had a few events (or ended).
-    async fn wait_until_running(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.received.iter().zip(&self.tasks).any(|(c, t)| c.load(Ordering::Relaxed) < 3 && !t.is_finished()) {
-            anyhow::ensure!(Instant::now() < deadline, "the streams did not start");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        Ok(())
-    }
-
-    /// Every stream's text equals the undisturbed run's.
-    async fn check(self, model: &Path) -> anyhow::Result<()> {
-        for (prompt, task) in prompts().iter().zip(self.tasks) {
-            let text = tokio::time::timeout(Duration::from_secs(120), task).await.context("a stream hung")???;
-            assert_eq!(text, expected(model, prompt)?, "prompt {prompt:?}");
-        }
-        Ok(())
-    }
-}
-
-async fn admin(addr: &str, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
-    let reply = http::request(addr, "POST", path, Some(&body)).await?;
-    Ok((reply.status, reply.json()?))
-}
-
-async fn status(addr: &str) -> anyhow::Result<Value> {
-    let reply = http::request(addr, "GET", "/admin/status", None).await?;
-    anyhow::ensure!(reply.status == 200, "status: HTTP {}: {}", reply.status, reply.body);
-    Ok(reply.json()?)
-}
-
-fn node<'a>(status: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
-    status["nodes"].as_array().context("no nodes")?.iter().find(|n| n["name"] == name).context("node not listed")
-}
-
-/// Polls the status until `check` holds for it.
-async fn wait_for_status(addr: &str, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = status(addr).await?;
-        if check(&s) {
-            return Ok(s);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}: {s}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn holds_layers(s: &Value, name: &str) -> bool {
-    node(s, name).is_ok_and(|n| !n["layers"].is_null())
-}
+use strata_tests::admin::{admin, holds_layers, node, status, wait_for_status};
+use strata_tests::streams::{synthetic_model, Streams};
+use strata_tests::{ClusterOptions, TestCluster};
 
 async fn start(model: &Path) -> anyhow::Result<TestCluster> {
     let options =
@@ -124,7 +23,7 @@ async fn start(model: &Path) -> anyhow::Result<TestCluster> {
 #[tokio::test]
 async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = model(dir.path());
+    let model = synthetic_model(dir.path())?;
     let cluster = start(&model).await?;
     let addr = cluster.http().to_string();
     let streams = Streams::start(&addr);
@@ -148,7 +47,7 @@ async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyh
 #[tokio::test]
 async fn killing_a_worker_mid_generation_loses_nothing() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = model(dir.path());
+    let model = synthetic_model(dir.path())?;
     let mut cluster = start(&model).await?;
     let addr = cluster.http().to_string();
     let streams = Streams::start(&addr);
@@ -169,7 +68,7 @@ async fn killing_a_worker_mid_generation_loses_nothing() -> anyhow::Result<()> {
 #[tokio::test]
 async fn drain_then_undrain_rebalances_without_losing_anything() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = model(dir.path());
+    let model = synthetic_model(dir.path())?;
     let cluster = start(&model).await?;
     let addr = cluster.http().to_string();
     let streams = Streams::start(&addr);
@@ -190,7 +89,7 @@ async fn drain_then_undrain_rebalances_without_losing_anything() -> anyhow::Resu
 #[tokio::test]
 async fn bad_drains_are_refused_and_change_nothing() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = model(dir.path());
+    let model = synthetic_model(dir.path())?;
     let cluster = start(&model).await?;
     let addr = cluster.http().to_string();
     let before = status(&addr).await?;
@@ -241,7 +140,7 @@ async fn bad_drains_are_refused_and_change_nothing() -> anyhow::Result<()> {
 #[tokio::test]
 async fn the_worker_drains_and_undrains_itself_from_its_own_machine() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = model(dir.path());
+    let model = synthetic_model(dir.path())?;
     let cluster = start(&model).await?;
     let addr = cluster.http().to_string();
     let worker = strata_tests::binary("strata-worker")?;

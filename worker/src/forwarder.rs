@@ -5,6 +5,11 @@
 //! stream breaks, the forwarder reconnects for the messages that follow; sequences
 //! whose messages cannot be delivered get a NEXT_STAGE_UNREACHABLE error, so the
 //! coordinator hears about it instead of waiting.
+//!
+//! A shard's forwarders stop when the shard is unloaded ([`Forwarders`]): what they
+//! still hold belongs to a retired pipeline, and a stream to a peer cut off from
+//! the network would otherwise sit on it until the connection fails, and deliver it
+//! late if the peer comes back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,18 +41,35 @@ pub async fn connect(address: String) -> Result<Channel, String> {
     }
 }
 
-/// Spawns the forwarder for `channel`; returns the queue to feed it.
-pub fn spawn(
-    address: String,
-    channel: Channel,
-    pipeline_id: u64,
-    stage_index: u32,
-    hub: Arc<EventHub>,
-    shutdown: watch::Receiver<bool>,
-) -> mpsc::UnboundedSender<StageMessage> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(address, channel, Arc::new(Mutex::new(rx)), pipeline_id, stage_index, hub, shutdown));
-    tx
+/// The forwarder tasks of one shard; dropping it stops them.
+#[derive(Default)]
+pub struct Forwarders(Vec<tokio::task::AbortHandle>);
+
+impl Forwarders {
+    /// Spawns a forwarder to `address` over `channel`; returns the queue to feed it.
+    pub fn spawn(
+        &mut self,
+        address: String,
+        channel: Channel,
+        pipeline_id: u64,
+        stage_index: u32,
+        hub: Arc<EventHub>,
+        shutdown: watch::Receiver<bool>,
+    ) -> mpsc::UnboundedSender<StageMessage> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task =
+            tokio::spawn(run(address, channel, Arc::new(Mutex::new(rx)), pipeline_id, stage_index, hub, shutdown));
+        self.0.push(task.abort_handle());
+        tx
+    }
+}
+
+impl Drop for Forwarders {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 async fn run(

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::compute::{self, ComputeHandle, ComputeSpec, Gauges, Outputs};
 use crate::config::WorkerConfig;
 use crate::events::{lock, unix_nanos, EventHub, Stats};
-use crate::forwarder;
+use crate::forwarder::{self, Forwarders};
 use crate::weights::{self, LocalModels};
 
 /// How often Events subscribers get a heartbeat.
@@ -62,6 +62,7 @@ struct Loaded {
     spec: v1::ShardSpec,
     compute: ComputeHandle,
     gauges: Arc<Gauges>,
+    forwarders: Forwarders,
 }
 
 impl Slot {
@@ -149,6 +150,9 @@ impl WorkerService {
                 .load(Ordering::Relaxed)
                 .max(loaded.compute.weight_bytes);
             let _ = tokio::task::spawn_blocking(move || loaded.compute.stop()).await;
+            // After the thread: whatever it still queued belongs to this shard's
+            // retired pipeline and is dropped with its forwarders.
+            drop(loaded.forwarders);
         }
         freed
     }
@@ -231,7 +235,7 @@ impl WorkerService {
             .load_locked(&spec, &model, layers, wire_dtype, is_last, gauges.clone())
             .await;
         lock(&self.shared.slot).loading = false;
-        let (compute, local) = result?;
+        let (compute, local, forwarders) = result?;
         let weight_bytes = compute.weight_bytes;
         tracing::info!(
             layers = ?compute.layers,
@@ -246,6 +250,7 @@ impl WorkerService {
                 spec,
                 compute,
                 gauges,
+                forwarders,
             },
         ));
         Ok(v1::LoadShardResponse {
@@ -263,7 +268,7 @@ impl WorkerService {
         wire_dtype: WireDtype,
         is_last: bool,
         gauges: Arc<Gauges>,
-    ) -> Result<(ComputeHandle, bool), WorkerError> {
+    ) -> Result<(ComputeHandle, bool, Forwarders), WorkerError> {
         let shared = &self.shared;
         let located = weights::locate(
             &shared.local_models,
@@ -278,11 +283,12 @@ impl WorkerService {
             .map_err(|e| WorkerError::Internal(e.to_string()))?;
         // Connect before loading, so a wrong address fails the load, not the first frame.
         let mut outputs = Outputs::default();
+        let mut forwarders = Forwarders::default();
         if !is_last {
             let channel = forwarder::connect(spec.next_stage_address.clone())
                 .await
                 .map_err(WorkerError::Internal)?;
-            outputs.next = Some(forwarder::spawn(
+            outputs.next = Some(forwarders.spawn(
                 spec.next_stage_address.clone(),
                 channel,
                 spec.pipeline_id,
@@ -294,7 +300,7 @@ impl WorkerService {
             let channel = forwarder::connect(spec.first_stage_address.clone())
                 .await
                 .map_err(WorkerError::Internal)?;
-            outputs.first = Some(forwarder::spawn(
+            outputs.first = Some(forwarders.spawn(
                 spec.first_stage_address.clone(),
                 channel,
                 spec.pipeline_id,
@@ -324,7 +330,7 @@ impl WorkerService {
             gauges,
         )
         .await?;
-        Ok((compute, located.local))
+        Ok((compute, located.local, forwarders))
     }
 
     fn heartbeat(&self) -> v1::WorkerEvent {

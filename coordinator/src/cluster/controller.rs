@@ -14,7 +14,9 @@
 //!   worker returns or the queue timeout passes.
 //!
 //! Gone workers are asked again every second, so a worker that comes back is taken
-//! in again.
+//! in again (its stale shards unloaded first). The asking runs in tasks of its own:
+//! a worker cut off from the network answers nothing, and waiting on it here would
+//! hold up everything else the controller does.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +40,9 @@ use crate::planner::{ModelSpec, PlanOptions};
 /// How often gone workers are asked whether they are back.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long a worker that answered again may take to drop its stale shards.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a drain waits for the moved requests to produce a token again before
 /// it reports.
 const RESUME_WAIT: Duration = Duration::from_secs(30);
@@ -54,6 +59,10 @@ pub(super) enum Control {
     Lost {
         address: String,
         reason: String,
+    },
+    /// A gone worker answered a Describe again.
+    Back {
+        member: Box<Member>,
     },
     Drain {
         node: String,
@@ -108,6 +117,8 @@ pub(super) struct Controller {
     predicted_stage_seconds: HashMap<String, f64>,
     /// Workers whose loads failed, left out until the instant given.
     backoff: HashMap<String, (u32, Instant)>,
+    /// Gone workers being asked whether they are back, one question at a time each.
+    probes: HashMap<String, JoinHandle<()>>,
     next_pipeline: u64,
     /// Tokens the cluster generated, for its measured rate.
     rate: CounterWindow<1>,
@@ -130,6 +141,7 @@ impl Controller {
             predicted_tokens_per_second: None,
             predicted_stage_seconds: HashMap::new(),
             backoff: HashMap::new(),
+            probes: HashMap::new(),
             next_pipeline: seed.max(1),
             rate: CounterWindow::new(RATE_WINDOW),
             node_rates: HashMap::new(),
@@ -165,7 +177,7 @@ impl Controller {
                     self.reconcile("the workers changed").await;
                 }
                 _ = retry.tick() => {
-                    self.retry_gone().await;
+                    self.retry_gone();
                     self.sample_rate().await;
                 }
             }
@@ -177,6 +189,7 @@ impl Controller {
         match msg {
             Control::Trouble { reason } => self.trouble(&reason).await,
             Control::Lost { address, reason } => self.lost(&address, &reason).await,
+            Control::Back { member } => self.back(*member).await,
             Control::Drain { node, force, wait, reply } => self.drain(&node, force, wait, reply).await,
             Control::Undrain { node, reply } => {
                 let result = self.undrain(&node).await;
@@ -436,10 +449,15 @@ impl Controller {
     }
 
     async fn healthy(&mut self, address: &str) -> bool {
-        let Ok(mut c) = self.client(address).await else {
-            return false;
+        // Connecting counts too: to a worker cut off from the network it takes the
+        // whole connect timeout.
+        let check = async {
+            let Ok(mut c) = self.client(address).await else {
+                return false;
+            };
+            c.health(v1::HealthRequest {}).await.is_ok()
         };
-        matches!(tokio::time::timeout(Duration::from_secs(1), c.health(v1::HealthRequest {})).await, Ok(Ok(_)))
+        tokio::time::timeout(Duration::from_secs(1), check).await.unwrap_or(false)
     }
 
     fn mark_gone(&mut self, address: &str, reason: &str) {
@@ -485,27 +503,52 @@ impl Controller {
         }
     }
 
-    async fn retry_gone(&mut self) {
-        let gone: Vec<String> = self
-            .spec
-            .membership
-            .members()
-            .into_iter()
-            .filter(|m| matches!(m.status, NodeStatus::Gone { .. }))
-            .map(|m| m.address)
-            .collect();
-        let back = join_all(gone.iter().map(|a| async move {
-            tokio::time::timeout(Duration::from_secs(1), membership::describe_once(a)).await.ok().and_then(Result::ok)
-        }))
-        .await;
-        for member in back.into_iter().flatten() {
-            tracing::info!(address = %member.address, name = %member.name(), "worker is back");
-            // Its previous stages died with it; whatever it holds is stale.
-            if let Ok(mut c) = self.client(&member.address).await {
-                let _ = c.unload_shard(v1::UnloadShardRequest { pipeline_id: 0 }).await;
+    /// Asks every gone worker whether it is back, each in a task of its own that
+    /// reports [`Control::Back`].
+    fn retry_gone(&mut self) {
+        self.probes.retain(|_, probe| !probe.is_finished());
+        for m in self.spec.membership.members() {
+            if !matches!(m.status, NodeStatus::Gone { .. }) || self.probes.contains_key(&m.address) {
+                continue;
             }
-            self.spec.membership.add(member);
+            let control = self.control.clone();
+            let address = m.address.clone();
+            let probe = tokio::spawn(async move {
+                let described = tokio::time::timeout(RETRY_INTERVAL, membership::describe_once(&address)).await;
+                if let Ok(Ok(member)) = described {
+                    let _ = control.send(Control::Back { member: Box::new(member) });
+                }
+            });
+            self.probes.insert(m.address, probe);
         }
+    }
+
+    /// A gone worker answers again: its stages died with the pipeline it was cut
+    /// from, so whatever it holds is stale and is unloaded before it is taken in.
+    /// If that fails it stays gone, and is asked again.
+    async fn back(&mut self, member: Member) {
+        let gone = self.spec.membership.members().into_iter().any(|m| {
+            m.address == member.address && matches!(m.status, NodeStatus::Gone { .. })
+        });
+        if !gone {
+            return;
+        }
+        let cleanup = async {
+            let mut c = self.client(&member.address).await.map_err(|e| e.to_string())?;
+            c.unload_shard(v1::UnloadShardRequest { pipeline_id: 0 }).await.map_err(|s| s.message().to_string())
+        };
+        let failed = match tokio::time::timeout(CLEANUP_TIMEOUT, cleanup).await {
+            Ok(Ok(_)) => {
+                tracing::info!(address = %member.address, name = %member.name(), "worker is back");
+                self.spec.membership.add(member);
+                return;
+            }
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {CLEANUP_TIMEOUT:?}"),
+        };
+        tracing::warn!(address = %member.address, error = %failed, "a worker that answered again could not unload");
+        // Its connection may be the broken part: the next attempt makes a new one.
+        self.clients.remove(&member.address);
     }
 
     async fn sample_rate(&mut self) {
@@ -728,8 +771,8 @@ impl Controller {
     }
 
     async fn shutdown(&mut self) {
-        for (_, link) in self.links.drain() {
-            link.abort();
+        for (_, task) in self.links.drain().chain(self.probes.drain()) {
+            task.abort();
         }
         if let Some(old) = self.current.take() {
             self.retire(old).await;

@@ -1,0 +1,45 @@
+//! The coordinator's admin API as the tests use it: `GET /admin/status`, the drain
+//! and undrain commands, and waiting (with a deadline) until the status says
+//! something.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::Value;
+use strata_coordinator::cli::http;
+
+/// POSTs an admin command; its status code and JSON reply.
+pub async fn admin(addr: &str, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+    let reply = http::request(addr, "POST", path, Some(&body)).await?;
+    Ok((reply.status, reply.json()?))
+}
+
+/// `GET /admin/status`.
+pub async fn status(addr: &str) -> anyhow::Result<Value> {
+    let reply = http::request(addr, "GET", "/admin/status", None).await?;
+    anyhow::ensure!(reply.status == 200, "status: HTTP {}: {}", reply.status, reply.body);
+    Ok(reply.json()?)
+}
+
+/// The node `name` in a status.
+pub fn node<'a>(status: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
+    status["nodes"].as_array().context("no nodes")?.iter().find(|n| n["name"] == name).context("node not listed")
+}
+
+/// Polls the status until `check` holds for it (20 s at most).
+pub async fn wait_for_status(addr: &str, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(addr).await?;
+        if check(&s) {
+            return Ok(s);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the node `name` holds layers of the current pipeline.
+pub fn holds_layers(s: &Value, name: &str) -> bool {
+    node(s, name).is_ok_and(|n| !n["layers"].is_null())
+}

@@ -1,0 +1,119 @@
+//! Eight streaming greedy requests kept in flight while a test disturbs the cluster
+//! (a drain, a killed worker, a cut link), and the undisturbed output each must
+//! still equal. Every stream counts its events, so a test can act mid-generation,
+//! and records the longest gap between two of its events (the pause its client saw)
+//! and any error event the server sent.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+use strata_coordinator::cli::http;
+use strata_model::synthetic::SyntheticModel;
+
+use crate::reference_completion;
+
+/// Tokens each request generates.
+pub const MAX_TOKENS: usize = 160;
+
+/// A synthetic model wide enough that a few hundred tokens take a while, so the
+/// requests are still running when the cluster is disturbed.
+pub fn synthetic_model(dir: &Path) -> anyhow::Result<PathBuf> {
+    Ok(SyntheticModel { layers: 6, hidden: 256, feed_forward: 1024, context_length: 512, ..SyntheticModel::tiny() }
+        .write_to(dir)?)
+}
+
+/// The eight prompts, of different lengths.
+pub fn prompts() -> Vec<Vec<u32>> {
+    (0..8u32).map(|i| (0..(3 + i)).map(|j| (i * 31 + j * 7) % 250 + 1).collect()).collect()
+}
+
+/// The text an undisturbed single process gives, decoded as the API streams it.
+pub fn expected(model: &Path, prompt: &[u32]) -> anyhow::Result<String> {
+    Ok(reference_completion(model, prompt, MAX_TOKENS)?.0)
+}
+
+/// What one stream saw.
+struct Seen {
+    text: String,
+    /// The longest time between two events.
+    longest_gap: Duration,
+    errors: Vec<String>,
+}
+
+/// What [`Streams::check`] found besides the (asserted) texts.
+#[derive(Debug, Clone, Copy)]
+pub struct Checked {
+    /// The longest pause any client saw between two events.
+    pub longest_pause: Duration,
+}
+
+/// Eight streaming requests, each counting the events it has received.
+pub struct Streams {
+    received: Vec<Arc<AtomicUsize>>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Seen>>>,
+}
+
+impl Streams {
+    /// Starts the requests on the current runtime (its network namespace is the
+    /// one the connections are made in).
+    pub fn start(addr: &str) -> Self {
+        let mut received = Vec::new();
+        let mut tasks = Vec::new();
+        for prompt in prompts() {
+            let count = Arc::new(AtomicUsize::new(0));
+            received.push(count.clone());
+            let addr = addr.to_string();
+            tasks.push(tokio::spawn(async move {
+                let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true});
+                let mut seen = Seen { text: String::new(), longest_gap: Duration::ZERO, errors: Vec::new() };
+                let mut last = Instant::now();
+                http::post_events(&addr, "/v1/completions", &body, |e| {
+                    let now = Instant::now();
+                    seen.longest_gap = seen.longest_gap.max(now - last);
+                    last = now;
+                    if !e["error"].is_null() {
+                        seen.errors.push(e["error"].to_string());
+                    }
+                    seen.text.push_str(e["choices"][0]["text"].as_str().unwrap_or(""));
+                    count.fetch_add(1, Ordering::Relaxed);
+                })
+                .await?;
+                Ok(seen)
+            }));
+        }
+        Self { received, tasks }
+    }
+
+    /// Waits until every stream has had a few events (or ended).
+    pub async fn wait_until_running(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.received.iter().zip(&self.tasks).any(|(c, t)| c.load(Ordering::Relaxed) < 3 && !t.is_finished()) {
+            anyhow::ensure!(Instant::now() < deadline, "the streams did not start");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// Every stream ended without an error event, its text equal to the undisturbed
+    /// run's.
+    pub async fn check(self, model: &Path) -> anyhow::Result<Checked> {
+        // Every stream is awaited before the references are computed: computing one
+        // blocks this thread, and a stream still running here would count that as
+        // a pause.
+        let mut seen = Vec::new();
+        for task in self.tasks {
+            seen.push(tokio::time::timeout(Duration::from_secs(120), task).await.context("a stream hung")???);
+        }
+        let mut longest_pause = Duration::ZERO;
+        for (prompt, seen) in prompts().iter().zip(seen) {
+            assert!(seen.errors.is_empty(), "prompt {prompt:?}: the client saw errors: {:?}", seen.errors);
+            assert_eq!(seen.text, expected(model, prompt)?, "prompt {prompt:?}");
+            longest_pause = longest_pause.max(seen.longest_gap);
+        }
+        Ok(Checked { longest_pause })
+    }
+}
