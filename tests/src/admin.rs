@@ -1,12 +1,14 @@
 //! The coordinator's admin API as the tests use it: `GET /admin/status`, the drain
 //! and undrain commands, and waiting (with a deadline) until the status says
-//! something.
+//! something; and what a worker's own heartbeat says it holds.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::Value;
 use strata_coordinator::cli::http;
+use strata_proto::v1::worker_client::WorkerClient;
+use strata_proto::v1::{self, worker_event};
 
 /// POSTs an admin command; its status code and JSON reply.
 pub async fn admin(addr: &str, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
@@ -42,4 +44,19 @@ pub async fn wait_for_status(addr: &str, what: &str, check: impl Fn(&Value) -> b
 /// Whether the node `name` holds layers of the current pipeline.
 pub fn holds_layers(s: &Value, name: &str) -> bool {
     node(s, name).is_ok_and(|n| !n["layers"].is_null())
+}
+
+/// The pipelines whose shards the worker at `address` holds, from its next heartbeat.
+pub async fn pipelines_held(address: &str) -> anyhow::Result<Vec<u64>> {
+    let channel = strata_proto::transport::endpoint(address)?.connect().await?;
+    let mut events = WorkerClient::new(channel).events(v1::EventsRequest {}).await?.into_inner();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .context("no heartbeat within 5 s")??
+            .context("the event stream ended")?;
+        if let Some(worker_event::Kind::Heartbeat(h)) = event.kind {
+            return Ok(h.pipelines);
+        }
+    }
 }

@@ -17,9 +17,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use strata_coordinator::cli::children::Process;
 use strata_coordinator::cli::http;
-use strata_proto::v1::worker_client::WorkerClient;
-use strata_proto::v1::{self, worker_event};
-use strata_tests::admin::{holds_layers, node, status, wait_for_status};
+use strata_tests::admin::{holds_layers, node, pipelines_held, status, wait_for_status};
 use strata_tests::netns::Hosts;
 use strata_tests::streams::{synthetic_model, Streams};
 use strata_tests::{binary, reference_completion, until_serving, READY_TIMEOUT};
@@ -199,21 +197,6 @@ async fn cut_and_restore(hosts: &Hosts, http: &str, model: &Path) -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(Measured { cut: middle, noticed, longest_pause: checked.longest_pause, slowest_status: slowest, back })
-}
-
-/// The pipelines whose shards the worker at `address` holds, from its next heartbeat.
-async fn pipelines_held(address: &str) -> anyhow::Result<Vec<u64>> {
-    let channel = strata_proto::transport::endpoint(address)?.connect().await?;
-    let mut events = WorkerClient::new(channel).events(v1::EventsRequest {}).await?.into_inner();
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(5), events.message())
-            .await
-            .context("no heartbeat within 5 s")??
-            .context("the event stream ended")?;
-        if let Some(worker_event::Kind::Heartbeat(h)) = event.kind {
-            return Ok(h.pipelines);
-        }
-    }
 }
 
 /// The name of the worker holding stage 1.

@@ -117,7 +117,8 @@ pub(super) struct Controller {
     predicted_stage_seconds: HashMap<String, f64>,
     /// Workers whose loads failed, left out until the instant given.
     backoff: HashMap<String, (u32, Instant)>,
-    /// Gone workers being asked whether they are back, one question at a time each.
+    /// Tasks talking to a worker off the controller's turn (asking a gone worker
+    /// whether it is back, unloading stale shards), one at a time for each worker.
     probes: HashMap<String, JoinHandle<()>>,
     next_pipeline: u64,
     /// Tokens the cluster generated, for its measured rate.
@@ -178,6 +179,7 @@ impl Controller {
                 }
                 _ = retry.tick() => {
                     self.retry_gone();
+                    self.sweep_stale_shards().await;
                     self.sample_rate().await;
                 }
             }
@@ -549,6 +551,42 @@ impl Controller {
         tracing::warn!(address = %member.address, error = %failed, "a worker that answered again could not unload");
         // Its connection may be the broken part: the next attempt makes a new one.
         self.clients.remove(&member.address);
+    }
+
+    /// Unloads shards that live workers still hold for pipelines that are no longer
+    /// served: a worker cut off mid-switch, or back through a Join or mDNS before
+    /// its probe cleaned it, may hold one. Between two ticks no pipeline is half
+    /// built (the controller builds within one turn), so only the current pipeline's
+    /// shards are wanted. Each unload runs in a task of its own, so a worker slow
+    /// to answer never holds up the controller.
+    async fn sweep_stale_shards(&mut self) {
+        let current = self.current.as_ref().map(|p| p.id);
+        for m in self.spec.membership.members() {
+            if matches!(m.status, NodeStatus::Gone { .. }) || self.probes.contains_key(&m.address) {
+                continue;
+            }
+            let stale: Vec<u64> = m.heartbeat.pipelines.iter().copied().filter(|&p| Some(p) != current).collect();
+            if stale.is_empty() {
+                continue;
+            }
+            let Ok(mut client) = self.client(&m.address).await else { continue };
+            let address = m.address.clone();
+            let task = tokio::spawn(async move {
+                for pipeline_id in stale {
+                    let unload = client.unload_shard(v1::UnloadShardRequest { pipeline_id });
+                    match tokio::time::timeout(CLEANUP_TIMEOUT, unload).await {
+                        Ok(Ok(r)) => tracing::info!(
+                            %address,
+                            pipeline_id,
+                            freed_bytes = r.into_inner().freed_bytes,
+                            "unloaded a stale shard"
+                        ),
+                        _ => tracing::debug!(%address, pipeline_id, "a stale shard did not unload; asked again later"),
+                    }
+                }
+            });
+            self.probes.insert(m.address, task);
+        }
     }
 
     async fn sample_rate(&mut self) {
