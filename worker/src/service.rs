@@ -24,6 +24,7 @@ use crate::config::WorkerConfig;
 use crate::events::{lock, unix_nanos, EventHub, Stats};
 use crate::forwarder;
 use crate::weights::{self, LocalModels};
+use crate::yielding::DrainCauses;
 
 /// How often Events subscribers get a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(300);
@@ -46,8 +47,10 @@ struct Shared {
     load_lock: tokio::sync::Mutex<()>,
     /// The worker is shutting down.
     stop: watch::Receiver<bool>,
-    /// Asked to leave the cluster (SetDraining), by the coordinator or at this machine.
+    /// Asked to leave the cluster (SetDraining), by the coordinator or at this machine,
+    /// or yielding to the machine's own use: whether `causes` has any.
     draining: watch::Sender<bool>,
+    causes: Mutex<DrainCauses>,
 }
 
 /// The shards a worker holds: usually one, two while a re-plan switches pipelines.
@@ -88,6 +91,7 @@ impl WorkerService {
                 load_lock: tokio::sync::Mutex::new(()),
                 stop,
                 draining: watch::channel(false).0,
+                causes: Mutex::default(),
             }),
         }
     }
@@ -166,13 +170,26 @@ impl WorkerService {
         }
     }
 
-    /// Marks the worker draining or back in service; true when that changed.
+    /// Marks the worker draining or back in service, as someone asked; true when that
+    /// changed. An undrain also ends a yield ([`crate::yielding`]).
     pub fn set_draining(&self, draining: bool) -> bool {
+        self.change_drain_causes(|c| c.ask(draining))
+    }
+
+    /// Changes why the worker drains; true when whether it drains changed.
+    pub fn change_drain_causes(&self, change: impl FnOnce(&mut DrainCauses)) -> bool {
+        let mut causes = lock(&self.shared.causes);
+        change(&mut causes);
+        let draining = causes.draining();
         let changed = self.shared.draining.send_replace(draining) != draining;
         if changed {
-            tracing::info!(draining, "drain state changed");
+            tracing::info!(draining, reason = %causes.reason(), "drain state changed");
         }
         changed
+    }
+
+    pub fn drain_causes(&self) -> DrainCauses {
+        lock(&self.shared.causes).clone()
     }
 
     /// Memory the loaded shards use, and how many sequences they hold.
@@ -340,6 +357,7 @@ impl WorkerService {
                 tokens_computed: counters.tokens,
                 batches: counters.batches,
                 busy_seconds: counters.busy_seconds,
+                drain_reason: lock(&self.shared.causes).reason(),
             })),
         }
     }
