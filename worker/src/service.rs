@@ -171,21 +171,22 @@ impl WorkerService {
     }
 
     /// Marks the worker draining or back in service, as someone asked; true when that
-    /// changed. An undrain also ends a yield ([`crate::yielding`]).
+    /// changed anything. An undrain also ends a yield ([`crate::yielding`]); a drain
+    /// while yielding changes no state but makes the drain outlast the yield.
     pub fn set_draining(&self, draining: bool) -> bool {
         self.change_drain_causes(|c| c.ask(draining))
     }
 
-    /// Changes why the worker drains; true when whether it drains changed.
+    /// Changes why the worker drains, and whether it does; true when the causes changed.
     pub fn change_drain_causes(&self, change: impl FnOnce(&mut DrainCauses)) -> bool {
         let mut causes = lock(&self.shared.causes);
+        let before = causes.clone();
         change(&mut causes);
         let draining = causes.draining();
-        let changed = self.shared.draining.send_replace(draining) != draining;
-        if changed {
+        if self.shared.draining.send_replace(draining) != draining {
             tracing::info!(draining, reason = %causes.reason(), "drain state changed");
         }
-        changed
+        before != *causes
     }
 
     pub fn drain_causes(&self) -> DrainCauses {

@@ -433,21 +433,27 @@ fn load_nvml() -> Result<nvml_wrapper::Nvml, String> {
     for library in NVML_LIBRARIES {
         match nvml_wrapper::Nvml::builder().lib_path(OsStr::new(library)).init() {
             Ok(nvml) => return Ok(nvml),
+            // dlopen's own message names the file and why.
+            Err(nvml_wrapper::error::NvmlError::LibloadingError(e)) => errors.push(e.to_string()),
             Err(e) => errors.push(format!("{library}: {e}")),
         }
     }
-    Err(format!("no NVML ({})", errors.join("; ")))
+    Err(format!("no NVML, so no NVIDIA driver here ({})", errors.join("; ")))
 }
 
 /// The sources `config` asks for; one that cannot work is left out with a warning.
 fn open_sources(config: &YieldConfig, device: &str) -> Vec<Box<dyn ActivitySource>> {
     let mut sources: Vec<Box<dyn ActivitySource>> = Vec::new();
     if !config.processes.is_empty() {
+        tracing::info!(processes = ?config.processes, idle = ?config.idle, "yielding while these programs run");
         sources.push(Box::new(ProcessWatch::new(&config.processes)));
     }
     if config.gpu_users {
         match GpuUsers::open(device) {
-            Ok(gpu) => sources.push(Box::new(gpu)),
+            Ok(gpu) => {
+                tracing::info!(nvml_gpus = ?gpu.devices, idle = ?config.idle, "yielding while another process uses the GPU");
+                sources.push(Box::new(gpu));
+            }
             Err(why) => tracing::warn!(%why, "--yield-to-gpu-users does nothing on this machine"),
         }
     }
@@ -472,12 +478,6 @@ pub fn spawn(service: WorkerService, config: &WorkerConfig, stop: watch::Receive
                 return;
             }
         };
-        tracing::info!(
-            processes = ?yielding.processes,
-            gpu_users = yielding.gpu_users,
-            idle = ?yielding.idle,
-            "yielding to the machine's own use"
-        );
         watch_with(service, sources, yielding, stop).await;
     }))
 }
@@ -541,7 +541,7 @@ fn log(decision: &Decision, causes: &DrainCauses, idle: Duration) {
             ?idle,
             "undrained by hand while yielding; no yield until what runs has been gone for the idle time"
         ),
-        Decision::Rearmed => tracing::info!("what the worker was undrained through is gone; the next one yields again"),
+        Decision::Rearmed => tracing::info!("what ran through the undrain by hand is gone; the next one yields again"),
     }
 }
 
