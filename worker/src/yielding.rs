@@ -469,7 +469,7 @@ pub fn spawn(service: WorkerService, config: &WorkerConfig, stop: watch::Receive
     let device = config.device.clone();
     Some(tokio::spawn(async move {
         let opening = yielding.clone();
-        // Loading NVML and the first read of the process list block.
+        // Loading NVML blocks: it opens a library and calls into the driver.
         let sources = match tokio::task::spawn_blocking(move || open_sources(&opening, &device)).await {
             Ok(sources) if sources.is_empty() => return,
             Ok(sources) => sources,
