@@ -102,6 +102,8 @@ pub struct ClusterOptions {
     pub threads_per_worker: usize,
     /// Extra flags for `strata serve`.
     pub serve_args: Vec<String>,
+    /// Extra flags for each worker, by index (a worker past the end gets none).
+    pub worker_args: Vec<Vec<String>>,
 }
 
 impl Default for ClusterOptions {
@@ -111,6 +113,7 @@ impl Default for ClusterOptions {
             workers_have_model: true,
             threads_per_worker: 1,
             serve_args: Vec::new(),
+            worker_args: Vec::new(),
         }
     }
 }
@@ -175,6 +178,7 @@ impl TestCluster {
             if let Some(join) = join {
                 args.extend(["--join".into(), join.to_string()]);
             }
+            args.extend(options.worker_args.get(i).into_iter().flatten().cloned());
             let mut p = Process::spawn(
                 &format!("worker-{i}"),
                 &worker_bin,

@@ -7,12 +7,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use strata_proto::units::{self, MemoryLimits};
 
 use crate::profile::Profile;
 use crate::self_bench::BenchMode;
+use crate::yielding::{self, YieldConfig};
 
 /// strata-worker: holds a layer range of a model and serves it over gRPC.
 ///
@@ -126,11 +128,31 @@ pub struct WorkerArgs {
     /// unknown (0).
     #[arg(long, env = "STRATA_NO_BENCH")]
     pub no_bench: bool,
+    /// Programs to give the machine to: while one of them runs, the worker drains
+    /// itself (as `strata-worker drain`) and comes back once none has run for
+    /// --yield-idle. Names as the process list shows them, in any case, `.exe`
+    /// optional: `game.exe,steam.exe`.
+    #[arg(long, value_name = "NAMES", value_delimiter = ',', env = "STRATA_YIELD_TO_PROCESSES")]
+    pub yield_to_processes: Vec<String>,
+    /// Also yield while another process keeps the GPU busy (NVIDIA, through NVML):
+    /// the worker's GPU, or any GPU for a CPU worker. Without NVML it warns and does
+    /// nothing.
+    #[arg(long, env = "STRATA_YIELD_TO_GPU_USERS")]
+    pub yield_to_gpu_users: bool,
+    /// How long nothing yielded to must have run before the worker comes back (`60s`,
+    /// `5m`).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration, env = "STRATA_YIELD_IDLE")]
+    pub yield_idle: Duration,
 }
 
 /// A `--max-memory` / `--reserve` size, for clap.
 fn size(text: &str) -> Result<u64, String> {
     units::parse_bytes(text).map_err(|e| e.to_string())
+}
+
+/// A `--yield-idle` duration, for clap.
+fn duration(text: &str) -> Result<Duration, String> {
+    yielding::parse_duration(text).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +197,8 @@ pub struct WorkerConfig {
     /// What the worker found and measured at start. `main` probes before binding (a
     /// refused offer stops it there); [`crate::run`] probes when it is missing.
     pub profile: Option<Arc<Profile>>,
+    /// `--yield-to-processes`, `--yield-to-gpu-users`, `--yield-idle`.
+    pub yielding: YieldConfig,
 }
 
 impl WorkerConfig {
@@ -196,6 +220,7 @@ impl WorkerConfig {
             // Tests start many workers; none of them needs the figure.
             bench: BenchMode::Skip,
             profile: None,
+            yielding: YieldConfig::default(),
         }
     }
 
@@ -259,6 +284,17 @@ impl WorkerConfig {
             },
             bench,
             profile: None,
+            yielding: YieldConfig {
+                processes: args
+                    .yield_to_processes
+                    .iter()
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect(),
+                gpu_users: args.yield_to_gpu_users,
+                idle: args.yield_idle,
+                poll: yielding::POLL_INTERVAL,
+            },
         })
     }
 }
@@ -389,6 +425,24 @@ mod tests {
             WorkerConfig::from_args(args(&["--listen", "127.0.0.1:0", "--join", "127.0.0.1:9"]), &env).unwrap();
         assert_eq!(config.cache_dir, PathBuf::from("/tmp/x/shards"));
         assert_eq!(config.join.as_deref(), Some("127.0.0.1:9"));
+    }
+
+    #[test]
+    fn yield_flags() {
+        let off = WorkerConfig::from_args(args(&["--cache-dir", "/tmp/x"]), &no_env).unwrap();
+        assert!(!off.yielding.is_on());
+        assert_eq!(off.yielding.idle, Duration::from_secs(60));
+        let on = WorkerConfig::from_args(
+            args(&["--cache-dir", "/tmp/x", "--yield-to-processes", "game.exe, steam.exe,", "--yield-idle", "5m"]),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(on.yielding.processes, ["game.exe", "steam.exe"]);
+        assert_eq!((on.yielding.gpu_users, on.yielding.idle), (false, Duration::from_secs(300)));
+        let gpu = WorkerConfig::from_args(args(&["--cache-dir", "/tmp/x", "--yield-to-gpu-users"]), &no_env).unwrap();
+        assert!(gpu.yielding.is_on() && gpu.yielding.gpu_users);
+        let err = WorkerArgs::try_parse_from(["strata-worker", "--yield-idle", "soon"]).unwrap_err().to_string();
+        assert!(err.contains("not a duration such as 60s"), "{err}");
     }
 
     #[test]

@@ -180,6 +180,13 @@ pub fn cuda_ordinal(device: &str) -> Option<u32> {
     }
 }
 
+/// The UUID of CUDA device `ordinal` as NVML writes it (`GPU-8f6c...`), to find the
+/// same GPU there: NVML numbers GPUs in PCI order, CUDA fastest first and after
+/// `CUDA_VISIBLE_DEVICES`. `None` without a driver or such a device.
+pub fn cuda_uuid(ordinal: u32) -> Option<String> {
+    cuda::uuid(ordinal)
+}
+
 mod cuda {
     use super::*;
     use cudarc::driver::result::{self, DriverError};
@@ -205,6 +212,20 @@ mod cuda {
             Ok(Err(e)) => Err(format!("the CUDA driver failed: {e}")),
             Err(_) => Err("the CUDA driver could not be used (see the panic above)".into()),
         }
+    }
+
+    pub fn uuid(ordinal: u32) -> Option<String> {
+        if !driver_present() {
+            return None;
+        }
+        let query = || -> Result<[u8; 16], DriverError> {
+            result::init()?;
+            let device = result::device::get(ordinal as i32)?;
+            Ok(result::device::get_uuid(device)?.bytes.map(|b| b as u8))
+        };
+        let bytes = catch_unwind(AssertUnwindSafe(query)).ok()?.ok()?;
+        let hex = |range: std::ops::Range<usize>| bytes[range].iter().map(|b| format!("{b:02x}")).collect::<String>();
+        Some(format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16)))
     }
 
     fn driver_present() -> bool {

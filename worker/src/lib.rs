@@ -10,7 +10,8 @@
 //! * [`events`]: fan-out of events to subscribers, and counters;
 //! * [`devices`], [`profile`], [`self_bench`]: what the machine has, what the worker
 //!   offers (memory, measured bandwidth), and the start-up benchmark behind it;
-//! * [`advertise`]: the mDNS advertisement (on unless `--no-mdns`).
+//! * [`advertise`]: the mDNS advertisement (on unless `--no-mdns`);
+//! * [`yielding`]: draining while the machine's owner uses it (`--yield-to-*`).
 
 pub mod advertise;
 pub mod compute;
@@ -22,6 +23,7 @@ pub mod profile;
 pub mod self_bench;
 pub mod service;
 pub mod weights;
+pub mod yielding;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -90,6 +92,7 @@ pub async fn run(
     if let Some(coordinator) = config.join.clone() {
         tokio::spawn(join_loop(service.clone(), coordinator, stop_rx.clone()));
     }
+    yielding::spawn(service.clone(), &config, stop_rx.clone());
     let advertising =
         if config.mdns { advertise::Advertising::start(service.clone(), &config, local).await } else { None };
     let server = strata_proto::transport::server().add_service(

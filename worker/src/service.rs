@@ -24,6 +24,7 @@ use crate::config::WorkerConfig;
 use crate::events::{lock, unix_nanos, EventHub, Stats};
 use crate::forwarder::{self, Forwarders};
 use crate::weights::{self, LocalModels};
+use crate::yielding::DrainCauses;
 
 /// How often Events subscribers get a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(300);
@@ -46,8 +47,10 @@ struct Shared {
     load_lock: tokio::sync::Mutex<()>,
     /// The worker is shutting down.
     stop: watch::Receiver<bool>,
-    /// Asked to leave the cluster (SetDraining), by the coordinator or at this machine.
+    /// Asked to leave the cluster (SetDraining), by the coordinator or at this machine,
+    /// or yielding to the machine's own use: whether `causes` has any.
     draining: watch::Sender<bool>,
+    causes: Mutex<DrainCauses>,
 }
 
 /// The shards a worker holds: usually one, two while a re-plan switches pipelines.
@@ -89,6 +92,7 @@ impl WorkerService {
                 load_lock: tokio::sync::Mutex::new(()),
                 stop,
                 draining: watch::channel(false).0,
+                causes: Mutex::default(),
             }),
         }
     }
@@ -170,13 +174,27 @@ impl WorkerService {
         }
     }
 
-    /// Marks the worker draining or back in service; true when that changed.
+    /// Marks the worker draining or back in service, as someone asked; true when that
+    /// changed anything. An undrain also ends a yield ([`crate::yielding`]); a drain
+    /// while yielding changes no state but makes the drain outlast the yield.
     pub fn set_draining(&self, draining: bool) -> bool {
-        let changed = self.shared.draining.send_replace(draining) != draining;
-        if changed {
-            tracing::info!(draining, "drain state changed");
+        self.change_drain_causes(|c| c.ask(draining))
+    }
+
+    /// Changes why the worker drains, and whether it does; true when the causes changed.
+    pub fn change_drain_causes(&self, change: impl FnOnce(&mut DrainCauses)) -> bool {
+        let mut causes = lock(&self.shared.causes);
+        let before = causes.clone();
+        change(&mut causes);
+        let draining = causes.draining();
+        if self.shared.draining.send_replace(draining) != draining {
+            tracing::info!(draining, reason = %causes.reason(), "drain state changed");
         }
-        changed
+        before != *causes
+    }
+
+    pub fn drain_causes(&self) -> DrainCauses {
+        lock(&self.shared.causes).clone()
     }
 
     /// Memory the loaded shards use, and how many sequences they hold.
@@ -346,6 +364,7 @@ impl WorkerService {
                 tokens_computed: counters.tokens,
                 batches: counters.batches,
                 busy_seconds: counters.busy_seconds,
+                drain_reason: lock(&self.shared.causes).reason(),
             })),
         }
     }

@@ -789,6 +789,9 @@ impl Controller {
                         NodeStatus::Gone { reason, since } => {
                             Some(format!("{reason} ({:.0}s ago)", since.elapsed().as_secs_f64()))
                         }
+                        NodeStatus::Draining if !m.heartbeat.drain_reason.is_empty() => {
+                            Some(m.heartbeat.drain_reason.clone())
+                        }
                         _ => None,
                     },
                 }
@@ -844,6 +847,7 @@ async fn follow_worker(
                                 tokens_computed: h.tokens_computed,
                                 batches: h.batches,
                                 busy_seconds: h.busy_seconds,
+                                drain_reason: h.drain_reason.clone(),
                             };
                             membership.heartbeat(&address, state, beat);
                         }

@@ -48,6 +48,9 @@ pub struct Heartbeat {
     pub tokens_computed: u64,
     pub batches: u64,
     pub busy_seconds: f64,
+    /// Why the worker drains by itself (`yielding to game.exe (pid 4)`); empty when
+    /// it does not.
+    pub drain_reason: String,
 }
 
 /// A worker the coordinator may place a stage on.

@@ -33,7 +33,7 @@ pub struct NodeReport {
     pub measured_step_ms: Option<f64>,
     #[serde(default)]
     pub predicted_step_ms: Option<f64>,
-    /// Why it is gone.
+    /// Why it is gone, or why it drains by itself (`yielding to game.exe (pid 4)`).
     pub reason: Option<String>,
 }
 
