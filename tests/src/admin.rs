@@ -28,9 +28,10 @@ pub fn node<'a>(status: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
     status["nodes"].as_array().context("no nodes")?.iter().find(|n| n["name"] == name).context("node not listed")
 }
 
-/// Polls the status until `check` holds for it (20 s at most).
+/// Polls the status until `check` holds for it (60 s at most: the machine running
+/// the tests may be busy with others).
 pub async fn wait_for_status(addr: &str, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = status(addr).await?;
         if check(&s) {

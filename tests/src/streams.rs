@@ -31,17 +31,21 @@ pub fn prompts() -> Vec<Vec<u32>> {
     (0..8u32).map(|i| (0..(3 + i)).map(|j| (i * 31 + j * 7) % 250 + 1).collect()).collect()
 }
 
-/// The text an undisturbed single process gives, decoded as the API streams it.
-pub fn expected(model: &Path, prompt: &[u32]) -> anyhow::Result<String> {
-    Ok(reference_completion(model, prompt, MAX_TOKENS)?.0)
-}
-
 /// What one stream saw.
 struct Seen {
     text: String,
     /// The longest time between two events.
     longest_gap: Duration,
     errors: Vec<String>,
+}
+
+/// What [`Streams::finish`] found besides the texts.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// Each stream's text, in prompt order.
+    pub texts: Vec<String>,
+    /// The longest pause any client saw between two events.
+    pub longest_pause: Duration,
 }
 
 /// What [`Streams::check`] found besides the (asserted) texts.
@@ -51,24 +55,49 @@ pub struct Checked {
     pub longest_pause: Duration,
 }
 
+/// What the eight requests ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSpec {
+    pub max_tokens: usize,
+    /// `None`: greedy. `Some(t)`: sampled at temperature `t`, each request with its
+    /// own seed (its index), so its output is one fixed draw.
+    pub temperature: Option<f32>,
+}
+
+impl Default for StreamSpec {
+    fn default() -> Self {
+        Self { max_tokens: MAX_TOKENS, temperature: None }
+    }
+}
+
 /// Eight streaming requests, each counting the events it has received.
 pub struct Streams {
+    spec: StreamSpec,
     received: Vec<Arc<AtomicUsize>>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Seen>>>,
 }
 
 impl Streams {
-    /// Starts the requests on the current runtime (its network namespace is the
-    /// one the connections are made in).
+    /// Starts eight greedy requests on the current runtime (its network namespace
+    /// is the one the connections are made in).
     pub fn start(addr: &str) -> Self {
+        Self::start_with(addr, StreamSpec::default())
+    }
+
+    pub fn start_with(addr: &str, spec: StreamSpec) -> Self {
         let mut received = Vec::new();
         let mut tasks = Vec::new();
-        for prompt in prompts() {
+        for (i, prompt) in prompts().into_iter().enumerate() {
             let count = Arc::new(AtomicUsize::new(0));
             received.push(count.clone());
             let addr = addr.to_string();
+            let mut body =
+                json!({"model": "test-model", "prompt": prompt, "max_tokens": spec.max_tokens, "temperature": 0, "stream": true});
+            if let Some(t) = spec.temperature {
+                body["temperature"] = json!(t);
+                body["seed"] = json!(i);
+            }
             tasks.push(tokio::spawn(async move {
-                let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true});
                 let mut seen = Seen { text: String::new(), longest_gap: Duration::ZERO, errors: Vec::new() };
                 let mut last = Instant::now();
                 http::post_events(&addr, "/v1/completions", &body, |e| {
@@ -85,7 +114,7 @@ impl Streams {
                 Ok(seen)
             }));
         }
-        Self { received, tasks }
+        Self { spec, received, tasks }
     }
 
     /// Waits until every stream has had a few events (or ended).
@@ -98,22 +127,36 @@ impl Streams {
         Ok(())
     }
 
+    /// How many requests are still running.
+    pub fn running(&self) -> usize {
+        self.tasks.iter().filter(|t| !t.is_finished()).count()
+    }
+
+    /// Waits for every stream, each of which must end without an error event.
+    pub async fn finish(self) -> anyhow::Result<Finished> {
+        let mut texts = Vec::new();
+        let mut longest_pause = Duration::ZERO;
+        for (prompt, task) in prompts().iter().zip(self.tasks) {
+            let seen = tokio::time::timeout(Duration::from_secs(120), task).await.context("a stream hung")???;
+            assert!(seen.errors.is_empty(), "prompt {prompt:?}: the client saw errors: {:?}", seen.errors);
+            longest_pause = longest_pause.max(seen.longest_gap);
+            texts.push(seen.text);
+        }
+        Ok(Finished { texts, longest_pause })
+    }
+
     /// Every stream ended without an error event, its text equal to the undisturbed
-    /// run's.
+    /// greedy run's.
     pub async fn check(self, model: &Path) -> anyhow::Result<Checked> {
+        anyhow::ensure!(self.spec.temperature.is_none(), "sampled streams are checked against an undisturbed run");
+        let max_tokens = self.spec.max_tokens;
         // Every stream is awaited before the references are computed: computing one
         // blocks this thread, and a stream still running here would count that as
         // a pause.
-        let mut seen = Vec::new();
-        for task in self.tasks {
-            seen.push(tokio::time::timeout(Duration::from_secs(120), task).await.context("a stream hung")???);
+        let finished = self.finish().await?;
+        for (prompt, text) in prompts().iter().zip(&finished.texts) {
+            assert_eq!(*text, reference_completion(model, prompt, max_tokens)?.0, "prompt {prompt:?}");
         }
-        let mut longest_pause = Duration::ZERO;
-        for (prompt, seen) in prompts().iter().zip(seen) {
-            assert!(seen.errors.is_empty(), "prompt {prompt:?}: the client saw errors: {:?}", seen.errors);
-            assert_eq!(seen.text, expected(model, prompt)?, "prompt {prompt:?}");
-            longest_pause = longest_pause.max(seen.longest_gap);
-        }
-        Ok(Checked { longest_pause })
+        Ok(Checked { longest_pause: finished.longest_pause })
     }
 }

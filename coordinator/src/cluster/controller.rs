@@ -653,6 +653,27 @@ impl Controller {
             }
         };
         match &member.status {
+            NodeStatus::Draining if !member.heartbeat.drain_reason.is_empty() => {
+                // It drained itself (yielding to a game); the ask is recorded on the
+                // worker so it stays drained when the game ends.
+                self.set_worker_draining(&member.address, true).await;
+                let name = member.name().to_string();
+                let message = format!(
+                    "{name} was already draining ({}); it now stays drained after that, until `strata undrain {name}`",
+                    member.heartbeat.drain_reason
+                );
+                let _ = reply.send(Ok(DrainReport {
+                    node: name,
+                    finished: true,
+                    sequences_moved: 0,
+                    memory_freed_bytes: 0,
+                    seconds: started.elapsed().as_secs_f64(),
+                    longest_pause_seconds: 0.0,
+                    requests_wait: false,
+                    message,
+                }));
+                return;
+            }
             NodeStatus::Draining => {
                 let _ = reply.send(Err(AdminError::AlreadyDraining(member.name().to_string())));
                 return;
