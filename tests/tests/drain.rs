@@ -1,7 +1,7 @@
 //! Any worker can leave mid-generation and no request is lost: eight streaming
 //! greedy requests are in flight across three workers while one is drained, killed,
 //! or drained and brought back; every request completes with exactly the tokens
-//! an undisturbed run gives.
+//! an undisturbed run gives (greedy, and sampled with a seed).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use strata_coordinator::cli::http;
 use strata_tests::admin::{admin, holds_layers, node, status, wait_for_status};
-use strata_tests::streams::{synthetic_model, Streams};
-use strata_tests::{ClusterOptions, TestCluster};
+use strata_tests::streams::{prompts, synthetic_model, StreamSpec, Streams, MAX_TOKENS};
+use strata_tests::{reference_completion, ClusterOptions, TestCluster};
 
 async fn start(model: &Path) -> anyhow::Result<TestCluster> {
     let options =
@@ -161,6 +161,35 @@ async fn the_worker_drains_and_undrains_itself_from_its_own_machine() -> anyhow:
     let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": 8, "temperature": 0});
     let reply = http::request(&addr, "POST", "/v1/completions", Some(&body)).await?;
     assert_eq!(reply.status, 200, "{}", reply.body);
+    cluster.stop().await;
+    Ok(())
+}
+
+/// Sampled outputs with a seed continue exactly across a drain and a killed worker:
+/// the sampler is a pure function of the seed, the position and the history, all of
+/// which travel with the request.
+#[tokio::test]
+async fn seeded_sampled_outputs_survive_a_drain_and_a_kill_unchanged() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = synthetic_model(dir.path())?;
+    let mut cluster = start(&model).await?;
+    let addr = cluster.http().to_string();
+    let sampled = StreamSpec { temperature: Some(0.9), ..StreamSpec::default() };
+
+    let undisturbed = Streams::start_with(&addr, sampled).finish().await?.texts;
+    let greedy = reference_completion(&model, &prompts()[0], MAX_TOKENS)?.0;
+    assert_ne!(undisturbed[0], greedy, "the requests are sampled, not greedy");
+
+    let streams = Streams::start_with(&addr, sampled);
+    streams.wait_until_running().await?;
+    let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(streams.finish().await?.texts, undisturbed, "after a drain");
+
+    let streams = Streams::start_with(&addr, sampled);
+    streams.wait_until_running().await?;
+    cluster.kill_worker(2).await?;
+    assert_eq!(streams.finish().await?.texts, undisturbed, "after a killed worker");
     cluster.stop().await;
     Ok(())
 }
