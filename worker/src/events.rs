@@ -50,6 +50,8 @@ pub struct Stats {
     batches: AtomicU64,
     frames: AtomicU64,
     busy_nanos: AtomicU64,
+    weight_loaded_bytes: AtomicU64,
+    weight_peak_bytes: AtomicU64,
 }
 
 impl Stats {
@@ -72,6 +74,16 @@ impl Stats {
         self.busy_nanos.fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
     }
 
+    /// Counts the bytes of weights a shard load read.
+    pub fn record_load(&self, loaded_bytes: u64) {
+        self.weight_loaded_bytes.fetch_add(loaded_bytes, Ordering::Relaxed);
+    }
+
+    /// Raises the peak of weights held, given what is held now.
+    pub fn note_weights(&self, resident_bytes: u64) {
+        self.weight_peak_bytes.fetch_max(resident_bytes, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self, reset: bool) -> v1::StatsResponse {
         let mut hops = lock(&self.hops);
         let response = v1::StatsResponse {
@@ -79,12 +91,16 @@ impl Stats {
             batches: self.batches.load(Ordering::Relaxed),
             frames: self.frames.load(Ordering::Relaxed),
             busy_seconds: self.busy_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            weight_loaded_bytes: self.weight_loaded_bytes.load(Ordering::Relaxed),
+            weight_peak_bytes: self.weight_peak_bytes.load(Ordering::Relaxed),
         };
         if reset {
             hops.clear();
             self.batches.store(0, Ordering::Relaxed);
             self.frames.store(0, Ordering::Relaxed);
             self.busy_nanos.store(0, Ordering::Relaxed);
+            self.weight_loaded_bytes.store(0, Ordering::Relaxed);
+            self.weight_peak_bytes.store(0, Ordering::Relaxed);
         }
         response
     }
