@@ -289,10 +289,7 @@ impl WorkerService {
             .map_err(|e| WorkerError::Internal(e.to_string()))?;
         // Shards are loaded one at a time (`load_lock`), so what the store holds now
         // is what the load will find there.
-        let missing =
-            shared
-                .weights
-                .ranges_to_fetch(&model.content_hash, &device, layers.clone());
+        let missing = shared.weights.ranges_to_fetch(&model.content_hash, &device, layers.clone());
         let located = weights::locate(
             &shared.local_models,
             &shared.config.cache_dir,
