@@ -746,6 +746,7 @@ mod tests {
     /// A worker that pulls its weights reads the missing parts from the shard files
     /// of just those layers, or from no file at all.
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one range to fetch is meant
     fn a_stage_loads_what_it_lacks_from_shard_files_of_those_layers() {
         let dir = tempfile::tempdir().unwrap();
         let whole = ModelFile::open(SyntheticModel { layers: 8, ..SyntheticModel::tiny() }.write_to(dir.path()).unwrap())

@@ -231,6 +231,8 @@ impl WeightStore {
 }
 
 #[cfg(test)]
+// The lists of ranges below are meant to hold one range.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use crate::gguf::ModelFile;
