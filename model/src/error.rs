@@ -30,6 +30,9 @@ pub enum Error {
     #[error("tensor `{0}` is missing from the model file")]
     MissingTensor(String),
 
+    #[error("no weights file holds {0}")]
+    MissingPart(crate::weight_store::Part),
+
     #[error("layer range {start}..{end} is outside the model's {layers} layers")]
     LayerRange { start: usize, end: usize, layers: usize },
 

@@ -4,7 +4,8 @@
 //! A [`ModelFile`] reads a GGUF header (architecture, shapes, tensor sizes) without
 //! loading weights, so planners can size stages cheaply. A [`Stage`] loads only the
 //! tensors of its layer range and runs batched forwards over many sequences, each
-//! with its own KV cache. [`Tokenizer`], [`ChatTemplate`] and [`Sampler`] complete
+//! with its own KV cache; stages of one process share the layers they both hold
+//! through a [`WeightStore`]. [`Tokenizer`], [`ChatTemplate`] and [`Sampler`] complete
 //! what a single-process generator or a pipeline's ends need.
 
 pub mod chat_template;
@@ -20,6 +21,7 @@ pub mod shard_file;
 pub mod stage;
 pub mod synthetic;
 pub mod tokenizer;
+pub mod weight_store;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use chat_template::{ChatMessage, ChatTemplate};
@@ -30,3 +32,4 @@ pub use gguf::{Architecture, ModelFile, ModelInfo, TensorSizes};
 pub use sampling::{Sampler, SamplingParams};
 pub use stage::{SeqId, Stage, StageInput, StageOutput, StageStep};
 pub use tokenizer::Tokenizer;
+pub use weight_store::WeightStore;

@@ -4,9 +4,16 @@
 //! A stage serves many sequences at once. Each has its own KV cache, created when the
 //! sequence's first step (position 0) arrives and dropped on [`Stage::release`]. One
 //! call to [`Stage::forward`] runs the steps of several sequences as one batch.
+//!
+//! The weights are shared: [`Stage::load_from`] takes the parts (layers, embedding,
+//! head) that other stages of the process already hold from a [`WeightStore`], so
+//! two pipelines' stages on one worker hold their common layers once.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
@@ -16,6 +23,7 @@ use crate::gguf::{ModelFile, ModelInfo, RopeScaling};
 use crate::kv_cache::LayerCache;
 use crate::layer::{Layer, RmsNorm, Rope, Span};
 use crate::linear::Linear;
+use crate::weight_store::{stage_parts, Part, WeightStore};
 
 /// Identifies a sequence across every stage of a pipeline.
 pub type SeqId = u64;
@@ -90,69 +98,110 @@ struct Head {
     output: Linear,
 }
 
+/// Where a stage's weights come from when it may share them with other stages.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightSources<'a> {
+    /// The process's shared weights: parts found here are taken, parts loaded are
+    /// put here.
+    pub store: &'a WeightStore,
+    /// The model's content hash: only stages of the same model share parts.
+    pub model: &'a str,
+    /// Files to read the other parts from, whole models or shard files of this
+    /// model; each part comes from the first file that has it. Empty is fine when
+    /// the store holds every part.
+    pub files: &'a [&'a ModelFile],
+}
+
 pub struct Stage {
     info: ModelInfo,
     layer_range: Range<usize>,
-    embedding: Option<QTensor>,
-    layers: Vec<Layer>,
-    head: Option<Head>,
-    rope: Rope,
+    // Weights are shared with the other stages of this process that hold the same
+    // parts (see `weight_store`); only the KV caches below are this stage's own.
+    embedding: Option<Arc<QTensor>>,
+    layers: Vec<Arc<Layer>>,
+    head: Option<Arc<Head>>,
+    rope: Arc<Rope>,
     device: Device,
     options: StageOptions,
     weight_bytes: u64,
+    loaded_bytes: u64,
     sequences: HashMap<SeqId, SequenceCache>,
 }
 
 impl Stage {
     /// Loads the tensors of `layers` (and the embedding / head where this stage is
-    /// first / last) from `file` onto `device`. Nothing else is read.
+    /// first / last) from `file` onto `device`. Nothing else is read, and nothing is
+    /// shared with other stages.
     pub fn load(file: &ModelFile, layers: Range<usize>, device: &Device, options: StageOptions) -> Result<Self> {
-        let info = file.info().clone();
+        let store = WeightStore::new();
+        Self::load_from(WeightSources { store: &store, model: "", files: &[file] }, layers, device, options)
+    }
+
+    /// Loads a stage over `layers`, taking every part `sources.store` already holds
+    /// for the model on `device` and reading only the others (which then join the
+    /// store). A shared part is the very object another stage computes with, so the
+    /// outputs are those of a stage loaded alone.
+    pub fn load_from(
+        sources: WeightSources<'_>,
+        layers: Range<usize>,
+        device: &Device,
+        options: StageOptions,
+    ) -> Result<Self> {
+        let WeightSources { store, model, files } = sources;
+        let info = match (files.first(), store.model_info(model)) {
+            (Some(file), _) => file.info().clone(),
+            (None, Some(info)) => info,
+            (None, None) => {
+                return Err(Error::InvalidModel("no weights file, and no stage holds any part of the model".into()))
+            }
+        };
+        if let Some(other) = files.iter().find(|f| *f.info() != info) {
+            return Err(Error::InvalidModel(format!(
+                "{} does not describe the same model as the other weight files",
+                other.path().display()
+            )));
+        }
         if layers.start >= layers.end || layers.end > info.layers {
             return Err(Error::LayerRange { start: layers.start, end: layers.end, layers: info.layers });
         }
         let _span = tracing::info_span!("stage_load", start = layers.start, end = layers.end).entered();
-        let mut reader = file.reader()?;
-        let first = layers.start == 0;
-        let last = layers.end == info.layers;
-        // A stage that is both first and last with a tied head embeds through its head,
-        // so the matrix is held once.
-        let embeds_through_head = first && last && info.tied_embedding;
-        let embedding = if first && !embeds_through_head {
-            Some(file.load_tensor(&mut reader, "token_embd.weight", device)?)
-        } else {
-            None
-        };
-        let loaded: Vec<Layer> = layers
-            .clone()
-            .map(|i| Layer::load(file, &mut reader, i, device))
-            .collect::<Result<_>>()?;
-        let head = if last {
-            let name = if info.tied_embedding { "token_embd.weight" } else { "output.weight" };
-            Some(Head {
-                norm: RmsNorm::load(file, &mut reader, "output_norm.weight", device)?,
-                output: Linear::new(file.load_tensor(&mut reader, name, device)?, None)?,
-            })
-        } else {
-            None
-        };
-        let freq_factors = match info.rope_scaling {
-            RopeScaling::FreqFactors => {
-                let t = file.load_tensor(&mut reader, "rope_freqs.weight", device)?.dequantize(&Device::Cpu)?;
-                let factors = t.flatten_all()?.to_vec1::<f32>()?;
-                if factors.len() != info.head_dim / 2 {
-                    return Err(Error::InvalidModel(format!(
-                        "rope_freqs.weight has {} entries, expected {}",
-                        factors.len(),
-                        info.head_dim / 2
-                    )));
+        // Every stage on this location must compute on the handle its shared parts live on.
+        let device = store.device(device);
+        if !files.is_empty() {
+            store.remember_info(model, &info);
+        }
+        let mut reader = PartReader { files, readers: files.iter().map(|_| None).collect(), device: &device };
+        let mut counts = Counts::default();
+        let mut shelf = Shelf { store, model, device: &device, counts: &mut counts };
+        let mut embedding = None;
+        let mut loaded = Vec::with_capacity(layers.len());
+        let mut head = None;
+        let mut rope = None;
+        for part in stage_parts(&info, layers.clone()) {
+            match part {
+                Part::Embedding => {
+                    embedding = Some(shelf.take(part, || {
+                        reader.read(part, |file, r, d| file.load_tensor(r, "token_embd.weight", d))
+                    })?)
                 }
-                Some(factors)
+                Part::Layer(i) => {
+                    loaded.push(shelf.take(part, || reader.read(part, |file, r, d| Layer::load(file, r, i, d)))?)
+                }
+                Part::Head => {
+                    head = Some(shelf.take(part, || {
+                        reader.read(part, |file, r, d| {
+                            let name = if file.info().tied_embedding { "token_embd.weight" } else { "output.weight" };
+                            Ok(Head {
+                                norm: RmsNorm::load(file, r, "output_norm.weight", d)?,
+                                output: Linear::new(file.load_tensor(r, name, d)?, None)?,
+                            })
+                        })
+                    })?)
+                }
+                Part::Rope => rope = Some(shelf.take(part, || reader.read(part, load_rope))?),
             }
-            _ => None,
-        };
-        let rope = Rope::new(&info, freq_factors);
-        let weight_bytes = file.sizes().stage_bytes(layers.clone());
+        }
+        let rope = rope.ok_or_else(|| Error::InvalidModel("the stage has no rope parameters".into()))?;
         Ok(Self {
             info,
             layer_range: layers,
@@ -160,9 +209,10 @@ impl Stage {
             layers: loaded,
             head,
             rope,
-            device: device.clone(),
+            device,
             options,
-            weight_bytes,
+            weight_bytes: counts.weight_bytes,
+            loaded_bytes: counts.loaded_bytes,
             sequences: HashMap::new(),
         })
     }
@@ -187,9 +237,15 @@ impl Stage {
         &self.device
     }
 
-    /// Bytes of weights this stage holds.
+    /// Bytes of weights this stage computes with, shared or not.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+
+    /// Bytes of weights this stage read when it loaded: [`Self::weight_bytes`] less
+    /// what it took from stages already loaded.
+    pub fn loaded_weight_bytes(&self) -> u64 {
+        self.loaded_bytes
     }
 
     /// Bytes held by the KV caches of all sequences.
@@ -363,6 +419,109 @@ impl Stage {
     }
 }
 
+/// Bytes of the parts a stage holds, and of those it read itself.
+#[derive(Default)]
+struct Counts {
+    weight_bytes: u64,
+    loaded_bytes: u64,
+}
+
+/// A loading stage's view of the store: one model on one device.
+struct Shelf<'a> {
+    store: &'a WeightStore,
+    model: &'a str,
+    device: &'a Device,
+    counts: &'a mut Counts,
+}
+
+impl Shelf<'_> {
+    /// The part from the store, or else loaded (with its bytes) and shared.
+    fn take<T>(&mut self, part: Part, load: impl FnOnce() -> Result<(T, u64)>) -> Result<Arc<T>>
+    where
+        T: Send + Sync + 'static,
+    {
+        if let Some((value, bytes)) = self.store.get::<T>(self.model, self.device, part) {
+            self.counts.weight_bytes += bytes;
+            return Ok(value);
+        }
+        let (value, bytes) = load()?;
+        let (value, kept) = self.store.insert(self.model, self.device, part, value, bytes);
+        self.counts.weight_bytes += bytes;
+        if kept {
+            self.counts.loaded_bytes += bytes;
+        }
+        Ok(value)
+    }
+}
+
+/// Reads parts from the first of several files that holds them, opening each file
+/// once, when first needed.
+struct PartReader<'a> {
+    files: &'a [&'a ModelFile],
+    readers: Vec<Option<BufReader<File>>>,
+    device: &'a Device,
+}
+
+impl PartReader<'_> {
+    /// Loads `part` with `load`, and says how many bytes of tensors it is.
+    fn read<T>(
+        &mut self,
+        part: Part,
+        load: impl FnOnce(&ModelFile, &mut BufReader<File>, &Device) -> Result<T>,
+    ) -> Result<(T, u64)> {
+        let i = self.files.iter().position(|f| holds_part(f, part)).ok_or(Error::MissingPart(part))?;
+        let file = self.files[i];
+        let reader = match &mut self.readers[i] {
+            Some(r) => r,
+            slot => slot.insert(file.reader()?),
+        };
+        let value = load(file, reader, self.device)?;
+        let sizes = file.sizes();
+        let bytes = match part {
+            Part::Embedding => sizes.embedding,
+            Part::Layer(l) => sizes.layers.get(l).copied().unwrap_or(0),
+            Part::Head => sizes.head,
+            Part::Rope => sizes.shared,
+        };
+        Ok((value, bytes))
+    }
+}
+
+/// Whether `file` (a whole model or a shard file of it) has the tensors of `part`.
+fn holds_part(file: &ModelFile, part: Part) -> bool {
+    let info = file.info();
+    match part {
+        Part::Embedding => file.has_tensor("token_embd.weight"),
+        // Every layer has its attention norm; a shard file holds a layer whole or not at all.
+        Part::Layer(i) => file.has_tensor(&format!("blk.{i}.attn_norm.weight")),
+        Part::Head => {
+            file.has_tensor("output_norm.weight")
+                && file.has_tensor(if info.tied_embedding { "token_embd.weight" } else { "output.weight" })
+        }
+        Part::Rope => info.rope_scaling != RopeScaling::FreqFactors || file.has_tensor("rope_freqs.weight"),
+    }
+}
+
+fn load_rope(file: &ModelFile, reader: &mut BufReader<File>, device: &Device) -> Result<Rope> {
+    let info = file.info();
+    let freq_factors = match info.rope_scaling {
+        RopeScaling::FreqFactors => {
+            let t = file.load_tensor(reader, "rope_freqs.weight", device)?.dequantize(&Device::Cpu)?;
+            let factors = t.flatten_all()?.to_vec1::<f32>()?;
+            if factors.len() != info.head_dim / 2 {
+                return Err(Error::InvalidModel(format!(
+                    "rope_freqs.weight has {} entries, expected {}",
+                    factors.len(),
+                    info.head_dim / 2
+                )));
+            }
+            Some(factors)
+        }
+        _ => None,
+    };
+    Ok(Rope::new(info, freq_factors))
+}
+
 /// Mutable caches for `ids`, in that order. Ids must be distinct (checked by forward).
 fn caches_in_order(
     sequences: &mut HashMap<SeqId, SequenceCache>,
@@ -523,6 +682,105 @@ mod tests {
         assert_eq!(middle.weight_bytes(), sizes.layers[2] + sizes.layers[3]);
         let whole = stage(&file, 0..6);
         assert_eq!(whole.weight_bytes(), sizes.total());
+    }
+
+    /// Hidden states (or logits) of `stage` for a prompt and one decode step, fed
+    /// `input` made by `feed` (token ids for a first stage, else hidden states).
+    fn outputs(stage: &mut Stage, feed: &mut Stage) -> Vec<Vec<f32>> {
+        let prompt = [5u32, 80, 120, 33, 7];
+        let mut out = Vec::new();
+        for (position, ids) in [(0, &prompt[..]), (prompt.len(), &[17u32][..])] {
+            let mut step = tokens(1, position, ids);
+            if !stage.is_first() {
+                let StageOutput::Hidden(h) = feed.forward(&[step.clone()]).unwrap().pop().unwrap() else { panic!() };
+                step.input = StageInput::Hidden(h);
+            }
+            out.push(match stage.forward(&[step]).unwrap().pop().unwrap() {
+                StageOutput::Hidden(h) => h.flatten_all().unwrap().to_vec1().unwrap(),
+                StageOutput::Logits(l) => l.to_vec1().unwrap(),
+            });
+        }
+        out
+    }
+
+    /// A re-plan's new stage beside the old one: 0..6 then 2..8 on one store.
+    #[test]
+    fn stages_share_the_layers_they_both_hold() {
+        use candle_core::quantized::GgmlDType;
+        // Q8_0 runs candle's kernels or ours depending on the CPU; Q4_1 always ours.
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let (_dir, file) = model(&SyntheticModel { layers: 8, dtype, ..SyntheticModel::tiny() });
+            let sizes = file.sizes().clone();
+            let store = WeightStore::new();
+            let sources = WeightSources { store: &store, model: "hash", files: &[&file] };
+            let load = |layers: Range<usize>| Stage::load_from(sources, layers, &Device::Cpu, StageOptions::default());
+            let mut old = load(0..6).unwrap();
+            assert_eq!(old.weight_bytes(), sizes.stage_bytes(0..6));
+            assert_eq!(old.loaded_weight_bytes(), old.weight_bytes());
+            assert_eq!(store.resident_bytes(), sizes.stage_bytes(0..6));
+
+            let mut new = load(2..8).unwrap();
+            let added = sizes.layers[6] + sizes.layers[7] + sizes.head;
+            assert_eq!(new.weight_bytes(), sizes.stage_bytes(2..8));
+            assert_eq!(new.loaded_weight_bytes(), added, "{dtype:?}: only layers 6..8 and the head are read");
+            assert_eq!(store.resident_bytes(), sizes.stage_bytes(0..6) + added);
+
+            // Both compute exactly what stages loaded alone compute.
+            let mut front = stage(&file, 0..2);
+            assert_eq!(outputs(&mut old, &mut front), outputs(&mut stage(&file, 0..6), &mut front), "{dtype:?}");
+            let mut fresh = stage(&file, 2..8);
+            assert_eq!(outputs(&mut new, &mut front), outputs(&mut fresh, &mut front), "{dtype:?}");
+
+            // The old stage's own parts go with it: the embedding and layers 0..2.
+            drop(old);
+            assert_eq!(store.resident_bytes(), sizes.stage_bytes(2..8));
+            assert!(!store.holds("hash", &Device::Cpu, Part::Layer(1)));
+            assert!(store.holds("hash", &Device::Cpu, Part::Layer(2)));
+            assert_eq!(outputs(&mut new, &mut front), outputs(&mut fresh, &mut front), "{dtype:?} after the drop");
+            drop(new);
+            assert_eq!(store.resident_bytes(), 0);
+            assert_eq!(store.model_info("hash"), None);
+        }
+    }
+
+    /// A worker that pulls its weights reads the missing parts from the shard files
+    /// of just those layers, or from no file at all.
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one range to fetch is meant
+    fn a_stage_loads_what_it_lacks_from_shard_files_of_those_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = ModelFile::open(SyntheticModel { layers: 8, ..SyntheticModel::tiny() }.write_to(dir.path()).unwrap())
+            .unwrap();
+        let shard = |layers: Range<usize>| {
+            let path = dir.path().join(format!("layers-{}-{}.gguf", layers.start, layers.end));
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+            crate::shard_file::write_shard(&whole, layers, "hash", &mut out).unwrap();
+            drop(out);
+            ModelFile::open(path).unwrap()
+        };
+        let store = WeightStore::new();
+        let cpu = Device::Cpu;
+        let load = |files: &[&ModelFile], layers: Range<usize>| {
+            Stage::load_from(WeightSources { store: &store, model: "hash", files }, layers, &cpu, StageOptions::default())
+        };
+        let first = shard(0..6);
+        let old = load(&[&first], 0..6).unwrap();
+        assert_eq!(store.ranges_to_fetch("hash", &cpu, 2..8), [6..8]);
+        // Layers 6..8 and the head are not in the old shard file.
+        assert!(matches!(load(&[&first], 2..8), Err(Error::MissingPart(Part::Layer(6)))));
+        let rest = shard(6..8);
+        let mut new = load(&[&rest], 2..8).unwrap();
+        assert_eq!(new.loaded_weight_bytes(), whole.sizes().stage_bytes(6..8) - whole.sizes().shared);
+        // Everything a middle stage needs is held: no file at all.
+        let mut middle = load(&[], 3..5).unwrap();
+        assert_eq!(middle.loaded_weight_bytes(), 0);
+        drop(old);
+        let mut front = stage(&whole, 0..2);
+        assert_eq!(outputs(&mut new, &mut front), outputs(&mut stage(&whole, 2..8), &mut front));
+        let mut front = stage(&whole, 0..3);
+        assert_eq!(outputs(&mut middle, &mut front), outputs(&mut stage(&whole, 3..5), &mut front));
+        drop((new, middle));
+        assert!(matches!(load(&[], 3..5), Err(Error::InvalidModel(_))), "nothing held, no file");
     }
 
     #[test]

@@ -3,11 +3,15 @@
 //! or drained and brought back; every request completes with exactly the tokens
 //! an undisturbed run gives (greedy, and sampled with a seed).
 
+use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use anyhow::Context;
+use serde_json::{json, Value};
 use strata_coordinator::cli::http;
+use strata_model::ModelFile;
+use strata_proto::v1::{self, worker_client::WorkerClient};
 use strata_tests::admin::{admin, holds_layers, node, status, wait_for_status};
 use strata_tests::streams::{prompts, synthetic_model, StreamSpec, Streams, MAX_TOKENS};
 use strata_tests::{reference_completion, ClusterOptions, TestCluster};
@@ -20,18 +24,36 @@ async fn start(model: &Path) -> anyhow::Result<TestCluster> {
     Ok(cluster)
 }
 
+fn layers_of(status: &Value, name: &str) -> anyhow::Result<Range<usize>> {
+    let layers = &node(status, name)?["layers"];
+    let bound = |i: usize| layers[i].as_u64().map(|v| v as usize).context("no layers");
+    Ok(bound(0)?..bound(1)?)
+}
+
+/// The Stats of the worker at `address` (`reset` starts a new window).
+async fn worker_stats(address: &str, reset: bool) -> anyhow::Result<v1::StatsResponse> {
+    let channel = strata_proto::transport::endpoint(address)?.connect().await?;
+    Ok(WorkerClient::new(channel).stats(v1::StatsRequest { reset }).await?.into_inner())
+}
+
 #[tokio::test]
 async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = synthetic_model(dir.path())?;
+    let sizes = ModelFile::open(&model)?.sizes().clone();
     let cluster = start(&model).await?;
     let addr = cluster.http().to_string();
+    let before = status(&addr).await?;
+    for worker in &cluster.workers {
+        worker_stats(worker, true).await?;
+    }
     let streams = Streams::start(&addr);
     streams.wait_until_running().await?;
     let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
     assert_eq!(code, 200, "{report}");
     assert_eq!(report["finished"], true, "{report}");
-    assert!(report["memory_freed_bytes"].as_u64().unwrap_or(0) > 0, "{report}");
+    let drained = sizes.stage_bytes(layers_of(&before, "worker-1")?);
+    assert!(report["memory_freed_bytes"].as_u64().unwrap_or(0) >= drained, "{report}");
     eprintln!("drain: {}", report["message"]);
     streams.check(&model).await?;
     let s = wait_for_status(&addr, "the drained worker to hold nothing", |s| {
@@ -40,6 +62,18 @@ async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyh
     })
     .await?;
     assert!(holds_layers(&s, "worker-0") && holds_layers(&s, "worker-2"), "{s}");
+    // The survivors kept their layers while the new plan loaded beside the old one:
+    // each loaded only the layers it took over, and held the union of its old and
+    // new ranges at most, never both in full.
+    for (i, name) in [(0, "worker-0"), (2, "worker-2")] {
+        let (old, new) = (layers_of(&before, name)?, layers_of(&s, name)?);
+        assert!(new.start <= old.start && old.end <= new.end, "{name}: {old:?} -> {new:?}");
+        let added: u64 = new.clone().filter(|l| !old.contains(l)).map(|l| sizes.layers[l]).sum();
+        let stats = worker_stats(&cluster.workers[i], false).await?;
+        assert_eq!(stats.weight_loaded_bytes, added, "{name}: {old:?} -> {new:?}");
+        assert_eq!(stats.weight_peak_bytes, sizes.stage_bytes(new.clone()), "{name}: {old:?} -> {new:?}");
+        assert!(added < sizes.stage_bytes(new), "{name} loaded its whole new range");
+    }
     cluster.stop().await;
     Ok(())
 }

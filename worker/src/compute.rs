@@ -18,15 +18,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use strata_model::shard_file::ShardOrigin;
-use strata_model::stage::StageOptions;
+use strata_model::stage::{StageOptions, WeightSources};
 use strata_model::{
     Device, ModelFile, Sampler, SamplingParams, Stage, StageInput, StageOutput, StageStep, Tensor,
+    WeightStore,
 };
 use strata_proto::v1::{self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype};
 use strata_proto::WorkerError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events::{unix_nanos, EventHub, Stats};
+use crate::weights::WeightFile;
 
 /// Frames and controls queued for the compute thread before upstream streams feel
 /// backpressure.
@@ -36,17 +38,22 @@ pub const QUEUE_DEPTH: usize = 4096;
 #[derive(Debug, Default)]
 pub struct Gauges {
     pub sequences: AtomicU32,
-    pub memory_bytes: AtomicU64,
+    /// The KV caches of this shard's sequences. Its weights are counted worker-wide,
+    /// by the [`WeightStore`], since shards share them.
+    pub cache_bytes: AtomicU64,
 }
 
 /// What a compute thread is started with.
 pub struct ComputeSpec {
-    pub path: PathBuf,
+    /// Where to read the parts of the stage that `weights` does not hold yet.
+    pub files: Vec<WeightFile>,
+    /// The worker's weights, shared by its shards.
+    pub weights: Arc<WeightStore>,
+    /// The model's content hash: what the shards share weights by.
+    pub model_hash: String,
     pub layers: Range<usize>,
     /// The layer count the coordinator planned with.
     pub total_layers: usize,
-    /// For a pulled shard file: the model and range it must have been cut from.
-    pub expected_origin: Option<ShardOrigin>,
     pub stage_index: u32,
     pub wire_dtype: WireDtype,
     pub device: Device,
@@ -67,7 +74,10 @@ pub struct Outputs {
 /// its round and exits, freeing the stage.
 pub struct ComputeHandle {
     pub tx: mpsc::Sender<StageMessage>,
+    /// Bytes of weights the stage computes with, shared with other shards or not.
     pub weight_bytes: u64,
+    /// Bytes of those the load read itself (the rest were held for other shards).
+    pub loaded_bytes: u64,
     pub layers: Range<usize>,
     pub is_last: bool,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -116,12 +126,11 @@ pub async fn start(
                     return;
                 }
             };
-            let weight_bytes = stage.weight_bytes();
+            let bytes = (stage.weight_bytes(), stage.loaded_weight_bytes());
             let (layers, is_last) = (stage.layers(), stage.is_last());
-            if ready_tx.send(Ok((weight_bytes, layers, is_last))).is_err() {
+            if ready_tx.send(Ok((bytes, layers, is_last))).is_err() {
                 return;
             }
-            gauges.memory_bytes.store(weight_bytes, Ordering::Relaxed);
             let hidden = stage.info().hidden;
             let mut compute = Compute {
                 stage,
@@ -138,13 +147,14 @@ pub async fn start(
             };
             compute.run(rx);
             gauges.sequences.store(0, Ordering::Relaxed);
-            gauges.memory_bytes.store(0, Ordering::Relaxed);
+            gauges.cache_bytes.store(0, Ordering::Relaxed);
         })
         .map_err(|e| WorkerError::Internal(format!("cannot start the compute thread: {e}")))?;
     match ready_rx.await {
-        Ok(Ok((weight_bytes, layers, is_last))) => Ok(ComputeHandle {
+        Ok(Ok(((weight_bytes, loaded_bytes), layers, is_last))) => Ok(ComputeHandle {
             tx,
             weight_bytes,
+            loaded_bytes,
             layers,
             is_last,
             thread: Some(thread),
@@ -160,9 +170,18 @@ pub async fn start(
 }
 
 fn load(spec: &ComputeSpec) -> Result<Stage, WorkerError> {
-    let file =
-        ModelFile::open(&spec.path).map_err(|e| WorkerError::ModelUnavailable(e.to_string()))?;
-    let layers = file.info().layers;
+    let files = spec
+        .files
+        .iter()
+        .map(|f| ModelFile::open(&f.path).map_err(|e| WorkerError::ModelUnavailable(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    // With no file, every part is held already, and so is the model's description.
+    let layers = match files.first() {
+        Some(file) => file.info().layers,
+        None => spec.weights.model_info(&spec.model_hash).map(|info| info.layers).ok_or_else(|| {
+            WorkerError::Internal("no weights file, and the worker holds no part of the model".into())
+        })?,
+    };
     if spec.layers.end > layers {
         return Err(WorkerError::ShardOutOfRange {
             start: spec.layers.start as u32,
@@ -176,18 +195,21 @@ fn load(spec: &ComputeSpec) -> Result<Stage, WorkerError> {
             spec.total_layers
         )));
     }
-    if let Some(expected) = &spec.expected_origin {
-        match ShardOrigin::of(&file) {
-            Some(origin) if origin.source_hash != expected.source_hash => {
+    for (file, wanted) in files.iter().zip(&spec.files) {
+        let Some(expected) = &wanted.pulled else {
+            continue;
+        };
+        match ShardOrigin::of(file) {
+            Some(origin) if origin.source_hash != spec.model_hash => {
                 return Err(WorkerError::ModelHashMismatch {
-                    expected: expected.source_hash.clone(),
+                    expected: spec.model_hash.clone(),
                     got: origin.source_hash,
                 })
             }
-            Some(origin) if origin.layers != expected.layers => {
+            Some(origin) if origin.layers != *expected => {
                 return Err(WorkerError::InvalidShard(format!(
                     "the pulled shard holds layers {:?}, not {:?}",
-                    origin.layers, expected.layers
+                    origin.layers, expected
                 )))
             }
             Some(_) => {}
@@ -198,20 +220,22 @@ fn load(spec: &ComputeSpec) -> Result<Stage, WorkerError> {
             }
         }
     }
-    Stage::load(
-        &file,
-        spec.layers.clone(),
-        &spec.device,
-        StageOptions::default(),
-    )
-    .map_err(|e| match e {
-        strata_model::Error::LayerRange { start, end, layers } => WorkerError::ShardOutOfRange {
-            start: start as u32,
-            end: end as u32,
-            layers: layers as u32,
+    let files: Vec<&ModelFile> = files.iter().collect();
+    let sources = WeightSources {
+        store: &spec.weights,
+        model: &spec.model_hash,
+        files: &files,
+    };
+    Stage::load_from(sources, spec.layers.clone(), &spec.device, StageOptions::default()).map_err(
+        |e| match e {
+            strata_model::Error::LayerRange { start, end, layers } => WorkerError::ShardOutOfRange {
+                start: start as u32,
+                end: end as u32,
+                layers: layers as u32,
+            },
+            other => WorkerError::Internal(format!("loading layers {:?}: {other}", spec.layers)),
         },
-        other => WorkerError::Internal(format!("loading layers {:?}: {other}", spec.layers)),
-    })
+    )
 }
 
 /// What a stage remembers of an open sequence.
@@ -281,10 +305,9 @@ impl Compute {
             self.gauges
                 .sequences
                 .store(self.sequences.len() as u32, Ordering::Relaxed);
-            self.gauges.memory_bytes.store(
-                self.stage.weight_bytes() + self.stage.cache_bytes(),
-                Ordering::Relaxed,
-            );
+            self.gauges
+                .cache_bytes
+                .store(self.stage.cache_bytes(), Ordering::Relaxed);
         }
     }
 

@@ -51,6 +51,8 @@ pub struct Stats {
     frames: AtomicU64,
     busy_nanos: AtomicU64,
     lifetime: Lifetime,
+    weight_loaded_bytes: AtomicU64,
+    weight_peak_bytes: AtomicU64,
 }
 
 /// Counters since the worker started, for heartbeats: the Stats RPC's reset does
@@ -103,6 +105,16 @@ impl Stats {
         }
     }
 
+    /// Counts the bytes of weights a shard load read.
+    pub fn record_load(&self, loaded_bytes: u64) {
+        self.weight_loaded_bytes.fetch_add(loaded_bytes, Ordering::Relaxed);
+    }
+
+    /// Raises the peak of weights held, given what is held now.
+    pub fn note_weights(&self, resident_bytes: u64) {
+        self.weight_peak_bytes.fetch_max(resident_bytes, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self, reset: bool) -> v1::StatsResponse {
         let mut hops = lock(&self.hops);
         let response = v1::StatsResponse {
@@ -110,12 +122,16 @@ impl Stats {
             batches: self.batches.load(Ordering::Relaxed),
             frames: self.frames.load(Ordering::Relaxed),
             busy_seconds: self.busy_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            weight_loaded_bytes: self.weight_loaded_bytes.load(Ordering::Relaxed),
+            weight_peak_bytes: self.weight_peak_bytes.load(Ordering::Relaxed),
         };
         if reset {
             hops.clear();
             self.batches.store(0, Ordering::Relaxed);
             self.frames.store(0, Ordering::Relaxed);
             self.busy_nanos.store(0, Ordering::Relaxed);
+            self.weight_loaded_bytes.store(0, Ordering::Relaxed);
+            self.weight_peak_bytes.store(0, Ordering::Relaxed);
         }
         response
     }

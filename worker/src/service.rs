@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
+use strata_model::WeightStore;
 use strata_proto::v1::worker_server::Worker;
 use strata_proto::v1::{
     self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype, WorkerState,
@@ -42,6 +43,9 @@ struct Shared {
     hub: Arc<EventHub>,
     stats: Arc<Stats>,
     local_models: LocalModels,
+    /// Weights by model, device and part, shared by the shards: a re-plan's new
+    /// shard loads only the layers the old one lacks.
+    weights: Arc<WeightStore>,
     slot: Mutex<Slot>,
     /// Serializes LoadShard and UnloadShard.
     load_lock: tokio::sync::Mutex<()>,
@@ -88,6 +92,7 @@ impl WorkerService {
                 hub: Arc::default(),
                 stats: Arc::default(),
                 local_models,
+                weights: Arc::default(),
                 slot: Mutex::default(),
                 load_lock: tokio::sync::Mutex::new(()),
                 stop,
@@ -136,6 +141,9 @@ impl WorkerService {
             .await
     }
 
+    /// Stops the shards `which` picks; the bytes that frees: their KV caches, and the
+    /// weights no remaining shard shares. The caller holds `load_lock`, so no load
+    /// takes a part meanwhile and the store's difference is this unload's alone.
     async fn take_shards(&self, which: impl Fn(u64) -> bool) -> u64 {
         let taken: Vec<Loaded> = {
             let mut slot = lock(&self.shared.slot);
@@ -145,20 +153,21 @@ impl WorkerService {
             slot.shards = kept;
             taken.into_iter().map(|(_, l)| l).collect()
         };
-        let mut freed = 0;
+        if taken.is_empty() {
+            return 0;
+        }
+        let weights_before = self.shared.weights.resident_bytes();
+        let mut caches = 0;
         for loaded in taken {
-            // Weights and whatever KV cache the stage held.
-            freed += loaded
-                .gauges
-                .memory_bytes
-                .load(Ordering::Relaxed)
-                .max(loaded.compute.weight_bytes);
+            caches += loaded.gauges.cache_bytes.load(Ordering::Relaxed);
             let _ = tokio::task::spawn_blocking(move || loaded.compute.stop()).await;
             // After the thread: whatever it still queued belongs to this shard's
             // retired pipeline and is dropped with its forwarders.
             drop(loaded.forwarders);
         }
-        freed
+        let weights_after = self.shared.weights.resident_bytes();
+        self.shared.stats.note_weights(weights_after);
+        caches + weights_before.saturating_sub(weights_after)
     }
 
     /// The compute queue for `pipeline`; without one, the newest shard's.
@@ -197,13 +206,14 @@ impl WorkerService {
         lock(&self.shared.causes).clone()
     }
 
-    /// Memory the loaded shards use, and how many sequences they hold.
+    /// Memory the loaded shards use (shared weights counted once), and how many
+    /// sequences they hold.
     fn usage(&self) -> (u64, u32, Vec<u64>) {
         let slot = lock(&self.shared.slot);
-        let mut memory = 0;
+        let mut memory = self.shared.weights.resident_bytes();
         let mut sequences = 0;
         for (_, l) in &slot.shards {
-            memory += l.gauges.memory_bytes.load(Ordering::Relaxed);
+            memory += l.gauges.cache_bytes.load(Ordering::Relaxed);
             sequences += l.gauges.sequences.load(Ordering::Relaxed);
         }
         (
@@ -254,11 +264,20 @@ impl WorkerService {
             .await;
         lock(&self.shared.slot).loading = false;
         let (compute, local, forwarders) = result?;
-        let weight_bytes = compute.weight_bytes;
+        let loaded_bytes = compute.loaded_bytes;
+        let shared_bytes = compute.weight_bytes.saturating_sub(loaded_bytes);
+        // Weights only grow while a shard loads: now is their peak.
+        self.shared.stats.record_load(loaded_bytes);
+        self.shared
+            .stats
+            .note_weights(self.shared.weights.resident_bytes());
         tracing::info!(
             layers = ?compute.layers,
             stage = spec.stage_index,
+            pipeline,
             weights_were_local = local,
+            loaded_bytes,
+            shared_bytes,
             "shard loaded in {:.2}s",
             started.elapsed().as_secs_f64()
         );
@@ -272,9 +291,10 @@ impl WorkerService {
             },
         ));
         Ok(v1::LoadShardResponse {
-            weight_bytes,
+            weight_bytes: loaded_bytes,
             weights_were_local: local,
             load_seconds: started.elapsed().as_secs_f64(),
+            shared_weight_bytes: shared_bytes,
         })
     }
 
@@ -288,17 +308,21 @@ impl WorkerService {
         gauges: Arc<Gauges>,
     ) -> Result<(ComputeHandle, bool, Forwarders), WorkerError> {
         let shared = &self.shared;
+        let device = strata_model::parse_device(&shared.config.device)
+            .map_err(|e| WorkerError::Internal(e.to_string()))?;
+        // Shards are loaded one at a time (`load_lock`), so what the store holds now
+        // is what the load will find there.
+        let missing = shared.weights.ranges_to_fetch(&model.content_hash, &device, layers.clone());
         let located = weights::locate(
             &shared.local_models,
             &shared.config.cache_dir,
             model,
             &layers,
+            &missing,
             &spec.weights_source,
             &shared.hub,
         )
         .await?;
-        let device = strata_model::parse_device(&shared.config.device)
-            .map_err(|e| WorkerError::Internal(e.to_string()))?;
         // Connect before loading, so a wrong address fails the load, not the first frame.
         let mut outputs = Outputs::default();
         let mut forwarders = Forwarders::default();
@@ -328,13 +352,11 @@ impl WorkerService {
             ));
         }
         let compute_spec = ComputeSpec {
-            path: located.path.clone(),
+            files: located.files,
+            weights: shared.weights.clone(),
+            model_hash: model.content_hash.clone(),
             layers: layers.clone(),
             total_layers: spec.total_layers as usize,
-            expected_origin: (!located.local).then(|| strata_model::shard_file::ShardOrigin {
-                source_hash: model.content_hash.clone(),
-                layers: layers.clone(),
-            }),
             stage_index: spec.stage_index,
             wire_dtype,
             device,
@@ -502,8 +524,15 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::StatsRequest>,
     ) -> Result<Response<v1::StatsResponse>, Status> {
-        Ok(Response::new(
-            self.shared.stats.snapshot(request.into_inner().reset),
-        ))
+        let reset = request.into_inner().reset;
+        let stats = &self.shared.stats;
+        let weights = self.shared.weights.resident_bytes();
+        stats.note_weights(weights);
+        let response = stats.snapshot(reset);
+        if reset {
+            // The next window's peak starts from what is held now.
+            stats.note_weights(weights);
+        }
+        Ok(Response::new(response))
     }
 }

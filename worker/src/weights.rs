@@ -1,6 +1,10 @@
 //! Finding the weights for a shard: a local GGUF with the same content hash, a shard
 //! pulled earlier (cached on disk by hash and range), or a fresh pull from the
 //! coordinator's FetchWeights stream, checked against the SHA-256 in its manifest.
+//!
+//! A worker that already holds some of the shard's layers for another pipeline (a
+//! re-plan loads the new pipeline beside the old) pulls only the layer ranges it
+//! lacks, one FetchWeights call each.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -17,11 +21,22 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::events::EventHub;
 
+/// A file to read a shard's weights from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightFile {
+    pub path: PathBuf,
+    /// For a pulled shard file, the layers it was cut for (which its origin keys must
+    /// say); `None` for a whole model file.
+    pub pulled: Option<Range<usize>>,
+}
+
 /// Where a shard's weights were found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Located {
-    pub path: PathBuf,
-    /// A whole model file of this machine, rather than a pulled shard.
+    /// The files holding whatever the worker does not hold yet: none when it holds
+    /// every part already.
+    pub files: Vec<WeightFile>,
+    /// A whole model file of this machine, rather than pulled shards.
     pub local: bool,
 }
 
@@ -67,12 +82,14 @@ pub fn cache_path(cache_dir: &Path, hash: &str, layers: &Range<usize>) -> PathBu
     cache_dir.join(hash).join(format!("layers-{}-{}.gguf", layers.start, layers.end))
 }
 
-/// Finds or fetches the weights of `layers` of `model`.
+/// Finds or fetches the weights of `layers` of `model`, of which the worker lacks
+/// only what the shard files of `missing` hold (see `WeightStore::ranges_to_fetch`).
 pub async fn locate(
     local: &LocalModels,
     cache_dir: &Path,
     model: &ModelRef,
     layers: &Range<usize>,
+    missing: &[Range<usize>],
     weights_source: &str,
     hub: &Arc<EventHub>,
 ) -> Result<Located, WorkerError> {
@@ -85,27 +102,36 @@ pub async fn locate(
     }
     let locals = local.hashes().await?;
     if let Some((path, _)) = locals.iter().find(|(_, h)| *h == model.content_hash) {
-        return Ok(Located { path: path.clone(), local: true });
+        return Ok(Located { files: vec![WeightFile { path: path.clone(), pulled: None }], local: true });
     }
-    let cached = cache_path(cache_dir, &model.content_hash, layers);
-    if cached.is_file() {
-        tracing::info!(path = %cached.display(), "using the cached shard");
-        return Ok(Located { path: cached, local: false });
+    // A whole shard pulled earlier holds everything; no need to pull parts of it.
+    let whole = cache_path(cache_dir, &model.content_hash, layers);
+    if whole.is_file() && !missing.is_empty() {
+        tracing::info!(path = %whole.display(), "using the cached shard");
+        return Ok(Located { files: vec![WeightFile { path: whole, pulled: Some(layers.clone()) }], local: false });
     }
-    if weights_source.is_empty() {
-        return Err(match locals.first() {
-            Some((path, got)) => WorkerError::ModelHashMismatch {
-                expected: format!("{} ({})", model.content_hash, model.model_id),
-                got: format!("{got} ({}), and no weights source was given to pull from", path.display()),
-            },
-            None => WorkerError::ModelUnavailable(format!(
-                "{} ({}) is not on this worker and no weights source was given",
-                model.model_id, model.content_hash
-            )),
-        });
+    let mut files = Vec::with_capacity(missing.len());
+    for range in missing {
+        let cached = cache_path(cache_dir, &model.content_hash, range);
+        if cached.is_file() {
+            tracing::info!(path = %cached.display(), "using the cached shard");
+        } else if weights_source.is_empty() {
+            return Err(match locals.first() {
+                Some((path, got)) => WorkerError::ModelHashMismatch {
+                    expected: format!("{} ({})", model.content_hash, model.model_id),
+                    got: format!("{got} ({}), and no weights source was given to pull from", path.display()),
+                },
+                None => WorkerError::ModelUnavailable(format!(
+                    "{} ({}) is not on this worker and no weights source was given",
+                    model.model_id, model.content_hash
+                )),
+            });
+        } else {
+            pull(weights_source, model, range, &cached, hub).await?;
+        }
+        files.push(WeightFile { path: cached, pulled: Some(range.clone()) });
     }
-    pull(weights_source, model, layers, &cached, hub).await?;
-    Ok(Located { path: cached, local: false })
+    Ok(Located { files, local: false })
 }
 
 /// Streams the shard from the coordinator into `dest`, checking its length and hash

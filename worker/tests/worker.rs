@@ -1,11 +1,10 @@
 //! In-process workers on 127.0.0.1:0 with a synthetic model: bad input gets a clear
 //! status or SequenceError while other sequences go on, weights are pulled from a
-//! (fake) coordinator and cached, and a two-stage pipeline reproduces the
-//! single-process tokens.
+//! (fake) coordinator and cached, a two-stage pipeline reproduces the
+//! single-process tokens, and two pipelines on one worker share their common layers.
 
 use std::io::Write;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,14 +38,18 @@ struct Model {
 }
 
 fn synthetic() -> Model {
+    synthetic_with(SyntheticModel::tiny().layers)
+}
+
+fn synthetic_with(layers: usize) -> Model {
     let dir = tempfile::tempdir().unwrap();
-    let path = SyntheticModel::tiny().write_to(dir.path()).unwrap();
+    let path = SyntheticModel { layers, ..SyntheticModel::tiny() }.write_to(dir.path()).unwrap();
     let hash = sha256_file(&path).unwrap();
     Model {
         _dir: dir,
         path,
         hash,
-        layers: SyntheticModel::tiny().layers as u32,
+        layers: layers as u32,
     }
 }
 
@@ -173,10 +176,26 @@ impl Sender {
         Self,
         tokio::task::JoinHandle<Result<Response<v1::ForwardSummary>, Status>>,
     ) {
+        Self::open_on(client, None)
+    }
+
+    /// A stream into the shard of `pipeline`; without one, into the newest shard.
+    fn open_on(
+        client: &WorkerClient<Channel>,
+        pipeline: Option<u64>,
+    ) -> (
+        Self,
+        tokio::task::JoinHandle<Result<Response<v1::ForwardSummary>, Status>>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut client = client.clone();
-        let call =
-            tokio::spawn(async move { client.forward(UnboundedReceiverStream::new(rx)).await });
+        let call = tokio::spawn(async move {
+            let frames = UnboundedReceiverStream::new(rx);
+            match pipeline {
+                Some(id) => client.forward(strata_proto::with_pipeline(frames, id)).await,
+                None => client.forward(frames).await,
+            }
+        });
         (Self(tx), call)
     }
 
@@ -417,8 +436,20 @@ async fn an_oversized_message_gets_the_transport_limit_status() -> anyhow::Resul
 struct FakeCoordinator {
     model: std::path::PathBuf,
     hash: String,
-    fetches: Arc<AtomicUsize>,
+    fetches: Arc<Fetches>,
     corrupt: bool,
+}
+
+/// The layer ranges a fake coordinator was asked for.
+#[derive(Default)]
+struct Fetches {
+    ranges: std::sync::Mutex<Vec<std::ops::Range<usize>>>,
+}
+
+impl Fetches {
+    fn count(&self) -> usize {
+        self.ranges.lock().unwrap().len()
+    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::WeightChunk, Status>> + Send>>;
@@ -438,8 +469,8 @@ impl Coordinator for FakeCoordinator {
         &self,
         request: Request<v1::FetchWeightsRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        self.fetches.fetch_add(1, Ordering::SeqCst);
         let r = request.into_inner();
+        self.fetches.ranges.lock().unwrap().push(r.layer_start as usize..r.layer_end as usize);
         assert_eq!(r.model.unwrap().content_hash, self.hash);
         let file = ModelFile::open(&self.model).unwrap();
         let mut bytes = std::io::Cursor::new(Vec::new());
@@ -490,10 +521,10 @@ fn sha256_hex(bytes: &[u8]) -> String {
 async fn start_fake_coordinator(
     model: &Model,
     corrupt: bool,
-) -> (String, Arc<AtomicUsize>, oneshot::Sender<()>) {
+) -> (String, Arc<Fetches>, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
-    let fetches = Arc::new(AtomicUsize::new(0));
+    let fetches = Arc::new(Fetches::default());
     let service = FakeCoordinator {
         model: model.path.clone(),
         hash: model.hash.clone(),
@@ -531,7 +562,20 @@ async fn generate(
     n: usize,
     direct: bool,
 ) -> anyhow::Result<Vec<u32>> {
-    let (tx, _call) = Sender::open(first);
+    generate_on(first, None, events, seq, prompt, n, direct).await
+}
+
+/// As [`generate`], into stage 0's shard of `pipeline` (the newest without one).
+async fn generate_on(
+    first: &WorkerClient<Channel>,
+    pipeline: Option<u64>,
+    events: &mut Events,
+    seq: u64,
+    prompt: &[u32],
+    n: usize,
+    direct: bool,
+) -> anyhow::Result<Vec<u32>> {
+    let (tx, _call) = Sender::open_on(first, pipeline);
     tx.send(stage_message::Kind::Open(v1::OpenSequence {
         seq_id: seq,
         sampling: Some(v1::SamplingParams {
@@ -579,7 +623,7 @@ async fn weights_are_pulled_checked_and_cached() -> anyhow::Result<()> {
     let mut events = Events::subscribe(&mut c).await;
     let r = load(&mut c, spec.clone()).await?;
     assert!(!r.weights_were_local);
-    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    assert_eq!(fetches.count(), 1);
     let cached = strata_worker::weights::cache_path(&cache_path, &model.hash, &(0..4));
     assert!(cached.is_file(), "{} should exist", cached.display());
     // Progress was reported while pulling.
@@ -609,7 +653,7 @@ async fn weights_are_pulled_checked_and_cached() -> anyhow::Result<()> {
     c.unload_shard(v1::UnloadShardRequest { pipeline_id: 0 })
         .await?;
     load(&mut c, spec).await?;
-    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    assert_eq!(fetches.count(), 1);
     Ok(())
 }
 
@@ -781,6 +825,28 @@ async fn the_binary_offers_what_max_memory_allows() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The next heartbeat.
+async fn heartbeat(events: &mut Events) -> anyhow::Result<v1::Heartbeat> {
+    loop {
+        let event = tokio::time::timeout(DEADLINE, events.0.message()).await.context("no heartbeat in time")??;
+        match event.and_then(|e| e.kind) {
+            Some(worker_event::Kind::Heartbeat(h)) => return Ok(h),
+            Some(_) => continue,
+            None => bail!("the event stream ended"),
+        }
+    }
+}
+
+/// Waits for a heartbeat with no sequence left (so no KV cache either).
+async fn wait_idle(events: &mut Events) -> anyhow::Result<v1::Heartbeat> {
+    loop {
+        let h = heartbeat(events).await?;
+        if h.sequences == 0 {
+            return Ok(h);
+        }
+    }
+}
+
 /// The pipelines the next heartbeat lists.
 async fn heartbeat_pipelines(events: &mut Events) -> anyhow::Result<Vec<u64>> {
     loop {
@@ -807,8 +873,10 @@ async fn two_pipelines_live_side_by_side_and_unload_apart() -> anyhow::Result<()
     let expected = reference_tokens(&model, &prompt, 6);
     // One stage that is first and last feeds its own tokens back.
     assert_eq!(generate(&c, &mut events, 1, &prompt, 6, true).await?, expected);
+    // Pipeline 9's shard shares every weight with 7's: unloading it frees no weight.
+    wait_idle(&mut events).await?;
     let freed = c.unload_shard(v1::UnloadShardRequest { pipeline_id: 9 }).await?.into_inner().freed_bytes;
-    assert!(freed > 0);
+    assert_eq!(freed, 0);
     assert_eq!(heartbeat_pipelines(&mut events).await?, [7]);
     assert_eq!(generate(&c, &mut events, 2, &prompt, 6, false).await?, expected);
     // Loading without keeping others replaces them.
@@ -832,5 +900,93 @@ async fn a_draining_worker_says_so_and_takes_no_shard() -> anyhow::Result<()> {
     c.set_draining(v1::SetDrainingRequest { draining: false }).await?;
     load(&mut c, shard(&model, 0..model.layers, 0)).await?;
     assert_eq!(c.health(v1::HealthRequest {}).await?.into_inner().state, v1::WorkerState::Serving as i32);
+    Ok(())
+}
+
+/// The first stage of two pipelines on one worker: a re-plan moves worker A from
+/// 0..6 to 2..8 (and B from 6..8 to 0..2). A's new shard loads only layers 6..8 and
+/// the head; both pipelines compute the single-process tokens; unloading the old
+/// shard frees only what the new one does not share; memory is counted once.
+#[tokio::test]
+async fn a_new_pipeline_loads_only_the_layers_the_worker_lacks() -> anyhow::Result<()> {
+    let model = synthetic_with(8);
+    let sizes = ModelFile::open(&model.path)?.sizes().clone();
+    let a = start_worker(vec![model.path.clone()]).await;
+    let b = start_worker(vec![model.path.clone()]).await;
+    let (mut ca, mut cb) = (client(&a.address).await, client(&b.address).await);
+    let load_kept = |c: &mut WorkerClient<Channel>, spec: v1::ShardSpec| {
+        let mut c = c.clone();
+        async move {
+            let request = v1::LoadShardRequest { shard: Some(spec), keep_other_pipelines: true };
+            c.load_shard(request).await.map(Response::into_inner)
+        }
+    };
+    let on = |layers: std::ops::Range<u32>, stage: u32, pipeline_id: u64| v1::ShardSpec {
+        pipeline_id,
+        ..shard(&model, layers, stage)
+    };
+    // Pipeline 1: A 0..6 -> B 6..8.
+    load_kept(&mut cb, v1::ShardSpec { first_stage_address: a.address.clone(), ..on(6..8, 1, 1) }).await?;
+    let r = load_kept(&mut ca, v1::ShardSpec { next_stage_address: b.address.clone(), ..on(0..6, 0, 1) }).await?;
+    assert_eq!((r.weight_bytes, r.shared_weight_bytes), (sizes.stage_bytes(0..6), 0));
+    let mut events_a = Events::subscribe(&mut ca).await;
+    let old = sizes.stage_bytes(0..6);
+    assert_eq!(heartbeat(&mut events_a).await?.memory_used_bytes, old);
+
+    // Pipeline 2: B 0..2 -> A 2..8, loaded beside pipeline 1.
+    let r = load_kept(&mut ca, v1::ShardSpec { first_stage_address: b.address.clone(), ..on(2..8, 1, 2) }).await?;
+    let added = sizes.layers[6] + sizes.layers[7] + sizes.head;
+    assert_eq!(r.weight_bytes, added, "only layers 6..8 and the head are loaded");
+    assert_eq!(r.shared_weight_bytes, sizes.stage_bytes(2..8) - added);
+    load_kept(&mut cb, v1::ShardSpec { next_stage_address: a.address.clone(), ..on(0..2, 0, 2) }).await?;
+    let h = heartbeat(&mut events_a).await?;
+    assert_eq!((h.memory_used_bytes, h.pipelines.as_slice()), (old + added, &[1, 2][..]));
+    let stats = ca.stats(v1::StatsRequest { reset: true }).await?.into_inner();
+    assert_eq!((stats.weight_loaded_bytes, stats.weight_peak_bytes), (old + added, old + added));
+
+    // Both pipelines compute what one process computes.
+    let prompt = [3u32, 1, 4, 1, 5];
+    let expected = reference_tokens(&model, &prompt, 6);
+    let mut events_b = Events::subscribe(&mut cb).await;
+    assert_eq!(generate_on(&ca, Some(1), &mut events_b, 1, &prompt, 6, false).await?, expected);
+    assert_eq!(generate_on(&cb, Some(2), &mut events_a, 2, &prompt, 6, true).await?, expected);
+
+    // Unloading pipeline 1 frees what pipeline 2 does not use: the embedding and layers 0..2.
+    wait_idle(&mut events_a).await?;
+    let freed = ca.unload_shard(v1::UnloadShardRequest { pipeline_id: 1 }).await?.into_inner().freed_bytes;
+    assert_eq!(freed, sizes.embedding + sizes.layers[0] + sizes.layers[1]);
+    assert_eq!(heartbeat(&mut events_a).await?.memory_used_bytes, sizes.stage_bytes(2..8));
+    assert_eq!(generate_on(&cb, Some(2), &mut events_a, 3, &prompt, 6, true).await?, expected);
+    wait_idle(&mut events_a).await?;
+    let freed = ca.unload_shard(v1::UnloadShardRequest { pipeline_id: 2 }).await?.into_inner().freed_bytes;
+    assert_eq!(freed, sizes.stage_bytes(2..8));
+    let h = heartbeat(&mut events_a).await?;
+    assert_eq!((h.memory_used_bytes, h.pipelines.len()), (0, 0));
+    let stats = ca.stats(v1::StatsRequest { reset: false }).await?.into_inner();
+    assert_eq!((stats.weight_loaded_bytes, stats.weight_peak_bytes), (0, old + added));
+    Ok(())
+}
+
+/// A worker without the model pulls, for a pipeline loaded beside another, only the
+/// layer ranges it does not hold yet.
+#[tokio::test]
+async fn a_worker_that_pulls_fetches_only_the_layers_it_lacks() -> anyhow::Result<()> {
+    let model = synthetic_with(8);
+    let sizes = ModelFile::open(&model.path)?.sizes().clone();
+    let (source, fetches, _stop) = start_fake_coordinator(&model, false).await;
+    let worker = start_worker(vec![]).await;
+    let mut c = client(&worker.address).await;
+    let mut loaded = Vec::new();
+    for (pipeline_id, layers) in [(1, 4..8), (2, 2..8), (3, 0..8)] {
+        let spec = v1::ShardSpec { weights_source: source.clone(), pipeline_id, ..shard(&model, layers, 0) };
+        let r = c.load_shard(v1::LoadShardRequest { shard: Some(spec), keep_other_pipelines: true }).await?;
+        loaded.push(r.into_inner().weight_bytes);
+    }
+    assert_eq!(*fetches.ranges.lock().unwrap(), [4..8, 2..4, 0..2]);
+    // The whole model, first and last, embeds through the head it shares with 4..8.
+    assert_eq!(loaded, [sizes.stage_bytes(4..8), sizes.layers[2] + sizes.layers[3], sizes.layers[0] + sizes.layers[1]]);
+    let prompt = [5u32, 80, 120, 33];
+    let mut events = Events::subscribe(&mut c).await;
+    assert_eq!(generate_on(&c, Some(3), &mut events, 1, &prompt, 6, true).await?, reference_tokens(&model, &prompt, 6));
     Ok(())
 }
