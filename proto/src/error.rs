@@ -22,6 +22,14 @@ pub enum WorkerError {
     BadFrame(String),
     #[error("sequence {0} is unknown on this worker")]
     UnknownSequence(u64),
+    #[error("this worker holds no shard of pipeline {0}")]
+    UnknownPipeline(u64),
+    #[error("KV cache not available: {0}")]
+    KvUnavailable(String),
+    #[error("bad KV cache data: {0}")]
+    BadKv(String),
+    #[error("pulling KV cache from {address}: {message}")]
+    Peer { address: String, message: String },
     #[error("worker is draining and takes no new work")]
     Draining,
     #[error("worker is busy: {0}")]
@@ -37,7 +45,10 @@ impl WorkerError {
             Self::ShardOutOfRange { .. } | Self::BadFrame(_) | Self::InvalidShard(_) => Code::InvalidArgument,
             Self::ModelHashMismatch { .. } => Code::FailedPrecondition,
             Self::ModelUnavailable(_) => Code::NotFound,
-            Self::UnknownSequence(_) => Code::NotFound,
+            Self::UnknownSequence(_) | Self::UnknownPipeline(_) => Code::NotFound,
+            Self::KvUnavailable(_) => Code::OutOfRange,
+            Self::BadKv(_) => Code::InvalidArgument,
+            Self::Peer { .. } => Code::Unavailable,
             Self::Busy(_) => Code::ResourceExhausted,
             Self::Internal(_) => Code::Internal,
         }
