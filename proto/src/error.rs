@@ -28,8 +28,10 @@ pub enum WorkerError {
     KvUnavailable(String),
     #[error("bad KV cache data: {0}")]
     BadKv(String),
+    /// A peer refused or failed a KV pull: its refusal's code passes through
+    /// (Unavailable when it could not be reached).
     #[error("pulling KV cache from {address}: {message}")]
-    Peer { address: String, message: String },
+    Peer { address: String, code: Code, message: String },
     #[error("worker is draining and takes no new work")]
     Draining,
     #[error("worker is busy: {0}")]
@@ -48,7 +50,7 @@ impl WorkerError {
             Self::UnknownSequence(_) | Self::UnknownPipeline(_) => Code::NotFound,
             Self::KvUnavailable(_) => Code::OutOfRange,
             Self::BadKv(_) => Code::InvalidArgument,
-            Self::Peer { .. } => Code::Unavailable,
+            Self::Peer { code, .. } => *code,
             Self::Busy(_) => Code::ResourceExhausted,
             Self::Internal(_) => Code::Internal,
         }

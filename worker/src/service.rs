@@ -25,6 +25,8 @@ use crate::events::{lock, unix_nanos, EventHub, Stats};
 use crate::forwarder;
 use crate::weights::{self, LocalModels};
 
+mod kv_move;
+
 /// How often Events subscribers get a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(300);
 
@@ -48,6 +50,8 @@ struct Shared {
     stop: watch::Receiver<bool>,
     /// Asked to leave the cluster (SetDraining), by the coordinator or at this machine.
     draining: watch::Sender<bool>,
+    /// Workers this one pulled KV caches from.
+    peers: kv_move::Peers,
 }
 
 /// The shards a worker holds: usually one, two while a re-plan switches pipelines.
@@ -88,6 +92,7 @@ impl WorkerService {
                 load_lock: tokio::sync::Mutex::new(()),
                 stop,
                 draining: watch::channel(false).0,
+                peers: kv_move::Peers::default(),
             }),
         }
     }
@@ -476,5 +481,33 @@ impl Worker for WorkerService {
         Ok(Response::new(
             self.shared.stats.snapshot(request.into_inner().reset),
         ))
+    }
+
+    async fn import_sequence(
+        &self,
+        request: Request<v1::ImportSequenceRequest>,
+    ) -> Result<Response<v1::ImportSequenceResponse>, Status> {
+        match self.import_kv_sequence(request.into_inner()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) => {
+                tracing::warn!(error = %e, "sequence import refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    type ExportKvStream = kv_move::KvStream;
+
+    async fn export_kv(
+        &self,
+        request: Request<v1::ExportKvRequest>,
+    ) -> Result<Response<Self::ExportKvStream>, Status> {
+        match self.export_kv_chunks(request.into_inner()).await {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(e) => {
+                tracing::warn!(error = %e, "KV export refused");
+                Err(e.into())
+            }
+        }
     }
 }
