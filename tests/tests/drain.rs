@@ -1,7 +1,9 @@
 //! Any worker can leave mid-generation and no request is lost: eight streaming
 //! greedy requests are in flight across three workers while one is drained, killed,
 //! or drained and brought back; every request completes with exactly the tokens
-//! an undisturbed run gives.
+//! an undisturbed run gives. Drains run with each way of moving requests forced
+//! (`--move-sequences transfer` and `replay`), and seeded sampled requests moved
+//! with their KV caches continue exactly too.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +14,8 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
-use strata_tests::{reference_completion, ClusterOptions, TestCluster};
+use strata_model::SamplingParams;
+use strata_tests::{reference_completion_sampled, ClusterOptions, TestCluster};
 
 /// Wide enough that a few hundred tokens take a while, so the requests are still
 /// running when the worker leaves.
@@ -29,26 +32,49 @@ fn prompts() -> Vec<Vec<u32>> {
 }
 
 /// The text an undisturbed single process gives, decoded as the API streams it.
-fn expected(model: &Path, prompt: &[u32]) -> anyhow::Result<String> {
-    Ok(reference_completion(model, prompt, MAX_TOKENS)?.0)
+fn expected(model: &Path, prompt: &[u32], sampling: &SamplingParams) -> anyhow::Result<String> {
+    Ok(reference_completion_sampled(model, prompt, MAX_TOKENS, sampling)?.0)
+}
+
+/// Seeded sampling with a repetition penalty (which looks back over the whole
+/// history), as the API fields and as the sampler's parameters.
+fn sampled() -> (Value, SamplingParams) {
+    let fields = json!({"temperature": 0.8, "top_k": 40, "repetition_penalty": 1.3, "seed": 7});
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_k: Some(40),
+        repetition_penalty: 1.3,
+        seed: 7,
+        ..SamplingParams::greedy()
+    };
+    (fields, params)
 }
 
 /// Eight streaming requests, each counting the events it has received.
 struct Streams {
     received: Vec<Arc<AtomicUsize>>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<String>>>,
+    sampling: SamplingParams,
 }
 
 impl Streams {
     fn start(addr: &str) -> Self {
+        Self::start_sampling(addr, (json!({"temperature": 0}), SamplingParams::greedy()))
+    }
+
+    /// Streams with the API's sampling `fields`, which the sampler reads as `params`.
+    fn start_sampling(addr: &str, (fields, params): (Value, SamplingParams)) -> Self {
         let mut received = Vec::new();
         let mut tasks = Vec::new();
         for prompt in prompts() {
             let count = Arc::new(AtomicUsize::new(0));
             received.push(count.clone());
             let addr = addr.to_string();
+            let mut body = json!({"model": "test-model", "prompt": prompt, "max_tokens": MAX_TOKENS, "stream": true});
+            if let (Some(body), Some(fields)) = (body.as_object_mut(), fields.as_object()) {
+                body.extend(fields.clone());
+            }
             tasks.push(tokio::spawn(async move {
-                let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true});
                 let mut text = String::new();
                 http::post_events(&addr, "/v1/completions", &body, |e| {
                     text.push_str(e["choices"][0]["text"].as_str().unwrap_or(""));
@@ -58,7 +84,7 @@ impl Streams {
                 Ok(text)
             }));
         }
-        Self { received, tasks }
+        Self { received, tasks, sampling: params }
     }
 
     /// Waits until every stream has had a few events (or ended).
@@ -75,7 +101,7 @@ impl Streams {
     async fn check(self, model: &Path) -> anyhow::Result<()> {
         for (prompt, task) in prompts().iter().zip(self.tasks) {
             let text = tokio::time::timeout(Duration::from_secs(120), task).await.context("a stream hung")???;
-            assert_eq!(text, expected(model, prompt)?, "prompt {prompt:?}");
+            assert_eq!(text, expected(model, prompt, &self.sampling)?, "prompt {prompt:?}");
         }
         Ok(())
     }
@@ -114,18 +140,30 @@ fn holds_layers(s: &Value, name: &str) -> bool {
 }
 
 async fn start(model: &Path) -> anyhow::Result<TestCluster> {
-    let options =
-        ClusterOptions { serve_args: vec!["--queue-timeout".into(), "60".into()], ..ClusterOptions::default() };
+    start_moving(model, "auto").await
+}
+
+/// A cluster that moves requests to a new pipeline as `how` says (`--move-sequences`).
+async fn start_moving(model: &Path, how: &str) -> anyhow::Result<TestCluster> {
+    let serve_args = ["--queue-timeout", "60", "--move-sequences", how].map(String::from).to_vec();
+    let options = ClusterOptions { serve_args, ..ClusterOptions::default() };
     let cluster = TestCluster::start(model, &options).await?;
     assert_eq!(cluster.stage_lines.len(), 3, "{:?}", cluster.stage_lines);
     Ok(cluster)
+}
+
+/// How a drain report says the requests moved: (with their KV caches, replayed).
+fn moved(report: &Value) -> (u64, u64) {
+    let count = |k: &str| report[k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(count("sequences_moved"), count("sequences_transferred") + count("sequences_replayed"), "{report}");
+    (count("sequences_transferred"), count("sequences_replayed"))
 }
 
 #[tokio::test]
 async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = model(dir.path());
-    let cluster = start(&model).await?;
+    let cluster = start_moving(&model, "transfer").await?;
     let addr = cluster.http().to_string();
     let streams = Streams::start(&addr);
     streams.wait_until_running().await?;
@@ -133,6 +171,9 @@ async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyh
     assert_eq!(code, 200, "{report}");
     assert_eq!(report["finished"], true, "{report}");
     assert!(report["memory_freed_bytes"].as_u64().unwrap_or(0) > 0, "{report}");
+    // Every request had generated tokens: each moved with its KV cache.
+    let (transferred, replayed) = moved(&report);
+    assert!(transferred > 0 && replayed == 0, "{report}");
     eprintln!("drain: {}", report["message"]);
     streams.check(&model).await?;
     let s = wait_for_status(&addr, "the drained worker to hold nothing", |s| {
@@ -170,12 +211,13 @@ async fn killing_a_worker_mid_generation_loses_nothing() -> anyhow::Result<()> {
 async fn drain_then_undrain_rebalances_without_losing_anything() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = model(dir.path());
-    let cluster = start(&model).await?;
+    let cluster = start_moving(&model, "transfer").await?;
     let addr = cluster.http().to_string();
     let streams = Streams::start(&addr);
     streams.wait_until_running().await?;
     let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
     assert_eq!(code, 200, "{report}");
+    assert!(moved(&report).0 > 0, "{report}");
     let (code, reply) = admin(&addr, "/admin/undrain", json!({"node": "worker-1"})).await?;
     assert_eq!(code, 200, "{reply}");
     streams.check(&model).await?;
@@ -262,6 +304,45 @@ async fn the_worker_drains_and_undrains_itself_from_its_own_machine() -> anyhow:
     let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": 8, "temperature": 0});
     let reply = http::request(&addr, "POST", "/v1/completions", Some(&body)).await?;
     assert_eq!(reply.status, 200, "{}", reply.body);
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_replay_forced_a_drain_replays_every_request_and_loses_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = model(dir.path());
+    let cluster = start_moving(&model, "replay").await?;
+    let addr = cluster.http().to_string();
+    let streams = Streams::start(&addr);
+    streams.wait_until_running().await?;
+    let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
+    assert_eq!(code, 200, "{report}");
+    let (transferred, replayed) = moved(&report);
+    assert!(transferred == 0 && replayed > 0, "{report}");
+    eprintln!("drain: {}", report["message"]);
+    streams.check(&model).await?;
+    cluster.stop().await;
+    Ok(())
+}
+
+/// Sampling is stateless per position, but the repetition penalty reads the whole
+/// history: after a KV move the new last stage must know every token, not just the
+/// one in the frame that resumes the request.
+#[tokio::test]
+async fn seeded_sampled_requests_moved_with_their_kv_continue_exactly() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = model(dir.path());
+    let cluster = start_moving(&model, "transfer").await?;
+    let addr = cluster.http().to_string();
+    let streams = Streams::start_sampling(&addr, sampled());
+    streams.wait_until_running().await?;
+    let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
+    assert_eq!(code, 200, "{report}");
+    assert!(moved(&report).0 > 0, "{report}");
+    let (code, reply) = admin(&addr, "/admin/undrain", json!({"node": "worker-1"})).await?;
+    assert_eq!(code, 200, "{reply}");
+    streams.check(&model).await?;
     cluster.stop().await;
     Ok(())
 }

@@ -30,7 +30,7 @@ use super::model::ServedModel;
 use super::pipeline::{self, BuildSpec, Pipeline, Placement};
 use super::placement::{self, PlacementPolicy};
 use super::report::{AdminError, ClusterStatus, DrainReport, NodeReport};
-use super::scheduler::{PipelineLink, SchedulerMsg, SchedulerStatus};
+use super::scheduler::{Moved, PipelineLink, SchedulerMsg, SchedulerStatus};
 use super::{connect, HopSamples, WorkerClient, HEARTBEAT_TIMEOUT};
 use crate::planner::{ModelSpec, PlanOptions};
 
@@ -90,7 +90,7 @@ pub(super) struct ControllerSpec {
 /// The outcome of one re-plan.
 #[derive(Default)]
 struct Switched {
-    moved: usize,
+    moved: Moved,
     /// Bytes each worker freed when the old pipeline was unloaded.
     freed: HashMap<String, u64>,
 }
@@ -318,7 +318,7 @@ impl Controller {
                 Ok(new) => {
                     self.backoff.retain(|a, _| !stages.iter().any(|s| &s.address == a));
                     self.predicted_tokens_per_second = Some(plan.tokens_per_second());
-                    return self.switch_to(new).await;
+                    return self.switch_to(new, make_before_break).await;
                 }
                 Err(failed) => {
                     tracing::warn!(address = %failed.address, error = %failed.error, "a stage failed to load");
@@ -341,10 +341,12 @@ impl Controller {
         Switched::default()
     }
 
-    /// Moves every request to `new` and unloads the pipeline it replaces.
-    async fn switch_to(&mut self, new: Pipeline) -> Switched {
+    /// Moves every request to `new` and unloads the pipeline it replaces (only once
+    /// the requests moving with their KV caches have read them: the scheduler
+    /// answers after that). `old_alive`: that pipeline still works.
+    async fn switch_to(&mut self, new: Pipeline, old_alive: bool) -> Switched {
         let link = new.link.clone();
-        let moved = self.scheduler_switch(Some(link), String::new()).await;
+        let moved = self.scheduler_switch(Some(link), String::new(), old_alive).await;
         for p in &new.placements {
             tracing::info!(
                 stage = p.stage,
@@ -375,18 +377,18 @@ impl Controller {
     async fn park(&mut self, reason: String) {
         let old = self.current.take();
         self.predicted_tokens_per_second = None;
-        self.scheduler_switch(None, reason).await;
+        self.scheduler_switch(None, reason, false).await;
         if let Some(old) = old {
             self.retire(old).await;
         }
     }
 
-    async fn scheduler_switch(&self, pipeline: Option<PipelineLink>, reason: String) -> usize {
+    async fn scheduler_switch(&self, pipeline: Option<PipelineLink>, reason: String, old_alive: bool) -> Moved {
         let (done, moved) = oneshot::channel();
-        if self.spec.scheduler.send(SchedulerMsg::Switch { pipeline, reason, done }).is_err() {
-            return 0;
+        if self.spec.scheduler.send(SchedulerMsg::Switch { pipeline, reason, old_alive, done }).is_err() {
+            return Moved::default();
         }
-        moved.await.unwrap_or(0)
+        moved.await.unwrap_or_default()
     }
 
     /// Unloads pipeline `id` from the workers that answer; bytes freed by each.
@@ -471,7 +473,7 @@ impl Controller {
         if any_gone {
             self.reconcile(reason).await;
         } else if let Some(link) = self.current.as_ref().map(|p| p.link.clone()) {
-            self.scheduler_switch(Some(link), String::new()).await;
+            self.scheduler_switch(Some(link), String::new(), false).await;
         }
     }
 
@@ -591,6 +593,8 @@ impl Controller {
             node: member.name().to_string(),
             finished: false,
             sequences_moved: 0,
+            sequences_transferred: 0,
+            sequences_replayed: 0,
             memory_freed_bytes: 0,
             seconds: 0.0,
             longest_pause_seconds: 0.0,
@@ -607,17 +611,21 @@ impl Controller {
         let switched = self.reconcile(&format!("draining {}", member.name())).await;
         let freed_here = switched.freed.get(&member.address).copied().unwrap_or(0);
         report.seconds = started.elapsed().as_secs_f64();
-        report.sequences_moved = switched.moved;
+        report.sequences_moved = switched.moved.total();
+        report.sequences_transferred = switched.moved.transferred;
+        report.sequences_replayed = switched.moved.replayed;
         report.memory_freed_bytes = freed_here;
         tracing::info!(
             node = %member.name(),
-            moved = switched.moved,
+            transferred = switched.moved.transferred,
+            replayed = switched.moved.replayed,
+            fell_back = switched.moved.fell_back,
             freed_bytes = freed_here,
             "drained in {:.2}s",
             report.seconds
         );
         let Some(reply) = reply else { return };
-        if switched.moved > 0 {
+        if switched.moved.total() > 0 {
             let (tx, rx) = oneshot::channel();
             if self.spec.scheduler.send(SchedulerMsg::AwaitResumed { reply: tx }).is_ok() {
                 if let Ok(Ok(pause)) = tokio::time::timeout(RESUME_WAIT, rx).await {
@@ -627,11 +635,14 @@ impl Controller {
         }
         report.finished = true;
         report.message = format!(
-            "{} drained in {:.2}s: {} freed, {} sequence(s) moved, longest pause a client saw {:.0} ms{}",
+            "{} drained in {:.2}s: {} freed, {} sequence(s) moved ({} with their KV cache, {} replayed), \
+             longest pause a client saw {:.0} ms{}",
             member.name(),
             report.seconds,
             crate::planner::format_bytes(freed_here),
-            switched.moved,
+            switched.moved.total(),
+            switched.moved.transferred,
+            switched.moved.replayed,
             report.longest_pause_seconds * 1e3,
             if report.requests_wait {
                 "; what is left cannot hold the model: new requests wait for capacity"
@@ -652,10 +663,12 @@ impl Controller {
         let started = Instant::now();
         let switched = self.reconcile(&format!("{} is back", member.name())).await;
         Ok(format!(
-            "{} is back in service; re-planned in {:.2}s, {} sequence(s) moved",
+            "{} is back in service; re-planned in {:.2}s, {} sequence(s) moved ({} with their KV cache, {} replayed)",
             member.name(),
             started.elapsed().as_secs_f64(),
-            switched.moved
+            switched.moved.total(),
+            switched.moved.transferred,
+            switched.moved.replayed
         ))
     }
 

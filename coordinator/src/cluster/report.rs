@@ -50,6 +50,11 @@ pub struct DrainReport {
     /// False when the command returned as soon as the drain began (no `--wait`).
     pub finished: bool,
     pub sequences_moved: usize,
+    /// Of those, moved with their KV caches, and replayed.
+    #[serde(default)]
+    pub sequences_transferred: usize,
+    #[serde(default)]
+    pub sequences_replayed: usize,
     pub memory_freed_bytes: u64,
     /// From the command to the node's memory being free.
     pub seconds: f64,
