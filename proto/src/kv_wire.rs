@@ -43,11 +43,13 @@ pub fn encode_kv_layer(
     while position < positions {
         let count = step.min(positions - position);
         let take = |t: &[f32]| -> Vec<u8> {
-            let mut bytes = Vec::with_capacity(kv_heads * count * head_dim * 4);
-            for h in 0..kv_heads {
+            let run = count * head_dim;
+            let mut bytes = vec![0u8; kv_heads * run * 4];
+            for (h, out) in bytes.chunks_exact_mut(run * 4).enumerate() {
                 let from = (h * positions + position) * head_dim;
-                for x in &t[from..from + count * head_dim] {
-                    bytes.extend_from_slice(&x.to_le_bytes());
+                // Fixed-size copies into a sized buffer: this compiles to plain moves.
+                for (b, x) in out.chunks_exact_mut(4).zip(&t[from..from + run]) {
+                    b.copy_from_slice(&x.to_le_bytes());
                 }
             }
             bytes

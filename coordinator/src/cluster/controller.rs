@@ -598,6 +598,7 @@ impl Controller {
             memory_freed_bytes: 0,
             seconds: 0.0,
             longest_pause_seconds: 0.0,
+            longest_resume_seconds: 0.0,
             requests_wait: fits.is_err(),
             message: String::new(),
         };
@@ -628,8 +629,9 @@ impl Controller {
         if switched.moved.total() > 0 {
             let (tx, rx) = oneshot::channel();
             if self.spec.scheduler.send(SchedulerMsg::AwaitResumed { reply: tx }).is_ok() {
-                if let Ok(Ok(pause)) = tokio::time::timeout(RESUME_WAIT, rx).await {
-                    report.longest_pause_seconds = pause.as_secs_f64();
+                if let Ok(Ok(resumed)) = tokio::time::timeout(RESUME_WAIT, rx).await {
+                    report.longest_pause_seconds = resumed.longest_pause.as_secs_f64();
+                    report.longest_resume_seconds = resumed.longest_resume.as_secs_f64();
                 }
             }
         }

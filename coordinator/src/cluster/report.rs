@@ -60,6 +60,10 @@ pub struct DrainReport {
     pub seconds: f64,
     /// The longest gap between two tokens a client saw while its request moved.
     pub longest_pause_seconds: f64,
+    /// The longest time from the switch to a moved request's next token (the pause
+    /// less what came before the switch: the old pipeline serves while the new loads).
+    #[serde(default)]
+    pub longest_resume_seconds: f64,
     /// With `--force` and too little left: new requests wait for capacity.
     pub requests_wait: bool,
     pub message: String,

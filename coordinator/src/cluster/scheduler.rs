@@ -77,6 +77,17 @@ impl Moved {
     }
 }
 
+/// How long the requests moved by a switch waited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resumed {
+    /// The longest gap between two tokens a client saw.
+    pub longest_pause: Duration,
+    /// The longest time from the switch to a moved request's next token: the pause
+    /// less the time its last token came before the switch (while the new pipeline
+    /// loaded, the old one served).
+    pub longest_resume: Duration,
+}
+
 /// How the scheduler moves requests, and what it needs to estimate the cost.
 #[derive(Debug, Clone)]
 pub struct MoveSettings {
@@ -120,7 +131,7 @@ pub(super) enum SchedulerMsg {
     /// Replies, once every request moved by the last switch has produced a token
     /// again (or ended), with the longest pause a client saw.
     AwaitResumed {
-        reply: oneshot::Sender<Duration>,
+        reply: oneshot::Sender<Resumed>,
     },
     Status {
         reply: oneshot::Sender<SchedulerStatus>,
@@ -148,6 +159,8 @@ struct Request {
     waiting_since: Option<Instant>,
     /// Moved by the last switch and not yet heard from since.
     moved: bool,
+    /// When it was last moved.
+    moved_at: Instant,
     retries: u32,
 }
 
@@ -180,7 +193,8 @@ pub(super) struct Scheduler {
     wire: HashMap<u64, u64>,
     next_seq: u64,
     longest_pause: Duration,
-    resumed_waiters: Vec<oneshot::Sender<Duration>>,
+    longest_resume: Duration,
+    resumed_waiters: Vec<oneshot::Sender<Resumed>>,
     tokens_generated: u64,
     moves: MoveSettings,
     /// Transfers under way, by request.
@@ -232,6 +246,7 @@ impl Scheduler {
             wire: HashMap::new(),
             next_seq: 1,
             longest_pause: Duration::ZERO,
+            longest_resume: Duration::ZERO,
             resumed_waiters: Vec::new(),
             tokens_generated: 0,
             moves,
@@ -337,6 +352,7 @@ impl Scheduler {
                 last_token: now,
                 waiting_since: Some(now),
                 moved: false,
+                moved_at: now,
                 retries: 0,
             },
         );
@@ -433,6 +449,7 @@ impl Scheduler {
         if r.moved {
             r.moved = false;
             self.longest_pause = self.longest_pause.max(now - r.last_token);
+            self.longest_resume = self.longest_resume.max(now - r.moved_at);
         } else if !r.generated.is_empty() {
             // A decode step as this request sees it: what a replayed token costs.
             self.moves.cost.observe_step(now - r.last_token);
@@ -493,6 +510,7 @@ impl Scheduler {
             }
             r.waiting_since = Some(Instant::now());
             r.moved = true;
+            r.moved_at = Instant::now();
             let _ = self.control.send(Control::Trouble { reason: format!("stage {}: {}", e.stage_index, e.message) });
             return;
         }
@@ -521,6 +539,7 @@ impl Scheduler {
             let counted = r.running.is_some() || !r.generated.is_empty();
             if counted {
                 r.moved = true;
+                r.moved_at = now;
             }
             let on_old = old.as_ref().filter(|o| r.running.is_some_and(|(on, _)| on == o.id));
             match &pipeline {
@@ -694,9 +713,12 @@ impl Scheduler {
         if self.resumed_waiters.is_empty() || self.requests.values().any(|r| r.moved) {
             return;
         }
-        let pause = std::mem::take(&mut self.longest_pause);
+        let resumed = Resumed {
+            longest_pause: std::mem::take(&mut self.longest_pause),
+            longest_resume: std::mem::take(&mut self.longest_resume),
+        };
         for w in self.resumed_waiters.drain(..) {
-            let _ = w.send(pause);
+            let _ = w.send(resumed);
         }
     }
 
