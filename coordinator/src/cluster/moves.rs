@@ -237,8 +237,9 @@ mod tests {
         assert_eq!(cost, before, "outliers are ignored");
     }
 
-    #[test]
-    fn each_new_stage_gets_its_layers_from_every_old_stage_that_has_some() {
+    // A lazy channel still wants a runtime to be made in.
+    #[tokio::test]
+    async fn each_new_stage_gets_its_layers_from_every_old_stage_that_has_some() {
         let stage = |layers: Range<usize>, address: &str| LinkStage {
             address: address.into(),
             layers,

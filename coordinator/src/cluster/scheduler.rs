@@ -543,16 +543,18 @@ impl Scheduler {
             }
             let on_old = old.as_ref().filter(|o| r.running.is_some_and(|(on, _)| on == o.id));
             match &pipeline {
-                Some(p) => match on_old {
-                    Some(from) if self.should_transfer(id) => {
-                        self.transfer(id, from, p);
+                Some(p) => {
+                    let transferring = match on_old {
+                        Some(from) if self.should_transfer(id) => self.transfer(id, from, p),
+                        _ => false,
+                    };
+                    if transferring {
                         moved.transferred += 1;
-                    }
-                    _ => {
+                    } else {
                         self.launch(id, p);
                         moved.replayed += usize::from(counted);
                     }
-                },
+                }
                 None => {
                     if let Some((_, seq)) = r.running.take() {
                         self.wire.remove(&seq);
@@ -609,24 +611,25 @@ impl Scheduler {
 
     /// Moves request `id` from `from` (where it runs and which still works) to `to`
     /// with its KV cache: a new sequence id at once (late tokens of the old one are
-    /// ignored), the imports in a task; [`Self::on_transfer_done`] resumes it.
-    fn transfer(&mut self, id: u64, from: &PipelineLink, to: &PipelineLink) {
+    /// ignored), the imports in a task; [`Self::on_transfer_done`] resumes it. False
+    /// when there is nothing to move (it is not running, or generated nothing).
+    fn transfer(&mut self, id: u64, from: &PipelineLink, to: &PipelineLink) -> bool {
         let seq = self.next_seq;
         self.next_seq += 1;
         let stop_tokens = self.card.tokenizer.eos_tokens().to_vec();
         let Some(r) = self.requests.get_mut(&id) else {
-            return;
+            return false;
         };
-        let Some((old_pipeline, old_seq)) = r.running.replace((to.id, seq)) else {
-            return;
+        let (Some((old_pipeline, old_seq)), Some((_, before_last))) = (r.running, r.generated.split_last()) else {
+            return false;
         };
+        r.running = Some((to.id, seq));
         self.wire.remove(&old_seq);
         self.wire.insert(seq, id);
         r.waiting_since = None;
         // Every old stage has final KV for [0, n): the last generated token has not
         // necessarily been run yet, so it goes in the frame that resumes the request.
-        let k = r.generated.len();
-        let tokens: Vec<u32> = r.prompt.iter().chain(&r.generated[..k - 1]).copied().collect();
+        let tokens: Vec<u32> = r.prompt.iter().chain(before_last).copied().collect();
         let spec = TransferSpec {
             old: from.stages.clone(),
             old_pipeline,
@@ -642,6 +645,7 @@ impl Scheduler {
             let result = moves::transfer(spec).await;
             let _ = done.send(TransferDone { request: id, seq, result });
         });
+        true
     }
 
     fn on_transfer_done(&mut self, done: TransferDone) {
@@ -748,5 +752,92 @@ impl Scheduler {
             self.finish(id, Some(GenerateEvent::Failed(EngineError::Unavailable(reason))));
         }
         self.check_resumed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use strata_model::synthetic::SyntheticModel;
+    use strata_model::SamplingParams;
+
+    use super::*;
+    use crate::cluster::{ServedModel, WorkerClient};
+
+    /// A pipeline whose stage-0 stream the test reads, on a worker that is not there.
+    fn link(id: u64) -> (PipelineLink, mpsc::UnboundedReceiver<StageMessage>) {
+        let (stage0, frames) = mpsc::unbounded_channel();
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let stage = LinkStage { address: "127.0.0.1:1".into(), layers: 0..4, client: WorkerClient::new(channel) };
+        (PipelineLink { id, stage0, stages: Arc::new(vec![stage]) }, frames)
+    }
+
+    fn kinds(frames: &mut mpsc::UnboundedReceiver<StageMessage>) -> Vec<stage_message::Kind> {
+        std::iter::from_fn(|| frames.try_recv().ok()).filter_map(|m| m.kind).collect()
+    }
+
+    fn token(seq_id: u64, position: u32, token: u32) -> SchedulerMsg {
+        let t = v1::TokenSampled { seq_id, position, token, sent_unix_nanos: 0 };
+        SchedulerMsg::Event { event: WorkerEvent { kind: Some(worker_event::Kind::Token(t)) } }
+    }
+
+    /// Sends `msg` and waits until the scheduler has handled it (a status round trip).
+    async fn handled(tx: &mpsc::UnboundedSender<SchedulerMsg>, msg: SchedulerMsg) {
+        tx.send(msg).unwrap();
+        let (reply, status) = oneshot::channel();
+        tx.send(SchedulerMsg::Status { reply }).unwrap();
+        status.await.unwrap();
+    }
+
+    /// The old holder is gone by the time its KV is pulled: the request is replayed on
+    /// the new pipeline instead, every step of it, and the old sequence released.
+    #[tokio::test]
+    async fn a_failed_transfer_falls_back_to_a_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = SyntheticModel::tiny().write_to(dir.path()).unwrap();
+        let model = ServedModel::open(&path, "test".into()).unwrap();
+        let (control, _control) = mpsc::unbounded_channel();
+        let moves = MoveSettings { policy: MovePolicy::Transfer, cost: MoveCost::default(), kv_bytes_per_position: 1 };
+        let scheduler = Scheduler::new(model.card.clone(), 64, Duration::from_secs(60), control, moves);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(scheduler.run(rx));
+        let (old, mut old_frames) = link(1);
+        let (new, mut new_frames) = link(2);
+        let (done, moved) = oneshot::channel();
+        handled(&tx, SchedulerMsg::Switch { pipeline: Some(old), reason: String::new(), old_alive: false, done }).await;
+        assert_eq!(moved.await.unwrap(), Moved::default());
+
+        let (events, mut client) = mpsc::channel(16);
+        let request = GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 8, sampling: SamplingParams::greedy() };
+        handled(&tx, SchedulerMsg::Start { id: 1, request, direct: false, ignore_eos: true, events }).await;
+        handled(&tx, token(1, 3, 40)).await;
+        handled(&tx, token(1, 4, 41)).await;
+        assert_eq!(kinds(&mut old_frames).len(), 4, "open, the prompt and two steps");
+
+        let (done, moved) = oneshot::channel();
+        tx.send(SchedulerMsg::Switch { pipeline: Some(new), reason: String::new(), old_alive: true, done }).unwrap();
+        let moved = tokio::time::timeout(Duration::from_secs(30), moved).await.unwrap().unwrap();
+        assert_eq!(moved, Moved { replayed: 1, transferred: 0, fell_back: 1 });
+        // The old sequence is released; on the new pipeline the imports that did work
+        // are dropped, then the request is replayed under a third id.
+        assert!(matches!(&kinds(&mut old_frames)[..], [stage_message::Kind::Release(r)] if r.seq_id == 1));
+        let replay = kinds(&mut new_frames);
+        let frames: Vec<(u64, u32, Vec<u32>, bool)> = replay
+            .iter()
+            .filter_map(|k| match k {
+                stage_message::Kind::Frame(f) => Some((f.seq_id, f.position, f.tokens.clone(), f.sample)),
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(&replay[..2], [stage_message::Kind::Release(r), stage_message::Kind::Open(o)]
+            if r.seq_id == 2 && o.seq_id == 3));
+        assert_eq!(frames, [(3, 0, vec![5, 6, 7], false), (3, 3, vec![40], false), (3, 4, vec![41], true)]);
+        handled(&tx, token(3, 5, 42)).await;
+        let got: Vec<u32> = std::iter::from_fn(|| client.try_recv().ok())
+            .filter_map(|e| match e {
+                GenerateEvent::Token(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, [40, 41, 42]);
     }
 }
