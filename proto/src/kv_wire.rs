@@ -195,7 +195,9 @@ mod tests {
             }
         }
         let layers = assembler.finish().unwrap();
-        assert_eq!(layers[1], KvLayerData { layer: 3, k: layer(heads, positions, dim, 3.0), v: layer(heads, positions, dim, -3.0) });
+        let (k, v) = (layer(heads, positions, dim, 3.0), layer(heads, positions, dim, -3.0));
+        let third = KvLayerData { layer: 3, k, v };
+        assert_eq!(layers[1], third);
     }
 
     #[test]

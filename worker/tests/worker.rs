@@ -1020,7 +1020,11 @@ async fn bad_kv_moves_get_a_status_that_names_the_problem() -> anyhow::Result<()
     let cases = [
         (import(5, vec![1, 2, 3], vec![source(here, 7, 1, 0..4)]), Code::NotFound, "no shard of pipeline 5"),
         (import(9, vec![1, 2], vec![source(here, 7, 1, 0..4)]), Code::InvalidArgument, "2 token ids for 3"),
-        (import(9, vec![1, 2, 3], vec![source(here, 7, 1, 0..2)]), Code::InvalidArgument, "sources cover layers [0..2]"),
+        (
+            import(9, vec![1, 2, 3], vec![source(here, 7, 1, 0..2)]),
+            Code::InvalidArgument,
+            "sources cover layers [0..2]",
+        ),
         (
             import(9, vec![1, 2, 3], vec![source(here, 7, 1, 0..2), source(here, 7, 1, 1..4)]),
             Code::InvalidArgument,
@@ -1039,7 +1043,8 @@ async fn bad_kv_moves_get_a_status_that_names_the_problem() -> anyhow::Result<()
     // A peer whose model has another KV shape: refused before anything is imported.
     let narrow_dir = tempfile::tempdir()?;
     let narrow = SyntheticModel { kv_heads: 1, ..SyntheticModel::tiny() }.write_to(narrow_dir.path())?;
-    let narrow_model = Model { hash: sha256_file(&narrow)?, path: narrow.clone(), _dir: narrow_dir, layers: model.layers };
+    let narrow_model =
+        Model { hash: sha256_file(&narrow)?, path: narrow.clone(), _dir: narrow_dir, layers: model.layers };
     let b = start_worker(vec![narrow]).await;
     let mut cb = client(&b.address).await;
     load(&mut cb, v1::ShardSpec { pipeline_id: 3, ..shard(&narrow_model, 0..model.layers, 0) }).await?;

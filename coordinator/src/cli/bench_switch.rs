@@ -5,11 +5,12 @@
 //! as in `--workers`) run `--switch-streams` greedy requests. When every request has
 //! reached the length L (prompt plus generated tokens), the middle worker is drained:
 //! make before break, the new two-stage pipeline loads beside the old one and the
-//! requests move. Two figures per L: the time to resume, from the switch to the last
-//! moved request's next token (what the way of moving costs), and the longest pause a
-//! client saw (that, plus however long before the switch its last token came: the old
-//! pipeline serves while the new one loads, but on a small machine the load competes
-//! with it for the cores). Each L runs twice on
+//! requests move. Two figures per L: the longest pause a client saw (the gap in its
+//! tokens), and the time to resume, from the switch to the last moved request's next
+//! token, as the drain reports it (the pause less however long before the switch the
+//! last token came: the old pipeline serves while the new one loads, but on a small
+//! machine the load competes with it for the cores; the drain stops waiting for it
+//! after 30 s). Each L runs twice on
 //! the same requests, once with every request replayed and once with every request
 //! moved with its KV cache, and the two outputs must be equal token for token.
 //!
@@ -47,8 +48,9 @@ struct Measured {
     policy: String,
     /// Mean length of the requests when the drain began.
     length_at_switch: f64,
-    /// From the switch to the last moved request's next token.
-    resume_s: f64,
+    /// From the switch to the last moved request's next token; `None` when the
+    /// drain stopped waiting for it.
+    resume_s: Option<f64>,
     /// Longest and median pause a client saw.
     longest_pause_s: f64,
     median_pause_s: f64,
@@ -65,7 +67,7 @@ struct Length {
     length: usize,
     replay: Measured,
     transfer: Measured,
-    /// Replay's time to resume over transfer's.
+    /// Replay's longest pause over transfer's.
     replay_over_transfer: f64,
     /// KV bytes one request moves (all layers, `length - 1` positions).
     kv_bytes_per_request: u64,
@@ -119,21 +121,22 @@ fn print(r: &Report) {
          prompt {} tokens, middle worker drained",
         r.workers, r.threads_per_worker, r.streams, r.prompt_tokens
     );
-    println!("time to resume (switch to the last moved request's next token), and the longest pause a client saw:");
+    println!("longest pause a client saw, and time from the switch to the last moved request's next token:");
     println!(
-        "{:>6}  {:>10}  {:>14}  {:>14}  {:>7}  {:>13}  {:>14}  {:>9}",
-        "length", "KV/request", "resume replay", "resume transf.", "ratio", "pause replay", "pause transf.", "identical"
+        "{:>6}  {:>10}  {:>13}  {:>14}  {:>7}  {:>14}  {:>15}  {:>9}",
+        "length", "KV/request", "pause replay", "pause transf.", "ratio", "resume replay", "resume transf.", "identical"
     );
+    let ms = |s: Option<f64>| s.map_or("n/a".to_string(), |s| format!("{:.0} ms", s * 1e3));
     for l in &r.lengths {
         println!(
-            "{:>6}  {:>10}  {:>11.0} ms  {:>11.0} ms  {:>6.1}x  {:>10.0} ms  {:>11.0} ms  {:>9}",
+            "{:>6}  {:>10}  {:>10.0} ms  {:>11.0} ms  {:>6.1}x  {:>14}  {:>15}  {:>9}",
             l.length,
             crate::planner::format_bytes(l.kv_bytes_per_request),
-            l.replay.resume_s * 1e3,
-            l.transfer.resume_s * 1e3,
-            l.replay_over_transfer,
             l.replay.longest_pause_s * 1e3,
             l.transfer.longest_pause_s * 1e3,
+            l.replay_over_transfer,
+            ms(l.replay.resume_s),
+            ms(l.transfer.resume_s),
             if l.outputs_identical { "yes" } else { "NO" }
         );
     }
@@ -297,7 +300,8 @@ async fn one(
         policy: format!("{policy:?}").to_lowercase(),
         length_at_switch: prompt_len as f64
             + at_switch.iter().sum::<usize>() as f64 / at_switch.len().max(1) as f64,
-        resume_s: report.longest_resume_seconds,
+        // The drain reports 0 when its wait for the requests to resume ran out.
+        resume_s: Some(report.longest_resume_seconds).filter(|s| *s > 0.0),
         longest_pause_s,
         median_pause_s: median(&mut pauses),
         drain_s,
@@ -350,13 +354,13 @@ async fn measure(
         let (replay, replayed_out) = one(&workers, &model, MovePolicy::Replay, args, length).await?;
         let (transfer, transferred_out) = one(&workers, &model, MovePolicy::Transfer, args, length).await?;
         eprintln!(
-            "length {length}: resume replay {:.0} ms, transfer {:.0} ms",
-            replay.resume_s * 1e3,
-            transfer.resume_s * 1e3
+            "length {length}: longest pause replay {:.0} ms, transfer {:.0} ms",
+            replay.longest_pause_s * 1e3,
+            transfer.longest_pause_s * 1e3
         );
         lengths.push(Length {
             length,
-            replay_over_transfer: replay.resume_s / transfer.resume_s.max(1e-9),
+            replay_over_transfer: replay.longest_pause_s / transfer.longest_pause_s.max(1e-9),
             kv_bytes_per_request: (length as u64 - 1) * kv_per_position,
             outputs_identical: replayed_out == transferred_out,
             replay,
@@ -368,9 +372,9 @@ async fn measure(
     // requests moved, time to resume less the resuming step), least squares.
     let points: Vec<(f64, f64)> = lengths
         .iter()
-        .map(|l| {
+        .filter_map(|l| {
             let bytes = (l.kv_bytes_per_request * args.switch_streams as u64) as f64;
-            (bytes, (l.transfer.resume_s - l.transfer.step_s).max(0.0))
+            Some((bytes, (l.transfer.resume_s? - l.transfer.step_s).max(0.0)))
         })
         .collect();
     let (fixed, per_byte) = fit(&points);

@@ -626,26 +626,33 @@ impl Controller {
             report.seconds
         );
         let Some(reply) = reply else { return };
+        let mut resumed_in_time = true;
         if switched.moved.total() > 0 {
             let (tx, rx) = oneshot::channel();
             if self.spec.scheduler.send(SchedulerMsg::AwaitResumed { reply: tx }).is_ok() {
-                if let Ok(Ok(resumed)) = tokio::time::timeout(RESUME_WAIT, rx).await {
-                    report.longest_pause_seconds = resumed.longest_pause.as_secs_f64();
-                    report.longest_resume_seconds = resumed.longest_resume.as_secs_f64();
+                match tokio::time::timeout(RESUME_WAIT, rx).await {
+                    Ok(Ok(resumed)) => {
+                        report.longest_pause_seconds = resumed.longest_pause.as_secs_f64();
+                        report.longest_resume_seconds = resumed.longest_resume.as_secs_f64();
+                    }
+                    _ => resumed_in_time = false,
                 }
             }
         }
         report.finished = true;
+        let pause = if resumed_in_time {
+            format!("longest pause a client saw {:.0} ms", report.longest_pause_seconds * 1e3)
+        } else {
+            format!("not every moved request had resumed after {}s", RESUME_WAIT.as_secs())
+        };
         report.message = format!(
-            "{} drained in {:.2}s: {} freed, {} sequence(s) moved ({} with their KV cache, {} replayed), \
-             longest pause a client saw {:.0} ms{}",
+            "{} drained in {:.2}s: {} freed, {} sequence(s) moved ({} with their KV cache, {} replayed), {pause}{}",
             member.name(),
             report.seconds,
             crate::planner::format_bytes(freed_here),
             switched.moved.total(),
             switched.moved.transferred,
             switched.moved.replayed,
-            report.longest_pause_seconds * 1e3,
             if report.requests_wait {
                 "; what is left cannot hold the model: new requests wait for capacity"
             } else {

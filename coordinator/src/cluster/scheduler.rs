@@ -807,7 +807,8 @@ mod tests {
         assert_eq!(moved.await.unwrap(), Moved::default());
 
         let (events, mut client) = mpsc::channel(16);
-        let request = GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 8, sampling: SamplingParams::greedy() };
+        let sampling = SamplingParams::greedy();
+        let request = GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 8, sampling };
         handled(&tx, SchedulerMsg::Start { id: 1, request, direct: false, ignore_eos: true, events }).await;
         handled(&tx, token(1, 3, 40)).await;
         handled(&tx, token(1, 4, 41)).await;

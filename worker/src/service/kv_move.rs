@@ -144,7 +144,8 @@ impl WorkerService {
     /// The KV `source` names, positions `[0, positions)`, pulled from its worker.
     async fn pull(&self, source: &v1::KvSource, positions: usize, shape: KvShape) -> Result<Vec<LayerKv>, WorkerError> {
         let address = source.address.clone();
-        let peer = |s: Status| WorkerError::Peer { address: address.clone(), code: s.code(), message: s.message().into() };
+        let peer =
+            |s: Status| WorkerError::Peer { address: address.clone(), code: s.code(), message: s.message().into() };
         let mut client = self.peer(&source.address).await?;
         let request = v1::ExportKvRequest {
             pipeline_id: source.pipeline_id,
@@ -201,7 +202,8 @@ impl WorkerService {
         if !covered {
             let given: Vec<String> = sources.iter().map(|s| format!("{}..{}", s.layer_start, s.layer_end)).collect();
             return Err(WorkerError::BadKv(format!(
-                "sequence {seq}: the sources cover layers [{}], this worker's shard of pipeline {pipeline} holds {}..{}",
+                "sequence {seq}: the sources cover layers [{}], this worker's shard of pipeline {pipeline} \
+                 holds {}..{}",
                 given.join(", "),
                 held.start,
                 held.end
