@@ -69,15 +69,17 @@ pub struct MoveCost {
 }
 
 impl Default for MoveCost {
-    /// `strata bench --switch` on 2026-11-25: step 16.4 ms (4 requests at length 64),
-    /// a prompt token 0.137 steps, a transfer 114 ms + 192 MB/s per request (4 at
-    /// once), measured on a shared 2-core machine, so rounded.
+    /// `strata bench --switch` on 2026-11-25: a step of 19.2 ms (4 requests at length
+    /// 64), a prompt token 0.138 steps, a transfer 31 ms + 212 MB/s per request (4 at
+    /// once); rounded, as the machine (2 cores) was shared. An earlier run on a
+    /// busier moment gave 16 ms, 0.137, 114 ms + 192 MB/s: the fixed cost is mostly
+    /// waiting for the compute threads' turns.
     fn default() -> Self {
         Self {
-            step_seconds: 0.016,
+            step_seconds: 0.019,
             prompt_token_steps: 0.14,
-            transfer_fixed_seconds: 0.11,
-            transfer_bytes_per_second: 190e6,
+            transfer_fixed_seconds: 0.03,
+            transfer_bytes_per_second: 210e6,
         }
     }
 }
