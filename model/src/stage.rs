@@ -692,8 +692,15 @@ mod tests {
         let mut steps = vec![prompt];
         steps.extend(decode);
         let reference = run_steps(&mut whole, 1, 0, &steps);
-        let splits: [(&[Range<usize>], &[Range<usize>]); 3] =
-            [(&[0..3, 3..6], &[0..6]), (&[0..2, 2..6], &[0..6]), (&[0..3, 3..6], &[0..2, 2..4, 4..6])];
+        // (old split, new split): the new stages take their layers from one or more old ones.
+        // One stage of all six layers (a list of one range is meant here).
+        #[allow(clippy::single_range_in_vec_init)]
+        let whole = vec![0..6];
+        let splits = [
+            (vec![0..3, 3..6], whole.clone()),
+            (vec![0..2, 2..6], whole),
+            (vec![0..3, 3..6], vec![0..2, 2..4, 4..6]),
+        ];
         for (from, to) in splits {
             let mut old: Vec<Stage> = from.iter().map(|r| stage(&file, r.clone())).collect();
             // The old chain runs the prompt and three steps; the KV of the prompt and the

@@ -35,7 +35,7 @@ pub fn encode_kv_layer(
     max_bytes: usize,
 ) -> Vec<v1::KvChunk> {
     let row = kv_heads * head_dim;
-    let positions = if row == 0 { 0 } else { k.len() / row };
+    let positions = k.len().checked_div(row).unwrap_or(0);
     let per_position = 2 * row * std::mem::size_of::<f32>();
     let step = (max_bytes / per_position.max(1)).max(1);
     let mut chunks = Vec::with_capacity(positions.div_ceil(step));

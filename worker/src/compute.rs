@@ -751,7 +751,7 @@ impl Compute {
         self.stage.import_kv(seq, layers).map_err(kv_error)?;
         let direct = open
             .direct_return
-            .then(|| DirectReturn { end_position: open.end_position as usize, stop_tokens: open.stop_tokens });
+            .then_some(DirectReturn { end_position: open.end_position as usize, stop_tokens: open.stop_tokens });
         // The whole history, not just the next frame's token: the last stage samples
         // position `history.len()`, with a repetition penalty over all of it.
         self.sequences.insert(seq, Sequence { sampler, history: tokens, direct });
