@@ -45,6 +45,15 @@ pub enum Error {
     #[error("sequence {seq}: {tokens} tokens exceed the context length of {context}")]
     ContextOverflow { seq: u64, tokens: usize, context: usize },
 
+    #[error("sequence {seq}: positions 0..{asked} asked, {cached} cached")]
+    KvPositions { seq: u64, asked: usize, cached: usize },
+
+    #[error("layers {start}..{end} are not all held by this stage (it holds {held_start}..{held_end})")]
+    KvLayers { start: usize, end: usize, held_start: usize, held_end: usize },
+
+    #[error("bad KV cache data: {0}")]
+    KvShape(String),
+
     #[error("bad stage input: {0}")]
     BadInput(String),
 

@@ -57,6 +57,33 @@ impl LayerCache {
         self.len = needed;
         Ok((ck.narrow(1, 0, self.len)?, cv.narrow(1, 0, self.len)?))
     }
+
+    /// Copies of K and V for positions `[0, positions)`, `[kv_heads, positions, head_dim]`
+    /// each, in storage of their own: later appends (which write in place) cannot change
+    /// them. `positions` must be at most [`Self::len`] and not 0.
+    pub fn export(&self, positions: usize) -> Result<(Tensor, Tensor)> {
+        let (Some(k), Some(v)) = (&self.k, &self.v) else {
+            return Err(crate::Error::BadInput("the cache holds no positions".into()));
+        };
+        if positions == 0 || positions > self.len {
+            return Err(crate::Error::BadInput(format!("{positions} positions asked, {} cached", self.len)));
+        }
+        let own = |t: &Tensor| -> Result<Tensor> {
+            let t = t.narrow(1, 0, positions)?;
+            // `contiguous` of a view that already is contiguous shares its storage.
+            Ok(if t.is_contiguous() { t.copy()? } else { t.contiguous()? })
+        };
+        Ok((own(k)?, own(v)?))
+    }
+
+    /// A cache holding exactly `k` and `v` (`[kv_heads, positions, head_dim]`), laid out
+    /// as if they had been appended step by step: one append gives the same capacity
+    /// and bytes.
+    pub fn import(k: &Tensor, v: &Tensor) -> Result<Self> {
+        let mut cache = Self::new();
+        cache.append(k, v)?;
+        Ok(cache)
+    }
 }
 
 fn grow(old: Option<&Tensor>, len: usize, shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
@@ -91,5 +118,25 @@ mod tests {
         }
         assert_eq!(cache.len(), 132);
         assert_eq!(cache.bytes(), 2 * 2 * 256 * 4 * 4);
+    }
+
+    #[test]
+    fn export_copies_a_prefix_and_import_restores_it() {
+        let dev = Device::Cpu;
+        let mut cache = LayerCache::new();
+        let k = Tensor::rand(0f32, 1f32, (2, 5, 4), &dev).unwrap();
+        let v = Tensor::rand(0f32, 1f32, (2, 5, 4), &dev).unwrap();
+        cache.append(&k, &v).unwrap();
+        let (ek, ev) = cache.export(3).unwrap();
+        assert_eq!(ek.dims3().unwrap(), (2, 3, 4));
+        let prefix = |t: &Tensor| t.narrow(1, 0, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(ek.flatten_all().unwrap().to_vec1::<f32>().unwrap(), prefix(&k));
+        // Appending after the export leaves the exported copy alone.
+        let one = Tensor::ones((2, 1, 4), DType::F32, &dev).unwrap();
+        cache.append(&one, &one).unwrap();
+        assert_eq!(ev.flatten_all().unwrap().to_vec1::<f32>().unwrap(), prefix(&v));
+        let restored = LayerCache::import(&ek, &ev).unwrap();
+        assert_eq!(restored.len(), 3);
+        assert!(cache.export(0).is_err() && cache.export(7).is_err() && LayerCache::new().export(1).is_err());
     }
 }

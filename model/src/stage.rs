@@ -522,6 +522,99 @@ fn load_rope(file: &ModelFile, reader: &mut BufReader<File>, device: &Device) ->
     Ok(Rope::new(info, freq_factors))
 }
 
+/// K and V of one layer of one sequence, `[kv_heads, positions, head_dim]` each: what
+/// moves when a sequence's cache is carried to another stage.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    /// The layer's index in the model (not in the stage).
+    pub layer: usize,
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+/// Moving a sequence's KV cache between stages. The copies are exact, so a sequence
+/// continued on the stage it was imported into computes what it would have computed
+/// where it came from, bit for bit.
+impl Stage {
+    /// The dtype of every KV cache: K and V are computed from f32 hidden states and
+    /// kept as they are.
+    pub const KV_DTYPE: DType = DType::F32;
+
+    /// Copies of the K and V of `layers` (model indices, within this stage's range) for
+    /// the positions `[0, positions)` of `seq`. The stage may hold more positions; only
+    /// the first `positions` are taken.
+    pub fn export_kv(&self, seq: SeqId, layers: Range<usize>, positions: usize) -> Result<Vec<LayerKv>> {
+        if layers.start >= layers.end || layers.start < self.layer_range.start || layers.end > self.layer_range.end {
+            return Err(Error::KvLayers {
+                start: layers.start,
+                end: layers.end,
+                held_start: self.layer_range.start,
+                held_end: self.layer_range.end,
+            });
+        }
+        let cache = self.sequences.get(&seq).ok_or(Error::UnknownSequence(seq))?;
+        if positions == 0 || positions > cache.len() {
+            return Err(Error::KvPositions { seq, asked: positions, cached: cache.len() });
+        }
+        layers
+            .map(|layer| {
+                let (k, v) = cache.layers[layer - self.layer_range.start].export(positions)?;
+                Ok(LayerKv { layer, k, v })
+            })
+            .collect()
+    }
+
+    /// Makes `layers` — one entry for every layer of this stage, each
+    /// `[kv_heads, positions, head_dim]` of [`Self::KV_DTYPE`], the same `positions`
+    /// for all — the KV cache of `seq`, replacing any it had. The sequence goes on at
+    /// position `positions`. Nothing changes when the data is refused.
+    pub fn import_kv(&mut self, seq: SeqId, mut layers: Vec<LayerKv>) -> Result<()> {
+        layers.sort_by_key(|l| l.layer);
+        let held = self.layer_range.clone();
+        let indices: Vec<usize> = layers.iter().map(|l| l.layer).collect();
+        if !indices.iter().copied().eq(held.clone()) {
+            let start = indices.first().copied().unwrap_or(0);
+            let end = indices.last().map_or(0, |l| l + 1);
+            let detail = if let Some(w) = indices.windows(2).find(|w| w[0] == w[1]) {
+                format!("layer {} is given twice", w[0])
+            } else {
+                format!("layers {start}..{end} ({} entries) given", indices.len())
+            };
+            return Err(Error::KvShape(format!(
+                "an import must cover exactly this stage's layers {}..{}: {detail}",
+                held.start, held.end
+            )));
+        }
+        let positions = layers.first().map_or(0, |l| l.k.dims().get(1).copied().unwrap_or(0));
+        let expected = [self.info.kv_heads, positions, self.info.head_dim];
+        if positions == 0 {
+            return Err(Error::KvShape("an import needs at least one position".into()));
+        }
+        if positions > self.info.context_length {
+            return Err(Error::ContextOverflow { seq, tokens: positions, context: self.info.context_length });
+        }
+        let mut caches = Vec::with_capacity(layers.len());
+        for l in &layers {
+            for (name, t) in [("K", &l.k), ("V", &l.v)] {
+                if t.dims() != expected || t.dtype() != Self::KV_DTYPE {
+                    return Err(Error::KvShape(format!(
+                        "layer {} {name}: expected {:?} {expected:?}, got {:?} {:?}",
+                        l.layer,
+                        Self::KV_DTYPE,
+                        t.dtype(),
+                        t.dims()
+                    )));
+                }
+            }
+            let k = l.k.to_device(&self.device)?;
+            let v = l.v.to_device(&self.device)?;
+            caches.push(LayerCache::import(&k, &v)?);
+        }
+        self.sequences.insert(seq, SequenceCache { layers: caches });
+        Ok(())
+    }
+}
+
 /// Mutable caches for `ids`, in that order. Ids must be distinct (checked by forward).
 fn caches_in_order(
     sequences: &mut HashMap<SeqId, SequenceCache>,
@@ -815,5 +908,97 @@ mod tests {
         assert!(err.to_string().contains("twice"), "{err}");
         // A refused batch leaves the sequence where it was.
         assert_eq!(first.sequence_len(1), Some(2));
+    }
+
+    /// Runs `prompt` then one-token steps `decode` on a chain of stages; returns the
+    /// logits after each step.
+    fn run_steps(chain: &mut [Stage], seq: SeqId, start: usize, steps: &[&[u32]]) -> Vec<Vec<f32>> {
+        let mut position = start;
+        let mut out = Vec::new();
+        for ids in steps {
+            out.push(through(chain, tokens(seq, position, ids)));
+            position += ids.len();
+        }
+        out
+    }
+
+    /// The KV of `seq`'s first `positions` positions, from the `old` chain into a fresh
+    /// `new` chain of other ranges, each new stage taking the layers it holds from
+    /// every old stage that has some of them.
+    fn carry(old: &[Stage], new: &mut [Stage], seq: SeqId, into: SeqId, positions: usize) {
+        for stage in new.iter_mut() {
+            let want = stage.layers();
+            let mut layers = Vec::new();
+            for source in old {
+                let held = source.layers();
+                let (start, end) = (want.start.max(held.start), want.end.min(held.end));
+                if start < end {
+                    layers.extend(source.export_kv(seq, start..end, positions).unwrap());
+                }
+            }
+            stage.import_kv(into, layers).unwrap();
+            assert_eq!(stage.sequence_len(into), Some(positions));
+        }
+    }
+
+    #[test]
+    fn a_carried_kv_cache_continues_bit_identically_on_any_split() {
+        let (_dir, file) = model(&SyntheticModel { layers: 6, ..SyntheticModel::tiny() });
+        let prompt: &[u32] = &[5, 80, 120, 33, 7, 250, 2];
+        let decode: [&[u32]; 5] = [&[17], &[99], &[3], &[42], &[8]];
+        let mut whole = [stage(&file, 0..6)];
+        let mut steps = vec![prompt];
+        steps.extend(decode);
+        let reference = run_steps(&mut whole, 1, 0, &steps);
+        // (old split, new split): the new stages take their layers from one or more old ones.
+        // One stage of all six layers (a list of one range is meant here).
+        #[allow(clippy::single_range_in_vec_init)]
+        let whole = vec![0..6];
+        let splits = [
+            (vec![0..3, 3..6], whole.clone()),
+            (vec![0..2, 2..6], whole),
+            (vec![0..3, 3..6], vec![0..2, 2..4, 4..6]),
+        ];
+        for (from, to) in splits {
+            let mut old: Vec<Stage> = from.iter().map(|r| stage(&file, r.clone())).collect();
+            // The old chain runs the prompt and three steps; the KV of the prompt and the
+            // first step (positions 0..8) moves, although the old stages hold 10.
+            let ran = run_steps(&mut old, 1, 0, &steps[..4]);
+            assert_eq!(ran, reference[..4], "{from:?}");
+            let n = prompt.len() + 1;
+            let mut new: Vec<Stage> = to.iter().map(|r| stage(&file, r.clone())).collect();
+            carry(&old, &mut new, 1, 9, n);
+            let resumed = run_steps(&mut new, 9, n, &steps[2..]);
+            assert_eq!(resumed, reference[2..], "{from:?} -> {to:?}");
+        }
+    }
+
+    #[test]
+    fn bad_kv_moves_are_refused_with_a_reason() {
+        let (_dir, file) = model(&SyntheticModel { layers: 6, ..SyntheticModel::tiny() });
+        let mut a = stage(&file, 0..3);
+        a.forward(&[tokens(1, 0, &[1, 2, 3, 4])]).unwrap();
+        assert!(matches!(a.export_kv(2, 0..3, 2), Err(Error::UnknownSequence(2))));
+        assert!(matches!(a.export_kv(1, 0..3, 5), Err(Error::KvPositions { asked: 5, cached: 4, .. })));
+        assert!(matches!(a.export_kv(1, 0..3, 0), Err(Error::KvPositions { asked: 0, .. })));
+        assert!(matches!(a.export_kv(1, 2..4, 2), Err(Error::KvLayers { held_end: 3, .. })));
+        let kv = a.export_kv(1, 0..3, 4).unwrap();
+        assert_eq!(kv.len(), 3);
+        let mut c = stage(&file, 0..3);
+        let err = c.import_kv(1, kv[..2].to_vec()).unwrap_err();
+        assert!(err.to_string().contains("exactly this stage's layers 0..3"), "{err}");
+        let twice = vec![kv[0].clone(), kv[1].clone(), kv[1].clone()];
+        assert!(c.import_kv(1, twice).unwrap_err().to_string().contains("twice"));
+        let mut narrow = kv.clone();
+        narrow[1].v = narrow[1].v.narrow(2, 0, 4).unwrap();
+        assert!(c.import_kv(1, narrow).unwrap_err().to_string().contains("layer 1 V"));
+        let mut half = kv.clone();
+        half[2].k = half[2].k.to_dtype(DType::F16).unwrap();
+        assert!(matches!(c.import_kv(1, half), Err(Error::KvShape(_))));
+        assert_eq!(c.sequence_count(), 0, "a refused import leaves nothing behind");
+        let mut other = stage(&file, 3..6);
+        assert!(other.import_kv(1, kv.clone()).is_err());
+        c.import_kv(1, kv).unwrap();
+        assert_eq!(c.sequence_len(1), Some(4));
     }
 }

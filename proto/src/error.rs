@@ -22,6 +22,16 @@ pub enum WorkerError {
     BadFrame(String),
     #[error("sequence {0} is unknown on this worker")]
     UnknownSequence(u64),
+    #[error("this worker holds no shard of pipeline {0}")]
+    UnknownPipeline(u64),
+    #[error("KV cache not available: {0}")]
+    KvUnavailable(String),
+    #[error("bad KV cache data: {0}")]
+    BadKv(String),
+    /// A peer refused or failed a KV pull: its refusal's code passes through
+    /// (Unavailable when it could not be reached).
+    #[error("pulling KV cache from {address}: {message}")]
+    Peer { address: String, code: Code, message: String },
     #[error("worker is draining and takes no new work")]
     Draining,
     #[error("worker is busy: {0}")]
@@ -37,7 +47,10 @@ impl WorkerError {
             Self::ShardOutOfRange { .. } | Self::BadFrame(_) | Self::InvalidShard(_) => Code::InvalidArgument,
             Self::ModelHashMismatch { .. } => Code::FailedPrecondition,
             Self::ModelUnavailable(_) => Code::NotFound,
-            Self::UnknownSequence(_) => Code::NotFound,
+            Self::UnknownSequence(_) | Self::UnknownPipeline(_) => Code::NotFound,
+            Self::KvUnavailable(_) => Code::OutOfRange,
+            Self::BadKv(_) => Code::InvalidArgument,
+            Self::Peer { code, .. } => *code,
             Self::Busy(_) => Code::ResourceExhausted,
             Self::Internal(_) => Code::Internal,
         }

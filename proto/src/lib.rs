@@ -3,8 +3,8 @@
 //! Generated code lives in OUT_DIR (not committed): `proto/strata.proto` is the one
 //! source of truth, and the generated types are re-exported from [`v1`]. Besides the
 //! generated code, this crate holds the limits both sides must agree on, the
-//! conversion of hidden-state tensors to and from wire bytes, and the [`units`] both
-//! sides read sizes in.
+//! conversion of hidden-state tensors and KV caches to and from wire bytes, and the
+//! [`units`] both sides read sizes in.
 
 pub mod v1 {
     tonic::include_proto!("strata.v1");
@@ -12,6 +12,7 @@ pub mod v1 {
 
 pub mod content_hash;
 mod error;
+pub mod kv_wire;
 mod tensor_wire;
 pub mod transport;
 pub mod units;
@@ -48,3 +49,7 @@ pub const FRAME_TARGET_BYTES: usize = 8 * 1024 * 1024;
 
 /// Bytes per chunk of a weight transfer.
 pub const WEIGHT_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// K and V bytes per chunk of a KV cache transfer: small enough that decoding one
+/// never holds up an async runtime for long.
+pub const KV_CHUNK_BYTES: usize = 1024 * 1024;

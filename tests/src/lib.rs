@@ -82,7 +82,20 @@ pub fn reference_tokens(
 /// the way the API streams it, piece by piece, chat markers left out) and its
 /// completion token count.
 pub fn reference_completion(model: &Path, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(String, u64)> {
-    let tokens = reference_tokens(model, prompt, max_tokens)?;
+    reference_completion_sampled(model, prompt, max_tokens, &SamplingParams::greedy())
+}
+
+/// [`reference_completion`] with `sampling` (a seeded sampler draws the same tokens
+/// wherever it runs).
+pub fn reference_completion_sampled(
+    model: &Path,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: &SamplingParams,
+) -> anyhow::Result<(String, u64)> {
+    let file = ModelFile::open(model)?;
+    let mut generator = Generator::load(&file, &Device::Cpu, StageOptions::default())?;
+    let tokens = generator.generate(prompt, max_tokens, sampling, |_, _| true)?.tokens;
     let tokenizer = Tokenizer::from_gguf(ModelFile::open(model)?.metadata())?;
     let mut stream = DecodeStream::new();
     let mut text = String::new();

@@ -62,11 +62,12 @@ pub struct StreamSpec {
     /// `None`: greedy. `Some(t)`: sampled at temperature `t`, each request with its
     /// own seed (its index), so its output is one fixed draw.
     pub temperature: Option<f32>,
+    pub repetition_penalty: Option<f32>,
 }
 
 impl Default for StreamSpec {
     fn default() -> Self {
-        Self { max_tokens: MAX_TOKENS, temperature: None }
+        Self { max_tokens: MAX_TOKENS, temperature: None, repetition_penalty: None }
     }
 }
 
@@ -96,6 +97,9 @@ impl Streams {
             if let Some(t) = spec.temperature {
                 body["temperature"] = json!(t);
                 body["seed"] = json!(i);
+            }
+            if let Some(p) = spec.repetition_penalty {
+                body["repetition_penalty"] = json!(p);
             }
             tasks.push(tokio::spawn(async move {
                 let mut seen = Seen { text: String::new(), longest_gap: Duration::ZERO, errors: Vec::new() };

@@ -164,6 +164,7 @@ async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -
         placement: PlacementPolicy::Spread,
         plan: strata_coordinator::planner::PlanOptions::default(),
         queue_timeout: Duration::from_secs(30),
+        move_sequences: Default::default(),
     };
     let cluster = Cluster::start(&config, model, membership).await?;
     assert!(cluster.placements.iter().all(|p| !p.weights_were_local));

@@ -1,7 +1,8 @@
 //! Any worker can leave mid-generation and no request is lost: eight streaming
 //! greedy requests are in flight across three workers while one is drained, killed,
 //! or drained and brought back; every request completes with exactly the tokens
-//! an undisturbed run gives (greedy, and sampled with a seed).
+//! an undisturbed run gives (greedy, and sampled with a seed). Drains run with each
+//! way of moving requests forced (`--move-sequences transfer` and `replay`).
 
 use std::ops::Range;
 use std::path::Path;
@@ -17,8 +18,13 @@ use strata_tests::streams::{prompts, synthetic_model, StreamSpec, Streams, MAX_T
 use strata_tests::{reference_completion, ClusterOptions, TestCluster};
 
 async fn start(model: &Path) -> anyhow::Result<TestCluster> {
-    let options =
-        ClusterOptions { serve_args: vec!["--queue-timeout".into(), "60".into()], ..ClusterOptions::default() };
+    start_moving(model, "auto").await
+}
+
+/// A cluster that moves requests to a new pipeline as `how` says (`--move-sequences`).
+async fn start_moving(model: &Path, how: &str) -> anyhow::Result<TestCluster> {
+    let serve_args = ["--queue-timeout", "60", "--move-sequences", how].map(String::from).to_vec();
+    let options = ClusterOptions { serve_args, ..ClusterOptions::default() };
     let cluster = TestCluster::start(model, &options).await?;
     assert_eq!(cluster.stage_lines.len(), 3, "{:?}", cluster.stage_lines);
     Ok(cluster)
@@ -36,12 +42,19 @@ async fn worker_stats(address: &str, reset: bool) -> anyhow::Result<v1::StatsRes
     Ok(WorkerClient::new(channel).stats(v1::StatsRequest { reset }).await?.into_inner())
 }
 
+/// How a drain report says the requests moved: (with their KV caches, replayed).
+fn moved(report: &Value) -> (u64, u64) {
+    let count = |k: &str| report[k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(count("sequences_moved"), count("sequences_transferred") + count("sequences_replayed"), "{report}");
+    (count("sequences_transferred"), count("sequences_replayed"))
+}
+
 #[tokio::test]
 async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = synthetic_model(dir.path())?;
     let sizes = ModelFile::open(&model)?.sizes().clone();
-    let cluster = start(&model).await?;
+    let cluster = start_moving(&model, "transfer").await?;
     let addr = cluster.http().to_string();
     let before = status(&addr).await?;
     for worker in &cluster.workers {
@@ -54,6 +67,9 @@ async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyh
     assert_eq!(report["finished"], true, "{report}");
     let drained = sizes.stage_bytes(layers_of(&before, "worker-1")?);
     assert!(report["memory_freed_bytes"].as_u64().unwrap_or(0) >= drained, "{report}");
+    // Every request had generated tokens: each moved with its KV cache.
+    let (transferred, replayed) = moved(&report);
+    assert!(transferred > 0 && replayed == 0, "{report}");
     eprintln!("drain: {}", report["message"]);
     streams.check(&model).await?;
     let s = wait_for_status(&addr, "the drained worker to hold nothing", |s| {
@@ -103,12 +119,13 @@ async fn killing_a_worker_mid_generation_loses_nothing() -> anyhow::Result<()> {
 async fn drain_then_undrain_rebalances_without_losing_anything() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = synthetic_model(dir.path())?;
-    let cluster = start(&model).await?;
+    let cluster = start_moving(&model, "transfer").await?;
     let addr = cluster.http().to_string();
     let streams = Streams::start(&addr);
     streams.wait_until_running().await?;
     let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
     assert_eq!(code, 200, "{report}");
+    assert!(moved(&report).0 > 0, "{report}");
     let (code, reply) = admin(&addr, "/admin/undrain", json!({"node": "worker-1"})).await?;
     assert_eq!(code, 200, "{reply}");
     streams.check(&model).await?;
@@ -199,16 +216,36 @@ async fn the_worker_drains_and_undrains_itself_from_its_own_machine() -> anyhow:
     Ok(())
 }
 
-/// Sampled outputs with a seed continue exactly across a drain and a killed worker:
-/// the sampler is a pure function of the seed, the position and the history, all of
-/// which travel with the request.
+#[tokio::test]
+async fn with_replay_forced_a_drain_replays_every_request_and_loses_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = synthetic_model(dir.path())?;
+    let cluster = start_moving(&model, "replay").await?;
+    let addr = cluster.http().to_string();
+    let streams = Streams::start(&addr);
+    streams.wait_until_running().await?;
+    let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
+    assert_eq!(code, 200, "{report}");
+    let (transferred, replayed) = moved(&report);
+    assert!(transferred == 0 && replayed > 0, "{report}");
+    eprintln!("drain: {}", report["message"]);
+    streams.check(&model).await?;
+    cluster.stop().await;
+    Ok(())
+}
+
+/// Sampled outputs with a seed continue exactly across a drain (moved with their KV
+/// caches) and a killed worker (replayed): the sampler is a pure function of the
+/// seed, the position and the history, all of which travel with the request. The
+/// repetition penalty reads the whole history, so after a KV move the new last
+/// stage must know every token, not just the one in the frame that resumes it.
 #[tokio::test]
 async fn seeded_sampled_outputs_survive_a_drain_and_a_kill_unchanged() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = synthetic_model(dir.path())?;
-    let mut cluster = start(&model).await?;
+    let mut cluster = start_moving(&model, "transfer").await?;
     let addr = cluster.http().to_string();
-    let sampled = StreamSpec { temperature: Some(0.9), ..StreamSpec::default() };
+    let sampled = StreamSpec { temperature: Some(0.9), repetition_penalty: Some(1.3), ..StreamSpec::default() };
 
     let undisturbed = Streams::start_with(&addr, sampled).finish().await?.texts;
     let greedy = reference_completion(&model, &prompts()[0], MAX_TOKENS)?.0;
@@ -218,6 +255,7 @@ async fn seeded_sampled_outputs_survive_a_drain_and_a_kill_unchanged() -> anyhow
     streams.wait_until_running().await?;
     let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
     assert_eq!(code, 200, "{report}");
+    assert!(moved(&report).0 > 0, "{report}");
     assert_eq!(streams.finish().await?.texts, undisturbed, "after a drain");
 
     let streams = Streams::start_with(&addr, sampled);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use strata_model::shard_file::ShardOrigin;
-use strata_model::stage::{StageOptions, WeightSources};
+use strata_model::stage::{LayerKv, StageOptions, WeightSources};
 use strata_model::{
     Device, ModelFile, Sampler, SamplingParams, Stage, StageInput, StageOutput, StageStep, Tensor,
     WeightStore,
@@ -80,6 +80,9 @@ pub struct ComputeHandle {
     pub loaded_bytes: u64,
     pub layers: Range<usize>,
     pub is_last: bool,
+    /// KV cache work beside the frames (see [`ComputeHandle::kv_job`]).
+    kv: mpsc::UnboundedSender<KvJob>,
+    pub kv_shape: KvShape,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -103,6 +106,7 @@ pub async fn start(
     gauges: Arc<Gauges>,
 ) -> Result<ComputeHandle, WorkerError> {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let (kv_tx, kv_rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name(format!("strata-stage-{}", spec.stage_index))
@@ -128,7 +132,8 @@ pub async fn start(
             };
             let bytes = (stage.weight_bytes(), stage.loaded_weight_bytes());
             let (layers, is_last) = (stage.layers(), stage.is_last());
-            if ready_tx.send(Ok((bytes, layers, is_last))).is_err() {
+            let kv_shape = KvShape { kv_heads: stage.info().kv_heads, head_dim: stage.info().head_dim };
+            if ready_tx.send(Ok((bytes, layers, is_last, kv_shape))).is_err() {
                 return;
             }
             let hidden = stage.info().hidden;
@@ -145,18 +150,20 @@ pub async fn start(
                 stats,
                 gauges: gauges.clone(),
             };
-            compute.run(rx);
+            compute.run(rx, kv_rx);
             gauges.sequences.store(0, Ordering::Relaxed);
             gauges.cache_bytes.store(0, Ordering::Relaxed);
         })
         .map_err(|e| WorkerError::Internal(format!("cannot start the compute thread: {e}")))?;
     match ready_rx.await {
-        Ok(Ok(((weight_bytes, loaded_bytes), layers, is_last))) => Ok(ComputeHandle {
+        Ok(Ok(((weight_bytes, loaded_bytes), layers, is_last, kv_shape))) => Ok(ComputeHandle {
             tx,
             weight_bytes,
             loaded_bytes,
             layers,
             is_last,
+            kv: kv_tx,
+            kv_shape,
             thread: Some(thread),
         }),
         Ok(Err(e)) => {
@@ -285,7 +292,7 @@ fn seq_of(message: &StageMessage) -> Option<u64> {
 }
 
 impl Compute {
-    fn run(&mut self, mut rx: mpsc::Receiver<StageMessage>) {
+    fn run(&mut self, mut rx: mpsc::Receiver<StageMessage>, mut kv: mpsc::UnboundedReceiver<KvJob>) {
         let mut pending: VecDeque<StageMessage> = VecDeque::new();
         loop {
             if pending.is_empty() {
@@ -297,6 +304,7 @@ impl Compute {
             while let Ok(message) = rx.try_recv() {
                 pending.push_back(message);
             }
+            self.run_kv_jobs(&mut kv);
             let (steps, ready) = self.take_round(&mut pending);
             if !steps.is_empty() {
                 self.run_batch(steps, ready);
@@ -678,4 +686,100 @@ pub fn sampling_from_proto(p: Option<&v1::SamplingParams>) -> Result<SamplingPar
         repeat_last_n: p.repeat_last_n as usize,
         seed: p.seed,
     })
+}
+
+// ---------------------------------------------------------------- KV cache moves
+
+/// What one position of one layer of a stage's KV cache holds: K and V of
+/// `kv_heads` x `head_dim` f32 each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Work on the KV caches of a stage's sequences, for moving sequences between
+/// pipelines. Jobs travel on a channel of their own beside the frames, and the
+/// compute thread runs them between batches: a job sees each sequence between two of
+/// its steps, never in the middle of one.
+pub enum KvJob {
+    /// Copies of the KV of `layers` for the positions `[0, positions)` of `seq`.
+    Export {
+        seq: u64,
+        layers: Range<usize>,
+        positions: usize,
+        reply: oneshot::Sender<Result<Vec<LayerKv>, WorkerError>>,
+    },
+    /// Opens `open.seq_id` (not forwarded: every stage imports for itself) with
+    /// `layers` as its KV cache and `tokens` as its history.
+    Import {
+        open: v1::OpenSequence,
+        tokens: Vec<u32>,
+        layers: Vec<LayerKv>,
+        reply: oneshot::Sender<Result<(), WorkerError>>,
+    },
+}
+
+impl ComputeHandle {
+    /// Hands `job` to the compute thread; its answer comes on the job's reply.
+    pub fn kv_job(&self, job: KvJob) -> Result<(), WorkerError> {
+        self.kv
+            .send(job)
+            .map_err(|_| WorkerError::Internal("the stage's compute thread has stopped".into()))?;
+        // Wakes the thread if it waits for frames (a message without a kind is
+        // skipped). A full queue means it has work, and it looks at its jobs every
+        // round anyway.
+        let _ = self.tx.try_send(StageMessage { kind: None });
+        Ok(())
+    }
+}
+
+/// A runtime refusal of a KV move, as the worker reports it.
+fn kv_error(e: strata_model::Error) -> WorkerError {
+    match e {
+        strata_model::Error::UnknownSequence(seq) => WorkerError::UnknownSequence(seq),
+        e @ (strata_model::Error::KvPositions { .. } | strata_model::Error::KvLayers { .. }) => {
+            WorkerError::KvUnavailable(e.to_string())
+        }
+        e @ (strata_model::Error::KvShape(_) | strata_model::Error::ContextOverflow { .. }) => {
+            WorkerError::BadKv(e.to_string())
+        }
+        e => WorkerError::Internal(e.to_string()),
+    }
+}
+
+impl Compute {
+    fn run_kv_jobs(&mut self, jobs: &mut mpsc::UnboundedReceiver<KvJob>) {
+        while let Ok(job) = jobs.try_recv() {
+            match job {
+                KvJob::Export { seq, layers, positions, reply } => {
+                    let _span = tracing::debug_span!("kv_export", seq, positions).entered();
+                    let _ = reply.send(self.stage.export_kv(seq, layers, positions).map_err(kv_error));
+                }
+                KvJob::Import { open, tokens, layers, reply } => {
+                    let _span = tracing::debug_span!("kv_import", seq = open.seq_id).entered();
+                    let _ = reply.send(self.import(open, tokens, layers));
+                }
+            }
+        }
+    }
+
+    fn import(&mut self, open: v1::OpenSequence, tokens: Vec<u32>, layers: Vec<LayerKv>) -> Result<(), WorkerError> {
+        let seq = open.seq_id;
+        let sampler = if self.stage.is_last() {
+            let params = sampling_from_proto(open.sampling.as_ref()).map_err(WorkerError::BadFrame)?;
+            Some(Sampler::new(&params).map_err(|e| WorkerError::BadFrame(e.to_string()))?)
+        } else {
+            None
+        };
+        self.stage.import_kv(seq, layers).map_err(kv_error)?;
+        let direct = open
+            .direct_return
+            .then_some(DirectReturn { end_position: open.end_position as usize, stop_tokens: open.stop_tokens });
+        // The whole history, not just the next frame's token: the last stage samples
+        // position `history.len()`, with a repetition penalty over all of it.
+        self.sequences.insert(seq, Sequence { sampler, history: tokens, direct });
+        self.gauges.sequences.store(self.sequences.len() as u32, Ordering::Relaxed);
+        Ok(())
+    }
 }

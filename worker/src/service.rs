@@ -27,6 +27,8 @@ use crate::forwarder::{self, Forwarders};
 use crate::weights::{self, LocalModels};
 use crate::yielding::DrainCauses;
 
+mod kv_move;
+
 /// How often Events subscribers get a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(300);
 
@@ -55,6 +57,8 @@ struct Shared {
     /// or yielding to the machine's own use: whether `causes` has any.
     draining: watch::Sender<bool>,
     causes: Mutex<DrainCauses>,
+    /// Workers this one pulled KV caches from.
+    peers: kv_move::Peers,
 }
 
 /// The shards a worker holds: usually one, two while a re-plan switches pipelines.
@@ -98,6 +102,7 @@ impl WorkerService {
                 stop,
                 draining: watch::channel(false).0,
                 causes: Mutex::default(),
+                peers: kv_move::Peers::default(),
             }),
         }
     }
@@ -534,5 +539,33 @@ impl Worker for WorkerService {
             stats.note_weights(weights);
         }
         Ok(Response::new(response))
+    }
+
+    async fn import_sequence(
+        &self,
+        request: Request<v1::ImportSequenceRequest>,
+    ) -> Result<Response<v1::ImportSequenceResponse>, Status> {
+        match self.import_kv_sequence(request.into_inner()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) => {
+                tracing::warn!(error = %e, "sequence import refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    type ExportKvStream = kv_move::KvStream;
+
+    async fn export_kv(
+        &self,
+        request: Request<v1::ExportKvRequest>,
+    ) -> Result<Response<Self::ExportKvStream>, Status> {
+        match self.export_kv_chunks(request.into_inner()).await {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(e) => {
+                tracing::warn!(error = %e, "KV export refused");
+                Err(e.into())
+            }
+        }
     }
 }

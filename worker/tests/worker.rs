@@ -990,3 +990,237 @@ async fn a_worker_that_pulls_fetches_only_the_layers_it_lacks() -> anyhow::Resul
     assert_eq!(generate_on(&c, Some(3), &mut events, 1, &prompt, 6, true).await?, reference_tokens(&model, &prompt, 6));
     Ok(())
 }
+
+/// An open Forward stream into one pipeline's shard of a worker.
+fn sender_to(client: &WorkerClient<Channel>, pipeline: u64) -> Sender {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut client = client.clone();
+    tokio::spawn(async move {
+        client.forward(strata_proto::with_pipeline(UnboundedReceiverStream::new(rx), pipeline)).await
+    });
+    Sender(tx)
+}
+
+/// Sampled, with a repetition penalty: the continuation after a move must see the
+/// whole history, not only the last token.
+fn sampled(seed: u64) -> (v1::SamplingParams, SamplingParams) {
+    let wire = v1::SamplingParams {
+        temperature: 0.9,
+        top_k: Some(40),
+        repetition_penalty: 1.5,
+        repeat_last_n: 64,
+        seed,
+        ..Default::default()
+    };
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_k: Some(40),
+        repetition_penalty: 1.5,
+        repeat_last_n: 64,
+        seed,
+        ..SamplingParams::greedy()
+    };
+    (wire, params)
+}
+
+/// The next token of `seq` (other sequences' tokens are skipped).
+async fn next_token(events: &mut Events, seq: u64) -> anyhow::Result<v1::TokenSampled> {
+    loop {
+        match events.next().await? {
+            worker_event::Kind::Token(t) if t.seq_id == seq => return Ok(t),
+            worker_event::Kind::Token(_) => {}
+            other => bail!("unexpected event {other:?}"),
+        }
+    }
+}
+
+fn source(address: &str, pipeline_id: u64, seq_id: u64, layers: std::ops::Range<u32>) -> v1::KvSource {
+    v1::KvSource {
+        address: address.to_string(),
+        pipeline_id,
+        seq_id,
+        layer_start: layers.start,
+        layer_end: layers.end,
+    }
+}
+
+/// A sampled sequence runs on pipeline 7 (worker A layers 0..2, worker B 2..4), moves
+/// by KV import onto pipeline 9 (A, all layers: half of its KV copied from A's own
+/// other shard, half pulled from B) and continues with exactly the tokens one
+/// uninterrupted process samples.
+#[tokio::test]
+async fn a_sequence_moved_by_kv_import_continues_exactly() -> anyhow::Result<()> {
+    let model = synthetic();
+    let a = start_worker(vec![model.path.clone()]).await;
+    let b = start_worker(vec![model.path.clone()]).await;
+    let (mut ca, mut cb) = (client(&a.address).await, client(&b.address).await);
+    load(&mut cb, v1::ShardSpec { pipeline_id: 7, ..shard(&model, 2..4, 1) }).await?;
+    let first = v1::ShardSpec { pipeline_id: 7, next_stage_address: b.address.clone(), ..shard(&model, 0..2, 0) };
+    load(&mut ca, first).await?;
+    let whole = v1::ShardSpec { pipeline_id: 9, ..shard(&model, 0..model.layers, 0) };
+    ca.load_shard(v1::LoadShardRequest { shard: Some(whole), keep_other_pipelines: true }).await?;
+    let (mut old_events, mut new_events) = (Events::subscribe(&mut cb).await, Events::subscribe(&mut ca).await);
+
+    let prompt = [3u32, 1, 4, 1, 5, 9, 2, 6];
+    let total = 14;
+    let file = ModelFile::open(&model.path)?;
+    let mut generator = Generator::load(&file, &Device::Cpu, StageOptions::default())?;
+    // The first seed whose uninterrupted run is not cut short by an end token.
+    let mut run = |seed| -> anyhow::Result<_> {
+        let (wire, params) = sampled(seed);
+        Ok((wire, generator.generate(&prompt, total, &params, |_, _| true)?.tokens))
+    };
+    let mut found = None;
+    for seed in 1..100 {
+        let (wire, tokens) = run(seed)?;
+        if tokens.len() == total {
+            found = Some((wire, tokens));
+            break;
+        }
+    }
+    let (wire, expected) = found.context("every seed's reference ended early")?;
+
+    // Six tokens on the old pipeline; the old stages run one step further (the
+    // sixth token), which the move leaves out: it carries positions 0..P+4.
+    let old = sender_to(&ca, 7);
+    let open = v1::OpenSequence { seq_id: 1, sampling: Some(wire), ..Default::default() };
+    old.send(stage_message::Kind::Open(open.clone()));
+    old.frame(1, 0, prompt.to_vec(), None, true);
+    let mut got = Vec::new();
+    while got.len() < 6 {
+        let t = next_token(&mut old_events, 1).await?;
+        got.push(t.token);
+        if got.len() < 6 {
+            old.frame(1, t.position, vec![t.token], None, true);
+        }
+    }
+    assert_eq!(got, expected[..6]);
+    let k = 5;
+    let n = prompt.len() + k - 1;
+    let mut history = prompt.to_vec();
+    history.extend(&got[..k - 1]);
+    let imported = ca
+        .import_sequence(v1::ImportSequenceRequest {
+            pipeline_id: 9,
+            open: Some(v1::OpenSequence { seq_id: 2, ..open }),
+            tokens: history,
+            positions: n as u32,
+            sources: vec![source(&b.address, 7, 1, 2..4), source(&a.address, 7, 1, 0..2)],
+        })
+        .await?
+        .into_inner();
+    assert!(imported.bytes_pulled > 0 && imported.bytes_pulled == imported.bytes_local, "{imported:?}");
+    old.send(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: 1 }));
+
+    let new = sender_to(&ca, 9);
+    let mut moved = got[..k].to_vec();
+    new.frame(2, n as u32, vec![got[k - 1]], None, true);
+    while moved.len() < total {
+        let t = next_token(&mut new_events, 2).await?;
+        assert_eq!(t.position as usize, prompt.len() + moved.len());
+        moved.push(t.token);
+        new.frame(2, t.position, vec![t.token], None, true);
+    }
+    assert_eq!(moved, expected);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_kv_moves_get_a_status_that_names_the_problem() -> anyhow::Result<()> {
+    let model = synthetic();
+    let a = start_worker(vec![model.path.clone()]).await;
+    let mut c = client(&a.address).await;
+    let whole = |pipeline_id| v1::ShardSpec { pipeline_id, ..shard(&model, 0..model.layers, 0) };
+    load(&mut c, whole(7)).await?;
+    c.load_shard(v1::LoadShardRequest { shard: Some(whole(9)), keep_other_pipelines: true }).await?;
+    let mut events = Events::subscribe(&mut c).await;
+    let old = sender_to(&c, 7);
+    old.open_seq(1);
+    old.frame(1, 0, vec![1, 2, 3, 4], None, true);
+    next_token(&mut events, 1).await?;
+
+    let export = |pipeline_id, seq_id, layers: std::ops::Range<u32>, positions| v1::ExportKvRequest {
+        pipeline_id,
+        seq_id,
+        layer_start: layers.start,
+        layer_end: layers.end,
+        positions,
+    };
+    let cases = [
+        (export(5, 1, 0..4, 4), Code::NotFound, "no shard of pipeline 5"),
+        (export(7, 99, 0..4, 4), Code::NotFound, "sequence 99"),
+        (export(7, 1, 0..4, 5), Code::OutOfRange, "positions 0..5 asked, 4 cached"),
+        (export(7, 1, 2..6, 4), Code::OutOfRange, "layers 2..6 are not all held"),
+    ];
+    for (request, code, words) in cases {
+        let refused = c.export_kv(request).await.expect_err("a bad export is refused");
+        assert_eq!(refused.code(), code, "{refused:?}");
+        assert!(refused.message().contains(words), "{:?} should mention {words:?}", refused.message());
+    }
+    let mut chunks = c.export_kv(export(7, 1, 1..3, 3)).await?.into_inner();
+    let mut layers = Vec::new();
+    while let Some(chunk) = chunks.message().await? {
+        assert_eq!((chunk.kv_heads, chunk.head_dim, chunk.dtype), (2, 16, WireDtype::F32 as i32));
+        layers.push((chunk.layer, chunk.position, chunk.count));
+    }
+    assert_eq!(layers, [(1, 0, 3), (2, 0, 3)]);
+
+    let import = |pipeline_id, tokens: Vec<u32>, sources| v1::ImportSequenceRequest {
+        pipeline_id,
+        open: Some(v1::OpenSequence { seq_id: 2, ..Default::default() }),
+        positions: 3,
+        tokens,
+        sources,
+    };
+    let here = a.address.as_str();
+    let cases = [
+        (import(5, vec![1, 2, 3], vec![source(here, 7, 1, 0..4)]), Code::NotFound, "no shard of pipeline 5"),
+        (import(9, vec![1, 2], vec![source(here, 7, 1, 0..4)]), Code::InvalidArgument, "2 token ids for 3"),
+        (
+            import(9, vec![1, 2, 3], vec![source(here, 7, 1, 0..2)]),
+            Code::InvalidArgument,
+            "sources cover layers [0..2]",
+        ),
+        (
+            import(9, vec![1, 2, 3], vec![source(here, 7, 1, 0..2), source(here, 7, 1, 1..4)]),
+            Code::InvalidArgument,
+            "sources cover layers [0..2, 1..4]",
+        ),
+        (import(9, vec![1, 2, 3], vec![source(here, 7, 42, 0..4)]), Code::NotFound, "sequence 42"),
+        (import(9, vec![1, 2, 3], vec![source(here, 8, 1, 0..4)]), Code::NotFound, "pipeline 8"),
+        (import(9, vec![1, 2, 3], vec![source("127.0.0.1:1", 7, 1, 0..4)]), Code::Unavailable, "127.0.0.1:1"),
+    ];
+    for (request, code, words) in cases {
+        let refused = c.import_sequence(request).await.expect_err("a bad import is refused");
+        assert_eq!(refused.code(), code, "{refused:?}");
+        assert!(refused.message().contains(words), "{:?} should mention {words:?}", refused.message());
+    }
+
+    // A peer whose model has another KV shape: refused before anything is imported.
+    let narrow_dir = tempfile::tempdir()?;
+    let narrow = SyntheticModel { kv_heads: 1, ..SyntheticModel::tiny() }.write_to(narrow_dir.path())?;
+    let narrow_model =
+        Model { hash: sha256_file(&narrow)?, path: narrow.clone(), _dir: narrow_dir, layers: model.layers };
+    let b = start_worker(vec![narrow]).await;
+    let mut cb = client(&b.address).await;
+    load(&mut cb, v1::ShardSpec { pipeline_id: 3, ..shard(&narrow_model, 0..model.layers, 0) }).await?;
+    let mut b_events = Events::subscribe(&mut cb).await;
+    let on_b = sender_to(&cb, 3);
+    on_b.open_seq(1);
+    on_b.frame(1, 0, vec![1, 2, 3, 4], None, true);
+    next_token(&mut b_events, 1).await?;
+    let refused = c
+        .import_sequence(import(9, vec![1, 2, 3], vec![source(&b.address, 3, 1, 0..4)]))
+        .await
+        .expect_err("a KV of another shape is refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("shape [1, _, 16], expected [2, _, 16]"), "{}", refused.message());
+
+    // After all that, a good import works and the sequence goes on at position 3.
+    c.import_sequence(import(9, vec![1, 2, 3], vec![source(here, 7, 1, 0..4)])).await?;
+    let new = sender_to(&c, 9);
+    new.frame(2, 3, vec![4], None, true);
+    let t = next_token(&mut events, 2).await?;
+    assert_eq!(t.position, 4);
+    Ok(())
+}

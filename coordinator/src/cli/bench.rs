@@ -1,4 +1,5 @@
-//! `strata bench`: speed and memory of the runtime, measured in one run.
+//! `strata bench`: speed and memory of the runtime, measured in one run (`--workers`:
+//! the pipeline against one process; `--switch`: requests moved by a drain).
 //!
 //! Speeds are medians over several runs. Each stage's memory is measured in a child
 //! process that loads only that stage, so the numbers are not blurred by memory the
@@ -48,6 +49,19 @@ pub struct BenchArgs {
     /// Let the pipeline's workers compute at the same time (no shared compute lock).
     #[arg(long)]
     pub no_compute_lock: bool,
+    /// Instead: how long requests pause when the middle of three workers is drained
+    /// under them, replayed versus moved with their KV caches (see `bench_switch`).
+    #[arg(long)]
+    pub switch: bool,
+    /// Lengths (prompt and generated tokens) the requests reach before the drain.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    pub switch_lengths: Vec<usize>,
+    /// Requests in flight during the drain.
+    #[arg(long, default_value_t = 4)]
+    pub switch_streams: usize,
+    /// Prompt tokens of those requests (the rest of the length is generated).
+    #[arg(long, default_value_t = 16)]
+    pub switch_prompt: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,6 +84,9 @@ struct Report {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.switch && args.measure_stage.is_none() {
+        return super::bench_switch::run(&args);
+    }
     if args.workers > 0 && args.measure_stage.is_none() {
         return super::bench_cluster::run(&args);
     }

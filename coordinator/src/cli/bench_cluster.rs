@@ -234,6 +234,7 @@ async fn pipeline(
         placement: PlacementPolicy::Spread,
         plan: crate::planner::PlanOptions::default(),
         queue_timeout: Duration::from_secs(60),
+        move_sequences: Default::default(),
     };
     let cluster = Cluster::start(&config, model.clone(), Arc::new(Membership::default())).await?;
     let engine = cluster.engine.clone();

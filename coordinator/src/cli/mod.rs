@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod bench;
 pub mod bench_cluster;
+pub mod bench_switch;
 pub mod children;
 pub mod demo;
 pub mod generate;

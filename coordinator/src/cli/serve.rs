@@ -18,7 +18,8 @@ use strata_proto::v1::WireDtype;
 use tokio::sync::watch;
 
 use crate::cluster::{
-    self, Cluster, ClusterConfig, CoordinatorService, Membership, PlacementPolicy, ReturnPath, ServedModel,
+    self, Cluster, ClusterConfig, CoordinatorService, Membership, MovePolicy, PlacementPolicy, ReturnPath,
+    ServedModel,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -97,6 +98,29 @@ pub struct ServeArgs {
     /// with --force) before it fails.
     #[arg(long, default_value_t = 120)]
     pub queue_timeout: u64,
+    /// How requests in flight move when the plan changes while the old pipeline
+    /// still works (drain, undrain, a worker joining): `replay` runs each again on
+    /// the new stages, `transfer` moves each with its KV cache (stage to stage),
+    /// `auto` picks the faster per request. A lost worker always means a replay.
+    #[arg(long, value_enum, default_value_t = MoveSequencesArg::Auto)]
+    pub move_sequences: MoveSequencesArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MoveSequencesArg {
+    Replay,
+    Transfer,
+    Auto,
+}
+
+impl From<MoveSequencesArg> for MovePolicy {
+    fn from(a: MoveSequencesArg) -> Self {
+        match a {
+            MoveSequencesArg::Replay => MovePolicy::Replay,
+            MoveSequencesArg::Transfer => MovePolicy::Transfer,
+            MoveSequencesArg::Auto => MovePolicy::Auto,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -192,6 +216,7 @@ pub async fn serve(
             ..crate::planner::PlanOptions::default()
         },
         queue_timeout: Duration::from_secs(args.queue_timeout),
+        move_sequences: args.move_sequences.into(),
     };
     let cluster = tokio::select! {
         c = Cluster::start(&config, model.clone(), membership) => c.context("cannot start the pipeline")?,

@@ -33,7 +33,7 @@ use super::pipeline::{self, BuildSpec, Pipeline, Placement};
 use super::placement::{self, PlacementPolicy};
 use super::rates::CounterWindow;
 use super::report::{AdminError, ClusterStatus, DrainReport, NodeReport};
-use super::scheduler::{PipelineLink, SchedulerMsg, SchedulerStatus};
+use super::scheduler::{Moved, PipelineLink, SchedulerMsg, SchedulerStatus};
 use super::{connect, HopSamples, WorkerClient, HEARTBEAT_TIMEOUT};
 use crate::planner::{ModelSpec, PlanOptions};
 
@@ -100,7 +100,7 @@ pub(super) struct ControllerSpec {
 /// The outcome of one re-plan.
 #[derive(Default)]
 struct Switched {
-    moved: usize,
+    moved: Moved,
     /// Bytes each worker freed when the old pipeline was unloaded.
     freed: HashMap<String, u64>,
 }
@@ -342,7 +342,7 @@ impl Controller {
                     self.predicted_tokens_per_second = Some(plan.tokens_per_second());
                     self.predicted_stage_seconds =
                         stages.iter().map(|s| (s.address.clone(), s.predicted_seconds_per_token)).collect();
-                    return self.switch_to(new).await;
+                    return self.switch_to(new, make_before_break).await;
                 }
                 Err(failed) => {
                     tracing::warn!(address = %failed.address, error = %failed.error, "a stage failed to load");
@@ -365,10 +365,12 @@ impl Controller {
         Switched::default()
     }
 
-    /// Moves every request to `new` and unloads the pipeline it replaces.
-    async fn switch_to(&mut self, new: Pipeline) -> Switched {
+    /// Moves every request to `new` and unloads the pipeline it replaces (only once
+    /// the requests moving with their KV caches have read them: the scheduler
+    /// answers after that). `old_alive`: that pipeline still works.
+    async fn switch_to(&mut self, new: Pipeline, old_alive: bool) -> Switched {
         let link = new.link.clone();
-        let moved = self.scheduler_switch(Some(link), String::new()).await;
+        let moved = self.scheduler_switch(Some(link), String::new(), old_alive).await;
         for p in &new.placements {
             tracing::info!(
                 stage = p.stage,
@@ -400,18 +402,18 @@ impl Controller {
         let old = self.current.take();
         self.predicted_tokens_per_second = None;
         self.predicted_stage_seconds.clear();
-        self.scheduler_switch(None, reason).await;
+        self.scheduler_switch(None, reason, false).await;
         if let Some(old) = old {
             self.retire(old).await;
         }
     }
 
-    async fn scheduler_switch(&self, pipeline: Option<PipelineLink>, reason: String) -> usize {
+    async fn scheduler_switch(&self, pipeline: Option<PipelineLink>, reason: String, old_alive: bool) -> Moved {
         let (done, moved) = oneshot::channel();
-        if self.spec.scheduler.send(SchedulerMsg::Switch { pipeline, reason, done }).is_err() {
-            return 0;
+        if self.spec.scheduler.send(SchedulerMsg::Switch { pipeline, reason, old_alive, done }).is_err() {
+            return Moved::default();
         }
-        moved.await.unwrap_or(0)
+        moved.await.unwrap_or_default()
     }
 
     /// Unloads pipeline `id` from the workers that answer; bytes freed by each.
@@ -501,7 +503,7 @@ impl Controller {
         if any_gone {
             self.reconcile(reason).await;
         } else if let Some(link) = self.current.as_ref().map(|p| p.link.clone()) {
-            self.scheduler_switch(Some(link), String::new()).await;
+            self.scheduler_switch(Some(link), String::new(), false).await;
         }
     }
 
@@ -665,12 +667,9 @@ impl Controller {
                 let _ = reply.send(Ok(DrainReport {
                     node: name,
                     finished: true,
-                    sequences_moved: 0,
-                    memory_freed_bytes: 0,
                     seconds: started.elapsed().as_secs_f64(),
-                    longest_pause_seconds: 0.0,
-                    requests_wait: false,
                     message,
+                    ..DrainReport::default()
                 }));
                 return;
             }
@@ -703,16 +702,8 @@ impl Controller {
         }
         self.set_worker_draining(&member.address, true).await;
         self.spec.membership.set_status(&member.address, NodeStatus::Draining);
-        let mut report = DrainReport {
-            node: member.name().to_string(),
-            finished: false,
-            sequences_moved: 0,
-            memory_freed_bytes: 0,
-            seconds: 0.0,
-            longest_pause_seconds: 0.0,
-            requests_wait: fits.is_err(),
-            message: String::new(),
-        };
+        let mut report =
+            DrainReport { node: member.name().to_string(), requests_wait: fits.is_err(), ..DrainReport::default() };
         let reply = if wait {
             Some(reply)
         } else {
@@ -723,32 +714,47 @@ impl Controller {
         let switched = self.reconcile(&format!("draining {}", member.name())).await;
         let freed_here = switched.freed.get(&member.address).copied().unwrap_or(0);
         report.seconds = started.elapsed().as_secs_f64();
-        report.sequences_moved = switched.moved;
+        report.sequences_moved = switched.moved.total();
+        report.sequences_transferred = switched.moved.transferred;
+        report.sequences_replayed = switched.moved.replayed;
         report.memory_freed_bytes = freed_here;
         tracing::info!(
             node = %member.name(),
-            moved = switched.moved,
+            transferred = switched.moved.transferred,
+            replayed = switched.moved.replayed,
+            fell_back = switched.moved.fell_back,
             freed_bytes = freed_here,
             "drained in {:.2}s",
             report.seconds
         );
         let Some(reply) = reply else { return };
-        if switched.moved > 0 {
+        let mut resumed_in_time = true;
+        if switched.moved.total() > 0 {
             let (tx, rx) = oneshot::channel();
             if self.spec.scheduler.send(SchedulerMsg::AwaitResumed { reply: tx }).is_ok() {
-                if let Ok(Ok(pause)) = tokio::time::timeout(RESUME_WAIT, rx).await {
-                    report.longest_pause_seconds = pause.as_secs_f64();
+                match tokio::time::timeout(RESUME_WAIT, rx).await {
+                    Ok(Ok(resumed)) => {
+                        report.longest_pause_seconds = resumed.longest_pause.as_secs_f64();
+                        report.longest_resume_seconds = resumed.longest_resume.as_secs_f64();
+                    }
+                    _ => resumed_in_time = false,
                 }
             }
         }
         report.finished = true;
+        let pause = if resumed_in_time {
+            format!("longest pause a client saw {:.0} ms", report.longest_pause_seconds * 1e3)
+        } else {
+            format!("not every moved request had resumed after {}s", RESUME_WAIT.as_secs())
+        };
         report.message = format!(
-            "{} drained in {:.2}s: {} freed, {} sequence(s) moved, longest pause a client saw {:.0} ms{}",
+            "{} drained in {:.2}s: {} freed, {} sequence(s) moved ({} with their KV cache, {} replayed), {pause}{}",
             member.name(),
             report.seconds,
             crate::planner::format_bytes(freed_here),
-            switched.moved,
-            report.longest_pause_seconds * 1e3,
+            switched.moved.total(),
+            switched.moved.transferred,
+            switched.moved.replayed,
             if report.requests_wait {
                 "; what is left cannot hold the model: new requests wait for capacity"
             } else {
@@ -768,10 +774,12 @@ impl Controller {
         let started = Instant::now();
         let switched = self.reconcile(&format!("{} is back", member.name())).await;
         Ok(format!(
-            "{} is back in service; re-planned in {:.2}s, {} sequence(s) moved",
+            "{} is back in service; re-planned in {:.2}s, {} sequence(s) moved ({} with their KV cache, {} replayed)",
             member.name(),
             started.elapsed().as_secs_f64(),
-            switched.moved
+            switched.moved.total(),
+            switched.moved.transferred,
+            switched.moved.replayed
         ))
     }
 

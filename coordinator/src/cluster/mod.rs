@@ -7,7 +7,8 @@
 //! * [`placement`]: from the workers to a plan, through the planner;
 //! * [`pipeline`]: a plan loaded on the workers, and its stream into stage 0;
 //! * [`controller`]: re-plans when workers come, go, drain or fail;
-//! * [`scheduler`]: runs requests on the current pipeline and replays them on the next;
+//! * [`scheduler`]: runs requests on the current pipeline and moves them to the next;
+//! * [`moves`]: replay or KV transfer, and the cost model that picks one per request;
 //! * [`engine`]: the [`crate::engine::Engine`] handle on the scheduler;
 //! * [`model`]: the served model, its hash and the shard files cut for pulling;
 //! * [`report`]: what `strata status` and `strata drain` answer.
@@ -20,6 +21,7 @@ pub mod discovery;
 pub mod engine;
 pub mod membership;
 pub mod model;
+pub mod moves;
 pub mod pipeline;
 pub mod placement;
 pub mod rates;
@@ -48,7 +50,8 @@ pub use model::ServedModel;
 pub use pipeline::Placement;
 pub use placement::PlacementPolicy;
 pub use report::{AdminError, ClusterStatus, DrainReport, NodeReport};
-use scheduler::Scheduler;
+pub use moves::{MoveCost, MovePolicy};
+use scheduler::{MoveSettings, Scheduler};
 pub use service::CoordinatorService;
 
 /// A worker that sends nothing for this long (heartbeats come every 300 ms) is
@@ -90,6 +93,8 @@ pub struct ClusterConfig {
     pub plan: crate::planner::PlanOptions,
     /// How long a request may wait for capacity before it fails.
     pub queue_timeout: Duration,
+    /// How requests move to a new pipeline while the old one still works.
+    pub move_sequences: MovePolicy,
 }
 
 /// A running cluster: the engine requests go to, and the controller that keeps
@@ -132,7 +137,13 @@ impl Cluster {
         let (scheduler_tx, scheduler_rx) = mpsc::unbounded_channel();
         let token_hops = Arc::new(HopSamples::default());
         let info = model.file.info();
-        let scheduler = Scheduler::new(model.card.clone(), info.hidden, config.queue_timeout, control_tx.clone());
+        let moves = MoveSettings {
+            policy: config.move_sequences,
+            cost: MoveCost::default(),
+            kv_bytes_per_position: info.kv_bytes_per_token_per_layer() * info.layers as u64,
+        };
+        let scheduler =
+            Scheduler::new(model.card.clone(), info.hidden, config.queue_timeout, control_tx.clone(), moves);
         let mut tasks = vec![tokio::spawn(scheduler.run(scheduler_rx))];
         let spec = ControllerSpec {
             model: model.clone(),

@@ -13,6 +13,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::controller::Control;
 use super::model::ServedModel;
+use super::moves::LinkStage;
 use super::placement::StagePlan;
 use super::scheduler::PipelineLink;
 use super::{ClusterError, WorkerClient};
@@ -120,5 +121,10 @@ pub(super) async fn build(
         };
         let _ = control.send(Control::Trouble { reason });
     });
-    Ok(Pipeline { id, placements, link: PipelineLink { id, stage0 }, forward })
+    let stages = stages
+        .iter()
+        .zip(clients)
+        .map(|(s, c)| LinkStage { address: s.address.clone(), layers: s.layers.clone(), client: c.clone() })
+        .collect();
+    Ok(Pipeline { id, placements, link: PipelineLink { id, stage0, stages: Arc::new(stages) }, forward })
 }

@@ -56,17 +56,26 @@ pub struct ClusterStatus {
 }
 
 /// What a drain did.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DrainReport {
     pub node: String,
     /// False when the command returned as soon as the drain began (no `--wait`).
     pub finished: bool,
     pub sequences_moved: usize,
+    /// Of those, moved with their KV caches, and replayed.
+    #[serde(default)]
+    pub sequences_transferred: usize,
+    #[serde(default)]
+    pub sequences_replayed: usize,
     pub memory_freed_bytes: u64,
     /// From the command to the node's memory being free.
     pub seconds: f64,
     /// The longest gap between two tokens a client saw while its request moved.
     pub longest_pause_seconds: f64,
+    /// The longest time from the switch to a moved request's next token (the pause
+    /// less what came before the switch: the old pipeline serves while the new loads).
+    #[serde(default)]
+    pub longest_resume_seconds: f64,
     /// With `--force` and too little left: new requests wait for capacity.
     pub requests_wait: bool,
     pub message: String,

@@ -19,10 +19,20 @@
 //! outputs continue exactly too. Tokens of the old sequence id that arrive late are
 //! ignored, and a token is accepted only at the position the request expects.
 //!
+//! When the old pipeline still works (a drain, an undrain, a worker joining), a
+//! request that has generated tokens can instead move with its KV cache (see
+//! [`super::moves`]): under its new sequence id it waits while the new stages pull
+//! the KV of positions `[0, n)` from the old ones, then goes on with one frame at
+//! position `n` carrying its last token; the old sequence is released once its KV
+//! has been read. [`MovePolicy`] and the cost model choose per request; a transfer
+//! that fails becomes a replay. The switch is answered once every transfer has
+//! settled, so the controller unloads the old pipeline only after that.
+//!
 //! With no pipeline (the cluster lost more than it can spare), requests wait, up
 //! to the queue timeout, and then fail with the reason.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_model::generate::FinishReason;
@@ -31,6 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::controller::Control;
 use super::engine::{frame_tokens, sampling_to_proto};
+use super::moves::{self, LinkStage, MoveCost, MovePolicy, TransferSpec, Transferred};
 use crate::engine::{EngineError, GenerateEvent, GenerateRequest, ModelCard};
 
 /// How often the scheduler looks for requests whose client went away, or that
@@ -45,6 +56,45 @@ const MAX_RETRIES: u32 = 8;
 pub struct PipelineLink {
     pub id: u64,
     pub stage0: mpsc::UnboundedSender<StageMessage>,
+    /// Its stages in order, for moving sequences' KV caches onto or off it.
+    pub stages: Arc<Vec<LinkStage>>,
+}
+
+/// How the requests of one switch moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Replayed on the new pipeline (transfers that failed included).
+    pub replayed: usize,
+    /// Moved with their KV caches.
+    pub transferred: usize,
+    /// Transfers that failed and were replayed instead.
+    pub fell_back: usize,
+}
+
+impl Moved {
+    pub fn total(&self) -> usize {
+        self.replayed + self.transferred
+    }
+}
+
+/// How long the requests moved by a switch waited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resumed {
+    /// The longest gap between two tokens a client saw.
+    pub longest_pause: Duration,
+    /// The longest time from the switch to a moved request's next token: the pause
+    /// less the time its last token came before the switch (while the new pipeline
+    /// loaded, the old one served).
+    pub longest_resume: Duration,
+}
+
+/// How the scheduler moves requests, and what it needs to estimate the cost.
+#[derive(Debug, Clone)]
+pub struct MoveSettings {
+    pub policy: MovePolicy,
+    pub cost: MoveCost,
+    /// KV bytes of one position over all layers.
+    pub kv_bytes_per_position: u64,
 }
 
 /// What the scheduler reports about itself.
@@ -69,16 +119,19 @@ pub(super) enum SchedulerMsg {
         event: WorkerEvent,
     },
     /// Run everything on `pipeline` from now on (`None`: park everything, because of
-    /// `reason`). Replies with how many requests were moved.
+    /// `reason`). `old_alive`: the pipeline it replaces still works, so requests may
+    /// move with their KV caches. Replies, once every transfer has settled, with how
+    /// the requests were moved.
     Switch {
         pipeline: Option<PipelineLink>,
         reason: String,
-        done: oneshot::Sender<usize>,
+        old_alive: bool,
+        done: oneshot::Sender<Moved>,
     },
     /// Replies, once every request moved by the last switch has produced a token
     /// again (or ended), with the longest pause a client saw.
     AwaitResumed {
-        reply: oneshot::Sender<Duration>,
+        reply: oneshot::Sender<Resumed>,
     },
     Status {
         reply: oneshot::Sender<SchedulerStatus>,
@@ -106,7 +159,26 @@ struct Request {
     waiting_since: Option<Instant>,
     /// Moved by the last switch and not yet heard from since.
     moved: bool,
+    /// When it was last moved.
+    moved_at: Instant,
     retries: u32,
+}
+
+/// A request whose KV cache is being moved.
+struct Transfer {
+    /// Its sequence on the new pipeline (opened by the imports).
+    seq: u64,
+    pipeline: u64,
+    /// Its sequence on the old pipeline, released once the imports are done.
+    old_pipeline: u64,
+    old_seq: u64,
+}
+
+/// A transfer task's outcome.
+struct TransferDone {
+    request: u64,
+    seq: u64,
+    result: Result<Transferred, String>,
 }
 
 pub(super) struct Scheduler {
@@ -121,12 +193,33 @@ pub(super) struct Scheduler {
     wire: HashMap<u64, u64>,
     next_seq: u64,
     longest_pause: Duration,
-    resumed_waiters: Vec<oneshot::Sender<Duration>>,
+    longest_resume: Duration,
+    resumed_waiters: Vec<oneshot::Sender<Resumed>>,
     tokens_generated: u64,
+    moves: MoveSettings,
+    /// Transfers under way, by request.
+    transfers: HashMap<u64, Transfer>,
+    /// The switch that started them: its reply, and what it moved so far.
+    switching: Option<(oneshot::Sender<Moved>, Moved)>,
+    /// Pipelines replaced by that switch, kept to release the old sequences.
+    old_links: Vec<PipelineLink>,
+    transfer_tx: mpsc::UnboundedSender<TransferDone>,
+    transfer_rx: Option<mpsc::UnboundedReceiver<TransferDone>>,
 }
 
 fn message(kind: stage_message::Kind) -> StageMessage {
     StageMessage { kind: Some(kind) }
+}
+
+/// How request `r` is opened as sequence `seq`.
+fn open_sequence(r: &Request, seq: u64, stop_tokens: Vec<u32>) -> v1::OpenSequence {
+    v1::OpenSequence {
+        seq_id: seq,
+        sampling: Some(r.sampling),
+        direct_return: r.direct,
+        end_position: r.end_position as u32,
+        stop_tokens: if r.ignore_eos { Vec::new() } else { stop_tokens },
+    }
 }
 
 fn unix_nanos() -> u64 {
@@ -139,7 +232,9 @@ impl Scheduler {
         hidden: usize,
         queue_timeout: Duration,
         control: mpsc::UnboundedSender<Control>,
+        moves: MoveSettings,
     ) -> Self {
+        let (transfer_tx, transfer_rx) = mpsc::unbounded_channel();
         Self {
             card,
             hidden,
@@ -151,19 +246,34 @@ impl Scheduler {
             wire: HashMap::new(),
             next_seq: 1,
             longest_pause: Duration::ZERO,
+            longest_resume: Duration::ZERO,
             resumed_waiters: Vec::new(),
             tokens_generated: 0,
+            moves,
+            transfers: HashMap::new(),
+            switching: None,
+            old_links: Vec::new(),
+            transfer_tx,
+            transfer_rx: Some(transfer_rx),
         }
     }
 
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SchedulerMsg>) {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        let Some(mut transfers) = self.transfer_rx.take() else {
+            return;
+        };
         loop {
             let msg = tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => msg,
                     None => break,
                 },
+                // The scheduler holds a sender, so this never ends.
+                Some(done) = transfers.recv() => {
+                    self.on_transfer_done(done);
+                    continue;
+                }
                 _ = sweep.tick() => {
                     self.sweep();
                     continue;
@@ -174,9 +284,19 @@ impl Scheduler {
                     self.start(id, request, direct, ignore_eos, events)
                 }
                 SchedulerMsg::Event { event } => self.on_event(event),
-                SchedulerMsg::Switch { pipeline, reason, done } => {
-                    let moved = self.switch(pipeline, reason);
-                    let _ = done.send(moved);
+                SchedulerMsg::Switch { pipeline, reason, old_alive, done } => {
+                    // Switches come one at a time (the controller waits for each);
+                    // should one overlap, the earlier one is answered now.
+                    if let Some((earlier, moved)) = self.switching.take() {
+                        let _ = earlier.send(moved);
+                    }
+                    let moved = self.switch(pipeline, reason, old_alive);
+                    if self.transfers.is_empty() {
+                        self.old_links.clear();
+                        let _ = done.send(moved);
+                    } else {
+                        self.switching = Some((done, moved));
+                    }
                 }
                 SchedulerMsg::AwaitResumed { reply } => {
                     self.resumed_waiters.push(reply);
@@ -232,6 +352,7 @@ impl Scheduler {
                 last_token: now,
                 waiting_since: Some(now),
                 moved: false,
+                moved_at: now,
                 retries: 0,
             },
         );
@@ -257,13 +378,7 @@ impl Scheduler {
         }
         self.wire.insert(seq, id);
         r.waiting_since = None;
-        let mut out = vec![message(stage_message::Kind::Open(v1::OpenSequence {
-            seq_id: seq,
-            sampling: Some(r.sampling),
-            direct_return: r.direct,
-            end_position: r.end_position as u32,
-            stop_tokens: if r.ignore_eos { Vec::new() } else { stop_tokens },
-        }))];
+        let mut out = vec![message(stage_message::Kind::Open(open_sequence(r, seq, stop_tokens)))];
         let chunks = r.prompt.len().div_ceil(chunk);
         let sent = unix_nanos();
         for (i, tokens) in r.prompt.chunks(chunk).enumerate() {
@@ -334,6 +449,10 @@ impl Scheduler {
         if r.moved {
             r.moved = false;
             self.longest_pause = self.longest_pause.max(now - r.last_token);
+            self.longest_resume = self.longest_resume.max(now - r.moved_at);
+        } else if !r.generated.is_empty() {
+            // A decode step as this request sees it: what a replayed token costs.
+            self.moves.cost.observe_step(now - r.last_token);
         }
         r.last_token = now;
         r.retries = 0;
@@ -391,6 +510,7 @@ impl Scheduler {
             }
             r.waiting_since = Some(Instant::now());
             r.moved = true;
+            r.moved_at = Instant::now();
             let _ = self.control.send(Control::Trouble { reason: format!("stage {}: {}", e.stage_index, e.message) });
             return;
         }
@@ -399,14 +519,15 @@ impl Scheduler {
         self.finish(id, Some(GenerateEvent::Failed(EngineError::Internal(reason))));
     }
 
-    /// Runs every request on `pipeline`, replaying those that ran elsewhere (or
-    /// nowhere); returns how many were moved.
-    fn switch(&mut self, pipeline: Option<PipelineLink>, reason: String) -> usize {
-        self.pipeline = pipeline.clone();
+    /// Runs every request on `pipeline`: those on the old pipeline, when it still
+    /// works, move with their KV cache where the policy says so (see
+    /// [`Self::transfer`]); the rest, and those that ran nowhere, are replayed.
+    fn switch(&mut self, pipeline: Option<PipelineLink>, reason: String, old_alive: bool) -> Moved {
+        let old = std::mem::replace(&mut self.pipeline, pipeline.clone()).filter(|_| old_alive);
         self.waiting_reason = reason;
         let now = Instant::now();
         let ids: Vec<u64> = self.requests.keys().copied().collect();
-        let mut moved = 0;
+        let mut moved = Moved::default();
         for id in ids {
             let Some(r) = self.requests.get_mut(&id) else {
                 continue;
@@ -415,12 +536,25 @@ impl Scheduler {
             if current {
                 continue;
             }
-            if r.running.is_some() || !r.generated.is_empty() {
+            let counted = r.running.is_some() || !r.generated.is_empty();
+            if counted {
                 r.moved = true;
-                moved += 1;
+                r.moved_at = now;
             }
+            let on_old = old.as_ref().filter(|o| r.running.is_some_and(|(on, _)| on == o.id));
             match &pipeline {
-                Some(p) => self.launch(id, p),
+                Some(p) => {
+                    let transferring = match on_old {
+                        Some(from) if self.should_transfer(id) => self.transfer(id, from, p),
+                        _ => false,
+                    };
+                    if transferring {
+                        moved.transferred += 1;
+                    } else {
+                        self.launch(id, p);
+                        moved.replayed += usize::from(counted);
+                    }
+                }
                 None => {
                     if let Some((_, seq)) = r.running.take() {
                         self.wire.remove(&seq);
@@ -429,21 +563,166 @@ impl Scheduler {
                 }
             }
         }
+        if !self.transfers.is_empty() {
+            self.old_links.extend(old);
+        }
         if let Some(p) = &pipeline {
-            tracing::info!(pipeline = p.id, moved, "requests run on the new pipeline");
+            tracing::info!(
+                pipeline = p.id,
+                replayed = moved.replayed,
+                transferring = moved.transferred,
+                "requests run on the new pipeline"
+            );
         } else {
             tracing::warn!(reason = %self.waiting_reason, parked = self.requests.len(), "no pipeline: requests wait");
         }
         moved
     }
 
+    /// Whether request `id`, running on a pipeline that still works, should move
+    /// with its KV cache rather than be replayed.
+    fn should_transfer(&self, id: u64) -> bool {
+        let Some(r) = self.requests.get(&id) else {
+            return false;
+        };
+        // With nothing generated, the prompt alone is replayed: no KV is final yet
+        // that the new pipeline could not compute as cheaply.
+        if r.generated.is_empty() {
+            return false;
+        }
+        let estimate = self.moves.cost.estimate(r.prompt.len(), r.generated.len(), self.moves.kv_bytes_per_position);
+        let transfer = match self.moves.policy {
+            MovePolicy::Replay => false,
+            MovePolicy::Transfer => true,
+            MovePolicy::Auto => estimate.transfer_is_faster(),
+        };
+        tracing::info!(
+            request = id,
+            policy = ?self.moves.policy,
+            prompt = r.prompt.len(),
+            generated = r.generated.len(),
+            replay_ms = estimate.replay_seconds * 1e3,
+            transfer_ms = estimate.transfer_seconds * 1e3,
+            chosen = if transfer { "transfer" } else { "replay" },
+            "moving a request"
+        );
+        transfer
+    }
+
+    /// Moves request `id` from `from` (where it runs and which still works) to `to`
+    /// with its KV cache: a new sequence id at once (late tokens of the old one are
+    /// ignored), the imports in a task; [`Self::on_transfer_done`] resumes it. False
+    /// when there is nothing to move (it is not running, or generated nothing).
+    fn transfer(&mut self, id: u64, from: &PipelineLink, to: &PipelineLink) -> bool {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let stop_tokens = self.card.tokenizer.eos_tokens().to_vec();
+        let Some(r) = self.requests.get_mut(&id) else {
+            return false;
+        };
+        let (Some((old_pipeline, old_seq)), Some((_, before_last))) = (r.running, r.generated.split_last()) else {
+            return false;
+        };
+        r.running = Some((to.id, seq));
+        self.wire.remove(&old_seq);
+        self.wire.insert(seq, id);
+        r.waiting_since = None;
+        // Every old stage has final KV for [0, n): the last generated token has not
+        // necessarily been run yet, so it goes in the frame that resumes the request.
+        let tokens: Vec<u32> = r.prompt.iter().chain(before_last).copied().collect();
+        let spec = TransferSpec {
+            old: from.stages.clone(),
+            old_pipeline,
+            old_seq,
+            new: to.stages.clone(),
+            new_pipeline: to.id,
+            open: open_sequence(r, seq, stop_tokens),
+            tokens,
+        };
+        self.transfers.insert(id, Transfer { seq, pipeline: to.id, old_pipeline, old_seq });
+        let done = self.transfer_tx.clone();
+        tokio::spawn(async move {
+            let result = moves::transfer(spec).await;
+            let _ = done.send(TransferDone { request: id, seq, result });
+        });
+        true
+    }
+
+    fn on_transfer_done(&mut self, done: TransferDone) {
+        let Some(t) = self.transfers.remove(&done.request).filter(|t| t.seq == done.seq) else {
+            return;
+        };
+        // The old sequence's KV has been read (or will not be): it can stop.
+        if let Some(old) = self.old_links.iter().find(|l| l.id == t.old_pipeline) {
+            let _ = old.stage0.send(message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: t.old_seq })));
+        }
+        let release_new = message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: t.seq }));
+        let request = self.requests.get(&done.request).filter(|r| r.running == Some((t.pipeline, t.seq)));
+        match (request, done.result) {
+            (Some(r), Ok(moved)) => {
+                let position = (r.prompt.len() + r.generated.len() - 1) as u32;
+                let token = r.generated[r.generated.len() - 1];
+                tracing::info!(
+                    request = done.request,
+                    positions = position,
+                    bytes = moved.bytes,
+                    ms = moved.seconds * 1e3,
+                    "request moved with its KV cache"
+                );
+                self.moves.cost.observe_transfer(moved.bytes, moved.seconds);
+                self.send(
+                    t.pipeline,
+                    message(stage_message::Kind::Frame(v1::ActivationFrame {
+                        seq_id: t.seq,
+                        position,
+                        tokens: vec![token],
+                        hidden: None,
+                        sample: true,
+                        sent_unix_nanos: unix_nanos(),
+                    })),
+                );
+            }
+            (Some(_), Err(e)) => {
+                tracing::warn!(request = done.request, error = %e, "KV transfer failed; replaying the request");
+                // Stages whose import did succeed drop it.
+                self.send(t.pipeline, release_new);
+                if let Some((_, moved)) = &mut self.switching {
+                    moved.transferred -= 1;
+                    moved.replayed += 1;
+                    moved.fell_back += 1;
+                }
+                if let Some(p) = self.pipeline.clone().filter(|p| p.id == t.pipeline) {
+                    self.launch(done.request, &p);
+                } else if let Some(r) = self.requests.get_mut(&done.request) {
+                    // The pipeline changed meanwhile: the request waits for the next.
+                    if let Some((_, seq)) = r.running.take() {
+                        self.wire.remove(&seq);
+                    }
+                    r.waiting_since.get_or_insert(Instant::now());
+                }
+            }
+            // Finished, or moved again, while its KV travelled: whatever was imported
+            // goes.
+            (None, _) => self.send(t.pipeline, release_new),
+        }
+        if self.transfers.is_empty() {
+            self.old_links.clear();
+            if let Some((reply, moved)) = self.switching.take() {
+                let _ = reply.send(moved);
+            }
+        }
+    }
+
     fn check_resumed(&mut self) {
         if self.resumed_waiters.is_empty() || self.requests.values().any(|r| r.moved) {
             return;
         }
-        let pause = std::mem::take(&mut self.longest_pause);
+        let resumed = Resumed {
+            longest_pause: std::mem::take(&mut self.longest_pause),
+            longest_resume: std::mem::take(&mut self.longest_resume),
+        };
         for w in self.resumed_waiters.drain(..) {
-            let _ = w.send(pause);
+            let _ = w.send(resumed);
         }
     }
 
@@ -473,5 +752,93 @@ impl Scheduler {
             self.finish(id, Some(GenerateEvent::Failed(EngineError::Unavailable(reason))));
         }
         self.check_resumed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use strata_model::synthetic::SyntheticModel;
+    use strata_model::SamplingParams;
+
+    use super::*;
+    use crate::cluster::{ServedModel, WorkerClient};
+
+    /// A pipeline whose stage-0 stream the test reads, on a worker that is not there.
+    fn link(id: u64) -> (PipelineLink, mpsc::UnboundedReceiver<StageMessage>) {
+        let (stage0, frames) = mpsc::unbounded_channel();
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let stage = LinkStage { address: "127.0.0.1:1".into(), layers: 0..4, client: WorkerClient::new(channel) };
+        (PipelineLink { id, stage0, stages: Arc::new(vec![stage]) }, frames)
+    }
+
+    fn kinds(frames: &mut mpsc::UnboundedReceiver<StageMessage>) -> Vec<stage_message::Kind> {
+        std::iter::from_fn(|| frames.try_recv().ok()).filter_map(|m| m.kind).collect()
+    }
+
+    fn token(seq_id: u64, position: u32, token: u32) -> SchedulerMsg {
+        let t = v1::TokenSampled { seq_id, position, token, sent_unix_nanos: 0 };
+        SchedulerMsg::Event { event: WorkerEvent { kind: Some(worker_event::Kind::Token(t)) } }
+    }
+
+    /// Sends `msg` and waits until the scheduler has handled it (a status round trip).
+    async fn handled(tx: &mpsc::UnboundedSender<SchedulerMsg>, msg: SchedulerMsg) {
+        tx.send(msg).unwrap();
+        let (reply, status) = oneshot::channel();
+        tx.send(SchedulerMsg::Status { reply }).unwrap();
+        status.await.unwrap();
+    }
+
+    /// The old holder is gone by the time its KV is pulled: the request is replayed on
+    /// the new pipeline instead, every step of it, and the old sequence released.
+    #[tokio::test]
+    async fn a_failed_transfer_falls_back_to_a_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = SyntheticModel::tiny().write_to(dir.path()).unwrap();
+        let model = ServedModel::open(&path, "test".into()).unwrap();
+        let (control, _control) = mpsc::unbounded_channel();
+        let moves = MoveSettings { policy: MovePolicy::Transfer, cost: MoveCost::default(), kv_bytes_per_position: 1 };
+        let scheduler = Scheduler::new(model.card.clone(), 64, Duration::from_secs(60), control, moves);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(scheduler.run(rx));
+        let (old, mut old_frames) = link(1);
+        let (new, mut new_frames) = link(2);
+        let (done, moved) = oneshot::channel();
+        handled(&tx, SchedulerMsg::Switch { pipeline: Some(old), reason: String::new(), old_alive: false, done }).await;
+        assert_eq!(moved.await.unwrap(), Moved::default());
+
+        let (events, mut client) = mpsc::channel(16);
+        let sampling = SamplingParams::greedy();
+        let request = GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 8, sampling };
+        handled(&tx, SchedulerMsg::Start { id: 1, request, direct: false, ignore_eos: true, events }).await;
+        handled(&tx, token(1, 3, 40)).await;
+        handled(&tx, token(1, 4, 41)).await;
+        assert_eq!(kinds(&mut old_frames).len(), 4, "open, the prompt and two steps");
+
+        let (done, moved) = oneshot::channel();
+        tx.send(SchedulerMsg::Switch { pipeline: Some(new), reason: String::new(), old_alive: true, done }).unwrap();
+        let moved = tokio::time::timeout(Duration::from_secs(30), moved).await.unwrap().unwrap();
+        assert_eq!(moved, Moved { replayed: 1, transferred: 0, fell_back: 1 });
+        // The old sequence is released; on the new pipeline the imports that did work
+        // are dropped, then the request is replayed under a third id.
+        assert!(matches!(&kinds(&mut old_frames)[..], [stage_message::Kind::Release(r)] if r.seq_id == 1));
+        let replay = kinds(&mut new_frames);
+        let frames: Vec<(u64, u32, Vec<u32>, bool)> = replay
+            .iter()
+            .filter_map(|k| match k {
+                stage_message::Kind::Frame(f) => Some((f.seq_id, f.position, f.tokens.clone(), f.sample)),
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(&replay[..2], [stage_message::Kind::Release(r), stage_message::Kind::Open(o)]
+            if r.seq_id == 2 && o.seq_id == 3));
+        assert_eq!(frames, [(3, 0, vec![5, 6, 7], false), (3, 3, vec![40], false), (3, 4, vec![41], true)]);
+        handled(&tx, token(3, 5, 42)).await;
+        let got: Vec<u32> = std::iter::from_fn(|| client.try_recv().ok())
+            .filter_map(|e| match e {
+                GenerateEvent::Token(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, [40, 41, 42]);
     }
 }
