@@ -859,15 +859,21 @@ async fn heartbeat_pipelines(events: &mut Events) -> anyhow::Result<Vec<u64>> {
     }
 }
 
+/// A worker holding the whole model for pipelines 7 and 9, its client, and its events.
+async fn two_whole_pipelines(model: &Model) -> anyhow::Result<(TestWorker, WorkerClient<Channel>, Events)> {
+    let worker = start_worker(vec![model.path.clone()]).await;
+    let mut c = client(&worker.address).await;
+    let whole = |pipeline_id| v1::ShardSpec { pipeline_id, ..shard(model, 0..model.layers, 0) };
+    load(&mut c, whole(7)).await?;
+    c.load_shard(v1::LoadShardRequest { shard: Some(whole(9)), keep_other_pipelines: true }).await?;
+    let events = Events::subscribe(&mut c).await;
+    Ok((worker, c, events))
+}
+
 #[tokio::test]
 async fn two_pipelines_live_side_by_side_and_unload_apart() -> anyhow::Result<()> {
     let model = synthetic();
-    let w = start_worker(vec![model.path.clone()]).await;
-    let mut c = client(&w.address).await;
-    let whole = |pipeline_id| v1::ShardSpec { pipeline_id, ..shard(&model, 0..model.layers, 0) };
-    load(&mut c, whole(7)).await?;
-    c.load_shard(v1::LoadShardRequest { shard: Some(whole(9)), keep_other_pipelines: true }).await?;
-    let mut events = Events::subscribe(&mut c).await;
+    let (_worker, mut c, mut events) = two_whole_pipelines(&model).await?;
     assert_eq!(heartbeat_pipelines(&mut events).await?, [7, 9]);
     let prompt = [3u32, 1, 4, 1];
     let expected = reference_tokens(&model, &prompt, 6);
@@ -880,7 +886,7 @@ async fn two_pipelines_live_side_by_side_and_unload_apart() -> anyhow::Result<()
     assert_eq!(heartbeat_pipelines(&mut events).await?, [7]);
     assert_eq!(generate(&c, &mut events, 2, &prompt, 6, false).await?, expected);
     // Loading without keeping others replaces them.
-    load(&mut c, whole(11)).await?;
+    load(&mut c, v1::ShardSpec { pipeline_id: 11, ..shard(&model, 0..model.layers, 0) }).await?;
     assert_eq!(heartbeat_pipelines(&mut events).await?, [11]);
     Ok(())
 }
@@ -1128,12 +1134,7 @@ async fn a_sequence_moved_by_kv_import_continues_exactly() -> anyhow::Result<()>
 #[tokio::test]
 async fn bad_kv_moves_get_a_status_that_names_the_problem() -> anyhow::Result<()> {
     let model = synthetic();
-    let a = start_worker(vec![model.path.clone()]).await;
-    let mut c = client(&a.address).await;
-    let whole = |pipeline_id| v1::ShardSpec { pipeline_id, ..shard(&model, 0..model.layers, 0) };
-    load(&mut c, whole(7)).await?;
-    c.load_shard(v1::LoadShardRequest { shard: Some(whole(9)), keep_other_pipelines: true }).await?;
-    let mut events = Events::subscribe(&mut c).await;
+    let (a, mut c, mut events) = two_whole_pipelines(&model).await?;
     let old = sender_to(&c, 7);
     old.open_seq(1);
     old.frame(1, 0, vec![1, 2, 3, 4], None, true);

@@ -129,10 +129,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         peak_resident_bytes: proc_status_bytes("VmHWM")?,
         stages,
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    emit(&report, args.json, |r| print_report(r, file.sizes().layers.iter().sum()))
+}
+
+/// Prints a benchmark's report: as JSON with `--json`, else as text.
+pub(super) fn emit<R: Serialize>(report: &R, json: bool, text: impl FnOnce(&R)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        print_report(&report, file.sizes().layers.iter().sum());
+        text(report);
     }
     Ok(())
 }

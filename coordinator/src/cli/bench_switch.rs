@@ -105,13 +105,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut children = Children::default();
     let result = runtime.block_on(measure(args, model, threads, &path, &mut children));
     runtime.block_on(children.stop_all());
-    let report = result?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print(&report);
-    }
-    Ok(())
+    super::bench::emit(&result?, args.json, print)
 }
 
 fn print(r: &Report) {
