@@ -97,13 +97,18 @@ mod tests {
         PlanOptions { context: 10, sequences: 1, prefill_chunk: 4, headroom: 0, ..PlanOptions::default() }
     }
 
+    /// The old stages of a worker holding one.
+    fn one(r: Range<usize>) -> [Range<usize>; 1] {
+        [r]
+    }
+
     fn scratch() -> u64 {
         model().scratch_bytes(10, 1, 4)
     }
 
     #[test]
     fn shared_layers_count_once() {
-        let m = during_switch(&model(), &options(), &[10..20], &(10..25), u64::MAX);
+        let m = during_switch(&model(), &options(), &one(10..20), &(10..25), u64::MAX);
         // Layers 10..25 once, not 10..20 and 10..25 both.
         assert_eq!(m.weight_bytes, 15 * 100 + 1);
         assert_eq!(m.kv_bytes, (10 + 15) * 20);
@@ -118,20 +123,20 @@ mod tests {
         let old = model.resident_bytes(10..20) + 10 * 20 + scratch();
         let new = model.resident_bytes(15..30) + 15 * 20 + scratch();
         let offered = old.max(new);
-        let m = during_switch(&model, &options(), &[10..20], &(15..30), offered);
+        let m = during_switch(&model, &options(), &one(10..20), &(15..30), offered);
         assert_eq!(m.weight_bytes, 20 * 100 + 1);
         assert!(m.needed_bytes() > offered);
         assert!(!m.fits());
         // With room for the union it does.
         let needed = m.needed_bytes();
-        assert!(during_switch(&model, &options(), &[10..20], &(15..30), needed).fits());
+        assert!(during_switch(&model, &options(), &one(10..20), &(15..30), needed).fits());
     }
 
     #[test]
     fn embedding_and_head_count_once_if_either_stage_has_them() {
-        let m = during_switch(&model(), &options(), &[0..10], &(0..20), u64::MAX);
+        let m = during_switch(&model(), &options(), &one(0..10), &(0..20), u64::MAX);
         assert_eq!(m.weight_bytes, 20 * 100 + 1 + 1000);
-        let m = during_switch(&model(), &options(), &[0..10], &(5..40), u64::MAX);
+        let m = during_switch(&model(), &options(), &one(0..10), &(5..40), u64::MAX);
         assert_eq!(m.weight_bytes, 40 * 100 + 1 + 1000 + 2000);
     }
 
@@ -146,7 +151,7 @@ mod tests {
 
     #[test]
     fn ranges_past_the_model_are_clamped_not_a_panic() {
-        let m = during_switch(&model(), &options(), &[35..50], &(0..5), u64::MAX);
+        let m = during_switch(&model(), &options(), &one(35..50), &(0..5), u64::MAX);
         assert_eq!(m.weight_bytes, 10 * 100 + 1 + 1000 + 2000);
     }
 }
