@@ -98,8 +98,13 @@ async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyh
 async fn killing_a_worker_mid_generation_loses_nothing() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = synthetic_model(dir.path())?;
+    let sizes = ModelFile::open(&model)?.sizes().clone();
     let mut cluster = start(&model).await?;
     let addr = cluster.http().to_string();
+    let before = status(&addr).await?;
+    for worker in &cluster.workers {
+        worker_stats(worker, true).await?;
+    }
     let streams = Streams::start(&addr);
     streams.wait_until_running().await?;
     let killed = Instant::now();
@@ -110,7 +115,23 @@ async fn killing_a_worker_mid_generation_loses_nothing() -> anyhow::Result<()> {
     .await?;
     let noticed = killed.elapsed();
     assert!(noticed < Duration::from_secs(2), "noticed after {noticed:?}");
-    streams.check(&model).await?;
+    let checked = streams.check(&model).await?;
+    eprintln!("kill: longest pause a client saw {:.0} ms", checked.longest_pause.as_secs_f64() * 1e3);
+    let s = wait_for_status(&addr, "the survivors to hold every layer", |s| {
+        holds_layers(s, "worker-0") && holds_layers(s, "worker-2")
+    })
+    .await?;
+    // The survivors kept their old shards while the new pipeline loaded beside them
+    // (the broken one only stopped): each read only the layers it took over.
+    for (i, name) in [(0, "worker-0"), (2, "worker-2")] {
+        let (old, new) = (layers_of(&before, name)?, layers_of(&s, name)?);
+        assert!(new.start <= old.start && old.end <= new.end, "{name}: {old:?} -> {new:?}");
+        let added: u64 = new.clone().filter(|l| !old.contains(l)).map(|l| sizes.layers[l]).sum();
+        let stats = worker_stats(&cluster.workers[i], false).await?;
+        assert_eq!(stats.weight_loaded_bytes, added, "{name}: {old:?} -> {new:?}");
+        assert_eq!(stats.weight_peak_bytes, sizes.stage_bytes(new.clone()), "{name}: {old:?} -> {new:?}");
+        assert!(added < sizes.stage_bytes(new), "{name} loaded its whole new range");
+    }
     cluster.stop().await;
     Ok(())
 }

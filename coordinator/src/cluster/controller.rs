@@ -7,9 +7,13 @@
 //!
 //! * a worker joins, comes back, is undrained, or drains: the new pipeline is
 //!   loaded *beside* the old one, requests switch between two steps, then the old
-//!   shards are unloaded (make before break; no request waits on a load);
-//! * a worker of the pipeline is lost: requests are parked at once, the survivors
-//!   drop the broken pipeline and load the new one, requests are replayed;
+//!   shards are unloaded (make before break; no request waits on a load), if every
+//!   worker holds both stages at once ([`switch_memory`]); otherwise as below;
+//! * a worker of the pipeline is lost: requests are parked at once and the broken
+//!   pipeline's stream stops; a survivor keeps its old shard while it loads the new
+//!   one where both fit (they share weights, so it reads only the layers it lacks),
+//!   and drops it first where they do not; requests are replayed, then the old
+//!   shards are unloaded;
 //! * nothing left can hold the model: requests wait (with the reason) until a
 //!   worker returns or the queue timeout passes.
 //!
@@ -19,6 +23,7 @@
 //! hold up everything else the controller does.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,12 +35,13 @@ use tokio::task::JoinHandle;
 use super::membership::{self, Heartbeat, Member, Membership, NodeStatus};
 use super::model::ServedModel;
 use super::pipeline::{self, BuildSpec, Pipeline, Placement};
-use super::placement::{self, PlacementPolicy};
+use super::placement::{self, PlacementPolicy, StagePlan};
 use super::rates::CounterWindow;
 use super::report::{AdminError, ClusterStatus, DrainReport, NodeReport};
 use super::scheduler::{Moved, PipelineLink, SchedulerMsg, SchedulerStatus};
+use super::switch_memory;
 use super::{connect, HopSamples, WorkerClient, HEARTBEAT_TIMEOUT};
-use crate::planner::{ModelSpec, PlanOptions};
+use crate::planner::{format_bytes, ModelSpec, PlanOptions};
 
 /// How often gone workers are asked whether they are back.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -95,6 +101,24 @@ pub(super) struct ControllerSpec {
     pub weights_source: String,
     pub scheduler: mpsc::UnboundedSender<SchedulerMsg>,
     pub token_hops: Arc<HopSamples>,
+}
+
+/// A pipeline stopped before its successor loaded, whose shards some survivors
+/// keep meanwhile.
+struct Stale {
+    id: u64,
+    /// The stages still loaded, by address.
+    stages: Vec<(String, Range<usize>)>,
+    /// Bytes already freed by unloading it on the other workers.
+    freed: HashMap<String, u64>,
+}
+
+impl Stale {
+    fn addresses(&self) -> Vec<String> {
+        let mut addresses: Vec<String> = self.stages.iter().map(|(a, _)| a.clone()).collect();
+        addresses.dedup();
+        addresses
+    }
 }
 
 /// The outcome of one re-plan.
@@ -272,6 +296,25 @@ impl Controller {
 
     /// Brings the pipeline in line with the best plan for the workers there are now.
     async fn reconcile(&mut self, why: &str) -> Switched {
+        let mut stale = None;
+        let mut switched = self.replan(why, &mut stale).await;
+        // The stopped pipeline's shards that survivors kept while the new one loaded
+        // (sharing their weights) go once the requests have switched, or once no
+        // attempt is left.
+        if let Some(stale) = stale {
+            for (address, bytes) in self.unload_pipeline(stale.id, &stale.addresses()).await {
+                *switched.freed.entry(address).or_default() += bytes;
+            }
+            for (address, bytes) in stale.freed {
+                *switched.freed.entry(address).or_default() += bytes;
+            }
+        }
+        switched
+    }
+
+    /// [`Self::reconcile`], but a pipeline stopped before its successor loads is left
+    /// in `stale` where survivors keep its shards.
+    async fn replan(&mut self, why: &str, stale: &mut Option<Stale>) -> Switched {
         let members = self.spec.membership.members();
         self.follow(&members).await;
         let holds = |pred: &dyn Fn(&NodeStatus) -> bool| {
@@ -321,12 +364,34 @@ impl Controller {
                 self.mark_gone(&address, &reason);
                 continue;
             }
-            // A broken pipeline is dropped first, freeing the survivors' memory; a
-            // working one keeps serving while the new one loads.
-            let make_before_break = working;
-            if !make_before_break && self.current.is_some() {
-                self.park(format!("re-planning: {why}")).await;
+            // A working pipeline keeps serving while the new one loads beside it, if
+            // every worker holds both. Otherwise (or when it is broken) it stops at
+            // once and its requests wait; a survivor still keeps its old shard while
+            // the new one loads, where both fit, so the layers it holds are shared
+            // rather than read again.
+            let old = match (&self.current, &*stale) {
+                (Some(p), _) => p.placements.iter().map(|p| (p.address.clone(), p.layers.clone())).collect(),
+                (None, Some(s)) => s.stages.clone(),
+                (None, None) => Vec::new(),
+            };
+            let fits = self.fits_beside(&stages, &old);
+            // After a failed attempt the old pipeline may already be stopped.
+            let make_before_break = working && self.current.is_some() && fits.iter().all(|f| *f);
+            if working && !make_before_break {
+                tracing::warn!(why, "the new plan does not fit beside the old one: the old pipeline stops first");
             }
+            let keep = if make_before_break {
+                vec![true; stages.len()]
+            } else {
+                self.stop_for(why, stale).await;
+                let keep: Vec<bool> = stages
+                    .iter()
+                    .zip(&fits)
+                    .map(|(s, &fits)| fits && old.iter().any(|(a, _)| *a == s.address))
+                    .collect();
+                self.unload_stale_except(stale, &stages, &keep).await;
+                keep
+            };
             let id = self.next_pipeline;
             self.next_pipeline += 1;
             let spec = BuildSpec {
@@ -334,7 +399,7 @@ impl Controller {
                 model: &self.spec.model,
                 wire_dtype: self.spec.wire_dtype,
                 weights_source: &self.spec.weights_source,
-                keep_others: make_before_break,
+                keep_others: &keep,
             };
             match pipeline::build(spec, &stages, &clients, self.control.clone()).await {
                 Ok(new) => {
@@ -363,6 +428,67 @@ impl Controller {
             }
         }
         Switched::default()
+    }
+
+    /// For each stage of the new plan: whether its worker holds it beside the stages
+    /// of the old pipeline (`old`, by address) it still holds ([`switch_memory`]).
+    fn fits_beside(&self, stages: &[StagePlan], old: &[(String, Range<usize>)]) -> Vec<bool> {
+        let members = self.spec.membership.members();
+        stages
+            .iter()
+            .map(|s| {
+                let held: Vec<Range<usize>> =
+                    old.iter().filter(|(a, _)| *a == s.address).map(|(_, r)| r.clone()).collect();
+                // A worker the membership no longer knows offers nothing.
+                let offered = members.iter().find(|m| m.address == s.address).map_or(0, placement::offered_memory);
+                let need =
+                    switch_memory::during_switch(&self.model_spec, &self.spec.options, &held, &s.layers, offered);
+                if !need.fits() {
+                    tracing::info!(
+                        address = %s.address,
+                        old = ?held,
+                        new = ?s.layers,
+                        needed = %format_bytes(need.needed_bytes()),
+                        offered = %format_bytes(need.offered_bytes),
+                        "the new stage does not fit beside the old one"
+                    );
+                }
+                need.fits()
+            })
+            .collect()
+    }
+
+    /// Stops the current pipeline for a switch that cannot wait for the new one: its
+    /// stream into stage 0 closes and its requests wait (replayed on the next
+    /// pipeline), but its shards stay, in `stale`, until the new pipeline is loaded.
+    async fn stop_for(&mut self, why: &str, stale: &mut Option<Stale>) {
+        let Some(old) = self.current.take() else { return };
+        self.predicted_tokens_per_second = None;
+        self.predicted_stage_seconds.clear();
+        let stages = old.placements.iter().map(|p| (p.address.clone(), p.layers.clone())).collect();
+        *stale = Some(Stale { id: old.id, stages, freed: HashMap::new() });
+        // Dropping the pipeline aborts its stream into stage 0.
+        drop(old);
+        self.scheduler_switch(None, format!("re-planning: {why}"), false).await;
+    }
+
+    /// Unloads the stale pipeline's shards at once on every worker but those whose
+    /// new stage (`keep[i]` for `stages[i]`) loads beside its old one.
+    async fn unload_stale_except(&mut self, stale: &mut Option<Stale>, stages: &[StagePlan], keep: &[bool]) {
+        let Some(s) = stale.as_mut() else { return };
+        let kept = |a: &str| stages.iter().zip(keep).any(|(st, &k)| k && st.address == a);
+        let now: Vec<String> = s.addresses().into_iter().filter(|a| !kept(a)).collect();
+        if now.is_empty() {
+            return;
+        }
+        let id = s.id;
+        let freed = self.unload_pipeline(id, &now).await;
+        if let Some(s) = stale.as_mut() {
+            s.stages.retain(|(a, _)| !now.contains(a));
+            for (address, bytes) in freed {
+                *s.freed.entry(address).or_default() += bytes;
+            }
+        }
     }
 
     /// Moves every request to `new` and unloads the pipeline it replaces (only once

@@ -11,7 +11,8 @@
 //! * [`moves`]: replay or KV transfer, and the cost model that picks one per request;
 //! * [`engine`]: the [`crate::engine::Engine`] handle on the scheduler;
 //! * [`model`]: the served model, its hash and the shard files cut for pulling;
-//! * [`report`]: what `strata status` and `strata drain` answer.
+//! * [`report`]: what `strata status` and `strata drain` answer;
+//! * [`switch_memory`]: whether a worker holds a new stage beside its old one.
 //!
 //! [`Cluster::start`] waits for the workers and loads the first plan; from then on
 //! the controller keeps the pipeline in line with the workers there are.
@@ -28,6 +29,7 @@ pub mod rates;
 pub mod report;
 pub mod scheduler;
 pub mod service;
+pub mod switch_memory;
 
 use std::future::Future;
 use std::path::PathBuf;

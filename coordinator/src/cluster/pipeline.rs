@@ -55,8 +55,10 @@ pub struct BuildSpec<'a> {
     pub model: &'a Arc<ServedModel>,
     pub wire_dtype: WireDtype,
     pub weights_source: &'a str,
-    /// Keep the workers' other shards (the old pipeline keeps serving meanwhile).
-    pub keep_others: bool,
+    /// For each stage: its worker keeps its other shards while this one loads (the
+    /// old pipeline serves meanwhile, or its weights are shared rather than read
+    /// again). A stage past the end drops them.
+    pub keep_others: &'a [bool],
 }
 
 /// Loads every stage at once (a stage connects to its already-serving next stage
@@ -82,8 +84,8 @@ pub(super) async fn build(
     };
     let loads = join_all(stages.iter().zip(clients).enumerate().map(|(i, (stage, client))| {
         let mut client = client.clone();
-        let request =
-            v1::LoadShardRequest { shard: Some(shard(i, &stage.layers)), keep_other_pipelines: spec.keep_others };
+        let keep_other_pipelines = spec.keep_others.get(i).copied().unwrap_or(false);
+        let request = v1::LoadShardRequest { shard: Some(shard(i, &stage.layers)), keep_other_pipelines };
         async move { client.load_shard(request).await }
     }))
     .await;

@@ -56,14 +56,21 @@ pub enum PlacementError {
 pub fn node_spec(member: &Member, unique_name: String) -> NodeSpec {
     let d: &WorkerDescription = &member.description;
     let device = d.devices.first();
-    let memory = if d.memory_offered_bytes > 0 {
-        d.memory_offered_bytes
-    } else {
-        device.map_or(0, |d| d.free_memory_bytes.max(d.total_memory_bytes))
-    };
+    let memory = offered_memory(member);
     let device_name = device.map_or_else(|| "unknown".to_string(), |d| d.name.clone());
     let bandwidth = device.map_or(0.0, |d| d.memory_bandwidth_bytes_per_second);
     one_device_node(unique_name, device_name, memory, bandwidth)
+}
+
+/// The memory a worker offers for layers: what it says it offers, else what its
+/// device has.
+pub fn offered_memory(member: &Member) -> u64 {
+    let d: &WorkerDescription = &member.description;
+    if d.memory_offered_bytes > 0 {
+        d.memory_offered_bytes
+    } else {
+        d.devices.first().map_or(0, |d| d.free_memory_bytes.max(d.total_memory_bytes))
+    }
 }
 
 /// A node of one device, as every worker is (it computes on its `--device`); an
