@@ -76,20 +76,7 @@ mod tests {
     /// 40 layers of 100 bytes, embedding 1000, head 2000, shared 1; KV 2 bytes per
     /// token per layer.
     fn model() -> ModelSpec {
-        ModelSpec {
-            name: "m".into(),
-            layer_bytes: vec![100; 40],
-            embedding_bytes: 1000,
-            head_bytes: 2000,
-            shared_bytes: 1,
-            kv_bytes_per_token_per_layer: 2,
-            max_context: 1024,
-            hidden: 8,
-            feed_forward: 16,
-            heads: 2,
-            vocab_size: 32,
-            bits_per_weight: None,
-        }
+        ModelSpec { embedding_bytes: 1000, head_bytes: 2000, ..ModelSpec::uniform(40, 100) }
     }
 
     /// 10 tokens of one sequence: 20 bytes of KV per layer; no headroom.

@@ -124,9 +124,8 @@ fn dense_params(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
+impl ModelSpec {
+    /// A test model: `layers` layers of `layer_bytes` each, small everything else.
     pub(crate) fn uniform(layers: usize, layer_bytes: u64) -> ModelSpec {
         ModelSpec {
             name: "uniform".into(),
@@ -143,10 +142,15 @@ mod tests {
             bits_per_weight: None,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn the_first_stage_holds_the_embedding_and_the_last_reads_the_head() {
-        let m = uniform(4, 100);
+        let m = ModelSpec::uniform(4, 100);
         assert_eq!(m.resident_bytes(0..2), 200 + 1 + 10);
         assert_eq!(m.read_bytes(0..2), 200 + 1);
         assert_eq!(m.resident_bytes(2..4), 200 + 1 + 20);
