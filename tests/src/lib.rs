@@ -271,15 +271,20 @@ impl TestCluster {
 
     /// SIGKILLs worker `index` (as a crash would end it).
     pub async fn kill_worker(&mut self, index: usize) -> anyhow::Result<()> {
-        let name = format!("worker-{index}");
-        let p = self
-            .children
-            .processes
-            .iter_mut()
-            .find(|p| p.name == name)
-            .context("no such worker")?;
-        p.kill().await;
+        self.worker_process(index)?.kill().await;
         Ok(())
+    }
+
+    /// Sends worker `index` SIGTERM (a clean stop, as `systemctl stop`), without
+    /// waiting for it to exit.
+    pub fn terminate_worker(&mut self, index: usize) -> anyhow::Result<()> {
+        self.worker_process(index)?.terminate();
+        Ok(())
+    }
+
+    fn worker_process(&mut self, index: usize) -> anyhow::Result<&mut Process> {
+        let name = format!("worker-{index}");
+        self.children.processes.iter_mut().find(|p| p.name == name).context("no such worker")
     }
 
     /// Stops every child cleanly (SIGTERM, waiting for each to exit).

@@ -136,6 +136,28 @@ async fn killing_a_worker_mid_generation_loses_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `systemctl stop` on a worker mid-generation: it says it is draining at once, the
+/// cluster moves off it before it unloads, and every request finishes unchanged.
+#[tokio::test]
+async fn stopping_a_worker_cleanly_mid_generation_loses_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = synthetic_model(dir.path())?;
+    let mut cluster = start(&model).await?;
+    let addr = cluster.http().to_string();
+    let streams = Streams::start(&addr);
+    streams.wait_until_running().await?;
+    cluster.terminate_worker(1)?;
+    let checked = streams.check(&model).await?;
+    eprintln!("longest pause a client saw: {:?}", checked.longest_pause);
+    let s = wait_for_status(&addr, "the others to hold the layers", |s| {
+        holds_layers(s, "worker-0") && holds_layers(s, "worker-2") && !holds_layers(s, "worker-1")
+    })
+    .await?;
+    eprintln!("{s}");
+    cluster.stop().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn drain_then_undrain_rebalances_without_losing_anything() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

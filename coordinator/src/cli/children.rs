@@ -88,6 +88,11 @@ impl Process {
         }
     }
 
+    /// SIGTERM, as `systemctl stop` would send it; does not wait.
+    pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
     /// SIGKILL, as a crash or a power cut would end it; waits for it to exit.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;

@@ -579,15 +579,19 @@ impl Controller {
     }
 
     async fn healthy(&mut self, address: &str) -> bool {
+        self.health(address).await.is_some()
+    }
+
+    /// The worker's state, or `None` when it does not answer within a second.
+    async fn health(&mut self, address: &str) -> Option<WorkerState> {
         // Connecting counts too: to a worker cut off from the network it takes the
         // whole connect timeout.
         let check = async {
-            let Ok(mut c) = self.client(address).await else {
-                return false;
-            };
-            c.health(v1::HealthRequest {}).await.is_ok()
+            let mut c = self.client(address).await.ok()?;
+            let state = c.health(v1::HealthRequest {}).await.ok()?.into_inner().state;
+            Some(WorkerState::try_from(state).unwrap_or(WorkerState::Unspecified))
         };
-        tokio::time::timeout(Duration::from_secs(1), check).await.unwrap_or(false)
+        tokio::time::timeout(Duration::from_secs(1), check).await.ok().flatten()
     }
 
     fn mark_gone(&mut self, address: &str, reason: &str) {
@@ -619,14 +623,31 @@ impl Controller {
         else {
             return;
         };
-        let mut any_gone = false;
+        let mut broken = false;
+        let mut draining = false;
         for a in addresses {
-            if !self.healthy(&a).await {
-                self.mark_gone(&a, reason);
-                any_gone = true;
+            match self.health(&a).await {
+                None => {
+                    self.mark_gone(&a, reason);
+                    broken = true;
+                }
+                // It holds no shard at all: restarted since it was loaded.
+                Some(WorkerState::Idle) => {
+                    tracing::warn!(address = %a, %reason, "a worker of the pipeline lost its shard");
+                    broken = true;
+                }
+                // Stopping (SIGTERM) or drained at its machine: its heartbeat says so
+                // within 300 ms, but the requests should not wait for it.
+                Some(WorkerState::Draining) => {
+                    draining |= self.spec.membership.set_status(&a, NodeStatus::Draining);
+                }
+                Some(_) => {}
             }
         }
-        if any_gone {
+        if broken {
+            self.park(format!("re-planning: {reason}")).await;
+            self.reconcile(reason).await;
+        } else if draining {
             self.reconcile(reason).await;
         } else if let Some(link) = self.current.as_ref().map(|p| p.link.clone()) {
             self.scheduler_switch(Some(link), String::new(), false).await;
