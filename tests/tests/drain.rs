@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{json, Value};
 use strata_coordinator::cli::http;
-use strata_model::ModelFile;
+use strata_model::{ModelFile, TensorSizes};
 use strata_proto::v1::{self, worker_client::WorkerClient};
 use strata_tests::admin::{admin, holds_layers, node, status, wait_for_status};
 use strata_tests::streams::{prompts, synthetic_model, StreamSpec, Streams, MAX_TOKENS};
@@ -42,6 +42,35 @@ async fn worker_stats(address: &str, reset: bool) -> anyhow::Result<v1::StatsRes
     Ok(WorkerClient::new(channel).stats(v1::StatsRequest { reset }).await?.into_inner())
 }
 
+/// Starts a new Stats window on every worker.
+async fn reset_stats(cluster: &TestCluster) -> anyhow::Result<()> {
+    for worker in &cluster.workers {
+        worker_stats(worker, true).await?;
+    }
+    Ok(())
+}
+
+/// Workers 0 and 2, which survived worker 1 leaving (`before` → `after` statuses),
+/// each read only the layers it took over, and its weights peaked at its new stage:
+/// never old and new in full.
+async fn survivors_loaded_only_what_they_took_over(
+    cluster: &TestCluster,
+    sizes: &TensorSizes,
+    before: &Value,
+    after: &Value,
+) -> anyhow::Result<()> {
+    for (i, name) in [(0, "worker-0"), (2, "worker-2")] {
+        let (old, new) = (layers_of(before, name)?, layers_of(after, name)?);
+        assert!(new.start <= old.start && old.end <= new.end, "{name}: {old:?} -> {new:?}");
+        let added: u64 = new.clone().filter(|l| !old.contains(l)).map(|l| sizes.layers[l]).sum();
+        let stats = worker_stats(&cluster.workers[i], false).await?;
+        assert_eq!(stats.weight_loaded_bytes, added, "{name}: {old:?} -> {new:?}");
+        assert_eq!(stats.weight_peak_bytes, sizes.stage_bytes(new.clone()), "{name}: {old:?} -> {new:?}");
+        assert!(added < sizes.stage_bytes(new), "{name} loaded its whole new range");
+    }
+    Ok(())
+}
+
 /// How a drain report says the requests moved: (with their KV caches, replayed).
 fn moved(report: &Value) -> (u64, u64) {
     let count = |k: &str| report[k].as_u64().unwrap_or(u64::MAX);
@@ -57,9 +86,7 @@ async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyh
     let cluster = start_moving(&model, "transfer").await?;
     let addr = cluster.http().to_string();
     let before = status(&addr).await?;
-    for worker in &cluster.workers {
-        worker_stats(worker, true).await?;
-    }
+    reset_stats(&cluster).await?;
     let streams = Streams::start(&addr);
     streams.wait_until_running().await?;
     let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
@@ -81,15 +108,7 @@ async fn draining_the_middle_worker_loses_nothing_and_frees_its_memory() -> anyh
     // The survivors kept their layers while the new plan loaded beside the old one:
     // each loaded only the layers it took over, and held the union of its old and
     // new ranges at most, never both in full.
-    for (i, name) in [(0, "worker-0"), (2, "worker-2")] {
-        let (old, new) = (layers_of(&before, name)?, layers_of(&s, name)?);
-        assert!(new.start <= old.start && old.end <= new.end, "{name}: {old:?} -> {new:?}");
-        let added: u64 = new.clone().filter(|l| !old.contains(l)).map(|l| sizes.layers[l]).sum();
-        let stats = worker_stats(&cluster.workers[i], false).await?;
-        assert_eq!(stats.weight_loaded_bytes, added, "{name}: {old:?} -> {new:?}");
-        assert_eq!(stats.weight_peak_bytes, sizes.stage_bytes(new.clone()), "{name}: {old:?} -> {new:?}");
-        assert!(added < sizes.stage_bytes(new), "{name} loaded its whole new range");
-    }
+    survivors_loaded_only_what_they_took_over(&cluster, &sizes, &before, &s).await?;
     cluster.stop().await;
     Ok(())
 }
@@ -102,9 +121,7 @@ async fn killing_a_worker_mid_generation_loses_nothing() -> anyhow::Result<()> {
     let mut cluster = start(&model).await?;
     let addr = cluster.http().to_string();
     let before = status(&addr).await?;
-    for worker in &cluster.workers {
-        worker_stats(worker, true).await?;
-    }
+    reset_stats(&cluster).await?;
     let streams = Streams::start(&addr);
     streams.wait_until_running().await?;
     let killed = Instant::now();
@@ -123,15 +140,7 @@ async fn killing_a_worker_mid_generation_loses_nothing() -> anyhow::Result<()> {
     .await?;
     // The survivors kept their old shards while the new pipeline loaded beside them
     // (the broken one only stopped): each read only the layers it took over.
-    for (i, name) in [(0, "worker-0"), (2, "worker-2")] {
-        let (old, new) = (layers_of(&before, name)?, layers_of(&s, name)?);
-        assert!(new.start <= old.start && old.end <= new.end, "{name}: {old:?} -> {new:?}");
-        let added: u64 = new.clone().filter(|l| !old.contains(l)).map(|l| sizes.layers[l]).sum();
-        let stats = worker_stats(&cluster.workers[i], false).await?;
-        assert_eq!(stats.weight_loaded_bytes, added, "{name}: {old:?} -> {new:?}");
-        assert_eq!(stats.weight_peak_bytes, sizes.stage_bytes(new.clone()), "{name}: {old:?} -> {new:?}");
-        assert!(added < sizes.stage_bytes(new), "{name} loaded its whole new range");
-    }
+    survivors_loaded_only_what_they_took_over(&cluster, &sizes, &before, &s).await?;
     cluster.stop().await;
     Ok(())
 }
