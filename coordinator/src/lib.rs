@@ -7,3 +7,6 @@ pub mod engine;
 pub mod api;
 pub mod cluster;
 pub mod planner;
+pub mod server;
+
+pub use server::{run, Listeners, ServeConfig};

@@ -14,6 +14,7 @@ pub mod content_hash;
 mod error;
 pub mod kv_wire;
 mod tensor_wire;
+pub mod timing;
 pub mod transport;
 pub mod units;
 

@@ -160,13 +160,13 @@ async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -
         worker_wait: Duration::from_secs(30),
         wire_dtype: WireDtype::F32,
         return_path: ReturnPath::Direct,
-        weights_source: grpc_addr,
+        weights_source: strata_coordinator::cluster::WeightsSource::Fixed(grpc_addr),
         placement: PlacementPolicy::Spread,
         plan: strata_coordinator::planner::PlanOptions::default(),
         queue_timeout: Duration::from_secs(30),
         move_sequences: Default::default(),
     };
-    let cluster = Cluster::start(&config, model, membership).await?;
+    let cluster = Cluster::start(&config, model, membership).await?.loaded().await?;
     assert!(cluster.placements.iter().all(|p| !p.weights_were_local));
     for prompt in PROMPTS {
         let expected = reference_tokens(&model_path, prompt, 24)?;

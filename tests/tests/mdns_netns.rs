@@ -172,6 +172,57 @@ async fn workers_found_over_mdns_form_a_cluster_and_a_stopped_one_is_noticed() -
     Ok(())
 }
 
+/// The README's multi-host flow exactly as it is written, with default flags
+/// (issue 9): a coordinator bound to every address (`--grpc-listen` left at
+/// `0.0.0.0:7100`), two workers on other hosts given no address and no model file.
+/// They are found over mDNS, pull their layers from the coordinator at an address
+/// they can reach (not its loopback), and a completion comes back right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_multi_host_flow_works_with_default_flags() -> anyhow::Result<()> {
+    let test = "the_readme_multi_host_flow_works_with_default_flags";
+    let Some(model) = real_model() else { return Ok(()) };
+    let Some(hosts) = Hosts::for_test(test, 3)? else { return Ok(()) };
+    let cache = tempfile::tempdir()?;
+    let model_arg = model.display().to_string();
+    // `strata serve --model M --http-listen 0.0.0.0:8000 --min-workers 2`, with one
+    // compute thread (this machine's 2 cores are shared by three processes).
+    let serve: Vec<String> =
+        ["--threads", "1", "serve", "--model", &model_arg, "--http-listen", "0.0.0.0:8000", "--min-workers", "2"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+    let mut coordinator = hosts.spawn(1, "coordinator", &binary("strata")?, &serve, &[("STRATA_LOG", log_level())])?;
+    // `strata-worker` with no address and no model (the helper adds only a name,
+    // one thread, a cache folder of its own and no start-up benchmark).
+    let default_cluster = strata_discovery::DEFAULT_CLUSTER;
+    let _w2 = start_worker(&hosts, 2, "w2", GRPC_PORT, default_cluster, cache.path(), &[]).await?;
+    let _w3 = start_worker(&hosts, 3, "w3", GRPC_PORT, default_cluster, cache.path(), &[]).await?;
+
+    let (ready, stages) = until_serving(&mut coordinator).await?;
+    coordinator.drain_output();
+    anyhow::ensure!(!stages.is_empty(), "no stage loaded: {ready}");
+    for line in &stages {
+        anyhow::ensure!(line.contains("weights pulled"), "every stage pulls its layers: {stages:?}");
+        anyhow::ensure!(!line.contains("127.0.0.1"), "a stage on another host: {stages:?}");
+    }
+    let http = format!("{}:8000", hosts.address(1));
+    let tokenizer = Tokenizer::from_gguf(ModelFile::open(&model)?.metadata())?;
+    let prompt = tokenizer.encode("The capital of France is")?;
+    let (want, _) = reference_completion(&model, &prompt, 12)?;
+    let reply = tokio::task::block_in_place(|| {
+        hosts.block_on(1, async {
+            let models = http::request(&http, "GET", "/v1/models", None).await?.json()?;
+            let id = models["data"][0]["id"].as_str().context("no model in /v1/models")?.to_string();
+            let body = json!({"model": id, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0});
+            anyhow::Ok(http::request(&http, "POST", "/v1/completions", Some(&body)).await?)
+        })
+    })??;
+    anyhow::ensure!(reply.status == 200, "HTTP {}: {}", reply.status, reply.body);
+    assert_eq!(reply.json()?["choices"][0]["text"].as_str(), Some(want.as_str()));
+    eprintln!("stages: {stages:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn avahi_browse_sees_a_worker_advertisement() -> anyhow::Result<()> {
     let Some(hosts) = hosts_with_avahi("avahi_browse_sees_a_worker_advertisement", 2)? else { return Ok(()) };

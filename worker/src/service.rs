@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
@@ -29,8 +29,9 @@ use crate::yielding::DrainCauses;
 
 mod kv_move;
 
-/// How often Events subscribers get a heartbeat.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(300);
+/// How often Events subscribers get a heartbeat (the coordinator's loss timeout
+/// is set against it).
+pub use strata_proto::timing::HEARTBEAT_INTERVAL;
 
 /// A cheap handle on the worker's shared state.
 #[derive(Clone)]

@@ -224,13 +224,13 @@ async fn pipeline(
         worker_wait: Duration::from_secs(30),
         wire_dtype: WireDtype::F32,
         return_path: ReturnPath::Direct,
-        weights_source: String::new(),
+        weights_source: crate::cluster::WeightsSource::None,
         placement: PlacementPolicy::Spread,
         plan: crate::planner::PlanOptions::default(),
         queue_timeout: Duration::from_secs(60),
         move_sequences: Default::default(),
     };
-    let cluster = Cluster::start(&config, model.clone(), Arc::new(Membership::default())).await?;
+    let cluster = Cluster::start(&config, model.clone(), Arc::new(Membership::default())).await?.loaded().await?;
     let engine = cluster.engine.clone();
     let vocab = model.file.info().vocab_size;
     let n = args.decode_tokens;

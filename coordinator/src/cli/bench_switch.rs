@@ -202,13 +202,13 @@ async fn start_cluster(workers: &[String], model: &Arc<ServedModel>, policy: Mov
         worker_wait: Duration::from_secs(30),
         wire_dtype: WireDtype::F32,
         return_path: ReturnPath::Direct,
-        weights_source: String::new(),
+        weights_source: crate::cluster::WeightsSource::None,
         placement: PlacementPolicy::Spread,
         plan: crate::planner::PlanOptions::default(),
         queue_timeout: Duration::from_secs(120),
         move_sequences: policy,
     };
-    Ok(Cluster::start(&config, model.clone(), Arc::new(Membership::default())).await?)
+    Ok(Cluster::start(&config, model.clone(), Arc::new(Membership::default())).await?.loaded().await?)
 }
 
 /// Time to the first token of a `len`-token prompt, and the step after it (one request).

@@ -1,26 +1,17 @@
-//! `strata serve`: the coordinator of a cluster. Serves the Coordinator gRPC service
-//! to workers, waits for them, loads the plan, and serves the OpenAI-compatible
-//! HTTP API over the pipeline.
-//!
-//! Lines on stdout, for people and for scripts that start it:
-//! `coordinator grpc=ADDR` once workers can join, one `stage N ...` line per stage
-//! when the plan is loaded, and `listening http=ADDR grpc=ADDR` when it serves.
+//! `strata serve`: the coordinator of a cluster. Parses its arguments into a
+//! [`ServeConfig`], binds its two listeners and hands off to [`crate::server::run`],
+//! which says on stdout what it does (see there).
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use strata_proto::v1::WireDtype;
-use tokio::sync::watch;
 
-use crate::cluster::{
-    self, Cluster, ClusterConfig, CoordinatorService, Membership, MovePolicy, PlacementPolicy, ReturnPath,
-    ServedModel,
-};
+use crate::cluster::{MovePolicy, PlacementPolicy, ReturnPath, ServedModel};
+use crate::server::{Listeners, ServeConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WireDtypeArg {
@@ -88,9 +79,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub layers: Option<String>,
     /// Context length every sequence may reach, for sizing the KV caches the plan
-    /// must fit.
-    #[arg(long, default_value_t = 4096)]
-    pub context: usize,
+    /// must fit (default: the model's, at most 4096).
+    #[arg(long)]
+    pub context: Option<usize>,
     /// Sequences decoded at once, for the same sizing.
     #[arg(long, default_value_t = 4)]
     pub sequences: usize,
@@ -104,6 +95,10 @@ pub struct ServeArgs {
     /// `auto` picks the faster per request. A lost worker always means a replay.
     #[arg(long, value_enum, default_value_t = MoveSequencesArg::Auto)]
     pub move_sequences: MoveSequencesArg,
+    /// Seconds requests in flight may run on after a stop is asked for (SIGTERM,
+    /// Ctrl-C) before they are cut off.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -129,73 +124,40 @@ pub enum PlacementArg {
     Spread,
 }
 
+/// The context a plan is sized for when `--context` is not given.
+const DEFAULT_CONTEXT: usize = 4096;
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let path = crate::model_store::resolve(&args.model)?;
-    let model_id = args.model_id.clone().unwrap_or_else(|| default_model_id(&args.model));
+    let model_id = args.model_id.clone().unwrap_or_else(|| super::serve_local::default_model_id(&args.model));
     let model = Arc::new(ServedModel::open(&path, model_id).with_context(|| format!("opening {}", path.display()))?);
+    let config = config(&args, model);
+    config.validate()?;
     // The coordinator computes nothing heavy (tokenizing runs on the blocking pool):
     // a small runtime leaves the cores to workers sharing this machine.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(serve(args, model, super::serve_local::shutdown_signal()))
+    runtime.block_on(async {
+        let listeners = Listeners { grpc: bind(args.grpc_listen).await?, http: bind(args.http_listen).await? };
+        crate::server::run(listeners, config, super::serve_local::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
 }
 
-/// The model id a model is served under by default.
-fn default_model_id(spec: &str) -> String {
-    if crate::model_store::known(spec).is_some() {
-        return spec.to_owned();
-    }
-    Path::new(spec).file_stem().and_then(|s| s.to_str()).unwrap_or(spec).to_owned()
+async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))
 }
 
-fn say(line: &str) -> anyhow::Result<()> {
-    // Readers (tests, `strata demo`) wait on whole lines.
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}")?;
-    stdout.flush()?;
-    Ok(())
-}
-
-/// Serves until `shutdown` completes.
-pub async fn serve(
-    args: ServeArgs,
-    model: Arc<ServedModel>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-
-    let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.grpc_listen))?;
-    let grpc_addr = grpc.local_addr()?;
-    let advertised = args.grpc_advertise.clone().unwrap_or_else(|| advertised(grpc_addr));
-    let membership = Arc::new(Membership::default());
-    let service = CoordinatorService {
-        id: format!("strata-{}", std::process::id()),
-        model: model.clone(),
-        membership: membership.clone(),
-    };
-    let grpc_server = tokio::spawn(cluster::serve_grpc(grpc, service, stopped(stop.clone())));
-    say(&format!("coordinator grpc={advertised}"))?;
-    let discovery = (args.workers.is_empty() && !args.no_mdns).then(|| {
-        let (membership, cluster, stop) = (membership.clone(), args.cluster.clone(), stopped(stop.clone()));
-        tokio::spawn(async move {
-            if let Err(e) = cluster::discovery::run(membership, cluster, stop).await {
-                tracing::warn!("not looking for workers over mDNS: {e}");
-            }
-        })
-    });
-
-    let config = ClusterConfig {
+/// The settings `args` ask for, over `model`.
+pub fn config(args: &ServeArgs, model: Arc<ServedModel>) -> ServeConfig {
+    let trained = model.card.context_length;
+    let context = args.context.unwrap_or(if trained > 0 { trained.min(DEFAULT_CONTEXT) } else { DEFAULT_CONTEXT });
+    ServeConfig {
+        model,
         workers: args.workers.clone(),
+        mdns_cluster: (!args.no_mdns).then(|| args.cluster.clone()),
         min_workers: args.min_workers.unwrap_or(args.workers.len()).max(1),
         worker_wait: Duration::from_secs(args.worker_wait),
+        grpc_advertise: args.grpc_advertise.clone(),
         wire_dtype: match args.wire_dtype {
             WireDtypeArg::F32 => WireDtype::F32,
             WireDtypeArg::F16 => WireDtype::F16,
@@ -204,64 +166,18 @@ pub async fn serve(
             ReturnPathArg::Coordinator => ReturnPath::Coordinator,
             ReturnPathArg::Direct => ReturnPath::Direct,
         },
-        weights_source: advertised.clone(),
         placement: match (&args.layers, args.placement) {
             (Some(layers), _) => PlacementPolicy::Manual(layers.clone()),
             (None, PlacementArg::Fastest) => PlacementPolicy::Fastest,
             (None, PlacementArg::Spread) => PlacementPolicy::Spread,
         },
         plan: crate::planner::PlanOptions {
-            context: args.context.max(1),
-            sequences: args.sequences.max(1),
+            context,
+            sequences: args.sequences,
             ..crate::planner::PlanOptions::default()
         },
         queue_timeout: Duration::from_secs(args.queue_timeout),
         move_sequences: args.move_sequences.into(),
-    };
-    let cluster = tokio::select! {
-        c = Cluster::start(&config, model.clone(), membership) => c.context("cannot start the pipeline")?,
-        () = stopped(stop.clone()) => {
-            let _ = grpc_server.await;
-            if let Some(discovery) = discovery {
-                let _ = discovery.await;
-            }
-            return Ok(());
-        }
-    };
-    for p in &cluster.placements {
-        say(&format!(
-            "stage {} layers {}..{} on {} ({}), weights {}, loaded in {:.1}s",
-            p.stage,
-            p.layers.start,
-            p.layers.end,
-            p.address,
-            p.name,
-            if p.weights_were_local { "local" } else { "pulled" },
-            p.load_seconds
-        ))?;
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
     }
-
-    let http = match tokio::net::TcpListener::bind(args.http_listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            cluster.shutdown().await;
-            return Err(e).with_context(|| format!("cannot listen on {}", args.http_listen));
-        }
-    };
-    let http_addr = http.local_addr()?;
-    say(&format!("listening http={http_addr} grpc={advertised}"))?;
-    let engine: Arc<dyn crate::engine::Engine> = cluster.engine.clone();
-    let served = crate::api::serve(http, engine, Some(cluster.admin()), stopped(stop.clone())).await;
-    cluster.shutdown().await;
-    let _ = grpc_server.await;
-    if let Some(discovery) = discovery {
-        let _ = discovery.await;
-    }
-    served.context("the HTTP API failed")?;
-    Ok(())
-}
-
-fn advertised(local: SocketAddr) -> String {
-    let ip = if local.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { local.ip() };
-    SocketAddr::new(ip, local.port()).to_string()
 }

@@ -50,7 +50,7 @@ pub fn run(args: ServeLocalArgs) -> anyhow::Result<()> {
 
 /// The id a model is served under when none is given: a known name as it is, a
 /// path by its file name.
-fn default_model_id(spec: &str) -> String {
+pub(crate) fn default_model_id(spec: &str) -> String {
     if crate::model_store::known(spec).is_some() {
         return spec.to_owned();
     }

@@ -29,19 +29,23 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use strata_proto::v1::{self, worker_event, WireDtype, WorkerState};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::backoff::LoadBackoff;
 use super::membership::{self, Heartbeat, Member, Membership, NodeStatus};
 use super::model::ServedModel;
 use super::pipeline::{self, BuildSpec, Pipeline, Placement};
 use super::placement::{self, PlacementPolicy, StagePlan};
-use super::rates::CounterWindow;
-use super::report::{AdminError, ClusterStatus, DrainReport, NodeReport};
-use super::scheduler::{Moved, PipelineLink, SchedulerMsg, SchedulerStatus};
+use super::report::{AdminError, DrainReport};
+use super::scheduler::{Moved, PipelineLink, SchedulerMsg};
+use super::status_view::{ServingPipeline, StatusView};
 use super::switch_memory;
 use super::{connect, HopSamples, WorkerClient, HEARTBEAT_TIMEOUT};
 use crate::planner::{format_bytes, ModelSpec, PlanOptions};
+
+/// How long a worker may take to answer Health before it counts as gone.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How often gone workers are asked whether they are back.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -52,9 +56,6 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a drain waits for the moved requests to produce a token again before
 /// it reports.
 const RESUME_WAIT: Duration = Duration::from_secs(30);
-
-/// Window of the measured tokens per second.
-const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 pub(super) enum Control {
     /// Something in the pipeline failed (a broken stream, a sequence error that
@@ -80,12 +81,6 @@ pub(super) enum Control {
         node: String,
         reply: oneshot::Sender<Result<String, AdminError>>,
     },
-    Status {
-        reply: oneshot::Sender<ClusterStatus>,
-    },
-    Placements {
-        reply: oneshot::Sender<Vec<Placement>>,
-    },
     Shutdown {
         done: oneshot::Sender<()>,
     },
@@ -98,9 +93,13 @@ pub(super) struct ControllerSpec {
     pub policy: PlacementPolicy,
     pub options: PlanOptions,
     pub wire_dtype: WireDtype,
-    pub weights_source: String,
+    pub weights_source: super::WeightsSource,
     pub scheduler: mpsc::UnboundedSender<SchedulerMsg>,
     pub token_hops: Arc<HopSamples>,
+    /// Set when the coordinator stops: a load in progress is abandoned.
+    pub stop: watch::Receiver<bool>,
+    /// Where status reads the pipeline and the load failures from.
+    pub view: Arc<StatusView>,
 }
 
 /// A pipeline stopped before its successor loaded, whose shards some survivors
@@ -136,19 +135,12 @@ pub(super) struct Controller {
     links: HashMap<String, JoinHandle<()>>,
     clients: HashMap<String, WorkerClient>,
     current: Option<Pipeline>,
-    predicted_tokens_per_second: Option<f64>,
-    /// The planner's compute time per token for each stage's worker, by address.
-    predicted_stage_seconds: HashMap<String, f64>,
-    /// Workers whose loads failed, left out until the instant given.
-    backoff: HashMap<String, (u32, Instant)>,
+    /// Workers whose loads failed, left out for a while, by address.
+    backoff: HashMap<String, LoadBackoff>,
     /// Tasks talking to a worker off the controller's turn (asking a gone worker
     /// whether it is back, unloading stale shards), one at a time for each worker.
     probes: HashMap<String, JoinHandle<()>>,
     next_pipeline: u64,
-    /// Tokens the cluster generated, for its measured rate.
-    rate: CounterWindow<1>,
-    /// Each worker's [tokens computed, batches, busy seconds], by address.
-    node_rates: HashMap<String, CounterWindow<3>>,
 }
 
 impl Controller {
@@ -163,22 +155,21 @@ impl Controller {
             links: HashMap::new(),
             clients: HashMap::new(),
             current: None,
-            predicted_tokens_per_second: None,
-            predicted_stage_seconds: HashMap::new(),
             backoff: HashMap::new(),
             probes: HashMap::new(),
             next_pipeline: seed.max(1),
-            rate: CounterWindow::new(RATE_WINDOW),
-            node_rates: HashMap::new(),
         }
     }
 
-    /// Plans and loads the first pipeline; the error says why none could be built.
-    pub async fn start(&mut self) -> Result<Vec<Placement>, super::ClusterError> {
+    /// Plans and loads the first pipeline: its stages, or why none could be built
+    /// yet. Either way the controller goes on ([`Self::run`]): it retries failed
+    /// loads with backoff and plans without a worker that keeps failing, and
+    /// requests wait meanwhile.
+    pub async fn start(&mut self) -> Result<Vec<Placement>, String> {
         self.reconcile("the cluster starts").await;
         match &self.current {
             Some(p) => Ok(p.placements.clone()),
-            None => Err(super::ClusterError::Internal(self.waiting_reason())),
+            None => Err(self.waiting_reason()),
         }
     }
 
@@ -202,9 +193,9 @@ impl Controller {
                     self.reconcile("the workers changed").await;
                 }
                 _ = retry.tick() => {
+                    self.retry_failed_loads().await;
                     self.retry_gone();
                     self.sweep_stale_shards().await;
-                    self.sample_rate().await;
                 }
             }
         }
@@ -221,13 +212,6 @@ impl Controller {
                 let result = self.undrain(&node).await;
                 let _ = reply.send(result);
             }
-            Control::Status { reply } => {
-                let status = self.status().await;
-                let _ = reply.send(status);
-            }
-            Control::Placements { reply } => {
-                let _ = reply.send(self.current.as_ref().map(|p| p.placements.clone()).unwrap_or_default());
-            }
             Control::Shutdown { done } => {
                 self.shutdown().await;
                 let _ = done.send(());
@@ -240,9 +224,47 @@ impl Controller {
     fn waiting_reason(&self) -> String {
         let members = self.spec.membership.members();
         let eligible = self.eligible(&members);
-        match placement::place(&self.model_spec, &eligible, &self.spec.policy, &self.spec.options) {
+        let now = Instant::now();
+        let failed: Vec<String> = members
+            .iter()
+            .filter_map(|m| self.backoff.get(&m.address).map(|b| format!("{}: {}", m.name(), b.describe(now))))
+            .collect();
+        let why = match placement::place(&self.model_spec, &eligible, &self.spec.policy, &self.spec.options) {
             Ok(_) => "a new pipeline is being loaded".into(),
             Err(e) => e.to_string(),
+        };
+        if failed.is_empty() {
+            why
+        } else {
+            format!("{why} ({})", failed.join("; "))
+        }
+    }
+
+    /// Re-plans when a worker whose load failed may be tried again, or when there
+    /// is no pipeline and the workers there are could hold one: a load that failed
+    /// at start-up (or after a crash) is retried rather than given up.
+    async fn retry_failed_loads(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> =
+            self.backoff.iter().filter(|(_, b)| !b.retried && !b.excludes(now)).map(|(a, _)| a.clone()).collect();
+        for address in &due {
+            if let Some(b) = self.backoff.get_mut(address) {
+                b.retried = true;
+            }
+        }
+        if !due.is_empty() {
+            self.reconcile("retrying a worker whose load failed").await;
+            // A worker tried again that failed again has a fresh entry; one the new
+            // plan did not need is not failing any more.
+            self.backoff.retain(|_, b| !b.retried);
+            self.spec.view.set_load_failures(&self.backoff);
+            return;
+        }
+        if self.current.is_none() {
+            let eligible = self.eligible(&self.spec.membership.members());
+            if placement::place(&self.model_spec, &eligible, &self.spec.policy, &self.spec.options).is_ok() {
+                self.reconcile("no pipeline is loaded").await;
+            }
         }
     }
 
@@ -252,7 +274,7 @@ impl Controller {
         members
             .iter()
             .filter(|m| m.status == NodeStatus::Ready)
-            .filter(|m| self.backoff.get(&m.address).is_none_or(|(_, until)| *until <= now))
+            .filter(|m| self.backoff.get(&m.address).is_none_or(|b| !b.excludes(now)))
             .cloned()
             .collect()
     }
@@ -401,13 +423,38 @@ impl Controller {
                 weights_source: &self.spec.weights_source,
                 keep_others: &keep,
             };
-            match pipeline::build(spec, &stages, &clients, self.control.clone()).await {
+            // A load can take minutes (a stage of a large model pulled over 1 GbE).
+            // It is abandoned the moment a worker it involves is gone, or the
+            // coordinator stops: the plan is made again with the workers there are.
+            let watched = self.live_addresses(stages.iter().map(|s| &s.address).chain(old.iter().map(|(a, _)| a)));
+            let outcome = tokio::select! {
+                built = pipeline::build(spec, &stages, &clients, self.control.clone()) => Ok(built),
+                why = self.interrupted(&watched) => Err(why),
+            };
+            let built = match outcome {
+                Ok(built) => built,
+                Err(why) => {
+                    tracing::warn!(reason = %why, "loading the new pipeline is abandoned");
+                    self.abandon(id, &stages);
+                    if *self.spec.stop.borrow() {
+                        return Switched::default();
+                    }
+                    if make_before_break && !self.current_still_works() {
+                        // The old pipeline broke meanwhile: its requests wait.
+                        self.park(format!("re-planning: {why}")).await;
+                    }
+                    continue;
+                }
+            };
+            match built {
                 Ok(new) => {
                     self.backoff.retain(|a, _| !stages.iter().any(|s| &s.address == a));
-                    self.predicted_tokens_per_second = Some(plan.tokens_per_second());
-                    self.predicted_stage_seconds =
-                        stages.iter().map(|s| (s.address.clone(), s.predicted_seconds_per_token)).collect();
-                    return self.switch_to(new, make_before_break).await;
+                    self.spec.view.set_load_failures(&self.backoff);
+                    let predicted = (
+                        plan.tokens_per_second(),
+                        stages.iter().map(|s| (s.address.clone(), s.predicted_seconds_per_token)).collect(),
+                    );
+                    return self.switch_to(new, make_before_break, predicted).await;
                 }
                 Err(failed) => {
                     tracing::warn!(address = %failed.address, error = %failed.error, "a stage failed to load");
@@ -415,9 +462,19 @@ impl Controller {
                     if !alive {
                         self.mark_gone(&failed.address, &failed.error.to_string());
                     } else {
-                        let (count, _) = self.backoff.get(&failed.address).copied().unwrap_or((0, Instant::now()));
-                        let wait = Duration::from_secs(1 << count.min(6));
-                        self.backoff.insert(failed.address.clone(), (count + 1, Instant::now() + wait));
+                        let backoff = LoadBackoff::after(
+                            self.backoff.get(&failed.address),
+                            failed.error.to_string(),
+                            Instant::now(),
+                        );
+                        tracing::warn!(
+                            address = %failed.address,
+                            failures = backoff.failures,
+                            "left out of plans for {:?}",
+                            backoff.until.saturating_duration_since(Instant::now())
+                        );
+                        self.backoff.insert(failed.address.clone(), backoff);
+                        self.spec.view.set_load_failures(&self.backoff);
                     }
                     // Shards of the failed attempt that did load are dropped.
                     self.unload_pipeline(id, &stages.iter().map(|s| s.address.clone()).collect::<Vec<_>>()).await;
@@ -427,7 +484,79 @@ impl Controller {
                 }
             }
         }
+        if self.current.is_none() {
+            // Every attempt failed: requests wait, and say why.
+            let reason = self.waiting_reason();
+            self.park(reason).await;
+        }
         Switched::default()
+    }
+
+    /// Completes when a worker at one of `addresses` is gone, or the coordinator
+    /// stops: why.
+    async fn interrupted(&self, addresses: &[String]) -> String {
+        let mut members = self.spec.membership.subscribe();
+        let mut stop = self.spec.stop.clone();
+        loop {
+            if *stop.borrow_and_update() {
+                return "the coordinator is stopping".into();
+            }
+            let gone = members.borrow_and_update().iter().find_map(|m| match &m.status {
+                NodeStatus::Gone { reason, .. } if addresses.contains(&m.address) => {
+                    Some(format!("{} is gone: {reason}", m.name()))
+                }
+                _ => None,
+            });
+            if let Some(why) = gone {
+                return why;
+            }
+            tokio::select! {
+                changed = members.changed() => if changed.is_err() { std::future::pending::<()>().await },
+                changed = stop.changed() => if changed.is_err() { std::future::pending::<()>().await },
+            }
+        }
+    }
+
+    /// Those of `addresses` whose workers are not gone, once each.
+    fn live_addresses<'a>(&self, addresses: impl Iterator<Item = &'a String>) -> Vec<String> {
+        let members = self.spec.membership.members();
+        let mut live: Vec<String> = addresses
+            .filter(|a| members.iter().any(|m| &m.address == *a && !matches!(m.status, NodeStatus::Gone { .. })))
+            .cloned()
+            .collect();
+        live.sort();
+        live.dedup();
+        live
+    }
+
+    /// Whether every stage of the current pipeline still answers.
+    fn current_still_works(&self) -> bool {
+        let members = self.spec.membership.members();
+        self.current.as_ref().is_some_and(|p| {
+            p.placements
+                .iter()
+                .all(|s| members.iter().any(|m| m.address == s.address && !matches!(m.status, NodeStatus::Gone { .. })))
+        })
+    }
+
+    /// Drops what an abandoned load of pipeline `id` loaded, in a task of its own
+    /// (a worker that is gone answers nothing; the sweep of stale shards catches
+    /// what this misses).
+    fn abandon(&self, id: u64, stages: &[StagePlan]) {
+        let members = self.spec.membership.members();
+        let targets: Vec<(String, WorkerClient)> = stages
+            .iter()
+            .filter(|s| members.iter().any(|m| m.address == s.address && !matches!(m.status, NodeStatus::Gone { .. })))
+            .filter_map(|s| self.clients.get(&s.address).map(|c| (s.address.clone(), c.clone())))
+            .collect();
+        tokio::spawn(async move {
+            for (address, mut client) in targets {
+                let unload = client.unload_shard(v1::UnloadShardRequest { pipeline_id: id });
+                if tokio::time::timeout(CLEANUP_TIMEOUT, unload).await.is_err() {
+                    tracing::debug!(%address, pipeline_id = id, "an abandoned shard did not unload; the sweep will");
+                }
+            }
+        });
     }
 
     /// For each stage of the new plan: whether its worker holds it beside the stages
@@ -463,8 +592,7 @@ impl Controller {
     /// pipeline), but its shards stay, in `stale`, until the new pipeline is loaded.
     async fn stop_for(&mut self, why: &str, stale: &mut Option<Stale>) {
         let Some(old) = self.current.take() else { return };
-        self.predicted_tokens_per_second = None;
-        self.predicted_stage_seconds.clear();
+        self.spec.view.set_pipeline(None);
         let stages = old.placements.iter().map(|p| (p.address.clone(), p.layers.clone())).collect();
         *stale = Some(Stale { id: old.id, stages, freed: HashMap::new() });
         // Dropping the pipeline aborts its stream into stage 0.
@@ -494,9 +622,15 @@ impl Controller {
     /// Moves every request to `new` and unloads the pipeline it replaces (only once
     /// the requests moving with their KV caches have read them: the scheduler
     /// answers after that). `old_alive`: that pipeline still works.
-    async fn switch_to(&mut self, new: Pipeline, old_alive: bool) -> Switched {
+    async fn switch_to(&mut self, new: Pipeline, old_alive: bool, predicted: (f64, HashMap<String, f64>)) -> Switched {
         let link = new.link.clone();
         let moved = self.scheduler_switch(Some(link), String::new(), old_alive).await;
+        self.spec.view.set_pipeline(Some(ServingPipeline {
+            id: new.id,
+            placements: new.placements.clone(),
+            predicted_tokens_per_second: predicted.0,
+            predicted_stage_seconds: predicted.1,
+        }));
         for p in &new.placements {
             tracing::info!(
                 stage = p.stage,
@@ -526,8 +660,7 @@ impl Controller {
     /// Parks every request (no pipeline) with `reason`.
     async fn park(&mut self, reason: String) {
         let old = self.current.take();
-        self.predicted_tokens_per_second = None;
-        self.predicted_stage_seconds.clear();
+        self.spec.view.set_pipeline(None);
         self.scheduler_switch(None, reason, false).await;
         if let Some(old) = old {
             self.retire(old).await;
@@ -579,19 +712,28 @@ impl Controller {
     }
 
     async fn healthy(&mut self, address: &str) -> bool {
-        self.health(address).await.is_some()
+        self.health(&[address.to_string()]).await[0].is_some()
     }
 
-    /// The worker's state, or `None` when it does not answer within a second.
-    async fn health(&mut self, address: &str) -> Option<WorkerState> {
-        // Connecting counts too: to a worker cut off from the network it takes the
-        // whole connect timeout.
-        let check = async {
-            let mut c = self.client(address).await.ok()?;
-            let state = c.health(v1::HealthRequest {}).await.ok()?.into_inner().state;
-            Some(WorkerState::try_from(state).unwrap_or(WorkerState::Unspecified))
-        };
-        tokio::time::timeout(Duration::from_secs(1), check).await.ok().flatten()
+    /// Each worker's state, asked of all at once: `None` for one that does not
+    /// answer within [`HEALTH_TIMEOUT`]. Connecting counts too: to a worker cut off
+    /// from the network it would take the whole connect timeout.
+    async fn health(&self, addresses: &[String]) -> Vec<Option<WorkerState>> {
+        join_all(addresses.iter().map(|address| {
+            let cached = self.clients.get(address).cloned();
+            async move {
+                let check = async {
+                    let mut c = match cached {
+                        Some(c) => c,
+                        None => connect(address).await.ok()?,
+                    };
+                    let state = c.health(v1::HealthRequest {}).await.ok()?.into_inner().state;
+                    Some(WorkerState::try_from(state).unwrap_or(WorkerState::Unspecified))
+                };
+                tokio::time::timeout(HEALTH_TIMEOUT, check).await.ok().flatten()
+            }
+        }))
+        .await
     }
 
     fn mark_gone(&mut self, address: &str, reason: &str) {
@@ -600,14 +742,26 @@ impl Controller {
         if let Some(link) = self.links.remove(address) {
             link.abort();
         }
-        self.spec
+        let already = self
+            .spec
             .membership
-            .set_status(address, NodeStatus::Gone { since: Instant::now(), reason: reason.to_string() });
+            .members()
+            .iter()
+            .any(|m| m.address == address && matches!(m.status, NodeStatus::Gone { .. }));
+        if !already {
+            self.spec
+                .membership
+                .set_status(address, NodeStatus::Gone { since: Instant::now(), reason: reason.to_string() });
+        }
     }
 
     async fn lost(&mut self, address: &str, reason: &str) {
         let known = self.spec.membership.members().into_iter().find(|m| m.address == address);
-        if known.is_none_or(|m| matches!(m.status, NodeStatus::Gone { .. })) {
+        let Some(known) = known else { return };
+        // Its event follower marks it gone at once (a load in progress watches for
+        // that); the rest of the bookkeeping is done here.
+        let marked_by_follower = matches!(&known.status, NodeStatus::Gone { .. });
+        if marked_by_follower && !self.links.contains_key(address) && !self.clients.contains_key(address) {
             return;
         }
         self.mark_gone(address, reason);
@@ -625,8 +779,9 @@ impl Controller {
         };
         let mut broken = false;
         let mut draining = false;
-        for a in addresses {
-            match self.health(&a).await {
+        let states = self.health(&addresses).await;
+        for (a, state) in addresses.into_iter().zip(states) {
+            match state {
                 None => {
                     self.mark_gone(&a, reason);
                     broken = true;
@@ -678,9 +833,12 @@ impl Controller {
     /// from, so whatever it holds is stale and is unloaded before it is taken in.
     /// If that fails it stays gone, and is asked again.
     async fn back(&mut self, member: Member) {
-        let gone = self.spec.membership.members().into_iter().any(|m| {
-            m.address == member.address && matches!(m.status, NodeStatus::Gone { .. })
-        });
+        let gone = self
+            .spec
+            .membership
+            .members()
+            .into_iter()
+            .any(|m| m.address == member.address && matches!(m.status, NodeStatus::Gone { .. }));
         if !gone {
             return;
         }
@@ -736,27 +894,6 @@ impl Controller {
             });
             self.probes.insert(m.address, task);
         }
-    }
-
-    async fn sample_rate(&mut self) {
-        let status = self.scheduler_status().await;
-        let now = Instant::now();
-        self.rate.push(now, [status.tokens_generated as f64]);
-        let members = self.spec.membership.members();
-        self.node_rates.retain(|a, _| members.iter().any(|m| &m.address == a));
-        for m in members {
-            let h = &m.heartbeat;
-            let counters = [h.tokens_computed as f64, h.batches as f64, h.busy_seconds];
-            self.node_rates.entry(m.address).or_insert_with(|| CounterWindow::new(RATE_WINDOW)).push(now, counters);
-        }
-    }
-
-    async fn scheduler_status(&self) -> SchedulerStatus {
-        let (reply, status) = oneshot::channel();
-        if self.spec.scheduler.send(SchedulerMsg::Status { reply }).is_err() {
-            return SchedulerStatus::default();
-        }
-        status.await.unwrap_or_default()
     }
 
     fn find(&self, node: &str) -> Result<Member, AdminError> {
@@ -875,40 +1012,45 @@ impl Controller {
             report.seconds
         );
         let Some(reply) = reply else { return };
-        let mut resumed_in_time = true;
-        if switched.moved.total() > 0 {
-            let (tx, rx) = oneshot::channel();
-            if self.spec.scheduler.send(SchedulerMsg::AwaitResumed { reply: tx }).is_ok() {
-                match tokio::time::timeout(RESUME_WAIT, rx).await {
-                    Ok(Ok(resumed)) => {
-                        report.longest_pause_seconds = resumed.longest_pause.as_secs_f64();
-                        report.longest_resume_seconds = resumed.longest_resume.as_secs_f64();
+        // Waiting for the moved requests to run again takes up to RESUME_WAIT: the
+        // answer is sent from a task of its own, so the controller goes on meanwhile.
+        let scheduler = self.spec.scheduler.clone();
+        let name = member.name().to_string();
+        tokio::spawn(async move {
+            let mut resumed_in_time = true;
+            if switched.moved.total() > 0 {
+                let (tx, rx) = oneshot::channel();
+                if scheduler.send(SchedulerMsg::AwaitResumed { reply: tx }).is_ok() {
+                    match tokio::time::timeout(RESUME_WAIT, rx).await {
+                        Ok(Ok(resumed)) => {
+                            report.longest_pause_seconds = resumed.longest_pause.as_secs_f64();
+                            report.longest_resume_seconds = resumed.longest_resume.as_secs_f64();
+                        }
+                        _ => resumed_in_time = false,
                     }
-                    _ => resumed_in_time = false,
                 }
             }
-        }
-        report.finished = true;
-        let pause = if resumed_in_time {
-            format!("longest pause a client saw {:.0} ms", report.longest_pause_seconds * 1e3)
-        } else {
-            format!("not every moved request had resumed after {}s", RESUME_WAIT.as_secs())
-        };
-        report.message = format!(
-            "{} drained in {:.2}s: {} freed, {} sequence(s) moved ({} with their KV cache, {} replayed), {pause}{}",
-            member.name(),
-            report.seconds,
-            crate::planner::format_bytes(freed_here),
-            switched.moved.total(),
-            switched.moved.transferred,
-            switched.moved.replayed,
-            if report.requests_wait {
-                "; what is left cannot hold the model: new requests wait for capacity"
+            report.finished = true;
+            let pause = if resumed_in_time {
+                format!("longest pause a client saw {:.0} ms", report.longest_pause_seconds * 1e3)
             } else {
-                ""
-            }
-        );
-        let _ = reply.send(Ok(report));
+                format!("not every moved request had resumed after {}s", RESUME_WAIT.as_secs())
+            };
+            report.message = format!(
+                "{name} drained in {:.2}s: {} freed, {} sequence(s) moved ({} with their KV cache, {} replayed), {pause}{}",
+                report.seconds,
+                crate::planner::format_bytes(freed_here),
+                switched.moved.total(),
+                switched.moved.transferred,
+                switched.moved.replayed,
+                if report.requests_wait {
+                    "; what is left cannot hold the model: new requests wait for capacity"
+                } else {
+                    ""
+                }
+            );
+            let _ = reply.send(Ok(report));
+        });
     }
 
     async fn undrain(&mut self, node: &str) -> Result<String, AdminError> {
@@ -928,63 +1070,6 @@ impl Controller {
             switched.moved.transferred,
             switched.moved.replayed
         ))
-    }
-
-    async fn status(&mut self) -> ClusterStatus {
-        let scheduler = self.scheduler_status().await;
-        let members = self.spec.membership.members();
-        let placements = self.current.as_ref().map(|p| p.placements.clone()).unwrap_or_default();
-        let nodes = members
-            .iter()
-            .map(|m| {
-                let stage = placements.iter().find(|p| p.address == m.address);
-                let rates = self.node_rates.get(&m.address);
-                let d = &m.description;
-                NodeReport {
-                    name: m.name().to_string(),
-                    address: m.address.clone(),
-                    node_id: d.node_id.clone(),
-                    state: m.status.label().to_string(),
-                    devices: d
-                        .devices
-                        .iter()
-                        .map(|x| format!("{} ({})", x.name, crate::planner::format_bytes(x.total_memory_bytes)))
-                        .collect(),
-                    memory_offered_bytes: d.memory_offered_bytes,
-                    memory_used_bytes: m.heartbeat.memory_used_bytes,
-                    bandwidth_bytes_per_second: d.devices.first().map_or(0.0, |x| x.memory_bandwidth_bytes_per_second),
-                    layers: stage.map(|s| [s.layers.start, s.layers.end]),
-                    stage: stage.map(|s| s.stage),
-                    sequences: m.heartbeat.sequences,
-                    measured_tokens_per_second: rates.map_or(0.0, |r| r.per_second(0)),
-                    measured_step_ms: rates.and_then(|r| r.ratio(2, 1)).map(|s| s * 1e3),
-                    predicted_step_ms: stage
-                        .and_then(|_| self.predicted_stage_seconds.get(&m.address))
-                        .map(|s| s * 1e3),
-                    reason: match &m.status {
-                        NodeStatus::Gone { reason, since } => {
-                            Some(format!("{reason} ({:.0}s ago)", since.elapsed().as_secs_f64()))
-                        }
-                        NodeStatus::Draining if !m.heartbeat.drain_reason.is_empty() => {
-                            Some(m.heartbeat.drain_reason.clone())
-                        }
-                        _ => None,
-                    },
-                }
-            })
-            .collect();
-        let measured = self.rate.per_second(0);
-        ClusterStatus {
-            model: self.spec.model.card.id.clone(),
-            layers: self.spec.model.layers(),
-            pipeline_id: self.current.as_ref().map(|p| p.id),
-            nodes,
-            in_flight: scheduler.in_flight,
-            waiting: scheduler.waiting,
-            waiting_reason: scheduler.waiting_reason,
-            predicted_tokens_per_second: self.predicted_tokens_per_second,
-            measured_tokens_per_second: measured,
-        }
     }
 
     async fn shutdown(&mut self) {
@@ -1046,5 +1131,8 @@ async fn follow_worker(
             }
         }
     };
+    // Marked here, not only by the controller: it may be busy with a load that
+    // must notice this at once (and status shows it).
+    membership.set_status(&address, NodeStatus::Gone { since: Instant::now(), reason: reason.clone() });
     let _ = control.send(Control::Lost { address, reason });
 }

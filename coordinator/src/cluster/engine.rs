@@ -14,7 +14,7 @@ use crate::engine::{Engine, EngineError, GenerateEvent, GenerateRequest, ModelCa
 
 /// Most prompt tokens in one frame. Equal to the stages' prefill chunk, so a
 /// pipeline computes a long prompt in exactly the chunks one process would.
-pub const MAX_FRAME_TOKENS: usize = 512;
+pub const MAX_FRAME_TOKENS: usize = strata_proto::timing::PREFILL_CHUNK_TOKENS;
 
 /// Tokens per prompt frame for a model of width `hidden`, so that the hidden states
 /// the stages pass on stay within [`FRAME_TARGET_BYTES`].

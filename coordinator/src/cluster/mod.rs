@@ -17,6 +17,7 @@
 //! [`Cluster::start`] waits for the workers and loads the first plan; from then on
 //! the controller keeps the pipeline in line with the workers there are.
 
+pub mod backoff;
 pub mod controller;
 pub mod discovery;
 pub mod engine;
@@ -29,7 +30,9 @@ pub mod rates;
 pub mod report;
 pub mod scheduler;
 pub mod service;
+pub mod status_view;
 pub mod switch_memory;
+pub mod weights_source;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -41,7 +44,7 @@ use futures::future::join_all;
 use strata_proto::v1::coordinator_server::CoordinatorServer;
 use strata_proto::v1::{self, WireDtype};
 use strata_proto::MAX_MESSAGE_BYTES;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
@@ -49,16 +52,16 @@ use controller::{Control, Controller, ControllerSpec};
 pub use engine::{ClusterEngine, HopSamples, ReturnPath};
 pub use membership::{Member, Membership, NodeStatus};
 pub use model::ServedModel;
+pub use moves::{MoveCost, MovePolicy};
 pub use pipeline::Placement;
 pub use placement::PlacementPolicy;
 pub use report::{AdminError, ClusterStatus, DrainReport, NodeReport};
-pub use moves::{MoveCost, MovePolicy};
-use scheduler::{MoveSettings, Scheduler};
+use scheduler::{MoveSettings, Scheduler, SchedulerMsg, SchedulerStatus};
 pub use service::CoordinatorService;
+use status_view::StatusView;
+pub use weights_source::WeightsSource;
 
-/// A worker that sends nothing for this long (heartbeats come every 300 ms) is
-/// considered gone.
-pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
+pub use strata_proto::timing::HEARTBEAT_TIMEOUT;
 
 pub(crate) type WorkerClient = strata_proto::v1::worker_client::WorkerClient<Channel>;
 
@@ -76,6 +79,8 @@ pub enum ClusterError {
     Load { stage: usize, start: usize, end: usize, address: String, message: String },
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("no pipeline could be loaded: {0}")]
+    NoPipeline(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -90,7 +95,7 @@ pub struct ClusterConfig {
     pub wire_dtype: WireDtype,
     pub return_path: ReturnPath,
     /// The coordinator's gRPC address as workers reach it, to pull weights from.
-    pub weights_source: String,
+    pub weights_source: WeightsSource,
     pub placement: PlacementPolicy,
     pub plan: crate::planner::PlanOptions,
     /// How long a request may wait for capacity before it fails.
@@ -103,11 +108,15 @@ pub struct ClusterConfig {
 /// its pipeline in line with the workers.
 pub struct Cluster {
     pub engine: Arc<ClusterEngine>,
-    /// The stages of the first pipeline.
+    /// The stages of the first pipeline; empty when it could not be loaded yet.
     pub placements: Vec<Placement>,
+    /// Why there is no pipeline yet, when there is none.
+    pub waiting_reason: Option<String>,
     /// Latency of the last hop, last stage to coordinator (TokenSampled events).
     pub token_hops: Arc<HopSamples>,
     admin: ClusterAdmin,
+    /// Set on shutdown: the controller abandons a load in progress.
+    stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -133,7 +142,11 @@ impl Cluster {
             membership.add(member?);
         }
         let wanted = config.min_workers.max(config.workers.len()).max(1);
-        membership.wait_for(wanted, config.worker_wait).await?;
+        if let Err(e) = membership.wait_for(wanted, config.worker_wait).await {
+            // Not a reason to stop: the controller plans with the workers there are,
+            // and again whenever one comes; requests wait meanwhile.
+            tracing::warn!("{e}; planning with the workers there are");
+        }
 
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (scheduler_tx, scheduler_rx) = mpsc::unbounded_channel();
@@ -146,9 +159,22 @@ impl Cluster {
         };
         let scheduler =
             Scheduler::new(model.card.clone(), info.hidden, config.queue_timeout, control_tx.clone(), moves);
-        let mut tasks = vec![tokio::spawn(scheduler.run(scheduler_rx))];
+        let view = Arc::new(StatusView::new(model.card.id.clone(), model.layers()));
+        let mut tasks = vec![
+            tokio::spawn(scheduler.run(scheduler_rx)),
+            tokio::spawn(sample_rates(view.clone(), membership.clone(), scheduler_tx.clone())),
+        ];
+        let admin = ClusterAdmin {
+            control: control_tx.clone(),
+            view: view.clone(),
+            membership: membership.clone(),
+            scheduler: scheduler_tx.clone(),
+        };
+        let (stop, stop_rx) = watch::channel(false);
         let spec = ControllerSpec {
             model: model.clone(),
+            stop: stop_rx,
+            view,
             membership,
             policy: config.placement.clone(),
             options: config.plan.clone(),
@@ -158,13 +184,11 @@ impl Cluster {
             token_hops: token_hops.clone(),
         };
         let mut controller = Controller::new(spec, control_tx.clone());
-        let placements = match controller.start().await {
-            Ok(p) => p,
-            Err(e) => {
-                for t in &tasks {
-                    t.abort();
-                }
-                return Err(e);
+        let (placements, waiting_reason) = match controller.start().await {
+            Ok(p) => (p, None),
+            Err(reason) => {
+                tracing::warn!(%reason, "no pipeline yet; requests wait while the controller retries");
+                (Vec::new(), Some(reason))
             }
         };
         tasks.push(tokio::spawn(controller.run(control_rx)));
@@ -175,7 +199,19 @@ impl Cluster {
             next_request: AtomicU64::new(1),
             return_path: config.return_path,
         });
-        Ok(Self { engine, placements, token_hops, admin: ClusterAdmin { control: control_tx }, tasks })
+        Ok(Self { engine, placements, waiting_reason, token_hops, admin, stop, tasks })
+    }
+
+    /// This cluster if its first pipeline loaded; otherwise it is shut down and the
+    /// error says why (for benchmarks and tests, which have nothing to wait for).
+    pub async fn loaded(self) -> Result<Self, ClusterError> {
+        match self.waiting_reason.clone() {
+            None => Ok(self),
+            Some(reason) => {
+                self.shutdown().await;
+                Err(ClusterError::NoPipeline(reason))
+            }
+        }
     }
 
     /// The handle the admin API uses.
@@ -185,7 +221,7 @@ impl Cluster {
 
     /// The stages of the current pipeline.
     pub async fn placements(&self) -> Vec<Placement> {
-        self.admin.ask(|reply| Control::Placements { reply }).await.unwrap_or_default()
+        self.admin.view.placements()
     }
 
     /// Every stage's counters, in stage order.
@@ -204,6 +240,7 @@ impl Cluster {
 
     /// Ends what is in flight, stops the controller and unloads every stage.
     pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
         self.engine.shutdown().await;
         let _ = self.admin.ask(|done| Control::Shutdown { done }).await;
         for t in &self.tasks {
@@ -216,6 +253,10 @@ impl Cluster {
 #[derive(Clone)]
 pub struct ClusterAdmin {
     control: mpsc::UnboundedSender<Control>,
+    /// Status reads these, never the controller, which may be busy with a load.
+    view: Arc<StatusView>,
+    membership: Arc<Membership>,
+    scheduler: mpsc::UnboundedSender<SchedulerMsg>,
 }
 
 impl ClusterAdmin {
@@ -226,7 +267,8 @@ impl ClusterAdmin {
     }
 
     pub async fn status(&self) -> Result<ClusterStatus, AdminError> {
-        self.ask(|reply| Control::Status { reply }).await
+        let scheduler = scheduler_status(&self.scheduler).await.ok_or(AdminError::ShuttingDown)?;
+        Ok(self.view.report(&self.membership.members(), scheduler))
     }
 
     pub async fn drain(&self, node: String, force: bool, wait: bool) -> Result<DrainReport, AdminError> {
@@ -235,6 +277,29 @@ impl ClusterAdmin {
 
     pub async fn undrain(&self, node: String) -> Result<String, AdminError> {
         self.ask(|reply| Control::Undrain { node, reply }).await?
+    }
+}
+
+/// What the scheduler says of itself; `None` once it has stopped.
+async fn scheduler_status(scheduler: &mpsc::UnboundedSender<SchedulerMsg>) -> Option<SchedulerStatus> {
+    let (reply, status) = oneshot::channel();
+    scheduler.send(SchedulerMsg::Status { reply }).ok()?;
+    status.await.ok()
+}
+
+/// Samples the cluster's and every worker's counters once a second, for the rates
+/// status shows; ends with the scheduler.
+async fn sample_rates(
+    view: Arc<StatusView>,
+    membership: Arc<Membership>,
+    scheduler: mpsc::UnboundedSender<SchedulerMsg>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(status) = scheduler_status(&scheduler).await else { return };
+        let members: Vec<Member> = membership.members();
+        view.sample(std::time::Instant::now(), &status, &members);
     }
 }
 

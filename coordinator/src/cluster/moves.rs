@@ -26,9 +26,9 @@ use strata_proto::v1;
 
 use super::WorkerClient;
 
-/// How long the coordinator waits for one stage's import: a little longer than the
-/// worker's own limit on its pulls, so the worker's clearer error usually wins.
-const IMPORT_DEADLINE: Duration = Duration::from_secs(35);
+// How long the coordinator waits for one stage's import: a little longer than the
+// worker's own limit on its pulls, so the worker's clearer error usually wins.
+use strata_proto::timing::KV_IMPORT_DEADLINE as IMPORT_DEADLINE;
 
 /// How requests move when the pipeline changes while the old one still works.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use super::model::ServedModel;
 use super::moves::LinkStage;
 use super::placement::StagePlan;
 use super::scheduler::PipelineLink;
-use super::{ClusterError, WorkerClient};
+use super::{ClusterError, WeightsSource, WorkerClient};
 
 /// Where a stage of the plan runs.
 #[derive(Debug, Clone)]
@@ -54,7 +54,8 @@ pub struct BuildSpec<'a> {
     pub id: u64,
     pub model: &'a Arc<ServedModel>,
     pub wire_dtype: WireDtype,
-    pub weights_source: &'a str,
+    /// Where each worker pulls the layers it lacks.
+    pub weights_source: &'a WeightsSource,
     /// For each stage: its worker keeps its other shards while this one loads (the
     /// old pipeline serves meanwhile, or its weights are shared rather than read
     /// again). A stage past the end drops them.
@@ -70,6 +71,7 @@ pub(super) async fn build(
     control: mpsc::UnboundedSender<Control>,
 ) -> Result<Pipeline, BuildError> {
     let layers = spec.model.layers();
+    let sources = join_all(stages.iter().map(|s| spec.weights_source.for_worker(&s.address))).await;
     let shard = |i: usize, r: &Range<usize>| ShardSpec {
         model: Some(ModelRef { model_id: spec.model.card.id.clone(), content_hash: spec.model.content_hash.clone() }),
         layer_start: r.start as u32,
@@ -77,7 +79,7 @@ pub(super) async fn build(
         total_layers: layers as u32,
         wire_dtype: spec.wire_dtype as i32,
         next_stage_address: stages.get(i + 1).map(|s| s.address.clone()).unwrap_or_default(),
-        weights_source: spec.weights_source.to_string(),
+        weights_source: sources[i].clone(),
         stage_index: i as u32,
         pipeline_id: spec.id,
         first_stage_address: if i + 1 == stages.len() { stages[0].address.clone() } else { String::new() },

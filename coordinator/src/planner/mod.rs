@@ -55,7 +55,13 @@ impl Default for PlanOptions {
     /// Half a GiB of headroom covers a CUDA context and allocator slack; 50 µs is a
     /// hop between two workers of one machine, over loopback.
     fn default() -> Self {
-        Self { context: 4096, sequences: 1, prefill_chunk: 512, headroom: 512 << 20, intra_node_latency: 50e-6 }
+        Self {
+            context: 4096,
+            sequences: 1,
+            prefill_chunk: strata_proto::timing::PREFILL_CHUNK_TOKENS,
+            headroom: 512 << 20,
+            intra_node_latency: 50e-6,
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::future::try_join_all;
 use futures::Stream;
@@ -33,7 +33,7 @@ use crate::forwarder;
 
 /// Longest an import may take, pulls included: an old holder that stops answering
 /// fails the import (the coordinator then replays the request) instead of hanging it.
-pub const IMPORT_TIMEOUT: Duration = Duration::from_secs(30);
+pub use strata_proto::timing::KV_IMPORT_TIMEOUT as IMPORT_TIMEOUT;
 
 /// Chunks of an export waiting to be sent; bounds the memory a slow receiver costs.
 const EXPORT_QUEUE: usize = 8;
