@@ -1,17 +1,19 @@
 //! `strata`: parses the command line and hands off to the library.
 
+use std::process::ExitCode;
+
 use clap::Parser;
 use strata_coordinator::cli::{self, Cli, Command};
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let cli = parse_args();
     // Before anything else runs: this sizes the compute pool through the environment.
     cli::set_compute_threads(cli.threads);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
+    let result = match cli.command {
         Command::Generate(args) => cli::generate::run(args),
         Command::Model(command) => cli::model::run(command),
         Command::Bench(args) => cli::bench::run(args),
@@ -22,5 +24,29 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => cli::admin::status(args),
         Command::Drain(args) => cli::admin::drain(args),
         Command::Undrain(args) => cli::admin::undrain(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, the causes joined by `: `, and no backtrace: the messages
+            // name the problem (anyhow's `Debug`, what returning the error from
+            // `main` prints, spreads the causes over lines).
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// The command line, or exit: a flag with a bad value (`--coordinator
+/// http://box/v1`) on one line, which already names the flag, the value and the
+/// problem, without clap's "For more information, try '--help'" tip below it.
+fn parse_args() -> Cli {
+    Cli::try_parse().unwrap_or_else(|e| {
+        if e.kind() == clap::error::ErrorKind::ValueValidation {
+            let rendered = e.render().to_string();
+            eprintln!("{}", rendered.lines().next().unwrap_or_default());
+            std::process::exit(e.exit_code());
+        }
+        e.exit()
+    })
 }

@@ -3,13 +3,15 @@
 //! Generated code lives in OUT_DIR (not committed): `proto/strata.proto` is the one
 //! source of truth, and the generated types are re-exported from [`v1`]. Besides the
 //! generated code, this crate holds the limits both sides must agree on, the
-//! conversion of hidden-state tensors and KV caches to and from wire bytes, and the
-//! [`units`] both sides read sizes in.
+//! conversion of hidden-state tensors and KV caches to and from wire bytes, the
+//! [`units`] both sides read sizes in, and the [`address`] parser every flag naming
+//! a coordinator or worker goes through.
 
 pub mod v1 {
     tonic::include_proto!("strata.v1");
 }
 
+pub mod address;
 pub mod content_hash;
 mod error;
 pub mod kv_wire;

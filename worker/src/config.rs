@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use strata_proto::address;
 use strata_proto::units::{self, MemoryLimits};
 
 use crate::profile::Profile;
@@ -49,8 +50,14 @@ pub enum Command {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControlArgs {
-    /// The local worker's gRPC address.
-    #[arg(long, default_value = "127.0.0.1:7070", env = "STRATA_WORKER_ADDRESS")]
+    /// The local worker's gRPC address (HOST:PORT or http://HOST:PORT).
+    #[arg(
+        long,
+        default_value = "127.0.0.1:7070",
+        env = "STRATA_WORKER_ADDRESS",
+        value_name = "ADDRESS",
+        value_parser = address::canonical
+    )]
     pub address: String,
 }
 
@@ -74,10 +81,11 @@ pub struct WorkerArgs {
     /// Address to serve gRPC on; port 0 picks a free one (printed at start).
     #[arg(long, default_value = "0.0.0.0:7070", env = "STRATA_WORKER_LISTEN")]
     pub listen: String,
-    /// Address other nodes reach this worker at (default: the bound address, with
-    /// 127.0.0.1 in place of an unspecified IP). Over mDNS, a worker listening on
-    /// 0.0.0.0 advertises every address of the host unless this is given.
-    #[arg(long, env = "STRATA_WORKER_ADVERTISE")]
+    /// Address other nodes reach this worker at, HOST:PORT (default: the bound
+    /// address, with 127.0.0.1 in place of an unspecified IP). Over mDNS, a worker
+    /// listening on 0.0.0.0 advertises every address of the host unless this is
+    /// given.
+    #[arg(long, env = "STRATA_WORKER_ADVERTISE", value_name = "ADDRESS", value_parser = address::canonical)]
     pub advertise: Option<String>,
     /// Do not advertise this worker over mDNS (coordinators then need --worker, or
     /// this worker --join).
@@ -95,8 +103,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "STRATA_WORKER_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// The coordinator's gRPC address to announce this worker to (retried until it
-    /// answers).
-    #[arg(long, env = "STRATA_JOIN")]
+    /// answers): HOST:PORT or http://HOST:PORT, the port `strata serve` prints as
+    /// `grpc=` (7100 unless --grpc-listen says otherwise; required, as the
+    /// coordinator's HTTP port is another).
+    #[arg(long, env = "STRATA_JOIN", value_name = "ADDRESS", value_parser = address::canonical)]
     pub join: Option<String>,
     /// Compute threads (candle's pool). Workers sharing a machine should split its
     /// cores rather than each take all of them.
@@ -163,16 +173,12 @@ pub enum ConfigError {
     MissingModel(PathBuf),
     #[error("--threads must be at least 1")]
     Threads,
-    #[error("--join {0:?} is not HOST:PORT")]
-    Join(String),
     #[error("cannot determine a cache folder; pass --cache-dir")]
     NoCacheDir,
     #[error("--device {0:?} is not cpu or cuda:N")]
     Device(String),
     #[error("--max-memory must be above zero")]
     ZeroMaxMemory,
-    #[error("--advertise {0:?} is not HOST:PORT")]
-    Advertise(String),
 }
 
 /// A worker's validated settings.
@@ -232,16 +238,6 @@ impl WorkerConfig {
         }
         if args.threads == Some(0) {
             return Err(ConfigError::Threads);
-        }
-        if let Some(join) = &args.join {
-            if !looks_like_host_port(join) {
-                return Err(ConfigError::Join(join.clone()));
-            }
-        }
-        if let Some(advertise) = &args.advertise {
-            if !looks_like_host_port(advertise) {
-                return Err(ConfigError::Advertise(advertise.clone()));
-            }
         }
         let device = args.device.trim().to_string();
         if !(device == "cpu"
@@ -307,11 +303,6 @@ pub fn default_cache_dir(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf
     dirs::cache_dir().map(|d| d.join("strata").join("shards"))
 }
 
-fn looks_like_host_port(s: &str) -> bool {
-    let s = s.strip_prefix("http://").unwrap_or(s);
-    matches!(s.rsplit_once(':'), Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok())
-}
-
 fn host_name() -> Option<String> {
     std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
@@ -334,15 +325,46 @@ mod tests {
             (vec!["--listen", "nowhere"], "--listen"),
             (vec!["--model", "/definitely/not/here.gguf"], "no such file"),
             (vec!["--threads", "0"], "--threads"),
-            (vec!["--join", "coordinator"], "--join"),
             (vec!["--device", "tpu"], "--device"),
             (vec!["--max-memory", "0"], "--max-memory must be above zero"),
-            (vec!["--advertise", "box1"], "--advertise"),
         ];
         for (flags, expected) in bad {
             let err = WorkerConfig::from_args(args(&flags), &no_env).unwrap_err().to_string();
             assert!(err.contains(expected), "{flags:?}: {err}");
         }
+    }
+
+    /// Every flag naming a peer takes host:port or an http:// URL, hands on
+    /// host:port, and refuses anything else naming the flag.
+    #[test]
+    fn address_flags_take_host_port_or_a_url() {
+        let config = WorkerConfig::from_args(
+            args(&["--cache-dir", "/tmp/x", "--join", "http://127.0.0.1:7100/", "--advertise", "[::1]:7070"]),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!((config.join.as_deref(), config.advertise.as_deref()), (Some("127.0.0.1:7100"), Some("[::1]:7070")));
+        let bad = [
+            (vec!["--join", "coordinator"], "invalid value 'coordinator' for '--join <ADDRESS>'", "has no port"),
+            (vec!["--join", "http://box:7100/v1"], "for '--join <ADDRESS>'", "has a path /v1"),
+            (vec!["--join", "https://box:7100"], "for '--join <ADDRESS>'", "https is not supported yet"),
+            (vec!["--advertise", "box1"], "for '--advertise <ADDRESS>'", "has no port"),
+            (vec!["--advertise", "box:99999"], "for '--advertise <ADDRESS>'", "the port `99999`"),
+        ];
+        for (flags, flag, problem) in bad {
+            let err = WorkerArgs::try_parse_from(std::iter::once("strata-worker").chain(flags.iter().copied()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(flag) && err.contains(problem), "{flags:?}: {err}");
+        }
+        let Some(Command::Drain(control)) =
+            Cli::parse_from(["strata-worker", "drain", "--address", "http://localhost:7071"]).command
+        else {
+            panic!("not the drain subcommand")
+        };
+        assert_eq!(control.address, "localhost:7071");
+        let err = Cli::try_parse_from(["strata-worker", "undrain", "--address", "localhost"]).unwrap_err().to_string();
+        assert!(err.contains("for '--address <ADDRESS>'") && err.contains("has no port"), "{err}");
     }
 
     #[test]

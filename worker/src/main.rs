@@ -2,6 +2,7 @@
 //! until SIGINT or SIGTERM; `strata-worker devices` prints what it would offer;
 //! `strata-worker drain` / `undrain` reach the worker running on this machine.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -12,14 +13,38 @@ use strata_worker::profile::Profile;
 use strata_worker::self_bench::BenchMode;
 use strata_worker::{Cli, Command, WorkerArgs, WorkerConfig};
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
+fn main() -> ExitCode {
+    let cli = parse_args();
+    let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Devices(args)) => devices(args),
         Some(Command::Drain(args)) => set_draining(&args.address, true),
         Some(Command::Undrain(args)) => set_draining(&args.address, false),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, the causes joined by `: `, and no backtrace: the messages
+            // name the problem (anyhow's `Debug`, what returning the error from
+            // `main` prints, spreads the causes over lines).
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// The command line, or exit: a flag with a bad value (`--join http://box/v1`) on
+/// one line, which already names the flag, the value and the problem, without
+/// clap's "For more information, try '--help'" tip below it.
+fn parse_args() -> Cli {
+    Cli::try_parse().unwrap_or_else(|e| {
+        if e.kind() == clap::error::ErrorKind::ValueValidation {
+            let rendered = e.render().to_string();
+            eprintln!("{}", rendered.lines().next().unwrap_or_default());
+            std::process::exit(e.exit_code());
+        }
+        e.exit()
+    })
 }
 
 /// `strata-worker drain` / `undrain`: tells the local worker; the coordinator sees
@@ -79,10 +104,12 @@ fn serve(args: WorkerArgs) -> anyhow::Result<()> {
 
 async fn request_drain_state(address: &str, draining: bool) -> anyhow::Result<v1::SetDrainingResponse> {
     let endpoint = strata_proto::transport::endpoint(address).with_context(|| format!("bad address {address:?}"))?;
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("no worker answers at {address} (is strata-worker running? --address)"))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the worker at {address}: {} (is strata-worker running? --address / STRATA_WORKER_ADDRESS)",
+            strata_proto::address::unreachable_reason(&e)
+        )
+    })?;
     let response = WorkerClient::new(channel)
         .set_draining(v1::SetDrainingRequest { draining })
         .await

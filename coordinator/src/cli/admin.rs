@@ -7,16 +7,36 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use super::http::{self, Reply};
+use strata_proto::address::{self, Address, AddressError};
+
+use super::http::{self, HttpError, Reply};
 use crate::cluster::{ClusterStatus, DrainReport};
 use crate::planner::format_bytes;
 
 /// Where the coordinator's HTTP API is.
 #[derive(Debug, Clone, Args)]
 pub struct CoordinatorArg {
-    /// The coordinator's HTTP address (HOST:PORT), as `strata serve --http-listen`.
-    #[arg(long, env = "STRATA_COORDINATOR", default_value = "127.0.0.1:8000")]
+    /// The coordinator's HTTP address, as `strata serve --http-listen`: HOST:PORT,
+    /// [IPv6]:PORT or http://HOST:PORT; without a port, 8000 (`--http-listen`'s).
+    #[arg(
+        long,
+        env = "STRATA_COORDINATOR",
+        default_value = "127.0.0.1:8000",
+        value_name = "ADDRESS",
+        value_parser = coordinator_address
+    )]
     pub coordinator: String,
+}
+
+/// The port `strata serve --http-listen` listens on by default.
+const DEFAULT_HTTP_PORT: u16 = 8000;
+
+/// A `--coordinator` address as `host:port`. Unlike a gRPC address (`--join`,
+/// `--worker`) the port may be left out: the HTTP API has one port, and a wrong
+/// guess fails at once with "connection refused", not with a confusing reply from
+/// another service.
+fn coordinator_address(text: &str) -> Result<String, AddressError> {
+    Address::parse_with_default_port(text, Some(DEFAULT_HTTP_PORT)).map(|a| a.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -57,14 +77,26 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-/// The reply's body when it is a success, else the API's error message.
-fn checked(reply: Reply) -> anyhow::Result<serde_json::Value> {
-    let body = reply.json().unwrap_or_else(|_| json!({ "error": { "message": reply.body.clone() } }));
-    if reply.status == 200 {
-        return Ok(body);
+/// The reply's body when it is a success, else the API's error message (`no worker
+/// is named ...`), else one line on what answered: a server that is not a strata
+/// coordinator (another service on that port, a proxy).
+fn checked(coordinator: &str, path: &str, reply: Reply) -> anyhow::Result<serde_json::Value> {
+    let body = reply.json().ok();
+    if let Some(message) = body.as_ref().and_then(|b| b["error"]["message"].as_str()) {
+        anyhow::bail!("{message}")
     }
-    let message = body["error"]["message"].as_str().unwrap_or(reply.body.as_str()).to_string();
-    anyhow::bail!("{message}")
+    match body {
+        Some(body) if reply.status == 200 => Ok(body),
+        _ => {
+            let first_line = reply.body.lines().next().unwrap_or_default();
+            let shown: String = first_line.chars().take(80).collect();
+            let answer = if shown.is_empty() { String::new() } else { format!(": {shown}") };
+            anyhow::bail!(
+                "the server at {coordinator} is not a strata coordinator: {path} answered HTTP {}{answer} (--coordinator / STRATA_COORDINATOR)",
+                reply.status
+            )
+        }
+    }
 }
 
 async fn call(
@@ -76,11 +108,17 @@ async fn call(
 ) -> anyhow::Result<serde_json::Value> {
     let reply = tokio::time::timeout(wait, http::request(coordinator, method, path, body.as_ref()))
         .await
-        .with_context(|| format!("the coordinator at {coordinator} did not answer within {wait:?}"))?
-        .with_context(|| {
-            format!("cannot reach the coordinator at {coordinator} (is `strata serve` running? --coordinator)")
-        })?;
-    checked(reply)
+        .with_context(|| format!("the coordinator at {coordinator} did not answer within {wait:?}"))?;
+    match reply {
+        Ok(reply) => checked(coordinator, path, reply),
+        // One line that says where, why, and which flag to fix: the commonest
+        // mistake is a coordinator that is not running or a wrong address.
+        Err(HttpError::Connect(_, e)) => anyhow::bail!(
+            "cannot reach the coordinator at {coordinator}: {} (is `strata serve` running? --coordinator / STRATA_COORDINATOR)",
+            address::unreachable_reason(&e)
+        ),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("talking to the coordinator at {coordinator}"))),
+    }
 }
 
 /// The running cluster's status.

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use strata_proto::transport::CONNECT_TIMEOUT;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -44,7 +45,12 @@ struct Response {
 }
 
 async fn send(addr: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<Response, HttpError> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| HttpError::Connect(addr.to_string(), e))?;
+    // Bounded like a gRPC connection: a host that drops packets would otherwise
+    // keep the caller waiting as long as the OS retries (minutes).
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {CONNECT_TIMEOUT:?}")))
+    });
+    let mut stream = connect.map_err(|e| HttpError::Connect(addr.to_string(), e))?;
     stream.set_nodelay(true)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let request = format!(
@@ -118,7 +124,8 @@ impl Response {
     }
 }
 
-/// Sends a request and reads the whole response.
+/// Sends a request and reads the whole response. `addr` is `host:port` (user input
+/// goes through [`strata_proto::address`] first).
 pub async fn request(
     addr: &str,
     method: &str,

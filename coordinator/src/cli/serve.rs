@@ -32,10 +32,10 @@ pub struct ServeArgs {
     /// A GGUF file, or a known model name (`smollm2-135m`), fetched on first use.
     #[arg(long, short = 'm', default_value = "smollm2-135m")]
     pub model: String,
-    /// A worker's gRPC address (HOST:PORT), in pipeline order. Repeatable; workers
-    /// may also join with `strata-worker --join`. Without any, workers are found
-    /// over mDNS.
-    #[arg(long = "worker", short = 'w')]
+    /// A worker's gRPC address (HOST:PORT or http://HOST:PORT), in pipeline order.
+    /// Repeatable; workers may also join with `strata-worker --join`. Without any,
+    /// workers are found over mDNS.
+    #[arg(long = "worker", short = 'w', value_name = "ADDRESS", value_parser = strata_proto::address::canonical)]
     pub workers: Vec<String>,
     /// Do not look for workers over mDNS.
     #[arg(long, env = "STRATA_NO_MDNS")]
@@ -53,8 +53,8 @@ pub struct ServeArgs {
     /// Where workers reach the coordinator's gRPC service (join, weights).
     #[arg(long, env = "STRATA_GRPC_LISTEN", default_value = "0.0.0.0:7100")]
     pub grpc_listen: SocketAddr,
-    /// The gRPC address workers should use, when it is not the bound one.
-    #[arg(long)]
+    /// The gRPC address workers should use (HOST:PORT), when it is not the bound one.
+    #[arg(long, value_name = "ADDRESS", value_parser = strata_proto::address::canonical)]
     pub grpc_advertise: Option<String>,
     /// Where the HTTP API listens; port 0 picks a free port.
     #[arg(long, env = "STRATA_HTTP_LISTEN", default_value = "127.0.0.1:8000")]
