@@ -982,6 +982,7 @@ impl Controller {
             in_flight: scheduler.in_flight,
             waiting: scheduler.waiting,
             waiting_reason: scheduler.waiting_reason,
+            admission: scheduler.admission,
             predicted_tokens_per_second: self.predicted_tokens_per_second,
             measured_tokens_per_second: measured,
         }
