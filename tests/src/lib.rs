@@ -309,7 +309,8 @@ pub async fn until_serving(coordinator: &mut Process) -> anyhow::Result<(String,
 
 pub use strata_model::synthetic::real_test_model as real_model;
 
-/// `strata serve` over `model` on loopback ports it picks, one compute thread, mDNS off.
+/// `strata serve` over `model` on loopback ports it picks, one compute thread, eight
+/// sequences, mDNS off.
 fn serve_args(model: &Path) -> Vec<String> {
     vec![
         "--threads".into(),
@@ -325,6 +326,9 @@ fn serve_args(model: &Path) -> Vec<String> {
         "127.0.0.1:0".into(),
         "--placement".into(),
         "spread".into(),
+        // The tests keep eight requests in flight at once (`streams`).
+        "--sequences".into(),
+        "8".into(),
         // mDNS must never run in the machine's own network namespace.
         "--no-mdns".into(),
     ]

@@ -107,6 +107,7 @@ async fn run(engine: &cluster::ClusterEngine, prompt: &[u32], n: usize, path: Re
     let mut tokens = Vec::new();
     while let Some(event) = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await? {
         match event {
+            GenerateEvent::Admitted => {}
             GenerateEvent::Token(t) => tokens.push(t),
             GenerateEvent::Finished(FinishReason::Stop | FinishReason::Length) => return Ok(tokens),
             other => anyhow::bail!("unexpected {other:?}"),

@@ -1,5 +1,6 @@
 //! `strata status` shows each node's measured tokens/s and time per step next to
-//! the planner's prediction, from the heartbeats of a running cluster.
+//! the planner's prediction, from the heartbeats of a running cluster, and the
+//! plan's limits on sequences and context, which requests are checked against.
 
 use std::time::{Duration, Instant};
 
@@ -30,9 +31,19 @@ fn measured_everywhere(s: &Value) -> bool {
 async fn status_shows_each_nodes_measured_speed_next_to_the_prediction() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = SyntheticModel { layers: 6, context_length: 512, ..SyntheticModel::tiny() }.write_to(dir.path())?;
-    let cluster = TestCluster::start(&model, &ClusterOptions::default()).await?;
+    // Planned for less than the model's 512 tokens of context (issue 9).
+    let options = ClusterOptions { serve_args: vec!["--context".into(), "256".into()], ..ClusterOptions::default() };
+    let cluster = TestCluster::start(&model, &options).await?;
     let addr = cluster.http().to_string();
     let before = status(&addr).await?;
+    let admission = &before["admission"];
+    assert_eq!((&admission["sequences"], &admission["context"]), (&json!(8), &json!(256)), "{before}");
+    // A request beyond the planned context is refused at once, naming both numbers.
+    let body = json!({"model": "test-model", "prompt": [1, 2, 3], "max_tokens": 300});
+    let reply = http::request(&addr, "POST", "/v1/completions", Some(&body)).await?;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    let refusal = "prompt (3 tokens) plus max_tokens (300) exceeds the context of 256 tokens";
+    assert!(reply.body.contains(refusal), "{}", reply.body);
     let idle = before["nodes"].as_array().context("no nodes")?;
     assert!(idle.iter().all(|n| n["measured_tokens_per_second"] == 0.0), "nothing ran yet: {before}");
 

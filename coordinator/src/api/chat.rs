@@ -196,11 +196,13 @@ pub(super) async fn create(
     }
     // Without a limit, the answer may fill the context.
     let max_tokens =
-        params::fit_in_context(prompt_tokens.len(), requested, usize::MAX, card.context_length, "messages")?;
+        params::fit_in_context(prompt_tokens.len(), requested, usize::MAX, &state.engine.limits(), "messages")?;
     let mut generation = start(state.engine.as_ref(), &request_id, prompt_tokens, max_tokens, &options)?;
     let id = format!("chatcmpl-{request_id}");
     let created = unix_now();
     if options.stream {
+        // Headers wait for admission: a refusal then still gets its own status.
+        generation.admitted().await?;
         let chunks = ChatChunks { id, created, model: card.id.clone() };
         return Ok(sse::response(generation, chunks, options.include_usage));
     }

@@ -158,13 +158,15 @@ pub(super) async fn create(
         prompt_tokens.len(),
         requested.map(|n| ("max_tokens", n)),
         DEFAULT_MAX_TOKENS,
-        card.context_length,
+        &state.engine.limits(),
         "prompt",
     )?;
     let mut generation = start(state.engine.as_ref(), &request_id, prompt_tokens, max_tokens, &options)?;
     let id = format!("cmpl-{request_id}");
     let created = unix_now();
     if options.stream {
+        // Headers wait for admission: a refusal then still gets its own status.
+        generation.admitted().await?;
         let chunks = CompletionChunks { id, created, model: card.id.clone() };
         return Ok(sse::response(generation, chunks, options.include_usage));
     }

@@ -63,6 +63,12 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
+    /// A 429 as OpenAI sends it when a client must slow down: here, the queue for
+    /// the planned sequences did not move within the queue timeout.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, message).with_code("rate_limit_exceeded")
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
@@ -77,9 +83,12 @@ impl ApiError {
         self
     }
 
-    /// OpenAI's `type`: the client's fault or ours.
+    /// OpenAI's `type`: the client's fault or ours, or (429) which limit was hit:
+    /// OpenAI names it `requests` for a limit on requests.
     pub fn kind(&self) -> &'static str {
-        if self.status.is_server_error() {
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            "requests"
+        } else if self.status.is_server_error() {
             "server_error"
         } else {
             "invalid_request_error"
@@ -117,6 +126,7 @@ impl From<EngineError> for ApiError {
                 Self::new(StatusCode::BAD_REQUEST, message).with_code("context_length_exceeded")
             }
             EngineError::Unavailable(_) | EngineError::ShuttingDown => Self::unavailable(message),
+            EngineError::QueueTimeout { .. } => Self::rate_limited(message),
             EngineError::Internal(_) => Self::internal(message),
         }
     }

@@ -96,6 +96,8 @@ pub struct Generation {
     model: String,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// The first event, read by [`Self::admitted`] and not yet handled.
+    early: Option<GenerateEvent>,
     done: bool,
 }
 
@@ -117,6 +119,7 @@ impl Generation {
             model,
             prompt_tokens,
             completion_tokens: 0,
+            early: None,
             done: false,
         }
     }
@@ -145,14 +148,34 @@ impl Generation {
         }
     }
 
+    /// Waits until the engine has admitted the request (or has produced anything at
+    /// all), so that a stream's headers go out only once no refusal can follow: a
+    /// request that timed out in the queue is answered with its status (429), not
+    /// with an error event inside a 200.
+    pub async fn admitted(&mut self) -> Result<(), ApiError> {
+        match self.events.recv().await {
+            Some(GenerateEvent::Admitted) => Ok(()),
+            Some(GenerateEvent::Failed(e)) => Err(self.failed(e.into())),
+            Some(event) => {
+                self.early = Some(event);
+                Ok(())
+            }
+            None => Err(self.failed(ApiError::internal("the engine stopped without finishing the request"))),
+        }
+    }
+
     /// The next piece; `None` after the end or a failure.
     pub async fn next(&mut self) -> Option<Piece> {
         if self.done {
             return None;
         }
         loop {
-            let event = self.events.recv().await;
+            let event = match self.early.take() {
+                Some(event) => Some(event),
+                None => self.events.recv().await,
+            };
             match event {
+                Some(GenerateEvent::Admitted) => continue,
                 Some(GenerateEvent::Token(id)) => {
                     self.completion_tokens += 1;
                     // Chat markers the model writes are not part of the answer.
@@ -207,6 +230,10 @@ impl Generation {
     }
 
     fn fail(&mut self, error: ApiError) -> Piece {
+        Piece::Failed(self.failed(error))
+    }
+
+    fn failed(&mut self, error: ApiError) -> ApiError {
         self.done = true;
         tracing::warn!(
             request_id = %self.request_id,
@@ -215,7 +242,7 @@ impl Generation {
             error = %error.message,
             "generation failed"
         );
-        Piece::Failed(error)
+        error
     }
 }
 

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::errors::ApiError;
 use super::AppState;
-use crate::engine::ModelCard;
+use crate::engine::Engine;
 
 #[derive(Serialize)]
 pub(super) struct Model {
@@ -25,12 +25,15 @@ pub(super) struct ModelList {
     data: Vec<Model>,
 }
 
-fn model(card: &ModelCard, created: u64) -> Model {
-    Model { id: card.id.clone(), object: "model", created, owned_by: "strata", context_length: card.context_length }
+/// `context_length` is what a request may fill here: on a cluster the context its
+/// plan sized the KV caches for, which may be less than the model's.
+fn model(engine: &dyn Engine, created: u64) -> Model {
+    let card = engine.model();
+    Model { id: card.id.clone(), object: "model", created, owned_by: "strata", context_length: engine.limits().context }
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> Json<ModelList> {
-    Json(ModelList { object: "list", data: vec![model(state.engine.model(), state.started)] })
+    Json(ModelList { object: "list", data: vec![model(state.engine.as_ref(), state.started)] })
 }
 
 pub(super) async fn retrieve(
@@ -43,5 +46,5 @@ pub(super) async fn retrieve(
     if id != card.id {
         return Err(ApiError::model_not_found(&id));
     }
-    Ok(Json(model(card, state.started)))
+    Ok(Json(model(state.engine.as_ref(), state.started)))
 }

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use strata_model::SamplingParams;
 
 use super::errors::ApiError;
-use crate::engine::ModelCard;
+use crate::engine::{Limits, ModelCard};
 
 /// A request body: a JSON object.
 pub struct Fields(Map<String, Value>);
@@ -197,18 +197,19 @@ pub fn max_tokens(fields: &Fields, name: &str) -> Result<Option<usize>, ApiError
 }
 
 /// The number of tokens to generate: what the request asked for, which must fit in
-/// the context beside the prompt, or `default` cut to what fits.
+/// the engine's context beside the prompt, or `default` cut to what fits.
 pub fn fit_in_context(
     prompt_tokens: usize,
     requested: Option<(&str, usize)>,
     default: usize,
-    context: usize,
+    limits: &Limits,
     prompt_param: &str,
 ) -> Result<usize, ApiError> {
+    let context = limits.context;
     if prompt_tokens >= context {
         return Err(ApiError::invalid(
             prompt_param,
-            format!("the prompt has {prompt_tokens} tokens, but the model's context holds {context} with room for at least one more"),
+            format!("the prompt ({prompt_tokens} tokens) leaves no room to generate in {}", limits.describe_context()),
         )
         .with_code("context_length_exceeded"));
     }
@@ -218,10 +219,7 @@ pub fn fit_in_context(
         Some((_, n)) if n <= room => Ok(n),
         Some((name, n)) => Err(ApiError::invalid(
             name,
-            format!(
-                "the model's context holds {context} tokens, but the request needs {} ({prompt_tokens} in the prompt, {n} to generate)",
-                prompt_tokens.saturating_add(n)
-            ),
+            format!("prompt ({prompt_tokens} tokens) plus {name} ({n}) exceeds {}", limits.describe_context()),
         )
         .with_code("context_length_exceeded")),
     }
@@ -232,6 +230,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::engine::ContextSource;
 
     fn fields(value: Value) -> Fields {
         match value {
@@ -312,11 +311,31 @@ mod tests {
             let err = max_tokens(&fields(json!({"max_tokens": n})), "max_tokens").unwrap_err();
             assert_eq!(err.param.as_deref(), Some("max_tokens"));
         }
-        assert_eq!(fit_in_context(10, None, 16, 20, "prompt").unwrap(), 10);
-        assert_eq!(fit_in_context(10, Some(("max_tokens", 10)), 16, 20, "prompt").unwrap(), 10);
-        let err = fit_in_context(10, Some(("max_tokens", 11)), 16, 20, "prompt").unwrap_err();
+        let limits = Limits { context: 20, context_source: ContextSource::Model };
+        assert_eq!(fit_in_context(10, None, 16, &limits, "prompt").unwrap(), 10);
+        assert_eq!(fit_in_context(10, Some(("max_tokens", 10)), 16, &limits, "prompt").unwrap(), 10);
+        let err = fit_in_context(10, Some(("max_tokens", 11)), 16, &limits, "prompt").unwrap_err();
         assert_eq!((err.param.as_deref(), err.code), (Some("max_tokens"), Some("context_length_exceeded")));
-        let err = fit_in_context(20, None, 16, 20, "messages").unwrap_err();
+        assert_eq!(err.message, "prompt (10 tokens) plus max_tokens (11) exceeds the model's context of 20 tokens");
+        let err = fit_in_context(20, None, 16, &limits, "messages").unwrap_err();
         assert_eq!((err.param.as_deref(), err.code), (Some("messages"), Some("context_length_exceeded")));
+    }
+
+    /// A cluster's limit is the context its plan sized the KV caches for, and the
+    /// refusal says so, with both numbers.
+    #[test]
+    fn a_planned_context_is_named_in_the_refusal() {
+        let limits = Limits { context: 64, context_source: ContextSource::Plan };
+        let err = fit_in_context(40, Some(("max_tokens", 30)), 16, &limits, "prompt").unwrap_err();
+        assert_eq!(err.status, 400);
+        assert_eq!(
+            err.message,
+            "prompt (40 tokens) plus max_tokens (30) exceeds the context of 64 tokens this cluster was planned for (--context)"
+        );
+        // Without max_tokens the output is cut to what fits; only a prompt that
+        // leaves no room is refused.
+        assert_eq!(fit_in_context(40, None, usize::MAX, &limits, "messages").unwrap(), 24);
+        let err = fit_in_context(64, None, usize::MAX, &limits, "messages").unwrap_err();
+        assert!(err.message.contains("64 tokens this cluster was planned for"), "{}", err.message);
     }
 }

@@ -20,7 +20,7 @@ use tower::ServiceExt;
 use super::*;
 use crate::engine::local::tests::wait_for;
 use crate::engine::local::LocalEngine;
-use crate::engine::{EngineError, GenerateEvent};
+use crate::engine::{ContextSource, EngineError, GenerateEvent, Limits};
 
 const MODEL: &str = "tiny";
 
@@ -80,7 +80,11 @@ impl Reply {
         let body = self.json();
         let error = &body["error"];
         assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-        let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+        let kind = match status {
+            StatusCode::TOO_MANY_REQUESTS => "requests",
+            _ if status.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
         assert_eq!(error["type"], kind, "{body}");
         assert_eq!(error["param"].as_str(), param, "{body}");
         assert!(error.as_object().unwrap().contains_key("code"), "{body}");
@@ -516,12 +520,17 @@ async fn a_served_api_answers_notices_disconnects_and_shuts_down() {
 /// on demand.
 struct FakeEngine {
     card: ModelCard,
+    limits: Limits,
     answer: Result<Vec<GenerateEvent>, EngineError>,
 }
 
 impl Engine for FakeEngine {
     fn model(&self) -> &ModelCard {
         &self.card
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
     }
 
     fn generate(&self, _: GenerateRequest) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
@@ -536,6 +545,14 @@ impl Engine for FakeEngine {
 
 /// A router over a fake engine; `answer` may use the tokenizer to script tokens.
 fn fake(answer: impl FnOnce(&Tokenizer) -> Result<Vec<GenerateEvent>, EngineError>) -> (tempfile::TempDir, Router) {
+    fake_limited(None, answer)
+}
+
+/// Like [`fake`], with `limits` in place of the model's own context.
+fn fake_limited(
+    limits: Option<Limits>,
+    answer: impl FnOnce(&Tokenizer) -> Result<Vec<GenerateEvent>, EngineError>,
+) -> (tempfile::TempDir, Router) {
     let dir = tempfile::tempdir().unwrap();
     let file = ModelFile::open(SyntheticModel::tiny().write_to(dir.path()).unwrap()).unwrap();
     let answer = answer(&tokenizer(&file));
@@ -545,7 +562,58 @@ fn fake(answer: impl FnOnce(&Tokenizer) -> Result<Vec<GenerateEvent>, EngineErro
         tokenizer: Arc::new(tokenizer(&file)),
         chat_template: Arc::new(ChatTemplate::from_gguf(file.metadata()).unwrap()),
     };
-    (dir, router(Arc::new(FakeEngine { card, answer }), None))
+    let limits = limits.unwrap_or_else(|| Limits::of_model(&card));
+    (dir, router(Arc::new(FakeEngine { card, limits, answer }), None))
+}
+
+/// A request that waited out the queue timeout for one of the planned sequences
+/// answers 429 with OpenAI's rate-limit body, streamed or not: a stream's headers
+/// wait for admission.
+#[tokio::test]
+async fn a_request_that_timed_out_in_the_queue_answers_429() {
+    let reason = "4 of 4 planned sequences running";
+    let (_dir, router) =
+        fake(|_| Ok(vec![GenerateEvent::Failed(EngineError::QueueTimeout { waited_s: 120, reason: reason.into() })]));
+    for stream in [false, true] {
+        let request = json!({"model": MODEL, "prompt": "hi", "stream": stream});
+        let error = post(&router, "/v1/completions", request).await.assert_error(StatusCode::TOO_MANY_REQUESTS, None);
+        assert_eq!(error["code"], "rate_limit_exceeded");
+        assert!(error["message"].as_str().unwrap().contains(reason), "{error}");
+    }
+    // Admitted, a stream goes on as usual.
+    let (_dir, router) = fake(|t| {
+        let end = GenerateEvent::Finished(strata_model::generate::FinishReason::Length);
+        Ok(vec![GenerateEvent::Admitted, GenerateEvent::Token(token(t, "a")), end])
+    });
+    let chunks =
+        post(&router, "/v1/completions", json!({"model": MODEL, "prompt": "hi", "stream": true})).await.chunks();
+    assert_eq!(chunks[0]["choices"][0]["text"], "a");
+}
+
+/// A cluster planned for less context than the model's refuses at once a request
+/// that does not fit, naming both numbers; without max_tokens the output is cut
+/// to what fits.
+#[tokio::test]
+async fn a_request_beyond_the_planned_context_is_refused_with_both_numbers() {
+    let limits = Limits { context: 64, context_source: ContextSource::Plan };
+    let (_dir, router) = fake_limited(Some(limits), |t| {
+        let end = GenerateEvent::Finished(strata_model::generate::FinishReason::Length);
+        Ok(vec![GenerateEvent::Token(token(t, "a")), end])
+    });
+    let prompt: Vec<u32> = vec![5; 40];
+    let request = json!({"model": MODEL, "prompt": prompt, "max_tokens": 30});
+    let error =
+        post(&router, "/v1/completions", request).await.assert_error(StatusCode::BAD_REQUEST, Some("max_tokens"));
+    assert_eq!(error["code"], "context_length_exceeded");
+    assert_eq!(
+        error["message"],
+        "prompt (40 tokens) plus max_tokens (30) exceeds the context of 64 tokens this cluster was planned for (--context)"
+    );
+    let request = json!({"model": MODEL, "prompt": prompt, "max_tokens": 24});
+    assert_eq!(post(&router, "/v1/completions", request).await.status, StatusCode::OK);
+    let request = json!({"model": MODEL, "prompt": vec![5; 64]});
+    post(&router, "/v1/completions", request).await.assert_error(StatusCode::BAD_REQUEST, Some("prompt"));
+    assert_eq!(get(&router, "/v1/models").await.json()["data"][0]["context_length"], 64);
 }
 
 #[tokio::test]

@@ -161,6 +161,13 @@ pub fn format_status(s: &ClusterStatus) -> String {
     if let Some(reason) = &s.waiting_reason {
         out.push_str(&format!("{} request(s) wait for capacity: {reason}\n", s.waiting));
     }
+    if let Some(reason) = &s.admission.reason {
+        let longest = s.admission.queue.first().map_or(0.0, |q| q.waited_seconds);
+        out.push_str(&format!(
+            "{} request(s) queued for admission: {reason} (the first has waited {longest:.0}s)\n",
+            s.admission.queue.len()
+        ));
+    }
     let header =
         ["NAME", "ADDRESS", "STATE", "LAYERS", "DEVICES", "OFFERED", "USED", "SPEED", "SEQS", "TOK/S", "STEP (PREDICTED)"];
     let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];

@@ -164,6 +164,7 @@ async fn one_stream(engine: &ClusterEngine, prompt: Vec<u32>, n: usize, path: Re
                 tokens += 1;
                 first.get_or_insert_with(Instant::now);
             }
+            GenerateEvent::Admitted => {}
             GenerateEvent::Finished(_) => break,
             GenerateEvent::Failed(e) => anyhow::bail!("a benchmark request failed: {e}"),
         }
@@ -195,6 +196,7 @@ async fn aggregate(
         while let Some(event) = rx.recv().await {
             match event {
                 GenerateEvent::Token(_) => total += 1,
+                GenerateEvent::Admitted => {}
                 GenerateEvent::Finished(_) => break,
                 GenerateEvent::Failed(e) => anyhow::bail!("a benchmark request failed: {e}"),
             }
@@ -226,7 +228,8 @@ async fn pipeline(
         return_path: ReturnPath::Direct,
         weights_source: crate::cluster::WeightsSource::None,
         placement: PlacementPolicy::Spread,
-        plan: crate::planner::PlanOptions::default(),
+        // Up to 16 streams run at once below: the plan admits that many.
+        plan: crate::planner::PlanOptions { sequences: 16, ..crate::planner::PlanOptions::default() },
         queue_timeout: Duration::from_secs(60),
         move_sequences: Default::default(),
     };

@@ -188,6 +188,7 @@ async fn follow(
                 received.lock().unwrap_or_else(|p| p.into_inner()).tokens.push((Instant::now(), t));
                 progress.fetch_add(1, Ordering::Relaxed);
             }
+            GenerateEvent::Admitted => {}
             GenerateEvent::Finished(_) => return Ok(()),
             GenerateEvent::Failed(e) => anyhow::bail!("a benchmark request failed: {e}"),
         }
@@ -195,7 +196,13 @@ async fn follow(
     anyhow::bail!("a benchmark request ended without finishing")
 }
 
-async fn start_cluster(workers: &[String], model: &Arc<ServedModel>, policy: MovePolicy) -> anyhow::Result<Cluster> {
+/// A cluster over `workers` that admits `streams` requests at once.
+async fn start_cluster(
+    workers: &[String],
+    model: &Arc<ServedModel>,
+    policy: MovePolicy,
+    streams: usize,
+) -> anyhow::Result<Cluster> {
     let config = ClusterConfig {
         workers: workers.to_vec(),
         min_workers: workers.len(),
@@ -204,7 +211,7 @@ async fn start_cluster(workers: &[String], model: &Arc<ServedModel>, policy: Mov
         return_path: ReturnPath::Direct,
         weights_source: crate::cluster::WeightsSource::None,
         placement: PlacementPolicy::Spread,
-        plan: crate::planner::PlanOptions::default(),
+        plan: crate::planner::PlanOptions { sequences: streams.max(1), ..crate::planner::PlanOptions::default() },
         queue_timeout: Duration::from_secs(120),
         move_sequences: policy,
     };
@@ -234,7 +241,7 @@ async fn one(
     args: &BenchArgs,
     length: usize,
 ) -> anyhow::Result<(Measured, Vec<Vec<u32>>)> {
-    let cluster = start_cluster(workers, model, policy).await?;
+    let cluster = start_cluster(workers, model, policy, args.switch_streams).await?;
     let engine = cluster.engine.clone();
     let vocab = model.file.info().vocab_size;
     let prompt_len = args.switch_prompt.min(length.saturating_sub(1)).max(1);
@@ -329,7 +336,7 @@ async fn measure(
 
     // The prompt-token cost, in decode steps, on a pipeline of the three workers.
     let (prefill_s, step_one) = {
-        let cluster = start_cluster(&workers, &model, MovePolicy::Replay).await?;
+        let cluster = start_cluster(&workers, &model, MovePolicy::Replay, 1).await?;
         let engine = cluster.engine.clone();
         prefill_and_step(&engine, info.vocab_size, 16).await?;
         let mut runs = Vec::new();

@@ -79,14 +79,17 @@ pub struct ServeArgs {
     #[arg(long)]
     pub layers: Option<String>,
     /// Context length every sequence may reach, for sizing the KV caches the plan
-    /// must fit (default: the model's, at most 4096).
+    /// must fit (default: the model's, at most 4096). A request whose prompt plus
+    /// max_tokens exceeds it is refused (400).
     #[arg(long)]
     pub context: Option<usize>,
-    /// Sequences decoded at once, for the same sizing.
+    /// Sequences decoded at once, for the same sizing. Requests beyond them wait in
+    /// line for one (`strata status` shows the queue).
     #[arg(long, default_value_t = 4)]
     pub sequences: usize,
-    /// Seconds a request may wait for capacity (after a worker is lost, or drained
-    /// with --force) before it fails.
+    /// Seconds a request may wait before it fails: in line for one of the
+    /// --sequences (then 429), or for capacity after a worker is lost or drained
+    /// with --force (then 503).
     #[arg(long, default_value_t = 120)]
     pub queue_timeout: u64,
     /// How requests in flight move when the plan changes while the old pipeline

@@ -10,7 +10,7 @@ use strata_proto::FRAME_TARGET_BYTES;
 use tokio::sync::{mpsc, oneshot};
 
 use super::scheduler::SchedulerMsg;
-use crate::engine::{Engine, EngineError, GenerateEvent, GenerateRequest, ModelCard};
+use crate::engine::{Engine, EngineError, GenerateEvent, GenerateRequest, Limits, ModelCard};
 
 /// Most prompt tokens in one frame. Equal to the stages' prefill chunk, so a
 /// pipeline computes a long prompt in exactly the chunks one process would.
@@ -56,6 +56,8 @@ impl HopSamples {
 /// The Engine half of a cluster: cheap to share, sends work to the scheduler.
 pub struct ClusterEngine {
     pub(super) card: ModelCard,
+    /// The planned context: every stage's KV cache holds no more.
+    pub(super) limits: Limits,
     pub(super) vocab_size: usize,
     pub(super) tx: mpsc::UnboundedSender<SchedulerMsg>,
     pub(super) next_request: AtomicU64,
@@ -88,10 +90,10 @@ impl ClusterEngine {
         path: ReturnPath,
         ignore_eos: bool,
     ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
-        request.validate(self.vocab_size, self.card.context_length)?;
-        // Room for every event the request can produce: the scheduler never waits on
-        // a slow client.
-        let (events, receiver) = mpsc::channel(request.max_tokens + 1);
+        request.validate(self.vocab_size, self.limits.context)?;
+        // Room for every event the request can produce (admitted, its tokens, the
+        // end): the scheduler never waits on a slow client.
+        let (events, receiver) = mpsc::channel(request.max_tokens + 2);
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let direct = path == ReturnPath::Direct;
         self.tx
@@ -116,6 +118,10 @@ impl ClusterEngine {
 impl Engine for ClusterEngine {
     fn model(&self) -> &ModelCard {
         &self.card
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
     }
 
     fn generate(&self, request: GenerateRequest) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {

@@ -55,13 +55,15 @@ pub use model::ServedModel;
 pub use moves::{MoveCost, MovePolicy};
 pub use pipeline::Placement;
 pub use placement::PlacementPolicy;
-pub use report::{AdminError, ClusterStatus, DrainReport, NodeReport};
-use scheduler::{MoveSettings, Scheduler, SchedulerMsg, SchedulerStatus};
+pub use report::{AdminError, AdmissionReport, ClusterStatus, DrainReport, NodeReport, QueuedRequest};
+use scheduler::{AdmissionSettings, MoveSettings, Scheduler, SchedulerMsg, SchedulerStatus};
 pub use service::CoordinatorService;
 use status_view::StatusView;
 pub use weights_source::WeightsSource;
 
 pub use strata_proto::timing::HEARTBEAT_TIMEOUT;
+
+use crate::engine::{ContextSource, Limits, ModelCard};
 
 pub(crate) type WorkerClient = strata_proto::v1::worker_client::WorkerClient<Channel>;
 
@@ -102,6 +104,18 @@ pub struct ClusterConfig {
     pub queue_timeout: Duration,
     /// How requests move to a new pipeline while the old one still works.
     pub move_sequences: MovePolicy,
+}
+
+impl ClusterConfig {
+    /// What a request may fill: the context the plan sized every KV cache for, or
+    /// the model's own where that is less.
+    pub fn limits(&self, card: &ModelCard) -> Limits {
+        if self.plan.context < card.context_length {
+            Limits { context: self.plan.context.max(1), context_source: ContextSource::Plan }
+        } else {
+            Limits::of_model(card)
+        }
+    }
 }
 
 /// A running cluster: the engine requests go to, and the controller that keeps
@@ -157,8 +171,13 @@ impl Cluster {
             cost: MoveCost::default(),
             kv_bytes_per_position: info.kv_bytes_per_token_per_layer() * info.layers as u64,
         };
-        let scheduler =
-            Scheduler::new(model.card.clone(), info.hidden, config.queue_timeout, control_tx.clone(), moves);
+        let limits = config.limits(&model.card);
+        let admission = AdmissionSettings {
+            sequences: config.plan.sequences,
+            context: limits.context,
+            queue_timeout: config.queue_timeout,
+        };
+        let scheduler = Scheduler::new(model.card.clone(), info.hidden, admission, control_tx.clone(), moves);
         let view = Arc::new(StatusView::new(model.card.id.clone(), model.layers()));
         let mut tasks = vec![
             tokio::spawn(scheduler.run(scheduler_rx)),
@@ -194,6 +213,7 @@ impl Cluster {
         tasks.push(tokio::spawn(controller.run(control_rx)));
         let engine = Arc::new(ClusterEngine {
             card: model.card.clone(),
+            limits,
             vocab_size: info.vocab_size,
             tx: scheduler_tx,
             next_request: AtomicU64::new(1),

@@ -44,15 +44,43 @@ pub struct ClusterStatus {
     pub layers: usize,
     pub pipeline_id: Option<u64>,
     pub nodes: Vec<NodeReport>,
-    /// Requests being generated, and those of them waiting for capacity.
+    /// Requests admitted (each holds one of the planned sequences), and those of
+    /// them waiting for capacity (a pipeline).
     pub in_flight: usize,
     pub waiting: usize,
     /// Why there is no pipeline, while there is none.
     pub waiting_reason: Option<String>,
+    /// The plan's limits, and the requests queued beyond them.
+    #[serde(default)]
+    pub admission: AdmissionReport,
     /// The planner's prediction for one stream on the current pipeline.
     pub predicted_tokens_per_second: Option<f64>,
     /// Tokens per second the cluster delivered over the last few seconds.
     pub measured_tokens_per_second: f64,
+}
+
+/// Admission: at most `sequences` requests run at once (the plan sized every KV
+/// cache for that many); the rest wait in line.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AdmissionReport {
+    /// Sequences the plan sized the KV caches for.
+    pub sequences: usize,
+    /// Tokens of context each of them may reach (`--context`, at most the model's).
+    pub context: usize,
+    /// Requests waiting for a sequence, first in line first.
+    pub queue: Vec<QueuedRequest>,
+    /// Why they wait (`4 of 4 planned sequences running`), while any do.
+    pub reason: Option<String>,
+}
+
+/// A request waiting for admission.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueuedRequest {
+    /// 1 for the next to be admitted.
+    pub position: usize,
+    /// The coordinator's id of the request (as its logs name it).
+    pub request: u64,
+    pub waited_seconds: f64,
 }
 
 /// What a drain did.

@@ -30,8 +30,15 @@
 //!
 //! With no pipeline (the cluster lost more than it can spare), requests wait, up
 //! to the queue timeout, and then fail with the reason.
+//!
+//! Admission: the plan sized every stage's KV cache for `--sequences` sequences of
+//! `--context` tokens, so at most that many requests are admitted at once; the rest
+//! wait in line, first come first, and are admitted as others end. An admitted
+//! request keeps its sequence while it moves or waits for a pipeline, so no
+//! pipeline ever holds more sequences than planned. One that waits in line longer
+//! than the queue timeout fails with [`EngineError::QueueTimeout`] (HTTP 429).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +49,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::controller::Control;
 use super::engine::{frame_tokens, sampling_to_proto};
 use super::moves::{self, LinkStage, MoveCost, MovePolicy, TransferSpec, Transferred};
+use super::report::{AdmissionReport, QueuedRequest};
 use crate::engine::{EngineError, GenerateEvent, GenerateRequest, ModelCard};
 
 /// How often the scheduler looks for requests whose client went away, or that
@@ -97,13 +105,27 @@ pub struct MoveSettings {
     pub kv_bytes_per_position: u64,
 }
 
+/// What the plan sized the pipelines for, and how long a request may wait.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmissionSettings {
+    /// Sequences every stage holds KV caches for: at most this many run at once.
+    pub sequences: usize,
+    /// Tokens one sequence may reach (the planned context, at most the model's).
+    pub context: usize,
+    /// How long a request may wait, for admission or for a pipeline, before it fails.
+    pub queue_timeout: Duration,
+}
+
 /// What the scheduler reports about itself.
 #[derive(Debug, Clone, Default)]
 pub struct SchedulerStatus {
+    /// Requests admitted.
     pub in_flight: usize,
-    /// Requests waiting for a pipeline (new, or parked by a failure).
+    /// Admitted requests waiting for a pipeline (new, or parked by a failure).
     pub waiting: usize,
     pub waiting_reason: Option<String>,
+    /// The limits, and the requests in line for admission.
+    pub admission: AdmissionReport,
     pub tokens_generated: u64,
 }
 
@@ -151,11 +173,14 @@ struct Request {
     end_position: usize,
     direct: bool,
     ignore_eos: bool,
-    /// (pipeline, sequence id) it runs under; `None` while it waits for a pipeline.
+    /// Holds one of the planned sequences; false while it waits in line.
+    admitted: bool,
+    /// (pipeline, sequence id) it runs under; `None` while it waits for admission
+    /// or a pipeline.
     running: Option<(u64, u64)>,
     /// When it last produced a token (or started).
     last_token: Instant,
-    /// Since when it has waited for a pipeline.
+    /// Since when it has waited for admission or a pipeline.
     waiting_since: Option<Instant>,
     /// Moved by the last switch and not yet heard from since.
     moved: bool,
@@ -184,11 +209,14 @@ struct TransferDone {
 pub(super) struct Scheduler {
     card: ModelCard,
     hidden: usize,
-    queue_timeout: Duration,
+    admission: AdmissionSettings,
     control: mpsc::UnboundedSender<Control>,
     pipeline: Option<PipelineLink>,
     waiting_reason: String,
+    /// Every request, admitted or in line.
     requests: HashMap<u64, Request>,
+    /// Requests waiting for admission, first in line first.
+    queue: VecDeque<u64>,
     /// Sequence id on the wire → request id.
     wire: HashMap<u64, u64>,
     next_seq: u64,
@@ -230,7 +258,7 @@ impl Scheduler {
     pub fn new(
         card: ModelCard,
         hidden: usize,
-        queue_timeout: Duration,
+        admission: AdmissionSettings,
         control: mpsc::UnboundedSender<Control>,
         moves: MoveSettings,
     ) -> Self {
@@ -238,11 +266,13 @@ impl Scheduler {
         Self {
             card,
             hidden,
-            queue_timeout,
+            // Zero sequences would admit nothing, ever.
+            admission: AdmissionSettings { sequences: admission.sequences.max(1), ..admission },
             control,
             pipeline: None,
             waiting_reason: "the cluster is starting".into(),
             requests: HashMap::new(),
+            queue: VecDeque::new(),
             wire: HashMap::new(),
             next_seq: 1,
             longest_pause: Duration::ZERO,
@@ -304,14 +334,17 @@ impl Scheduler {
                 }
                 SchedulerMsg::Status { reply } => {
                     let _ = reply.send(SchedulerStatus {
-                        in_flight: self.requests.len(),
-                        waiting: self.requests.values().filter(|r| r.running.is_none()).count(),
+                        in_flight: self.admitted(),
+                        waiting: self.requests.values().filter(|r| r.admitted && r.running.is_none()).count(),
                         waiting_reason: self.pipeline.is_none().then(|| self.waiting_reason.clone()),
+                        admission: self.admission_report(),
                         tokens_generated: self.tokens_generated,
                     });
                 }
                 SchedulerMsg::Shutdown { done } => {
-                    for id in self.requests.keys().copied().collect::<Vec<_>>() {
+                    // Those in line first, so that none is admitted as the others end.
+                    let ids: Vec<u64> = self.queue.iter().chain(self.requests.keys()).copied().collect();
+                    for id in ids {
                         self.finish(id, Some(GenerateEvent::Failed(EngineError::ShuttingDown)));
                     }
                     let _ = done.send(());
@@ -336,7 +369,9 @@ impl Scheduler {
         ignore_eos: bool,
         events: mpsc::Sender<GenerateEvent>,
     ) {
-        let end_position = (request.prompt_tokens.len() + request.max_tokens).min(self.card.context_length);
+        // The engine refused requests beyond the context; this is a second guard for
+        // the KV caches, which hold no more.
+        let end_position = (request.prompt_tokens.len() + request.max_tokens).min(self.admission.context);
         let now = Instant::now();
         self.requests.insert(
             id,
@@ -348,6 +383,7 @@ impl Scheduler {
                 end_position,
                 direct,
                 ignore_eos,
+                admitted: false,
                 running: None,
                 last_token: now,
                 waiting_since: Some(now),
@@ -356,10 +392,60 @@ impl Scheduler {
                 retries: 0,
             },
         );
-        if let Some(pipeline) = self.pipeline.clone() {
-            self.launch(id, &pipeline);
-        } else {
-            tracing::info!(request = id, reason = %self.waiting_reason, "request waits for capacity");
+        self.queue.push_back(id);
+        self.admit();
+        if self.queue.back() == Some(&id) {
+            tracing::info!(request = id, position = self.queue.len(), reason = %self.queue_reason(), "request waits for admission");
+        }
+    }
+
+    /// Requests holding one of the planned sequences.
+    fn admitted(&self) -> usize {
+        self.requests.len().saturating_sub(self.queue.len())
+    }
+
+    /// Why requests wait in line.
+    fn queue_reason(&self) -> String {
+        format!("{} of {} planned sequences running", self.admitted(), self.admission.sequences)
+    }
+
+    /// Admits requests in line, first come first, while fewer than the planned
+    /// sequences are taken, and runs them on the pipeline if there is one.
+    fn admit(&mut self) {
+        while self.admitted() < self.admission.sequences {
+            let Some(id) = self.queue.pop_front() else {
+                return;
+            };
+            let Some(r) = self.requests.get_mut(&id) else {
+                continue;
+            };
+            r.admitted = true;
+            // The channel has room for this beside every token (see the engine).
+            let _ = r.events.try_send(GenerateEvent::Admitted);
+            match self.pipeline.clone() {
+                Some(pipeline) => self.launch(id, &pipeline),
+                None => tracing::info!(request = id, reason = %self.waiting_reason, "request waits for capacity"),
+            }
+        }
+    }
+
+    fn admission_report(&self) -> AdmissionReport {
+        let now = Instant::now();
+        let queue = self
+            .queue
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &id)| {
+                let since = self.requests.get(&id)?.waiting_since;
+                let waited_seconds = since.map_or(0.0, |t| (now - t).as_secs_f64());
+                Some(QueuedRequest { position: i + 1, request: id, waited_seconds })
+            })
+            .collect();
+        AdmissionReport {
+            sequences: self.admission.sequences,
+            context: self.admission.context,
+            queue,
+            reason: (!self.queue.is_empty()).then(|| self.queue_reason()),
         }
     }
 
@@ -411,6 +497,9 @@ impl Scheduler {
         let Some(r) = self.requests.remove(&id) else {
             return;
         };
+        if !r.admitted {
+            self.queue.retain(|&queued| queued != id);
+        }
         if let Some(event) = event {
             let _ = r.events.try_send(event);
         }
@@ -418,6 +507,9 @@ impl Scheduler {
             self.wire.remove(&seq);
             self.send(pipeline, message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: seq })));
         }
+        // Its sequence is free; the release went out first on the same stream, so a
+        // stage never holds more sequences than planned.
+        self.admit();
         self.check_resumed();
     }
 
@@ -533,7 +625,8 @@ impl Scheduler {
                 continue;
             };
             let current = matches!((&pipeline, r.running), (Some(p), Some((on, _))) if p.id == on);
-            if current {
+            // Requests in line run nowhere yet: admission launches them.
+            if current || !r.admitted {
                 continue;
             }
             let counted = r.running.is_some() || !r.generated.is_empty();
@@ -726,30 +819,47 @@ impl Scheduler {
         }
     }
 
-    /// Releases requests whose client has gone, and fails those that waited for a
-    /// pipeline longer than the queue timeout.
+    /// Releases requests whose client has gone, and fails those that waited longer
+    /// than the queue timeout: in line for admission while a pipeline runs, with
+    /// [`EngineError::QueueTimeout`] (the client should come back later); for a
+    /// pipeline, with [`EngineError::Unavailable`] (the cluster lacks capacity).
     fn sweep(&mut self) {
         let now = Instant::now();
+        let timeout = self.admission.queue_timeout;
+        let expired_at = |r: &Request| r.waiting_since.is_some_and(|t| now - t >= timeout);
         let mut gone = Vec::new();
         let mut expired = Vec::new();
         for (&id, r) in &self.requests {
             if r.events.is_closed() {
                 gone.push(id);
-            } else if r.waiting_since.is_some_and(|t| now - t >= self.queue_timeout) {
-                expired.push(id);
+            } else if expired_at(r) {
+                expired.push((r.admitted, id));
             }
         }
         for id in gone {
             tracing::debug!(request = id, "client went away; releasing");
             self.finish(id, None);
         }
-        for id in expired {
-            let reason = format!(
-                "waited {}s for the cluster to have capacity: {}",
-                self.queue_timeout.as_secs(),
-                self.waiting_reason
-            );
-            self.finish(id, Some(GenerateEvent::Failed(EngineError::Unavailable(reason))));
+        // Those in line first, in line order, so a sequence freed by an expired
+        // admitted request is not handed to one about to fail.
+        let position = |id: u64| self.queue.iter().position(|&q| q == id);
+        expired.sort_by_key(|&(admitted, id)| (admitted, position(id)));
+        for (_, id) in expired {
+            // Finishing another may have admitted and launched this one.
+            let Some(r) = self.requests.get(&id).filter(|r| expired_at(r)) else {
+                continue;
+            };
+            let error = if !r.admitted && self.pipeline.is_some() {
+                EngineError::QueueTimeout { waited_s: timeout.as_secs(), reason: self.queue_reason() }
+            } else {
+                EngineError::Unavailable(format!(
+                    "waited {}s for the cluster to have capacity: {}",
+                    timeout.as_secs(),
+                    self.waiting_reason
+                ))
+            };
+            tracing::info!(request = id, error = %error, "request waited too long");
+            self.finish(id, Some(GenerateEvent::Failed(error)));
         }
         self.check_resumed();
     }
@@ -797,7 +907,8 @@ mod tests {
         let model = ServedModel::open(&path, "test".into()).unwrap();
         let (control, _control) = mpsc::unbounded_channel();
         let moves = MoveSettings { policy: MovePolicy::Transfer, cost: MoveCost::default(), kv_bytes_per_position: 1 };
-        let scheduler = Scheduler::new(model.card.clone(), 64, Duration::from_secs(60), control, moves);
+        let admission = AdmissionSettings { sequences: 4, context: 256, queue_timeout: Duration::from_secs(60) };
+        let scheduler = Scheduler::new(model.card.clone(), 64, admission, control, moves);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(scheduler.run(rx));
         let (old, mut old_frames) = link(1);
@@ -840,5 +951,126 @@ mod tests {
             })
             .collect();
         assert_eq!(got, [40, 41, 42]);
+    }
+
+    /// A scheduler over the tiny model that admits `sequences` requests at once.
+    fn started(sequences: usize, queue_timeout: Duration) -> (tempfile::TempDir, mpsc::UnboundedSender<SchedulerMsg>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = SyntheticModel::tiny().write_to(dir.path()).unwrap();
+        let model = ServedModel::open(&path, "test".into()).unwrap();
+        // Pipeline trouble is not tested here: what the controller is told is dropped.
+        let (control, _) = mpsc::unbounded_channel();
+        let moves = MoveSettings { policy: MovePolicy::Replay, cost: MoveCost::default(), kv_bytes_per_position: 1 };
+        let admission = AdmissionSettings { sequences, context: 256, queue_timeout };
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(Scheduler::new(model.card.clone(), 64, admission, control, moves).run(rx));
+        (dir, tx)
+    }
+
+    async fn switch_to(tx: &mpsc::UnboundedSender<SchedulerMsg>, pipeline: PipelineLink) -> Moved {
+        let (done, moved) = oneshot::channel();
+        tx.send(SchedulerMsg::Switch { pipeline: Some(pipeline), reason: String::new(), old_alive: false, done })
+            .unwrap();
+        moved.await.unwrap()
+    }
+
+    async fn status(tx: &mpsc::UnboundedSender<SchedulerMsg>) -> SchedulerStatus {
+        let (reply, status) = oneshot::channel();
+        tx.send(SchedulerMsg::Status { reply }).unwrap();
+        status.await.unwrap()
+    }
+
+    /// Request `id`: a three-token prompt and one token to generate.
+    fn one_token(id: u64, events: mpsc::Sender<GenerateEvent>) -> SchedulerMsg {
+        let request =
+            GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 1, sampling: SamplingParams::greedy() };
+        SchedulerMsg::Start { id, request, direct: false, ignore_eos: true, events }
+    }
+
+    fn opened(frames: &mut mpsc::UnboundedReceiver<StageMessage>) -> Vec<u64> {
+        kinds(frames)
+            .iter()
+            .filter_map(|k| match k {
+                stage_message::Kind::Open(o) => Some(o.seq_id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn line(s: &SchedulerStatus) -> Vec<(usize, u64)> {
+        s.admission.queue.iter().map(|q| (q.position, q.request)).collect()
+    }
+
+    /// At most the planned sequences run, on any pipeline; the rest wait in line,
+    /// first come first, each knowing its place, and start as others end.
+    #[tokio::test]
+    async fn requests_beyond_the_planned_sequences_wait_in_line() {
+        let (_dir, tx) = started(2, Duration::from_secs(60));
+        let (pipeline, mut frames) = link(1);
+        switch_to(&tx, pipeline).await;
+        let mut clients = Vec::new();
+        for id in 1..=4 {
+            let (events, client) = mpsc::channel(16);
+            handled(&tx, one_token(id, events)).await;
+            clients.push(client);
+        }
+        assert_eq!(opened(&mut frames), [1, 2]);
+        let s = status(&tx).await;
+        assert_eq!((s.in_flight, s.waiting, s.admission.sequences), (2, 0, 2));
+        assert_eq!(line(&s), [(1, 3), (2, 4)]);
+        assert_eq!(s.admission.reason.as_deref(), Some("2 of 2 planned sequences running"));
+        assert!(matches!(clients[0].try_recv(), Ok(GenerateEvent::Admitted)));
+        assert!(clients[2].try_recv().is_err(), "not admitted yet");
+
+        // A new pipeline runs the admitted requests again, not those in line.
+        let (pipeline, mut frames) = link(2);
+        assert_eq!(switch_to(&tx, pipeline).await.replayed, 2);
+        assert_eq!(opened(&mut frames), [3, 4]);
+
+        // The request on sequence 4 ends with its token: the first in line takes its
+        // place, after its release on the same stream.
+        handled(&tx, token(4, 3, 40)).await;
+        let after = kinds(&mut frames);
+        assert!(
+            matches!(&after[..2], [stage_message::Kind::Release(r), stage_message::Kind::Open(o)]
+            if r.seq_id == 4 && o.seq_id == 5),
+            "{after:?}"
+        );
+        assert!(matches!(clients[2].try_recv(), Ok(GenerateEvent::Admitted)));
+        let s = status(&tx).await;
+        assert_eq!((s.in_flight, line(&s)), (2, vec![(1, 4)]));
+
+        // A client that leaves the line frees its place without ever running.
+        drop(clients.pop());
+        tokio::time::sleep(SWEEP_INTERVAL * 2).await;
+        let s = status(&tx).await;
+        assert_eq!((s.in_flight, line(&s), s.admission.reason), (2, vec![], None));
+    }
+
+    /// A request still in line when the queue timeout passes fails with
+    /// `QueueTimeout`; the one running is untouched.
+    #[tokio::test]
+    async fn a_request_in_line_past_the_queue_timeout_fails() {
+        // Short, on the real clock: the sweep looks every 250 ms.
+        let timeout = Duration::from_millis(600);
+        let (_dir, tx) = started(1, timeout);
+        let (pipeline, _frames) = link(1);
+        switch_to(&tx, pipeline).await;
+        let (events, mut running) = mpsc::channel(16);
+        handled(&tx, one_token(1, events)).await;
+        let (events, mut queued) = mpsc::channel(16);
+        handled(&tx, one_token(2, events)).await;
+        let start = Instant::now();
+        let failed = tokio::time::timeout(Duration::from_secs(10), queued.recv()).await.unwrap();
+        assert!(
+            matches!(&failed, Some(GenerateEvent::Failed(EngineError::QueueTimeout { reason, .. }))
+                if reason == "1 of 1 planned sequences running"),
+            "{failed:?}"
+        );
+        assert!(start.elapsed() >= timeout);
+        let s = status(&tx).await;
+        assert_eq!((s.in_flight, s.admission.queue.len()), (1, 0));
+        assert!(matches!(running.try_recv(), Ok(GenerateEvent::Admitted)));
+        assert!(running.try_recv().is_err(), "the running request goes on");
     }
 }

@@ -147,6 +147,7 @@ impl StatusView {
             in_flight: scheduler.in_flight,
             waiting: scheduler.waiting,
             waiting_reason: scheduler.waiting_reason,
+            admission: scheduler.admission,
             predicted_tokens_per_second: state.pipeline.as_ref().map(|p| p.predicted_tokens_per_second),
             measured_tokens_per_second: state.rate.per_second(0),
         }

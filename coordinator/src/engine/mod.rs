@@ -46,6 +46,10 @@ impl GenerateRequest {
 /// one `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerateEvent {
+    /// The request holds one of the sequences the engine was sized for: no refusal
+    /// for want of capacity follows. An engine that admits every request it accepts
+    /// may leave this out.
+    Admitted,
     Token(u32),
     Finished(FinishReason),
     Failed(EngineError),
@@ -59,6 +63,9 @@ pub enum EngineError {
     ContextOverflow { tokens: usize, needed: usize, context: usize },
     #[error("no capacity to serve the request: {0}")]
     Unavailable(String),
+    /// Every sequence the engine was sized for stayed busy for the queue timeout.
+    #[error("the request waited {waited_s}s in the queue and was not admitted ({reason}); retry later")]
+    QueueTimeout { waited_s: u64, reason: String },
     #[error("the engine is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -75,9 +82,48 @@ pub struct ModelCard {
     pub chat_template: Arc<ChatTemplate>,
 }
 
+/// What set an engine's context limit, for the errors that name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextSource {
+    /// The context the model was trained for.
+    Model,
+    /// The context the cluster's plan sized every KV cache for (`--context`).
+    Plan,
+}
+
+/// What an engine was sized for: a request that does not fit is refused at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Tokens one request may fill, prompt and output together.
+    pub context: usize,
+    pub context_source: ContextSource,
+}
+
+impl Limits {
+    /// The model's own context: an engine that sizes its caches per request.
+    pub fn of_model(card: &ModelCard) -> Self {
+        Self { context: card.context_length, context_source: ContextSource::Model }
+    }
+
+    /// The context as an error message names it.
+    pub fn describe_context(&self) -> String {
+        match self.context_source {
+            ContextSource::Model => format!("the model's context of {} tokens", self.context),
+            ContextSource::Plan => {
+                format!("the context of {} tokens this cluster was planned for (--context)", self.context)
+            }
+        }
+    }
+}
+
 /// A source of generations.
 pub trait Engine: Send + Sync + 'static {
     fn model(&self) -> &ModelCard;
+
+    /// The limits every request is checked against before it is queued.
+    fn limits(&self) -> Limits {
+        Limits::of_model(self.model())
+    }
 
     /// Starts a generation. Events arrive on the returned channel; dropping it cancels
     /// the request.
