@@ -35,10 +35,10 @@ use tokio::task::JoinHandle;
 use super::backoff::LoadBackoff;
 use super::membership::{self, Heartbeat, Member, Membership, NodeStatus};
 use super::model::ServedModel;
-use super::pipeline::{self, BuildSpec, Pipeline, Placement};
+use super::messages::{Control, Moved, PipelineLink, Placement, SchedulerMsg};
+use super::pipeline::{self, BuildSpec, Pipeline};
 use super::placement::{self, PlacementPolicy, StagePlan};
 use super::report::{AdminError, DrainReport};
-use super::scheduler::{Moved, PipelineLink, SchedulerMsg};
 use super::status_view::{ServingPipeline, StatusView};
 use super::switch_memory;
 use super::{connect, HopSamples, WorkerClient, HEARTBEAT_TIMEOUT};
@@ -57,34 +57,6 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// it reports.
 const RESUME_WAIT: Duration = Duration::from_secs(30);
 
-pub(super) enum Control {
-    /// Something in the pipeline failed (a broken stream, a sequence error that
-    /// points at a worker): check the workers.
-    Trouble {
-        reason: String,
-    },
-    Lost {
-        address: String,
-        reason: String,
-    },
-    /// A gone worker answered a Describe again.
-    Back {
-        member: Box<Member>,
-    },
-    Drain {
-        node: String,
-        force: bool,
-        wait: bool,
-        reply: oneshot::Sender<Result<DrainReport, AdminError>>,
-    },
-    Undrain {
-        node: String,
-        reply: oneshot::Sender<Result<String, AdminError>>,
-    },
-    Shutdown {
-        done: oneshot::Sender<()>,
-    },
-}
 
 /// What the controller is started with.
 pub(super) struct ControllerSpec {

@@ -9,7 +9,7 @@ use strata_proto::v1;
 use strata_proto::FRAME_TARGET_BYTES;
 use tokio::sync::{mpsc, oneshot};
 
-use super::scheduler::SchedulerMsg;
+use super::messages::SchedulerMsg;
 use crate::engine::{Engine, EngineError, GenerateEvent, GenerateRequest, Limits, ModelCard};
 
 /// Most prompt tokens in one frame. Equal to the stages' prefill chunk, so a

@@ -12,7 +12,12 @@
 //! * [`engine`]: the [`crate::engine::Engine`] handle on the scheduler;
 //! * [`model`]: the served model, its hash and the shard files cut for pulling;
 //! * [`report`]: what `strata status` and `strata drain` answer;
-//! * [`switch_memory`]: whether a worker holds a new stage beside its old one.
+//! * [`switch_memory`]: whether a worker holds a new stage beside its old one;
+//! * [`messages`]: what the controller, the scheduler and the pipelines send each
+//!   other (a leaf: none of them imports another);
+//! * [`status_view`]: what status reads, so it never waits on the controller;
+//! * [`backoff`]: workers whose loads failed, left out for a while;
+//! * [`weights_source`]: the address each worker pulls weights from.
 //!
 //! [`Cluster::start`] waits for the workers and loads the first plan; from then on
 //! the controller keeps the pipeline in line with the workers there are.
@@ -22,6 +27,7 @@ pub mod controller;
 pub mod discovery;
 pub mod engine;
 pub mod membership;
+pub mod messages;
 pub mod model;
 pub mod moves;
 pub mod pipeline;
@@ -48,15 +54,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-use controller::{Control, Controller, ControllerSpec};
+use controller::{Controller, ControllerSpec};
+use messages::{Control, SchedulerMsg, SchedulerStatus};
 pub use engine::{ClusterEngine, HopSamples, ReturnPath};
 pub use membership::{Member, Membership, NodeStatus};
 pub use model::ServedModel;
 pub use moves::{MoveCost, MovePolicy};
-pub use pipeline::Placement;
+pub use messages::Placement;
 pub use placement::PlacementPolicy;
 pub use report::{AdminError, AdmissionReport, ClusterStatus, DrainReport, NodeReport, QueuedRequest};
-use scheduler::{AdmissionSettings, MoveSettings, Scheduler, SchedulerMsg, SchedulerStatus};
+use scheduler::{AdmissionSettings, MoveSettings, Scheduler};
 pub use service::CoordinatorService;
 use status_view::StatusView;
 pub use weights_source::WeightsSource;

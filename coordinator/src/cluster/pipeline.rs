@@ -11,23 +11,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::controller::Control;
 use super::model::ServedModel;
+use super::messages::{Control, PipelineLink, Placement};
 use super::moves::LinkStage;
 use super::placement::StagePlan;
-use super::scheduler::PipelineLink;
 use super::{ClusterError, WeightsSource, WorkerClient};
-
-/// Where a stage of the plan runs.
-#[derive(Debug, Clone)]
-pub struct Placement {
-    pub stage: usize,
-    pub layers: Range<usize>,
-    pub address: String,
-    pub name: String,
-    pub weights_were_local: bool,
-    pub load_seconds: f64,
-}
 
 /// A loaded pipeline.
 pub struct Pipeline {

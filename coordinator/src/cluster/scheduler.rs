@@ -39,16 +39,15 @@
 //! than the queue timeout fails with [`EngineError::QueueTimeout`] (HTTP 429).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_model::generate::FinishReason;
 use strata_proto::v1::{self, stage_message, worker_event, ErrorCode, StageMessage, WorkerEvent};
 use tokio::sync::{mpsc, oneshot};
 
-use super::controller::Control;
 use super::engine::{frame_tokens, sampling_to_proto};
-use super::moves::{self, LinkStage, MoveCost, MovePolicy, TransferSpec, Transferred};
+use super::moves::{self, MoveCost, MovePolicy, TransferSpec, Transferred};
+use super::messages::{Control, Moved, PipelineLink, Resumed, SchedulerMsg, SchedulerStatus};
 use super::report::{AdmissionReport, QueuedRequest};
 use crate::engine::{EngineError, GenerateEvent, GenerateRequest, ModelCard};
 
@@ -58,43 +57,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A request that hits pipeline trouble more often than this fails.
 const MAX_RETRIES: u32 = 8;
-
-/// Where requests go now.
-#[derive(Debug, Clone)]
-pub struct PipelineLink {
-    pub id: u64,
-    pub stage0: mpsc::UnboundedSender<StageMessage>,
-    /// Its stages in order, for moving sequences' KV caches onto or off it.
-    pub stages: Arc<Vec<LinkStage>>,
-}
-
-/// How the requests of one switch moved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Moved {
-    /// Replayed on the new pipeline (transfers that failed included).
-    pub replayed: usize,
-    /// Moved with their KV caches.
-    pub transferred: usize,
-    /// Transfers that failed and were replayed instead.
-    pub fell_back: usize,
-}
-
-impl Moved {
-    pub fn total(&self) -> usize {
-        self.replayed + self.transferred
-    }
-}
-
-/// How long the requests moved by a switch waited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Resumed {
-    /// The longest gap between two tokens a client saw.
-    pub longest_pause: Duration,
-    /// The longest time from the switch to a moved request's next token: the pause
-    /// less the time its last token came before the switch (while the new pipeline
-    /// loaded, the old one served).
-    pub longest_resume: Duration,
-}
 
 /// How the scheduler moves requests, and what it needs to estimate the cost.
 #[derive(Debug, Clone)]
@@ -114,53 +76,6 @@ pub struct AdmissionSettings {
     pub context: usize,
     /// How long a request may wait, for admission or for a pipeline, before it fails.
     pub queue_timeout: Duration,
-}
-
-/// What the scheduler reports about itself.
-#[derive(Debug, Clone, Default)]
-pub struct SchedulerStatus {
-    /// Requests admitted.
-    pub in_flight: usize,
-    /// Admitted requests waiting for a pipeline (new, or parked by a failure).
-    pub waiting: usize,
-    pub waiting_reason: Option<String>,
-    /// The limits, and the requests in line for admission.
-    pub admission: AdmissionReport,
-    pub tokens_generated: u64,
-}
-
-pub(super) enum SchedulerMsg {
-    Start {
-        id: u64,
-        request: GenerateRequest,
-        direct: bool,
-        ignore_eos: bool,
-        events: mpsc::Sender<GenerateEvent>,
-    },
-    Event {
-        event: WorkerEvent,
-    },
-    /// Run everything on `pipeline` from now on (`None`: park everything, because of
-    /// `reason`). `old_alive`: the pipeline it replaces still works, so requests may
-    /// move with their KV caches. Replies, once every transfer has settled, with how
-    /// the requests were moved.
-    Switch {
-        pipeline: Option<PipelineLink>,
-        reason: String,
-        old_alive: bool,
-        done: oneshot::Sender<Moved>,
-    },
-    /// Replies, once every request moved by the last switch has produced a token
-    /// again (or ended), with the longest pause a client saw.
-    AwaitResumed {
-        reply: oneshot::Sender<Resumed>,
-    },
-    Status {
-        reply: oneshot::Sender<SchedulerStatus>,
-    },
-    Shutdown {
-        done: oneshot::Sender<()>,
-    },
 }
 
 /// A request in flight.
@@ -870,7 +785,10 @@ mod tests {
     use strata_model::synthetic::SyntheticModel;
     use strata_model::SamplingParams;
 
+    use std::sync::Arc;
+
     use super::*;
+    use crate::cluster::moves::LinkStage;
     use crate::cluster::{ServedModel, WorkerClient};
 
     /// A pipeline whose stage-0 stream the test reads, on a worker that is not there.

@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 
 use super::backoff::LoadBackoff;
 use super::membership::{Member, NodeStatus};
-use super::pipeline::Placement;
 use super::rates::CounterWindow;
 use super::report::{ClusterStatus, NodeReport};
-use super::scheduler::SchedulerStatus;
+use super::messages::{Placement, SchedulerStatus};
 use crate::planner::format_bytes;
 
 /// Window of the measured tokens per second.

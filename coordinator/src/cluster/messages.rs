@@ -1,0 +1,143 @@
+//! The messages the cluster's actors exchange — the controller, the scheduler,
+//! the pipelines' stream tasks and the admin handle — in one leaf module that none
+//! of them owns, so that no actor imports another: each depends on this, and on
+//! the plain modules below it.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_proto::v1::{StageMessage, WorkerEvent};
+use tokio::sync::{mpsc, oneshot};
+
+use super::membership::Member;
+use super::moves::LinkStage;
+use super::report::{AdminError, AdmissionReport, DrainReport};
+use crate::engine::{GenerateEvent, GenerateRequest};
+
+/// To the controller.
+pub(crate) enum Control {
+    /// Something in the pipeline failed (a broken stream, a sequence error that
+    /// points at a worker): check the workers.
+    Trouble {
+        reason: String,
+    },
+    Lost {
+        address: String,
+        reason: String,
+    },
+    /// A gone worker answered a Describe again.
+    Back {
+        member: Box<Member>,
+    },
+    Drain {
+        node: String,
+        force: bool,
+        wait: bool,
+        reply: oneshot::Sender<Result<DrainReport, AdminError>>,
+    },
+    Undrain {
+        node: String,
+        reply: oneshot::Sender<Result<String, AdminError>>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Where requests go now.
+#[derive(Debug, Clone)]
+pub struct PipelineLink {
+    pub id: u64,
+    pub stage0: mpsc::UnboundedSender<StageMessage>,
+    /// Its stages in order, for moving sequences' KV caches onto or off it.
+    pub stages: Arc<Vec<LinkStage>>,
+}
+
+/// How the requests of one switch moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Replayed on the new pipeline (transfers that failed included).
+    pub replayed: usize,
+    /// Moved with their KV caches.
+    pub transferred: usize,
+    /// Transfers that failed and were replayed instead.
+    pub fell_back: usize,
+}
+
+impl Moved {
+    pub fn total(&self) -> usize {
+        self.replayed + self.transferred
+    }
+}
+
+/// How long the requests moved by a switch waited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resumed {
+    /// The longest gap between two tokens a client saw.
+    pub longest_pause: Duration,
+    /// The longest time from the switch to a moved request's next token: the pause
+    /// less the time its last token came before the switch (while the new pipeline
+    /// loaded, the old one served).
+    pub longest_resume: Duration,
+}
+
+/// What the scheduler reports about itself.
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerStatus {
+    /// Requests admitted.
+    pub in_flight: usize,
+    /// Admitted requests waiting for a pipeline (new, or parked by a failure).
+    pub waiting: usize,
+    pub waiting_reason: Option<String>,
+    /// The limits, and the requests in line for admission.
+    pub admission: AdmissionReport,
+    pub tokens_generated: u64,
+}
+
+/// To the scheduler.
+pub(crate) enum SchedulerMsg {
+    Start {
+        id: u64,
+        request: GenerateRequest,
+        direct: bool,
+        ignore_eos: bool,
+        events: mpsc::Sender<GenerateEvent>,
+    },
+    Event {
+        event: WorkerEvent,
+    },
+    /// Run everything on `pipeline` from now on (`None`: park everything, because of
+    /// `reason`). `old_alive`: the pipeline it replaces still works, so requests may
+    /// move with their KV caches. Replies, once every transfer has settled, with how
+    /// the requests were moved.
+    Switch {
+        pipeline: Option<PipelineLink>,
+        reason: String,
+        old_alive: bool,
+        done: oneshot::Sender<Moved>,
+    },
+    /// Replies, once every request moved by the last switch has produced a token
+    /// again (or ended), with the longest pause a client saw.
+    AwaitResumed {
+        reply: oneshot::Sender<Resumed>,
+    },
+    Status {
+        reply: oneshot::Sender<SchedulerStatus>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Where a stage of the plan runs.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub stage: usize,
+    pub layers: Range<usize>,
+    pub address: String,
+    pub name: String,
+    pub weights_were_local: bool,
+    pub load_seconds: f64,
+}
+

@@ -1,0 +1,92 @@
+//! A coordinator run in-process with `strata_coordinator::run` over listeners the
+//! test binds, driving real worker processes: it serves, answers right, and stops
+//! when its shutdown future completes (issue 9).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use strata_coordinator::cli::http;
+use strata_coordinator::cluster::{MovePolicy, PlacementPolicy, ReturnPath, ServedModel};
+use strata_coordinator::planner::PlanOptions;
+use strata_coordinator::server::{ConfigError, ServeError};
+use strata_coordinator::{Listeners, ServeConfig};
+use strata_model::synthetic::SyntheticModel;
+use strata_proto::v1::WireDtype;
+use strata_tests::{reference_tokens, ClusterOptions, TestCluster};
+use tokio::net::TcpListener;
+
+fn config(model: Arc<ServedModel>, workers: Vec<String>) -> ServeConfig {
+    ServeConfig {
+        model,
+        min_workers: workers.len(),
+        workers,
+        mdns_cluster: None,
+        worker_wait: Duration::from_secs(30),
+        grpc_advertise: None,
+        wire_dtype: WireDtype::F32,
+        return_path: ReturnPath::Direct,
+        placement: PlacementPolicy::Spread,
+        plan: PlanOptions { context: 256, sequences: 4, ..PlanOptions::default() },
+        queue_timeout: Duration::from_secs(30),
+        move_sequences: MovePolicy::Auto,
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+async fn listeners() -> anyhow::Result<Listeners> {
+    Ok(Listeners { grpc: TcpListener::bind("127.0.0.1:0").await?, http: TcpListener::bind("127.0.0.1:0").await? })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_runs_in_process_answers_right_and_stops_when_asked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = SyntheticModel { layers: 4, context_length: 256, ..SyntheticModel::tiny() }.write_to(dir.path())?;
+    let workers = TestCluster::workers(&path, &ClusterOptions { workers: 2, ..ClusterOptions::default() }).await?;
+    let model = Arc::new(ServedModel::open(&path, "test-model".into())?);
+    let listeners = listeners().await?;
+    let http_addr = listeners.http.local_addr()?.to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(strata_coordinator::run(listeners, config(model, workers.workers.clone()), async {
+        let _ = stopped.await;
+    }));
+
+    // Ready once the status names a pipeline (the API answers only once the
+    // first plan was tried; until then connections wait in the backlog).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = http::request(&http_addr, "GET", "/admin/status", None).await?.json()?;
+        if !status["pipeline_id"].is_null() {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no pipeline after 60 s: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let prompt = [1u32, 2, 3, 4];
+    let want = reference_tokens(&path, &prompt, 8)?;
+    let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": 8, "temperature": 0});
+    let reply = http::request(&http_addr, "POST", "/v1/completions", Some(&body)).await?;
+    anyhow::ensure!(reply.status == 200, "HTTP {}: {}", reply.status, reply.body);
+    assert_eq!(reply.json()?["usage"]["completion_tokens"].as_u64(), Some(want.len() as u64), "{}", reply.body);
+
+    let asked = Instant::now();
+    let _ = stop.send(());
+    let ended = tokio::time::timeout(Duration::from_secs(5), running).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "run did not end cleanly within 5 s: {ended:?}");
+    eprintln!("stopped {:?} after it was asked", asked.elapsed());
+    workers.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_setting_that_cannot_work_is_refused_before_anything_runs() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = SyntheticModel::tiny().write_to(dir.path())?;
+    let model = Arc::new(ServedModel::open(&path, "test-model".into())?);
+    let mut bad = config(model, vec!["127.0.0.1:1".into()]);
+    bad.plan.sequences = 0;
+    let refused = strata_coordinator::run(listeners().await?, bad, std::future::pending()).await;
+    assert!(matches!(refused, Err(ServeError::Config(ConfigError::ZeroSequences))), "{refused:?}");
+    Ok(())
+}
