@@ -970,6 +970,7 @@ impl Controller {
                         }
                         _ => None,
                     },
+                    pulls: m.heartbeat.pulls.clone(),
                 }
             })
             .collect();
@@ -1024,6 +1025,7 @@ async fn follow_worker(
                                 batches: h.batches,
                                 busy_seconds: h.busy_seconds,
                                 drain_reason: h.drain_reason.clone(),
+                                pulls: h.pulls.iter().map(Into::into).collect(),
                             };
                             membership.heartbeat(&address, state, beat);
                         }
