@@ -72,6 +72,9 @@ pub enum CoordinatorError {
     RangeOutOfModel { start: u32, end: u32, layers: u32 },
     #[error("incompatible protocol version {got} (this coordinator speaks {expected})")]
     ProtocolVersion { got: u32, expected: u32 },
+    /// A resumed pull asked to start past the end of the shard file.
+    #[error("offset {offset} is past the end of the {total}-byte shard file")]
+    OffsetPastEnd { offset: u64, total: u64 },
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("internal error: {0}")]
@@ -82,7 +85,7 @@ impl CoordinatorError {
     pub fn code(&self) -> Code {
         match self {
             Self::UnknownModel(_) => Code::NotFound,
-            Self::RangeOutOfModel { .. } | Self::BadRequest(_) => Code::InvalidArgument,
+            Self::RangeOutOfModel { .. } | Self::OffsetPastEnd { .. } | Self::BadRequest(_) => Code::InvalidArgument,
             Self::ProtocolVersion { .. } => Code::FailedPrecondition,
             Self::Internal(_) => Code::Internal,
         }
@@ -106,5 +109,8 @@ mod tests {
         assert!(s.message().contains("40"));
         let s: Status = CoordinatorError::UnknownModel("x".into()).into();
         assert_eq!(s.code(), Code::NotFound);
+        let s: Status = CoordinatorError::OffsetPastEnd { offset: 11, total: 10 }.into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("past the end"), "{}", s.message());
     }
 }

@@ -24,7 +24,7 @@ use crate::compute::{self, ComputeHandle, ComputeSpec, Gauges, Outputs};
 use crate::config::WorkerConfig;
 use crate::events::{lock, unix_nanos, EventHub, Stats};
 use crate::forwarder::{self, Forwarders};
-use crate::weights::{self, LocalModels};
+use crate::weights::{self, LocalModels, Pulls};
 use crate::yielding::DrainCauses;
 
 mod kv_move;
@@ -46,6 +46,8 @@ struct Shared {
     hub: Arc<EventHub>,
     stats: Arc<Stats>,
     local_models: LocalModels,
+    /// Shards being pulled from the coordinator, for heartbeats.
+    pulls: Pulls,
     /// Weights by model, device and part, shared by the shards: a re-plan's new
     /// shard loads only the layers the old one lacks.
     weights: Arc<WeightStore>,
@@ -89,12 +91,14 @@ impl WorkerService {
         let node_id =
             weights::hex(&Sha256::digest(format!("{}@{address}", config.name).as_bytes())[..8]);
         let local_models = LocalModels::new(config.models.clone());
+        let hub = Arc::new(EventHub::default());
         Self {
             shared: Arc::new(Shared {
                 config,
                 address,
                 node_id,
-                hub: Arc::default(),
+                pulls: Pulls::new(hub.clone()),
+                hub,
                 stats: Arc::default(),
                 local_models,
                 weights: Arc::default(),
@@ -326,7 +330,7 @@ impl WorkerService {
             &layers,
             &missing,
             &spec.weights_source,
-            &shared.hub,
+            &shared.pulls,
         )
         .await?;
         // Connect before loading, so a wrong address fails the load, not the first frame.
@@ -393,6 +397,7 @@ impl WorkerService {
                 batches: counters.batches,
                 busy_seconds: counters.busy_seconds,
                 drain_reason: lock(&self.shared.causes).reason(),
+                pulls: self.shared.pulls.snapshot(Instant::now()),
             })),
         }
     }

@@ -5,21 +5,27 @@
 //! A worker that already holds some of the shard's layers for another pipeline (a
 //! re-plan loads the new pipeline beside the old) pulls only the layer ranges it
 //! lacks, one FetchWeights call each.
+//!
+//! * [`pull`]: the FetchWeights client, which resumes a cut pull;
+//! * [`partial`]: the partial file a pull writes, and who may write it;
+//! * [`progress`]: the pulls under way, for progress events and heartbeats.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-use strata_proto::v1::coordinator_client::CoordinatorClient;
-use strata_proto::v1::{weight_chunk, worker_event, FetchWeightsRequest, LoadProgress, ModelRef};
 pub use strata_proto::content_hash::{hex, sha256_file};
-use strata_proto::{WorkerError, MAX_MESSAGE_BYTES};
-use tokio::sync::{mpsc, Mutex};
+use strata_proto::v1::ModelRef;
+use strata_proto::WorkerError;
+use tokio::sync::Mutex;
 
-use crate::events::EventHub;
+pub mod partial;
+pub mod progress;
+pub mod pull;
+
+pub use partial::partial_path;
+pub use progress::Pulls;
+pub use pull::{pull, Pulled};
 
 /// A file to read a shard's weights from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +83,8 @@ fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// The cache file of a shard: `<cache>/<hash>/layers-<start>-<end>.gguf`.
+/// The cache file of a shard: `<cache>/<hash>/layers-<start>-<end>.gguf` (and
+/// [`partial_path`] while it is pulled).
 pub fn cache_path(cache_dir: &Path, hash: &str, layers: &Range<usize>) -> PathBuf {
     cache_dir.join(hash).join(format!("layers-{}-{}.gguf", layers.start, layers.end))
 }
@@ -91,7 +98,7 @@ pub async fn locate(
     layers: &Range<usize>,
     missing: &[Range<usize>],
     weights_source: &str,
-    hub: &Arc<EventHub>,
+    pulls: &Pulls,
 ) -> Result<Located, WorkerError> {
     // The hash names a folder below: refuse anything but hex so it cannot escape it.
     if !is_sha256_hex(&model.content_hash) {
@@ -127,122 +134,9 @@ pub async fn locate(
                 )),
             });
         } else {
-            pull(weights_source, model, range, &cached, hub).await?;
+            pull(weights_source, model, range, &cached, pulls).await?;
         }
         files.push(WeightFile { path: cached, pulled: Some(range.clone()) });
     }
     Ok(Located { files, local: false })
-}
-
-/// Streams the shard from the coordinator into `dest`, checking its length and hash
-/// before it is renamed into place.
-async fn pull(
-    source: &str,
-    model: &ModelRef,
-    layers: &Range<usize>,
-    dest: &Path,
-    hub: &Arc<EventHub>,
-) -> Result<(), WorkerError> {
-    let unavailable = |what: String| WorkerError::ModelUnavailable(format!("pulling from {source}: {what}"));
-    let channel = crate::forwarder::connect(source.to_string()).await.map_err(unavailable)?;
-    let mut client = CoordinatorClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let request = FetchWeightsRequest {
-        model: Some(model.clone()),
-        layer_start: layers.start as u32,
-        layer_end: layers.end as u32,
-    };
-    let mut stream = client
-        .fetch_weights(request)
-        .await
-        .map_err(|s| unavailable(format!("{:?}: {}", s.code(), s.message())))?
-        .into_inner();
-    let manifest = match stream.message().await {
-        Ok(Some(chunk)) => match chunk.kind {
-            Some(weight_chunk::Kind::Manifest(m)) => m,
-            _ => return Err(unavailable("the stream did not start with a manifest".into())),
-        },
-        Ok(None) => return Err(unavailable("the stream ended before the manifest".into())),
-        Err(s) => return Err(unavailable(s.message().to_string())),
-    };
-    let dir = dest.parent().ok_or_else(|| WorkerError::Internal("cache path has no folder".into()))?;
-    tokio::fs::create_dir_all(dir)
-        .await
-        .map_err(|e| WorkerError::Internal(format!("creating {}: {e}", dir.display())))?;
-    let partial = dest.with_extension(format!("partial-{}", std::process::id()));
-    tracing::info!(model = %model.model_id, ?layers, bytes = manifest.total_bytes, "pulling weights from {source}");
-
-    // Writing and hashing run on a blocking thread, fed chunk by chunk.
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
-    let writer_path = partial.clone();
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, String)> {
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&writer_path)?);
-        let mut hasher = Sha256::new();
-        let mut written = 0u64;
-        while let Some(chunk) = rx.blocking_recv() {
-            hasher.update(&chunk);
-            file.write_all(&chunk)?;
-            written += chunk.len() as u64;
-        }
-        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        Ok((written, hex(&hasher.finalize())))
-    });
-    let total = manifest.total_bytes;
-    let mut done = 0u64;
-    let mut next_log = 0u64;
-    let received: Result<(), WorkerError> = async {
-        loop {
-            let chunk = match stream.message().await {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) => break,
-                Err(s) => return Err(unavailable(s.message().to_string())),
-            };
-            let Some(weight_chunk::Kind::Data(data)) = chunk.kind else {
-                return Err(unavailable("a second manifest in the stream".into()));
-            };
-            done += data.len() as u64;
-            if done > total {
-                return Err(unavailable(format!("more than the {total} bytes the manifest announced")));
-            }
-            tx.send(data).await.map_err(|_| WorkerError::Internal("the shard writer stopped".into()))?;
-            hub.emit(worker_event::Kind::LoadProgress(LoadProgress { bytes_done: done, bytes_total: total }));
-            if done >= next_log {
-                tracing::info!(
-                    "pulled {:.1} of {:.1} MiB ({:.0}%)",
-                    done as f64 / 1048576.0,
-                    total as f64 / 1048576.0,
-                    100.0 * done as f64 / total.max(1) as f64
-                );
-                next_log = done + total / 10;
-            }
-        }
-        Ok(())
-    }
-    .await;
-    drop(tx);
-    let written = writer.await.map_err(|e| WorkerError::Internal(e.to_string()))?;
-    let cleanup = || {
-        let _ = std::fs::remove_file(&partial);
-    };
-    if let Err(e) = received {
-        cleanup();
-        return Err(e);
-    }
-    let (bytes, sha) = match written {
-        Ok(x) => x,
-        Err(e) => {
-            cleanup();
-            return Err(WorkerError::Internal(format!("writing {}: {e}", partial.display())));
-        }
-    };
-    if bytes != total {
-        cleanup();
-        return Err(unavailable(format!("got {bytes} bytes, the manifest announced {total}")));
-    }
-    if sha != manifest.sha256 {
-        cleanup();
-        return Err(WorkerError::ModelHashMismatch { expected: manifest.sha256, got: format!("{sha} (pulled shard)") });
-    }
-    std::fs::rename(&partial, dest).map_err(|e| WorkerError::Internal(format!("saving {}: {e}", dest.display())))?;
-    tracing::info!(path = %dest.display(), "shard cached");
-    Ok(())
 }

@@ -5,11 +5,12 @@
 
 use std::io::Write;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use strata_model::stage::StageOptions;
 use strata_model::synthetic::SyntheticModel;
 use strata_model::{Device, Generator, ModelFile, SamplingParams};
@@ -440,16 +441,44 @@ struct FakeCoordinator {
     corrupt: bool,
 }
 
-/// The layer ranges a fake coordinator was asked for.
+/// What a fake coordinator was asked for and sent, and how it misbehaves (tests
+/// change that between pulls).
 #[derive(Default)]
 struct Fetches {
     ranges: std::sync::Mutex<Vec<std::ops::Range<usize>>>,
+    offsets: std::sync::Mutex<Vec<u64>>,
+    /// Data bytes sent, over every fetch.
+    served: AtomicU64,
+    /// Fail the stream after this many data chunks, as a link that goes down; 0
+    /// never does.
+    cut_after: AtomicUsize,
+    /// A pause before each data chunk, in milliseconds.
+    chunk_delay_ms: AtomicU64,
 }
 
 impl Fetches {
     fn count(&self) -> usize {
         self.ranges.lock().unwrap().len()
     }
+
+    fn offsets(&self) -> Vec<u64> {
+        self.offsets.lock().unwrap().clone()
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::SeqCst)
+    }
+}
+
+/// Bytes per data chunk of the fake coordinator: small, so a transfer takes several.
+const FAKE_CHUNK_BYTES: usize = 8 * 1024;
+
+/// The shard file of `layers` of the model at `path`, as a coordinator cuts it.
+fn shard_bytes(path: &std::path::Path, hash: &str, layers: std::ops::Range<usize>) -> (Vec<u8>, Vec<String>) {
+    let file = ModelFile::open(path).unwrap();
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    let names = strata_model::shard_file::write_shard(&file, layers, hash, &mut bytes).unwrap();
+    (bytes.into_inner(), names)
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::WeightChunk, Status>> + Send>>;
@@ -471,36 +500,46 @@ impl Coordinator for FakeCoordinator {
     ) -> Result<Response<ChunkStream>, Status> {
         let r = request.into_inner();
         self.fetches.ranges.lock().unwrap().push(r.layer_start as usize..r.layer_end as usize);
+        self.fetches.offsets.lock().unwrap().push(r.offset);
         assert_eq!(r.model.unwrap().content_hash, self.hash);
-        let file = ModelFile::open(&self.model).unwrap();
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        let names = strata_model::shard_file::write_shard(
-            &file,
-            r.layer_start as usize..r.layer_end as usize,
-            &self.hash,
-            &mut bytes,
-        )
-        .unwrap();
-        let bytes = bytes.into_inner();
+        let (bytes, names) = shard_bytes(&self.model, &self.hash, r.layer_start as usize..r.layer_end as usize);
+        // As the real coordinator does.
+        if r.offset > bytes.len() as u64 {
+            return Err(Status::invalid_argument("offset past the end of the shard file"));
+        }
         let sha = if self.corrupt {
             "00".repeat(32)
         } else {
             sha256_hex(&bytes)
         };
-        let mut chunks = vec![Ok(v1::WeightChunk {
+        let manifest = Ok(v1::WeightChunk {
             kind: Some(weight_chunk::Kind::Manifest(v1::WeightManifest {
                 total_bytes: bytes.len() as u64,
                 sha256: sha,
                 tensor_names: names,
+                offset: r.offset,
             })),
-        })];
-        // Small chunks, so the transfer takes several messages.
-        for chunk in bytes.chunks(16 * 1024) {
-            chunks.push(Ok(v1::WeightChunk {
-                kind: Some(weight_chunk::Kind::Data(chunk.to_vec())),
-            }));
+        });
+        let mut data: Vec<Option<Vec<u8>>> =
+            bytes[r.offset as usize..].chunks(FAKE_CHUNK_BYTES).map(|c| Some(c.to_vec())).collect();
+        let cut_after = self.fetches.cut_after.load(Ordering::SeqCst);
+        if cut_after > 0 && cut_after < data.len() {
+            // `None`: the link goes down here.
+            data.truncate(cut_after);
+            data.push(None);
         }
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        let delay = Duration::from_millis(self.fetches.chunk_delay_ms.load(Ordering::SeqCst));
+        let fetches = self.fetches.clone();
+        let data = futures::stream::iter(data).then(move |chunk| {
+            let fetches = fetches.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                let chunk = chunk.ok_or_else(|| Status::unavailable("the link went down"))?;
+                fetches.served.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                Ok(v1::WeightChunk { kind: Some(weight_chunk::Kind::Data(chunk)) })
+            }
+        });
+        Ok(Response::new(Box::pin(futures::stream::once(async { manifest }).chain(data))))
     }
 
     async fn health(
@@ -677,6 +716,158 @@ async fn a_corrupt_pull_is_refused_and_not_cached() -> anyhow::Result<()> {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "nothing may stay in the cache: {left:?}");
+    Ok(())
+}
+
+fn model_ref(model: &Model) -> v1::ModelRef {
+    v1::ModelRef { model_id: "synthetic".into(), content_hash: model.hash.clone() }
+}
+
+/// Issue 9: a pull cut mid-way keeps what it received, and the next pull of the
+/// shard asks the coordinator only for the rest.
+#[tokio::test]
+async fn issue_9_a_cut_pull_resumes_from_the_bytes_it_kept() -> anyhow::Result<()> {
+    let model = synthetic();
+    let (source, fetches, _stop) = start_fake_coordinator(&model, false).await;
+    let (whole, _) = shard_bytes(&model.path, &model.hash, 0..4);
+    let total = whole.len() as u64;
+    let kept = 3 * FAKE_CHUNK_BYTES as u64;
+    assert!(kept < total / 2, "the test needs a shard of more chunks ({total} bytes)");
+    fetches.cut_after.store(3, Ordering::SeqCst);
+    let cache = tempfile::tempdir()?;
+    let dest = strata_worker::weights::cache_path(cache.path(), &model.hash, &(0..4));
+    let partial = strata_worker::weights::partial_path(&dest);
+    let worker = start_worker_with_cache(vec![], cache).await;
+    let mut c = client(&worker.address).await;
+    let spec = v1::ShardSpec { weights_source: source, ..shard(&model, 0..4, 0) };
+    let s = load(&mut c, spec.clone()).await.unwrap_err();
+    assert!(s.message().contains("the link went down"), "{s:?}");
+    assert!(!dest.exists());
+    assert_eq!(std::fs::read(&partial)?, whole[..kept as usize], "the bytes received stay");
+
+    // The link is back.
+    fetches.cut_after.store(0, Ordering::SeqCst);
+    load(&mut c, spec).await?;
+    assert_eq!(fetches.offsets(), [0, kept]);
+    assert_eq!(fetches.served(), total, "{kept} bytes the first time, only the rest the second");
+    assert_eq!(sha256_file(&dest)?, sha256_hex(&whole));
+    assert!(!partial.exists());
+    Ok(())
+}
+
+/// Issue 9: kept bytes that are wrong fail the whole file's hash; they are dropped
+/// and the pull starts over from byte 0 at once, so the load still succeeds.
+#[tokio::test]
+async fn issue_9_a_corrupt_partial_is_dropped_and_the_pull_starts_over() -> anyhow::Result<()> {
+    let model = synthetic();
+    let (source, fetches, _stop) = start_fake_coordinator(&model, false).await;
+    let (whole, _) = shard_bytes(&model.path, &model.hash, 0..4);
+    let total = whole.len() as u64;
+    let cache = tempfile::tempdir()?;
+    let dest = strata_worker::weights::cache_path(cache.path(), &model.hash, &(0..4));
+    let partial = strata_worker::weights::partial_path(&dest);
+    std::fs::create_dir_all(dest.parent().context("no folder")?)?;
+    let mut bad = whole[..20_000].to_vec();
+    bad[1_000] ^= 0xff;
+    std::fs::write(&partial, &bad)?;
+    let worker = start_worker_with_cache(vec![], cache).await;
+    let mut c = client(&worker.address).await;
+    load(&mut c, v1::ShardSpec { weights_source: source, ..shard(&model, 0..4, 0) }).await?;
+    assert_eq!(fetches.offsets(), [20_000, 0]);
+    assert_eq!(fetches.served(), total - 20_000 + total);
+    assert_eq!(sha256_file(&dest)?, sha256_hex(&whole));
+    assert!(!partial.exists());
+    Ok(())
+}
+
+/// Issue 9: a partial file written by hand with the first bytes of the shard is
+/// resumed from; one longer than the shard gets its offset refused by the
+/// coordinator, and is dropped.
+#[tokio::test]
+async fn issue_9_a_pull_resumes_a_partial_file_and_drops_one_too_long() -> anyhow::Result<()> {
+    use strata_worker::weights::{partial_path, pull, Pulled, Pulls};
+    let model = synthetic();
+    let (source, fetches, _stop) = start_fake_coordinator(&model, false).await;
+    let (whole, _) = shard_bytes(&model.path, &model.hash, 0..4);
+    let total = whole.len() as u64;
+    let cache = tempfile::tempdir()?;
+    let dest = strata_worker::weights::cache_path(cache.path(), &model.hash, &(0..4));
+    std::fs::create_dir_all(dest.parent().context("no folder")?)?;
+    let pulls = Pulls::new(Arc::default());
+
+    std::fs::write(partial_path(&dest), &whole[..50_000])?;
+    let pulled = pull(&source, &model_ref(&model), &(0..4), &dest, &pulls).await?;
+    assert_eq!(pulled, Pulled { fetched_bytes: total - 50_000, resumed_bytes: 50_000 });
+    assert_eq!(fetches.served(), total - 50_000);
+    assert_eq!(sha256_file(&dest)?, sha256_hex(&whole));
+
+    std::fs::remove_file(&dest)?;
+    std::fs::write(partial_path(&dest), vec![1u8; total as usize + 100])?;
+    let pulled = pull(&source, &model_ref(&model), &(0..4), &dest, &pulls).await?;
+    assert_eq!(pulled, Pulled { fetched_bytes: total, resumed_bytes: 0 });
+    assert_eq!(fetches.offsets(), [50_000, total + 100, 0]);
+    assert_eq!(sha256_file(&dest)?, sha256_hex(&whole));
+    assert!(!partial_path(&dest).exists());
+    Ok(())
+}
+
+/// Issue 9: two pulls of one shard at once in one worker never write its partial
+/// file together: the second waits for the first, then takes the cached file.
+#[tokio::test]
+async fn issue_9_two_pulls_of_one_shard_at_once_make_one_transfer() -> anyhow::Result<()> {
+    use strata_worker::weights::{pull, Pulls};
+    let model = synthetic();
+    let (source, fetches, _stop) = start_fake_coordinator(&model, false).await;
+    fetches.chunk_delay_ms.store(5, Ordering::SeqCst);
+    let (whole, _) = shard_bytes(&model.path, &model.hash, 0..4);
+    let cache = tempfile::tempdir()?;
+    let dest = strata_worker::weights::cache_path(cache.path(), &model.hash, &(0..4));
+    let pulls = Pulls::new(Arc::default());
+    let model = model_ref(&model);
+    let (a, b) = tokio::join!(pull(&source, &model, &(0..4), &dest, &pulls), pull(&source, &model, &(0..4), &dest, &pulls));
+    let mut fetched = [a?.fetched_bytes, b?.fetched_bytes];
+    fetched.sort();
+    assert_eq!(fetched, [0, whole.len() as u64]);
+    assert_eq!(fetches.count(), 1);
+    assert_eq!(sha256_file(&dest)?, sha256_hex(&whole));
+    Ok(())
+}
+
+/// Issue 9: while it pulls, a worker's heartbeats say how far the pull is and how
+/// fast it goes; once done, they show no pull.
+#[tokio::test]
+async fn issue_9_heartbeats_carry_the_pull_progress() -> anyhow::Result<()> {
+    let model = synthetic();
+    let (source, fetches, _stop) = start_fake_coordinator(&model, false).await;
+    let total = shard_bytes(&model.path, &model.hash, 0..4).0.len() as u64;
+    // About two seconds for the whole shard: several heartbeats see it.
+    fetches.chunk_delay_ms.store(2000 * FAKE_CHUNK_BYTES as u64 / total, Ordering::SeqCst);
+    let worker = start_worker(vec![]).await;
+    let mut c = client(&worker.address).await;
+    let mut events = Events::subscribe(&mut c).await;
+    let spec = v1::ShardSpec { weights_source: source, ..shard(&model, 0..4, 0) };
+    let mut loader = c.clone();
+    let loading = tokio::spawn(async move { load(&mut loader, spec).await });
+    let seen = loop {
+        let h = heartbeat(&mut events).await?;
+        if let Some(p) = h.pulls.first().filter(|p| p.bytes_done > 0) {
+            break *p;
+        }
+    };
+    assert_eq!((seen.layer_start, seen.layer_end, seen.bytes_total), (0, 4, total));
+    assert!(seen.bytes_done < total, "{seen:?}");
+    assert!(seen.bytes_per_second > 0.0, "{seen:?}");
+    loading.await??;
+    // Heartbeats sent while the test waited for the load are still queued: skip to
+    // one sent after it.
+    let loaded_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let after = loop {
+        let h = heartbeat(&mut events).await?;
+        if h.unix_millis > loaded_at {
+            break h;
+        }
+    };
+    assert!(after.pulls.is_empty(), "the pull is over, yet heartbeats show it: {:?}", after.pulls);
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use serde_json::json;
 use strata_proto::address::{self, Address, AddressError};
 
 use super::http::{self, HttpError, Reply};
+use crate::cluster::report::PullReport;
 use crate::cluster::{ClusterStatus, DrainReport};
 use crate::planner::format_bytes;
 
@@ -175,9 +176,15 @@ pub fn format_status(s: &ClusterStatus) -> String {
         rows.push(vec![
             n.name.clone(),
             n.address.clone(),
-            match &n.reason {
-                Some(r) => format!("{} ({r})", n.state),
-                None => n.state.clone(),
+            {
+                let state = match &n.reason {
+                    Some(r) => format!("{} ({r})", n.state),
+                    None => n.state.clone(),
+                };
+                match format_pulls(&n.pulls) {
+                    Some(pulling) => format!("{state}, {pulling}"),
+                    None => state,
+                }
             },
             n.layers.map_or("-".into(), |[a, b]| format!("{a}..{b}")),
             n.devices.join(", "),
@@ -201,6 +208,27 @@ pub fn format_status(s: &ClusterStatus) -> String {
         out.push('\n');
     }
     out
+}
+
+/// What a node is pulling, all its shards together: `pulling 1.2 GiB of 9.8 GiB
+/// (12%, 110 MB/s)`; `None` when it pulls nothing.
+pub fn format_pulls(pulls: &[PullReport]) -> Option<String> {
+    if pulls.is_empty() {
+        return None;
+    }
+    let done: u64 = pulls.iter().map(|p| p.bytes_done).sum();
+    let total: u64 = pulls.iter().map(|p| p.bytes_total).sum();
+    let rate: f64 = pulls.iter().map(|p| p.bytes_per_second).sum();
+    // Floored, so 100% means done.
+    let percent = (done as u128 * 100).checked_div(total as u128).unwrap_or(0);
+    // A decimal for a slow link (Wi-Fi), where whole MB/s would say 0.
+    let precision = if rate < 10e6 { 1 } else { 0 };
+    Some(format!(
+        "pulling {} of {} ({percent}%, {:.precision$} MB/s)",
+        format_bytes(done),
+        format_bytes(total),
+        rate / 1e6
+    ))
 }
 
 /// A node's measured time per step next to the planner's prediction.
@@ -241,4 +269,29 @@ pub fn undrain(args: UndrainArgs) -> anyhow::Result<()> {
     ))?;
     println!("{}", value["message"].as_str().unwrap_or_default());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn pull(layers: [usize; 2], done: u64, total: u64, rate: f64) -> PullReport {
+        PullReport { layers, bytes_done: done, bytes_total: total, bytes_per_second: rate }
+    }
+
+    #[test]
+    fn a_pull_shows_how_far_it_is_and_how_fast_it_goes() {
+        assert_eq!(format_pulls(&[]), None);
+        let one = pull([0, 20], 12 * GIB / 10, 98 * GIB / 10, 110e6);
+        assert_eq!(format_pulls(&[one]).unwrap(), "pulling 1.2 GiB of 9.8 GiB (12%, 110 MB/s)");
+        // Two shards at once count together.
+        let two = [pull([0, 10], GIB, 4 * GIB, 50e6), pull([10, 20], 3 * GIB, 4 * GIB, 60e6)];
+        assert_eq!(format_pulls(&two).unwrap(), "pulling 4.0 GiB of 8.0 GiB (50%, 110 MB/s)");
+        let slow = pull([0, 20], GIB, 2 * GIB, 420e3);
+        assert_eq!(format_pulls(&[slow]).unwrap(), "pulling 1.0 GiB of 2.0 GiB (50%, 0.4 MB/s)");
+        let stalled = pull([0, 20], 999, 1000, 0.0);
+        assert_eq!(format_pulls(&[stalled]).unwrap(), "pulling 999 B of 1000 B (99%, 0.0 MB/s)");
+    }
 }

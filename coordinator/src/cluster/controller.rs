@@ -1081,6 +1081,7 @@ async fn follow_worker(
                                 batches: h.batches,
                                 busy_seconds: h.busy_seconds,
                                 drain_reason: h.drain_reason.clone(),
+                                pulls: h.pulls.iter().map(Into::into).collect(),
                             };
                             membership.heartbeat(&address, state, beat);
                         }

@@ -10,6 +10,7 @@ use strata_proto::v1::{DescribeRequest, WorkerDescription, WorkerState};
 use strata_proto::{CoordinatorError, PROTOCOL_VERSION};
 use tokio::sync::watch;
 
+use super::report::PullReport;
 use super::ClusterError;
 
 /// How long after the coordinator sets a worker's status heartbeats may not undo it.
@@ -51,6 +52,8 @@ pub struct Heartbeat {
     /// Why the worker drains by itself (`yielding to game.exe (pid 4)`); empty when
     /// it does not.
     pub drain_reason: String,
+    /// Shards it is pulling from this coordinator.
+    pub pulls: Vec<PullReport>,
 }
 
 /// A worker the coordinator may place a stage on.

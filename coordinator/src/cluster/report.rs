@@ -2,6 +2,7 @@
 //! `strata undrain` answers, as the HTTP admin API returns them.
 
 use serde::{Deserialize, Serialize};
+use strata_proto::v1;
 
 /// One worker, as `strata status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -35,6 +36,33 @@ pub struct NodeReport {
     pub predicted_step_ms: Option<f64>,
     /// Why it is gone, or why it drains by itself (`yielding to game.exe (pid 4)`).
     pub reason: Option<String>,
+    /// Shards it is pulling from the coordinator right now.
+    #[serde(default)]
+    pub pulls: Vec<PullReport>,
+}
+
+/// A shard a worker is pulling, as its heartbeats report it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PullReport {
+    /// The shard's layers, end exclusive.
+    pub layers: [usize; 2],
+    /// Bytes of the shard file the worker holds (those kept from a cut pull
+    /// included), and the file's size.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Received over the last few seconds.
+    pub bytes_per_second: f64,
+}
+
+impl From<&v1::PullProgress> for PullReport {
+    fn from(p: &v1::PullProgress) -> Self {
+        Self {
+            layers: [p.layer_start as usize, p.layer_end as usize],
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+            bytes_per_second: p.bytes_per_second,
+        }
+    }
 }
 
 /// The cluster, as `strata status` shows it.

@@ -1,19 +1,23 @@
-//! The coordinator's gRPC service: workers join, pull shard files, and check health.
+//! The coordinator's gRPC service: workers join, pull shard files (resuming a cut
+//! pull where it stopped), and check health.
 
-use std::io::Read;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
 use strata_proto::v1::coordinator_server::Coordinator;
 use strata_proto::v1::{self, weight_chunk, WeightChunk};
-use strata_proto::{CoordinatorError, WEIGHT_CHUNK_BYTES};
+use strata_proto::CoordinatorError;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::membership::Membership;
 use super::model::ServedModel;
+
+mod weight_stream;
+
+pub use weight_stream::PULL_PACE_ENV;
 
 #[derive(Clone)]
 pub struct CoordinatorService {
@@ -57,47 +61,33 @@ impl Coordinator for CoordinatorService {
             .shard(r.layer_start as usize..r.layer_end as usize)
             .await
             .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-        tracing::info!(layers = ?(r.layer_start..r.layer_end), bytes = shard.total_bytes, "serving weights");
-        let (tx, rx) = mpsc::channel(4);
+        // A resumed pull asks for the rest of the file only; the manifest still names
+        // the whole file, which the worker checks once it holds all of it.
+        if r.offset > shard.total_bytes {
+            return Err(CoordinatorError::OffsetPastEnd { offset: r.offset, total: shard.total_bytes }.into());
+        }
+        let pace = weight_stream::pace_from(&|k| std::env::var(k).ok())
+            .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+        tracing::info!(
+            layers = ?(r.layer_start..r.layer_end),
+            bytes = shard.total_bytes,
+            offset = r.offset,
+            pace,
+            "serving weights"
+        );
         let manifest = WeightChunk {
             kind: Some(weight_chunk::Kind::Manifest(v1::WeightManifest {
                 total_bytes: shard.total_bytes,
                 sha256: shard.sha256.clone(),
                 tensor_names: shard.tensor_names.clone(),
+                offset: r.offset,
             })),
         };
-        // File reads run on the blocking pool; the channel paces them to the network.
-        tokio::task::spawn_blocking(move || {
-            if tx.blocking_send(Ok(manifest)).is_err() {
-                return;
-            }
-            let mut file = match std::fs::File::open(&shard.path) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(Status::internal(format!("opening the shard: {e}"))));
-                    return;
-                }
-            };
-            loop {
-                let mut buf = vec![0u8; WEIGHT_CHUNK_BYTES];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    match file.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(Status::internal(format!("reading the shard: {e}"))));
-                            return;
-                        }
-                    }
-                }
-                if filled == 0 {
-                    return;
-                }
-                buf.truncate(filled);
-                if tx.blocking_send(Ok(WeightChunk { kind: Some(weight_chunk::Kind::Data(buf)) })).is_err() {
-                    return;
-                }
+        // The bounded channel paces the reads to the network.
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            if tx.send(Ok(manifest)).await.is_ok() {
+                weight_stream::send_file(shard.path, r.offset, pace, tx).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -105,5 +95,65 @@ impl Coordinator for CoordinatorService {
 
     async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
         Ok(Response::new(v1::HealthResponse { state: v1::WorkerState::Serving as i32 }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use strata_model::synthetic::SyntheticModel;
+    use tonic::Code;
+
+    use super::*;
+
+    fn service(dir: &std::path::Path) -> CoordinatorService {
+        let path = SyntheticModel::tiny().write_to(dir).unwrap();
+        let model = Arc::new(ServedModel::open(&path, "synthetic".into()).unwrap());
+        CoordinatorService { id: "test".into(), model, membership: Arc::default() }
+    }
+
+    fn request(service: &CoordinatorService, offset: u64) -> Request<v1::FetchWeightsRequest> {
+        Request::new(v1::FetchWeightsRequest {
+            model: Some(v1::ModelRef {
+                model_id: "synthetic".into(),
+                content_hash: service.model.content_hash.clone(),
+            }),
+            layer_start: 0,
+            layer_end: 2,
+            offset,
+        })
+    }
+
+    /// The manifest, and the data bytes after it.
+    async fn fetch(service: &CoordinatorService, offset: u64) -> Result<(v1::WeightManifest, Vec<u8>), Status> {
+        let mut stream = service.fetch_weights(request(service, offset)).await?.into_inner();
+        let Some(Ok(WeightChunk { kind: Some(weight_chunk::Kind::Manifest(manifest)) })) = stream.next().await else {
+            panic!("the stream does not start with a manifest");
+        };
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk?.kind {
+                Some(weight_chunk::Kind::Data(d)) => data.extend(d),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        Ok((manifest, data))
+    }
+
+    #[tokio::test]
+    async fn a_resumed_pull_gets_the_rest_of_the_file_and_an_offset_past_its_end_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        let (whole, bytes) = fetch(&service, 0).await.unwrap();
+        assert_eq!((whole.offset, bytes.len() as u64), (0, whole.total_bytes));
+        let k = bytes.len() as u64 / 3;
+        let (rest, tail) = fetch(&service, k).await.unwrap();
+        // The manifest still names the whole file.
+        assert_eq!((rest.total_bytes, &rest.sha256, rest.offset), (whole.total_bytes, &whole.sha256, k));
+        assert_eq!(tail, bytes[k as usize..]);
+        assert!(fetch(&service, whole.total_bytes).await.unwrap().1.is_empty());
+        let refused = fetch(&service, whole.total_bytes + 1).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("past the end"), "{}", refused.message());
     }
 }

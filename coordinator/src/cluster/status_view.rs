@@ -135,6 +135,7 @@ impl StatusView {
                         NodeStatus::Ready => state.load_failures.get(&m.address).map(|b| b.describe(now)),
                         _ => None,
                     },
+                    pulls: m.heartbeat.pulls.clone(),
                 }
             })
             .collect();
