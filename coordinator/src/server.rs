@@ -25,10 +25,14 @@ use crate::cluster::{
 };
 use crate::planner::PlanOptions;
 
-/// How long stopping the cluster (ending what is in flight, unloading the stages)
-/// may take once the API has stopped: a worker cut off from the network must not
-/// keep the coordinator from exiting.
+/// How long stopping the cluster (ending what is in flight, unloading the stages,
+/// the gRPC calls still open) may take in all once the API has stopped: a worker
+/// cut off from the network, or a weight pull of minutes, must not keep the
+/// coordinator from exiting.
 const CLUSTER_STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How long gRPC calls still open when the coordinator stops may run on.
+const GRPC_STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// Everything a coordinator serves with, checked by [`ServeConfig::validate`].
 #[derive(Clone)]
@@ -183,10 +187,26 @@ pub async fn run(
             }
         })
     });
-    let background = async {
-        let _ = grpc_server.await;
-        if let Some(discovery) = discovery {
-            let _ = discovery.await;
+    // The gRPC server stops gracefully: it waits for calls in flight, and a weight
+    // pull of a large stage can last minutes. It gets a short grace, then it is
+    // cut off (a worker resumes the pull from what it has).
+    let background = |deadline: tokio::time::Instant| async move {
+        let grpc_abort = grpc_server.abort_handle();
+        let discovery_abort = discovery.as_ref().map(|d| d.abort_handle());
+        let all = async {
+            let _ = grpc_server.await;
+            if let Some(discovery) = discovery {
+                let _ = discovery.await;
+            }
+        };
+        // Pulls resume where they stopped, so they are worth only a short wait.
+        let deadline = deadline.min(tokio::time::Instant::now() + GRPC_STOP_GRACE);
+        if tokio::time::timeout_at(deadline, all).await.is_err() {
+            tracing::warn!("calls still in flight (weight pulls?); cutting them off");
+            grpc_abort.abort();
+            if let Some(d) = discovery_abort {
+                d.abort();
+            }
         }
     };
 
@@ -194,7 +214,7 @@ pub async fn run(
     let cluster = tokio::select! {
         c = Cluster::start(&cluster_config, model.clone(), membership) => c?,
         () = stopped(stop.clone()) => {
-            background.await;
+            background(tokio::time::Instant::now() + CLUSTER_STOP_GRACE).await;
             return Ok(());
         }
     };
@@ -225,10 +245,11 @@ pub async fn run(
         config.shutdown_grace,
     )
     .await;
-    if tokio::time::timeout(CLUSTER_STOP_GRACE, cluster.shutdown()).await.is_err() {
+    let deadline = tokio::time::Instant::now() + CLUSTER_STOP_GRACE;
+    if tokio::time::timeout_at(deadline, cluster.shutdown()).await.is_err() {
         tracing::warn!("the cluster did not stop within {CLUSTER_STOP_GRACE:?}; leaving the workers to notice");
     }
-    background.await;
+    background(deadline).await;
     served.map_err(ServeError::Http)
 }
 

@@ -93,6 +93,17 @@ impl Process {
         self.signal(libc::SIGTERM);
     }
 
+    /// SIGKILL, as a crash or a power cut would end it, without waiting (from any
+    /// thread or runtime).
+    pub fn kill_now(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Waits up to `timeout` for it to exit; whether it did.
+    pub async fn exited_within(&mut self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.child.wait()).await.is_ok()
+    }
+
     /// SIGKILL, as a crash or a power cut would end it; waits for it to exit.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
