@@ -98,9 +98,81 @@ impl From<CoordinatorError> for Status {
     }
 }
 
+/// What a caller does about a call that failed, decided from its gRPC code: the
+/// one place where a code becomes a decision, so every caller decides alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The peer was not reached, or the call was cut on the way: the peer may be
+    /// gone, which only asking it again (a health check) tells.
+    Unreachable,
+    /// The peer answered but cannot do this now (busy, out of memory): try it
+    /// again after a while.
+    Busy,
+    /// The peer answered and will not do this as asked (a missing model, a wrong
+    /// range, a drain, an older protocol): plan around it rather than ask again
+    /// soon.
+    Refused,
+    /// A fault on one side: report it, and plan around the peer.
+    Fault,
+}
+
+/// A failed call as the caller keeps it: the code decides, the message explains.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} ({code:?})")]
+pub struct CallError {
+    pub code: Code,
+    pub message: String,
+}
+
+impl CallError {
+    pub fn kind(&self) -> FailureKind {
+        match self.code {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted | Code::Unknown => {
+                FailureKind::Unreachable
+            }
+            Code::ResourceExhausted => FailureKind::Busy,
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unimplemented
+            | Code::PermissionDenied
+            | Code::Unauthenticated => FailureKind::Refused,
+            Code::Ok | Code::Internal | Code::DataLoss => FailureKind::Fault,
+        }
+    }
+}
+
+impl From<Status> for CallError {
+    fn from(s: Status) -> Self {
+        Self { code: s.code(), message: s.message().to_string() }
+    }
+}
+
+impl From<&Status> for CallError {
+    fn from(s: &Status) -> Self {
+        Self { code: s.code(), message: s.message().to_string() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_worker_error_is_decided_from_its_code_alone() {
+        let kind = |e: WorkerError| CallError::from(Status::from(e)).kind();
+        assert_eq!(kind(WorkerError::Busy("full".into())), FailureKind::Busy);
+        assert_eq!(kind(WorkerError::ModelUnavailable("pull failed".into())), FailureKind::Refused);
+        assert_eq!(kind(WorkerError::Draining), FailureKind::Refused);
+        assert_eq!(kind(WorkerError::ShardOutOfRange { start: 0, end: 9, layers: 4 }), FailureKind::Refused);
+        assert_eq!(kind(WorkerError::Internal("bug".into())), FailureKind::Fault);
+        assert_eq!(CallError::from(Status::unavailable("connection refused")).kind(), FailureKind::Unreachable);
+        assert_eq!(CallError::from(Status::deadline_exceeded("slow")).kind(), FailureKind::Unreachable);
+        let e = CallError::from(Status::not_found("model is not available: x"));
+        assert_eq!(e.to_string(), "model is not available: x (NotFound)");
+    }
 
     #[test]
     fn errors_map_to_grpc_codes_with_their_message() {

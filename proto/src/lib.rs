@@ -20,7 +20,7 @@ pub mod timing;
 pub mod transport;
 pub mod units;
 
-pub use error::{CoordinatorError, WorkerError};
+pub use error::{CallError, CoordinatorError, FailureKind, WorkerError};
 pub use tensor_wire::{decode_hidden, encode_hidden, WireError};
 
 /// Bumped on any incompatible change to `strata.proto`.

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use strata_proto::v1::{self, worker_event, WireDtype, WorkerState};
+use strata_proto::FailureKind;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -430,7 +431,16 @@ impl Controller {
                 }
                 Err(failed) => {
                     tracing::warn!(address = %failed.address, error = %failed.error, "a stage failed to load");
-                    let alive = self.healthy(&failed.address).await;
+                    // A worker that answered with a refusal is alive; only a call that
+                    // did not get through says nothing, so only then is it asked.
+                    let alive = match failed.kind() {
+                        FailureKind::Unreachable => self.healthy(&failed.address).await,
+                        FailureKind::Busy | FailureKind::Refused => true,
+                        FailureKind::Fault => {
+                            tracing::error!(address = %failed.address, error = %failed.error, "a worker failed a load");
+                            true
+                        }
+                    };
                     if !alive {
                         self.mark_gone(&failed.address, &failed.error.to_string());
                     } else {

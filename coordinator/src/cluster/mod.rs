@@ -84,8 +84,8 @@ pub enum ClusterError {
     Worker { address: String, message: String },
     #[error("{found} of the {wanted} workers needed are known after waiting {waited:?}")]
     NotEnoughWorkers { found: usize, wanted: usize, waited: Duration },
-    #[error("stage {stage} (layers {start}..{end}) on {address}: {message}")]
-    Load { stage: usize, start: usize, end: usize, address: String, message: String },
+    #[error("stage {stage} (layers {start}..{end}) on {address}: {error}")]
+    Load { stage: usize, start: usize, end: usize, address: String, error: strata_proto::CallError },
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("no pipeline could be loaded: {0}")]

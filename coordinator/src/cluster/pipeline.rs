@@ -37,6 +37,16 @@ pub struct BuildError {
     pub error: ClusterError,
 }
 
+impl BuildError {
+    /// What the failed LoadShard call says to do.
+    pub fn kind(&self) -> strata_proto::FailureKind {
+        match &self.error {
+            ClusterError::Load { error, .. } => error.kind(),
+            _ => strata_proto::FailureKind::Fault,
+        }
+    }
+}
+
 /// What building needs besides the stages.
 pub struct BuildSpec<'a> {
     pub id: u64,
@@ -89,7 +99,7 @@ pub(super) async fn build(
                 start: stage.layers.start,
                 end: stage.layers.end,
                 address: stage.address.clone(),
-                message: format!("{:?}: {}", s.code(), s.message()),
+                error: s.into(),
             },
         })?;
         let response = response.into_inner();
