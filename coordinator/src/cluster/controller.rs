@@ -29,11 +29,11 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use strata_proto::v1::{self, worker_event, WireDtype, WorkerState};
-use strata_proto::FailureKind;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::backoff::LoadBackoff;
+use super::decision::{self, Load, LoadFailure, PlanDecision, PlanInputs};
 use super::membership::{self, Heartbeat, Member, Membership, NodeStatus};
 use super::model::ServedModel;
 use super::messages::{Control, Moved, PipelineLink, Placement, SchedulerMsg};
@@ -41,9 +41,8 @@ use super::pipeline::{self, BuildSpec, Pipeline};
 use super::placement::{self, PlacementPolicy, StagePlan};
 use super::report::{AdminError, DrainReport};
 use super::status_view::{ServingPipeline, StatusView};
-use super::switch_memory;
 use super::{connect, HopSamples, WorkerClient, HEARTBEAT_TIMEOUT};
-use crate::planner::{format_bytes, ModelSpec, PlanOptions};
+use crate::planner::{ModelSpec, PlanOptions};
 
 /// How long a worker may take to answer Health before it counts as gone.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -243,13 +242,7 @@ impl Controller {
 
     /// Workers that may hold layers now, in the order they became known.
     fn eligible(&self, members: &[Member]) -> Vec<Member> {
-        let now = Instant::now();
-        members
-            .iter()
-            .filter(|m| m.status == NodeStatus::Ready)
-            .filter(|m| self.backoff.get(&m.address).is_none_or(|b| !b.excludes(now)))
-            .cloned()
-            .collect()
+        decision::eligible(members, &self.backoff, Instant::now())
     }
 
     async fn client(&mut self, address: &str) -> Result<WorkerClient, super::ClusterError> {
@@ -312,37 +305,34 @@ impl Controller {
     async fn replan(&mut self, why: &str, stale: &mut Option<Stale>) -> Switched {
         let members = self.spec.membership.members();
         self.follow(&members).await;
-        let holds = |pred: &dyn Fn(&NodeStatus) -> bool| {
-            self.current.as_ref().is_some_and(|p| {
-                p.placements.iter().all(|s| members.iter().any(|m| m.address == s.address && pred(&m.status)))
-            })
-        };
-        // Every stage's worker still answers: the pipeline works until the next one
-        // is loaded. A draining worker still serves; it must only be moved off.
-        let working = holds(&|s| !matches!(s, NodeStatus::Gone { .. }));
-        let current_ok = holds(&|s| *s == NodeStatus::Ready);
         for _attempt in 0..members.len().max(1) {
-            let eligible = self.eligible(&self.spec.membership.members());
-            let planned = placement::place(&self.model_spec, &eligible, &self.spec.policy, &self.spec.options);
-            let (stages, plan) = match planned {
-                Ok(x) => x,
-                Err(e) if current_ok => {
-                    tracing::warn!(error = %e, "no better plan; keeping the current pipeline");
+            let members = self.spec.membership.members();
+            let current: Option<Vec<(String, Range<usize>)>> = self
+                .current
+                .as_ref()
+                .map(|p| p.placements.iter().map(|p| (p.address.clone(), p.layers.clone())).collect());
+            let inputs = PlanInputs {
+                model: &self.model_spec,
+                policy: &self.spec.policy,
+                options: &self.spec.options,
+                members: &members,
+                backoff: &self.backoff,
+                now: Instant::now(),
+                current: current.as_deref(),
+                stale: stale.as_ref().map(|s| s.stages.as_slice()),
+            };
+            let Load { stages, plan, make_before_break, keep_others: keep } = match decision::decide_plan(&inputs) {
+                PlanDecision::Keep => return Switched::default(),
+                PlanDecision::KeepForNow { reason } => {
+                    tracing::warn!(error = %reason, "no better plan; keeping the current pipeline");
                     return Switched::default();
                 }
-                Err(e) => {
-                    let reason = format!("{e}");
+                PlanDecision::Park { reason } => {
                     self.park(reason).await;
                     return Switched::default();
                 }
+                PlanDecision::Load(load) => load,
             };
-            let same = self.current.as_ref().is_some_and(|p| {
-                p.placements.len() == stages.len()
-                    && p.placements.iter().zip(&stages).all(|(a, b)| a.address == b.address && a.layers == b.layers)
-            });
-            if same && current_ok {
-                return Switched::default();
-            }
             tracing::info!(why, stages = ?stages.iter().map(|s| format!("{}:{}..{}", s.name, s.layers.start, s.layers.end)).collect::<Vec<_>>(), "re-planning");
             let mut clients = Vec::new();
             let mut unreachable = None;
@@ -359,34 +349,14 @@ impl Controller {
                 self.mark_gone(&address, &reason);
                 continue;
             }
-            // A working pipeline keeps serving while the new one loads beside it, if
-            // every worker holds both. Otherwise (or when it is broken) it stops at
-            // once and its requests wait; a survivor still keeps its old shard while
-            // the new one loads, where both fit, so the layers it holds are shared
-            // rather than read again.
-            let old = match (&self.current, &*stale) {
-                (Some(p), _) => p.placements.iter().map(|p| (p.address.clone(), p.layers.clone())).collect(),
-                (None, Some(s)) => s.stages.clone(),
-                (None, None) => Vec::new(),
-            };
-            let fits = self.fits_beside(&stages, &old);
-            // After a failed attempt the old pipeline may already be stopped.
-            let make_before_break = working && self.current.is_some() && fits.iter().all(|f| *f);
-            if working && !make_before_break {
-                tracing::warn!(why, "the new plan does not fit beside the old one: the old pipeline stops first");
-            }
-            let keep = if make_before_break {
-                vec![true; stages.len()]
-            } else {
+            let old = current.clone().or_else(|| stale.as_ref().map(|s| s.stages.clone())).unwrap_or_default();
+            if !make_before_break {
+                if self.current.is_some() {
+                    tracing::warn!(why, "the old pipeline stops first (it is broken, or the new plan does not fit beside it)");
+                }
                 self.stop_for(why, stale).await;
-                let keep: Vec<bool> = stages
-                    .iter()
-                    .zip(&fits)
-                    .map(|(s, &fits)| fits && old.iter().any(|(a, _)| *a == s.address))
-                    .collect();
                 self.unload_stale_except(stale, &stages, &keep).await;
-                keep
-            };
+            }
             let id = self.next_pipeline;
             self.next_pipeline += 1;
             let spec = BuildSpec {
@@ -433,10 +403,10 @@ impl Controller {
                     tracing::warn!(address = %failed.address, error = %failed.error, "a stage failed to load");
                     // A worker that answered with a refusal is alive; only a call that
                     // did not get through says nothing, so only then is it asked.
-                    let alive = match failed.kind() {
-                        FailureKind::Unreachable => self.healthy(&failed.address).await,
-                        FailureKind::Busy | FailureKind::Refused => true,
-                        FailureKind::Fault => {
+                    let alive = match decision::on_load_failure(failed.kind()) {
+                        LoadFailure::AskHealth => self.healthy(&failed.address).await,
+                        LoadFailure::LeaveOut => true,
+                        LoadFailure::LeaveOutAndReport => {
                             tracing::error!(address = %failed.address, error = %failed.error, "a worker failed a load");
                             true
                         }
@@ -483,13 +453,7 @@ impl Controller {
             if *stop.borrow_and_update() {
                 return "the coordinator is stopping".into();
             }
-            let gone = members.borrow_and_update().iter().find_map(|m| match &m.status {
-                NodeStatus::Gone { reason, .. } if addresses.contains(&m.address) => {
-                    Some(format!("{} is gone: {reason}", m.name()))
-                }
-                _ => None,
-            });
-            if let Some(why) = gone {
+            if let Some(why) = decision::load_interrupted(&members.borrow_and_update(), addresses, false) {
                 return why;
             }
             tokio::select! {
@@ -539,34 +503,6 @@ impl Controller {
                 }
             }
         });
-    }
-
-    /// For each stage of the new plan: whether its worker holds it beside the stages
-    /// of the old pipeline (`old`, by address) it still holds ([`switch_memory`]).
-    fn fits_beside(&self, stages: &[StagePlan], old: &[(String, Range<usize>)]) -> Vec<bool> {
-        let members = self.spec.membership.members();
-        stages
-            .iter()
-            .map(|s| {
-                let held: Vec<Range<usize>> =
-                    old.iter().filter(|(a, _)| *a == s.address).map(|(_, r)| r.clone()).collect();
-                // A worker the membership no longer knows offers nothing.
-                let offered = members.iter().find(|m| m.address == s.address).map_or(0, placement::offered_memory);
-                let need =
-                    switch_memory::during_switch(&self.model_spec, &self.spec.options, &held, &s.layers, offered);
-                if !need.fits() {
-                    tracing::info!(
-                        address = %s.address,
-                        old = ?held,
-                        new = ?s.layers,
-                        needed = %format_bytes(need.needed_bytes()),
-                        offered = %format_bytes(need.offered_bytes),
-                        "the new stage does not fit beside the old one"
-                    );
-                }
-                need.fits()
-            })
-            .collect()
     }
 
     /// Stops the current pipeline for a switch that cannot wait for the new one: its

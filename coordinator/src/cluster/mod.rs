@@ -16,6 +16,8 @@
 //! * [`messages`]: what the controller, the scheduler and the pipelines send each
 //!   other (a leaf: none of them imports another);
 //! * [`status_view`]: what status reads, so it never waits on the controller;
+//! * [`decision`]: what the controller decides, as pure functions (unit-tested on
+//!   scripted cluster states), apart from carrying it out;
 //! * [`backoff`]: workers whose loads failed, left out for a while;
 //! * [`weights_source`]: the address each worker pulls weights from.
 //!
@@ -24,6 +26,7 @@
 
 pub mod backoff;
 pub mod controller;
+pub mod decision;
 pub mod discovery;
 pub mod engine;
 pub mod membership;
