@@ -23,6 +23,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use strata_coordinator::cli::children::Process;
 
+/// The log level of the children a netns test starts: `STRATA_LOG`, else `warn`.
+pub fn log_level() -> String {
+    std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 /// Why network namespaces cannot be made here, if they cannot.
 pub fn unavailable() -> Option<String> {
     // SAFETY: geteuid has no preconditions and touches no memory.
@@ -109,6 +114,27 @@ impl Hosts {
         let mut all = vec!["netns".to_string(), "exec".into(), self.namespace(host), program.display().to_string()];
         all.extend(args.iter().cloned());
         Process::spawn(name, Path::new("ip"), &all, envs)
+    }
+
+    /// `strata-worker` in host `host`, named `name`, with one compute thread, a
+    /// cache folder of its own below `cache`, no start-up benchmark (no test needs
+    /// its figure) and `args`; returned once it listens, its output drained. Its
+    /// log level is `STRATA_LOG`'s, `warn` by default.
+    pub async fn start_worker(&self, host: usize, name: &str, cache: &Path, args: &[String]) -> anyhow::Result<Process> {
+        let mut all: Vec<String> = vec![
+            "--name".into(),
+            name.into(),
+            "--threads".into(),
+            "1".into(),
+            "--cache-dir".into(),
+            cache.join(name).display().to_string(),
+            "--no-bench".into(),
+        ];
+        all.extend(args.iter().cloned());
+        let mut p = self.spawn(host, name, &crate::binary("strata-worker")?, &all, &[("STRATA_LOG", log_level())])?;
+        p.wait_for_line("worker listening", crate::READY_TIMEOUT, |_| {}).await?;
+        p.drain_output();
+        Ok(p)
     }
 
     /// Runs `future` to completion on a thread of its own inside host `host`, on a

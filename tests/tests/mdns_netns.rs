@@ -19,16 +19,13 @@ use strata_discovery::{
     NodeState,
 };
 use strata_model::{ModelFile, Tokenizer};
-use strata_tests::netns::{avahi_missing, AvahiOptions, Hosts};
-use strata_tests::{binary, real_model, reference_completion, until_serving, READY_TIMEOUT};
+use strata_tests::netns::{avahi_missing, log_level, AvahiOptions, Hosts};
+use strata_tests::{binary, real_model, reference_completion, until_serving};
 
 const GRPC_PORT: u16 = 7070;
 
-fn log_level() -> String {
-    std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into())
-}
-
-/// A worker in `host` listening on every address (so it advertises the host's).
+/// A worker in `host` of the mDNS cluster `cluster`, listening on every address
+/// (so it advertises the host's).
 async fn start_worker(
     hosts: &Hosts,
     host: usize,
@@ -38,25 +35,10 @@ async fn start_worker(
     cache: &Path,
     extra: &[&str],
 ) -> anyhow::Result<Process> {
-    let mut args: Vec<String> = vec![
-        "--listen".into(),
-        format!("0.0.0.0:{port}"),
-        "--name".into(),
-        name.into(),
-        "--threads".into(),
-        "1".into(),
-        "--cluster".into(),
-        cluster.into(),
-        "--cache-dir".into(),
-        cache.join(name).display().to_string(),
-        // A fresh cache would run the start-up benchmark; no test needs its figure.
-        "--no-bench".into(),
-    ];
+    let mut args: Vec<String> =
+        vec!["--listen".into(), format!("0.0.0.0:{port}"), "--cluster".into(), cluster.into()];
     args.extend(extra.iter().map(|a| a.to_string()));
-    let mut p = hosts.spawn(host, name, &binary("strata-worker")?, &args, &[("STRATA_LOG", log_level())])?;
-    p.wait_for_line("worker listening", READY_TIMEOUT, |_| {}).await?;
-    p.drain_output();
-    Ok(p)
+    hosts.start_worker(host, name, cache, &args).await
 }
 
 /// Hosts for a test that runs avahi-daemon; `None` after a `SKIPPED` line when

@@ -18,9 +18,9 @@ use serde_json::{json, Value};
 use strata_coordinator::cli::children::Process;
 use strata_coordinator::cli::http;
 use strata_tests::admin::{holds_layers, node, pipelines_held, status, wait_for_status};
-use strata_tests::netns::Hosts;
+use strata_tests::netns::{log_level, Hosts};
 use strata_tests::streams::{synthetic_model, Streams};
-use strata_tests::{binary, reference_completion, until_serving, READY_TIMEOUT};
+use strata_tests::{binary, reference_completion, until_serving};
 
 const GRPC_PORT: u16 = 7070;
 
@@ -30,31 +30,16 @@ const WORKER_HOSTS: [usize; 3] = [2, 3, 4];
 /// How long the whole disturbed run may take before the test calls it a hang.
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn log_level() -> String {
-    std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into())
-}
-
 /// A worker in `host`, holding the model file, listening on the host's address.
 async fn start_worker(hosts: &Hosts, host: usize, name: &str, model: &Path, cache: &Path) -> anyhow::Result<Process> {
     let args: Vec<String> = vec![
         "--listen".into(),
         format!("{}:{GRPC_PORT}", hosts.address(host)),
-        "--name".into(),
-        name.into(),
-        "--threads".into(),
-        "1".into(),
         "--model".into(),
         model.display().to_string(),
-        "--cache-dir".into(),
-        cache.join(name).display().to_string(),
-        // A fresh cache would run the start-up benchmark; no test needs its figure.
-        "--no-bench".into(),
         "--no-mdns".into(),
     ];
-    let mut p = hosts.spawn(host, name, &binary("strata-worker")?, &args, &[("STRATA_LOG", log_level())])?;
-    p.wait_for_line("worker listening", READY_TIMEOUT, |_| {}).await?;
-    p.drain_output();
-    Ok(p)
+    hosts.start_worker(host, name, cache, &args).await
 }
 
 /// The coordinator in host 1 over the workers, by address; its HTTP address.

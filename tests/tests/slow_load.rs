@@ -23,7 +23,7 @@ use strata_coordinator::cli::children::Process;
 use strata_coordinator::cli::http;
 use strata_model::{ModelFile, Tokenizer};
 use strata_tests::admin::{node, status, wait_for_status};
-use strata_tests::netns::Hosts;
+use strata_tests::netns::{log_level, Hosts};
 use strata_tests::{binary, real_model, reference_completion, until_serving, READY_TIMEOUT};
 
 const GRPC_PORT: u16 = 7070;
@@ -31,40 +31,20 @@ const GRPC_PORT: u16 = 7070;
 /// The weight stream's pace: w3's third of the 98 MB model takes about 30 s.
 const PULL_BYTES_PER_SECOND: &str = "1000000";
 
-fn log_level() -> String {
-    std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into())
-}
-
 /// A worker in `host` that joins the coordinator in host 1, with the model file
 /// or without it (then it pulls its layers).
-async fn start_worker(
-    hosts: &Hosts,
-    host: usize,
-    name: &str,
-    model: Option<&Path>,
-    cache: &Path,
-) -> anyhow::Result<Process> {
+async fn start_worker(hosts: &Hosts, host: usize, name: &str, model: Option<&Path>, cache: &Path) -> anyhow::Result<Process> {
     let mut args: Vec<String> = vec![
         "--listen".into(),
         format!("{}:{GRPC_PORT}", hosts.address(host)),
         "--join".into(),
         format!("{}:7100", hosts.address(1)),
-        "--name".into(),
-        name.into(),
-        "--threads".into(),
-        "1".into(),
-        "--cache-dir".into(),
-        cache.join(name).display().to_string(),
-        "--no-bench".into(),
         "--no-mdns".into(),
     ];
     if let Some(model) = model {
         args.extend(["--model".into(), model.display().to_string()]);
     }
-    let mut p = hosts.spawn(host, name, &binary("strata-worker")?, &args, &[("STRATA_LOG", log_level())])?;
-    p.wait_for_line("worker listening", READY_TIMEOUT, |_| {}).await?;
-    p.drain_output();
-    Ok(p)
+    hosts.start_worker(host, name, cache, &args).await
 }
 
 /// The layers of the shard w3 pulls, and the bytes it holds of it, if it pulls one.
