@@ -61,3 +61,21 @@ pub async fn pipelines_held(address: &str) -> anyhow::Result<Vec<u64>> {
         }
     }
 }
+
+/// Waits until every worker's heartbeat reports no sequences held (no KV cache left
+/// behind by a request that ended).
+pub async fn wait_until_no_sequences(workers: &[String]) -> anyhow::Result<()> {
+    for w in workers {
+        let channel = strata_proto::transport::endpoint(w)?.connect().await?;
+        let mut events = WorkerClient::new(channel).events(v1::EventsRequest {}).await?.into_inner();
+        loop {
+            let event = events.message().await?.context("events ended")?;
+            if let Some(worker_event::Kind::Heartbeat(h)) = event.kind {
+                if h.sequences == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -113,6 +113,9 @@ pub struct ClusterOptions {
     /// Give workers the model file; otherwise they pull their shards.
     pub workers_have_model: bool,
     pub threads_per_worker: usize,
+    /// `strata serve --sequences`: requests run at once, the rest wait in line (a
+    /// flag given twice is refused, so it is not among `serve_args`).
+    pub sequences: usize,
     /// Extra flags for `strata serve`.
     pub serve_args: Vec<String>,
     /// Extra flags for each worker, by index (a worker past the end gets none).
@@ -125,6 +128,8 @@ impl Default for ClusterOptions {
             workers: 3,
             workers_have_model: true,
             threads_per_worker: 1,
+            // The tests keep eight requests in flight at once (`streams`).
+            sequences: 8,
             serve_args: Vec::new(),
             worker_args: Vec::new(),
         }
@@ -214,7 +219,7 @@ impl TestCluster {
     /// the coordinator serves HTTP.
     pub async fn start(model: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
         let mut cluster = Self::workers(model, options).await?;
-        let mut args = serve_args(model);
+        let mut args = serve_args(model, options);
         for w in &cluster.workers {
             args.extend(["--worker".into(), w.clone()]);
         }
@@ -232,7 +237,7 @@ impl TestCluster {
     /// Starts a coordinator first, then workers that `--join` it (and pull their
     /// shards from it unless `workers_have_model`).
     pub async fn start_joined(model: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
-        let mut args = serve_args(model);
+        let mut args = serve_args(model, options);
         args.extend(["--min-workers".into(), options.workers.to_string()]);
         args.extend(options.serve_args.iter().cloned());
         let mut coordinator = Process::spawn(
@@ -287,6 +292,12 @@ impl TestCluster {
         self.children.processes.iter_mut().find(|p| p.name == name).context("no such worker")
     }
 
+    /// The name and process id of every child still running (`worker-0`, ...,
+    /// `coordinator`), for reading their memory from `/proc`.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.children.processes.iter().filter_map(|p| Some((p.name.clone(), p.id()?))).collect()
+    }
+
     /// Stops every child cleanly (SIGTERM, waiting for each to exit).
     pub async fn stop(mut self) {
         self.children.stop_all().await;
@@ -309,9 +320,9 @@ pub async fn until_serving(coordinator: &mut Process) -> anyhow::Result<(String,
 
 pub use strata_model::synthetic::real_test_model as real_model;
 
-/// `strata serve` over `model` on loopback ports it picks, one compute thread, eight
-/// sequences, mDNS off.
-fn serve_args(model: &Path) -> Vec<String> {
+/// `strata serve` over `model` on loopback ports it picks, one compute thread,
+/// `options.sequences`, mDNS off.
+fn serve_args(model: &Path, options: &ClusterOptions) -> Vec<String> {
     vec![
         "--threads".into(),
         "1".into(),
@@ -326,9 +337,8 @@ fn serve_args(model: &Path) -> Vec<String> {
         "127.0.0.1:0".into(),
         "--placement".into(),
         "spread".into(),
-        // The tests keep eight requests in flight at once (`streams`).
         "--sequences".into(),
-        "8".into(),
+        options.sequences.to_string(),
         // mDNS must never run in the machine's own network namespace.
         "--no-mdns".into(),
     ]

@@ -2,7 +2,8 @@
 //! (a drain, a killed worker, a cut link), and the undisturbed output each must
 //! still equal. Every stream counts its events, so a test can act mid-generation,
 //! and records the longest gap between two of its events (the pause its client saw)
-//! and any error event the server sent.
+//! and any error event the server sent. [`stream_completion`] is one such request
+//! on its own (the load test runs many of them in a loop).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,12 +32,57 @@ pub fn prompts() -> Vec<Vec<u32>> {
     (0..8u32).map(|i| (0..(3 + i)).map(|j| (i * 31 + j * 7) % 250 + 1).collect()).collect()
 }
 
-/// What one stream saw.
-struct Seen {
-    text: String,
+/// What the client of one streaming completion saw.
+#[derive(Debug, Clone, Default)]
+pub struct Streamed {
+    pub text: String,
     /// The longest time between two events.
-    longest_gap: Duration,
-    errors: Vec<String>,
+    pub longest_gap: Duration,
+    /// The error events the server sent.
+    pub errors: Vec<String>,
+    /// The completion tokens the usage chunk counted (asked for with
+    /// `stream_options.include_usage`).
+    pub completion_tokens: Option<u64>,
+}
+
+/// A streaming completion of `prompt`: greedy, or as `spec` says with `seed`.
+pub fn completion_body(prompt: &[u32], spec: &StreamSpec, seed: usize) -> serde_json::Value {
+    let mut body = json!({"model": "test-model", "prompt": prompt, "max_tokens": spec.max_tokens, "temperature": 0, "stream": true});
+    if let Some(t) = spec.temperature {
+        body["temperature"] = json!(t);
+        body["seed"] = json!(seed);
+    }
+    if let Some(p) = spec.repetition_penalty {
+        body["repetition_penalty"] = json!(p);
+    }
+    body
+}
+
+/// POSTs a streaming completion `body` and reads its events to the end, calling
+/// `on_event` after each. A status other than 200 (a 429 after waiting in line) is
+/// [`http::HttpError::Status`].
+pub async fn stream_completion(
+    addr: &str,
+    body: &serde_json::Value,
+    mut on_event: impl FnMut(),
+) -> Result<Streamed, http::HttpError> {
+    let mut seen = Streamed::default();
+    let mut last = Instant::now();
+    http::post_events(addr, "/v1/completions", body, |e| {
+        let now = Instant::now();
+        seen.longest_gap = seen.longest_gap.max(now - last);
+        last = now;
+        if !e["error"].is_null() {
+            seen.errors.push(e["error"].to_string());
+        }
+        seen.text.push_str(e["choices"][0]["text"].as_str().unwrap_or(""));
+        if let Some(n) = e["usage"]["completion_tokens"].as_u64() {
+            seen.completion_tokens = Some(n);
+        }
+        on_event();
+    })
+    .await?;
+    Ok(seen)
 }
 
 /// What [`Streams::finish`] found besides the texts.
@@ -75,7 +121,7 @@ impl Default for StreamSpec {
 pub struct Streams {
     spec: StreamSpec,
     received: Vec<Arc<AtomicUsize>>,
-    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Seen>>>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Streamed>>>,
 }
 
 impl Streams {
@@ -92,30 +138,12 @@ impl Streams {
             let count = Arc::new(AtomicUsize::new(0));
             received.push(count.clone());
             let addr = addr.to_string();
-            let mut body =
-                json!({"model": "test-model", "prompt": prompt, "max_tokens": spec.max_tokens, "temperature": 0, "stream": true});
-            if let Some(t) = spec.temperature {
-                body["temperature"] = json!(t);
-                body["seed"] = json!(i);
-            }
-            if let Some(p) = spec.repetition_penalty {
-                body["repetition_penalty"] = json!(p);
-            }
+            let body = completion_body(&prompt, &spec, i);
             tasks.push(tokio::spawn(async move {
-                let mut seen = Seen { text: String::new(), longest_gap: Duration::ZERO, errors: Vec::new() };
-                let mut last = Instant::now();
-                http::post_events(&addr, "/v1/completions", &body, |e| {
-                    let now = Instant::now();
-                    seen.longest_gap = seen.longest_gap.max(now - last);
-                    last = now;
-                    if !e["error"].is_null() {
-                        seen.errors.push(e["error"].to_string());
-                    }
-                    seen.text.push_str(e["choices"][0]["text"].as_str().unwrap_or(""));
+                Ok(stream_completion(&addr, &body, || {
                     count.fetch_add(1, Ordering::Relaxed);
                 })
-                .await?;
-                Ok(seen)
+                .await?)
             }));
         }
         Self { spec, received, tasks }

@@ -16,7 +16,8 @@ use strata_coordinator::engine::{GenerateEvent, GenerateRequest};
 use strata_model::generate::FinishReason;
 use strata_model::synthetic::SyntheticModel;
 use strata_model::{ModelFile, SamplingParams, Tokenizer};
-use strata_proto::v1::{self, worker_client::WorkerClient, worker_event, WireDtype};
+use strata_proto::v1::WireDtype;
+use strata_tests::admin::wait_until_no_sequences;
 use strata_tests::{reference_completion, reference_tokens, ClusterOptions, TestCluster};
 
 /// Six layers, so three workers hold two each.
@@ -114,23 +115,6 @@ async fn run(engine: &cluster::ClusterEngine, prompt: &[u32], n: usize, path: Re
         }
     }
     anyhow::bail!("the event stream ended without a finish")
-}
-
-/// Waits until every worker's heartbeat reports no sequences held.
-async fn wait_until_no_sequences(workers: &[String]) -> anyhow::Result<()> {
-    for w in workers {
-        let channel = strata_proto::transport::endpoint(w)?.connect().await?;
-        let mut events = WorkerClient::new(channel).events(v1::EventsRequest {}).await?.into_inner();
-        loop {
-            let event = events.message().await?.context("events ended")?;
-            if let Some(worker_event::Kind::Heartbeat(h)) = event.kind {
-                if h.sequences == 0 {
-                    break;
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use axum::http::StatusCode;
 use strata_model::generate::FinishReason;
 use strata_model::tokenizer::DecodeStream;
 use strata_model::Tokenizer;
@@ -235,13 +236,20 @@ impl Generation {
 
     fn failed(&mut self, error: ApiError) -> ApiError {
         self.done = true;
-        tracing::warn!(
-            request_id = %self.request_id,
-            model = %self.model,
-            completion_tokens = self.completion_tokens,
-            error = %error.message,
-            "generation failed"
-        );
+        if error.status == StatusCode::TOO_MANY_REQUESTS {
+            // Admission working as planned (the line did not move within the queue
+            // timeout): under overload every queued request may end so, and a
+            // warning each would flood the log just when it matters.
+            tracing::info!(request_id = %self.request_id, model = %self.model, error = %error.message, "request refused");
+        } else {
+            tracing::warn!(
+                request_id = %self.request_id,
+                model = %self.model,
+                completion_tokens = self.completion_tokens,
+                error = %error.message,
+                "generation failed"
+            );
+        }
         error
     }
 }

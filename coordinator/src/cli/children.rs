@@ -61,6 +61,12 @@ impl Process {
         }
     }
 
+    /// Its process id, while it has not been waited for (a test reads its memory
+    /// from `/proc/<pid>/status`).
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The value of `key=` in a line like `listening http=A grpc=B`.
     pub fn field(line: &str, key: &str) -> Option<String> {
         line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
