@@ -33,7 +33,13 @@ const PULL_BYTES_PER_SECOND: &str = "1000000";
 
 /// A worker in `host` that joins the coordinator in host 1, with the model file
 /// or without it (then it pulls its layers).
-async fn start_worker(hosts: &Hosts, host: usize, name: &str, model: Option<&Path>, cache: &Path) -> anyhow::Result<Process> {
+async fn start_worker(
+    hosts: &Hosts,
+    host: usize,
+    name: &str,
+    model: Option<&Path>,
+    cache: &Path,
+) -> anyhow::Result<Process> {
     let mut args: Vec<String> = vec![
         "--listen".into(),
         format!("{}:{GRPC_PORT}", hosts.address(host)),
@@ -62,7 +68,12 @@ fn gone(s: &Value, name: &str) -> bool {
 }
 
 /// Polls the status until `check` holds, for at most `within`; how long it took.
-async fn noticed_within(http: &str, within: Duration, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Duration> {
+async fn noticed_within(
+    http: &str,
+    within: Duration,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     loop {
         let s = status(http).await?;
@@ -180,7 +191,10 @@ async fn a_slow_pull_never_holds_up_the_control_plane() -> anyhow::Result<()> {
     // Stopping mid-load: the coordinator exits within 3 s.
     let asked = Instant::now();
     coordinator.terminate();
-    anyhow::ensure!(coordinator.exited_within(Duration::from_secs(3)).await, "the coordinator still runs 3 s after SIGTERM");
+    anyhow::ensure!(
+        coordinator.exited_within(Duration::from_secs(3)).await,
+        "the coordinator still runs 3 s after SIGTERM"
+    );
     eprintln!("the coordinator exited {:?} after SIGTERM", asked.elapsed());
     Ok(())
 }

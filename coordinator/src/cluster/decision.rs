@@ -56,9 +56,13 @@ pub enum PlanDecision {
     Keep,
     /// Nothing fits now (a worker that failed to load is left out), but the
     /// pipeline serving is whole and ready: it goes on.
-    KeepForNow { reason: String },
+    KeepForNow {
+        reason: String,
+    },
     /// Nothing can hold the model: requests wait, with the reason.
-    Park { reason: String },
+    Park {
+        reason: String,
+    },
     Load(Load),
 }
 
@@ -128,7 +132,9 @@ pub fn load_interrupted(members: &[Member], watched: &[String], stopping: bool) 
         return Some("the coordinator is stopping".into());
     }
     members.iter().find_map(|m| match &m.status {
-        NodeStatus::Gone { reason, .. } if watched.contains(&m.address) => Some(format!("{} is gone: {reason}", m.name())),
+        NodeStatus::Gone { reason, .. } if watched.contains(&m.address) => {
+            Some(format!("{} is gone: {reason}", m.name()))
+        }
         _ => None,
     })
 }
@@ -345,7 +351,10 @@ mod tests {
     #[test]
     fn a_worker_back_at_another_address_is_one_node_and_is_planned_at_the_new_one() {
         let membership = Membership::default();
-        assert_eq!(membership.add(Member::new("10.0.0.5:7070".into(), description("pc", "id-pc", 8 * GIB))), Added::New);
+        assert_eq!(
+            membership.add(Member::new("10.0.0.5:7070".into(), description("pc", "id-pc", 8 * GIB))),
+            Added::New
+        );
         membership.set_status("10.0.0.5:7070", gone("cut off"));
         // Back on a new DHCP lease: the same node id at another address.
         let back = Member::new("10.0.0.9:7070".into(), description("pc", "id-pc", 8 * GIB));

@@ -140,4 +140,3 @@ pub struct Placement {
     pub weights_were_local: bool,
     pub load_seconds: f64,
 }
-

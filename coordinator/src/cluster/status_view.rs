@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use super::backoff::LoadBackoff;
 use super::membership::{Member, NodeStatus};
+use super::messages::{Placement, SchedulerStatus};
 use super::rates::CounterWindow;
 use super::report::{ClusterStatus, NodeReport};
-use super::messages::{Placement, SchedulerStatus};
 use crate::planner::format_bytes;
 
 /// Window of the measured tokens per second.
