@@ -14,6 +14,7 @@ pub mod v1 {
 pub mod address;
 pub mod content_hash;
 mod error;
+pub mod ids;
 pub mod kv_wire;
 mod tensor_wire;
 pub mod timing;

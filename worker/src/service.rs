@@ -448,7 +448,10 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::UnloadShardRequest>,
     ) -> Result<Response<v1::UnloadShardResponse>, Status> {
-        let pipeline = Some(request.into_inner().pipeline_id).filter(|&p| p != 0);
+        let pipeline = match request.into_inner().selection() {
+            strata_proto::ids::ShardSelection::All => None,
+            strata_proto::ids::ShardSelection::Pipeline(p) => Some(p.get()),
+        };
         Ok(Response::new(v1::UnloadShardResponse {
             freed_bytes: self.unload(pipeline).await,
         }))

@@ -762,7 +762,7 @@ impl Controller {
         }
         let cleanup = async {
             let mut c = self.client(&member.address).await.map_err(|e| e.to_string())?;
-            c.unload_shard(v1::UnloadShardRequest { pipeline_id: 0 }).await.map_err(|s| s.message().to_string())
+            c.unload_shard(v1::UnloadShardRequest::all()).await.map_err(|s| s.message().to_string())
         };
         let failed = match tokio::time::timeout(CLEANUP_TIMEOUT, cleanup).await {
             Ok(Ok(_)) => {
