@@ -450,10 +450,8 @@ impl Controller {
         let mut members = self.spec.membership.subscribe();
         let mut stop = self.spec.stop.clone();
         loop {
-            if *stop.borrow_and_update() {
-                return "the coordinator is stopping".into();
-            }
-            if let Some(why) = decision::load_interrupted(&members.borrow_and_update(), addresses, false) {
+            let stopping = *stop.borrow_and_update();
+            if let Some(why) = decision::load_interrupted(&members.borrow_and_update(), addresses, stopping) {
                 return why;
             }
             tokio::select! {
