@@ -163,47 +163,9 @@ pub fn on_load_failure(kind: FailureKind) -> LoadFailure {
 mod tests {
     use std::time::Duration;
 
-    use strata_proto::v1;
-
     use super::*;
+    use crate::cluster::fixtures::{description, member, model, GIB};
     use crate::cluster::membership::{Added, Membership};
-
-    const GIB: u64 = 1 << 30;
-
-    fn description(name: &str, node_id: &str, memory: u64) -> v1::WorkerDescription {
-        v1::WorkerDescription {
-            name: name.into(),
-            node_id: node_id.into(),
-            memory_offered_bytes: memory,
-            devices: vec![v1::Device {
-                name: "cpu".into(),
-                memory_bandwidth_bytes_per_second: 50e9,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }
-    }
-
-    fn member(name: &str, memory: u64) -> Member {
-        Member::new(format!("{name}:7070"), description(name, name, memory))
-    }
-
-    fn model() -> ModelSpec {
-        ModelSpec {
-            name: "m".into(),
-            layer_bytes: vec![100 << 20; 8],
-            embedding_bytes: 50 << 20,
-            head_bytes: 50 << 20,
-            shared_bytes: 0,
-            kv_bytes_per_token_per_layer: 1024,
-            max_context: 1024,
-            hidden: 64,
-            feed_forward: 128,
-            heads: 4,
-            vocab_size: 100,
-            bits_per_weight: None,
-        }
-    }
 
     /// A cluster's state as the controller would hold it, moved step by step.
     struct Script {

@@ -39,7 +39,7 @@ impl NodeStatus {
 }
 
 /// The live figures a worker's heartbeats carry.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Heartbeat {
     pub memory_used_bytes: u64,
     pub sequences: u32,
@@ -57,7 +57,7 @@ pub struct Heartbeat {
 }
 
 /// A worker the coordinator may place a stage on.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Member {
     /// Where peers reach it: the address given on the command line for a static
     /// worker, the one it advertised for a joined or discovered one.

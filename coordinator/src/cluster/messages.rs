@@ -10,7 +10,6 @@ use std::time::Duration;
 use strata_proto::v1::{StageMessage, WorkerEvent};
 use tokio::sync::{mpsc, oneshot};
 
-use super::membership::Member;
 use super::moves::LinkStage;
 use super::report::{AdminError, AdmissionReport, DrainReport};
 use crate::engine::{GenerateEvent, GenerateRequest};
@@ -21,14 +20,6 @@ pub(crate) enum Control {
     /// points at a worker): check the workers.
     Trouble {
         reason: String,
-    },
-    Lost {
-        address: String,
-        reason: String,
-    },
-    /// A gone worker answered a Describe again.
-    Back {
-        member: Box<Member>,
     },
     Drain {
         node: String,

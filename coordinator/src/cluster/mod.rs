@@ -29,6 +29,8 @@ pub mod controller;
 pub mod decision;
 pub mod discovery;
 pub mod engine;
+#[cfg(test)]
+mod fixtures;
 pub mod membership;
 pub mod messages;
 pub mod model;

@@ -72,6 +72,12 @@ impl StatusView {
         self.lock().load_failures = failures.clone();
     }
 
+    /// Workers whose loads failed, by address (the controller's decisions leave
+    /// those still backing off out of what a drain may move to).
+    pub fn load_failures(&self) -> HashMap<String, LoadBackoff> {
+        self.lock().load_failures.clone()
+    }
+
     /// The stages of the pipeline serving now.
     pub fn placements(&self) -> Vec<Placement> {
         self.lock().pipeline.as_ref().map(|p| p.placements.clone()).unwrap_or_default()

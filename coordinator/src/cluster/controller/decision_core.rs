@@ -1,0 +1,553 @@
+//! The controller's decision core: its state, one event in, the actions to take
+//! out. No I/O and no waiting, so a load that takes minutes never holds up a
+//! drain, a lost worker or a shutdown, and every case is unit-tested on scripted
+//! sequences of events.
+//!
+//! The slow work is the executor's ([`super`]): following a worker, telling it
+//! its drain state, probing a gone one, cleaning one that came back and checking
+//! the pipeline's health each run concurrently in tasks of their own, and report
+//! back as events. What changes the pipeline serving (loading a plan, parking or
+//! resuming the requests, unloading) is a [`Job`] for the pipeline keeper
+//! ([`super::keeper`]), which runs one job at a time — there is one pipeline —
+//! while the core goes on deciding. Jobs asked for while one runs wait in a queue,
+//! where re-plans merge into one; a `drain --wait` or an undrain registers a
+//! waiter that is answered when the job covering it is done.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::Instant;
+
+use strata_proto::v1::WorkerState;
+
+use super::super::backoff::LoadBackoff;
+use super::super::decision;
+use super::super::membership::{Member, NodeStatus};
+use super::super::messages::Moved;
+use super::super::placement::{self, PlacementError, PlacementPolicy};
+use super::super::report::{AdminError, DrainReport};
+use crate::planner::{ModelSpec, PlanOptions};
+
+/// One job of the pipeline keeper, numbered in the order asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JobId(pub u64);
+
+/// Someone waiting for an answer: an admin call or the shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WaiterId(pub u64);
+
+/// What the pipeline keeper does, one at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    /// Bring the pipeline in line with the best plan for the workers there are.
+    /// `park_first`: a worker of the pipeline is broken; its requests wait at
+    /// once rather than when the new plan is made.
+    Reconcile { why: String, park_first: bool },
+    /// Something failed but no worker is broken: run the requests that were
+    /// parked again on the pipeline serving.
+    Resume,
+    /// Retry loads whose backoff has run out (or load a pipeline if none serves
+    /// and one fits), and unload shards of pipelines no longer served.
+    Housekeeping,
+    /// The coordinator stops: unload every stage.
+    Retire,
+}
+
+/// What a finished job left behind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Switched {
+    pub moved: Moved,
+    /// Bytes each worker freed when the old pipeline was unloaded, by address.
+    pub freed: HashMap<String, u64>,
+}
+
+/// A job the keeper finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobDone {
+    pub id: JobId,
+    /// The addresses of the stages of the pipeline serving now (empty: none).
+    pub serving: Vec<String>,
+    pub switched: Switched,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A worker joined, left the plan's reach or changed its drain state.
+    MembersChanged,
+    /// A worker stopped answering (its event stream broke, a call did not get
+    /// through).
+    Lost { address: String, reason: String },
+    /// A gone worker answered a probe.
+    Answered { member: Member },
+    /// A probe of a gone worker got no answer.
+    ProbeEnded { address: String },
+    /// A worker that answered again was asked to drop its stale shards.
+    Cleaned { member: Member, result: Result<(), String> },
+    Drain { node: String, force: bool, wait: bool, waiter: WaiterId },
+    Undrain { node: String, waiter: WaiterId },
+    /// The worker was told (or could not be told) its drain state.
+    DrainStateSent { address: String, draining: bool },
+    /// Something in the pipeline failed: a broken stream, a sequence error that
+    /// points at a worker.
+    Trouble { reason: String },
+    /// The states the pipeline's workers answered with after [`Event::Trouble`]
+    /// (`None`: no answer).
+    Health { reason: String, states: Vec<(String, Option<WorkerState>)> },
+    JobDone(JobDone),
+    /// Once a second.
+    Tick,
+    Shutdown { waiter: WaiterId },
+}
+
+/// An answer to a waiter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Drain(Result<DrainReport, AdminError>),
+    Undrain(Result<String, AdminError>),
+    Done,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Connect to a worker and follow its events.
+    Follow(String),
+    /// Stop following a worker and forget its connection.
+    Unfollow(String),
+    SetStatus(String, NodeStatus),
+    /// Tell the worker its drain state; [`Event::DrainStateSent`] follows.
+    TellDraining { address: String, draining: bool },
+    /// Ask the pipeline's workers their state; [`Event::Health`] follows.
+    CheckHealth { reason: String, addresses: Vec<String> },
+    /// Ask a gone worker whether it is back: [`Event::Answered`] or
+    /// [`Event::ProbeEnded`] follows.
+    Probe(String),
+    /// Have a worker that is back drop its stale shards; [`Event::Cleaned`] follows.
+    Clean(Member),
+    /// Take a worker (back) into the membership.
+    Admit(Member),
+    /// Give the pipeline keeper a job; [`Event::JobDone`] follows.
+    Run(JobId, Job),
+    Reply(WaiterId, Reply),
+    /// A drain is done: log it, and answer its waiter (if it waits) once the moved
+    /// requests run again.
+    FinishDrain { waiter: Option<WaiterId>, report: DrainReport },
+    /// Stop what runs beside the keeper (links, probes): the coordinator stops.
+    Stop,
+    /// The controller's work is done.
+    Exit,
+}
+
+/// What an event is decided on, besides the core's own state.
+pub struct Snapshot<'a> {
+    pub members: &'a [Member],
+    /// Workers whose loads failed, by address.
+    pub failed: &'a HashMap<String, LoadBackoff>,
+    pub now: Instant,
+}
+
+impl Snapshot<'_> {
+    fn member(&self, address: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.address == address)
+    }
+
+    fn is_gone(&self, address: &str) -> bool {
+        self.member(address).is_some_and(|m| matches!(m.status, NodeStatus::Gone { .. }))
+    }
+}
+
+/// What a waiter waits for.
+#[derive(Debug)]
+enum Awaited {
+    Drain { waiter: Option<WaiterId>, name: String, address: String, started: Instant, requests_wait: bool },
+    Undrain { waiter: WaiterId, name: String, started: Instant },
+    Shutdown { waiter: WaiterId },
+}
+
+/// An undrain whose worker is being told it may take layers again.
+#[derive(Debug)]
+struct PendingUndrain {
+    waiter: WaiterId,
+    name: String,
+    started: Instant,
+}
+
+pub struct ControlCore {
+    model: ModelSpec,
+    policy: PlacementPolicy,
+    options: PlanOptions,
+    /// Workers whose events are followed, by address.
+    followed: BTreeSet<String>,
+    /// Gone workers being asked whether they are back (or cleaned), by address.
+    probing: BTreeSet<String>,
+    /// The stages of the pipeline serving, by address.
+    serving: Vec<String>,
+    running: Option<JobId>,
+    queued: VecDeque<(JobId, Job)>,
+    /// Waiters answered when the job `.0` is done.
+    awaiting: Vec<(JobId, Awaited)>,
+    undrains: HashMap<String, PendingUndrain>,
+    stopping: bool,
+    next_job: u64,
+}
+
+impl ControlCore {
+    /// `serving`: the stages of the pipeline the first load left (none if it
+    /// failed); `followed`: the workers followed already.
+    pub fn new(
+        model: ModelSpec,
+        policy: PlacementPolicy,
+        options: PlanOptions,
+        serving: Vec<String>,
+        followed: impl IntoIterator<Item = String>,
+    ) -> Self {
+        Self {
+            model,
+            policy,
+            options,
+            followed: followed.into_iter().collect(),
+            probing: BTreeSet::new(),
+            serving,
+            running: None,
+            queued: VecDeque::new(),
+            awaiting: Vec::new(),
+            undrains: HashMap::new(),
+            stopping: false,
+            next_job: 1,
+        }
+    }
+
+    pub fn on(&mut self, event: Event, snap: &Snapshot<'_>) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::MembersChanged => self.members_changed(snap, &mut out),
+            Event::Lost { address, reason } => self.lost(&address, &reason, snap, &mut out),
+            Event::Answered { member } => {
+                if !self.stopping && snap.is_gone(&member.address) {
+                    out.push(Action::Clean(member));
+                } else {
+                    self.probing.remove(&member.address);
+                }
+            }
+            Event::ProbeEnded { address } => {
+                self.probing.remove(&address);
+            }
+            Event::Cleaned { member, result } => {
+                self.probing.remove(&member.address);
+                match result {
+                    Ok(()) if !self.stopping => out.push(Action::Admit(member)),
+                    Ok(()) => {}
+                    // Its connection may be the broken part: the next probe makes a new one.
+                    Err(_) => out.push(Action::Unfollow(member.address)),
+                }
+            }
+            Event::Drain { node, force, wait, waiter } => self.drain(&node, force, wait, waiter, snap, &mut out),
+            Event::Undrain { node, waiter } => self.undrain(&node, waiter, snap, &mut out),
+            Event::DrainStateSent { address, draining } => {
+                if let (false, Some(u)) = (draining, self.undrains.remove(&address)) {
+                    out.push(Action::SetStatus(address, NodeStatus::Ready));
+                    let job = self.reconcile(format!("{} is back", u.name), false, &mut out);
+                    self.awaiting.push((job, Awaited::Undrain { waiter: u.waiter, name: u.name, started: u.started }));
+                }
+            }
+            Event::Trouble { reason } => {
+                if !self.stopping && !self.serving.is_empty() {
+                    out.push(Action::CheckHealth { reason, addresses: self.serving.clone() });
+                }
+            }
+            Event::Health { reason, states } => self.health(&reason, states, snap, &mut out),
+            Event::JobDone(done) => self.job_done(done, snap, &mut out),
+            Event::Tick => self.tick(snap, &mut out),
+            Event::Shutdown { waiter } => self.shutdown(waiter, &mut out),
+        }
+        out
+    }
+
+    /// Asks the keeper for `job`: now if it is idle, else after what it has. A
+    /// re-plan asked while one waits in the queue merges into it. The job that
+    /// will cover the request.
+    fn schedule(&mut self, job: Job, out: &mut Vec<Action>) -> JobId {
+        if let Job::Reconcile { park_first, .. } = &job {
+            let queued = self.queued.iter_mut().find(|(_, j)| matches!(j, Job::Reconcile { .. }));
+            if let Some((id, Job::Reconcile { park_first: queued_park, .. })) = queued {
+                *queued_park |= *park_first;
+                return *id;
+            }
+        }
+        if job == Job::Resume || job == Job::Housekeeping {
+            if let Some((id, _)) = self.queued.iter().find(|(_, j)| *j == job) {
+                return *id;
+            }
+        }
+        let id = JobId(self.next_job);
+        self.next_job += 1;
+        if self.running.is_none() {
+            self.running = Some(id);
+            out.push(Action::Run(id, job));
+        } else {
+            self.queued.push_back((id, job));
+        }
+        id
+    }
+
+    fn reconcile(&mut self, why: String, park_first: bool, out: &mut Vec<Action>) -> JobId {
+        self.schedule(Job::Reconcile { why, park_first }, out)
+    }
+
+    fn members_changed(&mut self, snap: &Snapshot<'_>, out: &mut Vec<Action>) {
+        if self.stopping {
+            return;
+        }
+        for m in snap.members {
+            if !matches!(m.status, NodeStatus::Gone { .. }) && self.followed.insert(m.address.clone()) {
+                out.push(Action::Follow(m.address.clone()));
+            }
+        }
+        self.reconcile("the workers changed".into(), false, out);
+    }
+
+    fn lost(&mut self, address: &str, reason: &str, snap: &Snapshot<'_>, out: &mut Vec<Action>) {
+        let followed = self.followed.remove(address);
+        let Some(member) = snap.member(address) else {
+            // Forgotten meanwhile (an mDNS goodbye): only its link is left.
+            if followed {
+                out.push(Action::Unfollow(address.to_string()));
+            }
+            return;
+        };
+        let gone = matches!(member.status, NodeStatus::Gone { .. });
+        if gone && !followed {
+            // Already handled: the follower and a failed call both report it.
+            return;
+        }
+        out.push(Action::Unfollow(address.to_string()));
+        if !gone {
+            out.push(Action::SetStatus(
+                address.to_string(),
+                NodeStatus::Gone { since: snap.now, reason: reason.to_string() },
+            ));
+        }
+        if !self.stopping {
+            self.reconcile(format!("{address} is gone: {reason}"), false, out);
+        }
+    }
+
+    fn find<'a>(&self, node: &str, snap: &'a Snapshot<'_>) -> Result<&'a Member, AdminError> {
+        if self.stopping {
+            return Err(AdminError::ShuttingDown);
+        }
+        snap.members.iter().find(|m| m.is(node)).ok_or_else(|| {
+            let names: Vec<&str> = snap.members.iter().map(|m| m.name()).collect();
+            AdminError::UnknownNode {
+                node: node.to_string(),
+                known: if names.is_empty() { "none".into() } else { names.join(", ") },
+            }
+        })
+    }
+
+    fn drain(&mut self, node: &str, force: bool, wait: bool, waiter: WaiterId, snap: &Snapshot<'_>, out: &mut Vec<Action>) {
+        let refuse = |out: &mut Vec<Action>, e: AdminError| out.push(Action::Reply(waiter, Reply::Drain(Err(e))));
+        let member = match self.find(node, snap) {
+            Ok(m) => m,
+            Err(e) => return refuse(out, e),
+        };
+        let name = member.name().to_string();
+        match &member.status {
+            NodeStatus::Draining if !member.heartbeat.drain_reason.is_empty() => {
+                // It drained itself (yielding to a game); the ask is recorded on the
+                // worker so it stays drained when the game ends.
+                out.push(Action::TellDraining { address: member.address.clone(), draining: true });
+                let message = format!(
+                    "{name} was already draining ({}); it now stays drained after that, until `strata undrain {name}`",
+                    member.heartbeat.drain_reason
+                );
+                let report = DrainReport { node: name, finished: true, message, ..DrainReport::default() };
+                out.push(Action::Reply(waiter, Reply::Drain(Ok(report))));
+                return;
+            }
+            NodeStatus::Draining => return refuse(out, AdminError::AlreadyDraining(name)),
+            NodeStatus::Gone { reason, .. } => return refuse(out, AdminError::Gone { node: name, reason: reason.clone() }),
+            NodeStatus::Ready => {}
+        }
+        let others: Vec<Member> = decision::eligible(snap.members, snap.failed, snap.now)
+            .into_iter()
+            .filter(|m| m.address != member.address)
+            .collect();
+        let requests_wait = match placement::place(&self.model, &others, &self.policy, &self.options) {
+            Ok(_) => false,
+            Err(e) => {
+                let reason = match e {
+                    PlacementError::NoWorkers => "it is the last worker that can hold layers".to_string(),
+                    other => other.to_string(),
+                };
+                if !force {
+                    return refuse(out, AdminError::WouldNotFit { node: name, reason });
+                }
+                tracing::warn!(node = %name, %reason, "forced drain: requests will wait for capacity");
+                true
+            }
+        };
+        let address = member.address.clone();
+        out.push(Action::TellDraining { address: address.clone(), draining: true });
+        out.push(Action::SetStatus(address.clone(), NodeStatus::Draining));
+        let job = self.reconcile(format!("draining {name}"), false, out);
+        let waiter = if wait {
+            Some(waiter)
+        } else {
+            let report = DrainReport {
+                node: name.clone(),
+                requests_wait,
+                message: format!("draining {name}; `strata status` shows when it holds no layers"),
+                ..DrainReport::default()
+            };
+            out.push(Action::Reply(waiter, Reply::Drain(Ok(report))));
+            None
+        };
+        self.awaiting.push((job, Awaited::Drain { waiter, name, address, started: snap.now, requests_wait }));
+    }
+
+    fn undrain(&mut self, node: &str, waiter: WaiterId, snap: &Snapshot<'_>, out: &mut Vec<Action>) {
+        let member = match self.find(node, snap) {
+            Ok(m) => m,
+            Err(e) => return out.push(Action::Reply(waiter, Reply::Undrain(Err(e)))),
+        };
+        if member.status != NodeStatus::Draining || self.undrains.contains_key(&member.address) {
+            return out.push(Action::Reply(waiter, Reply::Undrain(Err(AdminError::NotDraining(member.name().into())))));
+        }
+        // A draining worker refuses loads: it is told first, and re-planned for once
+        // it has been ([`Event::DrainStateSent`]).
+        out.push(Action::TellDraining { address: member.address.clone(), draining: false });
+        let pending = PendingUndrain { waiter, name: member.name().to_string(), started: snap.now };
+        self.undrains.insert(member.address.clone(), pending);
+    }
+
+    fn health(
+        &mut self,
+        reason: &str,
+        states: Vec<(String, Option<WorkerState>)>,
+        snap: &Snapshot<'_>,
+        out: &mut Vec<Action>,
+    ) {
+        if self.stopping {
+            return;
+        }
+        let (mut broken, mut draining) = (false, false);
+        for (address, state) in states {
+            match state {
+                None => {
+                    self.followed.remove(&address);
+                    out.push(Action::Unfollow(address.clone()));
+                    if !snap.is_gone(&address) {
+                        let status = NodeStatus::Gone { since: snap.now, reason: reason.to_string() };
+                        out.push(Action::SetStatus(address, status));
+                    }
+                    broken = true;
+                }
+                // It holds no shard at all: restarted since it was loaded.
+                Some(WorkerState::Idle) => {
+                    tracing::warn!(%address, %reason, "a worker of the pipeline lost its shard");
+                    broken = true;
+                }
+                // Stopping (SIGTERM) or drained at its machine: its heartbeat says so
+                // within 300 ms, but the requests should not wait for it.
+                Some(WorkerState::Draining) => {
+                    if snap.member(&address).is_some_and(|m| m.status == NodeStatus::Ready) {
+                        out.push(Action::SetStatus(address, NodeStatus::Draining));
+                        draining = true;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        if broken || draining {
+            self.reconcile(reason.to_string(), broken, out);
+        } else {
+            self.schedule(Job::Resume, out);
+        }
+    }
+
+    fn job_done(&mut self, done: JobDone, snap: &Snapshot<'_>, out: &mut Vec<Action>) {
+        if self.running == Some(done.id) {
+            self.running = None;
+        }
+        self.serving = done.serving;
+        let (answered, left): (Vec<_>, Vec<_>) = std::mem::take(&mut self.awaiting).into_iter().partition(|(job, _)| *job == done.id);
+        self.awaiting = left;
+        for (_, awaited) in answered {
+            match awaited {
+                Awaited::Drain { waiter, name, address, started, requests_wait } => {
+                    let moved = done.switched.moved;
+                    let report = DrainReport {
+                        node: name,
+                        requests_wait,
+                        seconds: snap.now.saturating_duration_since(started).as_secs_f64(),
+                        sequences_moved: moved.total(),
+                        sequences_transferred: moved.transferred,
+                        sequences_replayed: moved.replayed,
+                        memory_freed_bytes: done.switched.freed.get(&address).copied().unwrap_or(0),
+                        ..DrainReport::default()
+                    };
+                    out.push(Action::FinishDrain { waiter, report });
+                }
+                Awaited::Undrain { waiter, name, started } => {
+                    let moved = done.switched.moved;
+                    let message = format!(
+                        "{name} is back in service; re-planned in {:.2}s, {} sequence(s) moved ({} with their KV cache, {} replayed)",
+                        snap.now.saturating_duration_since(started).as_secs_f64(),
+                        moved.total(),
+                        moved.transferred,
+                        moved.replayed
+                    );
+                    out.push(Action::Reply(waiter, Reply::Undrain(Ok(message))));
+                }
+                Awaited::Shutdown { waiter } => {
+                    out.push(Action::Reply(waiter, Reply::Done));
+                    out.push(Action::Exit);
+                    return;
+                }
+            }
+        }
+        if let Some((id, job)) = self.queued.pop_front() {
+            self.running = Some(id);
+            out.push(Action::Run(id, job));
+        }
+    }
+
+    fn tick(&mut self, snap: &Snapshot<'_>, out: &mut Vec<Action>) {
+        if self.stopping {
+            return;
+        }
+        for m in snap.members {
+            if matches!(m.status, NodeStatus::Gone { .. }) && self.probing.insert(m.address.clone()) {
+                out.push(Action::Probe(m.address.clone()));
+            }
+        }
+        if self.running.is_none() && self.queued.is_empty() {
+            self.schedule(Job::Housekeeping, out);
+        }
+    }
+
+    fn shutdown(&mut self, waiter: WaiterId, out: &mut Vec<Action>) {
+        self.stopping = true;
+        out.push(Action::Stop);
+        // What waits in the queue will not run; its waiters hear why.
+        let dropped: Vec<JobId> = self.queued.drain(..).map(|(id, _)| id).collect();
+        let (answered, left): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.awaiting).into_iter().partition(|(job, _)| dropped.contains(job));
+        self.awaiting = left;
+        let waiters = answered.into_iter().map(|(_, a)| a);
+        let undrains = self.undrains.drain().map(|(_, u)| Awaited::Undrain { waiter: u.waiter, name: u.name, started: u.started });
+        for awaited in waiters.chain(undrains) {
+            match awaited {
+                Awaited::Drain { waiter: Some(w), .. } => out.push(Action::Reply(w, Reply::Drain(Err(AdminError::ShuttingDown)))),
+                Awaited::Undrain { waiter, .. } => out.push(Action::Reply(waiter, Reply::Undrain(Err(AdminError::ShuttingDown)))),
+                Awaited::Shutdown { waiter } => out.push(Action::Reply(waiter, Reply::Done)),
+                Awaited::Drain { waiter: None, .. } => {}
+            }
+        }
+        let job = self.schedule(Job::Retire, out);
+        self.awaiting.push((job, Awaited::Shutdown { waiter }));
+    }
+}
+
+#[cfg(test)]
+mod tests;
