@@ -9,6 +9,8 @@ use crate::v1;
 pub struct PipelineId(u64);
 
 impl PipelineId {
+    pub const FIRST: Self = Self(1);
+
     /// `None` for 0, which the wire uses for "no pipeline".
     pub fn new(id: u64) -> Option<Self> {
         (id != 0).then_some(Self(id))
@@ -22,6 +24,56 @@ impl PipelineId {
 impl std::fmt::Display for PipelineId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+/// A sequence on a pipeline's stages: one run of one request. A request moved
+/// or replayed runs under a new one, so late tokens of the old are told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(u64);
+
+impl SeqId {
+    pub const fn new(id: u64) -> Self {
+        Self(id)
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for SeqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A worker, across restarts and address changes: the id it keeps on disk. A
+/// worker that gives none is told apart by its address instead.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(String);
+
+impl NodeId {
+    /// `None` for the empty string, which the wire uses for "no id".
+    pub fn new(id: &str) -> Option<Self> {
+        (!id.is_empty()).then(|| Self(id.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl v1::WorkerDescription {
+    /// The worker's node id, if it gave one.
+    pub fn node(&self) -> Option<NodeId> {
+        NodeId::new(&self.node_id)
     }
 }
 
@@ -62,5 +114,12 @@ mod tests {
         let p = PipelineId::new(42).expect("42 is a pipeline");
         assert_eq!(v1::UnloadShardRequest::of(p).selection(), ShardSelection::Pipeline(p));
         assert_eq!(PipelineId::new(0), None);
+    }
+
+    #[test]
+    fn an_empty_node_id_is_no_id() {
+        let d = v1::WorkerDescription { node_id: "n1".into(), ..Default::default() };
+        assert_eq!(d.node().map(|n| n.to_string()), Some("n1".to_string()));
+        assert_eq!(v1::WorkerDescription::default().node(), None);
     }
 }

@@ -21,6 +21,7 @@ pub mod timing;
 pub mod transport;
 pub mod units;
 
+pub use ids::{NodeId, PipelineId, SeqId, ShardSelection};
 pub use error::{CallError, CoordinatorError, FailureKind, WorkerError};
 pub use tensor_wire::{decode_hidden, encode_hidden, WireError};
 

@@ -9,7 +9,7 @@ use strata_proto::v1;
 use strata_proto::FRAME_TARGET_BYTES;
 use tokio::sync::{mpsc, oneshot};
 
-use super::messages::SchedulerMsg;
+use super::messages::{RequestId, SchedulerMsg};
 use crate::engine::{Engine, EngineError, GenerateEvent, GenerateRequest, Limits, ModelCard};
 
 /// Most prompt tokens in one frame. Equal to the stages' prefill chunk, so a
@@ -97,7 +97,7 @@ impl ClusterEngine {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let direct = path == ReturnPath::Direct;
         self.tx
-            .send(SchedulerMsg::Start { id, request, direct, ignore_eos, events })
+            .send(SchedulerMsg::Start { id: RequestId(id), request, direct, ignore_eos, events })
             .map_err(|_| EngineError::ShuttingDown)?;
         Ok(receiver)
     }

@@ -130,8 +130,8 @@ impl Membership {
     pub fn add(&self, member: Member) -> Added {
         let mut added = Added::New;
         self.members.send_if_modified(|members| {
-            let id = &member.description.node_id;
-            let same_node = |m: &Member| !id.is_empty() && m.description.node_id == *id;
+            let node = member.description.node();
+            let same_node = |m: &Member| node.is_some() && m.description.node() == node;
             let existing = match members.iter().position(|m| m.address == member.address) {
                 Some(i) => Some(i),
                 None => members.iter().position(same_node),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strata_proto::v1::{StageMessage, WorkerEvent};
+use strata_proto::PipelineId;
 use tokio::sync::{mpsc, oneshot};
 
 use super::moves::LinkStage;
@@ -36,10 +37,21 @@ pub(crate) enum Control {
     },
 }
 
+/// A request to the cluster's engine, for as long as it runs (across the
+/// sequences it runs under as it is moved or replayed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Where requests go now.
 #[derive(Debug, Clone)]
 pub struct PipelineLink {
-    pub id: u64,
+    pub id: PipelineId,
     pub stage0: mpsc::UnboundedSender<StageMessage>,
     /// Its stages in order, for moving sequences' KV caches onto or off it.
     pub stages: Arc<Vec<LinkStage>>,
@@ -89,7 +101,7 @@ pub struct SchedulerStatus {
 /// To the scheduler.
 pub(crate) enum SchedulerMsg {
     Start {
-        id: u64,
+        id: RequestId,
         request: GenerateRequest,
         direct: bool,
         ignore_eos: bool,

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use strata_proto::v1;
+use strata_proto::{v1, PipelineId, SeqId};
 
 use super::WorkerClient;
 
@@ -135,14 +135,14 @@ impl MoveCost {
 
 /// For a new stage holding `layers`: where each part of them is held on the old
 /// pipeline, for the old sequence `seq`.
-pub fn sources(old: &[LinkStage], old_pipeline: u64, seq: u64, layers: &Range<usize>) -> Vec<v1::KvSource> {
+pub fn sources(old: &[LinkStage], old_pipeline: PipelineId, seq: SeqId, layers: &Range<usize>) -> Vec<v1::KvSource> {
     old.iter()
         .filter_map(|s| {
             let (start, end) = (layers.start.max(s.layers.start), layers.end.min(s.layers.end));
             (start < end).then(|| v1::KvSource {
                 address: s.address.clone(),
-                pipeline_id: old_pipeline,
-                seq_id: seq,
+                pipeline_id: old_pipeline.get(),
+                seq_id: seq.get(),
                 layer_start: start as u32,
                 layer_end: end as u32,
             })
@@ -161,10 +161,10 @@ pub struct Transferred {
 /// Everything a transfer task needs: the old and new stages, and the sequence.
 pub struct TransferSpec {
     pub old: Arc<Vec<LinkStage>>,
-    pub old_pipeline: u64,
-    pub old_seq: u64,
+    pub old_pipeline: PipelineId,
+    pub old_seq: SeqId,
     pub new: Arc<Vec<LinkStage>>,
-    pub new_pipeline: u64,
+    pub new_pipeline: PipelineId,
     pub open: v1::OpenSequence,
     /// Token ids at positions `[0, n)`.
     pub tokens: Vec<u32>,
@@ -177,7 +177,7 @@ pub async fn transfer(spec: TransferSpec) -> Result<Transferred, String> {
     let positions = spec.tokens.len() as u32;
     let calls = spec.new.iter().enumerate().map(|(i, stage)| {
         let request = v1::ImportSequenceRequest {
-            pipeline_id: spec.new_pipeline,
+            pipeline_id: spec.new_pipeline.get(),
             open: Some(spec.open.clone()),
             tokens: spec.tokens.clone(),
             positions,
@@ -251,9 +251,10 @@ mod tests {
             client: WorkerClient::new(tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy()),
         };
         let old = [stage(0..10, "a"), stage(10..20, "b"), stage(20..30, "c")];
+        let pipeline = |id| PipelineId::new(id).expect("not 0");
         let got: Vec<(String, u32, u32)> =
-            sources(&old, 7, 3, &(5..25)).into_iter().map(|s| (s.address, s.layer_start, s.layer_end)).collect();
+            sources(&old, pipeline(7), SeqId::new(3), &(5..25)).into_iter().map(|s| (s.address, s.layer_start, s.layer_end)).collect();
         assert_eq!(got, [("a".into(), 5, 10), ("b".into(), 10, 20), ("c".into(), 20, 25)]);
-        assert!(sources(&old, 7, 3, &(10..20)).iter().all(|s| s.address == "b" && s.pipeline_id == 7 && s.seq_id == 3));
+        assert!(sources(&old, pipeline(7), SeqId::new(3), &(10..20)).iter().all(|s| s.address == "b" && s.pipeline_id == 7 && s.seq_id == 3));
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures::future::join_all;
 use strata_proto::v1::{self, ModelRef, ShardSpec, StageMessage, WireDtype};
+use strata_proto::PipelineId;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -19,7 +20,7 @@ use super::{ClusterError, WeightsSource, WorkerClient};
 
 /// A loaded pipeline.
 pub struct Pipeline {
-    pub id: u64,
+    pub id: PipelineId,
     pub placements: Vec<Placement>,
     pub link: PipelineLink,
     forward: JoinHandle<()>,
@@ -49,7 +50,7 @@ impl BuildError {
 
 /// What building needs besides the stages.
 pub struct BuildSpec<'a> {
-    pub id: u64,
+    pub id: PipelineId,
     pub model: &'a Arc<ServedModel>,
     pub wire_dtype: WireDtype,
     /// Where each worker pulls the layers it lacks.
@@ -79,7 +80,7 @@ pub(super) async fn build(
         next_stage_address: stages.get(i + 1).map(|s| s.address.clone()).unwrap_or_default(),
         weights_source: sources[i].clone(),
         stage_index: i as u32,
-        pipeline_id: spec.id,
+        pipeline_id: spec.id.get(),
         first_stage_address: if i + 1 == stages.len() { stages[0].address.clone() } else { String::new() },
     };
     let loads = join_all(stages.iter().zip(clients).enumerate().map(|(i, (stage, client))| {
@@ -116,7 +117,7 @@ pub(super) async fn build(
     let mut first = clients[0].clone();
     let id = spec.id;
     let forward = tokio::spawn(async move {
-        let request = strata_proto::with_pipeline(UnboundedReceiverStream::new(frames), id);
+        let request = strata_proto::with_pipeline(UnboundedReceiverStream::new(frames), id.get());
         let reason = match first.forward(request).await {
             Ok(_) => "the stream to stage 0 closed".to_string(),
             Err(s) => format!("the stream to stage 0 broke: {}", s.message()),

@@ -43,11 +43,12 @@ use std::time::{Duration, Instant};
 
 use strata_model::generate::FinishReason;
 use strata_proto::v1::{self, stage_message, worker_event, ErrorCode, StageMessage, WorkerEvent};
+use strata_proto::{PipelineId, SeqId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::engine::{frame_tokens, sampling_to_proto};
 use super::moves::{self, MoveCost, MovePolicy, TransferSpec, Transferred};
-use super::messages::{Control, Moved, PipelineLink, Resumed, SchedulerMsg, SchedulerStatus};
+use super::messages::{Control, Moved, PipelineLink, RequestId, Resumed, SchedulerMsg, SchedulerStatus};
 use super::report::{AdmissionReport, QueuedRequest};
 use crate::engine::{EngineError, GenerateEvent, GenerateRequest, ModelCard};
 
@@ -92,7 +93,7 @@ struct Request {
     admitted: bool,
     /// (pipeline, sequence id) it runs under; `None` while it waits for admission
     /// or a pipeline.
-    running: Option<(u64, u64)>,
+    running: Option<(PipelineId, SeqId)>,
     /// When it last produced a token (or started).
     last_token: Instant,
     /// Since when it has waited for admission or a pipeline.
@@ -107,17 +108,17 @@ struct Request {
 /// A request whose KV cache is being moved.
 struct Transfer {
     /// Its sequence on the new pipeline (opened by the imports).
-    seq: u64,
-    pipeline: u64,
+    seq: SeqId,
+    pipeline: PipelineId,
     /// Its sequence on the old pipeline, released once the imports are done.
-    old_pipeline: u64,
-    old_seq: u64,
+    old_pipeline: PipelineId,
+    old_seq: SeqId,
 }
 
 /// A transfer task's outcome.
 struct TransferDone {
-    request: u64,
-    seq: u64,
+    request: RequestId,
+    seq: SeqId,
     result: Result<Transferred, String>,
 }
 
@@ -129,11 +130,11 @@ pub(super) struct Scheduler {
     pipeline: Option<PipelineLink>,
     waiting_reason: String,
     /// Every request, admitted or in line.
-    requests: HashMap<u64, Request>,
+    requests: HashMap<RequestId, Request>,
     /// Requests waiting for admission, first in line first.
-    queue: VecDeque<u64>,
+    queue: VecDeque<RequestId>,
     /// Sequence id on the wire → request id.
-    wire: HashMap<u64, u64>,
+    wire: HashMap<SeqId, RequestId>,
     next_seq: u64,
     longest_pause: Duration,
     longest_resume: Duration,
@@ -141,7 +142,7 @@ pub(super) struct Scheduler {
     tokens_generated: u64,
     moves: MoveSettings,
     /// Transfers under way, by request.
-    transfers: HashMap<u64, Transfer>,
+    transfers: HashMap<RequestId, Transfer>,
     /// The switch that started them: its reply, and what it moved so far.
     switching: Option<(oneshot::Sender<Moved>, Moved)>,
     /// Pipelines replaced by that switch, kept to release the old sequences.
@@ -155,9 +156,9 @@ fn message(kind: stage_message::Kind) -> StageMessage {
 }
 
 /// How request `r` is opened as sequence `seq`.
-fn open_sequence(r: &Request, seq: u64, stop_tokens: Vec<u32>) -> v1::OpenSequence {
+fn open_sequence(r: &Request, seq: SeqId, stop_tokens: Vec<u32>) -> v1::OpenSequence {
     v1::OpenSequence {
-        seq_id: seq,
+        seq_id: seq.get(),
         sampling: Some(r.sampling),
         direct_return: r.direct,
         end_position: r.end_position as u32,
@@ -258,7 +259,7 @@ impl Scheduler {
                 }
                 SchedulerMsg::Shutdown { done } => {
                     // Those in line first, so that none is admitted as the others end.
-                    let ids: Vec<u64> = self.queue.iter().chain(self.requests.keys()).copied().collect();
+                    let ids: Vec<RequestId> = self.queue.iter().chain(self.requests.keys()).copied().collect();
                     for id in ids {
                         self.finish(id, Some(GenerateEvent::Failed(EngineError::ShuttingDown)));
                     }
@@ -269,7 +270,14 @@ impl Scheduler {
         }
     }
 
-    fn send(&self, pipeline: u64, m: StageMessage) {
+    /// A sequence id not used before.
+    fn next_sequence(&mut self) -> SeqId {
+        let seq = SeqId::new(self.next_seq);
+        self.next_seq += 1;
+        seq
+    }
+
+    fn send(&self, pipeline: PipelineId, m: StageMessage) {
         // A closed stage-0 stream is reported to the controller by its task.
         if let Some(p) = self.pipeline.as_ref().filter(|p| p.id == pipeline) {
             let _ = p.stage0.send(m);
@@ -278,7 +286,7 @@ impl Scheduler {
 
     fn start(
         &mut self,
-        id: u64,
+        id: RequestId,
         request: GenerateRequest,
         direct: bool,
         ignore_eos: bool,
@@ -310,7 +318,7 @@ impl Scheduler {
         self.queue.push_back(id);
         self.admit();
         if self.queue.back() == Some(&id) {
-            tracing::info!(request = id, position = self.queue.len(), reason = %self.queue_reason(), "request waits for admission");
+            tracing::info!(request = %id, position = self.queue.len(), reason = %self.queue_reason(), "request waits for admission");
         }
     }
 
@@ -339,7 +347,7 @@ impl Scheduler {
             let _ = r.events.try_send(GenerateEvent::Admitted);
             match self.pipeline.clone() {
                 Some(pipeline) => self.launch(id, &pipeline),
-                None => tracing::info!(request = id, reason = %self.waiting_reason, "request waits for capacity"),
+                None => tracing::info!(request = %id, reason = %self.waiting_reason, "request waits for capacity"),
             }
         }
     }
@@ -353,7 +361,7 @@ impl Scheduler {
             .filter_map(|(i, &id)| {
                 let since = self.requests.get(&id)?.waiting_since;
                 let waited_seconds = since.map_or(0.0, |t| (now - t).as_secs_f64());
-                Some(QueuedRequest { position: i + 1, request: id, waited_seconds })
+                Some(QueuedRequest { position: i + 1, request: id.0, waited_seconds })
             })
             .collect();
         AdmissionReport {
@@ -366,9 +374,8 @@ impl Scheduler {
 
     /// Sends request `id` — prompt and every token generated so far — to `pipeline`
     /// under a fresh sequence id.
-    fn launch(&mut self, id: u64, pipeline: &PipelineLink) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+    fn launch(&mut self, id: RequestId, pipeline: &PipelineLink) {
+        let seq = self.next_sequence();
         let chunk = frame_tokens(self.hidden);
         let stop_tokens = self.card.tokenizer.eos_tokens().to_vec();
         let Some(r) = self.requests.get_mut(&id) else {
@@ -384,7 +391,7 @@ impl Scheduler {
         let sent = unix_nanos();
         for (i, tokens) in r.prompt.chunks(chunk).enumerate() {
             out.push(message(stage_message::Kind::Frame(v1::ActivationFrame {
-                seq_id: seq,
+                seq_id: seq.get(),
                 position: (i * chunk) as u32,
                 tokens: tokens.to_vec(),
                 hidden: None,
@@ -395,7 +402,7 @@ impl Scheduler {
         let base = r.prompt.len();
         for (k, &token) in r.generated.iter().enumerate() {
             out.push(message(stage_message::Kind::Frame(v1::ActivationFrame {
-                seq_id: seq,
+                seq_id: seq.get(),
                 position: (base + k) as u32,
                 tokens: vec![token],
                 hidden: None,
@@ -408,7 +415,7 @@ impl Scheduler {
         }
     }
 
-    fn finish(&mut self, id: u64, event: Option<GenerateEvent>) {
+    fn finish(&mut self, id: RequestId, event: Option<GenerateEvent>) {
         let Some(r) = self.requests.remove(&id) else {
             return;
         };
@@ -420,7 +427,7 @@ impl Scheduler {
         }
         if let Some((pipeline, seq)) = r.running {
             self.wire.remove(&seq);
-            self.send(pipeline, message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: seq })));
+            self.send(pipeline, message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: seq.get() })));
         }
         // Its sequence is free; the release went out first on the same stream, so a
         // stage never holds more sequences than planned.
@@ -439,7 +446,7 @@ impl Scheduler {
     fn on_token(&mut self, t: v1::TokenSampled) {
         // Tokens of a sequence id no longer in use (a finished request, or the
         // pipeline before a switch) are moot.
-        let Some(&id) = self.wire.get(&t.seq_id) else {
+        let Some(&id) = self.wire.get(&SeqId::new(t.seq_id)) else {
             return;
         };
         let Some(r) = self.requests.get_mut(&id) else {
@@ -479,7 +486,7 @@ impl Scheduler {
             self.send(
                 pipeline,
                 message(stage_message::Kind::Frame(v1::ActivationFrame {
-                    seq_id: seq,
+                    seq_id: seq.get(),
                     position: t.position,
                     tokens: vec![t.token],
                     hidden: None,
@@ -492,7 +499,7 @@ impl Scheduler {
     }
 
     fn on_error(&mut self, e: v1::SequenceError) {
-        let Some(&id) = self.wire.get(&e.seq_id) else {
+        let Some(&id) = self.wire.get(&SeqId::new(e.seq_id)) else {
             return;
         };
         let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
@@ -510,7 +517,7 @@ impl Scheduler {
             return;
         };
         if pipeline_trouble && r.retries < MAX_RETRIES {
-            tracing::warn!(request = id, stage = e.stage_index, ?code, message = %e.message, "pipeline trouble; the request waits");
+            tracing::warn!(request = %id, stage = e.stage_index, ?code, message = %e.message, "pipeline trouble; the request waits");
             r.retries += 1;
             if let Some((_, seq)) = r.running.take() {
                 self.wire.remove(&seq);
@@ -521,7 +528,7 @@ impl Scheduler {
             let _ = self.control.send(Control::Trouble { reason: format!("stage {}: {}", e.stage_index, e.message) });
             return;
         }
-        tracing::warn!(request = id, stage = e.stage_index, ?code, message = %e.message, "sequence failed");
+        tracing::warn!(request = %id, stage = e.stage_index, ?code, message = %e.message, "sequence failed");
         let reason = format!("stage {}: {}", e.stage_index, e.message);
         self.finish(id, Some(GenerateEvent::Failed(EngineError::Internal(reason))));
     }
@@ -533,7 +540,7 @@ impl Scheduler {
         let old = std::mem::replace(&mut self.pipeline, pipeline.clone()).filter(|_| old_alive);
         self.waiting_reason = reason;
         let now = Instant::now();
-        let ids: Vec<u64> = self.requests.keys().copied().collect();
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
         let mut moved = Moved::default();
         for id in ids {
             let Some(r) = self.requests.get_mut(&id) else {
@@ -576,7 +583,7 @@ impl Scheduler {
         }
         if let Some(p) = &pipeline {
             tracing::info!(
-                pipeline = p.id,
+                pipeline = %p.id,
                 replayed = moved.replayed,
                 transferring = moved.transferred,
                 "requests run on the new pipeline"
@@ -589,7 +596,7 @@ impl Scheduler {
 
     /// Whether request `id`, running on a pipeline that still works, should move
     /// with its KV cache rather than be replayed.
-    fn should_transfer(&self, id: u64) -> bool {
+    fn should_transfer(&self, id: RequestId) -> bool {
         let Some(r) = self.requests.get(&id) else {
             return false;
         };
@@ -605,7 +612,7 @@ impl Scheduler {
             MovePolicy::Auto => estimate.transfer_is_faster(),
         };
         tracing::info!(
-            request = id,
+            request = %id,
             policy = ?self.moves.policy,
             prompt = r.prompt.len(),
             generated = r.generated.len(),
@@ -621,9 +628,8 @@ impl Scheduler {
     /// with its KV cache: a new sequence id at once (late tokens of the old one are
     /// ignored), the imports in a task; [`Self::on_transfer_done`] resumes it. False
     /// when there is nothing to move (it is not running, or generated nothing).
-    fn transfer(&mut self, id: u64, from: &PipelineLink, to: &PipelineLink) -> bool {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+    fn transfer(&mut self, id: RequestId, from: &PipelineLink, to: &PipelineLink) -> bool {
+        let seq = self.next_sequence();
         let stop_tokens = self.card.tokenizer.eos_tokens().to_vec();
         let Some(r) = self.requests.get_mut(&id) else {
             return false;
@@ -662,16 +668,16 @@ impl Scheduler {
         };
         // The old sequence's KV has been read (or will not be): it can stop.
         if let Some(old) = self.old_links.iter().find(|l| l.id == t.old_pipeline) {
-            let _ = old.stage0.send(message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: t.old_seq })));
+            let _ = old.stage0.send(message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: t.old_seq.get() })));
         }
-        let release_new = message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: t.seq }));
+        let release_new = message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: t.seq.get() }));
         let request = self.requests.get(&done.request).filter(|r| r.running == Some((t.pipeline, t.seq)));
         match (request, done.result) {
             (Some(r), Ok(moved)) => {
                 let position = (r.prompt.len() + r.generated.len() - 1) as u32;
                 let token = r.generated[r.generated.len() - 1];
                 tracing::info!(
-                    request = done.request,
+                    request = %done.request,
                     positions = position,
                     bytes = moved.bytes,
                     ms = moved.seconds * 1e3,
@@ -681,7 +687,7 @@ impl Scheduler {
                 self.send(
                     t.pipeline,
                     message(stage_message::Kind::Frame(v1::ActivationFrame {
-                        seq_id: t.seq,
+                        seq_id: t.seq.get(),
                         position,
                         tokens: vec![token],
                         hidden: None,
@@ -691,7 +697,7 @@ impl Scheduler {
                 );
             }
             (Some(_), Err(e)) => {
-                tracing::warn!(request = done.request, error = %e, "KV transfer failed; replaying the request");
+                tracing::warn!(request = %done.request, error = %e, "KV transfer failed; replaying the request");
                 // Stages whose import did succeed drop it.
                 self.send(t.pipeline, release_new);
                 if let Some((_, moved)) = &mut self.switching {
@@ -752,12 +758,12 @@ impl Scheduler {
             }
         }
         for id in gone {
-            tracing::debug!(request = id, "client went away; releasing");
+            tracing::debug!(request = %id, "client went away; releasing");
             self.finish(id, None);
         }
         // Those in line first, in line order, so a sequence freed by an expired
         // admitted request is not handed to one about to fail.
-        let position = |id: u64| self.queue.iter().position(|&q| q == id);
+        let position = |id: RequestId| self.queue.iter().position(|&q| q == id);
         expired.sort_by_key(|&(admitted, id)| (admitted, position(id)));
         for (_, id) in expired {
             // Finishing another may have admitted and launched this one.
@@ -773,7 +779,7 @@ impl Scheduler {
                     self.waiting_reason
                 ))
             };
-            tracing::info!(request = id, error = %error, "request waited too long");
+            tracing::info!(request = %id, error = %error, "request waited too long");
             self.finish(id, Some(GenerateEvent::Failed(error)));
         }
         self.check_resumed();
@@ -793,6 +799,7 @@ mod tests {
 
     /// A pipeline whose stage-0 stream the test reads, on a worker that is not there.
     fn link(id: u64) -> (PipelineLink, mpsc::UnboundedReceiver<StageMessage>) {
+        let id = PipelineId::new(id).expect("test pipelines are not 0");
         let (stage0, frames) = mpsc::unbounded_channel();
         let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
         let stage = LinkStage { address: "127.0.0.1:1".into(), layers: 0..4, client: WorkerClient::new(channel) };
@@ -838,7 +845,7 @@ mod tests {
         let (events, mut client) = mpsc::channel(16);
         let sampling = SamplingParams::greedy();
         let request = GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 8, sampling };
-        handled(&tx, SchedulerMsg::Start { id: 1, request, direct: false, ignore_eos: true, events }).await;
+        handled(&tx, SchedulerMsg::Start { id: RequestId(1), request, direct: false, ignore_eos: true, events }).await;
         handled(&tx, token(1, 3, 40)).await;
         handled(&tx, token(1, 4, 41)).await;
         assert_eq!(kinds(&mut old_frames).len(), 4, "open, the prompt and two steps");
@@ -902,7 +909,7 @@ mod tests {
     fn one_token(id: u64, events: mpsc::Sender<GenerateEvent>) -> SchedulerMsg {
         let request =
             GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 1, sampling: SamplingParams::greedy() };
-        SchedulerMsg::Start { id, request, direct: false, ignore_eos: true, events }
+        SchedulerMsg::Start { id: RequestId(id), request, direct: false, ignore_eos: true, events }
     }
 
     fn opened(frames: &mut mpsc::UnboundedReceiver<StageMessage>) -> Vec<u64> {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use strata_proto::v1;
+use strata_proto::{v1, PipelineId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -54,7 +54,7 @@ const UNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A pipeline stopped before its successor loaded, whose shards some survivors
 /// keep meanwhile.
 struct Stale {
-    id: u64,
+    id: PipelineId,
     /// The stages still loaded, by address.
     stages: Vec<(String, Range<usize>)>,
     /// Bytes already freed by unloading it on the other workers.
@@ -108,6 +108,13 @@ impl PipelineKeeper {
             sweeps: HashMap::new(),
             next_pipeline: seed.max(1),
         }
+    }
+
+    /// A pipeline id not used before (by this coordinator or, likely, an earlier one).
+    fn next_pipeline_id(&mut self) -> PipelineId {
+        let id = PipelineId::new(self.next_pipeline).unwrap_or(PipelineId::FIRST);
+        self.next_pipeline = id.get().wrapping_add(1);
+        id
     }
 
     /// Runs the jobs it is given, in order, each reported when done.
@@ -286,8 +293,7 @@ impl PipelineKeeper {
                 self.stop_for(why, stale).await;
                 self.unload_stale_except(stale, &stages, &keep).await;
             }
-            let id = self.next_pipeline;
-            self.next_pipeline += 1;
+            let id = self.next_pipeline_id();
             let spec = BuildSpec {
                 id,
                 model: &self.spec.model,
@@ -415,7 +421,7 @@ impl PipelineKeeper {
     /// Drops what an abandoned load of pipeline `id` loaded, in a task of its own
     /// (a worker that is gone answers nothing; the sweep of stale shards catches
     /// what this misses).
-    fn abandon(&self, id: u64, stages: &[StagePlan]) {
+    fn abandon(&self, id: PipelineId, stages: &[StagePlan]) {
         let members = self.spec.membership.members();
         let targets: Vec<(String, WorkerClient)> = stages
             .iter()
@@ -424,9 +430,9 @@ impl PipelineKeeper {
             .collect();
         tokio::spawn(async move {
             for (address, mut client) in targets {
-                let unload = client.unload_shard(v1::UnloadShardRequest { pipeline_id: id });
+                let unload = client.unload_shard(v1::UnloadShardRequest::of(id));
                 if tokio::time::timeout(CLEANUP_TIMEOUT, unload).await.is_err() {
-                    tracing::debug!(%address, pipeline_id = id, "an abandoned shard did not unload; the sweep will");
+                    tracing::debug!(%address, pipeline_id = %id, "an abandoned shard did not unload; the sweep will");
                 }
             }
         });
@@ -471,7 +477,7 @@ impl PipelineKeeper {
         let link = new.link.clone();
         let moved = self.scheduler_switch(Some(link), String::new(), old_alive).await;
         self.spec.view.set_pipeline(Some(ServingPipeline {
-            id: new.id,
+            id: new.id.get(),
             placements: new.placements.clone(),
             predicted_tokens_per_second: predicted.0,
             predicted_stage_seconds: predicted.1,
@@ -521,7 +527,7 @@ impl PipelineKeeper {
     }
 
     /// Unloads pipeline `id` from the workers that answer; bytes freed by each.
-    async fn unload_pipeline(&mut self, id: u64, addresses: &[String]) -> HashMap<String, u64> {
+    async fn unload_pipeline(&mut self, id: PipelineId, addresses: &[String]) -> HashMap<String, u64> {
         let members = self.spec.membership.members();
         let mut targets = Vec::new();
         for a in addresses {
@@ -535,7 +541,7 @@ impl PipelineKeeper {
         let results = join_all(targets.into_iter().map(|(address, mut c)| async move {
             let r = tokio::time::timeout(
                 UNLOAD_TIMEOUT,
-                c.unload_shard(v1::UnloadShardRequest { pipeline_id: id }),
+                c.unload_shard(v1::UnloadShardRequest::of(id)),
             )
             .await;
             (address, r)
@@ -583,7 +589,7 @@ impl PipelineKeeper {
             if matches!(m.status, NodeStatus::Gone { .. }) || self.sweeps.contains_key(&m.address) {
                 continue;
             }
-            let stale: Vec<u64> = m.heartbeat.pipelines.iter().copied().filter(|&p| Some(p) != current).collect();
+            let stale: Vec<u64> = m.heartbeat.pipelines.iter().copied().filter(|&p| Some(p) != current.map(PipelineId::get)).collect();
             if stale.is_empty() {
                 continue;
             }
