@@ -6,8 +6,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use std::future::Future;
+
 use futures::future::join_all;
 use strata_proto::v1::{self, WorkerState};
+use strata_proto::{CallError, FailureKind};
+use tonic::{Code, Response, Status};
 
 use super::super::{connect, ClusterError, WorkerClient};
 
@@ -44,17 +48,46 @@ impl Clients {
         self.lock().remove(address);
     }
 
+    /// Makes one call to the worker at `address` within `timeout` (connecting
+    /// included: to a worker cut off from the network that alone takes long): its
+    /// answer, or why not as a [`CallError`] whose kind the caller decides on. A
+    /// call that did not get through drops the connection, so the next one makes
+    /// a new one (the old may be the broken part).
+    pub async fn call<T, F, Fut>(&self, address: &str, timeout: Duration, call: F) -> Result<T, CallError>
+    where
+        F: FnOnce(WorkerClient) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let attempt = async {
+            let client = self
+                .get(address)
+                .await
+                .map_err(|e| CallError { code: Code::Unavailable, message: e.to_string() })?;
+            call(client).await.map(Response::into_inner).map_err(CallError::from)
+        };
+        let result = match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError { code: Code::DeadlineExceeded, message: format!("no answer within {timeout:?}") }),
+        };
+        if let Err(e) = &result {
+            if e.kind() == FailureKind::Unreachable {
+                self.forget(address);
+            }
+        }
+        result
+    }
+
     /// Each worker's state, asked of all at once: `None` for one that does not
-    /// answer within [`HEALTH_TIMEOUT`]. Connecting counts too: to a worker cut off
-    /// from the network it would take the whole connect timeout.
+    /// answer within [`HEALTH_TIMEOUT`].
     pub async fn health(&self, addresses: &[String]) -> Vec<Option<WorkerState>> {
         join_all(addresses.iter().map(|address| async move {
-            let check = async {
-                let mut c = self.get(address).await.ok()?;
-                let state = c.health(v1::HealthRequest {}).await.ok()?.into_inner().state;
-                Some(WorkerState::try_from(state).unwrap_or(WorkerState::Unspecified))
-            };
-            tokio::time::timeout(HEALTH_TIMEOUT, check).await.ok().flatten()
+            let answer = self.call(address, HEALTH_TIMEOUT, |mut c| async move { c.health(v1::HealthRequest {}).await });
+            match answer.await {
+                Ok(h) => Some(WorkerState::try_from(h.state).unwrap_or(WorkerState::Unspecified)),
+                // It answered, if only with an error: it is there.
+                Err(e) if e.kind() != FailureKind::Unreachable => Some(WorkerState::Unspecified),
+                Err(_) => None,
+            }
         }))
         .await
     }

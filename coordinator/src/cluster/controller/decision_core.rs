@@ -17,6 +17,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Instant;
 
 use strata_proto::v1::WorkerState;
+use strata_proto::CallError;
 
 use super::super::backoff::LoadBackoff;
 use super::super::decision;
@@ -81,7 +82,7 @@ pub enum Event {
     /// A probe of a gone worker got no answer.
     ProbeEnded { address: String },
     /// A worker that answered again was asked to drop its stale shards.
-    Cleaned { member: Member, result: Result<(), String> },
+    Cleaned { member: Member, result: Result<(), CallError> },
     Drain { node: String, force: bool, wait: bool, waiter: WaiterId },
     Undrain { node: String, waiter: WaiterId },
     /// The worker was told (or could not be told) its drain state.
@@ -233,11 +234,10 @@ impl ControlCore {
             }
             Event::Cleaned { member, result } => {
                 self.probing.remove(&member.address);
-                match result {
-                    Ok(()) if !self.stopping => out.push(Action::Admit(member)),
-                    Ok(()) => {}
-                    // Its connection may be the broken part: the next probe makes a new one.
-                    Err(_) => out.push(Action::Unfollow(member.address)),
+                // One that could not drop them stays gone, and is asked again (over a
+                // new connection if the call did not get through).
+                if result.is_ok() && !self.stopping {
+                    out.push(Action::Admit(member));
                 }
             }
             Event::Drain { node, force, wait, waiter } => self.drain(&node, force, wait, waiter, snap, &mut out),

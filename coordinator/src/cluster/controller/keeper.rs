@@ -150,7 +150,7 @@ impl PipelineKeeper {
             }
             Job::Housekeeping => {
                 self.retry_failed_loads().await;
-                self.sweep_stale_shards().await;
+                self.sweep_stale_shards();
                 Switched::default()
             }
             Job::Retire => {
@@ -423,16 +423,17 @@ impl PipelineKeeper {
     /// what this misses).
     fn abandon(&self, id: PipelineId, stages: &[StagePlan]) {
         let members = self.spec.membership.members();
-        let targets: Vec<(String, WorkerClient)> = stages
+        let targets: Vec<String> = stages
             .iter()
             .filter(|s| members.iter().any(|m| m.address == s.address && !matches!(m.status, NodeStatus::Gone { .. })))
-            .filter_map(|s| self.clients.cached(&s.address).map(|c| (s.address.clone(), c)))
+            .map(|s| s.address.clone())
             .collect();
+        let clients = self.clients.clone();
         tokio::spawn(async move {
-            for (address, mut client) in targets {
-                let unload = client.unload_shard(v1::UnloadShardRequest::of(id));
-                if tokio::time::timeout(CLEANUP_TIMEOUT, unload).await.is_err() {
-                    tracing::debug!(%address, pipeline_id = %id, "an abandoned shard did not unload; the sweep will");
+            for address in targets {
+                let unload = |mut c: WorkerClient| async move { c.unload_shard(v1::UnloadShardRequest::of(id)).await };
+                if let Err(e) = clients.call(&address, CLEANUP_TIMEOUT, unload).await {
+                    tracing::debug!(%address, pipeline_id = %id, error = %e, "an abandoned shard did not unload; the sweep will");
                 }
             }
         });
@@ -529,34 +530,27 @@ impl PipelineKeeper {
     /// Unloads pipeline `id` from the workers that answer; bytes freed by each.
     async fn unload_pipeline(&mut self, id: PipelineId, addresses: &[String]) -> HashMap<String, u64> {
         let members = self.spec.membership.members();
-        let mut targets = Vec::new();
-        for a in addresses {
-            let gone = members.iter().any(|m| &m.address == a && matches!(m.status, NodeStatus::Gone { .. }));
-            if !gone {
-                if let Ok(c) = self.clients.get(a).await {
-                    targets.push((a.clone(), c));
-                }
-            }
-        }
-        let results = join_all(targets.into_iter().map(|(address, mut c)| async move {
-            let r = tokio::time::timeout(
-                UNLOAD_TIMEOUT,
-                c.unload_shard(v1::UnloadShardRequest::of(id)),
-            )
-            .await;
-            (address, r)
+        let live = addresses
+            .iter()
+            .filter(|a| !members.iter().any(|m| &m.address == *a && matches!(m.status, NodeStatus::Gone { .. })));
+        let clients = &self.clients;
+        let results = join_all(live.map(|address| async move {
+            let unload = |mut c: WorkerClient| async move { c.unload_shard(v1::UnloadShardRequest::of(id)).await };
+            (address.clone(), clients.call(address, UNLOAD_TIMEOUT, unload).await)
         }))
         .await;
         let mut freed = HashMap::new();
-        for (address, r) in results {
-            match r {
-                Ok(Ok(r)) => {
-                    freed.insert(address, r.into_inner().freed_bytes);
+        for (address, result) in results {
+            match result {
+                Ok(r) => {
+                    freed.insert(address, r.freed_bytes);
                 }
-                Ok(Err(s)) => {
-                    tracing::warn!(%address, error = %s.message(), "unloading the old pipeline failed")
+                // It holds no shard of that pipeline (it restarted, or an abandoned
+                // load never reached it): nothing to free.
+                Err(e) if e.code == tonic::Code::NotFound => {
+                    tracing::debug!(%address, pipeline_id = %id, "nothing to unload");
                 }
-                Err(_) => tracing::warn!(%address, "unloading the old pipeline timed out"),
+                Err(e) => tracing::warn!(%address, error = %e, kind = ?e.kind(), "unloading the old pipeline failed"),
             }
         }
         freed
@@ -581,8 +575,8 @@ impl PipelineKeeper {
     /// its probe cleaned it, may hold one. Between two jobs no pipeline is half
     /// built (the keeper builds within one job), so only the current pipeline's
     /// shards are wanted. Each unload runs in a task of its own, so a worker slow
-    /// to answer never holds up the controller.
-    async fn sweep_stale_shards(&mut self) {
+    /// to answer never holds up the keeper.
+    fn sweep_stale_shards(&mut self) {
         self.sweeps.retain(|_, task| !task.is_finished());
         let current = self.current.as_ref().map(|p| p.id);
         for m in self.spec.membership.members() {
@@ -593,24 +587,17 @@ impl PipelineKeeper {
             if stale.is_empty() {
                 continue;
             }
-            let Ok(mut client) = self.clients.get(&m.address).await else { continue };
-            let address = m.address.clone();
+            let (clients, address) = (self.clients.clone(), m.address.clone());
             let task = tokio::spawn(async move {
                 for pipeline_id in stale {
-                    let unload = client.unload_shard(v1::UnloadShardRequest { pipeline_id });
-                    match tokio::time::timeout(CLEANUP_TIMEOUT, unload).await {
-                        Ok(Ok(r)) => tracing::info!(
-                            %address,
-                            pipeline_id,
-                            freed_bytes = r.into_inner().freed_bytes,
-                            "unloaded a stale shard"
-                        ),
-                        _ => tracing::debug!(%address, pipeline_id, "a stale shard did not unload; asked again later"),
+                    let unload = |mut c: WorkerClient| async move { c.unload_shard(v1::UnloadShardRequest { pipeline_id }).await };
+                    match clients.call(&address, CLEANUP_TIMEOUT, unload).await {
+                        Ok(r) => tracing::info!(%address, pipeline_id, freed_bytes = r.freed_bytes, "unloaded a stale shard"),
+                        Err(e) => tracing::debug!(%address, pipeline_id, error = %e, "a stale shard did not unload; asked again later"),
                     }
                 }
             });
             self.sweeps.insert(m.address, task);
         }
     }
-
 }

@@ -34,7 +34,7 @@ use super::model::ServedModel;
 use super::placement::PlacementPolicy;
 use super::report::{AdminError, DrainReport};
 use super::status_view::StatusView;
-use super::HopSamples;
+use super::{HopSamples, WorkerClient};
 use crate::planner::{ModelSpec, PlanOptions};
 
 /// How often gone workers are asked whether they are back, and failed loads
@@ -297,13 +297,12 @@ impl Controller {
     fn tell_draining(&self, address: String, draining: bool) {
         let (clients, events) = (self.clients.clone(), self.events.clone());
         tokio::spawn(async move {
-            let told = async {
-                let mut c = clients.get(&address).await.map_err(|e| e.to_string())?;
-                c.set_draining(v1::SetDrainingRequest { draining }).await.map_err(|s| s.message().to_string())
-            };
-            let result = tokio::time::timeout(SET_DRAINING_TIMEOUT, told).await.map_err(|e| e.to_string());
-            if let Err(e) | Ok(Err(e)) = result {
-                tracing::warn!(%address, error = %e, "could not tell the worker its drain state");
+            let set = |mut c: WorkerClient| async move { c.set_draining(v1::SetDrainingRequest { draining }).await };
+            if let Err(e) = clients.call(&address, SET_DRAINING_TIMEOUT, set).await {
+                // Not fatal: the membership holds the drain state the plan uses; a
+                // worker that missed it says so in its heartbeats, and one that
+                // did not get the call is soon found gone.
+                tracing::warn!(%address, error = %e, kind = ?e.kind(), "could not tell the worker its drain state");
             }
             let _ = events.send(Event::DrainStateSent { address, draining });
         });
@@ -332,15 +331,8 @@ impl Controller {
         let (clients, events) = (self.clients.clone(), self.events.clone());
         let address = member.address.clone();
         let task = tokio::spawn(async move {
-            let cleanup = async {
-                let mut c = clients.get(&member.address).await.map_err(|e| e.to_string())?;
-                c.unload_shard(v1::UnloadShardRequest::all()).await.map_err(|s| s.message().to_string())
-            };
-            let result = match tokio::time::timeout(CLEANUP_TIMEOUT, cleanup).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(format!("no answer within {CLEANUP_TIMEOUT:?}")),
-            };
+            let unload_all = |mut c: WorkerClient| async move { c.unload_shard(v1::UnloadShardRequest::all()).await };
+            let result = clients.call(&member.address, CLEANUP_TIMEOUT, unload_all).await.map(|_| ());
             if let Err(e) = &result {
                 tracing::warn!(address = %member.address, error = %e, "a worker that answered again could not unload");
             }

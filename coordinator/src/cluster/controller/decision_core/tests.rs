@@ -226,6 +226,11 @@ fn a_worker_back_at_another_address_is_cleaned_then_admitted_and_followed_there(
     assert_eq!(s.on(Event::Tick), [Action::Probe(address("b")), Action::Run(JobId(2), Job::Housekeeping)]);
     let back = member("b", 8 * GIB);
     assert_eq!(s.on(Event::Answered { member: back.clone() }), [Action::Clean(back.clone())]);
+    // The unload did not get through: it stays gone and is asked again.
+    let cut = CallError { code: tonic::Code::Unavailable, message: "connection reset".into() };
+    assert_eq!(s.on(Event::Cleaned { member: back.clone(), result: Err(cut) }), []);
+    assert_eq!(s.on(Event::Tick), [Action::Probe(address("b"))]);
+    assert_eq!(s.on(Event::Answered { member: back.clone() }), [Action::Clean(back.clone())]);
     assert_eq!(s.on(Event::Cleaned { member: back.clone(), result: Ok(()) }), [Action::Admit(back)]);
     // Later it is gone again and comes back through mDNS at a new DHCP lease: the
     // membership moves it (same node id); it is followed there and planned for.
