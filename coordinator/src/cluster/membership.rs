@@ -3,12 +3,13 @@
 //! hold layers, and its last heartbeat.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_proto::v1::{DescribeRequest, WorkerDescription, WorkerState};
 use strata_proto::{CoordinatorError, PROTOCOL_VERSION};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use super::report::PullReport;
 use super::ClusterError;
@@ -98,20 +99,81 @@ pub enum Added {
     KnownElsewhere(String),
 }
 
+/// One change to the membership, numbered: generation N is the state after the
+/// Nth change, so a consumer that saw N knows what it has missed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MembershipChange {
+    pub generation: u64,
+    pub change: Change,
+}
+
+/// What changed, with the member as it is after the change (before, if removed).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Added(Member),
+    /// Its status or description changed, or it moved to another address.
+    Updated(Member),
+    Removed(Member),
+}
+
+/// How many changes a slow consumer may fall behind before it is told it lagged
+/// (and reads the whole list instead).
+const CHANGES_BUFFERED: usize = 256;
+
 /// Known workers, in the order they became known. Cheap to share: a watch channel
-/// whose value is the list, so waiters wake on every change.
+/// whose value is the list, so waiters wake on every change, and a stream of the
+/// changes themselves with their generation, for consumers that act on each.
 #[derive(Debug)]
 pub struct Membership {
     members: watch::Sender<Vec<Member>>,
+    changes: broadcast::Sender<MembershipChange>,
+    generation: AtomicU64,
 }
 
 impl Default for Membership {
     fn default() -> Self {
-        Self { members: watch::channel(Vec::new()).0 }
+        Self {
+            members: watch::channel(Vec::new()).0,
+            changes: broadcast::channel(CHANGES_BUFFERED).0,
+            generation: AtomicU64::new(0),
+        }
     }
 }
 
 impl Membership {
+    /// Applies `modify` to the list; the change it reports (if any) is numbered and
+    /// published while the list is still locked, so generations follow the order
+    /// in which the list changed.
+    fn modify(&self, modify: impl FnOnce(&mut Vec<Member>) -> Option<Change>) -> bool {
+        self.members.send_if_modified(|members| match modify(members) {
+            Some(change) => {
+                let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+                // No consumer is no error: the list itself is the truth.
+                let _ = self.changes.send(MembershipChange { generation, change });
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// The changes from now on.
+    pub fn changes(&self) -> broadcast::Receiver<MembershipChange> {
+        self.changes.subscribe()
+    }
+
+    /// How many changes the membership has seen.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// The members and the generation they are at, read together.
+    pub fn snapshot(&self) -> (u64, Vec<Member>) {
+        // Changes are numbered under the list's write lock; this read lock keeps
+        // both still.
+        let members = self.members.borrow();
+        (self.generation(), members.clone())
+    }
+
     pub fn members(&self) -> Vec<Member> {
         self.members.borrow().clone()
     }
@@ -129,7 +191,7 @@ impl Membership {
     /// address it is known at (its stages run there); a gone one moves to the new.
     pub fn add(&self, member: Member) -> Added {
         let mut added = Added::New;
-        self.members.send_if_modified(|members| {
+        self.modify(|members| {
             let node = member.description.node();
             let same_node = |m: &Member| node.is_some() && m.description.node() == node;
             let existing = match members.iter().position(|m| m.address == member.address) {
@@ -138,12 +200,12 @@ impl Membership {
             };
             let Some(i) = existing else {
                 members.push(member.clone());
-                return true;
+                return Some(Change::Added(member.clone()));
             };
             let existing = &mut members[i];
             if existing.address != member.address && !matches!(existing.status, NodeStatus::Gone { .. }) {
                 added = Added::KnownElsewhere(existing.address.clone());
-                return false;
+                return None;
             }
             added = Added::Updated;
             let drained = existing.status == NodeStatus::Draining;
@@ -151,17 +213,16 @@ impl Membership {
             if drained {
                 existing.status = NodeStatus::Draining;
             }
-            true
+            Some(Change::Updated(existing.clone()))
         });
         added
     }
 
     /// Forgets a worker (an mDNS goodbye).
     pub fn remove(&self, address: &str) {
-        self.members.send_if_modified(|members| {
-            let before = members.len();
-            members.retain(|m| m.address != address);
-            members.len() != before
+        self.modify(|members| {
+            let i = members.iter().position(|m| m.address == address)?;
+            Some(Change::Removed(members.remove(i)))
         });
     }
 
@@ -172,13 +233,13 @@ impl Membership {
 
     /// Sets a worker's status; false when it is unknown or already so.
     pub fn set_status(&self, address: &str, status: NodeStatus) -> bool {
-        self.members.send_if_modified(|members| match members.iter_mut().find(|m| m.address == address) {
+        self.modify(|members| match members.iter_mut().find(|m| m.address == address) {
             Some(m) if m.status != status => {
                 m.status = status;
                 m.status_set_at = Some(Instant::now());
-                true
+                Some(Change::Updated(m.clone()))
             }
-            _ => false,
+            _ => None,
         })
     }
 
@@ -186,24 +247,24 @@ impl Membership {
     /// drained or undrained at its own machine); watchers wake only when that
     /// changes whether it may hold layers.
     pub fn heartbeat(&self, address: &str, state: WorkerState, beat: Heartbeat) {
-        self.members.send_if_modified(|members| {
+        self.modify(|members| {
             let Some(m) = members.iter_mut().find(|m| m.address == address) else {
-                return false;
+                return None;
             };
             m.heartbeat = beat;
             m.description.state = state as i32;
             if m.status_set_at.is_some_and(|t| t.elapsed() < STATUS_SETTLE) {
-                return false;
+                return None;
             }
             let draining = state == WorkerState::Draining;
             let next = match (&m.status, draining) {
                 (NodeStatus::Ready, true) => NodeStatus::Draining,
                 (NodeStatus::Draining, false) => NodeStatus::Ready,
-                _ => return false,
+                _ => return None,
             };
             tracing::info!(%address, status = next.label(), "the worker changed its drain state");
             m.status = next;
-            true
+            Some(Change::Updated(m.clone()))
         });
     }
 
@@ -349,6 +410,30 @@ mod tests {
         assert_eq!(reachable_address("10.0.0.9:7070", lan), "10.0.0.9:7070", "an advertised address is kept");
         assert_eq!(reachable_address("gaming-pc:7070", lan), "gaming-pc:7070");
         assert_eq!(reachable_address("127.0.0.1:7070", "127.0.0.1".parse().unwrap()), "127.0.0.1:7070");
+    }
+
+    #[test]
+    fn every_change_is_published_once_with_the_next_generation() {
+        let m = Membership::default();
+        let mut changes = m.changes();
+        m.add(member("a:1", "n1"));
+        m.set_status("a:1", NodeStatus::Draining);
+        m.set_status("a:1", NodeStatus::Draining);
+        m.heartbeat("a:1", WorkerState::Serving, Heartbeat::default());
+        m.remove("a:1");
+        let mut seen = Vec::new();
+        while let Ok(c) = changes.try_recv() {
+            let kind = match &c.change {
+                Change::Added(_) => "added",
+                Change::Updated(m) => m.status.label(),
+                Change::Removed(_) => "removed",
+            };
+            seen.push((c.generation, kind));
+        }
+        // Setting the same status twice is no change; the heartbeat came too soon
+        // after the coordinator set it to undo it.
+        assert_eq!(seen, [(1, "added"), (2, "draining"), (3, "removed")]);
+        assert_eq!(m.generation(), 3);
     }
 
     #[test]

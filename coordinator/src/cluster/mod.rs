@@ -300,7 +300,8 @@ impl ClusterAdmin {
 
     pub async fn status(&self) -> Result<ClusterStatus, AdminError> {
         let scheduler = scheduler_status(&self.scheduler).await.ok_or(AdminError::ShuttingDown)?;
-        Ok(self.view.report(&self.membership.members(), scheduler))
+        let (generation, members) = self.membership.snapshot();
+        Ok(self.view.report((generation, &members), scheduler))
     }
 
     pub async fn drain(&self, node: String, force: bool, wait: bool) -> Result<DrainReport, AdminError> {

@@ -85,6 +85,10 @@ pub struct ClusterStatus {
     pub predicted_tokens_per_second: Option<f64>,
     /// Tokens per second the cluster delivered over the last few seconds.
     pub measured_tokens_per_second: f64,
+    /// How many times the membership has changed: two statuses with the same
+    /// generation saw the same workers in the same states.
+    #[serde(default)]
+    pub membership_generation: u64,
 }
 
 /// Admission: at most `sequences` requests run at once (the plan sized every KV

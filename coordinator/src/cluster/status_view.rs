@@ -100,7 +100,7 @@ impl StatusView {
     }
 
     /// What `strata status` answers.
-    pub fn report(&self, members: &[Member], scheduler: SchedulerStatus) -> ClusterStatus {
+    pub fn report(&self, (generation, members): (u64, &[Member]), scheduler: SchedulerStatus) -> ClusterStatus {
         let state = self.lock();
         let now = Instant::now();
         let placements = state.pipeline.as_ref().map(|p| p.placements.as_slice()).unwrap_or_default();
@@ -156,6 +156,7 @@ impl StatusView {
             admission: scheduler.admission,
             predicted_tokens_per_second: state.pipeline.as_ref().map(|p| p.predicted_tokens_per_second),
             measured_tokens_per_second: state.rate.per_second(0),
+            membership_generation: generation,
         }
     }
 }
@@ -189,13 +190,13 @@ mod tests {
         }));
         let failed = LoadBackoff::after(None, "pulling from 127.0.0.1:1: refused".into(), Instant::now());
         view.set_load_failures(&HashMap::from([("b:1".to_string(), failed)]));
-        let s = view.report(&members, SchedulerStatus::default());
+        let s = view.report((0, &members), SchedulerStatus::default());
         assert_eq!(s.pipeline_id, Some(7));
         assert_eq!(s.nodes[0].layers, Some([0, 4]));
         assert_eq!(s.nodes[0].predicted_step_ms, Some(100.0));
         assert!(s.nodes[0].reason.is_none());
         assert!(s.nodes[1].reason.as_deref().is_some_and(|r| r.contains("loading failed once")), "{:?}", s.nodes[1]);
         view.set_pipeline(None);
-        assert_eq!(view.report(&members, SchedulerStatus::default()).pipeline_id, None);
+        assert_eq!(view.report((0, &members), SchedulerStatus::default()).pipeline_id, None);
     }
 }

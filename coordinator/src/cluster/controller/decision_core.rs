@@ -72,7 +72,8 @@ pub struct JobDone {
 /// What happened.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A worker joined, left the plan's reach or changed its drain state.
+    /// The membership changed: a worker joined, was forgotten, or changed its
+    /// status.
     MembersChanged,
     /// A worker stopped answering (its event stream broke, a call did not get
     /// through).
@@ -140,6 +141,8 @@ pub enum Action {
 
 /// What an event is decided on, besides the core's own state.
 pub struct Snapshot<'a> {
+    /// The membership's generation: how many changes `members` has seen.
+    pub generation: u64,
     pub members: &'a [Member],
     /// Workers whose loads failed, by address.
     pub failed: &'a HashMap<String, LoadBackoff>,
@@ -189,6 +192,8 @@ pub struct ControlCore {
     undrains: HashMap<String, PendingUndrain>,
     stopping: bool,
     next_job: u64,
+    /// The membership's generation the last re-plan was asked for at.
+    generation: u64,
 }
 
 impl ControlCore {
@@ -214,6 +219,7 @@ impl ControlCore {
             undrains: HashMap::new(),
             stopping: false,
             next_job: 1,
+            generation: 0,
         }
     }
 
@@ -294,8 +300,18 @@ impl ControlCore {
     }
 
     fn members_changed(&mut self, snap: &Snapshot<'_>, out: &mut Vec<Action>) {
-        if self.stopping {
+        // Changes come one event each, but each reads the whole list: one that
+        // read a later list already covered this one.
+        if self.stopping || snap.generation <= self.generation {
             return;
+        }
+        self.generation = snap.generation;
+        // Forgotten (an mDNS goodbye): nothing to follow any more.
+        let forgotten: Vec<String> =
+            self.followed.iter().filter(|a| snap.member(a).is_none()).cloned().collect();
+        for address in forgotten {
+            self.followed.remove(&address);
+            out.push(Action::Unfollow(address));
         }
         for m in snap.members {
             if !matches!(m.status, NodeStatus::Gone { .. }) && self.followed.insert(m.address.clone()) {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::{self, WireDtype};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use self::clients::Clients;
@@ -149,8 +149,7 @@ impl Controller {
         if let (Some(keeper), Some(jobs)) = (self.keeper.take(), self.jobs_rx.take()) {
             tokio::spawn(keeper.run(jobs));
         }
-        let mut members = self.spec.membership.subscribe();
-        members.mark_unchanged();
+        let mut changes = self.spec.membership.changes();
         let mut tick = tokio::time::interval(TICK);
         // Whatever changed while the first pipeline loaded.
         let mut next = Some(Event::MembersChanged);
@@ -163,19 +162,17 @@ impl Controller {
                         None => break,
                     },
                     Some(event) = self.events_rx.recv() => event,
-                    changed = members.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        members.mark_unchanged();
-                        Event::MembersChanged
-                    }
+                    change = changes.recv() => match change {
+                        // Fell behind: the core reads the whole list anyway.
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => Event::MembersChanged,
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
                     _ = tick.tick() => Event::Tick,
                 },
             };
-            let members = self.spec.membership.members();
+            let (generation, members) = self.spec.membership.snapshot();
             let failed = self.spec.view.load_failures();
-            let snapshot = Snapshot { members: &members, failed: &failed, now: Instant::now() };
+            let snapshot = Snapshot { generation, members: &members, failed: &failed, now: Instant::now() };
             for action in self.core.on(event, &snapshot) {
                 if !self.execute(action) {
                     return;

@@ -12,6 +12,8 @@ struct Script {
     members: Vec<Member>,
     failed: HashMap<String, LoadBackoff>,
     now: Instant,
+    /// Counts every step, as if each changed the membership.
+    generation: u64,
 }
 
 impl Script {
@@ -27,12 +29,13 @@ impl Script {
             serving.iter().map(|n| address(n)).collect(),
             members.iter().map(|m| m.address.clone()),
         );
-        Self { core, members, failed: HashMap::new(), now: Instant::now() }
+        Self { core, members, failed: HashMap::new(), now: Instant::now(), generation: 0 }
     }
 
     fn on(&mut self, event: Event) -> Vec<Action> {
         self.now += Duration::from_millis(100);
-        let snap = Snapshot { members: &self.members, failed: &self.failed, now: self.now };
+        self.generation += 1;
+        let snap = Snapshot { generation: self.generation, members: &self.members, failed: &self.failed, now: self.now };
         let actions = self.core.on(event, &snap);
         // The executor applies what changes the membership before the next event.
         for a in &actions {
@@ -261,4 +264,16 @@ fn shutdown_stops_everything_answers_waiters_and_retires_after_the_running_job()
     assert_eq!(s.on(Event::Tick), []);
     assert_eq!(s.done(1, &["a", "b", "c"], Moved::default()), [Action::Run(JobId(3), Job::Retire)]);
     assert_eq!(s.done(3, &[], Moved::default()), [Action::Reply(WaiterId(2), Reply::Done), Action::Exit]);
+}
+
+#[test]
+fn a_forgotten_worker_is_unfollowed_and_a_change_already_seen_is_not_planned_for_twice() {
+    let mut s = Script::new(&["a", "b", "c"], &["a", "b", "c"]);
+    // An mDNS goodbye: c is removed from the membership.
+    s.members.retain(|m| m.name() != "c");
+    assert_eq!(s.on(Event::MembersChanged), [Action::Unfollow(address("c")), reconcile(1, "the workers changed")]);
+    // The events of changes the list it read already had carry nothing new.
+    let seen = s.generation;
+    let snap = Snapshot { generation: seen, members: &s.members, failed: &s.failed, now: s.now };
+    assert_eq!(s.core.on(Event::MembersChanged, &snap), []);
 }
