@@ -1,7 +1,13 @@
 //! A worker whose stage failed to load while it still answered is left out of
 //! plans for a while, then tried again; `strata status` says why meanwhile.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use super::membership::NodeKey;
+
+/// The workers whose loads failed, by worker.
+pub type LoadFailures = HashMap<NodeKey, LoadBackoff>;
 
 /// A worker whose stage failed to load while it still answered: it is left out of
 /// plans until `until`, for twice as long after each failure in a row (up to

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use strata_proto::FailureKind;
 
-use super::backoff::LoadBackoff;
+use super::backoff::{LoadBackoff, LoadFailures};
 use super::membership::{Member, NodeStatus};
 use super::placement::{self, PlacementPolicy, StagePlan};
 use super::switch_memory;
@@ -27,7 +27,7 @@ pub struct PlanInputs<'a> {
     pub options: &'a PlanOptions,
     pub members: &'a [Member],
     /// Workers whose loads failed, by address.
-    pub backoff: &'a HashMap<String, LoadBackoff>,
+    pub backoff: &'a LoadFailures,
     pub now: Instant,
     /// The pipeline serving now.
     pub current: Option<&'a Stages>,
@@ -68,11 +68,11 @@ pub enum PlanDecision {
 
 /// Workers that may hold layers now, in the order they became known: ready, and
 /// not left out after a failed load.
-pub fn eligible(members: &[Member], backoff: &HashMap<String, LoadBackoff>, now: Instant) -> Vec<Member> {
+pub fn eligible(members: &[Member], backoff: &LoadFailures, now: Instant) -> Vec<Member> {
     members
         .iter()
         .filter(|m| m.status == NodeStatus::Ready)
-        .filter(|m| backoff.get(&m.address).is_none_or(|b| !b.excludes(now)))
+        .filter(|m| backoff.get(&m.key()).is_none_or(|b| !b.excludes(now)))
         .cloned()
         .collect()
 }
@@ -165,6 +165,12 @@ mod tests {
 
     use super::*;
     use crate::cluster::fixtures::{description, member, model, GIB};
+    use crate::cluster::membership::NodeKey;
+
+    /// The key of the fixture worker `name` (its node id).
+    fn key(name: &str) -> NodeKey {
+        member(name, GIB).key()
+    }
     use crate::cluster::membership::{Added, Membership};
 
     /// A cluster's state as the controller would hold it, moved step by step.
@@ -172,7 +178,7 @@ mod tests {
         model: ModelSpec,
         options: PlanOptions,
         members: Vec<Member>,
-        backoff: HashMap<String, LoadBackoff>,
+        backoff: LoadFailures,
         current: Option<Vec<(String, Range<usize>)>>,
         now: Instant,
     }
@@ -266,7 +272,7 @@ mod tests {
         let mut s = Script::new(vec![member("a", 8 * GIB)]);
         s.load();
         // Left out after a failed load while its pipeline is whole: keep serving.
-        s.backoff.insert("a:7070".into(), LoadBackoff::after(None, "busy".into(), s.now));
+        s.backoff.insert(key("a"), LoadBackoff::after(None, "busy".into(), s.now));
         assert!(matches!(s.decide(), PlanDecision::KeepForNow { .. }));
         s.backoff.clear();
         // `strata drain a --force`: requests wait for capacity.
@@ -282,7 +288,7 @@ mod tests {
         let mut s = Script::new(vec![member("a", 8 * GIB), member("b", 8 * GIB)]);
         let failed = LoadBackoff::after(None, "model is not available (NotFound)".into(), s.now);
         assert_eq!(on_load_failure(FailureKind::Refused), LoadFailure::LeaveOut);
-        s.backoff.insert("b:7070".into(), failed.clone());
+        s.backoff.insert(key("b"), failed.clone());
         s.load();
         assert_eq!(s.holders(), ["a"], "planned without the worker that failed");
         s.now = failed.until + Duration::from_millis(1);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_proto::v1::{DescribeRequest, WorkerDescription, WorkerState};
-use strata_proto::{CoordinatorError, PROTOCOL_VERSION};
+use strata_proto::{CoordinatorError, NodeId, PROTOCOL_VERSION};
 use tokio::sync::{broadcast, watch};
 
 use super::report::PullReport;
@@ -57,6 +57,25 @@ pub struct Heartbeat {
     pub pulls: Vec<PullReport>,
 }
 
+/// What tells one worker apart from another across restarts and new addresses:
+/// its node id, or, for a worker that gives none, its address. What the
+/// coordinator knows of a worker itself (a failed load, its rates) is keyed by
+/// this; what concerns a connection (a client, a followed stream) by address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NodeKey {
+    Id(NodeId),
+    Address(String),
+}
+
+impl std::fmt::Display for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeKey::Id(id) => id.fmt(f),
+            NodeKey::Address(a) => a.fmt(f),
+        }
+    }
+}
+
 /// A worker the coordinator may place a stage on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
@@ -80,6 +99,10 @@ impl Member {
 
     pub fn name(&self) -> &str {
         &self.description.name
+    }
+
+    pub fn key(&self) -> NodeKey {
+        self.description.node().map_or_else(|| NodeKey::Address(self.address.clone()), NodeKey::Id)
     }
 
     /// Whether `node` names this worker: its name, address or node id.
@@ -224,6 +247,15 @@ impl Membership {
             let i = members.iter().position(|m| m.address == address)?;
             Some(Change::Removed(members.remove(i)))
         });
+    }
+
+    /// The key of the worker at `address` (the address itself if none is there).
+    pub fn key_of(&self, address: &str) -> NodeKey {
+        self.members
+            .borrow()
+            .iter()
+            .find(|m| m.address == address)
+            .map_or_else(|| NodeKey::Address(address.to_string()), Member::key)
     }
 
     /// The worker `node` names (name, address or node id).

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::backoff::LoadBackoff;
-use super::membership::{Member, NodeStatus};
+use super::backoff::LoadFailures;
+use super::membership::{Member, NodeKey, NodeStatus};
 use super::messages::{Placement, SchedulerStatus};
 use super::rates::CounterWindow;
 use super::report::{ClusterStatus, NodeReport};
@@ -32,11 +32,11 @@ pub struct ServingPipeline {
 #[derive(Debug)]
 struct ViewState {
     pipeline: Option<ServingPipeline>,
-    load_failures: HashMap<String, LoadBackoff>,
+    load_failures: LoadFailures,
     /// Tokens the cluster generated, for its measured rate.
     rate: CounterWindow<1>,
-    /// Each worker's [tokens computed, batches, busy seconds], by address.
-    node_rates: HashMap<String, CounterWindow<3>>,
+    /// Each worker's [tokens computed, batches, busy seconds], by worker.
+    node_rates: HashMap<NodeKey, CounterWindow<3>>,
 }
 
 /// Shared between the controller (writer), the sampler and status calls.
@@ -68,13 +68,13 @@ impl StatusView {
         self.lock().pipeline = pipeline;
     }
 
-    pub fn set_load_failures(&self, failures: &HashMap<String, LoadBackoff>) {
+    pub fn set_load_failures(&self, failures: &LoadFailures) {
         self.lock().load_failures = failures.clone();
     }
 
     /// Workers whose loads failed, by address (the controller's decisions leave
     /// those still backing off out of what a drain may move to).
-    pub fn load_failures(&self) -> HashMap<String, LoadBackoff> {
+    pub fn load_failures(&self) -> LoadFailures {
         self.lock().load_failures.clone()
     }
 
@@ -87,13 +87,13 @@ impl StatusView {
     pub fn sample(&self, now: Instant, scheduler: &SchedulerStatus, members: &[Member]) {
         let mut state = self.lock();
         state.rate.push(now, [scheduler.tokens_generated as f64]);
-        state.node_rates.retain(|a, _| members.iter().any(|m| &m.address == a));
+        state.node_rates.retain(|k, _| members.iter().any(|m| m.key() == *k));
         for m in members {
             let h = &m.heartbeat;
             let counters = [h.tokens_computed as f64, h.batches as f64, h.busy_seconds];
             state
                 .node_rates
-                .entry(m.address.clone())
+                .entry(m.key())
                 .or_insert_with(|| CounterWindow::new(RATE_WINDOW))
                 .push(now, counters);
         }
@@ -108,7 +108,7 @@ impl StatusView {
             .iter()
             .map(|m| {
                 let stage = placements.iter().find(|p| p.address == m.address);
-                let rates = state.node_rates.get(&m.address);
+                let rates = state.node_rates.get(&m.key());
                 let d = &m.description;
                 NodeReport {
                     name: m.name().to_string(),
@@ -138,7 +138,7 @@ impl StatusView {
                         NodeStatus::Draining if !m.heartbeat.drain_reason.is_empty() => {
                             Some(m.heartbeat.drain_reason.clone())
                         }
-                        NodeStatus::Ready => state.load_failures.get(&m.address).map(|b| b.describe(now)),
+                        NodeStatus::Ready => state.load_failures.get(&m.key()).map(|b| b.describe(now)),
                         _ => None,
                     },
                     pulls: m.heartbeat.pulls.clone(),
@@ -164,6 +164,7 @@ impl StatusView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::backoff::LoadBackoff;
     use strata_proto::v1::WorkerDescription;
 
     fn member(address: &str, name: &str) -> Member {
@@ -189,7 +190,7 @@ mod tests {
             predicted_stage_seconds: HashMap::from([("a:1".to_string(), 0.1)]),
         }));
         let failed = LoadBackoff::after(None, "pulling from 127.0.0.1:1: refused".into(), Instant::now());
-        view.set_load_failures(&HashMap::from([("b:1".to_string(), failed)]));
+        view.set_load_failures(&LoadFailures::from([(members[1].key(), failed)]));
         let s = view.report((0, &members), SchedulerStatus::default());
         assert_eq!(s.pipeline_id, Some(7));
         assert_eq!(s.nodes[0].layers, Some([0, 4]));

@@ -19,7 +19,7 @@ use std::time::Instant;
 use strata_proto::v1::WorkerState;
 use strata_proto::CallError;
 
-use super::super::backoff::LoadBackoff;
+use super::super::backoff::LoadFailures;
 use super::super::decision;
 use super::super::membership::{Member, NodeStatus};
 use super::super::messages::Moved;
@@ -145,7 +145,7 @@ pub struct Snapshot<'a> {
     pub generation: u64,
     pub members: &'a [Member],
     /// Workers whose loads failed, by address.
-    pub failed: &'a HashMap<String, LoadBackoff>,
+    pub failed: &'a LoadFailures,
     pub now: Instant,
 }
 

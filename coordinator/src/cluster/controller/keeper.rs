@@ -32,9 +32,9 @@ use strata_proto::{v1, PipelineId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::super::backoff::LoadBackoff;
+use super::super::backoff::{LoadBackoff, LoadFailures};
 use super::super::decision::{self, Load, LoadFailure, PlanDecision, PlanInputs};
-use super::super::membership::{Member, NodeStatus};
+use super::super::membership::{Member, NodeKey, NodeStatus};
 use super::super::messages::{Control, Moved, PipelineLink, SchedulerMsg};
 use super::super::pipeline::{self, BuildSpec, Pipeline};
 use super::super::placement::{self, StagePlan};
@@ -79,7 +79,7 @@ pub(super) struct PipelineKeeper {
     events: mpsc::UnboundedSender<Event>,
     current: Option<Pipeline>,
     /// Workers whose loads failed, left out for a while, by address.
-    backoff: HashMap<String, LoadBackoff>,
+    backoff: LoadFailures,
     /// Unloads of stale shards running, one at a time for each worker.
     sweeps: HashMap<String, JoinHandle<()>>,
     next_pipeline: u64,
@@ -173,7 +173,7 @@ impl PipelineKeeper {
         let now = Instant::now();
         let failed: Vec<String> = members
             .iter()
-            .filter_map(|m| self.backoff.get(&m.address).map(|b| format!("{}: {}", m.name(), b.describe(now))))
+            .filter_map(|m| self.backoff.get(&m.key()).map(|b| format!("{}: {}", m.name(), b.describe(now))))
             .collect();
         let why = match placement::place(&self.model_spec, &eligible, &self.spec.policy, &self.spec.options) {
             Ok(_) => "a new pipeline is being loaded".into(),
@@ -191,10 +191,10 @@ impl PipelineKeeper {
     /// at start-up (or after a crash) is retried rather than given up.
     async fn retry_failed_loads(&mut self) {
         let now = Instant::now();
-        let due: Vec<String> =
-            self.backoff.iter().filter(|(_, b)| !b.retried && !b.excludes(now)).map(|(a, _)| a.clone()).collect();
-        for address in &due {
-            if let Some(b) = self.backoff.get_mut(address) {
+        let due: Vec<NodeKey> =
+            self.backoff.iter().filter(|(_, b)| !b.retried && !b.excludes(now)).map(|(k, _)| k.clone()).collect();
+        for key in &due {
+            if let Some(b) = self.backoff.get_mut(key) {
                 b.retried = true;
             }
         }
@@ -326,7 +326,8 @@ impl PipelineKeeper {
             };
             match built {
                 Ok(new) => {
-                    self.backoff.retain(|a, _| !stages.iter().any(|s| &s.address == a));
+                    let loaded: Vec<NodeKey> = stages.iter().map(|s| self.spec.membership.key_of(&s.address)).collect();
+                    self.backoff.retain(|k, _| !loaded.contains(k));
                     self.spec.view.set_load_failures(&self.backoff);
                     let predicted = (
                         plan.tokens_per_second(),
@@ -349,8 +350,9 @@ impl PipelineKeeper {
                     if !alive {
                         self.mark_gone(&failed.address, &failed.error.to_string());
                     } else {
+                        let key = self.spec.membership.key_of(&failed.address);
                         let backoff = LoadBackoff::after(
-                            self.backoff.get(&failed.address),
+                            self.backoff.get(&key),
                             failed.error.to_string(),
                             Instant::now(),
                         );
@@ -360,7 +362,7 @@ impl PipelineKeeper {
                             "left out of plans for {:?}",
                             backoff.until.saturating_duration_since(Instant::now())
                         );
-                        self.backoff.insert(failed.address.clone(), backoff);
+                        self.backoff.insert(key, backoff);
                         self.spec.view.set_load_failures(&self.backoff);
                     }
                     // Shards of the failed attempt that did load are dropped.

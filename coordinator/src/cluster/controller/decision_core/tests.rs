@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use super::*;
+use crate::cluster::backoff::LoadBackoff;
 use crate::cluster::fixtures::{member, model, GIB};
 
 /// A cluster as the executor would show it to the core, moved step by step.
 struct Script {
     core: ControlCore,
     members: Vec<Member>,
-    failed: HashMap<String, LoadBackoff>,
+    failed: LoadFailures,
     now: Instant,
     /// Counts every step, as if each changed the membership.
     generation: u64,
@@ -179,7 +180,7 @@ fn a_worker_whose_load_failed_is_left_out_of_drains_and_retried_on_the_tick() {
     let mut s = Script::new(&["a", "b"], &["a", "b"]);
     s.on(Event::MembersChanged);
     // The job's load failed on b, which still answers: the keeper left it out.
-    s.failed.insert(address("b"), LoadBackoff::after(None, "pull failed".into(), s.now));
+    s.failed.insert(s.members[1].key(), LoadBackoff::after(None, "pull failed".into(), s.now));
     assert_eq!(s.done(1, &["a", "b"], Moved::default()), []);
     // With b left out, nothing could take a's layers.
     let refused = s.on(Event::Drain { node: "a".into(), force: false, wait: false, waiter: WaiterId(1) });
