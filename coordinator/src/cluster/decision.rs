@@ -5,13 +5,12 @@
 //! inputs, so every case is unit-tested on scripted sequences of cluster states;
 //! the controller ([`super::controller`]) only carries the decisions out.
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Instant;
 
 use strata_proto::FailureKind;
 
-use super::backoff::{LoadBackoff, LoadFailures};
+use super::backoff::LoadFailures;
 use super::membership::{Member, NodeStatus};
 use super::placement::{self, PlacementPolicy, StagePlan};
 use super::switch_memory;
@@ -165,6 +164,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::fixtures::{description, member, model, GIB};
+    use crate::cluster::backoff::LoadBackoff;
     use crate::cluster::membership::NodeKey;
 
     /// The key of the fixture worker `name` (its node id).
@@ -186,7 +186,7 @@ mod tests {
     impl Script {
         fn new(members: Vec<Member>) -> Self {
             let options = PlanOptions { context: 256, sequences: 1, headroom: 0, ..PlanOptions::default() };
-            Self { model: model(), options, members, backoff: HashMap::new(), current: None, now: Instant::now() }
+            Self { model: model(), options, members, backoff: LoadFailures::new(), current: None, now: Instant::now() }
         }
 
         fn decide(&self) -> PlanDecision {

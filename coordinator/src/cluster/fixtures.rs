@@ -13,11 +13,7 @@ pub fn description(name: &str, node_id: &str, memory: u64) -> v1::WorkerDescript
         name: name.into(),
         node_id: node_id.into(),
         memory_offered_bytes: memory,
-        devices: vec![v1::Device {
-            name: "cpu".into(),
-            memory_bandwidth_bytes_per_second: 50e9,
-            ..Default::default()
-        }],
+        devices: vec![v1::Device { name: "cpu".into(), memory_bandwidth_bytes_per_second: 50e9, ..Default::default() }],
         ..Default::default()
     }
 }

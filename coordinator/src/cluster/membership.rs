@@ -280,9 +280,7 @@ impl Membership {
     /// changes whether it may hold layers.
     pub fn heartbeat(&self, address: &str, state: WorkerState, beat: Heartbeat) {
         self.modify(|members| {
-            let Some(m) = members.iter_mut().find(|m| m.address == address) else {
-                return None;
-            };
+            let m = members.iter_mut().find(|m| m.address == address)?;
             m.heartbeat = beat;
             m.description.state = state as i32;
             if m.status_set_at.is_some_and(|t| t.elapsed() < STATUS_SETTLE) {

@@ -59,10 +59,8 @@ impl Clients {
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let attempt = async {
-            let client = self
-                .get(address)
-                .await
-                .map_err(|e| CallError { code: Code::Unavailable, message: e.to_string() })?;
+            let client =
+                self.get(address).await.map_err(|e| CallError { code: Code::Unavailable, message: e.to_string() })?;
             call(client).await.map(Response::into_inner).map_err(CallError::from)
         };
         let result = match tokio::time::timeout(timeout, attempt).await {
@@ -81,7 +79,8 @@ impl Clients {
     /// answer within [`HEALTH_TIMEOUT`].
     pub async fn health(&self, addresses: &[String]) -> Vec<Option<WorkerState>> {
         join_all(addresses.iter().map(|address| async move {
-            let answer = self.call(address, HEALTH_TIMEOUT, |mut c| async move { c.health(v1::HealthRequest {}).await });
+            let answer =
+                self.call(address, HEALTH_TIMEOUT, |mut c| async move { c.health(v1::HealthRequest {}).await });
             match answer.await {
                 Ok(h) => Some(WorkerState::try_from(h.state).unwrap_or(WorkerState::Unspecified)),
                 // It answered, if only with an error: it is there.

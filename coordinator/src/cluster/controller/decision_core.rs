@@ -77,27 +77,55 @@ pub enum Event {
     MembersChanged,
     /// A worker stopped answering (its event stream broke, a call did not get
     /// through).
-    Lost { address: String, reason: String },
+    Lost {
+        address: String,
+        reason: String,
+    },
     /// A gone worker answered a probe.
-    Answered { member: Member },
+    Answered {
+        member: Member,
+    },
     /// A probe of a gone worker got no answer.
-    ProbeEnded { address: String },
+    ProbeEnded {
+        address: String,
+    },
     /// A worker that answered again was asked to drop its stale shards.
-    Cleaned { member: Member, result: Result<(), CallError> },
-    Drain { node: String, force: bool, wait: bool, waiter: WaiterId },
-    Undrain { node: String, waiter: WaiterId },
+    Cleaned {
+        member: Member,
+        result: Result<(), CallError>,
+    },
+    Drain {
+        node: String,
+        force: bool,
+        wait: bool,
+        waiter: WaiterId,
+    },
+    Undrain {
+        node: String,
+        waiter: WaiterId,
+    },
     /// The worker was told (or could not be told) its drain state.
-    DrainStateSent { address: String, draining: bool },
+    DrainStateSent {
+        address: String,
+        draining: bool,
+    },
     /// Something in the pipeline failed: a broken stream, a sequence error that
     /// points at a worker.
-    Trouble { reason: String },
+    Trouble {
+        reason: String,
+    },
     /// The states the pipeline's workers answered with after [`Event::Trouble`]
     /// (`None`: no answer).
-    Health { reason: String, states: Vec<(String, Option<WorkerState>)> },
+    Health {
+        reason: String,
+        states: Vec<(String, Option<WorkerState>)>,
+    },
     JobDone(JobDone),
     /// Once a second.
     Tick,
-    Shutdown { waiter: WaiterId },
+    Shutdown {
+        waiter: WaiterId,
+    },
 }
 
 /// An answer to a waiter.
@@ -117,9 +145,15 @@ pub enum Action {
     Unfollow(String),
     SetStatus(String, NodeStatus),
     /// Tell the worker its drain state; [`Event::DrainStateSent`] follows.
-    TellDraining { address: String, draining: bool },
+    TellDraining {
+        address: String,
+        draining: bool,
+    },
     /// Ask the pipeline's workers their state; [`Event::Health`] follows.
-    CheckHealth { reason: String, addresses: Vec<String> },
+    CheckHealth {
+        reason: String,
+        addresses: Vec<String>,
+    },
     /// Ask a gone worker whether it is back: [`Event::Answered`] or
     /// [`Event::ProbeEnded`] follows.
     Probe(String),
@@ -132,7 +166,10 @@ pub enum Action {
     Reply(WaiterId, Reply),
     /// A drain is done: log it, and answer its waiter (if it waits) once the moved
     /// requests run again.
-    FinishDrain { waiter: Option<WaiterId>, report: DrainReport },
+    FinishDrain {
+        waiter: Option<WaiterId>,
+        report: DrainReport,
+    },
     /// Stop what runs beside the keeper (links, probes): the coordinator stops.
     Stop,
     /// The controller's work is done.
@@ -307,8 +344,7 @@ impl ControlCore {
         }
         self.generation = snap.generation;
         // Forgotten (an mDNS goodbye): nothing to follow any more.
-        let forgotten: Vec<String> =
-            self.followed.iter().filter(|a| snap.member(a).is_none()).cloned().collect();
+        let forgotten: Vec<String> = self.followed.iter().filter(|a| snap.member(a).is_none()).cloned().collect();
         for address in forgotten {
             self.followed.remove(&address);
             out.push(Action::Unfollow(address));
@@ -360,7 +396,15 @@ impl ControlCore {
         })
     }
 
-    fn drain(&mut self, node: &str, force: bool, wait: bool, waiter: WaiterId, snap: &Snapshot<'_>, out: &mut Vec<Action>) {
+    fn drain(
+        &mut self,
+        node: &str,
+        force: bool,
+        wait: bool,
+        waiter: WaiterId,
+        snap: &Snapshot<'_>,
+        out: &mut Vec<Action>,
+    ) {
         let refuse = |out: &mut Vec<Action>, e: AdminError| out.push(Action::Reply(waiter, Reply::Drain(Err(e))));
         let member = match self.find(node, snap) {
             Ok(m) => m,
@@ -381,7 +425,9 @@ impl ControlCore {
                 return;
             }
             NodeStatus::Draining => return refuse(out, AdminError::AlreadyDraining(name)),
-            NodeStatus::Gone { reason, .. } => return refuse(out, AdminError::Gone { node: name, reason: reason.clone() }),
+            NodeStatus::Gone { reason, .. } => {
+                return refuse(out, AdminError::Gone { node: name, reason: reason.clone() })
+            }
             NodeStatus::Ready => {}
         }
         let others: Vec<Member> = decision::eligible(snap.members, snap.failed, snap.now)
@@ -486,7 +532,8 @@ impl ControlCore {
             self.running = None;
         }
         self.serving = done.serving;
-        let (answered, left): (Vec<_>, Vec<_>) = std::mem::take(&mut self.awaiting).into_iter().partition(|(job, _)| *job == done.id);
+        let (answered, left): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.awaiting).into_iter().partition(|(job, _)| *job == done.id);
         self.awaiting = left;
         for (_, awaited) in answered {
             match awaited {
@@ -551,11 +598,16 @@ impl ControlCore {
             std::mem::take(&mut self.awaiting).into_iter().partition(|(job, _)| dropped.contains(job));
         self.awaiting = left;
         let waiters = answered.into_iter().map(|(_, a)| a);
-        let undrains = self.undrains.drain().map(|(_, u)| Awaited::Undrain { waiter: u.waiter, name: u.name, started: u.started });
+        let undrains =
+            self.undrains.drain().map(|(_, u)| Awaited::Undrain { waiter: u.waiter, name: u.name, started: u.started });
         for awaited in waiters.chain(undrains) {
             match awaited {
-                Awaited::Drain { waiter: Some(w), .. } => out.push(Action::Reply(w, Reply::Drain(Err(AdminError::ShuttingDown)))),
-                Awaited::Undrain { waiter, .. } => out.push(Action::Reply(waiter, Reply::Undrain(Err(AdminError::ShuttingDown)))),
+                Awaited::Drain { waiter: Some(w), .. } => {
+                    out.push(Action::Reply(w, Reply::Drain(Err(AdminError::ShuttingDown))))
+                }
+                Awaited::Undrain { waiter, .. } => {
+                    out.push(Action::Reply(waiter, Reply::Undrain(Err(AdminError::ShuttingDown))))
+                }
                 Awaited::Shutdown { waiter } => out.push(Action::Reply(waiter, Reply::Done)),
                 Awaited::Drain { waiter: None, .. } => {}
             }

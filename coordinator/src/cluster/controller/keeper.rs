@@ -39,10 +39,10 @@ use super::super::messages::{Control, Moved, PipelineLink, SchedulerMsg};
 use super::super::pipeline::{self, BuildSpec, Pipeline};
 use super::super::placement::{self, StagePlan};
 use super::super::status_view::ServingPipeline;
+use super::super::WorkerClient;
 use super::clients::Clients;
 use super::decision_core::{Event, Job, JobDone, JobId, Switched};
 use super::ControllerSpec;
-use super::super::WorkerClient;
 use crate::planner::ModelSpec;
 
 /// How long a worker may take to drop shards of a pipeline no longer served.
@@ -288,7 +288,10 @@ impl PipelineKeeper {
             let old = current.clone().or_else(|| stale.as_ref().map(|s| s.stages.clone())).unwrap_or_default();
             if !make_before_break {
                 if self.current.is_some() {
-                    tracing::warn!(why, "the old pipeline stops first (it is broken, or the new plan does not fit beside it)");
+                    tracing::warn!(
+                        why,
+                        "the old pipeline stops first (it is broken, or the new plan does not fit beside it)"
+                    );
                 }
                 self.stop_for(why, stale).await;
                 self.unload_stale_except(stale, &stages, &keep).await;
@@ -351,11 +354,8 @@ impl PipelineKeeper {
                         self.mark_gone(&failed.address, &failed.error.to_string());
                     } else {
                         let key = self.spec.membership.key_of(&failed.address);
-                        let backoff = LoadBackoff::after(
-                            self.backoff.get(&key),
-                            failed.error.to_string(),
-                            Instant::now(),
-                        );
+                        let backoff =
+                            LoadBackoff::after(self.backoff.get(&key), failed.error.to_string(), Instant::now());
                         tracing::warn!(
                             address = %failed.address,
                             failures = backoff.failures,
@@ -568,7 +568,9 @@ impl PipelineKeeper {
     fn mark_gone(&mut self, address: &str, reason: &str) {
         tracing::warn!(%address, %reason, "worker gone");
         self.clients.forget(address);
-        self.spec.membership.set_status(address, NodeStatus::Gone { since: Instant::now(), reason: reason.to_string() });
+        self.spec
+            .membership
+            .set_status(address, NodeStatus::Gone { since: Instant::now(), reason: reason.to_string() });
         let _ = self.events.send(Event::Lost { address: address.to_string(), reason: reason.to_string() });
     }
 
@@ -585,17 +587,24 @@ impl PipelineKeeper {
             if matches!(m.status, NodeStatus::Gone { .. }) || self.sweeps.contains_key(&m.address) {
                 continue;
             }
-            let stale: Vec<u64> = m.heartbeat.pipelines.iter().copied().filter(|&p| Some(p) != current.map(PipelineId::get)).collect();
+            let stale: Vec<u64> =
+                m.heartbeat.pipelines.iter().copied().filter(|&p| Some(p) != current.map(PipelineId::get)).collect();
             if stale.is_empty() {
                 continue;
             }
             let (clients, address) = (self.clients.clone(), m.address.clone());
             let task = tokio::spawn(async move {
                 for pipeline_id in stale {
-                    let unload = |mut c: WorkerClient| async move { c.unload_shard(v1::UnloadShardRequest { pipeline_id }).await };
+                    let unload = |mut c: WorkerClient| async move {
+                        c.unload_shard(v1::UnloadShardRequest { pipeline_id }).await
+                    };
                     match clients.call(&address, CLEANUP_TIMEOUT, unload).await {
-                        Ok(r) => tracing::info!(%address, pipeline_id, freed_bytes = r.freed_bytes, "unloaded a stale shard"),
-                        Err(e) => tracing::debug!(%address, pipeline_id, error = %e, "a stale shard did not unload; asked again later"),
+                        Ok(r) => {
+                            tracing::info!(%address, pipeline_id, freed_bytes = r.freed_bytes, "unloaded a stale shard")
+                        }
+                        Err(e) => {
+                            tracing::debug!(%address, pipeline_id, error = %e, "a stale shard did not unload; asked again later")
+                        }
                     }
                 }
             });

@@ -138,7 +138,13 @@ impl Controller {
         let Some(keeper) = self.keeper.as_mut() else { return Err("the controller has started already".into()) };
         keeper.perform(Job::Reconcile { why: "the cluster starts".into(), park_first: false }).await;
         let (serving, placements) = (keeper.serving(), keeper.placements());
-        self.core = ControlCore::new(self.model_spec.clone(), self.spec.policy.clone(), self.spec.options.clone(), serving, live);
+        self.core = ControlCore::new(
+            self.model_spec.clone(),
+            self.spec.policy.clone(),
+            self.spec.options.clone(),
+            serving,
+            live,
+        );
         match placements {
             Some(p) => Ok(p),
             None => Err(keeper.waiting_reason()),

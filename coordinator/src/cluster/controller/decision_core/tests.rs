@@ -36,7 +36,8 @@ impl Script {
     fn on(&mut self, event: Event) -> Vec<Action> {
         self.now += Duration::from_millis(100);
         self.generation += 1;
-        let snap = Snapshot { generation: self.generation, members: &self.members, failed: &self.failed, now: self.now };
+        let snap =
+            Snapshot { generation: self.generation, members: &self.members, failed: &self.failed, now: self.now };
         let actions = self.core.on(event, &snap);
         // The executor applies what changes the membership before the next event.
         for a in &actions {
@@ -128,9 +129,7 @@ fn a_drain_tells_the_worker_replans_and_reports_when_the_job_is_done() {
     );
     let moved = Moved { replayed: 1, transferred: 2, fell_back: 0 };
     let actions = s.done(1, &["a", "c"], moved);
-    let [Action::FinishDrain { waiter: Some(WaiterId(7)), report }] = actions.as_slice() else {
-        panic!("{actions:?}")
-    };
+    let [Action::FinishDrain { waiter: Some(WaiterId(7)), report }] = actions.as_slice() else { panic!("{actions:?}") };
     assert_eq!((report.node.as_str(), report.sequences_moved, report.sequences_transferred), ("b", 3, 2));
     assert!(report.seconds > 0.0 && !report.requests_wait, "{report:?}");
     // Draining again, and undraining what is not drained, are refused at once.
@@ -139,7 +138,9 @@ fn a_drain_tells_the_worker_replans_and_reports_when_the_job_is_done() {
     let not = s.on(Event::Undrain { node: "a".into(), waiter: WaiterId(9) });
     assert_eq!(not, [Action::Reply(WaiterId(9), Reply::Undrain(Err(AdminError::NotDraining("a".into()))))]);
     let unknown = s.on(Event::Drain { node: "zz".into(), force: false, wait: false, waiter: WaiterId(10) });
-    assert!(matches!(&unknown[..], [Action::Reply(_, Reply::Drain(Err(AdminError::UnknownNode { known, .. })))] if known == "a, b, c"));
+    assert!(
+        matches!(&unknown[..], [Action::Reply(_, Reply::Drain(Err(AdminError::UnknownNode { known, .. })))] if known == "a, b, c")
+    );
 }
 
 #[test]
@@ -147,7 +148,10 @@ fn a_drain_that_leaves_too_little_is_refused_unless_forced() {
     // One worker left: what is left cannot hold the model.
     let mut s = Script::new(&["a"], &["a"]);
     let refused = s.on(Event::Drain { node: "a".into(), force: false, wait: false, waiter: WaiterId(1) });
-    assert!(matches!(&refused[..], [Action::Reply(_, Reply::Drain(Err(AdminError::WouldNotFit { .. })))]), "{refused:?}");
+    assert!(
+        matches!(&refused[..], [Action::Reply(_, Reply::Drain(Err(AdminError::WouldNotFit { .. })))]),
+        "{refused:?}"
+    );
     let forced = s.on(Event::Drain { node: "a".into(), force: true, wait: false, waiter: WaiterId(2) });
     assert_eq!(kinds(&forced), ["TellDraining", "SetStatus", "Run", "Reply"]);
     assert!(matches!(&forced[3], Action::Reply(_, Reply::Drain(Ok(r))) if r.requests_wait));
@@ -184,7 +188,10 @@ fn a_worker_whose_load_failed_is_left_out_of_drains_and_retried_on_the_tick() {
     assert_eq!(s.done(1, &["a", "b"], Moved::default()), []);
     // With b left out, nothing could take a's layers.
     let refused = s.on(Event::Drain { node: "a".into(), force: false, wait: false, waiter: WaiterId(1) });
-    assert!(matches!(&refused[..], [Action::Reply(_, Reply::Drain(Err(AdminError::WouldNotFit { .. })))]), "{refused:?}");
+    assert!(
+        matches!(&refused[..], [Action::Reply(_, Reply::Drain(Err(AdminError::WouldNotFit { .. })))]),
+        "{refused:?}"
+    );
     // The tick has the keeper retry the load once its backoff has run out.
     assert_eq!(s.on(Event::Tick), [Action::Run(JobId(2), Job::Housekeeping)]);
     assert_eq!(s.on(Event::Tick), [], "one housekeeping job at a time");
