@@ -3,6 +3,8 @@
 //! it (each worker's pull), requests must wait for the pipeline rather than hang on
 //! a listener nobody accepts on, and SIGTERM must still end the coordinator at once.
 //!
+//! Likewise while it waits for `--min-workers`.
+//!
 //! On loopback, with the tiny synthetic model and a worker without the model file
 //! whose pull the coordinator paces (`STRATA_TEST_PULL_BYTES_PER_SECOND`) so that it
 //! lasts a few seconds.
@@ -15,16 +17,17 @@ use serde_json::{json, Value};
 use strata_coordinator::cli::children::Process;
 use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
-use strata_tests::admin::{node, wait_for_status};
+use strata_tests::admin::{node, status, wait_for_status};
 use strata_tests::{binary, until_serving, READY_TIMEOUT};
 
 /// The weight stream's pace: the single worker's shard (the whole ~190 kB model)
 /// takes about 4 s.
 const PULL_BYTES_PER_SECOND: &str = "50000";
 
-/// A coordinator over `model` waiting for one worker, its pulls paced; returned
+/// A coordinator over `model` waiting for `min_workers`, its pulls paced; returned
 /// with its gRPC and HTTP addresses from its first line.
-async fn coordinator(model: &Path, tmp: &Path) -> anyhow::Result<(Process, String, String)> {
+async fn coordinator(model: &Path, tmp: &Path, min_workers: usize) -> anyhow::Result<(Process, String, String)> {
+    let min_workers = min_workers.to_string();
     let args: Vec<String> = [
         "--threads",
         "1",
@@ -38,7 +41,7 @@ async fn coordinator(model: &Path, tmp: &Path) -> anyhow::Result<(Process, Strin
         "--http-listen",
         "127.0.0.1:0",
         "--min-workers",
-        "1",
+        &min_workers,
         "--no-mdns",
     ]
     .into_iter()
@@ -90,7 +93,7 @@ fn pulling(s: &Value) -> bool {
 async fn status_shows_the_first_loads_pull_and_requests_wait_for_its_pipeline() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = SyntheticModel::tiny().write_to(dir.path())?;
-    let (mut coordinator, grpc, http) = coordinator(&model, dir.path()).await?;
+    let (mut coordinator, grpc, http) = coordinator(&model, dir.path(), 1).await?;
     let _w1 = worker(&grpc, &dir.path().join("cache")).await?;
 
     // Served before the first pipeline exists: the pull shows, and there is no plan yet.
@@ -121,7 +124,7 @@ async fn status_shows_the_first_loads_pull_and_requests_wait_for_its_pipeline() 
 async fn sigterm_during_the_first_load_ends_the_coordinator_at_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = SyntheticModel::tiny().write_to(dir.path())?;
-    let (mut coordinator, grpc, http) = coordinator(&model, dir.path()).await?;
+    let (mut coordinator, grpc, http) = coordinator(&model, dir.path(), 1).await?;
     let _w1 = worker(&grpc, &dir.path().join("cache")).await?;
     wait_for_status(&http, "w1's pull in the status", pulling).await?;
     let asked = Instant::now();
@@ -131,5 +134,24 @@ async fn sigterm_during_the_first_load_ends_the_coordinator_at_once() -> anyhow:
         "the coordinator still runs 3 s after SIGTERM during its first load"
     );
     eprintln!("the coordinator exited {:?} after SIGTERM during its first load", asked.elapsed());
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_serves_while_the_coordinator_waits_for_workers_and_sigterm_ends_the_wait() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = SyntheticModel::tiny().write_to(dir.path())?;
+    let (mut coordinator, _, http) = coordinator(&model, dir.path(), 2).await?;
+    let s = tokio::time::timeout(Duration::from_secs(10), status(&http))
+        .await
+        .context("no status while waiting for workers")??;
+    anyhow::ensure!(s["pipeline_id"].is_null() && s["nodes"].as_array().is_some_and(Vec::is_empty), "{s}");
+    let asked = Instant::now();
+    coordinator.terminate();
+    anyhow::ensure!(
+        coordinator.exited_within(Duration::from_secs(3)).await,
+        "the coordinator still runs 3 s after SIGTERM while waiting for workers"
+    );
+    eprintln!("the coordinator exited {:?} after SIGTERM while waiting for workers", asked.elapsed());
     Ok(())
 }

@@ -231,11 +231,17 @@ impl Cluster {
         };
         let mut controller = Controller::new(spec, control_tx.clone());
         let (first_tx, first_plan) = oneshot::channel();
+        let mut stopping = stop.subscribe();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = membership.wait_for(wanted, worker_wait).await {
-                // Not a reason to stop: the controller plans with the workers there are,
-                // and again whenever one comes; requests wait meanwhile.
-                tracing::warn!("{e}; planning with the workers there are");
+            tokio::select! {
+                waited = membership.wait_for(wanted, worker_wait) => if let Err(e) = waited {
+                    // Not a reason to stop: the controller plans with the workers there
+                    // are, and again whenever one comes; requests wait meanwhile.
+                    tracing::warn!("{e}; planning with the workers there are");
+                },
+                // Shut down while waiting: nothing to plan, and nothing to wait for
+                // (a first load in progress watches the stop itself).
+                _ = stopping.wait_for(|s| *s) => return,
             }
             let first = controller.start().await;
             if let Err(reason) = &first {
