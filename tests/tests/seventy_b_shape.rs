@@ -47,9 +47,25 @@ const DISK_NEEDED: u64 = 10_000_000_000;
 struct Pull {
     layers: String,
     first_seen: Instant,
+    /// Bytes it held when first seen.
+    first_done: u64,
     last_seen: Instant,
     bytes_done: u64,
     bytes_total: u64,
+}
+
+impl Pull {
+    /// Its speed between the sightings (those a quarter-second apart know neither
+    /// its start nor its end better), and so its whole time.
+    fn rate_and_seconds(&self) -> (f64, f64) {
+        let seen = (self.last_seen - self.first_seen).as_secs_f64();
+        let rate = if seen > 0.0 && self.bytes_done > self.first_done {
+            (self.bytes_done - self.first_done) as f64 / seen
+        } else {
+            self.bytes_total as f64 / seen.max(1e-3)
+        };
+        (rate, self.bytes_total as f64 / rate)
+    }
 }
 
 /// Polls the status every 250 ms until the first pipeline serves, printing each
@@ -69,6 +85,7 @@ async fn watch_first_load(http: &str, began: Instant) -> anyhow::Result<(BTreeMa
             let pull = pulls.entry(name.to_string()).or_insert(Pull {
                 layers,
                 first_seen: now,
+                first_done: done,
                 last_seen: now,
                 bytes_done: 0,
                 bytes_total: total,
@@ -228,12 +245,12 @@ async fn a_seventy_b_shaped_model_pulled_over_gigabit_links() -> anyhow::Result<
     }
     for (_, name) in WORKERS {
         let pull = pulls.get(name).with_context(|| format!("{name} was never seen pulling: {loaded}"))?;
-        let seconds = (pull.last_seen - pull.first_seen).as_secs_f64();
+        let (rate, seconds) = pull.rate_and_seconds();
         eprintln!(
             "{name}: pulled layers {} ({:.0} MB) in {seconds:.1}s ({:.0} MB/s), begun {:.1}s after all joined (its shard cut)",
             pull.layers,
             pull.bytes_total as f64 / MB,
-            pull.bytes_total as f64 / MB / seconds.max(1e-3),
+            rate / MB,
             (pull.first_seen - joined).as_secs_f64()
         );
         anyhow::ensure!(pull.bytes_total > 0, "{name}'s pull has no size: {pull:?}");
