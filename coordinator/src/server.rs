@@ -4,10 +4,12 @@
 //! coordinator in-process the same way.
 //!
 //! Lines on stdout, for people and for scripts that start it (`strata demo`, the
-//! end-to-end tests): `coordinator grpc=ADDR` once workers can join, one
+//! end-to-end tests): `coordinator grpc=ADDR http=ADDR` once workers can join, one
 //! `stage N ...` line per stage when the first plan is loaded (or one
 //! `no pipeline yet ...` line saying why it is not), and `listening http=ADDR
-//! grpc=ADDR` when the API serves.
+//! grpc=ADDR` then. The API serves before that, as soon as the workers named with
+//! `--worker` are described: status shows the first load and its pulls, and
+//! requests wait for its pipeline.
 
 use std::future::Future;
 use std::io::Write;
@@ -178,7 +180,10 @@ pub async fn run(
         membership: membership.clone(),
     };
     let grpc_server = tokio::spawn(cluster::serve_grpc(listeners.grpc, service, stopped(stop.clone())));
-    say(&format!("coordinator grpc={advertised}"))?;
+    // The HTTP address too: a script can watch the first load's status before the
+    // `listening` line.
+    let http_addr = listeners.http.local_addr().map_err(ServeError::Http)?;
+    say(&format!("coordinator grpc={advertised} http={}", printable(http_addr)))?;
     let discovery = (config.workers.is_empty()).then_some(config.mdns_cluster.clone()).flatten().map(|name| {
         let (membership, stop) = (membership.clone(), stopped(stop.clone()));
         tokio::spawn(async move {
@@ -211,40 +216,51 @@ pub async fn run(
     };
 
     let cluster_config = config.cluster(grpc_bound);
-    let cluster = tokio::select! {
-        c = Cluster::start(&cluster_config, model.clone(), membership) => c?,
+    let mut cluster = tokio::select! {
+        c = Cluster::launch(&cluster_config, model.clone(), membership) => c?,
         () = stopped(stop.clone()) => {
             background(tokio::time::Instant::now() + CLUSTER_STOP_GRACE).await;
             return Ok(());
         }
     };
-    if let Some(reason) = &cluster.waiting_reason {
-        say(&format!("no pipeline yet (requests wait; retrying): {reason}"))?;
-    }
-    for p in &cluster.placements {
-        say(&format!(
-            "stage {} layers {}..{} on {} ({}), weights {}, loaded in {:.1}s",
-            p.stage,
-            p.layers.start,
-            p.layers.end,
-            p.address,
-            p.name,
-            if p.weights_were_local { "local" } else { "pulled" },
-            p.load_seconds
-        ))?;
-    }
-
+    // The API serves from here, while the first plan loads: a first load of a large
+    // model pulls gigabytes and takes minutes, and status must show it (requests
+    // wait for the pipeline meanwhile, as after a failed load).
     let http_addr = listeners.http.local_addr().map_err(ServeError::Http)?;
-    say(&format!("listening http={} grpc={advertised}", printable(http_addr)))?;
     let engine: Arc<dyn crate::engine::Engine> = cluster.engine.clone();
-    let served = crate::api::serve_with_grace(
+    let served = tokio::spawn(crate::api::serve_with_grace(
         listeners.http,
         engine,
         Some(cluster.admin()),
         stopped(stop.clone()),
         config.shutdown_grace,
-    )
-    .await;
+    ));
+    let planned = tokio::select! {
+        () = cluster.first_plan() => true,
+        () = stopped(stop.clone()) => false,
+    };
+    if planned {
+        if let Some(reason) = &cluster.waiting_reason {
+            say(&format!("no pipeline yet (requests wait; retrying): {reason}"))?;
+        }
+        for p in &cluster.placements {
+            say(&format!(
+                "stage {} layers {}..{} on {} ({}), weights {}, loaded in {:.1}s",
+                p.stage,
+                p.layers.start,
+                p.layers.end,
+                p.address,
+                p.name,
+                if p.weights_were_local { "local" } else { "pulled" },
+                p.load_seconds
+            ))?;
+        }
+        say(&format!("listening http={} grpc={advertised}", printable(http_addr)))?;
+    }
+    let served = match served.await {
+        Ok(served) => served,
+        Err(e) => Err(std::io::Error::other(format!("the HTTP API's task failed: {e}"))),
+    };
     let deadline = tokio::time::Instant::now() + CLUSTER_STOP_GRACE;
     if tokio::time::timeout_at(deadline, cluster.shutdown()).await.is_err() {
         tracing::warn!("the cluster did not stop within {CLUSTER_STOP_GRACE:?}; leaving the workers to notice");

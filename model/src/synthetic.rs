@@ -4,16 +4,22 @@
 //! They have the real file layout (names, metadata keys, quantized types, a byte-level
 //! BPE vocabulary and a chat template), so every code path that reads a real model
 //! runs on them in milliseconds.
+//!
+//! [`SyntheticModel::seventy_b_shaped`] makes the other extreme: a few layers of a
+//! Llama-70B-sized model (gigabytes), for tests of what size alone changes (pulls over
+//! a real link, the planner's figures). Its matrices are drawn as quantized blocks
+//! ([`WeightFill::Blocks`]), never as f32: one f32 copy of its embedding alone would
+//! be 4 GB.
 
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 
 use crate::error::{Error, Result};
 
@@ -42,8 +48,14 @@ pub struct SyntheticModel {
     pub kv_heads: usize,
     pub feed_forward: usize,
     pub context_length: usize,
+    /// Tokens in the vocabulary (the rows of the embedding and the head): the byte
+    /// symbols, merges and special tokens, then filler tokens up to this size. At
+    /// least [`BASE_VOCAB_SIZE`].
+    pub vocab_size: usize,
     /// Type of the big matrices; norms stay f32 as in real files.
     pub dtype: GgmlDType,
+    /// How the big matrices' values are made.
+    pub fill: WeightFill,
     /// Write an `output.weight` instead of tying the head to the embedding.
     pub untied_head: bool,
     /// Add q/k/v biases (what `qwen2` files have).
@@ -53,9 +65,31 @@ pub struct SyntheticModel {
     pub seed: u64,
 }
 
+/// How a synthetic model's big matrices get their values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFill {
+    /// f32 values uniform in ±1.7/√cols, quantized to `dtype` by candle: the small
+    /// models' files, which the tests' expectations were made with.
+    #[default]
+    Quantized,
+    /// Q4_0 blocks written directly: random 4-bit codes under one fixed scale per
+    /// matrix, so a matrix costs its quantized bytes and no f32 copy. The codes
+    /// avoid the one value Q4_0 has below −7 (−8), so they are symmetric around
+    /// 0 and a product over many of them has no common bias; the scale makes their
+    /// spread that of [`WeightFill::Quantized`], so activations stay as tame.
+    Blocks,
+}
+
 /// Extra merges on top of the 256 byte tokens, so BPE has something to merge.
 const MERGES: &[(&str, &str)] = &[("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r")];
 const SPECIAL_TOKENS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// The vocabulary without filler tokens: byte symbols, merges, special tokens.
+pub const BASE_VOCAB_SIZE: usize = 256 + MERGES.len() + SPECIAL_TOKENS.len();
+
+/// Root mean square of the Q4_0 codes [`WeightFill::Blocks`] draws: −7..=7, 0
+/// twice as likely (√(2·(1²+…+7²)/16) = √17.5).
+const BLOCK_CODE_RMS: f32 = 4.1833;
 
 const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -70,7 +104,9 @@ impl SyntheticModel {
             kv_heads: 2,
             feed_forward: 128,
             context_length: 256,
+            vocab_size: BASE_VOCAB_SIZE,
             dtype: GgmlDType::Q8_0,
+            fill: WeightFill::Quantized,
             untied_head: false,
             qkv_bias: false,
             rope_freqs: false,
@@ -78,20 +114,44 @@ impl SyntheticModel {
         }
     }
 
+    /// `layers` layers of a model shaped like Llama 3 70B: hidden 8192, 64 query and
+    /// 8 KV heads, feed-forward 28672, a 128256-token vocabulary, an untied head, all
+    /// matrices Q4_0 (drawn as blocks). About 0.48 GB a layer, plus 0.59 GB each for
+    /// the embedding and the head: 2.6 GB with 3 layers.
+    pub fn seventy_b_shaped(layers: usize) -> Self {
+        Self {
+            architecture: "llama".into(),
+            layers,
+            hidden: 8192,
+            heads: 64,
+            kv_heads: 8,
+            feed_forward: 28672,
+            context_length: 8192,
+            vocab_size: 128_256,
+            dtype: GgmlDType::Q4_0,
+            fill: WeightFill::Blocks,
+            untied_head: true,
+            qkv_bias: false,
+            rope_freqs: false,
+            seed: 70,
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
 
-    /// The vocabulary: GPT-2 byte symbols, then merges, then special tokens.
-    pub fn vocabulary() -> Vec<String> {
+    /// The vocabulary: GPT-2 byte symbols, then merges, then special tokens, then
+    /// fillers up to `vocab_size`. A filler (`<filler123>`) is an ordinary token that
+    /// no merge builds, so encoding never produces one; a model that generates one
+    /// shows its text.
+    pub fn vocabulary(&self) -> Vec<String> {
         let mut tokens: Vec<String> = byte_symbols().into_iter().map(String::from).collect();
         tokens.extend(MERGES.iter().map(|(a, b)| format!("{a}{b}")));
         tokens.extend(SPECIAL_TOKENS.iter().map(|s| s.to_string()));
+        let fillers = tokens.len()..self.vocab_size.max(tokens.len());
+        tokens.extend(fillers.map(|i| format!("<filler{i}>")));
         tokens
-    }
-
-    pub fn vocab_size() -> usize {
-        Self::vocabulary().len()
     }
 
     /// Writes `model.gguf` into `dir` and returns its path.
@@ -102,6 +162,12 @@ impl SyntheticModel {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
+        if self.vocab_size < BASE_VOCAB_SIZE {
+            return Err(Error::InvalidModel(format!(
+                "a synthetic vocabulary has at least {BASE_VOCAB_SIZE} tokens, not {}",
+                self.vocab_size
+            )));
+        }
         let tensors = self.tensors()?;
         let metadata = self.metadata();
         let md_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -114,10 +180,11 @@ impl SyntheticModel {
 
     fn metadata(&self) -> Vec<(String, Value)> {
         let a = &self.architecture;
-        let tokens = Self::vocabulary();
-        let special_start = tokens.len() - SPECIAL_TOKENS.len();
+        let tokens = self.vocabulary();
+        let special_start = BASE_VOCAB_SIZE - SPECIAL_TOKENS.len();
+        let specials = special_start..BASE_VOCAB_SIZE;
         let token_types: Vec<Value> =
-            (0..tokens.len()).map(|i| Value::I32(if i >= special_start { 3 } else { 1 })).collect();
+            (0..tokens.len()).map(|i| Value::I32(if specials.contains(&i) { 3 } else { 1 })).collect();
         let u32v = |x: usize| Value::U32(x as u32);
         vec![
             ("general.architecture".into(), Value::String(a.clone())),
@@ -148,14 +215,20 @@ impl SyntheticModel {
     fn tensors(&self) -> Result<Vec<(String, QTensor)>> {
         let mut rng = StdRng::seed_from_u64(self.seed);
         let dev = Device::Cpu;
-        let vocab = Self::vocab_size();
+        let vocab = self.vocab_size;
         let (h, kv) = (self.hidden, self.kv_heads * self.head_dim());
+        let fill = self.fill;
         let mut out = Vec::new();
         let mut matrix = |rng: &mut StdRng, name: String, rows: usize, cols: usize, dtype: GgmlDType| -> Result<()> {
-            let scale = 1.0 / (cols as f32).sqrt();
-            let data: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-scale..scale) * 1.7).collect();
-            let t = Tensor::from_vec(data, (rows, cols), &dev)?;
-            out.push((name, QTensor::quantize(&t, dtype)?));
+            let t = match fill {
+                WeightFill::Quantized => {
+                    let scale = 1.0 / (cols as f32).sqrt();
+                    let data: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-scale..scale) * 1.7).collect();
+                    QTensor::quantize(&Tensor::from_vec(data, (rows, cols), &dev)?, dtype)?
+                }
+                WeightFill::Blocks => q4_0_blocks(rng, rows, cols, dtype)?,
+            };
+            out.push((name, t));
             Ok(())
         };
         matrix(&mut rng, "token_embd.weight".into(), vocab, h, self.dtype)?;
@@ -195,6 +268,53 @@ impl SyntheticModel {
     }
 }
 
+/// A `[rows, cols]` Q4_0 matrix of random codes (see [`WeightFill::Blocks`]) whose
+/// values have the spread of [`WeightFill::Quantized`]'s, 0.98/√cols.
+fn q4_0_blocks(rng: &mut StdRng, rows: usize, cols: usize, dtype: GgmlDType) -> Result<QTensor> {
+    if dtype != GgmlDType::Q4_0 || !cols.is_multiple_of(32) {
+        return Err(Error::InvalidModel(format!(
+            "block-filled synthetic weights are Q4_0 with a multiple of 32 columns, not {dtype:?} with {cols}"
+        )));
+    }
+    // A block: the f16 scale, then 16 bytes of two 4-bit codes each, stored +8.
+    const BLOCK: usize = 18;
+    let scale = half::f16::from_f32(1.7 / 3f32.sqrt() / BLOCK_CODE_RMS / (cols as f32).sqrt()).to_le_bytes();
+    // StdRng (ChaCha) makes a few hundred MB/s here; SplitMix64, seeded from it,
+    // makes the 2.6 GB of a 3-layer 70B shape in about a second.
+    let mut codes = SplitMix64(rng.next_u64());
+    let mut data = vec![0u8; rows * cols / 32 * BLOCK];
+    for block in data.chunks_exact_mut(BLOCK) {
+        block[..2].copy_from_slice(&scale);
+        for half in block[2..].chunks_exact_mut(8) {
+            half.copy_from_slice(&no_zero_nibble(codes.next()).to_le_bytes());
+        }
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &Device::Cpu, dtype)?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+/// `x` with every 0 nibble (the code −8) made 8 (the code 0).
+fn no_zero_nibble(x: u64) -> u64 {
+    let z = !x;
+    // Bit 0 of each nibble is set where all four of its bits are 0 in `x`.
+    let zero = z & (z >> 1) & (z >> 2) & (z >> 3) & 0x1111_1111_1111_1111;
+    x | (zero << 3)
+}
+
+/// Steele, Lea and Flood's SplitMix64: fast, and the same numbers on every platform
+/// and `rand` version.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
 /// The 256 printable symbols GPT-2's byte-level BPE uses for raw bytes.
 fn byte_symbols() -> Vec<char> {
     let mut printable: Vec<u32> = ('!' as u32..='~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
@@ -210,4 +330,89 @@ fn byte_symbols() -> Vec<char> {
     let mut pairs: Vec<(u32, u32)> = printable.into_iter().zip(symbols).collect();
     pairs.sort_unstable();
     pairs.into_iter().filter_map(|(_, s)| char::from_u32(s)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage::{StageInput, StageOptions, StageOutput, StageStep};
+    use crate::{Generator, ModelFile, SamplingParams, Stage, Tokenizer};
+
+    fn write(spec: &SyntheticModel) -> (tempfile::TempDir, ModelFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = ModelFile::open(spec.write_to(dir.path()).unwrap()).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn a_padded_vocabulary_tokenizes_as_the_small_one_and_decodes_its_fillers() {
+        let (_dir, small) = write(&SyntheticModel::tiny());
+        let (_dir2, padded) = write(&SyntheticModel { vocab_size: 1000, ..SyntheticModel::tiny() });
+        let small = Tokenizer::from_gguf(small.metadata()).unwrap();
+        let tok = Tokenizer::from_gguf(padded.metadata()).unwrap();
+        assert_eq!(tok.vocab_size(), 1000);
+        assert_eq!(padded.info().vocab_size, 1000);
+        // Fillers come after the special tokens, so every id below them is unchanged,
+        // and no merge builds a filler: encoding never produces one.
+        for text in ["The capital of France is", "<|im_start|>user\nin the winter<|im_end|>", "<filler500>"] {
+            assert_eq!(tok.encode(text).unwrap(), small.encode(text).unwrap(), "{text}");
+        }
+        assert_eq!(tok.decode(&[500]).unwrap(), "<filler500>");
+        assert!(!tok.is_control(500));
+        assert_eq!(tok.eos_tokens(), small.eos_tokens());
+    }
+
+    #[test]
+    fn a_vocabulary_smaller_than_the_base_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SyntheticModel { vocab_size: BASE_VOCAB_SIZE - 1, ..SyntheticModel::tiny() };
+        assert!(spec.write_to(dir.path()).is_err());
+    }
+
+    #[test]
+    fn block_filled_weights_are_centred_with_the_spread_of_quantized_ones() {
+        let cols = 8192;
+        let mut rng = StdRng::seed_from_u64(1);
+        let t = q4_0_blocks(&mut rng, 16, cols, GgmlDType::Q4_0).unwrap();
+        let values: Vec<f32> = t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let n = values.len() as f64;
+        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let rms = (values.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n).sqrt();
+        let want = 1.7 / 3f64.sqrt() / (cols as f64).sqrt();
+        assert!((rms / want - 1.0).abs() < 0.02, "rms {rms}, want {want}");
+        assert!(mean.abs() < 0.01 * want, "mean {mean}");
+        assert!(q4_0_blocks(&mut rng, 16, cols, GgmlDType::Q8_0).is_err());
+    }
+
+    #[test]
+    fn zero_nibbles_become_eight_and_others_stay() {
+        for x in [0u64, u64::MAX, 0x0123_4567_89ab_cdef, 0xf0f0_0f0f_1000_0001] {
+            let y = no_zero_nibble(x);
+            for i in 0..16 {
+                let (a, b) = ((x >> (4 * i)) & 0xf, (y >> (4 * i)) & 0xf);
+                assert_eq!(b, if a == 0 { 8 } else { a }, "{x:#x} nibble {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_filled_model_generates_from_finite_logits() {
+        let spec = SyntheticModel {
+            fill: WeightFill::Blocks,
+            dtype: GgmlDType::Q4_0,
+            vocab_size: 2000,
+            untied_head: true,
+            ..SyntheticModel::tiny()
+        };
+        let (_dir, file) = write(&spec);
+        let mut stage = Stage::load(&file, 0..spec.layers, &Device::Cpu, StageOptions::default()).unwrap();
+        let step = StageStep { seq: 1, position: 0, input: StageInput::Tokens(vec![5, 80, 120, 33]) };
+        let Some(StageOutput::Logits(logits)) = stage.forward(&[step]).unwrap().pop() else { panic!("no logits") };
+        let logits: Vec<f32> = logits.to_vec1().unwrap();
+        assert_eq!(logits.len(), 2000);
+        assert!(logits.iter().all(|l| l.is_finite()), "{logits:?}");
+        let mut generator = Generator::load(&file, &Device::Cpu, StageOptions::default()).unwrap();
+        let tokens = generator.generate(&[5, 80, 120, 33], 8, &SamplingParams::greedy(), |_, _| true).unwrap().tokens;
+        assert!(!tokens.is_empty() && tokens.iter().all(|&t| (t as usize) < 2000), "{tokens:?}");
+    }
 }

@@ -7,7 +7,8 @@
 //!
 //! mDNS tests run only here: mdns-sd joins multicast groups on every interface it
 //! finds, which must never happen in the machine's own namespace. So do the tests
-//! of a worker cut off from the network ([`Hosts::set_link`]).
+//! of a worker cut off from the network ([`Hosts::set_link`]), and those of links of a
+//! given speed ([`Hosts::limit_rate`]).
 
 use std::fs::File;
 use std::future::Future;
@@ -117,10 +118,32 @@ impl Hosts {
     }
 
     /// `strata-worker` in host `host`, named `name`, with one compute thread, a
-    /// cache folder of its own below `cache`, no start-up benchmark (no test needs
-    /// its figure) and `args`; returned once it listens, its output drained. Its
+    /// cache folder of its own below `cache`, no start-up benchmark (most tests need
+    /// no figure) and `args`; returned once it listens, its output drained. Its
     /// log level is `STRATA_LOG`'s, `warn` by default.
     pub async fn start_worker(&self, host: usize, name: &str, cache: &Path, args: &[String]) -> anyhow::Result<Process> {
+        self.start_worker_with(host, name, cache, &[&["--no-bench".to_string()], args].concat()).await
+    }
+
+    /// [`Hosts::start_worker`] with its start-up benchmark: its bandwidth is
+    /// measured (half a second or so), so the planner's prediction means something.
+    pub async fn start_measured_worker(
+        &self,
+        host: usize,
+        name: &str,
+        cache: &Path,
+        args: &[String],
+    ) -> anyhow::Result<Process> {
+        self.start_worker_with(host, name, cache, args).await
+    }
+
+    async fn start_worker_with(
+        &self,
+        host: usize,
+        name: &str,
+        cache: &Path,
+        args: &[String],
+    ) -> anyhow::Result<Process> {
         let mut all: Vec<String> = vec![
             "--name".into(),
             name.into(),
@@ -128,7 +151,6 @@ impl Hosts {
             "1".into(),
             "--cache-dir".into(),
             cache.join(name).display().to_string(),
-            "--no-bench".into(),
         ];
         all.extend(args.iter().cloned());
         let mut p = self.spawn(host, name, &crate::binary("strata-worker")?, &all, &[("STRATA_LOG", log_level())])?;
@@ -168,6 +190,19 @@ impl Hosts {
         ip(&["-n", &self.hub(), "link", "set", &format!("p{host}"), if up { "up" } else { "down" }])
     }
 
+    /// Limits host `host`'s link to `rate` (as `tc` writes it: `1gbit`, `100mbit`)
+    /// each way, as a switch port of that speed would: a token bucket on the
+    /// host's `eth0` (what it sends) and on its port `pN` at the hub (what it
+    /// receives). Hosts that share a sender share its rate, as on a real LAN.
+    pub fn limit_rate(&self, host: usize, rate: &str) -> anyhow::Result<()> {
+        anyhow::ensure!((1..=self.count).contains(&host), "no host {host}");
+        // A burst of a few 64 kB segments (the veths pass GSO packets that large)
+        // and at most 20 ms of queue.
+        let tbf = ["root", "tbf", "rate", rate, "burst", "256kb", "latency", "20ms"];
+        tc(&self.namespace(host), "eth0", &tbf)?;
+        tc(&self.hub(), &format!("p{host}"), &tbf)
+    }
+
     /// Starts dbus-daemon and avahi-daemon in host `host` (see [`Avahi`]).
     pub fn start_avahi(&self, host: usize, options: AvahiOptions) -> anyhow::Result<Avahi> {
         Avahi::start(self, host, options)
@@ -196,6 +231,19 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip").args(args).output().context("running ip")?;
     if !out.status.success() {
         bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// `tc qdisc add dev DEVICE QDISC...` in the namespace `ns`.
+fn tc(ns: &str, device: &str, qdisc: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "tc", "qdisc", "add", "dev", device])
+        .args(qdisc)
+        .output()
+        .context("running tc (iproute2)")?;
+    if !out.status.success() {
+        bail!("tc qdisc add dev {device} {} in {ns}: {}", qdisc.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

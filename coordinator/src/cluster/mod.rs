@@ -21,8 +21,11 @@
 //! * [`backoff`]: workers whose loads failed, left out for a while;
 //! * [`weights_source`]: the address each worker pulls weights from.
 //!
-//! [`Cluster::start`] waits for the workers and loads the first plan; from then on
-//! the controller keeps the pipeline in line with the workers there are.
+//! [`Cluster::launch`] starts the scheduler and the controller, which waits for the
+//! workers and loads the first plan in the background (so status and the API can
+//! serve while a first pull takes minutes); [`Cluster::start`] also waits for that
+//! first plan. From then on the controller keeps the pipeline in line with the
+//! workers there are.
 
 pub mod backoff;
 pub mod controller;
@@ -134,10 +137,13 @@ impl ClusterConfig {
 /// its pipeline in line with the workers.
 pub struct Cluster {
     pub engine: Arc<ClusterEngine>,
-    /// The stages of the first pipeline; empty when it could not be loaded yet.
+    /// The stages of the first pipeline; empty when it could not be loaded (or
+    /// [`Cluster::first_plan`] was not awaited) yet.
     pub placements: Vec<Placement>,
     /// Why there is no pipeline yet, when there is none.
     pub waiting_reason: Option<String>,
+    /// The first plan's outcome, until [`Cluster::first_plan`] takes it.
+    first_plan: Option<oneshot::Receiver<Result<Vec<Placement>, String>>>,
     /// Latency of the last hop, last stage to coordinator (TokenSampled events).
     pub token_hops: Arc<HopSamples>,
     admin: ClusterAdmin,
@@ -157,8 +163,23 @@ async fn connect(address: &str) -> Result<WorkerClient, ClusterError> {
 }
 
 impl Cluster {
-    /// Waits for the workers, loads the first plan and starts the controller.
+    /// Waits for the workers, loads the first plan and starts the controller:
+    /// [`Cluster::launch`], then [`Cluster::first_plan`].
     pub async fn start(
+        config: &ClusterConfig,
+        model: Arc<ServedModel>,
+        membership: Arc<Membership>,
+    ) -> Result<Self, ClusterError> {
+        let mut cluster = Self::launch(config, model, membership).await?;
+        cluster.first_plan().await;
+        Ok(cluster)
+    }
+
+    /// Describes the workers named in `config` and starts the scheduler and the
+    /// controller, which waits for `min_workers` and loads the first plan in the
+    /// background: the engine and the admin handle work at once (requests wait for
+    /// the pipeline, status shows the load and its pulls).
+    pub async fn launch(
         config: &ClusterConfig,
         model: Arc<ServedModel>,
         membership: Arc<Membership>,
@@ -168,11 +189,7 @@ impl Cluster {
             membership.add(member?);
         }
         let wanted = config.min_workers.max(config.workers.len()).max(1);
-        if let Err(e) = membership.wait_for(wanted, config.worker_wait).await {
-            // Not a reason to stop: the controller plans with the workers there are,
-            // and again whenever one comes; requests wait meanwhile.
-            tracing::warn!("{e}; planning with the workers there are");
-        }
+        let worker_wait = config.worker_wait;
 
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (scheduler_tx, scheduler_rx) = mpsc::unbounded_channel();
@@ -206,7 +223,7 @@ impl Cluster {
             model: model.clone(),
             stop: stop_rx,
             view,
-            membership,
+            membership: membership.clone(),
             policy: config.placement.clone(),
             options: config.plan.clone(),
             wire_dtype: config.wire_dtype,
@@ -215,14 +232,28 @@ impl Cluster {
             token_hops: token_hops.clone(),
         };
         let mut controller = Controller::new(spec, control_tx.clone());
-        let (placements, waiting_reason) = match controller.start().await {
-            Ok(p) => (p, None),
-            Err(reason) => {
-                tracing::warn!(%reason, "no pipeline yet; requests wait while the controller retries");
-                (Vec::new(), Some(reason))
+        let (first_tx, first_plan) = oneshot::channel();
+        let mut stopping = stop.subscribe();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                waited = membership.wait_for(wanted, worker_wait) => if let Err(e) = waited {
+                    // Not a reason to stop: the controller plans with the workers there
+                    // are, and again whenever one comes; requests wait meanwhile.
+                    tracing::warn!("{e}; planning with the workers there are");
+                },
+                // Shut down while waiting: nothing to plan, and nothing to wait for
+                // (a first load in progress watches the stop itself).
+                _ = stopping.wait_for(|s| *s) => return,
             }
-        };
-        tasks.push(tokio::spawn(controller.run(control_rx)));
+            let first = controller.start().await;
+            if let Err(reason) = &first {
+                tracing::warn!(%reason, "no pipeline yet; requests wait while the controller retries");
+            }
+            let _ = first_tx.send(first);
+            // Control messages sent meanwhile (a drain, a stage's trouble) waited in
+            // the channel; the controller takes them now.
+            controller.run(control_rx).await;
+        }));
         let engine = Arc::new(ClusterEngine {
             card: model.card.clone(),
             limits,
@@ -231,12 +262,34 @@ impl Cluster {
             next_request: AtomicU64::new(1),
             return_path: config.return_path,
         });
-        Ok(Self { engine, placements, waiting_reason, token_hops, admin, stop, tasks })
+        Ok(Self {
+            engine,
+            placements: Vec::new(),
+            waiting_reason: None,
+            first_plan: Some(first_plan),
+            token_hops,
+            admin,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Waits until the first plan is loaded, or has failed once (the controller
+    /// then retries), and sets [`Cluster::placements`] or [`Cluster::waiting_reason`].
+    /// Returns at once after the first call.
+    pub async fn first_plan(&mut self) {
+        let Some(outcome) = self.first_plan.take() else { return };
+        match outcome.await {
+            Ok(Ok(placements)) => self.placements = placements,
+            Ok(Err(reason)) => self.waiting_reason = Some(reason),
+            Err(_) => self.waiting_reason = Some("the controller stopped before its first plan".into()),
+        }
     }
 
     /// This cluster if its first pipeline loaded; otherwise it is shut down and the
     /// error says why (for benchmarks and tests, which have nothing to wait for).
-    pub async fn loaded(self) -> Result<Self, ClusterError> {
+    pub async fn loaded(mut self) -> Result<Self, ClusterError> {
+        self.first_plan().await;
         match self.waiting_reason.clone() {
             None => Ok(self),
             Some(reason) => {

@@ -504,7 +504,7 @@ pub(crate) mod tests {
     async fn bad_requests_are_refused_before_they_are_queued() {
         let (_dir, file) = synthetic(&SyntheticModel::tiny());
         let engine = LocalEngine::start(&file, &Device::Cpu, "tiny".into()).unwrap();
-        let vocab = SyntheticModel::vocab_size() as u32;
+        let vocab = SyntheticModel::tiny().vocab_size as u32;
         let cases = [
             (request(&[], 5, SamplingParams::greedy()), "no tokens"),
             (request(&[vocab], 5, SamplingParams::greedy()), "outside the vocabulary"),

@@ -81,12 +81,15 @@ pub struct PullEntry<'a> {
 }
 
 impl PullEntry<'_> {
-    /// A manifest came: the file has `total` bytes, of which the worker holds `done`
-    /// (kept from an earlier pull).
-    pub fn begin(&self, done: u64, total: u64) {
+    /// A manifest came at `now`: the file has `total` bytes, of which the worker
+    /// holds `done` (kept from an earlier pull). The rate counts from here: the wait
+    /// before (the coordinator cutting the shard file, seconds for a large one) is
+    /// no part of the stream's speed.
+    pub fn begin(&self, done: u64, total: u64, now: Instant) {
         self.update(|p| {
             p.done = done;
             p.total = total;
+            p.rate = Rate::new(now);
         });
     }
 
@@ -204,7 +207,7 @@ mod tests {
         // Nothing to show before the manifest.
         assert!(pulls.snapshot(t0).is_empty());
         // Resumed: 400 MB of 1000 MB were kept; 100 MB more come in two seconds.
-        entry.begin(400 * MB, 1000 * MB);
+        entry.begin(400 * MB, 1000 * MB, t0);
         entry.advance(50 * MB, at(t0, 1000));
         entry.advance(50 * MB, at(t0, 2000));
         let shown = pulls.snapshot(at(t0, 2000));
@@ -222,5 +225,17 @@ mod tests {
         drop(entry);
         assert!(pulls.snapshot(at(t0, 2000)).is_empty());
         assert!(pulls.start(dest, 0..4, t0).is_some(), "the shard may be pulled again");
+    }
+
+    #[test]
+    fn the_rate_counts_from_the_manifest_not_from_the_wait_for_it() {
+        let pulls = Pulls::new(Arc::new(EventHub::default()));
+        let t0 = Instant::now();
+        let entry = pulls.start(Path::new("/cache/h/layers-0-1.gguf"), 0..1, t0).unwrap();
+        // The coordinator takes 10 s to cut the shard, then 50 MB come a second.
+        entry.begin(0, 1000 * MB, at(t0, 10_000));
+        entry.advance(50 * MB, at(t0, 11_000));
+        entry.advance(50 * MB, at(t0, 12_000));
+        assert_eq!(pulls.snapshot(at(t0, 12_000))[0].bytes_per_second, 50.0 * MB as f64);
     }
 }

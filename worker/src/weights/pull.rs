@@ -204,7 +204,7 @@ impl Attempt<'_, '_> {
             let what = format!("the coordinator sends byte {start} on of {total}, asked for byte {kept} on");
             return Err(Failed::bad_bytes(unavailable(source, what), kept));
         }
-        self.entry.begin(start, total);
+        self.entry.begin(start, total, Instant::now());
         tracing::info!(
             model = %self.model.model_id,
             layers = ?self.layers,
