@@ -45,6 +45,10 @@ pub fn unavailable() -> Option<String> {
 pub struct Hosts {
     id: String,
     count: usize,
+    /// The `TMPDIR` of every process spawned in the hosts (a coordinator cuts its
+    /// shard files there): removed with the hosts, so a process killed at the end
+    /// leaves nothing behind.
+    tmp: tempfile::TempDir,
 }
 
 impl Hosts {
@@ -63,7 +67,7 @@ impl Hosts {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let id = format!("st{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         // From here on, whatever was made is removed when `hosts` drops.
-        let hosts = Self { id, count };
+        let hosts = Self { id, count, tmp: tempfile::tempdir().context("a temporary folder for the hosts")? };
         let hub = hosts.hub();
         ip(&["netns", "add", &hub])?;
         ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
@@ -114,7 +118,11 @@ impl Hosts {
     ) -> anyhow::Result<Process> {
         let mut all = vec!["netns".to_string(), "exec".into(), self.namespace(host), program.display().to_string()];
         all.extend(args.iter().cloned());
-        Process::spawn(name, Path::new("ip"), &all, envs)
+        let mut envs = envs.to_vec();
+        if !envs.iter().any(|(k, _)| *k == "TMPDIR") {
+            envs.push(("TMPDIR", self.tmp.path().display().to_string()));
+        }
+        Process::spawn(name, Path::new("ip"), &all, &envs)
     }
 
     /// `strata-worker` in host `host`, named `name`, with one compute thread, a
