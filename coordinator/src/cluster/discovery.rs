@@ -4,7 +4,9 @@
 //!
 //! mDNS only finds workers. Whether one stays alive is for the cluster's
 //! heartbeats to tell: a worker that dies without a goodbye keeps its mDNS records
-//! for their 120 s lifetime.
+//! for their 120 s lifetime. Discovery follows the membership's changes for that:
+//! once a worker it found is gone, its next announcement (it restarted) is
+//! confirmed again rather than taken for an update.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,9 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strata_discovery::{Browser, BrowserOptions, ClusterTag, Event, NodeState};
+use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 
-use super::membership::{self, Added, Member, Membership};
+use super::membership::{self, Added, Change, Member, Membership, NodeStatus};
 use super::ClusterError;
 
 /// How long a found worker gets to answer Describe.
@@ -29,6 +32,7 @@ pub async fn run(
 ) -> Result<(), strata_discovery::Error> {
     let mut browser =
         Browser::start(BrowserOptions { cluster: ClusterTag::of(&cluster), interfaces: Vec::new(), ipv6: false })?;
+    let mut changes = membership.changes();
     let mut found = Found::new(membership);
     let mut describing = JoinSet::new();
     tokio::pin!(stop);
@@ -47,6 +51,12 @@ pub async fn run(
                 }
             },
             Some(Ok((confirm, result))) = describing.join_next() => found.described(confirm, result),
+            change = changes.recv() => match change {
+                Ok(change) => found.changed(&change.change),
+                // Missed some: whoever is gone is found so again on the next change.
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
         }
     }
     describing.abort_all();
@@ -107,6 +117,17 @@ impl Found {
                 None
             }
             (Event::Resolved { .. }, None) => None,
+        }
+    }
+
+    /// A change to the membership: a worker found here that is now gone is
+    /// forgotten, so that its next announcement is confirmed (and it is taken back
+    /// at once) rather than taken for an update of one already known.
+    fn changed(&mut self, change: &Change) {
+        if let Change::Updated(m) = change {
+            if matches!(m.status, NodeStatus::Gone { .. }) {
+                self.addresses.retain(|_, address| *address != m.address);
+            }
         }
     }
 
@@ -184,6 +205,21 @@ mod tests {
 
     fn addresses(membership: &Membership) -> Vec<String> {
         membership.members().into_iter().map(|m| m.address).collect()
+    }
+
+    #[test]
+    fn a_found_worker_that_is_gone_is_confirmed_again_when_it_announces_itself() {
+        let (membership, mut found) = start();
+        let mut changes = membership.changes();
+        let confirm = found.event(resolved("w1", "10.0.0.1", NodeState::Idle)).expect("a new worker is described");
+        answer(&mut found, confirm);
+        let gone = NodeStatus::Gone { since: std::time::Instant::now(), reason: "no heartbeat".into() };
+        membership.set_status("10.0.0.1:7070", gone);
+        while let Ok(c) = changes.try_recv() {
+            found.changed(&c.change);
+        }
+        // It restarted: the same announcement is confirmed again, not ignored.
+        assert!(found.event(resolved("w1", "10.0.0.1", NodeState::Idle)).is_some());
     }
 
     #[test]
