@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::super::membership::{Heartbeat, Membership, NodeStatus};
 use super::super::messages::SchedulerMsg;
 use super::super::{HopSamples, WorkerClient, HEARTBEAT_TIMEOUT};
-use super::decision_core::Event;
+use super::events::Event;
 
 /// Follows one worker's Events: tokens and errors go to the scheduler, heartbeats
 /// to the membership; a silent or closed stream means the worker is gone.

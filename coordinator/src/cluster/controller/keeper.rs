@@ -41,7 +41,7 @@ use super::super::placement::{self, StagePlan};
 use super::super::status_view::ServingPipeline;
 use super::super::WorkerClient;
 use super::clients::Clients;
-use super::decision_core::{Event, Job, JobDone, JobId, Switched};
+use super::events::{Event, Job, JobDone, JobId, Switched};
 use super::ControllerSpec;
 use crate::planner::ModelSpec;
 

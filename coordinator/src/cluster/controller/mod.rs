@@ -10,10 +10,12 @@
 //! * [`keeper`]: the one task that changes the pipeline serving, one job at a
 //!   time (a load can take minutes: meanwhile drains, losses and shutdown are
 //!   decided as they come).
-//! * [`follow`]: following one worker's events; [`clients`]: the connections.
+//! * [`events`]: what they exchange; [`follow`]: following one worker's events;
+//!   [`clients`]: the connections.
 
 mod clients;
 mod decision_core;
+mod events;
 mod follow;
 mod keeper;
 
@@ -26,7 +28,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use self::clients::Clients;
-use self::decision_core::{Action, ControlCore, Event, Job, JobId, Reply, Snapshot, WaiterId};
+use self::decision_core::{ControlCore, Snapshot};
+use self::events::{Action, Event, Job, JobId, Reply, WaiterId};
 use self::keeper::PipelineKeeper;
 use super::membership::{self, Membership};
 use super::messages::{Control, Placement, SchedulerMsg};

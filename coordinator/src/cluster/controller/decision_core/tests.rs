@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use super::*;
 use crate::cluster::backoff::LoadBackoff;
+use crate::cluster::controller::events::Switched;
 use crate::cluster::fixtures::{member, model, GIB};
+use crate::cluster::messages::Moved;
+use strata_proto::CallError;
 
 /// A cluster as the executor would show it to the core, moved step by step.
 struct Script {
