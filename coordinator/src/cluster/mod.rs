@@ -6,7 +6,9 @@
 //! * [`discovery`]: workers found over mDNS;
 //! * [`placement`]: from the workers to a plan, through the planner;
 //! * [`pipeline`]: a plan loaded on the workers, and its stream into stage 0;
-//! * [`controller`]: re-plans when workers come, go, drain or fail;
+//! * [`controller`]: re-plans when workers come, go, drain or fail: a decision
+//!   core (events in, actions out), an executor that never waits, and the
+//!   pipeline keeper that loads one plan at a time;
 //! * [`scheduler`]: runs requests on the current pipeline and moves them to the next;
 //! * [`moves`]: replay or KV transfer, and the cost model that picks one per request;
 //! * [`engine`]: the [`crate::engine::Engine`] handle on the scheduler;
@@ -16,7 +18,7 @@
 //! * [`messages`]: what the controller, the scheduler and the pipelines send each
 //!   other (a leaf: none of them imports another);
 //! * [`status_view`]: what status reads, so it never waits on the controller;
-//! * [`decision`]: what the controller decides, as pure functions (unit-tested on
+//! * [`decision`]: which plan to load and how, as pure functions (unit-tested on
 //!   scripted cluster states), apart from carrying it out;
 //! * [`backoff`]: workers whose loads failed, left out for a while;
 //! * [`weights_source`]: the address each worker pulls weights from.
@@ -338,7 +340,8 @@ impl Cluster {
 #[derive(Clone)]
 pub struct ClusterAdmin {
     control: mpsc::UnboundedSender<Control>,
-    /// Status reads these, never the controller, which may be busy with a load.
+    /// Status reads these, never the controller's pipeline keeper, which may be
+    /// busy with a load.
     view: Arc<StatusView>,
     membership: Arc<Membership>,
     scheduler: mpsc::UnboundedSender<SchedulerMsg>,
