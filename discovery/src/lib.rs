@@ -97,7 +97,7 @@ pub enum Error {
 }
 
 /// Checks that the mDNS port can be shared the way mdns-sd shares it
-/// (`SO_REUSEADDR` and `SO_REUSEPORT`, bound to the unspecified address).
+/// (`SO_REUSEADDR`, and `SO_REUSEPORT` on Unix, bound to the unspecified address).
 ///
 /// mdns-sd only logs a failed bind (at debug level) and then runs without a
 /// socket: registering and browsing "succeed" and nothing is ever sent or heard.
@@ -107,6 +107,9 @@ fn check_port(port: u16) -> Result<(), Error> {
     let bind = || -> std::io::Result<()> {
         let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
         socket.set_reuse_address(true)?;
+        // mdns-sd sets SO_REUSEPORT where there is one (Unix); on Windows,
+        // SO_REUSEADDR alone lets sockets share a port, so it is all mdns-sd sets.
+        #[cfg(unix)]
         socket.set_reuse_port(true)?;
         socket.bind(&std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)).into())
     };

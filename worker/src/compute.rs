@@ -625,7 +625,8 @@ impl Compute {
     }
 }
 
-/// An exclusive `flock` on a file that the workers of one machine share.
+/// An exclusive lock on a file that the workers of one machine share (`flock` on
+/// Unix, `LockFileEx` on Windows, through the standard library's `File::lock`).
 pub(crate) struct ComputeLock {
     file: std::fs::File,
 }
@@ -643,14 +644,16 @@ impl ComputeLock {
     }
 
     pub(crate) fn acquire(&self) -> ComputeLockGuard<'_> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a descriptor this struct owns. Failure (EINTR aside, which
-        // is retried) only means computing unserialized, which stays correct.
-        unsafe {
-            while libc::flock(self.file.as_raw_fd(), libc::LOCK_EX) != 0 {
-                if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+        // A failure (an interruption aside, which is retried) only means computing
+        // unserialized, which stays correct.
+        loop {
+            match self.file.lock() {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the compute lock is not available; computing unserialized");
                     break;
                 }
+                Ok(()) => break,
             }
         }
         ComputeLockGuard(self)
@@ -659,11 +662,7 @@ impl ComputeLock {
 
 impl Drop for ComputeLockGuard<'_> {
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: as in `acquire`.
-        unsafe {
-            libc::flock(self.0.file.as_raw_fd(), libc::LOCK_UN);
-        }
+        let _ = self.0.file.unlock();
     }
 }
 
@@ -781,5 +780,30 @@ impl Compute {
         self.sequences.insert(seq, Sequence { sampler, history: tokens, direct });
         self.gauges.sequences.store(self.sequences.len() as u32, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_compute_lock_has_one_holder_at_a_time() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("compute.lock");
+        let (a, b) = (ComputeLock::open(&path).expect("opened"), ComputeLock::open(&path).expect("opened"));
+        let held = a.acquire();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _turn = b.acquire();
+                let _ = tx.send(());
+            });
+            assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "taken while held");
+            drop(held);
+            assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok(), "not taken once let go");
+        });
     }
 }

@@ -97,7 +97,7 @@ fn serve(args: WorkerArgs) -> anyhow::Result<()> {
         let local = listener.local_addr()?;
         // Scripts and tests wait for this line.
         println!("worker listening grpc={}", strata_worker::advertised_address(local));
-        strata_worker::run(listener, config, shutdown_signal()).await?;
+        strata_worker::run(listener, config, strata_platform::stop::requested()).await?;
         Ok(())
     })
 }
@@ -132,17 +132,3 @@ fn devices(args: DevicesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}

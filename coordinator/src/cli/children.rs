@@ -85,24 +85,20 @@ impl Process {
         }
     }
 
-    fn signal(&self, signal: i32) {
-        if let Some(pid) = self.child.id() {
-            // SAFETY: kill(2) with a pid we own; no memory involved.
-            unsafe {
-                libc::kill(pid as i32, signal);
-            }
-        }
-    }
-
-    /// SIGTERM, as `systemctl stop` would send it; does not wait.
+    /// SIGTERM, as `systemctl stop` would send it; does not wait. (Windows has no
+    /// such request: there it ends the child at once.)
     pub fn terminate(&self) {
-        self.signal(libc::SIGTERM);
+        if let Some(pid) = self.child.id() {
+            strata_platform::process::terminate(pid);
+        }
     }
 
     /// SIGKILL, as a crash or a power cut would end it, without waiting (from any
     /// thread or runtime).
     pub fn kill_now(&self) {
-        self.signal(libc::SIGKILL);
+        if let Some(pid) = self.child.id() {
+            strata_platform::process::kill(pid);
+        }
     }
 
     /// Waits up to `timeout` for it to exit; whether it did.
@@ -117,7 +113,7 @@ impl Process {
 
     /// SIGTERM, then SIGKILL if it has not exited within `grace`.
     pub async fn stop(mut self, grace: Duration) {
-        self.signal(libc::SIGTERM);
+        self.terminate();
         if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
             let _ = self.child.kill().await;
         }
@@ -142,10 +138,10 @@ impl Children {
 
 impl Drop for Children {
     fn drop(&mut self) {
-        // Not stopped cleanly (an error or Ctrl-C): SIGTERM now; `kill_on_drop`
-        // then SIGKILLs whatever is left as the handles drop.
+        // Not stopped cleanly (an error or Ctrl-C): asked to stop now;
+        // `kill_on_drop` then kills whatever is left as the handles drop.
         for p in &self.processes {
-            p.signal(libc::SIGTERM);
+            p.terminate();
         }
     }
 }

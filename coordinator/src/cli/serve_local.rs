@@ -57,32 +57,9 @@ pub(crate) fn default_model_id(spec: &str) -> String {
     Path::new(spec).file_stem().and_then(|s| s.to_str()).unwrap_or(spec).to_owned()
 }
 
-/// Completes on SIGINT or SIGTERM.
+/// Completes when the process is asked to stop (see [`strata_platform::stop`]).
 pub async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot watch for ctrl-c");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch for sigterm");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
+    strata_platform::stop::requested().await;
 }
 
 #[cfg(test)]

@@ -127,28 +127,15 @@ pub fn append(
     Ok((written, strata_proto::content_hash::hex(&hasher.finalize())))
 }
 
-#[cfg(unix)]
+/// Takes the file's lock across processes if no one holds it (`flock` on Unix,
+/// `LockFileEx` on Windows); false when another holds it.
 fn try_lock(file: &File) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock only takes a descriptor, `file`'s own, which stays open for the
-    // call; it touches no memory of this process.
-    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if locked == 0 {
-        return Ok(true);
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EWOULDBLOCK) | Some(libc::EINTR) => Ok(false),
-        _ => Err(e),
-    }
-}
-
-/// Elsewhere no lock across processes: the pull registry still admits one pull
-/// per shard in a worker, and the final hash check catches two workers sharing a
-/// cache folder writing one file.
-#[cfg(not(unix))]
-fn try_lock(_: &File) -> io::Result<bool> {
-    Ok(true)
 }
 
 /// Whether `path` still names the file `file` has open.
