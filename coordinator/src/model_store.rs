@@ -51,7 +51,7 @@ pub fn cache_dir(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, ModelS
     if let Some(dir) = env("STRATA_CACHE_DIR") {
         return Ok(PathBuf::from(dir).join("models"));
     }
-    dirs::cache_dir().map(|d| d.join("strata").join("models")).ok_or(ModelStoreError::NoCacheDir)
+    strata_platform::paths::user_cache().map(|d| d.join("models")).ok_or(ModelStoreError::NoCacheDir)
 }
 
 fn process_env(key: &str) -> Option<String> {

@@ -58,6 +58,20 @@
 //!   first, and only that (the IPv4 one follows a few milliseconds later); taking
 //!   "the first address" of it can give an address no gRPC client can use. We run
 //!   IPv4 only by default, order addresses IPv4 first, and skip link-local IPv6.
+//!
+//! # Sharing a Windows machine with its own mDNS responder
+//!
+//! Since Windows 10 the DNS Client service (`dnscache`) answers and asks mDNS on
+//! UDP 5353 itself, and Bonjour or a browser may hold the port too. On Windows
+//! `SO_REUSEADDR` alone lets sockets share a port (there is no `SO_REUSEPORT`), and
+//! a multicast datagram reaches every socket that shares it, so strata binds with
+//! `SO_REUSEADDR` and runs beside them as beside avahi. Only a program that took the
+//! port with `SO_EXCLUSIVEADDRUSE` keeps everyone else out: the bind check then fails
+//! with [`Error::PortTaken`], the worker says so and serves without mDNS, and the
+//! way in is `strata-worker --join COORDINATOR` (or `strata serve --worker ADDR`),
+//! which needs no multicast at all. The Windows firewall must let UDP 5353 in for
+//! the worker to be found; `strata-worker service install` adds that rule. (Not
+//! measured on Windows here: Wine is no Windows network stack.)
 
 mod advertisement;
 mod advertiser;
@@ -71,6 +85,9 @@ pub use browser::{Browser, BrowserOptions, Event};
 
 /// The DNS-SD service type of strata workers.
 pub const SERVICE_TYPE: &str = "_strata._tcp.local.";
+
+/// The mDNS port (UDP), which a firewall must let in for workers to be found.
+pub const MDNS_PORT: u16 = mdns_sd::MDNS_PORT;
 
 /// The cluster name used when none is given (`--cluster`).
 pub const DEFAULT_CLUSTER: &str = "strata";

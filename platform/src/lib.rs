@@ -3,7 +3,18 @@
 //!
 //! * [`stop`]: the ways a process is asked to stop (Ctrl-C, SIGTERM on Unix; the
 //!   console closing, log-off and system shutdown on Windows);
-//! * [`process`]: ending another process, gracefully where the system has a way.
+//! * [`process`]: children that end with this process; ending another process,
+//!   gracefully where the system has a way;
+//! * [`foreground`]: whether a full-screen program has the foreground;
+//! * [`paths`]: where per-user caches and machine-wide service files live;
+//! * [`files`]: whether a path still names an open file;
+//! * [`nvidia`]: the names of NVIDIA's driver libraries;
+//! * [`firewall`]: opening the worker's ports in the Windows firewall.
 
+pub mod files;
+pub mod firewall;
+pub mod foreground;
+pub mod nvidia;
+pub mod paths;
 pub mod process;
 pub mod stop;

@@ -54,6 +54,20 @@ pub fn parse_bandwidth(text: &str) -> Result<f64, QuantityError> {
     Ok(bytes as f64)
 }
 
+/// `60s`, `5m`, `1h`, `500ms`, `90` (seconds) → a duration.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, QuantityError> {
+    const WHY: &str = "not a duration such as 60s, 5m, 1h or 500ms";
+    let (number, unit) = split_unit(text).map_err(|_| bad(text, WHY))?;
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "ms" => 1e-3,
+        "" | "s" | "sec" | "secs" => 1.0,
+        "m" | "min" | "mins" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad(text, WHY)),
+    };
+    std::time::Duration::try_from_secs_f64(number * scale).map_err(|_| bad(text, WHY))
+}
+
 /// `39.8 GiB`, `512.0 MiB`, `100 B`.
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -125,6 +139,27 @@ mod tests {
         assert_eq!(parse_bytes(" 4096 ").unwrap(), 4096);
         assert_eq!(parse_bytes("100b").unwrap(), 100);
         assert_eq!(parse_bandwidth("1.5TB/s").unwrap(), 1.5e12);
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        let ok = [
+            ("60s", Duration::from_secs(60)),
+            ("90", Duration::from_secs(90)),
+            ("5m", Duration::from_secs(300)),
+            ("1h", Duration::from_secs(3600)),
+            ("500ms", Duration::from_millis(500)),
+            (" 1.5 s ", Duration::from_millis(1500)),
+            ("0s", Duration::ZERO),
+        ];
+        for (text, expected) in ok {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+        for text in ["", "s", "ten", "5 days", "-1s", "1e400s"] {
+            let err = parse_duration(text).unwrap_err().to_string();
+            assert!(err.contains("not a duration such as 60s"), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod netns;
 pub mod streams;
+pub mod wine;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -120,6 +121,9 @@ pub struct ClusterOptions {
     pub serve_args: Vec<String>,
     /// Extra flags for each worker, by index (a worker past the end gets none).
     pub worker_args: Vec<Vec<String>>,
+    /// How each worker is started, by index: the Linux `strata-worker` where none
+    /// (the Windows one under Wine, for instance).
+    pub worker_launchers: Vec<Option<wine::Launcher>>,
 }
 
 impl Default for ClusterOptions {
@@ -132,6 +136,7 @@ impl Default for ClusterOptions {
             sequences: 8,
             serve_args: Vec::new(),
             worker_args: Vec::new(),
+            worker_launchers: Vec::new(),
         }
     }
 }
@@ -197,12 +202,16 @@ impl TestCluster {
                 args.extend(["--join".into(), join.to_string()]);
             }
             args.extend(options.worker_args.get(i).into_iter().flatten().cloned());
-            let mut p = Process::spawn(
-                &format!("worker-{i}"),
-                &worker_bin,
-                &args,
-                &[("STRATA_LOG", "warn".into())],
-            )?;
+            let mut env = vec![("STRATA_LOG", "warn".to_string())];
+            let program = match options.worker_launchers.get(i).cloned().flatten() {
+                Some(launcher) => {
+                    args.splice(0..0, launcher.leading_args);
+                    env.extend(launcher.env);
+                    launcher.program
+                }
+                None => worker_bin.clone(),
+            };
+            let mut p = Process::spawn(&format!("worker-{i}"), &program, &args, &env)?;
             let line = p
                 .wait_for_line("worker listening", READY_TIMEOUT, |_| {})
                 .await?;

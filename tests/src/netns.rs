@@ -223,10 +223,7 @@ impl Drop for Hosts {
             let ns = self.namespace(host);
             if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
                 for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()) {
-                    // SAFETY: kill(2) on a process inside a namespace this test made.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
+                    strata_platform::process::kill(pid);
                 }
             }
             let _ = ip(&["netns", "del", &ns]);

@@ -6,16 +6,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use strata_proto::address;
 use strata_proto::units::{self, MemoryLimits};
 
-use crate::profile::Profile;
 use crate::self_bench::BenchMode;
-use crate::yielding::{self, YieldConfig};
 
 /// strata-worker: holds a layer range of a model and serves it over gRPC.
 ///
@@ -46,19 +43,57 @@ pub enum Command {
     Drain(ControlArgs),
     /// Bring the worker on this machine back into the cluster.
     Undrain(ControlArgs),
+    /// Run the worker as a Windows service: installed once, started with Windows,
+    /// out of the way of the person at the machine.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ServiceCommand {
+    /// Install (or update) the service, store the worker's flags for it, open its
+    /// port in the firewall and start it with Windows. Run as administrator.
+    Install(ServiceInstallArgs),
+    /// Stop and remove the service and its firewall rule (logs and cache stay).
+    Uninstall,
+    /// Start the installed service.
+    Start,
+    /// Stop the installed service.
+    Stop,
+    /// What the service manager runs; not for people.
+    #[command(hide = true)]
+    Run,
 }
 
 #[derive(Debug, Clone, clap::Args)]
+pub struct ServiceInstallArgs {
+    /// The worker's flags, as `strata-worker --help` lists them (`--join ADDR`,
+    /// `--yield-to-processes game.exe`, ...), checked now and stored for the service.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "WORKER FLAGS")]
+    pub worker_flags: Vec<String>,
+}
+
+impl ServiceInstallArgs {
+    /// The flags, parsed as a serving worker's.
+    pub fn parse(&self) -> Result<WorkerArgs, clap::Error> {
+        worker_args(&self.worker_flags)
+    }
+}
+
+/// `flags` (no program name) parsed as a serving worker's.
+pub fn worker_args(flags: &[String]) -> Result<WorkerArgs, clap::Error> {
+    WorkerArgs::try_parse_from(std::iter::once("strata-worker").chain(flags.iter().map(String::as_str)))
+}
+
+/// The port a worker without `--listen` serves on, which `drain` / `undrain` reach.
+pub const DEFAULT_PORT: u16 = 7070;
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct ControlArgs {
-    /// The local worker's gRPC address (HOST:PORT or http://HOST:PORT).
-    #[arg(
-        long,
-        default_value = "127.0.0.1:7070",
-        env = "STRATA_WORKER_ADDRESS",
-        value_name = "ADDRESS",
-        value_parser = address::canonical
-    )]
-    pub address: String,
+    /// The local worker's gRPC address (HOST:PORT or http://HOST:PORT; default: the
+    /// installed service's port, else 127.0.0.1:7070).
+    #[arg(long, env = "STRATA_WORKER_ADDRESS", value_name = "ADDRESS", value_parser = address::canonical)]
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -149,6 +184,11 @@ pub struct WorkerArgs {
     /// nothing.
     #[arg(long, env = "STRATA_YIELD_TO_GPU_USERS")]
     pub yield_to_gpu_users: bool,
+    /// Also yield while a full-screen program has the foreground, as most games do
+    /// (Windows; a worker running as a service sees no desktop, so there it warns
+    /// and does nothing: use the two flags above).
+    #[arg(long, env = "STRATA_YIELD_TO_FULLSCREEN")]
+    pub yield_to_fullscreen: bool,
     /// How long nothing yielded to must have run before the worker comes back (`60s`,
     /// `5m`).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration, env = "STRATA_YIELD_IDLE")]
@@ -162,7 +202,7 @@ fn size(text: &str) -> Result<u64, String> {
 
 /// A `--yield-idle` duration, for clap.
 fn duration(text: &str) -> Result<Duration, String> {
-    yielding::parse_duration(text).map_err(|e| e.to_string())
+    units::parse_duration(text).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +219,49 @@ pub enum ConfigError {
     Device(String),
     #[error("--max-memory must be above zero")]
     ZeroMaxMemory,
+}
+
+/// How long nothing yielded to must have run before a yield ends, unless
+/// `--yield-idle`.
+pub const DEFAULT_YIELD_IDLE: Duration = Duration::from_secs(60);
+
+/// How often the process list, the GPU and the foreground window are looked at. A
+/// refresh of the process list reads one small /proc file per process: a
+/// millisecond or two a second.
+pub const YIELD_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What to yield to, as the command line gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YieldConfig {
+    /// Program names, compared without case and without `.exe`.
+    pub processes: Vec<String>,
+    /// Yield while another process keeps the GPU busy.
+    pub gpu_users: bool,
+    /// Yield while a full-screen program has the foreground.
+    pub fullscreen: bool,
+    /// How long nothing watched must be seen before a yield ends.
+    pub idle: Duration,
+    /// How often the sources are polled.
+    pub poll: Duration,
+}
+
+impl Default for YieldConfig {
+    fn default() -> Self {
+        Self {
+            processes: Vec::new(),
+            gpu_users: false,
+            fullscreen: false,
+            idle: DEFAULT_YIELD_IDLE,
+            poll: YIELD_POLL_INTERVAL,
+        }
+    }
+}
+
+impl YieldConfig {
+    /// Whether there is anything to watch.
+    pub fn is_on(&self) -> bool {
+        !self.processes.is_empty() || self.gpu_users || self.fullscreen
+    }
 }
 
 /// A worker's validated settings.
@@ -200,10 +283,8 @@ pub struct WorkerConfig {
     /// `--max-memory` and `--reserve`.
     pub memory: MemoryLimits,
     pub bench: BenchMode,
-    /// What the worker found and measured at start. `main` probes before binding (a
-    /// refused offer stops it there); [`crate::run`] probes when it is missing.
-    pub profile: Option<Arc<Profile>>,
-    /// `--yield-to-processes`, `--yield-to-gpu-users`, `--yield-idle`.
+    /// `--yield-to-processes`, `--yield-to-gpu-users`, `--yield-to-fullscreen`,
+    /// `--yield-idle`.
     pub yielding: YieldConfig,
 }
 
@@ -225,7 +306,6 @@ impl WorkerConfig {
             memory: MemoryLimits::default(),
             // Tests start many workers; none of them needs the figure.
             bench: BenchMode::Skip,
-            profile: None,
             yielding: YieldConfig::default(),
         }
     }
@@ -260,7 +340,13 @@ impl WorkerConfig {
             Some(dir) => dir,
             None => default_cache_dir(env).ok_or(ConfigError::NoCacheDir)?,
         };
-        let name = args.name.or_else(|| env("HOSTNAME")).or_else(host_name).unwrap_or_else(|| "worker".into());
+        // HOSTNAME where a shell sets it, COMPUTERNAME on Windows.
+        let name = args
+            .name
+            .or_else(|| env("HOSTNAME"))
+            .or_else(|| env("COMPUTERNAME"))
+            .or_else(host_name)
+            .unwrap_or_else(|| "worker".into());
         let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         Ok(Self {
             listen,
@@ -279,7 +365,6 @@ impl WorkerConfig {
                 reserve: args.reserve,
             },
             bench,
-            profile: None,
             yielding: YieldConfig {
                 processes: args
                     .yield_to_processes
@@ -288,19 +373,21 @@ impl WorkerConfig {
                     .filter(|n| !n.is_empty())
                     .collect(),
                 gpu_users: args.yield_to_gpu_users,
+                fullscreen: args.yield_to_fullscreen,
                 idle: args.yield_idle,
-                poll: yielding::POLL_INTERVAL,
+                poll: YIELD_POLL_INTERVAL,
             },
         })
     }
 }
 
-/// `$STRATA_CACHE_DIR/shards`, else the user cache folder's `strata/shards`.
+/// `$STRATA_CACHE_DIR/shards`, else the user cache folder's `strata/shards`
+/// (`%LOCALAPPDATA%\strata\shards` on Windows).
 pub fn default_cache_dir(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
     if let Some(dir) = env("STRATA_CACHE_DIR") {
         return Some(PathBuf::from(dir).join("shards"));
     }
-    dirs::cache_dir().map(|d| d.join("strata").join("shards"))
+    strata_platform::paths::user_cache().map(|d| d.join("shards"))
 }
 
 fn host_name() -> Option<String> {
@@ -362,7 +449,7 @@ mod tests {
         else {
             panic!("not the drain subcommand")
         };
-        assert_eq!(control.address, "localhost:7071");
+        assert_eq!(control.address.as_deref(), Some("localhost:7071"));
         let err = Cli::try_parse_from(["strata-worker", "undrain", "--address", "localhost"]).unwrap_err().to_string();
         assert!(err.contains("for '--address <ADDRESS>'") && err.contains("has no port"), "{err}");
     }
@@ -463,8 +550,26 @@ mod tests {
         assert_eq!((on.yielding.gpu_users, on.yielding.idle), (false, Duration::from_secs(300)));
         let gpu = WorkerConfig::from_args(args(&["--cache-dir", "/tmp/x", "--yield-to-gpu-users"]), &no_env).unwrap();
         assert!(gpu.yielding.is_on() && gpu.yielding.gpu_users);
+        let screen = WorkerConfig::from_args(args(&["--cache-dir", "/tmp/x", "--yield-to-fullscreen"]), &no_env).unwrap();
+        assert!(screen.yielding.is_on() && screen.yielding.fullscreen && !screen.yielding.gpu_users);
         let err = WorkerArgs::try_parse_from(["strata-worker", "--yield-idle", "soon"]).unwrap_err().to_string();
         assert!(err.contains("not a duration such as 60s"), "{err}");
+    }
+
+    #[test]
+    fn service_install_takes_the_worker_s_flags_verbatim() {
+        let cli = Cli::parse_from(["strata-worker", "service", "install", "--join", "box:7100", "--yield-to-fullscreen"]);
+        let Some(Command::Service(ServiceCommand::Install(install))) = cli.command else {
+            panic!("not service install")
+        };
+        assert_eq!(install.worker_flags, ["--join", "box:7100", "--yield-to-fullscreen"]);
+        let args = install.parse().unwrap();
+        assert_eq!((args.join.as_deref(), args.yield_to_fullscreen), (Some("box:7100"), true));
+        let bad = ServiceInstallArgs { worker_flags: vec!["--threads".into(), "lots".into()] };
+        assert!(bad.parse().unwrap_err().to_string().contains("--threads"));
+        for command in ["uninstall", "start", "stop", "run"] {
+            assert!(Cli::try_parse_from(["strata-worker", "service", command]).is_ok(), "{command}");
+        }
     }
 
     #[test]

@@ -193,10 +193,7 @@ mod cuda {
     use cudarc::driver::sys::CUdevice_attribute;
 
     /// Names the driver library goes by (cudarc tries these among others).
-    #[cfg(unix)]
-    const LIBRARIES: &[&str] = &["libcuda.so.1", "libcuda.so"];
-    #[cfg(windows)]
-    const LIBRARIES: &[&str] = &["nvcuda.dll"];
+    const LIBRARIES: &[&str] = strata_platform::nvidia::CUDA_DRIVER;
 
     /// The GPUs the driver sees (after `CUDA_VISIBLE_DEVICES`), or why there are none.
     pub fn devices(free: FreeMemory) -> Result<Vec<GpuInfo>, String> {

@@ -1,7 +1,9 @@
 //! A strata worker: serves one layer range of a model over gRPC.
 //!
-//! [`run`] takes a bound listener, a [`WorkerConfig`] and a shutdown future (tests
-//! pass a oneshot, `main` passes SIGINT/SIGTERM). The service is split by job:
+//! [`run`] takes a bound listener, a [`WorkerConfig`], the [`profile::Profile`]
+//! probed from it (or none, to probe there) and a shutdown future (tests pass a
+//! oneshot, `main` a stop request, the Windows service its stop control). The
+//! service is split by job:
 //!
 //! * [`service`]: the tonic adapter (Describe, LoadShard, Forward, Events, ...);
 //! * [`compute`]: the dedicated thread that owns the stage and batches frames;
@@ -11,12 +13,14 @@
 //! * [`devices`], [`profile`], [`self_bench`]: what the machine has, what the worker
 //!   offers (memory, measured bandwidth), and the start-up benchmark behind it;
 //! * [`advertise`]: the mDNS advertisement (on unless `--no-mdns`);
+//! * [`drain`]: whether the worker drains and who wants it to;
 //! * [`yielding`]: draining while the machine's owner uses it (`--yield-to-*`).
 
 pub mod advertise;
 pub mod compute;
 pub mod config;
 pub mod devices;
+pub mod drain;
 pub mod events;
 pub mod forwarder;
 pub mod profile;
@@ -66,11 +70,12 @@ pub fn advertised_address(local: SocketAddr) -> String {
 /// Serves the worker on `listener` until `shutdown` completes.
 pub async fn run(
     listener: TcpListener,
-    mut config: WorkerConfig,
+    config: WorkerConfig,
+    profile: Option<Arc<Profile>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let local = listener.local_addr().map_err(RunError::Listener)?;
-    let profile = match config.profile.clone() {
+    let profile = match profile {
         Some(profile) => profile,
         None => {
             let probing = config.clone();
@@ -81,18 +86,17 @@ pub async fn run(
         }
     };
     profile.log();
-    config.profile = Some(profile);
     let address = config
         .advertise
         .clone()
         .unwrap_or_else(|| advertised_address(local));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let service = WorkerService::new(config.clone(), address.clone(), stop_rx.clone());
+    let service = WorkerService::new(config.clone(), profile, address.clone(), stop_rx.clone());
     tracing::info!(%address, name = %config.name, "worker serving");
     if let Some(coordinator) = config.join.clone() {
         tokio::spawn(join_loop(service.clone(), coordinator, stop_rx.clone()));
     }
-    yielding::spawn(service.clone(), &config, stop_rx.clone());
+    yielding::spawn(service.drain().clone(), &config.yielding, &config.device, stop_rx.clone());
     let advertising =
         if config.mdns { advertise::Advertising::start(service.clone(), &config, local).await } else { None };
     let server = strata_proto::transport::server().add_service(

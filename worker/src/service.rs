@@ -22,10 +22,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::compute::{self, ComputeHandle, ComputeSpec, Gauges, Outputs};
 use crate::config::WorkerConfig;
+use crate::drain::Drain;
 use crate::events::{lock, unix_nanos, EventHub, Stats};
 use crate::forwarder::{self, Forwarders};
+use crate::profile::Profile;
 use crate::weights::{self, LocalModels, Pulls};
-use crate::yielding::DrainCauses;
 
 mod kv_move;
 
@@ -41,6 +42,8 @@ pub struct WorkerService {
 
 struct Shared {
     config: WorkerConfig,
+    /// What the worker found and measured at start: what it offers.
+    profile: Arc<Profile>,
     address: String,
     node_id: String,
     hub: Arc<EventHub>,
@@ -57,9 +60,8 @@ struct Shared {
     /// The worker is shutting down.
     stop: watch::Receiver<bool>,
     /// Asked to leave the cluster (SetDraining), by the coordinator or at this machine,
-    /// or yielding to the machine's own use: whether `causes` has any.
-    draining: watch::Sender<bool>,
-    causes: Mutex<DrainCauses>,
+    /// or yielding to the machine's own use.
+    drain: Drain,
     /// Workers this one pulled KV caches from.
     peers: kv_move::Peers,
 }
@@ -86,7 +88,7 @@ impl Slot {
 }
 
 impl WorkerService {
-    pub fn new(config: WorkerConfig, address: String, stop: watch::Receiver<bool>) -> Self {
+    pub fn new(config: WorkerConfig, profile: Arc<Profile>, address: String, stop: watch::Receiver<bool>) -> Self {
         // Stable for a given name and address, so a restarted worker is recognised.
         let node_id =
             weights::hex(&Sha256::digest(format!("{}@{address}", config.name).as_bytes())[..8]);
@@ -95,6 +97,7 @@ impl WorkerService {
         Self {
             shared: Arc::new(Shared {
                 config,
+                profile,
                 address,
                 node_id,
                 pulls: Pulls::new(hub.clone()),
@@ -105,8 +108,7 @@ impl WorkerService {
                 slot: Mutex::default(),
                 load_lock: tokio::sync::Mutex::new(()),
                 stop,
-                draining: watch::channel(false).0,
-                causes: Mutex::default(),
+                drain: Drain::default(),
                 peers: kv_move::Peers::default(),
             }),
         }
@@ -114,7 +116,7 @@ impl WorkerService {
 
     fn state(&self) -> WorkerState {
         let slot = lock(&self.shared.slot);
-        if *self.shared.stop.borrow() || *self.shared.draining.borrow() {
+        if *self.shared.stop.borrow() || self.shared.drain.is_draining() {
             WorkerState::Draining
         } else if slot.loading {
             WorkerState::Loading
@@ -128,15 +130,14 @@ impl WorkerService {
     pub fn description(&self) -> v1::WorkerDescription {
         let shard = lock(&self.shared.slot).newest().map(|l| l.spec.clone());
         let config = &self.shared.config;
-        // `run` probes before it serves, so the profile is there.
-        let profile = config.profile.as_deref();
+        let profile = &self.shared.profile;
         v1::WorkerDescription {
             node_id: self.shared.node_id.clone(),
             name: config.name.clone(),
             protocol_version: PROTOCOL_VERSION,
             grpc_address: self.shared.address.clone(),
-            devices: profile.map(|p| p.device_proto()).into_iter().collect(),
-            memory_offered_bytes: profile.map_or(0, |p| p.offer.offered_bytes),
+            devices: vec![profile.device_proto()],
+            memory_offered_bytes: profile.offer.offered_bytes,
             state: self.state() as i32,
             compute_threads: config.threads as u32,
             shard,
@@ -193,27 +194,9 @@ impl WorkerService {
         }
     }
 
-    /// Marks the worker draining or back in service, as someone asked; true when that
-    /// changed anything. An undrain also ends a yield ([`crate::yielding`]); a drain
-    /// while yielding changes no state but makes the drain outlast the yield.
-    pub fn set_draining(&self, draining: bool) -> bool {
-        self.change_drain_causes(|c| c.ask(draining))
-    }
-
-    /// Changes why the worker drains, and whether it does; true when the causes changed.
-    pub fn change_drain_causes(&self, change: impl FnOnce(&mut DrainCauses)) -> bool {
-        let mut causes = lock(&self.shared.causes);
-        let before = causes.clone();
-        change(&mut causes);
-        let draining = causes.draining();
-        if self.shared.draining.send_replace(draining) != draining {
-            tracing::info!(draining, reason = %causes.reason(), "drain state changed");
-        }
-        before != *causes
-    }
-
-    pub fn drain_causes(&self) -> DrainCauses {
-        lock(&self.shared.causes).clone()
+    /// The worker's drain state, for whatever may drain it.
+    pub fn drain(&self) -> &Drain {
+        &self.shared.drain
     }
 
     /// Memory the loaded shards use (shared weights counted once), and how many
@@ -261,7 +244,7 @@ impl WorkerService {
                 spec.stage_index, layers.start, layers.end
             )));
         }
-        if *self.shared.stop.borrow() || *self.shared.draining.borrow() {
+        if *self.shared.stop.borrow() || self.shared.drain.is_draining() {
             return Err(WorkerError::Draining);
         }
         let _guard = self.shared.load_lock.lock().await;
@@ -396,7 +379,7 @@ impl WorkerService {
                 tokens_computed: counters.tokens,
                 batches: counters.batches,
                 busy_seconds: counters.busy_seconds,
-                drain_reason: lock(&self.shared.causes).reason(),
+                drain_reason: self.shared.drain.causes().reason(),
                 pulls: self.shared.pulls.snapshot(Instant::now()),
             })),
         }
@@ -461,7 +444,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::SetDrainingRequest>,
     ) -> Result<Response<v1::SetDrainingResponse>, Status> {
-        let changed = self.set_draining(request.into_inner().draining);
+        let changed = self.shared.drain.ask(request.into_inner().draining);
         Ok(Response::new(v1::SetDrainingResponse {
             state: self.state() as i32,
             changed,

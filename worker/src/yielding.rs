@@ -1,17 +1,18 @@
-//! Yielding the machine to the person at it: with `--yield-to-processes` or
-//! `--yield-to-gpu-users` the worker drains itself (as `strata-worker drain` does)
-//! while a named program runs or another process keeps the GPU busy, and comes back
-//! once nothing watched has been seen for `--yield-idle`.
+//! Yielding the machine to the person at it: with `--yield-to-processes`,
+//! `--yield-to-gpu-users` or `--yield-to-fullscreen` the worker drains itself (as
+//! `strata-worker drain` does) while a named program runs, another process keeps the
+//! GPU busy or a full-screen program has the foreground, and comes back once nothing
+//! watched has been seen for `--yield-idle`.
 //!
 //! The parts, so that the rule can be tested without processes or a GPU:
 //!
-//! * [`DrainCauses`]: who wants the worker drained, kept by the service, so that the
-//!   end of a yield never undoes a drain someone asked for;
 //! * [`Watch`]: the rule, a state machine fed with what each poll saw and when;
 //! * [`ActivitySource`]: what wants the machine now: [`ProcessWatch`] (the process
-//!   list, through sysinfo) and [`GpuUsers`] (NVML, loaded at run time);
+//!   list, through sysinfo), [`GpuUsers`] (NVML, loaded at run time) and
+//!   [`FullscreenWatch`] (the foreground window, on Windows);
 //! * [`spawn`] / [`watch_with`]: the task that polls the sources on a blocking thread
-//!   and hands the decisions to the [`WorkerService`].
+//!   and hands the decisions to the worker's [`Drain`], whose causes keep the end of
+//!   a yield from undoing a drain someone asked for.
 //!
 //! An undrain by hand (`strata-worker undrain`, `strata undrain NODE`) while a watched
 //! program runs ends the yield and is respected: the worker does not yield again until
@@ -28,95 +29,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::config::WorkerConfig;
-use crate::service::WorkerService;
-
-/// How long nothing watched must have run before a yield ends, unless `--yield-idle`.
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
-
-/// How often the process list and the GPU are looked at. A refresh of the process
-/// list reads one small /proc file per process: a millisecond or two a second.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+use crate::config::YieldConfig;
+use crate::drain::{Drain, DrainCauses};
 
 /// The share of a GPU's SMs another process must keep busy to count as using it: a
 /// desktop compositor or a video in a browser stay below it, a game does not.
 const GPU_BUSY_PERCENT: u32 = 10;
-
-/// What to yield to, as the command line gave it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct YieldConfig {
-    /// Program names, compared without case and without `.exe`.
-    pub processes: Vec<String>,
-    /// Yield while another process keeps the GPU busy.
-    pub gpu_users: bool,
-    /// How long nothing watched must be seen before a yield ends.
-    pub idle: Duration,
-    /// How often the sources are polled.
-    pub poll: Duration,
-}
-
-impl Default for YieldConfig {
-    fn default() -> Self {
-        Self { processes: Vec::new(), gpu_users: false, idle: DEFAULT_IDLE, poll: POLL_INTERVAL }
-    }
-}
-
-impl YieldConfig {
-    /// Whether there is anything to watch.
-    pub fn is_on(&self) -> bool {
-        !self.processes.is_empty() || self.gpu_users
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}`: not a duration such as 60s, 5m, 1h or 500ms")]
-pub struct DurationError(String);
-
-/// `60s`, `5m`, `1h`, `500ms`, `90` (seconds) → a duration.
-pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
-    let bad = || DurationError(text.to_string());
-    let trimmed = text.trim();
-    let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(split);
-    let number: f64 = number.parse().map_err(|_| bad())?;
-    let scale = match unit.trim().to_ascii_lowercase().as_str() {
-        "ms" => 1e-3,
-        "" | "s" | "sec" | "secs" => 1.0,
-        "m" | "min" | "mins" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(bad()),
-    };
-    Duration::try_from_secs_f64(number * scale).map_err(|_| bad())
-}
-
-/// Who wants the worker drained; it drains while anyone does.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct DrainCauses {
-    /// Someone asked (SetDraining: `strata drain NODE`, `strata-worker drain`).
-    pub asked: bool,
-    /// What the worker yields to, while it does.
-    pub yielding: Option<String>,
-}
-
-impl DrainCauses {
-    pub fn draining(&self) -> bool {
-        self.asked || self.yielding.is_some()
-    }
-
-    /// A drain or undrain someone asked for. An undrain ends a yield too: the person
-    /// at the machine wants the worker back even while their game runs.
-    pub fn ask(&mut self, draining: bool) {
-        self.asked = draining;
-        if !draining {
-            self.yielding = None;
-        }
-    }
-
-    /// What `strata status` shows next to `draining`; empty unless yielding.
-    pub fn reason(&self) -> String {
-        self.yielding.as_ref().map(|r| format!("yielding to {r}")).unwrap_or_default()
-    }
-}
 
 /// What the watcher does after a poll.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,10 +227,7 @@ impl ActivitySource for ProcessWatch {
 }
 
 /// NVML's library, by the names the driver installs it under.
-#[cfg(unix)]
-const NVML_LIBRARIES: &[&str] = &["libnvidia-ml.so.1", "libnvidia-ml.so"];
-#[cfg(windows)]
-const NVML_LIBRARIES: &[&str] = &["nvml.dll"];
+const NVML_LIBRARIES: &[&str] = strata_platform::nvidia::NVML;
 
 /// Processes other than this worker that keep a GPU busy, through NVML.
 ///
@@ -441,6 +356,26 @@ fn load_nvml() -> Result<nvml_wrapper::Nvml, String> {
     Err(format!("no NVML, so no NVIDIA driver here ({})", errors.join("; ")))
 }
 
+/// A full-screen program in the foreground, on Windows: how most games look.
+pub struct FullscreenWatch;
+
+impl FullscreenWatch {
+    /// The watch, or why it cannot work here (another system; a service, which sees
+    /// no desktop).
+    pub fn open() -> Result<Self, String> {
+        strata_platform::foreground::watchable().map(|()| Self)
+    }
+}
+
+impl ActivitySource for FullscreenWatch {
+    fn poll(&mut self) -> Vec<String> {
+        strata_platform::foreground::fullscreen_program()
+            .map(|program| format!("{program} (full screen)"))
+            .into_iter()
+            .collect()
+    }
+}
+
 /// The sources `config` asks for; one that cannot work is left out with a warning.
 fn open_sources(config: &YieldConfig, device: &str) -> Vec<Box<dyn ActivitySource>> {
     let mut sources: Vec<Box<dyn ActivitySource>> = Vec::new();
@@ -457,16 +392,27 @@ fn open_sources(config: &YieldConfig, device: &str) -> Vec<Box<dyn ActivitySourc
             Err(why) => tracing::warn!(%why, "--yield-to-gpu-users does nothing on this machine"),
         }
     }
+    if config.fullscreen {
+        match FullscreenWatch::open() {
+            Ok(watch) => {
+                tracing::info!(idle = ?config.idle, "yielding while a full-screen program has the foreground");
+                sources.push(Box::new(watch));
+            }
+            Err(why) => tracing::warn!(%why, "--yield-to-fullscreen does nothing here"),
+        }
+    }
     sources
 }
 
-/// Starts the watcher when the configuration asks for one; it runs until `stop`.
-pub fn spawn(service: WorkerService, config: &WorkerConfig, stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
-    let yielding = config.yielding.clone();
-    if !yielding.is_on() {
+/// Starts the watcher when `config` asks for one; it drains `drain` while something
+/// watched runs, until `stop`. `device` is the worker's (`cuda:N` picks the GPU NVML
+/// watches).
+pub fn spawn(drain: Drain, config: &YieldConfig, device: &str, stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
+    if !config.is_on() {
         return None;
     }
-    let device = config.device.clone();
+    let yielding = config.clone();
+    let device = device.to_string();
     Some(tokio::spawn(async move {
         let opening = yielding.clone();
         // Loading NVML blocks: it opens a library and calls into the driver.
@@ -478,13 +424,13 @@ pub fn spawn(service: WorkerService, config: &WorkerConfig, stop: watch::Receive
                 return;
             }
         };
-        watch_with(service, sources, yielding, stop).await;
+        watch_with(drain, sources, yielding, stop).await;
     }))
 }
 
-/// Polls `sources` every `config.poll` and drains or undrains `service`, until `stop`.
+/// Polls `sources` every `config.poll` and drains or undrains `drain`, until `stop`.
 pub async fn watch_with(
-    service: WorkerService,
+    drain: Drain,
     mut sources: Vec<Box<dyn ActivitySource>>,
     config: YieldConfig,
     mut stop: watch::Receiver<bool>,
@@ -509,17 +455,17 @@ pub async fn watch_with(
             Ok(polled) => polled,
             Err(e) => {
                 tracing::warn!(error = %e, "the yield watcher failed; the worker no longer yields");
-                service.change_drain_causes(|c| c.yielding = None);
+                drain.change(|c| c.yielding = None);
                 return;
             }
         };
-        let held = service.drain_causes().yielding.is_some();
+        let held = drain.causes().yielding.is_some();
         let decision = watch.step(Instant::now(), &seen, held);
         if decision == Decision::Nothing {
             continue;
         }
-        service.change_drain_causes(|c| decision.apply(c));
-        log(&decision, &service.drain_causes(), config.idle);
+        drain.change(|c| decision.apply(c));
+        log(&decision, &drain.causes(), config.idle);
     }
 }
 
@@ -549,8 +495,6 @@ fn log(decision: &Decision, causes: &DrainCauses, idle: Duration) {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
-
-    use strata_proto::v1::WorkerState;
 
     use super::*;
 
@@ -673,26 +617,6 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        let ok = [
-            ("60s", secs(60)),
-            ("90", secs(90)),
-            ("5m", secs(300)),
-            ("1h", secs(3600)),
-            ("500ms", Duration::from_millis(500)),
-            (" 1.5 s ", Duration::from_millis(1500)),
-            ("0s", Duration::ZERO),
-        ];
-        for (text, expected) in ok {
-            assert_eq!(parse_duration(text), Ok(expected), "{text}");
-        }
-        for text in ["", "s", "ten", "5 days", "-1s", "1e400s"] {
-            let err = parse_duration(text).unwrap_err().to_string();
-            assert!(err.contains("not a duration such as 60s"), "{text}: {err}");
-        }
-    }
-
-    #[test]
     fn names_match_without_case_or_exe() {
         let wanted: Vec<String> = ["game.exe", "Steam", "strata-fake-game"].iter().map(|n| normalize(n)).collect();
         assert!(is_watched(&wanted, "Game.EXE", None));
@@ -774,50 +698,45 @@ mod tests {
         }
     }
 
-    fn draining(service: &WorkerService) -> bool {
-        service.description().state == WorkerState::Draining as i32
-    }
-
-    /// The watcher task drives a real service: it drains and comes back, leaves a
-    /// requested drain alone, and respects an undrain by hand.
+    /// The watcher task drives the worker's drain state: it drains and comes back,
+    /// leaves a requested drain alone, and respects an undrain by hand.
     #[tokio::test]
     async fn the_watcher_drains_and_undrains_the_service() {
-        let dir = tempfile::tempdir().unwrap();
         let (stop_tx, stop) = watch::channel(false);
-        let service = WorkerService::new(WorkerConfig::local(dir.path().into()), "127.0.0.1:1".into(), stop.clone());
+        let drain = Drain::default();
         let fake = Fake::default();
         let config =
             YieldConfig { idle: Duration::from_millis(100), poll: Duration::from_millis(10), ..YieldConfig::default() };
-        let task = tokio::spawn(watch_with(service.clone(), vec![Box::new(fake.clone())], config, stop));
+        let task = tokio::spawn(watch_with(drain.clone(), vec![Box::new(fake.clone())], config, stop));
 
         fake.show(&[GAME]);
-        wait_until("the yield", || draining(&service)).await;
-        assert_eq!(service.drain_causes().reason(), "yielding to game.exe (pid 4)");
+        wait_until("the yield", || drain.is_draining()).await;
+        assert_eq!(drain.causes().reason(), "yielding to game.exe (pid 4)");
         fake.show(&[]);
-        wait_until("the return", || !draining(&service)).await;
-        assert_eq!(service.drain_causes().reason(), "");
+        wait_until("the return", || !drain.is_draining()).await;
+        assert_eq!(drain.causes().reason(), "");
 
         // A drain asked for outlives the yield.
-        assert!(service.set_draining(true));
+        assert!(drain.ask(true));
         fake.show(&[GAME]);
-        wait_until("the yield", || service.drain_causes().yielding.is_some()).await;
+        wait_until("the yield", || drain.causes().yielding.is_some()).await;
         fake.show(&[]);
-        wait_until("the end of the yield", || service.drain_causes().yielding.is_none()).await;
+        wait_until("the end of the yield", || drain.causes().yielding.is_none()).await;
         fake.polled().await;
-        assert!(draining(&service), "the watcher undid a requested drain");
-        assert!(service.set_draining(false));
+        assert!(drain.is_draining(), "the watcher undid a requested drain");
+        assert!(drain.ask(false));
 
         // An undrain by hand during the game holds until the game has gone.
         fake.show(&[GAME]);
-        wait_until("the yield", || draining(&service)).await;
-        assert!(service.set_draining(false));
+        wait_until("the yield", || drain.is_draining()).await;
+        assert!(drain.ask(false));
         fake.polled().await;
-        assert!(!draining(&service), "the watcher drained again while the game ran");
+        assert!(!drain.is_draining(), "the watcher drained again while the game ran");
         fake.show(&[]);
         fake.polled().await;
         fake.show(&[GAME]);
         fake.polled().await;
-        assert!(!draining(&service), "a short gap is the same game");
+        assert!(!drain.is_draining(), "a short gap is the same game");
         // (That the next game yields again, once this one has been gone for the idle
         // time, the rule's own tests show.)
         let _ = stop_tx.send(true);

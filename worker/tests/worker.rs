@@ -86,7 +86,7 @@ async fn start_worker_with_cache(
     };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        let _ = strata_worker::run(listener, config, async {
+        let _ = strata_worker::run(listener, config, None, async {
             let _ = stopped.await;
         })
         .await;

@@ -1,7 +1,8 @@
 //! Child processes of `strata demo` and `strata bench --workers`: started on
 //! loopback ports they pick themselves, found by the lines they print, and always
 //! stopped, by SIGTERM and then SIGKILL, when the guard is dropped (on success,
-//! error or Ctrl-C). On Linux a child also gets SIGTERM if this process dies.
+//! error or Ctrl-C). A child also ends if this process dies: SIGTERM on Linux, a
+//! job object on Windows.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -26,15 +27,8 @@ impl Process {
         for (k, v) in envs {
             command.env(k, v);
         }
-        #[cfg(target_os = "linux")]
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().with_context(|| format!("cannot start {}", program.display()))?;
+        let mut child = strata_platform::process::spawn_tied(&mut command)
+            .with_context(|| format!("cannot start {}", program.display()))?;
         let stdout = child.stdout.take().context("no stdout")?;
         Ok(Self { name: name.to_string(), child, lines: Some(BufReader::new(stdout).lines()) })
     }

@@ -17,6 +17,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+use strata_platform::files::still_named;
 
 /// `dest` with `.partial` added to its name.
 pub fn partial_path(dest: &Path) -> PathBuf {
@@ -136,24 +137,6 @@ fn try_lock(file: &File) -> io::Result<bool> {
         Err(std::fs::TryLockError::Error(e)) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
         Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
-}
-
-/// Whether `path` still names the file `file` has open.
-#[cfg(unix)]
-fn still_named(path: &Path, file: &File) -> io::Result<bool> {
-    use std::os::unix::fs::MetadataExt;
-    let at_path = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    let open = file.metadata()?;
-    Ok(at_path.dev() == open.dev() && at_path.ino() == open.ino())
-}
-
-#[cfg(not(unix))]
-fn still_named(path: &Path, _: &File) -> io::Result<bool> {
-    Ok(path.exists())
 }
 
 #[cfg(test)]

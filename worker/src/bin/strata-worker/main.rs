@@ -1,14 +1,18 @@
 //! `strata-worker`: parses the command line, binds the listener and runs the worker
-//! until SIGINT or SIGTERM; `strata-worker devices` prints what it would offer;
-//! `strata-worker drain` / `undrain` reach the worker running on this machine.
+//! until asked to stop (Ctrl-C, SIGTERM; on Windows also the console closing, log-off
+//! and shutdown); `strata-worker devices` prints what it would offer;
+//! `strata-worker drain` / `undrain` reach the worker running on this machine;
+//! `strata-worker service ...` installs and runs it as a Windows service.
+
+mod launch;
+mod windows_service;
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use strata_proto::v1::{self, worker_client::WorkerClient};
-use strata_worker::config::DevicesArgs;
+use strata_worker::config::{DevicesArgs, DEFAULT_PORT};
 use strata_worker::profile::Profile;
 use strata_worker::self_bench::BenchMode;
 use strata_worker::{Cli, Command, WorkerArgs, WorkerConfig};
@@ -18,8 +22,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Devices(args)) => devices(args),
-        Some(Command::Drain(args)) => set_draining(&args.address, true),
-        Some(Command::Undrain(args)) => set_draining(&args.address, false),
+        Some(Command::Drain(args)) => set_draining(&control_address(args.address), true),
+        Some(Command::Undrain(args)) => set_draining(&control_address(args.address), false),
+        Some(Command::Service(command)) => windows_service::run_command(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,6 +52,15 @@ fn parse_args() -> Cli {
     })
 }
 
+/// The worker `drain` / `undrain` reach: `--address`, else the installed service's
+/// port, else the default one, on loopback.
+fn control_address(given: Option<String>) -> String {
+    given.unwrap_or_else(|| {
+        let port = windows_service::installed_port().unwrap_or(DEFAULT_PORT);
+        format!("127.0.0.1:{port}")
+    })
+}
+
 /// `strata-worker drain` / `undrain`: tells the local worker; the coordinator sees
 /// it in the next heartbeat and moves the layers.
 fn set_draining(address: &str, draining: bool) -> anyhow::Result<()> {
@@ -61,45 +75,9 @@ fn set_draining(address: &str, draining: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sets up the process for `args`; call it before any thread exists.
-fn prepare(args: &WorkerArgs) {
-    // This sizes candle's compute pool through the environment.
-    if let Some(n) = args.threads.filter(|&n| n > 0) {
-        for key in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
-            std::env::set_var(key, n.to_string());
-        }
-    }
-    // Workers that share cores take turns computing; candle's pool threads spin for
-    // a while after each operation before they sleep, and a spinner left behind by
-    // the last turn slows the next worker's. A shorter spin (candle's default is
-    // 25000) measured best on a 2-core box with three workers.
-    if args.compute_lock.is_some() && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "10000");
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn serve(args: WorkerArgs) -> anyhow::Result<()> {
-    prepare(&args);
-    let mut config = WorkerConfig::from_args(args, &|k| std::env::var(k).ok())?;
-    // Before binding and before the runtime: a refused offer stops the worker here,
-    // and the benchmark is not run on a reactor thread.
-    config.profile = Some(Arc::new(Profile::probe(&config)?));
-    // Networking only: the model runs on its own thread, so one reactor thread is
-    // enough and leaves the cores to compute.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async move {
-        let listener =
-            tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        let local = listener.local_addr()?;
-        // Scripts and tests wait for this line.
-        println!("worker listening grpc={}", strata_worker::advertised_address(local));
-        strata_worker::run(listener, config, strata_platform::stop::requested()).await?;
-        Ok(())
-    })
+    launch::prepare(&args, launch::LogTo::Stderr)?;
+    launch::serve(args, &|k| std::env::var(k).ok(), strata_platform::stop::requested())
 }
 
 async fn request_drain_state(address: &str, draining: bool) -> anyhow::Result<v1::SetDrainingResponse> {
@@ -118,7 +96,7 @@ async fn request_drain_state(address: &str, draining: bool) -> anyhow::Result<v1
 }
 
 fn devices(args: DevicesArgs) -> anyhow::Result<()> {
-    prepare(&args.worker);
+    launch::prepare(&args.worker, launch::LogTo::Stderr)?;
     let config = WorkerConfig::from_args(args.worker, &|k| std::env::var(k).ok())?;
     let mut profile = Profile::detect(&config, true)?;
     if args.bench {
