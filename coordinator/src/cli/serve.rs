@@ -139,11 +139,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The coordinator computes nothing heavy (tokenizing runs on the blocking pool):
     // a small runtime leaves the cores to workers sharing this machine.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listeners = Listeners { grpc: bind(args.grpc_listen).await?, http: bind(args.http_listen).await? };
         crate::server::run(listeners, config, super::serve_local::shutdown_signal()).await?;
         anyhow::Ok(())
-    })
+    });
+    // `run` has already stopped everything within its graces; dropping the runtime
+    // would still wait for blocking tasks (a weight shard being read for a pull cut
+    // off a moment ago), and exiting must not.
+    runtime.shutdown_background();
+    served
 }
 
 async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
