@@ -29,6 +29,11 @@ pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
 /// What files without a template get: ChatML, the format most small chat models use.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// What files without a template get when their vocabulary has Gemma's turn markers
+/// (`<start_of_turn>`, `<end_of_turn>`): Gemma's turns, the assistant called
+/// `model`, a system message put in front of the first user turn.
+pub const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] + '\n\n' %}{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\n' + (system if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
 const TEMPLATE_NAME: &str = "chat_template";
 
 #[derive(Debug, thiserror::Error)]
@@ -83,9 +88,11 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The file's template, or ChatML when the file has none.
+    /// The file's template; when the file has none, Gemma's turns for a vocabulary
+    /// that has their markers, else ChatML.
     pub fn from_gguf(metadata: &HashMap<String, Value>) -> Result<Self, ChatTemplateError> {
         let source = match metadata.get(CHAT_TEMPLATE_KEY) {
+            None if has_gemma_turns(metadata) => GEMMA_TEMPLATE.to_owned(),
             None => CHATML_TEMPLATE.to_owned(),
             Some(Value::String(source)) => source.clone(),
             Some(_) => return Err(ChatTemplateError::Invalid(format!("`{CHAT_TEMPLATE_KEY}` is not a string"))),
@@ -154,6 +161,12 @@ impl ChatTemplate {
 
 /// minijinja's message plus the detail it keeps apart (the text given to
 /// `raise_exception`, the name of an unknown filter).
+fn has_gemma_turns(metadata: &HashMap<String, Value>) -> bool {
+    let Some(Value::Array(tokens)) = metadata.get("tokenizer.ggml.tokens") else { return false };
+    let has = |marker: &str| tokens.iter().any(|t| matches!(t, Value::String(s) if s == marker));
+    has("<start_of_turn>") && has("<end_of_turn>")
+}
+
 fn describe(error: &minijinja::Error) -> String {
     match error.detail() {
         Some(detail) if !error.to_string().contains(detail) => format!("{error}: {detail}"),
@@ -401,6 +414,28 @@ mod tests {
         );
         let text = template.render(&conversation(), false).unwrap();
         assert!(text.ends_with("France?<|im_end|>\n"));
+    }
+
+    #[test]
+    fn a_gemma_vocabulary_without_a_template_gets_gemma_turns() {
+        let mut md = HashMap::new();
+        let tokens = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"];
+        md.insert("tokenizer.ggml.tokens".to_string(), Value::Array(tokens.map(|t| Value::String(t.into())).to_vec()));
+        md.insert("tokenizer.ggml.bos_token_id".to_string(), Value::U32(2));
+        md.insert("tokenizer.ggml.eos_token_id".to_string(), Value::U32(1));
+        let template = ChatTemplate::from_gguf(&md).unwrap();
+        assert_eq!(template.source(), GEMMA_TEMPLATE);
+        let chat = [
+            ChatMessage::new(Role::System, "You are terse."),
+            ChatMessage::new(Role::User, "Hi"),
+            ChatMessage::new(Role::Assistant, "Hello! "),
+            ChatMessage::new(Role::User, "How are you?"),
+        ];
+        // The tokenizer adds <bos> itself (add_bos_token defaults on for these vocabularies).
+        assert_eq!(
+            template.render(&chat, true).unwrap(),
+            "<start_of_turn>user\nYou are terse.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\n"
+        );
     }
 
     #[test]

@@ -17,18 +17,38 @@ use candle_core::Device;
 use crate::error::{Error, Result};
 
 /// The model families this runtime computes. Mistral and SmolLM files say `llama`.
+///
+/// They share one transformer block (`layer.rs`); what differs between them is
+/// answered by the methods below, so a family is a handful of answers rather than a
+/// copy of the block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
     /// Llama with biases on the q/k/v projections and NeoX-style (half-split) RoPE.
     Qwen2,
+    /// Qwen2 without the biases, with an RMS norm on each query and key head.
+    Qwen3,
+    /// Gemma 3: scaled embeddings, norms after attention and the FFN as well as
+    /// before, Q/K norms, a GELU FFN, and sliding-window attention on most layers.
+    Gemma3,
+}
+
+/// The nonlinearity of the gated feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU: `silu(gate) * up`.
+    Silu,
+    /// GeGLU with GELU's tanh approximation: `gelu(gate) * up`.
+    GeluTanh,
 }
 
 impl Architecture {
-    fn parse(name: &str) -> Result<Self> {
+    pub(crate) fn parse(name: &str) -> Result<Self> {
         match name {
             "llama" => Ok(Self::Llama),
             "qwen2" => Ok(Self::Qwen2),
+            "qwen3" => Ok(Self::Qwen3),
+            "gemma3" => Ok(Self::Gemma3),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -37,9 +57,60 @@ impl Architecture {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3",
         }
     }
+
+    /// The q/k/v projections carry biases.
+    pub fn has_qkv_bias(self) -> bool {
+        self == Self::Qwen2
+    }
+
+    /// RoPE rotates adjacent pairs of dimensions: llama.cpp's converter permutes
+    /// Llama's q/k weights so. The others pair dimension `i` with `i + d/2` (NeoX).
+    pub fn rope_pairs_adjacent(self) -> bool {
+        self == Self::Llama
+    }
+
+    /// Every query and key head is RMS-normed (`attn_q_norm`, `attn_k_norm`) before RoPE.
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Self::Qwen3 | Self::Gemma3)
+    }
+
+    /// The attention and FFN outputs are RMS-normed again before the residual add
+    /// (`post_attention_norm`, `post_ffw_norm`).
+    pub fn has_post_norms(self) -> bool {
+        self == Self::Gemma3
+    }
+
+    pub fn activation(self) -> Activation {
+        match self {
+            Self::Gemma3 => Activation::GeluTanh,
+            _ => Activation::Silu,
+        }
+    }
+
+    /// Token embeddings are multiplied by √hidden before the first layer.
+    pub fn scales_embedding(self) -> bool {
+        self == Self::Gemma3
+    }
 }
+
+/// Sliding-window attention: the layers it applies to see only the last `size`
+/// positions (their own included) and rotate with their own RoPE base.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlidingWindow {
+    pub size: usize,
+    pub rope_base: f32,
+    /// One entry per layer: whether that layer slides.
+    pub layers: Vec<bool>,
+}
+
+/// Gemma 3 files before llama.cpp wrote the pattern: 5 sliding layers, then a global one.
+const GEMMA3_SLIDING_PERIOD: usize = 6;
+/// Gemma 3 files before llama.cpp wrote `rope.freq_base_swa`.
+const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 
 /// How positions are stretched beyond the training context.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,12 +140,24 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     /// The file has no `output.weight`: the head reuses the token embedding.
     pub tied_embedding: bool,
+    /// What attention scores are multiplied by: 1/√head_dim for most models.
+    pub attention_scale: f32,
+    /// Sliding-window attention, when some layers have it.
+    pub sliding_window: Option<SlidingWindow>,
+    /// Logits are squashed to `cap * tanh(logit / cap)`.
+    pub final_logit_softcap: Option<f32>,
 }
 
 impl ModelInfo {
     /// Bytes of K and V cache one token takes in one layer at f32.
     pub fn kv_bytes_per_token_per_layer(&self) -> u64 {
         (2 * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()) as u64
+    }
+
+    /// The window of `layer`, when it is a sliding-window layer.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        let w = self.sliding_window.as_ref()?;
+        w.layers.get(layer).copied().unwrap_or(false).then_some(w.size)
     }
 }
 
@@ -276,6 +359,10 @@ impl Meta<'_> {
             .ok_or_else(|| Error::Metadata { key: format!("{}.{key}", self.arch) })
     }
 
+    fn bad(&self, key: &str) -> Error {
+        Error::Metadata { key: format!("{}.{key}", self.arch) }
+    }
+
     fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
         match self.get(key) {
             None => Ok(default),
@@ -348,6 +435,18 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
         }
     };
     let vocab_size = vocab_size(content, hidden)?;
+    let attention_scale = match architecture {
+        // Gemma 3 27B scales by its hidden size per head (5376 / 32 = 168), not by its
+        // head size (128), as Google's reference code does; llama.cpp tells it by its
+        // 62 layers.
+        Architecture::Gemma3 if layers == 62 => 1.0 / ((hidden / heads) as f32).sqrt(),
+        _ => 1.0 / (head_dim as f32).sqrt(),
+    };
+    let sliding_window = sliding_window(&m, architecture, layers)?;
+    let final_logit_softcap = match m.f32_or("final_logit_softcapping", 0.0)? {
+        cap if cap > 0.0 => Some(cap),
+        _ => None,
+    };
     let name = match md.get("general.name") {
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
@@ -367,7 +466,44 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
         context_length,
         vocab_size,
         tied_embedding: !content.tensor_infos.contains_key("output.weight"),
+        attention_scale,
+        sliding_window,
+        final_logit_softcap,
     })
+}
+
+/// The sliding window from `{arch}.attention.sliding_window`, and which layers use
+/// it: `attention.sliding_window_pattern` when the file has it (a period, the last
+/// layer of each being global, or one flag per layer), else Gemma 3's fixed period
+/// of 6. The local RoPE base is `rope.freq_base_swa`, else Gemma 3's 10000.
+fn sliding_window(m: &Meta<'_>, architecture: Architecture, layers: usize) -> Result<Option<SlidingWindow>> {
+    let size = match m.get("attention.sliding_window") {
+        None => return Ok(None),
+        Some(v) => value_as_u64(v).ok_or_else(|| m.bad("attention.sliding_window"))? as usize,
+    };
+    if size == 0 {
+        return Ok(None);
+    }
+    let periodic = |period: usize| (0..layers).map(|l| l % period < period - 1).collect::<Vec<bool>>();
+    let flags = match m.get("attention.sliding_window_pattern") {
+        Some(Value::Array(flags)) => {
+            let flags: Option<Vec<bool>> =
+                flags.iter().map(|f| if let Value::Bool(b) = f { Some(*b) } else { None }).collect();
+            match flags {
+                Some(flags) if flags.len() == layers => flags,
+                _ => return Err(m.bad("attention.sliding_window_pattern")),
+            }
+        }
+        Some(v) => match value_as_u64(v) {
+            Some(period) if period > 0 => periodic(period as usize),
+            _ => return Err(m.bad("attention.sliding_window_pattern")),
+        },
+        None if architecture == Architecture::Gemma3 => periodic(GEMMA3_SLIDING_PERIOD),
+        // A window with no pattern and no family rule: every layer slides.
+        None => vec![true; layers],
+    };
+    let rope_base = m.f32_or("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)?;
+    Ok(Some(SlidingWindow { size, rope_base, layers: flags }))
 }
 
 /// The vocabulary size: the rows of the embedding, or of the output head, or the
@@ -441,6 +577,46 @@ mod tests {
         // Split, the tied embedding is held twice (to embed, and as the head); whole, once.
         let split = sizes.stage_bytes(0..2) + sizes.stage_bytes(2..spec.layers) - sizes.shared;
         assert_eq!(split, sizes.total() + sizes.embedding);
+    }
+
+    #[test]
+    fn reads_the_families_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let qwen3 = ModelFile::open(SyntheticModel::qwen3_tiny().write_to(dir.path()).unwrap()).unwrap();
+        let info = qwen3.info();
+        assert_eq!((info.architecture, info.head_dim, info.sliding_window.clone()), (Architecture::Qwen3, 32, None));
+        assert_eq!(info.attention_scale, 1.0 / 32f32.sqrt());
+        let gemma = ModelFile::open(SyntheticModel::gemma3_tiny().write_to(dir.path()).unwrap()).unwrap();
+        let info = gemma.info();
+        assert_eq!(info.architecture, Architecture::Gemma3);
+        // Gemma 3's rule when the file carries no pattern: every sixth layer is global.
+        let window = info.sliding_window.clone().unwrap();
+        assert_eq!((window.size, window.rope_base), (3, 10_000.0));
+        assert_eq!(window.layers, [true, true, true, true, true, false]);
+        assert_eq!((info.window_of(0), info.window_of(5)), (Some(3), None));
+        assert_eq!(info.final_logit_softcap, Some(30.0));
+    }
+
+    #[test]
+    fn a_sliding_window_pattern_in_the_file_wins() {
+        let md = |pattern: Option<Value>| {
+            let mut md = HashMap::new();
+            md.insert("gemma3.attention.sliding_window".to_string(), Value::U32(512));
+            md.insert("gemma3.rope.freq_base_swa".to_string(), Value::F32(5000.0));
+            if let Some(p) = pattern {
+                md.insert("gemma3.attention.sliding_window_pattern".to_string(), p);
+            }
+            md
+        };
+        let read = |md: &HashMap<String, Value>| sliding_window(&Meta { md, arch: "gemma3" }, Architecture::Gemma3, 4);
+        let w = read(&md(Some(Value::U32(2)))).unwrap().unwrap();
+        assert_eq!((w.layers, w.rope_base), (vec![true, false, true, false], 5000.0));
+        let flags = Value::Array([false, true, true, false].map(Value::Bool).to_vec());
+        assert_eq!(read(&md(Some(flags))).unwrap().unwrap().layers, [false, true, true, false]);
+        assert_eq!(read(&md(None)).unwrap().unwrap().layers, [true, true, true, true]);
+        for bad in [Value::U32(0), Value::Array(vec![Value::Bool(true)]), Value::String("x".into())] {
+            assert!(matches!(read(&md(Some(bad))), Err(Error::Metadata { .. })));
+        }
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! One transformer block (pre-norm attention + SwiGLU MLP) over a ragged batch.
+//! One transformer block (attention + gated FFN) over a ragged batch, in the shape
+//! every family here shares; [`Architecture`]'s answers switch its optional parts
+//! (q/k/v biases, Q/K norms, post-norms, the activation, a sliding window).
 //!
 //! The matrix products run once over the tokens of every sequence in the batch;
 //! only attention, which needs each sequence's own history, runs per sequence.
@@ -9,98 +11,14 @@
 use std::fs::File;
 use std::io::BufReader;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
-use crate::error::Result;
-use crate::gguf::{Architecture, ModelFile, ModelInfo, RopeScaling};
+use crate::error::{Error, Result};
+use crate::gguf::{Activation, Architecture, ModelFile};
 use crate::kv_cache::LayerCache;
 use crate::linear::Linear;
-
-/// A root-mean-square norm with a learned scale.
-#[derive(Debug, Clone)]
-pub(crate) struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    pub fn load(file: &ModelFile, reader: &mut BufReader<File>, name: &str, device: &Device) -> Result<Self> {
-        let weight = file.load_tensor(reader, name, device)?.dequantize(device)?;
-        Ok(Self { weight, eps: file.info().norm_eps })
-    }
-
-    /// `x` is `[tokens, hidden]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // llama.cpp sums squares in double and multiplies by 1/sqrt(mean + eps).
-        let hidden = x.dim(D::Minus1)? as f64;
-        let mean = x.to_dtype(DType::F64)?.sqr()?.sum_keepdim(D::Minus1)?.affine(1.0 / hidden, self.eps)?;
-        let scale = mean.to_dtype(DType::F32)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&scale)?.broadcast_mul(&self.weight)?)
-    }
-}
-
-/// Rotary position embedding parameters; tables are built per call for the
-/// positions at hand, so long contexts cost no memory up front.
-#[derive(Debug, Clone)]
-pub(crate) struct Rope {
-    head_dim: usize,
-    theta_scale: f32,
-    freq_scale: f32,
-    /// Per-frequency divisors (`rope_freqs.weight`), if the model has them.
-    freq_factors: Option<Vec<f32>>,
-    /// Llama GGUFs pair adjacent dimensions; Qwen2 pairs `i` with `i + d/2`.
-    interleaved: bool,
-}
-
-impl Rope {
-    pub fn new(info: &ModelInfo, freq_factors: Option<Vec<f32>>) -> Self {
-        let freq_scale = match info.rope_scaling {
-            RopeScaling::Linear(f) => 1.0 / f,
-            RopeScaling::None | RopeScaling::FreqFactors => 1.0,
-        };
-        Self {
-            head_dim: info.head_dim,
-            theta_scale: info.rope_base.powf(-2.0 / info.head_dim as f32),
-            freq_scale,
-            freq_factors,
-            interleaved: info.architecture == Architecture::Llama,
-        }
-    }
-
-    /// cos and sin tables, `[len, head_dim / 2]`, for positions `start..start + len`.
-    pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let half = self.head_dim / 2;
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for pos in start..start + len {
-            // ggml's rope cache: theta_i = pos * theta_scale^i, built by repeated
-            // multiplication in f32, which rounds differently from powf.
-            let mut theta = pos as f32;
-            for i in 0..half {
-                let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
-                let angle = self.freq_scale * (theta / ff);
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-                theta *= self.theta_scale;
-            }
-        }
-        Ok((
-            Tensor::from_vec(cos, (len, half), device)?,
-            Tensor::from_vec(sin, (len, half), device)?,
-        ))
-    }
-
-    /// `x` is `[heads, len, head_dim]`.
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let x = x.unsqueeze(0)?.contiguous()?;
-        let y = if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x, cos, sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&x, cos, sin)?
-        };
-        Ok(y.squeeze(0)?)
-    }
-}
+use crate::norm::RmsNorm;
+use crate::rope::{Ropes, RopeTables};
 
 /// Where one sequence's tokens sit in the batch, and where they start in its history.
 #[derive(Debug, Clone, Copy)]
@@ -110,25 +28,45 @@ pub(crate) struct Span {
     pub position: usize,
 }
 
+/// The rotary tables of every span of a batch: for global layers, and for sliding
+/// layers when the model rotates them with a base of their own.
+pub(crate) struct BatchRopes<'a> {
+    pub ropes: &'a Ropes,
+    pub global: Vec<RopeTables>,
+    pub local: Vec<RopeTables>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Layer {
     attn_norm: RmsNorm,
     q: Linear,
     k: Linear,
     v: Linear,
+    /// Per-head norms of queries and keys, before RoPE (Qwen3, Gemma 3).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     o: Linear,
+    /// Norm of the attention output before the residual add (Gemma 3).
+    post_attention_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Norm of the FFN output before the residual add (Gemma 3).
+    post_ffn_norm: Option<RmsNorm>,
+    activation: Activation,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    scale: f64,
+    /// The positions each token sees, its own included, on a sliding-window layer.
+    window: Option<usize>,
 }
 
 impl Layer {
     pub fn load(file: &ModelFile, reader: &mut BufReader<File>, index: usize, device: &Device) -> Result<Self> {
         let info = file.info();
+        let arch: Architecture = info.architecture;
         let p = format!("blk.{index}");
         let mut linear = |name: &str, bias: bool| -> Result<Linear> {
             let w = file.load_tensor(reader, &format!("{p}.{name}.weight"), device)?;
@@ -139,7 +77,7 @@ impl Layer {
             };
             Linear::new(w, b)
         };
-        let biased = info.architecture == Architecture::Qwen2;
+        let biased = arch.has_qkv_bias();
         let q = linear("attn_q", biased)?;
         let k = linear("attn_k", biased)?;
         let v = linear("attn_v", biased)?;
@@ -147,68 +85,96 @@ impl Layer {
         let gate = linear("ffn_gate", false)?;
         let up = linear("ffn_up", false)?;
         let down = linear("ffn_down", false)?;
+        let mut norm = |name: &str, width: usize| -> Result<RmsNorm> {
+            let norm = RmsNorm::load(file, reader, &format!("{p}.{name}.weight"), device)?;
+            match norm.width()? {
+                w if w == width => Ok(norm),
+                w => Err(Error::InvalidModel(format!("tensor `{p}.{name}.weight` has {w} values, expected {width}"))),
+            }
+        };
+        let (q_norm, k_norm) = if arch.has_qk_norm() {
+            (Some(norm("attn_q_norm", info.head_dim)?), Some(norm("attn_k_norm", info.head_dim)?))
+        } else {
+            (None, None)
+        };
+        let (post_attention_norm, post_ffn_norm) = if arch.has_post_norms() {
+            (Some(norm("post_attention_norm", info.hidden)?), Some(norm("post_ffw_norm", info.hidden)?))
+        } else {
+            (None, None)
+        };
         Ok(Self {
-            attn_norm: RmsNorm::load(file, reader, &format!("{p}.attn_norm.weight"), device)?,
-            ffn_norm: RmsNorm::load(file, reader, &format!("{p}.ffn_norm.weight"), device)?,
+            attn_norm: norm("attn_norm", info.hidden)?,
+            ffn_norm: norm("ffn_norm", info.hidden)?,
             q,
             k,
             v,
+            q_norm,
+            k_norm,
             o,
+            post_attention_norm,
             gate,
             up,
             down,
+            post_ffn_norm,
+            activation: arch.activation(),
             heads: info.heads,
             kv_heads: info.kv_heads,
             head_dim: info.head_dim,
+            scale: f64::from(info.attention_scale),
+            window: info.window_of(index),
         })
     }
 
-    /// `x` is `[tokens, hidden]` for all spans; `caches[i]` belongs to `spans[i]` and
-    /// `ropes[i]` holds its cos/sin tables.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        spans: &[Span],
-        caches: &mut [&mut LayerCache],
-        ropes: &[(Tensor, Tensor)],
-        rope: &Rope,
-    ) -> Result<Tensor> {
+    /// `x` is `[tokens, hidden]` for all spans; `caches[i]` belongs to `spans[i]`.
+    pub fn forward(&self, x: &Tensor, spans: &[Span], caches: &mut [&mut LayerCache], ropes: &BatchRopes) -> Result<Tensor> {
         let h = self.attn_norm.forward(x)?;
-        let q = self.q.forward(&h)?;
-        let k = self.k.forward(&h)?;
+        let q = per_head_norm(self.q.forward(&h)?, self.q_norm.as_ref(), self.heads, self.head_dim)?;
+        let k = per_head_norm(self.k.forward(&h)?, self.k_norm.as_ref(), self.kv_heads, self.head_dim)?;
         let v = self.v.forward(&h)?;
+        let sliding = self.window.is_some();
+        let rope = ropes.ropes.for_layer(sliding);
+        let tables = if sliding && ropes.ropes.local.is_some() { &ropes.local } else { &ropes.global };
         let mut outputs = Vec::with_capacity(spans.len());
-        for ((span, cache), (cos, sin)) in spans.iter().zip(caches.iter_mut()).zip(ropes) {
+        for ((span, cache), tables) in spans.iter().zip(caches.iter_mut()).zip(tables) {
             let take = |t: &Tensor, heads: usize| -> Result<Tensor> {
                 Ok(t.narrow(0, span.offset, span.len)?
                     .reshape((span.len, heads, self.head_dim))?
                     .transpose(0, 1)?
                     .contiguous()?)
             };
-            let q = rope.apply(&take(&q, self.heads)?, cos, sin)?;
-            let k = rope.apply(&take(&k, self.kv_heads)?, cos, sin)?;
+            let q = rope.apply(&take(&q, self.heads)?, tables)?;
+            let k = rope.apply(&take(&k, self.kv_heads)?, tables)?;
             let v = take(&v, self.kv_heads)?;
             let (k, v) = cache.append(&k, &v)?;
             outputs.push(self.attention(&q, &k, &v, span)?);
         }
         let attn = if outputs.len() == 1 { outputs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outputs, 0)? };
-        let x = (x + self.o.forward(&attn)?)?;
+        let attn = post_norm(self.o.forward(&attn)?, self.post_attention_norm.as_ref())?;
+        let x = (x + attn)?;
         let h = self.ffn_norm.forward(&x)?;
-        let mlp = (candle_nn::ops::silu(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?;
-        Ok((x + self.down.forward(&mlp)?)?)
+        let gate = self.gate.forward(&h)?;
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        let ffn = post_norm(self.down.forward(&(gate * self.up.forward(&h)?)?)?, self.post_ffn_norm.as_ref())?;
+        Ok((x + ffn)?)
     }
 
     /// Causal attention of `q` (`[heads, len, d]`) over the history `k`, `v`
-    /// (`[kv_heads, total, d]`); returns `[len, heads * d]`.
+    /// (`[kv_heads, total, d]`, position 0 first); returns `[len, heads * d]`. A
+    /// sliding layer looks only at the keys inside its window.
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, span: &Span) -> Result<Tensor> {
-        let total = k.dim(1)?;
+        // Keys before the first query's window are never looked at.
+        let first_key = self.window.map_or(0, |w| (span.position + 1).saturating_sub(w));
+        let total = k.dim(1)? - first_key;
+        let (k, v) = if first_key > 0 { (k.narrow(1, first_key, total)?, v.narrow(1, first_key, total)?) } else { (k.clone(), v.clone()) };
         let group = self.heads / self.kv_heads;
         // Query heads sharing a KV head are stacked so one matmul serves the group.
         let q = q.reshape((self.kv_heads, group * span.len, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
         let scores = if span.len > 1 {
-            let mask = causal_mask(span.len, span.position, total, q.device())?;
+            let mask = attention_mask(span, first_key, total, self.window, q.device())?;
             scores.reshape((self.kv_heads, group, span.len, total))?.broadcast_add(&mask)?.reshape((
                 self.kv_heads,
                 group * span.len,
@@ -226,10 +192,51 @@ impl Layer {
     }
 }
 
-/// `[len, total]`: 0 where token `i` (at `position + i`) may see column `j`, else -inf.
-fn causal_mask(len: usize, position: usize, total: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..len)
-        .flat_map(|i| (0..total).map(move |j| if j <= position + i { 0.0 } else { f32::NEG_INFINITY }))
+/// `x` (`[tokens, heads * head_dim]`) with every head RMS-normed, when there is a norm.
+fn per_head_norm(x: Tensor, norm: Option<&RmsNorm>, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let Some(norm) = norm else { return Ok(x) };
+    let tokens = x.dim(0)?;
+    Ok(norm.forward(&x.reshape((tokens, heads, head_dim))?)?.reshape((tokens, heads * head_dim))?)
+}
+
+fn post_norm(x: Tensor, norm: Option<&RmsNorm>) -> Result<Tensor> {
+    match norm {
+        Some(norm) => norm.forward(&x),
+        None => Ok(x),
+    }
+}
+
+/// `[len, total]` over keys at positions `first_key..first_key + total`: 0 where the
+/// span's token `i` (at `span.position + i`) may see the key, else -inf. It sees keys
+/// at or before its own position and, with a window, fewer than `window` back.
+fn attention_mask(span: &Span, first_key: usize, total: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let visible = |i: usize, j: usize| {
+        let (query, key) = (span.position + i, first_key + j);
+        key <= query && window.is_none_or(|w| query - key < w)
+    };
+    let mask: Vec<f32> = (0..span.len)
+        .flat_map(|i| (0..total).map(move |j| if visible(i, j) { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    Ok(Tensor::from_vec(mask, (len, total), device)?)
+    Ok(Tensor::from_vec(mask, (span.len, total), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn visible(mask: &Tensor) -> Vec<Vec<bool>> {
+        mask.to_vec2::<f32>().unwrap().into_iter().map(|r| r.into_iter().map(|x| x == 0.0).collect()).collect()
+    }
+
+    #[test]
+    fn a_window_hides_keys_as_far_back_as_its_size() {
+        let span = Span { offset: 0, len: 3, position: 4 };
+        // Without a window: causal over keys 0..7.
+        let full = visible(&attention_mask(&span, 0, 7, None, &Device::Cpu).unwrap());
+        assert_eq!(full[0], [true, true, true, true, true, false, false]);
+        // A window of 3 over keys 2..7: query 4 sees 2..=4, query 6 sees 4..=6.
+        let sliding = visible(&attention_mask(&span, 2, 5, Some(3), &Device::Cpu).unwrap());
+        assert_eq!(sliding[0], [true, true, true, false, false]);
+        assert_eq!(sliding[2], [false, false, true, true, true]);
+    }
 }

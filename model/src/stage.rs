@@ -21,7 +21,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::gguf::{ModelFile, ModelInfo, RopeScaling};
 use crate::kv_cache::LayerCache;
-use crate::layer::{Layer, RmsNorm, Rope, Span};
+use crate::layer::{BatchRopes, Layer, Span};
+use crate::norm::RmsNorm;
+use crate::rope::Ropes;
 use crate::linear::Linear;
 use crate::weight_store::{stage_parts, Part, WeightStore};
 
@@ -120,7 +122,7 @@ pub struct Stage {
     embedding: Option<Arc<QTensor>>,
     layers: Vec<Arc<Layer>>,
     head: Option<Arc<Head>>,
-    rope: Arc<Rope>,
+    rope: Arc<Ropes>,
     device: Device,
     options: StageOptions,
     weight_bytes: u64,
@@ -378,17 +380,23 @@ impl Stage {
     fn forward_round(&mut self, steps: &[StageStep], round: &[(usize, usize, usize)]) -> Result<Vec<Tensor>> {
         let mut inputs = Vec::with_capacity(round.len());
         let mut spans = Vec::with_capacity(round.len());
-        let mut ropes = Vec::with_capacity(round.len());
+        let mut ropes = BatchRopes { ropes: &self.rope, global: Vec::with_capacity(round.len()), local: Vec::new() };
         let mut offset = 0;
         for &(i, from, len) in round {
             let step = &steps[i];
             let x = match &step.input {
                 StageInput::Tokens(ids) => {
                     let ids = Tensor::new(&ids[from..from + len], &self.device)?;
-                    match (&self.embedding, &self.head) {
+                    let x = match (&self.embedding, &self.head) {
                         (Some(e), _) => e.embedding(&ids)?,
                         (None, Some(head)) if self.is_first() => head.output.embedding(&ids)?,
                         _ => return Err(Error::BadInput("this stage has no embedding".into())),
+                    };
+                    if self.info.architecture.scales_embedding() {
+                        // In f32, as llama.cpp scales by sqrtf(n_embd).
+                        (x * f64::from((self.info.hidden as f32).sqrt()))?
+                    } else {
+                        x
                     }
                 }
                 StageInput::Hidden(h) => h.narrow(0, from, len)?.to_device(&self.device)?,
@@ -396,7 +404,10 @@ impl Stage {
             inputs.push(x);
             let position = step.position + from;
             spans.push(Span { offset, len, position });
-            ropes.push(self.rope.tables(position, len, &self.device)?);
+            ropes.global.push(self.rope.global.tables(position, len, &self.device)?);
+            if let Some(local) = &self.rope.local {
+                ropes.local.push(local.tables(position, len, &self.device)?);
+            }
             offset += len;
         }
         let mut x = if inputs.len() == 1 { inputs.swap_remove(0) } else { Tensor::cat(&inputs, 0)? };
@@ -404,7 +415,7 @@ impl Stage {
         for (l, layer) in self.layers.iter().enumerate() {
             let _span = tracing::trace_span!("layer", index = self.layer_range.start + l).entered();
             let mut caches: Vec<&mut LayerCache> = seq_caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            x = layer.forward(&x, &spans, &mut caches, &ropes, &self.rope)?;
+            x = layer.forward(&x, &spans, &mut caches, &ropes)?;
         }
         match &self.head {
             None => spans.iter().map(|s| Ok(x.narrow(0, s.offset, s.len)?)).collect(),
@@ -413,6 +424,10 @@ impl Stage {
                     spans.iter().map(|s| x.narrow(0, s.offset + s.len - 1, 1)).collect::<candle_core::Result<_>>()?;
                 let lasts = Tensor::cat(&lasts, 0)?;
                 let logits = head.output.forward(&head.norm.forward(&lasts)?)?;
+                let logits = match self.info.final_logit_softcap {
+                    Some(cap) => ((logits / f64::from(cap))?.tanh()? * f64::from(cap))?,
+                    None => logits,
+                };
                 (0..spans.len()).map(|i| Ok(logits.get(i)?)).collect()
             }
         }
@@ -502,7 +517,7 @@ fn holds_part(file: &ModelFile, part: Part) -> bool {
     }
 }
 
-fn load_rope(file: &ModelFile, reader: &mut BufReader<File>, device: &Device) -> Result<Rope> {
+fn load_rope(file: &ModelFile, reader: &mut BufReader<File>, device: &Device) -> Result<Ropes> {
     let info = file.info();
     let freq_factors = match info.rope_scaling {
         RopeScaling::FreqFactors => {
@@ -519,7 +534,7 @@ fn load_rope(file: &ModelFile, reader: &mut BufReader<File>, device: &Device) ->
         }
         _ => None,
     };
-    Ok(Rope::new(info, freq_factors))
+    Ok(Ropes::new(info, freq_factors))
 }
 
 /// K and V of one layer of one sequence, `[kv_heads, positions, head_dim]` each: what
@@ -674,6 +689,53 @@ mod tests {
     }
 
     #[test]
+    fn every_family_splits_over_three_stages_bit_identically() {
+        let six = |spec: SyntheticModel| SyntheticModel { layers: 6, ..spec };
+        for spec in [six(SyntheticModel::qwen3_tiny()), SyntheticModel::gemma3_tiny()] {
+            let (_dir, file) = model(&spec);
+            let mut whole = [stage(&file, 0..6)];
+            let mut chain = [stage(&file, 0..2), stage(&file, 2..5), stage(&file, 5..6)];
+            // Longer than Gemma's window of 3, and decoding on past it.
+            let prompt = [5, 80, 120, 33, 7, 250, 2];
+            let a = through(&mut whole, tokens(1, 0, &prompt));
+            assert!(a.iter().all(|x| x.is_finite()), "{spec:?}");
+            assert_eq!(a, through(&mut chain, tokens(1, 0, &prompt)), "{}", spec.architecture);
+            for (i, t) in [17u32, 99, 3, 64].iter().enumerate() {
+                let a = through(&mut whole, tokens(1, prompt.len() + i, &[*t]));
+                let b = through(&mut chain, tokens(1, prompt.len() + i, &[*t]));
+                assert_eq!(a, b, "{} decode step {i}", spec.architecture);
+            }
+        }
+    }
+
+    #[test]
+    fn a_sliding_window_forgets_what_lies_beyond_it_and_only_that() {
+        let windowed = SyntheticModel::gemma3_tiny();
+        let unbounded = SyntheticModel { sliding_window: Some(1000), ..windowed.clone() };
+        let (_a, windowed) = model(&windowed);
+        let (_b, unbounded) = model(&unbounded);
+        let logits = |file: &ModelFile, prompt: &[u32]| through(&mut [stage(file, 0..6)], tokens(1, 0, prompt));
+        // Within the window the two agree; past it they part.
+        assert_eq!(logits(&windowed, &[5, 80, 120]), logits(&unbounded, &[5, 80, 120]));
+        assert_ne!(logits(&windowed, &[5, 80, 120, 33, 7]), logits(&unbounded, &[5, 80, 120, 33, 7]));
+        // The window slides the same in chunks of a prompt as in decode steps.
+        let prompt: Vec<u32> = (0..11).map(|i| (i * 37 % 250) as u32).collect();
+        let mut one = stage(&windowed, 0..6);
+        let mut chunked = Stage::load(&windowed, 0..6, &Device::Cpu, StageOptions { prefill_chunk: 2 }).unwrap();
+        let mut stepped = stage(&windowed, 0..6);
+        let a = through(std::slice::from_mut(&mut one), tokens(1, 0, &prompt));
+        let b = through(std::slice::from_mut(&mut chunked), tokens(1, 0, &prompt));
+        let mut c = Vec::new();
+        for (i, t) in prompt.iter().enumerate() {
+            c = through(std::slice::from_mut(&mut stepped), tokens(1, i, &[*t]));
+        }
+        for other in [&b, &c] {
+            let max_diff = a.iter().zip(other).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            assert!(max_diff < 1e-4, "differs by {max_diff}");
+        }
+    }
+
+    #[test]
     fn a_batch_equals_its_sequences_run_alone() {
         let (_dir, file) = model(&SyntheticModel::tiny());
         let mut batched = stage(&file, 0..4);
@@ -735,6 +797,8 @@ mod tests {
             SyntheticModel { rope_freqs: true, untied_head: true, ..SyntheticModel::tiny() },
             SyntheticModel { dtype: candle_core::quantized::GgmlDType::Q4_1, ..SyntheticModel::tiny() },
             SyntheticModel { dtype: candle_core::quantized::GgmlDType::F16, ..SyntheticModel::tiny() },
+            SyntheticModel::qwen3_tiny(),
+            SyntheticModel { layers: 4, ..SyntheticModel::gemma3_tiny() },
         ] {
             let (_dir, file) = model(&spec);
             let mut whole = [stage(&file, 0..4)];

@@ -22,6 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::error::{Error, Result};
+use crate::gguf::Architecture;
 
 /// The real model for end-to-end checks: `STRATA_TEST_MODEL`, else the cached SmolLM2
 /// file. `None`, with a visible message, when it is absent, so such tests say they
@@ -62,6 +63,12 @@ pub struct SyntheticModel {
     pub qkv_bias: bool,
     /// Write a `rope_freqs.weight` tensor (Llama 3.1 style scaling).
     pub rope_freqs: bool,
+    /// The head size, when it is not `hidden / heads` (`attention.key_length`).
+    pub key_length: Option<usize>,
+    /// `attention.sliding_window`; which layers slide is the family's rule.
+    pub sliding_window: Option<usize>,
+    /// `final_logit_softcapping`.
+    pub final_logit_softcap: Option<f32>,
     pub seed: u64,
 }
 
@@ -110,7 +117,32 @@ impl SyntheticModel {
             untied_head: false,
             qkv_bias: false,
             rope_freqs: false,
+            key_length: None,
+            sliding_window: None,
+            final_logit_softcap: None,
             seed: 7,
+        }
+    }
+
+    /// [`Self::tiny`] as Qwen3: Q/K norms, NeoX RoPE, a head size (32) that is not
+    /// hidden / heads.
+    pub fn qwen3_tiny() -> Self {
+        Self { architecture: "qwen3".into(), key_length: Some(32), seed: 8, ..Self::tiny() }
+    }
+
+    /// Six layers shaped like Gemma 3: one KV head of size 32, Q/K norms and
+    /// post-norms, a GELU FFN, a window of 3 positions on layers 0–4 (layer 5 is
+    /// global) and soft-capped logits.
+    pub fn gemma3_tiny() -> Self {
+        Self {
+            architecture: "gemma3".into(),
+            layers: 6,
+            kv_heads: 1,
+            key_length: Some(32),
+            sliding_window: Some(3),
+            final_logit_softcap: Some(30.0),
+            seed: 9,
+            ..Self::tiny()
         }
     }
 
@@ -133,12 +165,19 @@ impl SyntheticModel {
             untied_head: true,
             qkv_bias: false,
             rope_freqs: false,
+            key_length: None,
+            sliding_window: None,
+            final_logit_softcap: None,
             seed: 70,
         }
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+        self.key_length.unwrap_or(self.hidden / self.heads)
+    }
+
+    fn architecture(&self) -> Option<Architecture> {
+        Architecture::parse(&self.architecture).ok()
     }
 
     /// The vocabulary: GPT-2 byte symbols, then merges, then special tokens, then
@@ -186,7 +225,18 @@ impl SyntheticModel {
         let token_types: Vec<Value> =
             (0..tokens.len()).map(|i| Value::I32(if specials.contains(&i) { 3 } else { 1 })).collect();
         let u32v = |x: usize| Value::U32(x as u32);
-        vec![
+        let mut optional = Vec::new();
+        if let Some(k) = self.key_length {
+            optional.push((format!("{a}.attention.key_length"), u32v(k)));
+            optional.push((format!("{a}.attention.value_length"), u32v(k)));
+        }
+        if let Some(w) = self.sliding_window {
+            optional.push((format!("{a}.attention.sliding_window"), u32v(w)));
+        }
+        if let Some(cap) = self.final_logit_softcap {
+            optional.push((format!("{a}.final_logit_softcapping"), Value::F32(cap)));
+        }
+        let mut metadata = vec![
             ("general.architecture".into(), Value::String(a.clone())),
             ("general.name".into(), Value::String("synthetic".into())),
             (format!("{a}.block_count"), u32v(self.layers)),
@@ -209,14 +259,16 @@ impl SyntheticModel {
             ("tokenizer.ggml.eos_token_id".into(), u32v(special_start + 2)),
             ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
             ("tokenizer.chat_template".into(), Value::String(CHATML_TEMPLATE.into())),
-        ]
+        ];
+        metadata.extend(optional);
+        metadata
     }
 
     fn tensors(&self) -> Result<Vec<(String, QTensor)>> {
         let mut rng = StdRng::seed_from_u64(self.seed);
         let dev = Device::Cpu;
         let vocab = self.vocab_size;
-        let (h, kv) = (self.hidden, self.kv_heads * self.head_dim());
+        let (h, q, kv) = (self.hidden, self.heads * self.head_dim(), self.kv_heads * self.head_dim());
         let fill = self.fill;
         let mut out = Vec::new();
         let mut matrix = |rng: &mut StdRng, name: String, rows: usize, cols: usize, dtype: GgmlDType| -> Result<()> {
@@ -234,10 +286,10 @@ impl SyntheticModel {
         matrix(&mut rng, "token_embd.weight".into(), vocab, h, self.dtype)?;
         for l in 0..self.layers {
             let p = format!("blk.{l}");
-            matrix(&mut rng, format!("{p}.attn_q.weight"), h, h, self.dtype)?;
+            matrix(&mut rng, format!("{p}.attn_q.weight"), q, h, self.dtype)?;
             matrix(&mut rng, format!("{p}.attn_k.weight"), kv, h, self.dtype)?;
             matrix(&mut rng, format!("{p}.attn_v.weight"), kv, h, self.dtype)?;
-            matrix(&mut rng, format!("{p}.attn_output.weight"), h, h, self.dtype)?;
+            matrix(&mut rng, format!("{p}.attn_output.weight"), h, q, self.dtype)?;
             matrix(&mut rng, format!("{p}.ffn_gate.weight"), self.feed_forward, h, self.dtype)?;
             matrix(&mut rng, format!("{p}.ffn_up.weight"), self.feed_forward, h, self.dtype)?;
             matrix(&mut rng, format!("{p}.ffn_down.weight"), h, self.feed_forward, self.dtype)?;
@@ -254,8 +306,17 @@ impl SyntheticModel {
         for l in 0..self.layers {
             vector(format!("blk.{l}.attn_norm.weight"), h, 1.0, 0.1)?;
             vector(format!("blk.{l}.ffn_norm.weight"), h, 1.0, 0.1)?;
+            let arch = self.architecture();
+            if arch.is_some_and(Architecture::has_qk_norm) {
+                vector(format!("blk.{l}.attn_q_norm.weight"), self.head_dim(), 1.0, 0.1)?;
+                vector(format!("blk.{l}.attn_k_norm.weight"), self.head_dim(), 1.0, 0.1)?;
+            }
+            if arch.is_some_and(Architecture::has_post_norms) {
+                vector(format!("blk.{l}.post_attention_norm.weight"), h, 1.0, 0.1)?;
+                vector(format!("blk.{l}.post_ffw_norm.weight"), h, 1.0, 0.1)?;
+            }
             if self.qkv_bias {
-                vector(format!("blk.{l}.attn_q.bias"), h, 0.0, 0.1)?;
+                vector(format!("blk.{l}.attn_q.bias"), q, 0.0, 0.1)?;
                 vector(format!("blk.{l}.attn_k.bias"), kv, 0.0, 0.1)?;
                 vector(format!("blk.{l}.attn_v.bias"), kv, 0.0, 0.1)?;
             }
