@@ -20,7 +20,7 @@ mod x86;
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
@@ -36,11 +36,48 @@ pub struct Linear {
 
 #[derive(Debug, Clone)]
 enum Weight {
-    Candle(QMatMul),
+    Candle(QMatMul, RowPath),
     Packed {
         weight: Arc<PackedWeights>,
         bias: Option<Arc<[f32]>>,
     },
+}
+
+/// How a batch goes through candle so that every row's result is the one that row
+/// gets alone: a sequence must compute the same whatever it is batched with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowPath {
+    /// candle's kernel computes each row independently of the others.
+    Whole,
+    /// candle picks a kernel by row count (float weights go through `gemm`, whose
+    /// blocking changes with it): one row at a time.
+    EachRow,
+    /// candle runs one row as a dot product and several through repacked tiles
+    /// (Q6_K on x86): a lone row goes with a copy of itself, so it takes the tiles too.
+    NeverAlone,
+}
+
+impl RowPath {
+    fn for_dtype(dtype: GgmlDType) -> Self {
+        match dtype {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Self::EachRow,
+            GgmlDType::Q6K if cfg!(target_arch = "x86_64") => Self::NeverAlone,
+            _ => Self::Whole,
+        }
+    }
+
+    fn forward(self, w: &QMatMul, x: &Tensor) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        Ok(match self {
+            Self::Whole => w.forward(x)?,
+            Self::EachRow if rows > 1 => {
+                let each = (0..rows).map(|i| w.forward(&x.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&each, 0)?
+            }
+            Self::NeverAlone if rows == 1 && x.rank() == 2 => w.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?,
+            Self::EachRow | Self::NeverAlone => w.forward(x)?,
+        })
+    }
 }
 
 impl Linear {
@@ -60,8 +97,9 @@ impl Linear {
                         && !packed::candle_repacks(*f, out_features, in_features)))
         });
         let Some(format) = format else {
+            let rows = RowPath::for_dtype(weight.dtype());
             return Ok(Self {
-                weight: Weight::Candle(QMatMul::from_qtensor(weight)?),
+                weight: Weight::Candle(QMatMul::from_qtensor(weight)?, rows),
                 bias,
                 out_features,
             });
@@ -95,9 +133,9 @@ impl Linear {
     /// dequantization of the rows' ggml blocks, as `QTensor::embedding` gives.
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.weight {
-            Weight::Candle(QMatMul::QTensor(q)) => Ok(q.embedding(ids)?),
-            Weight::Candle(QMatMul::Tensor(w)) => Ok(w.embedding(ids)?),
-            Weight::Candle(QMatMul::TensorF16(w)) => Ok(w.embedding(ids)?.to_dtype(DType::F32)?),
+            Weight::Candle(QMatMul::QTensor(q), _) => Ok(q.embedding(ids)?),
+            Weight::Candle(QMatMul::Tensor(w), _) => Ok(w.embedding(ids)?),
+            Weight::Candle(QMatMul::TensorF16(w), _) => Ok(w.embedding(ids)?.to_dtype(DType::F32)?),
             Weight::Packed { weight, .. } => {
                 let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
                 let bytes = weight.ggml_rows(&ids)?;
@@ -111,7 +149,7 @@ impl Linear {
     /// `x` is `[tokens, in]` f32; the result is `[tokens, out]` f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            Weight::Candle(w) => w.forward(x)?,
+            Weight::Candle(w, rows) => rows.forward(w, x)?,
             Weight::Packed { weight, bias } => {
                 packed_forward(weight, bias.as_deref(), x, Level::detect())?
             }
@@ -181,8 +219,6 @@ fn packed_forward(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::GgmlDType;
-
     use super::act::{
         group_offsets, quantize_row, quantize_row_scalar, ActBlock, GroupOffsets, QK,
     };
@@ -583,7 +619,7 @@ mod tests {
     fn other_dtypes_fall_back_to_candle() {
         let q = quantized(&mut Rng(5), 32, 256, GgmlDType::Q4K);
         let lin = Linear::new(q, None).unwrap();
-        assert!(matches!(lin.weight, Weight::Candle(_)));
+        assert!(matches!(lin.weight, Weight::Candle(..)));
         let x = Tensor::from_vec(Rng(6).vec(256), (1, 256), &Device::Cpu).unwrap();
         assert_eq!(lin.forward(&x).unwrap().dims(), [1, 32]);
     }
@@ -717,5 +753,22 @@ mod tests {
         let (cl, ch) = pass(&|i| candle[i].forward(input(shape_of(i).1)).unwrap(), 5);
         let (ol, oh) = pass(&|i| ours[i].forward(input(shape_of(i).1)).unwrap(), 25);
         println!("\ndecode pass ({threads} threads), ms: 210 Q4_1 matmuls candle {cl:.2} ours {ol:.2} ({:.1}x); Q8_0 head candle {ch:.2} ours {oh:.2} ({:.1}x); total {:.1}x", cl / ol, ch / oh, (cl + ch) / (ol + oh));
+    }
+
+    #[test]
+    fn every_row_of_a_batch_equals_that_row_alone_for_every_type() {
+        use GgmlDType::*;
+        let mut rng = Rng(11);
+        for dtype in [F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
+            let linear = Linear::new(quantized(&mut rng, 64, 512, dtype), None).unwrap();
+            for m in [2usize, 3, 4, 5, 8, 9, 33] {
+                let x = Tensor::from_vec(rng.vec(m * 512), (m, 512), &Device::Cpu).unwrap();
+                let batch = linear.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                for (i, row) in batch.iter().enumerate() {
+                    let alone = linear.forward(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+                    assert_eq!(&alone[0], row, "{dtype:?}: row {i} of {m}");
+                }
+            }
+        }
     }
 }

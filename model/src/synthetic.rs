@@ -39,6 +39,20 @@ pub fn real_test_model() -> Option<PathBuf> {
     }
 }
 
+/// The real Gemma 3 model (`strata model fetch gemma3-270m`): `STRATA_GEMMA_MODEL`,
+/// else the cached file; `None`, with a visible message, when it is absent.
+pub fn real_gemma_model() -> Option<PathBuf> {
+    let path = std::env::var_os("STRATA_GEMMA_MODEL").map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/strata/models/gemma-3-270m-q4_k_m.gguf"))
+    })?;
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!("SKIPPED: the real Gemma 3 model is not at {} (set STRATA_GEMMA_MODEL)", path.display());
+        None
+    }
+}
+
 /// The shape and contents of a synthetic model.
 #[derive(Debug, Clone)]
 pub struct SyntheticModel {

@@ -328,6 +328,7 @@ pub async fn until_serving(coordinator: &mut Process) -> anyhow::Result<(String,
 }
 
 pub use strata_model::synthetic::real_test_model as real_model;
+pub use strata_model::synthetic::real_gemma_model;
 
 /// `strata serve` over `model` on loopback ports it picks, one compute thread,
 /// `options.sequences`, mDNS off.

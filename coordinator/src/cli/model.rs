@@ -29,9 +29,11 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::List => {
             let dir = model_store::cache_dir(&|k| std::env::var(k).ok())?;
             for m in KNOWN_MODELS {
-                let path = dir.join(m.file_name());
+                let path = dir.join(m.file_name);
                 let state = if path.exists() { path.display().to_string() } else { "not fetched".into() };
-                println!("{:<16} {:<24} {}", m.name, m.package, state);
+                let package = m.parts.first().map_or("", |p| p.package);
+                let more = if m.parts.len() > 1 { format!(" (+{} parts)", m.parts.len() - 1) } else { String::new() };
+                println!("{:<16} {:<40} {}", m.name, format!("{package}{more}"), state);
             }
         }
         ModelCommand::Info { model } => {
@@ -51,6 +53,10 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             println!("head           {:.1} MiB{}", sizes.head as f64 / MIB, if info.tied_embedding { " (tied to the embedding)" } else { "" });
             println!("per layer      {:.2} MiB", sizes.layers.first().copied().unwrap_or(0) as f64 / MIB);
             println!("kv per token   {} bytes a layer", info.kv_bytes_per_token_per_layer());
+            if let Some(w) = &info.sliding_window {
+                let sliding = w.layers.iter().filter(|&&s| s).count();
+                println!("sliding window {} positions on {sliding} of {} layers (rope base {})", w.size, info.layers, w.rope_base);
+            }
         }
     }
     Ok(())
