@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::{Activation, Architecture, ModelFile};
-use crate::kv_cache::LayerCache;
+use crate::kv_cache::{History, LayerCache};
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::rope::{Ropes, RopeTables};
@@ -145,8 +145,8 @@ impl Layer {
             let q = rope.apply(&take(&q, self.heads)?, tables)?;
             let k = rope.apply(&take(&k, self.kv_heads)?, tables)?;
             let v = take(&v, self.kv_heads)?;
-            let (k, v) = cache.append(&k, &v)?;
-            outputs.push(self.attention(&q, &k, &v, span)?);
+            let history = cache.append(&k, &v)?;
+            outputs.push(self.attention(&q, &history, span)?);
         }
         let attn = if outputs.len() == 1 { outputs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outputs, 0)? };
         let attn = post_norm(self.o.forward(&attn)?, self.post_attention_norm.as_ref())?;
@@ -161,14 +161,17 @@ impl Layer {
         Ok((x + ffn)?)
     }
 
-    /// Causal attention of `q` (`[heads, len, d]`) over the history `k`, `v`
-    /// (`[kv_heads, total, d]`, position 0 first); returns `[len, heads * d]`. A
-    /// sliding layer looks only at the keys inside its window.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, span: &Span) -> Result<Tensor> {
-        // Keys before the first query's window are never looked at.
+    /// Causal attention of `q` (`[heads, len, d]`) over the history (`[kv_heads, _,
+    /// d]`); returns `[len, heads * d]`. A sliding layer looks only at the keys inside
+    /// its window, whatever older ones its cache still holds, so that what it
+    /// computes does not depend on when the cache dropped them.
+    fn attention(&self, q: &Tensor, history: &History, span: &Span) -> Result<Tensor> {
         let first_key = self.window.map_or(0, |w| (span.position + 1).saturating_sub(w));
-        let total = k.dim(1)? - first_key;
-        let (k, v) = if first_key > 0 { (k.narrow(1, first_key, total)?, v.narrow(1, first_key, total)?) } else { (k.clone(), v.clone()) };
+        let skip = first_key.checked_sub(history.first).ok_or_else(|| {
+            Error::BadInput(format!("positions from {first_key} are needed, the cache holds them from {}", history.first))
+        })?;
+        let total = history.k.dim(1)? - skip;
+        let (k, v) = (history.k.narrow(1, skip, total)?, history.v.narrow(1, skip, total)?);
         let group = self.heads / self.kv_heads;
         // Query heads sharing a KV head are stacked so one matmul serves the group.
         let q = q.reshape((self.kv_heads, group * span.len, self.head_dim))?;

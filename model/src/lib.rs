@@ -30,6 +30,7 @@ pub use chat_template::{ChatMessage, ChatTemplate};
 pub use device::parse_device;
 pub use error::{Error, Result};
 pub use generate::Generator;
+pub use kv_cache::held_positions;
 pub use gguf::{Activation, Architecture, ModelFile, ModelInfo, SlidingWindow, TensorSizes};
 pub use sampling::{Sampler, SamplingParams};
 pub use stage::{SeqId, Stage, StageInput, StageOutput, StageStep};

@@ -335,7 +335,7 @@ impl Stage {
         }
         for step in steps {
             if step.position == 0 {
-                let layers = (0..self.layers.len()).map(|_| LayerCache::new()).collect();
+                let layers = self.layer_range.clone().map(|l| LayerCache::new(self.info.window_of(l))).collect();
                 self.sequences.insert(step.seq, SequenceCache { layers });
             }
         }
@@ -543,6 +543,9 @@ fn load_rope(file: &ModelFile, reader: &mut BufReader<File>, device: &Device) ->
 pub struct LayerKv {
     /// The layer's index in the model (not in the stage).
     pub layer: usize,
+    /// The first position given: 0, or for a sliding-window layer the first one its
+    /// window still reaches.
+    pub first: usize,
     pub k: Tensor,
     pub v: Tensor,
 }
@@ -556,7 +559,8 @@ impl Stage {
     pub const KV_DTYPE: DType = DType::F32;
 
     /// Copies of the K and V of `layers` (model indices, within this stage's range) for
-    /// the positions `[0, positions)` of `seq`. The stage may hold more positions; only
+    /// the positions `[0, positions)` of `seq` (sliding-window layers: the positions
+    /// of those their window still reaches). The stage may hold more positions; only
     /// the first `positions` are taken.
     pub fn export_kv(&self, seq: SeqId, layers: Range<usize>, positions: usize) -> Result<Vec<LayerKv>> {
         if layers.start >= layers.end || layers.start < self.layer_range.start || layers.end > self.layer_range.end {
@@ -573,15 +577,16 @@ impl Stage {
         }
         layers
             .map(|layer| {
-                let (k, v) = cache.layers[layer - self.layer_range.start].export(positions)?;
-                Ok(LayerKv { layer, k, v })
+                let (first, k, v) = cache.layers[layer - self.layer_range.start].export(positions)?;
+                Ok(LayerKv { layer, first, k, v })
             })
             .collect()
     }
 
     /// Makes `layers` — one entry for every layer of this stage, each
-    /// `[kv_heads, positions, head_dim]` of [`Self::KV_DTYPE`], the same `positions`
-    /// for all — the KV cache of `seq`, replacing any it had. The sequence goes on at
+    /// `[kv_heads, positions - first, head_dim]` of [`Self::KV_DTYPE`], the same
+    /// `positions` for all, `first` 0 or (sliding layers) no later than the first
+    /// position the window reaches — the KV cache of `seq`, replacing any it had. The sequence goes on at
     /// position `positions`. Nothing changes when the data is refused.
     pub fn import_kv(&mut self, seq: SeqId, mut layers: Vec<LayerKv>) -> Result<()> {
         layers.sort_by_key(|l| l.layer);
@@ -600,8 +605,8 @@ impl Stage {
                 held.start, held.end
             )));
         }
-        let positions = layers.first().map_or(0, |l| l.k.dims().get(1).copied().unwrap_or(0));
-        let expected = [self.info.kv_heads, positions, self.info.head_dim];
+        let given = |l: &LayerKv| l.first + l.k.dims().get(1).copied().unwrap_or(0);
+        let positions = layers.first().map_or(0, given);
         if positions == 0 {
             return Err(Error::KvShape("an import needs at least one position".into()));
         }
@@ -610,6 +615,15 @@ impl Stage {
         }
         let mut caches = Vec::with_capacity(layers.len());
         for l in &layers {
+            if given(l) != positions {
+                return Err(Error::KvShape(format!(
+                    "layer {} ends at position {}, layer {} at {positions}",
+                    l.layer,
+                    given(l),
+                    layers[0].layer
+                )));
+            }
+            let expected = [self.info.kv_heads, positions - l.first, self.info.head_dim];
             for (name, t) in [("K", &l.k), ("V", &l.v)] {
                 if t.dims() != expected || t.dtype() != Self::KV_DTYPE {
                     return Err(Error::KvShape(format!(
@@ -623,7 +637,9 @@ impl Stage {
             }
             let k = l.k.to_device(&self.device)?;
             let v = l.v.to_device(&self.device)?;
-            caches.push(LayerCache::import(&k, &v)?);
+            let cache = LayerCache::import(l.first, &k, &v, self.info.window_of(l.layer))
+                .map_err(|e| Error::KvShape(format!("layer {}: {e}", l.layer)))?;
+            caches.push(cache);
         }
         self.sequences.insert(seq, SequenceCache { layers: caches });
         Ok(())
@@ -1007,7 +1023,14 @@ mod tests {
 
     #[test]
     fn a_carried_kv_cache_continues_bit_identically_on_any_split() {
-        let (_dir, file) = model(&SyntheticModel { layers: 6, ..SyntheticModel::tiny() });
+        // Gemma's sliding layers carry only the positions their window of 3 reaches.
+        for spec in [SyntheticModel { layers: 6, ..SyntheticModel::tiny() }, SyntheticModel::gemma3_tiny()] {
+            carried_kv_continues(&spec);
+        }
+    }
+
+    fn carried_kv_continues(spec: &SyntheticModel) {
+        let (_dir, file) = model(spec);
         let prompt: &[u32] = &[5, 80, 120, 33, 7, 250, 2];
         let decode: [&[u32]; 5] = [&[17], &[99], &[3], &[42], &[8]];
         let mut whole = [stage(&file, 0..6)];
@@ -1033,7 +1056,16 @@ mod tests {
             let mut new: Vec<Stage> = to.iter().map(|r| stage(&file, r.clone())).collect();
             carry(&old, &mut new, 1, 9, n);
             let resumed = run_steps(&mut new, 9, n, &steps[2..]);
-            assert_eq!(resumed, reference[2..], "{from:?} -> {to:?}");
+            assert_eq!(resumed, reference[2..], "{} {from:?} -> {to:?}", spec.architecture);
+        }
+        if let Some(window) = file.info().window_of(0) {
+            let old = stage(&file, 0..6);
+            let mut old = [old];
+            run_steps(&mut old, 1, 0, &steps);
+            let kv = old[0].export_kv(1, 0..6, 10).unwrap();
+            let firsts: Vec<usize> = kv.iter().map(|l| l.first).collect();
+            let w = 10 + 1 - window;
+            assert_eq!(firsts, [w, w, w, w, w, 0], "sliding layers send their window only; layer 5 is global");
         }
     }
 

@@ -1,7 +1,9 @@
 //! A sequence's KV cache to and from [`v1::KvChunk`]s (little-endian f32).
 //!
-//! One layer's K and V, `[kv_heads, positions, head_dim]` each, travel as chunks of
-//! consecutive positions, small enough for any message limit. The receiver checks
+//! One layer's K and V, `[kv_heads, n, head_dim]` each for its positions
+//! `[first, first + n)`, travel as chunks of consecutive positions, small enough for
+//! any message limit. `first` is 0, or later for a sliding-window layer, which sends
+//! only what its window still reaches. The receiver checks
 //! every chunk against what it asked for (layer, positions, dtype, shape, byte
 //! length, order) before it copies a byte, so a bad peer gets an error, not a panic
 //! or a silently wrong cache.
@@ -20,14 +22,16 @@ pub enum KvWireError {
     Shape { layer: u32, kv_heads: u32, head_dim: u32, want_heads: usize, want_dim: usize },
     #[error("layer {layer}: {got} bytes of {what}, the chunk's shape needs {expected}")]
     Length { layer: u32, what: &'static str, got: usize, expected: usize },
-    #[error("layer {layer}: {got} of {positions} positions arrived")]
+    #[error("layer {layer}: positions up to {got} of {positions} arrived")]
     Incomplete { layer: usize, got: usize, positions: usize },
 }
 
-/// Cuts one layer's K and V (`[kv_heads, positions, head_dim]`, row-major) into
-/// chunks of whole positions, each carrying at most about `max_bytes` of K and V.
+/// Cuts one layer's K and V (`[kv_heads, n, head_dim]`, row-major, the positions
+/// `[first, first + n)`) into chunks of whole positions, each carrying at most about
+/// `max_bytes` of K and V.
 pub fn encode_kv_layer(
     layer: usize,
+    first: usize,
     k: &[f32],
     v: &[f32],
     kv_heads: usize,
@@ -56,7 +60,7 @@ pub fn encode_kv_layer(
         };
         chunks.push(v1::KvChunk {
             layer: layer as u32,
-            position: position as u32,
+            position: (first + position) as u32,
             count: count as u32,
             dtype: WireDtype::F32 as i32,
             kv_heads: kv_heads as u32,
@@ -69,15 +73,19 @@ pub fn encode_kv_layer(
     chunks
 }
 
-/// One layer as it arrives: K and V, `[kv_heads, positions, head_dim]`.
+/// One layer as it arrives: K and V, `[kv_heads, positions - first, head_dim]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvLayerData {
     pub layer: usize,
+    /// The first position: where the layer's first chunk started.
+    pub first: usize,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
 }
 
-/// Rebuilds the layers `layers` of positions `[0, positions)` from chunks.
+/// Rebuilds the layers `layers` of positions up to `positions` from chunks. Each
+/// layer starts where its first chunk does; whether that start is early enough for
+/// the layer is the receiving stage's to check.
 #[derive(Debug)]
 pub struct KvAssembler {
     start: usize,
@@ -85,8 +93,16 @@ pub struct KvAssembler {
     positions: usize,
     kv_heads: usize,
     head_dim: usize,
-    /// Per layer: K, V, and how many positions arrived.
-    layers: Vec<(Vec<f32>, Vec<f32>, usize)>,
+    layers: Vec<Arriving>,
+}
+
+/// One layer's buffers, and the positions `[first, end)` that arrived.
+#[derive(Debug, Default)]
+struct Arriving {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    first: Option<usize>,
+    end: usize,
 }
 
 impl KvAssembler {
@@ -99,7 +115,7 @@ impl KvAssembler {
             positions,
             kv_heads,
             head_dim,
-            layers: (start..end).map(|_| (Vec::new(), Vec::new(), 0)).collect(),
+            layers: (start..end).map(|_| Arriving::default()).collect(),
         }
     }
 
@@ -122,14 +138,15 @@ impl KvAssembler {
             });
         }
         let (positions, kv_heads, head_dim) = (self.positions, self.kv_heads, self.head_dim);
-        let (k, v, filled) = &mut self.layers[index];
+        let arriving = &mut self.layers[index];
         let (position, count) = (chunk.position as usize, chunk.count as usize);
-        if position != *filled || count == 0 || position + count > positions {
+        let expected_at = arriving.first.map_or(position, |_| arriving.end);
+        if position != expected_at || count == 0 || position + count > positions {
             return Err(KvWireError::Order {
                 layer,
                 position: chunk.position,
                 end: chunk.position as u64 + chunk.count as u64,
-                expected: *filled,
+                expected: expected_at,
                 positions,
             });
         }
@@ -139,35 +156,34 @@ impl KvAssembler {
                 return Err(KvWireError::Length { layer, what, got: bytes.len(), expected });
             }
         }
-        if k.is_empty() {
-            *k = vec![0.0; kv_heads * positions * head_dim];
-            *v = vec![0.0; kv_heads * positions * head_dim];
+        let first = *arriving.first.get_or_insert(position);
+        let held = positions - first;
+        if arriving.k.is_empty() {
+            arriving.k = vec![0.0; kv_heads * held * head_dim];
+            arriving.v = vec![0.0; kv_heads * held * head_dim];
         }
-        for (dst, bytes) in [(k, &chunk.k), (v, &chunk.v)] {
+        for (dst, bytes) in [(&mut arriving.k, &chunk.k), (&mut arriving.v, &chunk.v)] {
             for h in 0..kv_heads {
                 let src = &bytes[h * count * head_dim * 4..(h + 1) * count * head_dim * 4];
-                let at = (h * positions + position) * head_dim;
+                let at = (h * held + position - first) * head_dim;
                 for (x, b) in dst[at..at + count * head_dim].iter_mut().zip(src.chunks_exact(4)) {
                     *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
         }
-        *filled += count;
+        arriving.end = position + count;
         Ok(())
     }
 
-    /// The layers, once every position of every layer arrived.
+    /// The layers, once every layer arrived up to the last position.
     pub fn finish(self) -> Result<Vec<KvLayerData>, KvWireError> {
         let positions = self.positions;
         self.layers
             .into_iter()
             .zip(self.start..)
-            .map(|((k, v, got), layer)| {
-                if got == positions {
-                    Ok(KvLayerData { layer, k, v })
-                } else {
-                    Err(KvWireError::Incomplete { layer, got, positions })
-                }
+            .map(|(a, layer)| match a.first {
+                Some(first) if a.end == positions => Ok(KvLayerData { layer, first, k: a.k, v: a.v }),
+                _ => Err(KvWireError::Incomplete { layer, got: a.end, positions }),
             })
             .collect()
     }
@@ -188,7 +204,7 @@ mod tests {
         for l in 2..4 {
             let (k, v) = (layer(heads, positions, dim, l as f32), layer(heads, positions, dim, -(l as f32)));
             // Two positions a chunk: 2 * 3 * 4 * 4 bytes of K and V per position.
-            let chunks = encode_kv_layer(l, &k, &v, heads, dim, 2 * 2 * heads * dim * 4);
+            let chunks = encode_kv_layer(l, 0, &k, &v, heads, dim, 2 * 2 * heads * dim * 4);
             assert_eq!(chunks.len(), 4);
             for c in &chunks {
                 assembler.add(c).unwrap();
@@ -196,7 +212,7 @@ mod tests {
         }
         let layers = assembler.finish().unwrap();
         let (k, v) = (layer(heads, positions, dim, 3.0), layer(heads, positions, dim, -3.0));
-        let third = KvLayerData { layer: 3, k, v };
+        let third = KvLayerData { layer: 3, first: 0, k, v };
         assert_eq!(layers[1], third);
     }
 
@@ -204,11 +220,10 @@ mod tests {
     fn bad_chunks_are_named() {
         let (heads, positions, dim) = (2, 4, 2);
         let data = layer(heads, positions, dim, 0.0);
-        let chunks = encode_kv_layer(0, &data, &data, heads, dim, 1);
+        let chunks = encode_kv_layer(0, 0, &data, &data, heads, dim, 1);
         assert_eq!(chunks.len(), 4);
         let fresh = || KvAssembler::new(0, 1, positions, heads, dim);
         let mut a = fresh();
-        assert!(matches!(a.add(&chunks[1]), Err(KvWireError::Order { expected: 0, .. })));
         assert!(matches!(a.add(&v1::KvChunk { layer: 1, ..chunks[0].clone() }), Err(KvWireError::Layer { .. })));
         assert!(matches!(a.add(&v1::KvChunk { dtype: 2, ..chunks[0].clone() }), Err(KvWireError::DType(2))));
         assert!(matches!(a.add(&v1::KvChunk { kv_heads: 3, ..chunks[0].clone() }), Err(KvWireError::Shape { .. })));
@@ -218,5 +233,26 @@ mod tests {
         assert!(matches!(a.add(&beyond), Err(KvWireError::Order { .. })));
         a.add(&chunks[0]).unwrap();
         assert_eq!(a.finish(), Err(KvWireError::Incomplete { layer: 0, got: 1, positions: 4 }));
+    }
+
+    #[test]
+    fn a_sliding_layer_arrives_from_its_first_position() {
+        let (heads, dim) = (1, 2);
+        let window = layer(heads, 3, dim, 0.5);
+        let full = layer(heads, 7, dim, 1.5);
+        let mut assembler = KvAssembler::new(0, 2, 7, heads, dim);
+        for c in encode_kv_layer(0, 4, &window, &window, heads, dim, 1).iter().chain(&encode_kv_layer(1, 0, &full, &full, heads, dim, 1)) {
+            assembler.add(c).unwrap();
+        }
+        let layers = assembler.finish().unwrap();
+        assert_eq!((layers[0].first, &layers[0].k), (4, &window));
+        assert_eq!((layers[1].first, &layers[1].k), (0, &full));
+        // Once started, a layer goes on in order; a gap is an error.
+        let chunks = encode_kv_layer(0, 4, &window, &window, heads, dim, 1);
+        let mut gap = KvAssembler::new(0, 1, 7, heads, dim);
+        gap.add(&chunks[0]).unwrap();
+        assert!(matches!(gap.add(&chunks[2]), Err(KvWireError::Order { expected: 5, .. })));
+        // Nothing, or not up to the last position, is incomplete.
+        assert!(matches!(KvAssembler::new(0, 1, 7, heads, dim).finish(), Err(KvWireError::Incomplete { got: 0, .. })));
     }
 }

@@ -26,10 +26,12 @@ pub fn model() -> ModelSpec {
     ModelSpec {
         name: "m".into(),
         layer_bytes: vec![100 << 20; 8],
+        active_layer_bytes: Vec::new(),
         embedding_bytes: 50 << 20,
         head_bytes: 50 << 20,
         shared_bytes: 0,
         kv_bytes_per_token_per_layer: 1024,
+        layer_windows: Vec::new(),
         max_context: 1024,
         hidden: 64,
         feed_forward: 128,

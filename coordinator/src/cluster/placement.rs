@@ -216,10 +216,12 @@ mod tests {
         ModelSpec {
             name: "m".into(),
             layer_bytes: vec![1 << 20; layers],
+            active_layer_bytes: Vec::new(),
             embedding_bytes: 1 << 20,
             head_bytes: 1 << 20,
             shared_bytes: 0,
             kv_bytes_per_token_per_layer: 16,
+            layer_windows: Vec::new(),
             max_context: 1024,
             hidden: 64,
             feed_forward: 128,

@@ -60,8 +60,7 @@ pub fn during_switch(
     }
     // Conservatively the old stages' caches at the full planned context: their
     // sequences may have grown them that far before the switch.
-    let cached_layers: u64 = stages.iter().map(|r| r.len() as u64).sum();
-    let kv_bytes = model.kv_bytes_per_layer(options.context, options.sequences) * cached_layers;
+    let kv_bytes = stages.iter().map(|r| model.kv_bytes(r.clone(), options.context, options.sequences)).sum();
     // Scratch once: the new stage computes only after the requests have left the
     // old one, and the worker runs one step at a time per stage.
     let overhead_bytes =

@@ -127,6 +127,28 @@ enum Shape {
         vocab: usize,
         context: usize,
         qkv_bias: bool,
+        /// Sliding-window attention: (window, period); the last layer of each period
+        /// is global (Gemma 3).
+        sliding: Option<(usize, usize)>,
+    },
+    /// A mixture-of-experts decoder: `dense_layers` ordinary layers first, then
+    /// layers whose FFN is `experts` routed experts (of which `active` run per
+    /// token) and `shared` always-on ones, every one resident.
+    Moe {
+        layers: usize,
+        dense_layers: usize,
+        hidden: usize,
+        dense_feed_forward: usize,
+        expert_feed_forward: usize,
+        experts: usize,
+        active: usize,
+        shared: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        vocab: usize,
+        context: usize,
+        qkv_bias: bool,
     },
     /// DeepSeek V3: multi-head latent attention, three dense layers, then
     /// mixture-of-experts layers with every expert resident.
@@ -139,7 +161,7 @@ const MODELS: &[(&str, Shape, &str)] = &[
         "llama-3.1-8b",
         Shape::Dense {
             layers: 32, hidden: 4096, feed_forward: 14336, heads: 32, kv_heads: 8,
-            head_dim: 128, vocab: 128256, context: 131072, qkv_bias: false,
+            head_dim: 128, vocab: 128256, context: 131072, qkv_bias: false, sliding: None,
         },
         "meta-llama/Llama-3.1-8B config.json",
     ),
@@ -147,7 +169,7 @@ const MODELS: &[(&str, Shape, &str)] = &[
         "llama-3.1-70b",
         Shape::Dense {
             layers: 80, hidden: 8192, feed_forward: 28672, heads: 64, kv_heads: 8,
-            head_dim: 128, vocab: 128256, context: 131072, qkv_bias: false,
+            head_dim: 128, vocab: 128256, context: 131072, qkv_bias: false, sliding: None,
         },
         "meta-llama/Llama-3.1-70B config.json",
     ),
@@ -155,7 +177,7 @@ const MODELS: &[(&str, Shape, &str)] = &[
         "llama-3.1-405b",
         Shape::Dense {
             layers: 126, hidden: 16384, feed_forward: 53248, heads: 128, kv_heads: 8,
-            head_dim: 128, vocab: 128256, context: 131072, qkv_bias: false,
+            head_dim: 128, vocab: 128256, context: 131072, qkv_bias: false, sliding: None,
         },
         "meta-llama/Llama-3.1-405B config.json",
     ),
@@ -163,7 +185,7 @@ const MODELS: &[(&str, Shape, &str)] = &[
         "qwen-2.5-32b",
         Shape::Dense {
             layers: 64, hidden: 5120, feed_forward: 27648, heads: 40, kv_heads: 8,
-            head_dim: 128, vocab: 152064, context: 32768, qkv_bias: true,
+            head_dim: 128, vocab: 152064, context: 32768, qkv_bias: true, sliding: None,
         },
         "Qwen/Qwen2.5-32B-Instruct config.json",
     ),
@@ -171,9 +193,52 @@ const MODELS: &[(&str, Shape, &str)] = &[
         "qwen-2.5-72b",
         Shape::Dense {
             layers: 80, hidden: 8192, feed_forward: 29568, heads: 64, kv_heads: 8,
-            head_dim: 128, vocab: 152064, context: 32768, qkv_bias: true,
+            head_dim: 128, vocab: 152064, context: 32768, qkv_bias: true, sliding: None,
         },
         "Qwen/Qwen2.5-72B-Instruct config.json",
+    ),
+    (
+        "qwen3-32b",
+        Shape::Dense {
+            layers: 64, hidden: 5120, feed_forward: 25600, heads: 64, kv_heads: 8,
+            head_dim: 128, vocab: 151936, context: 40960, qkv_bias: false, sliding: None,
+        },
+        "Qwen/Qwen3-32B config.json",
+    ),
+    (
+        "gemma-3-27b",
+        Shape::Dense {
+            layers: 62, hidden: 5376, feed_forward: 21504, heads: 32, kv_heads: 16,
+            head_dim: 128, vocab: 262208, context: 131072, qkv_bias: false, sliding: Some((1024, 6)),
+        },
+        "google/gemma-3-27b-it config.json (text model)",
+    ),
+    (
+        "qwen3-30b-a3b",
+        Shape::Moe {
+            layers: 48, dense_layers: 0, hidden: 2048, dense_feed_forward: 0, expert_feed_forward: 768,
+            experts: 128, active: 8, shared: 0, heads: 32, kv_heads: 4, head_dim: 128, vocab: 151936,
+            context: 40960, qkv_bias: false,
+        },
+        "Qwen/Qwen3-30B-A3B config.json",
+    ),
+    (
+        "qwen3-235b-a22b",
+        Shape::Moe {
+            layers: 94, dense_layers: 0, hidden: 4096, dense_feed_forward: 0, expert_feed_forward: 1536,
+            experts: 128, active: 8, shared: 0, heads: 64, kv_heads: 4, head_dim: 128, vocab: 151936,
+            context: 40960, qkv_bias: false,
+        },
+        "Qwen/Qwen3-235B-A22B config.json",
+    ),
+    (
+        "glm-4.5-air",
+        Shape::Moe {
+            layers: 46, dense_layers: 1, hidden: 4096, dense_feed_forward: 10944, expert_feed_forward: 1408,
+            experts: 128, active: 8, shared: 1, heads: 96, kv_heads: 8, head_dim: 128, vocab: 151552,
+            context: 131072, qkv_bias: true,
+        },
+        "zai-org/GLM-4.5-Air config.json (without the multi-token-prediction layer)",
     ),
     ("deepseek-v3", Shape::DeepSeekV3, "deepseek-ai/DeepSeek-V3 config.json (without the multi-token-prediction module)"),
 ];
@@ -187,6 +252,7 @@ mod deepseek {
     pub const EXPERT_FFN: usize = 2048;
     pub const ROUTED_EXPERTS: usize = 256;
     pub const SHARED_EXPERTS: usize = 1;
+    pub const ACTIVE_EXPERTS: usize = 8;
     pub const HEADS: usize = 128;
     pub const Q_LORA_RANK: usize = 1536;
     pub const KV_LORA_RANK: usize = 512;
@@ -226,25 +292,63 @@ pub fn model(name: &str) -> Option<ModelSpec> {
 fn build(name: &str, shape: Shape, bits: f64) -> ModelSpec {
     let bytes = |params: usize| (params as f64 * bits / 8.0).ceil() as u64;
     match shape {
-        Shape::Dense { layers, hidden, feed_forward, heads, kv_heads, head_dim, vocab, context, qkv_bias } => {
-            let kv_dim = kv_heads * head_dim;
-            let attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_dim;
-            let bias = if qkv_bias { heads * head_dim + 2 * kv_dim } else { 0 };
-            let layer = attention + bias + 3 * hidden * feed_forward + 2 * hidden;
+        Shape::Dense {
+            layers,
+            hidden,
+            feed_forward,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            context,
+            qkv_bias,
+            sliding,
+        } => {
+            let layer = attention_params(hidden, heads, kv_heads, head_dim, qkv_bias) + 3 * hidden * feed_forward;
             ModelSpec {
-                name: name.to_string(),
-                layer_bytes: vec![bytes(layer); layers],
-                embedding_bytes: bytes(vocab * hidden),
-                head_bytes: bytes(vocab * hidden + hidden),
-                shared_bytes: 0,
-                // f32 K and V: what strata's runtime caches.
-                kv_bytes_per_token_per_layer: (2 * kv_dim * 4) as u64,
-                max_context: context,
-                hidden,
-                feed_forward,
-                heads,
-                vocab_size: vocab,
+                layer_windows: sliding
+                    .map(|(window, period)| (0..layers).map(|l| (l % period < period - 1).then_some(window)).collect())
+                    .unwrap_or_default(),
                 bits_per_weight: Some(bits),
+                ..decoder(name, vec![bytes(layer); layers], Vec::new(), (hidden, feed_forward, heads), (kv_heads * head_dim, vocab, context), &bytes)
+            }
+        }
+        Shape::Moe {
+            layers,
+            dense_layers,
+            hidden,
+            dense_feed_forward,
+            expert_feed_forward,
+            experts,
+            active,
+            shared,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            context,
+            qkv_bias,
+        } => {
+            let attention = attention_params(hidden, heads, kv_heads, head_dim, qkv_bias);
+            let expert = 3 * hidden * expert_feed_forward;
+            let router = hidden * experts;
+            let dense = attention + 3 * hidden * dense_feed_forward;
+            let moe = attention + router + (experts + shared) * expert;
+            let moe_read = attention + router + (active + shared) * expert;
+            let per_layer = |dense_bytes: usize, moe_bytes: usize| {
+                (0..layers).map(|i| bytes(if i < dense_layers { dense_bytes } else { moe_bytes })).collect()
+            };
+            ModelSpec {
+                bits_per_weight: Some(bits),
+                ..decoder(
+                    name,
+                    per_layer(dense, moe),
+                    per_layer(dense, moe_read),
+                    // The widest feed-forward any single token runs through.
+                    (hidden, dense_feed_forward.max((active + shared) * expert_feed_forward), heads),
+                    (kv_heads * head_dim, vocab, context),
+                    &bytes,
+                )
             }
         }
         Shape::DeepSeekV3 => {
@@ -255,16 +359,20 @@ fn build(name: &str, shape: Shape, bits: f64) -> ModelSpec {
             let expert = 3 * HIDDEN * EXPERT_FFN;
             let dense = attention + 3 * HIDDEN * DENSE_FFN;
             let moe = attention + (ROUTED_EXPERTS + SHARED_EXPERTS) * expert + ROUTED_EXPERTS * HIDDEN + ROUTED_EXPERTS;
-            let layer_bytes = (0..LAYERS).map(|i| bytes(if i < DENSE_LAYERS { dense } else { moe })).collect();
+            let moe_read = attention + (ACTIVE_EXPERTS + SHARED_EXPERTS) * expert + ROUTED_EXPERTS * HIDDEN + ROUTED_EXPERTS;
+            let per_layer =
+                |moe: usize| (0..LAYERS).map(|i| bytes(if i < DENSE_LAYERS { dense } else { moe })).collect();
             ModelSpec {
                 name: name.to_string(),
-                layer_bytes,
+                layer_bytes: per_layer(moe),
+                active_layer_bytes: per_layer(moe_read),
                 embedding_bytes: bytes(VOCAB * HIDDEN),
                 head_bytes: bytes(VOCAB * HIDDEN + HIDDEN),
                 shared_bytes: 0,
                 // The latent cache of multi-head latent attention: the compressed KV
                 // and the shared rope key, f32 like the rest of the runtime's cache.
                 kv_bytes_per_token_per_layer: ((KV_LORA_RANK + QK_ROPE_DIM) * 4) as u64,
+                layer_windows: Vec::new(),
                 max_context: CONTEXT,
                 hidden: HIDDEN,
                 // The widest feed-forward any single token runs through.
@@ -274,6 +382,44 @@ fn build(name: &str, shape: Shape, bits: f64) -> ModelSpec {
                 bits_per_weight: Some(bits),
             }
         }
+    }
+}
+
+/// Weights of one attention block and the layer's norms: q and o of `heads`, k and v
+/// of `kv_heads`, the biases when there are any.
+fn attention_params(hidden: usize, heads: usize, kv_heads: usize, head_dim: usize, qkv_bias: bool) -> usize {
+    let kv_dim = kv_heads * head_dim;
+    let bias = if qkv_bias { heads * head_dim + 2 * kv_dim } else { 0 };
+    2 * hidden * heads * head_dim + 2 * hidden * kv_dim + bias + 2 * hidden
+}
+
+/// The parts every decoder here shares: an embedding, a head (a tied head is the
+/// embedding's bytes again: the last stage holds that matrix as its head), an f32
+/// KV cache.
+fn decoder(
+    name: &str,
+    layer_bytes: Vec<u64>,
+    active_layer_bytes: Vec<u64>,
+    (hidden, feed_forward, heads): (usize, usize, usize),
+    (kv_dim, vocab, context): (usize, usize, usize),
+    bytes: &dyn Fn(usize) -> u64,
+) -> ModelSpec {
+    ModelSpec {
+        name: name.to_string(),
+        layer_bytes,
+        active_layer_bytes,
+        embedding_bytes: bytes(vocab * hidden),
+        head_bytes: bytes(vocab * hidden + hidden),
+        shared_bytes: 0,
+        // f32 K and V: what strata's runtime caches.
+        kv_bytes_per_token_per_layer: (2 * kv_dim * 4) as u64,
+        layer_windows: Vec::new(),
+        max_context: context,
+        hidden,
+        feed_forward,
+        heads,
+        vocab_size: vocab,
+        bits_per_weight: None,
     }
 }
 
@@ -299,6 +445,12 @@ mod tests {
             ("qwen-2.5-32b-fp16", 32.8),
             ("qwen-2.5-72b-fp16", 72.7),
             ("deepseek-v3-fp16", 671.0),
+            ("qwen3-32b-fp16", 32.8),
+            // 27.0B, and its 1.4B embedding counted again as the tied head.
+            ("gemma-3-27b-fp16", 28.4),
+            ("qwen3-30b-a3b-fp16", 30.5),
+            ("qwen3-235b-a22b-fp16", 235.1),
+            ("glm-4.5-air-fp16", 106.8),
         ] {
             let m = model(name).unwrap();
             let got = params(&m);
@@ -317,7 +469,30 @@ mod tests {
         assert_eq!(ds.layers(), 61);
         assert!(ds.layer_bytes[3] > 10 * ds.layer_bytes[0], "expert layers dwarf the dense ones");
         assert!(model("llama-3.1-70b-q2_k").is_none());
-        assert_eq!(model_names().len(), 18);
+        assert_eq!(model_names().len(), 33);
+    }
+
+    /// A token reads its active experts only: what the model cards say (A3B, A22B, 37B
+    /// for DeepSeek V3; Z.ai's 12B for GLM-4.5-Air leaves out the 1.2B of embedding
+    /// and head, counted here).
+    #[test]
+    fn mixture_of_experts_models_read_their_active_experts_only() {
+        for (name, active) in
+            [("qwen3-30b-a3b-fp16", 3.3), ("qwen3-235b-a22b-fp16", 22.1), ("glm-4.5-air-fp16", 13.4), ("deepseek-v3-fp16", 37.5)]
+        {
+            let m = model(name).unwrap();
+            let read = (m.read_bytes(0..m.layers()) + m.embedding_bytes) as f64 * 8.0 / 16.0 / 1e9;
+            assert!((read - active).abs() / active < 0.03, "{name}: {read:.2}B read, expected {active}B");
+        }
+        // Every expert is resident all the same.
+        let m = model("qwen3-235b-a22b-fp16").unwrap();
+        assert!((m.resident_bytes(0..m.layers()) as f64 * 8.0 / 16.0 / 1e9 - 234.5).abs() < 1.0);
+        let gemma = model("gemma-3-27b-q4_k_m").unwrap();
+        let global: Vec<usize> = (0..gemma.layers()).filter(|&l| gemma.layer_windows[l].is_none()).collect();
+        assert_eq!(global, [5, 11, 17, 23, 29, 35, 41, 47, 53, 59]);
+        // At 128K tokens its sliding layers hold about their window of 1024.
+        let (sliding, full) = (gemma.kv_bytes(0..1, 131072, 1), gemma.kv_bytes(5..6, 131072, 1));
+        assert!(sliding * 100 < full, "{sliding} vs {full}");
     }
 
     #[test]

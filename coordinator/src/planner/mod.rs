@@ -154,10 +154,10 @@ impl Plan {
     /// model's trained context; 0 when not even one token fits.
     pub fn max_context(&self, model: &ModelSpec, options: &PlanOptions) -> usize {
         let fits_at = |context: usize| {
-            let kv = model.kv_bytes_per_layer(context, options.sequences);
             let scratch = model.scratch_bytes(context, options.sequences, options.prefill_chunk);
             self.stages.iter().all(|s| {
-                s.weight_bytes + kv * s.layers.len() as u64 + scratch + s.headroom_bytes <= s.offered_bytes
+                let kv = model.kv_bytes(s.layers.clone(), context, options.sequences);
+                s.weight_bytes + kv + scratch + s.headroom_bytes <= s.offered_bytes
             })
         };
         largest(model.max_context, fits_at)
@@ -413,6 +413,7 @@ fn scale_weights(model: &ModelSpec, factor: f64) -> ModelSpec {
     let scale = |bytes: u64| (bytes as f64 * factor).ceil() as u64;
     ModelSpec {
         layer_bytes: model.layer_bytes.iter().map(|&b| scale(b)).collect(),
+        active_layer_bytes: model.active_layer_bytes.iter().map(|&b| scale(b)).collect(),
         embedding_bytes: scale(model.embedding_bytes),
         head_bytes: scale(model.head_bytes),
         shared_bytes: scale(model.shared_bytes),

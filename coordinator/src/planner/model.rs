@@ -15,6 +15,10 @@ pub struct ModelSpec {
     pub name: String,
     /// Weight bytes of every transformer layer, in order.
     pub layer_bytes: Vec<u64>,
+    /// Of those, the bytes one token reads, per layer, where that is less than the
+    /// whole layer: a mixture-of-experts layer runs a few of its experts for each
+    /// token. Empty for a dense model.
+    pub active_layer_bytes: Vec<u64>,
     /// Token embedding bytes; resident on the first stage.
     pub embedding_bytes: u64,
     /// Final norm and output head bytes; resident on (and read every token by) the
@@ -24,6 +28,9 @@ pub struct ModelSpec {
     pub shared_bytes: u64,
     /// K and V bytes one token takes in one layer, in the runtime's cache type (f32).
     pub kv_bytes_per_token_per_layer: u64,
+    /// Per layer, its attention window when it slides (its cache then holds about
+    /// the window, not the context); empty when no layer slides.
+    pub layer_windows: Vec<Option<usize>>,
     /// The longest context the model was trained for.
     pub max_context: usize,
     pub hidden: usize,
@@ -45,10 +52,15 @@ impl ModelSpec {
         Self {
             name: name.into(),
             layer_bytes: sizes.layers.clone(),
+            active_layer_bytes: Vec::new(),
             embedding_bytes: sizes.embedding,
             head_bytes: sizes.head,
             shared_bytes: sizes.shared,
             kv_bytes_per_token_per_layer: info.kv_bytes_per_token_per_layer(),
+            layer_windows: match &info.sliding_window {
+                Some(_) => (0..info.layers).map(|l| info.window_of(l)).collect(),
+                None => Vec::new(),
+            },
             max_context: info.context_length,
             hidden: info.hidden,
             feed_forward: info.feed_forward,
@@ -69,26 +81,39 @@ impl ModelSpec {
 
     /// Weight bytes a stage holding `layers` keeps resident.
     pub fn resident_bytes(&self, layers: Range<usize>) -> u64 {
-        let mut total = self.read_bytes(layers.clone());
+        let mut total = self.stage_bytes(&self.layer_bytes, layers.clone());
         if layers.start == 0 {
             total += self.embedding_bytes;
         }
         total
     }
 
-    /// Weight bytes a stage holding `layers` reads for every token. The embedding is
-    /// not among them: a token looks up one row of it, not the whole matrix.
+    /// Weight bytes a stage holding `layers` reads for every token: each layer's
+    /// active part. The embedding is not among them: a token looks up one row of it,
+    /// not the whole matrix.
     pub fn read_bytes(&self, layers: Range<usize>) -> u64 {
-        let mut total: u64 = self.layer_bytes[layers.clone()].iter().sum::<u64>() + self.shared_bytes;
+        let read = if self.active_layer_bytes.is_empty() { &self.layer_bytes } else { &self.active_layer_bytes };
+        self.stage_bytes(read, layers)
+    }
+
+    /// `per_layer` over `layers`, the shared tensors, and the head on the last stage.
+    fn stage_bytes(&self, per_layer: &[u64], layers: Range<usize>) -> u64 {
+        let mut total: u64 = per_layer[layers.clone()].iter().sum::<u64>() + self.shared_bytes;
         if layers.end == self.layers() {
             total += self.head_bytes;
         }
         total
     }
 
-    /// KV cache bytes of one layer for `context` tokens of each of `sequences`.
-    pub fn kv_bytes_per_layer(&self, context: usize, sequences: usize) -> u64 {
-        self.kv_bytes_per_token_per_layer * context as u64 * sequences as u64
+    /// KV cache bytes of `layer` for `context` tokens of each of `sequences`.
+    pub fn kv_bytes_of_layer(&self, layer: usize, context: usize, sequences: usize) -> u64 {
+        let window = self.layer_windows.get(layer).copied().flatten();
+        self.kv_bytes_per_token_per_layer * strata_model::held_positions(window, context) as u64 * sequences as u64
+    }
+
+    /// KV cache bytes of `layers` for `context` tokens of each of `sequences`.
+    pub fn kv_bytes(&self, layers: Range<usize>, context: usize, sequences: usize) -> u64 {
+        layers.map(|l| self.kv_bytes_of_layer(l, context, sequences)).sum()
     }
 
     /// Working memory a stage needs besides weights and cache, as the runtime
@@ -130,10 +155,12 @@ impl ModelSpec {
         ModelSpec {
             name: "uniform".into(),
             layer_bytes: vec![layer_bytes; layers],
+            active_layer_bytes: Vec::new(),
             embedding_bytes: 10,
             head_bytes: 20,
             shared_bytes: 1,
             kv_bytes_per_token_per_layer: 2,
+            layer_windows: Vec::new(),
             max_context: 1024,
             hidden: 8,
             feed_forward: 16,
@@ -156,6 +183,6 @@ mod tests {
         assert_eq!(m.resident_bytes(2..4), 200 + 1 + 20);
         assert_eq!(m.read_bytes(2..4), 200 + 1 + 20);
         assert_eq!(m.total_bytes(), 400 + 10 + 20 + 1);
-        assert_eq!(m.kv_bytes_per_layer(100, 3), 600);
+        assert_eq!(m.kv_bytes(0..1, 100, 3), 600);
     }
 }

@@ -37,7 +37,8 @@ pub(super) struct Problem<'a> {
     pub nodes: &'a [NodeSpec],
     pub options: &'a PlanOptions,
     layers: usize,
-    kv_per_layer: u64,
+    /// KV bytes of layers `[0, i)` at index `i`.
+    kv_prefix: Vec<u64>,
     scratch: u64,
 }
 
@@ -48,7 +49,12 @@ impl<'a> Problem<'a> {
             nodes,
             options,
             layers: model.layers(),
-            kv_per_layer: model.kv_bytes_per_layer(options.context, options.sequences),
+            kv_prefix: std::iter::once(0)
+                .chain((0..model.layers()).scan(0, |sum, l| {
+                    *sum += model.kv_bytes_of_layer(l, options.context, options.sequences);
+                    Some(*sum)
+                }))
+                .collect(),
             scratch: model.scratch_bytes(options.context, options.sequences, options.prefill_chunk),
         }
     }
@@ -56,13 +62,13 @@ impl<'a> Problem<'a> {
     /// Bytes of weights, KV cache, scratch and headroom a device holding `layers` needs.
     pub fn need(&self, layers: Range<usize>) -> u64 {
         self.model.resident_bytes(layers.clone())
-            + self.kv_per_layer * layers.len() as u64
+            + self.kv_bytes(&layers)
             + self.scratch
             + self.options.headroom
     }
 
     pub fn kv_bytes(&self, layers: &Range<usize>) -> u64 {
-        self.kv_per_layer * layers.len() as u64
+        self.kv_prefix[layers.end] - self.kv_prefix[layers.start]
     }
 
     pub fn scratch_bytes(&self) -> u64 {

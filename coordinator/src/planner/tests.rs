@@ -167,7 +167,7 @@ fn plans_a_gguf_from_its_header() {
     let options = PlanOptions { context: 64, headroom: 0, ..PlanOptions::default() };
     // Two equal devices that each hold a little over half the model.
     let half = m.resident_bytes(0..2).max(m.resident_bytes(2..4))
-        + m.kv_bytes_per_layer(64, 1) * 2
+        + m.kv_bytes(0..2, 64, 1)
         + m.scratch_bytes(64, 1, options.prefill_chunk);
     let device = |name: &str, bandwidth: f64| NodeSpec {
         name: name.into(),
@@ -255,10 +255,12 @@ fn the_search_matches_brute_force_on_small_random_clusters() {
         let m = ModelSpec {
             name: "random".into(),
             layer_bytes: vec![100; layers],
+            active_layer_bytes: Vec::new(),
             embedding_bytes: rng.random_range(0..300),
             head_bytes: rng.random_range(0..300),
             shared_bytes: rng.random_range(0..10),
             kv_bytes_per_token_per_layer: rng.random_range(0..3),
+            layer_windows: Vec::new(),
             max_context: 64,
             hidden: 1,
             feed_forward: 1,

@@ -109,7 +109,7 @@ impl WorkerService {
                         return;
                     }
                 };
-                for chunk in encode_kv_layer(l.layer, &k, &v, shape.kv_heads, shape.head_dim, KV_CHUNK_BYTES) {
+                for chunk in encode_kv_layer(l.layer, l.first, &k, &v, shape.kv_heads, shape.head_dim, KV_CHUNK_BYTES) {
                     if tx.blocking_send(Ok(chunk)).is_err() {
                         // The puller went away.
                         return;
@@ -163,11 +163,14 @@ impl WorkerService {
                 .map_err(|e| WorkerError::BadKv(format!("from {}: {e}", source.address)))?;
         }
         let layers = assembler.finish().map_err(|e| WorkerError::BadKv(format!("from {}: {e}", source.address)))?;
-        let dims = (shape.kv_heads, positions, shape.head_dim);
-        let tensor = |values| {
-            Tensor::from_vec(values, dims, &Device::Cpu).map_err(|e| WorkerError::Internal(e.to_string()))
+        let tensor = |values, first: usize| {
+            Tensor::from_vec(values, (shape.kv_heads, positions - first, shape.head_dim), &Device::Cpu)
+                .map_err(|e| WorkerError::Internal(e.to_string()))
         };
-        layers.into_iter().map(|l| Ok(LayerKv { layer: l.layer, k: tensor(l.k)?, v: tensor(l.v)? })).collect()
+        layers
+            .into_iter()
+            .map(|l| Ok(LayerKv { layer: l.layer, first: l.first, k: tensor(l.k, l.first)?, v: tensor(l.v, l.first)? }))
+            .collect()
     }
 
     /// ImportSequence: pulls the sequence's KV from its old holders and opens it on
