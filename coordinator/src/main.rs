@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => cli::generate::run(args),
         Command::Model(command) => cli::model::run(command),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Perplexity(args) => cli::perplexity::run(args),
         Command::ServeLocal(args) => cli::serve_local::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Demo(args) => cli::demo::run(args),

@@ -15,7 +15,7 @@ pub enum Error {
     #[error("{path} is truncated or corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 
-    #[error("unsupported architecture `{0}` (supported: llama, qwen2)")]
+    #[error("unsupported architecture `{0}` (supported: llama, qwen2, qwen3, gemma3)")]
     UnsupportedArchitecture(String),
 
     #[error("unsupported tensor type: {0}")]
@@ -56,6 +56,12 @@ pub enum Error {
 
     #[error("bad stage input: {0}")]
     BadInput(String),
+
+    #[error("{path}: {reason}")]
+    LogitsFile { path: PathBuf, reason: String },
+
+    #[error("the text is {tokens} tokens; scoring it with a context of {context} needs at least {needed}")]
+    TextTooShort { tokens: usize, context: usize, needed: usize },
 
     #[error("bad sampling parameters: {0}")]
     BadSampling(String),

@@ -327,6 +327,23 @@ impl Stage {
     /// Runs `steps` (at most one per sequence) as one batch and returns one output per
     /// step, in order. Every step is checked first; nothing runs if one is bad.
     pub fn forward(&mut self, steps: &[StageStep]) -> Result<Vec<StageOutput>> {
+        self.forward_with(steps, Logits::LastPosition)
+    }
+
+    /// Runs one step on the last stage and returns the logits of every one of its
+    /// positions, `[len, vocab]`: what scoring a text needs (perplexity). The same
+    /// arithmetic as [`Self::forward`], whose logits are the last row of these.
+    pub fn forward_every_position(&mut self, step: &StageStep) -> Result<Tensor> {
+        if !self.is_last() {
+            return Err(Error::BadInput("only the last stage has logits".into()));
+        }
+        match self.forward_with(std::slice::from_ref(step), Logits::EveryPosition)?.pop() {
+            Some(StageOutput::Logits(logits)) => Ok(logits),
+            _ => Err(Error::BadInput("the step produced no logits".into())),
+        }
+    }
+
+    fn forward_with(&mut self, steps: &[StageStep], logits: Logits) -> Result<Vec<StageOutput>> {
         for (i, step) in steps.iter().enumerate() {
             self.check(step)?;
             if steps[..i].iter().any(|s| s.seq == step.seq) {
@@ -355,7 +372,7 @@ impl Stage {
             if round.is_empty() {
                 break;
             }
-            let outputs = self.forward_round(steps, &round)?;
+            let outputs = self.forward_round(steps, &round, logits)?;
             for ((i, _, _), out) in round.iter().zip(outputs) {
                 pieces[*i].push(out);
             }
@@ -364,8 +381,10 @@ impl Stage {
         let mut results = Vec::with_capacity(steps.len());
         for parts in pieces {
             let last = parts.last().cloned().ok_or_else(|| Error::BadInput("empty step".into()))?;
-            results.push(if self.is_last() {
+            results.push(if self.is_last() && (logits == Logits::LastPosition || parts.len() == 1) {
                 StageOutput::Logits(last)
+            } else if self.is_last() {
+                StageOutput::Logits(Tensor::cat(&parts, 0)?)
             } else if parts.len() == 1 {
                 StageOutput::Hidden(last)
             } else {
@@ -377,7 +396,12 @@ impl Stage {
 
     /// One batched forward over `(step index, offset, len)` slices of the steps.
     /// Returns per slice the hidden states, or the last token's logits on the last stage.
-    fn forward_round(&mut self, steps: &[StageStep], round: &[(usize, usize, usize)]) -> Result<Vec<Tensor>> {
+    fn forward_round(
+        &mut self,
+        steps: &[StageStep],
+        round: &[(usize, usize, usize)],
+        logits: Logits,
+    ) -> Result<Vec<Tensor>> {
         let mut inputs = Vec::with_capacity(round.len());
         let mut spans = Vec::with_capacity(round.len());
         let mut ropes = BatchRopes { ropes: &self.rope, global: Vec::with_capacity(round.len()), local: Vec::new() };
@@ -420,18 +444,30 @@ impl Stage {
         match &self.head {
             None => spans.iter().map(|s| Ok(x.narrow(0, s.offset, s.len)?)).collect(),
             Some(head) => {
+                let rows = |x: &Tensor| -> Result<Tensor> {
+                    let logits = head.output.forward(&head.norm.forward(x)?)?;
+                    Ok(match self.info.final_logit_softcap {
+                        Some(cap) => ((logits / f64::from(cap))?.tanh()? * f64::from(cap))?,
+                        None => logits,
+                    })
+                };
+                if logits == Logits::EveryPosition {
+                    return spans.iter().map(|s| rows(&x.narrow(0, s.offset, s.len)?)).collect();
+                }
                 let lasts: Vec<Tensor> =
                     spans.iter().map(|s| x.narrow(0, s.offset + s.len - 1, 1)).collect::<candle_core::Result<_>>()?;
-                let lasts = Tensor::cat(&lasts, 0)?;
-                let logits = head.output.forward(&head.norm.forward(&lasts)?)?;
-                let logits = match self.info.final_logit_softcap {
-                    Some(cap) => ((logits / f64::from(cap))?.tanh()? * f64::from(cap))?,
-                    None => logits,
-                };
+                let logits = rows(&Tensor::cat(&lasts, 0)?)?;
                 (0..spans.len()).map(|i| Ok(logits.get(i)?)).collect()
             }
         }
     }
+}
+
+/// Which positions of a step the last stage computes logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Logits {
+    LastPosition,
+    EveryPosition,
 }
 
 /// Bytes of the parts a stage holds, and of those it read itself.
@@ -749,6 +785,24 @@ mod tests {
             let max_diff = a.iter().zip(other).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
             assert!(max_diff < 1e-4, "differs by {max_diff}");
         }
+    }
+
+    #[test]
+    fn every_positions_logits_end_with_those_of_the_last_position() {
+        let (_dir, file) = model(&SyntheticModel::gemma3_tiny());
+        let prompt = [5, 80, 120, 33, 7];
+        let last = through(&mut [stage(&file, 0..6)], tokens(1, 0, &prompt));
+        let mut chunked = Stage::load(&file, 0..6, &Device::Cpu, StageOptions { prefill_chunk: 2 }).unwrap();
+        let all = chunked.forward_every_position(&tokens(1, 0, &prompt)).unwrap();
+        assert_eq!(all.dims(), [5, file.info().vocab_size]);
+        let row = all.get(4).unwrap().to_vec1::<f32>().unwrap();
+        let max_diff = row.iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(max_diff < 1e-4, "{max_diff}");
+        // Each row is the logits a prompt ending there gets.
+        let third = through(&mut [stage(&file, 0..6)], tokens(1, 0, &prompt[..3]));
+        let max_diff = all.get(2).unwrap().to_vec1::<f32>().unwrap().iter().zip(&third).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(max_diff < 1e-4, "{max_diff}");
+        assert!(stage(&file, 0..3).forward_every_position(&tokens(2, 0, &prompt)).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod generate;
 pub mod http;
 pub mod model;
+pub mod perplexity;
 pub mod plan;
 pub mod serve;
 pub mod serve_local;
@@ -37,6 +38,8 @@ pub enum Command {
     Model(model::ModelCommand),
     /// Measure prefill and decode speed, memory, and the size of each stage.
     Bench(bench::BenchArgs),
+    /// Perplexity on a text, and KL divergence from a base run, as llama-perplexity computes them.
+    Perplexity(perplexity::PerplexityArgs),
     /// Serve the OpenAI-compatible HTTP API over a model run in this one process.
     ServeLocal(serve_local::ServeLocalArgs),
     /// Coordinate a cluster of workers and serve the HTTP API over it.
