@@ -31,6 +31,12 @@ pub enum Architecture {
     /// Gemma 3: scaled embeddings, norms after attention and the FFN as well as
     /// before, Q/K norms, a GELU FFN, and sliding-window attention on most layers.
     Gemma3,
+    /// Qwen3 whose FFNs are mixtures of experts (softmax router, top-k renormalised).
+    Qwen3Moe,
+    /// GLM-4.5: q/k/v biases, partial RoPE, leading dense layers, then mixtures of
+    /// experts with a sigmoid router, a selection bias and a shared expert; the
+    /// multi-token-prediction layers at the end are skipped.
+    Glm4Moe,
 }
 
 /// The nonlinearity of the gated feed-forward block.
@@ -49,6 +55,8 @@ impl Architecture {
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
             "gemma3" => Ok(Self::Gemma3),
+            "qwen3moe" => Ok(Self::Qwen3Moe),
+            "glm4moe" => Ok(Self::Glm4Moe),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -59,12 +67,14 @@ impl Architecture {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
+            Self::Qwen3Moe => "qwen3moe",
+            Self::Glm4Moe => "glm4moe",
         }
     }
 
     /// The q/k/v projections carry biases.
     pub fn has_qkv_bias(self) -> bool {
-        self == Self::Qwen2
+        matches!(self, Self::Qwen2 | Self::Glm4Moe)
     }
 
     /// RoPE rotates adjacent pairs of dimensions: llama.cpp's converter permutes
@@ -75,7 +85,7 @@ impl Architecture {
 
     /// Every query and key head is RMS-normed (`attn_q_norm`, `attn_k_norm`) before RoPE.
     pub fn has_qk_norm(self) -> bool {
-        matches!(self, Self::Qwen3 | Self::Gemma3)
+        matches!(self, Self::Qwen3 | Self::Gemma3 | Self::Qwen3Moe)
     }
 
     /// The attention and FFN outputs are RMS-normed again before the residual add
@@ -105,6 +115,33 @@ pub struct SlidingWindow {
     pub rope_base: f32,
     /// One entry per layer: whether that layer slides.
     pub layers: Vec<bool>,
+}
+
+/// How a mixture-of-experts router turns its logits into expert weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gating {
+    Softmax,
+    Sigmoid,
+}
+
+/// The mixture-of-experts FFN of a model's MoE layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    /// Experts each token runs through.
+    pub experts_used: usize,
+    pub expert_feed_forward: usize,
+    pub gating: Gating,
+    /// The chosen experts' weights are divided by their sum.
+    pub normalize_weights: bool,
+    /// And then multiplied by this.
+    pub weights_scale: f32,
+    /// Group-limited routing: experts fall in `groups` equal groups, and only the
+    /// `groups_used` groups with the best two scores each are chosen from.
+    pub groups: usize,
+    pub groups_used: usize,
+    /// Layers before the first MoE layer that have an ordinary FFN.
+    pub leading_dense: usize,
 }
 
 /// Gemma 3 files before llama.cpp wrote the pattern: 5 sliding layers, then a global one.
@@ -146,6 +183,13 @@ pub struct ModelInfo {
     pub sliding_window: Option<SlidingWindow>,
     /// Logits are squashed to `cap * tanh(logit / cap)`.
     pub final_logit_softcap: Option<f32>,
+    /// Dimensions of each head that RoPE rotates (the first ones): `head_dim` unless
+    /// the file says fewer (`rope.dimension_count`, GLM-4.5's partial rotary).
+    pub rope_dims: usize,
+    /// The mixture of experts, for MoE models.
+    pub moe: Option<MoeConfig>,
+    /// Multi-token-prediction layers after the `layers` (their tensors are ignored).
+    pub skipped_layers: usize,
 }
 
 impl ModelInfo {
@@ -403,7 +447,10 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
     };
     let architecture = Architecture::parse(arch_name)?;
     let m = Meta { md, arch: arch_name };
-    let layers = m.usize("block_count")?;
+    // Multi-token-prediction layers (GLM-4.5) are counted in `block_count` but are
+    // not part of generating the next token: they are left out.
+    let nextn = m.get("nextn_predict_layers").and_then(value_as_u64).unwrap_or(0) as usize;
+    let layers = m.usize("block_count")?.saturating_sub(nextn);
     let hidden = m.usize("embedding_length")?;
     let heads = m.usize("attention.head_count")?;
     let kv_heads = match m.get("attention.head_count_kv") {
@@ -447,6 +494,14 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
         cap if cap > 0.0 => Some(cap),
         _ => None,
     };
+    let rope_dims = match m.get("rope.dimension_count") {
+        Some(v) => value_as_u64(v).ok_or_else(|| m.bad("rope.dimension_count"))? as usize,
+        None => head_dim,
+    };
+    if rope_dims == 0 || rope_dims > head_dim || rope_dims % 2 != 0 {
+        return Err(Error::InvalidModel(format!("RoPE over {rope_dims} of {head_dim} head dimensions")));
+    }
+    let moe = moe_config(&m, architecture, layers)?;
     let name = match md.get("general.name") {
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
@@ -469,7 +524,63 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
         attention_scale,
         sliding_window,
         final_logit_softcap,
+        rope_dims,
+        moe,
+        skipped_layers: nextn,
     })
+}
+
+/// The expert metadata of an MoE architecture (`expert_*`, `leading_dense_block_count`).
+fn moe_config(m: &Meta<'_>, architecture: Architecture, layers: usize) -> Result<Option<MoeConfig>> {
+    if !matches!(architecture, Architecture::Qwen3Moe | Architecture::Glm4Moe) {
+        return Ok(None);
+    }
+    let optional = |key: &str| m.get(key).and_then(value_as_u64).map(|v| v as usize);
+    let experts = m.usize("expert_count")?;
+    let experts_used = m.usize("expert_used_count")?;
+    let expert_feed_forward = m.usize("expert_feed_forward_length")?;
+    let gating = match optional("expert_gating_func") {
+        None | Some(1) => Gating::Softmax,
+        Some(2) => Gating::Sigmoid,
+        Some(other) => {
+            return Err(Error::InvalidModel(format!(
+                "`{}.expert_gating_func` is {other}: this runtime knows softmax (1) and sigmoid (2)",
+                m.arch
+            )))
+        }
+    };
+    let normalize_weights = match m.get("expert_weights_norm") {
+        Some(Value::Bool(b)) => *b,
+        // Qwen3-MoE always renormalises the chosen experts' weights.
+        _ => architecture == Architecture::Qwen3Moe,
+    };
+    let groups = optional("expert_group_count").unwrap_or(1).max(1);
+    let groups_used = optional("expert_group_used_count").unwrap_or(groups).max(1);
+    let leading_dense = optional("leading_dense_block_count").unwrap_or(0);
+    if experts == 0
+        || experts_used == 0
+        || experts_used > experts
+        || expert_feed_forward == 0
+        || experts % groups != 0
+        || groups_used > groups
+        || leading_dense > layers
+    {
+        return Err(Error::InvalidModel(format!(
+            "inconsistent experts: {experts_used} of {experts} used, feed-forward {expert_feed_forward}, \
+             {groups_used} of {groups} groups, {leading_dense} leading dense layers of {layers}"
+        )));
+    }
+    Ok(Some(MoeConfig {
+        experts,
+        experts_used,
+        expert_feed_forward,
+        gating,
+        normalize_weights,
+        weights_scale: m.f32_or("expert_weights_scale", 1.0)?,
+        groups,
+        groups_used,
+        leading_dense,
+    }))
 }
 
 /// The sliding window from `{arch}.attention.sliding_window`, and which layers use
@@ -536,6 +647,8 @@ fn tensor_sizes(content: &Content, info: &ModelInfo) -> Result<TensorSizes> {
     for (name, t) in &content.tensor_infos {
         let bytes = tensor_byte_len(&t.shape, t.ggml_dtype);
         match (layer_of(name), name.as_str()) {
+            // A multi-token-prediction layer: never loaded.
+            (Some(layer), _) if layer >= info.layers && layer < info.layers + info.skipped_layers => {}
             (Some(layer), _) => {
                 let slot = sizes.layers.get_mut(layer).ok_or_else(|| {
                     Error::InvalidModel(format!("tensor `{name}` names a layer beyond the {} layers", info.layers))

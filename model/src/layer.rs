@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::gguf::{Activation, Architecture, ModelFile};
 use crate::kv_cache::{History, LayerCache};
 use crate::linear::Linear;
+use crate::moe::Moe;
 use crate::norm::RmsNorm;
 use crate::rope::{Ropes, RopeTables};
 
@@ -36,6 +37,15 @@ pub(crate) struct BatchRopes<'a> {
     pub local: Vec<RopeTables>,
 }
 
+/// A layer's feed-forward block.
+#[derive(Debug)]
+enum Ffn {
+    /// `down(act(gate(x)) * up(x))`, with the family's activation.
+    Dense { gate: Linear, up: Linear, down: Linear },
+    /// A mixture of experts (MoE layers of Qwen3-MoE and GLM-4.5).
+    Experts(Moe),
+}
+
 #[derive(Debug)]
 pub(crate) struct Layer {
     attn_norm: RmsNorm,
@@ -49,9 +59,7 @@ pub(crate) struct Layer {
     /// Norm of the attention output before the residual add (Gemma 3).
     post_attention_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    ffn: Ffn,
     /// Norm of the FFN output before the residual add (Gemma 3).
     post_ffn_norm: Option<RmsNorm>,
     activation: Activation,
@@ -82,9 +90,10 @@ impl Layer {
         let k = linear("attn_k", biased)?;
         let v = linear("attn_v", biased)?;
         let o = linear("attn_output", false)?;
-        let gate = linear("ffn_gate", false)?;
-        let up = linear("ffn_up", false)?;
-        let down = linear("ffn_down", false)?;
+        let ffn = match &info.moe {
+            Some(moe) if index >= moe.leading_dense => Ffn::Experts(Moe::load(file, reader, &p, device)?),
+            _ => Ffn::Dense { gate: linear("ffn_gate", false)?, up: linear("ffn_up", false)?, down: linear("ffn_down", false)? },
+        };
         let mut norm = |name: &str, width: usize| -> Result<RmsNorm> {
             let norm = RmsNorm::load(file, reader, &format!("{p}.{name}.weight"), device)?;
             match norm.width()? {
@@ -92,7 +101,9 @@ impl Layer {
                 w => Err(Error::InvalidModel(format!("tensor `{p}.{name}.weight` has {w} values, expected {width}"))),
             }
         };
-        let (q_norm, k_norm) = if arch.has_qk_norm() {
+        // GLM-4.5 files have Q/K norms or not (`use_qk_norm`): the tensors say.
+        let qk_norm = arch.has_qk_norm() || file.has_tensor(&format!("{p}.attn_q_norm.weight"));
+        let (q_norm, k_norm) = if qk_norm {
             (Some(norm("attn_q_norm", info.head_dim)?), Some(norm("attn_k_norm", info.head_dim)?))
         } else {
             (None, None)
@@ -112,9 +123,7 @@ impl Layer {
             k_norm,
             o,
             post_attention_norm,
-            gate,
-            up,
-            down,
+            ffn,
             post_ffn_norm,
             activation: arch.activation(),
             heads: info.heads,
@@ -152,12 +161,18 @@ impl Layer {
         let attn = post_norm(self.o.forward(&attn)?, self.post_attention_norm.as_ref())?;
         let x = (x + attn)?;
         let h = self.ffn_norm.forward(&x)?;
-        let gate = self.gate.forward(&h)?;
-        let gate = match self.activation {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
+        let ffn = match &self.ffn {
+            Ffn::Dense { gate, up, down } => {
+                let gate = gate.forward(&h)?;
+                let gate = match self.activation {
+                    Activation::Silu => candle_nn::ops::silu(&gate)?,
+                    Activation::GeluTanh => gate.gelu()?,
+                };
+                down.forward(&(gate * up.forward(&h)?)?)?
+            }
+            Ffn::Experts(moe) => moe.forward(&h)?,
         };
-        let ffn = post_norm(self.down.forward(&(gate * self.up.forward(&h)?)?)?, self.post_ffn_norm.as_ref())?;
+        let ffn = post_norm(ffn, self.post_ffn_norm.as_ref())?;
         Ok((x + ffn)?)
     }
 

@@ -9,7 +9,9 @@ use crate::gguf::{ModelInfo, RopeScaling};
 /// One set of rotary parameters.
 #[derive(Debug, Clone)]
 pub(crate) struct Rope {
-    head_dim: usize,
+    /// The dimensions rotated: the first `dims` of each head (all of it but for
+    /// partial rotary, GLM-4.5); the rest pass through.
+    dims: usize,
     theta_scale: f32,
     freq_scale: f32,
     /// Per-frequency divisors (`rope_freqs.weight`), if the model has them.
@@ -24,8 +26,8 @@ pub(crate) type RopeTables = (Tensor, Tensor);
 impl Rope {
     fn new(info: &ModelInfo, base: f32, freq_scale: f32, freq_factors: Option<Vec<f32>>) -> Self {
         Self {
-            head_dim: info.head_dim,
-            theta_scale: base.powf(-2.0 / info.head_dim as f32),
+            dims: info.rope_dims,
+            theta_scale: base.powf(-2.0 / info.rope_dims as f32),
             freq_scale,
             freq_factors,
             interleaved: info.architecture.rope_pairs_adjacent(),
@@ -34,7 +36,7 @@ impl Rope {
 
     /// cos and sin tables for positions `start..start + len`.
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<RopeTables> {
-        let half = self.head_dim / 2;
+        let half = self.dims / 2;
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for pos in start..start + len {
@@ -53,7 +55,16 @@ impl Rope {
     }
 
     /// `x` is `[heads, len, head_dim]`.
-    pub fn apply(&self, x: &Tensor, (cos, sin): &RopeTables) -> Result<Tensor> {
+    pub fn apply(&self, x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
+        let head_dim = x.dim(2)?;
+        if self.dims < head_dim {
+            let rotated = self.rotate(&x.narrow(2, 0, self.dims)?, tables)?;
+            return Ok(Tensor::cat(&[&rotated, &x.narrow(2, self.dims, head_dim - self.dims)?], 2)?);
+        }
+        self.rotate(x, tables)
+    }
+
+    fn rotate(&self, x: &Tensor, (cos, sin): &RopeTables) -> Result<Tensor> {
         let x = x.unsqueeze(0)?.contiguous()?;
         let y = if self.interleaved {
             candle_nn::rotary_emb::rope_i(&x, cos, sin)?

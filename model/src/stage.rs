@@ -559,11 +559,11 @@ fn load_rope(file: &ModelFile, reader: &mut BufReader<File>, device: &Device) ->
         RopeScaling::FreqFactors => {
             let t = file.load_tensor(reader, "rope_freqs.weight", device)?.dequantize(&Device::Cpu)?;
             let factors = t.flatten_all()?.to_vec1::<f32>()?;
-            if factors.len() != info.head_dim / 2 {
+            if factors.len() != info.rope_dims / 2 {
                 return Err(Error::InvalidModel(format!(
                     "rope_freqs.weight has {} entries, expected {}",
                     factors.len(),
-                    info.head_dim / 2
+                    info.rope_dims / 2
                 )));
             }
             Some(factors)
@@ -743,7 +743,12 @@ mod tests {
     #[test]
     fn every_family_splits_over_three_stages_bit_identically() {
         let six = |spec: SyntheticModel| SyntheticModel { layers: 6, ..spec };
-        for spec in [six(SyntheticModel::qwen3_tiny()), SyntheticModel::gemma3_tiny()] {
+        for spec in [
+            six(SyntheticModel::qwen3_tiny()),
+            SyntheticModel::gemma3_tiny(),
+            SyntheticModel::qwen3_moe_tiny(),
+            SyntheticModel::glm4_moe_tiny(),
+        ] {
             let (_dir, file) = model(&spec);
             let mut whole = [stage(&file, 0..6)];
             let mut chain = [stage(&file, 0..2), stage(&file, 2..5), stage(&file, 5..6)];
@@ -758,6 +763,58 @@ mod tests {
                 assert_eq!(a, b, "{} decode step {i}", spec.architecture);
             }
         }
+    }
+
+    #[test]
+    fn a_batch_of_moe_sequences_equals_each_run_alone() {
+        // Tokens of different sequences share experts in a batch: each must still
+        // get exactly what it gets alone.
+        for spec in [SyntheticModel::qwen3_moe_tiny(), SyntheticModel::glm4_moe_tiny()] {
+            let (_dir, file) = model(&spec);
+            let mut batched = stage(&file, 0..6);
+            let mut alone = stage(&file, 0..6);
+            let steps = [tokens(1, 0, &[1, 2, 3]), tokens(2, 0, &[9, 8, 7, 6, 5]), tokens(3, 0, &[42])];
+            for (step, out) in steps.iter().zip(batched.forward(&steps).unwrap()) {
+                let (StageOutput::Logits(b), StageOutput::Logits(a)) =
+                    (out, alone.forward(std::slice::from_ref(step)).unwrap().pop().unwrap())
+                else {
+                    panic!("logits")
+                };
+                assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "{}", spec.architecture);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_moe_files_are_refused_at_load_naming_the_tensor_or_key() {
+        let dir = tempfile::tempdir().unwrap();
+        // An expert tensor of the wrong shape: experts wider than the metadata says.
+        let spec = SyntheticModel::qwen3_moe_tiny();
+        let wide = SyntheticModel {
+            moe: spec.moe.clone().map(|m| crate::synthetic::SyntheticMoe { expert_feed_forward: 64, ..m }),
+            ..spec
+        };
+        let wrong = wide.write_to(dir.path()).unwrap();
+        let bytes = std::fs::read(&wrong).unwrap();
+        // Patch the metadata value 64 back to 32: the tensors stay 64 wide.
+        let key = b"qwen3moe.expert_feed_forward_length";
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+        let mut patched = bytes.clone();
+        // key, then the value type (u32), then the value.
+        patched[at + 4..at + 8].copy_from_slice(&32u32.to_le_bytes());
+        std::fs::write(&wrong, &patched).unwrap();
+        let file = ModelFile::open(&wrong).unwrap();
+        let Err(err) = Stage::load(&file, 0..6, &Device::Cpu, StageOptions::default()) else { panic!("loaded") };
+        let err = err.to_string();
+        assert!(err.contains("blk.0.ffn_gate_exps.weight") && err.contains("expected [8, 32, 64]"), "{err}");
+        // An unknown gating function.
+        let key = b"qwen3moe.expert_gating_func";
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+        let mut patched = bytes.clone();
+        patched[at + 4..at + 8].copy_from_slice(&7u32.to_le_bytes());
+        std::fs::write(&wrong, &patched).unwrap();
+        let err = ModelFile::open(&wrong).unwrap_err().to_string();
+        assert!(err.contains("expert_gating_func") && err.contains('7'), "{err}");
     }
 
     #[test]

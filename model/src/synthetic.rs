@@ -83,7 +83,31 @@ pub struct SyntheticModel {
     pub sliding_window: Option<usize>,
     /// `final_logit_softcapping`.
     pub final_logit_softcap: Option<f32>,
+    /// `rope.dimension_count`: RoPE over the first dimensions of each head only.
+    pub rope_dims: Option<usize>,
+    /// Mixture-of-experts FFNs (for `qwen3moe` and `glm4moe`).
+    pub moe: Option<SyntheticMoe>,
     pub seed: u64,
+}
+
+/// The experts of a synthetic MoE model.
+#[derive(Debug, Clone)]
+pub struct SyntheticMoe {
+    pub experts: usize,
+    pub used: usize,
+    pub expert_feed_forward: usize,
+    /// A shared expert of this feed-forward size.
+    pub shared_feed_forward: Option<usize>,
+    pub leading_dense: usize,
+    /// Sigmoid gating (`expert_gating_func` 2) instead of softmax.
+    pub sigmoid: bool,
+    /// An `exp_probs_b.bias` selection bias per MoE layer.
+    pub selection_bias: bool,
+    /// (`expert_group_count`, `expert_group_used_count`).
+    pub groups: (usize, usize),
+    pub weights_scale: f32,
+    /// Multi-token-prediction layers written after the others (to be skipped).
+    pub nextn_layers: usize,
 }
 
 /// How a synthetic model's big matrices get their values.
@@ -134,6 +158,8 @@ impl SyntheticModel {
             key_length: None,
             sliding_window: None,
             final_logit_softcap: None,
+            rope_dims: None,
+            moe: None,
             seed: 7,
         }
     }
@@ -142,6 +168,58 @@ impl SyntheticModel {
     /// hidden / heads.
     pub fn qwen3_tiny() -> Self {
         Self { architecture: "qwen3".into(), key_length: Some(32), seed: 8, ..Self::tiny() }
+    }
+
+    /// Six layers of Qwen3-MoE: 8 experts of feed-forward 32, 2 used per token,
+    /// softmax routing renormalised.
+    pub fn qwen3_moe_tiny() -> Self {
+        Self {
+            architecture: "qwen3moe".into(),
+            layers: 6,
+            key_length: Some(32),
+            moe: Some(SyntheticMoe {
+                experts: 8,
+                used: 2,
+                expert_feed_forward: 32,
+                shared_feed_forward: None,
+                leading_dense: 0,
+                sigmoid: false,
+                selection_bias: false,
+                groups: (1, 1),
+                weights_scale: 1.0,
+                nextn_layers: 0,
+            }),
+            seed: 10,
+            ..Self::tiny()
+        }
+    }
+
+    /// Six layers of GLM-4.5: q/k/v biases, RoPE over half of each head, one dense
+    /// layer first, then 8 experts (2 used) in 4 groups of which 2 are chosen from,
+    /// a sigmoid router with a selection bias, weights scaled by 2.5, a shared
+    /// expert; and a multi-token-prediction layer at the end, to be skipped.
+    pub fn glm4_moe_tiny() -> Self {
+        Self {
+            architecture: "glm4moe".into(),
+            layers: 6,
+            key_length: Some(32),
+            qkv_bias: true,
+            rope_dims: Some(16),
+            moe: Some(SyntheticMoe {
+                experts: 8,
+                used: 2,
+                expert_feed_forward: 32,
+                shared_feed_forward: Some(32),
+                leading_dense: 1,
+                sigmoid: true,
+                selection_bias: true,
+                groups: (4, 2),
+                weights_scale: 2.5,
+                nextn_layers: 1,
+            }),
+            seed: 11,
+            ..Self::tiny()
+        }
     }
 
     /// Six layers shaped like Gemma 3: one KV head of size 32, Q/K norms and
@@ -182,6 +260,8 @@ impl SyntheticModel {
             key_length: None,
             sliding_window: None,
             final_logit_softcap: None,
+            rope_dims: None,
+            moe: None,
             seed: 70,
         }
     }
@@ -250,10 +330,31 @@ impl SyntheticModel {
         if let Some(cap) = self.final_logit_softcap {
             optional.push((format!("{a}.final_logit_softcapping"), Value::F32(cap)));
         }
+        if let Some(d) = self.rope_dims {
+            optional.push((format!("{a}.rope.dimension_count"), u32v(d)));
+        }
+        if let Some(m) = &self.moe {
+            optional.extend([
+                (format!("{a}.expert_count"), u32v(m.experts)),
+                (format!("{a}.expert_used_count"), u32v(m.used)),
+                (format!("{a}.expert_feed_forward_length"), u32v(m.expert_feed_forward)),
+                (format!("{a}.expert_gating_func"), u32v(if m.sigmoid { 2 } else { 1 })),
+                (format!("{a}.expert_weights_norm"), Value::Bool(true)),
+                (format!("{a}.expert_weights_scale"), Value::F32(m.weights_scale)),
+                (format!("{a}.expert_group_count"), u32v(m.groups.0)),
+                (format!("{a}.expert_group_used_count"), u32v(m.groups.1)),
+                (format!("{a}.leading_dense_block_count"), u32v(m.leading_dense)),
+                (format!("{a}.nextn_predict_layers"), u32v(m.nextn_layers)),
+            ]);
+            if let Some(ff) = m.shared_feed_forward {
+                optional.push((format!("{a}.expert_shared_count"), u32v(1)));
+                optional.push((format!("{a}.expert_shared_feed_forward_length"), u32v(ff)));
+            }
+        }
         let mut metadata = vec![
             ("general.architecture".into(), Value::String(a.clone())),
             ("general.name".into(), Value::String("synthetic".into())),
-            (format!("{a}.block_count"), u32v(self.layers)),
+            (format!("{a}.block_count"), u32v(self.layers + self.moe.as_ref().map_or(0, |m| m.nextn_layers))),
             (format!("{a}.embedding_length"), u32v(self.hidden)),
             (format!("{a}.feed_forward_length"), u32v(self.feed_forward)),
             (format!("{a}.attention.head_count"), u32v(self.heads)),
@@ -298,26 +399,60 @@ impl SyntheticModel {
             Ok(())
         };
         matrix(&mut rng, "token_embd.weight".into(), vocab, h, self.dtype)?;
-        for l in 0..self.layers {
+        let all_layers = self.layers + self.moe.as_ref().map_or(0, |m| m.nextn_layers);
+        let mut expert_tensors = Vec::new();
+        for l in 0..all_layers {
             let p = format!("blk.{l}");
             matrix(&mut rng, format!("{p}.attn_q.weight"), q, h, self.dtype)?;
             matrix(&mut rng, format!("{p}.attn_k.weight"), kv, h, self.dtype)?;
             matrix(&mut rng, format!("{p}.attn_v.weight"), kv, h, self.dtype)?;
             matrix(&mut rng, format!("{p}.attn_output.weight"), h, q, self.dtype)?;
-            matrix(&mut rng, format!("{p}.ffn_gate.weight"), self.feed_forward, h, self.dtype)?;
-            matrix(&mut rng, format!("{p}.ffn_up.weight"), self.feed_forward, h, self.dtype)?;
-            matrix(&mut rng, format!("{p}.ffn_down.weight"), h, self.feed_forward, self.dtype)?;
+            match &self.moe {
+                Some(m) if l >= m.leading_dense => {
+                    let ff = m.expert_feed_forward;
+                    // Experts stacked: [experts, rows, cols].
+                    let mut experts = |rng: &mut StdRng, name: String, rows: usize, cols: usize| -> Result<()> {
+                        let scale = 1.0 / (cols as f32).sqrt();
+                        let data: Vec<f32> =
+                            (0..m.experts * rows * cols).map(|_| rng.random_range(-scale..scale) * 1.7).collect();
+                        let t = Tensor::from_vec(data, (m.experts, rows, cols), &dev)?;
+                        expert_tensors.push((name, QTensor::quantize(&t, self.dtype)?));
+                        Ok(())
+                    };
+                    experts(&mut rng, format!("{p}.ffn_gate_exps.weight"), ff, h)?;
+                    experts(&mut rng, format!("{p}.ffn_up_exps.weight"), ff, h)?;
+                    experts(&mut rng, format!("{p}.ffn_down_exps.weight"), h, ff)?;
+                    // Routers stay f32 in real files.
+                    let router: Vec<f32> = (0..m.experts * h).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+                    let router = Tensor::from_vec(router, (m.experts, h), &dev)?;
+                    expert_tensors.push((format!("{p}.ffn_gate_inp.weight"), QTensor::quantize(&router, GgmlDType::F32)?));
+                    if let Some(sff) = m.shared_feed_forward {
+                        matrix(&mut rng, format!("{p}.ffn_gate_shexp.weight"), sff, h, self.dtype)?;
+                        matrix(&mut rng, format!("{p}.ffn_up_shexp.weight"), sff, h, self.dtype)?;
+                        matrix(&mut rng, format!("{p}.ffn_down_shexp.weight"), h, sff, self.dtype)?;
+                    }
+                }
+                _ => {
+                    matrix(&mut rng, format!("{p}.ffn_gate.weight"), self.feed_forward, h, self.dtype)?;
+                    matrix(&mut rng, format!("{p}.ffn_up.weight"), self.feed_forward, h, self.dtype)?;
+                    matrix(&mut rng, format!("{p}.ffn_down.weight"), h, self.feed_forward, self.dtype)?;
+                }
+            }
         }
         if self.untied_head {
             matrix(&mut rng, "output.weight".into(), vocab, h, self.dtype)?;
         }
+        out.extend(expert_tensors);
         let mut vector = |name: String, len: usize, base: f32, spread: f32| -> Result<()> {
             let data: Vec<f32> = (0..len).map(|_| base + rng.random_range(-spread..=spread)).collect();
             let t = Tensor::from_vec(data, len, &dev)?;
             out.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
             Ok(())
         };
-        for l in 0..self.layers {
+        for l in 0..all_layers {
+            if let Some(m) = self.moe.as_ref().filter(|m| m.selection_bias && l >= m.leading_dense) {
+                vector(format!("blk.{l}.exp_probs_b.bias"), m.experts, 0.0, 0.3)?;
+            }
             vector(format!("blk.{l}.attn_norm.weight"), h, 1.0, 0.1)?;
             vector(format!("blk.{l}.ffn_norm.weight"), h, 1.0, 0.1)?;
             let arch = self.architecture();
