@@ -15,7 +15,7 @@ pub enum Error {
     #[error("{path} is truncated or corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 
-    #[error("unsupported architecture `{0}` (supported: llama, qwen2, qwen3, gemma3)")]
+    #[error("unsupported architecture `{0}` (supported: llama, qwen2, qwen3, gemma3, qwen3moe, glm4moe)")]
     UnsupportedArchitecture(String),
 
     #[error("unsupported tensor type: {0}")]

@@ -217,6 +217,9 @@ pub struct TensorSizes {
     pub shared: u64,
     /// The head is the embedding: a stage holding every layer holds it once.
     pub tied_head: bool,
+    /// Of each layer's bytes, those of its routed experts (`*_exps`): all resident,
+    /// but a token reads only the ones it is routed to. Zero for dense layers.
+    pub layer_expert_bytes: Vec<u64>,
 }
 
 impl TensorSizes {
@@ -643,7 +646,14 @@ pub(crate) fn layer_of(name: &str) -> Option<usize> {
 
 fn tensor_sizes(content: &Content, info: &ModelInfo) -> Result<TensorSizes> {
     let mut sizes =
-        TensorSizes { layers: vec![0; info.layers], embedding: 0, head: 0, shared: 0, tied_head: info.tied_embedding };
+        TensorSizes {
+            layers: vec![0; info.layers],
+            embedding: 0,
+            head: 0,
+            shared: 0,
+            tied_head: info.tied_embedding,
+            layer_expert_bytes: vec![0; info.layers],
+        };
     for (name, t) in &content.tensor_infos {
         let bytes = tensor_byte_len(&t.shape, t.ggml_dtype);
         match (layer_of(name), name.as_str()) {
@@ -654,6 +664,9 @@ fn tensor_sizes(content: &Content, info: &ModelInfo) -> Result<TensorSizes> {
                     Error::InvalidModel(format!("tensor `{name}` names a layer beyond the {} layers", info.layers))
                 })?;
                 *slot += bytes;
+                if name.contains("_exps.") {
+                    sizes.layer_expert_bytes[layer] += bytes;
+                }
             }
             (None, "token_embd.weight") => sizes.embedding += bytes,
             (None, "output.weight" | "output_norm.weight") => sizes.head += bytes,

@@ -222,6 +222,36 @@ impl SyntheticModel {
         }
     }
 
+    /// Qwen3-30B-A3B's routing (128 experts, 8 per token, softmax) on tiny widths.
+    pub fn qwen3_30b_a3b_shaped() -> Self {
+        let base = Self::qwen3_moe_tiny();
+        Self {
+            moe: base.moe.clone().map(|m| SyntheticMoe { experts: 128, used: 8, expert_feed_forward: 32, ..m }),
+            seed: 12,
+            ..base
+        }
+    }
+
+    /// GLM-4.5-Air's routing (128 experts, 8 per token, one shared expert, a sigmoid
+    /// router with a selection bias, one leading dense layer, one prediction layer)
+    /// on tiny widths.
+    pub fn glm_4_5_air_shaped() -> Self {
+        let base = Self::glm4_moe_tiny();
+        Self {
+            moe: base.moe.clone().map(|m| SyntheticMoe {
+                experts: 128,
+                used: 8,
+                expert_feed_forward: 32,
+                shared_feed_forward: Some(32),
+                groups: (1, 1),
+                weights_scale: 1.0,
+                ..m
+            }),
+            seed: 13,
+            ..base
+        }
+    }
+
     /// Six layers shaped like Gemma 3: one KV head of size 32, Q/K norms and
     /// post-norms, a GELU FFN, a window of 3 positions on layers 0–4 (layer 5 is
     /// global) and soft-capped logits.

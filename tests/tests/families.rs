@@ -1,6 +1,7 @@
-//! The families beyond Llama through a real cluster: Qwen3- and Gemma 3-shaped
-//! synthetic models served by three workers that pull their shards give one
-//! process's tokens; a Gemma 3 drain mid-generation moves the caches of its
+//! The families beyond Llama through a real cluster: Qwen3, Gemma 3, Qwen3-MoE and
+//! GLM-4.5 synthetic models (the MoE ones also with the real models' 128 experts and
+//! 8 per token) served by three workers that pull their shards give one process's
+//! tokens; a Gemma 3 drain mid-generation moves the caches of its
 //! sliding-window layers and loses nothing; and the real Gemma 3 270M does both.
 
 use std::path::Path;
@@ -45,9 +46,16 @@ async fn drain_mid_generation(cluster: &TestCluster, model: &Path, spec: StreamS
 }
 
 #[tokio::test]
-async fn qwen3_and_gemma3_through_three_workers_match_one_process() -> anyhow::Result<()> {
+async fn every_family_through_three_workers_matches_one_process() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    for spec in [SyntheticModel { layers: 6, ..SyntheticModel::qwen3_tiny() }, SyntheticModel::gemma3_tiny()] {
+    for spec in [
+        SyntheticModel { layers: 6, ..SyntheticModel::qwen3_tiny() },
+        SyntheticModel::gemma3_tiny(),
+        SyntheticModel::qwen3_moe_tiny(),
+        SyntheticModel::glm4_moe_tiny(),
+        SyntheticModel::qwen3_30b_a3b_shaped(),
+        SyntheticModel::glm_4_5_air_shaped(),
+    ] {
         let model = spec.write_to(dir.path())?;
         let options = ClusterOptions { workers_have_model: false, ..ClusterOptions::default() };
         let cluster = TestCluster::start_joined(&model, &options).await?;

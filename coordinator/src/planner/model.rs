@@ -52,7 +52,16 @@ impl ModelSpec {
         Self {
             name: name.into(),
             layer_bytes: sizes.layers.clone(),
-            active_layer_bytes: Vec::new(),
+            // A token reads the experts it is routed to, not all of them.
+            active_layer_bytes: match &info.moe {
+                Some(moe) => sizes
+                    .layers
+                    .iter()
+                    .zip(&sizes.layer_expert_bytes)
+                    .map(|(&all, &experts)| all - experts + experts * moe.experts_used as u64 / moe.experts as u64)
+                    .collect(),
+                None => Vec::new(),
+            },
             embedding_bytes: sizes.embedding,
             head_bytes: sizes.head,
             shared_bytes: sizes.shared,

@@ -303,3 +303,28 @@ fn sixteen_nodes_and_two_hundred_layers_plan_quickly() {
     assert_valid(&plan);
     assert!(start.elapsed() < std::time::Duration::from_secs(5), "{:?}", start.elapsed());
 }
+
+/// MoE files shaped like Qwen3-30B-A3B and GLM-4.5-Air: every expert is resident, a
+/// token reads the 8 of 128 it is routed to (and the shared expert), and a leading
+/// dense layer or the skipped prediction layer change nothing of that.
+#[test]
+fn moe_files_are_sized_by_resident_and_active_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    for spec in [SyntheticModel::qwen3_30b_a3b_shaped(), SyntheticModel::glm_4_5_air_shaped()] {
+        let file = ModelFile::open(spec.write_to(dir.path()).unwrap()).unwrap();
+        let m = ModelSpec::from_gguf(&spec.architecture, &file);
+        let sizes = file.sizes();
+        assert_eq!(m.layers(), 6, "{}: the prediction layer is not a layer", spec.architecture);
+        let moe = spec.moe.as_ref().unwrap();
+        for l in 0..6 {
+            let experts = sizes.layer_expert_bytes[l];
+            if l < moe.leading_dense {
+                assert_eq!((experts, m.active_layer_bytes[l]), (0, m.layer_bytes[l]));
+                continue;
+            }
+            assert!(experts * 10 > m.layer_bytes[l] * 8, "{}: experts dominate layer {l}", spec.architecture);
+            assert_eq!(m.layer_bytes[l] - m.active_layer_bytes[l], experts - experts * 8 / 128);
+        }
+        assert!(m.read_bytes(0..6) * 3 < m.resident_bytes(0..6), "{}", spec.architecture);
+    }
+}
