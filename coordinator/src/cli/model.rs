@@ -53,6 +53,17 @@ pub fn run(command: ModelCommand) -> anyhow::Result<()> {
             println!("head           {:.1} MiB{}", sizes.head as f64 / MIB, if info.tied_embedding { " (tied to the embedding)" } else { "" });
             println!("per layer      {:.2} MiB", sizes.layers.first().copied().unwrap_or(0) as f64 / MIB);
             println!("kv per token   {} bytes a layer", info.kv_bytes_per_token_per_layer());
+            if let Some(moe) = &info.moe {
+                let routed: u64 = sizes.layer_expert_bytes.iter().sum();
+                println!(
+                    "experts        {} of {} per token (feed-forward {}), {:?} router; {:.1} MiB of routed experts",
+                    moe.experts_used,
+                    moe.experts,
+                    moe.expert_feed_forward,
+                    moe.gating,
+                    routed as f64 / MIB
+                );
+            }
             if let Some(w) = &info.sliding_window {
                 let sliding = w.layers.iter().filter(|&&s| s).count();
                 println!("sliding window {} positions on {sliding} of {} layers (rope base {})", w.size, info.layers, w.rope_base);
