@@ -74,3 +74,20 @@ fn bad_input_gets_a_clear_error() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// `strata model info` names what the runtime will do with a file: the family, the
+/// experts of an MoE model, the window of a sliding-window one.
+#[test]
+fn model_info_shows_experts_and_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    for (spec, says) in [
+        (SyntheticModel::glm4_moe_tiny(), "experts        2 of 8 per token (feed-forward 32), Sigmoid router"),
+        (SyntheticModel::gemma3_tiny(), "sliding window 3 positions on 5 of 6 layers"),
+    ] {
+        let model = spec.write_to(dir.path()).unwrap();
+        let out = strata(&["model", "info", model.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains(says), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains(&format!("architecture   {}", spec.architecture)), "{text}");
+    }
+}
