@@ -94,6 +94,15 @@ impl Architecture {
         self == Self::Gemma3
     }
 
+    /// The tensor of the norm before the FFN: GLM-4.5 files call it
+    /// `post_attention_norm` (it follows attention), the others `ffn_norm`.
+    pub fn ffn_norm_name(self) -> &'static str {
+        match self {
+            Self::Glm4Moe => "post_attention_norm",
+            _ => "ffn_norm",
+        }
+    }
+
     pub fn activation(self) -> Activation {
         match self {
             Self::Gemma3 => Activation::GeluTanh,
@@ -543,6 +552,8 @@ fn moe_config(m: &Meta<'_>, architecture: Architecture, layers: usize) -> Result
     let experts_used = m.usize("expert_used_count")?;
     let expert_feed_forward = m.usize("expert_feed_forward_length")?;
     let gating = match optional("expert_gating_func") {
+        // llama.cpp's defaults when the key is missing: GLM-4.5 routes by sigmoid.
+        None if architecture == Architecture::Glm4Moe => Gating::Sigmoid,
         None | Some(1) => Gating::Softmax,
         Some(2) => Gating::Sigmoid,
         Some(other) => {

@@ -23,7 +23,7 @@ const WINDOW_SLACK: usize = GROWTH_BLOCK;
 /// of them, or for a sliding-window layer about its window (what a planner sizes).
 pub fn held_positions(window: Option<usize>, context: usize) -> usize {
     match window {
-        Some(w) => context.min(w + WINDOW_SLACK + GROWTH_BLOCK),
+        Some(w) => context.min(w + WINDOW_SLACK + 2 * GROWTH_BLOCK),
         None => context,
     }
 }
@@ -85,7 +85,10 @@ impl LayerCache {
                 .map_or(0, |w| (self.len + 1).saturating_sub(w + WINDOW_SLACK))
                 .max(self.start);
             let kept = self.len - keep_from;
-            let capacity = (kept + new).div_ceil(GROWTH_BLOCK) * GROWTH_BLOCK;
+            // A windowed cache keeps a block of room beyond what it holds, so that the
+            // next drop (and its copy) is a block of steps away, whatever the window.
+            let room = if self.window.is_some() { GROWTH_BLOCK } else { 0 };
+            let capacity = (kept + new + room).div_ceil(GROWTH_BLOCK) * GROWTH_BLOCK;
             let shape = (kv_heads, capacity, head_dim);
             let from = keep_from - self.start;
             self.k = Some(regrow(self.k.as_ref(), from, kept, shape, k.dtype(), k.device())?);
@@ -229,7 +232,7 @@ mod tests {
             assert!(history.first <= (position + 1).saturating_sub(window));
         }
         // The storage stays near the window, not the 600 positions.
-        assert!(cache.bytes() <= 2 * 2 * 4 * (window + WINDOW_SLACK + GROWTH_BLOCK), "{}", cache.bytes());
+        assert!(cache.bytes() <= 2 * 2 * 4 * held_positions(Some(window), 600), "{}", cache.bytes());
         let (first, k, _) = cache.export(600).unwrap();
         assert_eq!((first, k.dim(1).unwrap()), (597, 3));
         assert!(cache.export(100).is_err(), "dropped positions cannot be exported");
@@ -242,5 +245,23 @@ mod tests {
         // An import missing positions its next query looks at is refused.
         assert!(LayerCache::import(598, &k.narrow(1, 1, 2).unwrap(), &k.narrow(1, 1, 2).unwrap(), Some(window)).is_err());
         assert!(LayerCache::import(1, &k, &k, None).is_err());
+    }
+
+    #[test]
+    fn a_window_of_whole_blocks_regrows_once_a_block_not_every_step() {
+        let dev = Device::Cpu;
+        let mut cache = LayerCache::new(Some(GROWTH_BLOCK));
+        // Every drop moves the kept positions to new storage: count the drops.
+        let mut drops = 0;
+        let mut start = 0;
+        for position in 0..2000 {
+            let k = Tensor::full(position as f32, (1, 1, 2), &dev).unwrap();
+            cache.append(&k, &k).unwrap();
+            if cache.start != start {
+                drops += 1;
+                start = cache.start;
+            }
+        }
+        assert!(drops <= 2000 / GROWTH_BLOCK + 2, "positions dropped {drops} times in 2000 steps");
     }
 }

@@ -115,7 +115,7 @@ impl Layer {
         };
         Ok(Self {
             attn_norm: norm("attn_norm", info.hidden)?,
-            ffn_norm: norm("ffn_norm", info.hidden)?,
+            ffn_norm: norm(arch.ffn_norm_name(), info.hidden)?,
             q,
             k,
             v,

@@ -58,7 +58,12 @@ enum RowPath {
 }
 
 impl RowPath {
-    fn for_dtype(dtype: GgmlDType) -> Self {
+    fn for_weight(dtype: GgmlDType, device: &Device) -> Self {
+        if !device.is_cpu() {
+            // candle's CUDA kernels change with the row count too (MMVQ up to 8 rows,
+            // MMQ beyond): exact first, until the GPU path is measured (issue 12).
+            return Self::EachRow;
+        }
         match dtype {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Self::EachRow,
             GgmlDType::Q6K if cfg!(target_arch = "x86_64") => Self::NeverAlone,
@@ -97,7 +102,7 @@ impl Linear {
                         && !packed::candle_repacks(*f, out_features, in_features)))
         });
         let Some(format) = format else {
-            let rows = RowPath::for_dtype(weight.dtype());
+            let rows = RowPath::for_weight(weight.dtype(), &weight.device());
             return Ok(Self {
                 weight: Weight::Candle(QMatMul::from_qtensor(weight)?, rows),
                 bias,

@@ -111,6 +111,13 @@ impl BaseReader {
             return Err(bad(format!("the header says context {context}, vocabulary {vocab}, {chunks} chunks")));
         }
         let (vocab, chunks) = (vocab as usize, chunks as usize);
+        // The header's sizes must fit the file before anything is allocated for them.
+        let file_len = reader.get_ref().metadata().map_err(|e| bad(e.to_string()))?.len();
+        let token_bytes = chunks.checked_mul(context).and_then(|n| n.checked_mul(4));
+        match token_bytes {
+            Some(n) if (n as u64) < file_len => {}
+            _ => return Err(bad(format!("the header's {chunks} chunks of {context} tokens do not fit the file"))),
+        }
         let mut raw = vec![0u8; chunks * context * 4];
         reader.read_exact(&mut raw).map_err(|_| bad("the tokens are cut short".into()))?;
         let tokens: Vec<u32> = raw.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
@@ -214,6 +221,12 @@ mod tests {
         assert!(matches!(BaseReader::open(&path), Err(Error::LogitsFile { reason, .. }) if reason.contains("magic")));
         std::fs::write(&path, b"_logits_\x08\0\0\0").unwrap();
         assert!(matches!(BaseReader::open(&path), Err(Error::LogitsFile { reason, .. }) if reason.contains("cut short")));
+        let mut huge = b"_logits_".to_vec();
+        for w in [u32::MAX, 5, i32::MAX as u32] {
+            huge.extend(w.to_le_bytes());
+        }
+        std::fs::write(&path, &huge).unwrap();
+        assert!(matches!(BaseReader::open(&path), Err(Error::LogitsFile { reason, .. }) if reason.contains("do not fit")));
         let mut bad_token = b"_logits_".to_vec();
         for w in [4u32, 3, 1, 0, 1, 2, 9] {
             bad_token.extend(w.to_le_bytes());

@@ -484,7 +484,8 @@ impl SyntheticModel {
                 vector(format!("blk.{l}.exp_probs_b.bias"), m.experts, 0.0, 0.3)?;
             }
             vector(format!("blk.{l}.attn_norm.weight"), h, 1.0, 0.1)?;
-            vector(format!("blk.{l}.ffn_norm.weight"), h, 1.0, 0.1)?;
+            let ffn_norm = self.architecture().map_or("ffn_norm", Architecture::ffn_norm_name);
+            vector(format!("blk.{l}.{ffn_norm}.weight"), h, 1.0, 0.1)?;
             let arch = self.architecture();
             if arch.is_some_and(Architecture::has_qk_norm) {
                 vector(format!("blk.{l}.attn_q_norm.weight"), self.head_dim(), 1.0, 0.1)?;
