@@ -107,6 +107,27 @@ pub fn reference_completion_sampled(
     Ok((text, tokens.len() as u64))
 }
 
+/// One greedy completion of `prompt` through the HTTP API at `addr`: its text and
+/// completion token count.
+pub async fn complete(addr: &str, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(String, u64)> {
+    let body = serde_json::json!({"model": "test-model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
+    let reply = strata_coordinator::cli::http::request(addr, "POST", "/v1/completions", Some(&body)).await?;
+    anyhow::ensure!(reply.status == 200, "HTTP {}: {}", reply.status, reply.body);
+    let v = reply.json()?;
+    let text = v["choices"][0]["text"].as_str().context("no text")?.to_string();
+    Ok((text, v["usage"]["completion_tokens"].as_u64().context("no usage")?))
+}
+
+/// Three workers and a coordinator that moves requests to a new pipeline as `how`
+/// says (`--move-sequences auto|transfer|replay`), each request waiting up to a minute.
+pub async fn start_moving(model: &Path, how: &str) -> anyhow::Result<TestCluster> {
+    let serve_args = ["--queue-timeout", "60", "--move-sequences", how].map(String::from).to_vec();
+    let options = ClusterOptions { serve_args, ..ClusterOptions::default() };
+    let cluster = TestCluster::start(model, &options).await?;
+    anyhow::ensure!(cluster.stage_lines.len() == 3, "{:?}", cluster.stage_lines);
+    Ok(cluster)
+}
+
 /// Options of a test cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {

@@ -18,7 +18,7 @@ use strata_model::synthetic::SyntheticModel;
 use strata_model::{ModelFile, SamplingParams, Tokenizer};
 use strata_proto::v1::WireDtype;
 use strata_tests::admin::wait_until_no_sequences;
-use strata_tests::{reference_completion, reference_tokens, ClusterOptions, TestCluster};
+use strata_tests::{complete, reference_completion, reference_tokens, ClusterOptions, TestCluster};
 
 /// Six layers, so three workers hold two each.
 fn synthetic(dir: &Path) -> PathBuf {
@@ -31,16 +31,6 @@ fn tokenizer(model: &Path) -> Tokenizer {
 
 const PROMPTS: [&[u32]; 4] =
     [&[5, 80, 120, 33], &[17], &[200, 3, 3, 3, 9, 41, 250, 8], &[100, 101, 102, 103, 104, 105]];
-
-/// One greedy completion over HTTP: its text and completion token count.
-async fn complete(addr: &str, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(String, u64)> {
-    let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
-    let reply = http::request(addr, "POST", "/v1/completions", Some(&body)).await?;
-    anyhow::ensure!(reply.status == 200, "HTTP {}: {}", reply.status, reply.body);
-    let v = reply.json()?;
-    let text = v["choices"][0]["text"].as_str().context("no text")?.to_string();
-    Ok((text, v["usage"]["completion_tokens"].as_u64().context("no usage")?))
-}
 
 async fn expected(model: &Path, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(String, u64)> {
     reference_completion(model, prompt, max_tokens)

@@ -15,19 +15,10 @@ use strata_model::{ModelFile, TensorSizes};
 use strata_proto::v1::{self, worker_client::WorkerClient};
 use strata_tests::admin::{admin, holds_layers, node, status, wait_for_status};
 use strata_tests::streams::{prompts, synthetic_model, StreamSpec, Streams, MAX_TOKENS};
-use strata_tests::{reference_completion, ClusterOptions, TestCluster};
+use strata_tests::{reference_completion, start_moving, TestCluster};
 
 async fn start(model: &Path) -> anyhow::Result<TestCluster> {
     start_moving(model, "auto").await
-}
-
-/// A cluster that moves requests to a new pipeline as `how` says (`--move-sequences`).
-async fn start_moving(model: &Path, how: &str) -> anyhow::Result<TestCluster> {
-    let serve_args = ["--queue-timeout", "60", "--move-sequences", how].map(String::from).to_vec();
-    let options = ClusterOptions { serve_args, ..ClusterOptions::default() };
-    let cluster = TestCluster::start(model, &options).await?;
-    assert_eq!(cluster.stage_lines.len(), 3, "{:?}", cluster.stage_lines);
-    Ok(cluster)
 }
 
 fn layers_of(status: &Value, name: &str) -> anyhow::Result<Range<usize>> {

@@ -6,32 +6,12 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use serde_json::json;
-use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
 use strata_model::{ModelFile, Tokenizer};
 use strata_tests::admin::admin;
 use strata_tests::streams::{StreamSpec, Streams};
-use strata_tests::{reference_completion, ClusterOptions, TestCluster};
-
-/// One greedy completion over HTTP: its text and completion token count.
-async fn complete(addr: &str, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(String, u64)> {
-    let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
-    let reply = http::request(addr, "POST", "/v1/completions", Some(&body)).await?;
-    anyhow::ensure!(reply.status == 200, "HTTP {}: {}", reply.status, reply.body);
-    let v = reply.json()?;
-    let text = v["choices"][0]["text"].as_str().context("no text")?.to_string();
-    Ok((text, v["usage"]["completion_tokens"].as_u64().context("no usage")?))
-}
-
-/// Three workers that move requests with their KV caches when one drains.
-async fn start_transferring(model: &Path) -> anyhow::Result<TestCluster> {
-    let serve_args = ["--queue-timeout", "60", "--move-sequences", "transfer"].map(String::from).to_vec();
-    let cluster = TestCluster::start(model, &ClusterOptions { serve_args, ..ClusterOptions::default() }).await?;
-    anyhow::ensure!(cluster.stage_lines.len() == 3, "{:?}", cluster.stage_lines);
-    Ok(cluster)
-}
+use strata_tests::{complete, reference_completion, start_moving, ClusterOptions, TestCluster};
 
 /// Eight streams as `spec` says; the middle worker drained while they run; every
 /// stream must equal one process's greedy output.
@@ -76,7 +56,7 @@ async fn a_gemma3_drain_mid_generation_moves_sliding_caches_and_loses_nothing() 
     // Wide enough that the streams are still running when the drain comes.
     let spec = SyntheticModel { hidden: 256, feed_forward: 1024, context_length: 512, ..SyntheticModel::gemma3_tiny() };
     let model = spec.write_to(dir.path())?;
-    let cluster = start_transferring(&model).await?;
+    let cluster = start_moving(&model, "transfer").await?;
     drain_mid_generation(&cluster, &model, StreamSpec::default()).await?;
     cluster.stop().await;
     Ok(())
@@ -91,7 +71,7 @@ async fn the_real_gemma3_through_three_workers_and_a_drain_matches_one_process()
     let prompt = tokenizer.encode("The capital of France is")?;
     // <bos> first: Gemma's vocabulary asks for it.
     assert_eq!(prompt, [2, 818, 5279, 529, 7001, 563]);
-    let cluster = start_transferring(&model).await?;
+    let cluster = start_moving(&model, "transfer").await?;
     let got = complete(cluster.http(), &prompt, 32).await?;
     assert_eq!(got, reference_completion(&model, &prompt, 32)?);
     eprintln!("Gemma 3 through the cluster: {:?}", got.0);

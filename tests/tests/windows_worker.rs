@@ -12,13 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
 use anyhow::Context;
-use serde_json::json;
-use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
 use strata_tests::admin::{holds_layers, node, status, wait_for_status};
 use strata_tests::streams::{synthetic_model, StreamSpec, Streams, MAX_TOKENS};
 use strata_tests::wine::Wine;
-use strata_tests::{reference_completion, ClusterOptions, TestCluster};
+use strata_tests::{complete, reference_completion, ClusterOptions, TestCluster};
 
 /// One Wine prefix, one test at a time: its processes and its service manager are
 /// shared.
@@ -40,15 +38,6 @@ fn model(dir: &Path) -> anyhow::Result<PathBuf> {
         Some(path) => Ok(PathBuf::from(path)),
         None => Ok(SyntheticModel { layers: 6, ..SyntheticModel::tiny() }.write_to(dir)?),
     }
-}
-
-async fn complete(addr: &str, prompt: &[u32], max_tokens: usize) -> anyhow::Result<(String, u64)> {
-    let body = json!({"model": "test-model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
-    let reply = http::request(addr, "POST", "/v1/completions", Some(&body)).await?;
-    anyhow::ensure!(reply.status == 200, "HTTP {}: {}", reply.status, reply.body);
-    let v = reply.json()?;
-    let text = v["choices"][0]["text"].as_str().context("no text")?.to_string();
-    Ok((text, v["usage"]["completion_tokens"].as_u64().context("no usage")?))
 }
 
 /// Runs the Windows worker with `args`; its stdout, or an error with both outputs.
