@@ -53,9 +53,10 @@ impl Moe {
         let info = file.info();
         let config = info.moe.clone().ok_or_else(|| Error::InvalidModel("an MoE layer in a dense model".into()))?;
         let (e, ff, hidden) = (config.experts, config.expert_feed_forward, info.hidden);
-        let mut tensor = |name: &str, shape: &[usize]| -> Result<QTensor> {
+        // Experts are read on the CPU, to be cut apart; the rest where it computes.
+        let mut tensor = |name: &str, shape: &[usize], on: &Device| -> Result<QTensor> {
             let name = format!("{prefix}.{name}");
-            let t = file.load_tensor(reader, &name, &Device::Cpu)?;
+            let t = file.load_tensor(reader, &name, on)?;
             if t.shape().dims() != shape {
                 return Err(Error::InvalidModel(format!(
                     "tensor `{name}` has shape {:?}, expected {shape:?} ({e} experts, hidden {hidden}, expert feed-forward {ff})",
@@ -64,12 +65,13 @@ impl Moe {
             }
             Ok(t)
         };
-        let router = tensor("ffn_gate_inp.weight", &[e, hidden])?;
-        let gates = split_experts(&tensor("ffn_gate_exps.weight", &[e, ff, hidden])?, device)?;
-        let ups = split_experts(&tensor("ffn_up_exps.weight", &[e, ff, hidden])?, device)?;
-        let downs = split_experts(&tensor("ffn_down_exps.weight", &[e, hidden, ff])?, device)?;
+        let cpu = &Device::Cpu;
+        let router = Linear::new(tensor("ffn_gate_inp.weight", &[e, hidden], device)?, None)?;
+        let gates = split_experts(&tensor("ffn_gate_exps.weight", &[e, ff, hidden], cpu)?, device)?;
+        let ups = split_experts(&tensor("ffn_up_exps.weight", &[e, ff, hidden], cpu)?, device)?;
+        let downs = split_experts(&tensor("ffn_down_exps.weight", &[e, hidden, ff], cpu)?, device)?;
         let selection_bias = if file.has_tensor(&format!("{prefix}.exp_probs_b.bias")) {
-            let b = tensor("exp_probs_b.bias", &[e])?.dequantize(&Device::Cpu)?;
+            let b = tensor("exp_probs_b.bias", &[e], cpu)?.dequantize(cpu)?;
             Some(b.to_vec1::<f32>()?)
         } else {
             None
@@ -88,7 +90,6 @@ impl Moe {
             .zip(downs)
             .map(|((g, u), d)| Ok(GatedFfn::new(Linear::new(g, None)?, Linear::new(u, None)?, Linear::new(d, None)?)))
             .collect::<Result<_>>()?;
-        let router = Linear::new(moved_to(&router, device)?, None)?;
         Ok(Self { router, selection_bias, experts, shared, config })
     }
 
@@ -204,12 +205,6 @@ fn split_experts(t: &QTensor, device: &Device) -> Result<Vec<QTensor>> {
             Ok(QTensor::new(storage, (rows, cols))?)
         })
         .collect()
-}
-
-/// `t` (loaded on the CPU) on `device`.
-fn moved_to(t: &QTensor, device: &Device) -> Result<QTensor> {
-    let storage = QStorage::from_data(std::borrow::Cow::Owned(t.data()?.to_vec()), device, t.dtype())?;
-    Ok(QTensor::new(storage, t.shape().clone())?)
 }
 
 #[cfg(test)]

@@ -108,18 +108,10 @@ fn kl_divergence(
     let chunking = Chunking { context: header.context, count: limit.map_or(header.chunks, |l| l.min(header.chunks)) };
     eprintln!("{} chunks of {} from {}", chunking.count, chunking.context, base.display());
     let mut kld = KlDivergence::default();
-    let mut failure = None;
     score_chunks(stage, &header.tokens, bos, chunking, |_, row, target| {
-        match reader.next_row() {
-            Ok(base_row) => kld.add(row, &base_row, target),
-            Err(e) if failure.is_none() => failure = Some(e),
-            Err(_) => {}
-        }
+        kld.add(row, &reader.next_row()?, target);
         Ok(())
     })?;
-    if let Some(e) = failure {
-        return Err(e.into());
-    }
     let s = kld.summary();
     println!("positions scored        : {}", s.positions);
     println!("Mean PPL(Q)             : {:.6}", s.ppl);

@@ -310,7 +310,7 @@ fn build(name: &str, shape: Shape, bits: f64) -> ModelSpec {
                     .map(|(window, period)| (0..layers).map(|l| (l % period < period - 1).then_some(window)).collect())
                     .unwrap_or_default(),
                 bits_per_weight: Some(bits),
-                ..decoder(name, vec![bytes(layer); layers], Vec::new(), (hidden, feed_forward, heads), (kv_heads * head_dim, vocab, context), &bytes)
+                ..decoder(name, vec![bytes(layer); layers], Vec::new(), (hidden, feed_forward, heads), (f32_kv_bytes(kv_heads * head_dim), vocab, context), &bytes)
             }
         }
         Shape::Moe {
@@ -335,18 +335,16 @@ fn build(name: &str, shape: Shape, bits: f64) -> ModelSpec {
             let dense = attention + 3 * hidden * dense_feed_forward;
             let moe = attention + router + (experts + shared) * expert;
             let moe_read = attention + router + (active + shared) * expert;
-            let per_layer = |dense_bytes: usize, moe_bytes: usize| {
-                (0..layers).map(|i| bytes(if i < dense_layers { dense_bytes } else { moe_bytes })).collect()
-            };
+            let per_layer = |moe: usize| dense_then_moe(layers, dense_layers, dense, moe, &bytes);
             ModelSpec {
                 bits_per_weight: Some(bits),
                 ..decoder(
                     name,
-                    per_layer(dense, moe),
-                    per_layer(dense, moe_read),
+                    per_layer(moe),
+                    per_layer(moe_read),
                     // The widest feed-forward any single token runs through.
                     (hidden, dense_feed_forward.max((active + shared) * expert_feed_forward), heads),
-                    (kv_heads * head_dim, vocab, context),
+                    (f32_kv_bytes(kv_heads * head_dim), vocab, context),
                     &bytes,
                 )
             }
@@ -360,29 +358,34 @@ fn build(name: &str, shape: Shape, bits: f64) -> ModelSpec {
             let dense = attention + 3 * HIDDEN * DENSE_FFN;
             let moe = attention + (ROUTED_EXPERTS + SHARED_EXPERTS) * expert + ROUTED_EXPERTS * HIDDEN + ROUTED_EXPERTS;
             let moe_read = attention + (ACTIVE_EXPERTS + SHARED_EXPERTS) * expert + ROUTED_EXPERTS * HIDDEN + ROUTED_EXPERTS;
-            let per_layer =
-                |moe: usize| (0..LAYERS).map(|i| bytes(if i < DENSE_LAYERS { dense } else { moe })).collect();
+            let per_layer = |moe: usize| dense_then_moe(LAYERS, DENSE_LAYERS, dense, moe, &bytes);
             ModelSpec {
-                name: name.to_string(),
-                layer_bytes: per_layer(moe),
-                active_layer_bytes: per_layer(moe_read),
-                embedding_bytes: bytes(VOCAB * HIDDEN),
-                head_bytes: bytes(VOCAB * HIDDEN + HIDDEN),
-                shared_bytes: 0,
-                // The latent cache of multi-head latent attention: the compressed KV
-                // and the shared rope key, f32 like the rest of the runtime's cache.
-                kv_bytes_per_token_per_layer: ((KV_LORA_RANK + QK_ROPE_DIM) * 4) as u64,
-                layer_windows: Vec::new(),
-                max_context: CONTEXT,
-                hidden: HIDDEN,
-                // The widest feed-forward any single token runs through.
-                feed_forward: DENSE_FFN,
-                heads: HEADS,
-                vocab_size: VOCAB,
                 bits_per_weight: Some(bits),
+                ..decoder(
+                    name,
+                    per_layer(moe),
+                    per_layer(moe_read),
+                    // The widest feed-forward any single token runs through.
+                    (HIDDEN, DENSE_FFN, HEADS),
+                    // The latent cache of multi-head latent attention: the compressed KV
+                    // and the shared rope key, f32 like the rest of the runtime's cache.
+                    (((KV_LORA_RANK + QK_ROPE_DIM) * 4) as u64, VOCAB, CONTEXT),
+                    &bytes,
+                )
             }
         }
     }
+}
+
+/// Bytes of `layers` layers: `dense` weights each for the first `dense_layers`, `moe`
+/// for the rest.
+fn dense_then_moe(layers: usize, dense_layers: usize, dense: usize, moe: usize, bytes: &dyn Fn(usize) -> u64) -> Vec<u64> {
+    (0..layers).map(|i| bytes(if i < dense_layers { dense } else { moe })).collect()
+}
+
+/// K and V of `kv_dim` values each, f32: what strata's runtime caches per token and layer.
+fn f32_kv_bytes(kv_dim: usize) -> u64 {
+    (2 * kv_dim * 4) as u64
 }
 
 /// Weights of one attention block and the layer's norms: q and o of `heads`, k and v
@@ -393,15 +396,14 @@ fn attention_params(hidden: usize, heads: usize, kv_heads: usize, head_dim: usiz
     2 * hidden * heads * head_dim + 2 * hidden * kv_dim + bias + 2 * hidden
 }
 
-/// The parts every decoder here shares: an embedding, a head (a tied head is the
-/// embedding's bytes again: the last stage holds that matrix as its head), an f32
-/// KV cache.
+/// The parts every decoder here shares: an embedding, and a head (a tied head is the
+/// embedding's bytes again: the last stage holds that matrix as its head).
 fn decoder(
     name: &str,
     layer_bytes: Vec<u64>,
     active_layer_bytes: Vec<u64>,
     (hidden, feed_forward, heads): (usize, usize, usize),
-    (kv_dim, vocab, context): (usize, usize, usize),
+    (kv_bytes_per_token_per_layer, vocab, context): (u64, usize, usize),
     bytes: &dyn Fn(usize) -> u64,
 ) -> ModelSpec {
     ModelSpec {
@@ -411,8 +413,7 @@ fn decoder(
         embedding_bytes: bytes(vocab * hidden),
         head_bytes: bytes(vocab * hidden + hidden),
         shared_bytes: 0,
-        // f32 K and V: what strata's runtime caches.
-        kv_bytes_per_token_per_layer: (2 * kv_dim * 4) as u64,
+        kv_bytes_per_token_per_layer,
         layer_windows: Vec::new(),
         max_context: context,
         hidden,
