@@ -1,8 +1,9 @@
 //! A linear layer over quantized weights: `y = x·Wᵀ (+ b)` for activations `[tokens, in]`.
 //!
-//! On CPU, Q4_0 / Q4_1 / Q8_0 weights are repacked at load into 16-row tiles and run
-//! by our own kernels (`packed.rs`, `x86.rs`): candle 0.11.1's Q4_1 dot product is
-//! scalar, and its Q4_0/Q8_0 ones reduce one row at a time. Activations are quantized
+//! On CPU, Q4_0 / Q4_1 / Q5_0 / Q8_0 weights are repacked at load into 16-row tiles and
+//! run by our own kernels (`packed.rs`, `x86.rs`): candle 0.11.1's Q4_1 and Q5_0 dot
+//! products are scalar, and its Q4_0/Q8_0 ones reduce one row at a time. Its K-quants
+//! (Q4_K, Q5_K, Q6_K) already run repacked VNNI/AVX2 tiles and stay there. Activations are quantized
 //! exactly as candle/ggml do, and the kernels repeat candle's float operations in
 //! candle's order, so results are bit-identical to `QMatMul`'s: activations are
 //! re-quantized to 8 bits at every layer, and any last-bit difference can change the
@@ -89,7 +90,7 @@ impl Linear {
     pub fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
         // Our kernels reproduce candle's arithmetic bit for bit, which is what matches
-        // llama.cpp's tokens: Q4_1 candle's scalar `vec_dot_unopt` at every level;
+        // llama.cpp's tokens: Q4_1 and Q5_0 candle's scalar `vec_dot_unopt` at every level;
         // Q4_0/Q8_0 its AVX2 dot products (one FMA chain per 4-element group). The SIMD
         // levels need AVX2+FMA, so candle runs those same AVX2 dot products wherever
         // they run. The scalar level can reproduce either candle path, but on a CPU
@@ -97,7 +98,7 @@ impl Linear {
         // do Q8_0 shapes that candle sends to its repacked VNNI kernels instead.
         let format = Format::from_dtype(weight.dtype()).filter(|f| {
             weight.device().is_cpu()
-                && (*f == Format::Q4_1
+                && (matches!(f, Format::Q4_1 | Format::Q5_0)
                     || (Level::detect() != Level::Scalar
                         && !packed::candle_repacks(*f, out_features, in_features)))
         });
@@ -386,7 +387,8 @@ mod tests {
                 // llama.cpp's (see `Linear::new`). On x86 candle's Q4_0/Q8_0 paths are
                 // its AVX2 or its scalar ones, both of which we reproduce; elsewhere it
                 // has NEON/wasm kernels we do not, and those types stay on candle.
-                let exact = dtype == GgmlDType::Q4_1 || cfg!(target_arch = "x86_64");
+                let exact = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0)
+                    || cfg!(target_arch = "x86_64");
                 if exact {
                     let (g, w) = (
                         got.to_vec2::<f32>().unwrap(),
@@ -411,7 +413,7 @@ mod tests {
     #[test]
     fn embedding_rows_equal_candles_lookup() {
         let mut rng = Rng(77);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q6K, GgmlDType::F32] {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q6K, GgmlDType::F32] {
             let cols = if dtype == GgmlDType::Q6K { 256 } else { 96 };
             let want_q = quantized(&mut rng, 40, cols, dtype);
             // A byte-for-byte copy: QTensor is not Clone.
@@ -457,6 +459,18 @@ mod tests {
         }
     }
 
+    /// Gemma 3's real shapes (640 and 2048 wide, hence Q5_0 rather than a K-quant) and
+    /// odd ones: every tier against candle's scalar Q5_0, bit for bit.
+    #[test]
+    fn q5_0_matches_candle() {
+        for (i, &(rows, cols)) in [(1024, 640), (2048, 640), (640, 2048), (40, 96), (17, 32)]
+            .iter()
+            .enumerate()
+        {
+            check_against_candle(GgmlDType::Q5_0, rows, cols, &[1, 3, 9, 17], 30 + i as u64);
+        }
+    }
+
     /// Q4_0/Q8_0 weights run on our kernels wherever a SIMD level exists, except Q8_0
     /// shapes that candle itself sends to its repacked VNNI kernels.
     #[test]
@@ -479,6 +493,7 @@ mod tests {
             (GgmlDType::Q8_0, 50, 512),
             (GgmlDType::Q4_0, 64, 512),
             (GgmlDType::Q4_1, 64, 512),
+            (GgmlDType::Q5_0, 64, 640),
         ];
         for (i, (dtype, rows, cols)) in cases.into_iter().enumerate() {
             let mut rng = Rng(40 + i as u64);

@@ -14,12 +14,18 @@
 //! ```text
 //! d:  [kb][16] f16                      block scales
 //! m:  [kb][16] f16                      Q4_1 only: block minimums
+//! h:  [kb][8] u64                       Q5_0 only: the fifth bits, as byte masks
 //! (zero padding to 64 bytes)
-//! qs: [kb][groups][16 rows][4 bytes]    groups = 4 (Q4_*) or 8 (Q8_0)
+//! qs: [kb][groups][16 rows][4 bytes]    groups = 4 (Q4_*, Q5_0) or 8 (Q8_0)
 //! ```
 //!
-//! For Q4_* group `g` holds a row's packed bytes `4g..4g+4`: low nibbles are block
-//! elements `4g..4g+4`, high nibbles elements `16+4g..16+4g+4` (ggml's nibble order).
+//! For Q4_* and Q5_0 group `g` holds a row's packed bytes `4g..4g+4`: low nibbles are
+//! block elements `4g..4g+4`, high nibbles elements `16+4g..16+4g+4` (ggml's nibble
+//! order). Q5_0's fifth bits (ggml's `qh`, bit `j` for element `j`) are regrouped so
+//! that mask `s` of a block covers the bytes of one unpacked weight vector: its bit
+//! `4·row + k` is bit `4s + k` of that row's `qh` (s < 4: the low nibbles of group s,
+//! s ≥ 4: the high nibbles of group s − 4). An AVX-512 kernel adds the fifth bit with
+//! one masked byte add; the size is still ggml's (4 bytes per row and block).
 //! Q8_0 group `g` holds elements `4g..4g+4` stored as `q + 128` (u8), because VNNI's
 //! `vpdpbusd` wants one unsigned operand; the offset is removed exactly, per 4-element
 //! group, with the activations' `GroupOffsets` (Q4_0's +8 likewise). Q4_0/Q8_0 need
@@ -48,6 +54,7 @@ const PARALLEL_MIN_WORK: usize = 4096;
 pub(crate) enum Format {
     Q4_0,
     Q4_1,
+    Q5_0,
     Q8_0,
 }
 
@@ -56,6 +63,7 @@ impl Format {
         match self {
             Self::Q4_0 => GgmlDType::Q4_0,
             Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
             Self::Q8_0 => GgmlDType::Q8_0,
         }
     }
@@ -64,6 +72,7 @@ impl Format {
         match dtype {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             _ => None,
         }
@@ -74,6 +83,7 @@ impl Format {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
             Self::Q8_0 => 34,
         }
     }
@@ -81,21 +91,28 @@ impl Format {
     /// Quant bytes of one row's block.
     pub(crate) fn qs_bytes(self) -> usize {
         match self {
-            Self::Q4_0 | Self::Q4_1 => 16,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 => 16,
             Self::Q8_0 => 32,
         }
     }
 
-    fn has_min(self) -> bool {
-        self == Self::Q4_1
+    /// Bytes per row and block of the section between the scales and the quants:
+    /// Q4_1's minimums (f16) or Q5_0's fifth-bit masks.
+    pub(crate) fn side_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => 2,
+            Self::Q5_0 => 4,
+            Self::Q4_0 | Self::Q8_0 => 0,
+        }
     }
 
     /// The offset the SIMD kernels see on stored weights (Q8_0 kept as `q + 128` for
-    /// `vpdpbusd`'s unsigned operand, Q4_0 nibbles being `q + 8`), removed exactly per
-    /// 4-element group with `GroupOffsets`. `None`: the kernels need no group offsets.
+    /// `vpdpbusd`'s unsigned operand, Q4_0 nibbles being `q + 8`, Q5_0's 5-bit values
+    /// `q + 16`), removed exactly with `GroupOffsets`. `None`: the kernels need none.
     fn group_offset(self) -> Option<i32> {
         match self {
             Self::Q4_0 => Some(8),
+            Self::Q5_0 => Some(16),
             Self::Q8_0 => Some(128),
             Self::Q4_1 => None,
         }
@@ -245,8 +262,7 @@ impl PackedWeights {
             )));
         }
         let n_tiles = rows.div_ceil(TILE);
-        let scale_sections = if format.has_min() { 2 } else { 1 };
-        let qs_offset = round_up(scale_sections * kb * TILE * 2, 64);
+        let qs_offset = round_up(kb * TILE * (2 + format.side_bytes()), 64);
         let tile_stride = qs_offset + kb * TILE * format.qs_bytes();
         let total = n_tiles.checked_mul(tile_stride).ok_or_else(|| {
             Error::BadInput(format!("{format:?} weight {rows}x{cols} is too large"))
@@ -261,7 +277,7 @@ impl PackedWeights {
             tile_stride,
             buf: vec![Line([0; 64]); total / 64],
         };
-        let m_offset = kb * TILE * 2;
+        let side = kb * TILE * 2;
         let tile_stride = packed.tile_stride;
         let bytes = packed.bytes_mut();
         for (r, row) in data.chunks_exact(kb * bb).enumerate() {
@@ -272,9 +288,21 @@ impl PackedWeights {
                 bytes[d_at..d_at + 2].copy_from_slice(&blk[0..2]);
                 let qs = match format {
                     Format::Q4_1 => {
-                        let m_at = tile + m_offset + (b * TILE + lane) * 2;
+                        let m_at = tile + side + (b * TILE + lane) * 2;
                         bytes[m_at..m_at + 2].copy_from_slice(&blk[2..4]);
                         &blk[4..]
+                    }
+                    Format::Q5_0 => {
+                        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                        let masks = tile + side + b * TILE * 4;
+                        for bit in 0..32 {
+                            if qh >> bit & 1 == 1 {
+                                let (s, k) = (bit / 4, bit % 4);
+                                let at = 4 * lane + k;
+                                bytes[masks + s * 8 + at / 8] |= 1 << (at % 8);
+                            }
+                        }
+                        &blk[6..]
                     }
                     Format::Q4_0 | Format::Q8_0 => &blk[2..],
                 };
@@ -295,7 +323,7 @@ impl PackedWeights {
     pub(crate) fn ggml_rows(&self, rows: &[u32]) -> Result<Vec<u8>> {
         let bb = self.format.ggml_block_bytes();
         let qsb = self.format.qs_bytes();
-        let m_offset = self.kb * TILE * 2;
+        let side = self.kb * TILE * 2;
         let bytes = self.bytes();
         let mut out = Vec::with_capacity(rows.len() * self.kb * bb);
         for &r in rows {
@@ -308,9 +336,24 @@ impl PackedWeights {
             for b in 0..self.kb {
                 let d_at = tile + (b * TILE + lane) * 2;
                 out.extend_from_slice(&bytes[d_at..d_at + 2]);
-                if self.format == Format::Q4_1 {
-                    let m_at = tile + m_offset + (b * TILE + lane) * 2;
-                    out.extend_from_slice(&bytes[m_at..m_at + 2]);
+                match self.format {
+                    Format::Q4_1 => {
+                        let m_at = tile + side + (b * TILE + lane) * 2;
+                        out.extend_from_slice(&bytes[m_at..m_at + 2]);
+                    }
+                    Format::Q5_0 => {
+                        let masks = tile + side + b * TILE * 4;
+                        let mut qh = 0u32;
+                        for bit in 0..32 {
+                            let (s, k) = (bit / 4, bit % 4);
+                            let at = 4 * lane + k;
+                            if bytes[masks + s * 8 + at / 8] >> (at % 8) & 1 == 1 {
+                                qh |= 1 << bit;
+                            }
+                        }
+                        out.extend_from_slice(&qh.to_le_bytes());
+                    }
+                    Format::Q4_0 | Format::Q8_0 => {}
                 }
                 let qs_block = tile + self.qs_offset + b * TILE * qsb;
                 for j in 0..qsb {
@@ -521,7 +564,7 @@ impl PackedWeights {
         assert!(acts.len() == out.len() && !acts.is_empty() && acts.len() <= MAX_TOKENS);
         assert!(acts.iter().all(|a| a.len() == self.kb));
         #[cfg(target_arch = "x86_64")]
-        if level != Level::Scalar {
+        if super::x86::has_kernel(level, self.format) {
             // SAFETY: `level` is at most the detected tier (asserted above), so the
             // kernel's target features are present; the tile and activation bounds
             // are checked inside.
@@ -583,9 +626,13 @@ fn tile_dot_scalar(
     let qsb = format.qs_bytes();
     let (scales, rest) = tile.split_at(qs_offset);
     let (d_sec, m_sec) = scales.split_at(kb * TILE * 2);
-    let per_group = format != Format::Q4_1 && candle_avx2;
-    // Q4_0's nibbles are q + 8.
-    let bias = if format == Format::Q4_0 { 8 } else { 0 };
+    let per_group = matches!(format, Format::Q4_0 | Format::Q8_0) && candle_avx2;
+    // Q4_0's nibbles are q + 8, Q5_0's 5-bit values q + 16.
+    let bias = match format {
+        Format::Q4_0 => 8,
+        Format::Q5_0 => 16,
+        Format::Q4_1 | Format::Q8_0 => 0,
+    };
     let mut acc = [0f32; TILE];
     let mut group_acc = [[0f32; GROUPS]; TILE];
     for (b, (a, qs)) in act.iter().zip(rest.chunks_exact(TILE * qsb)).enumerate() {
@@ -593,14 +640,23 @@ fn tile_dot_scalar(
         // elements 4g..4g+4 (for Q4 the high nibbles of packed group g are elements
         // 16+4g.., i.e. group 4+g).
         let mut isum = [[0i32; GROUPS]; TILE];
+        // Q5_0's fifth bit of byte `k` of row `lane` in unpacked vector `s` (see the
+        // tile layout), as the value 16 it adds.
+        let fifth = |s: usize, lane: usize, k: usize| {
+            if format != Format::Q5_0 {
+                return 0;
+            }
+            let at = 4 * lane + k;
+            (((m_sec[b * TILE * 4 + s * 8 + at / 8] >> (at % 8)) & 1) as i32) << 4
+        };
         for (g, group) in qs.chunks_exact(TILE * 4).enumerate() {
             let y = |k: usize| a.qs[k] as i32;
-            for (s, w) in isum.iter_mut().zip(group.chunks_exact(4)) {
+            for (lane, (s, w)) in isum.iter_mut().zip(group.chunks_exact(4)).enumerate() {
                 for (j, &wj) in w.iter().enumerate() {
                     match format {
-                        Format::Q4_0 | Format::Q4_1 => {
-                            let lo = ((wj & 0x0F) as i32).wrapping_sub(bias);
-                            let hi = ((wj >> 4) as i32).wrapping_sub(bias);
+                        Format::Q4_0 | Format::Q4_1 | Format::Q5_0 => {
+                            let lo = ((wj & 0x0F) as i32 | fifth(g, lane, j)).wrapping_sub(bias);
+                            let hi = ((wj >> 4) as i32 | fifth(4 + g, lane, j)).wrapping_sub(bias);
                             s[g] = s[g].wrapping_add(lo.wrapping_mul(y(4 * g + j)));
                             s[4 + g] = s[4 + g].wrapping_add(hi.wrapping_mul(y(16 + 4 * g + j)));
                         }
@@ -686,7 +742,7 @@ impl<'a, T> SharedOut<'a, T> {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0};
+    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ5_0, BlockQ8_0};
     use candle_core::quantized::{GgmlType, QTensor};
     use candle_core::{Device, Tensor};
 
@@ -751,5 +807,19 @@ mod tests {
     fn scalar_reproduces_candle_unopt() {
         check_unopt::<BlockQ8_0>(GgmlDType::Q8_0, 100, 576);
         check_unopt::<BlockQ4_0>(GgmlDType::Q4_0, 100, 576);
+        check_unopt::<BlockQ5_0>(GgmlDType::Q5_0, 100, 640);
+    }
+
+    /// The fifth-bit masks hold exactly ggml's `qh`: repacking and reading rows back
+    /// gives the original blocks.
+    #[test]
+    fn q5_0_rows_read_back_as_ggml_blocks() {
+        let (rows, cols) = (37, 96);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 61) as f32 / 30.0 - 1.0).collect();
+        let wt = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
+        let data = QTensor::quantize(&wt, GgmlDType::Q5_0).unwrap().data().unwrap().to_vec();
+        let packed = PackedWeights::from_ggml(Format::Q5_0, rows, cols, &data).unwrap();
+        let all: Vec<u32> = (0..rows as u32).collect();
+        assert_eq!(packed.ggml_rows(&all).unwrap(), data);
     }
 }

@@ -47,7 +47,18 @@ const _: () = assert!(AVX512_Q0_MAX_TOKENS <= 3 && AVX2_Q0_MAX_TOKENS <= 3);
 const Q4_0: u8 = 0;
 const Q8_0: u8 = 2;
 
-/// Dots one packed tile against `acts.len()` activation rows; for Q4_0/Q8_0 `offs`
+/// Whether this file has a kernel for `format` at `level`: Q5_0 needs AVX-512's byte
+/// masks (elsewhere the portable kernel in `packed.rs` runs it); the scalar tier never
+/// comes here.
+pub(crate) fn has_kernel(level: Level, format: Format) -> bool {
+    match level {
+        Level::Scalar => false,
+        Level::Avx2 => format != Format::Q5_0,
+        Level::Avx512Vnni => true,
+    }
+}
+
+/// Dots one packed tile against `acts.len()` activation rows; for Q4_0/Q5_0/Q8_0 `offs`
 /// holds the rows' group offsets (see `Format::group_offset`), otherwise it is unused.
 ///
 /// # Safety
@@ -66,13 +77,9 @@ pub(crate) unsafe fn tile_dot(
 ) {
     // The kernels read through raw pointers with aligned loads; these make every
     // access in range and aligned (the packer lays tiles out on 64-byte boundaries).
+    assert!(has_kernel(level, format), "no {format:?} kernel at {level:?}");
     assert!((tile.as_ptr() as usize).is_multiple_of(64) && qs_offset.is_multiple_of(64));
-    let scale_bytes = if format == Format::Q4_1 {
-        2 * kb * TILE * 2
-    } else {
-        kb * TILE * 2
-    };
-    assert!(qs_offset >= scale_bytes);
+    assert!(qs_offset >= kb * TILE * (2 + format.side_bytes()));
     assert!(tile.len() >= qs_offset + kb * TILE * format.qs_bytes());
     assert!(acts.iter().all(|a| a.len() >= kb));
     assert_eq!(acts.len(), out.len());
@@ -81,23 +88,36 @@ pub(crate) unsafe fn tile_dot(
         assert_eq!(
             offs.len(),
             acts.len(),
-            "Q4_0/Q8_0 kernels need group offsets"
+            "Q4_0/Q5_0/Q8_0 kernels need group offsets"
         );
         assert!(offs.iter().all(|o| o.len() >= kb));
     }
 
-    let max = match (level, q0) {
-        (Level::Avx512Vnni, false) => AVX512_MAX_TOKENS,
-        (_, false) => AVX2_MAX_TOKENS,
-        (Level::Avx512Vnni, true) => AVX512_Q0_MAX_TOKENS,
-        (_, true) => AVX2_Q0_MAX_TOKENS,
+    let max = match (level, format) {
+        (Level::Avx512Vnni, Format::Q4_1 | Format::Q5_0) => AVX512_MAX_TOKENS,
+        (_, Format::Q4_1) => AVX2_MAX_TOKENS,
+        (Level::Avx512Vnni, _) => AVX512_Q0_MAX_TOKENS,
+        (_, _) => AVX2_Q0_MAX_TOKENS,
     };
     for (i, (a, o)) in acts.chunks(max).zip(out.chunks_mut(max)).enumerate() {
         let t = tile.as_ptr();
         // SAFETY: forwarded contract (CPU features) plus the bounds asserted above.
         // Only the token counts each format can get are instantiated.
         unsafe {
-            if q0 {
+            if format == Format::Q5_0 {
+                let offs = &offs[i * max..i * max + a.len()];
+                match a.len() {
+                    1 => run_q5_0::<1>(t, kb, qs_offset, a, offs, o),
+                    2 => run_q5_0::<2>(t, kb, qs_offset, a, offs, o),
+                    3 => run_q5_0::<3>(t, kb, qs_offset, a, offs, o),
+                    4 => run_q5_0::<4>(t, kb, qs_offset, a, offs, o),
+                    5 => run_q5_0::<5>(t, kb, qs_offset, a, offs, o),
+                    6 => run_q5_0::<6>(t, kb, qs_offset, a, offs, o),
+                    7 => run_q5_0::<7>(t, kb, qs_offset, a, offs, o),
+                    8 => run_q5_0::<8>(t, kb, qs_offset, a, offs, o),
+                    _ => unreachable!("chunks are 1..=8 long"),
+                }
+            } else if q0 {
                 let offs = &offs[i * max..i * max + a.len()];
                 match a.len() {
                     1 => run_q0::<1>(level, format, t, kb, qs_offset, a, offs, o),
@@ -175,9 +195,30 @@ unsafe fn run_q0<const T: usize>(
             (Level::Avx2, Format::Q4_0) => q4_0_avx2::<T>(tile, kb, qs_offset, a, g, o),
             (Level::Avx2, Format::Q8_0) => q8_0_avx2::<T>(tile, kb, qs_offset, a, o),
             (_, Format::Q4_1) => unreachable!("Q4_1 runs through `run_q4_1`"),
+            (_, Format::Q5_0) => unreachable!("Q5_0 runs through `run_q5_0`"),
             (Level::Scalar, _) => unreachable!("the scalar tier never reaches the x86 kernels"),
         }
     }
+}
+
+/// # Safety
+/// As `tile_dot` for Q5_0 at `Level::Avx512Vnni`, with its bounds already checked and
+/// `acts.len() == offs.len() == out.len() == T`.
+unsafe fn run_q5_0<const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    qs_offset: usize,
+    acts: &[&[ActBlock]],
+    offs: &[&[GroupOffsets]],
+    out: &mut [[f32; TILE]],
+) {
+    assert!(acts.len() == T && offs.len() == T && out.len() == T);
+    let a: [*const ActBlock; T] = std::array::from_fn(|i| acts[i].as_ptr());
+    let g: [*const GroupOffsets; T] = std::array::from_fn(|i| offs[i].as_ptr());
+    // SAFETY: forwarded from `tile_dot` (which only sends Q5_0 here at the AVX-512
+    // tier): `tile` spans the scale and mask sections and `kb` qs blocks, each `a[i]`
+    // and `g[i]` has `kb` blocks, `out` has T rows.
+    unsafe { q5_0_avx512::<T>(tile, kb, qs_offset, a, g, out.as_mut_ptr()) }
 }
 
 // Hot loops avoid everything that debug assertions instrument, because the project
@@ -437,6 +478,76 @@ unsafe fn q0_avx512<const F: u8, const T: usize>(
     for t in 0..T {
         // SAFETY: `out` has T rows of 16 floats.
         unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), hsum_groups512(&acc[t])) };
+    }
+}
+
+/// Q5_0 against `T` activation rows, candle's scalar `vec_dot_unopt` order
+/// (`sum += f32(isum)·d_w·d_y` per block, no FMA). Each packed group unpacks to two
+/// vectors of 4-bit values, and one masked byte add per vector puts in the fifth bits
+/// (the `h` section's masks), giving `q + 16` in 0..32 for `vpdpbusd`; the block's
+/// integer sum starts from `-16·Σy` (its group offsets added up), so it is exact.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI + F16C present; `tile` holds `kb` blocks of scales from offset 0,
+/// `kb` blocks of 8 masks after them and `kb` 256-byte qs blocks from `qs_offset`; each
+/// `acts[t]` and `offs[t]` has `kb` blocks; `out` has `T` rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q5_0_avx512<const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    qs_offset: usize,
+    acts: [*const ActBlock; T],
+    offs: [*const GroupOffsets; T],
+    out: *mut [f32; TILE],
+) {
+    let lo_mask = _mm512_set1_epi8(0x0F);
+    let fifth = _mm512_set1_epi8(0x10);
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut q = tile.wrapping_add(qs_offset);
+    let mut d = tile;
+    let mut h = tile.wrapping_add(kb * TILE * 2);
+    let mut a = act_bytes(acts);
+    let mut o = offs;
+    for _ in 0..kb {
+        // SAFETY: `q`, `d`, `h`, `a[t]` and `o[t]` point at block b of their sections,
+        // all in bounds and aligned per the caller's contract (the mask section starts
+        // at a multiple of 32 bytes and holds 8-byte words).
+        unsafe {
+            prefetch_lines::<4>(q);
+            prefetch_lines::<1>(h);
+            let masks = h.cast::<u64>();
+            let mut w = [_mm512_setzero_si512(); 8];
+            unroll!(G in [0, 1, 2, 3] {
+                let packed = _mm512_load_si512(q.wrapping_add(G * 64).cast());
+                let lo = _mm512_and_si512(packed, lo_mask);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), lo_mask);
+                w[G] = _mm512_mask_add_epi8(lo, *masks.wrapping_add(G), lo, fifth);
+                w[G + 4] = _mm512_mask_add_epi8(hi, *masks.wrapping_add(G + 4), hi, fifth);
+            });
+            let dw = _mm512_cvtph_ps(_mm256_load_si256(d.cast()));
+            for t in 0..T {
+                let at = a[t];
+                let off = (*o[t]).0.iter().fold(0i32, |s, &v| s.wrapping_add(v));
+                let mut s = _mm512_set1_epi32(off);
+                unroll!(G in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    s = _mm512_dpbusd_epi32(s, w[G], bcast512(at, G));
+                });
+                let dot = _mm512_mul_ps(
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(s), dw),
+                    bcast512_f32(at, ACT_D),
+                );
+                acc[t] = _mm512_add_ps(acc[t], dot);
+            }
+        }
+        q = q.wrapping_add(TILE * 16);
+        d = d.wrapping_add(TILE * 2);
+        h = h.wrapping_add(TILE * 4);
+        a = a.map(|p| p.wrapping_add(ACT_STRIDE));
+        o = o.map(|p| p.wrapping_add(1));
+    }
+    for t in 0..T {
+        // SAFETY: `out` has T rows of 16 floats.
+        unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), acc[t]) };
     }
 }
 
