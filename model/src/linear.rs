@@ -16,6 +16,7 @@
 
 mod act;
 mod packed;
+mod q6k;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -26,6 +27,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
 use packed::{Format, Level, PackedWeights};
+use q6k::PackedQ6K;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -39,9 +41,54 @@ pub struct Linear {
 enum Weight {
     Candle(QMatMul, RowPath),
     Packed {
-        weight: Arc<PackedWeights>,
+        weight: Arc<Tiles>,
         bias: Option<Arc<[f32]>>,
     },
+}
+
+/// Weights repacked for our own kernels.
+#[derive(Debug)]
+enum Tiles {
+    /// The 32-value block formats (Q4_0, Q4_1, Q5_0, Q8_0).
+    Blocks(PackedWeights),
+    Q6K(PackedQ6K),
+}
+
+impl Tiles {
+    fn rows(&self) -> usize {
+        match self {
+            Self::Blocks(w) => w.rows(),
+            Self::Q6K(w) => w.rows(),
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Self::Blocks(w) => w.cols(),
+            Self::Q6K(w) => w.cols(),
+        }
+    }
+
+    fn dtype(&self) -> GgmlDType {
+        match self {
+            Self::Blocks(w) => w.format().dtype(),
+            Self::Q6K(_) => GgmlDType::Q6K,
+        }
+    }
+
+    fn ggml_rows(&self, rows: &[u32]) -> Result<Vec<u8>> {
+        match self {
+            Self::Blocks(w) => w.ggml_rows(rows),
+            Self::Q6K(w) => w.ggml_rows(rows),
+        }
+    }
+
+    fn matmul(&self, level: Level, x: &[f32], tokens: usize, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+        match self {
+            Self::Blocks(w) => w.matmul(level, x, tokens, bias),
+            Self::Q6K(w) => w.matmul(level, x, tokens, bias),
+        }
+    }
 }
 
 /// How a batch goes through candle so that every row's result is the one that row
@@ -102,7 +149,14 @@ impl Linear {
                     || (Level::detect() != Level::Scalar
                         && !packed::candle_repacks(*f, out_features, in_features)))
         });
-        let Some(format) = format else {
+        let q6k = weight.dtype() == GgmlDType::Q6K
+            && weight.device().is_cpu()
+            && PackedQ6K::serves(out_features, in_features);
+        let tiles = if q6k {
+            Tiles::Q6K(PackedQ6K::from_ggml(out_features, in_features, &weight.data()?)?)
+        } else if let Some(format) = format {
+            Tiles::Blocks(PackedWeights::from_ggml(format, out_features, in_features, &weight.data()?)?)
+        } else {
             let rows = RowPath::for_weight(weight.dtype(), &weight.device());
             return Ok(Self {
                 weight: Weight::Candle(QMatMul::from_qtensor(weight)?, rows),
@@ -110,7 +164,6 @@ impl Linear {
                 out_features,
             });
         };
-        let packed = PackedWeights::from_ggml(format, out_features, in_features, &weight.data()?)?;
         // A plain [out] bias is added in the kernel's store; anything else keeps
         // candle's broadcasting semantics.
         let (fused, bias) = match bias {
@@ -122,7 +175,7 @@ impl Linear {
         };
         Ok(Self {
             weight: Weight::Packed {
-                weight: Arc::new(packed),
+                weight: Arc::new(tiles),
                 bias: fused,
             },
             bias,
@@ -145,7 +198,7 @@ impl Linear {
             Weight::Packed { weight, .. } => {
                 let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
                 let bytes = weight.ggml_rows(&ids)?;
-                let storage = QStorage::from_data(bytes.into(), &Device::Cpu, weight.format().dtype())?;
+                let storage = QStorage::from_data(bytes.into(), &Device::Cpu, weight.dtype())?;
                 let rows = QTensor::new(storage, (ids.len(), weight.cols()))?;
                 Ok(rows.dequantize(&Device::Cpu)?)
             }
@@ -169,7 +222,7 @@ impl Linear {
 
 /// Runs the packed kernels on `x` (`[..., in]`, any float dtype, CPU).
 fn packed_forward(
-    w: &PackedWeights,
+    w: &Tiles,
     bias: Option<&[f32]>,
     x: &Tensor,
     level: Level,
@@ -260,10 +313,13 @@ mod tests {
         QTensor::quantize(&w, dtype).unwrap()
     }
 
-    fn pack(q: &QTensor) -> PackedWeights {
+    fn pack(q: &QTensor) -> Tiles {
         let (rows, cols) = q.shape().dims2().unwrap();
+        if q.dtype() == GgmlDType::Q6K {
+            return Tiles::Q6K(PackedQ6K::from_ggml(rows, cols, &q.data().unwrap()).unwrap());
+        }
         let format = Format::from_dtype(q.dtype()).unwrap();
-        PackedWeights::from_ggml(format, rows, cols, &q.data().unwrap()).unwrap()
+        Tiles::Blocks(PackedWeights::from_ggml(format, rows, cols, &q.data().unwrap()).unwrap())
     }
 
     /// Asserts every output row matches to 1e-5 of that row's norm.
@@ -468,6 +524,36 @@ mod tests {
             .enumerate()
         {
             check_against_candle(GgmlDType::Q5_0, rows, cols, &[1, 3, 9, 17], 30 + i as u64);
+        }
+    }
+
+    /// Q6_K against candle's repacked kernels (which candle runs for two or more rows),
+    /// every tier, one row included: a lone row is compared with candle's result for
+    /// that row doubled, the reference `RowPath::NeverAlone` used to take.
+    #[test]
+    fn q6k_matches_candles_repacked_kernels() {
+        if !PackedQ6K::serves(16, 256) {
+            println!("SKIPPED: Q6_K runs on candle on this CPU (no AVX-512 VNNI)");
+            return;
+        }
+        for (i, &(rows, cols)) in [(640, 2048), (256, 1024), (48, 256)].iter().enumerate() {
+            let mut rng = Rng(60 + i as u64);
+            let q = quantized(&mut rng, rows, cols, GgmlDType::Q6K);
+            let packed = pack(&q);
+            let candle = QMatMul::from_qtensor(q).unwrap();
+            for n in [1usize, 2, 3, 5, 9] {
+                let x = Tensor::from_vec(rng.vec(n * cols), (n, cols), &Device::Cpu).unwrap();
+                let want = if n == 1 {
+                    candle.forward(&Tensor::cat(&[&x, &x], 0).unwrap()).unwrap().narrow(0, 0, 1).unwrap()
+                } else {
+                    candle.forward(&x).unwrap()
+                };
+                let want = want.to_vec2::<f32>().unwrap();
+                for level in Level::available() {
+                    let got = packed_forward(&packed, None, &x, level).unwrap().to_vec2::<f32>().unwrap();
+                    assert!(got == want, "Q6K {rows}x{cols} tokens={n} {level:?}: not bit-identical to candle");
+                }
+            }
         }
     }
 
@@ -682,6 +768,16 @@ mod tests {
             (GgmlDType::Q4_1, 1536, 576, 64, 20),
             (GgmlDType::Q4_1, 1536, 576, 512, 3),
             (GgmlDType::Q8_0, 49152, 576, 16, 10),
+            // The types real Q4_K_M / Q5_K_M files hold, one 4096-wide decode matvec
+            // each (weights well past the caches): GB/s below says how near the
+            // memory bandwidth each runs.
+            (GgmlDType::Q4K, 4096, 4096, 1, 50),
+            (GgmlDType::Q5K, 4096, 4096, 1, 50),
+            (GgmlDType::Q6K, 4096, 4096, 1, 50),
+            (GgmlDType::Q5_0, 4096, 4096, 1, 50),
+            (GgmlDType::Q8_0, 4096, 4096, 1, 50),
+            (GgmlDType::Q5_0, 4096, 4096, 64, 5),
+            (GgmlDType::Q4K, 4096, 4096, 64, 5),
         ];
         for (dtype, rows, cols, tokens, iters) in cases {
             let mut rng = Rng(42);
@@ -700,11 +796,13 @@ mod tests {
                     tiers += &format!(" {level:?}={:.0}", ns / 1e3);
                 }
             }
+            let bytes = rows * cols / dtype.block_size() * dtype.type_size();
             println!(
-                "{dtype:?} {rows}x{cols} tokens={tokens}: candle {:.0} ns, ours {:.0} ns ({:.2}x) [µs per tier:{tiers}]",
+                "{dtype:?} {rows}x{cols} tokens={tokens}: candle {:.0} ns, ours {:.0} ns ({:.2}x, {:.1} GB/s of weights) [µs per tier:{tiers}]",
                 c,
                 o,
-                c / o
+                c / o,
+                bytes as f64 / o
             );
         }
     }

@@ -215,7 +215,20 @@ impl Level {
 /// lines and full-width vector loads never straddle two.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u8; 64]);
+pub(crate) struct Line(pub(crate) [u8; 64]);
+
+impl Line {
+    pub(crate) fn bytes(buf: &[Line]) -> &[u8] {
+        // SAFETY: `Line` is a plain `[u8; 64]` whose size equals its alignment, so the
+        // buffer is `len * 64` initialised bytes with no padding.
+        unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), buf.len() * 64) }
+    }
+
+    pub(crate) fn bytes_mut(buf: &mut [Line]) -> &mut [u8] {
+        // SAFETY: as in `bytes`; the exclusive borrow makes the view unique.
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), buf.len() * 64) }
+    }
+}
 
 pub(crate) struct PackedWeights {
     format: Format,
@@ -240,7 +253,7 @@ impl std::fmt::Debug for PackedWeights {
     }
 }
 
-fn round_up(n: usize, to: usize) -> usize {
+pub(crate) fn round_up(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
 }
 
@@ -370,16 +383,11 @@ impl PackedWeights {
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: `Line` is a plain `[u8; 64]` whose size equals its alignment, so the
-        // Vec's buffer is `len * 64` initialised bytes with no padding.
-        unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>(), self.buf.len() * 64) }
+        Line::bytes(&self.buf)
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`; the exclusive borrow of `self` makes the view unique.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<u8>(), self.buf.len() * 64)
-        }
+        Line::bytes_mut(&mut self.buf)
     }
 
     pub(crate) fn rows(&self) -> usize {
