@@ -16,7 +16,7 @@
 
 mod act;
 mod packed;
-mod q6k;
+mod kquant;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
 use packed::{Format, Level, PackedWeights};
-use q6k::PackedQ6K;
+use kquant::{KFormat, PackedKQuant};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -51,42 +51,43 @@ enum Weight {
 enum Tiles {
     /// The 32-value block formats (Q4_0, Q4_1, Q5_0, Q8_0).
     Blocks(PackedWeights),
-    Q6K(PackedQ6K),
+    /// The 256-value superblock ones (Q4_K, Q6_K).
+    KQuant(PackedKQuant),
 }
 
 impl Tiles {
     fn rows(&self) -> usize {
         match self {
             Self::Blocks(w) => w.rows(),
-            Self::Q6K(w) => w.rows(),
+            Self::KQuant(w) => w.rows(),
         }
     }
 
     fn cols(&self) -> usize {
         match self {
             Self::Blocks(w) => w.cols(),
-            Self::Q6K(w) => w.cols(),
+            Self::KQuant(w) => w.cols(),
         }
     }
 
     fn dtype(&self) -> GgmlDType {
         match self {
             Self::Blocks(w) => w.format().dtype(),
-            Self::Q6K(_) => GgmlDType::Q6K,
+            Self::KQuant(w) => w.format().dtype(),
         }
     }
 
     fn ggml_rows(&self, rows: &[u32]) -> Result<Vec<u8>> {
         match self {
             Self::Blocks(w) => w.ggml_rows(rows),
-            Self::Q6K(w) => w.ggml_rows(rows),
+            Self::KQuant(w) => w.ggml_rows(rows),
         }
     }
 
     fn matmul(&self, level: Level, x: &[f32], tokens: usize, bias: Option<&[f32]>) -> Result<Vec<f32>> {
         match self {
             Self::Blocks(w) => w.matmul(level, x, tokens, bias),
-            Self::Q6K(w) => w.matmul(level, x, tokens, bias),
+            Self::KQuant(w) => w.matmul(level, x, tokens, bias),
         }
     }
 }
@@ -149,11 +150,11 @@ impl Linear {
                     || (Level::detect() != Level::Scalar
                         && !packed::candle_repacks(*f, out_features, in_features)))
         });
-        let q6k = weight.dtype() == GgmlDType::Q6K
-            && weight.device().is_cpu()
-            && PackedQ6K::serves(out_features, in_features);
-        let tiles = if q6k {
-            Tiles::Q6K(PackedQ6K::from_ggml(out_features, in_features, &weight.data()?)?)
+        let kquant = KFormat::from_dtype(weight.dtype()).filter(|_| {
+            weight.device().is_cpu() && PackedKQuant::serves(out_features, in_features)
+        });
+        let tiles = if let Some(k) = kquant {
+            Tiles::KQuant(PackedKQuant::from_ggml(k, out_features, in_features, &weight.data()?)?)
         } else if let Some(format) = format {
             Tiles::Blocks(PackedWeights::from_ggml(format, out_features, in_features, &weight.data()?)?)
         } else {
@@ -315,8 +316,8 @@ mod tests {
 
     fn pack(q: &QTensor) -> Tiles {
         let (rows, cols) = q.shape().dims2().unwrap();
-        if q.dtype() == GgmlDType::Q6K {
-            return Tiles::Q6K(PackedQ6K::from_ggml(rows, cols, &q.data().unwrap()).unwrap());
+        if let Some(k) = KFormat::from_dtype(q.dtype()) {
+            return Tiles::KQuant(PackedKQuant::from_ggml(k, rows, cols, &q.data().unwrap()).unwrap());
         }
         let format = Format::from_dtype(q.dtype()).unwrap();
         Tiles::Blocks(PackedWeights::from_ggml(format, rows, cols, &q.data().unwrap()).unwrap())
@@ -469,18 +470,19 @@ mod tests {
     #[test]
     fn embedding_rows_equal_candles_lookup() {
         let mut rng = Rng(77);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q6K, GgmlDType::F32] {
-            let cols = if dtype == GgmlDType::Q6K { 256 } else { 96 };
-            let want_q = quantized(&mut rng, 40, cols, dtype);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F32] {
+            // 48 rows (whole tiles) and 256 columns let the K-quants take our kernels.
+            let cols = if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) { 256 } else { 96 };
+            let want_q = quantized(&mut rng, 48, cols, dtype);
             // A byte-for-byte copy: QTensor is not Clone.
             let storage = QStorage::from_data(want_q.data().unwrap(), &Device::Cpu, dtype).unwrap();
             let got_q = QTensor::new(storage, want_q.shape().clone()).unwrap();
             let linear = Linear::new(got_q, None).unwrap();
-            let ids = Tensor::new(&[0u32, 17, 39, 17, 5], &Device::Cpu).unwrap();
+            let ids = Tensor::new(&[0u32, 17, 47, 17, 5], &Device::Cpu).unwrap();
             let want = want_q.embedding(&ids).unwrap().to_vec2::<f32>().unwrap();
             let got = linear.embedding(&ids).unwrap().to_vec2::<f32>().unwrap();
             assert!(got == want, "{dtype:?}");
-            let bad = Tensor::new(&[40u32], &Device::Cpu).unwrap();
+            let bad = Tensor::new(&[48u32], &Device::Cpu).unwrap();
             assert!(linear.embedding(&bad).is_err(), "{dtype:?}: row out of range");
         }
     }
@@ -527,18 +529,23 @@ mod tests {
         }
     }
 
-    /// Q6_K against candle's repacked kernels (which candle runs for two or more rows),
-    /// every tier, one row included: a lone row is compared with candle's result for
-    /// that row doubled, the reference `RowPath::NeverAlone` used to take.
+    /// Q4_K and Q6_K against candle's repacked kernels (which candle runs for Q6_K
+    /// from two rows on), every tier, one row included: a lone row is compared with
+    /// candle's result for that row doubled, the reference `RowPath::NeverAlone` took.
     #[test]
-    fn q6k_matches_candles_repacked_kernels() {
-        if !PackedQ6K::serves(16, 256) {
-            println!("SKIPPED: Q6_K runs on candle on this CPU (no AVX-512 VNNI)");
+    fn k_quants_match_candles_repacked_kernels() {
+        if !PackedKQuant::serves(16, 256) {
+            println!("SKIPPED: K-quants run on candle on this CPU (no AVX-512 VNNI)");
             return;
         }
-        for (i, &(rows, cols)) in [(640, 2048), (256, 1024), (48, 256)].iter().enumerate() {
+        let cases = [(640, 2048), (256, 1024), (48, 256)];
+        for (i, (dtype, (rows, cols))) in [GgmlDType::Q4K, GgmlDType::Q6K]
+            .into_iter()
+            .flat_map(|d| cases.map(|c| (d, c)))
+            .enumerate()
+        {
             let mut rng = Rng(60 + i as u64);
-            let q = quantized(&mut rng, rows, cols, GgmlDType::Q6K);
+            let q = quantized(&mut rng, rows, cols, dtype);
             let packed = pack(&q);
             let candle = QMatMul::from_qtensor(q).unwrap();
             for n in [1usize, 2, 3, 5, 9] {
@@ -551,7 +558,7 @@ mod tests {
                 let want = want.to_vec2::<f32>().unwrap();
                 for level in Level::available() {
                     let got = packed_forward(&packed, None, &x, level).unwrap().to_vec2::<f32>().unwrap();
-                    assert!(got == want, "Q6K {rows}x{cols} tokens={n} {level:?}: not bit-identical to candle");
+                    assert!(got == want, "{dtype:?} {rows}x{cols} tokens={n} {level:?}: not bit-identical to candle");
                 }
             }
         }
@@ -723,7 +730,7 @@ mod tests {
 
     #[test]
     fn other_dtypes_fall_back_to_candle() {
-        let q = quantized(&mut Rng(5), 32, 256, GgmlDType::Q4K);
+        let q = quantized(&mut Rng(5), 32, 256, GgmlDType::Q5K);
         let lin = Linear::new(q, None).unwrap();
         assert!(matches!(lin.weight, Weight::Candle(..)));
         let x = Tensor::from_vec(Rng(6).vec(256), (1, 256), &Device::Cpu).unwrap();

@@ -1,0 +1,811 @@
+//! K-quant weights (Q4_K, Q6_K) in 16-row tiles at (about) ggml's size, and their
+//! matmul, bit-identical to candle 0.11.1's repacked x86 kernels (`repack_x86::
+//! q4k_tile` / `q6k_tile` and their 256-bit twins, which all do the same float steps).
+//!
+//! Why our own: candle repacks these types into a second copy of the weights (Q4_K
+//! 1.33×, Q6_K 1.5× the file's size, f32 scales, Q6_K one byte per 6-bit value) and
+//! keeps the original beside it; it sends a lone Q6_K row down another kernel (AVX2
+//! `vec_dot_q6k_q8k`, another summation order) than a batch; and with AMX it sends
+//! Q4_K batches of 32 rows or more down a third. Here every row count runs one kernel
+//! over one copy of the weights, so a row's result never depends on its batch.
+//!
+//! The arithmetic, as candle's: activations are Q8_K (`d`, 256 `qs`, `bsums` of 16);
+//! per sub-block the integer sum `Σ u·y` over the raw unsigned codes `u` is exact, and
+//! per row, sub-blocks and superblocks in order:
+//! - Q6_K (16 sub-blocks of 16): `f = f32(isum) − 32·bsum[s]` (exact: both integers
+//!   far below 2²⁴), `acc = fma(f, (d·scale_s)·d_y, acc)`.
+//! - Q4_K (8 sub-blocks of 32): `acc = fma(f32(isum), (d·scale_s)·d_y, acc)`, then
+//!   `acc = fma(−(dmin·min_s), d_y·f32(bsum[2s] + bsum[2s+1]), acc)`.
+//!
+//! `d·scale` (an f16 times a small integer) is exact in f32, so computing it in the
+//! kernel instead of storing it changes nothing.
+//!
+//! Tile layout (`kb` superblocks per row):
+//!
+//! ```text
+//! d:      [kb][16 rows] f16, then for Q4_K [kb][16 rows] f16 of dmin (per block)
+//! (zero padding to 64 bytes)
+//! scales: [kb][16][16 rows] u8     Q6_K: 16 sub-block scales (i8);
+//!                                  Q4_K: 8 scales, then 8 mins (6-bit codes)
+//! qs:     [kb][subs][vectors][16 rows][4 bytes]
+//! ```
+//!
+//! Q6_K sub-block `s` holds values `16s..16s+16` of each row as four groups of four
+//! (`g`: values `16s+4g..16s+4g+4`) in three vectors: vector 0 has groups 0 (low
+//! nibbles) and 1 (high nibbles), vector 1 groups 2 and 3, each value's low four bits;
+//! vector 2 the two high bits of all four groups, group `g` at bits `2g..2g+2`.
+//! Q4_K sub-block `s` holds values `32s..32s+32` as eight groups of four in four
+//! vectors: vector `p` has group `p` in its low nibbles and group `p + 4` in its high
+//! ones. Q4_K's scales take 16 bytes a row instead of ggml's 12 (148 bytes a block
+//! instead of 144); Q6_K's size is ggml's.
+
+use std::ops::Range;
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+use super::packed::{round_up, Level, Line, SharedOut, TILE};
+use crate::error::{Error, Result};
+
+/// Values per superblock (ggml's QK_K).
+pub(crate) const QK_K: usize = 256;
+/// Q8_K keeps one sum per 16 values.
+const BSUMS: usize = QK_K / 16;
+/// Scale bytes per row and superblock in the tile (both formats).
+const SCALE_BYTES: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KFormat {
+    Q4K,
+    Q6K,
+}
+
+impl KFormat {
+    pub(crate) fn from_dtype(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q6K => Some(Self::Q6K),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn dtype(self) -> GgmlDType {
+        match self {
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// ggml's block: Q4_K d, dmin (f16), scales[12], qs[128]; Q6_K ql[128], qh[64],
+    /// scales[16] (i8), d (f16).
+    fn ggml_block_bytes(self) -> usize {
+        match self {
+            Self::Q4K => 144,
+            Self::Q6K => 210,
+        }
+    }
+
+    /// f16 values per row and superblock in the `d` section.
+    fn f16s(self) -> usize {
+        match self {
+            Self::Q4K => 2,
+            Self::Q6K => 1,
+        }
+    }
+
+    fn subs(self) -> usize {
+        match self {
+            Self::Q4K => 8,
+            Self::Q6K => 16,
+        }
+    }
+
+    /// Bytes of one sub-block of one tile's quants.
+    fn sub_bytes(self) -> usize {
+        match self {
+            Self::Q4K => 4 * 64,
+            Self::Q6K => 3 * 64,
+        }
+    }
+
+    fn qs_block_bytes(self) -> usize {
+        self.subs() * self.sub_bytes()
+    }
+
+    /// Value `v` (0..256) of a ggml block as its unsigned code (4 or 6 bits).
+    fn ggml_value(self, blk: &[u8], v: usize) -> u8 {
+        match self {
+            Self::Q4K => {
+                let (chunk, within) = (v / 64, v % 64);
+                let byte = blk[16 + 32 * chunk + within % 32];
+                if within < 32 {
+                    byte & 0x0F
+                } else {
+                    byte >> 4
+                }
+            }
+            Self::Q6K => {
+                let (ql, qh) = (&blk[..128], &blk[128..192]);
+                let (half, j) = (v / 128, v % 128);
+                let (quarter, l) = (j / 32, j % 32);
+                let low = ql[half * 64 + (quarter % 2) * 32 + l];
+                let low = if quarter < 2 { low & 0x0F } else { low >> 4 };
+                let high = (qh[half * 32 + l] >> (2 * quarter)) & 3;
+                low | (high << 4)
+            }
+        }
+    }
+
+    /// Puts code `u` of value `v` into a ggml block (the inverse of `ggml_value`;
+    /// `blk` starts zeroed).
+    fn set_ggml_value(self, blk: &mut [u8], v: usize, u: u8) {
+        match self {
+            Self::Q4K => {
+                let (chunk, within) = (v / 64, v % 64);
+                let shift = if within < 32 { 0 } else { 4 };
+                blk[16 + 32 * chunk + within % 32] |= u << shift;
+            }
+            Self::Q6K => {
+                let (half, j) = (v / 128, v % 128);
+                let (quarter, l) = (j / 32, j % 32);
+                let shift = if quarter < 2 { 0 } else { 4 };
+                blk[half * 64 + (quarter % 2) * 32 + l] |= (u & 0x0F) << shift;
+                blk[128 + half * 32 + l] |= (u >> 4) << (2 * quarter);
+            }
+        }
+    }
+
+    /// Where value `v` of row `lane` sits in a superblock's qs: the byte holding its
+    /// low four bits and their shift, then (Q6_K) the byte holding its two high bits
+    /// and their shift.
+    fn qs_position(self, v: usize, lane: usize) -> (usize, usize, Option<(usize, usize)>) {
+        match self {
+            Self::Q4K => {
+                let (s, within) = (v / 32, v % 32);
+                let (g, k) = (within / 4, within % 4);
+                let at = s * 256 + (g % 4) * 64 + lane * 4 + k;
+                (at, 4 * (g / 4), None)
+            }
+            Self::Q6K => {
+                let (s, within) = (v / 16, v % 16);
+                let (g, k) = (within / 4, within % 4);
+                let byte = lane * 4 + k;
+                (s * 192 + (g / 2) * 64 + byte, 4 * (g % 2), Some((s * 192 + 128 + byte, 2 * g)))
+            }
+        }
+    }
+
+    /// Code of value `v` of row `lane` in a tile superblock's qs.
+    fn tile_value(self, qs: &[u8], v: usize, lane: usize) -> u8 {
+        let (low_at, low_shift, high) = self.qs_position(v, lane);
+        let low = (qs[low_at] >> low_shift) & 0x0F;
+        match high {
+            Some((at, shift)) => low | (((qs[at] >> shift) & 3) << 4),
+            None => low,
+        }
+    }
+
+    /// The row's 16 tile scale bytes of a ggml block: Q6_K its 16 scales; Q4_K its
+    /// 8 scales and 8 mins unpacked from their 6-bit fields (ggml's
+    /// `get_scale_min_k4`).
+    fn tile_scales(self, blk: &[u8]) -> [u8; SCALE_BYTES] {
+        let mut out = [0u8; SCALE_BYTES];
+        match self {
+            Self::Q6K => out.copy_from_slice(&blk[192..208]),
+            Self::Q4K => {
+                let sc = &blk[4..16];
+                for j in 0..8 {
+                    let (scale, min) = if j < 4 {
+                        (sc[j] & 63, sc[j + 4] & 63)
+                    } else {
+                        ((sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+                    };
+                    out[j] = scale;
+                    out[8 + j] = min;
+                }
+            }
+        }
+        out
+    }
+
+    /// The inverse of `tile_scales`, into a zeroed ggml block.
+    fn set_ggml_scales(self, blk: &mut [u8], scales: &[u8; SCALE_BYTES]) {
+        match self {
+            Self::Q6K => blk[192..208].copy_from_slice(scales),
+            Self::Q4K => {
+                let sc = &mut blk[4..16];
+                for j in 0..8 {
+                    let (scale, min) = (scales[j], scales[8 + j]);
+                    if j < 4 {
+                        sc[j] |= scale;
+                        sc[j + 4] |= min;
+                    } else {
+                        sc[j + 4] |= (scale & 0x0F) | ((min & 0x0F) << 4);
+                        sc[j - 4] |= (scale >> 4) << 6;
+                        sc[j] |= (min >> 4) << 6;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Byte offsets of the block's f16 values (d, then Q4_K's dmin) in a ggml block.
+    fn ggml_f16_at(self) -> &'static [usize] {
+        match self {
+            Self::Q4K => &[0, 2],
+            Self::Q6K => &[208],
+        }
+    }
+}
+/// Token rows one kernel call handles (candle's `MAX_MT` is 4; any count gives the
+/// same per-row arithmetic).
+const MAX_TOKENS: usize = 4;
+/// Below this many row·superblock·token units a matmul stays on the calling thread.
+const PARALLEL_MIN_WORK: usize = 512;
+
+/// One Q8_K activation block, as candle's `BlockQ8K::from_float` computes it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C, align(64))]
+pub(crate) struct SuperAct {
+    pub(crate) qs: [i8; QK_K],
+    pub(crate) bsums: [i16; BSUMS],
+    pub(crate) d: f32,
+}
+
+impl Default for SuperAct {
+    fn default() -> Self {
+        Self {
+            qs: [0; QK_K],
+            bsums: [0; BSUMS],
+            d: 0.0,
+        }
+    }
+}
+
+/// candle's (and ggml's reference) `quantize_row_q8k`: the value of largest magnitude
+/// maps to −127 (`iscale = −127/max`), each value to `round(iscale·x)` clamped to i8,
+/// `d = 1/iscale`; an all-zero block is all zeros.
+pub(crate) fn quantize_row_q8k(x: &[f32], out: &mut [SuperAct]) {
+    assert_eq!(x.len(), out.len() * QK_K, "activation row / block count mismatch");
+    for (xs, blk) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &v in xs {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *blk = SuperAct::default();
+            continue;
+        }
+        let iscale = -127f32 / max;
+        for (q, &v) in blk.qs.iter_mut().zip(xs) {
+            *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+        }
+        for (s, qs) in blk.bsums.iter_mut().zip(blk.qs.chunks_exact(16)) {
+            *s = qs.iter().map(|&q| q as i16).sum();
+        }
+        blk.d = 1.0 / iscale;
+    }
+}
+
+pub(crate) struct PackedKQuant {
+    format: KFormat,
+    rows: usize,
+    cols: usize,
+    kb: usize,
+    n_tiles: usize,
+    scales_offset: usize,
+    qs_offset: usize,
+    tile_stride: usize,
+    buf: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedKQuant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedKQuant")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PackedKQuant {
+    /// Whether our kernels serve a `rows × cols` weight here: the shapes candle itself
+    /// runs through its repacked kernels (whose arithmetic this reproduces), on
+    /// machines with AVX-512 VNNI.
+    pub(crate) fn serves(rows: usize, cols: usize) -> bool {
+        Level::detect() == Level::Avx512Vnni
+            && rows.is_multiple_of(TILE)
+            && cols != 0
+            && cols.is_multiple_of(QK_K)
+    }
+
+    pub(crate) fn from_ggml(format: KFormat, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+        if cols == 0 || !cols.is_multiple_of(QK_K) {
+            return Err(Error::BadInput(format!(
+                "{format:?} weight with {cols} columns: not a positive multiple of {QK_K}"
+            )));
+        }
+        let kb = cols / QK_K;
+        let bb = format.ggml_block_bytes();
+        let expected = rows.checked_mul(kb).and_then(|n| n.checked_mul(bb));
+        if expected != Some(data.len()) {
+            return Err(Error::BadInput(format!(
+                "{format:?} weight {rows}x{cols} should be {expected:?} bytes, got {}",
+                data.len()
+            )));
+        }
+        let n_tiles = rows.div_ceil(TILE);
+        let scales_offset = round_up(kb * TILE * 2 * format.f16s(), 64);
+        let qs_offset = scales_offset + kb * SCALE_BYTES * TILE;
+        let tile_stride = qs_offset + kb * format.qs_block_bytes();
+        let total = n_tiles
+            .checked_mul(tile_stride)
+            .ok_or_else(|| Error::BadInput(format!("{format:?} weight {rows}x{cols} is too large")))?;
+        let mut packed = Self {
+            format,
+            rows,
+            cols,
+            kb,
+            n_tiles,
+            scales_offset,
+            qs_offset,
+            tile_stride,
+            buf: vec![Line([0; 64]); total / 64],
+        };
+        let bytes = Line::bytes_mut(&mut packed.buf);
+        for (r, row) in data.chunks_exact(kb * bb).enumerate() {
+            let tile = (r / TILE) * tile_stride;
+            let lane = r % TILE;
+            for (b, blk) in row.chunks_exact(bb).enumerate() {
+                for (i, &at) in format.ggml_f16_at().iter().enumerate() {
+                    let d_at = tile + ((b * format.f16s() + i) * TILE + lane) * 2;
+                    bytes[d_at..d_at + 2].copy_from_slice(&blk[at..at + 2]);
+                }
+                for (j, &sc) in format.tile_scales(blk).iter().enumerate() {
+                    bytes[tile + scales_offset + (b * SCALE_BYTES + j) * TILE + lane] = sc;
+                }
+                let qs = tile + qs_offset + b * format.qs_block_bytes();
+                for v in 0..QK_K {
+                    let u = format.ggml_value(blk, v);
+                    let (low_at, low_shift, high) = format.qs_position(v, lane);
+                    bytes[qs + low_at] |= (u & 0x0F) << low_shift;
+                    if let Some((at, shift)) = high {
+                        bytes[qs + at] |= (u >> 4) << shift;
+                    }
+                }
+            }
+        }
+        Ok(packed)
+    }
+
+    /// The ggml block bytes of `rows`, one after another (the inverse of `from_ggml`).
+    pub(crate) fn ggml_rows(&self, rows: &[u32]) -> Result<Vec<u8>> {
+        let format = self.format;
+        let bb = format.ggml_block_bytes();
+        let bytes = Line::bytes(&self.buf);
+        let mut out = Vec::with_capacity(rows.len() * self.kb * bb);
+        for &r in rows {
+            let r = r as usize;
+            if r >= self.rows {
+                return Err(Error::BadInput(format!("row {r} is out of range for {} rows", self.rows)));
+            }
+            let tile = (r / TILE) * self.tile_stride;
+            let lane = r % TILE;
+            for b in 0..self.kb {
+                let mut blk = vec![0u8; bb];
+                let qs = &bytes[tile + self.qs_offset + b * format.qs_block_bytes()..];
+                for v in 0..QK_K {
+                    format.set_ggml_value(&mut blk, v, format.tile_value(qs, v, lane));
+                }
+                let scales = std::array::from_fn(|j| {
+                    bytes[tile + self.scales_offset + (b * SCALE_BYTES + j) * TILE + lane]
+                });
+                format.set_ggml_scales(&mut blk, &scales);
+                for (i, &at) in format.ggml_f16_at().iter().enumerate() {
+                    let d_at = tile + ((b * format.f16s() + i) * TILE + lane) * 2;
+                    blk[at..at + 2].copy_from_slice(&bytes[d_at..d_at + 2]);
+                }
+                out.extend_from_slice(&blk);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn format(&self) -> KFormat {
+        self.format
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn tile(&self, t: usize) -> &[u8] {
+        &Line::bytes(&self.buf)[t * self.tile_stride..(t + 1) * self.tile_stride]
+    }
+
+    /// `y[t][o] = Σ_k x[t][k]·W[o][k] (+ bias[o])` for `x` of `tokens × cols` f32.
+    pub(crate) fn matmul(
+        &self,
+        level: Level,
+        x: &[f32],
+        tokens: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        let (rows, cols, kb) = (self.rows, self.cols, self.kb);
+        if tokens.checked_mul(cols) != Some(x.len()) {
+            return Err(Error::BadInput(format!(
+                "linear input has {} values, expected {tokens} tokens of {cols}",
+                x.len()
+            )));
+        }
+        if bias.is_some_and(|b| b.len() != rows) {
+            return Err(Error::BadInput(format!("bias length differs from {rows} rows")));
+        }
+        assert!(
+            level as u8 <= Level::detect() as u8,
+            "{level:?} is not supported here"
+        );
+        let mut out = vec![0f32; tokens * rows];
+        if tokens == 0 || rows == 0 {
+            return Ok(out);
+        }
+        let mut acts = vec![SuperAct::default(); tokens * kb];
+        for (xs, dst) in x.chunks_exact(cols).zip(acts.chunks_exact_mut(kb)) {
+            quantize_row_q8k(xs, dst);
+        }
+        let acts = &acts[..];
+        let y = SharedOut::new(&mut out);
+        let work = |range: Range<usize>| {
+            for tile in range {
+                let row0 = tile * TILE;
+                let valid = TILE.min(rows - row0);
+                for t0 in (0..tokens).step_by(MAX_TOKENS) {
+                    let n = MAX_TOKENS.min(tokens - t0);
+                    let mut res = [[0f32; TILE]; MAX_TOKENS];
+                    let act_rows: [&[SuperAct]; MAX_TOKENS] = std::array::from_fn(|i| {
+                        if i < n {
+                            &acts[(t0 + i) * kb..(t0 + i + 1) * kb]
+                        } else {
+                            &[][..]
+                        }
+                    });
+                    self.tile_dot(level, tile, &act_rows[..n], &mut res[..n]);
+                    for (i, r) in res[..n].iter_mut().enumerate() {
+                        if let Some(b) = bias {
+                            for (v, bv) in r.iter_mut().zip(&b[row0..row0 + valid]) {
+                                *v += bv;
+                            }
+                        }
+                        // SAFETY: this tile owns columns row0..row0+valid of every
+                        // output row, and each tile goes to exactly one worker.
+                        let dst = unsafe { y.segment((t0 + i) * rows + row0, valid) };
+                        dst.copy_from_slice(&r[..valid]);
+                    }
+                }
+            }
+        };
+        if rows * kb * tokens >= PARALLEL_MIN_WORK && self.n_tiles > 1 {
+            candle_core::utils::barrier_pool().execute_chunked(self.n_tiles, work);
+        } else {
+            work(0..self.n_tiles);
+        }
+        Ok(out)
+    }
+
+    /// Dot products of tile `tile` against `acts.len()` (1..=MAX_TOKENS) rows.
+    fn tile_dot(&self, level: Level, tile: usize, acts: &[&[SuperAct]], out: &mut [[f32; TILE]]) {
+        let bytes = self.tile(tile);
+        let n = acts.len();
+        assert!(n == out.len() && (1..=MAX_TOKENS).contains(&n));
+        assert!(acts.iter().all(|a| a.len() == self.kb));
+        #[cfg(target_arch = "x86_64")]
+        if level == Level::Avx512Vnni {
+            let acts: [*const SuperAct; MAX_TOKENS] =
+                std::array::from_fn(|i| if i < n { acts[i].as_ptr() } else { std::ptr::null() });
+            let t = bytes.as_ptr();
+            let (so, qo, kb) = (self.scales_offset, self.qs_offset, self.kb);
+            let o = out.as_mut_ptr();
+            macro_rules! run {
+                ($kernel:ident) => {
+                    // SAFETY: the tier is at most the detected one (asserted in
+                    // `matmul`), so AVX-512 F/BW/VNNI are present; the tile spans its
+                    // three sections (laid out by `from_ggml`, 64-byte aligned) and
+                    // each activation row has `kb` blocks.
+                    unsafe {
+                        match n {
+                            1 => $kernel::<1>(t, kb, so, qo, [acts[0]], o),
+                            2 => $kernel::<2>(t, kb, so, qo, [acts[0], acts[1]], o),
+                            3 => $kernel::<3>(t, kb, so, qo, [acts[0], acts[1], acts[2]], o),
+                            4 => $kernel::<4>(t, kb, so, qo, acts, o),
+                            _ => unreachable!("chunks are 1..=4 long"),
+                        }
+                    }
+                };
+            }
+            match self.format {
+                KFormat::Q4K => run!(q4k_avx512),
+                KFormat::Q6K => run!(q6k_avx512),
+            }
+            return;
+        }
+        let _ = level;
+        for (a, o) in acts.iter().zip(out.iter_mut()) {
+            tile_dot_scalar(self.format, bytes, self.kb, self.scales_offset, self.qs_offset, a, o);
+        }
+    }
+}
+
+/// Portable kernel over the same layout (one activation row): the reference the
+/// AVX-512 ones are tested against, candle's float steps in candle's order.
+fn tile_dot_scalar(
+    format: KFormat,
+    tile: &[u8],
+    kb: usize,
+    scales_offset: usize,
+    qs_offset: usize,
+    act: &[SuperAct],
+    out: &mut [f32; TILE],
+) {
+    let f16_at = |at: usize| f16::from_le_bytes([tile[at], tile[at + 1]]).to_f32();
+    let mut acc = [0f32; TILE];
+    for (b, a) in act.iter().enumerate().take(kb) {
+        let qs = &tile[qs_offset + b * format.qs_block_bytes()..];
+        let scale_byte = |j: usize, lane: usize| tile[scales_offset + (b * SCALE_BYTES + j) * TILE + lane];
+        let per_sub = QK_K / format.subs();
+        for s in 0..format.subs() {
+            for (lane, acc) in acc.iter_mut().enumerate() {
+                let isum: i32 = (s * per_sub..(s + 1) * per_sub)
+                    .map(|v| format.tile_value(qs, v, lane) as i32 * a.qs[v] as i32)
+                    .sum();
+                let d = f16_at((b * format.f16s() * TILE + lane) * 2);
+                match format {
+                    KFormat::Q6K => {
+                        let f = isum as f32 - 32.0 * a.bsums[s] as f32;
+                        let scale = scale_byte(s, lane) as i8 as f32;
+                        *acc = f.mul_add((d * scale) * a.d, *acc);
+                    }
+                    KFormat::Q4K => {
+                        let dmin = f16_at(((b * 2 + 1) * TILE + lane) * 2);
+                        let scale = d * scale_byte(s, lane) as f32;
+                        let min = dmin * scale_byte(8 + s, lane) as f32;
+                        *acc = (isum as f32).mul_add(scale * a.d, *acc);
+                        let bsum = (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32) as f32;
+                        *acc = (-min).mul_add(a.d * bsum, *acc);
+                    }
+                }
+            }
+        }
+    }
+    *out = acc;
+}
+
+/// Broadcasts bytes `4·word..4·word+4` of an activation block's `qs` (from `at`).
+///
+/// # Safety
+/// `at` plus `4·word + 4` bytes must be readable; AVX-512 F present.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn act_word(at: *const u8, word: usize) -> std::arch::x86_64::__m512i {
+    // SAFETY: per the contract; `[u8; 4]` needs no alignment.
+    unsafe { std::arch::x86_64::_mm512_set1_epi32(i32::from_le_bytes(*at.wrapping_add(4 * word).cast::<[u8; 4]>())) }
+}
+
+/// Prefetches one sub-block's quant lines a dozen sub-blocks ahead (decode streams the
+/// weights from memory; see `x86.rs`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn prefetch_ahead(sub: *const u8, sub_bytes: usize) {
+    use std::arch::x86_64::*;
+    for line in 0..sub_bytes / 64 {
+        // A prefetch is only a hint: any address is allowed.
+        _mm_prefetch::<_MM_HINT_T0>(sub.wrapping_add(12 * sub_bytes + line * 64).cast());
+    }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VNNI + F16C present; `tile` is a Q6_K tile of `kb` superblocks laid
+/// out as `PackedKQuant::from_ggml` does (64-byte aligned); each `acts[t]` has `kb`
+/// blocks; `out` has `T` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6k_avx512<const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    scales_offset: usize,
+    qs_offset: usize,
+    acts: [*const SuperAct; T],
+    out: *mut [f32; TILE],
+) {
+    use std::arch::x86_64::*;
+    const SUB_BYTES: usize = 3 * 64;
+    let low4 = _mm512_set1_epi8(0x0F);
+    let high2 = _mm512_set1_epi8(0x30);
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut d = tile;
+    let mut sc = tile.wrapping_add(scales_offset);
+    let mut q = tile.wrapping_add(qs_offset);
+    let mut a = acts;
+    for _ in 0..kb {
+        // SAFETY: `d`, `sc`, `q` and `a[t]` point at superblock b of their sections,
+        // in bounds and aligned (64 for the qs vectors, 16 for each sub's scales).
+        unsafe {
+            let dw = _mm512_cvtph_ps(_mm256_load_si256(d.cast()));
+            for s in 0..16 {
+                let v = q.wrapping_add(s * SUB_BYTES);
+                prefetch_ahead(v, SUB_BYTES);
+                let lo01 = _mm512_load_si512(v.cast());
+                let lo23 = _mm512_load_si512(v.wrapping_add(64).cast());
+                let hi = _mm512_load_si512(v.wrapping_add(128).cast());
+                let w0 = _mm512_or_si512(
+                    _mm512_and_si512(lo01, low4),
+                    _mm512_and_si512(_mm512_slli_epi16::<4>(hi), high2),
+                );
+                let w1 = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(lo01), low4),
+                    _mm512_and_si512(_mm512_slli_epi16::<2>(hi), high2),
+                );
+                let w2 = _mm512_or_si512(_mm512_and_si512(lo23, low4), _mm512_and_si512(hi, high2));
+                let w3 = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(lo23), low4),
+                    _mm512_and_si512(_mm512_srli_epi16::<2>(hi), high2),
+                );
+                let scale_i8 = _mm_load_si128(sc.wrapping_add(s * TILE).cast());
+                let scale = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(scale_i8)));
+                for t in 0..T {
+                    let at = a[t].cast::<u8>().wrapping_add(s * 16);
+                    let mut isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, act_word(at, 0));
+                    isum = _mm512_dpbusd_epi32(isum, w1, act_word(at, 1));
+                    isum = _mm512_dpbusd_epi32(isum, w2, act_word(at, 2));
+                    isum = _mm512_dpbusd_epi32(isum, w3, act_word(at, 3));
+                    let act = &*a[t];
+                    let f = _mm512_sub_ps(
+                        _mm512_cvtepi32_ps(isum),
+                        _mm512_set1_ps(32.0 * act.bsums[s] as f32),
+                    );
+                    acc[t] = _mm512_fmadd_ps(f, _mm512_mul_ps(scale, _mm512_set1_ps(act.d)), acc[t]);
+                }
+            }
+        }
+        d = d.wrapping_add(TILE * 2);
+        sc = sc.wrapping_add(SCALE_BYTES * TILE);
+        q = q.wrapping_add(16 * SUB_BYTES);
+        a = a.map(|p| p.wrapping_add(1));
+    }
+    for t in 0..T {
+        // SAFETY: `out` has T rows of 16 floats.
+        unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), acc[t]) };
+    }
+}
+
+/// # Safety
+/// As `q6k_avx512`, for a Q4_K tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4k_avx512<const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    scales_offset: usize,
+    qs_offset: usize,
+    acts: [*const SuperAct; T],
+    out: *mut [f32; TILE],
+) {
+    use std::arch::x86_64::*;
+    const SUB_BYTES: usize = 4 * 64;
+    let low4 = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut d = tile;
+    let mut sc = tile.wrapping_add(scales_offset);
+    let mut q = tile.wrapping_add(qs_offset);
+    let mut a = acts;
+    for _ in 0..kb {
+        // SAFETY: as in `q6k_avx512`; the d section holds d then dmin per block.
+        unsafe {
+            let dw = _mm512_cvtph_ps(_mm256_load_si256(d.cast()));
+            let dminw = _mm512_cvtph_ps(_mm256_load_si256(d.wrapping_add(TILE * 2).cast()));
+            for s in 0..8 {
+                let v = q.wrapping_add(s * SUB_BYTES);
+                prefetch_ahead(v, SUB_BYTES);
+                let mut w = [_mm512_setzero_si512(); 8];
+                for p in 0..4 {
+                    let packed = _mm512_load_si512(v.wrapping_add(p * 64).cast());
+                    w[p] = _mm512_and_si512(packed, low4);
+                    w[p + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low4);
+                }
+                let code = |j: usize| {
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(sc.wrapping_add(j * TILE).cast())))
+                };
+                let scale = _mm512_mul_ps(dw, code(s));
+                let min = _mm512_mul_ps(dminw, code(8 + s));
+                for t in 0..T {
+                    let at = a[t].cast::<u8>().wrapping_add(s * 32);
+                    let mut isum = _mm512_setzero_si512();
+                    for (g, wg) in w.iter().enumerate() {
+                        isum = _mm512_dpbusd_epi32(isum, *wg, act_word(at, g));
+                    }
+                    let act = &*a[t];
+                    acc[t] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(isum),
+                        _mm512_mul_ps(scale, _mm512_set1_ps(act.d)),
+                        acc[t],
+                    );
+                    let bsum = (act.bsums[2 * s] as i32 + act.bsums[2 * s + 1] as i32) as f32;
+                    acc[t] = _mm512_fnmadd_ps(min, _mm512_set1_ps(act.d * bsum), acc[t]);
+                }
+            }
+        }
+        d = d.wrapping_add(2 * TILE * 2);
+        sc = sc.wrapping_add(SCALE_BYTES * TILE);
+        q = q.wrapping_add(8 * SUB_BYTES);
+        a = a.map(|p| p.wrapping_add(1));
+    }
+    for t in 0..T {
+        // SAFETY: `out` has T rows of 16 floats.
+        unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), acc[t]) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Our Q8_K blocks hold exactly candle's bytes (`d`, `qs`, `bsums`, repr(C)).
+    #[test]
+    fn q8k_quantization_matches_candle() {
+        let mut x = values(4 * QK_K, 3);
+        x[5] = 9.0; // a block whose extreme is positive
+        x[QK_K + 7] = -9.0; // and one whose extreme is negative
+        x[2 * QK_K..3 * QK_K].fill(0.0); // and an all-zero block
+        let t = Tensor::from_slice(&x, (1, x.len()), &Device::Cpu).unwrap();
+        let want = QTensor::quantize(&t, GgmlDType::Q8K).unwrap().data().unwrap().to_vec();
+        let mut ours = vec![SuperAct::default(); 4];
+        quantize_row_q8k(&x, &mut ours);
+        for (b, blk) in ours.iter().enumerate() {
+            let w = &want[b * 292..(b + 1) * 292];
+            assert_eq!(blk.d.to_le_bytes(), w[0..4], "block {b}: d");
+            assert!(blk.qs.iter().zip(&w[4..260]).all(|(&q, &c)| q as u8 == c), "block {b}: qs");
+            let bsums: Vec<u8> = blk.bsums.iter().flat_map(|s| s.to_le_bytes()).collect();
+            assert_eq!(bsums, w[260..292], "block {b}: bsums");
+        }
+    }
+
+    /// Repacking then reading rows back gives ggml's blocks, scales and mins included.
+    #[test]
+    fn rows_read_back_as_ggml_blocks() {
+        for format in [KFormat::Q4K, KFormat::Q6K] {
+            let (rows, cols) = (32, 512);
+            let w = Tensor::from_vec(values(rows * cols, 9), (rows, cols), &Device::Cpu).unwrap();
+            let data = QTensor::quantize(&w, format.dtype()).unwrap().data().unwrap().to_vec();
+            let packed = PackedKQuant::from_ggml(format, rows, cols, &data).unwrap();
+            let all: Vec<u32> = (0..rows as u32).collect();
+            assert_eq!(packed.ggml_rows(&all).unwrap(), data, "{format:?}");
+            assert!(packed.ggml_rows(&[rows as u32]).is_err());
+            assert!(PackedKQuant::from_ggml(format, rows, cols, &data[1..]).is_err());
+            assert!(PackedKQuant::from_ggml(format, rows, 100, &data).is_err());
+        }
+    }
+}
