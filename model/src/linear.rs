@@ -518,10 +518,11 @@ mod tests {
     }
 
     /// Gemma 3's real shapes (640 and 2048 wide, hence Q5_0 rather than a K-quant) and
-    /// odd ones: every tier against candle's scalar Q5_0, bit for bit.
+    /// odd ones: every tier against candle's scalar Q5_0, bit for bit. (candle asserts
+    /// an even block count in debug builds, so the reference needs one; ours does not.)
     #[test]
     fn q5_0_matches_candle() {
-        for (i, &(rows, cols)) in [(1024, 640), (2048, 640), (640, 2048), (40, 96), (17, 32)]
+        for (i, &(rows, cols)) in [(1024, 640), (2048, 640), (640, 2048), (40, 128), (17, 64)]
             .iter()
             .enumerate()
         {
