@@ -2,8 +2,10 @@
 //!
 //! On CPU, Q4_0 / Q4_1 / Q5_0 / Q8_0 weights are repacked at load into 16-row tiles and
 //! run by our own kernels (`packed.rs`, `x86.rs`): candle 0.11.1's Q4_1 and Q5_0 dot
-//! products are scalar, and its Q4_0/Q8_0 ones reduce one row at a time. Its K-quants
-//! (Q4_K, Q5_K, Q6_K) already run repacked VNNI/AVX2 tiles and stay there. Activations are quantized
+//! products are scalar, and its Q4_0/Q8_0 ones reduce one row at a time. Q4_K, Q6_K
+//! and 256-wide Q8_0 run on `kquant.rs`'s kernels, which reproduce candle's repacked
+//! VNNI ones over a single copy of the weights (candle keeps a second, larger one).
+//! Q5_K stays on candle's AVX2 dot product. Activations are quantized
 //! exactly as candle/ggml do, and the kernels repeat candle's float operations in
 //! candle's order, so results are bit-identical to `QMatMul`'s: activations are
 //! re-quantized to 8 bits at every layer, and any last-bit difference can change the
@@ -142,16 +144,22 @@ impl Linear {
         // Q4_0/Q8_0 its AVX2 dot products (one FMA chain per 4-element group). The SIMD
         // levels need AVX2+FMA, so candle runs those same AVX2 dot products wherever
         // they run. The scalar level can reproduce either candle path, but on a CPU
-        // without AVX2 it is no faster than candle's own, so Q4_0/Q8_0 stay there, as
-        // do Q8_0 shapes that candle sends to its repacked VNNI kernels instead.
+        // without AVX2 it is no faster than candle's own, so Q4_0/Q8_0 stay there. Q8_0
+        // shapes that candle sends to its repacked VNNI kernels, and Q4_K/Q6_K, take
+        // `kquant.rs`'s kernels, which reproduce those (with AVX-512 VNNI; elsewhere
+        // they stay on candle).
         let format = Format::from_dtype(weight.dtype()).filter(|f| {
             weight.device().is_cpu()
                 && (matches!(f, Format::Q4_1 | Format::Q5_0)
                     || (Level::detect() != Level::Scalar
                         && !packed::candle_repacks(*f, out_features, in_features)))
         });
-        let kquant = KFormat::from_dtype(weight.dtype()).filter(|_| {
-            weight.device().is_cpu() && PackedKQuant::serves(out_features, in_features)
+        // K-quants, and Q8_0 shapes candle runs on its repacked VNNI kernels, take ours
+        // where they reproduce candle's (see `kquant.rs`).
+        let kquant = KFormat::from_dtype(weight.dtype()).filter(|k| {
+            weight.device().is_cpu()
+                && PackedKQuant::serves(out_features, in_features)
+                && (*k != KFormat::Q8_0 || packed::candle_repacks(Format::Q8_0, out_features, in_features))
         });
         let tiles = if let Some(k) = kquant {
             Tiles::KQuant(PackedKQuant::from_ggml(k, out_features, in_features, &weight.data()?)?)
@@ -316,7 +324,9 @@ mod tests {
 
     fn pack(q: &QTensor) -> Tiles {
         let (rows, cols) = q.shape().dims2().unwrap();
-        if let Some(k) = KFormat::from_dtype(q.dtype()) {
+        let kquant = KFormat::from_dtype(q.dtype())
+            .filter(|k| *k != KFormat::Q8_0 || packed::candle_repacks(Format::Q8_0, rows, cols));
+        if let Some(k) = kquant {
             return Tiles::KQuant(PackedKQuant::from_ggml(k, rows, cols, &q.data().unwrap()).unwrap());
         }
         let format = Format::from_dtype(q.dtype()).unwrap();
@@ -530,8 +540,8 @@ mod tests {
         }
     }
 
-    /// Q4_K and Q6_K against candle's repacked kernels (which candle runs for Q6_K
-    /// from two rows on), every tier, one row included: a lone row is compared with
+    /// Q4_K, Q6_K and Q8_0 (256-wide multiples) against candle's repacked kernels
+    /// (which candle runs for Q6_K from two rows on), every tier, one row included: a lone row is compared with
     /// candle's result for that row doubled, the reference `RowPath::NeverAlone` took.
     #[test]
     fn k_quants_match_candles_repacked_kernels() {
@@ -540,7 +550,7 @@ mod tests {
             return;
         }
         let cases = [(640, 2048), (256, 1024), (48, 256)];
-        for (i, (dtype, (rows, cols))) in [GgmlDType::Q4K, GgmlDType::Q6K]
+        for (i, (dtype, (rows, cols))) in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0]
             .into_iter()
             .flat_map(|d| cases.map(|c| (d, c)))
             .enumerate()

@@ -51,13 +51,18 @@ use crate::error::{Error, Result};
 pub(crate) const QK_K: usize = 256;
 /// Q8_K keeps one sum per 16 values.
 const BSUMS: usize = QK_K / 16;
-/// Scale bytes per row and superblock in the tile (both formats).
+/// Scale bytes per row and superblock in the tile (Q4_K, Q6_K).
 const SCALE_BYTES: usize = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum KFormat {
     Q4K,
     Q6K,
+    /// Q8_0 seen eight blocks at a time, as candle's repacked VNNI kernel sees it
+    /// (`q8_0_tile2`: Q8_K activations, `acc = fma(f32(isum) − 128·bsum, d·d_y, acc)`
+    /// per 32-value block over the weights stored `q + 128`), for the shapes candle
+    /// sends there (columns a multiple of 256).
+    Q8_0,
 }
 
 impl KFormat {
@@ -65,6 +70,7 @@ impl KFormat {
         match dtype {
             GgmlDType::Q4K => Some(Self::Q4K),
             GgmlDType::Q6K => Some(Self::Q6K),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
             _ => None,
         }
     }
@@ -73,29 +79,37 @@ impl KFormat {
         match self {
             Self::Q4K => GgmlDType::Q4K,
             Self::Q6K => GgmlDType::Q6K,
+            Self::Q8_0 => GgmlDType::Q8_0,
         }
     }
 
-    /// ggml's block: Q4_K d, dmin (f16), scales[12], qs[128]; Q6_K ql[128], qh[64],
-    /// scales[16] (i8), d (f16).
+    /// ggml's bytes for 256 values of a row: Q4_K d, dmin (f16), scales[12], qs[128];
+    /// Q6_K ql[128], qh[64], scales[16] (i8), d (f16); Q8_0 eight blocks of d (f16),
+    /// qs[32].
     fn ggml_block_bytes(self) -> usize {
         match self {
             Self::Q4K => 144,
             Self::Q6K => 210,
+            Self::Q8_0 => 8 * 34,
         }
     }
 
     /// f16 values per row and superblock in the `d` section.
     fn f16s(self) -> usize {
+        self.ggml_f16_at().len()
+    }
+
+    /// Scale bytes per row and superblock in the `scales` section.
+    fn scale_bytes(self) -> usize {
         match self {
-            Self::Q4K => 2,
-            Self::Q6K => 1,
+            Self::Q4K | Self::Q6K => SCALE_BYTES,
+            Self::Q8_0 => 0,
         }
     }
 
     fn subs(self) -> usize {
         match self {
-            Self::Q4K => 8,
+            Self::Q4K | Self::Q8_0 => 8,
             Self::Q6K => 16,
         }
     }
@@ -105,6 +119,7 @@ impl KFormat {
         match self {
             Self::Q4K => 4 * 64,
             Self::Q6K => 3 * 64,
+            Self::Q8_0 => 8 * 64,
         }
     }
 
@@ -112,9 +127,11 @@ impl KFormat {
         self.subs() * self.sub_bytes()
     }
 
-    /// Value `v` (0..256) of a ggml block as its unsigned code (4 or 6 bits).
+    /// Value `v` (0..256) of a ggml block as its unsigned code (4, 6 or 8 bits; Q8_0's
+    /// `q + 128`).
     fn ggml_value(self, blk: &[u8], v: usize) -> u8 {
         match self {
+            Self::Q8_0 => blk[(v / 32) * 34 + 2 + v % 32] ^ 0x80,
             Self::Q4K => {
                 let (chunk, within) = (v / 64, v % 64);
                 let byte = blk[16 + 32 * chunk + within % 32];
@@ -140,6 +157,7 @@ impl KFormat {
     /// `blk` starts zeroed).
     fn set_ggml_value(self, blk: &mut [u8], v: usize, u: u8) {
         match self {
+            Self::Q8_0 => blk[(v / 32) * 34 + 2 + v % 32] = u ^ 0x80,
             Self::Q4K => {
                 let (chunk, within) = (v / 64, v % 64);
                 let shift = if within < 32 { 0 } else { 4 };
@@ -156,32 +174,38 @@ impl KFormat {
     }
 
     /// Where value `v` of row `lane` sits in a superblock's qs: the byte holding its
-    /// low four bits and their shift, then (Q6_K) the byte holding its two high bits
-    /// and their shift.
-    fn qs_position(self, v: usize, lane: usize) -> (usize, usize, Option<(usize, usize)>) {
+    /// low bits and their shift and width, then (Q6_K) the byte holding its two high
+    /// bits and their shift.
+    fn qs_position(self, v: usize, lane: usize) -> ((usize, usize, u8), Option<(usize, usize)>) {
+        let (sub_values, s) = (QK_K / self.subs(), v / (QK_K / self.subs()));
+        let (g, k) = ((v % sub_values) / 4, v % 4);
+        let byte = lane * 4 + k;
         match self {
-            Self::Q4K => {
-                let (s, within) = (v / 32, v % 32);
-                let (g, k) = (within / 4, within % 4);
-                let at = s * 256 + (g % 4) * 64 + lane * 4 + k;
-                (at, 4 * (g / 4), None)
-            }
-            Self::Q6K => {
-                let (s, within) = (v / 16, v % 16);
-                let (g, k) = (within / 4, within % 4);
-                let byte = lane * 4 + k;
-                (s * 192 + (g / 2) * 64 + byte, 4 * (g % 2), Some((s * 192 + 128 + byte, 2 * g)))
-            }
+            Self::Q4K => ((s * 256 + (g % 4) * 64 + byte, 4 * (g / 4), 0x0F), None),
+            Self::Q6K => (
+                (s * 192 + (g / 2) * 64 + byte, 4 * (g % 2), 0x0F),
+                Some((s * 192 + 128 + byte, 2 * g)),
+            ),
+            Self::Q8_0 => ((s * 512 + g * 64 + byte, 0, 0xFF), None),
         }
     }
 
     /// Code of value `v` of row `lane` in a tile superblock's qs.
     fn tile_value(self, qs: &[u8], v: usize, lane: usize) -> u8 {
-        let (low_at, low_shift, high) = self.qs_position(v, lane);
-        let low = (qs[low_at] >> low_shift) & 0x0F;
+        let ((at, shift, mask), high) = self.qs_position(v, lane);
+        let low = (qs[at] >> shift) & mask;
         match high {
             Some((at, shift)) => low | (((qs[at] >> shift) & 3) << 4),
             None => low,
+        }
+    }
+
+    /// Puts code `u` of value `v` of row `lane` into a zeroed tile superblock's qs.
+    fn put_tile_value(self, qs: &mut [u8], v: usize, lane: usize, u: u8) {
+        let ((at, shift, mask), high) = self.qs_position(v, lane);
+        qs[at] |= (u & mask) << shift;
+        if let Some((at, shift)) = high {
+            qs[at] |= (u >> 4) << shift;
         }
     }
 
@@ -191,6 +215,7 @@ impl KFormat {
     fn tile_scales(self, blk: &[u8]) -> [u8; SCALE_BYTES] {
         let mut out = [0u8; SCALE_BYTES];
         match self {
+            Self::Q8_0 => {}
             Self::Q6K => out.copy_from_slice(&blk[192..208]),
             Self::Q4K => {
                 let sc = &blk[4..16];
@@ -211,6 +236,7 @@ impl KFormat {
     /// The inverse of `tile_scales`, into a zeroed ggml block.
     fn set_ggml_scales(self, blk: &mut [u8], scales: &[u8; SCALE_BYTES]) {
         match self {
+            Self::Q8_0 => {}
             Self::Q6K => blk[192..208].copy_from_slice(scales),
             Self::Q4K => {
                 let sc = &mut blk[4..16];
@@ -234,6 +260,7 @@ impl KFormat {
         match self {
             Self::Q4K => &[0, 2],
             Self::Q6K => &[208],
+            Self::Q8_0 => &[0, 34, 68, 102, 136, 170, 204, 238],
         }
     }
 }
@@ -340,7 +367,7 @@ impl PackedKQuant {
         }
         let n_tiles = rows.div_ceil(TILE);
         let scales_offset = round_up(kb * TILE * 2 * format.f16s(), 64);
-        let qs_offset = scales_offset + kb * SCALE_BYTES * TILE;
+        let qs_offset = scales_offset + kb * format.scale_bytes() * TILE;
         let tile_stride = qs_offset + kb * format.qs_block_bytes();
         let total = n_tiles
             .checked_mul(tile_stride)
@@ -365,17 +392,14 @@ impl PackedKQuant {
                     let d_at = tile + ((b * format.f16s() + i) * TILE + lane) * 2;
                     bytes[d_at..d_at + 2].copy_from_slice(&blk[at..at + 2]);
                 }
-                for (j, &sc) in format.tile_scales(blk).iter().enumerate() {
-                    bytes[tile + scales_offset + (b * SCALE_BYTES + j) * TILE + lane] = sc;
+                let sb = format.scale_bytes();
+                for (j, &sc) in format.tile_scales(blk).iter().take(sb).enumerate() {
+                    bytes[tile + scales_offset + (b * sb + j) * TILE + lane] = sc;
                 }
                 let qs = tile + qs_offset + b * format.qs_block_bytes();
+                let qs = &mut bytes[qs..qs + format.qs_block_bytes()];
                 for v in 0..QK_K {
-                    let u = format.ggml_value(blk, v);
-                    let (low_at, low_shift, high) = format.qs_position(v, lane);
-                    bytes[qs + low_at] |= (u & 0x0F) << low_shift;
-                    if let Some((at, shift)) = high {
-                        bytes[qs + at] |= (u >> 4) << shift;
-                    }
+                    format.put_tile_value(qs, v, lane, format.ggml_value(blk, v));
                 }
             }
         }
@@ -401,8 +425,13 @@ impl PackedKQuant {
                 for v in 0..QK_K {
                     format.set_ggml_value(&mut blk, v, format.tile_value(qs, v, lane));
                 }
+                let sb = format.scale_bytes();
                 let scales = std::array::from_fn(|j| {
-                    bytes[tile + self.scales_offset + (b * SCALE_BYTES + j) * TILE + lane]
+                    if j < sb {
+                        bytes[tile + self.scales_offset + (b * sb + j) * TILE + lane]
+                    } else {
+                        0
+                    }
                 });
                 format.set_ggml_scales(&mut blk, &scales);
                 for (i, &at) in format.ggml_f16_at().iter().enumerate() {
@@ -533,6 +562,7 @@ impl PackedKQuant {
             match self.format {
                 KFormat::Q4K => run!(q4k_avx512),
                 KFormat::Q6K => run!(q6k_avx512),
+                KFormat::Q8_0 => run!(q8_0_avx512),
             }
             return;
         }
@@ -567,6 +597,13 @@ fn tile_dot_scalar(
                     .sum();
                 let d = f16_at((b * format.f16s() * TILE + lane) * 2);
                 match format {
+                    KFormat::Q8_0 => {
+                        // candle subtracts 128·bsum from the sum over `q + 128`: the
+                        // same exact integer as the sum over the signed `q`.
+                        let f = isum as f32 - 128.0 * (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32) as f32;
+                        let d = f16_at(((b * 8 + s) * TILE + lane) * 2);
+                        *acc = f.mul_add(d * a.d, *acc);
+                    }
                     KFormat::Q6K => {
                         let f = isum as f32 - 32.0 * a.bsums[s] as f32;
                         let scale = scale_byte(s, lane) as i8 as f32;
@@ -754,6 +791,58 @@ unsafe fn q4k_avx512<const T: usize>(
     }
 }
 
+/// # Safety
+/// As `q6k_avx512`, for a Q8_0 tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q8_0_avx512<const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    _scales_offset: usize,
+    qs_offset: usize,
+    acts: [*const SuperAct; T],
+    out: *mut [f32; TILE],
+) {
+    use std::arch::x86_64::*;
+    const BLOCK_BYTES: usize = 8 * 64;
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut d = tile;
+    let mut q = tile.wrapping_add(qs_offset);
+    let mut a = acts;
+    for _ in 0..kb {
+        // SAFETY: as in `q6k_avx512`; the d section holds the eight blocks' scales.
+        unsafe {
+            for blk in 0..8 {
+                let v = q.wrapping_add(blk * BLOCK_BYTES);
+                prefetch_ahead(v, BLOCK_BYTES);
+                let dw = _mm512_cvtph_ps(_mm256_load_si256(d.wrapping_add(blk * TILE * 2).cast()));
+                let mut w = [_mm512_setzero_si512(); 8];
+                for (g, wg) in w.iter_mut().enumerate() {
+                    *wg = _mm512_load_si512(v.wrapping_add(g * 64).cast());
+                }
+                for t in 0..T {
+                    let at = a[t].cast::<u8>().wrapping_add(blk * 32);
+                    let mut isum = _mm512_setzero_si512();
+                    for (g, wg) in w.iter().enumerate() {
+                        isum = _mm512_dpbusd_epi32(isum, *wg, act_word(at, g));
+                    }
+                    let act = &*a[t];
+                    let bsum = (act.bsums[2 * blk] as i32 + act.bsums[2 * blk + 1] as i32) as f32;
+                    let f = _mm512_sub_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(128.0 * bsum));
+                    acc[t] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw, _mm512_set1_ps(act.d)), acc[t]);
+                }
+            }
+        }
+        d = d.wrapping_add(8 * TILE * 2);
+        q = q.wrapping_add(8 * BLOCK_BYTES);
+        a = a.map(|p| p.wrapping_add(1));
+    }
+    for t in 0..T {
+        // SAFETY: `out` has T rows of 16 floats.
+        unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), acc[t]) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
@@ -796,7 +885,7 @@ mod tests {
     /// Repacking then reading rows back gives ggml's blocks, scales and mins included.
     #[test]
     fn rows_read_back_as_ggml_blocks() {
-        for format in [KFormat::Q4K, KFormat::Q6K] {
+        for format in [KFormat::Q4K, KFormat::Q6K, KFormat::Q8_0] {
             let (rows, cols) = (32, 512);
             let w = Tensor::from_vec(values(rows * cols, 9), (rows, cols), &Device::Cpu).unwrap();
             let data = QTensor::quantize(&w, format.dtype()).unwrap().data().unwrap().to_vec();

@@ -122,8 +122,9 @@ impl Format {
 /// Whether candle 0.11.1's `QMatMul` sends an f32 matmul by this `rows × cols` weight
 /// to its repacked x86 kernels (`repack_x86::select` with `repack_x86::level()`): for
 /// Q8_0 it does on AVX-512 VNNI or AVX-VNNI machines when `cols` is a multiple of 256
-/// and `rows` of 16. Those kernels use Q8_K activations and another order, which we do
-/// not reproduce, so such weights must stay on candle. Q4_0/Q4_1 never go there.
+/// and `rows` of 16. Those kernels use Q8_K activations and another order, which these
+/// 32-value tiles do not reproduce: such weights go to `kquant.rs` (which does) or stay
+/// on candle. Q4_0/Q4_1 never go there.
 pub(crate) fn candle_repacks(format: Format, rows: usize, cols: usize) -> bool {
     if format != Format::Q8_0 || cols == 0 || !cols.is_multiple_of(256) || !rows.is_multiple_of(16)
     {
