@@ -185,6 +185,19 @@ impl Layer {
         let skip = first_key.checked_sub(history.first).ok_or_else(|| {
             Error::BadInput(format!("positions from {first_key} are needed, the cache holds them from {}", history.first))
         })?;
+        if q.device().is_cpu() {
+            // Row by row in a fixed order: exact whatever the step's length (see
+            // `attention.rs`).
+            return crate::attention::attend(&crate::attention::Attend {
+                q,
+                k: &history.k,
+                v: &history.v,
+                first: history.first,
+                position: span.position,
+                window: self.window,
+                scale: self.scale as f32,
+            });
+        }
         let total = history.k.dim(1)? - skip;
         let (k, v) = (history.k.narrow(1, skip, total)?, history.v.narrow(1, skip, total)?);
         let group = self.heads / self.kv_heads;

@@ -110,6 +110,38 @@ fn row_stats(logits: &[f32]) -> RowStats {
     RowStats { max, argmax, sum_exp }
 }
 
+/// One position scored: the log-probability of the token that follows it, and the
+/// most likely tokens with theirs (the argmax first; equal logits keep the lower id
+/// first). Computed as [`Perplexity::add`] computes it, so a perplexity summed from
+/// `-logprob` equals one summed from the logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowScore {
+    pub logprob: f64,
+    pub top: Vec<(u32, f64)>,
+}
+
+/// Scores `target` under one position's `logits`, with its `top_k` most likely tokens
+/// (at least the argmax). `None` when `target` is not in the vocabulary.
+pub fn score_row(logits: &[f32], target: u32, top_k: usize) -> Option<RowScore> {
+    let target_logit = *logits.get(target as usize)?;
+    let RowStats { max, argmax, sum_exp } = row_stats(logits);
+    let ln_sum = sum_exp.ln();
+    let logprob = |l: f32| f64::from(l - max) - ln_sum;
+    let mut top = vec![(argmax as u32, logprob(max))];
+    if top_k > 1 {
+        let mut ids: Vec<u32> = (0..logits.len() as u32).filter(|&i| i as usize != argmax).collect();
+        let k = (top_k - 1).min(ids.len());
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        if k < ids.len() {
+            ids.select_nth_unstable_by(k, by_logit);
+            ids.truncate(k);
+        }
+        ids.sort_by(by_logit);
+        top.extend(ids.into_iter().map(|i| (i, logprob(logits[i as usize]))));
+    }
+    Some(RowScore { logprob: logprob(target_logit), top })
+}
+
 /// Running perplexity over the scored positions.
 #[derive(Debug, Clone, Default)]
 pub struct Perplexity {
@@ -123,10 +155,16 @@ impl Perplexity {
     pub fn add(&mut self, logits: &[f32], target: u32) -> f64 {
         let RowStats { max, sum_exp, .. } = row_stats(logits);
         let nll = -(f64::from(logits[target as usize] - max) - sum_exp.ln());
+        self.add_nll(nll);
+        nll
+    }
+
+    /// Adds one position's negative log-likelihood computed elsewhere (by
+    /// [`score_row`], for instance on a pipeline's last stage).
+    pub fn add_nll(&mut self, nll: f64) {
         self.nll += nll;
         self.nll2 += nll * nll;
         self.count += 1;
-        nll
     }
 
     pub fn count(&self) -> usize {

@@ -327,7 +327,21 @@ impl Stage {
     /// Runs `steps` (at most one per sequence) as one batch and returns one output per
     /// step, in order. Every step is checked first; nothing runs if one is bad.
     pub fn forward(&mut self, steps: &[StageStep]) -> Result<Vec<StageOutput>> {
-        self.forward_with(steps, Logits::LastPosition)
+        self.forward_with(steps, &vec![LogitRows::Last; steps.len()])
+    }
+
+    /// As [`Self::forward`], choosing per step which rows the last stage returns logits
+    /// for: `LogitRows::Every` gives that step `[len, vocab]` (scoring a prompt), and
+    /// `Last` its last row as `forward` does. The arithmetic of a row does not depend
+    /// on the choice.
+    pub fn forward_rows(&mut self, steps: &[StageStep], rows: &[LogitRows]) -> Result<Vec<StageOutput>> {
+        if rows.len() != steps.len() {
+            return Err(Error::BadInput(format!("{} logit choices for {} steps", rows.len(), steps.len())));
+        }
+        if !self.is_last() && rows.contains(&LogitRows::Every) {
+            return Err(Error::BadInput("only the last stage has logits".into()));
+        }
+        self.forward_with(steps, rows)
     }
 
     /// Runs one step on the last stage and returns the logits of every one of its
@@ -337,13 +351,13 @@ impl Stage {
         if !self.is_last() {
             return Err(Error::BadInput("only the last stage has logits".into()));
         }
-        match self.forward_with(std::slice::from_ref(step), Logits::EveryPosition)?.pop() {
+        match self.forward_with(std::slice::from_ref(step), &[LogitRows::Every])?.pop() {
             Some(StageOutput::Logits(logits)) => Ok(logits),
             _ => Err(Error::BadInput("the step produced no logits".into())),
         }
     }
 
-    fn forward_with(&mut self, steps: &[StageStep], logits: Logits) -> Result<Vec<StageOutput>> {
+    fn forward_with(&mut self, steps: &[StageStep], logits: &[LogitRows]) -> Result<Vec<StageOutput>> {
         for (i, step) in steps.iter().enumerate() {
             self.check(step)?;
             if steps[..i].iter().any(|s| s.seq == step.seq) {
@@ -379,9 +393,9 @@ impl Stage {
             done += chunk;
         }
         let mut results = Vec::with_capacity(steps.len());
-        for parts in pieces {
+        for (parts, rows) in pieces.into_iter().zip(logits) {
             let last = parts.last().cloned().ok_or_else(|| Error::BadInput("empty step".into()))?;
-            results.push(if self.is_last() && (logits == Logits::LastPosition || parts.len() == 1) {
+            results.push(if self.is_last() && (*rows == LogitRows::Last || parts.len() == 1) {
                 StageOutput::Logits(last)
             } else if self.is_last() {
                 StageOutput::Logits(Tensor::cat(&parts, 0)?)
@@ -395,12 +409,13 @@ impl Stage {
     }
 
     /// One batched forward over `(step index, offset, len)` slices of the steps.
-    /// Returns per slice the hidden states, or the last token's logits on the last stage.
+    /// Returns per slice the hidden states, or on the last stage the logits of the rows
+    /// `logits[step index]` asks for.
     fn forward_round(
         &mut self,
         steps: &[StageStep],
         round: &[(usize, usize, usize)],
-        logits: Logits,
+        logits: &[LogitRows],
     ) -> Result<Vec<Tensor>> {
         let mut inputs = Vec::with_capacity(round.len());
         let mut spans = Vec::with_capacity(round.len());
@@ -451,13 +466,25 @@ impl Stage {
                         None => logits,
                     })
                 };
-                if logits == Logits::EveryPosition {
-                    return spans.iter().map(|s| rows(&x.narrow(0, s.offset, s.len)?)).collect();
-                }
-                let lasts: Vec<Tensor> =
-                    spans.iter().map(|s| x.narrow(0, s.offset + s.len - 1, 1)).collect::<candle_core::Result<_>>()?;
-                let logits = rows(&Tensor::cat(&lasts, 0)?)?;
-                (0..spans.len()).map(|i| Ok(logits.get(i)?)).collect()
+                // Every row the round needs goes through the head in one batch (its
+                // rows are computed independently of each other, see `Linear`).
+                let every: Vec<bool> = round.iter().map(|&(i, _, _)| logits[i] == LogitRows::Every).collect();
+                let picked: Vec<Tensor> = spans
+                    .iter()
+                    .zip(&every)
+                    .map(|(s, &all)| if all { x.narrow(0, s.offset, s.len) } else { x.narrow(0, s.offset + s.len - 1, 1) })
+                    .collect::<candle_core::Result<_>>()?;
+                let out = rows(&if picked.len() == 1 { picked[0].clone() } else { Tensor::cat(&picked, 0)? })?;
+                let mut at = 0;
+                spans
+                    .iter()
+                    .zip(&every)
+                    .map(|(s, &all)| {
+                        let t = if all { out.narrow(0, at, s.len)? } else { out.get(at)? };
+                        at += if all { s.len } else { 1 };
+                        Ok(t)
+                    })
+                    .collect()
             }
         }
     }
@@ -465,9 +492,11 @@ impl Stage {
 
 /// Which positions of a step the last stage computes logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Logits {
-    LastPosition,
-    EveryPosition,
+pub enum LogitRows {
+    /// The last position only (`[vocab]`): what sampling needs.
+    Last,
+    /// Every position (`[len, vocab]`): what scoring a prompt needs.
+    Every,
 }
 
 /// Bytes of the parts a stage holds, and of those it read itself.

@@ -20,7 +20,7 @@ use std::time::Instant;
 use strata_model::shard_file::ShardOrigin;
 use strata_model::stage::{LayerKv, StageOptions, WeightSources};
 use strata_model::{
-    Device, ModelFile, Sampler, SamplingParams, Stage, StageInput, StageOutput, StageStep, Tensor,
+    Device, LogitRows, ModelFile, Sampler, SamplingParams, Stage, StageInput, StageOutput, StageStep, Tensor,
     WeightStore,
 };
 use strata_proto::v1::{self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype};
@@ -265,6 +265,36 @@ struct Ready {
     position: usize,
     tokens: Vec<u32>,
     sample: bool,
+    score: Option<ScoreRequest>,
+}
+
+/// A frame's request to score its rows (see `ActivationFrame.score`).
+#[derive(Clone, Copy)]
+struct ScoreRequest {
+    next_token: Option<u32>,
+    top: usize,
+}
+
+/// Most likely tokens a scored position reports at most (OpenAI's `top_logprobs` limit).
+const MAX_SCORE_TOP: u32 = 20;
+
+/// The scores a scored frame reports: row `j` predicts `tokens[j + 1]`, the last row
+/// `next_token` when the frame names it.
+fn score_rows(r: &Ready, rows: &[Vec<f32>], request: ScoreRequest) -> Result<v1::PromptScores, String> {
+    let targets = r.tokens.iter().skip(1).copied().chain(request.next_token);
+    let scores = rows
+        .iter()
+        .zip(targets)
+        .map(|(logits, target)| {
+            let score = strata_model::perplexity::score_row(logits, target, request.top)
+                .ok_or_else(|| format!("token {target} is outside the vocabulary"))?;
+            Ok(v1::PositionScore {
+                logprob: score.logprob,
+                top: score.top.into_iter().map(|(token, logprob)| v1::TokenLogprob { token, logprob }).collect(),
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(v1::PromptScores { seq_id: r.seq, position: r.position as u32, scores })
 }
 
 struct Compute {
@@ -439,6 +469,16 @@ impl Compute {
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
             StageInput::Hidden(t)
         };
+        if frame.score_top > MAX_SCORE_TOP {
+            return Err((
+                ErrorCode::BadFrame,
+                format!("sequence {seq}: score_top {} is above {MAX_SCORE_TOP}", frame.score_top),
+            ));
+        }
+        let score = frame.score.then(|| ScoreRequest {
+            next_token: frame.next_token,
+            top: frame.score_top.max(1) as usize,
+        });
         let step = StageStep {
             seq,
             position: frame.position as usize,
@@ -469,6 +509,7 @@ impl Compute {
                 position: frame.position as usize,
                 tokens: frame.tokens,
                 sample: frame.sample,
+                score,
             },
         ))
     }
@@ -479,7 +520,12 @@ impl Compute {
         // Busy time starts once the cores are ours.
         let started = Instant::now();
         let tokens: usize = steps.iter().map(|s| s.input.len().unwrap_or(0)).sum();
-        let result = self.stage.forward(&steps);
+        // Scored frames need every row's logits on the last stage; the rest only the last.
+        let rows: Vec<LogitRows> = ready
+            .iter()
+            .map(|r| if r.score.is_some() && self.stage.is_last() { LogitRows::Every } else { LogitRows::Last })
+            .collect();
+        let result = self.stage.forward_rows(&steps, &rows);
         drop(guard);
         match result {
             Ok(outputs) => {
@@ -529,6 +575,9 @@ impl Compute {
                     hidden: Some(hidden),
                     sample: r.sample,
                     sent_unix_nanos: unix_nanos(),
+                    score: r.score.is_some(),
+                    next_token: r.score.and_then(|s| s.next_token),
+                    score_top: r.score.map_or(0, |s| s.top as u32),
                 };
                 self.send_next(
                     StageMessage {
@@ -544,13 +593,24 @@ impl Compute {
                 };
                 sequence.history.truncate(r.position);
                 sequence.history.extend_from_slice(&r.tokens);
+                let logits = match r.score {
+                    Some(request) => {
+                        let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
+                        self.hub.emit(worker_event::Kind::Scores(score_rows(&r, &rows, request)?));
+                        rows.into_iter().last().ok_or("a scored frame gave no logits")?
+                    }
+                    None if !r.sample => return Ok(()),
+                    None => logits.to_vec1::<f32>().map_err(|e| e.to_string())?,
+                };
                 if !r.sample {
                     return Ok(());
                 }
+                let Some(sequence) = self.sequences.get_mut(&r.seq) else {
+                    return Ok(());
+                };
                 let Some(sampler) = &sequence.sampler else {
                     return Err("no sampler for the sequence".into());
                 };
-                let logits = logits.to_vec1::<f32>().map_err(|e| e.to_string())?;
                 let position = sequence.history.len();
                 let token = sampler
                     .sample(&logits, &sequence.history, position)
@@ -567,6 +627,7 @@ impl Compute {
                         hidden: None,
                         sample: true,
                         sent_unix_nanos,
+                        ..Default::default()
                     };
                     let message = StageMessage {
                         kind: Some(stage_message::Kind::Frame(frame)),

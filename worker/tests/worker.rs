@@ -230,6 +230,7 @@ impl Sender {
             hidden,
             sample,
             sent_unix_nanos: 0,
+            ..Default::default()
         }));
     }
 }

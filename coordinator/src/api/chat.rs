@@ -174,7 +174,7 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let Begun { request_id, fields, card, options } = begin(&state, body)?;
+    let Begun { request_id, fields, card, options } = begin(&state, body, &[])?;
     // `max_completion_tokens` replaced `max_tokens` in OpenAI's chat API; the newer wins.
     let requested = match params::max_tokens(&fields, "max_completion_tokens")? {
         Some(n) => Some(("max_completion_tokens", n)),
@@ -197,7 +197,7 @@ pub(super) async fn create(
     // Without a limit, the answer may fill the context.
     let max_tokens =
         params::fit_in_context(prompt_tokens.len(), requested, usize::MAX, &state.engine.limits(), "messages")?;
-    let mut generation = start(state.engine.as_ref(), &request_id, prompt_tokens, max_tokens, &options)?;
+    let mut generation = start(state.engine.as_ref(), &request_id, prompt_tokens, max_tokens, &options, None)?;
     let id = format!("chatcmpl-{request_id}");
     let created = unix_now();
     if options.stream {

@@ -1,6 +1,14 @@
 //! `POST /v1/completions`: continue a raw prompt.
 //!
 //! The prompt is a string, an array of token ids, or a one-element array of either.
+//!
+//! `echo` puts the prompt before the generated text. With `logprobs: N` (0 to 20) and
+//! `max_tokens: 0` it scores the prompt, as evaluation harnesses and `strata
+//! perplexity --coordinator` ask: each prompt token's log-probability given the ones
+//! before it, and the `N` most likely tokens at each position, computed on the
+//! pipeline's last stage. `return_tokens_as_token_ids` (vLLM's extension) names tokens
+//! `token_id:ID` instead of by text, which is unambiguous. Logprobs of generated tokens
+//! are not supported yet.
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -9,6 +17,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::errors::{ApiError, ApiJson};
+use crate::engine::{TokenLogprob, MAX_TOP_LOGPROBS};
 use super::generation::Finish;
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
@@ -71,8 +80,79 @@ struct Completion<'a> {
 struct Choice<'a> {
     index: u32,
     text: &'a str,
-    logprobs: Option<()>,
+    logprobs: Option<Logprobs>,
     finish_reason: Option<Finish>,
+}
+
+/// OpenAI's legacy completion logprobs: one entry per token; the first token has no
+/// context, so its logprob and top entries are null.
+#[derive(Serialize, Debug, PartialEq)]
+struct Logprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<Option<f64>>,
+    top_logprobs: Vec<Option<Map<String, Value>>>,
+    text_offset: Vec<usize>,
+}
+
+/// What a completion request asks of its prompt besides continuing it.
+struct Echo {
+    /// Top tokens per scored position (`logprobs`), when the prompt is scored.
+    logprobs: Option<usize>,
+    token_ids: bool,
+}
+
+fn echo(fields: &Fields, stream: bool) -> Result<Option<Echo>, ApiError> {
+    let logprobs = match fields.get::<i64>("logprobs")? {
+        None => None,
+        Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Some(n as usize),
+        Some(n) => {
+            return Err(ApiError::invalid("logprobs", format!("logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}")))
+        }
+    };
+    let echo = fields.get::<bool>("echo")?.unwrap_or(false);
+    if logprobs.is_some() && !echo {
+        return Err(ApiError::unsupported(
+            "logprobs",
+            "logprobs of generated tokens are not supported yet; `echo: true` with `max_tokens: 0` scores the prompt",
+        ));
+    }
+    if echo && stream {
+        return Err(ApiError::unsupported("echo", "echo is not supported with stream"));
+    }
+    let token_ids = fields.get::<bool>("return_tokens_as_token_ids")?.unwrap_or(false);
+    Ok(echo.then_some(Echo { logprobs, token_ids }))
+}
+
+/// The prompt's `logprobs` object from its tokens and their scores (`scores[i]` is for
+/// token `i + 1`), with `top` entries per position.
+fn prompt_logprobs(
+    tokenizer: &strata_model::Tokenizer,
+    tokens: &[u32],
+    scores: &[TokenLogprob],
+    top: usize,
+    token_ids: bool,
+) -> Logprobs {
+    let name = |id: u32| {
+        if token_ids {
+            format!("token_id:{id}")
+        } else {
+            tokenizer.token_text(id).unwrap_or_default().to_owned()
+        }
+    };
+    let names: Vec<String> = tokens.iter().map(|&id| name(id)).collect();
+    let mut text_offset = Vec::with_capacity(names.len());
+    let mut offset = 0;
+    for n in &names {
+        text_offset.push(offset);
+        offset += n.chars().count();
+    }
+    let token_logprobs = std::iter::once(None).chain(scores.iter().map(|s| Some(s.logprob))).collect();
+    let top_logprobs = std::iter::once(None)
+        .chain(scores.iter().map(|s| {
+            Some(s.top.iter().take(top).map(|&(id, lp)| (name(id), Value::from(lp))).collect::<Map<_, _>>())
+        }))
+        .collect();
+    Logprobs { tokens: names, token_logprobs, top_logprobs, text_offset }
 }
 
 #[derive(Serialize)]
@@ -136,15 +216,28 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let Begun { request_id, fields, card, options } = begin(&state, body)?;
-    let requested = params::max_tokens(&fields, "max_tokens")?;
+    let Begun { request_id, fields, card, options } = begin(&state, body, &["echo", "logprobs"])?;
+    let echo = echo(&fields, options.stream)?;
+    let scoring = echo.as_ref().and_then(|e| e.logprobs);
+    // A scored prompt generates nothing: max_tokens 0 is what asks for that.
+    let requested = params::max_tokens_from(&fields, "max_tokens", if scoring.is_some() { 0 } else { 1 })?;
+    if scoring.is_some() && requested != Some(0) {
+        return Err(ApiError::unsupported(
+            "max_tokens",
+            "logprobs come for the prompt only (`max_tokens: 0`); logprobs of generated tokens are not supported yet",
+        ));
+    }
     let prompt = prompt(&fields)?;
-    let prompt_tokens = off_reactor(&card, move |card| match prompt {
+    let (prompt_tokens, prompt_text) = off_reactor(&card, move |card| match prompt {
         Prompt::Text(text) => card
             .tokenizer
             .encode(&text)
+            .map(|ids| (ids, text))
             .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}"))),
-        Prompt::Tokens(ids) => Ok(ids),
+        Prompt::Tokens(ids) => {
+            let text = card.tokenizer.decode(&ids).unwrap_or_default();
+            Ok((ids, text))
+        }
     })
     .await?;
     if prompt_tokens.is_empty() {
@@ -161,7 +254,15 @@ pub(super) async fn create(
         &state.engine.limits(),
         "prompt",
     )?;
-    let mut generation = start(state.engine.as_ref(), &request_id, prompt_tokens, max_tokens, &options)?;
+    let scored_tokens = scoring.map(|_| prompt_tokens.clone());
+    let mut generation = start(
+        state.engine.as_ref(),
+        &request_id,
+        prompt_tokens,
+        max_tokens,
+        &options,
+        scoring.map(|n| n.max(1)),
+    )?;
     let id = format!("cmpl-{request_id}");
     let created = unix_now();
     if options.stream {
@@ -170,13 +271,23 @@ pub(super) async fn create(
         let chunks = CompletionChunks { id, created, model: card.id.clone() };
         return Ok(sse::response(generation, chunks, options.include_usage));
     }
-    let (text, finish) = generation.collect().await?;
+    let (mut text, finish) = generation.collect().await?;
+    let mut logprobs = None;
+    if let Some(echo) = &echo {
+        text.insert_str(0, &prompt_text);
+        if let (Some(top), Some(tokens)) = (echo.logprobs, &scored_tokens) {
+            let scores = generation
+                .take_prompt_logprobs()
+                .ok_or_else(|| ApiError::internal("the engine finished without the prompt's scores"))?;
+            logprobs = Some(prompt_logprobs(&card.tokenizer, tokens, &scores, top, echo.token_ids));
+        }
+    }
     let body = Completion {
         id: &id,
         object: "text_completion",
         created,
         model: &card.id,
-        choices: [Choice { index: 0, text: &text, logprobs: None, finish_reason: Some(finish) }],
+        choices: [Choice { index: 0, text: &text, logprobs, finish_reason: Some(finish) }],
         usage: Some(Usage::of(&generation)),
     };
     Ok(Json(body).into_response())

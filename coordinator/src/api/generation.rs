@@ -13,7 +13,7 @@ use strata_model::Tokenizer;
 use tokio::sync::mpsc;
 
 use super::errors::ApiError;
-use crate::engine::GenerateEvent;
+use crate::engine::{GenerateEvent, TokenLogprob};
 
 /// Why a choice ended, as OpenAI spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -99,6 +99,9 @@ pub struct Generation {
     completion_tokens: usize,
     /// The first event, read by [`Self::admitted`] and not yet handled.
     early: Option<GenerateEvent>,
+    /// The prompt's scores, once the engine reported them (requests with
+    /// `prompt_logprobs`).
+    prompt_logprobs: Option<Vec<TokenLogprob>>,
     done: bool,
 }
 
@@ -121,6 +124,7 @@ impl Generation {
             prompt_tokens,
             completion_tokens: 0,
             early: None,
+            prompt_logprobs: None,
             done: false,
         }
     }
@@ -131,6 +135,11 @@ impl Generation {
 
     pub fn completion_tokens(&self) -> usize {
         self.completion_tokens
+    }
+
+    /// The prompt's scores, when the request asked for them and they have arrived.
+    pub fn take_prompt_logprobs(&mut self) -> Option<Vec<TokenLogprob>> {
+        self.prompt_logprobs.take()
     }
 
     /// The whole text and why it ended, for a non-streaming response.
@@ -177,6 +186,10 @@ impl Generation {
             };
             match event {
                 Some(GenerateEvent::Admitted) => continue,
+                Some(GenerateEvent::PromptLogprobs(scores)) => {
+                    self.prompt_logprobs = Some(scores);
+                    continue;
+                }
                 Some(GenerateEvent::Token(id)) => {
                     self.completion_tokens += 1;
                     // Chat markers the model writes are not part of the answer.

@@ -124,7 +124,9 @@ fn new_request_id() -> String {
 
 /// What every generation handler starts with: a request id on the handler's span, the
 /// body's fields, and the served model, checked against the one the body names.
-fn begin(state: &AppState, body: serde_json::Map<String, serde_json::Value>) -> Result<Begun, ApiError> {
+/// `accepted`: parameters other endpoints refuse that this one handles (see
+/// `params::options`).
+fn begin(state: &AppState, body: serde_json::Map<String, serde_json::Value>, accepted: &[&str]) -> Result<Begun, ApiError> {
     let request_id = new_request_id();
     let card = state.engine.model().clone();
     let span = tracing::Span::current();
@@ -132,7 +134,7 @@ fn begin(state: &AppState, body: serde_json::Map<String, serde_json::Value>) -> 
     span.record("model", card.id.as_str());
     let fields = params::Fields::new(body);
     params::check_model(&fields, &card)?;
-    let options = params::options(&fields)?;
+    let options = params::options(&fields, accepted)?;
     Ok(Begun { request_id, fields, card, options })
 }
 
@@ -155,17 +157,19 @@ async fn off_reactor<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("tokenization did not complete: {e}")))?
 }
 
-/// Hands a checked, tokenized request to the engine.
+/// Hands a checked, tokenized request to the engine; `prompt_logprobs` asks for the
+/// prompt's scores with that many most likely tokens per position.
 fn start(
     engine: &dyn Engine,
     request_id: &str,
     prompt_tokens: Vec<u32>,
     max_tokens: usize,
     options: &Options,
+    prompt_logprobs: Option<usize>,
 ) -> Result<Generation, ApiError> {
     let prompt_len = prompt_tokens.len();
     tracing::info!(request_id, prompt_tokens = prompt_len, max_tokens, stream = options.stream, "generation starts");
-    let request = GenerateRequest { prompt_tokens, max_tokens, sampling: options.sampling.clone() };
+    let request = GenerateRequest { prompt_tokens, max_tokens, sampling: options.sampling.clone(), prompt_logprobs };
     let events = engine.generate(request)?;
     Ok(Generation::new(
         events,

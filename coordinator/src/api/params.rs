@@ -70,8 +70,10 @@ struct StreamOptions {
 /// OpenAI's default temperature.
 const DEFAULT_TEMPERATURE: f64 = 1.0;
 
-pub fn options(fields: &Fields) -> Result<Options, ApiError> {
-    refuse_unsupported(fields)?;
+/// `accepted`: parameters of the refused kind (see `refuse_unsupported`) that the
+/// endpoint handles itself.
+pub fn options(fields: &Fields, accepted: &[&str]) -> Result<Options, ApiError> {
+    refuse_unsupported(fields, accepted)?;
     if let Some(n) = fields.get::<i64>("n")? {
         if n != 1 {
             return Err(ApiError::unsupported(
@@ -162,7 +164,7 @@ fn stop_strings(fields: &Fields) -> Result<Vec<String>, ApiError> {
 }
 
 /// Parameters we accept but cannot honour: refused rather than silently ignored.
-fn refuse_unsupported(fields: &Fields) -> Result<(), ApiError> {
+fn refuse_unsupported(fields: &Fields, accepted: &[&str]) -> Result<(), ApiError> {
     let set = |name: &str| match fields.raw(name) {
         None | Some(Value::Bool(false)) => false,
         Some(Value::Number(n)) => n.as_f64() != Some(0.0),
@@ -172,7 +174,7 @@ fn refuse_unsupported(fields: &Fields) -> Result<(), ApiError> {
         Some(_) => true,
     };
     for name in ["logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"] {
-        if set(name) {
+        if set(name) && !accepted.contains(&name) {
             return Err(ApiError::unsupported(name, format!("`{name}` is not supported")));
         }
     }
@@ -189,9 +191,14 @@ fn refuse_unsupported(fields: &Fields) -> Result<(), ApiError> {
 
 /// `max_tokens` as the request gives it, checked to be at least 1.
 pub fn max_tokens(fields: &Fields, name: &str) -> Result<Option<usize>, ApiError> {
+    max_tokens_from(fields, name, 1)
+}
+
+/// `max_tokens` as the request gives it, checked to be at least `least`.
+pub fn max_tokens_from(fields: &Fields, name: &str, least: i64) -> Result<Option<usize>, ApiError> {
     match fields.get::<i64>(name)? {
         None => Ok(None),
-        Some(n) if n < 1 => Err(ApiError::invalid(name, format!("{name} must be at least 1, got {n}"))),
+        Some(n) if n < least => Err(ApiError::invalid(name, format!("{name} must be at least {least}, got {n}"))),
         Some(n) => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
     }
 }
@@ -206,6 +213,10 @@ pub fn fit_in_context(
     prompt_param: &str,
 ) -> Result<usize, ApiError> {
     let context = limits.context;
+    if requested.is_some_and(|(_, n)| n == 0) && prompt_tokens <= context {
+        // Nothing to generate (a prompt only scored): the prompt alone must fit.
+        return Ok(0);
+    }
     if prompt_tokens >= context {
         return Err(ApiError::invalid(
             prompt_param,
@@ -241,7 +252,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_openai() {
-        let options = options(&fields(json!({"seed": 3}))).unwrap();
+        let options = options(&fields(json!({"seed": 3})), &[]).unwrap();
         assert_eq!(options.sampling, SamplingParams { temperature: 1.0, seed: 3, ..SamplingParams::greedy() });
         assert!(options.stop.is_empty() && !options.stream && !options.include_usage);
     }
@@ -253,7 +264,7 @@ mod tests {
             "seed": -1, "stop": ["a", "", "bc"], "n": 1, "stream": true, "stream_options": {"include_usage": true},
             "frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": false, "user": "someone",
             "response_format": {"type": "text"}
-        })))
+        })), &[])
         .unwrap();
         assert_eq!(
             options.sampling,
@@ -269,7 +280,7 @@ mod tests {
         );
         assert_eq!(options.stop, ["a", "bc"]);
         assert!(options.stream && options.include_usage);
-        let options = super::options(&fields(json!({"stop": "x", "top_k": -1, "top_p": 1}))).unwrap();
+        let options = super::options(&fields(json!({"stop": "x", "top_k": -1, "top_p": 1})), &[]).unwrap();
         assert_eq!((options.stop, options.sampling.top_k, options.sampling.top_p), (vec!["x".to_owned()], None, None));
     }
 
@@ -296,7 +307,7 @@ mod tests {
             (json!({"response_format": {"type": "json_object"}}), "response_format"),
             (json!({"tools": [{"type": "function"}]}), "tools"),
         ] {
-            let err = options(&fields(body.clone())).unwrap_err();
+            let err = options(&fields(body.clone()), &[]).unwrap_err();
             assert_eq!(err.status, 400, "{body}");
             assert_eq!(err.param.as_deref(), Some(param), "{body}: {err:?}");
             assert!(err.message.contains(param), "{body}: {}", err.message);

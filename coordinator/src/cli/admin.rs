@@ -36,7 +36,7 @@ const DEFAULT_HTTP_PORT: u16 = 8000;
 /// `--worker`) the port may be left out: the HTTP API has one port, and a wrong
 /// guess fails at once with "connection refused", not with a confusing reply from
 /// another service.
-fn coordinator_address(text: &str) -> Result<String, AddressError> {
+pub(super) fn coordinator_address(text: &str) -> Result<String, AddressError> {
     Address::parse_with_default_port(text, Some(DEFAULT_HTTP_PORT)).map(|a| a.to_string())
 }
 
@@ -74,7 +74,7 @@ pub struct UndrainArgs {
     pub coordinator: CoordinatorArg,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
@@ -100,7 +100,7 @@ fn checked(coordinator: &str, path: &str, reply: Reply) -> anyhow::Result<serde_
     }
 }
 
-async fn call(
+pub(super) async fn call(
     coordinator: &str,
     method: &str,
     path: &str,

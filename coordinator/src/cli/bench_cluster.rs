@@ -154,7 +154,7 @@ fn single_process_decode(
 /// Decode speed of one request: tokens after the first over the time since the
 /// first arrived (prefill excluded).
 async fn one_stream(engine: &ClusterEngine, prompt: Vec<u32>, n: usize, path: ReturnPath) -> anyhow::Result<f64> {
-    let request = GenerateRequest { prompt_tokens: prompt, max_tokens: n, sampling: SamplingParams::greedy() };
+    let request = GenerateRequest { prompt_tokens: prompt, max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None };
     let mut rx = engine.generate_ignoring_eos(request, path)?;
     let mut first = None;
     let mut tokens = 0usize;
@@ -164,7 +164,7 @@ async fn one_stream(engine: &ClusterEngine, prompt: Vec<u32>, n: usize, path: Re
                 tokens += 1;
                 first.get_or_insert_with(Instant::now);
             }
-            GenerateEvent::Admitted => {}
+            GenerateEvent::Admitted | GenerateEvent::PromptLogprobs(_) => {}
             GenerateEvent::Finished(_) => break,
             GenerateEvent::Failed(e) => anyhow::bail!("a benchmark request failed: {e}"),
         }
@@ -188,6 +188,7 @@ async fn aggregate(
             prompt_tokens: prompt(vocab, 32, s as u32 + 1),
             max_tokens: n,
             sampling: SamplingParams::greedy(),
+            prompt_logprobs: None,
         };
         receivers.push(engine.generate_ignoring_eos(request, path)?);
     }
@@ -196,7 +197,7 @@ async fn aggregate(
         while let Some(event) = rx.recv().await {
             match event {
                 GenerateEvent::Token(_) => total += 1,
-                GenerateEvent::Admitted => {}
+                GenerateEvent::Admitted | GenerateEvent::PromptLogprobs(_) => {}
                 GenerateEvent::Finished(_) => break,
                 GenerateEvent::Failed(e) => anyhow::bail!("a benchmark request failed: {e}"),
             }

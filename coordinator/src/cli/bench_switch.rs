@@ -188,7 +188,7 @@ async fn follow(
                 received.lock().unwrap_or_else(|p| p.into_inner()).tokens.push((Instant::now(), t));
                 progress.fetch_add(1, Ordering::Relaxed);
             }
-            GenerateEvent::Admitted => {}
+            GenerateEvent::Admitted | GenerateEvent::PromptLogprobs(_) => {}
             GenerateEvent::Finished(_) => return Ok(()),
             GenerateEvent::Failed(e) => anyhow::bail!("a benchmark request failed: {e}"),
         }
@@ -221,7 +221,7 @@ async fn start_cluster(
 /// Time to the first token of a `len`-token prompt, and the step after it (one request).
 async fn prefill_and_step(engine: &ClusterEngine, vocab: usize, len: usize) -> anyhow::Result<(f64, f64)> {
     let request =
-        GenerateRequest { prompt_tokens: prompt(vocab, len, 99), max_tokens: 3, sampling: SamplingParams::greedy() };
+        GenerateRequest { prompt_tokens: prompt(vocab, len, 99), max_tokens: 3, sampling: SamplingParams::greedy(), prompt_logprobs: None };
     let started = Instant::now();
     let received = Arc::new(Mutex::new(Received::default()));
     follow(engine.generate_ignoring_eos(request, ReturnPath::Direct)?, received.clone(), Arc::default()).await?;
@@ -253,6 +253,7 @@ async fn one(
             prompt_tokens: prompt(vocab, prompt_len, s as u32 + 1),
             max_tokens: generate_before + TAIL,
             sampling: SamplingParams::greedy(),
+            prompt_logprobs: None,
         };
         let received = Arc::new(Mutex::new(Received::default()));
         let progress = Arc::new(AtomicUsize::new(0));

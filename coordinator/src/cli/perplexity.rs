@@ -1,6 +1,8 @@
 //! `strata perplexity`: a model's perplexity on a text, and its KL divergence from a
 //! base run's logits, computed and printed as `llama-perplexity` computes them, so a
-//! strata figure stands next to a llama.cpp one.
+//! strata figure stands next to a llama.cpp one. With `--coordinator` the text is
+//! scored by a running cluster (each chunk a `/v1/completions` request with `echo`,
+//! `logprobs` and `max_tokens: 0`), so a split is checked the same way.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,28 +38,35 @@ pub struct PerplexityArgs {
     /// Save this run's logits as a base-logits file, in llama.cpp's format.
     #[arg(long, value_name = "FILE", conflicts_with = "kl_divergence_base")]
     pub save_logits: Option<PathBuf>,
+    /// Score through the cluster this coordinator runs (its HTTP address, as
+    /// `strata status --coordinator`), which must serve this model; the model file
+    /// is only read for its tokenizer. Perplexity only: KL divergence needs every
+    /// logit, which the API does not return.
+    #[arg(
+        long,
+        value_name = "ADDRESS",
+        value_parser = super::admin::coordinator_address,
+        conflicts_with_all = ["kl_divergence_base", "save_logits"]
+    )]
+    pub coordinator: Option<String>,
 }
+
+/// How long one chunk may take through a cluster.
+const CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let (file, device) = args.model.open()?;
     let tokenizer = Tokenizer::from_gguf(file.metadata())?;
+    if let Some(coordinator) = &args.coordinator {
+        return through_cluster(&args, coordinator, &tokenizer);
+    }
     let mut stage = Stage::load(&file, 0..file.info().layers, &device, StageOptions::default())?;
     let bos = tokenizer.add_bos().then(|| tokenizer.bos_token()).flatten();
     let vocab = file.info().vocab_size;
     if let Some(base) = &args.kl_divergence_base {
         return kl_divergence(&mut stage, base, bos, vocab, args.chunks);
     }
-    let path = args.file.as_ref().context("give the text to score with -f FILE")?;
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let tokens = tokenizer.encode(&text)?;
-    let chunking = Chunking::new(tokens.len(), args.context, args.chunks)?;
-    eprintln!(
-        "{} tokens; {} chunks of {} ({} positions scored each)",
-        tokens.len(),
-        chunking.count,
-        chunking.context,
-        chunking.scored_per_chunk()
-    );
+    let (tokens, chunking) = read_chunks(&args, &tokenizer)?;
     let mut saving = match &args.save_logits {
         Some(path) => {
             let tokens = tokens[..chunking.count * chunking.context].to_vec();
@@ -74,20 +83,77 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
             w.write_row(row)?;
         }
         if ppl.count() == (chunk + 1) * per_chunk {
-            // The running figure after each chunk, as llama-perplexity prints it.
-            let _ = write!(stdout, "[{}]{:.4},", chunk + 1, ppl.value()).and_then(|()| stdout.flush());
+            print_running(&mut stdout, chunk, &ppl);
         }
         Ok(())
     })?;
-    writeln!(stdout)?;
     if let Some(w) = saving {
         w.finish()?;
     }
+    print_final(&mut stdout, &ppl)
+}
+
+/// Reads the text, cuts it as llama-perplexity does, and reports the cut.
+fn read_chunks(args: &PerplexityArgs, tokenizer: &Tokenizer) -> anyhow::Result<(Vec<u32>, Chunking)> {
+    let path = args.file.as_ref().context("give the text to score with -f FILE")?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let tokens = tokenizer.encode(&text)?;
+    let chunking = Chunking::new(tokens.len(), args.context, args.chunks)?;
+    eprintln!(
+        "{} tokens; {} chunks of {} ({} positions scored each)",
+        tokens.len(),
+        chunking.count,
+        chunking.context,
+        chunking.scored_per_chunk()
+    );
+    Ok((tokens, chunking))
+}
+
+/// The running figure after each chunk, as llama-perplexity prints it.
+fn print_running(stdout: &mut impl Write, chunk: usize, ppl: &Perplexity) {
+    let _ = write!(stdout, "[{}]{:.4},", chunk + 1, ppl.value()).and_then(|()| stdout.flush());
+}
+
+fn print_final(stdout: &mut impl Write, ppl: &Perplexity) -> anyhow::Result<()> {
+    writeln!(stdout)?;
     match ppl.uncertainty() {
         Some(u) => writeln!(stdout, "Final estimate: PPL = {:.4} +/- {u:.5}", ppl.value())?,
         None => writeln!(stdout, "Final estimate: PPL = {:.4}", ppl.value())?,
     }
     Ok(())
+}
+
+/// Scores every chunk through the cluster: the prompt's logprobs come back for every
+/// position, and the second half of each chunk is counted, as locally.
+fn through_cluster(args: &PerplexityArgs, coordinator: &str, tokenizer: &Tokenizer) -> anyhow::Result<()> {
+    use super::admin::call;
+    let (tokens, chunking) = read_chunks(args, tokenizer)?;
+    let bos = tokenizer.add_bos().then(|| tokenizer.bos_token()).flatten();
+    let runtime = super::admin::runtime()?;
+    let models = runtime.block_on(call(coordinator, "GET", "/v1/models", None, std::time::Duration::from_secs(10)))?;
+    let model = models["data"][0]["id"].as_str().context("the coordinator serves no model")?.to_owned();
+    let first = chunking.first_scored();
+    let mut ppl = Perplexity::default();
+    let mut stdout = std::io::stdout().lock();
+    for i in 0..chunking.count {
+        let chunk = chunking.chunk(&tokens, i, bos);
+        let body = serde_json::json!({
+            "model": model, "prompt": chunk, "max_tokens": 0, "echo": true, "logprobs": 0,
+            "return_tokens_as_token_ids": true,
+        });
+        let reply = runtime.block_on(call(coordinator, "POST", "/v1/completions", Some(body), CHUNK_TIMEOUT))?;
+        let logprobs = reply["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .filter(|l| l.len() == chunk.len())
+            .with_context(|| format!("the coordinator returned no logprobs for chunk {} (is it serving {model}?)", i + 1))?;
+        // Position p's row predicts token p + 1, whose logprob is entry p + 1.
+        for p in first..chunking.context - 1 {
+            let logprob = logprobs[p + 1].as_f64().with_context(|| format!("chunk {}: no logprob at {}", i + 1, p + 1))?;
+            ppl.add_nll(-logprob);
+        }
+        print_running(&mut stdout, i, &ppl);
+    }
+    print_final(&mut stdout, &ppl)
 }
 
 fn kl_divergence(

@@ -91,9 +91,9 @@ impl ClusterEngine {
         ignore_eos: bool,
     ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
         request.validate(self.vocab_size, self.limits.context)?;
-        // Room for every event the request can produce (admitted, its tokens, the
-        // end): the scheduler never waits on a slow client.
-        let (events, receiver) = mpsc::channel(request.max_tokens + 2);
+        // Room for every event the request can produce (admitted, the prompt's scores,
+        // its tokens, the end): the scheduler never waits on a slow client.
+        let (events, receiver) = mpsc::channel(request.max_tokens + 3);
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let direct = path == ReturnPath::Direct;
         self.tx

@@ -50,7 +50,7 @@ use super::engine::{frame_tokens, sampling_to_proto};
 use super::moves::{self, MoveCost, MovePolicy, TransferSpec, Transferred};
 use super::messages::{Control, Moved, PipelineLink, RequestId, Resumed, SchedulerMsg, SchedulerStatus};
 use super::report::{AdmissionReport, QueuedRequest};
-use crate::engine::{EngineError, GenerateEvent, GenerateRequest, ModelCard};
+use crate::engine::{EngineError, GenerateEvent, GenerateRequest, ModelCard, TokenLogprob};
 
 /// How often the scheduler looks for requests whose client went away, or that
 /// waited too long for capacity.
@@ -103,7 +103,21 @@ struct Request {
     /// When it was last moved.
     moved_at: Instant,
     retries: u32,
+    /// Its prompt's scores while they come in (requests with `prompt_logprobs`).
+    scoring: Option<PromptScoring>,
 }
+
+/// A prompt being scored: position `p` (0-based, `p + 1 < prompt.len()`) scores prompt
+/// token `p + 1`. Frames are resent whole on a replay; scores already in are kept.
+struct PromptScoring {
+    top: u32,
+    scores: Vec<Option<TokenLogprob>>,
+    missing: usize,
+}
+
+/// Prompt tokens per frame while scoring: the last stage holds every row's logits of a
+/// frame at once (`vocab` floats each), so scored frames stay short.
+const SCORED_FRAME_TOKENS: usize = 32;
 
 /// A request whose KV cache is being moved.
 struct Transfer {
@@ -296,6 +310,16 @@ impl Scheduler {
         // the KV caches, which hold no more.
         let end_position = (request.prompt_tokens.len() + request.max_tokens).min(self.admission.context);
         let now = Instant::now();
+        let scoring = request.prompt_logprobs.map(|top| {
+            let positions = request.prompt_tokens.len().saturating_sub(1);
+            PromptScoring { top: top as u32, scores: vec![None; positions], missing: positions }
+        });
+        if scoring.as_ref().is_some_and(|s| s.missing == 0) && request.max_tokens == 0 {
+            // A one-token prompt has nothing to score and nothing to generate.
+            let _ = events.try_send(GenerateEvent::PromptLogprobs(Vec::new()));
+            let _ = events.try_send(GenerateEvent::Finished(FinishReason::Length));
+            return;
+        }
         self.requests.insert(
             id,
             Request {
@@ -313,6 +337,7 @@ impl Scheduler {
                 moved: false,
                 moved_at: now,
                 retries: 0,
+                scoring,
             },
         );
         self.queue.push_back(id);
@@ -387,7 +412,12 @@ impl Scheduler {
         self.wire.insert(seq, id);
         r.waiting_since = None;
         let mut out = vec![message(stage_message::Kind::Open(open_sequence(r, seq, stop_tokens)))];
+        let score_top = r.scoring.as_ref().filter(|s| s.missing > 0).map(|s| s.top);
+        let chunk = if score_top.is_some() { chunk.min(SCORED_FRAME_TOKENS) } else { chunk };
         let chunks = r.prompt.len().div_ceil(chunk);
+        // The last prompt frame samples the first token, unless nothing is to be
+        // generated (a prompt only scored).
+        let generates = r.end_position > r.prompt.len();
         let sent = unix_nanos();
         for (i, tokens) in r.prompt.chunks(chunk).enumerate() {
             out.push(message(stage_message::Kind::Frame(v1::ActivationFrame {
@@ -395,8 +425,11 @@ impl Scheduler {
                 position: (i * chunk) as u32,
                 tokens: tokens.to_vec(),
                 hidden: None,
-                sample: i + 1 == chunks && r.generated.is_empty(),
+                sample: i + 1 == chunks && r.generated.is_empty() && generates,
                 sent_unix_nanos: sent,
+                score: score_top.is_some(),
+                next_token: score_top.and_then(|_| r.prompt.get((i + 1) * chunk).copied()),
+                score_top: score_top.unwrap_or(0),
             })));
         }
         let base = r.prompt.len();
@@ -408,6 +441,7 @@ impl Scheduler {
                 hidden: None,
                 sample: k + 1 == r.generated.len(),
                 sent_unix_nanos: sent,
+                ..Default::default()
             })));
         }
         for m in out {
@@ -439,7 +473,44 @@ impl Scheduler {
         match event.kind {
             Some(worker_event::Kind::Token(t)) => self.on_token(t),
             Some(worker_event::Kind::Error(e)) => self.on_error(e),
+            Some(worker_event::Kind::Scores(s)) => self.on_scores(s),
             _ => {}
+        }
+    }
+
+    /// Scores of a frame of a prompt being scored; once every position has its
+    /// score the request gets them, and one that generates nothing is done.
+    fn on_scores(&mut self, s: v1::PromptScores) {
+        let Some(&id) = self.wire.get(&SeqId::new(s.seq_id)) else {
+            return;
+        };
+        let Some(r) = self.requests.get_mut(&id) else {
+            return;
+        };
+        let Some(scoring) = r.scoring.as_mut() else {
+            return;
+        };
+        for (j, score) in s.scores.into_iter().enumerate() {
+            let Some(slot) = scoring.scores.get_mut(s.position as usize + j) else {
+                break;
+            };
+            if slot.is_none() {
+                scoring.missing -= 1;
+                *slot = Some(TokenLogprob {
+                    logprob: score.logprob,
+                    top: score.top.into_iter().map(|t| (t.token, t.logprob)).collect(),
+                });
+            }
+        }
+        if scoring.missing > 0 {
+            return;
+        }
+        let scores = scoring.scores.drain(..).flatten().collect();
+        let _ = r.events.try_send(GenerateEvent::PromptLogprobs(scores));
+        r.last_token = Instant::now();
+        let only_scored = r.end_position <= r.prompt.len();
+        if only_scored {
+            self.finish(id, Some(GenerateEvent::Finished(FinishReason::Length)));
         }
     }
 
@@ -492,6 +563,7 @@ impl Scheduler {
                     hidden: None,
                     sample: true,
                     sent_unix_nanos: unix_nanos(),
+                    ..Default::default()
                 })),
             );
         }
@@ -693,6 +765,7 @@ impl Scheduler {
                         hidden: None,
                         sample: true,
                         sent_unix_nanos: unix_nanos(),
+                        ..Default::default()
                     })),
                 );
             }
@@ -844,7 +917,7 @@ mod tests {
 
         let (events, mut client) = mpsc::channel(16);
         let sampling = SamplingParams::greedy();
-        let request = GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 8, sampling };
+        let request = GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 8, sampling, prompt_logprobs: None };
         handled(&tx, SchedulerMsg::Start { id: RequestId(1), request, direct: false, ignore_eos: true, events }).await;
         handled(&tx, token(1, 3, 40)).await;
         handled(&tx, token(1, 4, 41)).await;
@@ -908,7 +981,7 @@ mod tests {
     /// Request `id`: a three-token prompt and one token to generate.
     fn one_token(id: u64, events: mpsc::Sender<GenerateEvent>) -> SchedulerMsg {
         let request =
-            GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 1, sampling: SamplingParams::greedy() };
+            GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 1, sampling: SamplingParams::greedy(), prompt_logprobs: None };
         SchedulerMsg::Start { id: RequestId(id), request, direct: false, ignore_eos: true, events }
     }
 

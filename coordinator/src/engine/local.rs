@@ -151,6 +151,12 @@ impl Engine for LocalEngine {
 
     fn generate(&self, request: GenerateRequest) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
         request.validate(self.vocab_size, self.card.context_length)?;
+        if request.prompt_logprobs.is_some() {
+            return Err(EngineError::InvalidRequest(
+                "prompt logprobs are served by a cluster (strata serve); `strata perplexity -m` scores a text in one process"
+                    .into(),
+            ));
+        }
         let sampler = Sampler::new(&request.sampling).map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         // Room for every event the request can produce, so the compute thread never
         // waits on a slow reader and never has to drop a token.
@@ -403,7 +409,7 @@ pub(crate) mod tests {
     }
 
     fn request(prompt: &[u32], max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
-        GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens, sampling }
+        GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens, sampling, prompt_logprobs: None }
     }
 
     /// The reference: the same loop as `Generator`, on a private stage.

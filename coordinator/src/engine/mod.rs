@@ -16,9 +16,17 @@ use tokio::sync::mpsc;
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub prompt_tokens: Vec<u32>,
+    /// 0 only when the request scores its prompt (`prompt_logprobs`) and generates nothing.
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// Score the prompt: report each prompt token's log-probability given the tokens
+    /// before it, with this many most likely tokens per position (1 to
+    /// [`MAX_TOP_LOGPROBS`]), in one [`GenerateEvent::PromptLogprobs`] before any token.
+    pub prompt_logprobs: Option<usize>,
 }
+
+/// The most likely tokens a scored position reports at most (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl GenerateRequest {
     /// Checks what every engine needs before it queues anything: a non-empty prompt of
@@ -31,8 +39,13 @@ impl GenerateRequest {
         if let Some(bad) = self.prompt_tokens.iter().find(|&&id| id as usize >= vocab_size) {
             return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary of {vocab_size}")));
         }
-        if self.max_tokens == 0 {
+        if self.max_tokens == 0 && self.prompt_logprobs.is_none() {
             return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
+        }
+        if let Some(top) = self.prompt_logprobs.filter(|t| !(1..=MAX_TOP_LOGPROBS).contains(t)) {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt logprobs report 1 to {MAX_TOP_LOGPROBS} most likely tokens, not {top}"
+            )));
         }
         let needed = tokens.saturating_add(self.max_tokens);
         if needed > context {
@@ -50,9 +63,20 @@ pub enum GenerateEvent {
     /// for want of capacity follows. An engine that admits every request it accepts
     /// may leave this out.
     Admitted,
+    /// The prompt's scores (requests with `prompt_logprobs`): entry `i` is for prompt
+    /// token `i + 1` (the first token has no context to score it).
+    PromptLogprobs(Vec<TokenLogprob>),
     Token(u32),
     Finished(FinishReason),
     Failed(EngineError),
+}
+
+/// One token's log-probability given what precedes it, and the most likely tokens at
+/// its position with theirs (the most likely first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f64,
+    pub top: Vec<(u32, f64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
