@@ -10,7 +10,8 @@
 //! every sum runs in one order:
 //! - a score is `Σ_d q[d]·k[d]` over eight lanes (`d mod 8`), each summed in order of
 //!   `d`, then added as `((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7))`, times the scale;
-//! - the weights are `exp(s − max)`, summed in key order;
+//! - the weights are `exp(s − max)` (a pure-Rust `expf`, the same on every platform),
+//!   summed in key order;
 //! - the output is `Σ_j w_j·v_j` in key order, divided by that sum.
 //!
 //! Plain multiplies and adds, never fused, so any CPU computes the same bits (the
@@ -148,7 +149,9 @@ fn attend_row<'k>(q: &[f32], keys: impl Iterator<Item = (&'k [f32], &'k [f32])> 
     out.fill(0.0);
     let mut sum = 0f32;
     for (s, (_, v)) in scores.iter().zip(keys) {
-        let w = (s - max).exp();
+        // libm's expf, not the platform's: a Windows worker's C runtime rounds some
+        // exponentials differently from glibc, and stages must agree to the bit.
+        let w = libm::expf(s - max);
         sum += w;
         for (o, &x) in out.iter_mut().zip(v) {
             *o += w * x;

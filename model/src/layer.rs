@@ -164,10 +164,7 @@ impl Layer {
         let ffn = match &self.ffn {
             Ffn::Dense { gate, up, down } => {
                 let gate = gate.forward(&h)?;
-                let gate = match self.activation {
-                    Activation::Silu => candle_nn::ops::silu(&gate)?,
-                    Activation::GeluTanh => gate.gelu()?,
-                };
+                let gate = crate::activation::activate(&gate, self.activation)?;
                 down.forward(&(gate * up.forward(&h)?)?)?
             }
             Ffn::Experts(moe) => moe.forward(&h)?,

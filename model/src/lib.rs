@@ -13,6 +13,7 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+mod activation;
 mod attention;
 mod kv_cache;
 mod layer;

@@ -14,7 +14,7 @@ use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::gguf::{Gating, ModelFile, MoeConfig};
+use crate::gguf::{Activation, Gating, ModelFile, MoeConfig};
 use crate::linear::Linear;
 
 /// One gated FFN: `down(silu(gate(x)) * up(x))`.
@@ -31,7 +31,7 @@ impl GatedFfn {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?;
+        let h = (crate::activation::activate(&self.gate.forward(x)?, Activation::Silu)? * self.up.forward(x)?)?;
         self.down.forward(&h)
     }
 }
@@ -148,11 +148,11 @@ pub(crate) fn route(logits: &[f32], bias: Option<&[f32]>, config: &MoeConfig) ->
     let probs: Vec<f32> = match config.gating {
         Gating::Softmax => {
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exps: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+            let exps: Vec<f32> = logits.iter().map(|&l| libm::expf(l - max)).collect();
             let sum: f32 = exps.iter().sum();
             exps.iter().map(|&e| e / sum).collect()
         }
-        Gating::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
+        Gating::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + libm::expf(-l))).collect(),
     };
     let mut selection: Vec<f32> = match bias {
         Some(b) => probs.iter().zip(b).map(|(p, b)| p + b).collect(),

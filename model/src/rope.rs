@@ -27,7 +27,9 @@ impl Rope {
     fn new(info: &ModelInfo, base: f32, freq_scale: f32, freq_factors: Option<Vec<f32>>) -> Self {
         Self {
             dims: info.rope_dims,
-            theta_scale: base.powf(-2.0 / info.rope_dims as f32),
+            // A pure-Rust libm here and below: every platform builds the same tables
+            // (a Windows worker's C runtime rounds powf, cos and sin differently).
+            theta_scale: libm::powf(base, -2.0 / info.rope_dims as f32),
             freq_scale,
             freq_factors,
             interleaved: info.architecture.rope_pairs_adjacent(),
@@ -46,8 +48,8 @@ impl Rope {
             for i in 0..half {
                 let ff = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
                 let angle = self.freq_scale * (theta / ff);
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(libm::cosf(angle));
+                sin.push(libm::sinf(angle));
                 theta *= self.theta_scale;
             }
         }

@@ -161,7 +161,8 @@ fn softmax_in_place(c: &mut [(u32, f32)], temperature: f32) {
     let max = c.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for x in c.iter_mut() {
-        x.1 = ((x.1 - max) / temperature).exp();
+        // libm's expf: a token sampled on a Windows stage equals one sampled on Linux.
+        x.1 = libm::expf((x.1 - max) / temperature);
         sum += x.1;
     }
     for x in c.iter_mut() {
