@@ -58,3 +58,7 @@ pub const WEIGHT_CHUNK_BYTES: usize = 1024 * 1024;
 /// K and V bytes per chunk of a KV cache transfer: small enough that decoding one
 /// never holds up an async runtime for long.
 pub const KV_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Most likely tokens a scored prompt position reports at most
+/// (`ActivationFrame.score_top`; OpenAI's `top_logprobs` limit).
+pub const MAX_SCORE_TOP: u32 = 20;

@@ -275,8 +275,6 @@ struct ScoreRequest {
     top: usize,
 }
 
-/// Most likely tokens a scored position reports at most (OpenAI's `top_logprobs` limit).
-const MAX_SCORE_TOP: u32 = 20;
 
 /// The scores a scored frame reports: row `j` predicts `tokens[j + 1]`, the last row
 /// `next_token` when the frame names it.
@@ -469,10 +467,10 @@ impl Compute {
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
             StageInput::Hidden(t)
         };
-        if frame.score_top > MAX_SCORE_TOP {
+        if frame.score_top > strata_proto::MAX_SCORE_TOP {
             return Err((
                 ErrorCode::BadFrame,
-                format!("sequence {seq}: score_top {} is above {MAX_SCORE_TOP}", frame.score_top),
+                format!("sequence {seq}: score_top {} is above {}", frame.score_top, strata_proto::MAX_SCORE_TOP),
             ));
         }
         let score = frame.score.then(|| ScoreRequest {

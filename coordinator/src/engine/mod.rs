@@ -25,8 +25,9 @@ pub struct GenerateRequest {
     pub prompt_logprobs: Option<usize>,
 }
 
-/// The most likely tokens a scored position reports at most (OpenAI's limit).
-pub const MAX_TOP_LOGPROBS: usize = 20;
+/// The most likely tokens a scored position reports at most (OpenAI's limit, which
+/// the stages enforce too).
+pub const MAX_TOP_LOGPROBS: usize = strata_proto::MAX_SCORE_TOP as usize;
 
 impl GenerateRequest {
     /// Checks what every engine needs before it queues anything: a non-empty prompt of

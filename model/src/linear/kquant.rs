@@ -39,12 +39,11 @@
 //! ones. Q4_K's scales take 16 bytes a row instead of ggml's 12 (148 bytes a block
 //! instead of 144); Q6_K's size is ggml's.
 
-use std::ops::Range;
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::packed::{round_up, Level, Line, SharedOut, TILE};
+use super::packed::{for_each_tile, round_up, Level, Line, TILE};
 use crate::error::{Error, Result};
 
 /// Values per superblock (ggml's QK_K).
@@ -322,7 +321,6 @@ pub(crate) struct PackedKQuant {
     rows: usize,
     cols: usize,
     kb: usize,
-    n_tiles: usize,
     scales_offset: usize,
     qs_offset: usize,
     tile_stride: usize,
@@ -377,7 +375,6 @@ impl PackedKQuant {
             rows,
             cols,
             kb,
-            n_tiles,
             scales_offset,
             qs_offset,
             tile_stride,
@@ -491,41 +488,17 @@ impl PackedKQuant {
             quantize_row_q8k(xs, dst);
         }
         let acts = &acts[..];
-        let y = SharedOut::new(&mut out);
-        let work = |range: Range<usize>| {
-            for tile in range {
-                let row0 = tile * TILE;
-                let valid = TILE.min(rows - row0);
-                for t0 in (0..tokens).step_by(MAX_TOKENS) {
-                    let n = MAX_TOKENS.min(tokens - t0);
-                    let mut res = [[0f32; TILE]; MAX_TOKENS];
-                    let act_rows: [&[SuperAct]; MAX_TOKENS] = std::array::from_fn(|i| {
-                        if i < n {
-                            &acts[(t0 + i) * kb..(t0 + i + 1) * kb]
-                        } else {
-                            &[][..]
-                        }
-                    });
-                    self.tile_dot(level, tile, &act_rows[..n], &mut res[..n]);
-                    for (i, r) in res[..n].iter_mut().enumerate() {
-                        if let Some(b) = bias {
-                            for (v, bv) in r.iter_mut().zip(&b[row0..row0 + valid]) {
-                                *v += bv;
-                            }
-                        }
-                        // SAFETY: this tile owns columns row0..row0+valid of every
-                        // output row, and each tile goes to exactly one worker.
-                        let dst = unsafe { y.segment((t0 + i) * rows + row0, valid) };
-                        dst.copy_from_slice(&r[..valid]);
-                    }
+        let parallel = rows * kb * tokens >= PARALLEL_MIN_WORK;
+        for_each_tile(rows, tokens, MAX_TOKENS, bias, parallel, &mut out, |tile, ts, res| {
+            let act_rows: [&[SuperAct]; MAX_TOKENS] = std::array::from_fn(|i| {
+                if i < ts.len() {
+                    &acts[(ts.start + i) * kb..(ts.start + i + 1) * kb]
+                } else {
+                    &[][..]
                 }
-            }
-        };
-        if rows * kb * tokens >= PARALLEL_MIN_WORK && self.n_tiles > 1 {
-            candle_core::utils::barrier_pool().execute_chunked(self.n_tiles, work);
-        } else {
-            work(0..self.n_tiles);
-        }
+            });
+            self.tile_dot(level, tile, &act_rows[..ts.len()], res);
+        });
         Ok(out)
     }
 
@@ -595,7 +568,8 @@ fn tile_dot_scalar(
                 let isum: i32 = (s * per_sub..(s + 1) * per_sub)
                     .map(|v| format.tile_value(qs, v, lane) as i32 * a.qs[v] as i32)
                     .sum();
-                let d = f16_at((b * format.f16s() * TILE + lane) * 2);
+                // The block scale of a K-quant row; Q8_0 has one per 32-value block.
+                let d = || f16_at((b * format.f16s() * TILE + lane) * 2);
                 match format {
                     KFormat::Q8_0 => {
                         // candle subtracts 128·bsum from the sum over `q + 128`: the
@@ -607,11 +581,11 @@ fn tile_dot_scalar(
                     KFormat::Q6K => {
                         let f = isum as f32 - 32.0 * a.bsums[s] as f32;
                         let scale = scale_byte(s, lane) as i8 as f32;
-                        *acc = f.mul_add((d * scale) * a.d, *acc);
+                        *acc = f.mul_add((d() * scale) * a.d, *acc);
                     }
                     KFormat::Q4K => {
                         let dmin = f16_at(((b * 2 + 1) * TILE + lane) * 2);
-                        let scale = d * scale_byte(s, lane) as f32;
+                        let scale = d() * scale_byte(s, lane) as f32;
                         let min = dmin * scale_byte(8 + s, lane) as f32;
                         *acc = (isum as f32).mul_add(scale * a.d, *acc);
                         let bsum = (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32) as f32;

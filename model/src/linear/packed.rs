@@ -484,74 +484,27 @@ impl PackedWeights {
             }
         }
 
+        // `offs` is empty or, like `acts`, `tokens × kb` blocks.
         let (acts, offs) = (&acts[..], &offs[..]);
-        let y = SharedOut::new(&mut out);
-        let work = |range: Range<usize>| {
-            for tile in range {
-                self.tile_all_tokens(level, tile, acts, offs, tokens, &y, bias);
-            }
-        };
-        if parallel {
-            pool.execute_chunked(self.n_tiles, work);
-        } else {
-            work(0..self.n_tiles);
-        }
-        Ok(out)
-    }
-
-    /// All tokens against one tile, writing rows `16·tile..` of every output row.
-    /// `offs` is empty or, like `acts`, `tokens × kb` blocks.
-    #[allow(clippy::too_many_arguments)]
-    fn tile_all_tokens(
-        &self,
-        level: Level,
-        tile: usize,
-        acts: &[ActBlock],
-        offs: &[GroupOffsets],
-        tokens: usize,
-        y: &SharedOut<'_, f32>,
-        bias: Option<&[f32]>,
-    ) {
-        let kb = self.kb;
-        let row0 = tile * TILE;
-        let valid = TILE.min(self.rows - row0);
-        let mut t0 = 0;
-        while t0 < tokens {
-            let n = MAX_TOKENS.min(tokens - t0);
-            let mut res = [[0f32; TILE]; MAX_TOKENS];
+        for_each_tile(rows, tokens, MAX_TOKENS, bias, parallel, &mut out, |tile, ts, res| {
             let act_rows: [&[ActBlock]; MAX_TOKENS] = std::array::from_fn(|i| {
-                if i < n {
-                    &acts[(t0 + i) * kb..(t0 + i + 1) * kb]
+                if i < ts.len() {
+                    &acts[(ts.start + i) * kb..(ts.start + i + 1) * kb]
                 } else {
                     &[][..]
                 }
             });
             let off_rows: [&[GroupOffsets]; MAX_TOKENS] = std::array::from_fn(|i| {
-                if i < n && !offs.is_empty() {
-                    &offs[(t0 + i) * kb..(t0 + i + 1) * kb]
+                if i < ts.len() && !offs.is_empty() {
+                    &offs[(ts.start + i) * kb..(ts.start + i + 1) * kb]
                 } else {
                     &[][..]
                 }
             });
-            let off_rows = if offs.is_empty() {
-                &[][..]
-            } else {
-                &off_rows[..n]
-            };
-            self.tile_dot(level, tile, &act_rows[..n], off_rows, &mut res[..n]);
-            for (i, r) in res[..n].iter_mut().enumerate() {
-                if let Some(b) = bias {
-                    for (v, bv) in r.iter_mut().zip(&b[row0..row0 + valid]) {
-                        *v += bv;
-                    }
-                }
-                // SAFETY: this tile owns columns row0..row0+valid of every output row,
-                // and each tile is processed by exactly one worker.
-                let dst = unsafe { y.segment((t0 + i) * self.rows + row0, valid) };
-                dst.copy_from_slice(&r[..valid]);
-            }
-            t0 += n;
-        }
+            let off_rows = if offs.is_empty() { &[][..] } else { &off_rows[..ts.len()] };
+            self.tile_dot(level, tile, &act_rows[..ts.len()], off_rows, res);
+        });
+        Ok(out)
     }
 
     /// Dot products of tile `tile` against `acts.len()` (1..=MAX_TOKENS) activation rows;
@@ -604,6 +557,51 @@ impl PackedWeights {
                 o,
             );
         }
+    }
+}
+
+/// Runs `dot(tile, token rows, results)` for every 16-row tile and every run of at most
+/// `max_tokens` (≤ [`MAX_TOKENS`]) token rows, adds the bias and writes the results
+/// into `out` (`tokens × rows`), tiles spread over candle's pool when `parallel`.
+/// The driver every tile format shares.
+pub(crate) fn for_each_tile(
+    rows: usize,
+    tokens: usize,
+    max_tokens: usize,
+    bias: Option<&[f32]>,
+    parallel: bool,
+    out: &mut [f32],
+    dot: impl Fn(usize, Range<usize>, &mut [[f32; TILE]]) + Sync,
+) {
+    assert!((1..=MAX_TOKENS).contains(&max_tokens) && out.len() == rows * tokens);
+    let n_tiles = rows.div_ceil(TILE);
+    let y = SharedOut::new(out);
+    let work = |range: Range<usize>| {
+        for tile in range {
+            let row0 = tile * TILE;
+            let valid = TILE.min(rows - row0);
+            for t0 in (0..tokens).step_by(max_tokens) {
+                let n = max_tokens.min(tokens - t0);
+                let mut res = [[0f32; TILE]; MAX_TOKENS];
+                dot(tile, t0..t0 + n, &mut res[..n]);
+                for (i, r) in res[..n].iter_mut().enumerate() {
+                    if let Some(b) = bias {
+                        for (v, bv) in r.iter_mut().zip(&b[row0..row0 + valid]) {
+                            *v += bv;
+                        }
+                    }
+                    // SAFETY: this tile owns columns row0..row0+valid of every output
+                    // row, and each tile goes to exactly one worker.
+                    let dst = unsafe { y.segment((t0 + i) * rows + row0, valid) };
+                    dst.copy_from_slice(&r[..valid]);
+                }
+            }
+        }
+    };
+    if parallel && n_tiles > 1 {
+        candle_core::utils::barrier_pool().execute_chunked(n_tiles, work);
+    } else {
+        work(0..n_tiles);
     }
 }
 
