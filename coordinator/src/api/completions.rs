@@ -228,6 +228,7 @@ pub(super) async fn create(
         ));
     }
     let prompt = prompt(&fields)?;
+    let echoed = echo.is_some();
     let (prompt_tokens, prompt_text) = off_reactor(&card, move |card| match prompt {
         Prompt::Text(text) => card
             .tokenizer
@@ -235,7 +236,8 @@ pub(super) async fn create(
             .map(|ids| (ids, text))
             .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}"))),
         Prompt::Tokens(ids) => {
-            let text = card.tokenizer.decode(&ids).unwrap_or_default();
+            // Only an echo shows the prompt's text.
+            let text = if echoed { card.tokenizer.decode(&ids).unwrap_or_default() } else { String::new() };
             Ok((ids, text))
         }
     })
