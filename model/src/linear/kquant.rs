@@ -1,4 +1,4 @@
-//! K-quant weights (Q4_K, Q6_K) in 16-row tiles at (about) ggml's size, and their
+//! K-quant weights (Q4_K, Q5_K, Q6_K) in 16-row tiles at (about) ggml's size, and their
 //! matmul, bit-identical to candle 0.11.1's repacked x86 kernels (`repack_x86::
 //! q4k_tile` / `q6k_tile` and their 256-bit twins, which all do the same float steps).
 //!
@@ -17,16 +17,22 @@
 //! - Q4_K (8 sub-blocks of 32): `acc = fma(f32(isum), (d·scale_s)·d_y, acc)`, then
 //!   `acc = fma(−(dmin·min_s), d_y·f32(bsum[2s] + bsum[2s+1]), acc)`.
 //!
+//! - Q5_K (candle repacks none on x86, so its AVX2 `vec_dot_q5k_q8k`): per superblock
+//!   eight i32 lanes, lane `l` summing `scale_s · Σ u·y` over values `32s+4l..+4` of
+//!   every sub-block `s` (exact integers), then `acc_l = fma(d·d_y, f32(lane),
+//!   acc_l)`; the mins apart, `summs += (−d_y·dmin)·f32(Σ_s min_s·(bsum[2s] +
+//!   bsum[2s+1]))`; at the end `((a4+a0)+(a6+a2))+((a5+a1)+(a7+a3)) + summs`.
+//!
 //! `d·scale` (an f16 times a small integer) is exact in f32, so computing it in the
 //! kernel instead of storing it changes nothing.
 //!
 //! Tile layout (`kb` superblocks per row):
 //!
 //! ```text
-//! d:      [kb][16 rows] f16, then for Q4_K [kb][16 rows] f16 of dmin (per block)
+//! d:      [kb][16 rows] f16, then for Q4_K/Q5_K [kb][16 rows] f16 of dmin (per block)
 //! (zero padding to 64 bytes)
 //! scales: [kb][16][16 rows] u8     Q6_K: 16 sub-block scales (i8);
-//!                                  Q4_K: 8 scales, then 8 mins (6-bit codes)
+//!                                  Q4_K/Q5_K: 8 scales, then 8 mins (6-bit codes)
 //! qs:     [kb][subs][vectors][16 rows][4 bytes]
 //! ```
 //!
@@ -36,7 +42,8 @@
 //! vector 2 the two high bits of all four groups, group `g` at bits `2g..2g+2`.
 //! Q4_K sub-block `s` holds values `32s..32s+32` as eight groups of four in four
 //! vectors: vector `p` has group `p` in its low nibbles and group `p + 4` in its high
-//! ones. Q4_K's scales take 16 bytes a row instead of ggml's 12 (148 bytes a block
+//! ones. Q5_K's sub-block adds a fifth vector of high bits: byte `k` of a row's word
+//! holds, at bit `g`, the fifth bit of value `4g+k`. Q4_K's scales take 16 bytes a row instead of ggml's 12 (148 bytes a block
 //! instead of 144); Q6_K's size is ggml's.
 
 
@@ -56,6 +63,9 @@ const SCALE_BYTES: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum KFormat {
     Q4K,
+    /// Reproduces candle's AVX2 `vec_dot_q5k_q8k` (candle repacks no Q5_K on x86):
+    /// see `q5k_avx512`.
+    Q5K,
     Q6K,
     /// Q8_0 seen eight blocks at a time, as candle's repacked VNNI kernel sees it
     /// (`q8_0_tile2`: Q8_K activations, `acc = fma(f32(isum) − 128·bsum, d·d_y, acc)`
@@ -68,6 +78,7 @@ impl KFormat {
     pub(crate) fn from_dtype(dtype: GgmlDType) -> Option<Self> {
         match dtype {
             GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q5K => Some(Self::Q5K),
             GgmlDType::Q6K => Some(Self::Q6K),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             _ => None,
@@ -77,17 +88,19 @@ impl KFormat {
     pub(crate) fn dtype(self) -> GgmlDType {
         match self {
             Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
             Self::Q6K => GgmlDType::Q6K,
             Self::Q8_0 => GgmlDType::Q8_0,
         }
     }
 
     /// ggml's bytes for 256 values of a row: Q4_K d, dmin (f16), scales[12], qs[128];
-    /// Q6_K ql[128], qh[64], scales[16] (i8), d (f16); Q8_0 eight blocks of d (f16),
+    /// Q5_K d, dmin, scales[12], qh[32], qs[128]; Q6_K ql[128], qh[64], scales[16] (i8), d (f16); Q8_0 eight blocks of d (f16),
     /// qs[32].
     fn ggml_block_bytes(self) -> usize {
         match self {
             Self::Q4K => 144,
+            Self::Q5K => 176,
             Self::Q6K => 210,
             Self::Q8_0 => 8 * 34,
         }
@@ -101,14 +114,14 @@ impl KFormat {
     /// Scale bytes per row and superblock in the `scales` section.
     fn scale_bytes(self) -> usize {
         match self {
-            Self::Q4K | Self::Q6K => SCALE_BYTES,
+            Self::Q4K | Self::Q5K | Self::Q6K => SCALE_BYTES,
             Self::Q8_0 => 0,
         }
     }
 
     fn subs(self) -> usize {
         match self {
-            Self::Q4K | Self::Q8_0 => 8,
+            Self::Q4K | Self::Q5K | Self::Q8_0 => 8,
             Self::Q6K => 16,
         }
     }
@@ -117,6 +130,7 @@ impl KFormat {
     fn sub_bytes(self) -> usize {
         match self {
             Self::Q4K => 4 * 64,
+            Self::Q5K => 5 * 64,
             Self::Q6K => 3 * 64,
             Self::Q8_0 => 8 * 64,
         }
@@ -126,7 +140,7 @@ impl KFormat {
         self.subs() * self.sub_bytes()
     }
 
-    /// Value `v` (0..256) of a ggml block as its unsigned code (4, 6 or 8 bits; Q8_0's
+    /// Value `v` (0..256) of a ggml block as its unsigned code (4, 5, 6 or 8 bits; Q8_0's
     /// `q + 128`).
     fn ggml_value(self, blk: &[u8], v: usize) -> u8 {
         match self {
@@ -139,6 +153,13 @@ impl KFormat {
                 } else {
                     byte >> 4
                 }
+            }
+            Self::Q5K => {
+                let (chunk, within) = (v / 64, v % 64);
+                let byte = blk[48 + 32 * chunk + within % 32];
+                let low = if within < 32 { byte & 0x0F } else { byte >> 4 };
+                let high = (blk[16 + within % 32] >> (2 * chunk + within / 32)) & 1;
+                low | (high << 4)
             }
             Self::Q6K => {
                 let (ql, qh) = (&blk[..128], &blk[128..192]);
@@ -162,6 +183,12 @@ impl KFormat {
                 let shift = if within < 32 { 0 } else { 4 };
                 blk[16 + 32 * chunk + within % 32] |= u << shift;
             }
+            Self::Q5K => {
+                let (chunk, within) = (v / 64, v % 64);
+                let shift = if within < 32 { 0 } else { 4 };
+                blk[48 + 32 * chunk + within % 32] |= (u & 0x0F) << shift;
+                blk[16 + within % 32] |= (u >> 4) << (2 * chunk + within / 32);
+            }
             Self::Q6K => {
                 let (half, j) = (v / 128, v % 128);
                 let (quarter, l) = (j / 32, j % 32);
@@ -173,17 +200,21 @@ impl KFormat {
     }
 
     /// Where value `v` of row `lane` sits in a superblock's qs: the byte holding its
-    /// low bits and their shift and width, then (Q6_K) the byte holding its two high
-    /// bits and their shift.
-    fn qs_position(self, v: usize, lane: usize) -> ((usize, usize, u8), Option<(usize, usize)>) {
+    /// low bits and their shift and mask, then (Q5_K, Q6_K) the byte holding its high
+    /// bits, their shift and mask.
+    fn qs_position(self, v: usize, lane: usize) -> (CodeBits, Option<CodeBits>) {
         let (sub_values, s) = (QK_K / self.subs(), v / (QK_K / self.subs()));
         let (g, k) = ((v % sub_values) / 4, v % 4);
         let byte = lane * 4 + k;
         match self {
             Self::Q4K => ((s * 256 + (g % 4) * 64 + byte, 4 * (g / 4), 0x0F), None),
+            Self::Q5K => (
+                (s * 320 + (g % 4) * 64 + byte, 4 * (g / 4), 0x0F),
+                Some((s * 320 + 256 + byte, g, 1)),
+            ),
             Self::Q6K => (
                 (s * 192 + (g / 2) * 64 + byte, 4 * (g % 2), 0x0F),
-                Some((s * 192 + 128 + byte, 2 * g)),
+                Some((s * 192 + 128 + byte, 2 * g, 3)),
             ),
             Self::Q8_0 => ((s * 512 + g * 64 + byte, 0, 0xFF), None),
         }
@@ -194,7 +225,7 @@ impl KFormat {
         let ((at, shift, mask), high) = self.qs_position(v, lane);
         let low = (qs[at] >> shift) & mask;
         match high {
-            Some((at, shift)) => low | (((qs[at] >> shift) & 3) << 4),
+            Some((at, shift, mask)) => low | (((qs[at] >> shift) & mask) << 4),
             None => low,
         }
     }
@@ -203,20 +234,20 @@ impl KFormat {
     fn put_tile_value(self, qs: &mut [u8], v: usize, lane: usize, u: u8) {
         let ((at, shift, mask), high) = self.qs_position(v, lane);
         qs[at] |= (u & mask) << shift;
-        if let Some((at, shift)) = high {
+        if let Some((at, shift, _)) = high {
             qs[at] |= (u >> 4) << shift;
         }
     }
 
-    /// The row's 16 tile scale bytes of a ggml block: Q6_K its 16 scales; Q4_K its
-    /// 8 scales and 8 mins unpacked from their 6-bit fields (ggml's
+    /// The row's 16 tile scale bytes of a ggml block: Q6_K its 16 scales; Q4_K and
+    /// Q5_K their 8 scales and 8 mins unpacked from their 6-bit fields (ggml's
     /// `get_scale_min_k4`).
     fn tile_scales(self, blk: &[u8]) -> [u8; SCALE_BYTES] {
         let mut out = [0u8; SCALE_BYTES];
         match self {
             Self::Q8_0 => {}
             Self::Q6K => out.copy_from_slice(&blk[192..208]),
-            Self::Q4K => {
+            Self::Q4K | Self::Q5K => {
                 let sc = &blk[4..16];
                 for j in 0..8 {
                     let (scale, min) = if j < 4 {
@@ -237,7 +268,7 @@ impl KFormat {
         match self {
             Self::Q8_0 => {}
             Self::Q6K => blk[192..208].copy_from_slice(scales),
-            Self::Q4K => {
+            Self::Q4K | Self::Q5K => {
                 let sc = &mut blk[4..16];
                 for j in 0..8 {
                     let (scale, min) = (scales[j], scales[8 + j]);
@@ -254,15 +285,18 @@ impl KFormat {
         }
     }
 
-    /// Byte offsets of the block's f16 values (d, then Q4_K's dmin) in a ggml block.
+    /// Byte offsets of the block's f16 values (d, then a dmin) in a ggml block.
     fn ggml_f16_at(self) -> &'static [usize] {
         match self {
-            Self::Q4K => &[0, 2],
+            Self::Q4K | Self::Q5K => &[0, 2],
             Self::Q6K => &[208],
             Self::Q8_0 => &[0, 34, 68, 102, 136, 170, 204, 238],
         }
     }
 }
+/// Where some of a code's bits sit in a tile's qs: byte, shift, mask.
+type CodeBits = (usize, usize, u8);
+
 /// Token rows one kernel call handles (candle's `MAX_MT` is 4; any count gives the
 /// same per-row arithmetic).
 const MAX_TOKENS: usize = 4;
@@ -534,6 +568,7 @@ impl PackedKQuant {
             }
             match self.format {
                 KFormat::Q4K => run!(q4k_avx512),
+                KFormat::Q5K => run!(q5k_avx512),
                 KFormat::Q6K => run!(q6k_avx512),
                 KFormat::Q8_0 => run!(q8_0_avx512),
             }
@@ -541,7 +576,10 @@ impl PackedKQuant {
         }
         let _ = level;
         for (a, o) in acts.iter().zip(out.iter_mut()) {
-            tile_dot_scalar(self.format, bytes, self.kb, self.scales_offset, self.qs_offset, a, o);
+            match self.format {
+                KFormat::Q5K => q5k_dot_scalar(bytes, self.kb, self.scales_offset, self.qs_offset, a, o),
+                f => tile_dot_scalar(f, bytes, self.kb, self.scales_offset, self.qs_offset, a, o),
+            }
         }
     }
 }
@@ -583,6 +621,7 @@ fn tile_dot_scalar(
                         let scale = scale_byte(s, lane) as i8 as f32;
                         *acc = f.mul_add((d() * scale) * a.d, *acc);
                     }
+                    KFormat::Q5K => unreachable!("Q5_K runs `q5k_dot_scalar`"),
                     KFormat::Q4K => {
                         let dmin = f16_at(((b * 2 + 1) * TILE + lane) * 2);
                         let scale = d() * scale_byte(s, lane) as f32;
@@ -596,6 +635,42 @@ fn tile_dot_scalar(
         }
     }
     *out = acc;
+}
+
+/// The portable Q5_K kernel (one activation row), candle's AVX2 steps in its order
+/// (see the module's note).
+fn q5k_dot_scalar(
+    tile: &[u8],
+    kb: usize,
+    scales_offset: usize,
+    qs_offset: usize,
+    act: &[SuperAct],
+    out: &mut [f32; TILE],
+) {
+    let format = KFormat::Q5K;
+    let f16_at = |at: usize| f16::from_le_bytes([tile[at], tile[at + 1]]).to_f32();
+    for (lane, out) in out.iter_mut().enumerate() {
+        let mut acc = [0f32; 8];
+        let mut summs = 0f32;
+        for (b, a) in act.iter().enumerate().take(kb) {
+            let qs = &tile[qs_offset + b * format.qs_block_bytes()..];
+            let code = |j: usize| tile[scales_offset + (b * SCALE_BYTES + j) * TILE + lane] as i32;
+            let d = a.d * f16_at((b * 2 * TILE + lane) * 2);
+            let dmin = -a.d * f16_at(((b * 2 + 1) * TILE + lane) * 2);
+            let mins: i32 = (0..8).map(|s| code(8 + s) * (a.bsums[2 * s] as i32 + a.bsums[2 * s + 1] as i32)).sum();
+            summs += dmin * mins as f32;
+            for (l, acc) in acc.iter_mut().enumerate() {
+                let lane_sum: i32 = (0..8)
+                    .map(|s| {
+                        let values = (32 * s + 4 * l)..(32 * s + 4 * l + 4);
+                        code(s) * values.map(|v| format.tile_value(qs, v, lane) as i32 * a.qs[v] as i32).sum::<i32>()
+                    })
+                    .sum();
+                *acc = d.mul_add(lane_sum as f32, *acc);
+            }
+        }
+        *out = ((acc[4] + acc[0]) + (acc[6] + acc[2])) + ((acc[5] + acc[1]) + (acc[7] + acc[3])) + summs;
+    }
 }
 
 /// Broadcasts bytes `4·word..4·word+4` of an activation block's `qs` (from `at`).
@@ -623,6 +698,65 @@ unsafe fn prefetch_ahead(sub: *const u8, sub_bytes: usize) {
     }
 }
 
+/// A kernel's place in a tile's three sections and in its activation rows: one
+/// superblock at a time.
+#[cfg(target_arch = "x86_64")]
+struct Cursor<const T: usize> {
+    d: *const u8,
+    sc: *const u8,
+    q: *const u8,
+    a: [*const SuperAct; T],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const T: usize> Cursor<T> {
+    fn new(tile: *const u8, scales_offset: usize, qs_offset: usize, acts: [*const SuperAct; T]) -> Self {
+        Self { d: tile, sc: tile.wrapping_add(scales_offset), q: tile.wrapping_add(qs_offset), a: acts }
+    }
+
+    fn next(&mut self, format: KFormat) {
+        self.d = self.d.wrapping_add(format.f16s() * TILE * 2);
+        self.sc = self.sc.wrapping_add(format.scale_bytes() * TILE);
+        self.q = self.q.wrapping_add(format.qs_block_bytes());
+        self.a = self.a.map(|p| p.wrapping_add(1));
+    }
+}
+
+/// A Q4_K/Q5_K sub-block's four nibble vectors as eight groups: vector `p`'s low
+/// nibbles are group `p`, its high ones group `p + 4`.
+///
+/// # Safety
+/// `v` points at 256 readable, 64-byte aligned bytes; AVX-512 F/BW present.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn nibble_groups(v: *const u8) -> [std::arch::x86_64::__m512i; 8] {
+    use std::arch::x86_64::*;
+    let low4 = _mm512_set1_epi8(0x0F);
+    let mut w = [_mm512_setzero_si512(); 8];
+    for p in 0..4 {
+        // SAFETY: per the contract.
+        let packed = unsafe { _mm512_load_si512(v.wrapping_add(p * 64).cast()) };
+        w[p] = _mm512_and_si512(packed, low4);
+        w[p + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low4);
+    }
+    w
+}
+
+/// Stores a tile's results for T token rows.
+///
+/// # Safety
+/// `out` has T rows of 16 floats; AVX-512 F present.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_rows<const T: usize>(out: *mut [f32; TILE], rows: [std::arch::x86_64::__m512; T]) {
+    for (t, row) in rows.into_iter().enumerate() {
+        // SAFETY: per the contract.
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), row) };
+    }
+}
+
 /// # Safety
 /// AVX-512 F/BW/VNNI + F16C present; `tile` is a Q6_K tile of `kb` superblocks laid
 /// out as `PackedKQuant::from_ggml` does (64-byte aligned); each `acts[t]` has `kb`
@@ -638,21 +772,19 @@ unsafe fn q6k_avx512<const T: usize>(
     out: *mut [f32; TILE],
 ) {
     use std::arch::x86_64::*;
+    const FORMAT: KFormat = KFormat::Q6K;
     const SUB_BYTES: usize = 3 * 64;
     let low4 = _mm512_set1_epi8(0x0F);
     let high2 = _mm512_set1_epi8(0x30);
     let mut acc = [_mm512_setzero_ps(); T];
-    let mut d = tile;
-    let mut sc = tile.wrapping_add(scales_offset);
-    let mut q = tile.wrapping_add(qs_offset);
-    let mut a = acts;
+    let mut c = Cursor::new(tile, scales_offset, qs_offset, acts);
     for _ in 0..kb {
-        // SAFETY: `d`, `sc`, `q` and `a[t]` point at superblock b of their sections,
+        // SAFETY: `d`, `sc`, `q` and `c.a[t]` point at superblock b of their sections,
         // in bounds and aligned (64 for the qs vectors, 16 for each sub's scales).
         unsafe {
-            let dw = _mm512_cvtph_ps(_mm256_load_si256(d.cast()));
+            let dw = _mm512_cvtph_ps(_mm256_load_si256(c.d.cast()));
             for s in 0..16 {
-                let v = q.wrapping_add(s * SUB_BYTES);
+                let v = c.q.wrapping_add(s * SUB_BYTES);
                 prefetch_ahead(v, SUB_BYTES);
                 let lo01 = _mm512_load_si512(v.cast());
                 let lo23 = _mm512_load_si512(v.wrapping_add(64).cast());
@@ -670,32 +802,27 @@ unsafe fn q6k_avx512<const T: usize>(
                     _mm512_and_si512(_mm512_srli_epi16::<4>(lo23), low4),
                     _mm512_and_si512(_mm512_srli_epi16::<2>(hi), high2),
                 );
-                let scale_i8 = _mm_load_si128(sc.wrapping_add(s * TILE).cast());
+                let scale_i8 = _mm_load_si128(c.sc.wrapping_add(s * TILE).cast());
                 let scale = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(scale_i8)));
-                for t in 0..T {
-                    let at = a[t].cast::<u8>().wrapping_add(s * 16);
+                for (acc, a) in acc.iter_mut().zip(c.a) {
+                    let at = a.cast::<u8>().wrapping_add(s * 16);
                     let mut isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, act_word(at, 0));
                     isum = _mm512_dpbusd_epi32(isum, w1, act_word(at, 1));
                     isum = _mm512_dpbusd_epi32(isum, w2, act_word(at, 2));
                     isum = _mm512_dpbusd_epi32(isum, w3, act_word(at, 3));
-                    let act = &*a[t];
+                    let act = &*a;
                     let f = _mm512_sub_ps(
                         _mm512_cvtepi32_ps(isum),
                         _mm512_set1_ps(32.0 * act.bsums[s] as f32),
                     );
-                    acc[t] = _mm512_fmadd_ps(f, _mm512_mul_ps(scale, _mm512_set1_ps(act.d)), acc[t]);
+                    *acc = _mm512_fmadd_ps(f, _mm512_mul_ps(scale, _mm512_set1_ps(act.d)), *acc);
                 }
             }
         }
-        d = d.wrapping_add(TILE * 2);
-        sc = sc.wrapping_add(SCALE_BYTES * TILE);
-        q = q.wrapping_add(16 * SUB_BYTES);
-        a = a.map(|p| p.wrapping_add(1));
+        c.next(FORMAT);
     }
-    for t in 0..T {
-        // SAFETY: `out` has T rows of 16 floats.
-        unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), acc[t]) };
-    }
+    // SAFETY: `out` has T rows.
+    unsafe { store_rows(out, acc) };
 }
 
 /// # Safety
@@ -711,58 +838,130 @@ unsafe fn q4k_avx512<const T: usize>(
     out: *mut [f32; TILE],
 ) {
     use std::arch::x86_64::*;
+    const FORMAT: KFormat = KFormat::Q4K;
     const SUB_BYTES: usize = 4 * 64;
-    let low4 = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); T];
-    let mut d = tile;
-    let mut sc = tile.wrapping_add(scales_offset);
-    let mut q = tile.wrapping_add(qs_offset);
-    let mut a = acts;
+    let mut c = Cursor::new(tile, scales_offset, qs_offset, acts);
     for _ in 0..kb {
         // SAFETY: as in `q6k_avx512`; the d section holds d then dmin per block.
         unsafe {
-            let dw = _mm512_cvtph_ps(_mm256_load_si256(d.cast()));
-            let dminw = _mm512_cvtph_ps(_mm256_load_si256(d.wrapping_add(TILE * 2).cast()));
+            let dw = _mm512_cvtph_ps(_mm256_load_si256(c.d.cast()));
+            let dminw = _mm512_cvtph_ps(_mm256_load_si256(c.d.wrapping_add(TILE * 2).cast()));
             for s in 0..8 {
-                let v = q.wrapping_add(s * SUB_BYTES);
+                let v = c.q.wrapping_add(s * SUB_BYTES);
                 prefetch_ahead(v, SUB_BYTES);
-                let mut w = [_mm512_setzero_si512(); 8];
-                for p in 0..4 {
-                    let packed = _mm512_load_si512(v.wrapping_add(p * 64).cast());
-                    w[p] = _mm512_and_si512(packed, low4);
-                    w[p + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low4);
-                }
+                let w = nibble_groups(v);
                 let code = |j: usize| {
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(sc.wrapping_add(j * TILE).cast())))
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(c.sc.wrapping_add(j * TILE).cast())))
                 };
                 let scale = _mm512_mul_ps(dw, code(s));
                 let min = _mm512_mul_ps(dminw, code(8 + s));
-                for t in 0..T {
-                    let at = a[t].cast::<u8>().wrapping_add(s * 32);
+                for (acc, a) in acc.iter_mut().zip(c.a) {
+                    let at = a.cast::<u8>().wrapping_add(s * 32);
                     let mut isum = _mm512_setzero_si512();
                     for (g, wg) in w.iter().enumerate() {
                         isum = _mm512_dpbusd_epi32(isum, *wg, act_word(at, g));
                     }
-                    let act = &*a[t];
-                    acc[t] = _mm512_fmadd_ps(
+                    let act = &*a;
+                    *acc = _mm512_fmadd_ps(
                         _mm512_cvtepi32_ps(isum),
                         _mm512_mul_ps(scale, _mm512_set1_ps(act.d)),
-                        acc[t],
+                        *acc,
                     );
                     let bsum = (act.bsums[2 * s] as i32 + act.bsums[2 * s + 1] as i32) as f32;
-                    acc[t] = _mm512_fnmadd_ps(min, _mm512_set1_ps(act.d * bsum), acc[t]);
+                    *acc = _mm512_fnmadd_ps(min, _mm512_set1_ps(act.d * bsum), *acc);
                 }
             }
         }
-        d = d.wrapping_add(2 * TILE * 2);
-        sc = sc.wrapping_add(SCALE_BYTES * TILE);
-        q = q.wrapping_add(8 * SUB_BYTES);
-        a = a.map(|p| p.wrapping_add(1));
+        c.next(FORMAT);
     }
-    for t in 0..T {
-        // SAFETY: `out` has T rows of 16 floats.
-        unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), acc[t]) };
+    // SAFETY: `out` has T rows.
+    unsafe { store_rows(out, acc) };
+}
+
+/// # Safety
+/// As `q6k_avx512`, for a Q5_K tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q5k_avx512<const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    scales_offset: usize,
+    qs_offset: usize,
+    acts: [*const SuperAct; T],
+    out: *mut [f32; TILE],
+) {
+    use std::arch::x86_64::*;
+    const FORMAT: KFormat = KFormat::Q5K;
+    const SUB_BYTES: usize = 5 * 64;
+    let bit4 = _mm512_set1_epi8(0x10);
+    // Eight lanes per token, as candle's 256-bit accumulator has.
+    let mut acc = [[_mm512_setzero_ps(); 8]; T];
+    let mut summs = [_mm512_setzero_ps(); T];
+    let mut c = Cursor::new(tile, scales_offset, qs_offset, acts);
+    for _ in 0..kb {
+        // SAFETY: as in `q6k_avx512`; the d section holds d then dmin per block.
+        unsafe {
+            let dw = _mm512_cvtph_ps(_mm256_load_si256(c.d.cast()));
+            let dminw = _mm512_cvtph_ps(_mm256_load_si256(c.d.wrapping_add(TILE * 2).cast()));
+            let code = |j: usize| _mm512_cvtepu8_epi32(_mm_load_si128(c.sc.wrapping_add(j * TILE).cast()));
+            let mut lanes = [[_mm512_setzero_si512(); 8]; T];
+            for s in 0..8 {
+                let v = c.q.wrapping_add(s * SUB_BYTES);
+                prefetch_ahead(v, SUB_BYTES);
+                let mut w = nibble_groups(v);
+                // Group g's fifth bits sit at bit g of each byte: move them to bit 4.
+                let high = _mm512_load_si512(v.wrapping_add(256).cast());
+                let fifth = [
+                    _mm512_slli_epi16::<4>(high),
+                    _mm512_slli_epi16::<3>(high),
+                    _mm512_slli_epi16::<2>(high),
+                    _mm512_slli_epi16::<1>(high),
+                    high,
+                    _mm512_srli_epi16::<1>(high),
+                    _mm512_srli_epi16::<2>(high),
+                    _mm512_srli_epi16::<3>(high),
+                ];
+                for (wg, f) in w.iter_mut().zip(fifth) {
+                    *wg = _mm512_or_si512(*wg, _mm512_and_si512(f, bit4));
+                }
+                let scale = code(s);
+                for (lanes, a) in lanes.iter_mut().zip(c.a) {
+                    let at = a.cast::<u8>().wrapping_add(s * 32);
+                    for (g, wg) in w.iter().enumerate() {
+                        let part = _mm512_dpbusd_epi32(_mm512_setzero_si512(), *wg, act_word(at, g));
+                        lanes[g] = _mm512_add_epi32(lanes[g], _mm512_mullo_epi32(scale, part));
+                    }
+                }
+            }
+            for t in 0..T {
+                let act = &*c.a[t];
+                let dt = _mm512_mul_ps(_mm512_set1_ps(act.d), dw);
+                for (acc, lane) in acc[t].iter_mut().zip(lanes[t]) {
+                    *acc = _mm512_fmadd_ps(dt, _mm512_cvtepi32_ps(lane), *acc);
+                }
+                // Σ min·bsum is an integer below 2²⁴: exact in f32, as candle's i32.
+                let mut mins = _mm512_setzero_ps();
+                for s in 0..8 {
+                    let bsum = (act.bsums[2 * s] as i32 + act.bsums[2 * s + 1] as i32) as f32;
+                    mins = _mm512_fmadd_ps(_mm512_cvtepi32_ps(code(8 + s)), _mm512_set1_ps(bsum), mins);
+                }
+                let dmin = _mm512_mul_ps(_mm512_set1_ps(-act.d), dminw);
+                summs[t] = _mm512_add_ps(summs[t], _mm512_mul_ps(dmin, mins));
+            }
+        }
+        c.next(FORMAT);
     }
+    let rows: [__m512; T] = std::array::from_fn(|t| {
+        let l = &acc[t];
+        let sum = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(l[4], l[0]), _mm512_add_ps(l[6], l[2])),
+            _mm512_add_ps(_mm512_add_ps(l[5], l[1]), _mm512_add_ps(l[7], l[3])),
+        );
+        _mm512_add_ps(sum, summs[t])
+    });
+    // SAFETY: `out` has T rows.
+    unsafe { store_rows(out, rows) };
 }
 
 /// # Safety
@@ -772,49 +971,44 @@ unsafe fn q4k_avx512<const T: usize>(
 unsafe fn q8_0_avx512<const T: usize>(
     tile: *const u8,
     kb: usize,
-    _scales_offset: usize,
+    scales_offset: usize,
     qs_offset: usize,
     acts: [*const SuperAct; T],
     out: *mut [f32; TILE],
 ) {
     use std::arch::x86_64::*;
+    const FORMAT: KFormat = KFormat::Q8_0;
     const BLOCK_BYTES: usize = 8 * 64;
     let mut acc = [_mm512_setzero_ps(); T];
-    let mut d = tile;
-    let mut q = tile.wrapping_add(qs_offset);
-    let mut a = acts;
+    let mut c = Cursor::new(tile, scales_offset, qs_offset, acts);
     for _ in 0..kb {
         // SAFETY: as in `q6k_avx512`; the d section holds the eight blocks' scales.
         unsafe {
             for blk in 0..8 {
-                let v = q.wrapping_add(blk * BLOCK_BYTES);
+                let v = c.q.wrapping_add(blk * BLOCK_BYTES);
                 prefetch_ahead(v, BLOCK_BYTES);
-                let dw = _mm512_cvtph_ps(_mm256_load_si256(d.wrapping_add(blk * TILE * 2).cast()));
+                let dw = _mm512_cvtph_ps(_mm256_load_si256(c.d.wrapping_add(blk * TILE * 2).cast()));
                 let mut w = [_mm512_setzero_si512(); 8];
                 for (g, wg) in w.iter_mut().enumerate() {
                     *wg = _mm512_load_si512(v.wrapping_add(g * 64).cast());
                 }
-                for t in 0..T {
-                    let at = a[t].cast::<u8>().wrapping_add(blk * 32);
+                for (acc, a) in acc.iter_mut().zip(c.a) {
+                    let at = a.cast::<u8>().wrapping_add(blk * 32);
                     let mut isum = _mm512_setzero_si512();
                     for (g, wg) in w.iter().enumerate() {
                         isum = _mm512_dpbusd_epi32(isum, *wg, act_word(at, g));
                     }
-                    let act = &*a[t];
+                    let act = &*a;
                     let bsum = (act.bsums[2 * blk] as i32 + act.bsums[2 * blk + 1] as i32) as f32;
                     let f = _mm512_sub_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(128.0 * bsum));
-                    acc[t] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw, _mm512_set1_ps(act.d)), acc[t]);
+                    *acc = _mm512_fmadd_ps(f, _mm512_mul_ps(dw, _mm512_set1_ps(act.d)), *acc);
                 }
             }
         }
-        d = d.wrapping_add(8 * TILE * 2);
-        q = q.wrapping_add(8 * BLOCK_BYTES);
-        a = a.map(|p| p.wrapping_add(1));
+        c.next(FORMAT);
     }
-    for t in 0..T {
-        // SAFETY: `out` has T rows of 16 floats.
-        unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), acc[t]) };
-    }
+    // SAFETY: `out` has T rows.
+    unsafe { store_rows(out, acc) };
 }
 
 #[cfg(test)]
@@ -859,7 +1053,7 @@ mod tests {
     /// Repacking then reading rows back gives ggml's blocks, scales and mins included.
     #[test]
     fn rows_read_back_as_ggml_blocks() {
-        for format in [KFormat::Q4K, KFormat::Q6K, KFormat::Q8_0] {
+        for format in [KFormat::Q4K, KFormat::Q5K, KFormat::Q6K, KFormat::Q8_0] {
             let (rows, cols) = (32, 512);
             let w = Tensor::from_vec(values(rows * cols, 9), (rows, cols), &Device::Cpu).unwrap();
             let data = QTensor::quantize(&w, format.dtype()).unwrap().data().unwrap().to_vec();
