@@ -325,6 +325,39 @@ impl ModelFile {
         })
     }
 
+    /// The GGUF type and shape (candle's order: `[rows, cols]` for a matrix) of a tensor.
+    pub fn tensor_layout(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)> {
+        self.content.tensor_infos.get(name).map(|t| (t.ggml_dtype, t.shape.dims().to_vec()))
+    }
+
+    /// Hands a tensor's raw bytes to `each` in order, `chunk` bytes at a time (the
+    /// last piece may be shorter), through one buffer of that size: a tensor need not
+    /// be held whole to be repacked.
+    pub fn stream_tensor(
+        &self,
+        reader: &mut BufReader<File>,
+        name: &str,
+        chunk: usize,
+        mut each: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        use std::io::{Seek, SeekFrom};
+        let t = self.content.tensor_infos.get(name).ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        let corrupt = |e: std::io::Error| Error::Corrupt {
+            path: self.path.clone(),
+            reason: format!("reading tensor `{name}`: {e}"),
+        };
+        let mut left = tensor_byte_len(&t.shape, t.ggml_dtype) as usize;
+        reader.seek(SeekFrom::Start(self.content.tensor_data_offset + t.offset)).map_err(corrupt)?;
+        let mut buf = vec![0u8; chunk.clamp(1, left.max(1))];
+        while left > 0 {
+            let n = buf.len().min(left);
+            reader.read_exact(&mut buf[..n]).map_err(corrupt)?;
+            each(&buf[..n])?;
+            left -= n;
+        }
+        Ok(())
+    }
+
     /// A reader positioned anywhere; [`Self::load_tensor`] seeks.
     pub fn reader(&self) -> Result<BufReader<File>> {
         let file = File::open(&self.path).map_err(|source| Error::Open { path: self.path.clone(), source })?;

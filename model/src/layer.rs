@@ -77,13 +77,8 @@ impl Layer {
         let arch: Architecture = info.architecture;
         let p = format!("blk.{index}");
         let mut linear = |name: &str, bias: bool| -> Result<Linear> {
-            let w = file.load_tensor(reader, &format!("{p}.{name}.weight"), device)?;
-            let b = if bias {
-                Some(file.load_tensor(reader, &format!("{p}.{name}.bias"), device)?.dequantize(device)?)
-            } else {
-                None
-            };
-            Linear::new(w, b)
+            let bias = bias.then(|| format!("{p}.{name}.bias"));
+            Linear::load(file, reader, &format!("{p}.{name}.weight"), bias.as_deref(), device)
         };
         let biased = arch.has_qkv_bias();
         let q = linear("attn_q", biased)?;

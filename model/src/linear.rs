@@ -49,6 +49,9 @@ enum Weight {
     },
 }
 
+/// How much of a tensor a load reads at a time (see [`Linear::load`]).
+const STREAM_CHUNK_BYTES: usize = 1 << 20;
+
 /// Weights repacked for our own kernels.
 #[derive(Debug)]
 enum Tiles {
@@ -59,6 +62,46 @@ enum Tiles {
 }
 
 impl Tiles {
+    /// Zeroed tiles for a `rows × cols` weight of `dtype` on the CPU, when our
+    /// kernels serve it here; `None` leaves it to candle.
+    ///
+    /// Our kernels reproduce candle's arithmetic bit for bit, which is what matches
+    /// llama.cpp's tokens: Q4_1 and Q5_0 candle's scalar `vec_dot_unopt` at every level;
+    /// Q4_0/Q8_0 its AVX2 dot products (one FMA chain per 4-element group). The SIMD
+    /// levels need AVX2+FMA, so candle runs those same AVX2 dot products wherever
+    /// they run. The scalar level can reproduce either candle path, but on a CPU
+    /// without AVX2 it is no faster than candle's own, so Q4_0/Q8_0 stay there. Q8_0
+    /// shapes that candle sends to its repacked VNNI kernels, and the K-quants, take
+    /// `kquant.rs`'s kernels, which reproduce candle's (with AVX-512 VNNI; elsewhere
+    /// they stay on candle).
+    fn zeroed(dtype: GgmlDType, rows: usize, cols: usize) -> Result<Option<Self>> {
+        let kquant = KFormat::from_dtype(dtype).filter(|k| {
+            PackedKQuant::serves(rows, cols) && (*k != KFormat::Q8_0 || packed::candle_repacks(Format::Q8_0, rows, cols))
+        });
+        if let Some(k) = kquant {
+            return Ok(Some(Self::KQuant(PackedKQuant::zeroed(k, rows, cols)?)));
+        }
+        let format = Format::from_dtype(dtype).filter(|f| {
+            matches!(f, Format::Q4_1 | Format::Q5_0)
+                || (Level::detect() != Level::Scalar && !packed::candle_repacks(*f, rows, cols))
+        });
+        format.map(|f| Ok(Self::Blocks(PackedWeights::zeroed(f, rows, cols)?))).transpose()
+    }
+
+    fn ggml_row_bytes(&self) -> usize {
+        match self {
+            Self::Blocks(w) => w.ggml_row_bytes(),
+            Self::KQuant(w) => w.ggml_row_bytes(),
+        }
+    }
+
+    fn fill_rows(&mut self, first: usize, data: &[u8]) -> Result<()> {
+        match self {
+            Self::Blocks(w) => w.fill_rows(first, data),
+            Self::KQuant(w) => w.fill_rows(first, data),
+        }
+    }
+
     fn rows(&self) -> usize {
         match self {
             Self::Blocks(w) => w.rows(),
@@ -140,33 +183,12 @@ impl RowPath {
 impl Linear {
     pub fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
-        // Our kernels reproduce candle's arithmetic bit for bit, which is what matches
-        // llama.cpp's tokens: Q4_1 and Q5_0 candle's scalar `vec_dot_unopt` at every level;
-        // Q4_0/Q8_0 its AVX2 dot products (one FMA chain per 4-element group). The SIMD
-        // levels need AVX2+FMA, so candle runs those same AVX2 dot products wherever
-        // they run. The scalar level can reproduce either candle path, but on a CPU
-        // without AVX2 it is no faster than candle's own, so Q4_0/Q8_0 stay there. Q8_0
-        // shapes that candle sends to its repacked VNNI kernels, and Q4_K/Q6_K, take
-        // `kquant.rs`'s kernels, which reproduce those (with AVX-512 VNNI; elsewhere
-        // they stay on candle).
-        let format = Format::from_dtype(weight.dtype()).filter(|f| {
-            weight.device().is_cpu()
-                && (matches!(f, Format::Q4_1 | Format::Q5_0)
-                    || (Level::detect() != Level::Scalar
-                        && !packed::candle_repacks(*f, out_features, in_features)))
-        });
-        // K-quants, and Q8_0 shapes candle runs on its repacked VNNI kernels, take ours
-        // where they reproduce candle's (see `kquant.rs`).
-        let kquant = KFormat::from_dtype(weight.dtype()).filter(|k| {
-            weight.device().is_cpu()
-                && PackedKQuant::serves(out_features, in_features)
-                && (*k != KFormat::Q8_0 || packed::candle_repacks(Format::Q8_0, out_features, in_features))
-        });
-        let tiles = if let Some(k) = kquant {
-            Tiles::KQuant(PackedKQuant::from_ggml(k, out_features, in_features, &weight.data()?)?)
-        } else if let Some(format) = format {
-            Tiles::Blocks(PackedWeights::from_ggml(format, out_features, in_features, &weight.data()?)?)
+        let tiles = if weight.device().is_cpu() {
+            Tiles::zeroed(weight.dtype(), out_features, in_features)?
         } else {
+            None
+        };
+        let Some(mut tiles) = tiles else {
             let rows = RowPath::for_weight(weight.dtype(), &weight.device());
             return Ok(Self {
                 weight: Weight::Candle(QMatMul::from_qtensor(weight)?, rows),
@@ -174,6 +196,66 @@ impl Linear {
                 out_features,
             });
         };
+        let data = weight.data()?;
+        if data.len() != out_features * tiles.ggml_row_bytes() {
+            return Err(Error::BadInput(format!(
+                "{:?} weight {out_features}x{in_features} holds {} bytes",
+                weight.dtype(),
+                data.len()
+            )));
+        }
+        tiles.fill_rows(0, &data)?;
+        Self::packed(tiles, bias)
+    }
+
+    /// Loads weight `name` (and its bias if asked) from a GGUF file. Weights our kernels
+    /// serve stream from the file into their tiles a few rows at a time, so a tensor
+    /// is never held twice (a 262144-token embedding is 178 MB); the rest go through
+    /// candle as [`Self::new`].
+    pub fn load(
+        file: &crate::gguf::ModelFile,
+        reader: &mut std::io::BufReader<std::fs::File>,
+        name: &str,
+        bias: Option<&str>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::load_in_pieces(file, reader, name, bias, device, STREAM_CHUNK_BYTES)
+    }
+
+    fn load_in_pieces(
+        file: &crate::gguf::ModelFile,
+        reader: &mut std::io::BufReader<std::fs::File>,
+        name: &str,
+        bias: Option<&str>,
+        device: &Device,
+        piece_bytes: usize,
+    ) -> Result<Self> {
+        let bias = match bias {
+            Some(b) => Some(file.load_tensor(reader, b, device)?.dequantize(device)?),
+            None => None,
+        };
+        let (dtype, dims) = file.tensor_layout(name).ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        let tiles = match dims[..] {
+            [rows, cols] if device.is_cpu() => Tiles::zeroed(dtype, rows, cols)?,
+            _ => None,
+        };
+        let Some(mut tiles) = tiles else {
+            return Self::new(file.load_tensor(reader, name, device)?, bias);
+        };
+        // Whole rows at a time.
+        let row_bytes = tiles.ggml_row_bytes();
+        let chunk_rows = (piece_bytes / row_bytes).max(1);
+        let mut first = 0;
+        file.stream_tensor(reader, name, chunk_rows * row_bytes, |bytes| {
+            tiles.fill_rows(first, bytes)?;
+            first += bytes.len() / row_bytes;
+            Ok(())
+        })?;
+        Self::packed(tiles, bias)
+    }
+
+    fn packed(tiles: Tiles, bias: Option<Tensor>) -> Result<Self> {
+        let out_features = tiles.rows();
         // A plain [out] bias is added in the kernel's store; anything else keeps
         // candle's broadcasting semantics.
         let (fused, bias) = match bias {
@@ -739,6 +821,35 @@ mod tests {
             PackedWeights::from_ggml(Format::Q4_1, 64, 64, &[0; 10]),
             Err(Error::BadInput(_))
         ));
+    }
+
+    /// A weight streamed from its file a few rows at a time (the last piece short)
+    /// packs exactly as the whole tensor does.
+    #[test]
+    fn a_weight_loaded_in_pieces_equals_the_whole_tensor() {
+        use crate::synthetic::SyntheticModel;
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q5K] {
+            let dir = tempfile::tempdir().unwrap();
+            let spec = SyntheticModel { hidden: 256, feed_forward: 512, dtype, ..SyntheticModel::tiny() };
+            let file = crate::gguf::ModelFile::open(spec.write_to(dir.path()).unwrap()).unwrap();
+            let mut reader = file.reader().unwrap();
+            for name in ["token_embd.weight", "blk.0.ffn_down.weight", "blk.1.attn_q.weight"] {
+                let whole = Linear::new(file.load_tensor(&mut reader, name, &Device::Cpu).unwrap(), None).unwrap();
+                let pieces = Linear::load_in_pieces(&file, &mut reader, name, None, &Device::Cpu, 5000).unwrap();
+                assert_eq!(
+                    matches!(pieces.weight, Weight::Packed { .. }),
+                    matches!(whole.weight, Weight::Packed { .. }),
+                    "{dtype:?} {name}"
+                );
+                let cols = file.tensor_layout(name).unwrap().1[1];
+                let x = Tensor::from_vec(Rng(3).vec(3 * cols), (3, cols), &Device::Cpu).unwrap();
+                let (a, b) = (whole.forward(&x).unwrap(), pieces.forward(&x).unwrap());
+                assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap(), "{dtype:?} {name}");
+                let ids = Tensor::new(&[0u32, 17, 40], &Device::Cpu).unwrap();
+                let (a, b) = (whole.embedding(&ids).unwrap(), pieces.embedding(&ids).unwrap());
+                assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap(), "{dtype:?} {name}");
+            }
+        }
     }
 
     #[test]

@@ -78,7 +78,7 @@ impl Moe {
         };
         let shared = if file.has_tensor(&format!("{prefix}.ffn_gate_shexp.weight")) {
             let mut load = |name: &str| -> Result<Linear> {
-                Linear::new(file.load_tensor(reader, &format!("{prefix}.{name}.weight"), device)?, None)
+                Linear::load(file, reader, &format!("{prefix}.{name}.weight"), None, device)
             };
             Some(GatedFfn::new(load("ffn_gate_shexp")?, load("ffn_up_shexp")?, load("ffn_down_shexp")?))
         } else {

@@ -195,7 +195,7 @@ impl Stage {
                             let name = if file.info().tied_embedding { "token_embd.weight" } else { "output.weight" };
                             Ok(Head {
                                 norm: RmsNorm::load(file, r, "output_norm.weight", d)?,
-                                output: Linear::new(file.load_tensor(r, name, d)?, None)?,
+                                output: Linear::load(file, r, name, None, d)?,
                             })
                         })
                     })?)

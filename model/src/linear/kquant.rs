@@ -382,21 +382,33 @@ impl PackedKQuant {
             && cols.is_multiple_of(QK_K)
     }
 
+    #[cfg(test)]
     pub(crate) fn from_ggml(format: KFormat, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+        let mut packed = Self::zeroed(format, rows, cols)?;
+        if rows.checked_mul(packed.ggml_row_bytes()) != Some(data.len()) {
+            return Err(Error::BadInput(format!(
+                "{format:?} weight {rows}x{cols} should be {} bytes, got {}",
+                rows.saturating_mul(packed.ggml_row_bytes()),
+                data.len()
+            )));
+        }
+        packed.fill_rows(0, data)?;
+        Ok(packed)
+    }
+
+    /// ggml's bytes for one row of these weights.
+    pub(crate) fn ggml_row_bytes(&self) -> usize {
+        self.kb * self.format.ggml_block_bytes()
+    }
+
+    /// Room for `rows × cols` weights, all zero, to be filled by [`Self::fill_rows`].
+    pub(crate) fn zeroed(format: KFormat, rows: usize, cols: usize) -> Result<Self> {
         if cols == 0 || !cols.is_multiple_of(QK_K) {
             return Err(Error::BadInput(format!(
                 "{format:?} weight with {cols} columns: not a positive multiple of {QK_K}"
             )));
         }
         let kb = cols / QK_K;
-        let bb = format.ggml_block_bytes();
-        let expected = rows.checked_mul(kb).and_then(|n| n.checked_mul(bb));
-        if expected != Some(data.len()) {
-            return Err(Error::BadInput(format!(
-                "{format:?} weight {rows}x{cols} should be {expected:?} bytes, got {}",
-                data.len()
-            )));
-        }
         let n_tiles = rows.div_ceil(TILE);
         let scales_offset = round_up(kb * TILE * 2 * format.f16s(), 64);
         let qs_offset = scales_offset + kb * format.scale_bytes() * TILE;
@@ -404,7 +416,7 @@ impl PackedKQuant {
         let total = n_tiles
             .checked_mul(tile_stride)
             .ok_or_else(|| Error::BadInput(format!("{format:?} weight {rows}x{cols} is too large")))?;
-        let mut packed = Self {
+        Ok(Self {
             format,
             rows,
             cols,
@@ -413,9 +425,25 @@ impl PackedKQuant {
             qs_offset,
             tile_stride,
             buf: vec![Line([0; 64]); total / 64],
-        };
-        let bytes = Line::bytes_mut(&mut packed.buf);
-        for (r, row) in data.chunks_exact(kb * bb).enumerate() {
+        })
+    }
+
+    /// Packs whole rows from `first` on, given as ggml blocks (see
+    /// `PackedWeights::fill_rows`).
+    pub(crate) fn fill_rows(&mut self, first: usize, data: &[u8]) -> Result<()> {
+        let (format, scales_offset, qs_offset, tile_stride) = (self.format, self.scales_offset, self.qs_offset, self.tile_stride);
+        let bb = format.ggml_block_bytes();
+        let row_bytes = self.ggml_row_bytes();
+        if !data.len().is_multiple_of(row_bytes) || first + data.len() / row_bytes > self.rows {
+            return Err(Error::BadInput(format!(
+                "{} bytes from row {first} are not whole rows of a {format:?} weight with {} rows",
+                data.len(),
+                self.rows
+            )));
+        }
+        let bytes = Line::bytes_mut(&mut self.buf);
+        for (r, row) in data.chunks_exact(row_bytes).enumerate() {
+            let r = first + r;
             let tile = (r / TILE) * tile_stride;
             let lane = r % TILE;
             for (b, blk) in row.chunks_exact(bb).enumerate() {
@@ -434,7 +462,7 @@ impl PackedKQuant {
                 }
             }
         }
-        Ok(packed)
+        Ok(())
     }
 
     /// The ggml block bytes of `rows`, one after another (the inverse of `from_ggml`).

@@ -259,29 +259,43 @@ pub(crate) fn round_up(n: usize, to: usize) -> usize {
 }
 
 impl PackedWeights {
+    #[cfg(test)]
     /// Repacks `rows × cols` weights given as ggml blocks (`QTensor::data()` bytes).
     pub(crate) fn from_ggml(format: Format, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+        let mut packed = Self::zeroed(format, rows, cols)?;
+        if rows.checked_mul(packed.ggml_row_bytes()) != Some(data.len()) {
+            return Err(Error::BadInput(format!(
+                "{format:?} weight {rows}x{cols} should be {} bytes, got {}",
+                rows.saturating_mul(packed.ggml_row_bytes()),
+                data.len()
+            )));
+        }
+        packed.fill_rows(0, data)?;
+        Ok(packed)
+    }
+
+    /// ggml's bytes for one row of these weights.
+    pub(crate) fn ggml_row_bytes(&self) -> usize {
+        self.kb * self.format.ggml_block_bytes()
+    }
+
+    /// Room for `rows × cols` weights, all zero, to be filled by [`Self::fill_rows`].
+    pub(crate) fn zeroed(format: Format, rows: usize, cols: usize) -> Result<Self> {
         if cols == 0 || !cols.is_multiple_of(QK) {
             return Err(Error::BadInput(format!(
                 "{format:?} weight with {cols} columns: not a positive multiple of {QK}"
             )));
         }
         let kb = cols / QK;
-        let bb = format.ggml_block_bytes();
-        let expected = rows.checked_mul(kb).and_then(|n| n.checked_mul(bb));
-        if expected != Some(data.len()) {
-            return Err(Error::BadInput(format!(
-                "{format:?} weight {rows}x{cols} should be {expected:?} bytes, got {}",
-                data.len()
-            )));
-        }
         let n_tiles = rows.div_ceil(TILE);
         let qs_offset = round_up(kb * TILE * (2 + format.side_bytes()), 64);
         let tile_stride = qs_offset + kb * TILE * format.qs_bytes();
         let total = n_tiles.checked_mul(tile_stride).ok_or_else(|| {
             Error::BadInput(format!("{format:?} weight {rows}x{cols} is too large"))
         })?;
-        let mut packed = Self {
+        // Padding rows of the last tile keep all-zero bytes: d = 0 zeroes their sums,
+        // and their outputs are never written out anyway.
+        Ok(Self {
             format,
             rows,
             cols,
@@ -290,11 +304,26 @@ impl PackedWeights {
             qs_offset,
             tile_stride,
             buf: vec![Line([0; 64]); total / 64],
-        };
+        })
+    }
+
+    /// Packs whole rows from `first` on, given as ggml blocks (a load streams a tensor
+    /// through here a few rows at a time, so it is never held twice).
+    pub(crate) fn fill_rows(&mut self, first: usize, data: &[u8]) -> Result<()> {
+        let (format, kb, qs_offset, tile_stride) = (self.format, self.kb, self.qs_offset, self.tile_stride);
+        let bb = format.ggml_block_bytes();
+        let row_bytes = self.ggml_row_bytes();
+        if !data.len().is_multiple_of(row_bytes) || first + data.len() / row_bytes > self.rows {
+            return Err(Error::BadInput(format!(
+                "{} bytes from row {first} are not whole rows of a {format:?} weight with {} rows",
+                data.len(),
+                self.rows
+            )));
+        }
         let side = kb * TILE * 2;
-        let tile_stride = packed.tile_stride;
-        let bytes = packed.bytes_mut();
-        for (r, row) in data.chunks_exact(kb * bb).enumerate() {
+        let bytes = self.bytes_mut();
+        for (r, row) in data.chunks_exact(row_bytes).enumerate() {
+            let r = first + r;
             let tile = (r / TILE) * tile_stride;
             let lane = r % TILE;
             for (b, blk) in row.chunks_exact(bb).enumerate() {
@@ -327,9 +356,7 @@ impl PackedWeights {
                 }
             }
         }
-        // Padding rows of the last tile keep all-zero bytes: d = 0 zeroes their sums,
-        // and their outputs are never written out anyway.
-        Ok(packed)
+        Ok(())
     }
 
     /// The ggml block bytes of `rows`, one after another: the inverse of
