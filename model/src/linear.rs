@@ -197,13 +197,8 @@ impl Linear {
             });
         };
         let data = weight.data()?;
-        if data.len() != out_features * tiles.ggml_row_bytes() {
-            return Err(Error::BadInput(format!(
-                "{:?} weight {out_features}x{in_features} holds {} bytes",
-                weight.dtype(),
-                data.len()
-            )));
-        }
+        let what = format!("{:?} weight {out_features}x{in_features}", weight.dtype());
+        packed::check_whole(&what, out_features, tiles.ggml_row_bytes(), &data)?;
         tiles.fill_rows(0, &data)?;
         Self::packed(tiles, bias)
     }

@@ -50,6 +50,8 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+#[cfg(test)]
+use super::packed::check_whole;
 use super::packed::{for_each_tile, round_up, Level, Line, TILE};
 use crate::error::{Error, Result};
 
@@ -385,13 +387,7 @@ impl PackedKQuant {
     #[cfg(test)]
     pub(crate) fn from_ggml(format: KFormat, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let mut packed = Self::zeroed(format, rows, cols)?;
-        if rows.checked_mul(packed.ggml_row_bytes()) != Some(data.len()) {
-            return Err(Error::BadInput(format!(
-                "{format:?} weight {rows}x{cols} should be {} bytes, got {}",
-                rows.saturating_mul(packed.ggml_row_bytes()),
-                data.len()
-            )));
-        }
+        check_whole(&format!("{format:?} weight {rows}x{cols}"), rows, packed.ggml_row_bytes(), data)?;
         packed.fill_rows(0, data)?;
         Ok(packed)
     }

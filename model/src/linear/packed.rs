@@ -254,6 +254,18 @@ impl std::fmt::Debug for PackedWeights {
     }
 }
 
+/// Checks that `data` holds exactly `rows` rows of `row_bytes` (a whole tensor).
+pub(crate) fn check_whole(what: &str, rows: usize, row_bytes: usize, data: &[u8]) -> Result<()> {
+    if rows.checked_mul(row_bytes) != Some(data.len()) {
+        return Err(Error::BadInput(format!(
+            "{what} should be {} bytes, got {}",
+            rows.saturating_mul(row_bytes),
+            data.len()
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn round_up(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
 }
@@ -263,13 +275,7 @@ impl PackedWeights {
     /// Repacks `rows × cols` weights given as ggml blocks (`QTensor::data()` bytes).
     pub(crate) fn from_ggml(format: Format, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let mut packed = Self::zeroed(format, rows, cols)?;
-        if rows.checked_mul(packed.ggml_row_bytes()) != Some(data.len()) {
-            return Err(Error::BadInput(format!(
-                "{format:?} weight {rows}x{cols} should be {} bytes, got {}",
-                rows.saturating_mul(packed.ggml_row_bytes()),
-                data.len()
-            )));
-        }
+        check_whole(&format!("{format:?} weight {rows}x{cols}"), rows, packed.ggml_row_bytes(), data)?;
         packed.fill_rows(0, data)?;
         Ok(packed)
     }
