@@ -275,7 +275,6 @@ struct ScoreRequest {
     top: usize,
 }
 
-
 /// The scores a scored frame reports: row `j` predicts `tokens[j + 1]`, the last row
 /// `next_token` when the frame names it.
 fn score_rows(r: &Ready, rows: &[Vec<f32>], request: ScoreRequest) -> Result<v1::PromptScores, String> {

@@ -21,7 +21,7 @@
 //!   eight i32 lanes, lane `l` summing `scale_s · Σ u·y` over values `32s+4l..+4` of
 //!   every sub-block `s` (exact integers), then `acc_l = fma(d·d_y, f32(lane),
 //!   acc_l)`; the mins apart, `summs += (−d_y·dmin)·f32(Σ_s min_s·(bsum[2s] +
-//!   bsum[2s+1]))`; at the end `((a4+a0)+(a6+a2))+((a5+a1)+(a7+a3)) + summs`.
+//!   bsum[2s+1]))`; at the end candle's `hsum_float_8` of the lanes, `+ summs`.
 //!
 //! `d·scale` (an f16 times a small integer) is exact in f32, so computing it in the
 //! kernel instead of storing it changes nothing.
@@ -52,7 +52,7 @@ use half::f16;
 
 #[cfg(test)]
 use super::packed::check_whole;
-use super::packed::{for_each_tile, round_up, Level, Line, TILE};
+use super::packed::{candle_hsum8, for_each_tile, round_up, Level, Line, TILE};
 use crate::error::{Error, Result};
 
 /// Values per superblock (ggml's QK_K).
@@ -693,7 +693,7 @@ fn q5k_dot_scalar(
                 *acc = d.mul_add(lane_sum as f32, *acc);
             }
         }
-        *out = ((acc[4] + acc[0]) + (acc[6] + acc[2])) + ((acc[5] + acc[1]) + (acc[7] + acc[3])) + summs;
+        *out = candle_hsum8(&acc) + summs;
     }
 }
 
@@ -976,14 +976,7 @@ unsafe fn q5k_avx512<const T: usize>(
         }
         c.next(FORMAT);
     }
-    let rows: [__m512; T] = std::array::from_fn(|t| {
-        let l = &acc[t];
-        let sum = _mm512_add_ps(
-            _mm512_add_ps(_mm512_add_ps(l[4], l[0]), _mm512_add_ps(l[6], l[2])),
-            _mm512_add_ps(_mm512_add_ps(l[5], l[1]), _mm512_add_ps(l[7], l[3])),
-        );
-        _mm512_add_ps(sum, summs[t])
-    });
+    let rows: [__m512; T] = std::array::from_fn(|t| _mm512_add_ps(super::x86::hsum_groups512(&acc[t]), summs[t]));
     // SAFETY: `out` has T rows.
     unsafe { store_rows(out, rows) };
 }

@@ -271,8 +271,8 @@ pub(crate) fn round_up(n: usize, to: usize) -> usize {
 }
 
 impl PackedWeights {
-    #[cfg(test)]
     /// Repacks `rows × cols` weights given as ggml blocks (`QTensor::data()` bytes).
+    #[cfg(test)]
     pub(crate) fn from_ggml(format: Format, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let mut packed = Self::zeroed(format, rows, cols)?;
         check_whole(&format!("{format:?} weight {rows}x{cols}"), rows, packed.ggml_row_bytes(), data)?;
@@ -641,7 +641,7 @@ pub(crate) fn for_each_tile(
 /// candle's AVX2 horizontal sum (`hsum_float_8`): 128-bit halves added lane-wise, then
 /// `movehl`, then `movehdup`, i.e. `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
 #[inline]
-fn candle_hsum8(a: &[f32; GROUPS]) -> f32 {
+pub(crate) fn candle_hsum8(a: &[f32; GROUPS]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 

@@ -393,7 +393,7 @@ unsafe fn q4_1_avx512<const T: usize>(
 /// `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn hsum_groups512(a: &[__m512; GROUPS]) -> __m512 {
+pub(crate) fn hsum_groups512(a: &[__m512; GROUPS]) -> __m512 {
     _mm512_add_ps(
         _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
         _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
