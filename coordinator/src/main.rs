@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cli::admin::status(args),
         Command::Drain(args) => cli::admin::drain(args),
         Command::Undrain(args) => cli::admin::undrain(args),
+        Command::GpuCheck(args) => cli::gpu_check::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -61,6 +61,8 @@ pub struct ServeConfig {
     pub move_sequences: MovePolicy,
     /// How long requests in flight may run on after shutdown begins.
     pub shutdown_grace: Duration,
+    /// The keys the HTTP API asks for (none: open).
+    pub api_keys: crate::api::ApiKeys,
 }
 
 /// A setting that cannot work, found before anything is bound or started.
@@ -232,6 +234,7 @@ pub async fn run(
         listeners.http,
         engine,
         Some(cluster.admin()),
+        config.api_keys.clone(),
         stopped(stop.clone()),
         config.shutdown_grace,
     ));
@@ -291,6 +294,7 @@ mod tests {
             queue_timeout: Duration::from_secs(1),
             move_sequences: MovePolicy::Auto,
             shutdown_grace: Duration::from_secs(1),
+            api_keys: crate::api::ApiKeys::default(),
         }
     }
 

@@ -69,6 +69,10 @@ pub struct SyntheticModel {
     pub vocab_size: usize,
     /// Type of the big matrices; norms stay f32 as in real files.
     pub dtype: GgmlDType,
+    /// Types that differ from `dtype` by the matrix's role (`attn_v`, `ffn_down`,
+    /// `token_embd`, `output`), as real files mix them (Q4_K_M keeps some in 6 or
+    /// 8 bits).
+    pub matrix_types: Vec<(&'static str, GgmlDType)>,
     /// How the big matrices' values are made.
     pub fill: WeightFill,
     /// Write an `output.weight` instead of tying the head to the embedding.
@@ -117,11 +121,12 @@ pub enum WeightFill {
     /// models' files, which the tests' expectations were made with.
     #[default]
     Quantized,
-    /// Q4_0 blocks written directly: random 4-bit codes under one fixed scale per
-    /// matrix, so a matrix costs its quantized bytes and no f32 copy. The codes
-    /// avoid the one value Q4_0 has below −7 (−8), so they are symmetric around
-    /// 0 and a product over many of them has no common bias; the scale makes their
-    /// spread that of [`WeightFill::Quantized`], so activations stay as tame.
+    /// Blocks written directly (Q4_0, Q8_0 or Q4_K): random codes under one fixed
+    /// scale per matrix, so a matrix costs its quantized bytes and no f32 copy.
+    /// The values are symmetric around 0 (each type's one code without a
+    /// negative twin is avoided), so a product over many of them has no common
+    /// bias; the scale makes their spread that of [`WeightFill::Quantized`], so
+    /// activations stay as tame.
     Blocks,
 }
 
@@ -131,10 +136,6 @@ const SPECIAL_TOKENS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 /// The vocabulary without filler tokens: byte symbols, merges, special tokens.
 pub const BASE_VOCAB_SIZE: usize = 256 + MERGES.len() + SPECIAL_TOKENS.len();
-
-/// Root mean square of the Q4_0 codes [`WeightFill::Blocks`] draws: −7..=7, 0
-/// twice as likely (√(2·(1²+…+7²)/16) = √17.5).
-const BLOCK_CODE_RMS: f32 = 4.1833;
 
 const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -151,6 +152,7 @@ impl SyntheticModel {
             context_length: 256,
             vocab_size: BASE_VOCAB_SIZE,
             dtype: GgmlDType::Q8_0,
+            matrix_types: Vec::new(),
             fill: WeightFill::Quantized,
             untied_head: false,
             qkv_bias: false,
@@ -283,6 +285,7 @@ impl SyntheticModel {
             context_length: 8192,
             vocab_size: 128_256,
             dtype: GgmlDType::Q4_0,
+            matrix_types: Vec::new(),
             fill: WeightFill::Blocks,
             untied_head: true,
             qkv_bias: false,
@@ -294,6 +297,51 @@ impl SyntheticModel {
             moe: None,
             seed: 70,
         }
+    }
+
+    /// `layers` layers shaped like Llama 3 8B (hidden 4096, 32 query and 8 KV heads,
+    /// feed-forward 14336, a 128256-token vocabulary, an untied head) in the mix of
+    /// types a Q4_K_M file has, drawn as blocks: Q4_K for most matrices, Q8_0 for
+    /// `attn_v` and `ffn_down` (Q6_K in the real file), a Q4_0 embedding. About
+    /// 154 MB a layer and 295 MB each for the embedding and the head: 1.8 GB with 8
+    /// layers.
+    pub fn eight_b_shaped(layers: usize) -> Self {
+        Self {
+            hidden: 4096,
+            heads: 32,
+            kv_heads: 8,
+            feed_forward: 14336,
+            dtype: GgmlDType::Q4K,
+            matrix_types: vec![
+                ("attn_v", GgmlDType::Q8_0),
+                ("ffn_down", GgmlDType::Q8_0),
+                ("token_embd", GgmlDType::Q4_0),
+            ],
+            seed: 8,
+            ..Self::seventy_b_shaped(layers)
+        }
+    }
+
+    /// The shape in one line, for reports: `8 layers, hidden 4096, 32 heads (8 KV),
+    /// feed-forward 14336, vocabulary 128256, Q4K (Q8_0 attn_v, ...)`.
+    pub fn describe(&self) -> String {
+        let mixed: Vec<String> = self.matrix_types.iter().map(|(role, t)| format!("{t:?} {role}")).collect();
+        format!(
+            "{} layers, hidden {}, {} heads ({} KV), feed-forward {}, vocabulary {}, {:?}{}",
+            self.layers,
+            self.hidden,
+            self.heads,
+            self.kv_heads,
+            self.feed_forward,
+            self.vocab_size,
+            self.dtype,
+            if mixed.is_empty() { String::new() } else { format!(" ({})", mixed.join(", ")) }
+        )
+    }
+
+    /// The type of the matrices of `role` (`attn_q`, `token_embd`, ...).
+    fn type_of(&self, role: &str) -> GgmlDType {
+        self.matrix_types.iter().find(|(r, _)| *r == role).map_or(self.dtype, |&(_, t)| t)
     }
 
     pub fn head_dim(&self) -> usize {
@@ -423,20 +471,20 @@ impl SyntheticModel {
                     let data: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-scale..scale) * 1.7).collect();
                     QTensor::quantize(&Tensor::from_vec(data, (rows, cols), &dev)?, dtype)?
                 }
-                WeightFill::Blocks => q4_0_blocks(rng, rows, cols, dtype)?,
+                WeightFill::Blocks => random_blocks(rng, rows, cols, dtype)?,
             };
             out.push((name, t));
             Ok(())
         };
-        matrix(&mut rng, "token_embd.weight".into(), vocab, h, self.dtype)?;
+        matrix(&mut rng, "token_embd.weight".into(), vocab, h, self.type_of("token_embd"))?;
         let all_layers = self.layers + self.moe.as_ref().map_or(0, |m| m.nextn_layers);
         let mut expert_tensors = Vec::new();
         for l in 0..all_layers {
             let p = format!("blk.{l}");
-            matrix(&mut rng, format!("{p}.attn_q.weight"), q, h, self.dtype)?;
-            matrix(&mut rng, format!("{p}.attn_k.weight"), kv, h, self.dtype)?;
-            matrix(&mut rng, format!("{p}.attn_v.weight"), kv, h, self.dtype)?;
-            matrix(&mut rng, format!("{p}.attn_output.weight"), h, q, self.dtype)?;
+            matrix(&mut rng, format!("{p}.attn_q.weight"), q, h, self.type_of("attn_q"))?;
+            matrix(&mut rng, format!("{p}.attn_k.weight"), kv, h, self.type_of("attn_k"))?;
+            matrix(&mut rng, format!("{p}.attn_v.weight"), kv, h, self.type_of("attn_v"))?;
+            matrix(&mut rng, format!("{p}.attn_output.weight"), h, q, self.type_of("attn_output"))?;
             match &self.moe {
                 Some(m) if l >= m.leading_dense => {
                     let ff = m.expert_feed_forward;
@@ -455,7 +503,8 @@ impl SyntheticModel {
                     // Routers stay f32 in real files.
                     let router: Vec<f32> = (0..m.experts * h).map(|_| rng.random_range(-1.0..1.0f32)).collect();
                     let router = Tensor::from_vec(router, (m.experts, h), &dev)?;
-                    expert_tensors.push((format!("{p}.ffn_gate_inp.weight"), QTensor::quantize(&router, GgmlDType::F32)?));
+                    expert_tensors
+                        .push((format!("{p}.ffn_gate_inp.weight"), QTensor::quantize(&router, GgmlDType::F32)?));
                     if let Some(sff) = m.shared_feed_forward {
                         matrix(&mut rng, format!("{p}.ffn_gate_shexp.weight"), sff, h, self.dtype)?;
                         matrix(&mut rng, format!("{p}.ffn_up_shexp.weight"), sff, h, self.dtype)?;
@@ -463,14 +512,15 @@ impl SyntheticModel {
                     }
                 }
                 _ => {
-                    matrix(&mut rng, format!("{p}.ffn_gate.weight"), self.feed_forward, h, self.dtype)?;
-                    matrix(&mut rng, format!("{p}.ffn_up.weight"), self.feed_forward, h, self.dtype)?;
-                    matrix(&mut rng, format!("{p}.ffn_down.weight"), h, self.feed_forward, self.dtype)?;
+                    let ff = self.feed_forward;
+                    matrix(&mut rng, format!("{p}.ffn_gate.weight"), ff, h, self.type_of("ffn_gate"))?;
+                    matrix(&mut rng, format!("{p}.ffn_up.weight"), ff, h, self.type_of("ffn_up"))?;
+                    matrix(&mut rng, format!("{p}.ffn_down.weight"), h, ff, self.type_of("ffn_down"))?;
                 }
             }
         }
         if self.untied_head {
-            matrix(&mut rng, "output.weight".into(), vocab, h, self.dtype)?;
+            matrix(&mut rng, "output.weight".into(), vocab, h, self.type_of("output"))?;
         }
         out.extend(expert_tensors);
         let mut vector = |name: String, len: usize, base: f32, spread: f32| -> Result<()> {
@@ -509,29 +559,77 @@ impl SyntheticModel {
     }
 }
 
-/// A `[rows, cols]` Q4_0 matrix of random codes (see [`WeightFill::Blocks`]) whose
+/// A `[rows, cols]` matrix of random blocks (see [`WeightFill::Blocks`]) whose
 /// values have the spread of [`WeightFill::Quantized`]'s, 0.98/√cols.
-fn q4_0_blocks(rng: &mut StdRng, rows: usize, cols: usize, dtype: GgmlDType) -> Result<QTensor> {
-    if dtype != GgmlDType::Q4_0 || !cols.is_multiple_of(32) {
-        return Err(Error::InvalidModel(format!(
-            "block-filled synthetic weights are Q4_0 with a multiple of 32 columns, not {dtype:?} with {cols}"
-        )));
-    }
-    // A block: the f16 scale, then 16 bytes of two 4-bit codes each, stored +8.
-    const BLOCK: usize = 18;
-    let scale = half::f16::from_f32(1.7 / 3f32.sqrt() / BLOCK_CODE_RMS / (cols as f32).sqrt()).to_le_bytes();
+fn random_blocks(rng: &mut StdRng, rows: usize, cols: usize, dtype: GgmlDType) -> Result<QTensor> {
+    let layout = RandomBlock::of(dtype).filter(|b| cols.is_multiple_of(b.values)).ok_or_else(|| {
+        Error::InvalidModel(format!(
+            "block-filled synthetic weights are Q4_0, Q8_0 or Q4_K with whole blocks in a row, not {dtype:?} with {cols} columns"
+        ))
+    })?;
+    let header = layout.header(1.7 / 3f32.sqrt() / (cols as f32).sqrt());
     // StdRng (ChaCha) makes a few hundred MB/s here; SplitMix64, seeded from it,
     // makes the 2.6 GB of a 3-layer 70B shape in about a second.
     let mut codes = SplitMix64(rng.next_u64());
-    let mut data = vec![0u8; rows * cols / 32 * BLOCK];
-    for block in data.chunks_exact_mut(BLOCK) {
-        block[..2].copy_from_slice(&scale);
-        for half in block[2..].chunks_exact_mut(8) {
-            half.copy_from_slice(&no_zero_nibble(codes.next()).to_le_bytes());
+    let mut data = vec![0u8; rows * cols / layout.values * layout.bytes];
+    for block in data.chunks_exact_mut(layout.bytes) {
+        block[..header.len()].copy_from_slice(&header);
+        for word in block[header.len()..].chunks_exact_mut(8) {
+            word.copy_from_slice(&(layout.symmetric)(codes.next()).to_le_bytes());
         }
     }
     let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &Device::Cpu, dtype)?;
     Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+/// How [`random_blocks`] fills the blocks of one type: a header that scales the
+/// codes, then random code bytes.
+struct RandomBlock {
+    dtype: GgmlDType,
+    /// Values and bytes in a block.
+    values: usize,
+    bytes: usize,
+    /// Root mean square of the values the codes stand for, before the scale.
+    code_rms: f32,
+    /// Makes 8 random code bytes symmetric around 0.
+    symmetric: fn(u64) -> u64,
+}
+
+impl RandomBlock {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        let (values, bytes, code_rms, symmetric): (usize, usize, f32, fn(u64) -> u64) = match dtype {
+            // Codes −7..=7 stored +8, 0 twice as likely: √(2·(1²+…+7²)/16).
+            GgmlDType::Q4_0 => (32, 18, 4.1833, no_zero_nibble),
+            // −127..=127, 0 twice as likely: √(2·(1²+…+127²)/256).
+            GgmlDType::Q8_0 => (32, 34, 73.468, no_minus_128),
+            // 4-bit codes q under sub-block scale 2 and min 15 with dmin = d: the
+            // value is d·(2q − 15), odd numbers −15..=15: 2·√((16² − 1)/12).
+            GgmlDType::Q4K => (256, 144, 9.2195, |x| x),
+            _ => return None,
+        };
+        Some(Self { dtype, values, bytes, code_rms, symmetric })
+    }
+
+    /// The bytes before the codes, for values of root mean square `rms`.
+    fn header(&self, rms: f32) -> Vec<u8> {
+        let d = half::f16::from_f32(rms / self.code_rms).to_le_bytes();
+        match self.dtype {
+            // d, dmin = d, then eight 6-bit scales and mins packed as ggml's
+            // `get_scale_min_k4` reads them: sub-blocks 0–3 in bytes 0–7, 4–7 in
+            // the low and high nibbles of bytes 8–11.
+            GgmlDType::Q4K => [&d[..], &d[..], &[2u8, 2, 2, 2, 15, 15, 15, 15, 0xf2, 0xf2, 0xf2, 0xf2][..]].concat(),
+            _ => d.to_vec(),
+        }
+    }
+}
+
+/// `x` with every 0x80 byte (the code −128) made 0.
+fn no_minus_128(x: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    // Bytes of `y` are 0 exactly where `x` has 0x80; the high bit of `zero` marks them.
+    let y = x ^ 0x8080_8080_8080_8080;
+    let zero = !(((y & LOW7) + LOW7) | y | LOW7);
+    x & !zero
 }
 
 /// `x` with every 0 nibble (the code −8) made 8 (the code 0).
@@ -614,15 +712,29 @@ mod tests {
     fn block_filled_weights_are_centred_with_the_spread_of_quantized_ones() {
         let cols = 8192;
         let mut rng = StdRng::seed_from_u64(1);
-        let t = q4_0_blocks(&mut rng, 16, cols, GgmlDType::Q4_0).unwrap();
-        let values: Vec<f32> = t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let n = values.len() as f64;
-        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let rms = (values.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n).sqrt();
-        let want = 1.7 / 3f64.sqrt() / (cols as f64).sqrt();
-        assert!((rms / want - 1.0).abs() < 0.02, "rms {rms}, want {want}");
-        assert!(mean.abs() < 0.01 * want, "mean {mean}");
-        assert!(q4_0_blocks(&mut rng, 16, cols, GgmlDType::Q8_0).is_err());
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let t = random_blocks(&mut rng, 16, cols, dtype).unwrap();
+            let values: Vec<f32> = t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let n = values.len() as f64;
+            let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let rms = (values.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n).sqrt();
+            let want = 1.7 / 3f64.sqrt() / (cols as f64).sqrt();
+            assert!((rms / want - 1.0).abs() < 0.02, "{dtype:?}: rms {rms}, want {want}");
+            assert!(mean.abs() < 0.01 * want, "{dtype:?}: mean {mean}");
+        }
+        assert!(random_blocks(&mut rng, 16, cols, GgmlDType::Q6K).is_err());
+        assert!(random_blocks(&mut rng, 16, 4096 + 32, GgmlDType::Q4K).is_err(), "not whole superblocks");
+    }
+
+    #[test]
+    fn the_code_minus_128_becomes_0_and_others_stay() {
+        for x in [0u64, u64::MAX, 0x8080_8080_8080_8080, 0x7f80_0181_80ff_0080] {
+            let y = no_minus_128(x);
+            for i in 0..8 {
+                let (a, b) = ((x >> (8 * i)) & 0xff, (y >> (8 * i)) & 0xff);
+                assert_eq!(b, if a == 0x80 { 0 } else { a }, "{x:#x} byte {i}");
+            }
+        }
     }
 
     #[test]
@@ -638,13 +750,9 @@ mod tests {
 
     #[test]
     fn a_block_filled_model_generates_from_finite_logits() {
-        let spec = SyntheticModel {
-            fill: WeightFill::Blocks,
-            dtype: GgmlDType::Q4_0,
-            vocab_size: 2000,
-            untied_head: true,
-            ..SyntheticModel::tiny()
-        };
+        // The type mix of the 8B shape, on tiny widths (Q4_K needs rows of 256).
+        let spec =
+            SyntheticModel { hidden: 256, feed_forward: 512, vocab_size: 2000, ..SyntheticModel::eight_b_shaped(2) };
         let (_dir, file) = write(&spec);
         let mut stage = Stage::load(&file, 0..spec.layers, &Device::Cpu, StageOptions::default()).unwrap();
         let step = StageStep { seq: 1, position: 0, input: StageInput::Tokens(vec![5, 80, 120, 33]) };

@@ -8,12 +8,14 @@
 //! * [`foreground`]: whether a full-screen program has the foreground;
 //! * [`paths`]: where per-user caches and machine-wide service files live;
 //! * [`files`]: whether a path still names an open file;
+//! * [`memory`]: giving freed memory back to the system;
 //! * [`nvidia`]: the names of NVIDIA's driver libraries;
 //! * [`firewall`]: opening the worker's ports in the Windows firewall.
 
 pub mod files;
 pub mod firewall;
 pub mod foreground;
+pub mod memory;
 pub mod nvidia;
 pub mod paths;
 pub mod process;

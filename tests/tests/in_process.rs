@@ -31,6 +31,7 @@ fn config(model: Arc<ServedModel>, workers: Vec<String>) -> ServeConfig {
         queue_timeout: Duration::from_secs(30),
         move_sequences: MovePolicy::Auto,
         shutdown_grace: Duration::from_secs(5),
+        api_keys: strata_coordinator::api::ApiKeys::default(),
     }
 }
 

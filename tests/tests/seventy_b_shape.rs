@@ -179,14 +179,8 @@ async fn a_seventy_b_shaped_model_pulled_over_gigabit_links() -> anyhow::Result<
     let model = tokio::task::block_in_place(|| spec.write_to(dir.path()))?;
     let model_bytes = std::fs::metadata(&model)?.len();
     eprintln!(
-        "model: {} layers, hidden {}, {} heads ({} KV), feed-forward {}, vocabulary {}, {:?}: {:.2} GB, written in {:.1}s",
-        spec.layers,
-        spec.hidden,
-        spec.heads,
-        spec.kv_heads,
-        spec.feed_forward,
-        spec.vocab_size,
-        spec.dtype,
+        "model: {}: {:.2} GB, written in {:.1}s",
+        spec.describe(),
         model_bytes as f64 / 1e9,
         began.elapsed().as_secs_f64()
     );

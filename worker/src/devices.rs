@@ -37,6 +37,9 @@ pub struct GpuInfo {
     pub free_memory_bytes: Option<u64>,
     /// Compute capability, `(8, 6)` for an RTX 3090.
     pub compute_capability: (u32, u32),
+    /// The memory's peak bandwidth by its clock and bus width as the driver gives
+    /// them (double data rate); `None` where the driver does not say.
+    pub memory_bandwidth_bytes_per_second: Option<u64>,
     /// The kernel run-time limit is on, which the driver does for a GPU that drives
     /// a display: a desktop shares its memory.
     pub drives_display: bool,
@@ -258,6 +261,16 @@ mod cuda {
                 )
             };
             let ordinal = ordinal as u32;
+            // SAFETY: as above. Either attribute may be missing on a newer driver.
+            let bandwidth = unsafe {
+                let clock_khz = result::device::get_attribute(device, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE);
+                let bus_bits =
+                    result::device::get_attribute(device, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH);
+                match (clock_khz, bus_bits) {
+                    (Ok(k), Ok(b)) if k > 0 && b > 0 => Some(2 * k as u64 * 1000 * b as u64 / 8),
+                    _ => None,
+                }
+            };
             let wanted = matches!(free, FreeMemory::All) || free == FreeMemory::Of(ordinal);
             gpus.push(GpuInfo {
                 ordinal,
@@ -265,6 +278,7 @@ mod cuda {
                 total_memory_bytes: total as u64,
                 free_memory_bytes: if wanted { free_memory(device) } else { None },
                 compute_capability: (major as u32, minor as u32),
+                memory_bandwidth_bytes_per_second: bandwidth,
                 drives_display: timeout != 0,
             });
         }

@@ -478,6 +478,7 @@ mod tests {
                 total_memory_bytes: total,
                 free_memory_bytes: Some(total - GIB),
                 compute_capability: (8, 6),
+                memory_bandwidth_bytes_per_second: Some(936_000_000_000),
                 drives_display,
             }],
             cuda_unavailable: None,

@@ -176,6 +176,7 @@ impl WorkerService {
             // retired pipeline and is dropped with its forwarders.
             drop(loaded.forwarders);
         }
+        let _ = tokio::task::spawn_blocking(strata_platform::memory::release_freed_memory).await;
         let weights_after = self.shared.weights.resident_bytes();
         self.shared.stats.note_weights(weights_after);
         caches + weights_before.saturating_sub(weights_after)

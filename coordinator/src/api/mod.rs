@@ -2,13 +2,14 @@
 //!
 //! `POST /v1/completions`, `POST /v1/chat/completions` (both also as server-sent
 //! event streams), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, and for a
-//! cluster the admin endpoints of [`admin`]. Every
+//! cluster the admin endpoints of [`admin`], behind the API keys of [`auth`]. Every
 //! failure answers with OpenAI's error body. Handlers only check requests, turn them
 //! into tokens and follow the engine's events: tokenizing and rendering templates
 //! run on the blocking pool, generating on whatever the engine uses, never on the
 //! reactor. Prompts are not logged; request ids and token counts are.
 
 mod admin;
+mod auth;
 mod chat;
 mod completions;
 mod errors;
@@ -25,6 +26,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+pub use auth::{ApiKeys, KeyError};
 pub use errors::ApiError;
 
 use crate::cluster::ClusterAdmin;
@@ -45,7 +47,7 @@ struct AppState {
     started: u64,
 }
 
-pub fn router(engine: Arc<dyn Engine>, admin: Option<ClusterAdmin>) -> Router {
+pub fn router(engine: Arc<dyn Engine>, admin: Option<ClusterAdmin>, keys: ApiKeys) -> Router {
     let state = AppState { engine, admin, started: unix_now() };
     Router::new()
         .route("/v1/completions", post(completions::create))
@@ -60,6 +62,8 @@ pub fn router(engine: Arc<dyn Engine>, admin: Option<ClusterAdmin>) -> Router {
         .fallback(errors::no_route)
         .method_not_allowed_fallback(errors::wrong_method)
         .with_state(state)
+        // Outermost, so that unknown routes and bodies are not looked at either.
+        .layer(axum::middleware::from_fn_with_state(keys, auth::require_key))
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then stops accepting and
@@ -69,15 +73,17 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<dyn Engine>,
     admin: Option<ClusterAdmin>,
+    keys: ApiKeys,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_with_grace(listener, engine, admin, shutdown, DRAIN_GRACE).await
+    serve_with_grace(listener, engine, admin, keys, shutdown, DRAIN_GRACE).await
 }
 
 pub async fn serve_with_grace(
     listener: tokio::net::TcpListener,
     engine: Arc<dyn Engine>,
     admin: Option<ClusterAdmin>,
+    keys: ApiKeys,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
@@ -87,7 +93,7 @@ pub async fn serve_with_grace(
         tracing::info!("shutting down: no new connections, draining requests");
         let _ = began.send(());
     };
-    let server = axum::serve(listener, router(engine, admin)).with_graceful_shutdown(shutdown).into_future();
+    let server = axum::serve(listener, router(engine, admin, keys)).with_graceful_shutdown(shutdown).into_future();
     let deadline = async move {
         // An error means the server ended first and dropped the sender.
         if shutdown_began.await.is_ok() {

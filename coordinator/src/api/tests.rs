@@ -35,7 +35,7 @@ fn harness_with(spec: SyntheticModel) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let file = ModelFile::open(spec.write_to(dir.path()).unwrap()).unwrap();
     let engine = Arc::new(LocalEngine::start(&file, &Device::Cpu, MODEL.into()).unwrap());
-    let router = router(engine.clone(), None);
+    let router = router(engine.clone(), None, ApiKeys::default());
     Harness { _dir: dir, file, engine, router }
 }
 
@@ -494,7 +494,7 @@ async fn a_served_api_answers_notices_disconnects_and_shuts_down() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, h.engine.clone(), None, async {
+    let server = tokio::spawn(serve(listener, h.engine.clone(), None, ApiKeys::default(), async {
         let _ = stopped.await;
     }));
 
@@ -563,7 +563,7 @@ fn fake_limited(
         chat_template: Arc::new(ChatTemplate::from_gguf(file.metadata()).unwrap()),
     };
     let limits = limits.unwrap_or_else(|| Limits::of_model(&card));
-    (dir, router(Arc::new(FakeEngine { card, limits, answer }), None))
+    (dir, router(Arc::new(FakeEngine { card, limits, answer }), None, ApiKeys::default()))
 }
 
 /// A request that waited out the queue timeout for one of the planned sequences
@@ -667,12 +667,7 @@ async fn hanging_up_on_a_non_streaming_request_cancels_it() {
     let h = harness_with(SyntheticModel { context_length: 4096, ..SyntheticModel::tiny() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let _server = tokio::spawn(serve(
-        listener,
-        h.engine.clone(),
-        None,
-        std::future::pending(),
-    ));
+    let _server = tokio::spawn(serve(listener, h.engine.clone(), None, ApiKeys::default(), std::future::pending()));
     let request = json!({"model": MODEL, "prompt": [1], "max_tokens": 4000, "temperature": 0});
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(http_post("/v1/completions", &request).as_bytes()).await.unwrap();
@@ -680,4 +675,46 @@ async fn hanging_up_on_a_non_streaming_request_cancels_it() {
     drop(stream);
     let now = wait_for(&h.engine, |o| o.sequences == 0).await;
     assert_eq!(now.cancelled, 1);
+}
+
+#[tokio::test]
+async fn with_api_keys_only_health_is_open_and_the_admin_routes_need_the_admin_key() {
+    let h = harness();
+    let keys = ApiKeys::new(&["client-key".into()], &["admin-key".into()]).unwrap();
+    let router = router(h.engine.clone(), None, keys);
+    let request = |method: Method, uri: &str, key: Option<&str>| {
+        let mut builder = Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json");
+        if let Some(key) = key {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        builder.body(Body::from(json!({"model": MODEL, "prompt": "hi", "max_tokens": 2}).to_string())).unwrap()
+    };
+    let routes = [
+        (Method::GET, "/v1/models"),
+        (Method::GET, "/v1/models/tiny"),
+        (Method::POST, "/v1/completions"),
+        (Method::POST, "/v1/chat/completions"),
+        (Method::GET, "/admin/status"),
+        (Method::POST, "/admin/drain"),
+        (Method::POST, "/admin/undrain"),
+        (Method::GET, "/v1/engines"),
+    ];
+    for (method, uri) in routes {
+        let missing = send(&router, request(method.clone(), uri, None)).await;
+        assert_eq!(missing.assert_error(StatusCode::UNAUTHORIZED, None)["code"], "missing_api_key", "{uri}");
+        let wrong = send(&router, request(method, uri, Some("guess"))).await;
+        assert_eq!(wrong.assert_error(StatusCode::UNAUTHORIZED, None)["code"], "invalid_api_key", "{uri}");
+    }
+    let health = send(&router, Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!(health.status, StatusCode::OK);
+    for key in ["client-key", "admin-key"] {
+        let models = send(&router, request(Method::GET, "/v1/models", Some(key))).await;
+        assert_eq!(models.status, StatusCode::OK, "{key}: {}", models.body);
+    }
+    let completion = send(&router, request(Method::POST, "/v1/completions", Some("client-key"))).await;
+    assert_eq!(completion.status, StatusCode::OK, "{}", completion.body);
+    let status = send(&router, request(Method::GET, "/admin/status", Some("client-key"))).await;
+    assert_eq!(status.assert_error(StatusCode::UNAUTHORIZED, None)["code"], "admin_key_required");
+    let status = send(&router, request(Method::GET, "/admin/status", Some("admin-key"))).await;
+    assert_ne!(status.status, StatusCode::UNAUTHORIZED, "{}", status.body);
 }

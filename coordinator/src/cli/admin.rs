@@ -27,6 +27,9 @@ pub struct CoordinatorArg {
         value_parser = coordinator_address
     )]
     pub coordinator: String,
+    /// The coordinator's admin key (`strata serve --admin-key`), where it has one.
+    #[arg(long, env = "STRATA_ADMIN_KEY", hide_env_values = true, value_name = "KEY")]
+    pub admin_key: Option<String>,
 }
 
 /// The port `strata serve --http-listen` listens on by default.
@@ -84,6 +87,14 @@ pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn checked(coordinator: &str, path: &str, reply: Reply) -> anyhow::Result<serde_json::Value> {
     let body = reply.json().ok();
     if let Some(message) = body.as_ref().and_then(|b| b["error"]["message"].as_str()) {
+        if reply.status == 401 {
+            let flag = if path.starts_with("/admin") {
+                "--admin-key / STRATA_ADMIN_KEY"
+            } else {
+                "--api-key / STRATA_API_KEY"
+            };
+            anyhow::bail!("{message} ({flag})")
+        }
         anyhow::bail!("{message}")
     }
     match body {
@@ -100,14 +111,17 @@ fn checked(coordinator: &str, path: &str, reply: Reply) -> anyhow::Result<serde_
     }
 }
 
+/// One call to the coordinator's API, with `key` as the bearer when given.
 pub(super) async fn call(
     coordinator: &str,
+    key: Option<&str>,
     method: &str,
     path: &str,
     body: Option<serde_json::Value>,
     wait: Duration,
 ) -> anyhow::Result<serde_json::Value> {
-    let reply = tokio::time::timeout(wait, http::request(coordinator, method, path, body.as_ref()))
+    let request = http::request_with_key(coordinator, method, path, body.as_ref(), key);
+    let reply = tokio::time::timeout(wait, request)
         .await
         .with_context(|| format!("the coordinator at {coordinator} did not answer within {wait:?}"))?;
     match reply {
@@ -123,14 +137,22 @@ pub(super) async fn call(
 }
 
 /// The running cluster's status.
-pub fn fetch_status(coordinator: &str) -> anyhow::Result<ClusterStatus> {
-    let value = runtime()?.block_on(call(coordinator, "GET", "/admin/status", None, Duration::from_secs(10)))?;
+pub fn fetch_status(coordinator: &CoordinatorArg) -> anyhow::Result<ClusterStatus> {
+    let value = runtime()?.block_on(call(
+        &coordinator.coordinator,
+        coordinator.admin_key.as_deref(),
+        "GET",
+        "/admin/status",
+        None,
+        Duration::from_secs(10),
+    ))?;
     serde_json::from_value(value).context("the coordinator's status is malformed")
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let value = runtime()?.block_on(call(
         &args.coordinator.coordinator,
+        args.coordinator.admin_key.as_deref(),
         "GET",
         "/admin/status",
         None,
@@ -169,8 +191,19 @@ pub fn format_status(s: &ClusterStatus) -> String {
             s.admission.queue.len()
         ));
     }
-    let header =
-        ["NAME", "ADDRESS", "STATE", "LAYERS", "DEVICES", "OFFERED", "USED", "SPEED", "SEQS", "TOK/S", "STEP (PREDICTED)"];
+    let header = [
+        "NAME",
+        "ADDRESS",
+        "STATE",
+        "LAYERS",
+        "DEVICES",
+        "OFFERED",
+        "USED",
+        "SPEED",
+        "SEQS",
+        "TOK/S",
+        "STEP (PREDICTED)",
+    ];
     let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     for n in &s.nodes {
         rows.push(vec![
@@ -248,7 +281,15 @@ pub fn drain(args: DrainArgs) -> anyhow::Result<()> {
     let body = json!({ "node": args.node, "force": args.force, "wait": args.wait });
     // A drain that waits loads layers elsewhere first: give it time.
     let wait = if args.wait { Duration::from_secs(600) } else { Duration::from_secs(30) };
-    let value = runtime()?.block_on(call(&args.coordinator.coordinator, "POST", "/admin/drain", Some(body), wait))?;
+    let to = &args.coordinator;
+    let value = runtime()?.block_on(call(
+        &to.coordinator,
+        to.admin_key.as_deref(),
+        "POST",
+        "/admin/drain",
+        Some(body),
+        wait,
+    ))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -262,6 +303,7 @@ pub fn undrain(args: UndrainArgs) -> anyhow::Result<()> {
     let body = json!({ "node": args.node });
     let value = runtime()?.block_on(call(
         &args.coordinator.coordinator,
+        args.coordinator.admin_key.as_deref(),
         "POST",
         "/admin/undrain",
         Some(body),

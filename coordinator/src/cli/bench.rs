@@ -100,36 +100,65 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|r| measure_stage_in_child(&args, r, &file))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut stage = Stage::load(&file, 0..n_layers, &device, StageOptions::default())?;
-    let vocab = file.info().vocab_size as u32;
-    let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 100 + (i * 7919) % (vocab - 100)).collect();
+    let prompt = prompt_tokens(file.info().vocab_size, args.prompt_tokens, 0);
+    let speed = measure_speed(&mut stage, &prompt, args.decode_tokens, args.runs)?;
+    let report = Report {
+        model: args.model.model.clone(),
+        threads: candle_core_threads(),
+        prefill_tokens_per_s: speed.prefill_tokens_per_s,
+        decode_tokens_per_s: speed.decode_tokens_per_s,
+        peak_resident_bytes: proc_status_bytes("VmHWM")?,
+        stages,
+    };
+    emit(&report, args.json, |r| print_report(r, file.sizes().layers.iter().sum()))
+}
+
+/// Median speeds of a full stage.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Speed {
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// Runs `prompt` and then `decode_tokens` greedy steps `runs` times on a stage that
+/// holds every layer, after one run that warms caches and the thread pool (and a
+/// GPU's kernels) and is not counted.
+pub(super) fn measure_speed(
+    stage: &mut Stage,
+    prompt: &[u32],
+    decode_tokens: usize,
+    runs: usize,
+) -> anyhow::Result<Speed> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    for run in 0..args.runs.max(1) + 1 {
+    for run in 0..runs.max(1) + 1 {
         let seq = run as u64;
         let t = Instant::now();
-        let mut next = last_token(&stage.forward(&[StageStep { seq, position: 0, input: StageInput::Tokens(prompt.clone()) }])?)?;
+        let mut next = last_token(&stage.forward(&[StageStep {
+            seq,
+            position: 0,
+            input: StageInput::Tokens(prompt.to_vec()),
+        }])?)?;
         let prefill_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        for i in 0..args.decode_tokens {
+        for i in 0..decode_tokens {
             let step = StageStep { seq, position: prompt.len() + i, input: StageInput::Tokens(vec![next]) };
             next = last_token(&stage.forward(&[step])?)?;
         }
         let decode_s = t.elapsed().as_secs_f64();
         stage.release(seq);
-        // The first run warms caches and the thread pool; it is not counted.
         if run > 0 {
-            prefill.push(args.prompt_tokens as f64 / prefill_s);
-            decode.push(args.decode_tokens as f64 / decode_s);
+            prefill.push(prompt.len() as f64 / prefill_s);
+            decode.push(decode_tokens as f64 / decode_s);
         }
     }
-    let report = Report {
-        model: args.model.model.clone(),
-        threads: candle_core_threads(),
-        prefill_tokens_per_s: median(&mut prefill),
-        decode_tokens_per_s: median(&mut decode),
-        peak_resident_bytes: proc_status_bytes("VmHWM")?,
-        stages,
-    };
-    emit(&report, args.json, |r| print_report(r, file.sizes().layers.iter().sum()))
+    Ok(Speed { prefill_tokens_per_s: median(&mut prefill), decode_tokens_per_s: median(&mut decode) })
+}
+
+/// `len` prompt tokens spread over the vocabulary (past its first 100 ids, where
+/// the special tokens usually are); another `salt` gives another prompt.
+pub(super) fn prompt_tokens(vocab: usize, len: usize, salt: u32) -> Vec<u32> {
+    let span = (vocab as u32).saturating_sub(100).max(1);
+    (0..len as u32).map(|i| 100 + (i.wrapping_mul(7919).wrapping_add(salt.wrapping_mul(104_729))) % span).collect()
 }
 
 /// Prints a benchmark's report: as JSON with `--json`, else as text.
@@ -172,7 +201,7 @@ fn last_token(outputs: &[StageOutput]) -> anyhow::Result<u32> {
     }
 }
 
-fn median(xs: &mut [f64]) -> f64 {
+pub(super) fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs.get(xs.len() / 2).copied().unwrap_or(0.0)
 }
@@ -204,13 +233,20 @@ fn measure_stage_in_child(args: &BenchArgs, layers: Range<usize>, file: &ModelFi
         .args(["bench", "--model", &args.model.model, "--device", &args.model.device, "--measure-stage"])
         .arg(format!("{}..{}", layers.start, layers.end))
         .output()?;
-    anyhow::ensure!(out.status.success(), "measuring stage {layers:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "measuring stage {layers:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout)?;
     let mut fields = text.split_whitespace().map(str::parse::<u64>);
     match (fields.next(), fields.next()) {
-        (Some(Ok(weight_bytes)), Some(Ok(resident_bytes))) => {
-            Ok(StageMemory { layers: format!("{}..{}", layers.start, layers.end), layer_bytes, weight_bytes, resident_bytes })
-        }
+        (Some(Ok(weight_bytes)), Some(Ok(resident_bytes))) => Ok(StageMemory {
+            layers: format!("{}..{}", layers.start, layers.end),
+            layer_bytes,
+            weight_bytes,
+            resident_bytes,
+        }),
         _ => anyhow::bail!("unexpected output from the stage measurement: {text}"),
     }
 }
@@ -218,7 +254,8 @@ fn measure_stage_in_child(args: &BenchArgs, layers: Range<usize>, file: &ModelFi
 /// A `/proc/self/status` field in bytes (Linux).
 fn proc_status_bytes(field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in /proc/self/status"))?;
+    let line =
+        status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in /proc/self/status"))?;
     let kib: u64 = line.split_whitespace().nth(1).context("malformed status line")?.parse()?;
     Ok(kib * 1024)
 }

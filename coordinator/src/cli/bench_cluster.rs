@@ -20,7 +20,7 @@ use strata_model::stage::StageOptions;
 use strata_model::{SamplingParams, Stage, StageInput, StageOutput, StageStep};
 use strata_proto::v1::WireDtype;
 
-use super::bench::BenchArgs;
+use super::bench::{median, prompt_tokens, BenchArgs};
 use super::children::{start_local_worker, Children};
 use crate::cluster::{Cluster, ClusterConfig, ClusterEngine, Membership, PlacementPolicy, ReturnPath, ServedModel};
 use crate::engine::{GenerateEvent, GenerateRequest};
@@ -101,21 +101,11 @@ fn print(r: &Report) {
     }
 }
 
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
-}
-
 fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn prompt(vocab: usize, len: usize, salt: u32) -> Vec<u32> {
-    let vocab = vocab as u32;
-    (0..len as u32).map(|i| 100 + (i * 7919 + salt * 104_729) % (vocab - 100)).collect()
 }
 
 /// Decode tokens/s of the whole model in this process (median of `--runs`).
@@ -125,7 +115,7 @@ fn single_process_decode(
     args: &BenchArgs,
 ) -> anyhow::Result<f64> {
     let mut stage = Stage::load(file, 0..file.info().layers, device, StageOptions::default())?;
-    let prompt = prompt(file.info().vocab_size, 32, 0);
+    let prompt = prompt_tokens(file.info().vocab_size, 32, 0);
     let mut speeds = Vec::new();
     for run in 0..args.runs.max(1) + 1 {
         let seq = run as u64;
@@ -185,7 +175,7 @@ async fn aggregate(
     let mut receivers = Vec::new();
     for s in 0..streams {
         let request = GenerateRequest {
-            prompt_tokens: prompt(vocab, 32, s as u32 + 1),
+            prompt_tokens: prompt_tokens(vocab, 32, s as u32 + 1),
             max_tokens: n,
             sampling: SamplingParams::greedy(),
             prompt_logprobs: None,
@@ -239,8 +229,8 @@ async fn pipeline(
     let vocab = model.file.info().vocab_size;
     let n = args.decode_tokens;
     // Warm-up: thread pools, connections, caches.
-    one_stream(&engine, prompt(vocab, 32, 0), 16, ReturnPath::Coordinator).await?;
-    one_stream(&engine, prompt(vocab, 32, 0), 16, ReturnPath::Direct).await?;
+    one_stream(&engine, prompt_tokens(vocab, 32, 0), 16, ReturnPath::Coordinator).await?;
+    one_stream(&engine, prompt_tokens(vocab, 32, 0), 16, ReturnPath::Direct).await?;
 
     let mut hops = Vec::new();
     let mut speeds = [Vec::new(), Vec::new()];
@@ -251,7 +241,7 @@ async fn pipeline(
         for (k, path) in paths.iter().enumerate() {
             cluster.stats(true).await?;
             cluster.token_hops.take();
-            speeds[k].push(one_stream(&engine, prompt(vocab, 32, run as u32 + 7), n, *path).await?);
+            speeds[k].push(one_stream(&engine, prompt_tokens(vocab, 32, run as u32 + 7), n, *path).await?);
             for (i, s) in cluster.stats(false).await?.into_iter().enumerate() {
                 samples[k][i].extend(s.hop_micros);
                 busy[i].0 += s.busy_seconds;

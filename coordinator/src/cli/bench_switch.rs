@@ -27,7 +27,7 @@ use serde::Serialize;
 use strata_model::SamplingParams;
 use strata_proto::v1::WireDtype;
 
-use super::bench::BenchArgs;
+use super::bench::{median, prompt_tokens, BenchArgs};
 use super::children::{start_local_worker, Children};
 use crate::cluster::{
     Cluster, ClusterConfig, ClusterEngine, Membership, MoveCost, MovePolicy, PlacementPolicy, ReturnPath, ServedModel,
@@ -160,16 +160,6 @@ fn print(r: &Report) {
     println!("auto would choose      {}", picks.join(", "));
 }
 
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn prompt(vocab: usize, len: usize, salt: u32) -> Vec<u32> {
-    let vocab = vocab as u32;
-    (0..len as u32).map(|i| 100 + (i * 7919 + salt * 104_729) % (vocab - 100)).collect()
-}
-
 /// One request's tokens, with when each arrived.
 #[derive(Default)]
 struct Received {
@@ -221,7 +211,7 @@ async fn start_cluster(
 /// Time to the first token of a `len`-token prompt, and the step after it (one request).
 async fn prefill_and_step(engine: &ClusterEngine, vocab: usize, len: usize) -> anyhow::Result<(f64, f64)> {
     let request =
-        GenerateRequest { prompt_tokens: prompt(vocab, len, 99), max_tokens: 3, sampling: SamplingParams::greedy(), prompt_logprobs: None };
+        GenerateRequest { prompt_tokens: prompt_tokens(vocab, len, 99), max_tokens: 3, sampling: SamplingParams::greedy(), prompt_logprobs: None };
     let started = Instant::now();
     let received = Arc::new(Mutex::new(Received::default()));
     follow(engine.generate_ignoring_eos(request, ReturnPath::Direct)?, received.clone(), Arc::default()).await?;
@@ -250,7 +240,7 @@ async fn one(
     let mut state = Vec::new();
     for s in 0..args.switch_streams {
         let request = GenerateRequest {
-            prompt_tokens: prompt(vocab, prompt_len, s as u32 + 1),
+            prompt_tokens: prompt_tokens(vocab, prompt_len, s as u32 + 1),
             max_tokens: generate_before + TAIL,
             sampling: SamplingParams::greedy(),
             prompt_logprobs: None,

@@ -161,7 +161,21 @@ pub async fn start_local_worker(
     threads: usize,
     compute_lock: Option<&Path>,
 ) -> anyhow::Result<String> {
+    start_local_worker_on(children, name, model, threads, compute_lock, "cpu").await
+}
+
+/// [`start_local_worker`] computing on `device` (`cpu`, `cuda:N`).
+pub async fn start_local_worker_on(
+    children: &mut Children,
+    name: &str,
+    model: &Path,
+    threads: usize,
+    compute_lock: Option<&Path>,
+    device: &str,
+) -> anyhow::Result<String> {
     let mut args: Vec<String> = vec![
+        "--device".into(),
+        device.to_string(),
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--model".into(),
@@ -177,7 +191,7 @@ pub async fn start_local_worker(
     }
     let log = std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into());
     let mut p = Process::spawn(name, &sibling_binary("strata-worker"), &args, &[("STRATA_LOG", log)])?;
-    let line = p.wait_for_line("worker listening", std::time::Duration::from_secs(30), |_| {}).await?;
+    let line = p.wait_for_line("worker listening", std::time::Duration::from_secs(120), |_| {}).await?;
     let address = Process::field(&line, "grpc").context("no grpc= in the worker's line")?;
     p.drain_output();
     children.processes.push(p);

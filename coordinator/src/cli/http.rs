@@ -44,7 +44,13 @@ struct Response {
     buffered: Vec<u8>,
 }
 
-async fn send(addr: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<Response, HttpError> {
+async fn send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    key: Option<&str>,
+) -> Result<Response, HttpError> {
     // Bounded like a gRPC connection: a host that drops packets would otherwise
     // keep the caller waiting as long as the OS retries (minutes).
     let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await.unwrap_or_else(|_| {
@@ -53,8 +59,9 @@ async fn send(addr: &str, method: &str, path: &str, body: Option<&serde_json::Va
     let mut stream = connect.map_err(|e| HttpError::Connect(addr.to_string(), e))?;
     stream.set_nodelay(true)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let authorization = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await?;
@@ -132,7 +139,18 @@ pub async fn request(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<Reply, HttpError> {
-    let response = send(addr, method, path, body).await?;
+    request_with_key(addr, method, path, body, None).await
+}
+
+/// [`request`] with `Authorization: Bearer KEY` when a key is given.
+pub async fn request_with_key(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    key: Option<&str>,
+) -> Result<Reply, HttpError> {
+    let response = send(addr, method, path, body, key).await?;
     let status = response.status;
     let mut bytes = Vec::new();
     response.body(|b| bytes.extend_from_slice(b)).await?;
@@ -147,7 +165,7 @@ pub async fn post_events(
     body: &serde_json::Value,
     mut on_event: impl FnMut(serde_json::Value),
 ) -> Result<(), HttpError> {
-    let response = send(addr, "POST", path, Some(body)).await?;
+    let response = send(addr, "POST", path, Some(body), None).await?;
     if response.status != 200 {
         let status = response.status;
         let mut bytes = Vec::new();

@@ -7,6 +7,7 @@ pub mod bench_switch;
 pub mod children;
 pub mod demo;
 pub mod generate;
+pub mod gpu_check;
 pub mod http;
 pub mod model;
 pub mod perplexity;
@@ -14,6 +15,7 @@ pub mod plan;
 pub mod serve;
 pub mod serve_local;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 /// strata: one large language model run across all the machines of a home lab.
@@ -54,6 +56,9 @@ pub enum Command {
     Drain(admin::DrainArgs),
     /// Bring a drained worker back; the cluster rebalances.
     Undrain(admin::UndrainArgs),
+    /// Check a GPU in minutes: device against CPU logits, speed, a drained 2-worker
+    /// pipeline, on random models written on the spot.
+    GpuCheck(gpu_check::GpuCheckArgs),
 }
 
 /// Which model and where to run it.
@@ -73,6 +78,59 @@ impl ModelArgs {
         let file = strata_model::ModelFile::open(&path)?;
         let device = strata_model::parse_device(&self.device)?;
         Ok((file, device))
+    }
+}
+
+/// Who may use the HTTP API (`strata serve`, `strata serve-local`).
+#[derive(Debug, Clone, Args)]
+pub struct ApiKeyArgs {
+    /// A key clients must send as `Authorization: Bearer KEY` (the `api_key` of
+    /// OpenAI's clients); repeatable. With no key the API is open: fine on the
+    /// loopback address it listens on by default, not on a LAN.
+    #[arg(long = "api-key", value_name = "KEY", env = "STRATA_API_KEY", hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// A file of client keys, one a line (`#` starts a comment).
+    #[arg(long, value_name = "PATH")]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// The key the admin routes need (status, drain, undrain: what `strata status`
+    /// and `strata drain` call); repeatable. A client key does not open them.
+    #[arg(long = "admin-key", value_name = "KEY", env = "STRATA_ADMIN_KEY", hide_env_values = true)]
+    pub admin_keys: Vec<String>,
+    /// A file of admin keys, one a line.
+    #[arg(long, value_name = "PATH")]
+    pub admin_key_file: Option<std::path::PathBuf>,
+}
+
+impl ApiKeyArgs {
+    pub fn keys(&self) -> anyhow::Result<crate::api::ApiKeys> {
+        let gather = |given: &[String], file: &Option<std::path::PathBuf>, flag: &str| -> anyhow::Result<Vec<String>> {
+            let mut keys = given.to_vec();
+            if let Some(path) = file {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --{flag}-file {}", path.display()))?;
+                let before = keys.len();
+                keys.extend(
+                    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string),
+                );
+                anyhow::ensure!(keys.len() > before, "--{flag}-file {} holds no key", path.display());
+            }
+            Ok(keys)
+        };
+        let client = gather(&self.api_keys, &self.api_key_file, "api-key")?;
+        let admin = gather(&self.admin_keys, &self.admin_key_file, "admin-key")?;
+        Ok(crate::api::ApiKeys::new(&client, &admin)?)
+    }
+
+    /// Says what an API without client keys on a non-loopback address exposes.
+    pub fn warn_if_open(&self, keys: &crate::api::ApiKeys, listen: std::net::SocketAddr) {
+        if !keys.guards_clients() && !listen.ip().is_loopback() {
+            let warning = format!(
+                "warning: the HTTP API on {listen} has no API key: anyone who can reach it can run prompts on this cluster{}; pass --api-key or --api-key-file",
+                if keys.is_open() { " and drain its workers" } else { "" }
+            );
+            eprintln!("{warning}");
+            tracing::warn!("{warning}");
+        }
     }
 }
 

@@ -49,6 +49,9 @@ pub struct PerplexityArgs {
         conflicts_with_all = ["kl_divergence_base", "save_logits"]
     )]
     pub coordinator: Option<String>,
+    /// The coordinator's API key, where it asks for one (`strata serve --api-key`).
+    #[arg(long, env = "STRATA_API_KEY", hide_env_values = true, value_name = "KEY")]
+    pub api_key: Option<String>,
 }
 
 /// How long one chunk may take through a cluster.
@@ -70,7 +73,10 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let mut saving = match &args.save_logits {
         Some(path) => {
             let tokens = tokens[..chunking.count * chunking.context].to_vec();
-            Some(BaseWriter::create(path, &BaseHeader { context: chunking.context, vocab, chunks: chunking.count, tokens })?)
+            Some(BaseWriter::create(
+                path,
+                &BaseHeader { context: chunking.context, vocab, chunks: chunking.count, tokens },
+            )?)
         }
         None => None,
     };
@@ -130,7 +136,14 @@ fn through_cluster(args: &PerplexityArgs, coordinator: &str, tokenizer: &Tokeniz
     let (tokens, chunking) = read_chunks(args, tokenizer)?;
     let bos = tokenizer.add_bos().then(|| tokenizer.bos_token()).flatten();
     let runtime = super::admin::runtime()?;
-    let models = runtime.block_on(call(coordinator, "GET", "/v1/models", None, std::time::Duration::from_secs(10)))?;
+    let models = runtime.block_on(call(
+        coordinator,
+        args.api_key.as_deref(),
+        "GET",
+        "/v1/models",
+        None,
+        std::time::Duration::from_secs(10),
+    ))?;
     let model = models["data"][0]["id"].as_str().context("the coordinator serves no model")?.to_owned();
     let first = chunking.first_scored();
     let mut ppl = Perplexity::default();
@@ -141,14 +154,24 @@ fn through_cluster(args: &PerplexityArgs, coordinator: &str, tokenizer: &Tokeniz
             "model": model, "prompt": chunk, "max_tokens": 0, "echo": true, "logprobs": 0,
             "return_tokens_as_token_ids": true,
         });
-        let reply = runtime.block_on(call(coordinator, "POST", "/v1/completions", Some(body), CHUNK_TIMEOUT))?;
+        let reply = runtime.block_on(call(
+            coordinator,
+            args.api_key.as_deref(),
+            "POST",
+            "/v1/completions",
+            Some(body),
+            CHUNK_TIMEOUT,
+        ))?;
         let logprobs = reply["choices"][0]["logprobs"]["token_logprobs"]
             .as_array()
             .filter(|l| l.len() == chunk.len())
-            .with_context(|| format!("the coordinator returned no logprobs for chunk {} (is it serving {model}?)", i + 1))?;
+            .with_context(|| {
+                format!("the coordinator returned no logprobs for chunk {} (is it serving {model}?)", i + 1)
+            })?;
         // Position p's row predicts token p + 1, whose logprob is entry p + 1.
         for p in first..chunking.context - 1 {
-            let logprob = logprobs[p + 1].as_f64().with_context(|| format!("chunk {}: no logprob at {}", i + 1, p + 1))?;
+            let logprob =
+                logprobs[p + 1].as_f64().with_context(|| format!("chunk {}: no logprob at {}", i + 1, p + 1))?;
             ppl.add_nll(-logprob);
         }
         print_running(&mut stdout, i, &ppl);

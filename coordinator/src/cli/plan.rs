@@ -53,7 +53,11 @@ pub struct PlanArgs {
 }
 
 /// The workers of the running cluster that may hold layers, as planner nodes.
-fn live_nodes(coordinator: &str, limits: MemoryLimits, link_latency: f64) -> anyhow::Result<Vec<planner::NodeSpec>> {
+fn live_nodes(
+    coordinator: &super::admin::CoordinatorArg,
+    limits: MemoryLimits,
+    link_latency: f64,
+) -> anyhow::Result<Vec<planner::NodeSpec>> {
     let status = super::admin::fetch_status(coordinator)
         .with_context(|| "without --nodes, `strata plan` plans for the running cluster".to_string())?;
     let nodes: Vec<planner::NodeSpec> = status
@@ -70,7 +74,7 @@ fn live_nodes(coordinator: &str, limits: MemoryLimits, link_latency: f64) -> any
         })
         .collect();
     if nodes.is_empty() {
-        bail!("the cluster at {coordinator} has no ready workers to plan for");
+        bail!("the cluster at {} has no ready workers to plan for", coordinator.coordinator);
     }
     Ok(nodes)
 }
@@ -106,7 +110,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     }
     let nodes = match &args.nodes {
         Some(spec) => planner::node::parse_nodes(spec, limits, args.link_latency_ms / 1e3).context("--nodes")?,
-        None => live_nodes(&args.coordinator.coordinator, limits, args.link_latency_ms / 1e3)?,
+        None => live_nodes(&args.coordinator, limits, args.link_latency_ms / 1e3)?,
     };
     let options = PlanOptions { context: args.context, sequences: args.sequences, ..PlanOptions::default() };
 
@@ -168,7 +172,8 @@ fn load_model(spec: &str) -> anyhow::Result<ModelSpec> {
 }
 
 fn print_text(model: &ModelSpec, options: &PlanOptions, latency_ms: f64, report: &Report) {
-    let sequences = if options.sequences == 1 { "1 sequence".to_string() } else { format!("{} sequences", options.sequences) };
+    let sequences =
+        if options.sequences == 1 { "1 sequence".to_string() } else { format!("{} sequences", options.sequences) };
     println!(
         "{}: {} layers, {} of weights; context {} × {sequences}",
         model.name,

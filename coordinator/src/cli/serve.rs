@@ -102,6 +102,8 @@ pub struct ServeArgs {
     /// Ctrl-C) before they are cut off.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
+    #[command(flatten)]
+    pub keys: super::ApiKeyArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -134,8 +136,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let path = crate::model_store::resolve(&args.model)?;
     let model_id = args.model_id.clone().unwrap_or_else(|| super::serve_local::default_model_id(&args.model));
     let model = Arc::new(ServedModel::open(&path, model_id).with_context(|| format!("opening {}", path.display()))?);
-    let config = config(&args, model);
+    let mut config = config(&args, model);
     config.validate()?;
+    config.api_keys = args.keys.keys()?;
+    args.keys.warn_if_open(&config.api_keys, args.http_listen);
     // The coordinator computes nothing heavy (tokenizing runs on the blocking pool):
     // a small runtime leaves the cores to workers sharing this machine.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -187,5 +191,6 @@ pub fn config(args: &ServeArgs, model: Arc<ServedModel>) -> ServeConfig {
         queue_timeout: Duration::from_secs(args.queue_timeout),
         move_sequences: args.move_sequences.into(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        api_keys: crate::api::ApiKeys::default(),
     }
 }

@@ -23,9 +23,13 @@ pub struct ServeLocalArgs {
     /// file name without `.gguf`.
     #[arg(long)]
     pub model_id: Option<String>,
+    #[command(flatten)]
+    pub keys: super::ApiKeyArgs,
 }
 
 pub fn run(args: ServeLocalArgs) -> anyhow::Result<()> {
+    let keys = args.keys.keys()?;
+    args.keys.warn_if_open(&keys, args.http_listen);
     let (file, device) = args.model.open()?;
     let model_id = args.model_id.clone().unwrap_or_else(|| default_model_id(&args.model.model));
     let engine = LocalEngine::start(&file, &device, model_id.clone())
@@ -43,7 +47,7 @@ pub fn run(args: ServeLocalArgs) -> anyhow::Result<()> {
         stdout.flush()?;
         drop(stdout);
         tracing::info!(%addr, model = %model_id, "serving the api");
-        crate::api::serve(listener, Arc::new(engine), None, shutdown_signal()).await?;
+        crate::api::serve(listener, Arc::new(engine), None, keys, shutdown_signal()).await?;
         Ok(())
     })
 }
