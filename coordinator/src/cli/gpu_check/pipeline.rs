@@ -1,7 +1,8 @@
 //! Two workers on the one device as a 2-stage pipeline, under a coordinator in this
 //! process on loopback: a completion, then the second worker drained while a
-//! request runs through it, its memory freed (on a GPU read back from the driver),
-//! and the generated tokens the same before, through and after the drain.
+//! request runs through it, its memory freed (on a GPU read back from the driver:
+//! what stopping the drained worker then frees is no more than its start-up
+//! memory), and the generated tokens the same before, through and after the drain.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,36 +40,32 @@ pub fn check(path: &Path, device: &str, threads: usize) -> anyhow::Result<Vec<Ve
     result
 }
 
-/// The memory a worker holds, measured two ways: the driver's memory in use on
-/// the GPU (every process on it), or the worker process's resident memory on a CPU.
-#[derive(Debug, Clone, Copy)]
-enum Held {
-    GpuInUse(u64),
-    Resident(u64),
-}
-
-impl Held {
-    fn bytes(self) -> u64 {
-        match self {
-            Held::GpuInUse(b) | Held::Resident(b) => b,
-        }
-    }
-}
-
-async fn held(device: &str, worker_pid: Option<u32>) -> anyhow::Result<Held> {
-    if device == "cpu" {
-        let pid = worker_pid.context("the worker has exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading the worker's memory")?;
-        let kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .context("no VmRSS in the worker's status")?;
-        return Ok(Held::Resident(kib * 1024));
-    }
+/// The driver's memory in use on the GPU `device` names, every process on it
+/// together (read in a process of its own).
+async fn gpu_in_use(device: &str) -> anyhow::Result<u64> {
     let device = device.to_string();
     let used = tokio::task::spawn_blocking(move || WorkerDevices::probe(&device, false)).await??.gpu_memory_used();
-    used.map(Held::GpuInUse).context("the driver did not report the GPU's free memory")
+    used.context("the driver did not report the GPU's free memory")
+}
+
+/// A process's resident memory (Linux).
+fn resident(pid: Option<u32>) -> anyhow::Result<u64> {
+    let pid = pid.context("the worker has exited")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading the worker's memory")?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .context("no VmRSS in the worker's status")?;
+    Ok(kib * 1024)
+}
+
+/// The GPU's memory in use before the workers started, and once they had (their
+/// CUDA contexts and start-up benchmarks, before any layer).
+#[derive(Debug, Clone, Copy)]
+struct GpuBaseline {
+    before: u64,
+    started: u64,
 }
 
 async fn run(
@@ -78,7 +75,8 @@ async fn run(
     threads: usize,
     children: &mut Children,
 ) -> anyhow::Result<Vec<Verdict>> {
-    let before = held(device, None).await.ok();
+    let gpu = device != "cpu";
+    let before = if gpu { Some(gpu_in_use(device).await?) } else { None };
     // CPU workers on one machine take turns; a GPU's work is queued by its driver.
     let lock_dir = tempfile::tempdir()?;
     let lock = (device == "cpu").then(|| lock_dir.path().join("compute.lock"));
@@ -98,8 +96,12 @@ async fn run(
         queue_timeout: Duration::from_secs(120),
         move_sequences: MovePolicy::Transfer,
     };
+    let baseline = match before {
+        Some(before) => Some(GpuBaseline { before, started: gpu_in_use(device).await? }),
+        None => None,
+    };
     let cluster = Cluster::start(&config, model.clone(), Arc::new(Membership::default())).await?.loaded().await?;
-    let result = exercise(&cluster, model, device, before, children).await;
+    let result = exercise(&cluster, model, device, baseline, children).await;
     cluster.shutdown().await;
     result
 }
@@ -108,8 +110,8 @@ async fn exercise(
     cluster: &Cluster,
     model: &ServedModel,
     device: &str,
-    before: Option<Held>,
-    children: &Children,
+    baseline: Option<GpuBaseline>,
+    children: &mut Children,
 ) -> anyhow::Result<Vec<Verdict>> {
     let admin = cluster.admin();
     let status = admin.status().await?;
@@ -118,7 +120,10 @@ async fn exercise(
         println!("  {} on {}: layers {layers}", node.name, node.devices.join(", "));
     }
     let drained_pid = children.processes.get(1).and_then(|p| p.id());
-    let loaded = held(device, drained_pid).await?;
+    let loaded = match baseline {
+        Some(_) => gpu_in_use(device).await?,
+        None => resident(drained_pid)?,
+    };
 
     let vocab = model.file.info().vocab_size;
     let prompt = prompt_tokens(vocab, PROMPT_TOKENS, 3);
@@ -155,7 +160,6 @@ async fn exercise(
     }
     drop(running);
     let report = report.context("the drain did not finish")?;
-    let drained = held(device, drained_pid).await?;
     let again = GenerateRequest { max_tokens: through.len(), ..request() };
     let after = collect(engine.generate_ignoring_eos(again, ReturnPath::Direct)?, through.len()).await?;
     println!(
@@ -180,31 +184,48 @@ async fn exercise(
             report.sequences_moved
         ),
     )];
-    // The drained worker's layers now live on the other worker too: had it kept
-    // them, what is held would grow by their size. On a GPU the driver's figure
-    // covers every process (the layers moved within the device); on a CPU it is
-    // the drained worker's own resident memory, which must fall.
     let share = report.memory_freed_bytes;
-    let (passed, detail) = match (loaded, drained) {
-        (Held::GpuInUse(l), Held::GpuInUse(d)) => (
-            d < l + share / 2,
-            format!(
-                "GPU memory in use by the driver: {} before the workers, {} with both loaded, {} after the drain (the drained worker held {})",
-                before.map_or("?".into(), |b| format_bytes(b.bytes())),
-                format_bytes(l),
-                format_bytes(d),
-                format_bytes(share)
-            ),
-        ),
-        (l, d) => (
-            d.bytes() + share / 2 < l.bytes(),
-            format!(
-                "the drained worker's resident memory: {} loaded, {} drained (it held {})",
-                format_bytes(l.bytes()),
-                format_bytes(d.bytes()),
-                format_bytes(share)
-            ),
-        ),
+    let (passed, detail) = match baseline {
+        // The driver sees the device as a whole, and the layers moved within it.
+        // What the drained worker still holds is what stopping it frees, less what
+        // a worker holds before any layer (its context, its start-up benchmark).
+        Some(GpuBaseline { before, started }) => {
+            let drained = gpu_in_use(device).await?;
+            if children.processes.len() > 1 {
+                children.processes.remove(1).stop(Duration::from_secs(10)).await;
+            }
+            let stopped = gpu_in_use(device).await?;
+            let at_start = started.saturating_sub(before) / WORKERS.len() as u64;
+            let kept = drained.saturating_sub(stopped);
+            let beyond = kept.saturating_sub(at_start);
+            (
+                beyond < share / 2,
+                format!(
+                    "GPU memory in use by the driver: {} before the workers, {} once started ({} each), {} loaded, {} after the drain, {} with the drained worker stopped: it still held {}, {} beyond its start ({} of layers before the drain)",
+                    format_bytes(before),
+                    format_bytes(started),
+                    format_bytes(at_start),
+                    format_bytes(loaded),
+                    format_bytes(drained),
+                    format_bytes(stopped),
+                    format_bytes(kept),
+                    format_bytes(beyond),
+                    format_bytes(share)
+                ),
+            )
+        }
+        None => {
+            let drained = resident(drained_pid)?;
+            (
+                drained + share / 2 < loaded,
+                format!(
+                    "the drained worker's resident memory: {} loaded, {} drained (it held {})",
+                    format_bytes(loaded),
+                    format_bytes(drained),
+                    format_bytes(share)
+                ),
+            )
+        }
     };
     verdicts.push(Verdict::new("pipeline: the drained worker's memory is freed", passed && share > 0, detail));
     Ok(verdicts)
