@@ -188,4 +188,6 @@ fn start(
 }
 
 #[cfg(test)]
+mod hostile_bodies;
+#[cfg(test)]
 mod tests;
