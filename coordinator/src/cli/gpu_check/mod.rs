@@ -138,19 +138,29 @@ pub fn run(args: GpuCheckArgs) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
+    // A part that fails outright (a kernel the device lacks, a worker that will
+    // not start) is one FAIL with its error; the other parts still run, so one
+    // run on a borrowed GPU reports everything.
     let mut verdicts = Vec::new();
+    let mut part = |name: &str, result: anyhow::Result<Vec<Verdict>>| match result {
+        Ok(found) => verdicts.extend(found),
+        Err(e) => {
+            println!("  failed: {e:#}");
+            verdicts.push(Verdict::new(name, false, format!("{e:#}")));
+        }
+    };
     section(&format!("{} against the CPU", args.device));
     let tokens = prompt_tokens(spec.vocab_size, args.prompt_tokens + args.decode_tokens, 1);
-    let agreement = device_against_cpu(&file, &device, &tokens, args.prompt_tokens)?;
-    verdicts.extend(agreement_verdicts("dense model", &agreement));
+    let agreement = device_against_cpu(&file, &device, &tokens, args.prompt_tokens);
+    part("dense model", agreement.map(|a| agreement_verdicts("dense model", &a)));
 
     section(&format!("speed on {}", args.device));
-    verdicts.push(speed(&file, &device, &devices, &args)?);
+    part("speed", speed(&file, &device, &devices, &args).map(|v| vec![v]));
 
     if !args.no_pipeline {
         section(&format!("two workers on {} as a 2-stage pipeline", args.device));
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        verdicts.extend(pipeline::check(&path, &args.device, cores)?);
+        part("pipeline", pipeline::check(&path, &args.device, cores));
     }
 
     section(&format!("mixture-of-experts and sliding-window blocks, {} against the CPU", args.device));
@@ -159,11 +169,13 @@ pub fn run(args: GpuCheckArgs) -> anyhow::Result<()> {
         ("GLM-4.5-Air routing (shared expert, sigmoid)", SyntheticModel::glm_4_5_air_shaped()),
         ("Gemma 3 (sliding window of 3, soft-capped logits)", SyntheticModel::gemma3_tiny()),
     ] {
-        let file = ModelFile::open(spec.write_to(scratch.path())?)?;
         println!("  {name}:");
-        let tokens = prompt_tokens(spec.vocab_size, 40, 5);
-        let agreement = device_against_cpu(&file, &device, &tokens, 32)?;
-        verdicts.extend(agreement_verdicts(name, &agreement));
+        let compared = (|| {
+            let file = ModelFile::open(spec.write_to(scratch.path())?)?;
+            let tokens = prompt_tokens(spec.vocab_size, 40, 5);
+            Ok(agreement_verdicts(name, &device_against_cpu(&file, &device, &tokens, 32)?))
+        })();
+        part(name, compared);
     }
 
     section("summary");
