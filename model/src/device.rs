@@ -6,16 +6,21 @@ use crate::error::{Error, Result};
 
 /// Parses `cpu`, `cuda` or `cuda:N` and opens the device.
 pub fn parse_device(spec: &str) -> Result<Device> {
+    if spec.trim() == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    match cuda_ordinal(spec) {
+        Some(ordinal) => open_cuda(spec, ordinal),
+        None => Err(Error::UnknownDevice(spec.to_string())),
+    }
+}
+
+/// The CUDA ordinal a `--device` names (`cuda` is `cuda:0`); `None` for the CPU
+/// or anything that is not a CUDA device.
+pub fn cuda_ordinal(spec: &str) -> Option<usize> {
     match spec.trim() {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse::<usize>().map_err(|_| Error::UnknownDevice(spec.to_string()))?,
-                None => 0,
-            };
-            open_cuda(spec, ordinal)
-        }
-        _ => Err(Error::UnknownDevice(spec.to_string())),
+        "cuda" => Some(0),
+        s => s.strip_prefix("cuda:")?.parse().ok(),
     }
 }
 
@@ -40,6 +45,14 @@ fn open_cuda(spec: &str, _ordinal: usize) -> Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuda_ordinals() {
+        assert_eq!(cuda_ordinal("cpu"), None);
+        assert_eq!(cuda_ordinal("cuda"), Some(0));
+        assert_eq!(cuda_ordinal(" cuda:3 "), Some(3));
+        assert_eq!(cuda_ordinal("cuda:x"), None);
+    }
 
     #[test]
     fn parses_cpu_and_rejects_nonsense() {

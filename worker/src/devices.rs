@@ -177,10 +177,7 @@ fn cpu_features() -> Vec<&'static str> {
 
 /// The CUDA ordinal of a `--device` (`cuda` is `cuda:0`); `None` for the CPU.
 pub fn cuda_ordinal(device: &str) -> Option<u32> {
-    match device.trim() {
-        "cuda" => Some(0),
-        d => d.strip_prefix("cuda:").and_then(|n| n.parse().ok()),
-    }
+    strata_model::device::cuda_ordinal(device).and_then(|n| u32::try_from(n).ok())
 }
 
 /// The UUID of CUDA device `ordinal` as NVML writes it (`GPU-8f6c...`), to find the

@@ -107,7 +107,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         threads: candle_core_threads(),
         prefill_tokens_per_s: speed.prefill_tokens_per_s,
         decode_tokens_per_s: speed.decode_tokens_per_s,
-        peak_resident_bytes: proc_status_bytes("VmHWM")?,
+        peak_resident_bytes: proc_status_bytes(None, "VmHWM")?,
         stages,
     };
     emit(&report, args.json, |r| print_report(r, file.sizes().layers.iter().sum()))
@@ -219,9 +219,9 @@ fn parse_range(s: &str) -> anyhow::Result<Range<usize>> {
 }
 
 fn measure_stage_here(file: &ModelFile, device: &strata_model::Device, layers: Range<usize>) -> anyhow::Result<()> {
-    let before = proc_status_bytes("VmRSS")?;
+    let before = proc_status_bytes(None, "VmRSS")?;
     let stage = Stage::load(file, layers, device, StageOptions::default())?;
-    let after = proc_status_bytes("VmRSS")?;
+    let after = proc_status_bytes(None, "VmRSS")?;
     println!("{} {}", stage.weight_bytes(), after.saturating_sub(before));
     Ok(())
 }
@@ -251,11 +251,11 @@ fn measure_stage_in_child(args: &BenchArgs, layers: Range<usize>, file: &ModelFi
     }
 }
 
-/// A `/proc/self/status` field in bytes (Linux).
-fn proc_status_bytes(field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line =
-        status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in /proc/self/status"))?;
+/// A `/proc/<pid>/status` field in bytes, of this process for `None` (Linux).
+pub(super) fn proc_status_bytes(pid: Option<u32>, field: &str) -> anyhow::Result<u64> {
+    let path = pid.map_or_else(|| "/proc/self/status".to_string(), |pid| format!("/proc/{pid}/status"));
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} in {path}"))?;
     let kib: u64 = line.split_whitespace().nth(1).context("malformed status line")?.parse()?;
     Ok(kib * 1024)
 }

@@ -40,11 +40,7 @@ impl WorkerDevices {
 
     /// The GPU the device names, as the driver describes it.
     fn gpu(&self) -> Option<&Value> {
-        let ordinal = self
-            .device
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<u64>().ok())
-            .or_else(|| (self.device == "cuda").then_some(0))?;
+        let ordinal = strata_model::device::cuda_ordinal(&self.device)? as u64;
         self.profile["inventory"]["gpus"].as_array()?.iter().find(|g| g["ordinal"].as_u64() == Some(ordinal))
     }
 

@@ -13,7 +13,7 @@ use strata_model::SamplingParams;
 use strata_proto::v1::WireDtype;
 use tokio::sync::mpsc;
 
-use super::super::bench::prompt_tokens;
+use super::super::bench::{proc_status_bytes, prompt_tokens};
 use super::super::children::{start_local_worker_on, Children};
 use super::inventory::WorkerDevices;
 use super::Verdict;
@@ -48,16 +48,9 @@ async fn gpu_in_use(device: &str) -> anyhow::Result<u64> {
     used.context("the driver did not report the GPU's free memory")
 }
 
-/// A process's resident memory (Linux).
+/// The worker's resident memory (Linux).
 fn resident(pid: Option<u32>) -> anyhow::Result<u64> {
-    let pid = pid.context("the worker has exited")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading the worker's memory")?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .context("no VmRSS in the worker's status")?;
-    Ok(kib * 1024)
+    proc_status_bytes(Some(pid.context("the worker has exited")?), "VmRSS")
 }
 
 /// The GPU's memory in use before the workers started, and once they had (their
@@ -79,7 +72,7 @@ async fn run(
     let before = if gpu { Some(gpu_in_use(device).await?) } else { None };
     // CPU workers on one machine take turns; a GPU's work is queued by its driver.
     let lock_dir = tempfile::tempdir()?;
-    let lock = (device == "cpu").then(|| lock_dir.path().join("compute.lock"));
+    let lock = (!gpu).then(|| lock_dir.path().join("compute.lock"));
     let mut workers = Vec::new();
     for name in WORKERS {
         workers.push(start_local_worker_on(children, name, path, threads, lock.as_deref(), device).await?);
