@@ -142,7 +142,9 @@ async fn exercise(
     tokio::pin!(drain);
     let mut report = None;
     let mut after_drain = 0;
-    while after_drain < DRAIN_AFTER {
+    // At least as many tokens as the first completion, to compare with all of it,
+    // however quickly the drain ends.
+    while after_drain < DRAIN_AFTER || through.len() < GENERATED {
         tokio::select! {
             done = &mut drain, if report.is_none() => report = Some(done.context("draining the second worker")?),
             token = collect_some(&mut running, 1) => {
