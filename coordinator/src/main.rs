@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::ServeLocal(args) => cli::serve_local::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Demo(args) => cli::demo::run(args),
+        Command::Token(args) => cli::trust::token(args),
         Command::Plan(args) => cli::plan::run(args),
         Command::Status(args) => cli::admin::status(args),
         Command::Drain(args) => cli::admin::drain(args),

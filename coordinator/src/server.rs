@@ -63,6 +63,9 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// The keys the HTTP API asks for (none: open).
     pub api_keys: crate::api::ApiKeys,
+    /// The token workers join with, printed at start (none: `--insecure`, or a
+    /// coordinator run in-process without a CA).
+    pub join_token: Option<strata_trust::JoinToken>,
 }
 
 /// A setting that cannot work, found before anything is bound or started.
@@ -186,6 +189,17 @@ pub async fn run(
     // `listening` line.
     let http_addr = listeners.http.local_addr().map_err(ServeError::Http)?;
     say(&format!("coordinator grpc={advertised} http={}", printable(http_addr)))?;
+    match &config.join_token {
+        Some(token) => {
+            say(&format!("join token {token}"))?;
+            say(&format!("workers join with: strata-worker --join {advertised} --token {token}"))?;
+        }
+        None if !strata_trust::transport().secure() => say(
+            "INSECURE: plain TCP between the nodes (--insecure); anyone on the network can join, read prompts and \
+             steer workers",
+        )?,
+        None => {}
+    }
     let discovery = (config.workers.is_empty()).then_some(config.mdns_cluster.clone()).flatten().map(|name| {
         let (membership, stop) = (membership.clone(), stopped(stop.clone()));
         tokio::spawn(async move {
@@ -295,6 +309,7 @@ mod tests {
             move_sequences: MovePolicy::Auto,
             shutdown_grace: Duration::from_secs(1),
             api_keys: crate::api::ApiKeys::default(),
+            join_token: None,
         }
     }
 

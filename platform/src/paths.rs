@@ -10,6 +10,13 @@ pub fn user_cache() -> Option<PathBuf> {
     dirs::cache_dir().map(|d| d.join("strata"))
 }
 
+/// The per-user data folder (what must survive a cleared cache: the coordinator's
+/// certificate authority): `$XDG_DATA_HOME/strata` or `~/.local/share/strata` on
+/// Linux, `%APPDATA%\strata` on Windows.
+pub fn user_data() -> Option<PathBuf> {
+    dirs::data_dir().map(|d| d.join("strata"))
+}
+
 /// The machine-wide folder of a worker installed as a service, which runs as no
 /// user: `%ProgramData%\strata` on Windows (its configuration, `logs\`, its cache),
 /// `/var/lib/strata` elsewhere.

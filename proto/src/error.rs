@@ -79,6 +79,10 @@ pub enum CoordinatorError {
     BadRequest(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A worker that announced itself but could not show it belongs to the
+    /// cluster (no join token, a revoked node, another node's name).
+    #[error("not taken into the cluster: {0}")]
+    NotTrusted(String),
 }
 
 impl CoordinatorError {
@@ -88,6 +92,7 @@ impl CoordinatorError {
             Self::RangeOutOfModel { .. } | Self::OffsetPastEnd { .. } | Self::BadRequest(_) => Code::InvalidArgument,
             Self::ProtocolVersion { .. } => Code::FailedPrecondition,
             Self::Internal(_) => Code::Internal,
+            Self::NotTrusted(_) => Code::PermissionDenied,
         }
     }
 }

@@ -62,6 +62,12 @@ impl NodeId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The id a worker derives from a digest of what identifies it: lowercase hex
+    /// (a DNS label, so it can name the worker in its certificate).
+    pub fn from_digest(digest: &[u8; 8]) -> Self {
+        Self(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
 }
 
 impl std::fmt::Display for NodeId {

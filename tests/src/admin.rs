@@ -9,6 +9,7 @@ use serde_json::Value;
 use strata_coordinator::cli::http;
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_proto::v1::{self, worker_event};
+use strata_trust::{Dial, Transport};
 
 /// POSTs an admin command; its status code and JSON reply.
 pub async fn admin(addr: &str, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
@@ -48,8 +49,8 @@ pub fn holds_layers(s: &Value, name: &str) -> bool {
 }
 
 /// The pipelines whose shards the worker at `address` holds, from its next heartbeat.
-pub async fn pipelines_held(address: &str) -> anyhow::Result<Vec<u64>> {
-    let channel = strata_proto::transport::endpoint(address)?.connect().await?;
+pub async fn pipelines_held(transport: &Transport, address: &str) -> anyhow::Result<Vec<u64>> {
+    let channel = transport.connect(address, Dial::Worker).await?;
     let mut events = WorkerClient::new(channel).events(v1::EventsRequest {}).await?.into_inner();
     loop {
         let event = tokio::time::timeout(Duration::from_secs(5), events.message())
@@ -64,9 +65,9 @@ pub async fn pipelines_held(address: &str) -> anyhow::Result<Vec<u64>> {
 
 /// Waits until every worker's heartbeat reports no sequences held (no KV cache left
 /// behind by a request that ended).
-pub async fn wait_until_no_sequences(workers: &[String]) -> anyhow::Result<()> {
+pub async fn wait_until_no_sequences(transport: &Transport, workers: &[String]) -> anyhow::Result<()> {
     for w in workers {
-        let channel = strata_proto::transport::endpoint(w)?.connect().await?;
+        let channel = transport.connect(w, Dial::Worker).await?;
         let mut events = WorkerClient::new(channel).events(v1::EventsRequest {}).await?.into_inner();
         loop {
             let event = events.message().await?.context("events ended")?;

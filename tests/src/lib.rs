@@ -21,6 +21,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use strata_coordinator::cli::children::{Children, Process};
 use strata_model::stage::StageOptions;
+use strata_proto::v1::worker_client::WorkerClient;
+use strata_trust::{Dial, Transport};
 use strata_model::tokenizer::DecodeStream;
 use strata_model::{Device, Generator, ModelFile, SamplingParams, Tokenizer};
 
@@ -145,6 +147,9 @@ pub struct ClusterOptions {
     /// How each worker is started, by index: the Linux `strata-worker` where none
     /// (the Windows one under Wine, for instance).
     pub worker_launchers: Vec<Option<wine::Launcher>>,
+    /// Plain TCP (`--insecure` on every node) instead of mutual TLS under a CA made
+    /// for the cluster.
+    pub insecure: bool,
 }
 
 impl Default for ClusterOptions {
@@ -158,6 +163,7 @@ impl Default for ClusterOptions {
             serve_args: Vec::new(),
             worker_args: Vec::new(),
             worker_launchers: Vec::new(),
+            insecure: false,
         }
     }
 }
@@ -171,19 +177,49 @@ pub struct TestCluster {
     /// The `stage N ...` lines the coordinator printed.
     pub stage_lines: Vec<String>,
     children: Children,
+    /// The test's way into the workers, with the coordinator's rights.
+    transport: Transport,
     _cache: tempfile::TempDir,
 }
 
 impl TestCluster {
     /// Starts the workers only.
     pub async fn workers(model: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
-        Self::workers_joining(model, options, None).await
+        Self::workers_joining(model, options, None, children_for(options)?).await
+    }
+
+    /// `--state-dir` of the cluster's CA for a `strata serve` over these workers
+    /// (nothing for an insecure cluster, whose serve must get `--insecure`).
+    pub fn trust_args(&self) -> Vec<String> {
+        trust_args(&self.children)
+    }
+
+    /// A transport with the coordinator's rights in this cluster (plain TCP when it
+    /// is insecure), for calling the workers.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// A connection to the worker at `address`, as the coordinator.
+    pub async fn worker_client(&self, address: &str) -> anyhow::Result<WorkerClient<tonic::transport::Channel>> {
+        Ok(WorkerClient::new(self.transport.connect(address, Dial::Worker).await?))
+    }
+
+    /// Worker `index`'s cache folder (its identity is kept below it).
+    pub fn worker_cache(&self, index: usize) -> PathBuf {
+        self._cache.path().join(format!("worker-{index}"))
+    }
+
+    /// The join token of the cluster (none: insecure).
+    pub fn token(&self) -> Option<String> {
+        self.children.trust.as_ref().map(|t| t.token())
     }
 
     async fn workers_joining(
         model: &Path,
         options: &ClusterOptions,
         join: Option<&str>,
+        children: Children,
     ) -> anyhow::Result<Self> {
         let cache = tempfile::tempdir()?;
         let mut cluster = Self {
@@ -191,7 +227,8 @@ impl TestCluster {
             http: None,
             grpc: None,
             stage_lines: Vec::new(),
-            children: Children::default(),
+            transport: transport_for(&children)?,
+            children,
             _cache: cache,
         };
         let worker_bin = binary("strata-worker")?;
@@ -204,12 +241,7 @@ impl TestCluster {
                 "--name".into(),
                 format!("worker-{i}"),
                 "--cache-dir".into(),
-                cluster
-                    ._cache
-                    .path()
-                    .join(format!("worker-{i}"))
-                    .display()
-                    .to_string(),
+                cluster.worker_cache(i).display().to_string(),
                 // Each worker has a fresh cache folder: the self-benchmark would run
                 // every time, and the tests need no bandwidth figure.
                 "--no-bench".into(),
@@ -224,6 +256,10 @@ impl TestCluster {
             }
             args.extend(options.worker_args.get(i).into_iter().flatten().cloned());
             let mut env = vec![("STRATA_LOG", "warn".to_string())];
+            match &cluster.children.trust {
+                Some(trust) => env.push(("STRATA_TOKEN", trust.token())),
+                None => args.push("--insecure".into()),
+            }
             let program = match options.worker_launchers.get(i).cloned().flatten() {
                 Some(launcher) => {
                     args.splice(0..0, launcher.leading_args);
@@ -250,6 +286,7 @@ impl TestCluster {
     pub async fn start(model: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
         let mut cluster = Self::workers(model, options).await?;
         let mut args = serve_args(model, options);
+        args.extend(cluster.trust_args());
         for w in &cluster.workers {
             args.extend(["--worker".into(), w.clone()]);
         }
@@ -267,7 +304,9 @@ impl TestCluster {
     /// Starts a coordinator first, then workers that `--join` it (and pull their
     /// shards from it unless `workers_have_model`).
     pub async fn start_joined(model: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
+        let children = children_for(options)?;
         let mut args = serve_args(model, options);
+        args.extend(trust_args(&children));
         args.extend(["--min-workers".into(), options.workers.to_string()]);
         args.extend(options.serve_args.iter().cloned());
         let mut coordinator = Process::spawn(
@@ -280,7 +319,7 @@ impl TestCluster {
             .wait_for_line("coordinator grpc=", READY_TIMEOUT, |_| {})
             .await?;
         let grpc = Process::field(&line, "grpc").context("no grpc= in the coordinator's line")?;
-        let mut cluster = Self::workers_joining(model, options, Some(&grpc)).await;
+        let mut cluster = Self::workers_joining(model, options, Some(&grpc), children).await;
         let mut cluster = match cluster.as_mut() {
             Ok(_) => cluster?,
             Err(_) => {
@@ -350,6 +389,25 @@ pub async fn until_serving(coordinator: &mut Process) -> anyhow::Result<(String,
 
 pub use strata_model::synthetic::real_test_model as real_model;
 pub use strata_model::synthetic::real_gemma_model;
+
+/// The children of a cluster: with a CA of its own, unless `options.insecure`.
+fn children_for(options: &ClusterOptions) -> anyhow::Result<Children> {
+    Ok(if options.insecure { Children::default() } else { Children::secured()? })
+}
+
+fn transport_for(children: &Children) -> anyhow::Result<Transport> {
+    match &children.trust {
+        Some(trust) => trust.coordinator_transport(),
+        None => Ok(Transport::Insecure),
+    }
+}
+
+fn trust_args(children: &Children) -> Vec<String> {
+    match &children.trust {
+        Some(trust) => vec!["--state-dir".into(), trust.state_dir().display().to_string()],
+        None => vec!["--insecure".into()],
+    }
+}
 
 /// `strata serve` over `model` on loopback ports it picks, one compute thread,
 /// `options.sequences`, mDNS off.

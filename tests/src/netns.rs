@@ -22,7 +22,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use strata_coordinator::cli::children::Process;
+use strata_coordinator::cli::children::{LocalTrust, Process};
+use strata_trust::Transport;
 
 /// The log level of the children a netns test starts: `STRATA_LOG`, else `warn`.
 pub fn log_level() -> String {
@@ -49,6 +50,11 @@ pub struct Hosts {
     /// shard files there): removed with the hosts, so a process killed at the end
     /// leaves nothing behind.
     tmp: tempfile::TempDir,
+    /// The CA of the cluster the hosts form: workers started here hold its token,
+    /// a coordinator gets [`Hosts::trust_args`].
+    trust: LocalTrust,
+    /// The coordinator's rights in that cluster, for the tests' own calls.
+    transport: Transport,
 }
 
 impl Hosts {
@@ -67,7 +73,15 @@ impl Hosts {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let id = format!("st{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         // From here on, whatever was made is removed when `hosts` drops.
-        let hosts = Self { id, count, tmp: tempfile::tempdir().context("a temporary folder for the hosts")? };
+        let trust = LocalTrust::new()?;
+        let transport = trust.coordinator_transport()?;
+        let hosts = Self {
+            id,
+            count,
+            tmp: tempfile::tempdir().context("a temporary folder for the hosts")?,
+            trust,
+            transport,
+        };
         let hub = hosts.hub();
         ip(&["netns", "add", &hub])?;
         ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
@@ -125,6 +139,22 @@ impl Hosts {
         Process::spawn(name, Path::new("ip"), &all, &envs)
     }
 
+    /// `--state-dir` for a `strata serve` run in the hosts: the cluster's CA, whose
+    /// token the workers started here hold.
+    pub fn trust_args(&self) -> Vec<String> {
+        vec!["--state-dir".into(), self.trust.state_dir().display().to_string()]
+    }
+
+    /// A transport with the coordinator's rights in the hosts' cluster.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// The join token of the hosts' cluster.
+    pub fn token(&self) -> String {
+        self.trust.token()
+    }
+
     /// `strata-worker` in host `host`, named `name`, with one compute thread, a
     /// cache folder of its own below `cache`, no start-up benchmark (most tests need
     /// no figure) and `args`; returned once it listens, its output drained. Its
@@ -161,7 +191,8 @@ impl Hosts {
             cache.join(name).display().to_string(),
         ];
         all.extend(args.iter().cloned());
-        let mut p = self.spawn(host, name, &crate::binary("strata-worker")?, &all, &[("STRATA_LOG", log_level())])?;
+        let env = [("STRATA_LOG", log_level()), ("STRATA_TOKEN", self.trust.token())];
+        let mut p = self.spawn(host, name, &crate::binary("strata-worker")?, &all, &env)?;
         p.wait_for_line("worker listening", crate::READY_TIMEOUT, |_| {}).await?;
         p.drain_output();
         Ok(p)

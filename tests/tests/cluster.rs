@@ -111,8 +111,10 @@ async fn run(engine: &cluster::ClusterEngine, prompt: &[u32], n: usize, path: Re
 async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model_path = synthetic(dir.path());
-    // Workers without the model: they pull their shards from this in-process coordinator.
-    let options = ClusterOptions { workers_have_model: false, ..ClusterOptions::default() };
+    // Workers without the model: they pull their shards from this in-process
+    // coordinator, which (in a test process running others side by side) has no
+    // identity of its own: plain TCP.
+    let options = ClusterOptions { workers_have_model: false, insecure: true, ..ClusterOptions::default() };
     let workers = TestCluster::workers(&model_path, &options).await?;
     let model = Arc::new(
         tokio::task::spawn_blocking({
@@ -154,7 +156,7 @@ async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -
     let mut rx = cluster.engine.generate_via(request, ReturnPath::Direct)?;
     rx.recv().await.context("no first event")?;
     drop(rx);
-    tokio::time::timeout(Duration::from_secs(20), wait_until_no_sequences(&workers.workers))
+    tokio::time::timeout(Duration::from_secs(20), wait_until_no_sequences(workers.transport(), &workers.workers))
         .await
         .context("workers still hold sequences")??;
     let stats = cluster.stats(true).await?;

@@ -12,7 +12,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use strata_coordinator::cli::http;
 use strata_model::{ModelFile, TensorSizes};
-use strata_proto::v1::{self, worker_client::WorkerClient};
+use strata_proto::v1;
 use strata_tests::admin::{admin, holds_layers, node, status, wait_for_status};
 use strata_tests::streams::{prompts, synthetic_model, StreamSpec, Streams, MAX_TOKENS};
 use strata_tests::{reference_completion, start_moving, TestCluster};
@@ -28,15 +28,14 @@ fn layers_of(status: &Value, name: &str) -> anyhow::Result<Range<usize>> {
 }
 
 /// The Stats of the worker at `address` (`reset` starts a new window).
-async fn worker_stats(address: &str, reset: bool) -> anyhow::Result<v1::StatsResponse> {
-    let channel = strata_proto::transport::endpoint(address)?.connect().await?;
-    Ok(WorkerClient::new(channel).stats(v1::StatsRequest { reset }).await?.into_inner())
+async fn worker_stats(cluster: &TestCluster, address: &str, reset: bool) -> anyhow::Result<v1::StatsResponse> {
+    Ok(cluster.worker_client(address).await?.stats(v1::StatsRequest { reset }).await?.into_inner())
 }
 
 /// Starts a new Stats window on every worker.
 async fn reset_stats(cluster: &TestCluster) -> anyhow::Result<()> {
     for worker in &cluster.workers {
-        worker_stats(worker, true).await?;
+        worker_stats(cluster, worker, true).await?;
     }
     Ok(())
 }
@@ -54,7 +53,7 @@ async fn survivors_loaded_only_what_they_took_over(
         let (old, new) = (layers_of(before, name)?, layers_of(after, name)?);
         assert!(new.start <= old.start && old.end <= new.end, "{name}: {old:?} -> {new:?}");
         let added: u64 = new.clone().filter(|l| !old.contains(l)).map(|l| sizes.layers[l]).sum();
-        let stats = worker_stats(&cluster.workers[i], false).await?;
+        let stats = worker_stats(cluster, &cluster.workers[i], false).await?;
         assert_eq!(stats.weight_loaded_bytes, added, "{name}: {old:?} -> {new:?}");
         assert_eq!(stats.weight_peak_bytes, sizes.stage_bytes(new.clone()), "{name}: {old:?} -> {new:?}");
         assert!(added < sizes.stage_bytes(new), "{name} loaded its whole new range");
@@ -238,8 +237,11 @@ async fn the_worker_drains_and_undrains_itself_from_its_own_machine() -> anyhow:
     let cluster = start(&model).await?;
     let addr = cluster.http().to_string();
     let worker = strata_tests::binary("strata-worker")?;
+    // With the worker's own certificate, found in its cache folder: it takes this
+    // call from itself or the coordinator only.
+    let cache = cluster.worker_cache(1).display().to_string();
     let run = |verb: &str| {
-        std::process::Command::new(&worker).args([verb, "--address", &cluster.workers[1]]).output()
+        std::process::Command::new(&worker).args([verb, "--address", &cluster.workers[1], "--cache-dir", &cache]).output()
     };
     let out = run("drain")?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{json, Value};
-use strata_coordinator::cli::children::Process;
+use strata_coordinator::cli::children::{LocalTrust, Process};
 use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
 use strata_tests::admin::{node, status, wait_for_status};
@@ -26,7 +26,12 @@ const PULL_BYTES_PER_SECOND: &str = "50000";
 
 /// A coordinator over `model` waiting for `min_workers`, its pulls paced; returned
 /// with its gRPC and HTTP addresses from its first line.
-async fn coordinator(model: &Path, tmp: &Path, min_workers: usize) -> anyhow::Result<(Process, String, String)> {
+async fn coordinator(
+    model: &Path,
+    tmp: &Path,
+    min_workers: usize,
+    trust: &LocalTrust,
+) -> anyhow::Result<(Process, String, String)> {
     let min_workers = min_workers.to_string();
     let args: Vec<String> = [
         "--threads",
@@ -43,6 +48,8 @@ async fn coordinator(model: &Path, tmp: &Path, min_workers: usize) -> anyhow::Re
         "--min-workers",
         &min_workers,
         "--no-mdns",
+        "--state-dir",
+        &trust.state_dir().display().to_string(),
     ]
     .into_iter()
     .map(String::from)
@@ -61,7 +68,7 @@ async fn coordinator(model: &Path, tmp: &Path, min_workers: usize) -> anyhow::Re
 }
 
 /// A worker without the model file that joins `grpc` (so it pulls its layers).
-async fn worker(grpc: &str, cache: &Path) -> anyhow::Result<Process> {
+async fn worker(grpc: &str, cache: &Path, trust: &LocalTrust) -> anyhow::Result<Process> {
     let args: Vec<String> = [
         "--listen",
         "127.0.0.1:0",
@@ -79,7 +86,8 @@ async fn worker(grpc: &str, cache: &Path) -> anyhow::Result<Process> {
     .into_iter()
     .map(String::from)
     .collect();
-    let mut p = Process::spawn("w1", &binary("strata-worker")?, &args, &[("STRATA_LOG", "warn".into())])?;
+    let env = [("STRATA_LOG", "warn".into()), ("STRATA_TOKEN", trust.token())];
+    let mut p = Process::spawn("w1", &binary("strata-worker")?, &args, &env)?;
     p.wait_for_line("worker listening", READY_TIMEOUT, |_| {}).await?;
     p.drain_output();
     Ok(p)
@@ -93,8 +101,9 @@ fn pulling(s: &Value) -> bool {
 async fn status_shows_the_first_loads_pull_and_requests_wait_for_its_pipeline() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = SyntheticModel::tiny().write_to(dir.path())?;
-    let (mut coordinator, grpc, http) = coordinator(&model, dir.path(), 1).await?;
-    let _w1 = worker(&grpc, &dir.path().join("cache")).await?;
+    let trust = LocalTrust::new()?;
+    let (mut coordinator, grpc, http) = coordinator(&model, dir.path(), 1, &trust).await?;
+    let _w1 = worker(&grpc, &dir.path().join("cache"), &trust).await?;
 
     // Served before the first pipeline exists: the pull shows, and there is no plan yet.
     let s = wait_for_status(&http, "w1's pull in the status", pulling).await?;
@@ -124,8 +133,9 @@ async fn status_shows_the_first_loads_pull_and_requests_wait_for_its_pipeline() 
 async fn sigterm_during_the_first_load_ends_the_coordinator_at_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = SyntheticModel::tiny().write_to(dir.path())?;
-    let (mut coordinator, grpc, http) = coordinator(&model, dir.path(), 1).await?;
-    let _w1 = worker(&grpc, &dir.path().join("cache")).await?;
+    let trust = LocalTrust::new()?;
+    let (mut coordinator, grpc, http) = coordinator(&model, dir.path(), 1, &trust).await?;
+    let _w1 = worker(&grpc, &dir.path().join("cache"), &trust).await?;
     wait_for_status(&http, "w1's pull in the status", pulling).await?;
     let asked = Instant::now();
     coordinator.terminate();
@@ -141,7 +151,8 @@ async fn sigterm_during_the_first_load_ends_the_coordinator_at_once() -> anyhow:
 async fn status_serves_while_the_coordinator_waits_for_workers_and_sigterm_ends_the_wait() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = SyntheticModel::tiny().write_to(dir.path())?;
-    let (mut coordinator, _, http) = coordinator(&model, dir.path(), 2).await?;
+    let trust = LocalTrust::new()?;
+    let (mut coordinator, _, http) = coordinator(&model, dir.path(), 2, &trust).await?;
     let s = tokio::time::timeout(Duration::from_secs(10), status(&http))
         .await
         .context("no status while waiting for workers")??;

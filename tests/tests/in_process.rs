@@ -32,6 +32,7 @@ fn config(model: Arc<ServedModel>, workers: Vec<String>) -> ServeConfig {
         move_sequences: MovePolicy::Auto,
         shutdown_grace: Duration::from_secs(5),
         api_keys: strata_coordinator::api::ApiKeys::default(),
+        join_token: None,
     }
 }
 
@@ -43,7 +44,9 @@ async fn listeners() -> anyhow::Result<Listeners> {
 async fn a_coordinator_runs_in_process_answers_right_and_stops_when_asked() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let path = SyntheticModel { layers: 4, context_length: 256, ..SyntheticModel::tiny() }.write_to(dir.path())?;
-    let workers = TestCluster::workers(&path, &ClusterOptions { workers: 2, ..ClusterOptions::default() }).await?;
+    // The coordinator runs in this test process, which has no identity: plain TCP.
+    let options = ClusterOptions { workers: 2, insecure: true, ..ClusterOptions::default() };
+    let workers = TestCluster::workers(&path, &options).await?;
     let model = Arc::new(ServedModel::open(&path, "test-model".into())?);
     let listeners = listeners().await?;
     let http_addr = listeners.http.local_addr()?.to_string();

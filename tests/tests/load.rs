@@ -269,7 +269,7 @@ async fn sixty_four_clients_through_a_drain_and_an_undrain() -> anyhow::Result<(
     let s = status(&addr).await?;
     assert!(node(&s, "worker-1").is_ok_and(|n| n["state"] == "ready"), "{s}");
     // And no worker keeps the KV cache of a request that ended.
-    tokio::time::timeout(Duration::from_secs(5), wait_until_no_sequences(&cluster.workers))
+    tokio::time::timeout(Duration::from_secs(5), wait_until_no_sequences(cluster.transport(), &cluster.workers))
         .await
         .context("workers still hold sequences after the load")??;
 

@@ -82,6 +82,7 @@ async fn workers_found_over_mdns_form_a_cluster_and_a_stopped_one_is_noticed() -
     .into_iter()
     .map(String::from)
     .collect();
+    let serve = [serve, hosts.trust_args()].concat();
     let mut coordinator = hosts.spawn(1, "coordinator", &binary("strata")?, &serve, &[("STRATA_LOG", log_level())])?;
     // w2 is also told the coordinator's address: found over mDNS and joined, it
     // must still be one node.
@@ -173,6 +174,7 @@ async fn the_readme_multi_host_flow_works_with_default_flags() -> anyhow::Result
             .into_iter()
             .map(String::from)
             .collect();
+    let serve = [serve, hosts.trust_args()].concat();
     let mut coordinator = hosts.spawn(1, "coordinator", &binary("strata")?, &serve, &[("STRATA_LOG", log_level())])?;
     // `strata-worker` with no address and no model (the helper adds only a name,
     // one thread, a cache folder of its own and no start-up benchmark).

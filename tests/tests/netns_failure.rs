@@ -69,6 +69,7 @@ async fn start_coordinator(hosts: &Hosts, model: &Path) -> anyhow::Result<(Proce
     for host in WORKER_HOSTS {
         args.extend(["--worker".into(), format!("{}:{GRPC_PORT}", hosts.address(host))]);
     }
+    args.extend(hosts.trust_args());
     let mut p = hosts.spawn(1, "coordinator", &binary("strata")?, &args, &[("STRATA_LOG", log_level())])?;
     let (ready, stages) = until_serving(&mut p).await?;
     p.drain_output();
@@ -174,7 +175,7 @@ async fn cut_and_restore(hosts: &Hosts, http: &str, model: &Path) -> anyhow::Res
     let address = format!("{}:{GRPC_PORT}", hosts.address(host));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let held = pipelines_held(&address).await?;
+        let held = pipelines_held(hosts.transport(), &address).await?;
         if held == [current] {
             break;
         }

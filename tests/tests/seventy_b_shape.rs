@@ -211,6 +211,7 @@ async fn a_seventy_b_shaped_model_pulled_over_gigabit_links() -> anyhow::Result<
     // Its shard files (as large as the model) go into the test's folder, removed
     // however the coordinator ends.
     let envs = [("STRATA_LOG", log_level()), ("TMPDIR", dir.path().display().to_string())];
+    let serve = [serve, hosts.trust_args()].concat();
     let mut coordinator = hosts.spawn(1, "coordinator", &binary("strata")?, &serve, &envs)?;
     coordinator.wait_for_line("coordinator grpc=", READY_TIMEOUT, |_| {}).await?;
     eprintln!("coordinator up (the model hashed) at {:.1}s", began.elapsed().as_secs_f64());

@@ -141,6 +141,7 @@ async fn a_slow_pull_never_holds_up_the_control_plane() -> anyhow::Result<()> {
     .map(String::from)
     .collect();
     let envs = [("STRATA_LOG", log_level()), ("STRATA_TEST_PULL_BYTES_PER_SECOND", PULL_BYTES_PER_SECOND.into())];
+    let serve = [serve, hosts.trust_args()].concat();
     let mut coordinator = hosts.spawn(1, "coordinator", &binary("strata")?, &serve, &envs)?;
     coordinator.wait_for_line("coordinator grpc=", READY_TIMEOUT, |_| {}).await?;
     let _w2 = start_worker(&hosts, 2, "w2", Some(&model), dir.path()).await?;

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 use strata_coordinator::cli::http;
-use strata_proto::v1::worker_client::WorkerClient;
 use strata_proto::v1::{self, DescribeRequest};
 use strata_tests::admin::{pipelines_held, status};
 use strata_tests::streams::synthetic_model;
@@ -24,15 +23,14 @@ async fn a_stale_shard_on_a_live_worker_is_unloaded() -> anyhow::Result<()> {
 
     // A shard of another pipeline, loaded beside the current one behind the
     // coordinator's back.
-    let channel = strata_proto::transport::endpoint(&worker)?.connect().await?;
-    let mut client = WorkerClient::new(channel);
+    let mut client = cluster.worker_client(&worker).await?;
     let mut stale = client.describe(DescribeRequest {}).await?.into_inner().shard.context("worker-0 holds no shard")?;
     stale.pipeline_id = current.wrapping_add(1000);
     client.load_shard(v1::LoadShardRequest { shard: Some(stale), keep_other_pipelines: true }).await?;
 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let held = pipelines_held(&worker).await?;
+        let held = pipelines_held(cluster.transport(), &worker).await?;
         if held == [current] {
             break;
         }

@@ -175,7 +175,9 @@ async fn the_windows_worker_installs_runs_and_stops_as_a_service() -> anyhow::Re
     let _turn = ONE_AT_A_TIME.lock().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let listen = format!("127.0.0.1:{port}");
-    let flags = ["--listen", &listen, "--no-mdns", "--no-bench", "--threads", "1", "--name", "gaming-pc"];
+    // No coordinator here to enrol it: plain TCP, so `drain` reaches it without a
+    // certificate.
+    let flags = ["--listen", &listen, "--no-mdns", "--no-bench", "--threads", "1", "--name", "gaming-pc", "--insecure"];
 
     let bad = wine.run_worker(&["service", "install", "--threads", "0"])?;
     assert!(!bad.status.success(), "bad flags were stored");

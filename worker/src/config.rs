@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use strata_proto::address;
 use strata_proto::units::{self, MemoryLimits};
+use strata_trust::JoinToken;
 
 use crate::self_bench::BenchMode;
 
@@ -94,6 +95,10 @@ pub struct ControlArgs {
     /// installed service's port, else 127.0.0.1:7070).
     #[arg(long, env = "STRATA_WORKER_ADDRESS", value_name = "ADDRESS", value_parser = address::canonical)]
     pub address: Option<String>,
+    /// The worker's cache folder, where it keeps its key and certificate (the
+    /// worker takes this call from its own certificate or the coordinator's).
+    #[arg(long, env = "STRATA_WORKER_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -143,6 +148,22 @@ pub struct WorkerArgs {
     /// coordinator's HTTP port is another).
     #[arg(long, env = "STRATA_JOIN", value_name = "ADDRESS", value_parser = address::canonical)]
     pub join: Option<String>,
+    /// The join token `strata serve` printed: the worker trusts only that
+    /// coordinator and is enrolled by it (every connection is then mutual TLS).
+    #[arg(long, env = "STRATA_TOKEN", hide_env_values = true, conflicts_with_all = ["token_file", "insecure"])]
+    pub token: Option<String>,
+    /// A file holding the join token (kept out of the process list).
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub token_file: Option<PathBuf>,
+    /// Plain TCP, no token: anyone who can reach the port can load, read and steer
+    /// this worker. For a quick trial on a network you trust; the coordinator must be
+    /// started with --insecure too.
+    #[arg(long, env = "STRATA_INSECURE")]
+    pub insecure: bool,
+    /// Where this worker keeps its key and certificate (default: the cache
+    /// folder's identity/NODE-ID).
+    #[arg(long, env = "STRATA_IDENTITY_DIR", value_name = "DIR")]
+    pub identity_dir: Option<PathBuf>,
     /// Compute threads (candle's pool). Workers sharing a machine should split its
     /// cores rather than each take all of them.
     #[arg(long, env = "STRATA_THREADS")]
@@ -219,6 +240,21 @@ pub enum ConfigError {
     Device(String),
     #[error("--max-memory must be above zero")]
     ZeroMaxMemory,
+    #[error("--token: {0}")]
+    Token(String),
+    #[error("--token-file {0}: {1}")]
+    TokenFile(PathBuf, String),
+}
+
+/// How a worker's connections are secured.
+#[derive(Debug, Clone)]
+pub enum WorkerTrust {
+    /// Mutual TLS with the cluster of this token.
+    Token(JoinToken),
+    /// `--insecure`: plain TCP.
+    Insecure,
+    /// Neither was given: serving refuses to start (`devices` needs neither).
+    Missing,
 }
 
 /// How long nothing yielded to must have run before a yield ends, unless
@@ -276,6 +312,10 @@ pub struct WorkerConfig {
     pub models: Vec<PathBuf>,
     pub cache_dir: PathBuf,
     pub join: Option<String>,
+    /// How this worker's connections are secured.
+    pub trust: WorkerTrust,
+    /// `--identity-dir`.
+    pub identity_dir: Option<PathBuf>,
     /// The compute pool size, for the description (main sets the pool itself).
     pub threads: usize,
     pub device: String,
@@ -300,6 +340,9 @@ impl WorkerConfig {
             models: Vec::new(),
             cache_dir,
             join: None,
+            // In-process test workers: one process holds one identity.
+            trust: WorkerTrust::Insecure,
+            identity_dir: None,
             threads: 1,
             device: "cpu".into(),
             compute_lock: None,
@@ -348,6 +391,18 @@ impl WorkerConfig {
             .or_else(host_name)
             .unwrap_or_else(|| "worker".into());
         let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let token = match (&args.token, &args.token_file) {
+            (Some(text), _) => Some(text.clone()),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(file).map_err(|e| ConfigError::TokenFile(file.clone(), e.to_string()))?,
+            ),
+            (None, None) => None,
+        };
+        let trust = match token {
+            Some(text) => WorkerTrust::Token(JoinToken::parse(&text).map_err(|e| ConfigError::Token(e.to_string()))?),
+            None if args.insecure => WorkerTrust::Insecure,
+            None => WorkerTrust::Missing,
+        };
         Ok(Self {
             listen,
             advertise: args.advertise,
@@ -357,6 +412,8 @@ impl WorkerConfig {
             models: args.models,
             cache_dir,
             join: args.join,
+            trust,
+            identity_dir: args.identity_dir,
             threads,
             device,
             compute_lock: args.compute_lock,

@@ -18,18 +18,19 @@ use strata_proto::v1::worker_client::WorkerClient;
 use strata_proto::v1::{stage_message, ErrorCode, StageMessage};
 use strata_proto::MAX_MESSAGE_BYTES;
 use tokio::sync::{mpsc, watch, Mutex};
+use strata_trust::Dial;
 use tonic::transport::Channel;
 
 use crate::events::EventHub;
 
-/// Connects to a peer worker, retrying briefly: the peer may be starting up.
-pub async fn connect(address: String) -> Result<Channel, String> {
+/// Connects to a peer (`dial` says whom it must be), retrying briefly: the peer
+/// may be starting up.
+pub async fn connect(address: String, dial: Dial) -> Result<Channel, String> {
     let address = address.as_str();
-    let endpoint = strata_proto::transport::endpoint(address).map_err(|e| format!("bad address {address:?}: {e}"))?;
     let mut delay = Duration::from_millis(50);
     let mut attempts = 0;
     loop {
-        match endpoint.connect().await {
+        match strata_trust::transport().connect(address, dial.clone()).await {
             Ok(channel) => return Ok(channel),
             Err(e) if attempts >= 5 => return Err(format!("cannot connect to {address}: {e}")),
             Err(_) => {
@@ -100,7 +101,7 @@ async fn run(
             }
         }
         channel = loop {
-            match connect(address.clone()).await {
+            match connect(address.clone(), Dial::Worker).await {
                 Ok(channel) => break channel,
                 Err(e) => {
                     // Fail what is queued now rather than let it wait forever.

@@ -34,13 +34,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::{Cli, Command, WorkerArgs, WorkerConfig};
+pub use config::{Cli, Command, WorkerArgs, WorkerConfig, WorkerTrust};
 use profile::{Profile, ProfileError};
 use service::WorkerService;
 use strata_proto::v1::coordinator_client::CoordinatorClient;
 use strata_proto::v1::worker_server::WorkerServer;
 use strata_proto::v1::JoinRequest;
 use strata_proto::MAX_MESSAGE_BYTES;
+use strata_trust::{Dial, NodeIdentity, Own, Transport};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -55,6 +56,13 @@ pub enum RunError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Profile(#[from] ProfileError),
+    #[error(
+        "no join token: give --token (the token `strata serve` prints), --token-file or STRATA_TOKEN; or --insecure \
+         for plain TCP on a network you trust"
+    )]
+    NoToken,
+    #[error("the worker's identity: {0}")]
+    Trust(#[from] strata_trust::TrustError),
 }
 
 /// The address peers should use for a listener bound to `local`.
@@ -92,6 +100,19 @@ pub async fn run(
         .unwrap_or_else(|| advertised_address(local));
     let (stop_tx, stop_rx) = watch::channel(false);
     let service = WorkerService::new(config.clone(), profile, address.clone(), stop_rx.clone());
+    match &config.trust {
+        WorkerTrust::Token(token) => {
+            let identity = NodeIdentity::open(&identity_dir(&config, &service.node_id()), service.node_id(), token)?;
+            let enrolled = identity.enrolled();
+            strata_trust::install(Transport::tls(token.ca_sha256, Own::Node(Arc::new(identity))))?;
+            tracing::info!(enrolled, "mutual TLS with the cluster of the join token");
+        }
+        WorkerTrust::Insecure => {
+            tracing::warn!("--insecure: plain TCP; anyone who can reach this port can load, read and steer this worker")
+        }
+        WorkerTrust::Missing => return Err(RunError::NoToken),
+    }
+    let transport = strata_trust::transport();
     tracing::info!(%address, name = %config.name, "worker serving");
     if let Some(coordinator) = config.join.clone() {
         tokio::spawn(join_loop(service.clone(), coordinator, stop_rx.clone()));
@@ -114,7 +135,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
     let serve =
-        server.serve_with_incoming_shutdown(strata_proto::transport::incoming(listener), signal);
+        server.serve_with_incoming_shutdown(strata_trust::incoming(transport, listener), signal);
     tokio::pin!(serve);
     let mut stopped = stop_rx.clone();
     let grace = async move {
@@ -132,15 +153,27 @@ pub async fn run(
     result
 }
 
+/// Where worker `node` keeps its key and certificate: `--identity-dir`, else beside
+/// its shard cache (where `strata-worker drain` looks).
+pub fn identity_dir(config: &WorkerConfig, node: &strata_proto::NodeId) -> std::path::PathBuf {
+    config.identity_dir.clone().unwrap_or_else(|| identities_dir(&config.cache_dir).join(node.as_str()))
+}
+
+/// The folder of the identities of the workers sharing the cache `cache_dir`.
+pub fn identities_dir(cache_dir: &std::path::Path) -> std::path::PathBuf {
+    cache_dir.join("identity")
+}
+
 /// Announces this worker to the coordinator, retrying with backoff until it is
 /// accepted or the worker stops.
 async fn join_loop(service: WorkerService, coordinator: String, mut stop: watch::Receiver<bool>) {
     let mut delay = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let endpoint =
-                strata_proto::transport::endpoint(&coordinator).map_err(|e| e.to_string())?;
-            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let channel = strata_trust::transport()
+                .connect(&coordinator, Dial::Coordinator)
+                .await
+                .map_err(|e| e.to_string())?;
             let request = JoinRequest {
                 worker: Some(service.description()),
             };

@@ -15,7 +15,8 @@ use strata_proto::v1::worker_server::Worker;
 use strata_proto::v1::{
     self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype, WorkerState,
 };
-use strata_proto::{WorkerError, PROTOCOL_VERSION};
+use strata_proto::{NodeId, WorkerError, PROTOCOL_VERSION};
+use strata_trust::{Allow, Caller};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{IntervalStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -45,7 +46,7 @@ struct Shared {
     /// What the worker found and measured at start: what it offers.
     profile: Arc<Profile>,
     address: String,
-    node_id: String,
+    node_id: NodeId,
     hub: Arc<EventHub>,
     stats: Arc<Stats>,
     local_models: LocalModels,
@@ -90,8 +91,8 @@ impl Slot {
 impl WorkerService {
     pub fn new(config: WorkerConfig, profile: Arc<Profile>, address: String, stop: watch::Receiver<bool>) -> Self {
         // Stable for a given name and address, so a restarted worker is recognised.
-        let node_id =
-            weights::hex(&Sha256::digest(format!("{}@{address}", config.name).as_bytes())[..8]);
+        let digest = Sha256::digest(format!("{}@{address}", config.name).as_bytes());
+        let node_id = NodeId::from_digest(&std::array::from_fn(|i| digest[i]));
         let local_models = LocalModels::new(config.models.clone());
         let hub = Arc::new(EventHub::default());
         Self {
@@ -127,12 +128,26 @@ impl WorkerService {
         }
     }
 
+    /// This worker's node id: its name in its certificate.
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node_id.clone()
+    }
+
+    /// `request`'s caller, if `allowed` covers it (every caller with --insecure).
+    fn authorize<T>(&self, request: &Request<T>, allowed: &[Allow<'_>], what: &str) -> Result<Caller, Status> {
+        let r = strata_trust::authorize(strata_trust::transport(), request, allowed, what);
+        if let Err(e) = &r {
+            tracing::warn!(peer = ?strata_trust::remote_addr(request), "refused: {}", e.message());
+        }
+        r
+    }
+
     pub fn description(&self) -> v1::WorkerDescription {
         let shard = lock(&self.shared.slot).newest().map(|l| l.spec.clone());
         let config = &self.shared.config;
         let profile = &self.shared.profile;
         v1::WorkerDescription {
-            node_id: self.shared.node_id.clone(),
+            node_id: self.shared.node_id.to_string(),
             name: config.name.clone(),
             protocol_version: PROTOCOL_VERSION,
             grpc_address: self.shared.address.clone(),
@@ -321,7 +336,7 @@ impl WorkerService {
         let mut outputs = Outputs::default();
         let mut forwarders = Forwarders::default();
         if !is_last {
-            let channel = forwarder::connect(spec.next_stage_address.clone())
+            let channel = forwarder::connect(spec.next_stage_address.clone(), strata_trust::Dial::Worker)
                 .await
                 .map_err(WorkerError::Internal)?;
             outputs.next = Some(forwarders.spawn(
@@ -333,7 +348,7 @@ impl WorkerService {
                 shared.stop.clone(),
             ));
         } else if !spec.first_stage_address.is_empty() && layers.start != 0 {
-            let channel = forwarder::connect(spec.first_stage_address.clone())
+            let channel = forwarder::connect(spec.first_stage_address.clone(), strata_trust::Dial::Worker)
                 .await
                 .map_err(WorkerError::Internal)?;
             outputs.first = Some(forwarders.spawn(
@@ -406,8 +421,9 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<v1::WorkerEvent, Status>> + 
 impl Worker for WorkerService {
     async fn describe(
         &self,
-        _: Request<v1::DescribeRequest>,
+        request: Request<v1::DescribeRequest>,
     ) -> Result<Response<v1::WorkerDescription>, Status> {
+        self.authorize(&request, &[Allow::Coordinator, Allow::Workers], "Describe")?;
         Ok(Response::new(self.description()))
     }
 
@@ -415,6 +431,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::LoadShardRequest>,
     ) -> Result<Response<v1::LoadShardResponse>, Status> {
+        self.authorize(&request, &[Allow::Coordinator], "LoadShard")?;
         let request = request.into_inner();
         let spec = request
             .shard
@@ -432,6 +449,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::UnloadShardRequest>,
     ) -> Result<Response<v1::UnloadShardResponse>, Status> {
+        self.authorize(&request, &[Allow::Coordinator], "UnloadShard")?;
         let pipeline = match request.into_inner().selection() {
             strata_proto::ids::ShardSelection::All => None,
             strata_proto::ids::ShardSelection::Pipeline(p) => Some(p.get()),
@@ -445,6 +463,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::SetDrainingRequest>,
     ) -> Result<Response<v1::SetDrainingResponse>, Status> {
+        self.authorize(&request, &[Allow::Coordinator, Allow::Node(&self.shared.node_id)], "SetDraining")?;
         let changed = self.shared.drain.ask(request.into_inner().draining);
         Ok(Response::new(v1::SetDrainingResponse {
             state: self.state() as i32,
@@ -456,6 +475,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<Streaming<StageMessage>>,
     ) -> Result<Response<v1::ForwardSummary>, Status> {
+        self.authorize(&request, &[Allow::Coordinator, Allow::Workers], "Forward")?;
         let pipeline = strata_proto::pipeline_of(&request);
         let mut stream = request.into_inner();
         let mut stop = self.shared.stop.clone();
@@ -495,8 +515,9 @@ impl Worker for WorkerService {
 
     async fn events(
         &self,
-        _: Request<v1::EventsRequest>,
+        request: Request<v1::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
+        self.authorize(&request, &[Allow::Coordinator], "Events")?;
         let events = UnboundedReceiverStream::new(self.shared.hub.subscribe()).map(Ok);
         let me = self.clone();
         let beats = IntervalStream::new(tokio::time::interval(HEARTBEAT_INTERVAL))
@@ -511,8 +532,9 @@ impl Worker for WorkerService {
 
     async fn health(
         &self,
-        _: Request<v1::HealthRequest>,
+        request: Request<v1::HealthRequest>,
     ) -> Result<Response<v1::HealthResponse>, Status> {
+        self.authorize(&request, &[Allow::Coordinator, Allow::Workers], "Health")?;
         Ok(Response::new(v1::HealthResponse {
             state: self.state() as i32,
         }))
@@ -522,6 +544,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::StatsRequest>,
     ) -> Result<Response<v1::StatsResponse>, Status> {
+        self.authorize(&request, &[Allow::Coordinator], "Stats")?;
         let reset = request.into_inner().reset;
         let stats = &self.shared.stats;
         let weights = self.shared.weights.resident_bytes();
@@ -538,6 +561,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::ImportSequenceRequest>,
     ) -> Result<Response<v1::ImportSequenceResponse>, Status> {
+        self.authorize(&request, &[Allow::Coordinator], "ImportSequence")?;
         match self.import_kv_sequence(request.into_inner()).await {
             Ok(r) => Ok(Response::new(r)),
             Err(e) => {
@@ -553,6 +577,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::ExportKvRequest>,
     ) -> Result<Response<Self::ExportKvStream>, Status> {
+        self.authorize(&request, &[Allow::Coordinator, Allow::Workers], "ExportKv")?;
         match self.export_kv_chunks(request.into_inner()).await {
             Ok(stream) => Ok(Response::new(stream)),
             Err(e) => {
@@ -560,5 +585,28 @@ impl Worker for WorkerService {
                 Err(e.into())
             }
         }
+    }
+
+    async fn enroll(&self, request: Request<v1::EnrollRequest>) -> Result<Response<v1::EnrollResponse>, Status> {
+        self.authorize(&request, &[Allow::Coordinator], "Enroll")?;
+        let transport = strata_trust::transport();
+        let identity = transport
+            .node_identity()
+            .ok_or_else(|| Status::failed_precondition("this worker runs --insecure: there is nothing to enrol"))?;
+        let r = request.into_inner();
+        identity
+            .install(&r.certificate_der, &r.ca_certificate_der)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        transport.revoke(r.revoked_node_ids.iter().filter_map(|n| NodeId::new(n)));
+        tracing::info!(node = %identity.node(), "enrolled: the coordinator signed this worker's certificate");
+        Ok(Response::new(v1::EnrollResponse {}))
+    }
+
+    async fn revoke(&self, request: Request<v1::RevokeRequest>) -> Result<Response<v1::RevokeResponse>, Status> {
+        self.authorize(&request, &[Allow::Coordinator], "Revoke")?;
+        let nodes: Vec<NodeId> = request.into_inner().node_ids.iter().filter_map(|n| NodeId::new(n)).collect();
+        tracing::info!(?nodes, "revoked: their certificates are refused from now on");
+        strata_trust::transport().revoke(nodes);
+        Ok(Response::new(v1::RevokeResponse {}))
     }
 }

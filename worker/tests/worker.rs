@@ -938,6 +938,8 @@ async fn the_binary_offers_what_max_memory_allows() -> anyhow::Result<()> {
             "1",
             // mDNS must never run in the machine's own network namespace.
             "--no-mdns",
+            // Described by a plain client below, with no coordinator to enrol it.
+            "--insecure",
         ])
         .args(["--cache-dir", &cache_dir])
         .env("STRATA_LOG", "warn")

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context};
+use strata_trust::{Authority, Transport};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -118,9 +121,72 @@ impl Process {
 #[derive(Default)]
 pub struct Children {
     pub processes: Vec<Process>,
+    /// The cluster's CA when the workers started here join with a token; none:
+    /// they run --insecure.
+    pub trust: Option<LocalTrust>,
+}
+
+/// The trust of a cluster run on this machine: a CA made in a temporary folder
+/// (the coordinator's state folder), and the token the workers get.
+pub struct LocalTrust {
+    dir: tempfile::TempDir,
+    authority: Arc<Authority>,
+}
+
+impl LocalTrust {
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let authority = Arc::new(Authority::open_or_create(&dir.path().join("coordinator"))?);
+        Ok(Self { dir, authority })
+    }
+
+    /// `--state-dir` for a `strata serve` child.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    /// Makes this process the coordinator of the cluster (one run in-process).
+    pub fn install_here(&self) -> anyhow::Result<()> {
+        strata_trust::install(Transport::coordinator(self.authority.clone())?)?;
+        Ok(())
+    }
+
+    /// A transport with the coordinator's rights in this cluster, not installed:
+    /// for tests that call the workers themselves.
+    pub fn coordinator_transport(&self) -> anyhow::Result<Transport> {
+        Ok(Transport::coordinator(self.authority.clone())?)
+    }
+
+    /// The join token, for workers started elsewhere.
+    pub fn token(&self) -> String {
+        self.authority.token().to_string()
+    }
+
+    pub fn identity_dir(&self, worker: &str) -> PathBuf {
+        self.dir.path().join("workers").join(worker)
+    }
 }
 
 impl Children {
+    /// Children whose workers join with a token of a CA made now.
+    pub fn secured() -> anyhow::Result<Self> {
+        Ok(Self { processes: Vec::new(), trust: Some(LocalTrust::new()?) })
+    }
+
+    /// [`Children::secured`], with this process as their coordinator (mutual TLS
+    /// from here to the workers); plain TCP with `insecure`.
+    pub fn with_coordinator_here(insecure: bool) -> anyhow::Result<Self> {
+        if insecure {
+            strata_trust::install(Transport::Insecure)?;
+            return Ok(Self::default());
+        }
+        let children = Self::secured()?;
+        if let Some(trust) = &children.trust {
+            trust.install_here()?;
+        }
+        Ok(children)
+    }
+
     /// Stops every child cleanly, the last started first.
     pub async fn stop_all(&mut self) {
         let processes: Vec<Process> = self.processes.drain(..).rev().collect();
@@ -190,7 +256,16 @@ pub async fn start_local_worker_on(
         args.extend(["--compute-lock".into(), lock.display().to_string()]);
     }
     let log = std::env::var("STRATA_LOG").unwrap_or_else(|_| "warn".into());
-    let mut p = Process::spawn(name, &sibling_binary("strata-worker"), &args, &[("STRATA_LOG", log)])?;
+    let mut env = vec![("STRATA_LOG", log)];
+    match &children.trust {
+        Some(trust) => {
+            // In the environment: the token stays out of the process list.
+            env.push(("STRATA_TOKEN", trust.token()));
+            args.extend(["--identity-dir".into(), trust.identity_dir(name).display().to_string()]);
+        }
+        None => args.push("--insecure".into()),
+    }
+    let mut p = Process::spawn(name, &sibling_binary("strata-worker"), &args, &env)?;
     let line = p.wait_for_line("worker listening", std::time::Duration::from_secs(120), |_| {}).await?;
     let address = Process::field(&line, "grpc").context("no grpc= in the worker's line")?;
     p.drain_output();

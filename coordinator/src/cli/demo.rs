@@ -50,7 +50,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut children = Children::default();
+    let mut children = Children::secured()?;
     let result = runtime.block_on(async {
         tokio::select! {
             r = demo(&args, &path, &mut children) => r,
@@ -109,6 +109,10 @@ async fn demo(
         // Everything runs on loopback and the workers are named below.
         "--no-mdns".into(),
     ];
+    // The cluster's CA, made for this demo; the workers hold its token.
+    if let Some(trust) = &children.trust {
+        serve_args.extend(["--state-dir".into(), trust.state_dir().display().to_string()]);
+    }
     for a in &addresses {
         serve_args.push("--worker".into());
         serve_args.push(a.clone());

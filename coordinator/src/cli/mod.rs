@@ -14,6 +14,7 @@ pub mod perplexity;
 pub mod plan;
 pub mod serve;
 pub mod serve_local;
+pub mod trust;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -48,6 +49,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Start a coordinator and three workers here and answer a prompt through them.
     Demo(demo::DemoArgs),
+    /// Print the join token workers need (`strata-worker --token`), making the
+    /// cluster's certificate authority if this is the first time.
+    Token(trust::TokenArgs),
     /// Will a model fit on these machines, how is it split, and how fast does it run?
     Plan(plan::PlanArgs),
     /// The workers of a running cluster: state, layers, memory, speed.

@@ -104,6 +104,8 @@ pub struct ServeArgs {
     pub shutdown_grace: u64,
     #[command(flatten)]
     pub keys: super::ApiKeyArgs,
+    #[command(flatten)]
+    pub trust: super::trust::TrustArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -140,6 +142,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.validate()?;
     config.api_keys = args.keys.keys()?;
     args.keys.warn_if_open(&config.api_keys, args.http_listen);
+    config.join_token = args.trust.install()?;
     // The coordinator computes nothing heavy (tokenizing runs on the blocking pool):
     // a small runtime leaves the cores to workers sharing this machine.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -192,5 +195,6 @@ pub fn config(args: &ServeArgs, model: Arc<ServedModel>) -> ServeConfig {
         move_sequences: args.move_sequences.into(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         api_keys: crate::api::ApiKeys::default(),
+        join_token: None,
     }
 }

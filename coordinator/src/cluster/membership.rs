@@ -7,9 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::worker_client::WorkerClient;
-use strata_proto::v1::{DescribeRequest, WorkerDescription, WorkerState};
+use strata_proto::v1::{self, DescribeRequest, WorkerDescription, WorkerState};
 use strata_proto::{CoordinatorError, NodeId, PROTOCOL_VERSION};
+use strata_trust::names::{self, CertIdentity};
+use strata_trust::{Authority, Dial, SeenCertificate};
 use tokio::sync::{broadcast, watch};
+use tonic::transport::Channel;
 
 use super::report::PullReport;
 use super::ClusterError;
@@ -299,7 +302,7 @@ impl Membership {
     }
 
     /// A Join request from `peer`, checked.
-    pub fn join(&self, mut description: WorkerDescription, peer: Option<IpAddr>) -> Result<(), CoordinatorError> {
+    pub async fn join(&self, mut description: WorkerDescription, peer: Option<IpAddr>) -> Result<(), CoordinatorError> {
         if description.protocol_version != PROTOCOL_VERSION {
             return Err(CoordinatorError::ProtocolVersion {
                 got: description.protocol_version,
@@ -311,6 +314,14 @@ impl Membership {
         }
         if let Some(peer) = peer {
             description.grpc_address = reachable_address(&description.grpc_address, peer);
+        }
+        if strata_trust::transport().secure() {
+            // The description is the caller's word; with mutual TLS only a worker that
+            // answers at that address with this cluster's certificate (enrolled now if
+            // it proves it holds the token) is taken, as it describes itself there.
+            let reached = description.grpc_address.clone();
+            let member = describe_once(&reached).await.map_err(|e| CoordinatorError::NotTrusted(e.to_string()))?;
+            description = WorkerDescription { grpc_address: reached, ..member.description };
         }
         let (address, name) = (description.grpc_address.clone(), description.name.clone());
         match self.add(Member::new(address.clone(), description)) {
@@ -350,14 +361,34 @@ fn reachable_address(given: &str, peer: IpAddr) -> String {
     }
 }
 
-/// Describes a worker once.
+/// Describes a worker once. With mutual TLS, a worker not enrolled yet is enrolled
+/// first if its certificate carries the token's proof, and the node its
+/// certificate names is remembered for `address` (and must be the one it
+/// describes).
 pub async fn describe_once(address: &str) -> Result<Member, ClusterError> {
     let worker = |message: String| ClusterError::Worker { address: address.to_string(), message };
-    let endpoint = strata_proto::transport::endpoint(address).map_err(|e| worker(e.to_string()))?;
-    let channel = endpoint.connect().await.map_err(|e| worker(format!("cannot connect: {e}")))?;
+    let transport = strata_trust::transport();
+    let seen = SeenCertificate::default();
+    let channel = transport
+        .connect(address, Dial::Discover(seen.clone()))
+        .await
+        .map_err(|e| worker(format!("cannot connect: {e}")))?;
+    let mut client = WorkerClient::new(channel);
+    let node = match transport.authority() {
+        Some(authority) => Some(enrol_if_new(address, &mut client, authority, seen).await.map_err(worker)?),
+        None => None,
+    };
     let description =
-        WorkerClient::new(channel).describe(DescribeRequest {}).await.map_err(|s| worker(s.message().to_string()))?;
+        client.describe(DescribeRequest {}).await.map_err(|s| worker(s.message().to_string()))?;
     let description = description.into_inner();
+    if let Some(node) = node {
+        if description.node_id != node.as_str() {
+            return Err(worker(format!(
+                "its certificate is node {node}'s but it describes itself as {:?}",
+                description.node_id
+            )));
+        }
+    }
     if description.protocol_version != PROTOCOL_VERSION {
         return Err(worker(format!(
             "speaks protocol version {}, this coordinator {PROTOCOL_VERSION}",
@@ -365,6 +396,37 @@ pub async fn describe_once(address: &str) -> Result<Member, ClusterError> {
         )));
     }
     Ok(Member::new(address.to_string(), description))
+}
+
+/// The node of the worker `client` reached at `address`, enrolled now if it was
+/// waiting to be, and remembered for that address.
+async fn enrol_if_new(
+    address: &str,
+    client: &mut WorkerClient<Channel>,
+    authority: &Authority,
+    seen: SeenCertificate,
+) -> Result<NodeId, String> {
+    let transport = strata_trust::transport();
+    let certificate = seen.get().ok_or("no certificate")?;
+    let identity = names::cert_info(&certificate).map(|i| i.identity);
+    let node = match identity {
+        Some(CertIdentity::Worker(node)) if transport.is_revoked(&node) => return Err(format!("node {node} was revoked")),
+        Some(CertIdentity::Worker(node)) => node,
+        Some(CertIdentity::Enrolling { .. }) => {
+            let enrolment = authority.enrol(&certificate).map_err(|e| e.to_string())?;
+            let request = v1::EnrollRequest {
+                certificate_der: enrolment.certificate_der,
+                ca_certificate_der: authority.ca_der().to_vec(),
+                revoked_node_ids: authority.revoked().iter().map(|n| n.to_string()).collect(),
+            };
+            client.enroll(request).await.map_err(|s| format!("enrolment failed: {}", s.message()))?;
+            tracing::info!(%address, node = %enrolment.node, "enrolled a worker");
+            enrolment.node
+        }
+        _ => return Err("it did not present a worker's certificate".into()),
+    };
+    transport.learn(address, &node);
+    Ok(node)
 }
 
 /// Describes a worker, retrying until it answers or `wait` runs out.
@@ -396,8 +458,8 @@ mod tests {
         membership.members().into_iter().map(|m| m.address).collect()
     }
 
-    #[test]
-    fn a_worker_found_and_then_joined_at_another_address_is_one_member() {
+    #[tokio::test]
+    async fn a_worker_found_and_then_joined_at_another_address_is_one_member() {
         let membership = Membership::default();
         assert_eq!(membership.add(member("10.0.0.5:7070", "n1")), Added::New);
         // The same worker, joining with the address it was told to give.
@@ -412,7 +474,8 @@ mod tests {
                     ..Default::default()
                 },
                 None
-            ),
+            )
+            .await,
             Ok(())
         );
         assert_eq!(addresses(&membership), ["10.0.0.5:7070"]);

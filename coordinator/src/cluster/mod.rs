@@ -158,10 +158,15 @@ fn client(channel: Channel) -> WorkerClient {
     WorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
+/// A connection to the worker at `address`, checked to be its node (mutual TLS) once
+/// the node is known.
 async fn connect(address: &str) -> Result<WorkerClient, ClusterError> {
     let worker = |message: String| ClusterError::Worker { address: address.to_string(), message };
-    let endpoint = strata_proto::transport::endpoint(address).map_err(|e| worker(e.to_string()))?;
-    Ok(client(endpoint.connect().await.map_err(|e| worker(format!("cannot connect: {e}")))?))
+    let channel = strata_trust::transport()
+        .connect(address, strata_trust::Dial::Worker)
+        .await
+        .map_err(|e| worker(format!("cannot connect: {e}")))?;
+    Ok(client(channel))
 }
 
 impl Cluster {
@@ -404,7 +409,7 @@ pub async fn serve_grpc(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(strata_proto::transport::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(strata_trust::incoming(strata_trust::transport(), listener), shutdown)
         .await?;
     Ok(())
 }

@@ -10,6 +10,7 @@ use strata_proto::v1::{self, weight_chunk, WeightChunk};
 use strata_proto::CoordinatorError;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use strata_trust::Allow;
 use tonic::{Request, Response, Status};
 
 use super::membership::Membership;
@@ -31,18 +32,21 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn join(&self, request: Request<v1::JoinRequest>) -> Result<Response<v1::JoinResponse>, Status> {
-        let peer = request.remote_addr().map(|a| a.ip());
+        // Anyone may announce a worker: with mutual TLS the coordinator then dials it
+        // and takes it only if it proves it holds the join token (or was enrolled).
+        let peer = strata_trust::remote_addr(&request).map(|a| a.ip());
         let worker = request
             .into_inner()
             .worker
             .ok_or_else(|| CoordinatorError::BadRequest("the join request has no worker description".into()))?;
-        self.membership.join(worker, peer)?;
+        self.membership.join(worker, peer).await?;
         Ok(Response::new(v1::JoinResponse { coordinator_id: self.id.clone() }))
     }
 
     type FetchWeightsStream = ChunkStream;
 
     async fn fetch_weights(&self, request: Request<v1::FetchWeightsRequest>) -> Result<Response<ChunkStream>, Status> {
+        strata_trust::authorize(strata_trust::transport(), &request, &[Allow::Workers], "FetchWeights")?;
         let r = request.into_inner();
         let model = r.model.unwrap_or_default();
         if model.content_hash != self.model.content_hash {

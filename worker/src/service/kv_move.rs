@@ -125,7 +125,7 @@ impl WorkerService {
         let channel = match known {
             Some(c) => c,
             None => {
-                let c = forwarder::connect(address.to_string())
+                let c = forwarder::connect(address.to_string(), strata_trust::Dial::Worker)
                     .await
                     .map_err(|message| WorkerError::Peer {
                         address: address.to_string(),

@@ -53,7 +53,7 @@ pub async fn pull(
         tracing::info!(path = %dest.display(), "another pull cached the shard meanwhile");
         return Ok(Pulled::default());
     };
-    let channel = crate::forwarder::connect(source.to_string()).await.map_err(|e| unavailable(source, e))?;
+    let channel = crate::forwarder::connect(source.to_string(), strata_trust::Dial::Coordinator).await.map_err(|e| unavailable(source, e))?;
     let mut client = CoordinatorClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let mut pulled = Pulled::default();
     let mut resume = true;

@@ -34,7 +34,7 @@ const LONG_REQUEST: usize = 4096;
 pub fn check(path: &Path, device: &str, threads: usize) -> anyhow::Result<Vec<Verdict>> {
     let model = Arc::new(ServedModel::open(path, "gpu-check".into())?);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let mut children = Children::default();
+    let mut children = Children::with_coordinator_here(false)?;
     let result = runtime.block_on(run(&model, path, device, threads, &mut children));
     runtime.block_on(children.stop_all());
     result

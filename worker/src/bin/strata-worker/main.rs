@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use strata_proto::v1::{self, worker_client::WorkerClient};
-use strata_worker::config::{DevicesArgs, DEFAULT_PORT};
+use strata_trust::{Dial, NodeIdentity, Own, Transport};
+use strata_worker::config::{ControlArgs, DevicesArgs, DEFAULT_PORT};
 use strata_worker::profile::Profile;
 use strata_worker::self_bench::BenchMode;
 use strata_worker::{Cli, Command, WorkerArgs, WorkerConfig};
@@ -22,8 +23,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => serve(cli.serve),
         Some(Command::Devices(args)) => devices(args),
-        Some(Command::Drain(args)) => set_draining(&control_address(args.address), true),
-        Some(Command::Undrain(args)) => set_draining(&control_address(args.address), false),
+        Some(Command::Drain(args)) => set_draining(args, true),
+        Some(Command::Undrain(args)) => set_draining(args, false),
         Some(Command::Service(command)) => windows_service::run_command(command),
     };
     match result {
@@ -63,7 +64,19 @@ fn control_address(given: Option<String>) -> String {
 
 /// `strata-worker drain` / `undrain`: tells the local worker; the coordinator sees
 /// it in the next heartbeat and moves the layers.
-fn set_draining(address: &str, draining: bool) -> anyhow::Result<()> {
+fn set_draining(args: ControlArgs, draining: bool) -> anyhow::Result<()> {
+    let address = &control_address(args.address);
+    // The worker's own certificate, where it has one: it takes this call from
+    // itself (or the coordinator) only. Workers sharing a cache folder have one
+    // each; the first enrolled one is tried (one worker a machine is the rule).
+    let cache_dir = match args.cache_dir {
+        Some(dir) => Some(dir),
+        None => strata_worker::config::default_cache_dir(&|k| std::env::var(k).ok()),
+    };
+    if let Some(identity) = cache_dir.map(|d| enrolled_identity(&strata_worker::identities_dir(&d))).transpose()?.flatten() {
+        let ca = identity.ca_sha256();
+        strata_trust::install(Transport::tls(ca, Own::Node(std::sync::Arc::new(identity))))?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let response = runtime.block_on(request_drain_state(address, draining))?;
     let what = if draining { "draining" } else { "back in service" };
@@ -75,17 +88,32 @@ fn set_draining(address: &str, draining: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An enrolled identity among the per-node folders of `dir`, the newest first.
+fn enrolled_identity(dir: &std::path::Path) -> anyhow::Result<Option<NodeIdentity>> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(None) };
+    let mut folders: Vec<(std::time::SystemTime, std::path::PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| Some((e.path().join("cert.pem").metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    folders.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, folder) in folders {
+        if let Some(identity) = NodeIdentity::open_enrolled(&folder).with_context(|| format!("{}", folder.display()))? {
+            return Ok(Some(identity));
+        }
+    }
+    Ok(None)
+}
+
 fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     launch::prepare(&args, launch::LogTo::Stderr)?;
     launch::serve(args, &|k| std::env::var(k).ok(), strata_platform::stop::requested())
 }
 
 async fn request_drain_state(address: &str, draining: bool) -> anyhow::Result<v1::SetDrainingResponse> {
-    let endpoint = strata_proto::transport::endpoint(address).with_context(|| format!("bad address {address:?}"))?;
-    let channel = endpoint.connect().await.map_err(|e| {
+    let channel = strata_trust::transport().connect(address, Dial::Worker).await.map_err(|e| {
+        let reason = e.transport().map_or_else(|| e.to_string(), |t| strata_proto::address::unreachable_reason(t));
         anyhow::anyhow!(
-            "cannot reach the worker at {address}: {} (is strata-worker running? --address / STRATA_WORKER_ADDRESS)",
-            strata_proto::address::unreachable_reason(&e)
+            "cannot reach the worker at {address}: {reason} (is strata-worker running? --address / STRATA_WORKER_ADDRESS)"
         )
     })?;
     let response = WorkerClient::new(channel)
