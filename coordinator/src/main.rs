@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cli::admin::status(args),
         Command::Drain(args) => cli::admin::drain(args),
         Command::Undrain(args) => cli::admin::undrain(args),
+        Command::Node(command) => cli::admin::node(command),
         Command::GpuCheck(args) => cli::gpu_check::run(args),
     };
     match result {

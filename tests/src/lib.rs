@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use strata_coordinator::cli::children::{Children, Process};
+use strata_coordinator::cli::children::{Children, LocalTrust, Process};
 use strata_model::stage::StageOptions;
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_trust::{Dial, Transport};
@@ -208,6 +208,11 @@ impl TestCluster {
     /// Worker `index`'s cache folder (its identity is kept below it).
     pub fn worker_cache(&self, index: usize) -> PathBuf {
         self._cache.path().join(format!("worker-{index}"))
+    }
+
+    /// The cluster's CA (none: insecure).
+    pub fn trust(&self) -> Option<&LocalTrust> {
+        self.children.trust.as_ref()
     }
 
     /// The join token of the cluster (none: insecure).

@@ -99,7 +99,7 @@ impl Transport {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ConnectError::Tls(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ServerVerifier { ca_sha256: tls.ca_sha256, expect }))
+            .with_custom_certificate_verifier(Arc::new(ServerVerifier { ca_sha256: tls.ca_sha256, expect, revoked: tls.revoked.clone() }))
             .with_client_cert_resolver(Arc::new(ClientResolver(tls.own.clone())));
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(TlsConnector { config: Arc::new(config), server_name, seen })

@@ -118,6 +118,11 @@ impl NodeIdentity {
         self.ca_sha256
     }
 
+    /// The certificate this node presents now (self-signed until enrolled).
+    pub fn presented_certificate(&self) -> Vec<u8> {
+        self.certified().cert.first().map(|c| c.to_vec()).unwrap_or_default()
+    }
+
     pub fn enrolled(&self) -> bool {
         self.current().ca_der.is_some()
     }

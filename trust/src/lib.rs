@@ -35,7 +35,7 @@ pub use error::TrustError;
 pub use identity::NodeIdentity;
 pub use serve::{authorize, caller, incoming, remote_addr, Allow, Caller, PeerInfo, ServerIo};
 use strata_proto::NodeId;
-pub use token::JoinToken;
+pub use token::{JoinToken, SECRET_BYTES as TOKEN_SECRET_BYTES};
 
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
@@ -103,12 +103,13 @@ pub struct Tls {
     /// The node each worker address belongs to, as enrolment, Describe or a plan
     /// told: a worker is dialled by its node id, never trusted for its address.
     known: Mutex<HashMap<String, NodeId>>,
-    revoked: RwLock<HashSet<NodeId>>,
+    /// Shared with every connection's certificate check.
+    revoked: Arc<RwLock<HashSet<NodeId>>>,
 }
 
 impl Transport {
     pub fn tls(ca_sha256: [u8; 32], own: Own) -> Self {
-        Self::Tls(Tls { ca_sha256, own: Arc::new(own), known: Mutex::default(), revoked: RwLock::default() })
+        Self::Tls(Tls { ca_sha256, own: Arc::new(own), known: Mutex::default(), revoked: Arc::default() })
     }
 
     pub fn secure(&self) -> bool {

@@ -2,7 +2,8 @@
 //! the CA's, and the CA is recognised by the SHA-256 the join token carries: a
 //! worker checks the coordinator before it holds the CA's certificate.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -49,6 +50,7 @@ pub(crate) enum Expect {
 pub(crate) struct ServerVerifier {
     pub ca_sha256: [u8; 32],
     pub expect: Expect,
+    pub revoked: Arc<RwLock<HashSet<NodeId>>>,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -73,6 +75,11 @@ impl ServerCertVerifier for ServerVerifier {
         };
         if !wanted {
             return Err(Error::InvalidCertificate(CertificateError::NotValidForName));
+        }
+        if let CertIdentity::Worker(node) = &identity {
+            if self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(node) {
+                return Err(Error::InvalidCertificate(CertificateError::Revoked));
+            }
         }
         chained(end_entity, intermediates, &self.ca_sha256)?;
         Ok(ServerCertVerified::assertion())

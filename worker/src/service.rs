@@ -210,6 +210,17 @@ impl WorkerService {
         }
     }
 
+    /// Whether worker `node` may send frames into this worker's shard of `pipeline`
+    /// (the coordinator names who in the shard's spec).
+    fn may_send_frames(&self, pipeline: Option<u64>, node: &NodeId) -> bool {
+        let slot = lock(&self.shared.slot);
+        let loaded = match pipeline {
+            Some(id) => slot.shards.iter().find(|(p, _)| *p == id).map(|(_, l)| l),
+            None => slot.newest(),
+        };
+        loaded.is_some_and(|l| l.spec.frame_sender_node_ids.iter().any(|n| n == node.as_str()))
+    }
+
     /// The worker's drain state, for whatever may drain it.
     pub fn drain(&self) -> &Drain {
         &self.shared.drain
@@ -335,6 +346,15 @@ impl WorkerService {
         // Connect before loading, so a wrong address fails the load, not the first frame.
         let mut outputs = Outputs::default();
         let mut forwarders = Forwarders::default();
+        // Dialled as the nodes the coordinator names, whatever answers at the address.
+        let transport = strata_trust::transport();
+        for (address, node) in
+            [(&spec.next_stage_address, &spec.next_stage_node_id), (&spec.first_stage_address, &spec.first_stage_node_id)]
+        {
+            if let (false, Some(node)) = (address.is_empty(), NodeId::new(node)) {
+                transport.learn(address, &node);
+            }
+        }
         if !is_last {
             let channel = forwarder::connect(spec.next_stage_address.clone(), strata_trust::Dial::Worker)
                 .await
@@ -475,8 +495,15 @@ impl Worker for WorkerService {
         &self,
         request: Request<Streaming<StageMessage>>,
     ) -> Result<Response<v1::ForwardSummary>, Status> {
-        self.authorize(&request, &[Allow::Coordinator, Allow::Workers], "Forward")?;
+        let caller = self.authorize(&request, &[Allow::Coordinator, Allow::Workers], "Forward")?;
         let pipeline = strata_proto::pipeline_of(&request);
+        if let Caller::Worker(node) = &caller {
+            if !self.may_send_frames(pipeline, node) {
+                let e = format!("Forward: worker {node} is not the stage before this one in pipeline {pipeline:?}");
+                tracing::warn!(peer = ?strata_trust::remote_addr(&request), "refused: {e}");
+                return Err(Status::permission_denied(e));
+            }
+        }
         let mut stream = request.into_inner();
         let mut stop = self.shared.stop.clone();
         let mut frames = 0;
@@ -486,6 +513,12 @@ impl Worker for WorkerService {
                 _ = stop.wait_for(|s| *s) => break,
             };
             let Some(message) = message else { break };
+            // A sender revoked while its stream is open is cut off at its next message.
+            if let Caller::Worker(node) = &caller {
+                if strata_trust::transport().is_revoked(node) {
+                    return Err(Status::permission_denied(format!("Forward: node {node} was revoked")));
+                }
+            }
             if let Some(stage_message::Kind::Frame(f)) = &message.kind {
                 self.shared.stats.record_hop(f.sent_unix_nanos);
                 frames += 1;

@@ -1,6 +1,6 @@
-//! The cluster's admin endpoints, which `strata status`, `strata drain` and
-//! `strata undrain` call: `GET /admin/status`, `POST /admin/drain`,
-//! `POST /admin/undrain`. Errors use the same OpenAI-style body as the rest of the
+//! The cluster's admin endpoints, which `strata status`, `strata drain`,
+//! `strata undrain` and `strata node revoke` call: `GET /admin/status`, `POST
+//! /admin/drain`, `POST /admin/undrain`, `POST /admin/revoke`. Errors use the same OpenAI-style body as the rest of the
 //! API. A single-process server has no cluster and answers 404.
 
 use axum::extract::State;
@@ -22,6 +22,7 @@ pub struct DrainBody {
     pub wait: bool,
 }
 
+/// The body of `/admin/undrain` and `/admin/revoke`: which node.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UndrainBody {
@@ -53,6 +54,13 @@ pub async fn drain(State(state): State<AppState>, body: String) -> Result<Json<D
     let admin = admin(&state)?;
     let body: DrainBody = parse(&body)?;
     admin.drain(body.node, body.force, body.wait).await.map(Json).map_err(refused)
+}
+
+pub async fn revoke(State(state): State<AppState>, body: String) -> Result<Json<Value>, ApiError> {
+    let admin = admin(&state)?;
+    let body: UndrainBody = parse(&body)?;
+    let message = admin.revoke(body.node).await.map_err(refused)?;
+    Ok(Json(json!({ "message": message })))
 }
 
 pub async fn undrain(State(state): State<AppState>, body: String) -> Result<Json<Value>, ApiError> {

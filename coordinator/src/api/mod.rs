@@ -59,6 +59,7 @@ pub fn router(engine: Arc<dyn Engine>, admin: Option<ClusterAdmin>, keys: ApiKey
         .route("/admin/status", get(admin::status))
         .route("/admin/drain", post(admin::drain))
         .route("/admin/undrain", post(admin::undrain))
+        .route("/admin/revoke", post(admin::revoke))
         .fallback(errors::no_route)
         .method_not_allowed_fallback(errors::wrong_method)
         .with_state(state)

@@ -77,6 +77,28 @@ pub struct UndrainArgs {
     pub coordinator: CoordinatorArg,
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum NodeCommand {
+    /// Revoke a worker's certificate for good: every node refuses it from its next
+    /// call, the coordinator never enrols it again, and its layers move to the others.
+    Revoke(UndrainArgs),
+}
+
+pub fn node(command: NodeCommand) -> anyhow::Result<()> {
+    let NodeCommand::Revoke(args) = command;
+    let body = json!({ "node": args.node });
+    let value = runtime()?.block_on(call(
+        &args.coordinator.coordinator,
+        args.coordinator.admin_key.as_deref(),
+        "POST",
+        "/admin/revoke",
+        Some(body),
+        Duration::from_secs(60),
+    ))?;
+    println!("{}", value["message"].as_str().unwrap_or_default());
+    Ok(())
+}
+
 pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
@@ -181,6 +203,12 @@ pub fn format_status(s: &ClusterStatus) -> String {
         out.push_str(&format!(", {p:.1} tokens/s predicted for one stream"));
     }
     out.push('\n');
+    if s.transport == "insecure" {
+        out.push_str(
+            "INSECURE: plain TCP between the nodes (--insecure): anyone on the network can join, read prompts and \
+             steer workers\n",
+        );
+    }
     if let Some(reason) = &s.waiting_reason {
         out.push_str(&format!("{} request(s) wait for capacity: {reason}\n", s.waiting));
     }

@@ -140,6 +140,11 @@ impl LocalTrust {
         Ok(Self { dir, authority })
     }
 
+    /// The cluster's CA.
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
+    }
+
     /// `--state-dir` for a `strata serve` child.
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("coordinator")

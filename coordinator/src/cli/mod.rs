@@ -60,6 +60,9 @@ pub enum Command {
     Drain(admin::DrainArgs),
     /// Bring a drained worker back; the cluster rebalances.
     Undrain(admin::UndrainArgs),
+    /// Manage the cluster's nodes: `strata node revoke NAME`.
+    #[command(subcommand)]
+    Node(admin::NodeCommand),
     /// Check a GPU in minutes: device against CPU logits, speed, a drained 2-worker
     /// pipeline, on random models written on the spot.
     GpuCheck(gpu_check::GpuCheckArgs),

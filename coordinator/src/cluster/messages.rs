@@ -35,6 +35,11 @@ pub(crate) enum Control {
     Shutdown {
         done: oneshot::Sender<()>,
     },
+    /// The worker at `address` was revoked: it is lost to the cluster (its requests
+    /// are replayed on the others).
+    Revoked {
+        address: String,
+    },
 }
 
 /// A request to the cluster's engine, for as long as it runs (across the

@@ -59,7 +59,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use strata_proto::v1::coordinator_server::CoordinatorServer;
 use strata_proto::v1::{self, WireDtype};
-use strata_proto::MAX_MESSAGE_BYTES;
+use strata_proto::{NodeId, MAX_MESSAGE_BYTES};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -371,6 +371,52 @@ impl ClusterAdmin {
 
     pub async fn undrain(&self, node: String) -> Result<String, AdminError> {
         self.ask(|reply| Control::Undrain { node, reply }).await?
+    }
+
+    /// Revokes `node` (a worker's name, address or node id; a node id also when it
+    /// is not a member now): its certificate is refused from the next call on, here
+    /// and by every worker, it is never enrolled again, and a member holding layers
+    /// is lost to the cluster (its requests replay on the others).
+    pub async fn revoke(&self, node: String) -> Result<String, AdminError> {
+        let transport = strata_trust::transport();
+        let authority = transport.authority().ok_or(AdminError::Insecure)?;
+        let member = self.membership.find(&node);
+        let id = match member.as_ref().and_then(|m| m.description.node()) {
+            Some(id) => id,
+            None if strata_trust::names::valid_node_id(&node) => NodeId::new(&node).ok_or(AdminError::Insecure)?,
+            None => {
+                let known = self.membership.members().iter().map(|m| m.name().to_string()).collect::<Vec<_>>();
+                return Err(AdminError::UnknownNode { node, known: known.join(", ") });
+            }
+        };
+        let fresh = authority.revoke(&id).map_err(|e| AdminError::Revocation(e.to_string()))?;
+        transport.revoke([id.clone()]);
+        let others: Vec<Member> =
+            self.membership.members().into_iter().filter(|m| m.description.node().as_ref() != Some(&id)).collect();
+        let told = join_all(others.iter().map(|m| {
+            let request = v1::RevokeRequest { node_ids: vec![id.to_string()] };
+            async move {
+                let call = async { connect(&m.address).await.ok()?.revoke(request).await.ok() };
+                tokio::time::timeout(Duration::from_secs(5), call).await.ok().flatten().is_some()
+            }
+        }))
+        .await;
+        let missed: Vec<&str> = others.iter().zip(&told).filter(|(_, ok)| !**ok).map(|(m, _)| m.name()).collect();
+        if let Some(m) = &member {
+            let _ = self.control.send(Control::Revoked { address: m.address.clone() });
+        }
+        let name = member.as_ref().map_or(id.to_string(), |m| format!("{} ({id})", m.name()));
+        let mut message = if fresh {
+            format!("revoked {name}: its certificate is refused from now on, and it is never enrolled again")
+        } else {
+            format!("{name} was already revoked; the workers were told again")
+        };
+        if !missed.is_empty() {
+            // They refuse it at their next enrolment-time list, or when it is
+            // revoked again; the coordinator refuses it already.
+            message.push_str(&format!(" (not reached: {}; run this again once they are back)", missed.join(", ")));
+        }
+        Ok(message)
     }
 }
 

@@ -61,6 +61,21 @@ pub struct BuildSpec<'a> {
     pub keep_others: &'a [bool],
 }
 
+/// The node at `address` (empty when unknown: --insecure).
+fn node_at(address: &str) -> String {
+    strata_trust::transport().node_at(address).map(|n| n.to_string()).unwrap_or_default()
+}
+
+/// The stages that send stage `i` frames: the one before it, and for stage 0 the
+/// last (the sampled tokens it returns).
+fn frame_senders(stages: &[StagePlan], i: usize) -> Vec<&StagePlan> {
+    match i {
+        0 if stages.len() > 1 => stages.last().into_iter().collect(),
+        0 => Vec::new(),
+        _ => vec![&stages[i - 1]],
+    }
+}
+
 /// Loads every stage at once (a stage connects to its already-serving next stage
 /// while it loads) and opens the stream into stage 0.
 pub(super) async fn build(
@@ -82,6 +97,9 @@ pub(super) async fn build(
         stage_index: i as u32,
         pipeline_id: spec.id.get(),
         first_stage_address: if i + 1 == stages.len() { stages[0].address.clone() } else { String::new() },
+        next_stage_node_id: stages.get(i + 1).map(|s| node_at(&s.address)).unwrap_or_default(),
+        first_stage_node_id: if i + 1 == stages.len() { node_at(&stages[0].address) } else { String::new() },
+        frame_sender_node_ids: frame_senders(stages, i).iter().map(|s| node_at(&s.address)).collect(),
     };
     let loads = join_all(stages.iter().zip(clients).enumerate().map(|(i, (stage, client))| {
         let mut client = client.clone();

@@ -89,6 +89,9 @@ pub struct ClusterStatus {
     /// generation saw the same workers in the same states.
     #[serde(default)]
     pub membership_generation: u64,
+    /// Between the nodes: `mutual TLS`, or `insecure` (`--insecure`: plain TCP).
+    #[serde(default)]
+    pub transport: String,
 }
 
 /// Admission: at most `sequences` requests run at once (the plan sized every KV
@@ -156,6 +159,10 @@ pub enum AdminError {
     WouldNotFit { node: String, reason: String },
     #[error("the cluster is shutting down")]
     ShuttingDown,
+    #[error("this coordinator runs --insecure: there are no certificates to revoke")]
+    Insecure,
+    #[error("cannot record the revocation: {0}")]
+    Revocation(String),
 }
 
 impl AdminError {
@@ -166,6 +173,8 @@ impl AdminError {
             AdminError::AlreadyDraining(_) | AdminError::NotDraining(_) | AdminError::Gone { .. } => 409,
             AdminError::WouldNotFit { .. } => 409,
             AdminError::ShuttingDown => 503,
+            AdminError::Insecure => 409,
+            AdminError::Revocation(_) => 500,
         }
     }
 }

@@ -157,6 +157,7 @@ impl StatusView {
             predicted_tokens_per_second: state.pipeline.as_ref().map(|p| p.predicted_tokens_per_second),
             measured_tokens_per_second: state.rate.per_second(0),
             membership_generation: generation,
+            transport: if strata_trust::transport().secure() { "mutual TLS" } else { "insecure" }.into(),
         }
     }
 }

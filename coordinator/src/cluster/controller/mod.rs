@@ -199,6 +199,7 @@ impl Controller {
             }
             Control::Undrain { node, reply } => Event::Undrain { node, waiter: self.wait_with(Waiter::Undrain(reply)) },
             Control::Shutdown { done } => Event::Shutdown { waiter: self.wait_with(Waiter::Done(done)) },
+            Control::Revoked { address } => Event::Lost { address, reason: "its certificate was revoked".into() },
         }
     }
 
