@@ -17,7 +17,8 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,69 @@ pub fn unavailable() -> Option<String> {
         Ok(s) if s.success() => None,
         _ => Some("needs root for network namespaces, and `ip netns` does not work here".into()),
     }
+}
+
+/// Frames recorded on a bridge port ([`Hosts::capture`]).
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<Vec<u8>>>>,
+}
+
+impl Capture {
+    /// Stops recording; every byte of every frame seen, headers included.
+    pub fn finish(mut self) -> anyhow::Result<Vec<u8>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take().context("already finished")?;
+        thread.join().map_err(|_| anyhow::anyhow!("the capture thread panicked"))?
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A raw packet socket on interface `name`, every protocol, reads timing out
+/// every 100 ms (so a stop is seen).
+fn packet_socket(name: &std::ffi::CStr) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket calls on a descriptor owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, all as i32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("an AF_PACKET socket (needs root)");
+    }
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    anyhow::ensure!(index != 0, "no interface {name:?}");
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = all;
+    address.sll_ifindex = index as i32;
+    let size = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    if unsafe { libc::bind(fd, (&address as *const libc::sockaddr_ll).cast(), size) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("binding the packet socket");
+    }
+    let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+    let buffer: libc::c_int = 32 << 20;
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&buffer as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    Ok(socket)
 }
 
 /// Network namespaces acting as hosts on one Ethernet segment.
@@ -191,11 +255,57 @@ impl Hosts {
             cache.join(name).display().to_string(),
         ];
         all.extend(args.iter().cloned());
-        let env = [("STRATA_LOG", log_level()), ("STRATA_TOKEN", self.trust.token())];
+        let mut env = vec![("STRATA_LOG", log_level())];
+        if !args.iter().any(|a| a == "--insecure") {
+            env.push(("STRATA_TOKEN", self.trust.token()));
+        }
         let mut p = self.spawn(host, name, &crate::binary("strata-worker")?, &all, &env)?;
         p.wait_for_line("worker listening", crate::READY_TIMEOUT, |_| {}).await?;
         p.drain_output();
         Ok(p)
+    }
+
+    /// Starts recording every frame that crosses the bridge port of host `host` (an
+    /// AF_PACKET socket on `p<host>` in the hub's namespace, as `tcpdump -i p<host>`
+    /// would): all its host sends and receives.
+    pub fn capture(&self, host: usize) -> anyhow::Result<Capture> {
+        let path = format!("/run/netns/{}", self.hub());
+        let port = std::ffi::CString::new(format!("p{host}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || -> anyhow::Result<Vec<u8>> {
+            let opened = (|| -> anyhow::Result<std::os::fd::OwnedFd> {
+                let ns = File::open(&path).with_context(|| format!("opening {path}"))?;
+                // SAFETY: setns on a descriptor we own; it moves only this thread.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error()).context("setns");
+                }
+                packet_socket(&port)
+            })();
+            let socket = match opened {
+                Ok(socket) => {
+                    let _ = ready_tx.send(Ok(()));
+                    socket
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return Err(e);
+                }
+            };
+            let mut captured = Vec::new();
+            let mut frame = vec![0u8; 65536];
+            while !stopped.load(Ordering::Relaxed) {
+                // SAFETY: a read into a buffer we own, of at most its length.
+                let n = unsafe { libc::recv(socket.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len(), 0) };
+                if n > 0 {
+                    captured.extend_from_slice(&frame[..n as usize]);
+                }
+            }
+            Ok(captured)
+        });
+        ready_rx.recv().context("the capture thread ended")?.map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Capture { stop, thread: Some(thread) })
     }
 
     /// Runs `future` to completion on a thread of its own inside host `host`, on a

@@ -210,15 +210,27 @@ impl WorkerService {
         }
     }
 
-    /// Whether worker `node` may send frames into this worker's shard of `pipeline`
-    /// (the coordinator names who in the shard's spec).
-    fn may_send_frames(&self, pipeline: Option<u64>, node: &NodeId) -> bool {
+    /// Whether worker `node` may send frames into this worker's shard of `pipeline`:
+    /// not revoked, and named in the shard's spec by the coordinator. With no such
+    /// shard (not loaded yet, or dropped) the frame is refused as for anyone else.
+    fn may_send_frames(&self, pipeline: Option<u64>, node: &NodeId) -> Result<(), Status> {
+        if strata_trust::transport().is_revoked(node) {
+            return Err(Status::permission_denied(format!("Forward: node {node} was revoked")));
+        }
         let slot = lock(&self.shared.slot);
         let loaded = match pipeline {
             Some(id) => slot.shards.iter().find(|(p, _)| *p == id).map(|(_, l)| l),
             None => slot.newest(),
         };
-        loaded.is_some_and(|l| l.spec.frame_sender_node_ids.iter().any(|n| n == node.as_str()))
+        match loaded {
+            Some(l) if !l.spec.frame_sender_node_ids.iter().any(|n| n == node.as_str()) => {
+                Err(Status::permission_denied(format!(
+                    "Forward: worker {node} is not the stage before this one in pipeline {}",
+                    l.spec.pipeline_id
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The worker's drain state, for whatever may drain it.
@@ -497,13 +509,7 @@ impl Worker for WorkerService {
     ) -> Result<Response<v1::ForwardSummary>, Status> {
         let caller = self.authorize(&request, &[Allow::Coordinator, Allow::Workers], "Forward")?;
         let pipeline = strata_proto::pipeline_of(&request);
-        if let Caller::Worker(node) = &caller {
-            if !self.may_send_frames(pipeline, node) {
-                let e = format!("Forward: worker {node} is not the stage before this one in pipeline {pipeline:?}");
-                tracing::warn!(peer = ?strata_trust::remote_addr(&request), "refused: {e}");
-                return Err(Status::permission_denied(e));
-            }
-        }
+        let peer = strata_trust::remote_addr(&request);
         let mut stream = request.into_inner();
         let mut stop = self.shared.stop.clone();
         let mut frames = 0;
@@ -513,10 +519,13 @@ impl Worker for WorkerService {
                 _ = stop.wait_for(|s| *s) => break,
             };
             let Some(message) = message else { break };
-            // A sender revoked while its stream is open is cut off at its next message.
+            // Checked per message: a stage opens its stream to the next while that one
+            // is still loading the shard that names who may send, and a sender revoked
+            // while its stream is open is cut off at its next message.
             if let Caller::Worker(node) = &caller {
-                if strata_trust::transport().is_revoked(node) {
-                    return Err(Status::permission_denied(format!("Forward: node {node} was revoked")));
+                if let Err(e) = self.may_send_frames(pipeline, node) {
+                    tracing::warn!(?peer, "refused: {}", e.message());
+                    return Err(e);
                 }
             }
             if let Some(stage_message::Kind::Frame(f)) = &message.kind {
