@@ -284,9 +284,10 @@ impl ModelFile {
         let mut reader = BufReader::new(reader);
         let content = Content::read(&mut reader).map_err(|e| header_error(&path, e))?;
         check_tensor_types(&content)?;
+        // Before any size is computed from the tensor table.
+        check_tensor_bounds(&path, &content, file_len)?;
         let info = read_info(&content)?;
         let sizes = tensor_sizes(&content, &info)?;
-        check_tensor_bounds(&path, &content, file_len)?;
         Ok(Self { path, content, info, sizes })
     }
 
@@ -407,20 +408,33 @@ fn header_error(path: &Path, e: candle_core::Error) -> Error {
     }
 }
 
+/// A tensor's bytes in the file; 0 for a shape whose size overflows, which
+/// [`check_tensor_bounds`] refuses before anything reads sizes.
 fn tensor_byte_len(shape: &candle_core::Shape, dtype: GgmlDType) -> u64 {
-    let elems = shape.elem_count();
-    (elems / dtype.block_size() * dtype.type_size()) as u64
+    checked_byte_len(shape, dtype).unwrap_or(0)
+}
+
+/// Elements and bytes of a tensor, `None` when a damaged header's dimensions
+/// multiply past what a u64 holds.
+fn checked_elems(shape: &candle_core::Shape) -> Option<u64> {
+    shape.dims().iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+}
+
+fn checked_byte_len(shape: &candle_core::Shape, dtype: GgmlDType) -> Option<u64> {
+    (checked_elems(shape)? / dtype.block_size() as u64).checked_mul(dtype.type_size() as u64)
 }
 
 fn check_tensor_bounds(path: &Path, content: &Content, file_len: u64) -> Result<()> {
     for (name, t) in &content.tensor_infos {
-        if t.shape.elem_count() % t.ggml_dtype.block_size() != 0 {
-            return Err(Error::Corrupt {
-                path: path.to_path_buf(),
-                reason: format!("tensor `{name}` has {} elements, not a whole number of blocks", t.shape.elem_count()),
-            });
+        let corrupt = |reason: String| Error::Corrupt { path: path.to_path_buf(), reason };
+        let elems = checked_elems(&t.shape)
+            .ok_or_else(|| corrupt(format!("tensor `{name}` has dimensions {:?} too large to hold", t.shape.dims())))?;
+        if elems % t.ggml_dtype.block_size() as u64 != 0 {
+            return Err(corrupt(format!("tensor `{name}` has {elems} elements, not a whole number of blocks")));
         }
-        let end = content.tensor_data_offset + t.offset + tensor_byte_len(&t.shape, t.ggml_dtype);
+        let end = checked_byte_len(&t.shape, t.ggml_dtype)
+            .and_then(|len| content.tensor_data_offset.checked_add(t.offset)?.checked_add(len))
+            .ok_or_else(|| corrupt(format!("tensor `{name}` lies past any file's end")))?;
         if end > file_len {
             return Err(Error::Corrupt {
                 path: path.to_path_buf(),

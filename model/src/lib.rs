@@ -15,6 +15,8 @@ pub mod generate;
 pub mod gguf;
 mod activation;
 mod attention;
+#[cfg(test)]
+mod hostile_gguf;
 mod kv_cache;
 mod layer;
 pub mod linear;

@@ -14,6 +14,8 @@ pub mod v1 {
 pub mod address;
 pub mod content_hash;
 mod error;
+#[cfg(test)]
+mod hostile_wire;
 pub mod ids;
 pub mod kv_wire;
 mod tensor_wire;

@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Let the pipeline's workers compute at the same time (no shared compute lock).
     #[arg(long)]
     pub no_compute_lock: bool,
+    /// With --workers: plain TCP between the nodes instead of mutual TLS (what
+    /// `scripts/bench-tls` compares).
+    #[arg(long)]
+    pub insecure: bool,
     /// Instead: how long requests pause when the middle of three workers is drained
     /// under them, replayed versus moved with their KV caches (see `bench_switch`).
     #[arg(long)]

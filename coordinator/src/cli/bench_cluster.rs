@@ -61,7 +61,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let threads = args.worker_threads.unwrap_or_else(|| super::demo::threads_per_worker(cores, args.workers));
     let model = Arc::new(ServedModel::open(&path, args.model.model.clone())?);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let mut children = Children::with_coordinator_here(false)?;
+    let mut children = Children::with_coordinator_here(args.insecure)?;
     let result = runtime.block_on(pipeline(args, model, threads, single, &path, &mut children));
     runtime.block_on(children.stop_all());
     super::bench::emit(&result?, args.json, print)
