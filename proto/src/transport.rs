@@ -31,6 +31,13 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 /// this is well above that, and a dead path is found within interval + timeout.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Calls one peer may have open on one connection at once. A node's own use is a
+/// few (an event stream, a Forward stream per pipeline, a pull, short calls);
+/// without a limit a peer could open streams until the server runs out of memory.
+/// Beyond it, the peer's new calls wait for one of its own to end (HTTP/2 flow
+/// control), nobody else's.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// A client endpoint for `address` (`host:port`, or a URL with a scheme).
 pub fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
     let uri = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
@@ -51,6 +58,7 @@ pub fn server() -> Server {
         .initial_connection_window_size(WINDOW_BYTES)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
 }
 
 /// The accepted connections of `listener`, with Nagle's algorithm off. (A server
