@@ -89,14 +89,16 @@ async fn the_windows_worker_serves_a_stage_of_a_linux_coordinator_and_drains_fro
 
     // Typed at the Windows machine: its worker leaves, the Linux one takes over.
     let windows_worker = cluster.workers[1].clone();
-    let said = run_ok(&wine, &["drain", "--address", &windows_worker])?;
+    // With the worker's own certificate, kept in its cache folder.
+    let cache = cluster.worker_cache(1).display().to_string();
+    let said = run_ok(&wine, &["drain", "--address", &windows_worker, "--cache-dir", &cache])?;
     assert!(said.contains("is draining"), "{said}");
     wait_for_status(&addr, "the Windows worker to hold nothing", |s| {
         node(s, "worker-1").is_ok_and(|n| n["state"] == "draining" && n["layers"].is_null())
     })
     .await?;
     assert_eq!(complete(&addr, &prompt, 16).await?, expected, "on the Linux worker alone");
-    let said = run_ok(&wine, &["undrain", "--address", &windows_worker])?;
+    let said = run_ok(&wine, &["undrain", "--address", &windows_worker, "--cache-dir", &cache])?;
     assert!(said.contains("back in service"), "{said}");
     wait_for_status(&addr, "the Windows worker to hold layers again", |s| holds_layers(s, "worker-1")).await?;
     assert_eq!(complete(&addr, &prompt, 16).await?, expected, "through the Windows stage again");

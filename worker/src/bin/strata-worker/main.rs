@@ -119,7 +119,16 @@ async fn request_drain_state(address: &str, draining: bool) -> anyhow::Result<v1
     let response = WorkerClient::new(channel)
         .set_draining(v1::SetDrainingRequest { draining })
         .await
-        .map_err(|s| anyhow::anyhow!("the worker refused: {}", s.message()))?;
+        .map_err(|s| {
+            // Plain TCP to a worker that speaks TLS fails below HTTP/2: say why.
+            let hint = if strata_trust::transport().secure() {
+                ""
+            } else {
+                " (no certificate of the worker was found: a worker joined with a token takes this only from \
+                 itself; give its --cache-dir)"
+            };
+            anyhow::anyhow!("the worker refused: {}{hint}", s.message())
+        })?;
     Ok(response.into_inner())
 }
 
