@@ -5,10 +5,12 @@
 //! Children are found by the lines they print (no sleeps) and always stopped: by
 //! [`TestCluster::stop`], or by the guard's drop on a failed test. [`netns`] builds
 //! hosts out of network namespaces for the tests that need a network (mDNS, a cut
-//! link); [`streams`] keeps requests in flight while a test disturbs a cluster, and
-//! [`admin`] reads what the coordinator says about it.
+//! link); [`streams`] keeps requests in flight while a test disturbs a cluster,
+//! [`admin`] reads what the coordinator says about it, and [`intruder`] plays the
+//! stranger on the network.
 
 pub mod admin;
+pub mod intruder;
 pub mod netns;
 pub mod streams;
 pub mod wine;

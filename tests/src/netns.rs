@@ -214,6 +214,11 @@ impl Hosts {
         &self.transport
     }
 
+    /// The CA of the hosts' cluster.
+    pub fn trust(&self) -> &LocalTrust {
+        &self.trust
+    }
+
     /// The join token of the hosts' cluster.
     pub fn token(&self) -> String {
         self.trust.token()

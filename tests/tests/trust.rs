@@ -2,24 +2,29 @@
 //! gets nothing from a worker without a certificate, an enrolled worker cannot
 //! steer others or inject frames into a pipeline it is not in, a revoked node is
 //! refused at its next call, and a captured token cannot take over a node's name.
-//! Everything on loopback; the network-namespace capture is in `capture_netns.rs`.
+//! Everything on loopback; the same across hosts made of network namespaces is in
+//! `trust_netns.rs`, and the capture of their traffic in `capture_netns.rs`.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
 use serde_json::json;
 use strata_coordinator::cli::children::LocalTrust;
 use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
-use strata_proto::v1::coordinator_client::CoordinatorClient;
+use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
-use strata_proto::v1::{self, stage_message, StageMessage};
-use strata_proto::{NodeId, PROTOCOL_VERSION};
 use strata_tests::admin::status;
+use strata_tests::intruder::{
+    enrolled, guessing_stranger, injection_refused, join, serve_nothing, stranger, weights_refused,
+    worker_serves_nothing,
+};
 use strata_tests::{binary, ClusterOptions, TestCluster};
-use strata_trust::{Dial, JoinToken, NodeIdentity, Own, Transport};
+use strata_trust::{Dial, JoinToken, Transport};
 use tonic::Code;
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 async fn cluster(dir: &Path) -> anyhow::Result<TestCluster> {
     let model = SyntheticModel { layers: 6, ..SyntheticModel::tiny() }.write_to(dir)?;
@@ -33,57 +38,17 @@ fn trust(cluster: &TestCluster) -> anyhow::Result<&LocalTrust> {
     cluster.trust().context("the cluster has a CA")
 }
 
-/// A node holding `token` (or what passes for one) with a key of its own, not
-/// enrolled: it presents no certificate as a client.
-fn stranger(dir: &Path, node: &str, token: &JoinToken) -> anyhow::Result<(Arc<NodeIdentity>, Transport)> {
-    let identity = Arc::new(NodeIdentity::open(dir, NodeId::new(node).context("a node id")?, token)?);
-    let transport = Transport::tls(token.ca_sha256, Own::Node(identity.clone()));
-    Ok((identity, transport))
+/// `strata node revoke NODE` against the cluster's coordinator: what it printed.
+fn revoke(cluster: &TestCluster, node: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new(binary("strata")?)
+        .args(["node", "revoke", node, "--coordinator", cluster.http()])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A node enrolled by the cluster's CA as the coordinator would enrol it: a valid
-/// worker certificate, in no pipeline.
-fn enrolled(dir: &Path, node: &str, trust: &LocalTrust) -> anyhow::Result<Transport> {
-    let token = JoinToken::parse(&trust.token())?;
-    let (identity, transport) = stranger(dir, node, &token)?;
-    let enrolment = trust.authority().enrol(&identity.presented_certificate())?;
-    identity.install(&enrolment.certificate_der, trust.authority().ca_der())?;
-    Ok(transport)
-}
-
-/// A TLS server presenting `transport`'s certificate and serving nothing: enough
-/// for the coordinator to dial it and look at its certificate.
-fn serve_nothing(transport: &Transport) -> anyhow::Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let address = listener.local_addr()?.to_string();
-    listener.set_nonblocking(true)?;
-    let incoming = strata_trust::incoming(transport, tokio::net::TcpListener::from_std(listener)?);
-    tokio::spawn(
-        tonic::transport::Server::builder().add_routes(tonic::service::Routes::default()).serve_with_incoming(incoming),
-    );
-    Ok(address)
-}
-
-/// A Join announcing `node` at `address`, sent by `transport`.
-async fn join(
-    cluster: &TestCluster,
-    transport: &Transport,
-    node: &str,
-    address: &str,
-) -> anyhow::Result<tonic::Status> {
-    let grpc = cluster.grpc.clone().context("the coordinator's gRPC address")?;
-    let worker = v1::WorkerDescription {
-        protocol_version: PROTOCOL_VERSION,
-        grpc_address: address.to_string(),
-        name: "intruder".into(),
-        node_id: node.into(),
-        ..Default::default()
-    };
-    let mut client = CoordinatorClient::new(transport.connect(&grpc, Dial::Coordinator).await?);
-    match client.join(v1::JoinRequest { worker: Some(worker) }).await {
-        Ok(_) => anyhow::bail!("the coordinator took {node}"),
-        Err(status) => Ok(status),
-    }
+fn grpc(cluster: &TestCluster) -> anyhow::Result<String> {
+    cluster.grpc.clone().context("the coordinator's gRPC address")
 }
 
 fn names(s: &serde_json::Value) -> Vec<String> {
@@ -94,19 +59,18 @@ fn names(s: &serde_json::Value) -> Vec<String> {
 async fn a_worker_without_the_token_is_not_taken() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = cluster(dir.path()).await?;
-    let real = JoinToken::parse(&trust(&cluster)?.token())?;
-    // It knows the CA's hash (that much crosses the network) but not the secret.
-    let guessed = JoinToken::new(real.ca_sha256, [7; strata_trust::TOKEN_SECRET_BYTES]);
-    let (_, intruder) = stranger(&dir.path().join("intruder"), "0123456789abcdef", &guessed)?;
-    let address = serve_nothing(&intruder)?;
-    let refused = join(&cluster, &intruder, "0123456789abcdef", &address).await?;
+    let intruder = guessing_stranger(&dir.path().join("intruder"), "0123456789abcdef", trust(&cluster)?)?;
+    let address = serve_nothing(&intruder, LOOPBACK)?;
+    let refused = join(&grpc(&cluster)?, &intruder, "0123456789abcdef", &address).await?;
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("does not hold this cluster's join token"), "{refused:?}");
     // A worker of another cluster cannot even reach it: its token names another CA.
     let other = LocalTrust::new()?;
     let (_, outsider) = stranger(&dir.path().join("outsider"), "fedcba9876543210", &JoinToken::parse(&other.token())?)?;
-    assert!(join(&cluster, &outsider, "fedcba9876543210", &address).await.is_err());
+    assert!(join(&grpc(&cluster)?, &outsider, "fedcba9876543210", &address).await.is_err());
     let s = status(cluster.http()).await?;
+    let refusals = s["refused"].as_array().context("no refusals in the status")?;
+    assert!(refusals.iter().any(|r| r["address"] == address.as_str()), "{s}");
     assert_eq!(names(&s), ["worker-0", "worker-1"], "{s}");
     cluster.stop().await;
     Ok(())
@@ -119,23 +83,11 @@ async fn without_a_certificate_nothing_is_served() -> anyhow::Result<()> {
     let token = JoinToken::parse(&trust(&cluster)?.token())?;
     // Right CA, no certificate of its own; and a client speaking plain TCP.
     let (_, anonymous) = stranger(dir.path(), "0123456789abcdef", &token)?;
-    let worker = &cluster.workers[0];
     for (how, transport) in [("no certificate", &anonymous), ("plain TCP", &Transport::Insecure)] {
-        let Ok(channel) = transport.connect(worker, Dial::Worker).await else { continue };
-        let mut client = WorkerClient::new(channel);
-        let load = client.load_shard(v1::LoadShardRequest::default()).await;
-        assert!(load.is_err(), "{how}: LoadShard answered");
-        let export = client.export_kv(v1::ExportKvRequest { pipeline_id: 1, seq_id: 1, ..Default::default() }).await;
-        assert!(export.is_err(), "{how}: ExportKv answered");
-        let frames =
-            futures::stream::iter([StageMessage { kind: Some(stage_message::Kind::Release(Default::default())) }]);
-        assert!(client.forward(frames).await.is_err(), "{how}: Forward took a frame");
+        worker_serves_nothing(transport, &cluster.workers[0], how).await?;
     }
     // The coordinator's weights, without a certificate.
-    let grpc = cluster.grpc.clone().context("the coordinator's address")?;
-    let mut coordinator = CoordinatorClient::new(anonymous.connect(&grpc, Dial::Coordinator).await?);
-    let pull = coordinator.fetch_weights(v1::FetchWeightsRequest::default()).await;
-    let refused = pull.err().context("FetchWeights answered a client without a certificate")?;
+    let refused = weights_refused(&grpc(&cluster)?, &anonymous).await?;
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     cluster.stop().await;
     Ok(())
@@ -153,27 +105,18 @@ async fn an_enrolled_worker_cannot_steer_or_inject_and_is_refused_once_revoked()
     let load = client.load_shard(v1::LoadShardRequest::default()).await.err().context("LoadShard answered")?;
     assert_eq!(load.code(), Code::PermissionDenied, "{load:?}");
     // Frames into stage 1 of the pipeline: only stage 0 sends those.
-    let frames = futures::stream::iter([StageMessage { kind: Some(stage_message::Kind::Release(Default::default())) }]);
-    let injected = client.forward(strata_proto::with_pipeline(frames, pipeline)).await;
-    let injected = injected.err().context("the stage took frames from a worker outside its pipeline")?;
+    let injected = injection_refused(&mut client, pipeline).await?;
     assert_eq!(injected.code(), Code::PermissionDenied, "{injected:?}");
     assert!(injected.message().contains("not the stage before"), "{injected:?}");
 
-    let strata = binary("strata")?;
-    let revoke = std::process::Command::new(&strata)
-        .args(["node", "revoke", "0123456789abcdef", "--coordinator", cluster.http()])
-        .output()?;
-    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
-    assert!(String::from_utf8_lossy(&revoke.stdout).contains("revoked"), "{revoke:?}");
+    let said = revoke(&cluster, "0123456789abcdef")?;
+    assert!(said.contains("revoked"), "{said}");
     // The very next call, on the connection it already had.
     let after = client.describe(v1::DescribeRequest {}).await.err().context("a revoked node was answered")?;
     assert_eq!(after.code(), Code::PermissionDenied, "{after:?}");
     assert!(after.message().contains("revoked"), "{after:?}");
     // And a worker of the pipeline, revoked: the cluster goes on without it.
-    let revoke = std::process::Command::new(&strata)
-        .args(["node", "revoke", "worker-1", "--coordinator", cluster.http()])
-        .output()?;
-    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    revoke(&cluster, "worker-1")?;
     let body = json!({"model": "test-model", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0});
     let reply = http::request(cluster.http(), "POST", "/v1/completions", Some(&body)).await?;
     assert_eq!(reply.status, 200, "{}", reply.body);
@@ -199,8 +142,8 @@ async fn a_captured_token_cannot_take_over_an_existing_node() -> anyhow::Result<
         status(cluster.http()).await?["nodes"][0]["node_id"].as_str().context("no node id in the status")?.to_string();
     // The token, and worker-0's node id; a key of its own.
     let (_, impostor) = stranger(&dir.path().join("impostor"), &victim, &token)?;
-    let address = serve_nothing(&impostor)?;
-    let refused = join(&cluster, &impostor, &victim, &address).await?;
+    let address = serve_nothing(&impostor, LOOPBACK)?;
+    let refused = join(&grpc(&cluster)?, &impostor, &victim, &address).await?;
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("already enrolled with another key"), "{refused:?}");
     let s = status(cluster.http()).await?;

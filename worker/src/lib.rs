@@ -177,10 +177,10 @@ async fn join_loop(service: WorkerService, coordinator: String, mut stop: watch:
             let request = JoinRequest {
                 worker: Some(service.description()),
             };
-            CoordinatorClient::new(channel)
-                .join(request)
-                .await
-                .map_err(|s| s.message().to_string())
+            CoordinatorClient::new(channel).join(request).await.map_err(|s| match s.code() {
+                tonic::Code::PermissionDenied => format!("the coordinator refused this worker: {}", s.message()),
+                _ => s.message().to_string(),
+            })
         };
         tokio::select! {
             result = attempt => match result {

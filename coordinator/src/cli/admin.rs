@@ -209,6 +209,9 @@ pub fn format_status(s: &ClusterStatus) -> String {
              steer workers\n",
         );
     }
+    for r in &s.refused {
+        out.push_str(&format!("refused {} ({:.0}s ago): {}\n", r.address, r.seconds_ago, r.reason));
+    }
     if let Some(reason) = &s.waiting_reason {
         out.push_str(&format!("{} request(s) wait for capacity: {reason}\n", s.waiting));
     }
@@ -363,5 +366,20 @@ mod tests {
         assert_eq!(format_pulls(&[slow]).unwrap(), "pulling 1.0 GiB of 2.0 GiB (50%, 0.4 MB/s)");
         let stalled = pull([0, 20], 999, 1000, 0.0);
         assert_eq!(format_pulls(&[stalled]).unwrap(), "pulling 999 B of 1000 B (99%, 0.0 MB/s)");
+    }
+
+    #[test]
+    fn a_refused_worker_is_said_with_why() {
+        let status: ClusterStatus = serde_json::from_value(serde_json::json!({
+            "model": "m", "layers": 2, "pipeline_id": null, "nodes": [], "in_flight": 0, "waiting": 0,
+            "waiting_reason": null, "predicted_tokens_per_second": null, "measured_tokens_per_second": 0.0,
+            "transport": "mutual TLS",
+            "refused": [{"address": "10.0.0.4:7070", "reason": "it does not hold this cluster's join token",
+                         "seconds_ago": 3.2}],
+        }))
+        .unwrap();
+        let shown = format_status(&status);
+        assert!(shown.contains("refused 10.0.0.4:7070 (3s ago): it does not hold this cluster's join token"), "{shown}");
+        assert!(!shown.contains("INSECURE"), "{shown}");
     }
 }

@@ -139,6 +139,12 @@ impl Found {
         }
         let member = match result {
             Ok(member) => member,
+            Err(ClusterError::Refused { reason, .. }) => {
+                // Forgotten too: a worker given the right token later is confirmed anew.
+                self.membership.refuse(&address, &format!("found over mDNS as {instance}: {reason}"));
+                self.addresses.remove(&instance);
+                return;
+            }
             Err(e) => {
                 tracing::warn!(%instance, %address, error = %e, "a worker found over mDNS does not answer");
                 self.addresses.remove(&instance);

@@ -2,8 +2,10 @@
 //! or found over mDNS — and what is known of each: its description, whether it may
 //! hold layers, and its last heartbeat.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::worker_client::WorkerClient;
@@ -142,6 +144,19 @@ pub enum Change {
     Removed(Member),
 }
 
+/// A worker that reached the coordinator (found over mDNS, joined, or given with
+/// `--worker`) and was not taken: it does not hold this cluster's join token, was
+/// revoked, or claims another node's name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub address: String,
+    pub reason: String,
+    pub at: Instant,
+}
+
+/// The refusals `strata status` shows: the newest, each once.
+const REFUSALS_KEPT: usize = 8;
+
 /// How many changes a slow consumer may fall behind before it is told it lagged
 /// (and reads the whole list instead).
 const CHANGES_BUFFERED: usize = 256;
@@ -154,6 +169,7 @@ pub struct Membership {
     members: watch::Sender<Vec<Member>>,
     changes: broadcast::Sender<MembershipChange>,
     generation: AtomicU64,
+    refusals: Mutex<VecDeque<Refusal>>,
 }
 
 impl Default for Membership {
@@ -162,6 +178,7 @@ impl Default for Membership {
             members: watch::channel(Vec::new()).0,
             changes: broadcast::channel(CHANGES_BUFFERED).0,
             generation: AtomicU64::new(0),
+            refusals: Mutex::new(VecDeque::new()),
         }
     }
 }
@@ -320,7 +337,12 @@ impl Membership {
             // answers at that address with this cluster's certificate (enrolled now if
             // it proves it holds the token) is taken, as it describes itself there.
             let reached = description.grpc_address.clone();
-            let member = describe_once(&reached).await.map_err(|e| CoordinatorError::NotTrusted(e.to_string()))?;
+            let member = describe_once(&reached).await.map_err(|e| {
+                if let ClusterError::Refused { address, reason } = &e {
+                    self.refuse(address, reason);
+                }
+                CoordinatorError::NotTrusted(e.to_string())
+            })?;
             description = WorkerDescription { grpc_address: reached, ..member.description };
         }
         let (address, name) = (description.grpc_address.clone(), description.name.clone());
@@ -331,6 +353,23 @@ impl Membership {
             _ => tracing::info!(%address, %name, "worker joined"),
         }
         Ok(())
+    }
+
+    /// Records that the worker at `address` was refused, so `strata status` can say
+    /// why a machine that was started is not in the cluster.
+    pub fn refuse(&self, address: &str, reason: &str) {
+        tracing::warn!(%address, %reason, "refused a worker");
+        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        refusals.retain(|r| r.address != address || r.reason != reason);
+        if refusals.len() == REFUSALS_KEPT {
+            refusals.pop_front();
+        }
+        refusals.push_back(Refusal { address: address.to_string(), reason: reason.to_string(), at: Instant::now() });
+    }
+
+    /// The workers refused lately, oldest first.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        self.refusals.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
     }
 
     /// Waits until at least `count` workers may hold layers, for at most `wait`.
@@ -367,6 +406,7 @@ fn reachable_address(given: &str, peer: IpAddr) -> String {
 /// describes).
 pub async fn describe_once(address: &str) -> Result<Member, ClusterError> {
     let worker = |message: String| ClusterError::Worker { address: address.to_string(), message };
+    let refused = |reason: String| ClusterError::Refused { address: address.to_string(), reason };
     let transport = strata_trust::transport();
     let seen = SeenCertificate::default();
     let channel = transport
@@ -375,7 +415,7 @@ pub async fn describe_once(address: &str) -> Result<Member, ClusterError> {
         .map_err(|e| worker(format!("cannot connect: {e}")))?;
     let mut client = WorkerClient::new(channel);
     let node = match transport.authority() {
-        Some(authority) => Some(enrol_if_new(address, &mut client, authority, seen).await.map_err(worker)?),
+        Some(authority) => Some(enrol_if_new(address, &mut client, authority, seen).await.map_err(refused)?),
         None => None,
     };
     let description =
@@ -383,7 +423,7 @@ pub async fn describe_once(address: &str) -> Result<Member, ClusterError> {
     let description = description.into_inner();
     if let Some(node) = node {
         if description.node_id != node.as_str() {
-            return Err(worker(format!(
+            return Err(refused(format!(
                 "its certificate is node {node}'s but it describes itself as {:?}",
                 description.node_id
             )));
@@ -436,6 +476,8 @@ pub async fn describe(address: &str, wait: Duration) -> Result<Member, ClusterEr
     loop {
         match describe_once(address).await {
             Ok(member) => return Ok(member),
+            // It answered, and will answer the same again.
+            Err(e @ ClusterError::Refused { .. }) => return Err(e),
             Err(e) if tokio::time::Instant::now() + delay >= deadline => return Err(e),
             Err(_) => {
                 tokio::time::sleep(delay).await;
@@ -493,6 +535,23 @@ mod tests {
         membership.set_status("10.0.0.5:7070", NodeStatus::Gone { since: Instant::now(), reason: "cut".into() });
         assert_eq!(membership.add(member("10.0.0.9:7070", "n1")), Added::Updated);
         assert_eq!(addresses(&membership), ["10.0.0.9:7070"]);
+    }
+
+    #[test]
+    fn refusals_are_kept_once_each_and_only_the_newest() {
+        let membership = Membership::default();
+        membership.refuse("10.0.0.4:7070", "no token");
+        membership.refuse("10.0.0.4:7070", "found over mDNS: no token");
+        membership.refuse("10.0.0.4:7070", "no token");
+        let reasons: Vec<String> = membership.refusals().into_iter().map(|r| r.reason).collect();
+        assert_eq!(reasons, ["found over mDNS: no token", "no token"], "the same refusal again moves to the end");
+        for i in 0..REFUSALS_KEPT {
+            membership.refuse(&format!("10.0.1.{i}:7070"), "no token");
+        }
+        let refusals = membership.refusals();
+        assert_eq!(refusals.len(), REFUSALS_KEPT);
+        assert_eq!(refusals[0].address, "10.0.1.0:7070");
+        assert!(membership.members().is_empty(), "a refused worker is never a member");
     }
 
     #[test]

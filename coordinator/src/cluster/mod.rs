@@ -72,7 +72,7 @@ pub use model::ServedModel;
 pub use moves::{MoveCost, MovePolicy};
 pub use messages::Placement;
 pub use placement::PlacementPolicy;
-pub use report::{AdminError, AdmissionReport, ClusterStatus, DrainReport, NodeReport, QueuedRequest};
+pub use report::{AdminError, AdmissionReport, ClusterStatus, DrainReport, NodeReport, QueuedRequest, RefusalReport};
 use scheduler::{AdmissionSettings, MoveSettings, Scheduler};
 pub use service::CoordinatorService;
 use status_view::StatusView;
@@ -92,6 +92,9 @@ pub enum ClusterError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("worker {address}: {message}")]
     Worker { address: String, message: String },
+    /// It answered, but is not to be trusted (see [`membership::Refusal`]).
+    #[error("refused the worker at {address}: {reason}")]
+    Refused { address: String, reason: String },
     #[error("{found} of the {wanted} workers needed are known after waiting {waited:?}")]
     NotEnoughWorkers { found: usize, wanted: usize, waited: Duration },
     #[error("stage {stage} (layers {start}..{end}) on {address}: {error}")]
@@ -362,7 +365,14 @@ impl ClusterAdmin {
     pub async fn status(&self) -> Result<ClusterStatus, AdminError> {
         let scheduler = scheduler_status(&self.scheduler).await.ok_or(AdminError::ShuttingDown)?;
         let (generation, members) = self.membership.snapshot();
-        Ok(self.view.report((generation, &members), scheduler))
+        let mut status = self.view.report((generation, &members), scheduler);
+        status.refused = self
+            .membership
+            .refusals()
+            .into_iter()
+            .map(|r| RefusalReport { address: r.address, reason: r.reason, seconds_ago: r.at.elapsed().as_secs_f64() })
+            .collect();
+        Ok(status)
     }
 
     pub async fn drain(&self, node: String, force: bool, wait: bool) -> Result<DrainReport, AdminError> {

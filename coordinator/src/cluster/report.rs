@@ -92,6 +92,17 @@ pub struct ClusterStatus {
     /// Between the nodes: `mutual TLS`, or `insecure` (`--insecure`: plain TCP).
     #[serde(default)]
     pub transport: String,
+    /// Workers that reached the coordinator and were not taken, newest last.
+    #[serde(default)]
+    pub refused: Vec<RefusalReport>,
+}
+
+/// A worker refused (see `membership::Refusal`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RefusalReport {
+    pub address: String,
+    pub reason: String,
+    pub seconds_ago: f64,
 }
 
 /// Admission: at most `sequences` requests run at once (the plan sized every KV

@@ -158,6 +158,7 @@ impl StatusView {
             measured_tokens_per_second: state.rate.per_second(0),
             membership_generation: generation,
             transport: if strata_trust::transport().secure() { "mutual TLS" } else { "insecure" }.into(),
+            refused: Vec::new(),
         }
     }
 }
