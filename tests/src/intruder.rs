@@ -113,3 +113,14 @@ pub async fn injection_refused(
     let injected = client.forward(strata_proto::with_pipeline(frames, pipeline)).await;
     injected.err().context("the stage took frames from a worker outside its pipeline")
 }
+
+/// A KV pull by `client` of a sequence of pipeline `pipeline` with no grant from
+/// the coordinator: the refusal.
+pub async fn export_refused(
+    client: &mut WorkerClient<tonic::transport::Channel>,
+    pipeline: u64,
+) -> anyhow::Result<tonic::Status> {
+    let request =
+        v1::ExportKvRequest { pipeline_id: pipeline, seq_id: 1, layer_end: 1, positions: 1, ..Default::default() };
+    client.export_kv(request).await.err().context("a stage exported KV to a worker the coordinator did not name")
+}

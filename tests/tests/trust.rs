@@ -17,7 +17,7 @@ use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_tests::admin::status;
 use strata_tests::intruder::{
-    enrolled, guessing_stranger, injection_refused, join, serve_nothing, stranger, weights_refused,
+    enrolled, export_refused, guessing_stranger, injection_refused, join, serve_nothing, stranger, weights_refused,
     worker_serves_nothing,
 };
 use strata_tests::{binary, ClusterOptions, TestCluster};
@@ -104,6 +104,10 @@ async fn an_enrolled_worker_cannot_steer_or_inject_and_is_refused_once_revoked()
     client.describe(v1::DescribeRequest {}).await?;
     let load = client.load_shard(v1::LoadShardRequest::default()).await.err().context("LoadShard answered")?;
     assert_eq!(load.code(), Code::PermissionDenied, "{load:?}");
+    // Nor pull a sequence's KV (a prompt) without the coordinator's grant.
+    let export = export_refused(&mut client, pipeline).await?;
+    assert_eq!(export.code(), Code::PermissionDenied, "{export:?}");
+    assert!(export.message().contains("granted none"), "{export:?}");
     // Frames into stage 1 of the pipeline: only stage 0 sends those.
     let injected = injection_refused(&mut client, pipeline).await?;
     assert_eq!(injected.code(), Code::PermissionDenied, "{injected:?}");

@@ -23,7 +23,8 @@ use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_tests::admin::{status, wait_for_status};
 use strata_tests::intruder::{
-    enrolled, guessed_token, injection_refused, join, serve_nothing, stranger, weights_refused, worker_serves_nothing,
+    enrolled, export_refused, guessed_token, injection_refused, join, serve_nothing, stranger, weights_refused,
+    worker_serves_nothing,
 };
 use strata_tests::netns::{log_level, Hosts};
 use strata_tests::{binary, until_serving};
@@ -93,6 +94,8 @@ async fn stranger_tries(
     client.describe(v1::DescribeRequest {}).await?;
     let load = client.load_shard(v1::LoadShardRequest::default()).await.err().context("LoadShard answered")?;
     anyhow::ensure!(load.code() == Code::PermissionDenied, "{load:?}");
+    let export = export_refused(&mut client, pipeline).await?;
+    anyhow::ensure!(export.code() == Code::PermissionDenied && export.message().contains("granted none"), "{export:?}");
     // Only stage 0 sends stage 1 frames.
     let injected = injection_refused(&mut client, pipeline).await?;
     anyhow::ensure!(injected.code() == Code::PermissionDenied, "{injected:?}");

@@ -18,6 +18,7 @@ use strata_proto::NodeId;
 
 use crate::error::TrustError;
 use crate::files;
+use crate::grant::{GrantSigner, KvGrant};
 use crate::hex;
 use crate::names::{self, CertIdentity};
 use crate::token::{JoinToken, SECRET_BYTES};
@@ -27,6 +28,7 @@ pub struct Authority {
     dir: PathBuf,
     ca_der: Vec<u8>,
     issuer: Issuer<'static, KeyPair>,
+    grants: GrantSigner,
     token: JoinToken,
     registry: Mutex<Registry>,
 }
@@ -82,6 +84,7 @@ impl Authority {
                 secret
             }
         };
+        let grants = GrantSigner::new(&key.serialize_der())?;
         let issuer = Issuer::from_ca_cert_der(&ca_der.clone().into(), key)?;
         let token = JoinToken::new(hex::sha256(&ca_der), secret);
         let registry = Registry {
@@ -91,7 +94,7 @@ impl Authority {
                 .collect(),
             revoked: read_lines(&dir.join("revoked"))?.into_iter().collect(),
         };
-        Ok(Self { dir: dir.to_path_buf(), ca_der, issuer, token, registry: Mutex::new(registry) })
+        Ok(Self { dir: dir.to_path_buf(), ca_der, issuer, grants, token, registry: Mutex::new(registry) })
     }
 
     pub fn token(&self) -> &JoinToken {
@@ -100,6 +103,11 @@ impl Authority {
 
     pub fn ca_der(&self) -> &[u8] {
         &self.ca_der
+    }
+
+    /// The CA's signature over `grant` (see [`crate::grant`]).
+    pub fn sign_kv_grant(&self, grant: &KvGrant<'_>) -> Result<Vec<u8>, TrustError> {
+        self.grants.sign(grant)
     }
 
     /// A certificate for the coordinator itself, on a key made now.

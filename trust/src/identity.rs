@@ -127,6 +127,11 @@ impl NodeIdentity {
         self.current().ca_der.is_some()
     }
 
+    /// The CA's certificate, once enrolled.
+    pub fn ca_der(&self) -> Option<Vec<u8>> {
+        self.current().ca_der
+    }
+
     pub(crate) fn certified(&self) -> Arc<CertifiedKey> {
         self.current().certified
     }

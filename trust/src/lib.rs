@@ -19,6 +19,7 @@ mod authority;
 mod connect;
 mod error;
 mod files;
+pub mod grant;
 pub mod hex;
 mod identity;
 pub mod names;
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 pub use authority::{Authority, Enrolment};
 pub use connect::{ConnectError, Dial, SeenCertificate};
 pub use error::TrustError;
+pub use grant::KvGrant;
 pub use identity::NodeIdentity;
 pub use serve::{authorize, caller, incoming, remote_addr, Allow, Caller, PeerInfo, ServerIo};
 use strata_proto::NodeId;
@@ -164,6 +166,21 @@ impl Transport {
             },
             Self::Insecure => None,
         }
+    }
+
+    /// Checks the coordinator's `signature` over `grant` against the CA this
+    /// process trusts (see [`grant`]); insecure, every grant passes.
+    pub fn check_kv_grant(&self, grant: &KvGrant<'_>, signature: &[u8]) -> Result<(), TrustError> {
+        let ca = match self {
+            Self::Insecure => return Ok(()),
+            Self::Tls(tls) => match tls.own.as_ref() {
+                Own::Coordinator(_, authority) => authority.ca_der().to_vec(),
+                Own::Node(identity) => {
+                    identity.ca_der().ok_or_else(|| TrustError::Refused("this worker is not enrolled yet".into()))?
+                }
+            },
+        };
+        grant::check(&ca, grant, signature)
     }
 
     /// The transport of the coordinator of `authority`'s cluster.

@@ -619,8 +619,23 @@ impl Worker for WorkerService {
         &self,
         request: Request<v1::ExportKvRequest>,
     ) -> Result<Response<Self::ExportKvStream>, Status> {
-        self.authorize(&request, &[Allow::Coordinator, Allow::Workers], "ExportKv")?;
-        match self.export_kv_chunks(request.into_inner()).await {
+        let caller = self.authorize(&request, &[Allow::Coordinator, Allow::Workers], "ExportKv")?;
+        let request = request.into_inner();
+        if let Caller::Worker(node) = &caller {
+            // A KV cache is a prompt: only the node the coordinator named may pull it.
+            let grant = strata_trust::KvGrant {
+                importer: node,
+                pipeline_id: request.pipeline_id,
+                seq_id: request.seq_id,
+                layer_start: request.layer_start,
+                layer_end: request.layer_end,
+            };
+            if let Err(e) = strata_trust::transport().check_kv_grant(&grant, &request.grant) {
+                tracing::warn!(%node, seq = request.seq_id, error = %e, "refused: ExportKv");
+                return Err(Status::permission_denied(format!("ExportKv for worker {node}: {e}")));
+            }
+        }
+        match self.export_kv_chunks(request).await {
             Ok(stream) => Ok(Response::new(stream)),
             Err(e) => {
                 tracing::warn!(error = %e, "KV export refused");

@@ -1241,6 +1241,7 @@ fn source(address: &str, pipeline_id: u64, seq_id: u64, layers: std::ops::Range<
         seq_id,
         layer_start: layers.start,
         layer_end: layers.end,
+        grant: Vec::new(),
     }
 }
 
@@ -1340,6 +1341,7 @@ async fn bad_kv_moves_get_a_status_that_names_the_problem() -> anyhow::Result<()
         layer_start: layers.start,
         layer_end: layers.end,
         positions,
+        grant: Vec::new(),
     };
     let cases = [
         (export(5, 1, 0..4, 4), Code::NotFound, "no shard of pipeline 5"),

@@ -145,9 +145,32 @@ pub fn sources(old: &[LinkStage], old_pipeline: PipelineId, seq: SeqId, layers: 
                 seq_id: seq.get(),
                 layer_start: start as u32,
                 layer_end: end as u32,
+                grant: Vec::new(),
             })
         })
         .collect()
+}
+
+/// Signs each source's grant for the node at `importer` (with mutual TLS: the old
+/// stages export only to the node the coordinator names). A source whose grant
+/// cannot be made is left without one: its stage refuses the pull, and the
+/// request is replayed instead.
+fn grant(sources: &mut [v1::KvSource], importer: &str) {
+    let transport = strata_trust::transport();
+    let (Some(authority), Some(node)) = (transport.authority(), transport.node_at(importer)) else { return };
+    for s in sources {
+        let grant = strata_trust::KvGrant {
+            importer: &node,
+            pipeline_id: s.pipeline_id,
+            seq_id: s.seq_id,
+            layer_start: s.layer_start,
+            layer_end: s.layer_end,
+        };
+        match authority.sign_kv_grant(&grant) {
+            Ok(signature) => s.grant = signature,
+            Err(e) => tracing::warn!(%importer, error = %e, "no KV grant"),
+        }
+    }
 }
 
 /// What one finished transfer moved.
@@ -176,12 +199,14 @@ pub async fn transfer(spec: TransferSpec) -> Result<Transferred, String> {
     let started = Instant::now();
     let positions = spec.tokens.len() as u32;
     let calls = spec.new.iter().enumerate().map(|(i, stage)| {
+        let mut sources = sources(&spec.old, spec.old_pipeline, spec.old_seq, &stage.layers);
+        grant(&mut sources, &stage.address);
         let request = v1::ImportSequenceRequest {
             pipeline_id: spec.new_pipeline.get(),
             open: Some(spec.open.clone()),
             tokens: spec.tokens.clone(),
             positions,
-            sources: sources(&spec.old, spec.old_pipeline, spec.old_seq, &stage.layers),
+            sources,
         };
         let mut client = stage.client.clone();
         async move {

@@ -153,6 +153,7 @@ impl WorkerService {
             layer_start: source.layer_start,
             layer_end: source.layer_end,
             positions: positions as u32,
+            grant: source.grant.clone(),
         };
         let mut stream = client.export_kv(request).await.map_err(peer)?.into_inner();
         let (start, end) = (source.layer_start as usize, source.layer_end as usize);
