@@ -38,6 +38,37 @@ fn identity(file: &File) -> io::Result<(u64, u64)> {
     }
 }
 
+/// Bytes free for this process on the file system holding `dir`.
+#[cfg(unix)]
+pub fn free_space(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a NUL-terminated path and a structure the call fills.
+    unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut stat) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    }
+}
+
+/// Bytes free for this process on the volume holding `dir`.
+#[cfg(windows)]
+pub fn free_space(dir: &Path) -> io::Result<u64> {
+    use std::os::windows::ffi::OsStrExt;
+    use windows_sys::Win32::Storage::FileSystem::GetDiskFreeSpaceExW;
+    let wide: Vec<u16> = dir.as_os_str().encode_wide().chain(std::iter::once(0)).collect();
+    let mut available = 0u64;
+    // SAFETY: a NUL-terminated path; the one output asked for is a u64 of ours.
+    if unsafe { GetDiskFreeSpaceExW(wide.as_ptr(), &mut available, std::ptr::null_mut(), std::ptr::null_mut()) } == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(available)
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +87,12 @@ mod tests {
         assert!(!still_named(&path, &file)?, "another file under the name");
         drop(file);
         std::fs::remove_dir_all(&dir)
+    }
+
+    #[test]
+    fn a_folder_has_some_free_space_and_a_missing_one_is_an_error() {
+        let dir = std::env::temp_dir();
+        assert!(free_space(&dir).unwrap() > 0);
+        assert!(free_space(&dir.join(format!("strata-missing-{}", std::process::id()))).is_err());
     }
 }

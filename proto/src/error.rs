@@ -36,6 +36,8 @@ pub enum WorkerError {
     Draining,
     #[error("worker is busy: {0}")]
     Busy(String),
+    #[error("{path}: {needed} bytes to pull, {free} free on its disk")]
+    NoSpace { path: String, needed: u64, free: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -44,6 +46,7 @@ impl WorkerError {
     pub fn code(&self) -> Code {
         match self {
             Self::NoShard | Self::Draining => Code::FailedPrecondition,
+            Self::NoSpace { .. } => Code::ResourceExhausted,
             Self::ShardOutOfRange { .. } | Self::BadFrame(_) | Self::InvalidShard(_) => Code::InvalidArgument,
             Self::ModelHashMismatch { .. } => Code::FailedPrecondition,
             Self::ModelUnavailable(_) => Code::NotFound,

@@ -132,7 +132,8 @@ pub async fn start(
             };
             let bytes = (stage.weight_bytes(), stage.loaded_weight_bytes());
             let (layers, is_last) = (stage.layers(), stage.is_last());
-            let kv_shape = KvShape { kv_heads: stage.info().kv_heads, head_dim: stage.info().head_dim };
+            let info = stage.info();
+            let kv_shape = KvShape { kv_heads: info.kv_heads, head_dim: info.head_dim, context: info.context_length };
             if ready_tx.send(Ok((bytes, layers, is_last, kv_shape))).is_err() {
                 return;
             }
@@ -748,11 +749,13 @@ pub fn sampling_from_proto(p: Option<&v1::SamplingParams>) -> Result<SamplingPar
 // ---------------------------------------------------------------- KV cache moves
 
 /// What one position of one layer of a stage's KV cache holds: K and V of
-/// `kv_heads` x `head_dim` f32 each.
+/// `kv_heads` x `head_dim` f32 each; and how many positions a sequence may reach
+/// (the model's context).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvShape {
     pub kv_heads: usize,
     pub head_dim: usize,
+    pub context: usize,
 }
 
 /// Work on the KV caches of a stage's sequences, for moving sequences between

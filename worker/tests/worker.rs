@@ -1386,6 +1386,16 @@ async fn bad_kv_moves_get_a_status_that_names_the_problem() -> anyhow::Result<()
         (import(9, vec![1, 2, 3], vec![source(here, 7, 42, 0..4)]), Code::NotFound, "sequence 42"),
         (import(9, vec![1, 2, 3], vec![source(here, 8, 1, 0..4)]), Code::NotFound, "pipeline 8"),
         (import(9, vec![1, 2, 3], vec![source("127.0.0.1:1", 7, 1, 0..4)]), Code::Unavailable, "127.0.0.1:1"),
+        // Beyond the model's context (256): refused before anything is pulled.
+        (
+            v1::ImportSequenceRequest {
+                positions: 257,
+                tokens: vec![1; 257],
+                ..import(9, vec![], vec![source(here, 7, 1, 0..4)])
+            },
+            Code::InvalidArgument,
+            "beyond the model's context of 256",
+        ),
     ];
     for (request, code, words) in cases {
         let refused = c.import_sequence(request).await.expect_err("a bad import is refused");

@@ -197,6 +197,13 @@ impl WorkerService {
         }
         let pipeline = request.pipeline_id;
         let (held, shape) = self.with_shard(pipeline, |l| Ok((l.compute.layers.clone(), l.compute.kv_shape)))?;
+        // Before anything is pulled (and assembled) for it.
+        if positions > shape.context {
+            return Err(WorkerError::BadKv(format!(
+                "sequence {seq}: {positions} positions, beyond the model's context of {}",
+                shape.context
+            )));
+        }
         let mut sources = request.sources;
         sources.sort_by_key(|s| s.layer_start);
         let covered = sources.iter().all(|s| s.layer_start < s.layer_end)

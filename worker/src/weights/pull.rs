@@ -204,6 +204,15 @@ impl Attempt<'_, '_> {
             let what = format!("the coordinator sends byte {start} on of {total}, asked for byte {kept} on");
             return Err(Failed::bad_bytes(unavailable(source, what), kept));
         }
+        // What the manifest announces is written to disk: refused before a byte is,
+        // if the disk cannot hold it (a full disk mid-pull fails later and worse).
+        let folder = self.partial.path().parent().unwrap_or(self.partial.path());
+        if let Ok(free) = strata_platform::files::free_space(folder) {
+            if total - start > free {
+                let path = folder.display().to_string();
+                return Err(Failed::keep(WorkerError::NoSpace { path, needed: total - start, free }));
+            }
+        }
         self.entry.begin(start, total, Instant::now());
         tracing::info!(
             model = %self.model.model_id,
