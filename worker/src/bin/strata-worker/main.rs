@@ -7,6 +7,7 @@
 mod launch;
 mod windows_service;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -17,6 +18,7 @@ use strata_worker::config::{ControlArgs, DevicesArgs, DEFAULT_PORT};
 use strata_worker::profile::Profile;
 use strata_worker::self_bench::BenchMode;
 use strata_worker::{Cli, Command, WorkerArgs, WorkerConfig};
+use windows_service::IdentityPlace;
 
 fn main() -> ExitCode {
     let cli = parse_args();
@@ -65,17 +67,18 @@ fn control_address(given: Option<String>) -> String {
 /// `strata-worker drain` / `undrain`: tells the local worker; the coordinator sees
 /// it in the next heartbeat and moves the layers.
 fn set_draining(args: ControlArgs, draining: bool) -> anyhow::Result<()> {
+    let service = args.address.is_none().then(windows_service::installed_identity).flatten();
     let address = &control_address(args.address);
     // The worker's own certificate, where it has one: it takes this call from
-    // itself (or the coordinator) only. Workers sharing a cache folder have one
-    // each; the first enrolled one is tried (one worker a machine is the rule).
-    let cache_dir = match args.cache_dir {
-        Some(dir) => Some(dir),
-        None => strata_worker::config::default_cache_dir(&|k| std::env::var(k).ok()),
-    };
-    if let Some(identity) = cache_dir.map(|d| enrolled_identity(&strata_worker::identities_dir(&d))).transpose()?.flatten() {
-        let ca = identity.ca_sha256();
-        strata_trust::install(Transport::tls(ca, Own::Node(std::sync::Arc::new(identity))))?;
+    // itself (or the coordinator) only.
+    let user_cache = || strata_worker::config::default_cache_dir(&|k| std::env::var(k).ok());
+    let places = identity_places(args.cache_dir, service, user_cache);
+    for place in &places {
+        if let Some(identity) = enrolled_identity(place)? {
+            let ca = identity.ca_sha256();
+            strata_trust::install(Transport::tls(ca, Own::Node(std::sync::Arc::new(identity))))?;
+            break;
+        }
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let response = runtime.block_on(request_drain_state(address, draining))?;
@@ -88,8 +91,31 @@ fn set_draining(args: ControlArgs, draining: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An enrolled identity among the per-node folders of `dir`, the newest first.
-fn enrolled_identity(dir: &std::path::Path) -> anyhow::Result<Option<NodeIdentity>> {
+/// Where to look for the local worker's identity, first to last: below `--cache-dir`
+/// when given; else the installed service's (when the address is the service's),
+/// then below the user's cache.
+fn identity_places(
+    cache_dir: Option<PathBuf>,
+    service: Option<IdentityPlace>,
+    user_cache: impl FnOnce() -> Option<PathBuf>,
+) -> Vec<IdentityPlace> {
+    let per_node = |cache: PathBuf| IdentityPlace::PerNode(strata_worker::identities_dir(&cache));
+    match cache_dir {
+        Some(dir) => vec![per_node(dir)],
+        None => service.into_iter().chain(user_cache().map(per_node)).collect(),
+    }
+}
+
+/// An enrolled identity at `place`: the folder itself, or among its per-node
+/// folders the newest (workers sharing a cache folder have one each; one worker a
+/// machine is the rule).
+fn enrolled_identity(place: &IdentityPlace) -> anyhow::Result<Option<NodeIdentity>> {
+    let open =
+        |folder: &std::path::Path| NodeIdentity::open_enrolled(folder).with_context(|| format!("{}", folder.display()));
+    let dir = match place {
+        IdentityPlace::Folder(folder) => return open(folder),
+        IdentityPlace::PerNode(dir) => dir,
+    };
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(None) };
     let mut folders: Vec<(std::time::SystemTime, std::path::PathBuf)> = entries
         .filter_map(Result::ok)
@@ -97,7 +123,7 @@ fn enrolled_identity(dir: &std::path::Path) -> anyhow::Result<Option<NodeIdentit
         .collect();
     folders.sort_by(|a, b| b.0.cmp(&a.0));
     for (_, folder) in folders {
-        if let Some(identity) = NodeIdentity::open_enrolled(&folder).with_context(|| format!("{}", folder.display()))? {
+        if let Some(identity) = open(&folder)? {
             return Ok(Some(identity));
         }
     }
@@ -147,3 +173,32 @@ fn devices(args: DevicesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_s_identity_is_looked_for_before_the_user_s_and_a_given_cache_alone() {
+        let service = Some(IdentityPlace::PerNode(PathBuf::from("/var/lib/strata/shards/identity")));
+        let user = || Some(PathBuf::from("/home/u/.cache/strata/shards"));
+        assert_eq!(
+            identity_places(None, service.clone(), user),
+            [
+                IdentityPlace::PerNode(PathBuf::from("/var/lib/strata/shards/identity")),
+                IdentityPlace::PerNode(PathBuf::from("/home/u/.cache/strata/shards/identity")),
+            ]
+        );
+        assert_eq!(
+            identity_places(Some(PathBuf::from("/x")), service, user),
+            [IdentityPlace::PerNode(PathBuf::from("/x/identity"))]
+        );
+        assert_eq!(identity_places(None, None, || None), []);
+    }
+
+    #[test]
+    fn an_identity_folder_is_opened_as_it_is_and_a_missing_place_holds_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(enrolled_identity(&IdentityPlace::PerNode(dir.path().join("missing"))).unwrap().is_none());
+        assert!(enrolled_identity(&IdentityPlace::Folder(dir.path().to_path_buf())).unwrap().is_none());
+    }
+}

@@ -82,6 +82,26 @@ pub fn installed_port() -> Option<u16> {
     args.listen.parse::<SocketAddr>().ok().map(|a| a.port())
 }
 
+/// Where the installed service's worker keeps its identity: its `--identity-dir`,
+/// or the per-node folders below its cache (`%ProgramData%\strata\shards\identity`
+/// by default), for `drain` / `undrain` typed at the machine.
+pub fn installed_identity() -> Option<IdentityPlace> {
+    let config = WorkerConfig::from_args(StoredFlags::load().ok()?.args().ok()?, &service_env).ok()?;
+    Some(match config.identity_dir {
+        Some(dir) => IdentityPlace::Folder(dir),
+        None => IdentityPlace::PerNode(strata_worker::identities_dir(&config.cache_dir)),
+    })
+}
+
+/// Where a worker's identity is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityPlace {
+    /// One identity (`--identity-dir`).
+    Folder(PathBuf),
+    /// One folder a node id below this one (`<cache>/identity`).
+    PerNode(PathBuf),
+}
+
 /// The inbound ports a worker with `config` needs open: its gRPC port, and mDNS
 /// unless it is off.
 pub fn firewall_ports(config: &WorkerConfig) -> Vec<(Protocol, u16)> {
