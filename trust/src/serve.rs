@@ -28,13 +28,14 @@ pub enum ServerIo {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-/// Who is at the other end of a connection; tonic puts it in every request's
-/// extensions.
+/// Who is at the other end of a connection; tonic makes it once a connection and
+/// puts a copy in every request's extensions.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
-    /// The client's certificate, checked against the CA in the handshake.
-    pub certificate: Option<Arc<Vec<u8>>>,
+    /// Whom the client's certificate (checked against the CA in the handshake)
+    /// names: read once a connection, not once a call.
+    pub identity: Option<Arc<CertIdentity>>,
 }
 
 impl Connected for ServerIo {
@@ -42,11 +43,12 @@ impl Connected for ServerIo {
 
     fn connect_info(&self) -> PeerInfo {
         match self {
-            Self::Plain(s) => PeerInfo { remote: s.peer_addr().ok(), certificate: None },
+            Self::Plain(s) => PeerInfo { remote: s.peer_addr().ok(), identity: None },
             Self::Tls(s) => {
                 let (tcp, session) = s.get_ref();
-                let certificate = session.peer_certificates().and_then(|c| c.first()).map(|c| Arc::new(c.to_vec()));
-                PeerInfo { remote: tcp.peer_addr().ok(), certificate }
+                let certificate = session.peer_certificates().and_then(|c| c.first());
+                let identity = certificate.and_then(|c| names::cert_info(c)).map(|i| Arc::new(i.identity));
+                PeerInfo { remote: tcp.peer_addr().ok(), identity }
             }
         }
     }
@@ -208,10 +210,10 @@ pub fn caller<T>(transport: &Transport, request: &tonic::Request<T>) -> Caller {
     if !transport.secure() {
         return Caller::Insecure;
     }
-    let certificate = request.extensions().get::<PeerInfo>().and_then(|p| p.certificate.clone());
-    match certificate.and_then(|c| names::cert_info(&c)).map(|i| i.identity) {
+    let identity = request.extensions().get::<PeerInfo>().and_then(|p| p.identity.as_deref());
+    match identity {
         Some(CertIdentity::Coordinator) => Caller::Coordinator,
-        Some(CertIdentity::Worker(node)) => Caller::Worker(node),
+        Some(CertIdentity::Worker(node)) => Caller::Worker(node.clone()),
         Some(CertIdentity::Enrolling { .. }) | None => Caller::Anonymous,
     }
 }

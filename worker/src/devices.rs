@@ -221,7 +221,7 @@ mod cuda {
             Ok(result::device::get_uuid(device)?.bytes.map(|b| b as u8))
         };
         let bytes = catch_unwind(AssertUnwindSafe(query)).ok()?.ok()?;
-        let hex = |range: std::ops::Range<usize>| bytes[range].iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let hex = |range: std::ops::Range<usize>| strata_proto::content_hash::hex(&bytes[range]);
         Some(format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16)))
     }
 

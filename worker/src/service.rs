@@ -197,39 +197,36 @@ impl WorkerService {
         caches + weights_before.saturating_sub(weights_after)
     }
 
-    /// The compute queue for `pipeline`; without one, the newest shard's.
-    fn compute_sender(&self, pipeline: Option<u64>) -> Option<mpsc::Sender<StageMessage>> {
-        let slot = lock(&self.shared.slot);
-        match pipeline {
-            Some(id) => slot
-                .shards
-                .iter()
-                .find(|(p, _)| *p == id)
-                .map(|(_, l)| l.compute.tx.clone()),
-            None => slot.newest().map(|l| l.compute.tx.clone()),
-        }
-    }
-
-    /// Whether worker `node` may send frames into this worker's shard of `pipeline`:
-    /// not revoked, and named in the shard's spec by the coordinator. With no such
-    /// shard (not loaded yet, or dropped) the frame is refused as for anyone else.
-    fn may_send_frames(&self, pipeline: Option<u64>, node: &NodeId) -> Result<(), Status> {
-        if strata_trust::transport().is_revoked(node) {
-            return Err(Status::permission_denied(format!("Forward: node {node} was revoked")));
-        }
+    /// Where frames for `pipeline` (the newest shard when unnamed) go: its compute
+    /// thread's channel, if that shard is loaded. A worker's frames are refused when
+    /// it was revoked or the shard's spec does not name it as a sender (with no such
+    /// shard, not loaded yet or dropped, they go nowhere, as anyone's). One lookup a
+    /// message: this runs for every frame of the hot path.
+    fn frame_destination(
+        &self,
+        pipeline: Option<u64>,
+        caller: &Caller,
+    ) -> Result<Option<mpsc::Sender<StageMessage>>, Status> {
+        let sender = match caller {
+            Caller::Worker(node) if strata_trust::transport().is_revoked(node) => {
+                return Err(Status::permission_denied(format!("Forward: node {node} was revoked")));
+            }
+            Caller::Worker(node) => Some(node),
+            _ => None,
+        };
         let slot = lock(&self.shared.slot);
         let loaded = match pipeline {
             Some(id) => slot.shards.iter().find(|(p, _)| *p == id).map(|(_, l)| l),
             None => slot.newest(),
         };
-        match loaded {
-            Some(l) if !l.spec.frame_sender_node_ids.iter().any(|n| n == node.as_str()) => {
+        match (loaded, sender) {
+            (Some(l), Some(node)) if !l.spec.frame_sender_node_ids.iter().any(|n| n == node.as_str()) => {
                 Err(Status::permission_denied(format!(
                     "Forward: worker {node} is not the stage before this one in pipeline {}",
                     l.spec.pipeline_id
                 )))
             }
-            _ => Ok(()),
+            (loaded, _) => Ok(loaded.map(|l| l.compute.tx.clone())),
         }
     }
 
@@ -522,12 +519,13 @@ impl Worker for WorkerService {
             // Checked per message: a stage opens its stream to the next while that one
             // is still loading the shard that names who may send, and a sender revoked
             // while its stream is open is cut off at its next message.
-            if let Caller::Worker(node) = &caller {
-                if let Err(e) = self.may_send_frames(pipeline, node) {
+            let destination = match self.frame_destination(pipeline, &caller) {
+                Ok(destination) => destination,
+                Err(e) => {
                     tracing::warn!(?peer, "refused: {}", e.message());
                     return Err(e);
                 }
-            }
+            };
             if let Some(stage_message::Kind::Frame(f)) = &message.kind {
                 self.shared.stats.record_hop(f.sent_unix_nanos);
                 frames += 1;
@@ -537,7 +535,7 @@ impl Worker for WorkerService {
                 Some(stage_message::Kind::Open(o)) => Some(o.seq_id),
                 _ => None,
             };
-            let delivered = match self.compute_sender(pipeline) {
+            let delivered = match destination {
                 Some(tx) => tx.send(message).await.is_ok(),
                 None => false,
             };

@@ -86,15 +86,13 @@ pub enum NodeCommand {
 
 pub fn node(command: NodeCommand) -> anyhow::Result<()> {
     let NodeCommand::Revoke(args) = command;
-    let body = json!({ "node": args.node });
-    let value = runtime()?.block_on(call(
-        &args.coordinator.coordinator,
-        args.coordinator.admin_key.as_deref(),
-        "POST",
-        "/admin/revoke",
-        Some(body),
-        Duration::from_secs(60),
-    ))?;
+    post_node_command(&args.coordinator, "/admin/revoke", &args.node, Duration::from_secs(60))
+}
+
+/// POSTs `{"node": node}` to the admin route `path` and prints the reply's message.
+fn post_node_command(to: &CoordinatorArg, path: &str, node: &str, wait: Duration) -> anyhow::Result<()> {
+    let body = json!({ "node": node });
+    let value = runtime()?.block_on(call(&to.coordinator, to.admin_key.as_deref(), "POST", path, Some(body), wait))?;
     println!("{}", value["message"].as_str().unwrap_or_default());
     Ok(())
 }
@@ -331,17 +329,7 @@ pub fn drain(args: DrainArgs) -> anyhow::Result<()> {
 }
 
 pub fn undrain(args: UndrainArgs) -> anyhow::Result<()> {
-    let body = json!({ "node": args.node });
-    let value = runtime()?.block_on(call(
-        &args.coordinator.coordinator,
-        args.coordinator.admin_key.as_deref(),
-        "POST",
-        "/admin/undrain",
-        Some(body),
-        Duration::from_secs(600),
-    ))?;
-    println!("{}", value["message"].as_str().unwrap_or_default());
-    Ok(())
+    post_node_command(&args.coordinator, "/admin/undrain", &args.node, Duration::from_secs(600))
 }
 
 #[cfg(test)]
