@@ -29,6 +29,18 @@ pub fn node<'a>(status: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
     status["nodes"].as_array().context("no nodes")?.iter().find(|n| n["name"] == name).context("node not listed")
 }
 
+/// The names of the nodes in a status, in its order.
+pub fn node_names(status: &Value) -> Vec<String> {
+    let nodes = status["nodes"].as_array().into_iter().flatten();
+    nodes.filter_map(|n| n["name"].as_str().map(str::to_string)).collect()
+}
+
+/// The names of the nodes that hold layers in a status.
+pub fn layer_holders(status: &Value) -> Vec<&str> {
+    let nodes = status["nodes"].as_array().into_iter().flatten();
+    nodes.filter(|n| !n["layers"].is_null()).filter_map(|n| n["name"].as_str()).collect()
+}
+
 /// Polls the status until `check` holds for it (60 s at most: the machine running
 /// the tests may be busy with others).
 pub async fn wait_for_status(addr: &str, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {

@@ -15,7 +15,7 @@ use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
 use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
-use strata_tests::admin::status;
+use strata_tests::admin::{layer_holders, node_names, status};
 use strata_tests::intruder::{
     enrolled, export_refused, guessing_stranger, injection_refused, join, serve_nothing, stranger, weights_refused,
     worker_serves_nothing,
@@ -51,10 +51,6 @@ fn grpc(cluster: &TestCluster) -> anyhow::Result<String> {
     cluster.grpc.clone().context("the coordinator's gRPC address")
 }
 
-fn names(s: &serde_json::Value) -> Vec<String> {
-    s["nodes"].as_array().into_iter().flatten().filter_map(|n| n["name"].as_str().map(str::to_string)).collect()
-}
-
 #[tokio::test]
 async fn a_worker_without_the_token_is_not_taken() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -71,7 +67,7 @@ async fn a_worker_without_the_token_is_not_taken() -> anyhow::Result<()> {
     let s = status(cluster.http()).await?;
     let refusals = s["refused"].as_array().context("no refusals in the status")?;
     assert!(refusals.iter().any(|r| r["address"] == address.as_str()), "{s}");
-    assert_eq!(names(&s), ["worker-0", "worker-1"], "{s}");
+    assert_eq!(node_names(&s), ["worker-0", "worker-1"], "{s}");
     cluster.stop().await;
     Ok(())
 }
@@ -125,14 +121,7 @@ async fn an_enrolled_worker_cannot_steer_or_inject_and_is_refused_once_revoked()
     let reply = http::request(cluster.http(), "POST", "/v1/completions", Some(&body)).await?;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let s = status(cluster.http()).await?;
-    let holders: Vec<&str> = s["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|n| !n["layers"].is_null())
-        .filter_map(|n| n["name"].as_str())
-        .collect();
-    assert_eq!(holders, ["worker-0"], "{s}");
+    assert_eq!(layer_holders(&s), ["worker-0"], "{s}");
     cluster.stop().await;
     Ok(())
 }
@@ -151,7 +140,7 @@ async fn a_captured_token_cannot_take_over_an_existing_node() -> anyhow::Result<
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("already enrolled with another key"), "{refused:?}");
     let s = status(cluster.http()).await?;
-    assert_eq!(names(&s), ["worker-0", "worker-1"], "{s}");
+    assert_eq!(node_names(&s), ["worker-0", "worker-1"], "{s}");
     cluster.stop().await;
     Ok(())
 }

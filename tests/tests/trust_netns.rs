@@ -21,7 +21,7 @@ use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
 use strata_proto::v1;
 use strata_proto::v1::worker_client::WorkerClient;
-use strata_tests::admin::{status, wait_for_status};
+use strata_tests::admin::{layer_holders, node_names, status, wait_for_status};
 use strata_tests::intruder::{
     enrolled, export_refused, guessed_token, injection_refused, join, serve_nothing, stranger, weights_refused,
     worker_serves_nothing,
@@ -52,10 +52,6 @@ async fn strata_in_host_1(hosts: &Hosts, args: &[&str]) -> anyhow::Result<(bool,
 fn refusals<'a>(s: &'a Value, address: &str) -> Vec<&'a str> {
     let all = s["refused"].as_array().into_iter().flatten();
     all.filter(|r| r["address"] == address).filter_map(|r| r["reason"].as_str()).collect()
-}
-
-fn names(s: &Value) -> Vec<String> {
-    s["nodes"].as_array().into_iter().flatten().filter_map(|n| n["name"].as_str().map(str::to_string)).collect()
 }
 
 /// Everything the stranger in host 4 tries, on a runtime in host 4: each must fail.
@@ -174,7 +170,7 @@ async fn a_stranger_on_the_segment_cannot_join_read_or_steer() -> anyhow::Result
             }),
         )
     })??;
-    let mut taken = names(&s);
+    let mut taken = node_names(&s);
     taken.sort();
     assert_eq!(taken, ["w2", "w3"], "{s}");
     let victim = s["nodes"][0]["node_id"].as_str().context("no node id in the status")?.to_string();
@@ -195,14 +191,7 @@ async fn a_stranger_on_the_segment_cannot_join_read_or_steer() -> anyhow::Result
         })
     })??;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let holders: Vec<&str> = s["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|n| !n["layers"].is_null())
-        .filter_map(|n| n["name"].as_str())
-        .collect();
-    assert_eq!(holders, [first_name], "{s}");
+    assert_eq!(layer_holders(&s), [first_name], "{s}");
     coordinator.stop(Duration::from_secs(10)).await;
     for worker in workers {
         worker.stop(Duration::from_secs(10)).await;
