@@ -22,6 +22,7 @@ use tokio::sync::Mutex;
 pub mod partial;
 pub mod progress;
 pub mod pull;
+pub mod stream_order;
 
 pub use partial::partial_path;
 pub use progress::Pulls;

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::coordinator_client::CoordinatorClient;
-use strata_proto::v1::{weight_chunk, FetchWeightsRequest, ModelRef, WeightChunk};
+use strata_proto::v1::{FetchWeightsRequest, ModelRef, WeightChunk};
 use strata_proto::{WorkerError, MAX_MESSAGE_BYTES};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -23,6 +23,7 @@ use tonic::{Code, Streaming};
 
 use super::partial::{self, partial_path, Partial};
 use super::progress::{PullEntry, Pulls};
+use super::stream_order::{Broken, WeightStream};
 
 /// How often a pull waiting for another pull of the same shard looks again.
 const CLAIM_POLL: Duration = Duration::from_millis(200);
@@ -191,19 +192,9 @@ impl Attempt<'_, '_> {
             }
             Err(s) => return Err(Failed::keep(unavailable(source, format!("{:?}: {}", s.code(), s.message())))),
         };
-        let manifest = match stream.message().await {
-            Ok(Some(WeightChunk { kind: Some(weight_chunk::Kind::Manifest(m)) })) => m,
-            Ok(Some(_)) => return Err(Failed::keep(unavailable(source, "the stream did not start with a manifest"))),
-            Ok(None) => return Err(Failed::keep(unavailable(source, "the stream ended before the manifest"))),
-            Err(s) => return Err(Failed::keep(unavailable(source, s.message()))),
-        };
+        let first = stream.message().await.map_err(|s| Failed::keep(unavailable(source, s.message())))?;
+        let (manifest, order) = WeightStream::start(first, kept).map_err(|b| self.broken(b, kept))?;
         let (start, total) = (manifest.offset, manifest.total_bytes);
-        // A coordinator older than resuming ignores the offset and sends it all (and
-        // says 0): the kept bytes go.
-        if start > total || (start != kept && start != 0) {
-            let what = format!("the coordinator sends byte {start} on of {total}, asked for byte {kept} on");
-            return Err(Failed::bad_bytes(unavailable(source, what), kept));
-        }
         // What the manifest announces is written to disk: refused before a byte is,
         // if the disk cannot hold it (a full disk mid-pull fails later and worse).
         let folder = self.partial.path().parent().unwrap_or(self.partial.path());
@@ -228,7 +219,7 @@ impl Attempt<'_, '_> {
         // Hashing what was kept and writing run on a blocking thread, fed chunk by chunk.
         let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
         let writer = tokio::task::spawn_blocking(move || partial::append(file, start, rx));
-        let received = self.receive(&mut stream, start, total, tx, fetched).await;
+        let received = self.receive(&mut stream, order, tx, fetched).await;
         let written = writer.await.map_err(|e| Failed::keep(WorkerError::Internal(e.to_string())))?;
         // The writer's failure first: it explains the receiver's ("the writer stopped").
         let (len, sha) = written.map_err(|e| {
@@ -245,17 +236,27 @@ impl Attempt<'_, '_> {
         Ok(start)
     }
 
+    /// A stream that broke its rules, from byte `start`: kept bytes it contradicts
+    /// are dropped.
+    fn broken(&self, broken: Broken, start: u64) -> Failed {
+        let error = unavailable(self.source, broken.why);
+        if broken.blames_kept_bytes {
+            Failed::bad_bytes(error, start)
+        } else {
+            Failed::keep(error)
+        }
+    }
+
     /// Feeds the data chunks to the writer until the stream ends.
     async fn receive(
         &self,
         stream: &mut Streaming<WeightChunk>,
-        start: u64,
-        total: u64,
+        mut order: WeightStream,
         tx: mpsc::Sender<Vec<u8>>,
         fetched: &mut u64,
     ) -> Result<(), Failed> {
         let source = self.source;
-        let mut done = start;
+        let (start, total) = (order.done(), order.total());
         let mut next_log = start;
         loop {
             let chunk = match stream.message().await {
@@ -263,18 +264,12 @@ impl Attempt<'_, '_> {
                 Ok(None) => return Ok(()),
                 Err(s) => return Err(Failed::keep(unavailable(source, s.message()))),
             };
-            let Some(weight_chunk::Kind::Data(data)) = chunk.kind else {
-                return Err(Failed::keep(unavailable(source, "a second manifest in the stream")));
-            };
+            let data = order.data(chunk).map_err(|b| self.broken(b, start))?;
             let n = data.len() as u64;
-            if done + n > total {
-                let what = format!("more than the {total} bytes the manifest announced");
-                return Err(Failed::bad_bytes(unavailable(source, what), start));
-            }
             if tx.send(data).await.is_err() {
                 return Err(Failed::keep(WorkerError::Internal("the shard writer stopped".into())));
             }
-            done += n;
+            let done = order.done();
             *fetched += n;
             self.entry.advance(n, Instant::now());
             if done >= next_log {
