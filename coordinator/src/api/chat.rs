@@ -197,7 +197,7 @@ pub(super) async fn create(
     // Without a limit, the answer may fill the context.
     let max_tokens =
         params::fit_in_context(prompt_tokens.len(), requested, usize::MAX, &state.engine.limits(), "messages")?;
-    let mut generation = start(state.engine.as_ref(), &request_id, prompt_tokens, max_tokens, &options, None)?;
+    let mut generation = start(&state, &request_id, prompt_tokens, max_tokens, &options, None)?;
     let id = format!("chatcmpl-{request_id}");
     let created = unix_now();
     if options.stream {

@@ -258,7 +258,7 @@ pub(super) async fn create(
     )?;
     let scored_tokens = scoring.map(|_| prompt_tokens.clone());
     let mut generation = start(
-        state.engine.as_ref(),
+        &state,
         &request_id,
         prompt_tokens,
         max_tokens,

@@ -5,6 +5,7 @@
 //! shows whether it is, so a stream never sends text it must take back.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::http::StatusCode;
 use strata_model::generate::FinishReason;
@@ -13,6 +14,7 @@ use strata_model::Tokenizer;
 use tokio::sync::mpsc;
 
 use super::errors::ApiError;
+use super::metrics::{ApiMetrics, Ended};
 use crate::engine::{GenerateEvent, TokenLogprob};
 
 /// Why a choice ended, as OpenAI spells it.
@@ -103,6 +105,12 @@ pub struct Generation {
     /// `prompt_logprobs`).
     prompt_logprobs: Option<Vec<TokenLogprob>>,
     done: bool,
+    metrics: Arc<ApiMetrics>,
+    started: Instant,
+    /// When the last token came; none before the first.
+    last_token: Option<Instant>,
+    /// Whether the engine took it (it holds a sequence): it counts as running.
+    admitted: bool,
 }
 
 impl Generation {
@@ -113,7 +121,9 @@ impl Generation {
         request_id: String,
         model: String,
         prompt_tokens: usize,
+        metrics: Arc<ApiMetrics>,
     ) -> Self {
+        metrics.started(prompt_tokens);
         Self {
             events,
             tokenizer,
@@ -126,7 +136,24 @@ impl Generation {
             early: None,
             prompt_logprobs: None,
             done: false,
+            metrics,
+            started: Instant::now(),
+            last_token: None,
+            admitted: false,
         }
+    }
+
+    /// The engine took the request, or produced something (which it does only
+    /// for a request it took).
+    fn mark_admitted(&mut self) {
+        if !self.admitted {
+            self.admitted = true;
+            self.metrics.admitted();
+        }
+    }
+
+    fn record_end(&self, how: Ended) {
+        self.metrics.ended(how, self.admitted, self.started.elapsed());
     }
 
     pub fn prompt_tokens(&self) -> usize {
@@ -164,7 +191,10 @@ impl Generation {
     /// with an error event inside a 200.
     pub async fn admitted(&mut self) -> Result<(), ApiError> {
         match self.events.recv().await {
-            Some(GenerateEvent::Admitted) => Ok(()),
+            Some(GenerateEvent::Admitted) => {
+                self.mark_admitted();
+                Ok(())
+            }
             Some(GenerateEvent::Failed(e)) => Err(self.failed(e.into())),
             Some(event) => {
                 self.early = Some(event);
@@ -185,13 +215,21 @@ impl Generation {
                 None => self.events.recv().await,
             };
             match event {
-                Some(GenerateEvent::Admitted) => continue,
+                Some(GenerateEvent::Admitted) => {
+                    self.mark_admitted();
+                    continue;
+                }
                 Some(GenerateEvent::PromptLogprobs(scores)) => {
                     self.prompt_logprobs = Some(scores);
                     continue;
                 }
                 Some(GenerateEvent::Token(id)) => {
                     self.completion_tokens += 1;
+                    self.mark_admitted();
+                    let now = Instant::now();
+                    let since = now - self.last_token.unwrap_or(self.started);
+                    self.metrics.token(self.last_token.is_none(), since);
+                    self.last_token = Some(now);
                     // Chat markers the model writes are not part of the answer.
                     if self.tokenizer.is_control(id) {
                         continue;
@@ -232,6 +270,10 @@ impl Generation {
 
     fn end(&mut self, text: String, finish: Finish) -> Piece {
         self.done = true;
+        self.record_end(match finish {
+            Finish::Length => Ended::Length,
+            Finish::Stop => Ended::Stop,
+        });
         tracing::info!(
             request_id = %self.request_id,
             model = %self.model,
@@ -249,6 +291,7 @@ impl Generation {
 
     fn failed(&mut self, error: ApiError) -> ApiError {
         self.done = true;
+        self.record_end(Ended::Failed);
         if error.status == StatusCode::TOO_MANY_REQUESTS {
             // Admission working as planned (the line did not move within the queue
             // timeout): under overload every queued request may end so, and a
@@ -270,6 +313,7 @@ impl Generation {
 impl Drop for Generation {
     fn drop(&mut self) {
         if !self.done {
+            self.record_end(Ended::Cancelled);
             tracing::info!(
                 request_id = %self.request_id,
                 model = %self.model,

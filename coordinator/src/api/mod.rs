@@ -14,6 +14,7 @@ mod chat;
 mod completions;
 mod errors;
 mod generation;
+mod metrics;
 mod models;
 mod params;
 mod sse;
@@ -22,6 +23,8 @@ use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::extract::State;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -45,10 +48,11 @@ struct AppState {
     admin: Option<ClusterAdmin>,
     /// When this API started: the `created` time of the model it lists.
     started: u64,
+    metrics: Arc<metrics::ApiMetrics>,
 }
 
 pub fn router(engine: Arc<dyn Engine>, admin: Option<ClusterAdmin>, keys: ApiKeys) -> Router {
-    let state = AppState { engine, admin, started: unix_now() };
+    let state = AppState { engine, admin, started: unix_now(), metrics: Arc::default() };
     Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
@@ -56,6 +60,7 @@ pub fn router(engine: Arc<dyn Engine>, admin: Option<ClusterAdmin>, keys: ApiKey
         // Model ids may contain slashes (`org/name`).
         .route("/v1/models/{*id}", get(models::retrieve))
         .route("/health", get(health))
+        .route("/metrics", get(prometheus_metrics))
         .route("/admin/status", get(admin::status))
         .route("/admin/drain", post(admin::drain))
         .route("/admin/undrain", post(admin::undrain))
@@ -116,6 +121,17 @@ async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// `GET /metrics` (see [`metrics`]), behind the API keys like every route but
+/// `/health` (Prometheus sends one as `authorization: {credentials: KEY}`).
+async fn prometheus_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let cluster = match &state.admin {
+        Some(admin) => admin.status().await.ok(),
+        None => None,
+    };
+    let text = state.metrics.render(&state.engine.model().id, cluster.as_ref());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -167,7 +183,7 @@ async fn off_reactor<T: Send + 'static>(
 /// Hands a checked, tokenized request to the engine; `prompt_logprobs` asks for the
 /// prompt's scores with that many most likely tokens per position.
 fn start(
-    engine: &dyn Engine,
+    state: &AppState,
     request_id: &str,
     prompt_tokens: Vec<u32>,
     max_tokens: usize,
@@ -177,6 +193,7 @@ fn start(
     let prompt_len = prompt_tokens.len();
     tracing::info!(request_id, prompt_tokens = prompt_len, max_tokens, stream = options.stream, "generation starts");
     let request = GenerateRequest { prompt_tokens, max_tokens, sampling: options.sampling.clone(), prompt_logprobs };
+    let engine = state.engine.as_ref();
     let events = engine.generate(request)?;
     Ok(Generation::new(
         events,
@@ -185,6 +202,7 @@ fn start(
         request_id.to_owned(),
         engine.model().id.clone(),
         prompt_len,
+        state.metrics.clone(),
     ))
 }
 

@@ -718,3 +718,44 @@ async fn with_api_keys_only_health_is_open_and_the_admin_routes_need_the_admin_k
     let status = send(&router, request(Method::GET, "/admin/status", Some("admin-key"))).await;
     assert_ne!(status.status, StatusCode::UNAUTHORIZED, "{}", status.body);
 }
+
+/// The value of the sample `name{labels}` in Prometheus text.
+fn sample(text: &str, series: &str) -> f64 {
+    let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '));
+    let line = line.unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_times_as_vllm_names_them() {
+    let h = harness();
+    let before = get(&h.router, "/metrics").await;
+    assert_eq!(before.status, StatusCode::OK);
+    assert!(before.content_type.starts_with("text/plain; version=0.0.4"), "{}", before.content_type);
+    let model = format!("{{model_name=\"{MODEL}\"}}");
+    assert_eq!(sample(&before.body, &format!("strata:generation_tokens_total{model}")), 0.0);
+    for stream in [false, true] {
+        let body = json!({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "stream": stream});
+        assert_eq!(post(&h.router, "/v1/completions", body).await.status, StatusCode::OK);
+    }
+    let after = get(&h.router, "/metrics").await.body;
+    assert_eq!(sample(&after, &format!("strata:prompt_tokens_total{model}")), 6.0);
+    let generated = sample(&after, &format!("strata:generation_tokens_total{model}"));
+    assert!((2.0..=8.0).contains(&generated), "{after}");
+    assert_eq!(sample(&after, &format!("strata:num_requests_running{model}")), 0.0);
+    assert_eq!(sample(&after, &format!("strata:num_requests_waiting{model}")), 0.0);
+    let ended: f64 = ["stop", "length"]
+        .iter()
+        .map(|r| sample(&after, &format!("strata:request_success_total{{model_name=\"{MODEL}\",finished_reason=\"{r}\"}}")))
+        .sum();
+    assert_eq!(ended, 2.0, "{after}");
+    assert_eq!(sample(&after, "strata:time_to_first_token_seconds_count"), 2.0);
+    assert_eq!(sample(&after, "strata:e2e_request_latency_seconds_count"), 2.0);
+    assert_eq!(sample(&after, "strata:time_to_first_token_seconds_bucket{le=\"+Inf\"}"), 2.0);
+    assert_eq!(sample(&after, "strata:time_per_output_token_seconds_count"), generated - 2.0);
+    // Every family is declared once, before its samples.
+    let mut declared = std::collections::HashSet::new();
+    for line in after.lines().filter(|l| l.starts_with("# TYPE ")) {
+        assert!(declared.insert(line.split(' ').nth(2).unwrap().to_string()), "declared twice: {line}");
+    }
+}
