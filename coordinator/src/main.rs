@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Command::Token(args) => cli::trust::token(args),
         Command::Plan(args) => cli::plan::run(args),
         Command::Status(args) => cli::admin::status(args),
+        Command::Top(args) => cli::top::top(args),
         Command::Drain(args) => cli::admin::drain(args),
         Command::Undrain(args) => cli::admin::undrain(args),
         Command::Node(command) => cli::admin::node(command),

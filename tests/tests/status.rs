@@ -69,6 +69,17 @@ async fn status_shows_each_nodes_measured_speed_next_to_the_prediction() -> anyh
     assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
     assert!(table.contains("TOK/S") && table.contains("STEP (PREDICTED)"), "{table}");
     assert!(table.lines().filter(|l| l.starts_with("worker-") && l.contains("s (")).count() == 3, "{table}");
+
+    // The same, refreshing: `strata top` (frames one after another into a pipe).
+    let out = tokio::process::Command::new(binary("strata")?)
+        .args(["top", "--coordinator", &addr, "--iterations", "2", "--interval", "0.1"])
+        .output()
+        .await?;
+    let frames = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{frames}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(frames.matches("STEP (PREDICTED)").count(), 2, "{frames}");
+    assert_eq!(frames.matches("layers 0..6 |").count(), 2, "{frames}");
+    assert!(frames.contains("0 worker-0  1 worker-1  2 worker-2"), "{frames}");
     cluster.stop().await;
     Ok(())
 }

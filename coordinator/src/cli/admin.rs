@@ -132,7 +132,7 @@ fn checked(coordinator: &str, path: &str, reply: Reply) -> anyhow::Result<serde_
 }
 
 /// One call to the coordinator's API, with `key` as the bearer when given.
-pub(super) async fn call(
+pub(crate) async fn call(
     coordinator: &str,
     key: Option<&str>,
     method: &str,

@@ -15,6 +15,7 @@ pub mod plan;
 pub mod serve;
 pub mod serve_local;
 pub mod trust;
+pub mod top;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -56,6 +57,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// The workers of a running cluster: state, layers, memory, speed.
     Status(admin::StatusArgs),
+    /// `strata status` refreshing in place, with the layer map: a live view over SSH.
+    Top(top::TopArgs),
     /// Move a worker's layers to the others and free its memory.
     Drain(admin::DrainArgs),
     /// Bring a drained worker back; the cluster rebalances.
