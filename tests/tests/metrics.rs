@@ -73,6 +73,8 @@ async fn metrics_move_with_requests_a_drain_and_a_kill_and_pass_promtool() -> an
     assert_eq!(sample(&drained, &up("worker-1", "draining")), Some(0.0), "{drained}");
     let changes = "strata:membership_changes_total";
     assert!(sample(&drained, changes) > sample(&served, changes), "{drained}");
+    let switches = "strata:pipeline_switches_total";
+    assert!(sample(&drained, switches) > sample(&served, switches), "the drain switched pipelines: {drained}");
 
     cluster.kill_worker(2).await?;
     wait_for_status(&addr, "worker-2 gone", |s| {

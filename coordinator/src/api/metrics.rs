@@ -218,6 +218,13 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
         family(out, "strata:pipeline_predicted_tokens_per_second", "gauge", "The planner's prediction for one stream.");
         let _ = writeln!(out, "strata:pipeline_predicted_tokens_per_second {p}");
     }
+    family(out, "strata:pipeline_switches_total", "counter", "Times the requests were put on a new pipeline.");
+    let _ = writeln!(out, "strata:pipeline_switches_total {}", s.moves.switches);
+    family(out, "strata:sequence_moves_total", "counter", "Requests moved to a new pipeline, by how.");
+    let _ = writeln!(out, "strata:sequence_moves_total{{how=\"transfer\"}} {}", s.moves.transferred);
+    let _ = writeln!(out, "strata:sequence_moves_total{{how=\"replay\"}} {}", s.moves.replayed);
+    family(out, "strata:kv_transfer_failures_total", "counter", "KV transfers that failed (the request was replayed).");
+    let _ = writeln!(out, "strata:kv_transfer_failures_total {}", s.moves.transfers_failed);
     family(out, "strata:membership_changes_total", "counter", "Changes to the set of workers and their states.");
     let _ = writeln!(out, "strata:membership_changes_total {}", s.membership_generation);
 }

@@ -101,6 +101,21 @@ pub struct SchedulerStatus {
     /// The limits, and the requests in line for admission.
     pub admission: AdmissionReport,
     pub tokens_generated: u64,
+    pub moves: MoveTotals,
+}
+
+/// Pipeline switches and the moves of requests they made, since the coordinator
+/// started (counters: they only grow).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MoveTotals {
+    /// Times the requests were put on a new pipeline.
+    pub switches: u64,
+    /// Requests moved with their KV cache (transfers started).
+    pub transferred: u64,
+    /// Of those, transfers that failed (the request was replayed instead).
+    pub transfers_failed: u64,
+    /// Requests moved by replay, fallbacks included.
+    pub replayed: u64,
 }
 
 /// To the scheduler.

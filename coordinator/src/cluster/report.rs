@@ -95,6 +95,9 @@ pub struct ClusterStatus {
     /// Workers that reached the coordinator and were not taken, newest last.
     #[serde(default)]
     pub refused: Vec<RefusalReport>,
+    /// Pipeline switches and request moves since the coordinator started.
+    #[serde(default)]
+    pub moves: super::messages::MoveTotals,
 }
 
 /// A worker refused (see `membership::Refusal`).

@@ -48,7 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::engine::{frame_tokens, sampling_to_proto};
 use super::moves::{self, MoveCost, MovePolicy, TransferSpec, Transferred};
-use super::messages::{Control, Moved, PipelineLink, RequestId, Resumed, SchedulerMsg, SchedulerStatus};
+use super::messages::{Control, MoveTotals, Moved, PipelineLink, RequestId, Resumed, SchedulerMsg, SchedulerStatus};
 use super::report::{AdmissionReport, QueuedRequest};
 use crate::engine::{EngineError, GenerateEvent, GenerateRequest, ModelCard, TokenLogprob};
 
@@ -154,6 +154,7 @@ pub(super) struct Scheduler {
     longest_resume: Duration,
     resumed_waiters: Vec<oneshot::Sender<Resumed>>,
     tokens_generated: u64,
+    move_totals: MoveTotals,
     moves: MoveSettings,
     /// Transfers under way, by request.
     transfers: HashMap<RequestId, Transfer>,
@@ -209,6 +210,7 @@ impl Scheduler {
             longest_resume: Duration::ZERO,
             resumed_waiters: Vec::new(),
             tokens_generated: 0,
+            move_totals: MoveTotals::default(),
             moves,
             transfers: HashMap::new(),
             switching: None,
@@ -269,6 +271,7 @@ impl Scheduler {
                         waiting_reason: self.pipeline.is_none().then(|| self.waiting_reason.clone()),
                         admission: self.admission_report(),
                         tokens_generated: self.tokens_generated,
+                        moves: self.move_totals,
                     });
                 }
                 SchedulerMsg::Shutdown { done } => {
@@ -654,6 +657,9 @@ impl Scheduler {
             self.old_links.extend(old);
         }
         if let Some(p) = &pipeline {
+            self.move_totals.switches += 1;
+            self.move_totals.transferred += moved.transferred as u64;
+            self.move_totals.replayed += moved.replayed as u64;
             tracing::info!(
                 pipeline = %p.id,
                 replayed = moved.replayed,
@@ -771,6 +777,8 @@ impl Scheduler {
             }
             (Some(_), Err(e)) => {
                 tracing::warn!(request = %done.request, error = %e, "KV transfer failed; replaying the request");
+                self.move_totals.transfers_failed += 1;
+                self.move_totals.replayed += 1;
                 // Stages whose import did succeed drop it.
                 self.send(t.pipeline, release_new);
                 if let Some((_, moved)) = &mut self.switching {

@@ -159,6 +159,7 @@ impl StatusView {
             membership_generation: generation,
             transport: if strata_trust::transport().secure() { "mutual TLS" } else { "insecure" }.into(),
             refused: Vec::new(),
+            moves: scheduler.moves,
         }
     }
 }
