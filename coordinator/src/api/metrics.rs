@@ -45,7 +45,7 @@ impl Histogram {
     }
 
     fn write(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        family(out, name, "histogram", help);
         let mut cumulative = 0;
         for (i, count) in self.counts.iter().enumerate() {
             cumulative += count.load(Ordering::Relaxed);
@@ -107,8 +107,8 @@ impl ApiMetrics {
         self.running.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A token came `since_previous` after the one before it, or (the first)
-    /// `since_start` after the request began.
+    /// A token came `since` after the one before it, or (the `first`) after the
+    /// request began.
     pub fn token(&self, first: bool, since: Duration) {
         self.generation_tokens.fetch_add(1, Ordering::Relaxed);
         if first {
@@ -134,12 +134,12 @@ impl ApiMetrics {
         let mut out = String::new();
         let model = escape(model);
         let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
-            let _ =
-                writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{model}\"}} {value}");
+            family(out, name, "gauge", help);
+            let _ = writeln!(out, "{name}{{model_name=\"{model}\"}} {value}");
         };
         let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ =
-                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{model_name=\"{model}\"}} {value}");
+            family(out, name, "counter", help);
+            let _ = writeln!(out, "{name}{{model_name=\"{model}\"}} {value}");
         };
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         gauge(&mut out, "strata:num_requests_running", "Requests generating.", load(&self.running) as f64);
@@ -152,7 +152,7 @@ impl ApiMetrics {
         );
         counter(&mut out, "strata:generation_tokens_total", "Tokens generated.", load(&self.generation_tokens));
         let name = "strata:request_success_total";
-        let _ = writeln!(out, "# HELP {name} Requests ended, by why.\n# TYPE {name} counter");
+        family(&mut out, name, "counter", "Requests ended, by why.");
         for (reason, i) in
             [("stop", Ended::Stop), ("length", Ended::Length), ("error", Ended::Failed), ("abort", Ended::Cancelled)]
         {
@@ -179,9 +179,6 @@ impl ApiMetrics {
 /// What only a pipeline has: each node's memory, sequences and step time measured
 /// beside the planner's prediction, and the pipeline's speeds.
 fn write_cluster(out: &mut String, s: &ClusterStatus) {
-    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
     family(out, "strata:node_up", "gauge", "1 for a node that may hold layers (ready), 0 draining or gone.");
     for n in &s.nodes {
         let _ = writeln!(
@@ -227,6 +224,11 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
     let _ = writeln!(out, "strata:kv_transfer_failures_total {}", s.moves.transfers_failed);
     family(out, "strata:membership_changes_total", "counter", "Changes to the set of workers and their states.");
     let _ = writeln!(out, "strata:membership_changes_total {}", s.membership_generation);
+}
+
+/// The `# HELP` and `# TYPE` lines that declare the family `name` of `kind`.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// A label value as the text format wants it.

@@ -96,14 +96,16 @@ fn layer_map(s: &ClusterStatus) -> String {
         .map(|cell| {
             let layer = cell * s.layers / width;
             let holder = holders.iter().find(|(_, n)| n.layers.is_some_and(|[a, b]| (a..b).contains(&layer)));
-            holder.map_or('.', |(i, _)| char::from_digit((*i % 36) as u32, 36).unwrap_or('?'))
+            holder.map_or('.', |(i, _)| mark(*i))
         })
         .collect();
-    let key: Vec<String> = holders
-        .iter()
-        .map(|(i, n)| format!("{} {}", char::from_digit((*i % 36) as u32, 36).unwrap_or('?'), n.name))
-        .collect();
+    let key: Vec<String> = holders.iter().map(|(i, n)| format!("{} {}", mark(*i), n.name)).collect();
     format!("layers 0..{} |{bar}| {}\n", s.layers, key.join("  "))
+}
+
+/// The character that marks the `i`th holder in the map: 0-9, then a-z, again.
+fn mark(i: usize) -> char {
+    char::from_digit((i % 36) as u32, 36).unwrap_or('?')
 }
 
 #[cfg(test)]
