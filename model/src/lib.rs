@@ -10,6 +10,7 @@
 
 pub mod chat_template;
 pub mod device;
+pub mod device_check;
 pub mod error;
 pub mod generate;
 pub mod gguf;

@@ -19,6 +19,10 @@ pub(crate) struct RmsNorm {
 }
 
 impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+
     pub fn load(file: &ModelFile, reader: &mut BufReader<File>, name: &str, device: &Device) -> Result<Self> {
         let weight = file.load_tensor(reader, name, device)?.dequantize(device)?;
         Ok(Self { weight, eps: file.info().norm_eps })

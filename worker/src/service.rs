@@ -82,6 +82,16 @@ struct Loaded {
     forwarders: Forwarders,
 }
 
+/// What the heartbeats report of the worker's memory and work.
+struct Usage {
+    /// Weights held, a layer shared by several shards counted once.
+    weights_bytes: u64,
+    kv_cache_bytes: u64,
+    sequences: u32,
+    /// Pipelines whose shards it holds.
+    pipelines: Vec<u64>,
+}
+
 impl Slot {
     fn newest(&self) -> Option<&Loaded> {
         self.shards.last().map(|(_, l)| l)
@@ -237,19 +247,19 @@ impl WorkerService {
 
     /// Memory the loaded shards use (shared weights counted once), and how many
     /// sequences they hold.
-    fn usage(&self) -> (u64, u32, Vec<u64>) {
+    fn usage(&self) -> Usage {
         let slot = lock(&self.shared.slot);
-        let mut memory = self.shared.weights.resident_bytes();
-        let mut sequences = 0;
+        let mut usage = Usage {
+            weights_bytes: self.shared.weights.resident_bytes(),
+            kv_cache_bytes: 0,
+            sequences: 0,
+            pipelines: slot.shards.iter().map(|(id, _)| *id).collect(),
+        };
         for (_, l) in &slot.shards {
-            memory += l.gauges.cache_bytes.load(Ordering::Relaxed);
-            sequences += l.gauges.sequences.load(Ordering::Relaxed);
+            usage.kv_cache_bytes += l.gauges.cache_bytes.load(Ordering::Relaxed);
+            usage.sequences += l.gauges.sequences.load(Ordering::Relaxed);
         }
-        (
-            memory,
-            sequences,
-            slot.shards.iter().map(|(id, _)| *id).collect(),
-        )
+        usage
     }
 
     async fn load_shard(
@@ -412,15 +422,16 @@ impl WorkerService {
     }
 
     fn heartbeat(&self) -> v1::WorkerEvent {
-        let (memory_used_bytes, sequences, pipelines) = self.usage();
+        let usage = self.usage();
         let counters = self.shared.stats.lifetime();
         v1::WorkerEvent {
             kind: Some(worker_event::Kind::Heartbeat(v1::Heartbeat {
                 unix_millis: unix_nanos() / 1_000_000,
                 state: self.state() as i32,
-                sequences,
-                memory_used_bytes,
-                pipelines,
+                sequences: usage.sequences,
+                memory_used_bytes: usage.weights_bytes + usage.kv_cache_bytes,
+                kv_cache_bytes: usage.kv_cache_bytes,
+                pipelines: usage.pipelines,
                 tokens_computed: counters.tokens,
                 batches: counters.batches,
                 busy_seconds: counters.busy_seconds,

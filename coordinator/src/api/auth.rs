@@ -68,7 +68,7 @@ impl ApiKeys {
     }
 
     fn need(&self, path: &str) -> Need {
-        if path == "/health" || self.is_open() {
+        if path == "/health" || super::dashboard::PATHS.contains(&path) || self.is_open() {
             Need::Nothing
         } else if path == "/admin" || path.starts_with("/admin/") {
             Need::Admin
@@ -179,6 +179,9 @@ mod tests {
         let k = keys();
         let code = |path: &str, auth: Option<&str>| k.admit(path, &headers(auth)).err().and_then(|e| e.code);
         assert_eq!(code("/health", None), None);
+        for page in ["/", "/dashboard.js", "/dashboard.css"] {
+            assert_eq!(code(page, None), None, "the dashboard's files hold no data: {page}");
+        }
         assert_eq!(code("/v1/chat/completions", None), Some("missing_api_key"));
         assert_eq!(code("/v1/chat/completions", Some("Bearer nope")), Some("invalid_api_key"));
         assert_eq!(code("/v1/chat/completions", Some("Bearer client-2")), None);

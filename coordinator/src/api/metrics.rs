@@ -189,8 +189,11 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
             u8::from(n.state == "ready")
         );
     }
-    let per_node: [(&str, &str, fn(&crate::cluster::NodeReport) -> Option<f64>); 5] = [
+    let per_node: [(&str, &str, fn(&crate::cluster::NodeReport) -> Option<f64>); 6] = [
         ("strata:node_memory_used_bytes", "Memory the node's shards use.", |n| Some(n.memory_used_bytes as f64)),
+        ("strata:node_kv_cache_bytes", "Of the memory the node's shards use, the KV caches.", |n| {
+            Some(n.kv_cache_bytes as f64)
+        }),
         ("strata:node_memory_offered_bytes", "Memory the node offers.", |n| Some(n.memory_offered_bytes as f64)),
         ("strata:node_sequences", "Sequences the node holds KV for.", |n| Some(f64::from(n.sequences))),
         ("strata:stage_step_seconds", "A stage's compute time per step, measured.", |n| {

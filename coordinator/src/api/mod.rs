@@ -1,8 +1,9 @@
 //! The OpenAI-compatible HTTP API over any [`Engine`].
 //!
 //! `POST /v1/completions`, `POST /v1/chat/completions` (both also as server-sent
-//! event streams), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, and for a
-//! cluster the admin endpoints of [`admin`], behind the API keys of [`auth`]. Every
+//! event streams), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET
+//! /metrics`, the [`dashboard`] at `/`, and for a cluster the admin endpoints of
+//! [`admin`], behind the API keys of [`auth`]. Every
 //! failure answers with OpenAI's error body. Handlers only check requests, turn them
 //! into tokens and follow the engine's events: tokenizing and rendering templates
 //! run on the blocking pool, generating on whatever the engine uses, never on the
@@ -12,6 +13,7 @@ mod admin;
 mod auth;
 mod chat;
 mod completions;
+mod dashboard;
 mod errors;
 mod generation;
 mod metrics;
@@ -59,6 +61,9 @@ pub fn router(engine: Arc<dyn Engine>, admin: Option<ClusterAdmin>, keys: ApiKey
         .route("/v1/models", get(models::list))
         // Model ids may contain slashes (`org/name`).
         .route("/v1/models/{*id}", get(models::retrieve))
+        .route("/", get(dashboard::index))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/dashboard.css", get(dashboard::style))
         .route("/health", get(health))
         .route("/metrics", get(prometheus_metrics))
         .route("/admin/status", get(admin::status))

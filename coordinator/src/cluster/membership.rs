@@ -48,6 +48,8 @@ impl NodeStatus {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Heartbeat {
     pub memory_used_bytes: u64,
+    /// Of that, the KV caches.
+    pub kv_cache_bytes: u64,
     pub sequences: u32,
     pub pipelines: Vec<u64>,
     /// Cumulative since the worker started: token positions computed, forward

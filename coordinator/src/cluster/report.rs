@@ -16,6 +16,9 @@ pub struct NodeReport {
     pub devices: Vec<String>,
     pub memory_offered_bytes: u64,
     pub memory_used_bytes: u64,
+    /// Of that, the KV caches (the rest is weights).
+    #[serde(default)]
+    pub kv_cache_bytes: u64,
     /// Measured weight bytes the device reads per second (0: not measured).
     pub bandwidth_bytes_per_second: f64,
     /// The layers it holds in the current pipeline.

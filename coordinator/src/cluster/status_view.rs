@@ -122,6 +122,7 @@ impl StatusView {
                         .collect(),
                     memory_offered_bytes: d.memory_offered_bytes,
                     memory_used_bytes: m.heartbeat.memory_used_bytes,
+                    kv_cache_bytes: m.heartbeat.kv_cache_bytes,
                     bandwidth_bytes_per_second: d.devices.first().map_or(0.0, |x| x.memory_bandwidth_bytes_per_second),
                     layers: stage.map(|s| [s.layers.start, s.layers.end]),
                     stage: stage.map(|s| s.stage),

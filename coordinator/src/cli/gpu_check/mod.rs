@@ -149,6 +149,12 @@ pub fn run(args: GpuCheckArgs) -> anyhow::Result<()> {
             verdicts.push(Verdict::new(name, false, format!("{e:#}")));
         }
     };
+    section(&format!("each operation of the model, {} against the CPU", args.device));
+    part("operations", Ok(vec![operations(&device)]));
+
+    section(&format!("{} against the CPU, layer by layer", args.device));
+    part("layers", layers_against_cpu(&file, &device).map(|v| vec![v]));
+
     section(&format!("{} against the CPU", args.device));
     let tokens = prompt_tokens(spec.vocab_size, args.prompt_tokens + args.decode_tokens, 1);
     let agreement = device_against_cpu(&file, &device, &tokens, args.prompt_tokens);
@@ -173,7 +179,11 @@ pub fn run(args: GpuCheckArgs) -> anyhow::Result<()> {
         let compared = (|| {
             let file = ModelFile::open(spec.write_to(scratch.path())?)?;
             let tokens = prompt_tokens(spec.vocab_size, 40, 5);
-            Ok(agreement_verdicts(name, &device_against_cpu(&file, &device, &tokens, 32)?))
+            let verdicts = agreement_verdicts(name, &device_against_cpu(&file, &device, &tokens, 32)?);
+            // Where the logits disagree, which layer begins it (a router that
+            // picks another expert changes a layer's output wholesale).
+            layers_against_cpu(&file, &device)?;
+            Ok(verdicts)
         })();
         part(name, compared);
     }
@@ -191,6 +201,82 @@ pub fn run(args: GpuCheckArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(failed == 0, "{failed} of {} checks failed", verdicts.len());
     Ok(())
+}
+
+/// Each operation the model runs, device against CPU ([`strata_model::device_check`]):
+/// where the model's logits disagree, this names the operation.
+fn operations(device: &Device) -> Verdict {
+    let results = strata_model::device_check::compare_operations(device);
+    if let Some(path) = strata_model::device::cuda_products() {
+        let what = match path {
+            strata_model::device::QuantizedProducts::MachineCode => "candle's MMVQ/MMQ machine code",
+            strata_model::device::QuantizedProducts::Dmmv => "candle's DMMV (PTX; the machine code is for another architecture)",
+        };
+        println!("  quantized products go through {what}");
+    }
+    for r in &results {
+        let outcome = match &r.error {
+            Some(e) => format!("failed: {e}"),
+            None => format!(
+                "largest difference {:.3e} of values up to {:.3e} (relative {:.1e}, allowed {:.0e})",
+                r.max_abs_difference,
+                r.max_abs_value,
+                r.relative(),
+                r.tolerance
+            ),
+        };
+        println!("  {}  {:<42} {outcome}", if r.passed() { "ok  " } else { "BAD " }, r.name);
+    }
+    let bad: Vec<&str> = results.iter().filter(|r| !r.passed()).map(|r| r.name.as_str()).collect();
+    Verdict::new(
+        "operations: each agrees with the CPU",
+        bad.is_empty(),
+        if bad.is_empty() { format!("all {}", results.len()) } else { format!("not: {}", bad.join("; ")) },
+    )
+}
+
+/// The hidden states after each layer, device against CPU, over a short prompt: a
+/// first stage of layers `0..k` for each k. Where the model disagrees, the first
+/// layer that does is where to look.
+fn layers_against_cpu(file: &ModelFile, device: &Device) -> anyhow::Result<Verdict> {
+    const TOKENS: usize = 16;
+    const TOLERANCE: f32 = 0.02;
+    let tokens = prompt_tokens(file.info().vocab_size, TOKENS, 3);
+    let hidden = |device: &Device, layers: usize| -> anyhow::Result<Vec<f32>> {
+        let mut stage = Stage::load(file, 0..layers, device, StageOptions::default())?;
+        let step = StageStep { seq: 1, position: 0, input: StageInput::Tokens(tokens.clone()) };
+        match stage.forward(&[step])?.pop() {
+            Some(StageOutput::Hidden(h)) => Ok(h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            _ => anyhow::bail!("a first stage of {layers} layers returned no hidden states"),
+        }
+    };
+    let mut first_bad = None;
+    for layers in 1..file.info().layers {
+        let cpu = hidden(&Device::Cpu, layers)?;
+        let there = if device.is_cpu() { cpu.clone() } else { hidden(device, layers)? };
+        let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+        let difference = cpu.iter().zip(&there).fold(0f32, |m, (a, b)| {
+            let d = (a - b).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                m.max(d)
+            }
+        });
+        let relative = difference / scale;
+        println!("  after layer {}: largest difference {difference:.3e} of values up to {scale:.3e} (relative {relative:.1e})", layers - 1);
+        if relative > TOLERANCE && first_bad.is_none() {
+            first_bad = Some(layers - 1);
+        }
+    }
+    Ok(Verdict::new(
+        format!("layers: hidden states within {TOLERANCE} of the CPU's"),
+        first_bad.is_none(),
+        match first_bad {
+            None => format!("all {} checked", file.info().layers - 1),
+            Some(layer) => format!("from layer {layer} on they are not"),
+        },
+    ))
 }
 
 fn section(title: &str) {

@@ -34,6 +34,7 @@ pub async fn follow_worker(
                             let state = WorkerState::try_from(h.state).unwrap_or(WorkerState::Unspecified);
                             let beat = Heartbeat {
                                 memory_used_bytes: h.memory_used_bytes,
+                                kv_cache_bytes: h.kv_cache_bytes,
                                 sequences: h.sequences,
                                 pipelines: h.pipelines.clone(),
                                 tokens_computed: h.tokens_computed,
