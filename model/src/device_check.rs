@@ -207,11 +207,24 @@ fn cases() -> Vec<Case> {
             },
         ),
     ];
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+    cases.push(case("rows gathered (index_select)", 0.0, vec![random(27, &[9, 40])], |device, x| {
+        let ids = Tensor::new(&[7u32, 0, 7, 3], device)?;
+        Ok(x[0].index_select(&ids, 0)?)
+    }));
+    // F32 is an MoE router's type in real files.
+    for dtype in [
+        GgmlDType::F32,
+        GgmlDType::Q4_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
         for rows in [1, 5] {
             cases.push(case(
                 format!("{dtype:?} product, {rows} row(s)"),
-                QUANTIZED_TOLERANCE,
+                if dtype == GgmlDType::F32 { FLOAT_TOLERANCE } else { QUANTIZED_TOLERANCE },
                 vec![random(30, &[64, 512]), random(31 + rows as u64, &[rows, 512])],
                 move |device, x| {
                     let weight = x[0].to_device(&Device::Cpu)?;
@@ -220,6 +233,16 @@ fn cases() -> Vec<Case> {
             ));
         }
     }
+    // A row narrower than the 64 columns candle's DMMV steps by (a tiny expert's).
+    cases.push(case(
+        "Q8_0 product, 32 columns",
+        QUANTIZED_TOLERANCE,
+        vec![random(35, &[48, 32]), random(36, &[3, 32])],
+        |device, x| {
+            let weight = x[0].to_device(&Device::Cpu)?;
+            Linear::new(quantized_on(&weight, GgmlDType::Q8_0, device)?, None)?.forward(&x[1])
+        },
+    ));
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4K] {
         cases.push(case(
             format!("{dtype:?} embedding rows"),

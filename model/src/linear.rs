@@ -40,6 +40,11 @@ pub struct Linear {
     out_features: usize,
 }
 
+/// The columns candle's CUDA DMMV kernels take per step of a row (`2 *
+/// GGML_CUDA_DMMV_X`): a quantized weight whose rows are not a whole number of
+/// steps cannot go through them.
+const CUDA_DMMV_COLUMNS: usize = 64;
+
 #[derive(Debug, Clone)]
 enum Weight {
     Candle(QMatMul, RowPath),
@@ -189,12 +194,18 @@ impl Linear {
             None
         };
         let Some(mut tiles) = tiles else {
-            let rows = RowPath::for_weight(weight.dtype(), &weight.device());
-            return Ok(Self {
-                weight: Weight::Candle(QMatMul::from_qtensor(weight)?, rows),
-                bias,
-                out_features,
-            });
+            let device = weight.device();
+            let rows = RowPath::for_weight(weight.dtype(), &device);
+            let product = if !device.is_cpu() && in_features % CUDA_DMMV_COLUMNS != 0 && weight.dtype().block_size() > 1 {
+                // candle's CUDA DMMV kernels step through a row 64 columns at a time
+                // without a bounds check: a narrower or ragged row (a tiny MoE expert's
+                // 32 columns) would be summed with the next row's values. Such small
+                // matrices are multiplied as f32 instead (seen on an H200, 2026-12-04).
+                QMatMul::Tensor(weight.dequantize(&device)?)
+            } else {
+                QMatMul::from_qtensor(weight)?
+            };
+            return Ok(Self { weight: Weight::Candle(product, rows), bias, out_features });
         };
         let data = weight.data()?;
         let what = format!("{:?} weight {out_features}x{in_features}", weight.dtype());

@@ -240,7 +240,10 @@ fn operations(device: &Device) -> Verdict {
 /// layer that does is where to look.
 fn layers_against_cpu(file: &ModelFile, device: &Device) -> anyhow::Result<Verdict> {
     const TOKENS: usize = 16;
-    const TOLERANCE: f32 = 0.02;
+    // The CPU rounds activations to 8 bits before its quantized products and a GPU
+    // need not, so correct layers differ by a few percent of the largest value (2.5%
+    // on an H200 with DMMV); a broken one by about all of it.
+    const TOLERANCE: f32 = 0.1;
     let tokens = prompt_tokens(file.info().vocab_size, TOKENS, 3);
     let hidden = |device: &Device, layers: usize| -> anyhow::Result<Vec<f32>> {
         let mut stage = Stage::load(file, 0..layers, device, StageOptions::default())?;
