@@ -158,6 +158,10 @@ function nodeCard(n) {
   for (const p of n.pulls || []) {
     rows.push(["pulling", `layers ${p.layers[0]}–${p.layers[1] - 1}: ${bytes(p.bytes_done)} of ${bytes(p.bytes_total)}`]);
   }
+  for (const l of n.links || []) {
+    const rtt = l.rtt_ms === null || l.rtt_ms === undefined ? "round trip –" : `${l.rtt_ms.toFixed(2)} ms round trip`;
+    rows.push([`link → ${l.to}`, `${rtt}, ${bytes(l.bytes_sent)} sent`]);
+  }
   if (n.reason) rows.push(["why", n.reason]);
   let action = null;
   if (n.state === "ready") {

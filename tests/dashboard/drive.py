@@ -198,6 +198,10 @@ def main():
             browser.click("#key-use")
             browser.wait_for("document.querySelectorAll('#nodes .node').length > 0", "the nodes")
             seen["nodes"] = browser.evaluate("[...document.querySelectorAll('#nodes .node')].map(n => [n.dataset.node, n.dataset.state])")
+            seen["links"] = browser.wait_for(
+                "(() => { const l = [...document.querySelectorAll('#nodes dt')].map(d => d.textContent).filter(t => t.startsWith('link')); return l.length ? l : null; })()",
+                "the links between the nodes",
+            )
             seen["map_before"] = browser.wait_for(f"(() => {{ const m = {LAYER_MAP}; return m.length ? m : null; }})()", "the layer map")
             browser.screenshot(os.path.join(args.out, "dashboard-desktop.png"))
 

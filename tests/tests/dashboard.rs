@@ -93,6 +93,8 @@ async fn the_dashboard_shows_the_cluster_drains_a_node_on_a_click_and_streams_a_
     assert_eq!(nodes.len(), 3, "{seen}");
     assert!(nodes.iter().all(|(_, state)| state == "ready"), "{seen}");
 
+    let links = seen["links"].as_array().map_or(0, Vec::len);
+    assert!(links >= 2, "each stage's link to the next: {seen}");
     let before = segments(&seen["map_before"]);
     assert_eq!(before.len(), 3, "a segment per worker: {seen}");
     assert!(covers_every_layer(&before), "{seen}");

@@ -32,6 +32,8 @@ fn the_check_rehearsed_on_the_cpu_passes_every_part() {
         "== devices, as the worker finds them",
         "cpu ",
         "worker   on cpu",
+        "PASS  operations: each agrees with the CPU",
+        "PASS  layers: hidden states within",
         "PASS  dense model: mean KL divergence below 0.001",
         "PASS  speed: prefill and decode ran",
         "PASS  pipeline: the same tokens before, through and after a drain",

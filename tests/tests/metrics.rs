@@ -62,7 +62,20 @@ async fn metrics_move_with_requests_a_drain_and_a_kill_and_pass_promtool() -> an
         let reply = http::request(&addr, "POST", "/v1/completions", Some(&body)).await?;
         anyhow::ensure!(reply.status == 200, "{}", reply.body);
     }
+    // Each stage's link to the next, from the workers' heartbeats: bytes and a round trip.
+    wait_for_status(&addr, "worker-0's link to worker-1 measured", |s| {
+        s["nodes"].as_array().into_iter().flatten().filter(|n| n["name"] == "worker-0").any(|n| {
+            n["links"].as_array().into_iter().flatten().any(|l| {
+                l["to"] == "worker-1" && l["rtt_ms"].is_number() && l["bytes_sent"].as_u64().is_some_and(|b| b > 0)
+            })
+        })
+    })
+    .await?;
     let served = metrics(&addr).await?;
+    let link = "{from=\"worker-0\",to=\"worker-1\"}";
+    assert!(sample(&served, &format!("strata:link_bytes_sent_total{link}")).is_some_and(|b| b > 0.0), "{served}");
+    let rtt = sample(&served, &format!("strata:link_round_trip_seconds{link}"));
+    assert!(rtt.is_some_and(|s| s > 0.0 && s < 1.0), "{served}");
     assert!(sample(&served, generated).is_some_and(|n| n >= 3.0), "{served}");
     assert_eq!(sample(&served, "strata:e2e_request_latency_seconds_count"), Some(3.0), "{served}");
     assert!(served.contains("strata:stage_predicted_step_seconds{node=\"worker-0\",stage=\"0\"}"), "{served}");
@@ -73,6 +86,9 @@ async fn metrics_move_with_requests_a_drain_and_a_kill_and_pass_promtool() -> an
     assert_eq!(sample(&drained, &up("worker-1", "draining")), Some(0.0), "{drained}");
     let changes = "strata:membership_changes_total";
     assert!(sample(&drained, changes) > sample(&served, changes), "{drained}");
+    let drains = "strata:drain_duration_seconds_count";
+    assert_eq!(sample(&drained, drains), Some(1.0), "{drained}");
+    assert!(sample(&drained, "strata:drain_duration_seconds_sum").is_some_and(|s| s > 0.0), "{drained}");
     let switches = "strata:pipeline_switches_total";
     assert!(sample(&drained, switches) > sample(&served, switches), "the drain switched pipelines: {drained}");
 

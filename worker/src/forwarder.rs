@@ -14,6 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+use prost::Message as _;
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_proto::v1::{stage_message, ErrorCode, StageMessage};
 use strata_proto::MAX_MESSAGE_BYTES;
@@ -22,6 +24,7 @@ use strata_trust::Dial;
 use tonic::transport::Channel;
 
 use crate::events::EventHub;
+use crate::links::LinkGauge;
 
 /// Connects to a peer (`dial` says whom it must be), retrying briefly: the peer
 /// may be starting up.
@@ -42,24 +45,34 @@ pub async fn connect(address: String, dial: Dial) -> Result<Channel, String> {
     }
 }
 
+/// The worker a forwarder streams to: its address, a connection, and the gauge
+/// that counts what goes over the link.
+pub struct Peer {
+    pub address: String,
+    pub channel: Channel,
+    pub link: Arc<LinkGauge>,
+}
+
 /// The forwarder tasks of one shard; dropping it stops them.
 #[derive(Default)]
 pub struct Forwarders(Vec<tokio::task::AbortHandle>);
 
 impl Forwarders {
-    /// Spawns a forwarder to `address` over `channel`; returns the queue to feed it.
+    /// Spawns a forwarder to `peer`, and a task measuring the link's round trip;
+    /// returns the queue to feed the forwarder.
     pub fn spawn(
         &mut self,
-        address: String,
-        channel: Channel,
+        peer: Peer,
         pipeline_id: u64,
         stage_index: u32,
         hub: Arc<EventHub>,
         shutdown: watch::Receiver<bool>,
     ) -> mpsc::UnboundedSender<StageMessage> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task =
-            tokio::spawn(run(address, channel, Arc::new(Mutex::new(rx)), pipeline_id, stage_index, hub, shutdown));
+        let ping = tokio::spawn(crate::links::ping(peer.channel.clone(), peer.link.clone(), shutdown.clone()));
+        self.0.push(ping.abort_handle());
+        let queue = Arc::new(Mutex::new(rx));
+        let task = tokio::spawn(run(peer, queue, pipeline_id, stage_index, hub, shutdown));
         self.0.push(task.abort_handle());
         tx
     }
@@ -74,8 +87,7 @@ impl Drop for Forwarders {
 }
 
 async fn run(
-    address: String,
-    mut channel: Channel,
+    mut peer: Peer,
     rx: Arc<Mutex<mpsc::UnboundedReceiver<StageMessage>>>,
     pipeline_id: u64,
     stage_index: u32,
@@ -83,12 +95,14 @@ async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let mut client = WorkerClient::new(channel.clone())
+        let mut client = WorkerClient::new(peer.channel.clone())
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         // The stream borrows the queue through the mutex, so after a failed call
         // the next stream picks up where the old one stopped.
-        let stream = futures::stream::unfold(rx.clone(), next_message);
+        let counted = peer.link.clone();
+        let stream = futures::stream::unfold(rx.clone(), next_message)
+            .inspect(move |message| counted.sent(message.encoded_len()));
         let result = tokio::select! {
             r = client.forward(strata_proto::with_pipeline(stream, pipeline_id)) => r,
             _ = shutdown.wait_for(|stop| *stop) => return,
@@ -97,11 +111,11 @@ async fn run(
             // The queue closed: the stage was unloaded.
             Ok(_) => return,
             Err(status) => {
-                tracing::warn!(%address, code = ?status.code(), message = status.message(), "forward stream broke; reconnecting");
+                tracing::warn!(address = %peer.address, code = ?status.code(), message = status.message(), "forward stream broke; reconnecting");
             }
         }
-        channel = loop {
-            match connect(address.clone(), Dial::Worker).await {
+        peer.channel = loop {
+            match connect(peer.address.clone(), Dial::Worker).await {
                 Ok(channel) => break channel,
                 Err(e) => {
                     // Fail what is queued now rather than let it wait forever.

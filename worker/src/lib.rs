@@ -23,6 +23,7 @@ pub mod devices;
 pub mod drain;
 pub mod events;
 pub mod forwarder;
+pub mod links;
 pub mod profile;
 pub mod self_bench;
 pub mod service;

@@ -25,7 +25,8 @@ use crate::compute::{self, ComputeHandle, ComputeSpec, Gauges, Outputs};
 use crate::config::WorkerConfig;
 use crate::drain::Drain;
 use crate::events::{lock, unix_nanos, EventHub, Stats};
-use crate::forwarder::{self, Forwarders};
+use crate::forwarder::{self, Forwarders, Peer};
+use crate::links::Links;
 use crate::profile::Profile;
 use crate::weights::{self, LocalModels, Pulls};
 
@@ -65,6 +66,8 @@ struct Shared {
     drain: Drain,
     /// Workers this one pulled KV caches from.
     peers: kv_move::Peers,
+    /// Its links to the workers it streams to.
+    links: Links,
 }
 
 /// The shards a worker holds: usually one, two while a re-plan switches pipelines.
@@ -112,6 +115,7 @@ impl WorkerService {
                 address,
                 node_id,
                 pulls: Pulls::new(hub.clone()),
+                links: Links::default(),
                 hub,
                 stats: Arc::default(),
                 local_models,
@@ -378,9 +382,13 @@ impl WorkerService {
             let channel = forwarder::connect(spec.next_stage_address.clone(), strata_trust::Dial::Worker)
                 .await
                 .map_err(WorkerError::Internal)?;
-            outputs.next = Some(forwarders.spawn(
-                spec.next_stage_address.clone(),
+            let peer = Peer {
+                address: spec.next_stage_address.clone(),
                 channel,
+                link: shared.links.to(&spec.next_stage_address),
+            };
+            outputs.next = Some(forwarders.spawn(
+                peer,
                 spec.pipeline_id,
                 spec.stage_index,
                 shared.hub.clone(),
@@ -390,9 +398,13 @@ impl WorkerService {
             let channel = forwarder::connect(spec.first_stage_address.clone(), strata_trust::Dial::Worker)
                 .await
                 .map_err(WorkerError::Internal)?;
-            outputs.first = Some(forwarders.spawn(
-                spec.first_stage_address.clone(),
+            let peer = Peer {
+                address: spec.first_stage_address.clone(),
                 channel,
+                link: shared.links.to(&spec.first_stage_address),
+            };
+            outputs.first = Some(forwarders.spawn(
+                peer,
                 spec.pipeline_id,
                 spec.stage_index,
                 shared.hub.clone(),
@@ -437,6 +449,7 @@ impl WorkerService {
                 busy_seconds: counters.busy_seconds,
                 drain_reason: self.shared.drain.causes().reason(),
                 pulls: self.shared.pulls.snapshot(Instant::now()),
+                links: self.shared.links.snapshot(),
             })),
         }
     }

@@ -212,6 +212,22 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
             }
         }
     }
+    // Each link, labelled by the nodes at its ends.
+    let links = || {
+        s.nodes.iter().flat_map(|n| {
+            n.links.iter().map(move |l| (format!("from=\"{}\",to=\"{}\"", escape(&n.name), escape(&l.to)), l))
+        })
+    };
+    family(out, "strata:link_bytes_sent_total", "counter", "Bytes a node streamed to another over their link.");
+    for (labels, l) in links() {
+        let _ = writeln!(out, "strata:link_bytes_sent_total{{{labels}}} {}", l.bytes_sent);
+    }
+    family(out, "strata:link_round_trip_seconds", "gauge", "The last round trip of a small call over a link.");
+    for (labels, l) in links() {
+        if let Some(ms) = l.rtt_ms {
+            let _ = writeln!(out, "strata:link_round_trip_seconds{{{labels}}} {}", ms / 1e3);
+        }
+    }
     family(out, "strata:pipeline_tokens_per_second", "gauge", "Tokens a second the cluster delivered lately.");
     let _ = writeln!(out, "strata:pipeline_tokens_per_second {}", s.measured_tokens_per_second);
     if let Some(p) = s.predicted_tokens_per_second {
@@ -225,6 +241,9 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
     let _ = writeln!(out, "strata:sequence_moves_total{{how=\"replay\"}} {}", s.moves.replayed);
     family(out, "strata:kv_transfer_failures_total", "counter", "KV transfers that failed (the request was replayed).");
     let _ = writeln!(out, "strata:kv_transfer_failures_total {}", s.moves.transfers_failed);
+    family(out, "strata:drain_duration_seconds", "summary", "Drains, from the command to the node's memory being free.");
+    let _ = writeln!(out, "strata:drain_duration_seconds_sum {}", s.moves.drain_seconds);
+    let _ = writeln!(out, "strata:drain_duration_seconds_count {}", s.moves.drains);
     family(out, "strata:membership_changes_total", "counter", "Changes to the set of workers and their states.");
     let _ = writeln!(out, "strata:membership_changes_total {}", s.membership_generation);
 }

@@ -269,6 +269,12 @@ pub fn format_status(s: &ClusterStatus) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
+    for n in &s.nodes {
+        for l in &n.links {
+            let rtt = l.rtt_ms.map_or("round trip not measured yet".into(), |ms| format!("{ms:.2} ms round trip"));
+            out.push_str(&format!("link {} -> {}: {rtt}, {} sent\n", n.name, l.to, format_bytes(l.bytes_sent)));
+        }
+    }
     out
 }
 

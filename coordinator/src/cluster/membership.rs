@@ -50,6 +50,8 @@ pub struct Heartbeat {
     pub memory_used_bytes: u64,
     /// Of that, the KV caches.
     pub kv_cache_bytes: u64,
+    /// Its links to the workers it streams frames to.
+    pub links: Vec<strata_proto::v1::LinkReport>,
     pub sequences: u32,
     pub pipelines: Vec<u64>,
     /// Cumulative since the worker started: token positions computed, forward

@@ -106,7 +106,7 @@ pub struct SchedulerStatus {
 
 /// Pipeline switches and the moves of requests they made, since the coordinator
 /// started (counters: they only grow).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MoveTotals {
     /// Times the requests were put on a new pipeline.
     pub switches: u64,
@@ -116,6 +116,12 @@ pub struct MoveTotals {
     pub transfers_failed: u64,
     /// Requests moved by replay, fallbacks included.
     pub replayed: u64,
+    /// Drains finished, and their durations added up (from the command to the
+    /// node's memory being free).
+    #[serde(default)]
+    pub drains: u64,
+    #[serde(default)]
+    pub drain_seconds: f64,
 }
 
 /// To the scheduler.
@@ -144,6 +150,10 @@ pub(crate) enum SchedulerMsg {
     /// again (or ended), with the longest pause a client saw.
     AwaitResumed {
         reply: oneshot::Sender<Resumed>,
+    },
+    /// A drain finished in this many seconds (for the totals).
+    DrainFinished {
+        seconds: f64,
     },
     Status {
         reply: oneshot::Sender<SchedulerStatus>,

@@ -72,7 +72,9 @@ pub use model::ServedModel;
 pub use moves::{MoveCost, MovePolicy};
 pub use messages::Placement;
 pub use placement::PlacementPolicy;
-pub use report::{AdminError, AdmissionReport, ClusterStatus, DrainReport, NodeReport, QueuedRequest, RefusalReport};
+pub use report::{
+    AdminError, AdmissionReport, ClusterStatus, DrainReport, LinkReport, NodeReport, QueuedRequest, RefusalReport,
+};
 use scheduler::{AdmissionSettings, MoveSettings, Scheduler};
 pub use service::CoordinatorService;
 use status_view::StatusView;

@@ -42,6 +42,22 @@ pub struct NodeReport {
     /// Shards it is pulling from the coordinator right now.
     #[serde(default)]
     pub pulls: Vec<PullReport>,
+    /// Its links to the workers it streams frames to.
+    #[serde(default)]
+    pub links: Vec<LinkReport>,
+}
+
+/// A node's link to a worker it streams frames to, as its heartbeats report it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LinkReport {
+    /// The worker at the other end: its name where the coordinator knows the
+    /// address, else the address.
+    pub to: String,
+    pub address: String,
+    /// Since the sending worker started.
+    pub bytes_sent: u64,
+    /// The last round trip of a small call over the link (none measured yet).
+    pub rtt_ms: Option<f64>,
 }
 
 /// A shard a worker is pulling, as its heartbeats report it.

@@ -264,6 +264,10 @@ impl Scheduler {
                     self.resumed_waiters.push(reply);
                     self.check_resumed();
                 }
+                SchedulerMsg::DrainFinished { seconds } => {
+                    self.move_totals.drains += 1;
+                    self.move_totals.drain_seconds += seconds;
+                }
                 SchedulerMsg::Status { reply } => {
                     let _ = reply.send(SchedulerStatus {
                         in_flight: self.admitted(),

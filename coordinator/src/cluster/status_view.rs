@@ -12,7 +12,7 @@ use super::backoff::LoadFailures;
 use super::membership::{Member, NodeKey, NodeStatus};
 use super::messages::{Placement, SchedulerStatus};
 use super::rates::CounterWindow;
-use super::report::{ClusterStatus, NodeReport};
+use super::report::{ClusterStatus, LinkReport, NodeReport};
 use crate::planner::format_bytes;
 
 /// Window of the measured tokens per second.
@@ -143,6 +143,7 @@ impl StatusView {
                         _ => None,
                     },
                     pulls: m.heartbeat.pulls.clone(),
+                    links: m.heartbeat.links.iter().map(|l| link_report(l, members)).collect(),
                 }
             })
             .collect();
@@ -162,6 +163,17 @@ impl StatusView {
             refused: Vec::new(),
             moves: scheduler.moves,
         }
+    }
+}
+
+/// A link as a heartbeat reports it, the worker at its end named.
+fn link_report(link: &strata_proto::v1::LinkReport, members: &[Member]) -> LinkReport {
+    let to = members.iter().find(|m| m.address == link.address).map_or(link.address.as_str(), |m| m.name());
+    LinkReport {
+        to: to.to_string(),
+        address: link.address.clone(),
+        bytes_sent: link.bytes_sent,
+        rtt_ms: (link.rtt_seconds > 0.0).then_some(link.rtt_seconds * 1e3),
     }
 }
 

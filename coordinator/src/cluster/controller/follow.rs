@@ -35,6 +35,7 @@ pub async fn follow_worker(
                             let beat = Heartbeat {
                                 memory_used_bytes: h.memory_used_bytes,
                                 kv_cache_bytes: h.kv_cache_bytes,
+                                links: h.links.clone(),
                                 sequences: h.sequences,
                                 pipelines: h.pipelines.clone(),
                                 tokens_computed: h.tokens_computed,

@@ -360,6 +360,7 @@ fn finish_drain(mut report: DrainReport, waiter: Option<Waiter>, scheduler: mpsc
         "drained in {:.2}s",
         report.seconds
     );
+    let _ = scheduler.send(SchedulerMsg::DrainFinished { seconds: report.seconds });
     let Some(Waiter::Drain(reply)) = waiter else { return };
     tokio::spawn(async move {
         let mut resumed_in_time = true;
