@@ -72,23 +72,28 @@ fn run(case: &Case, device: &Device) -> OpComparison {
                 on_device.len()
             )));
         }
-        let max_value = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-        // A NaN on either side is an infinite difference, not a skipped one.
-        let max_difference = reference.iter().zip(&on_device).fold(0f32, |m, (a, b)| {
-            let d = (a - b).abs();
-            if d.is_nan() {
-                f32::INFINITY
-            } else {
-                m.max(d)
-            }
-        });
-        Ok((max_difference, max_value))
+        Ok(largest_difference(&reference, &on_device))
     })();
     let (max_abs_difference, max_abs_value, error) = match outcome {
         Ok((d, v)) => (d, v, None),
         Err(e) => (f32::NAN, 0.0, Some(e.to_string())),
     };
     OpComparison { name: case.name.clone(), max_abs_difference, max_abs_value, tolerance: case.tolerance, error }
+}
+
+/// The largest |reference − other| and the largest |reference|. A NaN on either
+/// side is an infinite difference, not a skipped one.
+pub fn largest_difference(reference: &[f32], other: &[f32]) -> (f32, f32) {
+    let max_value = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let max_difference = reference.iter().zip(other).fold(0f32, |m, (a, b)| {
+        let d = (a - b).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    });
+    (max_difference, max_value)
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {

@@ -257,16 +257,8 @@ fn layers_against_cpu(file: &ModelFile, device: &Device) -> anyhow::Result<Verdi
     for layers in 1..file.info().layers {
         let cpu = hidden(&Device::Cpu, layers)?;
         let there = if device.is_cpu() { cpu.clone() } else { hidden(device, layers)? };
-        let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
-        let difference = cpu.iter().zip(&there).fold(0f32, |m, (a, b)| {
-            let d = (a - b).abs();
-            if d.is_nan() {
-                f32::INFINITY
-            } else {
-                m.max(d)
-            }
-        });
-        let relative = difference / scale;
+        let (difference, scale) = strata_model::device_check::largest_difference(&cpu, &there);
+        let relative = difference / scale.max(f32::MIN_POSITIVE);
         println!("  after layer {}: largest difference {difference:.3e} of values up to {scale:.3e} (relative {relative:.1e})", layers - 1);
         if relative > TOLERANCE && first_bad.is_none() {
             first_bad = Some(layers - 1);
