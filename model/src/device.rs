@@ -36,16 +36,21 @@ fn open_cuda(spec: &str, ordinal: usize) -> Result<Device> {
         Device::Cuda(d) => d.cuda_stream().context().compute_capability().ok(),
         _ => None,
     };
-    let path = QuantizedProducts::for_device(capability, option_env!("CUDA_COMPUTE_CAP"));
+    let path = QuantizedProducts::for_device(capability, BUILT_FOR);
     if path == QuantizedProducts::Dmmv {
         // candle's switch is process-wide: one card it cannot serve sends every
         // card's products through DMMV.
         candle_core::quantized::cuda::set_force_dmmv(true);
         FORCED_DMMV.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    tracing::info!(device = spec, ?capability, built_for = option_env!("CUDA_COMPUTE_CAP"), products = ?path, "CUDA device opened");
+    tracing::info!(device = spec, ?capability, built_for = BUILT_FOR, products = ?path, "CUDA device opened");
     Ok(device)
 }
+
+/// The compute capability candle's machine-code kernels were built for
+/// (`scripts/build-cuda` sets it; `build.rs` rebuilds this crate when it changes).
+#[cfg(feature = "cuda")]
+const BUILT_FOR: Option<&str> = option_env!("CUDA_COMPUTE_CAP");
 
 #[cfg(feature = "cuda")]
 static FORCED_DMMV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

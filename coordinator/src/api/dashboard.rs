@@ -6,28 +6,38 @@
 
 use axum::http::header;
 use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
 
 const INDEX_HTML: &str = include_str!("../../dashboard/index.html");
 const DASHBOARD_JS: &str = include_str!("../../dashboard/dashboard.js");
 const DASHBOARD_CSS: &str = include_str!("../../dashboard/dashboard.css");
 
 /// The paths the dashboard's files are served at: no key is needed for them.
-pub const PATHS: [&str; 3] = ["/", "/dashboard.js", "/dashboard.css"];
+pub const PATHS: [&str; 3] = [INDEX_PATH, SCRIPT_PATH, STYLE_PATH];
+const INDEX_PATH: &str = "/";
+const SCRIPT_PATH: &str = "/dashboard.js";
+const STYLE_PATH: &str = "/dashboard.css";
+
+/// The routes of the three files.
+pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new().route(INDEX_PATH, get(index)).route(SCRIPT_PATH, get(script)).route(STYLE_PATH, get(style))
+}
 
 fn file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     // `no-cache`: a browser checks again after an upgrade of the coordinator.
     ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body)
 }
 
-pub async fn index() -> impl IntoResponse {
+async fn index() -> impl IntoResponse {
     file("text/html; charset=utf-8", INDEX_HTML)
 }
 
-pub async fn script() -> impl IntoResponse {
+async fn script() -> impl IntoResponse {
     file("text/javascript; charset=utf-8", DASHBOARD_JS)
 }
 
-pub async fn style() -> impl IntoResponse {
+async fn style() -> impl IntoResponse {
     file("text/css; charset=utf-8", DASHBOARD_CSS)
 }
 
