@@ -4,15 +4,26 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use strata_coordinator::cli::{self, Cli, Command};
+use strata_telemetry::{LogWriter, TraceArgs};
 
 fn main() -> ExitCode {
     let cli = parse_args();
     // Before anything else runs: this sizes the compute pool through the environment.
     cli::set_compute_threads(cli.threads);
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    // Spans are exported only where requests cross processes: the coordinator of a
+    // cluster, and the pipeline benchmark (what tracing costs is measured there).
+    let trace = match &cli.command {
+        Command::Serve(args) => args.trace.clone(),
+        Command::Bench(args) => args.trace.clone(),
+        _ => TraceArgs::default(),
+    };
+    let telemetry = match strata_telemetry::init("strata", "warn", LogWriter::Stderr, &trace) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Generate(args) => cli::generate::run(args),
         Command::Model(command) => cli::model::run(command),
@@ -30,6 +41,7 @@ fn main() -> ExitCode {
         Command::Node(command) => cli::admin::node(command),
         Command::GpuCheck(args) => cli::gpu_check::run(args),
     };
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

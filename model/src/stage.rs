@@ -166,7 +166,7 @@ impl Stage {
         if layers.start >= layers.end || layers.end > info.layers {
             return Err(Error::LayerRange { start: layers.start, end: layers.end, layers: info.layers });
         }
-        let _span = tracing::info_span!("stage_load", start = layers.start, end = layers.end).entered();
+        let _span = tracing::info_span!("stage_load", layers = %format_args!("{}..{}", layers.start, layers.end)).entered();
         // Every stage on this location must compute on the handle its shared parts live on.
         let device = store.device(device);
         if !files.is_empty() {

@@ -28,6 +28,25 @@ use strata_trust::{Dial, Transport};
 use strata_model::tokenizer::DecodeStream;
 use strata_model::{Device, Generator, ModelFile, SamplingParams, Tokenizer};
 
+/// `python3`, seeing the packages `.ci/run` installs into the cache folder
+/// (`strata/python`: OpenAI's client; `strata/python-otlp`: an OTLP receiver's).
+pub fn python() -> Command {
+    let mut command = Command::new("python3");
+    command.env("PYTHONPATH", python_path());
+    command
+}
+
+/// The `PYTHONPATH` of [`python`].
+pub fn python_path() -> String {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
+    let mut paths: Vec<PathBuf> =
+        cache.iter().flat_map(|c| [c.join("strata/python"), c.join("strata/python-otlp")]).collect();
+    paths.extend(std::env::var_os("PYTHONPATH").iter().flat_map(std::env::split_paths));
+    std::env::join_paths(paths).unwrap_or_default().to_string_lossy().into_owned()
+}
+
 /// How long a child may take to print its readiness line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -152,6 +171,8 @@ pub struct ClusterOptions {
     /// Plain TCP (`--insecure` on every node) instead of mutual TLS under a CA made
     /// for the cluster.
     pub insecure: bool,
+    /// Environment variables for every child, coordinator and workers.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -166,6 +187,7 @@ impl Default for ClusterOptions {
             worker_args: Vec::new(),
             worker_launchers: Vec::new(),
             insecure: false,
+            env: Vec::new(),
         }
     }
 }
@@ -263,6 +285,7 @@ impl TestCluster {
             }
             args.extend(options.worker_args.get(i).into_iter().flatten().cloned());
             let mut env = vec![("STRATA_LOG", "warn".to_string())];
+            env.extend(options.env.iter().cloned());
             match &cluster.children.trust {
                 Some(trust) => env.push(("STRATA_TOKEN", trust.token())),
                 None => args.push("--insecure".into()),
@@ -298,7 +321,9 @@ impl TestCluster {
             args.extend(["--worker".into(), w.clone()]);
         }
         args.extend(options.serve_args.iter().cloned());
-        let mut p = Process::spawn("coordinator", &binary("strata")?, &args, &[("STRATA_LOG", "warn".into())])?;
+        let mut env = vec![("STRATA_LOG", "warn".to_string())];
+        env.extend(options.env.iter().cloned());
+        let mut p = Process::spawn("coordinator", &binary("strata")?, &args, &env)?;
         let (line, stages) = until_serving(&mut p).await?;
         p.drain_output();
         cluster.children.processes.push(p);

@@ -4,13 +4,12 @@
 //! `.ci/run` installs the client into `~/.cache/strata/python` (pip's `--target`:
 //! Debian's Python refuses installs into itself).
 
-use std::process::Command;
 use std::time::Duration;
 
 use strata_coordinator::cli::children::Process;
 use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
-use strata_tests::{binary, READY_TIMEOUT};
+use strata_tests::{binary, python, READY_TIMEOUT};
 
 const KEY: &str = "sk-strata-test";
 
@@ -29,20 +28,6 @@ except openai.AuthenticationError as e:
     assert e.status_code == 401 and e.code == "invalid_api_key", e
 print("client ok")
 "#;
-
-/// `python3`, seeing the packages `.ci/run` installs.
-fn python() -> Command {
-    let mut command = Command::new("python3");
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")));
-    if let Some(cache) = cache {
-        let mut paths = vec![cache.join("strata/python")];
-        paths.extend(std::env::var_os("PYTHONPATH").iter().flat_map(std::env::split_paths));
-        command.env("PYTHONPATH", std::env::join_paths(paths).unwrap_or_default());
-    }
-    command
-}
 
 fn has_openai() -> bool {
     python().args(["-c", "import openai"]).status().is_ok_and(|s| s.success())

@@ -125,6 +125,9 @@ async fn status_shows_the_first_loads_pull_and_requests_wait_for_its_pipeline() 
     let usage = &reply.json()?["usage"];
     anyhow::ensure!(usage["completion_tokens"].as_u64().is_some_and(|n| n > 0), "{}", reply.body);
     eprintln!("a request sent during the first load completed after {:?}", sent.elapsed());
+    // The pulled bytes are counted (`strata:weight_pull_bytes_total`).
+    let s = status(&http).await?;
+    anyhow::ensure!(s["weight_pull_bytes"].as_u64().is_some_and(|b| b > 0), "the pull is not counted: {s}");
     coordinator.stop(Duration::from_secs(5)).await;
     Ok(())
 }

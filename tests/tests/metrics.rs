@@ -79,6 +79,14 @@ async fn metrics_move_with_requests_a_drain_and_a_kill_and_pass_promtool() -> an
     assert!(sample(&served, generated).is_some_and(|n| n >= 3.0), "{served}");
     assert_eq!(sample(&served, "strata:e2e_request_latency_seconds_count"), Some(3.0), "{served}");
     assert!(served.contains("strata:stage_predicted_step_seconds{node=\"worker-0\",stage=\"0\"}"), "{served}");
+    // Each stage's queue: frames computed, and the seconds they waited, summed.
+    for w in ["worker-0", "worker-1", "worker-2"] {
+        let frames = sample(&served, &format!("strata:stage_frames_total{{node=\"{w}\"}}"));
+        assert!(frames.is_some_and(|n| n >= 3.0), "{served}");
+        let queued = sample(&served, &format!("strata:stage_queue_seconds_total{{node=\"{w}\"}}"));
+        assert!(queued.is_some_and(|s| s >= 0.0), "{served}");
+    }
+    assert_eq!(sample(&served, "strata:weight_pull_bytes_total"), Some(0.0), "nothing was pulled: {served}");
 
     let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
     assert_eq!(code, 200, "{report}");

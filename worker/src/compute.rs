@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use strata_model::shard_file::ShardOrigin;
 use strata_model::stage::{LayerKv, StageOptions, WeightSources};
@@ -28,11 +28,25 @@ use strata_proto::WorkerError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events::{unix_nanos, EventHub, Stats};
+use crate::stage_trace::StageTrace;
 use crate::weights::WeightFile;
 
 /// Frames and controls queued for the compute thread before upstream streams feel
 /// backpressure.
 pub const QUEUE_DEPTH: usize = 4096;
+
+/// A message for the compute thread, stamped when it was queued: the stage's
+/// queueing time runs from then to the start of the forward that takes it.
+pub struct Queued {
+    pub message: StageMessage,
+    pub at: Instant,
+}
+
+impl From<StageMessage> for Queued {
+    fn from(message: StageMessage) -> Self {
+        Self { message, at: Instant::now() }
+    }
+}
 
 /// Live numbers the heartbeat reports.
 #[derive(Debug, Default)]
@@ -73,7 +87,7 @@ pub struct Outputs {
 /// The running compute thread. Dropping it closes the queue; the thread finishes
 /// its round and exits, freeing the stage.
 pub struct ComputeHandle {
-    pub tx: mpsc::Sender<StageMessage>,
+    pub tx: mpsc::Sender<Queued>,
     /// Bytes of weights the stage computes with, shared with other shards or not.
     pub weight_bytes: u64,
     /// Bytes of those the load read itself (the rest were held for other shards).
@@ -143,6 +157,7 @@ pub async fn start(
                 lock,
                 hidden,
                 stage_index: spec.stage_index,
+                layers: spec.layers.clone(),
                 wire_dtype: spec.wire_dtype,
                 sequences: HashMap::new(),
                 own: Vec::new(),
@@ -253,6 +268,8 @@ struct Sequence {
     sampler: Option<Sampler>,
     history: Vec<u32>,
     direct: Option<DirectReturn>,
+    /// Its span on this stage, when the request is traced.
+    trace: Option<StageTrace>,
 }
 
 struct DirectReturn {
@@ -263,6 +280,8 @@ struct DirectReturn {
 /// A frame that passed its checks, waiting for the batch to run.
 struct Ready {
     seq: u64,
+    /// When the frame was queued for the compute thread.
+    queued_at: Instant,
     position: usize,
     tokens: Vec<u32>,
     sample: bool,
@@ -300,11 +319,13 @@ struct Compute {
     lock: Option<ComputeLock>,
     hidden: usize,
     stage_index: u32,
+    /// The model layers it holds, for its spans.
+    layers: Range<usize>,
     wire_dtype: WireDtype,
     sequences: HashMap<u64, Sequence>,
     /// Direct-return frames of a stage that is both first and last: they go back
     /// into its own queue.
-    own: Vec<StageMessage>,
+    own: Vec<Queued>,
     outputs: Outputs,
     hub: Arc<EventHub>,
     stats: Arc<Stats>,
@@ -320,8 +341,8 @@ fn seq_of(message: &StageMessage) -> Option<u64> {
 }
 
 impl Compute {
-    fn run(&mut self, mut rx: mpsc::Receiver<StageMessage>, mut kv: mpsc::UnboundedReceiver<KvJob>) {
-        let mut pending: VecDeque<StageMessage> = VecDeque::new();
+    fn run(&mut self, mut rx: mpsc::Receiver<Queued>, mut kv: mpsc::UnboundedReceiver<KvJob>) {
+        let mut pending: VecDeque<Queued> = VecDeque::new();
         loop {
             if pending.is_empty() {
                 match rx.blocking_recv() {
@@ -349,23 +370,23 @@ impl Compute {
 
     /// Applies the controls and checks the frames that can go in this round; what
     /// must wait (a sequence's second frame, and anything behind it) stays queued.
-    fn take_round(&mut self, pending: &mut VecDeque<StageMessage>) -> (Vec<StageStep>, Vec<Ready>) {
+    fn take_round(&mut self, pending: &mut VecDeque<Queued>) -> (Vec<StageStep>, Vec<Ready>) {
         let mut steps = Vec::new();
         let mut ready = Vec::new();
         let mut busy: HashSet<u64> = HashSet::new();
         let mut waiting = VecDeque::new();
-        for message in pending.drain(..) {
-            let Some(seq) = seq_of(&message) else {
+        for queued in pending.drain(..) {
+            let Some(seq) = seq_of(&queued.message) else {
                 continue;
             };
             if busy.contains(&seq) {
-                waiting.push_back(message);
+                waiting.push_back(queued);
                 continue;
             }
-            match message.kind {
+            match queued.message.kind {
                 Some(stage_message::Kind::Open(open)) => self.open(open),
                 Some(stage_message::Kind::Release(release)) => self.release(release),
-                Some(stage_message::Kind::Frame(frame)) => match self.check(frame) {
+                Some(stage_message::Kind::Frame(frame)) => match self.check(frame, queued.at) {
                     Ok((step, r)) => {
                         busy.insert(seq);
                         steps.push(step);
@@ -405,12 +426,14 @@ impl Compute {
             end_position: open.end_position as usize,
             stop_tokens: open.stop_tokens.clone(),
         });
+        let trace = StageTrace::open(&open.traceparent, seq, self.stage_index, &self.layers);
         self.sequences.insert(
             seq,
             Sequence {
                 sampler,
                 history: Vec::new(),
                 direct,
+                trace,
             },
         );
         self.send_next(
@@ -434,7 +457,7 @@ impl Compute {
         }
     }
 
-    fn check(&self, frame: v1::ActivationFrame) -> Result<(StageStep, Ready), (ErrorCode, String)> {
+    fn check(&self, frame: v1::ActivationFrame, queued_at: Instant) -> Result<(StageStep, Ready), (ErrorCode, String)> {
         let seq = frame.seq_id;
         if !self.sequences.contains_key(&seq) {
             return Err((
@@ -504,6 +527,7 @@ impl Compute {
             step,
             Ready {
                 seq,
+                queued_at,
                 position: frame.position as usize,
                 tokens: frame.tokens,
                 sample: frame.sample,
@@ -525,6 +549,13 @@ impl Compute {
             .collect();
         let result = self.stage.forward_rows(&steps, &rows);
         drop(guard);
+        let computed = started.elapsed();
+        let queued: Duration = ready.iter().map(|r| started.saturating_duration_since(r.queued_at)).sum();
+        for (r, step) in ready.iter().zip(&steps) {
+            if let Some(trace) = self.sequences.get_mut(&r.seq).and_then(|s| s.trace.as_mut()) {
+                trace.frame(step.input.len().unwrap_or(0), started.saturating_duration_since(r.queued_at), computed);
+            }
+        }
         match result {
             Ok(outputs) => {
                 for (r, output) in ready.into_iter().zip(outputs) {
@@ -550,7 +581,7 @@ impl Compute {
                 }
             }
         }
-        self.stats.record_batch(steps.len(), tokens, started.elapsed());
+        self.stats.record_batch(steps.len(), tokens, computed, queued);
     }
 
     fn deliver(&mut self, r: Ready, output: StageOutput) -> Result<(), String> {
@@ -631,7 +662,7 @@ impl Compute {
                         kind: Some(stage_message::Kind::Frame(frame)),
                     };
                     let sent = if self.stage.is_first() {
-                        self.own.push(message);
+                        self.own.push(message.into());
                         true
                     } else {
                         self.outputs
@@ -789,7 +820,7 @@ impl ComputeHandle {
         // Wakes the thread if it waits for frames (a message without a kind is
         // skipped). A full queue means it has work, and it looks at its jobs every
         // round anyway.
-        let _ = self.tx.try_send(StageMessage { kind: None });
+        let _ = self.tx.try_send(StageMessage { kind: None }.into());
         Ok(())
     }
 }
@@ -833,12 +864,13 @@ impl Compute {
             None
         };
         self.stage.import_kv(seq, layers).map_err(kv_error)?;
+        let trace = StageTrace::open(&open.traceparent, seq, self.stage_index, &self.layers);
         let direct = open
             .direct_return
             .then_some(DirectReturn { end_position: open.end_position as usize, stop_tokens: open.stop_tokens });
         // The whole history, not just the next frame's token: the last stage samples
         // position `history.len()`, with a repetition penalty over all of it.
-        self.sequences.insert(seq, Sequence { sampler, history: tokens, direct });
+        self.sequences.insert(seq, Sequence { sampler, history: tokens, direct, trace });
         self.gauges.sequences.store(self.sequences.len() as u32, Ordering::Relaxed);
         Ok(())
     }

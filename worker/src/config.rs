@@ -127,6 +127,8 @@ pub struct WorkerArgs {
     /// given.
     #[arg(long, env = "STRATA_WORKER_ADVERTISE", value_name = "ADDRESS", value_parser = address::canonical)]
     pub advertise: Option<String>,
+    #[command(flatten)]
+    pub trace: strata_telemetry::TraceArgs,
     /// Do not advertise this worker over mDNS (coordinators then need --worker, or
     /// this worker --join).
     #[arg(long, env = "STRATA_NO_MDNS")]

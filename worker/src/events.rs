@@ -62,6 +62,8 @@ struct Lifetime {
     tokens: AtomicU64,
     batches: AtomicU64,
     busy_nanos: AtomicU64,
+    frames: AtomicU64,
+    queue_nanos: AtomicU64,
 }
 
 /// What [`Stats::lifetime`] reports.
@@ -70,6 +72,10 @@ pub struct LifetimeCounters {
     pub tokens: u64,
     pub batches: u64,
     pub busy_seconds: f64,
+    pub frames: u64,
+    /// Summed over the frames: how long each waited from arriving to the start
+    /// of its forward.
+    pub queue_seconds: f64,
 }
 
 impl Stats {
@@ -86,8 +92,9 @@ impl Stats {
         hops.push_back(micros.min(u32::MAX as u64) as u32);
     }
 
-    /// Records a forward of `frames` frames holding `tokens` token positions.
-    pub fn record_batch(&self, frames: usize, tokens: usize, busy: Duration) {
+    /// Records a forward of `frames` frames holding `tokens` token positions, and
+    /// how long those frames waited for it, summed.
+    pub fn record_batch(&self, frames: usize, tokens: usize, busy: Duration, queued: Duration) {
         let busy = busy.as_nanos() as u64;
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.frames.fetch_add(frames as u64, Ordering::Relaxed);
@@ -95,6 +102,8 @@ impl Stats {
         self.lifetime.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
         self.lifetime.batches.fetch_add(1, Ordering::Relaxed);
         self.lifetime.busy_nanos.fetch_add(busy, Ordering::Relaxed);
+        self.lifetime.frames.fetch_add(frames as u64, Ordering::Relaxed);
+        self.lifetime.queue_nanos.fetch_add(queued.as_nanos() as u64, Ordering::Relaxed);
     }
 
     pub fn lifetime(&self) -> LifetimeCounters {
@@ -102,6 +111,8 @@ impl Stats {
             tokens: self.lifetime.tokens.load(Ordering::Relaxed),
             batches: self.lifetime.batches.load(Ordering::Relaxed),
             busy_seconds: self.lifetime.busy_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            frames: self.lifetime.frames.load(Ordering::Relaxed),
+            queue_seconds: self.lifetime.queue_nanos.load(Ordering::Relaxed) as f64 / 1e9,
         }
     }
 

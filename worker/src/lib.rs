@@ -26,6 +26,7 @@ pub mod forwarder;
 pub mod links;
 pub mod profile;
 pub mod self_bench;
+mod stage_trace;
 pub mod service;
 pub mod weights;
 pub mod yielding;

@@ -220,7 +220,7 @@ impl WorkerService {
         &self,
         pipeline: Option<u64>,
         caller: &Caller,
-    ) -> Result<Option<mpsc::Sender<StageMessage>>, Status> {
+    ) -> Result<Option<mpsc::Sender<compute::Queued>>, Status> {
         let sender = match caller {
             Caller::Worker(node) if strata_trust::transport().is_revoked(node) => {
                 return Err(Status::permission_denied(format!("Forward: node {node} was revoked")));
@@ -447,6 +447,8 @@ impl WorkerService {
                 tokens_computed: counters.tokens,
                 batches: counters.batches,
                 busy_seconds: counters.busy_seconds,
+                frames: counters.frames,
+                queue_seconds: counters.queue_seconds,
                 drain_reason: self.shared.drain.causes().reason(),
                 pulls: self.shared.pulls.snapshot(Instant::now()),
                 links: self.shared.links.snapshot(),
@@ -560,7 +562,7 @@ impl Worker for WorkerService {
                 _ => None,
             };
             let delivered = match destination {
-                Some(tx) => tx.send(message).await.is_ok(),
+                Some(tx) => tx.send(message.into()).await.is_ok(),
                 None => false,
             };
             if let (false, Some(seq)) = (delivered, seq) {

@@ -625,6 +625,7 @@ async fn generate_on(
         direct_return: direct,
         end_position: (prompt.len() + n) as u32,
         stop_tokens: vec![],
+        traceparent: String::new(),
     }));
     tx.frame(seq, 0, prompt.to_vec(), None, true);
     let mut out = Vec::new();

@@ -212,6 +212,21 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
             }
         }
     }
+    // Counters: the queueing time per frame is the rate of one over the other.
+    let per_node_totals: [(&str, &str, fn(&crate::cluster::NodeReport) -> f64); 2] = [
+        ("strata:stage_frames_total", "Frames a node's stages computed.", |n| n.frames_computed as f64),
+        (
+            "strata:stage_queue_seconds_total",
+            "Seconds frames waited in a node's queue before their forward began, summed.",
+            |n| n.queue_seconds,
+        ),
+    ];
+    for (name, help, value) in per_node_totals {
+        family(out, name, "counter", help);
+        for n in s.nodes.iter().filter(|n| n.state != "gone") {
+            let _ = writeln!(out, "{name}{{node=\"{}\"}} {}", escape(&n.name), value(n));
+        }
+    }
     // Each link, labelled by the nodes at its ends.
     let links = || {
         s.nodes.iter().flat_map(|n| {
@@ -244,6 +259,9 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
     family(out, "strata:drain_duration_seconds", "summary", "Drains, from the command to the node's memory being free.");
     let _ = writeln!(out, "strata:drain_duration_seconds_sum {}", s.moves.drain_seconds);
     let _ = writeln!(out, "strata:drain_duration_seconds_count {}", s.moves.drains);
+    let help = "Bytes of shard files workers pulled from the coordinator.";
+    family(out, "strata:weight_pull_bytes_total", "counter", help);
+    let _ = writeln!(out, "strata:weight_pull_bytes_total {}", s.weight_pull_bytes);
     family(out, "strata:membership_changes_total", "counter", "Changes to the set of workers and their states.");
     let _ = writeln!(out, "strata:membership_changes_total {}", s.membership_generation);
 }

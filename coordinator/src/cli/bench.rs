@@ -66,6 +66,11 @@ pub struct BenchArgs {
     /// Prompt tokens of those requests (the rest of the length is generated).
     #[arg(long, default_value_t = 16)]
     pub switch_prompt: usize,
+    /// With --workers: the in-process coordinator's spans (the workers it starts
+    /// read OTEL_EXPORTER_OTLP_ENDPOINT from the environment they inherit), for
+    /// measuring what tracing costs (`scripts/bench-tracing`).
+    #[command(flatten)]
+    pub trace: strata_telemetry::TraceArgs,
 }
 
 #[derive(Debug, Serialize)]

@@ -106,6 +106,8 @@ pub struct ServeArgs {
     pub keys: super::ApiKeyArgs,
     #[command(flatten)]
     pub trust: super::trust::TrustArgs,
+    #[command(flatten)]
+    pub trace: strata_telemetry::TraceArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

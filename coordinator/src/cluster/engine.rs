@@ -97,7 +97,14 @@ impl ClusterEngine {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let direct = path == ReturnPath::Direct;
         self.tx
-            .send(SchedulerMsg::Start { id: RequestId(id), request, direct, ignore_eos, events })
+            .send(SchedulerMsg::Start {
+                id: RequestId(id),
+                request,
+                direct,
+                ignore_eos,
+                events,
+                parent: tracing::Span::current(),
+            })
             .map_err(|_| EngineError::ShuttingDown)?;
         Ok(receiver)
     }

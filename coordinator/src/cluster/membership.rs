@@ -59,6 +59,10 @@ pub struct Heartbeat {
     pub tokens_computed: u64,
     pub batches: u64,
     pub busy_seconds: f64,
+    /// Cumulative too: frames computed, and the seconds they waited in the queue
+    /// before their forward, summed.
+    pub frames: u64,
+    pub queue_seconds: f64,
     /// Why the worker drains by itself (`yielding to game.exe (pid 4)`); empty when
     /// it does not.
     pub drain_reason: String,
@@ -174,6 +178,8 @@ pub struct Membership {
     changes: broadcast::Sender<MembershipChange>,
     generation: AtomicU64,
     refusals: Mutex<VecDeque<Refusal>>,
+    /// Bytes of shard files the workers pulled from this coordinator.
+    weights_served: AtomicU64,
 }
 
 impl Default for Membership {
@@ -183,6 +189,7 @@ impl Default for Membership {
             changes: broadcast::channel(CHANGES_BUFFERED).0,
             generation: AtomicU64::new(0),
             refusals: Mutex::new(VecDeque::new()),
+            weights_served: AtomicU64::new(0),
         }
     }
 }
@@ -369,6 +376,16 @@ impl Membership {
             refusals.pop_front();
         }
         refusals.push_back(Refusal { address: address.to_string(), reason: reason.to_string(), at: Instant::now() });
+    }
+
+    /// Counts `bytes` of a shard file sent to a worker pulling it.
+    pub fn count_weights_served(&self, bytes: u64) {
+        self.weights_served.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of shard files the workers pulled since the coordinator started.
+    pub fn weights_served(&self) -> u64 {
+        self.weights_served.load(Ordering::Relaxed)
     }
 
     /// The workers refused lately, oldest first.

@@ -132,6 +132,8 @@ pub(crate) enum SchedulerMsg {
         direct: bool,
         ignore_eos: bool,
         events: mpsc::Sender<GenerateEvent>,
+        /// The span the request arrived in (the API's): its trace's parent.
+        parent: tracing::Span,
     },
     Event {
         event: WorkerEvent,

@@ -44,6 +44,7 @@ pub mod pipeline;
 pub mod placement;
 pub mod rates;
 pub mod report;
+mod request_trace;
 pub mod scheduler;
 pub mod service;
 pub mod status_view;
@@ -374,6 +375,7 @@ impl ClusterAdmin {
             .into_iter()
             .map(|r| RefusalReport { address: r.address, reason: r.reason, seconds_ago: r.at.elapsed().as_secs_f64() })
             .collect();
+        status.weight_pull_bytes = self.membership.weights_served();
         Ok(status)
     }
 

@@ -45,6 +45,12 @@ pub struct NodeReport {
     /// Its links to the workers it streams frames to.
     #[serde(default)]
     pub links: Vec<LinkReport>,
+    /// Since the worker started: frames its stages computed, and the seconds they
+    /// waited in its queue before their forward began, summed.
+    #[serde(default)]
+    pub frames_computed: u64,
+    #[serde(default)]
+    pub queue_seconds: f64,
 }
 
 /// A node's link to a worker it streams frames to, as its heartbeats report it.
@@ -117,6 +123,10 @@ pub struct ClusterStatus {
     /// Pipeline switches and request moves since the coordinator started.
     #[serde(default)]
     pub moves: super::messages::MoveTotals,
+    /// Bytes of shard files the workers pulled from the coordinator since it
+    /// started.
+    #[serde(default)]
+    pub weight_pull_bytes: u64,
 }
 
 /// A worker refused (see `membership::Refusal`).

@@ -50,6 +50,7 @@ use super::engine::{frame_tokens, sampling_to_proto};
 use super::moves::{self, MoveCost, MovePolicy, TransferSpec, Transferred};
 use super::messages::{Control, MoveTotals, Moved, PipelineLink, RequestId, Resumed, SchedulerMsg, SchedulerStatus};
 use super::report::{AdmissionReport, QueuedRequest};
+use super::request_trace::RequestTrace;
 use crate::engine::{EngineError, GenerateEvent, GenerateRequest, ModelCard, TokenLogprob};
 
 /// How often the scheduler looks for requests whose client went away, or that
@@ -105,6 +106,8 @@ struct Request {
     retries: u32,
     /// Its prompt's scores while they come in (requests with `prompt_logprobs`).
     scoring: Option<PromptScoring>,
+    /// Its span, the root of its trace.
+    trace: RequestTrace,
 }
 
 /// A prompt being scored: position `p` (0-based, `p + 1 < prompt.len()`) scores prompt
@@ -178,6 +181,7 @@ fn open_sequence(r: &Request, seq: SeqId, stop_tokens: Vec<u32>) -> v1::OpenSequ
         direct_return: r.direct,
         end_position: r.end_position as u32,
         stop_tokens: if r.ignore_eos { Vec::new() } else { stop_tokens },
+        traceparent: r.trace.traceparent(),
     }
 }
 
@@ -242,8 +246,8 @@ impl Scheduler {
                 }
             };
             match msg {
-                SchedulerMsg::Start { id, request, direct, ignore_eos, events } => {
-                    self.start(id, request, direct, ignore_eos, events)
+                SchedulerMsg::Start { id, request, direct, ignore_eos, events, parent } => {
+                    self.start(id, request, direct, ignore_eos, events, &parent)
                 }
                 SchedulerMsg::Event { event } => self.on_event(event),
                 SchedulerMsg::Switch { pipeline, reason, old_alive, done } => {
@@ -312,6 +316,7 @@ impl Scheduler {
         direct: bool,
         ignore_eos: bool,
         events: mpsc::Sender<GenerateEvent>,
+        parent: &tracing::Span,
     ) {
         // The engine refused requests beyond the context; this is a second guard for
         // the KV caches, which hold no more.
@@ -327,9 +332,11 @@ impl Scheduler {
             let _ = events.try_send(GenerateEvent::Finished(FinishReason::Length));
             return;
         }
+        let trace = RequestTrace::start(parent, id, request.prompt_tokens.len(), request.max_tokens);
         self.requests.insert(
             id,
             Request {
+                trace,
                 prompt: request.prompt_tokens,
                 sampling: sampling_to_proto(&request.sampling),
                 generated: Vec::new(),
@@ -418,6 +425,7 @@ impl Scheduler {
         }
         self.wire.insert(seq, id);
         r.waiting_since = None;
+        r.trace.launched(pipeline.id);
         let mut out = vec![message(stage_message::Kind::Open(open_sequence(r, seq, stop_tokens)))];
         let score_top = r.scoring.as_ref().filter(|s| s.missing > 0).map(|s| s.top);
         let chunk = if score_top.is_some() { chunk.min(SCORED_FRAME_TOKENS) } else { chunk };
@@ -463,6 +471,13 @@ impl Scheduler {
         if !r.admitted {
             self.queue.retain(|&queued| queued != id);
         }
+        let reason = match &event {
+            Some(GenerateEvent::Finished(FinishReason::Stop)) => "stop",
+            Some(GenerateEvent::Finished(FinishReason::Length)) => "length",
+            Some(GenerateEvent::Failed(_)) => "error",
+            _ => "abort",
+        };
+        r.trace.finish(reason);
         if let Some(event) = event {
             let _ = r.events.try_send(event);
         }
@@ -548,6 +563,7 @@ impl Scheduler {
         }
         r.last_token = now;
         r.retries = 0;
+        r.trace.token();
         self.tokens_generated += 1;
         if !r.ignore_eos && self.card.tokenizer.is_eos(t.token) {
             return self.finish(id, Some(GenerateEvent::Finished(FinishReason::Stop)));
@@ -602,6 +618,7 @@ impl Scheduler {
                 self.wire.remove(&seq);
             }
             r.waiting_since = Some(Instant::now());
+            r.trace.waits(&e.message);
             r.moved = true;
             r.moved_at = Instant::now();
             let _ = self.control.send(Control::Trouble { reason: format!("stage {}: {}", e.stage_index, e.message) });
@@ -654,6 +671,7 @@ impl Scheduler {
                         self.wire.remove(&seq);
                     }
                     r.waiting_since.get_or_insert(now);
+                    r.trace.waits(&self.waiting_reason);
                 }
             }
         }
@@ -753,9 +771,9 @@ impl Scheduler {
             let _ = old.stage0.send(message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: t.old_seq.get() })));
         }
         let release_new = message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: t.seq.get() }));
-        let request = self.requests.get(&done.request).filter(|r| r.running == Some((t.pipeline, t.seq)));
-        match (request, done.result) {
+        match (self.requests.get_mut(&done.request).filter(|r| r.running == Some((t.pipeline, t.seq))), done.result) {
             (Some(r), Ok(moved)) => {
+                r.trace.transferred(t.pipeline, moved.bytes, moved.seconds);
                 let position = (r.prompt.len() + r.generated.len() - 1) as u32;
                 let token = r.generated[r.generated.len() - 1];
                 tracing::info!(
@@ -930,7 +948,15 @@ mod tests {
         let (events, mut client) = mpsc::channel(16);
         let sampling = SamplingParams::greedy();
         let request = GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 8, sampling, prompt_logprobs: None };
-        handled(&tx, SchedulerMsg::Start { id: RequestId(1), request, direct: false, ignore_eos: true, events }).await;
+        let start = SchedulerMsg::Start {
+            id: RequestId(1),
+            request,
+            direct: false,
+            ignore_eos: true,
+            events,
+            parent: tracing::Span::none(),
+        };
+        handled(&tx, start).await;
         handled(&tx, token(1, 3, 40)).await;
         handled(&tx, token(1, 4, 41)).await;
         assert_eq!(kinds(&mut old_frames).len(), 4, "open, the prompt and two steps");
@@ -994,7 +1020,8 @@ mod tests {
     fn one_token(id: u64, events: mpsc::Sender<GenerateEvent>) -> SchedulerMsg {
         let request =
             GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 1, sampling: SamplingParams::greedy(), prompt_logprobs: None };
-        SchedulerMsg::Start { id: RequestId(id), request, direct: false, ignore_eos: true, events }
+        let parent = tracing::Span::none();
+        SchedulerMsg::Start { id: RequestId(id), request, direct: false, ignore_eos: true, events, parent }
     }
 
     fn opened(frames: &mut mpsc::UnboundedReceiver<StageMessage>) -> Vec<u64> {

@@ -89,9 +89,11 @@ impl Coordinator for CoordinatorService {
         };
         // The bounded channel paces the reads to the network.
         let (tx, rx) = mpsc::channel(4);
+        let membership = self.membership.clone();
         tokio::spawn(async move {
             if tx.send(Ok(manifest)).await.is_ok() {
-                weight_stream::send_file(shard.path, r.offset, pace, tx).await;
+                let counted = move |bytes| membership.count_weights_served(bytes);
+                weight_stream::send_file(shard.path, r.offset, pace, tx, counted).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -144,6 +144,8 @@ impl StatusView {
                     },
                     pulls: m.heartbeat.pulls.clone(),
                     links: m.heartbeat.links.iter().map(|l| link_report(l, members)).collect(),
+                    frames_computed: m.heartbeat.frames,
+                    queue_seconds: m.heartbeat.queue_seconds,
                 }
             })
             .collect();
@@ -160,8 +162,10 @@ impl StatusView {
             measured_tokens_per_second: state.rate.per_second(0),
             membership_generation: generation,
             transport: if strata_trust::transport().secure() { "mutual TLS" } else { "insecure" }.into(),
+            // The membership's to fill (see `ClusterAdmin::status`).
             refused: Vec::new(),
             moves: scheduler.moves,
+            weight_pull_bytes: 0,
         }
     }
 }

@@ -41,6 +41,8 @@ pub async fn follow_worker(
                                 tokens_computed: h.tokens_computed,
                                 batches: h.batches,
                                 busy_seconds: h.busy_seconds,
+                                frames: h.frames,
+                                queue_seconds: h.queue_seconds,
                                 drain_reason: h.drain_reason.clone(),
                                 pulls: h.pulls.iter().map(Into::into).collect(),
                             };

@@ -52,7 +52,13 @@ fn chunk_bytes(pace: Option<u64>) -> usize {
 /// `pace` bytes per second. Reads go through tokio's file, which does them on the
 /// blocking pool, and the pace is kept with a timer: nothing here blocks the
 /// runtime. Stops when the receiver goes away (the worker was cut off or gave up).
-pub async fn send_file(path: PathBuf, offset: u64, pace: Option<u64>, tx: mpsc::Sender<Result<WeightChunk, Status>>) {
+pub async fn send_file(
+    path: PathBuf,
+    offset: u64,
+    pace: Option<u64>,
+    tx: mpsc::Sender<Result<WeightChunk, Status>>,
+    on_sent: impl Fn(u64),
+) {
     let mut file = match open_at(&path, offset).await {
         Ok(f) => f,
         Err(e) => {
@@ -88,6 +94,7 @@ pub async fn send_file(path: PathBuf, offset: u64, pace: Option<u64>, tx: mpsc::
         if tx.send(Ok(WeightChunk { kind: Some(weight_chunk::Kind::Data(buf)) })).await.is_err() {
             return;
         }
+        on_sent(filled as u64);
     }
 }
 
@@ -129,7 +136,7 @@ mod tests {
 
     async fn received(path: PathBuf, offset: u64, pace: Option<u64>) -> Vec<u8> {
         let (tx, mut rx) = mpsc::channel(4);
-        tokio::spawn(send_file(path, offset, pace, tx));
+        tokio::spawn(send_file(path, offset, pace, tx, |_| {}));
         let mut out = Vec::new();
         while let Some(chunk) = rx.recv().await {
             match chunk.unwrap().kind {

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use strata_telemetry::{LogWriter, Telemetry, TraceArgs};
 use strata_worker::profile::Profile;
 use strata_worker::{WorkerArgs, WorkerConfig};
 
@@ -21,8 +22,9 @@ pub enum LogTo<'a> {
     File(&'a Path),
 }
 
-/// Sets up the process for `args`; call it before any thread exists.
-pub fn prepare(args: &WorkerArgs, log: LogTo<'_>) -> anyhow::Result<()> {
+/// Sets up the process for `args`; call it before any thread exists. `trace` says
+/// where spans go; shut the result down once the worker has stopped.
+pub fn prepare(args: &WorkerArgs, log: LogTo<'_>, trace: &TraceArgs) -> anyhow::Result<Telemetry> {
     // This sizes candle's compute pool through the environment.
     if let Some(n) = args.threads.filter(|&n| n > 0) {
         for key in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
@@ -36,16 +38,13 @@ pub fn prepare(args: &WorkerArgs, log: LogTo<'_>) -> anyhow::Result<()> {
     if args.compute_lock.is_some() && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "10000");
     }
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into());
-    match log {
-        LogTo::Stderr => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+    let writer = match log {
+        LogTo::Stderr => LogWriter::Stderr,
         LogTo::File(path) => {
-            let file = open_log(path).with_context(|| format!("cannot open the log {}", path.display()))?;
-            tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+            LogWriter::File(open_log(path).with_context(|| format!("cannot open the log {}", path.display()))?)
         }
-    }
-    Ok(())
+    };
+    Ok(strata_telemetry::init("strata-worker", "info", writer, trace)?)
 }
 
 /// Opens `path` to append, first setting a large one aside.

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use strata_proto::v1::{self, worker_client::WorkerClient};
+use strata_telemetry::TraceArgs;
 use strata_trust::{Dial, NodeIdentity, Own, Transport};
 use strata_worker::config::{ControlArgs, DevicesArgs, DEFAULT_PORT};
 use strata_worker::profile::Profile;
@@ -131,8 +132,10 @@ fn enrolled_identity(place: &IdentityPlace) -> anyhow::Result<Option<NodeIdentit
 }
 
 fn serve(args: WorkerArgs) -> anyhow::Result<()> {
-    launch::prepare(&args, launch::LogTo::Stderr)?;
-    launch::serve(args, &|k| std::env::var(k).ok(), strata_platform::stop::requested())
+    let telemetry = launch::prepare(&args, launch::LogTo::Stderr, &args.trace)?;
+    let served = launch::serve(args, &|k| std::env::var(k).ok(), strata_platform::stop::requested());
+    telemetry.shutdown();
+    served
 }
 
 async fn request_drain_state(address: &str, draining: bool) -> anyhow::Result<v1::SetDrainingResponse> {
@@ -159,7 +162,8 @@ async fn request_drain_state(address: &str, draining: bool) -> anyhow::Result<v1
 }
 
 fn devices(args: DevicesArgs) -> anyhow::Result<()> {
-    launch::prepare(&args.worker, launch::LogTo::Stderr)?;
+    // Nothing to trace: the devices are listed and the process ends.
+    let _telemetry = launch::prepare(&args.worker, launch::LogTo::Stderr, &TraceArgs::default())?;
     let config = WorkerConfig::from_args(args.worker, &|k| std::env::var(k).ok())?;
     let mut profile = Profile::detect(&config, true)?;
     if args.bench {

@@ -212,9 +212,12 @@ define_windows_service!(ffi_service_main, service_main);
 /// the service's file, and hands the thread to the service dispatcher.
 fn run_as_service() -> anyhow::Result<()> {
     let args = StoredFlags::load()?.args()?;
-    launch::prepare(&args, launch::LogTo::File(&log_path()))?;
+    let telemetry = launch::prepare(&args, launch::LogTo::File(&log_path()), &args.trace)?;
     let _ = ARGS.set(args);
-    service_dispatcher::start(SERVICE_NAME, ffi_service_main).map_err(|e| match os_error(&e) {
+    // Returns once the service has stopped.
+    let dispatched = service_dispatcher::start(SERVICE_NAME, ffi_service_main);
+    telemetry.shutdown();
+    dispatched.map_err(|e| match os_error(&e) {
         Some(ERROR_FAILED_SERVICE_CONTROLLER_CONNECT) => anyhow::anyhow!(
             "`service run` is what the service manager starts; to run the worker in this console, \
              run strata-worker with its flags"
