@@ -6,7 +6,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
-use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::filter::{filter_fn, EnvFilter, LevelFilter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -124,9 +124,14 @@ pub fn init(
             .with_target(false)
             // The log's filter is for people reading it; the trace takes strata's
             // own spans and events at INFO whatever the log shows.
-            .with_filter(filter_fn(|meta| {
-                meta.target().starts_with(crate::EXPORTED_TARGET_PREFIX) && *meta.level() <= tracing::Level::INFO
-            }))
+            .with_filter(
+                filter_fn(|meta| {
+                    meta.target().starts_with(crate::EXPORTED_TARGET_PREFIX) && *meta.level() <= tracing::Level::INFO
+                })
+                // Said, so that DEBUG and TRACE call sites (candle's among them)
+                // stay off at the first, cheapest check.
+                .with_max_level_hint(LevelFilter::INFO),
+            )
     });
     tracing_subscriber::registry()
         .with(log.with_filter(filter))

@@ -38,6 +38,21 @@ async fn status_shows_each_nodes_measured_speed_next_to_the_prediction() -> anyh
     let before = status(&addr).await?;
     let admission = &before["admission"];
     assert_eq!((&admission["sequences"], &admission["context"]), (&json!(8), &json!(256)), "{before}");
+    // What clients read: the context a request may fill, and the plan (`/v1/models`);
+    // the sequences served at once (llama.cpp's `/props`).
+    let models = http::request(&addr, "GET", "/v1/models", None).await?.json()?;
+    let served = &models["data"][0];
+    assert_eq!((&served["context_length"], &served["meta"]["n_ctx_train"]), (&json!(256), &json!(512)), "{models}");
+    let plan = served["plan"].as_array().context("no plan in /v1/models")?;
+    let stages: Vec<(&str, u64, u64)> = plan
+        .iter()
+        .filter_map(|s| Some((s["node"].as_str()?, s["layers"][0].as_u64()?, s["layers"][1].as_u64()?)))
+        .collect();
+    assert_eq!(stages.len(), 3, "{models}");
+    assert_eq!((stages[0].1, stages[2].2), (0, 6), "the plan covers every layer: {models}");
+    assert!(stages.windows(2).all(|w| w[0].2 == w[1].1), "contiguous: {models}");
+    let props = http::request(&addr, "GET", "/props", None).await?.json()?;
+    assert_eq!((&props["total_slots"], &props["default_generation_settings"]["n_ctx"]), (&json!(8), &json!(256)));
     // A request beyond the planned context is refused at once, naming both numbers.
     let body = json!({"model": "test-model", "prompt": [1, 2, 3], "max_tokens": 300});
     let reply = http::request(&addr, "POST", "/v1/completions", Some(&body)).await?;

@@ -44,7 +44,14 @@ const FIELDS: &[&str] = &[
     "include_usage",
     "max_completion_tokens",
     "presence_penalty",
+    "tokens",
+    "add_special",
+    "with_pieces",
+    "parse_special",
 ];
+
+/// llama.cpp's utility routes, sent the same treatment.
+const TOKEN_ROUTES: [&str; 2] = ["/tokenize", "/detokenize"];
 
 /// One router over a tiny model for every case: starting an engine per case
 /// would make the test slow, and a shared one also shows that no bad request
@@ -160,6 +167,25 @@ proptest! {
     #[test]
     fn any_json_body_gets_a_success_or_an_openai_error((chat, body) in any::<bool>().prop_flat_map(|c| (Just(c), body(c)))) {
         let route = ROUTES[usize::from(chat)];
+        let sent = body.to_string();
+        let (status, reply) = post(route, sent.clone().into_bytes());
+        assert_answered(route, &sent, status, &reply);
+    }
+
+    #[test]
+    fn the_token_routes_answer_any_json_with_a_success_or_an_openai_error(
+        detokenize in any::<bool>(),
+        base in prop_oneof![
+            "[a-z ]{0,16}".prop_map(|t| json!({"content": t})),
+            proptest::collection::vec(0u32..300, 0..6).prop_map(|t| json!({"tokens": t})),
+        ],
+        changes in proptest::collection::vec((key(), value()), 0..3),
+    ) {
+        let route = TOKEN_ROUTES[usize::from(detokenize)];
+        let mut body = base;
+        for (k, v) in changes {
+            body[k] = v;
+        }
         let sent = body.to_string();
         let (status, reply) = post(route, sent.clone().into_bytes());
         assert_answered(route, &sent, status, &reply);

@@ -1,8 +1,8 @@
 //! The OpenAI-compatible HTTP API over any [`Engine`].
 //!
 //! `POST /v1/completions`, `POST /v1/chat/completions` (both also as server-sent
-//! event streams), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET
-//! /metrics`, the [`dashboard`] at `/`, and for a cluster the admin endpoints of
+//! event streams), `GET /v1/models`, `GET /v1/models/{id}`, llama.cpp's `POST
+//! /tokenize`, `POST /detokenize` and `GET /props`, `GET /health`, `GET /metrics`, the [`dashboard`] at `/`, and for a cluster the admin endpoints of
 //! [`admin`], behind the API keys of [`auth`]. Every
 //! failure answers with OpenAI's error body. Handlers only check requests, turn them
 //! into tokens and follow the engine's events: tokenizing and rendering templates
@@ -20,6 +20,7 @@ mod metrics;
 mod models;
 mod params;
 mod sse;
+mod tokens;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -61,6 +62,9 @@ pub fn router(engine: Arc<dyn Engine>, admin: Option<ClusterAdmin>, keys: ApiKey
         .route("/v1/models", get(models::list))
         // Model ids may contain slashes (`org/name`).
         .route("/v1/models/{*id}", get(models::retrieve))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
+        .route("/props", get(models::props))
         .route("/health", get(health))
         .route("/metrics", get(prometheus_metrics))
         .route("/admin/status", get(admin::status))

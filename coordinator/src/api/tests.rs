@@ -430,10 +430,54 @@ async fn models_and_health() {
     assert_eq!(data[0]["owned_by"], "strata");
     assert_eq!(data[0]["context_length"], 256);
     assert!(data[0]["created"].as_u64().is_some());
+    assert_eq!(data[0]["meta"]["n_ctx_train"], 256);
+    assert!(data[0]["meta"]["n_vocab"].as_u64().is_some_and(|n| n > 0));
+    assert!(data[0].get("plan").is_none(), "one process has no plan: {}", data[0]);
     assert_eq!(get(&h.router, "/v1/models/tiny").await.json(), data[0]);
     get(&h.router, "/v1/models/nope").await.assert_error(StatusCode::NOT_FOUND, Some("model"));
     let reply = get(&h.router, "/health").await;
     assert_eq!((reply.status, reply.json()), (StatusCode::OK, json!({"status": "ok"})));
+}
+
+#[tokio::test]
+async fn tokenize_detokenize_and_props_speak_llama_cpps_shapes() {
+    let h = harness();
+    let tokenizer = Tokenizer::from_gguf(h.file.metadata()).unwrap();
+    let text = "hello world";
+    let ids = tokenizer.encode_text(text).unwrap();
+    let reply = post(&h.router, "/tokenize", json!({"content": text})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.json(), json!({"tokens": ids}));
+    // add_special: what a prompt is encoded with (the model's BOS where it asks).
+    let special = post(&h.router, "/tokenize", json!({"content": text, "add_special": true})).await.json();
+    assert_eq!(special["tokens"], json!(tokenizer.encode(text).unwrap()));
+    let pieces = post(&h.router, "/tokenize", json!({"content": text, "with_pieces": true})).await.json();
+    let pieces = pieces["tokens"].as_array().unwrap().clone();
+    assert_eq!(pieces.len(), ids.len());
+    let joined: String = pieces.iter().map(|p| p["piece"].as_str().unwrap_or_default()).collect();
+    assert_eq!(joined, tokenizer.decode(&ids).unwrap());
+    assert_eq!(pieces[0]["id"], ids[0]);
+
+    let back = post(&h.router, "/detokenize", json!({"tokens": ids})).await;
+    assert_eq!(back.json(), json!({"content": tokenizer.decode(&ids).unwrap()}));
+
+    // Bad input: a 400 naming the parameter.
+    post(&h.router, "/tokenize", json!({})).await.assert_error(StatusCode::BAD_REQUEST, Some("content"));
+    post(&h.router, "/tokenize", json!({"content": 5})).await.assert_error(StatusCode::BAD_REQUEST, Some("content"));
+    let refused = json!({"content": text, "parse_special": false});
+    post(&h.router, "/tokenize", refused).await.assert_error(StatusCode::BAD_REQUEST, Some("parse_special"));
+    let unknown = json!({"tokens": [u32::MAX]});
+    post(&h.router, "/detokenize", unknown).await.assert_error(StatusCode::BAD_REQUEST, Some("tokens"));
+    let negative = json!({"tokens": [-1]});
+    post(&h.router, "/detokenize", negative).await.assert_error(StatusCode::BAD_REQUEST, Some("tokens"));
+
+    let props = get(&h.router, "/props").await;
+    assert_eq!(props.status, StatusCode::OK, "{}", props.body);
+    let props = props.json();
+    assert_eq!(props["default_generation_settings"]["n_ctx"], 256);
+    assert_eq!(props["model_alias"], MODEL);
+    assert!(props["chat_template"].as_str().is_some_and(|t| !t.is_empty()), "{props}");
+    assert!(props["total_slots"].is_null(), "one process: {props}");
 }
 
 #[tokio::test]
@@ -694,6 +738,9 @@ async fn with_api_keys_only_health_is_open_and_the_admin_routes_need_the_admin_k
         (Method::GET, "/v1/models/tiny"),
         (Method::POST, "/v1/completions"),
         (Method::POST, "/v1/chat/completions"),
+        (Method::POST, "/tokenize"),
+        (Method::POST, "/detokenize"),
+        (Method::GET, "/props"),
         (Method::GET, "/admin/status"),
         (Method::POST, "/admin/drain"),
         (Method::POST, "/admin/undrain"),
