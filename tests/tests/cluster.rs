@@ -12,10 +12,11 @@ use strata_coordinator::cli::http;
 use strata_coordinator::cluster::{
     self, Cluster, ClusterConfig, CoordinatorService, Membership, PlacementPolicy, ReturnPath, ServedModel,
 };
-use strata_coordinator::engine::{GenerateEvent, GenerateRequest};
+use strata_coordinator::engine::local::LocalEngine;
+use strata_coordinator::engine::{Engine, GenerateEvent, GenerateRequest, TokenLogprob};
 use strata_model::generate::FinishReason;
 use strata_model::synthetic::SyntheticModel;
-use strata_model::{ModelFile, SamplingParams, Tokenizer};
+use strata_model::{Device, ModelFile, SamplingParams, Tokenizer};
 use strata_proto::v1::WireDtype;
 use strata_tests::admin::wait_until_no_sequences;
 use strata_tests::{complete, reference_completion, reference_tokens, ClusterOptions, TestCluster};
@@ -58,8 +59,60 @@ async fn greedy_completions_through_three_workers_match_one_process() -> anyhow:
     })
     .await?;
     assert_eq!(text, expected(&model, PROMPTS[0], 16).await?.0);
+
+    // Each generated token's logprobs, computed on the last stage, equal one
+    // process's to the bit.
+    let (n, top) = (8, 5);
+    let body = json!({
+        "model": "test-model", "prompt": PROMPTS[0], "max_tokens": n, "temperature": 0, "logprobs": top,
+        "return_tokens_as_token_ids": true,
+    });
+    let reply = http::request(cluster.http(), "POST", "/v1/completions", Some(&body)).await?.json()?;
+    let got = &reply["choices"][0]["logprobs"];
+    // Control tokens (chat markers) are not part of the text, nor of its logprobs.
+    let vocab = tokenizer(&model);
+    let mut want = local_logprobs(&model, PROMPTS[0], n, top).await?;
+    want.retain(|(id, _)| !vocab.is_control(*id));
+    anyhow::ensure!(!want.is_empty(), "nothing to compare");
+    let name = |id: u32| format!("token_id:{id}");
+    assert_eq!(got["tokens"], json!(want.iter().map(|(id, _)| name(*id)).collect::<Vec<_>>()), "{reply}");
+    assert_eq!(got["token_logprobs"], json!(want.iter().map(|(_, s)| s.logprob).collect::<Vec<_>>()), "{reply}");
+    let tops: Vec<serde_json::Map<String, serde_json::Value>> =
+        want.iter().map(|(_, s)| s.top.iter().take(top).map(|&(id, lp)| (name(id), json!(lp))).collect()).collect();
+    assert_eq!(got["top_logprobs"], json!(tops), "{reply}");
     cluster.stop().await;
     Ok(())
+}
+
+/// Greedy tokens of `prompt` in one process (the local engine), with their logprobs.
+async fn local_logprobs(
+    model: &Path,
+    prompt: &[u32],
+    n: usize,
+    top: usize,
+) -> anyhow::Result<Vec<(u32, TokenLogprob)>> {
+    let file = ModelFile::open(model)?;
+    let engine = LocalEngine::start(&file, &Device::Cpu, "test-model".into())?;
+    let sampling = SamplingParams::greedy();
+    let request = GenerateRequest {
+        prompt_tokens: prompt.to_vec(),
+        max_tokens: n,
+        sampling,
+        prompt_logprobs: None,
+        logprobs: Some(top),
+    };
+    let mut events = engine.generate(request)?;
+    let mut tokens = Vec::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            GenerateEvent::Token(id, Some(logprob)) => tokens.push((id, logprob)),
+            GenerateEvent::Token(_, None) => anyhow::bail!("a token came without its logprob"),
+            GenerateEvent::Finished(_) => return Ok(tokens),
+            GenerateEvent::Failed(e) => anyhow::bail!("{e}"),
+            _ => {}
+        }
+    }
+    anyhow::bail!("the engine stopped without finishing")
 }
 
 #[tokio::test]
@@ -93,13 +146,13 @@ async fn workers_that_join_pull_their_shards_and_serve() -> anyhow::Result<()> {
 
 /// Tokens of one request through an in-process engine.
 async fn run(engine: &cluster::ClusterEngine, prompt: &[u32], n: usize, path: ReturnPath) -> anyhow::Result<Vec<u32>> {
-    let request = GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None };
+    let request = GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None };
     let mut rx = engine.generate_via(request, path)?;
     let mut tokens = Vec::new();
     while let Some(event) = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await? {
         match event {
             GenerateEvent::Admitted | GenerateEvent::PromptLogprobs(_) => {}
-            GenerateEvent::Token(t) => tokens.push(t),
+            GenerateEvent::Token(t, _) => tokens.push(t),
             GenerateEvent::Finished(FinishReason::Stop | FinishReason::Length) => return Ok(tokens),
             other => anyhow::bail!("unexpected {other:?}"),
         }
@@ -152,7 +205,7 @@ async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -
     }
     // A request whose client goes away mid-generation is released too.
     let request =
-        GenerateRequest { prompt_tokens: PROMPTS[3].to_vec(), max_tokens: 200, sampling: SamplingParams::greedy(), prompt_logprobs: None };
+        GenerateRequest { prompt_tokens: PROMPTS[3].to_vec(), max_tokens: 200, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None };
     let mut rx = cluster.engine.generate_via(request, ReturnPath::Direct)?;
     rx.recv().await.context("no first event")?;
     drop(rx);

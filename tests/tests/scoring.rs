@@ -69,9 +69,10 @@ async fn a_prompt_scored_through_three_workers_equals_one_process() -> anyhow::R
     assert!(tops[0].is_null() && tops[1..].iter().all(|t| t.as_object().is_some_and(|t| t.len() == 3)), "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 0, "{body}");
 
-    // What is not supported is refused, with the parameter named.
+    // What is not supported is refused, with the parameter named: the prompt scored
+    // and tokens generated in one request, among others. (Without `echo`, `logprobs`
+    // is for the generated tokens: `tests/tests/cluster.rs`.)
     for (request, param) in [
-        (json!({"prompt": prompt, "max_tokens": 4, "logprobs": 1}), "logprobs"),
         (json!({"prompt": prompt, "max_tokens": 4, "echo": true, "logprobs": 1}), "max_tokens"),
         (json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 21}), "logprobs"),
         (json!({"prompt": prompt, "max_tokens": 0}), "max_tokens"),

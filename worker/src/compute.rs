@@ -268,6 +268,9 @@ struct Sequence {
     sampler: Option<Sampler>,
     history: Vec<u32>,
     direct: Option<DirectReturn>,
+    /// Last stage only: report each sampled token's log-probability with this many
+    /// most likely tokens (`OpenSequence.logprobs_top`).
+    logprobs_top: Option<usize>,
     /// Its span on this stage, when the request is traced.
     trace: Option<StageTrace>,
 }
@@ -303,12 +306,7 @@ fn score_rows(r: &Ready, rows: &[Vec<f32>], request: ScoreRequest) -> Result<v1:
         .iter()
         .zip(targets)
         .map(|(logits, target)| {
-            let score = strata_model::perplexity::score_row(logits, target, request.top)
-                .ok_or_else(|| format!("token {target} is outside the vocabulary"))?;
-            Ok(v1::PositionScore {
-                logprob: score.logprob,
-                top: score.top.into_iter().map(|(token, logprob)| v1::TokenLogprob { token, logprob }).collect(),
-            })
+            token_score(logits, target, request.top).ok_or_else(|| format!("token {target} is outside the vocabulary"))
         })
         .collect::<Result<_, String>>()?;
     Ok(v1::PromptScores { seq_id: r.seq, position: r.position as u32, scores })
@@ -330,6 +328,20 @@ struct Compute {
     hub: Arc<EventHub>,
     stats: Arc<Stats>,
     gauges: Arc<Gauges>,
+}
+
+/// The most likely tokens a sequence asks to be told with each sampled token.
+fn logprobs_top(open: &v1::OpenSequence) -> Option<usize> {
+    open.logprobs_top.map(|top| top.min(strata_proto::MAX_SCORE_TOP) as usize)
+}
+
+/// `token`'s log-probability under `logits` and the `top` most likely tokens.
+fn token_score(logits: &[f32], token: u32, top: usize) -> Option<v1::PositionScore> {
+    let score = strata_model::perplexity::score_row(logits, token, top)?;
+    Some(v1::PositionScore {
+        logprob: score.logprob,
+        top: score.top.into_iter().map(|(token, logprob)| v1::TokenLogprob { token, logprob }).collect(),
+    })
 }
 
 fn seq_of(message: &StageMessage) -> Option<u64> {
@@ -433,6 +445,7 @@ impl Compute {
                 sampler,
                 history: Vec::new(),
                 direct,
+                logprobs_top: logprobs_top(&open),
                 trace,
             },
         );
@@ -644,6 +657,7 @@ impl Compute {
                 let token = sampler
                     .sample(&logits, &sequence.history, position)
                     .map_err(|e| e.to_string())?;
+                let logprobs_top = sequence.logprobs_top;
                 let sent_unix_nanos = unix_nanos();
                 let feed_back = sequence.direct.as_ref().is_some_and(|d| {
                     !d.stop_tokens.contains(&token) && position + 1 < d.end_position
@@ -680,12 +694,14 @@ impl Compute {
                     }
                 }
                 // After the feed-back frame: the next step is on the critical path,
-                // the report to the coordinator is not.
+                // the report to the coordinator (and its scores) is not.
+                let score = logprobs_top.and_then(|top| token_score(&logits, token, top));
                 self.hub.emit(worker_event::Kind::Token(v1::TokenSampled {
                     seq_id: r.seq,
                     position: position as u32,
                     token,
                     sent_unix_nanos,
+                    score,
                 }));
                 Ok(())
             }
@@ -865,12 +881,13 @@ impl Compute {
         };
         self.stage.import_kv(seq, layers).map_err(kv_error)?;
         let trace = StageTrace::open(&open.traceparent, seq, self.stage_index, &self.layers);
+        let logprobs_top = logprobs_top(&open);
         let direct = open
             .direct_return
             .then_some(DirectReturn { end_position: open.end_position as usize, stop_tokens: open.stop_tokens });
         // The whole history, not just the next frame's token: the last stage samples
         // position `history.len()`, with a repetition penalty over all of it.
-        self.sequences.insert(seq, Sequence { sampler, history: tokens, direct, trace });
+        self.sequences.insert(seq, Sequence { sampler, history: tokens, direct, logprobs_top, trace });
         self.gauges.sequences.store(self.sequences.len() as u32, Ordering::Relaxed);
         Ok(())
     }

@@ -626,6 +626,7 @@ async fn generate_on(
         end_position: (prompt.len() + n) as u32,
         stop_tokens: vec![],
         traceparent: String::new(),
+        logprobs_top: None,
     }));
     tx.frame(seq, 0, prompt.to_vec(), None, true);
     let mut out = Vec::new();

@@ -4,16 +4,19 @@
 //! assistant's turn, and tokenized with the special tokens the template writes
 //! recognised as such.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use strata_model::chat_template::Role;
-use strata_model::ChatMessage;
+use strata_model::{ChatMessage, Tokenizer};
 
 use super::errors::{ApiError, ApiJson};
-use super::generation::Finish;
+use super::generation::{Collected, Finish, SampledLogprob};
+use super::logprobs::{self, ChatLogprobs};
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
 use super::{begin, Begun, off_reactor, start, to_json, unix_now, AppState};
@@ -88,7 +91,7 @@ struct ChatCompletion<'a> {
 struct Choice<'a> {
     index: u32,
     message: Message<'a>,
-    logprobs: Option<()>,
+    logprobs: Option<ChatLogprobs>,
     finish_reason: Finish,
 }
 
@@ -113,7 +116,7 @@ struct Chunk<'a> {
 struct ChunkChoice<'a> {
     index: u32,
     delta: Delta<'a>,
-    logprobs: Option<()>,
+    logprobs: Option<ChatLogprobs>,
     finish_reason: Option<Finish>,
 }
 
@@ -129,6 +132,9 @@ struct ChatChunks {
     id: String,
     created: u64,
     model: String,
+    tokenizer: Arc<Tokenizer>,
+    /// Most likely tokens per generated token, when the request asked for logprobs.
+    logprobs: Option<usize>,
 }
 
 impl ChatChunks {
@@ -144,24 +150,25 @@ impl ChatChunks {
         to_json(&chunk)
     }
 
-    fn choice(delta: Delta<'_>, finish: Option<Finish>) -> Vec<ChunkChoice<'_>> {
-        vec![ChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish }]
+    fn choice<'a>(&self, delta: Delta<'a>, finish: Option<Finish>, tokens: &[SampledLogprob]) -> Vec<ChunkChoice<'a>> {
+        let logprobs = self.logprobs.map(|top| logprobs::chat(&self.tokenizer, tokens, top));
+        vec![ChunkChoice { index: 0, delta, logprobs, finish_reason: finish }]
     }
 }
 
 impl Chunks for ChatChunks {
     fn opening(&self) -> Option<String> {
         let delta = Delta { role: Some("assistant"), content: Some("") };
-        Some(self.chunk(Self::choice(delta, None), None))
+        Some(self.chunk(self.choice(delta, None, &[]), None))
     }
 
-    fn text(&self, text: &str) -> String {
-        self.chunk(Self::choice(Delta { role: None, content: Some(text) }, None), None)
+    fn text(&self, text: &str, logprobs: &[SampledLogprob]) -> String {
+        self.chunk(self.choice(Delta { role: None, content: Some(text) }, None, logprobs), None)
     }
 
-    fn finish(&self, text: &str, finish: Finish) -> String {
+    fn finish(&self, text: &str, finish: Finish, logprobs: &[SampledLogprob]) -> String {
         let delta = Delta { role: None, content: (!text.is_empty()).then_some(text) };
-        self.chunk(Self::choice(delta, Some(finish)), None)
+        self.chunk(self.choice(delta, Some(finish), logprobs), None)
     }
 
     fn usage(&self, usage: Usage) -> String {
@@ -174,7 +181,8 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let Begun { request_id, fields, card, options } = begin(&state, body, &[])?;
+    let Begun { request_id, fields, card, options } = begin(&state, body, &["logprobs", "top_logprobs"])?;
+    let top_logprobs = logprobs::chat_request(&fields)?;
     // `max_completion_tokens` replaced `max_tokens` in OpenAI's chat API; the newer wins.
     let requested = match params::max_tokens(&fields, "max_completion_tokens")? {
         Some(n) => Some(("max_completion_tokens", n)),
@@ -197,16 +205,22 @@ pub(super) async fn create(
     // Without a limit, the answer may fill the context.
     let max_tokens =
         params::fit_in_context(prompt_tokens.len(), requested, usize::MAX, &state.engine.limits(), "messages")?;
-    let mut generation = start(&state, &request_id, prompt_tokens, max_tokens, &options, None)?;
+    let mut generation = start(&state, &request_id, prompt_tokens, max_tokens, &options, None, top_logprobs)?;
     let id = format!("chatcmpl-{request_id}");
     let created = unix_now();
     if options.stream {
         // Headers wait for admission: a refusal then still gets its own status.
         generation.admitted().await?;
-        let chunks = ChatChunks { id, created, model: card.id.clone() };
+        let chunks = ChatChunks {
+            id,
+            created,
+            model: card.id.clone(),
+            tokenizer: card.tokenizer.clone(),
+            logprobs: top_logprobs,
+        };
         return Ok(sse::response(generation, chunks, options.include_usage));
     }
-    let (text, finish) = generation.collect().await?;
+    let Collected { text, finish, logprobs: sampled } = generation.collect().await?;
     let body = ChatCompletion {
         id: &id,
         object: "chat.completion",
@@ -215,7 +229,7 @@ pub(super) async fn create(
         choices: [Choice {
             index: 0,
             message: Message { role: "assistant", content: &text },
-            logprobs: None,
+            logprobs: top_logprobs.map(|top| logprobs::chat(&card.tokenizer, &sampled, top)),
             finish_reason: finish,
         }],
         usage: Usage::of(&generation),

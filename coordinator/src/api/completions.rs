@@ -7,18 +7,24 @@
 //! perplexity --coordinator` ask: each prompt token's log-probability given the ones
 //! before it, and the `N` most likely tokens at each position, computed on the
 //! pipeline's last stage. `return_tokens_as_token_ids` (vLLM's extension) names tokens
-//! `token_id:ID` instead of by text, which is unambiguous. Logprobs of generated tokens
-//! are not supported yet.
+//! `token_id:ID` instead of by text, which is unambiguous. Without `echo`, `logprobs: N`
+//! reports each generated token's log-probability and the `N` most likely tokens at
+//! its position, streamed too.
+
+use std::cell::Cell;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use strata_model::Tokenizer;
 
 use super::errors::{ApiError, ApiJson};
 use crate::engine::{TokenLogprob, MAX_TOP_LOGPROBS};
-use super::generation::Finish;
+use super::generation::{Collected, Finish, SampledLogprob};
+use super::logprobs;
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
 use super::{begin, Begun, off_reactor, start, to_json, unix_now, AppState};
@@ -94,14 +100,24 @@ struct Logprobs {
     text_offset: Vec<usize>,
 }
 
-/// What a completion request asks of its prompt besides continuing it.
-struct Echo {
-    /// Top tokens per scored position (`logprobs`), when the prompt is scored.
-    logprobs: Option<usize>,
+/// What a completion request asks besides the continuation: its prompt echoed (and
+/// scored), or logprobs of what it generates.
+struct Extras {
+    /// `echo`, and with `logprobs` the top tokens per scored prompt position.
+    echo: Option<Option<usize>>,
+    /// `logprobs` without `echo`: the top tokens per generated token.
+    generated_logprobs: Option<usize>,
     token_ids: bool,
 }
 
-fn echo(fields: &Fields, stream: bool) -> Result<Option<Echo>, ApiError> {
+impl Extras {
+    /// Top tokens per position when the prompt is scored.
+    fn scoring(&self) -> Option<usize> {
+        self.echo.flatten()
+    }
+}
+
+fn extras(fields: &Fields, stream: bool) -> Result<Extras, ApiError> {
     let logprobs = match fields.get::<i64>("logprobs")? {
         None => None,
         Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Some(n as usize),
@@ -110,17 +126,65 @@ fn echo(fields: &Fields, stream: bool) -> Result<Option<Echo>, ApiError> {
         }
     };
     let echo = fields.get::<bool>("echo")?.unwrap_or(false);
-    if logprobs.is_some() && !echo {
-        return Err(ApiError::unsupported(
-            "logprobs",
-            "logprobs of generated tokens are not supported yet; `echo: true` with `max_tokens: 0` scores the prompt",
-        ));
-    }
     if echo && stream {
         return Err(ApiError::unsupported("echo", "echo is not supported with stream"));
     }
     let token_ids = fields.get::<bool>("return_tokens_as_token_ids")?.unwrap_or(false);
-    Ok(echo.then_some(Echo { logprobs, token_ids }))
+    Ok(Extras {
+        echo: echo.then_some(logprobs),
+        generated_logprobs: if echo { None } else { logprobs },
+        token_ids,
+    })
+}
+
+/// How a token is named in the legacy logprobs: its text (see
+/// [`logprobs::token_string`]), or `token_id:ID`.
+fn token_name(tokenizer: &strata_model::Tokenizer, id: u32, token_ids: bool) -> String {
+    if token_ids {
+        format!("token_id:{id}")
+    } else {
+        logprobs::token_string(tokenizer, id)
+    }
+}
+
+/// Where each of `names` starts (in characters), the first at `start`.
+fn text_offsets(names: &[String], start: usize) -> Vec<usize> {
+    let mut offsets = Vec::with_capacity(names.len());
+    let mut offset = start;
+    for n in names {
+        offsets.push(offset);
+        offset += n.chars().count();
+    }
+    offsets
+}
+
+/// The `top` most likely tokens of a position, by name.
+fn top_map(
+    tokenizer: &strata_model::Tokenizer,
+    score: &TokenLogprob,
+    top: usize,
+    token_ids: bool,
+) -> Map<String, Value> {
+    score.top.iter().take(top).map(|&(id, lp)| (token_name(tokenizer, id, token_ids), Value::from(lp))).collect()
+}
+
+/// The legacy `logprobs` object of generated tokens, their text offsets counted
+/// from `start`.
+fn generated_logprobs(
+    tokenizer: &strata_model::Tokenizer,
+    tokens: &[SampledLogprob],
+    top: usize,
+    token_ids: bool,
+    start: usize,
+) -> Logprobs {
+    let names: Vec<String> = tokens.iter().map(|t| token_name(tokenizer, t.token, token_ids)).collect();
+    let text_offset = text_offsets(&names, start);
+    Logprobs {
+        tokens: names,
+        token_logprobs: tokens.iter().map(|t| Some(t.logprob.logprob)).collect(),
+        top_logprobs: tokens.iter().map(|t| Some(top_map(tokenizer, &t.logprob, top, token_ids))).collect(),
+        text_offset,
+    }
 }
 
 /// The prompt's `logprobs` object from its tokens and their scores (`scores[i]` is for
@@ -132,26 +196,11 @@ fn prompt_logprobs(
     top: usize,
     token_ids: bool,
 ) -> Logprobs {
-    let name = |id: u32| {
-        if token_ids {
-            format!("token_id:{id}")
-        } else {
-            tokenizer.token_text(id).unwrap_or_default().to_owned()
-        }
-    };
-    let names: Vec<String> = tokens.iter().map(|&id| name(id)).collect();
-    let mut text_offset = Vec::with_capacity(names.len());
-    let mut offset = 0;
-    for n in &names {
-        text_offset.push(offset);
-        offset += n.chars().count();
-    }
+    let names: Vec<String> = tokens.iter().map(|&id| token_name(tokenizer, id, token_ids)).collect();
+    let text_offset = text_offsets(&names, 0);
     let token_logprobs = std::iter::once(None).chain(scores.iter().map(|s| Some(s.logprob))).collect();
-    let top_logprobs = std::iter::once(None)
-        .chain(scores.iter().map(|s| {
-            Some(s.top.iter().take(top).map(|&(id, lp)| (name(id), Value::from(lp))).collect::<Map<_, _>>())
-        }))
-        .collect();
+    let top_logprobs =
+        std::iter::once(None).chain(scores.iter().map(|s| Some(top_map(tokenizer, s, top, token_ids)))).collect();
     Logprobs { tokens: names, token_logprobs, top_logprobs, text_offset }
 }
 
@@ -169,16 +218,27 @@ struct CompletionChunks {
     id: String,
     created: u64,
     model: String,
+    tokenizer: Arc<Tokenizer>,
+    /// Top tokens per generated token, when the request asked for logprobs.
+    logprobs: Option<usize>,
+    token_ids: bool,
+    /// Where the next chunk's tokens start in the completion's text (characters).
+    offset: Cell<usize>,
 }
 
 impl CompletionChunks {
-    fn chunk(&self, text: &str, finish: Option<Finish>) -> String {
+    fn chunk(&self, text: &str, finish: Option<Finish>, tokens: &[SampledLogprob]) -> String {
+        let logprobs = self.logprobs.map(|top| {
+            let logprobs = generated_logprobs(&self.tokenizer, tokens, top, self.token_ids, self.offset.get());
+            self.offset.set(self.offset.get() + logprobs.tokens.iter().map(|n| n.chars().count()).sum::<usize>());
+            logprobs
+        });
         let chunk = Completion {
             id: &self.id,
             object: "text_completion",
             created: self.created,
             model: &self.model,
-            choices: [Choice { index: 0, text, logprobs: None, finish_reason: finish }],
+            choices: [Choice { index: 0, text, logprobs, finish_reason: finish }],
             usage: None,
         };
         to_json(&chunk)
@@ -190,12 +250,12 @@ impl Chunks for CompletionChunks {
         None
     }
 
-    fn text(&self, text: &str) -> String {
-        self.chunk(text, None)
+    fn text(&self, text: &str, logprobs: &[SampledLogprob]) -> String {
+        self.chunk(text, None, logprobs)
     }
 
-    fn finish(&self, text: &str, finish: Finish) -> String {
-        self.chunk(text, Some(finish))
+    fn finish(&self, text: &str, finish: Finish, logprobs: &[SampledLogprob]) -> String {
+        self.chunk(text, Some(finish), logprobs)
     }
 
     fn usage(&self, usage: Usage) -> String {
@@ -217,18 +277,19 @@ pub(super) async fn create(
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
     let Begun { request_id, fields, card, options } = begin(&state, body, &["echo", "logprobs"])?;
-    let echo = echo(&fields, options.stream)?;
-    let scoring = echo.as_ref().and_then(|e| e.logprobs);
+    let extras = extras(&fields, options.stream)?;
+    let scoring = extras.scoring();
     // A scored prompt generates nothing: max_tokens 0 is what asks for that.
     let requested = params::max_tokens_from(&fields, "max_tokens", if scoring.is_some() { 0 } else { 1 })?;
     if scoring.is_some() && requested != Some(0) {
         return Err(ApiError::unsupported(
             "max_tokens",
-            "logprobs come for the prompt only (`max_tokens: 0`); logprobs of generated tokens are not supported yet",
+            "with `echo`, logprobs come for the prompt only (`max_tokens: 0`); without `echo` they come for the \
+             generated tokens",
         ));
     }
     let prompt = prompt(&fields)?;
-    let echoed = echo.is_some();
+    let echoed = extras.echo.is_some();
     let (prompt_tokens, prompt_text) = off_reactor(&card, move |card| match prompt {
         Prompt::Text(text) => card
             .tokenizer
@@ -264,24 +325,35 @@ pub(super) async fn create(
         max_tokens,
         &options,
         scoring.map(|n| n.max(1)),
+        extras.generated_logprobs,
     )?;
     let id = format!("cmpl-{request_id}");
     let created = unix_now();
     if options.stream {
         // Headers wait for admission: a refusal then still gets its own status.
         generation.admitted().await?;
-        let chunks = CompletionChunks { id, created, model: card.id.clone() };
+        let chunks = CompletionChunks {
+            id,
+            created,
+            model: card.id.clone(),
+            tokenizer: card.tokenizer.clone(),
+            logprobs: extras.generated_logprobs,
+            token_ids: extras.token_ids,
+            offset: Cell::new(0),
+        };
         return Ok(sse::response(generation, chunks, options.include_usage));
     }
-    let (mut text, finish) = generation.collect().await?;
-    let mut logprobs = None;
-    if let Some(echo) = &echo {
+    let Collected { mut text, finish, logprobs: sampled } = generation.collect().await?;
+    let mut logprobs = extras
+        .generated_logprobs
+        .map(|top| generated_logprobs(&card.tokenizer, &sampled, top, extras.token_ids, 0));
+    if extras.echo.is_some() {
         text.insert_str(0, &prompt_text);
-        if let (Some(top), Some(tokens)) = (echo.logprobs, &scored_tokens) {
+        if let (Some(top), Some(tokens)) = (scoring, &scored_tokens) {
             let scores = generation
                 .take_prompt_logprobs()
                 .ok_or_else(|| ApiError::internal("the engine finished without the prompt's scores"))?;
-            logprobs = Some(prompt_logprobs(&card.tokenizer, tokens, &scores, top, echo.token_ids));
+            logprobs = Some(prompt_logprobs(&card.tokenizer, tokens, &scores, top, extras.token_ids));
         }
     }
     let body = Completion {

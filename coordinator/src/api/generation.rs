@@ -78,13 +78,33 @@ fn partial_match(text: &str, stop: &str) -> usize {
 /// The next thing a client is told.
 #[derive(Debug, PartialEq)]
 pub enum Piece {
-    Text(String),
+    /// Text, and the log-probabilities of the tokens it completes (when asked).
+    Text {
+        text: String,
+        logprobs: Vec<SampledLogprob>,
+    },
     /// The last text, and why the choice ended.
     End {
         text: String,
         finish: Finish,
+        logprobs: Vec<SampledLogprob>,
     },
     Failed(ApiError),
+}
+
+/// A generated token and its log-probability, with the most likely tokens at its
+/// position (requests with `logprobs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledLogprob {
+    pub token: u32,
+    pub logprob: TokenLogprob,
+}
+
+/// A whole choice, for a response that is not streamed.
+pub struct Collected {
+    pub text: String,
+    pub finish: Finish,
+    pub logprobs: Vec<SampledLogprob>,
 }
 
 /// One request's generation as the API follows it. Dropping it drops the engine's
@@ -104,6 +124,9 @@ pub struct Generation {
     /// The prompt's scores, once the engine reported them (requests with
     /// `prompt_logprobs`).
     prompt_logprobs: Option<Vec<TokenLogprob>>,
+    /// Log-probabilities of tokens whose text has not gone out yet (part of a
+    /// character, or held back by a stop sequence that may match).
+    pending_logprobs: Vec<SampledLogprob>,
     done: bool,
     metrics: Arc<ApiMetrics>,
     started: Instant,
@@ -135,6 +158,7 @@ impl Generation {
             completion_tokens: 0,
             early: None,
             prompt_logprobs: None,
+            pending_logprobs: Vec::new(),
             done: false,
             metrics,
             started: Instant::now(),
@@ -169,15 +193,21 @@ impl Generation {
         self.prompt_logprobs.take()
     }
 
-    /// The whole text and why it ended, for a non-streaming response.
-    pub async fn collect(&mut self) -> Result<(String, Finish), ApiError> {
+    /// The whole text, why it ended and the tokens' log-probabilities (when asked),
+    /// for a non-streaming response.
+    pub async fn collect(&mut self) -> Result<Collected, ApiError> {
         let mut text = String::new();
+        let mut logprobs = Vec::new();
         loop {
             match self.next().await {
-                Some(Piece::Text(piece)) => text.push_str(&piece),
-                Some(Piece::End { text: piece, finish }) => {
+                Some(Piece::Text { text: piece, logprobs: more }) => {
                     text.push_str(&piece);
-                    return Ok((text, finish));
+                    logprobs.extend(more);
+                }
+                Some(Piece::End { text: piece, finish, logprobs: more }) => {
+                    text.push_str(&piece);
+                    logprobs.extend(more);
+                    return Ok(Collected { text, finish, logprobs });
                 }
                 Some(Piece::Failed(error)) => return Err(error),
                 None => return Err(ApiError::internal("the generation ended without a result")),
@@ -223,7 +253,7 @@ impl Generation {
                     self.prompt_logprobs = Some(scores);
                     continue;
                 }
-                Some(GenerateEvent::Token(id)) => {
+                Some(GenerateEvent::Token(id, logprob)) => {
                     self.completion_tokens += 1;
                     self.mark_admitted();
                     let now = Instant::now();
@@ -233,6 +263,9 @@ impl Generation {
                     // Chat markers the model writes are not part of the answer.
                     if self.tokenizer.is_control(id) {
                         continue;
+                    }
+                    if let Some(logprob) = logprob {
+                        self.pending_logprobs.push(SampledLogprob { token: id, logprob });
                     }
                     let text = match self.tokenizer.decode_next(&mut self.decode, id) {
                         Ok(Some(text)) => text,
@@ -246,7 +279,7 @@ impl Generation {
                         return Some(self.end(text, Finish::Stop));
                     }
                     if !text.is_empty() {
-                        return Some(Piece::Text(text));
+                        return Some(Piece::Text { text, logprobs: std::mem::take(&mut self.pending_logprobs) });
                     }
                 }
                 Some(GenerateEvent::Finished(reason)) => {
@@ -282,7 +315,7 @@ impl Generation {
             finish = finish.as_str(),
             "generation finished"
         );
-        Piece::End { text, finish }
+        Piece::End { text, finish, logprobs: std::mem::take(&mut self.pending_logprobs) }
     }
 
     fn fail(&mut self, error: ApiError) -> Piece {

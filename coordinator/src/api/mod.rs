@@ -16,6 +16,7 @@ mod completions;
 mod dashboard;
 mod errors;
 mod generation;
+mod logprobs;
 mod metrics;
 mod models;
 mod params;
@@ -188,7 +189,8 @@ async fn off_reactor<T: Send + 'static>(
 }
 
 /// Hands a checked, tokenized request to the engine; `prompt_logprobs` asks for the
-/// prompt's scores with that many most likely tokens per position.
+/// prompt's scores with that many most likely tokens per position, `logprobs` for
+/// each generated token's.
 fn start(
     state: &AppState,
     request_id: &str,
@@ -196,10 +198,12 @@ fn start(
     max_tokens: usize,
     options: &Options,
     prompt_logprobs: Option<usize>,
+    logprobs: Option<usize>,
 ) -> Result<Generation, ApiError> {
     let prompt_len = prompt_tokens.len();
     tracing::info!(request_id, prompt_tokens = prompt_len, max_tokens, stream = options.stream, "generation starts");
-    let request = GenerateRequest { prompt_tokens, max_tokens, sampling: options.sampling.clone(), prompt_logprobs };
+    let request =
+        GenerateRequest { prompt_tokens, max_tokens, sampling: options.sampling.clone(), prompt_logprobs, logprobs };
     let engine = state.engine.as_ref();
     let events = engine.generate(request)?;
     Ok(Generation::new(

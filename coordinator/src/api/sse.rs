@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::Serialize;
 
-use super::generation::{Finish, Generation, Piece};
+use super::generation::{Finish, Generation, Piece, SampledLogprob};
 
 /// Token counts, as OpenAI reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -34,9 +34,10 @@ impl Usage {
 pub trait Chunks: Send + 'static {
     /// Sent before any text (chat announces the role).
     fn opening(&self) -> Option<String>;
-    fn text(&self, text: &str) -> String;
+    /// Text, with the log-probabilities of its tokens when the request asked.
+    fn text(&self, text: &str, logprobs: &[SampledLogprob]) -> String;
     /// The last chunk of the choice: its remaining text and why it ended.
-    fn finish(&self, text: &str, finish: Finish) -> String;
+    fn finish(&self, text: &str, finish: Finish, logprobs: &[SampledLogprob]) -> String;
     /// The chunk that carries the usage when the client asked for it.
     fn usage(&self, usage: Usage) -> String;
 }
@@ -68,10 +69,10 @@ impl<C: Chunks> Streamer<C> {
                     }
                 }
                 Phase::Running => match self.generation.next().await {
-                    Some(Piece::Text(text)) => return Some(data(self.chunks.text(&text))),
-                    Some(Piece::End { text, finish }) => {
+                    Some(Piece::Text { text, logprobs }) => return Some(data(self.chunks.text(&text, &logprobs))),
+                    Some(Piece::End { text, finish, logprobs }) => {
                         self.phase = if self.include_usage { Phase::Usage } else { Phase::Done };
-                        return Some(data(self.chunks.finish(&text, finish)));
+                        return Some(data(self.chunks.finish(&text, finish, &logprobs)));
                     }
                     // Headers are long gone: the error travels as an event, the way
                     // OpenAI's client libraries look for it.

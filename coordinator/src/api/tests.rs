@@ -343,7 +343,7 @@ async fn bad_requests_get_openai_errors() {
         (completion(json!({"frequency_penalty": 0.5})), StatusCode::BAD_REQUEST, Some("frequency_penalty")),
         (completion(json!({"presence_penalty": 1})), StatusCode::BAD_REQUEST, Some("presence_penalty")),
         (completion(json!({"stop": 3})), StatusCode::BAD_REQUEST, Some("stop")),
-        (completion(json!({"logprobs": 5})), StatusCode::BAD_REQUEST, Some("logprobs")),
+        (completion(json!({"logprobs": 21})), StatusCode::BAD_REQUEST, Some("logprobs")),
     ];
     for (body, status, param) in cases {
         let reply = post(&h.router, "/v1/completions", body.clone()).await;
@@ -381,6 +381,9 @@ async fn bad_requests_get_openai_errors() {
         (chat(json!({"messages": [{"role": "user", "content": long}]})), StatusCode::BAD_REQUEST, Some("messages")),
         (chat(json!({"temperature": 9})), StatusCode::BAD_REQUEST, Some("temperature")),
         (chat(json!({"n": 3, "stream": true})), StatusCode::BAD_REQUEST, Some("n")),
+        (chat(json!({"logprobs": true, "top_logprobs": 21})), StatusCode::BAD_REQUEST, Some("top_logprobs")),
+        (chat(json!({"top_logprobs": 2})), StatusCode::BAD_REQUEST, Some("top_logprobs")),
+        (chat(json!({"logprobs": "yes"})), StatusCode::BAD_REQUEST, Some("logprobs")),
     ];
     for (body, status, param) in cases {
         post(&h.router, "/v1/chat/completions", body).await.assert_error(status, param);
@@ -437,6 +440,85 @@ async fn models_and_health() {
     get(&h.router, "/v1/models/nope").await.assert_error(StatusCode::NOT_FOUND, Some("model"));
     let reply = get(&h.router, "/health").await;
     assert_eq!((reply.status, reply.json()), (StatusCode::OK, json!({"status": "ok"})));
+}
+
+/// Checks one token's chat logprob entry: its own logprob first among the `top`
+/// most likely under greedy decoding, the list sorted, every logprob at most 0.
+fn check_greedy_entry(entry: &Value, top: usize) {
+    let logprob = entry["logprob"].as_f64().unwrap();
+    assert!(logprob <= 0.0, "{entry}");
+    let tops = entry["top_logprobs"].as_array().unwrap();
+    assert_eq!(tops.len(), top, "{entry}");
+    assert_eq!((&tops[0]["token"], &tops[0]["logprob"]), (&entry["token"], &entry["logprob"]), "greedy: {entry}");
+    assert!(tops.windows(2).all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()), "{entry}");
+    let bytes = bytes_of(&entry["bytes"]);
+    match std::str::from_utf8(&bytes) {
+        Ok(text) => assert_eq!(text, entry["token"].as_str().unwrap(), "{entry}"),
+        // Part of a character: named by its bytes.
+        Err(_) => assert!(entry["token"].as_str().unwrap().starts_with("bytes:\\x"), "{entry}"),
+    }
+}
+
+fn bytes_of(list: &Value) -> Vec<u8> {
+    list.as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect()
+}
+
+#[tokio::test]
+async fn generated_tokens_come_with_their_logprobs_on_chat_and_completions_streamed_or_not() {
+    let h = harness();
+    let body = json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0,
+        "logprobs": true, "top_logprobs": 3,
+    });
+    let reply = post(&h.router, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let done = reply.json();
+    let content = done["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert!(!content.is_empty(), "{done}");
+    for entry in &content {
+        check_greedy_entry(entry, 3);
+    }
+    // The tokens' bytes together are the answer.
+    let joined: Vec<u8> = content.iter().flat_map(|e| bytes_of(&e["bytes"])).collect();
+    assert_eq!(String::from_utf8_lossy(&joined), done["choices"][0]["message"]["content"].as_str().unwrap(), "{done}");
+    // Streamed: the same entries, spread over the chunks that carry their text.
+    let mut streamed_body = body;
+    streamed_body["stream"] = json!(true);
+    let chunks = post(&h.router, "/v1/chat/completions", streamed_body).await.chunks();
+    let streamed: Vec<Value> =
+        chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array()).flatten().cloned().collect();
+    assert_eq!(streamed, content);
+    // Without asking, none.
+    let plain = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    assert!(post(&h.router, "/v1/chat/completions", plain).await.json()["choices"][0]["logprobs"].is_null());
+
+    // /v1/completions, the legacy shape: a logprob per token, the top ones by name.
+    let body = json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0, "logprobs": 2});
+    let done = post(&h.router, "/v1/completions", body.clone()).await.json();
+    let logprobs = &done["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = logprobs["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    // Control tokens (chat markers) count as generated but are not part of the text.
+    assert!(tokens.len() as u64 <= done["usage"]["completion_tokens"].as_u64().unwrap(), "{done}");
+    if !tokens.iter().any(|t| t.starts_with("bytes:")) {
+        assert_eq!(tokens.concat(), done["choices"][0]["text"].as_str().unwrap(), "{done}");
+    }
+    for (i, token) in tokens.iter().enumerate() {
+        let top = logprobs["top_logprobs"][i].as_object().unwrap();
+        assert!(top.len() <= 2 && top.contains_key(*token), "greedy: {done}");
+        assert_eq!(top[*token], logprobs["token_logprobs"][i], "{done}");
+    }
+    let offsets: Vec<u64> = logprobs["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{done}");
+    let mut streamed_body = body;
+    streamed_body["stream"] = json!(true);
+    let chunks = post(&h.router, "/v1/completions", streamed_body).await.chunks();
+    // Streamed: the same figures, the offsets running on across the chunks.
+    let streamed = |field: &str| -> Vec<Value> {
+        chunks.iter().filter_map(|c| c["choices"][0]["logprobs"][field].as_array()).flatten().cloned().collect()
+    };
+    assert_eq!(&streamed("token_logprobs"), logprobs["token_logprobs"].as_array().unwrap());
+    assert_eq!(&streamed("text_offset"), logprobs["text_offset"].as_array().unwrap());
 }
 
 #[tokio::test]
@@ -627,7 +709,7 @@ async fn a_request_that_timed_out_in_the_queue_answers_429() {
     // Admitted, a stream goes on as usual.
     let (_dir, router) = fake(|t| {
         let end = GenerateEvent::Finished(strata_model::generate::FinishReason::Length);
-        Ok(vec![GenerateEvent::Admitted, GenerateEvent::Token(token(t, "a")), end])
+        Ok(vec![GenerateEvent::Admitted, GenerateEvent::Token(token(t, "a"), None), end])
     });
     let chunks =
         post(&router, "/v1/completions", json!({"model": MODEL, "prompt": "hi", "stream": true})).await.chunks();
@@ -642,7 +724,7 @@ async fn a_request_beyond_the_planned_context_is_refused_with_both_numbers() {
     let limits = Limits { context: 64, context_source: ContextSource::Plan };
     let (_dir, router) = fake_limited(Some(limits), |t| {
         let end = GenerateEvent::Finished(strata_model::generate::FinishReason::Length);
-        Ok(vec![GenerateEvent::Token(token(t, "a")), end])
+        Ok(vec![GenerateEvent::Token(token(t, "a"), None), end])
     });
     let prompt: Vec<u32> = vec![5; 40];
     let request = json!({"model": MODEL, "prompt": prompt, "max_tokens": 30});
@@ -675,7 +757,7 @@ async fn an_unavailable_engine_answers_503() {
 async fn a_failure_mid_generation_is_reported() {
     let (_dir, router) = fake(|t| {
         Ok(vec![
-            GenerateEvent::Token(token(t, "a")),
+            GenerateEvent::Token(token(t, "a"), None),
             GenerateEvent::Failed(EngineError::Internal("worker 2 lost".into())),
         ])
     });
@@ -693,7 +775,7 @@ async fn a_failure_mid_generation_is_reported() {
 
 #[tokio::test]
 async fn an_engine_that_vanishes_is_an_error_not_a_hang() {
-    let (_dir, router) = fake(|t| Ok(vec![GenerateEvent::Token(token(t, "a"))]));
+    let (_dir, router) = fake(|t| Ok(vec![GenerateEvent::Token(token(t, "a"), None)]));
     let request = json!({"model": MODEL, "prompt": "hi"});
     post(&router, "/v1/completions", request).await.assert_error(StatusCode::INTERNAL_SERVER_ERROR, None);
 }

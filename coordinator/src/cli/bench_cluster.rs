@@ -144,13 +144,13 @@ fn single_process_decode(
 /// Decode speed of one request: tokens after the first over the time since the
 /// first arrived (prefill excluded).
 async fn one_stream(engine: &ClusterEngine, prompt: Vec<u32>, n: usize, path: ReturnPath) -> anyhow::Result<f64> {
-    let request = GenerateRequest { prompt_tokens: prompt, max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None };
+    let request = GenerateRequest { prompt_tokens: prompt, max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None };
     let mut rx = engine.generate_ignoring_eos(request, path)?;
     let mut first = None;
     let mut tokens = 0usize;
     while let Some(event) = rx.recv().await {
         match event {
-            GenerateEvent::Token(_) => {
+            GenerateEvent::Token(..) => {
                 tokens += 1;
                 first.get_or_insert_with(Instant::now);
             }
@@ -179,6 +179,7 @@ async fn aggregate(
             max_tokens: n,
             sampling: SamplingParams::greedy(),
             prompt_logprobs: None,
+            logprobs: None,
         };
         receivers.push(engine.generate_ignoring_eos(request, path)?);
     }
@@ -186,7 +187,7 @@ async fn aggregate(
     for mut rx in receivers {
         while let Some(event) = rx.recv().await {
             match event {
-                GenerateEvent::Token(_) => total += 1,
+                GenerateEvent::Token(..) => total += 1,
                 GenerateEvent::Admitted | GenerateEvent::PromptLogprobs(_) => {}
                 GenerateEvent::Finished(_) => break,
                 GenerateEvent::Failed(e) => anyhow::bail!("a benchmark request failed: {e}"),

@@ -174,7 +174,7 @@ async fn follow(
 ) -> anyhow::Result<()> {
     while let Some(event) = rx.recv().await {
         match event {
-            GenerateEvent::Token(t) => {
+            GenerateEvent::Token(t, _) => {
                 received.lock().unwrap_or_else(|p| p.into_inner()).tokens.push((Instant::now(), t));
                 progress.fetch_add(1, Ordering::Relaxed);
             }
@@ -211,7 +211,7 @@ async fn start_cluster(
 /// Time to the first token of a `len`-token prompt, and the step after it (one request).
 async fn prefill_and_step(engine: &ClusterEngine, vocab: usize, len: usize) -> anyhow::Result<(f64, f64)> {
     let request =
-        GenerateRequest { prompt_tokens: prompt_tokens(vocab, len, 99), max_tokens: 3, sampling: SamplingParams::greedy(), prompt_logprobs: None };
+        GenerateRequest { prompt_tokens: prompt_tokens(vocab, len, 99), max_tokens: 3, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None };
     let started = Instant::now();
     let received = Arc::new(Mutex::new(Received::default()));
     follow(engine.generate_ignoring_eos(request, ReturnPath::Direct)?, received.clone(), Arc::default()).await?;
@@ -244,6 +244,7 @@ async fn one(
             max_tokens: generate_before + TAIL,
             sampling: SamplingParams::greedy(),
             prompt_logprobs: None,
+            logprobs: None,
         };
         let received = Arc::new(Mutex::new(Received::default()));
         let progress = Arc::new(AtomicUsize::new(0));

@@ -108,6 +108,8 @@ struct Request {
     scoring: Option<PromptScoring>,
     /// Its span, the root of its trace.
     trace: RequestTrace,
+    /// Report each token's log-probability with this many most likely tokens.
+    logprobs: Option<usize>,
 }
 
 /// A prompt being scored: position `p` (0-based, `p + 1 < prompt.len()`) scores prompt
@@ -173,6 +175,11 @@ fn message(kind: stage_message::Kind) -> StageMessage {
     StageMessage { kind: Some(kind) }
 }
 
+/// A position's score as a stage reports it, as the engine's events carry it.
+fn token_logprob(score: v1::PositionScore) -> TokenLogprob {
+    TokenLogprob { logprob: score.logprob, top: score.top.into_iter().map(|t| (t.token, t.logprob)).collect() }
+}
+
 /// How request `r` is opened as sequence `seq`.
 fn open_sequence(r: &Request, seq: SeqId, stop_tokens: Vec<u32>) -> v1::OpenSequence {
     v1::OpenSequence {
@@ -182,6 +189,7 @@ fn open_sequence(r: &Request, seq: SeqId, stop_tokens: Vec<u32>) -> v1::OpenSequ
         end_position: r.end_position as u32,
         stop_tokens: if r.ignore_eos { Vec::new() } else { stop_tokens },
         traceparent: r.trace.traceparent(),
+        logprobs_top: r.logprobs.map(|top| top as u32),
     }
 }
 
@@ -337,6 +345,7 @@ impl Scheduler {
             id,
             Request {
                 trace,
+                logprobs: request.logprobs,
                 prompt: request.prompt_tokens,
                 sampling: sampling_to_proto(&request.sampling),
                 generated: Vec::new(),
@@ -518,10 +527,7 @@ impl Scheduler {
             };
             if slot.is_none() {
                 scoring.missing -= 1;
-                *slot = Some(TokenLogprob {
-                    logprob: score.logprob,
-                    top: score.top.into_iter().map(|t| (t.token, t.logprob)).collect(),
-                });
+                *slot = Some(token_logprob(score));
             }
         }
         if scoring.missing > 0 {
@@ -569,7 +575,7 @@ impl Scheduler {
             return self.finish(id, Some(GenerateEvent::Finished(FinishReason::Stop)));
         }
         r.generated.push(t.token);
-        let _ = r.events.try_send(GenerateEvent::Token(t.token));
+        let _ = r.events.try_send(GenerateEvent::Token(t.token, t.score.map(token_logprob)));
         if position + 1 >= r.end_position {
             return self.finish(id, Some(GenerateEvent::Finished(FinishReason::Length)));
         }
@@ -914,7 +920,7 @@ mod tests {
     }
 
     fn token(seq_id: u64, position: u32, token: u32) -> SchedulerMsg {
-        let t = v1::TokenSampled { seq_id, position, token, sent_unix_nanos: 0 };
+        let t = v1::TokenSampled { seq_id, position, token, sent_unix_nanos: 0, score: None };
         SchedulerMsg::Event { event: WorkerEvent { kind: Some(worker_event::Kind::Token(t)) } }
     }
 
@@ -947,7 +953,13 @@ mod tests {
 
         let (events, mut client) = mpsc::channel(16);
         let sampling = SamplingParams::greedy();
-        let request = GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 8, sampling, prompt_logprobs: None };
+        let request = GenerateRequest {
+            prompt_tokens: vec![5, 6, 7],
+            max_tokens: 8,
+            sampling,
+            prompt_logprobs: None,
+            logprobs: None,
+        };
         let start = SchedulerMsg::Start {
             id: RequestId(1),
             request,
@@ -982,7 +994,7 @@ mod tests {
         handled(&tx, token(3, 5, 42)).await;
         let got: Vec<u32> = std::iter::from_fn(|| client.try_recv().ok())
             .filter_map(|e| match e {
-                GenerateEvent::Token(t) => Some(t),
+                GenerateEvent::Token(t, _) => Some(t),
                 _ => None,
             })
             .collect();
@@ -1018,8 +1030,13 @@ mod tests {
 
     /// Request `id`: a three-token prompt and one token to generate.
     fn one_token(id: u64, events: mpsc::Sender<GenerateEvent>) -> SchedulerMsg {
-        let request =
-            GenerateRequest { prompt_tokens: vec![5, 6, 7], max_tokens: 1, sampling: SamplingParams::greedy(), prompt_logprobs: None };
+        let request = GenerateRequest {
+            prompt_tokens: vec![5, 6, 7],
+            max_tokens: 1,
+            sampling: SamplingParams::greedy(),
+            prompt_logprobs: None,
+            logprobs: None,
+        };
         let parent = tracing::Span::none();
         SchedulerMsg::Start { id: RequestId(id), request, direct: false, ignore_eos: true, events, parent }
     }

@@ -19,7 +19,7 @@ use strata_model::{
 };
 use tokio::sync::mpsc;
 
-use super::{Engine, EngineError, GenerateEvent, GenerateRequest, ModelCard};
+use super::{Engine, EngineError, GenerateEvent, GenerateRequest, ModelCard, TokenLogprob};
 
 /// How much a local engine takes on at once.
 #[derive(Debug, Clone)]
@@ -183,6 +183,8 @@ struct Sequence {
     cached: usize,
     generated: usize,
     max_tokens: usize,
+    /// Report each token's log-probability with this many most likely tokens.
+    logprobs: Option<usize>,
 }
 
 impl Sequence {
@@ -260,6 +262,7 @@ impl Worker {
                 cached: 0,
                 generated: 0,
                 max_tokens: job.request.max_tokens,
+                logprobs: job.request.logprobs,
             });
         }
     }
@@ -383,7 +386,8 @@ fn step_sequence(s: &mut Sequence, tokenizer: &Tokenizer, context: usize, logits
     }
     s.history.push(next);
     s.generated += 1;
-    if s.events.try_send(GenerateEvent::Token(next)).is_err() {
+    let logprob = s.logprobs.and_then(|top| TokenLogprob::of(&logits, next, top));
+    if s.events.try_send(GenerateEvent::Token(next, logprob)).is_err() {
         return Outcome::Cancelled;
     }
     if s.generated >= s.max_tokens || s.history.len() >= context {
@@ -409,7 +413,7 @@ pub(crate) mod tests {
     }
 
     fn request(prompt: &[u32], max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
-        GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens, sampling, prompt_logprobs: None }
+        GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens, sampling, prompt_logprobs: None, logprobs: None }
     }
 
     /// The reference: the same loop as `Generator`, on a private stage.
@@ -428,7 +432,7 @@ pub(crate) mod tests {
         let mut tokens = Vec::new();
         loop {
             match tokio::time::timeout(Duration::from_secs(60), events.recv()).await.expect("engine is stuck") {
-                Some(GenerateEvent::Token(t)) => tokens.push(t),
+                Some(GenerateEvent::Token(t, _)) => tokens.push(t),
                 Some(end) => return (tokens, end),
                 None => panic!("the channel closed without a final event"),
             }
@@ -534,9 +538,9 @@ pub(crate) mod tests {
         let mut events = engine.generate(request(&[1, 2, 3], 4000, SamplingParams::greedy())).unwrap();
         let mut other = engine.generate(request(&[1], 4000, SamplingParams::greedy())).unwrap();
         for _ in 0..3 {
-            assert!(matches!(events.recv().await, Some(GenerateEvent::Token(_))));
+            assert!(matches!(events.recv().await, Some(GenerateEvent::Token(..))));
         }
-        assert!(matches!(other.recv().await, Some(GenerateEvent::Token(_))));
+        assert!(matches!(other.recv().await, Some(GenerateEvent::Token(..))));
         assert!(engine.occupancy().sequences >= 1);
         drop(events);
         drop(other);
@@ -570,7 +574,7 @@ pub(crate) mod tests {
         // The tiny model never ends this one by itself (see above).
         let sampling = SamplingParams::greedy();
         let mut busy = engine.generate(request(&[1], 4000, sampling.clone())).unwrap();
-        assert!(matches!(busy.recv().await, Some(GenerateEvent::Token(_))));
+        assert!(matches!(busy.recv().await, Some(GenerateEvent::Token(..))));
         // One waits in the queue; the next finds it full.
         let _queued = engine.generate(request(&[1], 4000, sampling.clone())).unwrap();
         let err = engine.generate(request(&[1], 4000, sampling)).unwrap_err();

@@ -23,6 +23,9 @@ pub struct GenerateRequest {
     /// before it, with this many most likely tokens per position (1 to
     /// [`MAX_TOP_LOGPROBS`]), in one [`GenerateEvent::PromptLogprobs`] before any token.
     pub prompt_logprobs: Option<usize>,
+    /// Report each generated token's log-probability with this many most likely
+    /// tokens (0 to [`MAX_TOP_LOGPROBS`]; the argmax comes whatever the number).
+    pub logprobs: Option<usize>,
 }
 
 /// The most likely tokens a scored position reports at most (OpenAI's limit, which
@@ -48,6 +51,11 @@ impl GenerateRequest {
                 "prompt logprobs report 1 to {MAX_TOP_LOGPROBS} most likely tokens, not {top}"
             )));
         }
+        if let Some(top) = self.logprobs.filter(|&t| t > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::InvalidRequest(format!(
+                "logprobs report at most {MAX_TOP_LOGPROBS} most likely tokens, not {top}"
+            )));
+        }
         let needed = tokens.saturating_add(self.max_tokens);
         if needed > context {
             return Err(EngineError::ContextOverflow { tokens, needed, context });
@@ -67,7 +75,8 @@ pub enum GenerateEvent {
     /// The prompt's scores (requests with `prompt_logprobs`): entry `i` is for prompt
     /// token `i + 1` (the first token has no context to score it).
     PromptLogprobs(Vec<TokenLogprob>),
-    Token(u32),
+    /// A generated token, with its log-probability when the request asked.
+    Token(u32, Option<TokenLogprob>),
     Finished(FinishReason),
     Failed(EngineError),
 }
@@ -78,6 +87,15 @@ pub enum GenerateEvent {
 pub struct TokenLogprob {
     pub logprob: f64,
     pub top: Vec<(u32, f64)>,
+}
+
+impl TokenLogprob {
+    /// `token`'s log-probability under `logits`, with the `top` most likely tokens
+    /// (at least the argmax); `None` for a token outside the vocabulary.
+    pub fn of(logits: &[f32], token: u32, top: usize) -> Option<Self> {
+        let score = strata_model::perplexity::score_row(logits, token, top)?;
+        Some(Self { logprob: score.logprob, top: score.top })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

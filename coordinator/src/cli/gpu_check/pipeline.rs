@@ -125,6 +125,7 @@ async fn exercise(
         max_tokens: GENERATED,
         sampling: SamplingParams::greedy(),
         prompt_logprobs: None,
+        logprobs: None,
     };
     let engine = &cluster.engine;
     let first = collect(engine.generate_ignoring_eos(request(), ReturnPath::Direct)?, GENERATED).await?;
@@ -231,7 +232,7 @@ async fn collect_some(rx: &mut mpsc::Receiver<GenerateEvent>, n: usize) -> anyho
     let mut tokens = Vec::with_capacity(n);
     while tokens.len() < n {
         match rx.recv().await {
-            Some(GenerateEvent::Token(t)) => tokens.push(t),
+            Some(GenerateEvent::Token(t, _)) => tokens.push(t),
             Some(GenerateEvent::Admitted | GenerateEvent::PromptLogprobs(_)) => {}
             Some(GenerateEvent::Failed(e)) => anyhow::bail!("the request failed: {e}"),
             Some(GenerateEvent::Finished(_)) | None => {
