@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, Weak};
 use candle_core::{Device, DeviceLocation};
 
 use crate::gguf::ModelInfo;
+use crate::tokenizer::Tokenizer;
 
 /// One shareable piece of a stage's weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -85,6 +86,9 @@ struct Inner {
     /// Each model's hyper-parameters, so a stage whose parts are all here needs no
     /// file to read them from.
     infos: HashMap<String, ModelInfo>,
+    /// Each model's tokenizer, read by a last stage from a file: a last stage whose
+    /// parts are all here constrains its sampling with it too.
+    tokenizers: HashMap<String, Arc<Tokenizer>>,
 }
 
 impl Inner {
@@ -93,6 +97,7 @@ impl Inner {
         self.parts.retain(|_, e| e.value.strong_count() > 0);
         let parts = &self.parts;
         self.infos.retain(|model, _| parts.keys().any(|k| &k.model == model));
+        self.tokenizers.retain(|model, _| parts.keys().any(|k| &k.model == model));
     }
 }
 
@@ -141,6 +146,19 @@ impl WeightStore {
 
     pub(crate) fn remember_info(&self, model: &str, info: &ModelInfo) {
         self.lock().infos.entry(model.to_string()).or_insert_with(|| info.clone());
+    }
+
+    /// The tokenizer of `model` a stage remembered, while some stage holds a part of it.
+    pub fn tokenizer(&self, model: &str) -> Option<Arc<Tokenizer>> {
+        let mut inner = self.lock();
+        inner.prune();
+        inner.tokenizers.get(model).cloned()
+    }
+
+    /// Keeps `tokenizer` for the next stage of `model` that loads without a file;
+    /// call it once the stage holds its parts.
+    pub fn remember_tokenizer(&self, model: &str, tokenizer: Arc<Tokenizer>) {
+        self.lock().tokenizers.entry(model.to_string()).or_insert(tokenizer);
     }
 
     /// Whether some stage holds `part` of `model` on `device`'s location.

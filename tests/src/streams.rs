@@ -55,6 +55,9 @@ pub fn completion_body(prompt: &[u32], spec: &StreamSpec, seed: usize) -> serde_
     if let Some(p) = spec.repetition_penalty {
         body["repetition_penalty"] = json!(p);
     }
+    if let Some(format) = spec.response_format {
+        body["response_format"] = serde_json::from_str(format).expect("a response_format in JSON");
+    }
     body
 }
 
@@ -109,11 +112,19 @@ pub struct StreamSpec {
     /// own seed (its index), so its output is one fixed draw.
     pub temperature: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    /// The request's `response_format`, as JSON text.
+    pub response_format: Option<&'static str>,
+}
+
+impl StreamSpec {
+    /// Greedy, [`MAX_TOKENS`] each, free text (usable in a `const`).
+    pub const DEFAULT: Self =
+        Self { max_tokens: MAX_TOKENS, temperature: None, repetition_penalty: None, response_format: None };
 }
 
 impl Default for StreamSpec {
     fn default() -> Self {
-        Self { max_tokens: MAX_TOKENS, temperature: None, repetition_penalty: None }
+        Self::DEFAULT
     }
 }
 

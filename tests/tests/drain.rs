@@ -2,7 +2,8 @@
 //! greedy requests are in flight across three workers while one is drained, killed,
 //! or drained and brought back; every request completes with exactly the tokens
 //! an undisturbed run gives (greedy, and sampled with a seed). Drains run with each
-//! way of moving requests forced (`--move-sequences transfer` and `replay`).
+//! way of moving requests forced (`--move-sequences transfer` and `replay`), and
+//! output constrained to a JSON schema moves as exactly as free text.
 
 use std::ops::Range;
 use std::path::Path;
@@ -304,6 +305,56 @@ async fn seeded_sampled_outputs_survive_a_drain_and_a_kill_unchanged() -> anyhow
     assert_eq!(streams.finish().await?.texts, undisturbed, "after a drain");
 
     let streams = Streams::start_with(&addr, sampled);
+    streams.wait_until_running().await?;
+    cluster.kill_worker(2).await?;
+    assert_eq!(streams.finish().await?.texts, undisturbed, "after a killed worker");
+    cluster.stop().await;
+    Ok(())
+}
+
+/// Documents long enough to be mid-generation when the cluster is disturbed: a note
+/// of 100 to 110 letters and spaces, and a digit.
+const LONG_DOCUMENT: &str = r#"{"type": "json_schema", "json_schema": {"name": "note", "strict": true, "schema": {
+    "type": "object",
+    "properties": {
+        "note": {"type": "string", "pattern": "^[a-z ]{100,110}$"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 9}
+    },
+    "required": ["note", "n"],
+    "additionalProperties": false
+}}}"#;
+
+/// Output constrained to a JSON schema continues exactly across a drain (moved with
+/// its KV cache) and a killed worker (replayed): the new last stage's parser catches
+/// up on the tokens generated so far, so it masks exactly as the old one would have.
+#[tokio::test]
+async fn constrained_outputs_survive_a_drain_and_a_kill_unchanged_and_valid() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = synthetic_model(dir.path())?;
+    let mut cluster = start_moving(&model, "transfer").await?;
+    let addr = cluster.http().to_string();
+    let spec = StreamSpec { temperature: Some(1.0), response_format: Some(LONG_DOCUMENT), ..StreamSpec::default() };
+
+    let undisturbed = Streams::start_with(&addr, spec).finish().await?.texts;
+    for text in &undisturbed {
+        let document: Value = serde_json::from_str(text).with_context(|| format!("not JSON: {text:?}"))?;
+        let note = document["note"].as_str().context("no note")?;
+        assert!(
+            (100..=110).contains(&note.len()) && note.bytes().all(|b| b == b' ' || b.is_ascii_lowercase()),
+            "{text}"
+        );
+        assert!(document["n"].as_u64().is_some_and(|n| n <= 9), "{text}");
+        assert_eq!(document.as_object().map(|o| o.len()), Some(2), "{text}");
+    }
+
+    let streams = Streams::start_with(&addr, spec);
+    streams.wait_until_running().await?;
+    let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
+    assert_eq!(code, 200, "{report}");
+    assert!(moved(&report).0 > 0, "{report}");
+    assert_eq!(streams.finish().await?.texts, undisturbed, "after a drain");
+
+    let streams = Streams::start_with(&addr, spec);
     streams.wait_until_running().await?;
     cluster.kill_worker(2).await?;
     assert_eq!(streams.finish().await?.texts, undisturbed, "after a killed worker");

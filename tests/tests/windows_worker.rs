@@ -138,7 +138,7 @@ async fn the_windows_worker_yields_to_a_windows_game_and_comes_back() -> anyhow:
     let addr = cluster.http().to_string();
     assert!(holds_layers(&status(&addr).await?, "worker-1"));
 
-    let spec = StreamSpec { max_tokens: 3 * MAX_TOKENS, temperature: None, repetition_penalty: None };
+    let spec = StreamSpec { max_tokens: 3 * MAX_TOKENS, temperature: None, ..StreamSpec::DEFAULT };
     let streams = Streams::start_with(&addr, spec);
     streams.wait_until_running().await?;
     let playing = WindowsProgram::start(&wine, &game)?;

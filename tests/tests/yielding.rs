@@ -20,7 +20,7 @@ const GAME: &str = "strata-fake-game";
 
 /// Three times the drain tests': the worker notices the game within a poll (1 s),
 /// and the requests must still be running then (the context holds 512).
-const STREAMS: StreamSpec = StreamSpec { max_tokens: 3 * MAX_TOKENS, temperature: None, repetition_penalty: None };
+const STREAMS: StreamSpec = StreamSpec { max_tokens: 3 * MAX_TOKENS, temperature: None, ..StreamSpec::DEFAULT };
 
 /// The "game": a copy of `sleep` under the watched name, killed on drop.
 struct FakeGame(Child);

@@ -17,11 +17,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use strata_grammar::{Constraint, Grammar, LazyVocabulary};
 use strata_model::shard_file::ShardOrigin;
 use strata_model::stage::{LayerKv, StageOptions, WeightSources};
 use strata_model::{
     Device, LogitRows, ModelFile, Sampler, SamplingParams, Stage, StageInput, StageOutput, StageStep, Tensor,
-    WeightStore,
+    Tokenizer, WeightStore,
 };
 use strata_proto::v1::{self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype};
 use strata_proto::WorkerError;
@@ -125,7 +126,7 @@ pub async fn start(
     let thread = std::thread::Builder::new()
         .name(format!("strata-stage-{}", spec.stage_index))
         .spawn(move || {
-            let loaded = load(&spec).and_then(|stage| {
+            let loaded = load(&spec).and_then(|(stage, tokenizer)| {
                 let lock = match &spec.compute_lock {
                     Some(path) => Some(ComputeLock::open(path).map_err(|e| {
                         WorkerError::Internal(format!(
@@ -135,9 +136,9 @@ pub async fn start(
                     })?),
                     None => None,
                 };
-                Ok((stage, lock))
+                Ok((stage, lock, tokenizer))
             });
-            let (stage, lock) = match loaded {
+            let (stage, lock, tokenizer) = match loaded {
                 Ok(x) => x,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -160,6 +161,7 @@ pub async fn start(
                 layers: spec.layers.clone(),
                 wire_dtype: spec.wire_dtype,
                 sequences: HashMap::new(),
+                vocabulary: LazyVocabulary::new(tokenizer),
                 own: Vec::new(),
                 outputs,
                 hub,
@@ -192,7 +194,8 @@ pub async fn start(
     }
 }
 
-fn load(spec: &ComputeSpec) -> Result<Stage, WorkerError> {
+/// The stage, and on a last stage the model's tokenizer (for constrained sampling).
+fn load(spec: &ComputeSpec) -> Result<(Stage, Option<Arc<Tokenizer>>), WorkerError> {
     let files = spec
         .files
         .iter()
@@ -249,7 +252,7 @@ fn load(spec: &ComputeSpec) -> Result<Stage, WorkerError> {
         model: &spec.model_hash,
         files: &files,
     };
-    Stage::load_from(sources, spec.layers.clone(), &spec.device, StageOptions::default()).map_err(
+    let stage = Stage::load_from(sources, spec.layers.clone(), &spec.device, StageOptions::default()).map_err(
         |e| match e {
             strata_model::Error::LayerRange { start, end, layers } => WorkerError::ShardOutOfRange {
                 start: start as u32,
@@ -258,7 +261,29 @@ fn load(spec: &ComputeSpec) -> Result<Stage, WorkerError> {
             },
             other => WorkerError::Internal(format!("loading layers {:?}: {other}", spec.layers)),
         },
-    )
+    )?;
+    let tokenizer = stage.is_last().then(|| last_stage_tokenizer(spec, files.first().copied())).flatten();
+    Ok((stage, tokenizer))
+}
+
+/// The model's tokenizer, from the file a last stage loads from or, without one,
+/// as the store remembers it from an earlier stage. A file whose tokenizer cannot be
+/// read still serves unconstrained sequences: constrained ones fail, saying why.
+fn last_stage_tokenizer(spec: &ComputeSpec, file: Option<&ModelFile>) -> Option<Arc<Tokenizer>> {
+    let Some(file) = file else {
+        return spec.weights.tokenizer(&spec.model_hash);
+    };
+    match Tokenizer::from_gguf(file.metadata()) {
+        Ok(tokenizer) => {
+            let tokenizer = Arc::new(tokenizer);
+            spec.weights.remember_tokenizer(&spec.model_hash, tokenizer.clone());
+            Some(tokenizer)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the model's tokenizer cannot be read: constrained sampling is unavailable");
+            None
+        }
+    }
 }
 
 /// What a stage remembers of an open sequence.
@@ -273,6 +298,8 @@ struct Sequence {
     logprobs_top: Option<usize>,
     /// Its span on this stage, when the request is traced.
     trace: Option<StageTrace>,
+    /// Last stage only: the grammar its output follows (`OpenSequence.constraint`).
+    constraint: Option<Constraint>,
 }
 
 struct DirectReturn {
@@ -321,6 +348,9 @@ struct Compute {
     layers: Range<usize>,
     wire_dtype: WireDtype,
     sequences: HashMap<u64, Sequence>,
+    /// Last stage only: what constrained sequences' parsers are compiled against,
+    /// built when the first one opens.
+    vocabulary: LazyVocabulary,
     /// Direct-return frames of a stage that is both first and last: they go back
     /// into its own queue.
     own: Vec<Queued>,
@@ -432,6 +462,13 @@ impl Compute {
         } else {
             None
         };
+        let constraint = match self.constraint_of(&open) {
+            Ok(c) => c,
+            Err(message) => {
+                self.hub.sequence_error(seq, ErrorCode::BadFrame, message, self.stage_index);
+                return;
+            }
+        };
         // Opening again restarts the sequence.
         self.stage.release(seq);
         let direct = open.direct_return.then(|| DirectReturn {
@@ -447,6 +484,7 @@ impl Compute {
                 direct,
                 logprobs_top: logprobs_top(&open),
                 trace,
+                constraint,
             },
         );
         self.send_next(
@@ -455,6 +493,19 @@ impl Compute {
             },
             seq,
         );
+    }
+
+    /// The parser of a constrained sequence, on the last stage (the only one that
+    /// samples).
+    fn constraint_of(&mut self, open: &v1::OpenSequence) -> Result<Option<Constraint>, String> {
+        match &open.constraint {
+            Some(c) if self.stage.is_last() => {
+                let grammar = Grammar::from_wire(c.grammar.clone());
+                self.vocabulary.get().and_then(|v| v.constrain(&grammar, c.prompt_tokens as usize)).map(Some)
+            }
+            _ => Ok(None),
+        }
+        .map_err(|e| e.to_string())
     }
 
     fn release(&mut self, release: v1::ReleaseSequence) {
@@ -654,9 +705,16 @@ impl Compute {
                     return Err("no sampler for the sequence".into());
                 };
                 let position = sequence.history.len();
-                let token = sampler
-                    .sample(&logits, &sequence.history, position)
-                    .map_err(|e| e.to_string())?;
+                let token = match &mut sequence.constraint {
+                    // Masked on a copy: logprobs are the model's, not the grammar's.
+                    Some(constraint) => {
+                        let mut masked = logits.clone();
+                        constraint.mask(&sequence.history, &mut masked).map_err(|e| e.to_string())?;
+                        sampler.sample(&masked, &sequence.history, position)
+                    }
+                    None => sampler.sample(&logits, &sequence.history, position),
+                }
+                .map_err(|e| e.to_string())?;
                 let logprobs_top = sequence.logprobs_top;
                 let sent_unix_nanos = unix_nanos();
                 let feed_back = sequence.direct.as_ref().is_some_and(|d| {
@@ -879,6 +937,7 @@ impl Compute {
         } else {
             None
         };
+        let constraint = self.constraint_of(&open).map_err(WorkerError::BadFrame)?;
         self.stage.import_kv(seq, layers).map_err(kv_error)?;
         let trace = StageTrace::open(&open.traceparent, seq, self.stage_index, &self.layers);
         let logprobs_top = logprobs_top(&open);
@@ -887,7 +946,7 @@ impl Compute {
             .then_some(DirectReturn { end_position: open.end_position as usize, stop_tokens: open.stop_tokens });
         // The whole history, not just the next frame's token: the last stage samples
         // position `history.len()`, with a repetition penalty over all of it.
-        self.sequences.insert(seq, Sequence { sampler, history: tokens, direct, logprobs_top, trace });
+        self.sequences.insert(seq, Sequence { sampler, history: tokens, direct, logprobs_top, trace, constraint });
         self.gauges.sequences.store(self.sequences.len() as u32, Ordering::Relaxed);
         Ok(())
     }

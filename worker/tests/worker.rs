@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use futures::{Stream, StreamExt};
 use strata_model::stage::StageOptions;
 use strata_model::synthetic::SyntheticModel;
-use strata_model::{Device, Generator, ModelFile, SamplingParams};
+use strata_model::{Device, Generator, ModelFile, SamplingParams, Tokenizer};
 use strata_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_proto::v1::{
@@ -312,6 +312,26 @@ async fn bad_frames_fail_their_sequence_and_the_worker_goes_on() -> anyhow::Resu
         ErrorCode::PositionMismatch,
         "expected position 2, got 7",
     );
+
+    // A grammar that does not compile fails its sequence when it opens; one that
+    // does constrains the first token the last stage samples.
+    let constrained = |seq_id, grammar: &str| {
+        stage_message::Kind::Open(v1::OpenSequence {
+            seq_id,
+            sampling: Some(v1::SamplingParams { repetition_penalty: 1.0, ..Default::default() }),
+            constraint: Some(v1::OutputConstraint { grammar: grammar.into(), prompt_tokens: 2 }),
+            ..Default::default()
+        })
+    };
+    tx.send(constrained(7, "{"));
+    expect_error(events.next().await?, 7, ErrorCode::BadFrame, "grammar");
+    tx.send(constrained(8, strata_grammar::Grammar::json_object().as_wire()));
+    tx.frame(8, 0, vec![1, 2], Some(hidden_rows(2, width)), true);
+    let tokenizer = Tokenizer::from_gguf(ModelFile::open(&model.path)?.metadata())?;
+    match events.next().await? {
+        worker_event::Kind::Token(t) => assert!(tokenizer.decode(&[t.token])?.starts_with('{'), "{t:?}"),
+        other => panic!("expected a token, got {other:?}"),
+    }
 
     // A good sequence, sent after all that, is served; so is sequence 5 at the right position.
     tx.open_seq(6);
@@ -627,6 +647,7 @@ async fn generate_on(
         stop_tokens: vec![],
         traceparent: String::new(),
         logprobs_top: None,
+        constraint: None,
     }));
     tx.frame(seq, 0, prompt.to_vec(), None, true);
     let mut out = Vec::new();

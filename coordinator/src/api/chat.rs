@@ -181,7 +181,7 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let Begun { request_id, fields, card, options } = begin(&state, body, &["logprobs", "top_logprobs"])?;
+    let Begun { request_id, fields, card, options } = begin(&state, body, &["logprobs", "top_logprobs"]).await?;
     let top_logprobs = logprobs::chat_request(&fields)?;
     // `max_completion_tokens` replaced `max_tokens` in OpenAI's chat API; the newer wins.
     let requested = match params::max_tokens(&fields, "max_completion_tokens")? {

@@ -276,7 +276,7 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let Begun { request_id, fields, card, options } = begin(&state, body, &["echo", "logprobs"])?;
+    let Begun { request_id, fields, card, options } = begin(&state, body, &["echo", "logprobs"]).await?;
     let extras = extras(&fields, options.stream)?;
     let scoring = extras.scoring();
     // A scored prompt generates nothing: max_tokens 0 is what asks for that.

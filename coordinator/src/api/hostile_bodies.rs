@@ -128,12 +128,39 @@ fn body(chat: bool) -> impl Strategy<Value = Value> {
         .prop_map(|p| json!({"model": MODEL, "prompt": p, "max_tokens": 4}))
         .boxed()
     };
-    (base, proptest::collection::vec((key(), value()), 0..3)).prop_map(|(mut body, changes)| {
+    let format = proptest::option::weighted(0.3, response_format());
+    (base, format, proptest::collection::vec((key(), value()), 0..3)).prop_map(|(mut body, format, changes)| {
+        if let Some(format) = format {
+            body["response_format"] = format;
+        }
         for (k, v) in changes {
             body[k] = v;
         }
         body
     })
+}
+
+/// A `response_format`, mostly a JSON schema of random parts: the grammar compiler
+/// must refuse it or follow it, never fail otherwise.
+fn response_format() -> impl Strategy<Value = Value> {
+    const TYPES: &[&str] = &["object", "string", "integer", "number", "array", "boolean", "null", "nonsense"];
+    const KEYWORDS: &str = "properties items required enum minimum maximum minLength maxLength pattern minItems \
+                            maxItems additionalProperties anyOf $ref const format";
+    let keyword = proptest::sample::select(KEYWORDS.split_whitespace().map(str::to_string).collect::<Vec<_>>());
+    let schema = (proptest::sample::select(TYPES), proptest::collection::vec((keyword, value()), 0..4)).prop_map(
+        |(kind, keywords)| {
+            let mut schema = json!({ "type": kind });
+            for (k, v) in keywords {
+                schema[k] = v;
+            }
+            schema
+        },
+    );
+    prop_oneof![
+        1 => Just(json!({"type": "json_object"})),
+        4 => schema.prop_map(|s| json!({"type": "json_schema", "json_schema": {"name": "x", "schema": s}})),
+        1 => value().prop_map(|s| json!({"type": "json_schema", "json_schema": {"name": "x", "schema": s}})),
+    ]
 }
 
 /// Sends `bytes` to `route`; the status and the body, read to the end.

@@ -32,6 +32,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use strata_grammar::GrammarError;
 
 pub use auth::{ApiKeys, KeyError};
 pub use errors::ApiError;
@@ -157,7 +158,11 @@ fn new_request_id() -> String {
 /// body's fields, and the served model, checked against the one the body names.
 /// `accepted`: parameters other endpoints refuse that this one handles (see
 /// `params::options`).
-fn begin(state: &AppState, body: serde_json::Map<String, serde_json::Value>, accepted: &[&str]) -> Result<Begun, ApiError> {
+async fn begin(
+    state: &AppState,
+    body: serde_json::Map<String, serde_json::Value>,
+    accepted: &[&str],
+) -> Result<Begun, ApiError> {
     let request_id = new_request_id();
     let card = state.engine.model().clone();
     let span = tracing::Span::current();
@@ -166,6 +171,18 @@ fn begin(state: &AppState, body: serde_json::Map<String, serde_json::Value>, acc
     let fields = params::Fields::new(body);
     params::check_model(&fields, &card)?;
     let options = params::options(&fields, accepted)?;
+    if let Some(grammar) = options.constraint.clone() {
+        // Compiling a schema (and, the first time, the vocabulary) is CPU work.
+        off_reactor(&card, move |card| {
+            card.vocabulary.get().and_then(|v| v.check(&grammar)).map_err(|e| match e {
+                GrammarError::Invalid(message) => {
+                    ApiError::invalid("response_format", format!("invalid response_format schema: {message}"))
+                }
+                other => ApiError::internal(other.to_string()),
+            })
+        })
+        .await?;
+    }
     Ok(Begun { request_id, fields, card, options })
 }
 
@@ -202,8 +219,14 @@ fn start(
 ) -> Result<Generation, ApiError> {
     let prompt_len = prompt_tokens.len();
     tracing::info!(request_id, prompt_tokens = prompt_len, max_tokens, stream = options.stream, "generation starts");
-    let request =
-        GenerateRequest { prompt_tokens, max_tokens, sampling: options.sampling.clone(), prompt_logprobs, logprobs };
+    let request = GenerateRequest {
+        prompt_tokens,
+        max_tokens,
+        sampling: options.sampling.clone(),
+        prompt_logprobs,
+        logprobs,
+        constraint: options.constraint.clone(),
+    };
     let engine = state.engine.as_ref();
     let events = engine.generate(request)?;
     Ok(Generation::new(

@@ -8,6 +8,7 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use strata_grammar::Grammar;
 use strata_model::SamplingParams;
 
 use super::errors::ApiError;
@@ -59,6 +60,9 @@ pub struct Options {
     pub stream: bool,
     /// Streams end with a chunk carrying the usage.
     pub include_usage: bool,
+    /// The grammar the output follows (`response_format`), not yet checked against
+    /// the model's vocabulary (see `api::begin`).
+    pub constraint: Option<Grammar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,7 +148,38 @@ pub fn options(fields: &Fields, accepted: &[&str]) -> Result<Options, ApiError> 
     };
     let stream = fields.get::<bool>("stream")?.unwrap_or(false);
     let include_usage = fields.get::<StreamOptions>("stream_options")?.unwrap_or_default().include_usage;
-    Ok(Options { sampling, stop: stop_strings(fields)?, stream, include_usage })
+    Ok(Options { sampling, stop: stop_strings(fields)?, stream, include_usage, constraint: response_format(fields)? })
+}
+
+/// `response_format`: free text, any JSON object, or JSON valid under a schema (as
+/// OpenAI's `json_schema.schema`, or as llama.cpp's `json_object` with a `schema`).
+/// Output follows a schema whether or not it says `strict`.
+fn response_format(fields: &Fields) -> Result<Option<Grammar>, ApiError> {
+    const PARAM: &str = "response_format";
+    let Some(format) = fields.raw(PARAM) else {
+        return Ok(None);
+    };
+    let schema = |schema: &Value| {
+        Grammar::json_schema(schema)
+            .map(Some)
+            .map_err(|e| ApiError::invalid(PARAM, format!("invalid {PARAM} schema: {e}")))
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => match format.get("schema") {
+            Some(s) => schema(s),
+            None => Ok(Some(Grammar::json_object())),
+        },
+        Some("json_schema") => match format.get("json_schema").and_then(|j| j.get("schema")) {
+            Some(s) => schema(s),
+            None => Err(ApiError::invalid(PARAM, format!("a {PARAM} of type json_schema needs json_schema.schema"))),
+        },
+        Some(other) => Err(ApiError::unsupported(
+            PARAM,
+            format!("{PARAM} type `{other}` is not supported (text, json_object or json_schema)"),
+        )),
+        None => Err(ApiError::invalid(PARAM, format!("{PARAM} must be an object with a `type`"))),
+    }
 }
 
 fn stop_strings(fields: &Fields) -> Result<Vec<String>, ApiError> {
@@ -180,11 +215,6 @@ fn refuse_unsupported(fields: &Fields, accepted: &[&str]) -> Result<(), ApiError
     }
     if fields.get::<i64>("best_of")?.is_some_and(|b| b != 1) {
         return Err(ApiError::unsupported("best_of", "only best_of = 1 is supported"));
-    }
-    if let Some(format) = fields.raw("response_format") {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::unsupported("response_format", "only the `text` response_format is supported"));
-        }
     }
     Ok(())
 }
@@ -304,7 +334,10 @@ mod tests {
             (json!({"logprobs": 2}), "logprobs"),
             (json!({"echo": true}), "echo"),
             (json!({"best_of": 3}), "best_of"),
-            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"response_format": {"type": "regex"}}), "response_format"),
+            (json!({"response_format": {"type": "json_schema"}}), "response_format"),
+            (json!({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}}), "response_format"),
+            (json!({"response_format": "json"}), "response_format"),
             (json!({"tools": [{"type": "function"}]}), "tools"),
         ] {
             let err = options(&fields(body.clone()), &[]).unwrap_err();

@@ -682,12 +682,12 @@ fn fake_limited(
     let dir = tempfile::tempdir().unwrap();
     let file = ModelFile::open(SyntheticModel::tiny().write_to(dir.path()).unwrap()).unwrap();
     let answer = answer(&tokenizer(&file));
-    let card = ModelCard {
-        id: MODEL.into(),
-        context_length: 256,
-        tokenizer: Arc::new(tokenizer(&file)),
-        chat_template: Arc::new(ChatTemplate::from_gguf(file.metadata()).unwrap()),
-    };
+    let card = ModelCard::new(
+        MODEL.into(),
+        256,
+        Arc::new(tokenizer(&file)),
+        Arc::new(ChatTemplate::from_gguf(file.metadata()).unwrap()),
+    );
     let limits = limits.unwrap_or_else(|| Limits::of_model(&card));
     (dir, router(Arc::new(FakeEngine { card, limits, answer }), None, ApiKeys::default()))
 }

@@ -144,7 +144,7 @@ fn single_process_decode(
 /// Decode speed of one request: tokens after the first over the time since the
 /// first arrived (prefill excluded).
 async fn one_stream(engine: &ClusterEngine, prompt: Vec<u32>, n: usize, path: ReturnPath) -> anyhow::Result<f64> {
-    let request = GenerateRequest { prompt_tokens: prompt, max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None };
+    let request = GenerateRequest { prompt_tokens: prompt, max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None, constraint: None };
     let mut rx = engine.generate_ignoring_eos(request, path)?;
     let mut first = None;
     let mut tokens = 0usize;
@@ -180,6 +180,7 @@ async fn aggregate(
             sampling: SamplingParams::greedy(),
             prompt_logprobs: None,
             logprobs: None,
+            constraint: None,
         };
         receivers.push(engine.generate_ignoring_eos(request, path)?);
     }

@@ -211,7 +211,7 @@ async fn start_cluster(
 /// Time to the first token of a `len`-token prompt, and the step after it (one request).
 async fn prefill_and_step(engine: &ClusterEngine, vocab: usize, len: usize) -> anyhow::Result<(f64, f64)> {
     let request =
-        GenerateRequest { prompt_tokens: prompt_tokens(vocab, len, 99), max_tokens: 3, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None };
+        GenerateRequest { prompt_tokens: prompt_tokens(vocab, len, 99), max_tokens: 3, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None, constraint: None };
     let started = Instant::now();
     let received = Arc::new(Mutex::new(Received::default()));
     follow(engine.generate_ignoring_eos(request, ReturnPath::Direct)?, received.clone(), Arc::default()).await?;
@@ -245,6 +245,7 @@ async fn one(
             sampling: SamplingParams::greedy(),
             prompt_logprobs: None,
             logprobs: None,
+            constraint: None,
         };
         let received = Arc::new(Mutex::new(Received::default()));
         let progress = Arc::new(AtomicUsize::new(0));

@@ -41,7 +41,7 @@ impl ServedModel {
         let content_hash = sha256_file(path).map_err(|source| ClusterError::Io { path: path.to_path_buf(), source })?;
         let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
         let chat_template = Arc::new(ChatTemplate::from_gguf(file.metadata()).map_err(strata_model::Error::from)?);
-        let card = ModelCard { id: model_id, context_length: file.info().context_length, tokenizer, chat_template };
+        let card = ModelCard::new(model_id, file.info().context_length, tokenizer, chat_template);
         let shard_dir = tempfile::Builder::new()
             .prefix("strata-shards-")
             .tempdir()

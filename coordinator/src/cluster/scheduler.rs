@@ -110,6 +110,8 @@ struct Request {
     trace: RequestTrace,
     /// Report each token's log-probability with this many most likely tokens.
     logprobs: Option<usize>,
+    /// The grammar its output follows, as every opening of it carries it.
+    constraint: Option<v1::OutputConstraint>,
 }
 
 /// A prompt being scored: position `p` (0-based, `p + 1 < prompt.len()`) scores prompt
@@ -190,6 +192,7 @@ fn open_sequence(r: &Request, seq: SeqId, stop_tokens: Vec<u32>) -> v1::OpenSequ
         stop_tokens: if r.ignore_eos { Vec::new() } else { stop_tokens },
         traceparent: r.trace.traceparent(),
         logprobs_top: r.logprobs.map(|top| top as u32),
+        constraint: r.constraint.clone(),
     }
 }
 
@@ -346,6 +349,10 @@ impl Scheduler {
             Request {
                 trace,
                 logprobs: request.logprobs,
+                constraint: request.constraint.map(|grammar| v1::OutputConstraint {
+                    grammar: grammar.as_wire().to_owned(),
+                    prompt_tokens: request.prompt_tokens.len() as u32,
+                }),
                 prompt: request.prompt_tokens,
                 sampling: sampling_to_proto(&request.sampling),
                 generated: Vec::new(),
@@ -959,6 +966,7 @@ mod tests {
             sampling,
             prompt_logprobs: None,
             logprobs: None,
+            constraint: None,
         };
         let start = SchedulerMsg::Start {
             id: RequestId(1),
@@ -1036,6 +1044,7 @@ mod tests {
             sampling: SamplingParams::greedy(),
             prompt_logprobs: None,
             logprobs: None,
+            constraint: None,
         };
         let parent = tracing::Span::none();
         SchedulerMsg::Start { id: RequestId(id), request, direct: false, ignore_eos: true, events, parent }

@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 
+use strata_grammar::Constraint;
 use strata_model::generate::FinishReason;
 use strata_model::stage::StageOptions;
 use strata_model::{
@@ -72,6 +73,7 @@ struct Job {
     seq: SeqId,
     request: GenerateRequest,
     sampler: Sampler,
+    constraint: Option<Constraint>,
     events: mpsc::Sender<GenerateEvent>,
 }
 
@@ -112,12 +114,7 @@ impl LocalEngine {
         // sequence, so the stage need not cut them again.
         let options = StageOptions { prefill_chunk: config.max_batch_tokens };
         let stage = Stage::load(file, 0..file.info().layers, device, options)?;
-        let card = ModelCard {
-            id: model_id,
-            context_length: file.info().context_length,
-            tokenizer: tokenizer.clone(),
-            chat_template,
-        };
+        let card = ModelCard::new(model_id, file.info().context_length, tokenizer.clone(), chat_template);
         let (jobs, inbox) = std_mpsc::sync_channel(config.queue);
         let occupancy = Arc::new(SharedOccupancy::default());
         let worker = Worker {
@@ -158,11 +155,21 @@ impl Engine for LocalEngine {
             ));
         }
         let sampler = Sampler::new(&request.sampling).map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        let constraint = match &request.constraint {
+            Some(grammar) => Some(
+                self.card
+                    .vocabulary
+                    .get()
+                    .and_then(|v| v.constrain(grammar, request.prompt_tokens.len()))
+                    .map_err(|e| EngineError::InvalidRequest(e.to_string()))?,
+            ),
+            None => None,
+        };
         // Room for every event the request can produce, so the compute thread never
         // waits on a slow reader and never has to drop a token.
         let (events, receiver) = mpsc::channel(request.max_tokens + 1);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        match self.jobs.try_send(Job { seq, request, sampler, events }) {
+        match self.jobs.try_send(Job { seq, request, sampler, constraint, events }) {
             Ok(()) => Ok(receiver),
             Err(std_mpsc::TrySendError::Full(_)) => Err(EngineError::Unavailable("the request queue is full".into())),
             Err(std_mpsc::TrySendError::Disconnected(_)) => {
@@ -185,6 +192,8 @@ struct Sequence {
     max_tokens: usize,
     /// Report each token's log-probability with this many most likely tokens.
     logprobs: Option<usize>,
+    /// The grammar its output follows.
+    constraint: Option<Constraint>,
 }
 
 impl Sequence {
@@ -263,6 +272,7 @@ impl Worker {
                 generated: 0,
                 max_tokens: job.request.max_tokens,
                 logprobs: job.request.logprobs,
+                constraint: job.constraint,
             });
         }
     }
@@ -377,7 +387,18 @@ fn step_sequence(s: &mut Sequence, tokenizer: &Tokenizer, context: usize, logits
         Ok(l) => l,
         Err(e) => return Outcome::Done(GenerateEvent::Failed(EngineError::Internal(e.to_string()))),
     };
-    let next = match s.sampler.sample(&logits, &s.history, s.history.len()) {
+    let sampled = match &mut s.constraint {
+        // Masked on a copy: logprobs are the model's, as on a cluster's last stage.
+        Some(constraint) => {
+            let mut masked = logits.clone();
+            match constraint.mask(&s.history, &mut masked) {
+                Ok(()) => s.sampler.sample(&masked, &s.history, s.history.len()),
+                Err(e) => return Outcome::Done(GenerateEvent::Failed(EngineError::Internal(e.to_string()))),
+            }
+        }
+        None => s.sampler.sample(&logits, &s.history, s.history.len()),
+    };
+    let next = match sampled {
         Ok(t) => t,
         Err(e) => return Outcome::Done(GenerateEvent::Failed(EngineError::Internal(e.to_string()))),
     };
@@ -413,7 +434,14 @@ pub(crate) mod tests {
     }
 
     fn request(prompt: &[u32], max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
-        GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens, sampling, prompt_logprobs: None, logprobs: None }
+        GenerateRequest {
+            prompt_tokens: prompt.to_vec(),
+            max_tokens,
+            sampling,
+            prompt_logprobs: None,
+            logprobs: None,
+            constraint: None,
+        }
     }
 
     /// The reference: the same loop as `Generator`, on a private stage.

@@ -8,6 +8,7 @@ pub mod local;
 
 use std::sync::Arc;
 
+use strata_grammar::{Grammar, LazyVocabulary};
 use strata_model::generate::FinishReason;
 use strata_model::{ChatTemplate, SamplingParams, Tokenizer};
 use tokio::sync::mpsc;
@@ -26,6 +27,9 @@ pub struct GenerateRequest {
     /// Report each generated token's log-probability with this many most likely
     /// tokens (0 to [`MAX_TOP_LOGPROBS`]; the argmax comes whatever the number).
     pub logprobs: Option<usize>,
+    /// The grammar the generated tokens follow (a response_format), already checked
+    /// against the model's vocabulary.
+    pub constraint: Option<Grammar>,
 }
 
 /// The most likely tokens a scored position reports at most (OpenAI's limit, which
@@ -123,6 +127,15 @@ pub struct ModelCard {
     pub context_length: usize,
     pub tokenizer: Arc<Tokenizer>,
     pub chat_template: Arc<ChatTemplate>,
+    /// The tokenizer's vocabulary for constrained output, built on first use.
+    pub vocabulary: Arc<LazyVocabulary>,
+}
+
+impl ModelCard {
+    pub fn new(id: String, context_length: usize, tokenizer: Arc<Tokenizer>, chat_template: Arc<ChatTemplate>) -> Self {
+        let vocabulary = Arc::new(LazyVocabulary::new(Some(tokenizer.clone())));
+        Self { id, context_length, tokenizer, chat_template, vocabulary }
+    }
 }
 
 /// What set an engine's context limit, for the errors that name it.

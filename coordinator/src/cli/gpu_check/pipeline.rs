@@ -126,6 +126,7 @@ async fn exercise(
         sampling: SamplingParams::greedy(),
         prompt_logprobs: None,
         logprobs: None,
+        constraint: None,
     };
     let engine = &cluster.engine;
     let first = collect(engine.generate_ignoring_eos(request(), ReturnPath::Direct)?, GENERATED).await?;

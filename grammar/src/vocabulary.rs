@@ -1,0 +1,117 @@
+//! The model's vocabulary as llguidance sees it.
+
+use std::sync::{Arc, OnceLock};
+
+use llguidance::toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie};
+use llguidance::{Matcher, ParserFactory};
+use strata_model::Tokenizer;
+
+use crate::{Constraint, Grammar, GrammarError};
+
+/// Every token's bytes in llguidance's token trie, and the parser factory over it.
+/// Building it takes a while (tens of milliseconds on a 50k vocabulary): once per
+/// model per process.
+pub struct Vocabulary {
+    factory: Arc<ParserFactory>,
+    /// Tokens that end a generation: allowed wherever the grammar may end.
+    end_tokens: Arc<[u32]>,
+    size: usize,
+}
+
+/// Marks a control token's bytes in the trie: llguidance never matches it as text.
+const SPECIAL: u8 = TokTrie::SPECIAL_TOKEN_MARKER;
+
+impl Vocabulary {
+    pub fn new(tokenizer: &Tokenizer) -> Result<Self, GrammarError> {
+        let size = tokenizer.vocab_size();
+        let end_tokens: Arc<[u32]> = tokenizer.eos_tokens().into();
+        let Some(&eos) = end_tokens.first() else {
+            return Err(GrammarError::Vocabulary("the model names no end-of-generation token".into()));
+        };
+        let words: Vec<Vec<u8>> = (0..size as u32)
+            .map(|id| {
+                let bytes = tokenizer.token_bytes(id).unwrap_or_default();
+                if tokenizer.is_control(id) || bytes.is_empty() {
+                    let name = tokenizer.vocab_entry(id).unwrap_or_default();
+                    std::iter::once(SPECIAL).chain(name.bytes()).collect()
+                } else {
+                    bytes.to_vec()
+                }
+            })
+            .collect();
+        let info = TokRxInfo {
+            vocab_size: size as u32,
+            tok_eos: eos,
+            tok_bos: tokenizer.bos_token(),
+            tok_pad: None,
+            tok_unk: None,
+            tok_end_of_turn: None,
+        };
+        let env = Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
+        let mut factory = ParserFactory::new_simple(&(env as llguidance::toktrie::TokEnv))
+            .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
+        // Its warnings would go to stderr: a grammar's problems come back as errors.
+        factory.quiet();
+        Ok(Self { factory: Arc::new(factory), end_tokens, size })
+    }
+
+    /// Compiles `grammar` into a fresh parser: the check that refuses a bad grammar.
+    pub fn check(&self, grammar: &Grammar) -> Result<(), GrammarError> {
+        self.matcher(grammar).map(drop)
+    }
+
+    /// The constraint of a sequence whose first `prompt_tokens` tokens are its prompt.
+    pub fn constrain(&self, grammar: &Grammar, prompt_tokens: usize) -> Result<Constraint, GrammarError> {
+        let matcher = self.matcher(grammar)?;
+        Ok(Constraint::new(
+            matcher,
+            grammar.clone(),
+            self.factory.clone(),
+            self.end_tokens.clone(),
+            prompt_tokens,
+            self.size,
+        ))
+    }
+
+    fn matcher(&self, grammar: &Grammar) -> Result<Matcher, GrammarError> {
+        new_matcher(&self.factory, grammar)
+    }
+}
+
+pub(crate) fn new_matcher(factory: &ParserFactory, grammar: &Grammar) -> Result<Matcher, GrammarError> {
+    let parser = factory.create_parser(grammar.top_level()?).map_err(|e| GrammarError::Invalid(e.to_string()))?;
+    let matcher = Matcher::new(Ok(parser));
+    match matcher.get_error() {
+        Some(e) => Err(GrammarError::Invalid(e)),
+        None => Ok(matcher),
+    }
+}
+
+/// A model's [`Vocabulary`], built the first time a constraint needs it: a process
+/// that never sees a constrained request never pays for it.
+pub struct LazyVocabulary {
+    tokenizer: Option<Arc<Tokenizer>>,
+    built: OnceLock<Result<Vocabulary, String>>,
+}
+
+impl LazyVocabulary {
+    /// `None`: the model's tokenizer could not be had, and every constraint fails,
+    /// saying so.
+    pub fn new(tokenizer: Option<Arc<Tokenizer>>) -> Self {
+        Self { tokenizer, built: OnceLock::new() }
+    }
+
+    pub fn get(&self) -> Result<&Vocabulary, GrammarError> {
+        let built = self.built.get_or_init(|| match &self.tokenizer {
+            Some(tokenizer) => Vocabulary::new(tokenizer).map_err(|e| e.to_string()),
+            None => Err("the model's tokenizer is not available here".into()),
+        });
+        built.as_ref().map_err(|e| GrammarError::Vocabulary(e.clone()))
+    }
+}
+
+impl std::fmt::Debug for LazyVocabulary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyVocabulary").field("built", &self.built.get().map(|b| b.is_ok())).finish()
+    }
+}

@@ -1,0 +1,149 @@
+//! Output constrained to a JSON schema, through a coordinator and three workers:
+//! OpenAI's official Python client asks for `json_schema` (strict) twenty times at
+//! temperature 1 and every answer validates under the schema (Python's
+//! `jsonschema`), streamed too; `json_object` gives an object; a malformed schema is
+//! a 400 naming `response_format`. A seeded constrained completion equals one
+//! process's to the token. The model is random-weight: only the constraint makes
+//! its output JSON at all.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::json;
+use strata_coordinator::cli::http;
+use strata_coordinator::engine::local::LocalEngine;
+use strata_coordinator::engine::{Engine, GenerateEvent, GenerateRequest};
+use strata_grammar::Grammar;
+use strata_model::synthetic::SyntheticModel;
+use strata_model::{Device, ModelFile, SamplingParams, Tokenizer};
+use strata_tests::{python, ClusterOptions, TestCluster};
+
+/// Six layers, so three workers hold two each.
+fn synthetic(dir: &Path) -> PathBuf {
+    SyntheticModel { layers: 6, ..SyntheticModel::tiny() }.write_to(dir).unwrap()
+}
+
+/// A schema with what schemas hold: nested objects, enums, bounded numbers and
+/// strings, arrays, optional properties.
+const SCHEMA: &str = r#"{
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "pattern": "^[A-Z][a-z]{1,8}$"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["city", "zip"],
+            "additionalProperties": false
+        },
+        "scores": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 1, "maxItems": 3},
+        "active": {"type": "boolean"}
+    },
+    "required": ["name", "age", "role", "address", "scores"],
+    "additionalProperties": false
+}"#;
+
+const CLIENT: &str = r#"
+import json, sys, jsonschema, openai
+base, schema = sys.argv[1], json.loads(sys.argv[2])
+client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=120)
+messages = [{"role": "user", "content": "Describe a person as JSON."}]
+fmt = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": schema}}
+for i in range(20):
+    chat = client.chat.completions.create(model="test-model", messages=messages, max_tokens=200, temperature=1,
+                                          response_format=fmt)
+    choice = chat.choices[0]
+    assert choice.finish_reason == "stop", chat
+    jsonschema.validate(json.loads(choice.message.content), schema)
+text = ""
+for chunk in client.chat.completions.create(model="test-model", messages=messages, max_tokens=200, temperature=1,
+                                            response_format=fmt, stream=True):
+    if chunk.choices and chunk.choices[0].delta.content:
+        text += chunk.choices[0].delta.content
+jsonschema.validate(json.loads(text), schema)
+chat = client.chat.completions.create(model="test-model", messages=messages, max_tokens=200, temperature=1,
+                                      response_format={"type": "json_object"})
+assert isinstance(json.loads(chat.choices[0].message.content), dict), chat
+for bad in [{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}},
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no such type"}}},
+            {"type": "json_schema", "json_schema": {"name": "x"}},
+            {"type": "grammar"}]:
+    try:
+        client.chat.completions.create(model="test-model", messages=messages, max_tokens=5, response_format=bad)
+        sys.exit(f"accepted {bad}")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400 and e.param == "response_format", (bad, e)
+print("structured output ok")
+"#;
+
+fn has_client() -> bool {
+    python().args(["-c", "import openai, jsonschema"]).status().is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_schema_output_through_three_workers_validates_and_equals_one_process() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = synthetic(dir.path());
+    let cluster = TestCluster::start(&model, &ClusterOptions::default()).await?;
+    assert_eq!(cluster.stage_lines.len(), 3, "{:?}", cluster.stage_lines);
+
+    // Seeded and sampled, a constrained completion is the same tokens as one process's.
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA)?;
+    let prompt = [5u32, 80, 120, 33];
+    let body = json!({
+        "model": "test-model", "prompt": prompt, "max_tokens": 200, "temperature": 1, "seed": 7,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+    });
+    let reply = http::request(cluster.http(), "POST", "/v1/completions", Some(&body)).await?.json()?;
+    let text = reply["choices"][0]["text"].as_str().context("no text")?.to_owned();
+    let sampling = SamplingParams { temperature: 1.0, seed: 7, ..SamplingParams::greedy() };
+    let local = local_tokens(&model, &prompt, 200, sampling, Grammar::json_schema(&schema)?).await?;
+    let tokenizer = Tokenizer::from_gguf(ModelFile::open(&model)?.metadata())?;
+    assert_eq!(text, tokenizer.decode(&local)?, "{reply}");
+    assert_eq!(reply["choices"][0]["finish_reason"], "stop", "{reply}");
+    serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("not JSON: {text}"))?;
+
+    if !has_client() {
+        eprintln!("SKIPPED: the openai and jsonschema Python packages are not installed (.ci/run installs them)");
+        cluster.stop().await;
+        return Ok(());
+    }
+    let base = format!("http://{}/v1", cluster.http());
+    let out = tokio::task::spawn_blocking(move || python().args(["-c", CLIENT, &base, SCHEMA]).output()).await??;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("structured output ok"), "{stdout}\n{stderr}");
+    cluster.stop().await;
+    Ok(())
+}
+
+/// The tokens one process (the local engine) generates under `grammar`.
+async fn local_tokens(
+    model: &Path,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: SamplingParams,
+    grammar: Grammar,
+) -> anyhow::Result<Vec<u32>> {
+    let file = ModelFile::open(model)?;
+    let engine = LocalEngine::start(&file, &Device::Cpu, "test-model".into())?;
+    let request = GenerateRequest {
+        prompt_tokens: prompt.to_vec(),
+        max_tokens,
+        sampling,
+        prompt_logprobs: None,
+        logprobs: None,
+        constraint: Some(grammar),
+    };
+    let mut events = engine.generate(request)?;
+    let mut tokens = Vec::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            GenerateEvent::Token(id, _) => tokens.push(id),
+            GenerateEvent::Finished(_) => return Ok(tokens),
+            GenerateEvent::Failed(e) => anyhow::bail!("{e}"),
+            _ => {}
+        }
+    }
+    anyhow::bail!("the engine stopped without finishing")
+}
