@@ -37,6 +37,12 @@ impl Constraint {
     /// grammar may end, every end-of-generation token is allowed; once it must end,
     /// only they are.
     pub fn mask(&mut self, history: &[u32], logits: &mut [f32]) -> Result<(), GrammarError> {
+        // A fault in the parser fails this sequence, not the stage's compute thread.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.mask_unguarded(history, logits)))
+            .unwrap_or_else(|_| Err(GrammarError::Parser("the parser panicked".into())))
+    }
+
+    fn mask_unguarded(&mut self, history: &[u32], logits: &mut [f32]) -> Result<(), GrammarError> {
         self.catch_up(history)?;
         let allowed = self.matcher.compute_mask_or_eos().map_err(parser_error)?;
         let may_end = self.end_tokens.iter().any(|&t| allowed.is_allowed(t));

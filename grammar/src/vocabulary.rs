@@ -79,7 +79,11 @@ impl Vocabulary {
 }
 
 pub(crate) fn new_matcher(factory: &ParserFactory, grammar: &Grammar) -> Result<Matcher, GrammarError> {
-    let parser = factory.create_parser(grammar.top_level()?).map_err(|e| GrammarError::Invalid(e.to_string()))?;
+    let top_level = grammar.top_level()?;
+    // A grammar the compiler chokes on is refused like one it rejects.
+    let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(top_level)))
+        .map_err(|_| GrammarError::Invalid("the grammar compiler panicked on it".into()))?
+        .map_err(|e| GrammarError::Invalid(e.to_string()))?;
     let matcher = Matcher::new(Ok(parser));
     match matcher.get_error() {
         Some(e) => Err(GrammarError::Invalid(e)),
