@@ -53,16 +53,39 @@ pub enum Role {
     Tool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: Role,
     pub content: String,
+    /// An assistant turn's calls, as Hugging Face templates read them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into() }
+        Self { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
     }
+}
+
+/// One call an assistant turn made, in the shape templates expect:
+/// `{"id", "type": "function", "function": {"name", "arguments"}}`, the arguments an
+/// object (templates write them with `tojson`), not OpenAI's JSON string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: serde_json::Value,
 }
 
 pub struct ChatTemplate {
@@ -141,9 +164,27 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template formats a `tools` list itself (Hermes/Qwen, Llama 3.x,
+    /// Mistral templates do); others never see one.
+    pub fn takes_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// As [`ChatTemplate::render`], with the request's `tools` (OpenAI's list of
+    /// `{"type": "function", "function": {...}}`) passed to the template as `tools`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatTemplateError::Invalid(describe(&e)))?;
         let context = minijinja::context! {
             messages => JinjaValue::from_serialize(messages),
+            tools => tools.map(JinjaValue::from_serialize),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
@@ -387,6 +428,32 @@ fn format_time(unix_seconds: i64, format: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A template in the Hermes/Qwen manner: the tools in the system turn, calls as
+    /// `<tool_call>` tags with their arguments written by `tojson`.
+    #[test]
+    fn tools_and_calls_reach_a_template_that_takes_them() {
+        let source = "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}\
+            {% for m in messages %}[{{ m.role }}]{{ m.content }}{% for c in m.tool_calls %}<tool_call>{{ c.function.name }} \
+            {{ c.function.arguments | tojson }}</tool_call>{% endfor %}{% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}\
+            {% endfor %}";
+        let template = ChatTemplate::new(source, "", "").unwrap();
+        assert!(template.takes_tools() && !ChatTemplate::new(CHATML_TEMPLATE, "", "").unwrap().takes_tools());
+        let call = ToolCall {
+            id: "c1".into(),
+            kind: "function".into(),
+            function: FunctionCall { name: "add".into(), arguments: serde_json::json!({"a": 1}) },
+        };
+        let messages = [
+            ChatMessage::new(Role::User, "sum"),
+            ChatMessage { tool_calls: vec![call], ..ChatMessage::new(Role::Assistant, "") },
+            ChatMessage { tool_call_id: Some("c1".into()), ..ChatMessage::new(Role::Tool, "1") },
+        ];
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "add"}}]);
+        let text = template.render_with_tools(&messages, Some(&tools), false).unwrap();
+        assert_eq!(text, "<tools>add;</tools>[user]sum[assistant]<tool_call>add {\"a\": 1}</tool_call>[tool]1(c1)");
+        assert_eq!(template.render(&messages[..1], false).unwrap(), "[user]sum");
+    }
 
     fn conversation() -> Vec<ChatMessage> {
         vec![

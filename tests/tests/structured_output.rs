@@ -1,10 +1,14 @@
-//! Output constrained to a JSON schema, through a coordinator and three workers:
-//! OpenAI's official Python client asks for `json_schema` (strict) twenty times at
-//! temperature 1 and every answer validates under the schema (Python's
-//! `jsonschema`), streamed too; `json_object` gives an object; a malformed schema is
-//! a 400 naming `response_format`. A seeded constrained completion equals one
-//! process's to the token. The model is random-weight: only the constraint makes
-//! its output JSON at all.
+//! Output constrained to a JSON schema, and tool calls, through a coordinator and
+//! three workers: OpenAI's official Python client asks for `json_schema` (strict)
+//! twenty times at temperature 1 and every answer validates under the schema
+//! (Python's `jsonschema`), streamed too; `json_object` gives an object; a malformed
+//! schema is a 400 naming `response_format`. With tools, `tool_choice: required`
+//! always gives calls whose arguments validate under the function's parameters, a
+//! named function is the one called, a round trip (call, tool result, answer) works
+//! streamed and not, and an unknown tool or a tool message answering no call is a
+//! 400 naming its parameter. A seeded constrained completion equals one process's
+//! to the token. The model is random-weight: only the constraint makes its output
+//! JSON at all.
 
 use std::path::{Path, PathBuf};
 
@@ -18,9 +22,10 @@ use strata_model::synthetic::SyntheticModel;
 use strata_model::{Device, ModelFile, SamplingParams, Tokenizer};
 use strata_tests::{python, ClusterOptions, TestCluster};
 
-/// Six layers, so three workers hold two each.
+/// Six layers, so three workers hold two each; a context for the tools' description,
+/// which takes a token a byte in this vocabulary.
 fn synthetic(dir: &Path) -> PathBuf {
-    SyntheticModel { layers: 6, ..SyntheticModel::tiny() }.write_to(dir).unwrap()
+    SyntheticModel { layers: 6, context_length: 2048, ..SyntheticModel::tiny() }.write_to(dir).unwrap()
 }
 
 /// A schema with what schemas hold: nested objects, enums, bounded numbers and
@@ -77,12 +82,74 @@ for bad in [{"type": "json_schema", "json_schema": {"name": "x", "schema": {"typ
 print("structured output ok")
 "#;
 
+const TOOLS_CLIENT: &str = r#"
+import json, sys, jsonschema, openai
+base = sys.argv[1]
+client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=120)
+weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+add = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 100},
+                                        "b": {"type": "integer", "minimum": 0, "maximum": 100}},
+       "required": ["a", "b"], "additionalProperties": False}
+schemas = {"get_weather": weather, "add": add}
+tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": weather}},
+         {"type": "function", "function": {"name": "add", "description": "Adds two numbers", "parameters": add}}]
+question = [{"role": "user", "content": "What is the weather in Paris?"}]
+ask = dict(model="test-model", tools=tools, temperature=1, max_tokens=400)
+def check(calls):
+    assert calls, "no call"
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+for i in range(10):
+    chat = client.chat.completions.create(messages=question, tool_choice="required", **ask)
+    assert chat.choices[0].finish_reason == "tool_calls", chat
+    check(chat.choices[0].message.tool_calls)
+named = {"type": "function", "function": {"name": "add"}}
+chat = client.chat.completions.create(messages=question, tool_choice=named, parallel_tool_calls=False, **ask)
+calls = chat.choices[0].message.tool_calls
+assert len(calls) == 1 and calls[0].function.name == "add", chat
+check(calls)
+# Streamed: the calls come as deltas, put together by index.
+streamed, finish = {}, None
+for chunk in client.chat.completions.create(messages=question, tool_choice="required", stream=True, **ask):
+    for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+        entry = streamed.setdefault(d.index, {"id": d.id, "name": d.function.name, "arguments": ""})
+        entry["arguments"] += d.function.arguments or ""
+    if chunk.choices and chunk.choices[0].finish_reason:
+        finish = chunk.choices[0].finish_reason
+assert finish == "tool_calls" and streamed, (finish, streamed)
+for entry in streamed.values():
+    jsonschema.validate(json.loads(entry["arguments"]), schemas[entry["name"]])
+# The round trip: the call, the tool's result, the answer (the model may call again).
+first = client.chat.completions.create(messages=question, tool_choice="required", **ask).choices[0].message
+history = question + [first.model_dump(exclude_none=True)] + [
+    {"role": "tool", "tool_call_id": c.id, "content": json.dumps({"temperature": 21})} for c in first.tool_calls]
+for stream in [False, True]:
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(messages=history, stream=True, tool_choice="none", **ask) if c.choices)
+    else:
+        chat = client.chat.completions.create(messages=history, **ask)
+        assert chat.choices[0].message.tool_calls or chat.choices[0].message.content is not None, chat
+        text = client.chat.completions.create(messages=history, tool_choice="none", **ask).choices[0].message.content
+    assert isinstance(text, str), text
+for bad, param in [(dict(messages=question, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+                   (dict(messages=history[:2] + [{"role": "tool", "tool_call_id": "call_unknown", "content": "1"}]),
+                    "messages[2].tool_call_id")]:
+    try:
+        client.chat.completions.create(**bad, **ask)
+        sys.exit(f"accepted {bad}")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400 and e.param == param, (bad, e)
+print("tools ok")
+"#;
+
 fn has_client() -> bool {
     python().args(["-c", "import openai, jsonschema"]).status().is_ok_and(|s| s.success())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_schema_output_through_three_workers_validates_and_equals_one_process() -> anyhow::Result<()> {
+async fn schemas_and_tool_calls_through_three_workers_are_valid_and_equal_one_process() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = synthetic(dir.path());
     let cluster = TestCluster::start(&model, &ClusterOptions::default()).await?;
@@ -113,6 +180,10 @@ async fn json_schema_output_through_three_workers_validates_and_equals_one_proce
     let out = tokio::task::spawn_blocking(move || python().args(["-c", CLIENT, &base, SCHEMA]).output()).await??;
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("structured output ok"), "{stdout}\n{stderr}");
+    let base = format!("http://{}/v1", cluster.http());
+    let out = tokio::task::spawn_blocking(move || python().args(["-c", TOOLS_CLIENT, &base]).output()).await??;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("tools ok"), "{stdout}\n{stderr}");
     cluster.stop().await;
     Ok(())
 }

@@ -15,11 +15,13 @@ use strata_model::chat_template::Role;
 use strata_model::{ChatMessage, Tokenizer};
 
 use super::errors::{ApiError, ApiJson};
-use super::generation::{Collected, Finish, SampledLogprob};
+use super::generation::{Collected, Finish, Generation, SampledLogprob};
 use super::logprobs::{self, ChatLogprobs};
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
+use super::tools::{self, CallFormat, Tools};
 use super::{begin, Begun, off_reactor, start, to_json, unix_now, AppState};
+use crate::engine::ModelCard;
 
 fn messages(fields: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
     let items = match fields.raw("messages") {
@@ -74,7 +76,22 @@ fn message(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
             ))
         }
     };
-    Ok(ChatMessage::new(role, content))
+    let mut message = ChatMessage::new(role, content);
+    if role == Role::Assistant {
+        if let Some(calls) = item.get("tool_calls").filter(|c| !c.is_null()) {
+            message.tool_calls = tools::history_calls(i, calls)?;
+        }
+    }
+    if role == Role::Tool {
+        message.tool_call_id = match item.get("tool_call_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) => Some(id.clone()),
+            Some(_) => {
+                return Err(ApiError::invalid(at("tool_call_id"), format!("{} must be a string", at("tool_call_id"))))
+            }
+        };
+    }
+    Ok(message)
 }
 
 #[derive(Serialize)]
@@ -98,7 +115,10 @@ struct Choice<'a> {
 #[derive(Serialize)]
 struct Message<'a> {
     role: &'static str,
-    content: &'a str,
+    /// `null` when the answer is only tool calls.
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<Value>,
 }
 
 #[derive(Serialize)]
@@ -126,6 +146,8 @@ struct Delta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<Value>,
 }
 
 struct ChatChunks {
@@ -158,16 +180,16 @@ impl ChatChunks {
 
 impl Chunks for ChatChunks {
     fn opening(&self) -> Option<String> {
-        let delta = Delta { role: Some("assistant"), content: Some("") };
+        let delta = Delta { role: Some("assistant"), content: Some(""), ..Delta::default() };
         Some(self.chunk(self.choice(delta, None, &[]), None))
     }
 
     fn text(&self, text: &str, logprobs: &[SampledLogprob]) -> String {
-        self.chunk(self.choice(Delta { role: None, content: Some(text) }, None, logprobs), None)
+        self.chunk(self.choice(Delta { content: Some(text), ..Delta::default() }, None, logprobs), None)
     }
 
     fn finish(&self, text: &str, finish: Finish, logprobs: &[SampledLogprob]) -> String {
-        let delta = Delta { role: None, content: (!text.is_empty()).then_some(text) };
+        let delta = Delta { content: (!text.is_empty()).then_some(text), ..Delta::default() };
         self.chunk(self.choice(delta, Some(finish), logprobs), None)
     }
 
@@ -181,19 +203,43 @@ pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    let Begun { request_id, fields, card, options } = begin(&state, body, &["logprobs", "top_logprobs"]).await?;
+    let Begun { request_id, fields, card, mut options } =
+        begin(&state, body, &["logprobs", "top_logprobs", "tools"]).await?;
     let top_logprobs = logprobs::chat_request(&fields)?;
+    let tools = tools::tools(&fields)?;
+    if let Some(tools) = &tools {
+        if options.constraint.is_some() {
+            return Err(ApiError::unsupported("response_format", "response_format cannot be combined with tools"));
+        }
+        if top_logprobs.is_some() {
+            return Err(ApiError::unsupported("logprobs", "logprobs cannot be combined with tools"));
+        }
+        options.constraint = Some(tools_grammar(&card, tools).await?);
+    }
     // `max_completion_tokens` replaced `max_tokens` in OpenAI's chat API; the newer wins.
     let requested = match params::max_tokens(&fields, "max_completion_tokens")? {
         Some(n) => Some(("max_completion_tokens", n)),
         None => params::max_tokens(&fields, "max_tokens")?.map(|n| ("max_tokens", n)),
     };
     let messages = messages(&fields)?;
+    tools::check_history(&messages)?;
+    let format = tools.as_ref().map(|t| CallFormat::of(&card.chat_template, &t.choice));
+    if format.is_some_and(|f| f != CallFormat::Json) {
+        // The model's own format, free: no grammar.
+        options.constraint = None;
+    }
+    let rendering = tools.clone();
     let prompt_tokens = off_reactor(&card, move |card| {
-        let text = card
-            .chat_template
-            .render(&messages, true)
-            .map_err(|e| ApiError::invalid("messages", format!("cannot apply the chat template: {e}")))?;
+        let template = &card.chat_template;
+        let rendered = match (&rendering, format) {
+            (Some(tools), Some(CallFormat::Json)) => {
+                template.render(&tools::json_protocol_messages(&messages, tools), true)
+            }
+            (Some(tools), Some(_)) => template.render_with_tools(&messages, Some(&tools.list), true),
+            _ => template.render(&messages, true),
+        };
+        let text =
+            rendered.map_err(|e| ApiError::invalid("messages", format!("cannot apply the chat template: {e}")))?;
         card.tokenizer
             .encode(&text)
             .map_err(|e| ApiError::invalid("messages", format!("cannot tokenize the conversation: {e}")))
@@ -208,6 +254,17 @@ pub(super) async fn create(
     let mut generation = start(&state, &request_id, prompt_tokens, max_tokens, &options, None, top_logprobs)?;
     let id = format!("chatcmpl-{request_id}");
     let created = unix_now();
+    if let Some(format) = format {
+        // Calls are known only once the answer is whole: it is read, then sent.
+        let chunks = ChatChunks {
+            id: id.clone(),
+            created,
+            model: card.id.clone(),
+            tokenizer: card.tokenizer.clone(),
+            logprobs: None,
+        };
+        return answer_with_tools(&mut generation, format, &request_id, &chunks, &options).await;
+    }
     if options.stream {
         // Headers wait for admission: a refusal then still gets its own status.
         generation.admitted().await?;
@@ -228,11 +285,85 @@ pub(super) async fn create(
         model: &card.id,
         choices: [Choice {
             index: 0,
-            message: Message { role: "assistant", content: &text },
+            message: Message { role: "assistant", content: Some(&text), tool_calls: Vec::new() },
             logprobs: top_logprobs.map(|top| logprobs::chat(&card.tokenizer, &sampled, top)),
             finish_reason: finish,
         }],
         usage: Usage::of(&generation),
+    };
+    Ok(Json(body).into_response())
+}
+
+/// The grammar of a tools request in strata's JSON protocol, checked against the
+/// vocabulary (a function's `parameters` may be a schema that does not compile).
+async fn tools_grammar(card: &ModelCard, tools: &Tools) -> Result<strata_grammar::Grammar, ApiError> {
+    let grammar = tools::json_protocol_grammar(tools)?;
+    let checked = grammar.clone();
+    off_reactor(card, move |card| {
+        card.vocabulary
+            .get()
+            .and_then(|v| v.check(&checked))
+            .map_err(|e| ApiError::invalid("tools", format!("a function's parameters do not compile: {e}")))
+    })
+    .await?;
+    Ok(grammar)
+}
+
+/// The answer of a request with tools: read whole, then sent as one body or as
+/// a stream of OpenAI-style deltas (the calls' chunks, then the finish).
+async fn answer_with_tools(
+    generation: &mut Generation,
+    format: CallFormat,
+    request_id: &str,
+    chunks: &ChatChunks,
+    options: &params::Options,
+) -> Result<Response, ApiError> {
+    let Collected { text, finish, .. } = generation.collect().await?;
+    let answer = tools::parse(format, &text);
+    let calls: Vec<Value> = answer
+        .calls
+        .iter()
+        .enumerate()
+        .map(|(i, call)| {
+            serde_json::json!({
+                "id": format!("call_{request_id}_{i}"),
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            })
+        })
+        .collect();
+    let finish = if calls.is_empty() { finish } else { Finish::ToolCalls };
+    let usage = Usage::of(generation);
+    if options.stream {
+        let mut stream = Vec::new();
+        stream.extend(chunks.opening());
+        if let Some(content) = answer.content.as_deref() {
+            stream.push(chunks.text(content, &[]));
+        }
+        for (i, call) in calls.iter().enumerate() {
+            let mut call = call.clone();
+            call["index"] = Value::from(i);
+            let delta = Delta { tool_calls: vec![call], ..Delta::default() };
+            stream.push(chunks.chunk(chunks.choice(delta, None, &[]), None));
+        }
+        stream.push(chunks.chunk(chunks.choice(Delta::default(), Some(finish), &[]), None));
+        if options.include_usage {
+            stream.push(chunks.usage(usage));
+        }
+        return Ok(sse::prepared(stream));
+    }
+    let body = ChatCompletion {
+        id: &chunks.id,
+        object: "chat.completion",
+        created: chunks.created,
+        model: &chunks.model,
+        choices: [Choice {
+            index: 0,
+            message: Message { role: "assistant", content: answer.content.as_deref(), tool_calls: calls },
+            logprobs: None,
+            finish_reason: finish,
+        }],
+        usage,
     };
     Ok(Json(body).into_response())
 }
@@ -264,7 +395,7 @@ mod tests {
                 ChatMessage::new(Role::System, "be brief"),
                 ChatMessage::new(Role::User, "a\nb"),
                 ChatMessage::new(Role::Assistant, ""),
-                ChatMessage::new(Role::Tool, "42"),
+                ChatMessage { tool_call_id: Some("x".into()), ..ChatMessage::new(Role::Tool, "42") },
             ]
         );
     }

@@ -25,6 +25,9 @@ pub enum Finish {
     Stop,
     /// `max_tokens`, or the context is full.
     Length,
+    /// The answer is tool calls (chat only: the generation itself ends by `Stop`).
+    #[serde(rename = "tool_calls")]
+    ToolCalls,
 }
 
 impl Finish {
@@ -32,6 +35,7 @@ impl Finish {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
+            Self::ToolCalls => "tool_calls",
         }
     }
 }
@@ -305,7 +309,7 @@ impl Generation {
         self.done = true;
         self.record_end(match finish {
             Finish::Length => Ended::Length,
-            Finish::Stop => Ended::Stop,
+            Finish::Stop | Finish::ToolCalls => Ended::Stop,
         });
         tracing::info!(
             request_id = %self.request_id,

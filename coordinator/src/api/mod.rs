@@ -22,6 +22,7 @@ mod models;
 mod params;
 mod sse;
 mod tokens;
+mod tools;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;

@@ -113,6 +113,13 @@ pub fn events<C: Chunks>(
     })
 }
 
+/// A streaming response of chunks made already (an answer that had to be read
+/// whole before its first chunk could be written: tool calls), then `[DONE]`.
+pub fn prepared(chunks: Vec<String>) -> Response {
+    let events = chunks.into_iter().chain(["[DONE]".to_owned()]).map(|c| Ok::<_, Infallible>(data(c)));
+    Sse::new(futures::stream::iter(events)).into_response()
+}
+
 /// A streaming response over `generation`.
 pub fn response<C: Chunks>(generation: Generation, chunks: C, include_usage: bool) -> Response {
     // Comments now and then keep proxies from closing a stream that waits on a long

@@ -40,7 +40,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut generator = Generator::load(&file, &device, StageOptions::default())?;
     let prompt = if args.chat {
         let template = strata_model::ChatTemplate::from_gguf(file.metadata())?;
-        let message = strata_model::ChatMessage { role: strata_model::chat_template::Role::User, content: args.prompt.clone() };
+        let message = strata_model::ChatMessage::new(strata_model::chat_template::Role::User, args.prompt.clone());
         template.render(&[message], true)?
     } else {
         args.prompt.clone()
