@@ -1,5 +1,6 @@
 //! Scoring a prompt through the pipeline: `/v1/completions` with `echo`, `logprobs` and
-//! `max_tokens: 0` on a cluster of three workers, and `strata perplexity
+//! `max_tokens: 0` (or more, the generated tokens' logprobs after the prompt's) on a
+//! cluster of three workers, and `strata perplexity
 //! --coordinator`, whose figures must equal one process's `strata perplexity` to the
 //! last digit (the same logits, computed on the last stage).
 
@@ -69,11 +70,34 @@ async fn a_prompt_scored_through_three_workers_equals_one_process() -> anyhow::R
     assert!(tops[0].is_null() && tops[1..].iter().all(|t| t.as_object().is_some_and(|t| t.len() == 3)), "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 0, "{body}");
 
-    // What is not supported is refused, with the parameter named: the prompt scored
-    // and tokens generated in one request, among others. (Without `echo`, `logprobs`
-    // is for the generated tokens: `tests/tests/cluster.rs`.)
+    // The prompt scored and tokens generated in one request: the prompt's entries
+    // as above, then the generated tokens' as a request without `echo` gives them,
+    // their offsets counted in the echoed text.
+    let ask = |echo: bool| {
+        json!({"model": model_id, "prompt": prompt, "max_tokens": 4, "temperature": 0, "echo": echo, "logprobs": 3,
+               "return_tokens_as_token_ids": true})
+    };
+    let (status, echoed) = completions(cluster.http(), ask(true)).await?;
+    assert_eq!(status, 200, "{echoed}");
+    let (status, generated) = completions(cluster.http(), ask(false)).await?;
+    assert_eq!(status, 200, "{generated}");
+    let (both, alone) = (&echoed["choices"][0]["logprobs"], &generated["choices"][0]["logprobs"]);
+    let n = prompt.len();
+    for key in ["tokens", "token_logprobs", "top_logprobs"] {
+        let both = both[key].as_array().unwrap();
+        assert_eq!(&both[..n], &logprobs[key].as_array().unwrap()[..], "{key}: {echoed}");
+        assert_eq!(&both[n..], &alone[key].as_array().unwrap()[..], "{key}: {echoed} {generated}");
+    }
+    let prompt_chars: u64 = tokens.iter().map(|t| t.len() as u64).sum();
+    let offsets = |l: &serde_json::Value| -> Vec<u64> {
+        l["text_offset"].as_array().unwrap().iter().filter_map(serde_json::Value::as_u64).collect()
+    };
+    let shifted: Vec<u64> = offsets(alone).iter().map(|o| o + prompt_chars).collect();
+    assert_eq!(offsets(both)[n..], shifted[..], "{echoed}");
+
+    // What is not supported is refused, with the parameter named. (Without `echo`,
+    // `logprobs` is for the generated tokens: `tests/tests/cluster.rs`.)
     for (request, param) in [
-        (json!({"prompt": prompt, "max_tokens": 4, "echo": true, "logprobs": 1}), "max_tokens"),
         (json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 21}), "logprobs"),
         (json!({"prompt": prompt, "max_tokens": 0}), "max_tokens"),
         (json!({"prompt": prompt, "max_tokens": 2, "echo": true, "stream": true}), "echo"),

@@ -20,7 +20,7 @@ use super::logprobs::{self, ChatLogprobs};
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
 use super::tools::{self, CallFormat, Tools};
-use super::{begin, Begun, off_reactor, start, to_json, unix_now, AppState};
+use super::{begin, Begun, off_reactor, start, start_choices, to_json, unix_now, AppState};
 use crate::engine::ModelCard;
 
 fn messages(fields: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
@@ -100,7 +100,7 @@ struct ChatCompletion<'a> {
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: [Choice<'a>; 1],
+    choices: Vec<Choice<'a>>,
     usage: Usage,
 }
 
@@ -157,6 +157,8 @@ struct ChatChunks {
     tokenizer: Arc<Tokenizer>,
     /// Most likely tokens per generated token, when the request asked for logprobs.
     logprobs: Option<usize>,
+    /// The choice's place among the request's (`n`).
+    index: u32,
 }
 
 impl ChatChunks {
@@ -174,7 +176,7 @@ impl ChatChunks {
 
     fn choice<'a>(&self, delta: Delta<'a>, finish: Option<Finish>, tokens: &[SampledLogprob]) -> Vec<ChunkChoice<'a>> {
         let logprobs = self.logprobs.map(|top| logprobs::chat(&self.tokenizer, tokens, top));
-        vec![ChunkChoice { index: 0, delta, logprobs, finish_reason: finish }]
+        vec![ChunkChoice { index: self.index, delta, logprobs, finish_reason: finish }]
     }
 }
 
@@ -214,6 +216,9 @@ pub(super) async fn create(
         if top_logprobs.is_some() {
             return Err(ApiError::unsupported("logprobs", "logprobs cannot be combined with tools"));
         }
+        if options.choices > 1 {
+            return Err(ApiError::unsupported("n", "n > 1 cannot be combined with tools"));
+        }
         options.constraint = Some(tools_grammar(&card, tools).await?);
     }
     // `max_completion_tokens` replaced `max_tokens` in OpenAI's chat API; the newer wins.
@@ -251,45 +256,54 @@ pub(super) async fn create(
     // Without a limit, the answer may fill the context.
     let max_tokens =
         params::fit_in_context(prompt_tokens.len(), requested, usize::MAX, &state.engine.limits(), "messages")?;
-    let mut generation = start(&state, &request_id, prompt_tokens, max_tokens, &options, None, top_logprobs)?;
     let id = format!("chatcmpl-{request_id}");
     let created = unix_now();
+    let chunks_of = |index: u32| ChatChunks {
+        id: id.clone(),
+        created,
+        model: card.id.clone(),
+        tokenizer: card.tokenizer.clone(),
+        logprobs: top_logprobs,
+        index,
+    };
     if let Some(format) = format {
         // Calls are known only once the answer is whole: it is read, then sent.
-        let chunks = ChatChunks {
-            id: id.clone(),
-            created,
-            model: card.id.clone(),
-            tokenizer: card.tokenizer.clone(),
-            logprobs: None,
-        };
-        return answer_with_tools(&mut generation, format, &request_id, &chunks, &options).await;
+        let mut generation = start(&state, &request_id, prompt_tokens, max_tokens, &options, None, None)?;
+        return answer_with_tools(&mut generation, format, &request_id, &chunks_of(0), &options).await;
     }
+    let mut generations = start_choices(&state, &request_id, &prompt_tokens, max_tokens, &options, top_logprobs)?;
     if options.stream {
         // Headers wait for admission: a refusal then still gets its own status.
-        generation.admitted().await?;
-        let chunks = ChatChunks {
-            id,
-            created,
-            model: card.id.clone(),
-            tokenizer: card.tokenizer.clone(),
-            logprobs: top_logprobs,
-        };
-        return Ok(sse::response(generation, chunks, options.include_usage));
+        for generation in &mut generations {
+            generation.admitted().await?;
+        }
+        if generations.len() == 1 {
+            return Ok(sse::response(generations.remove(0), chunks_of(0), options.include_usage));
+        }
+        let chunks = (0..generations.len() as u32).map(chunks_of).collect();
+        return Ok(sse::response_many(generations, chunks, options.include_usage));
     }
-    let Collected { text, finish, logprobs: sampled } = generation.collect().await?;
+    let mut collected = Vec::with_capacity(generations.len());
+    for generation in &mut generations {
+        collected.push(generation.collect().await?);
+    }
+    let choices = collected
+        .iter()
+        .enumerate()
+        .map(|(i, Collected { text, finish, logprobs: sampled })| Choice {
+            index: i as u32,
+            message: Message { role: "assistant", content: Some(text), tool_calls: Vec::new() },
+            logprobs: top_logprobs.map(|top| logprobs::chat(&card.tokenizer, sampled, top)),
+            finish_reason: *finish,
+        })
+        .collect();
     let body = ChatCompletion {
         id: &id,
         object: "chat.completion",
         created,
         model: &card.id,
-        choices: [Choice {
-            index: 0,
-            message: Message { role: "assistant", content: Some(&text), tool_calls: Vec::new() },
-            logprobs: top_logprobs.map(|top| logprobs::chat(&card.tokenizer, &sampled, top)),
-            finish_reason: finish,
-        }],
-        usage: Usage::of(&generation),
+        choices,
+        usage: Usage::of_all(&generations),
     };
     Ok(Json(body).into_response())
 }
@@ -357,7 +371,7 @@ async fn answer_with_tools(
         object: "chat.completion",
         created: chunks.created,
         model: &chunks.model,
-        choices: [Choice {
+        choices: vec![Choice {
             index: 0,
             message: Message { role: "assistant", content: answer.content.as_deref(), tool_calls: calls },
             logprobs: None,

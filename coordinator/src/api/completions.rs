@@ -11,6 +11,7 @@
 //! reports each generated token's log-probability and the `N` most likely tokens at
 //! its position, streamed too.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::sync::Arc;
 
@@ -27,7 +28,7 @@ use super::generation::{Collected, Finish, SampledLogprob};
 use super::logprobs;
 use super::params::{self, Fields};
 use super::sse::{self, Chunks, Usage};
-use super::{begin, Begun, off_reactor, start, to_json, unix_now, AppState};
+use super::{begin, Begun, off_reactor, start, start_choices, to_json, unix_now, AppState};
 
 /// OpenAI's default for this endpoint.
 const DEFAULT_MAX_TOKENS: usize = 16;
@@ -77,7 +78,7 @@ struct Completion<'a> {
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: [Choice<'a>; 1],
+    choices: Vec<Choice<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Usage>,
 }
@@ -85,7 +86,8 @@ struct Completion<'a> {
 #[derive(Serialize)]
 struct Choice<'a> {
     index: u32,
-    text: &'a str,
+    /// Borrowed in a stream's chunk, owned in a whole answer.
+    text: Cow<'a, str>,
     logprobs: Option<Logprobs>,
     finish_reason: Option<Finish>,
 }
@@ -100,12 +102,27 @@ struct Logprobs {
     text_offset: Vec<usize>,
 }
 
+impl Logprobs {
+    /// Characters of text its tokens name.
+    fn text_length(&self) -> usize {
+        self.tokens.iter().map(|n| n.chars().count()).sum()
+    }
+
+    /// `more`'s entries after these (its offsets already counted from their end).
+    fn append(&mut self, more: Logprobs) {
+        self.tokens.extend(more.tokens);
+        self.token_logprobs.extend(more.token_logprobs);
+        self.top_logprobs.extend(more.top_logprobs);
+        self.text_offset.extend(more.text_offset);
+    }
+}
+
 /// What a completion request asks besides the continuation: its prompt echoed (and
-/// scored), or logprobs of what it generates.
+/// scored), and logprobs of what it generates.
 struct Extras {
     /// `echo`, and with `logprobs` the top tokens per scored prompt position.
     echo: Option<Option<usize>>,
-    /// `logprobs` without `echo`: the top tokens per generated token.
+    /// `logprobs`: the top tokens per generated token.
     generated_logprobs: Option<usize>,
     token_ids: bool,
 }
@@ -132,7 +149,7 @@ fn extras(fields: &Fields, stream: bool) -> Result<Extras, ApiError> {
     let token_ids = fields.get::<bool>("return_tokens_as_token_ids")?.unwrap_or(false);
     Ok(Extras {
         echo: echo.then_some(logprobs),
-        generated_logprobs: if echo { None } else { logprobs },
+        generated_logprobs: logprobs,
         token_ids,
     })
 }
@@ -224,13 +241,15 @@ struct CompletionChunks {
     token_ids: bool,
     /// Where the next chunk's tokens start in the completion's text (characters).
     offset: Cell<usize>,
+    /// The choice's place among the request's (`n`).
+    index: u32,
 }
 
 impl CompletionChunks {
     fn chunk(&self, text: &str, finish: Option<Finish>, tokens: &[SampledLogprob]) -> String {
         let logprobs = self.logprobs.map(|top| {
             let logprobs = generated_logprobs(&self.tokenizer, tokens, top, self.token_ids, self.offset.get());
-            self.offset.set(self.offset.get() + logprobs.tokens.iter().map(|n| n.chars().count()).sum::<usize>());
+            self.offset.set(self.offset.get() + logprobs.text_length());
             logprobs
         });
         let chunk = Completion {
@@ -238,7 +257,7 @@ impl CompletionChunks {
             object: "text_completion",
             created: self.created,
             model: &self.model,
-            choices: [Choice { index: 0, text, logprobs, finish_reason: finish }],
+            choices: vec![Choice { index: self.index, text: text.into(), logprobs, finish_reason: finish }],
             usage: None,
         };
         to_json(&chunk)
@@ -279,15 +298,9 @@ pub(super) async fn create(
     let Begun { request_id, fields, card, options } = begin(&state, body, &["echo", "logprobs"]).await?;
     let extras = extras(&fields, options.stream)?;
     let scoring = extras.scoring();
-    // A scored prompt generates nothing: max_tokens 0 is what asks for that.
+    // A scored prompt may generate nothing: max_tokens 0 asks for that (what
+    // evaluation harnesses send).
     let requested = params::max_tokens_from(&fields, "max_tokens", if scoring.is_some() { 0 } else { 1 })?;
-    if scoring.is_some() && requested != Some(0) {
-        return Err(ApiError::unsupported(
-            "max_tokens",
-            "with `echo`, logprobs come for the prompt only (`max_tokens: 0`); without `echo` they come for the \
-             generated tokens",
-        ));
-    }
     let prompt = prompt(&fields)?;
     let echoed = extras.echo.is_some();
     let (prompt_tokens, prompt_text) = off_reactor(&card, move |card| match prompt {
@@ -318,51 +331,67 @@ pub(super) async fn create(
         "prompt",
     )?;
     let scored_tokens = scoring.map(|_| prompt_tokens.clone());
-    let mut generation = start(
-        &state,
-        &request_id,
-        prompt_tokens,
-        max_tokens,
-        &options,
-        scoring.map(|n| n.max(1)),
-        extras.generated_logprobs,
-    )?;
+    if options.choices > 1 && echoed {
+        return Err(ApiError::unsupported("echo", "echo cannot be combined with n > 1"));
+    }
+    let mut generations = if options.choices > 1 {
+        start_choices(&state, &request_id, &prompt_tokens, max_tokens, &options, extras.generated_logprobs)?
+    } else {
+        let prompt_logprobs = scoring.map(|n| n.max(1));
+        vec![start(&state, &request_id, prompt_tokens, max_tokens, &options, prompt_logprobs, extras.generated_logprobs)?]
+    };
     let id = format!("cmpl-{request_id}");
     let created = unix_now();
+    let chunks_of = |index: u32| CompletionChunks {
+        id: id.clone(),
+        created,
+        model: card.id.clone(),
+        tokenizer: card.tokenizer.clone(),
+        logprobs: extras.generated_logprobs,
+        token_ids: extras.token_ids,
+        offset: Cell::new(0),
+        index,
+    };
     if options.stream {
         // Headers wait for admission: a refusal then still gets its own status.
-        generation.admitted().await?;
-        let chunks = CompletionChunks {
-            id,
-            created,
-            model: card.id.clone(),
-            tokenizer: card.tokenizer.clone(),
-            logprobs: extras.generated_logprobs,
-            token_ids: extras.token_ids,
-            offset: Cell::new(0),
-        };
-        return Ok(sse::response(generation, chunks, options.include_usage));
-    }
-    let Collected { mut text, finish, logprobs: sampled } = generation.collect().await?;
-    let mut logprobs = extras
-        .generated_logprobs
-        .map(|top| generated_logprobs(&card.tokenizer, &sampled, top, extras.token_ids, 0));
-    if extras.echo.is_some() {
-        text.insert_str(0, &prompt_text);
-        if let (Some(top), Some(tokens)) = (scoring, &scored_tokens) {
-            let scores = generation
-                .take_prompt_logprobs()
-                .ok_or_else(|| ApiError::internal("the engine finished without the prompt's scores"))?;
-            logprobs = Some(prompt_logprobs(&card.tokenizer, tokens, &scores, top, extras.token_ids));
+        for generation in &mut generations {
+            generation.admitted().await?;
         }
+        if generations.len() == 1 {
+            return Ok(sse::response(generations.remove(0), chunks_of(0), options.include_usage));
+        }
+        let chunks = (0..generations.len() as u32).map(chunks_of).collect();
+        return Ok(sse::response_many(generations, chunks, options.include_usage));
+    }
+    let mut choices = Vec::with_capacity(generations.len());
+    for (index, generation) in generations.iter_mut().enumerate() {
+        let Collected { mut text, finish, logprobs: sampled } = generation.collect().await?;
+        let mut logprobs = extras
+            .generated_logprobs
+            .map(|top| generated_logprobs(&card.tokenizer, &sampled, top, extras.token_ids, 0));
+        if extras.echo.is_some() {
+            text.insert_str(0, &prompt_text);
+            if let (Some(top), Some(tokens)) = (scoring, &scored_tokens) {
+                let scores = generation
+                    .take_prompt_logprobs()
+                    .ok_or_else(|| ApiError::internal("the engine finished without the prompt's scores"))?;
+                let mut echoed = prompt_logprobs(&card.tokenizer, tokens, &scores, top, extras.token_ids);
+                // The generated tokens' entries follow the prompt's, their offsets in
+                // the echoed text.
+                let start = echoed.text_length();
+                echoed.append(generated_logprobs(&card.tokenizer, &sampled, top, extras.token_ids, start));
+                logprobs = Some(echoed);
+            }
+        }
+        choices.push(Choice { index: index as u32, text: text.into(), logprobs, finish_reason: Some(finish) });
     }
     let body = Completion {
         id: &id,
         object: "text_completion",
         created,
         model: &card.id,
-        choices: [Choice { index: 0, text: &text, logprobs, finish_reason: Some(finish) }],
-        usage: Some(Usage::of(&generation)),
+        choices,
+        usage: Some(Usage::of_all(&generations)),
     };
     Ok(Json(body).into_response())
 }

@@ -206,6 +206,26 @@ async fn off_reactor<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("tokenization did not complete: {e}")))?
 }
 
+/// The `options.choices` generations of a request, each its own sequence: choice
+/// `i` samples with seed `seed + i`, so a seeded request gives the same choices
+/// every time. (Each prefills the prompt itself: the prompt's KV is not yet shared.)
+fn start_choices(
+    state: &AppState,
+    request_id: &str,
+    prompt_tokens: &[u32],
+    max_tokens: usize,
+    options: &Options,
+    logprobs: Option<usize>,
+) -> Result<Vec<Generation>, ApiError> {
+    (0..options.choices)
+        .map(|i| {
+            let mut choice = options.clone();
+            choice.sampling.seed = options.sampling.seed.wrapping_add(i as u64);
+            start(state, request_id, prompt_tokens.to_vec(), max_tokens, &choice, None, logprobs)
+        })
+        .collect()
+}
+
 /// Hands a checked, tokenized request to the engine; `prompt_logprobs` asks for the
 /// prompt's scores with that many most likely tokens per position, `logprobs` for
 /// each generated token's.

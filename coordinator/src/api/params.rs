@@ -63,7 +63,13 @@ pub struct Options {
     /// The grammar the output follows (`response_format`), not yet checked against
     /// the model's vocabulary (see `api::begin`).
     pub constraint: Option<Grammar>,
+    /// Choices to generate (`n`), each its own sequence; choice `i` samples with
+    /// seed `seed + i`.
+    pub choices: usize,
 }
+
+/// Choices one request may ask for (`n`).
+pub const MAX_CHOICES: usize = 16;
 
 #[derive(Debug, Default, Deserialize)]
 struct StreamOptions {
@@ -78,14 +84,11 @@ const DEFAULT_TEMPERATURE: f64 = 1.0;
 /// endpoint handles itself.
 pub fn options(fields: &Fields, accepted: &[&str]) -> Result<Options, ApiError> {
     refuse_unsupported(fields, accepted)?;
-    if let Some(n) = fields.get::<i64>("n")? {
-        if n != 1 {
-            return Err(ApiError::unsupported(
-                "n",
-                format!("only one choice per request is supported (n = 1), got n = {n}"),
-            ));
-        }
-    }
+    let choices = match fields.get::<i64>("n")? {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+        Some(n) => return Err(ApiError::invalid("n", format!("n must be between 1 and {MAX_CHOICES}, got {n}"))),
+    };
     let temperature = fields.get::<f64>("temperature")?.unwrap_or(DEFAULT_TEMPERATURE);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid(
@@ -148,7 +151,8 @@ pub fn options(fields: &Fields, accepted: &[&str]) -> Result<Options, ApiError> 
     };
     let stream = fields.get::<bool>("stream")?.unwrap_or(false);
     let include_usage = fields.get::<StreamOptions>("stream_options")?.unwrap_or_default().include_usage;
-    Ok(Options { sampling, stop: stop_strings(fields)?, stream, include_usage, constraint: response_format(fields)? })
+    let constraint = response_format(fields)?;
+    Ok(Options { sampling, stop: stop_strings(fields)?, stream, include_usage, constraint, choices })
 }
 
 /// `response_format`: free text, any JSON object, or JSON valid under a schema (as
@@ -327,7 +331,8 @@ mod tests {
             (json!({"repetition_penalty": 0}), "repetition_penalty"),
             (json!({"frequency_penalty": 0.5}), "frequency_penalty"),
             (json!({"presence_penalty": -1}), "presence_penalty"),
-            (json!({"n": 2}), "n"),
+            (json!({"n": 0}), "n"),
+            (json!({"n": 17}), "n"),
             (json!({"stop": 5}), "stop"),
             (json!({"stop": ["a", 1]}), "stop"),
             (json!({"stream": "yes"}), "stream"),

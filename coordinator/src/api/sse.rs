@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::Serialize;
 
 use super::generation::{Finish, Generation, Piece, SampledLogprob};
@@ -25,7 +25,13 @@ pub struct Usage {
 
 impl Usage {
     pub fn of(generation: &Generation) -> Self {
-        let (prompt_tokens, completion_tokens) = (generation.prompt_tokens(), generation.completion_tokens());
+        Self::of_all(std::slice::from_ref(generation))
+    }
+
+    /// Of the choices of one request: the prompt counted once.
+    pub fn of_all(generations: &[Generation]) -> Self {
+        let prompt_tokens = generations.first().map_or(0, Generation::prompt_tokens);
+        let completion_tokens = generations.iter().map(Generation::completion_tokens).sum();
         Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
     }
 }
@@ -111,6 +117,70 @@ pub fn events<C: Chunks>(
         let event = streamer.next_event().await?;
         Some((Ok(event), streamer))
     })
+}
+
+/// Several choices' generations streamed at once: every choice's opening, then
+/// each choice's chunks (shaped by its own [`Chunks`], which carry its index) as
+/// they come, the usage of them all (the prompt counted once), then `[DONE]`. A
+/// choice that fails ends the stream, with its error; the others are cancelled.
+pub fn response_many<C: Chunks>(generations: Vec<Generation>, chunks: Vec<C>, include_usage: bool) -> Response {
+    let prompt_tokens = generations.first().map_or(0, Generation::prompt_tokens);
+    let openings: Vec<String> = chunks.iter().filter_map(Chunks::opening).collect();
+    let counts = vec![0; generations.len()];
+    // Each choice's pieces with its index and its token count so far; a choice's
+    // stream ends after its last piece.
+    let pieces = futures::stream::select_all(generations.into_iter().enumerate().map(|(i, generation)| {
+        Box::pin(futures::stream::unfold(Some(generation), move |generation| async move {
+            let mut generation = generation?;
+            let piece = generation.next().await?;
+            let tokens = generation.completion_tokens();
+            let more = matches!(piece, Piece::Text { .. }).then_some(generation);
+            Some(((i, piece, tokens), more))
+        }))
+    }));
+    let state = (pieces, chunks, counts, Phase::Running);
+    let rest = futures::stream::unfold(state, move |(mut pieces, chunks, mut counts, mut phase)| async move {
+        loop {
+            let event = match phase {
+                Phase::Opening | Phase::Running => match pieces.next().await {
+                    Some((i, Piece::Text { text, logprobs }, tokens)) => {
+                        counts[i] = tokens;
+                        data(chunks[i].text(&text, &logprobs))
+                    }
+                    Some((i, Piece::End { text, finish, logprobs }, tokens)) => {
+                        counts[i] = tokens;
+                        data(chunks[i].finish(&text, finish, &logprobs))
+                    }
+                    Some((_, Piece::Failed(error), _)) => {
+                        phase = Phase::Done;
+                        data(error.body())
+                    }
+                    None => {
+                        phase = if include_usage { Phase::Usage } else { Phase::Done };
+                        continue;
+                    }
+                },
+                Phase::Usage => {
+                    phase = Phase::Done;
+                    let completion_tokens: usize = counts.iter().sum();
+                    let usage =
+                        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
+                    match chunks.first() {
+                        Some(c) => data(c.usage(usage)),
+                        None => continue,
+                    }
+                }
+                Phase::Done => {
+                    phase = Phase::Over;
+                    data("[DONE]".to_owned())
+                }
+                Phase::Over => return None,
+            };
+            return Some((Ok::<_, Infallible>(event), (pieces, chunks, counts, phase)));
+        }
+    });
+    let events = futures::stream::iter(openings.into_iter().map(|o| Ok(data(o)))).chain(rest);
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
 /// A streaming response of chunks made already (an answer that had to be read
