@@ -297,18 +297,30 @@ async fn seeded_sampled_outputs_survive_a_drain_and_a_kill_unchanged() -> anyhow
     let greedy = reference_completion(&model, &prompts()[0], MAX_TOKENS)?.0;
     assert_ne!(undisturbed[0], greedy, "the requests are sampled, not greedy");
 
-    let streams = Streams::start_with(&addr, sampled);
+    unchanged_after_a_drain_and_a_kill(&mut cluster, sampled, &undisturbed).await?;
+    cluster.stop().await;
+    Ok(())
+}
+
+/// Eight streams as `spec` says give `undisturbed` while worker-1 is drained (each
+/// request moved with its KV cache), and again while worker-2 is killed (replayed).
+async fn unchanged_after_a_drain_and_a_kill(
+    cluster: &mut TestCluster,
+    spec: StreamSpec,
+    undisturbed: &[String],
+) -> anyhow::Result<()> {
+    let addr = cluster.http().to_string();
+    let streams = Streams::start_with(&addr, spec);
     streams.wait_until_running().await?;
     let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
     assert_eq!(code, 200, "{report}");
     assert!(moved(&report).0 > 0, "{report}");
     assert_eq!(streams.finish().await?.texts, undisturbed, "after a drain");
 
-    let streams = Streams::start_with(&addr, sampled);
+    let streams = Streams::start_with(&addr, spec);
     streams.wait_until_running().await?;
     cluster.kill_worker(2).await?;
     assert_eq!(streams.finish().await?.texts, undisturbed, "after a killed worker");
-    cluster.stop().await;
     Ok(())
 }
 
@@ -347,17 +359,7 @@ async fn constrained_outputs_survive_a_drain_and_a_kill_unchanged_and_valid() ->
         assert_eq!(document.as_object().map(|o| o.len()), Some(2), "{text}");
     }
 
-    let streams = Streams::start_with(&addr, spec);
-    streams.wait_until_running().await?;
-    let (code, report) = admin(&addr, "/admin/drain", json!({"node": "worker-1", "wait": true})).await?;
-    assert_eq!(code, 200, "{report}");
-    assert!(moved(&report).0 > 0, "{report}");
-    assert_eq!(streams.finish().await?.texts, undisturbed, "after a drain");
-
-    let streams = Streams::start_with(&addr, spec);
-    streams.wait_until_running().await?;
-    cluster.kill_worker(2).await?;
-    assert_eq!(streams.finish().await?.texts, undisturbed, "after a killed worker");
+    unchanged_after_a_drain_and_a_kill(&mut cluster, spec, &undisturbed).await?;
     cluster.stop().await;
     Ok(())
 }

@@ -273,15 +273,7 @@ pub(super) async fn create(
     }
     let mut generations = start_choices(&state, &request_id, &prompt_tokens, max_tokens, &options, top_logprobs)?;
     if options.stream {
-        // Headers wait for admission: a refusal then still gets its own status.
-        for generation in &mut generations {
-            generation.admitted().await?;
-        }
-        if generations.len() == 1 {
-            return Ok(sse::response(generations.remove(0), chunks_of(0), options.include_usage));
-        }
-        let chunks = (0..generations.len() as u32).map(chunks_of).collect();
-        return Ok(sse::response_many(generations, chunks, options.include_usage));
+        return sse::choices_response(generations, chunks_of, options.include_usage).await;
     }
     let mut collected = Vec::with_capacity(generations.len());
     for generation in &mut generations {

@@ -353,15 +353,7 @@ pub(super) async fn create(
         index,
     };
     if options.stream {
-        // Headers wait for admission: a refusal then still gets its own status.
-        for generation in &mut generations {
-            generation.admitted().await?;
-        }
-        if generations.len() == 1 {
-            return Ok(sse::response(generations.remove(0), chunks_of(0), options.include_usage));
-        }
-        let chunks = (0..generations.len() as u32).map(chunks_of).collect();
-        return Ok(sse::response_many(generations, chunks, options.include_usage));
+        return sse::choices_response(generations, chunks_of, options.include_usage).await;
     }
     let mut choices = Vec::with_capacity(generations.len());
     for (index, generation) in generations.iter_mut().enumerate() {

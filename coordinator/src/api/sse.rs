@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 
+use super::errors::ApiError;
 use super::generation::{Finish, Generation, Piece, SampledLogprob};
 
 /// Token counts, as OpenAI reports them.
@@ -117,6 +118,24 @@ pub fn events<C: Chunks>(
         let event = streamer.next_event().await?;
         Some((Ok(event), streamer))
     })
+}
+
+/// The stream of a request's choices, once the engine has admitted each (headers
+/// wait for admission: a refusal then still gets its own status); `chunks_of(i)`
+/// shapes choice `i`'s chunks.
+pub async fn choices_response<C: Chunks>(
+    mut generations: Vec<Generation>,
+    chunks_of: impl Fn(u32) -> C,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    for generation in &mut generations {
+        generation.admitted().await?;
+    }
+    if generations.len() == 1 {
+        return Ok(response(generations.remove(0), chunks_of(0), include_usage));
+    }
+    let chunks = (0..generations.len() as u32).map(chunks_of).collect();
+    Ok(response_many(generations, chunks, include_usage))
 }
 
 /// Several choices' generations streamed at once: every choice's opening, then
