@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use llguidance::{Matcher, ParserFactory};
+use strata_model::Sampler;
 
 use crate::vocabulary::new_matcher;
 use crate::{Grammar, GrammarError};
@@ -79,6 +80,28 @@ impl Constraint {
         }
         Ok(())
     }
+}
+
+/// The token after `history` (every token so far, prompt included) as `sampler` picks
+/// it from `logits`, among the tokens `constraint` allows when there is one. The mask
+/// goes on a copy: `logits` stay the model's, and so do the logprobs reported from
+/// them.
+pub fn sample(
+    sampler: &Sampler,
+    constraint: Option<&mut Constraint>,
+    logits: &[f32],
+    history: &[u32],
+) -> Result<u32, GrammarError> {
+    let position = history.len();
+    match constraint {
+        Some(constraint) => {
+            let mut masked = logits.to_vec();
+            constraint.mask(history, &mut masked)?;
+            sampler.sample_owned(masked, history, position)
+        }
+        None => sampler.sample(logits, history, position),
+    }
+    .map_err(GrammarError::Sampling)
 }
 
 fn parser_error(e: impl std::fmt::Display) -> GrammarError {

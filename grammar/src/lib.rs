@@ -16,7 +16,7 @@ mod constraint;
 mod grammar;
 mod vocabulary;
 
-pub use constraint::Constraint;
+pub use constraint::{sample, Constraint};
 pub use grammar::Grammar;
 pub use vocabulary::{LazyVocabulary, Vocabulary};
 
@@ -30,4 +30,6 @@ pub enum GrammarError {
     /// The parser refused a token or failed to compute a mask.
     #[error("the output constraint failed: {0}")]
     Parser(String),
+    #[error(transparent)]
+    Sampling(strata_model::Error),
 }

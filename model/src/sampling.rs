@@ -89,10 +89,15 @@ impl Sampler {
     /// Picks the token at `position` from `logits`; `history` is every token of the
     /// sequence so far (prompt included), used by the repetition penalty.
     pub fn sample(&self, logits: &[f32], history: &[u32], position: usize) -> Result<u32> {
+        self.sample_owned(logits.to_vec(), history, position)
+    }
+
+    /// As [`Sampler::sample`], on logits the caller made for it (a masked copy):
+    /// they are changed in place rather than copied once more.
+    pub fn sample_owned(&self, mut logits: Vec<f32>, history: &[u32], position: usize) -> Result<u32> {
         if logits.is_empty() {
             return Err(Error::BadInput("no logits to sample from".into()));
         }
-        let mut logits = logits.to_vec();
         if self.repetition_penalty != 1.0 {
             let recent = &history[history.len().saturating_sub(self.repeat_last_n)..];
             let mut seen = std::collections::HashSet::new();

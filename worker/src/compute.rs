@@ -705,16 +705,8 @@ impl Compute {
                     return Err("no sampler for the sequence".into());
                 };
                 let position = sequence.history.len();
-                let token = match &mut sequence.constraint {
-                    // Masked on a copy: logprobs are the model's, not the grammar's.
-                    Some(constraint) => {
-                        let mut masked = logits.clone();
-                        constraint.mask(&sequence.history, &mut masked).map_err(|e| e.to_string())?;
-                        sampler.sample(&masked, &sequence.history, position)
-                    }
-                    None => sampler.sample(&logits, &sequence.history, position),
-                }
-                .map_err(|e| e.to_string())?;
+                let token = strata_grammar::sample(sampler, sequence.constraint.as_mut(), &logits, &sequence.history)
+                    .map_err(|e| e.to_string())?;
                 let logprobs_top = sequence.logprobs_top;
                 let sent_unix_nanos = unix_nanos();
                 let feed_back = sequence.direct.as_ref().is_some_and(|d| {

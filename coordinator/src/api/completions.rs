@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use strata_model::Tokenizer;
 
 use super::errors::{ApiError, ApiJson};
-use crate::engine::{TokenLogprob, MAX_TOP_LOGPROBS};
+use crate::engine::TokenLogprob;
 use super::generation::{Collected, Finish, SampledLogprob};
 use super::logprobs;
 use super::params::{self, Fields};
@@ -135,13 +135,7 @@ impl Extras {
 }
 
 fn extras(fields: &Fields, stream: bool) -> Result<Extras, ApiError> {
-    let logprobs = match fields.get::<i64>("logprobs")? {
-        None => None,
-        Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Some(n as usize),
-        Some(n) => {
-            return Err(ApiError::invalid("logprobs", format!("logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}")))
-        }
-    };
+    let logprobs = logprobs::top_count(fields, "logprobs")?;
     let echo = fields.get::<bool>("echo")?.unwrap_or(false);
     if echo && stream {
         return Err(ApiError::unsupported("echo", "echo is not supported with stream"));

@@ -36,20 +36,21 @@ pub struct TokenEntry {
 /// each generated token reports, or `None` when no logprobs are asked for.
 pub fn chat_request(fields: &Fields) -> Result<Option<usize>, ApiError> {
     let wanted = fields.get::<bool>("logprobs")?.unwrap_or(false);
-    let top = match fields.get::<i64>("top_logprobs")? {
-        None => None,
-        Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Some(n as usize),
-        Some(n) => {
-            return Err(ApiError::invalid(
-                "top_logprobs",
-                format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
-            ))
-        }
-    };
+    let top = top_count(fields, "top_logprobs")?;
     match (wanted, top) {
         (false, Some(_)) => Err(ApiError::invalid("top_logprobs", "top_logprobs needs `logprobs: true`")),
         (false, None) => Ok(None),
         (true, top) => Ok(Some(top.unwrap_or(0))),
+    }
+}
+
+/// The field `name`: how many most likely tokens a position reports (0 to
+/// [`MAX_TOP_LOGPROBS`]), chat's `top_logprobs` or the legacy `logprobs`.
+pub fn top_count(fields: &Fields, name: &str) -> Result<Option<usize>, ApiError> {
+    match fields.get::<i64>(name)? {
+        None => Ok(None),
+        Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Ok(Some(n as usize)),
+        Some(n) => Err(ApiError::invalid(name, format!("{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"))),
     }
 }
 

@@ -1,5 +1,5 @@
-//! Streaming responses: a generation framed as server-sent events, `data: {chunk}`
-//! per piece of text and a final `data: [DONE]`.
+//! Streaming responses: a request's generations (its choices) framed as server-sent
+//! events, `data: {chunk}` per piece of text and a final `data: [DONE]`.
 //!
 //! Each endpoint shapes its own chunks through [`Chunks`]; the order of events is
 //! decided here once. When the client disconnects, the response body and with it
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 
 use super::errors::ApiError;
@@ -51,73 +51,14 @@ pub trait Chunks: Send + 'static {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    Opening,
     Running,
     Usage,
     Done,
     Over,
 }
 
-struct Streamer<C> {
-    generation: Generation,
-    chunks: C,
-    include_usage: bool,
-    phase: Phase,
-}
-
-impl<C: Chunks> Streamer<C> {
-    async fn next_event(&mut self) -> Option<Event> {
-        loop {
-            match self.phase {
-                Phase::Opening => {
-                    self.phase = Phase::Running;
-                    if let Some(chunk) = self.chunks.opening() {
-                        return Some(data(chunk));
-                    }
-                }
-                Phase::Running => match self.generation.next().await {
-                    Some(Piece::Text { text, logprobs }) => return Some(data(self.chunks.text(&text, &logprobs))),
-                    Some(Piece::End { text, finish, logprobs }) => {
-                        self.phase = if self.include_usage { Phase::Usage } else { Phase::Done };
-                        return Some(data(self.chunks.finish(&text, finish, &logprobs)));
-                    }
-                    // Headers are long gone: the error travels as an event, the way
-                    // OpenAI's client libraries look for it.
-                    Some(Piece::Failed(error)) => {
-                        self.phase = Phase::Done;
-                        return Some(data(error.body()));
-                    }
-                    None => self.phase = Phase::Done,
-                },
-                Phase::Usage => {
-                    self.phase = Phase::Done;
-                    return Some(data(self.chunks.usage(Usage::of(&self.generation))));
-                }
-                Phase::Done => {
-                    self.phase = Phase::Over;
-                    return Some(data("[DONE]".to_owned()));
-                }
-                Phase::Over => return None,
-            }
-        }
-    }
-}
-
 fn data(chunk: String) -> Event {
     Event::default().data(chunk)
-}
-
-/// The events of `generation`, in order.
-pub fn events<C: Chunks>(
-    generation: Generation,
-    chunks: C,
-    include_usage: bool,
-) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
-    let streamer = Streamer { generation, chunks, include_usage, phase: Phase::Opening };
-    futures::stream::unfold(streamer, |mut streamer| async move {
-        let event = streamer.next_event().await?;
-        Some((Ok(event), streamer))
-    })
 }
 
 /// The stream of a request's choices, once the engine has admitted each (headers
@@ -131,18 +72,17 @@ pub async fn choices_response<C: Chunks>(
     for generation in &mut generations {
         generation.admitted().await?;
     }
-    if generations.len() == 1 {
-        return Ok(response(generations.remove(0), chunks_of(0), include_usage));
-    }
     let chunks = (0..generations.len() as u32).map(chunks_of).collect();
-    Ok(response_many(generations, chunks, include_usage))
+    Ok(response(generations, chunks, include_usage))
 }
 
-/// Several choices' generations streamed at once: every choice's opening, then
-/// each choice's chunks (shaped by its own [`Chunks`], which carry its index) as
-/// they come, the usage of them all (the prompt counted once), then `[DONE]`. A
-/// choice that fails ends the stream, with its error; the others are cancelled.
-pub fn response_many<C: Chunks>(generations: Vec<Generation>, chunks: Vec<C>, include_usage: bool) -> Response {
+/// The choices' generations streamed at once: every choice's opening, then each
+/// choice's chunks (shaped by its own [`Chunks`], which carry its index) as they
+/// come, the usage of them all (the prompt counted once), then `[DONE]`. A choice
+/// that fails ends the stream with its error (headers are long gone: the error
+/// travels as an event, the way OpenAI's client libraries look for it); the others
+/// are cancelled, as all are when the client goes away.
+fn response<C: Chunks>(generations: Vec<Generation>, chunks: Vec<C>, include_usage: bool) -> Response {
     let prompt_tokens = generations.first().map_or(0, Generation::prompt_tokens);
     let openings: Vec<String> = chunks.iter().filter_map(Chunks::opening).collect();
     let counts = vec![0; generations.len()];
@@ -161,7 +101,7 @@ pub fn response_many<C: Chunks>(generations: Vec<Generation>, chunks: Vec<C>, in
     let rest = futures::stream::unfold(state, move |(mut pieces, chunks, mut counts, mut phase)| async move {
         loop {
             let event = match phase {
-                Phase::Opening | Phase::Running => match pieces.next().await {
+                Phase::Running => match pieces.next().await {
                     Some((i, Piece::Text { text, logprobs }, tokens)) => {
                         counts[i] = tokens;
                         data(chunks[i].text(&text, &logprobs))
@@ -199,6 +139,8 @@ pub fn response_many<C: Chunks>(generations: Vec<Generation>, chunks: Vec<C>, in
         }
     });
     let events = futures::stream::iter(openings.into_iter().map(|o| Ok(data(o)))).chain(rest);
+    // Comments now and then keep proxies from closing a stream that waits on a long
+    // prompt; clients skip them.
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
@@ -207,13 +149,4 @@ pub fn response_many<C: Chunks>(generations: Vec<Generation>, chunks: Vec<C>, in
 pub fn prepared(chunks: Vec<String>) -> Response {
     let events = chunks.into_iter().chain(["[DONE]".to_owned()]).map(|c| Ok::<_, Infallible>(data(c)));
     Sse::new(futures::stream::iter(events)).into_response()
-}
-
-/// A streaming response over `generation`.
-pub fn response<C: Chunks>(generation: Generation, chunks: C, include_usage: bool) -> Response {
-    // Comments now and then keep proxies from closing a stream that waits on a long
-    // prompt; clients skip them.
-    Sse::new(events(generation, chunks, include_usage))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response()
 }

@@ -14,13 +14,14 @@ use std::sync::{mpsc as std_mpsc, Arc};
 
 use strata_grammar::Constraint;
 use strata_model::generate::FinishReason;
+use strata_model::perplexity::score_row;
 use strata_model::stage::StageOptions;
 use strata_model::{
     ChatTemplate, Device, ModelFile, Sampler, SeqId, Stage, StageInput, StageOutput, StageStep, Tokenizer,
 };
 use tokio::sync::mpsc;
 
-use super::{Engine, EngineError, GenerateEvent, GenerateRequest, ModelCard, TokenLogprob};
+use super::{Engine, EngineError, GenerateEvent, GenerateRequest, ModelCard};
 
 /// How much a local engine takes on at once.
 #[derive(Debug, Clone)]
@@ -387,18 +388,7 @@ fn step_sequence(s: &mut Sequence, tokenizer: &Tokenizer, context: usize, logits
         Ok(l) => l,
         Err(e) => return Outcome::Done(GenerateEvent::Failed(EngineError::Internal(e.to_string()))),
     };
-    let sampled = match &mut s.constraint {
-        // Masked on a copy: logprobs are the model's, as on a cluster's last stage.
-        Some(constraint) => {
-            let mut masked = logits.clone();
-            match constraint.mask(&s.history, &mut masked) {
-                Ok(()) => s.sampler.sample(&masked, &s.history, s.history.len()),
-                Err(e) => return Outcome::Done(GenerateEvent::Failed(EngineError::Internal(e.to_string()))),
-            }
-        }
-        None => s.sampler.sample(&logits, &s.history, s.history.len()),
-    };
-    let next = match sampled {
+    let next = match strata_grammar::sample(&s.sampler, s.constraint.as_mut(), &logits, &s.history) {
         Ok(t) => t,
         Err(e) => return Outcome::Done(GenerateEvent::Failed(EngineError::Internal(e.to_string()))),
     };
@@ -407,7 +397,7 @@ fn step_sequence(s: &mut Sequence, tokenizer: &Tokenizer, context: usize, logits
     }
     s.history.push(next);
     s.generated += 1;
-    let logprob = s.logprobs.and_then(|top| TokenLogprob::of(&logits, next, top));
+    let logprob = s.logprobs.and_then(|top| score_row(&logits, next, top));
     if s.events.try_send(GenerateEvent::Token(next, logprob)).is_err() {
         return Outcome::Cancelled;
     }

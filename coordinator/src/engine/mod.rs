@@ -86,21 +86,9 @@ pub enum GenerateEvent {
 }
 
 /// One token's log-probability given what precedes it, and the most likely tokens at
-/// its position with theirs (the most likely first).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprob {
-    pub logprob: f64,
-    pub top: Vec<(u32, f64)>,
-}
-
-impl TokenLogprob {
-    /// `token`'s log-probability under `logits`, with the `top` most likely tokens
-    /// (at least the argmax); `None` for a token outside the vocabulary.
-    pub fn of(logits: &[f32], token: u32, top: usize) -> Option<Self> {
-        let score = strata_model::perplexity::score_row(logits, token, top)?;
-        Some(Self { logprob: score.logprob, top: score.top })
-    }
-}
+/// its position with theirs (the most likely first): a position scored as the model
+/// scores it (`strata_model::perplexity::score_row`).
+pub use strata_model::perplexity::RowScore as TokenLogprob;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
