@@ -59,6 +59,8 @@ pub struct ServeConfig {
     /// How long a request may wait for capacity.
     pub queue_timeout: Duration,
     pub move_sequences: MovePolicy,
+    /// Keep finished requests' sequences for the next turn to start from.
+    pub prefix_cache: bool,
     /// How long requests in flight may run on after shutdown begins.
     pub shutdown_grace: Duration,
     /// The keys the HTTP API asks for (none: open).
@@ -119,6 +121,7 @@ impl ServeConfig {
             plan: self.plan.clone(),
             queue_timeout: self.queue_timeout,
             move_sequences: self.move_sequences,
+            prefix_cache: self.prefix_cache,
         }
     }
 }
@@ -307,6 +310,7 @@ mod tests {
             plan: PlanOptions { context: 64, ..PlanOptions::default() },
             queue_timeout: Duration::from_secs(1),
             move_sequences: MovePolicy::Auto,
+            prefix_cache: true,
             shutdown_grace: Duration::from_secs(1),
             api_keys: crate::api::ApiKeys::default(),
             join_token: None,

@@ -709,6 +709,16 @@ impl Stage {
         self.sequences.insert(seq, SequenceCache { layers: caches });
         Ok(())
     }
+
+    /// Opens `into` with a copy of the first `positions` positions of `from`'s cache
+    /// (which goes on unchanged): the next step of `into` is at `positions`. A prompt
+    /// shared by several sequences is computed once this way. Continued with the
+    /// steps `from` was computed with after them, `into` computes what `from` did,
+    /// bit for bit (the copy is exact, as a carried cache is).
+    pub fn fork(&mut self, from: SeqId, into: SeqId, positions: usize) -> Result<()> {
+        let layers = self.export_kv(from, self.layers(), positions)?;
+        self.import_kv(into, layers)
+    }
 }
 
 /// Mutable caches for `ids`, in that order. Ids must be distinct (checked by forward).
@@ -1206,6 +1216,28 @@ mod tests {
             let firsts: Vec<usize> = kv.iter().map(|l| l.first).collect();
             let w = 10 + 1 - window;
             assert_eq!(firsts, [w, w, w, w, w, 0], "sliding layers send their window only; layer 5 is global");
+        }
+    }
+
+    #[test]
+    fn a_forked_sequence_continues_as_its_source_on_every_family() {
+        // Gemma's sliding layers copy only what their window of 3 reaches.
+        for spec in [SyntheticModel { layers: 6, ..SyntheticModel::tiny() }, SyntheticModel::gemma3_tiny()] {
+            let (_dir, file) = model(&spec);
+            let prefix: &[u32] = &[5, 80, 120, 33, 7, 250];
+            let steps: [&[u32]; 4] = [prefix, &[2], &[17], &[99]];
+            let mut chain = [stage(&file, 0..3), stage(&file, 3..6)];
+            let reference = run_steps(&mut chain, 1, 0, &steps);
+            // The source has gone three positions past the fork point.
+            for s in chain.iter_mut() {
+                s.fork(1, 2, prefix.len()).unwrap();
+                assert_eq!((s.sequence_len(1), s.sequence_len(2)), (Some(9), Some(6)));
+            }
+            assert_eq!(run_steps(&mut chain, 2, prefix.len(), &steps[1..]), reference[1..], "{}", spec.architecture);
+            let s = &mut chain[0];
+            assert!(matches!(s.fork(7, 3, 2), Err(Error::UnknownSequence(7))));
+            assert!(matches!(s.fork(1, 3, 10), Err(Error::KvPositions { asked: 10, .. })));
+            assert_eq!(s.sequence_len(3), None, "a refused fork opens nothing");
         }
     }
 

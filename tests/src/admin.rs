@@ -78,13 +78,18 @@ pub async fn pipelines_held(transport: &Transport, address: &str) -> anyhow::Res
 /// Waits until every worker's heartbeat reports no sequences held (no KV cache left
 /// behind by a request that ended).
 pub async fn wait_until_no_sequences(transport: &Transport, workers: &[String]) -> anyhow::Result<()> {
+    wait_until_sequences_at_most(transport, workers, 0).await
+}
+
+/// Waits until every worker's heartbeat reports at most `most` sequences held.
+pub async fn wait_until_sequences_at_most(transport: &Transport, workers: &[String], most: u32) -> anyhow::Result<()> {
     for w in workers {
         let channel = transport.connect(w, Dial::Worker).await?;
         let mut events = WorkerClient::new(channel).events(v1::EventsRequest {}).await?.into_inner();
         loop {
             let event = events.message().await?.context("events ended")?;
             if let Some(worker_event::Kind::Heartbeat(h)) = event.kind {
-                if h.sequences == 0 {
+                if h.sequences <= most {
                     break;
                 }
             }

@@ -101,6 +101,7 @@ async fn local_logprobs(
         prompt_logprobs: None,
         logprobs: Some(top),
         constraint: None,
+            shared_prompt: false,
     };
     let mut events = engine.generate(request)?;
     let mut tokens = Vec::new();
@@ -147,7 +148,7 @@ async fn workers_that_join_pull_their_shards_and_serve() -> anyhow::Result<()> {
 
 /// Tokens of one request through an in-process engine.
 async fn run(engine: &cluster::ClusterEngine, prompt: &[u32], n: usize, path: ReturnPath) -> anyhow::Result<Vec<u32>> {
-    let request = GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None, constraint: None };
+    let request = GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None, constraint: None, shared_prompt: false };
     let mut rx = engine.generate_via(request, path)?;
     let mut tokens = Vec::new();
     while let Some(event) = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await? {
@@ -196,6 +197,9 @@ async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -
         plan: strata_coordinator::planner::PlanOptions::default(),
         queue_timeout: Duration::from_secs(30),
         move_sequences: Default::default(),
+        // Every sequence is released when its request ends (the prefix cache would
+        // keep them), which this test checks.
+        prefix_cache: false,
     };
     let cluster = Cluster::start(&config, model, membership).await?.loaded().await?;
     assert!(cluster.placements.iter().all(|p| !p.weights_were_local));
@@ -206,7 +210,7 @@ async fn the_engine_gives_exact_tokens_on_both_return_paths_and_frees_caches() -
     }
     // A request whose client goes away mid-generation is released too.
     let request =
-        GenerateRequest { prompt_tokens: PROMPTS[3].to_vec(), max_tokens: 200, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None, constraint: None };
+        GenerateRequest { prompt_tokens: PROMPTS[3].to_vec(), max_tokens: 200, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None, constraint: None, shared_prompt: false };
     let mut rx = cluster.engine.generate_via(request, ReturnPath::Direct)?;
     rx.recv().await.context("no first event")?;
     drop(rx);

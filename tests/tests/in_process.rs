@@ -7,38 +7,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use strata_coordinator::cli::http;
-use strata_coordinator::cluster::{MovePolicy, PlacementPolicy, ReturnPath, ServedModel};
-use strata_coordinator::planner::PlanOptions;
+use strata_coordinator::cluster::ServedModel;
 use strata_coordinator::server::{ConfigError, ServeError};
-use strata_coordinator::{Listeners, ServeConfig};
 use strata_model::synthetic::SyntheticModel;
-use strata_proto::v1::WireDtype;
+use strata_tests::in_process::{listeners, serve_config};
 use strata_tests::{reference_tokens, ClusterOptions, TestCluster};
-use tokio::net::TcpListener;
-
-fn config(model: Arc<ServedModel>, workers: Vec<String>) -> ServeConfig {
-    ServeConfig {
-        model,
-        min_workers: workers.len(),
-        workers,
-        mdns_cluster: None,
-        worker_wait: Duration::from_secs(30),
-        grpc_advertise: None,
-        wire_dtype: WireDtype::F32,
-        return_path: ReturnPath::Direct,
-        placement: PlacementPolicy::Spread,
-        plan: PlanOptions { context: 256, sequences: 4, ..PlanOptions::default() },
-        queue_timeout: Duration::from_secs(30),
-        move_sequences: MovePolicy::Auto,
-        shutdown_grace: Duration::from_secs(5),
-        api_keys: strata_coordinator::api::ApiKeys::default(),
-        join_token: None,
-    }
-}
-
-async fn listeners() -> anyhow::Result<Listeners> {
-    Ok(Listeners { grpc: TcpListener::bind("127.0.0.1:0").await?, http: TcpListener::bind("127.0.0.1:0").await? })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_runs_in_process_answers_right_and_stops_when_asked() -> anyhow::Result<()> {
@@ -51,7 +24,7 @@ async fn a_coordinator_runs_in_process_answers_right_and_stops_when_asked() -> a
     let listeners = listeners().await?;
     let http_addr = listeners.http.local_addr()?.to_string();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(strata_coordinator::run(listeners, config(model, workers.workers.clone()), async {
+    let running = tokio::spawn(strata_coordinator::run(listeners, serve_config(model, workers.workers.clone()), async {
         let _ = stopped.await;
     }));
 
@@ -88,7 +61,7 @@ async fn a_setting_that_cannot_work_is_refused_before_anything_runs() -> anyhow:
     let dir = tempfile::tempdir()?;
     let path = SyntheticModel::tiny().write_to(dir.path())?;
     let model = Arc::new(ServedModel::open(&path, "test-model".into())?);
-    let mut bad = config(model, vec!["127.0.0.1:1".into()]);
+    let mut bad = serve_config(model, vec!["127.0.0.1:1".into()]);
     bad.plan.sequences = 0;
     let refused = strata_coordinator::run(listeners().await?, bad, std::future::pending()).await;
     assert!(matches!(refused, Err(ServeError::Config(ConfigError::ZeroSequences))), "{refused:?}");

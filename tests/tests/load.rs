@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{json, Value};
 use strata_coordinator::cli::http::HttpError;
-use strata_tests::admin::{admin, holds_layers, node, status, wait_for_status, wait_until_no_sequences};
+use strata_tests::admin::{admin, holds_layers, node, status, wait_for_status, wait_until_sequences_at_most};
 use strata_tests::streams::{completion_body, prompts, stream_completion, synthetic_model, StreamSpec};
 use strata_tests::{reference_completion, ClusterOptions, TestCluster};
 
@@ -268,10 +268,12 @@ async fn sixty_four_clients_through_a_drain_and_an_undrain() -> anyhow::Result<(
     }
     let s = status(&addr).await?;
     assert!(node(&s, "worker-1").is_ok_and(|n| n["state"] == "ready"), "{s}");
-    // And no worker keeps the KV cache of a request that ended.
-    tokio::time::timeout(Duration::from_secs(5), wait_until_no_sequences(cluster.transport(), &cluster.workers))
+    // And no worker keeps the KV caches of requests that ended beyond the planned
+    // sequences (the prefix cache keeps finished ones in those no request uses).
+    let most = SEQUENCES as u32;
+    tokio::time::timeout(Duration::from_secs(5), wait_until_sequences_at_most(cluster.transport(), &cluster.workers, most))
         .await
-        .context("workers still hold sequences after the load")??;
+        .context("workers hold more sequences than planned after the load")??;
 
     // Peak memory of every process over the whole run.
     let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;

@@ -205,6 +205,7 @@ async fn local_tokens(
         prompt_logprobs: None,
         logprobs: None,
         constraint: Some(grammar),
+        shared_prompt: false,
     };
     let mut events = engine.generate(request)?;
     let mut tokens = Vec::new();

@@ -421,7 +421,15 @@ impl Compute {
             let Some(seq) = seq_of(&queued.message) else {
                 continue;
             };
-            if busy.contains(&seq) {
+            // A sequence copied from another waits for the source's frame in this
+            // round: it must copy what that frame computes.
+            let source_busy = match &queued.message.kind {
+                Some(stage_message::Kind::Open(open)) => open.prefix.as_ref().is_some_and(|p| busy.contains(&p.seq_id)),
+                _ => false,
+            };
+            if busy.contains(&seq) || source_busy {
+                // What follows it waits too.
+                busy.insert(seq);
                 waiting.push_back(queued);
                 continue;
             }
@@ -471,6 +479,18 @@ impl Compute {
         };
         // Opening again restarts the sequence.
         self.stage.release(seq);
+        // A shared start: this stage's layers of the source's first positions, and on
+        // the last stage the tokens they hold (the repetition penalty's history).
+        let history = match &open.prefix {
+            Some(prefix) => match self.fork(prefix, seq) {
+                Ok(history) => history,
+                Err(message) => {
+                    self.hub.sequence_error(seq, ErrorCode::PrefixUnavailable, message, self.stage_index);
+                    return;
+                }
+            },
+            None => Vec::new(),
+        };
         let direct = open.direct_return.then(|| DirectReturn {
             end_position: open.end_position as usize,
             stop_tokens: open.stop_tokens.clone(),
@@ -480,7 +500,7 @@ impl Compute {
             seq,
             Sequence {
                 sampler,
-                history: Vec::new(),
+                history,
                 direct,
                 logprobs_top: logprobs_top(&open),
                 trace,
@@ -493,6 +513,25 @@ impl Compute {
             },
             seq,
         );
+    }
+
+    /// Opens `seq` on the stage with the first `prefix.positions` positions of
+    /// `prefix.seq_id`, and returns the tokens of those positions as the last stage
+    /// knows them (other stages keep no tokens).
+    fn fork(&mut self, prefix: &v1::SequencePrefix, seq: u64) -> Result<Vec<u32>, String> {
+        let (from, positions) = (prefix.seq_id, prefix.positions as usize);
+        let source = self.sequences.get(&from).ok_or_else(|| {
+            format!("sequence {seq}: its prefix sequence {from} is not open on stage {}", self.stage_index)
+        })?;
+        let history = if self.stage.is_last() {
+            source.history.get(..positions).map(<[u32]>::to_vec).ok_or_else(|| {
+                format!("sequence {seq}: {positions} positions of sequence {from} asked, {} held", source.history.len())
+            })?
+        } else {
+            Vec::new()
+        };
+        self.stage.fork(from, seq, positions).map_err(|e| format!("sequence {seq}: cannot copy its prefix: {e}"))?;
+        Ok(history)
     }
 
     /// The parser of a constrained sequence, on the last stage (the only one that

@@ -345,6 +345,30 @@ async fn bad_frames_fail_their_sequence_and_the_worker_goes_on() -> anyhow::Resu
         worker_event::Kind::Token(t) => assert_eq!((t.seq_id, t.position), (5, 3)),
         other => panic!("expected a token, got {other:?}"),
     }
+
+    // Sequences opened with a copy of another's start: one whose source is unknown, or
+    // holds fewer positions, fails; one sent right behind its source's frame copies
+    // what that frame computed and goes on from there.
+    let forked = |seq_id, from, positions| {
+        stage_message::Kind::Open(v1::OpenSequence {
+            seq_id,
+            sampling: Some(v1::SamplingParams { repetition_penalty: 1.0, ..Default::default() }),
+            prefix: Some(v1::SequencePrefix { seq_id: from, positions }),
+            ..Default::default()
+        })
+    };
+    tx.send(forked(9, 42, 1));
+    expect_error(events.next().await?, 9, ErrorCode::PrefixUnavailable, "sequence 42 is not open");
+    tx.send(forked(10, 6, 9));
+    expect_error(events.next().await?, 10, ErrorCode::PrefixUnavailable, "9 positions of sequence 6 asked, 3 held");
+    tx.open_seq(11);
+    tx.frame(11, 0, vec![4, 5, 6], Some(hidden_rows(3, width)), false);
+    tx.send(forked(12, 11, 2));
+    tx.frame(12, 2, vec![6], Some(hidden_rows(1, width)), true);
+    match events.next().await? {
+        worker_event::Kind::Token(t) => assert_eq!((t.seq_id, t.position), (12, 3)),
+        other => panic!("expected a token, got {other:?}"),
+    }
     let health = c.health(v1::HealthRequest {}).await?.into_inner();
     assert_eq!(health.state, v1::WorkerState::Serving as i32);
     Ok(())
@@ -648,6 +672,7 @@ async fn generate_on(
         traceparent: String::new(),
         logprobs_top: None,
         constraint: None,
+        prefix: None,
     }));
     tx.frame(seq, 0, prompt.to_vec(), None, true);
     let mut out = Vec::new();

@@ -262,6 +262,9 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
     let help = "Bytes of shard files workers pulled from the coordinator.";
     family(out, "strata:weight_pull_bytes_total", "counter", help);
     let _ = writeln!(out, "strata:weight_pull_bytes_total {}", s.weight_pull_bytes);
+    let help = "Prompt positions copied from another sequence's KV instead of computed.";
+    family(out, "strata:prefix_positions_total", "counter", help);
+    let _ = writeln!(out, "strata:prefix_positions_total {}", s.prefix_positions);
     family(out, "strata:membership_changes_total", "counter", "Changes to the set of workers and their states.");
     let _ = writeln!(out, "strata:membership_changes_total {}", s.membership_generation);
 }

@@ -208,7 +208,8 @@ async fn off_reactor<T: Send + 'static>(
 
 /// The `options.choices` generations of a request, each its own sequence: choice
 /// `i` samples with seed `seed + i`, so a seeded request gives the same choices
-/// every time. (Each prefills the prompt itself: the prompt's KV is not yet shared.)
+/// every time. Several choices share the prompt (`GenerateRequest::shared_prompt`):
+/// a cluster computes it once.
 fn start_choices(
     state: &AppState,
     request_id: &str,
@@ -247,6 +248,7 @@ fn start(
         prompt_logprobs,
         logprobs,
         constraint: options.constraint.clone(),
+        shared_prompt: options.choices > 1,
     };
     let engine = state.engine.as_ref();
     let events = engine.generate(request)?;

@@ -200,6 +200,9 @@ pub fn format_status(s: &ClusterStatus) -> String {
     if let Some(p) = s.predicted_tokens_per_second {
         out.push_str(&format!(", {p:.1} tokens/s predicted for one stream"));
     }
+    if s.prefix_positions > 0 {
+        out.push_str(&format!(", {} prompt positions copied from shared starts", s.prefix_positions));
+    }
     out.push('\n');
     if s.transport == "insecure" {
         out.push_str(

@@ -144,7 +144,7 @@ fn single_process_decode(
 /// Decode speed of one request: tokens after the first over the time since the
 /// first arrived (prefill excluded).
 async fn one_stream(engine: &ClusterEngine, prompt: Vec<u32>, n: usize, path: ReturnPath) -> anyhow::Result<f64> {
-    let request = GenerateRequest { prompt_tokens: prompt, max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None, constraint: None };
+    let request = GenerateRequest { prompt_tokens: prompt, max_tokens: n, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None, constraint: None, shared_prompt: false };
     let mut rx = engine.generate_ignoring_eos(request, path)?;
     let mut first = None;
     let mut tokens = 0usize;
@@ -181,6 +181,7 @@ async fn aggregate(
             prompt_logprobs: None,
             logprobs: None,
             constraint: None,
+            shared_prompt: false,
         };
         receivers.push(engine.generate_ignoring_eos(request, path)?);
     }
@@ -225,6 +226,7 @@ async fn pipeline(
         plan: crate::planner::PlanOptions { sequences: 16, ..crate::planner::PlanOptions::default() },
         queue_timeout: Duration::from_secs(60),
         move_sequences: Default::default(),
+        prefix_cache: false,
     };
     let cluster = Cluster::start(&config, model.clone(), Arc::new(Membership::default())).await?.loaded().await?;
     let engine = cluster.engine.clone();

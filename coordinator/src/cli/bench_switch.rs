@@ -204,6 +204,7 @@ async fn start_cluster(
         plan: crate::planner::PlanOptions { sequences: streams.max(1), ..crate::planner::PlanOptions::default() },
         queue_timeout: Duration::from_secs(120),
         move_sequences: policy,
+        prefix_cache: false,
     };
     Ok(Cluster::start(&config, model.clone(), Arc::new(Membership::default())).await?.loaded().await?)
 }
@@ -211,7 +212,7 @@ async fn start_cluster(
 /// Time to the first token of a `len`-token prompt, and the step after it (one request).
 async fn prefill_and_step(engine: &ClusterEngine, vocab: usize, len: usize) -> anyhow::Result<(f64, f64)> {
     let request =
-        GenerateRequest { prompt_tokens: prompt_tokens(vocab, len, 99), max_tokens: 3, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None, constraint: None };
+        GenerateRequest { prompt_tokens: prompt_tokens(vocab, len, 99), max_tokens: 3, sampling: SamplingParams::greedy(), prompt_logprobs: None, logprobs: None, constraint: None, shared_prompt: false };
     let started = Instant::now();
     let received = Arc::new(Mutex::new(Received::default()));
     follow(engine.generate_ignoring_eos(request, ReturnPath::Direct)?, received.clone(), Arc::default()).await?;
@@ -246,6 +247,7 @@ async fn one(
             prompt_logprobs: None,
             logprobs: None,
             constraint: None,
+            shared_prompt: false,
         };
         let received = Arc::new(Mutex::new(Received::default()));
         let progress = Arc::new(AtomicUsize::new(0));

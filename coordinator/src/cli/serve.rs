@@ -98,6 +98,12 @@ pub struct ServeArgs {
     /// `auto` picks the faster per request. A lost worker always means a replay.
     #[arg(long, value_enum, default_value_t = MoveSequencesArg::Auto)]
     pub move_sequences: MoveSequencesArg,
+    /// Keep nothing when a request ends. By default the stages keep a copy of a
+    /// finished request's prompt KV while a planned sequence is free for it, so the
+    /// next turn of its conversation copies the KV of their shared prompt start
+    /// (in whole frames of 512 tokens) instead of computing it again.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
     /// Seconds requests in flight may run on after a stop is asked for (SIGTERM,
     /// Ctrl-C) before they are cut off.
     #[arg(long, default_value_t = 30)]
@@ -195,6 +201,7 @@ pub fn config(args: &ServeArgs, model: Arc<ServedModel>) -> ServeConfig {
         },
         queue_timeout: Duration::from_secs(args.queue_timeout),
         move_sequences: args.move_sequences.into(),
+        prefix_cache: !args.no_prefix_cache,
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         api_keys: crate::api::ApiKeys::default(),
         join_token: None,

@@ -101,6 +101,8 @@ pub struct SchedulerStatus {
     /// The limits, and the requests in line for admission.
     pub admission: AdmissionReport,
     pub tokens_generated: u64,
+    /// Prompt positions copied from another sequence's KV instead of computed.
+    pub prefix_positions: u64,
     pub moves: MoveTotals,
 }
 

@@ -42,6 +42,7 @@ pub mod model;
 pub mod moves;
 pub mod pipeline;
 pub mod placement;
+mod prefix;
 pub mod rates;
 pub mod report;
 mod request_trace;
@@ -127,6 +128,9 @@ pub struct ClusterConfig {
     pub queue_timeout: Duration,
     /// How requests move to a new pipeline while the old one still works.
     pub move_sequences: MovePolicy,
+    /// Keep finished requests' sequences for their conversation's next turn to
+    /// start from (the prefix cache).
+    pub prefix_cache: bool,
 }
 
 impl ClusterConfig {
@@ -218,8 +222,12 @@ impl Cluster {
             sequences: config.plan.sequences,
             context: limits.context,
             queue_timeout: config.queue_timeout,
+            keep_finished: config.prefix_cache,
         };
-        let scheduler = Scheduler::new(model.card.clone(), info.hidden, admission, control_tx.clone(), moves);
+        // The prompt goes in frames within the message size, of the chunk the plan sized
+        // the stages' scratch for.
+        let frame_tokens = engine::frame_tokens(info.hidden).min(config.plan.prefill_chunk.max(1));
+        let scheduler = Scheduler::new(model.card.clone(), frame_tokens, admission, control_tx.clone(), moves);
         let view = Arc::new(StatusView::new(model.card.id.clone(), model.layers()));
         let mut tasks = vec![
             tokio::spawn(scheduler.run(scheduler_rx)),

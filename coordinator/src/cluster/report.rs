@@ -127,6 +127,11 @@ pub struct ClusterStatus {
     /// started.
     #[serde(default)]
     pub weight_pull_bytes: u64,
+    /// Prompt positions the stages copied from another sequence's KV instead of
+    /// computing them (choices of one request, later turns of a conversation),
+    /// since the coordinator started.
+    #[serde(default)]
+    pub prefix_positions: u64,
 }
 
 /// A worker refused (see `membership::Refusal`).

@@ -3,7 +3,7 @@
 //! re-plans.
 //!
 //! A request is sent as OpenSequence and its prompt in frames of at most
-//! [`frame_tokens`] tokens; then one frame per sampled token (on the coordinator
+//! [`super::engine::frame_tokens`] tokens; then one frame per sampled token (on the coordinator
 //! return path; on the direct path the last stage feeds stage 0 itself) until a
 //! stop token, `max_tokens` or the context's end; then ReleaseSequence, which every
 //! stage forwards, freeing the KV caches.
@@ -31,6 +31,12 @@
 //! With no pipeline (the cluster lost more than it can spare), requests wait, up
 //! to the queue timeout, and then fail with the reason.
 //!
+//! A request whose prompt starts like another open sequence's opens with a copy of
+//! that one's KV and sends only the rest of its frames (see [`super::prefix`]): the
+//! choices of one request, and the next turn of a conversation, whose earlier turn's
+//! prompt is kept (a copy of its KV) after it finishes while a planned sequence is
+//! free for it.
+//!
 //! Admission: the plan sized every stage's KV cache for `--sequences` sequences of
 //! `--context` tokens, so at most that many requests are admitted at once; the rest
 //! wait in line, first come first, and are admitted as others end. An admitted
@@ -46,8 +52,9 @@ use strata_proto::v1::{self, stage_message, worker_event, ErrorCode, StageMessag
 use strata_proto::{PipelineId, SeqId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::engine::{frame_tokens, sampling_to_proto};
+use super::engine::sampling_to_proto;
 use super::moves::{self, MoveCost, MovePolicy, TransferSpec, Transferred};
+use super::prefix::{best_prefix, PrefixSource, PromptFrames, Retained, RetainedSequences};
 use super::messages::{Control, MoveTotals, Moved, PipelineLink, RequestId, Resumed, SchedulerMsg, SchedulerStatus};
 use super::report::{AdmissionReport, QueuedRequest};
 use super::request_trace::RequestTrace;
@@ -78,11 +85,19 @@ pub struct AdmissionSettings {
     pub context: usize,
     /// How long a request may wait, for admission or for a pipeline, before it fails.
     pub queue_timeout: Duration,
+    /// Keep finished requests' sequences in planned sequences no request uses, for
+    /// the next turn of their conversation to start from (the prefix cache).
+    pub keep_finished: bool,
 }
 
 /// A request in flight.
 struct Request {
     prompt: Vec<u32>,
+    /// How its prompt is sent: the same frames at every launch.
+    frames: PromptFrames,
+    /// A stage could not copy the prefix it was opened with: it computes its whole
+    /// prompt from then on.
+    no_prefix: bool,
     sampling: v1::SamplingParams,
     generated: Vec<u32>,
     events: mpsc::Sender<GenerateEvent>,
@@ -145,7 +160,8 @@ struct TransferDone {
 
 pub(super) struct Scheduler {
     card: ModelCard,
-    hidden: usize,
+    /// Prompt tokens per frame (scored prompts' frames are shorter).
+    frame_tokens: usize,
     admission: AdmissionSettings,
     control: mpsc::UnboundedSender<Control>,
     pipeline: Option<PipelineLink>,
@@ -171,10 +187,18 @@ pub(super) struct Scheduler {
     old_links: Vec<PipelineLink>,
     transfer_tx: mpsc::UnboundedSender<TransferDone>,
     transfer_rx: Option<mpsc::UnboundedReceiver<TransferDone>>,
+    /// Finished requests' sequences kept as prefix sources.
+    retained: RetainedSequences,
+    /// Prompt positions copied from another sequence rather than computed.
+    prefix_positions: u64,
 }
 
 fn message(kind: stage_message::Kind) -> StageMessage {
     StageMessage { kind: Some(kind) }
+}
+
+fn release(seq: SeqId) -> StageMessage {
+    message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: seq.get() }))
 }
 
 /// A position's score as a stage reports it, as the engine's events carry it.
@@ -193,6 +217,7 @@ fn open_sequence(r: &Request, seq: SeqId, stop_tokens: Vec<u32>) -> v1::OpenSequ
         traceparent: r.trace.traceparent(),
         logprobs_top: r.logprobs.map(|top| top as u32),
         constraint: r.constraint.clone(),
+        prefix: None,
     }
 }
 
@@ -203,7 +228,7 @@ fn unix_nanos() -> u64 {
 impl Scheduler {
     pub fn new(
         card: ModelCard,
-        hidden: usize,
+        frame_tokens: usize,
         admission: AdmissionSettings,
         control: mpsc::UnboundedSender<Control>,
         moves: MoveSettings,
@@ -211,7 +236,7 @@ impl Scheduler {
         let (transfer_tx, transfer_rx) = mpsc::unbounded_channel();
         Self {
             card,
-            hidden,
+            frame_tokens: frame_tokens.max(1),
             // Zero sequences would admit nothing, ever.
             admission: AdmissionSettings { sequences: admission.sequences.max(1), ..admission },
             control,
@@ -232,6 +257,8 @@ impl Scheduler {
             old_links: Vec::new(),
             transfer_tx,
             transfer_rx: Some(transfer_rx),
+            retained: RetainedSequences::default(),
+            prefix_positions: 0,
         }
     }
 
@@ -290,6 +317,7 @@ impl Scheduler {
                         waiting_reason: self.pipeline.is_none().then(|| self.waiting_reason.clone()),
                         admission: self.admission_report(),
                         tokens_generated: self.tokens_generated,
+                        prefix_positions: self.prefix_positions,
                         moves: self.move_totals,
                     });
                 }
@@ -344,9 +372,15 @@ impl Scheduler {
             return;
         }
         let trace = RequestTrace::start(parent, id, request.prompt_tokens.len(), request.max_tokens);
+        // Scored frames stay short: the last stage holds all their rows' logits.
+        let chunk = self.frame_tokens;
+        let chunk = if scoring.is_some() { chunk.min(SCORED_FRAME_TOKENS) } else { chunk };
+        let frames = PromptFrames::new(request.prompt_tokens.len(), chunk, request.shared_prompt);
         self.requests.insert(
             id,
             Request {
+                frames,
+                no_prefix: false,
                 trace,
                 logprobs: request.logprobs,
                 constraint: request.constraint.map(|grammar| v1::OutputConstraint {
@@ -392,7 +426,7 @@ impl Scheduler {
     fn admit(&mut self) {
         while self.admitted() < self.admission.sequences {
             let Some(id) = self.queue.pop_front() else {
-                return;
+                break;
             };
             let Some(r) = self.requests.get_mut(&id) else {
                 continue;
@@ -405,6 +439,50 @@ impl Scheduler {
                 None => tracing::info!(request = %id, reason = %self.waiting_reason, "request waits for capacity"),
             }
         }
+        self.trim_retained();
+    }
+
+    /// Gives back kept sequences that admitted requests need the room of, oldest
+    /// first. (After the launches: a request launched just now may start from one,
+    /// and its opening is ahead of the release on the stream.)
+    fn trim_retained(&mut self) {
+        while self.admitted() + self.retained.len() > self.admission.sequences {
+            let Some((pipeline, seq)) = self.retained.pop_oldest() else {
+                break;
+            };
+            self.send(pipeline, release(seq));
+        }
+    }
+
+    /// Gives back every kept sequence (the pipeline they are on is being replaced).
+    fn release_retained(&mut self) {
+        let pipeline = self.retained.pipeline();
+        for seq in self.retained.take_all() {
+            if let Some(pipeline) = pipeline {
+                self.send(pipeline, release(seq));
+            }
+        }
+    }
+
+    /// The open sequence on `pipeline` sharing most of request `id`'s prompt, and how
+    /// many positions it shares: a running request's, or a kept one. None for a
+    /// request that has generated (it is replayed as it ran) or scores its prompt
+    /// (every position is to be scored).
+    fn prefix_for(&self, id: RequestId, pipeline: PipelineId) -> Option<(SeqId, usize)> {
+        let r = self.requests.get(&id)?;
+        if r.no_prefix || !r.generated.is_empty() || r.scoring.is_some() {
+            return None;
+        }
+        let running = self
+            .requests
+            .iter()
+            .filter(|(other, _)| **other != id && !self.transfers.contains_key(other))
+            .filter_map(|(_, o)| match o.running {
+                Some((on, seq)) if on == pipeline => Some(PrefixSource { seq, prompt: &o.prompt, frames: &o.frames }),
+                _ => None,
+            });
+        let kept = self.retained.on(pipeline).map(Retained::source);
+        best_prefix(&r.prompt, &r.frames, running.chain(kept))
     }
 
     fn admission_report(&self) -> AdmissionReport {
@@ -428,11 +506,12 @@ impl Scheduler {
     }
 
     /// Sends request `id` — prompt and every token generated so far — to `pipeline`
-    /// under a fresh sequence id.
+    /// under a fresh sequence id: one yet to generate opens with a copy of the prompt
+    /// start another open sequence shares with it, and sends the frames after it.
     fn launch(&mut self, id: RequestId, pipeline: &PipelineLink) {
         let seq = self.next_sequence();
-        let chunk = frame_tokens(self.hidden);
         let stop_tokens = self.card.tokenizer.eos_tokens().to_vec();
+        let prefix = self.prefix_for(id, pipeline.id);
         let Some(r) = self.requests.get_mut(&id) else {
             return;
         };
@@ -442,24 +521,25 @@ impl Scheduler {
         self.wire.insert(seq, id);
         r.waiting_since = None;
         r.trace.launched(pipeline.id);
-        let mut out = vec![message(stage_message::Kind::Open(open_sequence(r, seq, stop_tokens)))];
+        let mut open = open_sequence(r, seq, stop_tokens);
+        let shared = prefix.map_or(0, |(_, positions)| positions);
+        open.prefix = prefix.map(|(from, positions)| v1::SequencePrefix { seq_id: from.get(), positions: positions as u32 });
+        let mut out = vec![message(stage_message::Kind::Open(open))];
         let score_top = r.scoring.as_ref().filter(|s| s.missing > 0).map(|s| s.top);
-        let chunk = if score_top.is_some() { chunk.min(SCORED_FRAME_TOKENS) } else { chunk };
-        let chunks = r.prompt.len().div_ceil(chunk);
         // The last prompt frame samples the first token, unless nothing is to be
         // generated (a prompt only scored).
         let generates = r.end_position > r.prompt.len();
         let sent = unix_nanos();
-        for (i, tokens) in r.prompt.chunks(chunk).enumerate() {
+        for frame in r.frames.frames().filter(|f| f.start >= shared) {
             out.push(message(stage_message::Kind::Frame(v1::ActivationFrame {
                 seq_id: seq.get(),
-                position: (i * chunk) as u32,
-                tokens: tokens.to_vec(),
+                position: frame.start as u32,
+                tokens: r.prompt[frame.clone()].to_vec(),
                 hidden: None,
-                sample: i + 1 == chunks && r.generated.is_empty() && generates,
+                sample: frame.end == r.prompt.len() && r.generated.is_empty() && generates,
                 sent_unix_nanos: sent,
                 score: score_top.is_some(),
-                next_token: score_top.and_then(|_| r.prompt.get((i + 1) * chunk).copied()),
+                next_token: score_top.and_then(|_| r.prompt.get(frame.end).copied()),
                 score_top: score_top.unwrap_or(0),
             })));
         }
@@ -478,6 +558,11 @@ impl Scheduler {
         for m in out {
             let _ = pipeline.stage0.send(m);
         }
+        if let Some((from, positions)) = prefix {
+            self.retained.touch(from);
+            self.prefix_positions += positions as u64;
+            tracing::debug!(request = %id, from = from.get(), positions, "the prompt starts from a copy of another sequence's");
+        }
     }
 
     fn finish(&mut self, id: RequestId, event: Option<GenerateEvent>) {
@@ -487,6 +572,12 @@ impl Scheduler {
         if !r.admitted {
             self.queue.retain(|&queued| queued != id);
         }
+        // A sequence that ran to its end holds its prompt's KV for the next turn of the
+        // conversation. (One cut short may still be generating on the stages.)
+        let keep = self.admission.keep_finished
+            && matches!(event, Some(GenerateEvent::Finished(_)))
+            && r.scoring.is_none()
+            && !self.transfers.contains_key(&id);
         let reason = match &event {
             Some(GenerateEvent::Finished(FinishReason::Stop)) => "stop",
             Some(GenerateEvent::Finished(FinishReason::Length)) => "length",
@@ -499,7 +590,28 @@ impl Scheduler {
         }
         if let Some((pipeline, seq)) = r.running {
             self.wire.remove(&seq);
-            self.send(pipeline, message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: seq.get() })));
+            if keep && self.pipeline.as_ref().is_some_and(|p| p.id == pipeline) {
+                // What is kept is a copy of the prompt's positions under an id of its
+                // own, opened before the request's sequence is released: the request's
+                // sequence ends now (its spans on the stages with it), and the copy
+                // holds no generated positions, which no prompt is cut to share.
+                let copy = self.next_sequence();
+                let positions = r.prompt.len() as u32;
+                let open = v1::OpenSequence {
+                    seq_id: copy.get(),
+                    prefix: Some(v1::SequencePrefix { seq_id: seq.get(), positions }),
+                    ..Default::default()
+                };
+                self.send(pipeline, message(stage_message::Kind::Open(open)));
+                self.send(pipeline, release(seq));
+                let entry = Retained { seq: copy, prompt: r.prompt, frames: r.frames };
+                for other in self.retained.keep(pipeline, entry) {
+                    // Kept on a pipeline gone since: its stages are unloaded.
+                    tracing::debug!(seq = other.get(), "a kept sequence of an earlier pipeline is dropped");
+                }
+            } else {
+                self.send(pipeline, release(seq));
+            }
         }
         // Its sequence is free; the release went out first on the same stream, so a
         // stage never holds more sequences than planned.
@@ -624,6 +736,20 @@ impl Scheduler {
         let Some(r) = self.requests.get_mut(&id) else {
             return;
         };
+        if code == ErrorCode::PrefixUnavailable {
+            // The sequence it was to start from is gone from a stage (released, or
+            // lost with a worker): it computes its whole prompt instead.
+            tracing::info!(request = %id, stage = e.stage_index, message = %e.message, "prompt computed whole: its prefix was not there");
+            r.no_prefix = true;
+            let running = r.running;
+            if let Some((pipeline, seq)) = running {
+                self.send(pipeline, release(seq));
+            }
+            if let Some(p) = self.pipeline.clone().filter(|p| running.is_some_and(|(on, _)| on == p.id)) {
+                self.launch(id, &p);
+            }
+            return;
+        }
         if pipeline_trouble && r.retries < MAX_RETRIES {
             tracing::warn!(request = %id, stage = e.stage_index, ?code, message = %e.message, "pipeline trouble; the request waits");
             r.retries += 1;
@@ -646,6 +772,7 @@ impl Scheduler {
     /// works, move with their KV cache where the policy says so (see
     /// [`Self::transfer`]); the rest, and those that ran nowhere, are replayed.
     fn switch(&mut self, pipeline: Option<PipelineLink>, reason: String, old_alive: bool) -> Moved {
+        self.release_retained();
         let old = std::mem::replace(&mut self.pipeline, pipeline.clone()).filter(|_| old_alive);
         self.waiting_reason = reason;
         let now = Instant::now();
@@ -781,9 +908,9 @@ impl Scheduler {
         };
         // The old sequence's KV has been read (or will not be): it can stop.
         if let Some(old) = self.old_links.iter().find(|l| l.id == t.old_pipeline) {
-            let _ = old.stage0.send(message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: t.old_seq.get() })));
+            let _ = old.stage0.send(release(t.old_seq));
         }
-        let release_new = message(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: t.seq.get() }));
+        let release_new = release(t.seq);
         match (self.requests.get_mut(&done.request).filter(|r| r.running == Some((t.pipeline, t.seq))), done.result) {
             (Some(r), Ok(moved)) => {
                 r.trace.transferred(t.pipeline, moved.bytes, moved.seconds);
@@ -948,7 +1075,7 @@ mod tests {
         let model = ServedModel::open(&path, "test".into()).unwrap();
         let (control, _control) = mpsc::unbounded_channel();
         let moves = MoveSettings { policy: MovePolicy::Transfer, cost: MoveCost::default(), kv_bytes_per_position: 1 };
-        let admission = AdmissionSettings { sequences: 4, context: 256, queue_timeout: Duration::from_secs(60) };
+        let admission = AdmissionSettings { sequences: 4, context: 256, queue_timeout: Duration::from_secs(60), keep_finished: true };
         let scheduler = Scheduler::new(model.card.clone(), 64, admission, control, moves);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(scheduler.run(rx));
@@ -967,6 +1094,7 @@ mod tests {
             prompt_logprobs: None,
             logprobs: None,
             constraint: None,
+            shared_prompt: false,
         };
         let start = SchedulerMsg::Start {
             id: RequestId(1),
@@ -989,13 +1117,7 @@ mod tests {
         // are dropped, then the request is replayed under a third id.
         assert!(matches!(&kinds(&mut old_frames)[..], [stage_message::Kind::Release(r)] if r.seq_id == 1));
         let replay = kinds(&mut new_frames);
-        let frames: Vec<(u64, u32, Vec<u32>, bool)> = replay
-            .iter()
-            .filter_map(|k| match k {
-                stage_message::Kind::Frame(f) => Some((f.seq_id, f.position, f.tokens.clone(), f.sample)),
-                _ => None,
-            })
-            .collect();
+        let frames = frames_of(&replay);
         assert!(matches!(&replay[..2], [stage_message::Kind::Release(r), stage_message::Kind::Open(o)]
             if r.seq_id == 2 && o.seq_id == 3));
         assert_eq!(frames, [(3, 0, vec![5, 6, 7], false), (3, 3, vec![40], false), (3, 4, vec![41], true)]);
@@ -1017,7 +1139,7 @@ mod tests {
         // Pipeline trouble is not tested here: what the controller is told is dropped.
         let (control, _) = mpsc::unbounded_channel();
         let moves = MoveSettings { policy: MovePolicy::Replay, cost: MoveCost::default(), kv_bytes_per_position: 1 };
-        let admission = AdmissionSettings { sequences, context: 256, queue_timeout };
+        let admission = AdmissionSettings { sequences, context: 256, queue_timeout, keep_finished: false };
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(Scheduler::new(model.card.clone(), 64, admission, control, moves).run(rx));
         (dir, tx)
@@ -1045,6 +1167,7 @@ mod tests {
             prompt_logprobs: None,
             logprobs: None,
             constraint: None,
+            shared_prompt: false,
         };
         let parent = tracing::Span::none();
         SchedulerMsg::Start { id: RequestId(id), request, direct: false, ignore_eos: true, events, parent }
@@ -1108,6 +1231,95 @@ mod tests {
         tokio::time::sleep(SWEEP_INTERVAL * 2).await;
         let s = status(&tx).await;
         assert_eq!((s.in_flight, line(&s), s.admission.reason), (2, vec![], None));
+    }
+
+    /// Frames as (sequence, position, tokens, sample).
+    fn frames_of(kinds: &[stage_message::Kind]) -> Vec<(u64, u32, Vec<u32>, bool)> {
+        kinds
+            .iter()
+            .filter_map(|k| match k {
+                stage_message::Kind::Frame(f) => Some((f.seq_id, f.position, f.tokens.clone(), f.sample)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn prefix_of(kinds: &[stage_message::Kind]) -> Vec<(u64, Option<(u64, u32)>)> {
+        kinds
+            .iter()
+            .filter_map(|k| match k {
+                stage_message::Kind::Open(o) => Some((o.seq_id, o.prefix.as_ref().map(|p| (p.seq_id, p.positions)))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Choices of one prompt compute all of it but the last token once; a finished
+    /// request's sequence is kept while a planned sequence is free, and the next turn
+    /// of its conversation copies its prompt's whole frames; the oldest kept one
+    /// makes room for a new request; a stage that cannot copy makes the request
+    /// compute its whole prompt.
+    #[tokio::test]
+    async fn prompts_start_from_copies_of_open_sequences_sharing_their_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = SyntheticModel::tiny().write_to(dir.path()).unwrap();
+        let model = ServedModel::open(&path, "test".into()).unwrap();
+        let (control, _control) = mpsc::unbounded_channel();
+        let moves = MoveSettings { policy: MovePolicy::Replay, cost: MoveCost::default(), kv_bytes_per_position: 1 };
+        let admission = AdmissionSettings { sequences: 2, context: 256, queue_timeout: Duration::from_secs(60), keep_finished: true };
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(Scheduler::new(model.card.clone(), 4, admission, control, moves).run(rx));
+        let (pipeline, mut frames) = link(1);
+        switch_to(&tx, pipeline).await;
+        let turn: Vec<u32> = (0..10).collect();
+        let start = |id: u64, prompt: &[u32], shared_prompt: bool| {
+            let (events, client) = mpsc::channel(16);
+            let request = GenerateRequest { prompt_tokens: prompt.to_vec(), max_tokens: 1, shared_prompt, ..Default::default() };
+            let parent = tracing::Span::none();
+            (SchedulerMsg::Start { id: RequestId(id), request, direct: false, ignore_eos: true, events, parent }, client)
+        };
+        let (first, _c1) = start(1, &turn, true);
+        handled(&tx, first).await;
+        let (second, _c2) = start(2, &turn, true);
+        handled(&tx, second).await;
+        let sent = kinds(&mut frames);
+        assert_eq!(prefix_of(&sent), [(1, None), (2, Some((1, 9)))]);
+        let chunks = [(1, 0, vec![0, 1, 2, 3], false), (1, 4, vec![4, 5, 6, 7], false), (1, 8, vec![8], false)];
+        let mut expected = chunks.to_vec();
+        expected.extend([(1, 9, vec![9], true), (2, 9, vec![9], true)]);
+        assert_eq!(frames_of(&sent), expected);
+        // Both end: each is released once a copy of its prompt is kept.
+        handled(&tx, token(1, 10, 40)).await;
+        handled(&tx, token(2, 10, 41)).await;
+        let sent = kinds(&mut frames);
+        assert_eq!(prefix_of(&sent), [(3, Some((1, 10))), (4, Some((2, 10)))]);
+        let released: Vec<u64> = sent
+            .iter()
+            .filter_map(|k| match k {
+                stage_message::Kind::Release(r) => Some(r.seq_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(released, [1, 2]);
+
+        // The next turn: its frames of 4 from the start share the first two with both
+        // copies; the older copy then makes room for it.
+        let next: Vec<u32> = turn.iter().copied().chain(50..60).collect();
+        let (third, _c3) = start(3, &next, false);
+        handled(&tx, third).await;
+        let sent = kinds(&mut frames);
+        assert_eq!(prefix_of(&sent), [(5, Some((4, 8)))]);
+        assert_eq!(frames_of(&sent).iter().map(|f| f.1).collect::<Vec<_>>(), [8, 12, 16]);
+        assert!(matches!(sent.last(), Some(stage_message::Kind::Release(r)) if r.seq_id == 3), "{sent:?}");
+        assert_eq!(status(&tx).await.prefix_positions, 9 + 8);
+
+        // A stage could not copy: released, and sent again whole.
+        let e = v1::SequenceError { seq_id: 5, code: ErrorCode::PrefixUnavailable as i32, message: "gone".into(), stage_index: 1 };
+        handled(&tx, SchedulerMsg::Event { event: WorkerEvent { kind: Some(worker_event::Kind::Error(e)) } }).await;
+        let sent = kinds(&mut frames);
+        assert!(matches!(sent.first(), Some(stage_message::Kind::Release(r)) if r.seq_id == 5), "{sent:?}");
+        assert_eq!(prefix_of(&sent), [(6, None)]);
+        assert_eq!(frames_of(&sent).iter().map(|f| f.1).collect::<Vec<_>>(), [0, 4, 8, 12, 16]);
     }
 
     /// A request still in line when the queue timeout passes fails with

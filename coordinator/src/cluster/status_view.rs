@@ -165,6 +165,7 @@ impl StatusView {
             // The membership's to fill (see `ClusterAdmin::status`).
             refused: Vec::new(),
             moves: scheduler.moves,
+            prefix_positions: scheduler.prefix_positions,
             weight_pull_bytes: 0,
         }
     }

@@ -431,6 +431,7 @@ pub(crate) mod tests {
             prompt_logprobs: None,
             logprobs: None,
             constraint: None,
+            shared_prompt: false,
         }
     }
 

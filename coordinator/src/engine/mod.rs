@@ -14,7 +14,7 @@ use strata_model::{ChatTemplate, SamplingParams, Tokenizer};
 use tokio::sync::mpsc;
 
 /// A tokenized generation request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     pub prompt_tokens: Vec<u32>,
     /// 0 only when the request scores its prompt (`prompt_logprobs`) and generates nothing.
@@ -30,6 +30,10 @@ pub struct GenerateRequest {
     /// The grammar the generated tokens follow (a response_format), already checked
     /// against the model's vocabulary.
     pub constraint: Option<Grammar>,
+    /// Several requests sample from this same prompt (the choices of one API
+    /// request): the cluster computes the prompt's last token apart from the rest,
+    /// which it computes once for all of them.
+    pub shared_prompt: bool,
 }
 
 /// The most likely tokens a scored position reports at most (OpenAI's limit, which

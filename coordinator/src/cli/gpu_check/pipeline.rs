@@ -88,6 +88,7 @@ async fn run(
         plan: crate::planner::PlanOptions::default(),
         queue_timeout: Duration::from_secs(120),
         move_sequences: MovePolicy::Transfer,
+        prefix_cache: false,
     };
     let baseline = match before {
         Some(before) => Some(GpuBaseline { before, started: gpu_in_use(device).await? }),
@@ -127,6 +128,7 @@ async fn exercise(
         prompt_logprobs: None,
         logprobs: None,
         constraint: None,
+            shared_prompt: false,
     };
     let engine = &cluster.engine;
     let first = collect(engine.generate_ignoring_eos(request(), ReturnPath::Direct)?, GENERATED).await?;
