@@ -10,6 +10,7 @@
 //! stranger on the network.
 
 pub mod admin;
+pub mod clients;
 pub mod in_process;
 pub mod intruder;
 pub mod netns;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use strata_coordinator::cli::children::Process;
 use strata_coordinator::cli::http;
 use strata_model::synthetic::SyntheticModel;
+use strata_tests::clients::CHOICES_CLIENT;
 use strata_tests::{binary, python, READY_TIMEOUT};
 
 const KEY: &str = "sk-strata-test";
@@ -65,34 +66,6 @@ assert all(top[tok] == l for tok, l, top in zip(lp.tokens, lp.token_logprobs, lp
 print("logprobs ok")
 "#;
 
-/// Several choices (`n`): three of them, each its own draw, the same three again
-/// with the same seed, streamed too (deltas by index), on both routes.
-const CHOICES_CLIENT: &str = r#"
-import sys, openai
-base, key = sys.argv[1], sys.argv[2]
-client = openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=60)
-ask = dict(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, temperature=1, n=3, seed=5)
-chat = client.chat.completions.create(**ask)
-assert [c.index for c in chat.choices] == [0, 1, 2], chat
-texts = [c.message.content for c in chat.choices]
-assert len(set(texts)) > 1, texts
-assert [c.message.content for c in client.chat.completions.create(**ask).choices] == texts
-streamed, usage = ["", "", ""], None
-for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **ask):
-    for c in chunk.choices:
-        streamed[c.index] += c.delta.content or ""
-    usage = chunk.usage or usage
-assert streamed == texts, (streamed, texts)
-assert usage.completion_tokens == chat.usage.completion_tokens and usage.prompt_tokens == chat.usage.prompt_tokens, usage
-done = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=1, n=3, seed=5)
-assert [c.index for c in done.choices] == [0, 1, 2], done
-try:
-    client.chat.completions.create(**{**ask, "n": 17})
-    sys.exit("n = 17 was accepted")
-except openai.BadRequestError as e:
-    assert e.param == "n", e
-print("choices ok")
-"#;
 
 fn has_openai() -> bool {
     python().args(["-c", "import openai"]).status().is_ok_and(|s| s.success())
@@ -142,7 +115,7 @@ async fn the_official_openai_client_uses_the_key_a_wrong_one_is_refused_and_logp
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("logprobs ok"), "{stdout}\n{stderr}");
     let base = format!("http://{addr}/v1");
-    let out = tokio::task::spawn_blocking(move || python().args(["-c", CHOICES_CLIENT, &base, KEY]).output()).await??;
+    let out = tokio::task::spawn_blocking(move || python().args(["-c", CHOICES_CLIENT, &base, KEY, "tiny"]).output()).await??;
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("choices ok"), "{stdout}\n{stderr}");
     server.stop(Duration::from_secs(5)).await;

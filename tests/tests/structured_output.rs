@@ -8,7 +8,8 @@
 //! streamed and not, and an unknown tool or a tool message answering no call is a
 //! 400 naming its parameter. A seeded constrained completion equals one process's
 //! to the token. The model is random-weight: only the constraint makes its output
-//! JSON at all.
+//! JSON at all. Three seeded choices (`n`) come back the same each time, the prompt
+//! computed once for them.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,7 @@ use strata_coordinator::engine::{Engine, GenerateEvent, GenerateRequest};
 use strata_grammar::Grammar;
 use strata_model::synthetic::SyntheticModel;
 use strata_model::{Device, ModelFile, SamplingParams, Tokenizer};
+use strata_tests::clients::CHOICES_CLIENT;
 use strata_tests::{python, ClusterOptions, TestCluster};
 
 /// Six layers, so three workers hold two each; a context for the tools' description,
@@ -184,6 +186,15 @@ async fn schemas_and_tool_calls_through_three_workers_are_valid_and_equal_one_pr
     let out = tokio::task::spawn_blocking(move || python().args(["-c", TOOLS_CLIENT, &base]).output()).await??;
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("tools ok"), "{stdout}\n{stderr}");
+    // Several choices, seeded: the second time the stages hold a copy of the first
+    // request's prompt and every choice copies it; the choices are the same.
+    let base = format!("http://{}/v1", cluster.http());
+    let out = tokio::task::spawn_blocking(move || python().args(["-c", CHOICES_CLIENT, &base, "none", "test-model"]).output())
+        .await??;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("choices ok"), "{stdout}\n{stderr}");
+    let status = http::request(cluster.http(), "GET", "/admin/status", None).await?.json()?;
+    assert!(status["prefix_positions"].as_u64() > Some(0), "the choices copied no prompt: {status}");
     cluster.stop().await;
     Ok(())
 }
