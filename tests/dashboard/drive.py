@@ -6,7 +6,8 @@
 Opens URL; enters KEY when the page asks for one; waits for the nodes and the layer
 map; takes a desktop screenshot; clicks the drain button of NODE and waits for the
 layer map to drop it; types a question into the chat box, sends it and waits for the
-streamed answer; takes a phone-width screenshot. Prints one JSON object of what it
+streamed answer (asking again, up to three times, while the random-weight model ends
+its answer at once); takes a phone-width screenshot. Prints one JSON object of what it
 saw (the Rust test asserts on it) and writes DIR/dashboard-desktop.png and
 DIR/dashboard-phone.png.
 
@@ -215,12 +216,21 @@ def main():
             seen["map_after"] = browser.evaluate(LAYER_MAP)
             seen["message"] = browser.evaluate("document.getElementById('message').textContent")
 
-            browser.type_into("#chat-input", "Which box holds which layers?")
-            browser.click("#chat-send")
-            browser.wait_for("['done', 'failed'].includes(document.body.dataset.chat)", "the end of the chat answer")
-            seen["chat"] = browser.evaluate("document.body.dataset.chat")
-            seen["answer"] = browser.evaluate("document.querySelector('.bubble.assistant').textContent")
-            seen["answer_chunks"] = browser.evaluate("Number(document.querySelector('.bubble.assistant').dataset.chunks || 0)")
+            # The model has random weights and the chat samples: its end token may come
+            # first or second. Then the conversation goes on with another question, up
+            # to three, for an answer streamed in pieces.
+            answer = "[...document.querySelectorAll('.bubble.assistant')].pop()"
+            for question in ["Which box holds which layers?", "And which one holds the most?", "Why is that?"]:
+                # Not the last answer's state: this one's.
+                browser.evaluate("document.body.dataset.chat = 'asking'")
+                browser.type_into("#chat-input", question)
+                browser.click("#chat-send")
+                browser.wait_for("['done', 'failed'].includes(document.body.dataset.chat)", "the end of the chat answer")
+                seen["chat"] = browser.evaluate("document.body.dataset.chat")
+                seen["answer"] = browser.evaluate(f"{answer}.textContent")
+                seen["answer_chunks"] = browser.evaluate(f"Number({answer}.dataset.chunks || 0)")
+                if seen["chat"] != "done" or seen["answer_chunks"] >= 2:
+                    break
 
             browser.viewport(390, 844, phone=True)
             browser.wait_for("window.innerWidth === 390", "the phone width")
