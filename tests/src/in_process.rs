@@ -75,10 +75,10 @@ impl InProcessCoordinator {
         Ok(http::request(&self.http, "GET", "/admin/status", None).await?.json()?)
     }
 
-    /// Stops it and waits (at most 10 s) for it to end.
-    pub async fn stop(self) -> anyhow::Result<()> {
+    /// Stops it; an error unless it ends cleanly `within` that long.
+    pub async fn stop(self, within: Duration) -> anyhow::Result<()> {
         let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.running).await???;
+        tokio::time::timeout(within, self.running).await???;
         Ok(())
     }
 }

@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde_json::json;
 use strata_coordinator::cli::http;
 use strata_coordinator::cluster::ServedModel;
 use strata_coordinator::server::{ConfigError, ServeError};
 use strata_model::synthetic::SyntheticModel;
-use strata_tests::in_process::{listeners, serve_config};
+use strata_tests::in_process::{listeners, serve_config, InProcessCoordinator};
 use strata_tests::{reference_tokens, ClusterOptions, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,24 +22,10 @@ async fn a_coordinator_runs_in_process_answers_right_and_stops_when_asked() -> a
     let options = ClusterOptions { workers: 2, insecure: true, ..ClusterOptions::default() };
     let workers = TestCluster::workers(&path, &options).await?;
     let model = Arc::new(ServedModel::open(&path, "test-model".into())?);
-    let listeners = listeners().await?;
-    let http_addr = listeners.http.local_addr()?.to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(strata_coordinator::run(listeners, serve_config(model, workers.workers.clone()), async {
-        let _ = stopped.await;
-    }));
-
     // Ready once the status names a pipeline (the API answers only once the
     // first plan was tried; until then connections wait in the backlog).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = http::request(&http_addr, "GET", "/admin/status", None).await?.json()?;
-        if !status["pipeline_id"].is_null() {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no pipeline after 60 s: {status}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let coordinator = InProcessCoordinator::start(serve_config(model, workers.workers.clone())).await?;
+    let http_addr = coordinator.http.clone();
 
     let prompt = [1u32, 2, 3, 4];
     let want = reference_tokens(&path, &prompt, 8)?;
@@ -48,9 +35,7 @@ async fn a_coordinator_runs_in_process_answers_right_and_stops_when_asked() -> a
     assert_eq!(reply.json()?["usage"]["completion_tokens"].as_u64(), Some(want.len() as u64), "{}", reply.body);
 
     let asked = Instant::now();
-    let _ = stop.send(());
-    let ended = tokio::time::timeout(Duration::from_secs(5), running).await;
-    assert!(matches!(ended, Ok(Ok(Ok(())))), "run did not end cleanly within 5 s: {ended:?}");
+    coordinator.stop(Duration::from_secs(5)).await.context("run did not end cleanly within 5 s")?;
     eprintln!("stopped {:?} after it was asked", asked.elapsed());
     workers.stop().await;
     Ok(())

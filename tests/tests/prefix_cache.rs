@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 use strata_coordinator::cli::http;
@@ -68,7 +69,7 @@ async fn answers(model: &Path, prefix_cache: bool, sequences: usize) -> anyhow::
         prompt.extend(tokens(3 + turn, 13));
     }
     let prefix_positions = coordinator.status().await?["prefix_positions"].as_u64().unwrap_or_default();
-    coordinator.stop().await?;
+    coordinator.stop(Duration::from_secs(10)).await?;
     workers.stop().await;
     Ok(Answers { choices, turns, prefix_positions })
 }

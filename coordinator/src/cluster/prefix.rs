@@ -83,10 +83,11 @@ pub(super) fn best_prefix<'a>(
         .max_by_key(|&(_, positions)| positions)
 }
 
-/// A copy of a finished request's prompt positions, kept open on the stages as a
-/// prefix source.
+/// A copy of a finished request's prompt positions, kept open on a pipeline's
+/// stages as a prefix source.
 #[derive(Debug)]
 pub(super) struct Retained {
+    pub pipeline: PipelineId,
     pub seq: SeqId,
     pub prompt: Vec<u32>,
     pub frames: PromptFrames,
@@ -98,12 +99,11 @@ impl Retained {
     }
 }
 
-/// Finished requests' prompts kept on one pipeline for the next turn of their
-/// conversation, oldest first. They hold planned sequences that no request is using:
-/// the scheduler gives the oldest back whenever a request needs its room.
+/// Finished requests' prompts kept for the next turn of their conversation, oldest
+/// first. They hold planned sequences that no request is using: the scheduler gives
+/// the oldest back whenever a request needs its room.
 #[derive(Debug, Default)]
 pub(super) struct RetainedSequences {
-    pipeline: Option<PipelineId>,
     entries: VecDeque<Retained>,
 }
 
@@ -112,18 +112,13 @@ impl RetainedSequences {
         self.entries.len()
     }
 
-    /// Those kept on `pipeline` (none are kept on any other).
+    /// Those kept on `pipeline`.
     pub fn on(&self, pipeline: PipelineId) -> impl Iterator<Item = &Retained> {
-        self.entries.iter().filter(move |_| self.pipeline == Some(pipeline))
+        self.entries.iter().filter(move |e| e.pipeline == pipeline)
     }
 
-    /// Keeps `entry`, open on `pipeline`; those kept on another pipeline are given
-    /// back, for the caller to release.
-    pub fn keep(&mut self, pipeline: PipelineId, entry: Retained) -> Vec<SeqId> {
-        let dropped = if self.pipeline == Some(pipeline) { Vec::new() } else { self.take_all() };
-        self.pipeline = Some(pipeline);
+    pub fn keep(&mut self, entry: Retained) {
         self.entries.push_back(entry);
-        dropped
     }
 
     /// Moves `seq` to the back of the line: it was just used.
@@ -135,18 +130,14 @@ impl RetainedSequences {
         }
     }
 
-    /// The oldest, to release.
+    /// The oldest, to release: where it is and its id.
     pub fn pop_oldest(&mut self) -> Option<(PipelineId, SeqId)> {
-        Some((self.pipeline?, self.entries.pop_front()?.seq))
+        self.entries.pop_front().map(|e| (e.pipeline, e.seq))
     }
 
-    /// Every one, to release, and the pipeline they are on.
-    pub fn take_all(&mut self) -> Vec<SeqId> {
-        self.entries.drain(..).map(|e| e.seq).collect()
-    }
-
-    pub fn pipeline(&self) -> Option<PipelineId> {
-        self.pipeline
+    /// Every one, to release.
+    pub fn take_all(&mut self) -> Vec<(PipelineId, SeqId)> {
+        self.entries.drain(..).map(|e| (e.pipeline, e.seq)).collect()
     }
 }
 
@@ -211,19 +202,23 @@ mod tests {
     }
 
     #[test]
-    fn retained_sequences_live_on_one_pipeline_and_leave_oldest_first() {
+    fn retained_sequences_are_found_by_pipeline_and_leave_oldest_first() {
         let p = |id| PipelineId::new(id).expect("not 0");
-        let entry = |seq| Retained { seq: SeqId::new(seq), prompt: vec![1, 2], frames: PromptFrames::new(2, 4, false) };
+        let entry = |pipeline, seq| Retained {
+            pipeline: p(pipeline),
+            seq: SeqId::new(seq),
+            prompt: vec![1, 2],
+            frames: PromptFrames::new(2, 4, false),
+        };
         let mut kept = RetainedSequences::default();
-        assert!(kept.keep(p(1), entry(1)).is_empty());
-        assert!(kept.keep(p(1), entry(2)).is_empty());
+        kept.keep(entry(1, 1));
+        kept.keep(entry(1, 2));
         kept.touch(SeqId::new(1));
         assert_eq!(kept.on(p(1)).map(|e| e.seq.get()).collect::<Vec<_>>(), [2, 1]);
         assert_eq!(kept.on(p(2)).count(), 0);
         assert_eq!(kept.pop_oldest(), Some((p(1), SeqId::new(2))));
-        // Kept on another pipeline: the first one's are handed back to release.
-        assert_eq!(kept.keep(p(2), entry(3)), [SeqId::new(1)]);
-        assert_eq!((kept.len(), kept.pipeline()), (1, Some(p(2))));
-        assert_eq!(kept.take_all(), [SeqId::new(3)]);
+        kept.keep(entry(2, 3));
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept.take_all(), [(p(1), SeqId::new(1)), (p(2), SeqId::new(3))]);
     }
 }

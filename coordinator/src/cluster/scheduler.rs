@@ -85,8 +85,8 @@ pub struct AdmissionSettings {
     pub context: usize,
     /// How long a request may wait, for admission or for a pipeline, before it fails.
     pub queue_timeout: Duration,
-    /// Keep finished requests' sequences in planned sequences no request uses, for
-    /// the next turn of their conversation to start from (the prefix cache).
+    /// Keep a copy of finished requests' prompt KV in planned sequences no request
+    /// uses, for the next turn of their conversation to start from (the prefix cache).
     pub keep_finished: bool,
 }
 
@@ -456,11 +456,8 @@ impl Scheduler {
 
     /// Gives back every kept sequence (the pipeline they are on is being replaced).
     fn release_retained(&mut self) {
-        let pipeline = self.retained.pipeline();
-        for seq in self.retained.take_all() {
-            if let Some(pipeline) = pipeline {
-                self.send(pipeline, release(seq));
-            }
+        for (pipeline, seq) in self.retained.take_all() {
+            self.send(pipeline, release(seq));
         }
     }
 
@@ -604,11 +601,7 @@ impl Scheduler {
                 };
                 self.send(pipeline, message(stage_message::Kind::Open(open)));
                 self.send(pipeline, release(seq));
-                let entry = Retained { seq: copy, prompt: r.prompt, frames: r.frames };
-                for other in self.retained.keep(pipeline, entry) {
-                    // Kept on a pipeline gone since: its stages are unloaded.
-                    tracing::debug!(seq = other.get(), "a kept sequence of an earlier pipeline is dropped");
-                }
+                self.retained.keep(Retained { pipeline, seq: copy, prompt: r.prompt, frames: r.frames });
             } else {
                 self.send(pipeline, release(seq));
             }
