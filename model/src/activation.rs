@@ -1,7 +1,8 @@
-//! The FFN activations. On the CPU they run through a pure-Rust libm, so every
-//! platform computes the same bits: a Windows worker's C runtime rounds `exp` and
-//! `tanh` differently from glibc, and a pipeline's stages must agree to the bit
-//! whatever each runs on. Other devices use candle's kernels.
+//! The FFN activations. On the CPU they run through pure-Rust functions (SiLU through
+//! `exp.rs`, GELU through libm's `tanhf`), so every platform computes the same bits: a
+//! Windows worker's C runtime rounds `exp` and `tanh` differently from glibc, and a
+//! pipeline's stages must agree to the bit whatever each runs on. Other devices use
+//! candle's kernels.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -21,7 +22,7 @@ pub(crate) fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let mut values = x.flatten_all()?.to_vec1::<f32>()?;
     match activation {
-        Activation::Silu => values.iter_mut().for_each(|v| *v /= 1.0 + libm::expf(-*v)),
+        Activation::Silu => values.iter_mut().for_each(|v| *v /= 1.0 + crate::exp::exp(-*v)),
         Activation::GeluTanh => values.iter_mut().for_each(|v| {
             let x = *v;
             *v = 0.5 * x * (1.0 + libm::tanhf(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x)));

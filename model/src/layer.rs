@@ -138,7 +138,7 @@ impl Layer {
         let sliding = self.window.is_some();
         let rope = ropes.ropes.for_layer(sliding);
         let tables = if sliding && ropes.ropes.local.is_some() { &ropes.local } else { &ropes.global };
-        let mut outputs = Vec::with_capacity(spans.len());
+        let mut attends = Vec::with_capacity(spans.len());
         for ((span, cache), tables) in spans.iter().zip(caches.iter_mut()).zip(tables) {
             let take = |t: &Tensor, heads: usize| -> Result<Tensor> {
                 Ok(t.narrow(0, span.offset, span.len)?
@@ -150,9 +150,17 @@ impl Layer {
             let k = rope.apply(&take(&k, self.kv_heads)?, tables)?;
             let v = take(&v, self.kv_heads)?;
             let history = cache.append(&k, &v)?;
-            outputs.push(self.attention(&q, &history, span)?);
+            attends.push((q, history, *span));
         }
-        let attn = if outputs.len() == 1 { outputs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outputs, 0)? };
+        let attn = if x.device().is_cpu() {
+            // Every sequence in one pass (see `attention::attend_all`).
+            let args = attends.iter().map(|(q, history, span)| self.attend_args(q, history, span)).collect::<Result<Vec<_>>>()?;
+            crate::attention::attend_all(&args)?
+        } else {
+            let mut outputs =
+                attends.iter().map(|(q, history, span)| self.attention(q, history, span)).collect::<Result<Vec<_>>>()?;
+            if outputs.len() == 1 { outputs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outputs, 0)? }
+        };
         let attn = post_norm(self.o.forward(&attn)?, self.post_attention_norm.as_ref())?;
         let x = (x + attn)?;
         let h = self.ffn_norm.forward(&x)?;
@@ -168,28 +176,37 @@ impl Layer {
         Ok((x + ffn)?)
     }
 
-    /// Causal attention of `q` (`[heads, len, d]`) over the history (`[kv_heads, _,
-    /// d]`); returns `[len, heads * d]`. A sliding layer looks only at the keys inside
-    /// its window, whatever older ones its cache still holds, so that what it
-    /// computes does not depend on when the cache dropped them.
-    fn attention(&self, q: &Tensor, history: &History, span: &Span) -> Result<Tensor> {
+    /// The first key position `span` may see and how many cached positions before it
+    /// to skip: a sliding layer looks only at the keys inside its window, whatever
+    /// older ones its cache still holds, so that what it computes does not depend on
+    /// when the cache dropped them.
+    fn visible_keys(&self, history: &History, span: &Span) -> Result<(usize, usize)> {
         let first_key = self.window.map_or(0, |w| (span.position + 1).saturating_sub(w));
         let skip = first_key.checked_sub(history.first).ok_or_else(|| {
             Error::BadInput(format!("positions from {first_key} are needed, the cache holds them from {}", history.first))
         })?;
-        if q.device().is_cpu() {
-            // Row by row in a fixed order: exact whatever the step's length (see
-            // `attention.rs`).
-            return crate::attention::attend(&crate::attention::Attend {
-                q,
-                k: &history.k,
-                v: &history.v,
-                first: history.first,
-                position: span.position,
-                window: self.window,
-                scale: self.scale as f32,
-            });
-        }
+        Ok((first_key, skip))
+    }
+
+    /// The CPU attention of `q` (`[heads, len, d]`) over the history, row by row in a
+    /// fixed order: exact whatever the step's length (see `attention.rs`).
+    fn attend_args<'a>(&self, q: &'a Tensor, history: &'a History, span: &Span) -> Result<crate::attention::Attend<'a>> {
+        self.visible_keys(history, span)?;
+        Ok(crate::attention::Attend {
+            q,
+            k: &history.k,
+            v: &history.v,
+            first: history.first,
+            position: span.position,
+            window: self.window,
+            scale: self.scale as f32,
+        })
+    }
+
+    /// Causal attention of `q` (`[heads, len, d]`) over the history (`[kv_heads, _,
+    /// d]`) through candle's matmuls, on a GPU; returns `[len, heads * d]`.
+    fn attention(&self, q: &Tensor, history: &History, span: &Span) -> Result<Tensor> {
+        let (first_key, skip) = self.visible_keys(history, span)?;
         let total = history.k.dim(1)? - skip;
         let (k, v) = (history.k.narrow(1, skip, total)?, history.v.narrow(1, skip, total)?);
         let group = self.heads / self.kv_heads;

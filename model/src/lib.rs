@@ -16,6 +16,7 @@ pub mod generate;
 pub mod gguf;
 mod activation;
 mod attention;
+mod exp;
 #[cfg(test)]
 mod hostile_gguf;
 mod kv_cache;
