@@ -1,0 +1,31 @@
+# Sourced by the scripts that measure strata beside llama.cpp: builds the pinned
+# llama.cpp once into the cache folder, from the sources vendored in the
+# llama-cpp-python 0.3.36 source package (pip's sdist), with cmake from Debian
+# (~15 minutes on 2 cores), and sets `llama_bin` to its bin folder.
+#
+#   llama_cpp_build JOBS TARGET...
+
+llama_cpp_build() {
+  local jobs=$1
+  shift
+  local cache=${XDG_CACHE_HOME:-$HOME/.cache}
+  local src=$cache/llama-cpp-src
+  local llama=$src/llama_cpp_python-0.3.36/vendor/llama.cpp
+  llama_bin=$llama/build/bin
+  local missing=()
+  for target in "$@"; do
+    [ -x "$llama_bin/$target" ] || missing+=("$target")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v cmake >/dev/null || {
+    [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null || { echo "llama.cpp: needs cmake" >&2; return 1; }
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake
+  }
+  mkdir -p "$src"
+  [ -d "$llama" ] || {
+    python3 -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: -d "$src" llama-cpp-python==0.3.36
+    tar -xzf "$src/llama_cpp_python-0.3.36.tar.gz" -C "$src"
+  }
+  cmake -S "$llama" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF >/dev/null
+  cmake --build "$llama/build" -j "$jobs" --target "${missing[@]}"
+}
