@@ -20,6 +20,7 @@
 mod act;
 mod packed;
 mod kquant;
+mod lines;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -905,6 +906,8 @@ mod tests {
             (GgmlDType::Q4_1, 1536, 576, 64, 20),
             (GgmlDType::Q4_1, 1536, 576, 512, 3),
             (GgmlDType::Q8_0, 49152, 576, 16, 10),
+            // Gemma 3 270M's tied head, 178 MB: most of its decode step.
+            (GgmlDType::Q8_0, 262144, 640, 1, 10),
             // The types real Q4_K_M / Q5_K_M files hold, one 4096-wide decode matvec
             // each (weights well past the caches): GB/s below says how near the
             // memory bandwidth each runs.

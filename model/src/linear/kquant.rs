@@ -53,6 +53,7 @@ use half::f16;
 #[cfg(test)]
 use super::packed::check_whole;
 use super::packed::{candle_hsum8, for_each_tile, round_up, Level, Line, TILE};
+use super::lines::Lines;
 use crate::error::{Error, Result};
 
 /// Values per superblock (ggml's QK_K).
@@ -360,7 +361,7 @@ pub(crate) struct PackedKQuant {
     scales_offset: usize,
     qs_offset: usize,
     tile_stride: usize,
-    buf: Vec<Line>,
+    buf: Lines,
 }
 
 impl std::fmt::Debug for PackedKQuant {
@@ -420,7 +421,7 @@ impl PackedKQuant {
             scales_offset,
             qs_offset,
             tile_stride,
-            buf: vec![Line([0; 64]); total / 64],
+            buf: Lines::zeroed(total / 64),
         })
     }
 

@@ -37,6 +37,7 @@ use std::ops::Range;
 use candle_core::quantized::GgmlDType;
 
 use super::act::{group_offsets, quantize_row, ActBlock, GroupOffsets, GROUPS, QK};
+use super::lines::Lines;
 use crate::error::{Error, Result};
 
 pub(crate) const TILE: usize = 16;
@@ -241,7 +242,7 @@ pub(crate) struct PackedWeights {
     /// Byte offset of the qs section inside a tile.
     qs_offset: usize,
     tile_stride: usize,
-    buf: Vec<Line>,
+    buf: Lines,
 }
 
 impl std::fmt::Debug for PackedWeights {
@@ -309,7 +310,7 @@ impl PackedWeights {
             n_tiles,
             qs_offset,
             tile_stride,
-            buf: vec![Line([0; 64]); total / 64],
+            buf: Lines::zeroed(total / 64),
         })
     }
 
