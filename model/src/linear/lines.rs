@@ -9,38 +9,47 @@
 //! read it faster. Linux gives an anonymous mapping transparent huge pages when the
 //! range is advised `MADV_HUGEPAGE` before it is first touched (the common `madvise`
 //! setting of `/sys/kernel/mm/transparent_hugepage/enabled`), so the allocation is
-//! 2 MiB-aligned, advised, and only then zeroed. Elsewhere, or where the advice is
-//! refused, the buffer is ordinary memory.
+//! 2 MiB-aligned, advised, and only then zeroed. Smaller buffers (a 135M model's layer
+//! matrices are a few hundred KiB) are cut from shared 8 MiB slabs allocated the same
+//! way, so they too sit on huge pages, one after another as the model's layers do; a
+//! slab is freed when the last buffer cut from it is. Elsewhere, or where the advice
+//! is refused, the memory is ordinary.
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 
 use super::packed::Line;
 
-/// Buffers from this size on are aligned and advised for huge pages.
+/// Buffers from this size on get an allocation of their own, aligned and advised for
+/// huge pages; smaller ones are cut from slabs.
 const HUGE_PAGE: usize = 2 << 20;
+/// The size of a slab small buffers are cut from: at most this much stays allocated
+/// beyond what live buffers use (a slab's free tail, or freed buffers in a slab
+/// another buffer keeps).
+const SLAB: usize = 4 * HUGE_PAGE;
 
-/// An owned, zeroed run of `len` [`Line`]s.
-pub(crate) struct Lines {
-    ptr: NonNull<Line>,
-    len: usize,
+/// Memory from the global allocator, 2 MiB-aligned and advised for huge pages when
+/// it is that large, freed on drop.
+struct Allocation {
+    ptr: NonNull<u8>,
     layout: Layout,
 }
 
-// SAFETY: `Lines` owns plain bytes exclusively, like a `Vec<Line>`.
-unsafe impl Send for Lines {}
-// SAFETY: shared access is read-only, like `&[Line]`.
-unsafe impl Sync for Lines {}
+// SAFETY: plain bytes, owned; whoever hands out views of them keeps them disjoint.
+unsafe impl Send for Allocation {}
+// SAFETY: as above.
+unsafe impl Sync for Allocation {}
 
-impl Lines {
-    pub(crate) fn zeroed(len: usize) -> Self {
-        let bytes = len.checked_mul(64).unwrap_or_else(|| panic!("{len} lines overflow the address space"));
+impl Allocation {
+    /// Uninitialised: callers zero what they hand out.
+    fn new(bytes: usize) -> Self {
         let align = if bytes >= HUGE_PAGE { HUGE_PAGE } else { 64 };
         let layout =
             Layout::from_size_align(bytes.max(64), align).unwrap_or_else(|e| panic!("a buffer of {bytes} bytes: {e}"));
         // SAFETY: the layout's size is at least 64 bytes, never zero.
         let raw = unsafe { std::alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(raw.cast::<Line>()) else { std::alloc::handle_alloc_error(layout) };
+        let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
         #[cfg(target_os = "linux")]
         if align == HUGE_PAGE {
             // SAFETY: `raw..raw + bytes` is this allocation, page-aligned at its start;
@@ -48,17 +57,62 @@ impl Lines {
             // this kernel) leaves ordinary pages, which is correct, only slower.
             unsafe { libc::madvise(raw.cast(), bytes, libc::MADV_HUGEPAGE) };
         }
-        // SAFETY: `raw` is valid for `layout.size()` bytes, which this zeroes: every
-        // `Line` is then initialised.
-        unsafe { std::ptr::write_bytes(raw, 0, layout.size()) };
-        Self { ptr, len, layout }
+        Self { ptr, layout }
     }
 }
 
-impl Drop for Lines {
+impl Drop for Allocation {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this very layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) }
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// The slab small buffers are being cut from, and the bytes of it already cut.
+static CURRENT_SLAB: Mutex<Option<(Arc<Allocation>, usize)>> = Mutex::new(None);
+
+/// An owned, zeroed run of `len` [`Line`]s.
+pub(crate) struct Lines {
+    ptr: NonNull<Line>,
+    len: usize,
+    /// The allocation the lines are in: theirs alone, or a slab shared with others.
+    _memory: Arc<Allocation>,
+}
+
+// SAFETY: `Lines` owns its lines exclusively (no other `Lines` overlaps them), like a
+// `Vec<Line>`; the shared slab is only kept alive through the `Arc`.
+unsafe impl Send for Lines {}
+// SAFETY: shared access is read-only, like `&[Line]`.
+unsafe impl Sync for Lines {}
+
+impl Lines {
+    pub(crate) fn zeroed(len: usize) -> Self {
+        let bytes = len.checked_mul(64).unwrap_or_else(|| panic!("{len} lines overflow the address space"));
+        let (memory, offset) = if bytes >= HUGE_PAGE || bytes == 0 {
+            (Arc::new(Allocation::new(bytes)), 0)
+        } else {
+            let mut slab = CURRENT_SLAB.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match slab.as_mut() {
+                Some((memory, used)) if *used + bytes <= SLAB => {
+                    *used += bytes;
+                    (Arc::clone(memory), *used - bytes)
+                }
+                _ => {
+                    let memory = Arc::new(Allocation::new(SLAB));
+                    *slab = Some((Arc::clone(&memory), bytes));
+                    (memory, 0)
+                }
+            }
+        };
+        // SAFETY: `offset..offset + bytes` lies inside the allocation (slabs hand out
+        // each range once, 64-byte multiples from a 64-byte-aligned start) and is
+        // zeroed here, so every `Line` in it is initialised and aligned.
+        let ptr = unsafe {
+            let start = memory.ptr.as_ptr().add(offset);
+            std::ptr::write_bytes(start, 0, bytes);
+            NonNull::new_unchecked(start.cast::<Line>())
+        };
+        Self { ptr, len, _memory: memory }
     }
 }
 
@@ -93,6 +147,21 @@ mod tests {
                 last.0[63] = 7;
             }
             assert_eq!(lines.last().map(|l| l.0[63]), (len > 0).then_some(7));
+        }
+    }
+
+    /// Small buffers cut from one slab never overlap, and each keeps its own bytes.
+    #[test]
+    fn buffers_from_a_slab_are_disjoint() {
+        let mut all: Vec<Lines> = (1..200).map(|i| Lines::zeroed(i * 37)).collect();
+        for (i, lines) in all.iter_mut().enumerate() {
+            lines.iter_mut().for_each(|l| l.0 = [i as u8; 64]);
+        }
+        all.truncate(150);
+        let more = Lines::zeroed(1000);
+        assert!(more.iter().all(|l| l.0 == [0; 64]));
+        for (i, lines) in all.iter().enumerate() {
+            assert!(lines.iter().all(|l| l.0 == [i as u8; 64]), "buffer {i}");
         }
     }
 }
