@@ -12,12 +12,13 @@
 //! 2 MiB-aligned, advised, and only then zeroed. Smaller buffers (a 135M model's layer
 //! matrices are a few hundred KiB) are cut from shared 8 MiB slabs allocated the same
 //! way, so they too sit on huge pages, one after another as the model's layers do; a
-//! slab is freed when the last buffer cut from it is. Elsewhere, or where the advice
-//! is refused, the memory is ordinary.
+//! slab is freed when the last buffer cut from it is, and a buffer freed before that
+//! gives its pages back at once. Elsewhere, or where the advice is refused, the memory
+//! is ordinary.
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::packed::Line;
 
@@ -68,15 +69,16 @@ impl Drop for Allocation {
     }
 }
 
-/// The slab small buffers are being cut from, and the bytes of it already cut.
-static CURRENT_SLAB: Mutex<Option<(Arc<Allocation>, usize)>> = Mutex::new(None);
+/// The slab small buffers are being cut from, and the bytes of it already cut. Held
+/// weakly: a slab whose buffers are all gone is freed, not kept for the next one.
+static CURRENT_SLAB: Mutex<Option<(Weak<Allocation>, usize)>> = Mutex::new(None);
 
 /// An owned, zeroed run of `len` [`Line`]s.
 pub(crate) struct Lines {
     ptr: NonNull<Line>,
     len: usize,
     /// The allocation the lines are in: theirs alone, or a slab shared with others.
-    _memory: Arc<Allocation>,
+    memory: Arc<Allocation>,
 }
 
 // SAFETY: `Lines` owns its lines exclusively (no other `Lines` overlaps them), like a
@@ -92,14 +94,15 @@ impl Lines {
             (Arc::new(Allocation::new(bytes)), 0)
         } else {
             let mut slab = CURRENT_SLAB.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            match slab.as_mut() {
+            let current = slab.as_mut().and_then(|(memory, used)| Some((memory.upgrade()?, used)));
+            match current {
                 Some((memory, used)) if *used + bytes <= SLAB => {
                     *used += bytes;
-                    (Arc::clone(memory), *used - bytes)
+                    (memory, *used - bytes)
                 }
                 _ => {
                     let memory = Arc::new(Allocation::new(SLAB));
-                    *slab = Some((Arc::clone(&memory), bytes));
+                    *slab = Some((Arc::downgrade(&memory), bytes));
                     (memory, 0)
                 }
             }
@@ -112,7 +115,29 @@ impl Lines {
             std::ptr::write_bytes(start, 0, bytes);
             NonNull::new_unchecked(start.cast::<Line>())
         };
-        Self { ptr, len, _memory: memory }
+        Self { ptr, len, memory }
+    }
+}
+
+impl Drop for Lines {
+    /// Lines in a slab that other buffers keep alive give their whole pages back now,
+    /// so that memory freed (a drained or rebalanced stage's layers) leaves the
+    /// process's resident set, as it does when a slab or an own allocation is freed.
+    /// Slabs never hand a range out twice, so nothing reads these pages again.
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if Arc::strong_count(&self.memory) > 1 {
+            // SAFETY: sysconf has no preconditions.
+            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+            let start = self.ptr.as_ptr() as usize;
+            let (from, to) = (start.div_ceil(page) * page, (start + self.len * 64) / page * page);
+            if to > from {
+                // SAFETY: `from..to` lies inside these lines, which this buffer alone
+                // owns and no one reads after this drop; the slab stays allocated
+                // (another buffer holds it), so the range is still mapped.
+                unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_DONTNEED) };
+            }
+        }
     }
 }
 
