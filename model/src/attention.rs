@@ -46,9 +46,9 @@ pub(crate) fn attend(a: &Attend<'_>) -> Result<Tensor> {
 /// Several sequences' attention in one call, `[Σ len, heads * d]` with each one's rows
 /// in the order given: one pass of the thread pool over every (sequence, head, row),
 /// rather than one per sequence, which left threads idle on a batch of decode steps
-/// (a handful of heads each) and paid a pool round trip per sequence and layer. Each
-/// row's arithmetic is `attend`'s, so a sequence's result is the same bits alone or
-/// in any batch.
+/// (a handful of heads each) and paid a pool round trip per sequence and layer. A
+/// row's arithmetic depends on that row alone, so a sequence's result is the same bits
+/// alone or in any batch.
 pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
     let Some(first) = items.first() else {
         return Err(Error::BadInput("attention over no sequences".into()));

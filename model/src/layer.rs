@@ -3,7 +3,8 @@
 //! (q/k/v biases, Q/K norms, post-norms, the activation, a sliding window).
 //!
 //! The matrix products run once over the tokens of every sequence in the batch;
-//! only attention, which needs each sequence's own history, runs per sequence.
+//! attention, which needs each sequence's own history, takes each sequence's rows
+//! against its own cache, all of them in one pass on the CPU.
 //! Numerics follow llama.cpp's CPU path where it is cheap to do so (RMS norm with a
 //! double-precision sum, RoPE angles built by repeated multiplication) so that greedy
 //! outputs match it token for token.
