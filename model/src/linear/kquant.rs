@@ -710,19 +710,6 @@ unsafe fn act_word(at: *const u8, word: usize) -> std::arch::x86_64::__m512i {
     unsafe { std::arch::x86_64::_mm512_set1_epi32(i32::from_le_bytes(*at.wrapping_add(4 * word).cast::<[u8; 4]>())) }
 }
 
-/// Prefetches one sub-block's quant lines a dozen sub-blocks ahead (decode streams the
-/// weights from memory; see `x86.rs`).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn prefetch_ahead(sub: *const u8, sub_bytes: usize) {
-    use std::arch::x86_64::*;
-    for line in 0..sub_bytes / 64 {
-        // A prefetch is only a hint: any address is allowed.
-        _mm_prefetch::<_MM_HINT_T0>(sub.wrapping_add(12 * sub_bytes + line * 64).cast());
-    }
-}
-
 /// A kernel's place in a tile's three sections and in its activation rows: one
 /// superblock at a time.
 #[cfg(target_arch = "x86_64")]
@@ -810,7 +797,7 @@ unsafe fn q6k_avx512<const T: usize>(
             let dw = _mm512_cvtph_ps(_mm256_load_si256(c.d.cast()));
             for s in 0..16 {
                 let v = c.q.wrapping_add(s * SUB_BYTES);
-                prefetch_ahead(v, SUB_BYTES);
+                super::x86::prefetch_lines::<{ SUB_BYTES / 64 }>(v);
                 let lo01 = _mm512_load_si512(v.cast());
                 let lo23 = _mm512_load_si512(v.wrapping_add(64).cast());
                 let hi = _mm512_load_si512(v.wrapping_add(128).cast());
@@ -874,7 +861,7 @@ unsafe fn q4k_avx512<const T: usize>(
             let dminw = _mm512_cvtph_ps(_mm256_load_si256(c.d.wrapping_add(TILE * 2).cast()));
             for s in 0..8 {
                 let v = c.q.wrapping_add(s * SUB_BYTES);
-                prefetch_ahead(v, SUB_BYTES);
+                super::x86::prefetch_lines::<{ SUB_BYTES / 64 }>(v);
                 let w = nibble_groups(v);
                 let code = |j: usize| {
                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(c.sc.wrapping_add(j * TILE).cast())))
@@ -933,7 +920,7 @@ unsafe fn q5k_avx512<const T: usize>(
             let mut lanes = [[_mm512_setzero_si512(); 8]; T];
             for s in 0..8 {
                 let v = c.q.wrapping_add(s * SUB_BYTES);
-                prefetch_ahead(v, SUB_BYTES);
+                super::x86::prefetch_lines::<{ SUB_BYTES / 64 }>(v);
                 let mut w = nibble_groups(v);
                 // Group g's fifth bits sit at bit g of each byte: move them to bit 4.
                 let high = _mm512_load_si512(v.wrapping_add(256).cast());
@@ -1004,7 +991,7 @@ unsafe fn q8_0_avx512<const T: usize>(
         unsafe {
             for blk in 0..8 {
                 let v = c.q.wrapping_add(blk * BLOCK_BYTES);
-                prefetch_ahead(v, BLOCK_BYTES);
+                super::x86::prefetch_lines::<{ BLOCK_BYTES / 64 }>(v);
                 let dw = _mm512_cvtph_ps(_mm256_load_si256(c.d.wrapping_add(blk * TILE * 2).cast()));
                 let mut w = [_mm512_setzero_si512(); 8];
                 for (g, wg) in w.iter_mut().enumerate() {
