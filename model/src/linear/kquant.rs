@@ -330,6 +330,95 @@ impl Default for SuperAct {
 /// `d = 1/iscale`; an all-zero block is all zeros.
 pub(crate) fn quantize_row_q8k(x: &[f32], out: &mut [SuperAct]) {
     assert_eq!(x.len(), out.len() * QK_K, "activation row / block count mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        for (xs, blk) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+            // SAFETY: AVX2 was just detected (a cached load); `xs` has QK_K values.
+            unsafe { quantize_block_q8k_avx2(xs, blk) };
+            fill_bsums(blk);
+        }
+        return;
+    }
+    quantize_row_q8k_scalar(x, out);
+}
+
+/// The bsums: each run of 16 quants summed.
+fn fill_bsums(blk: &mut SuperAct) {
+    for (s, qs) in blk.bsums.iter_mut().zip(blk.qs.chunks_exact(16)) {
+        *s = qs.iter().map(|&q| q as i16).sum();
+    }
+}
+
+/// `quantize_row_q8k`'s qs and d for one block, 8 values a step; the same bits as the
+/// scalar loop (and candle): the magnitude's maximum skips NaNs as `<` does, the
+/// extreme is the first value of that magnitude, and rounding is half away from zero.
+///
+/// # Safety
+/// AVX2 present; `xs.len() == QK_K`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_block_q8k_avx2(xs: &[f32], blk: &mut SuperAct) {
+    use std::arch::x86_64::*;
+    assert_eq!(xs.len(), QK_K);
+    const VECS: usize = QK_K / 8;
+    let p = xs.as_ptr().cast::<__m256i>();
+    // `lddqu`: an unaligned load with no debug-build precondition checks (see act.rs).
+    // SAFETY: `xs` holds VECS vectors of 8 floats.
+    let v: [__m256; VECS] = std::array::from_fn(|i| unsafe { _mm256_castsi256_ps(_mm256_lddqu_si256(p.wrapping_add(i))) });
+    let sign_mask = _mm256_set1_ps(-0.0);
+    // maxps returns its second operand when either is NaN: NaNs are skipped.
+    let mut m = _mm256_setzero_ps();
+    for vi in &v {
+        m = _mm256_max_ps(_mm256_andnot_ps(sign_mask, *vi), m);
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    if amax == 0.0 {
+        *blk = SuperAct::default();
+        return;
+    }
+    let amax_v = _mm256_set1_ps(amax);
+    let first = v
+        .iter()
+        .enumerate()
+        .find_map(|(i, vi)| {
+            let hits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign_mask, *vi), amax_v));
+            (hits != 0).then(|| 8 * i + hits.trailing_zeros() as usize)
+        })
+        .unwrap_or(0);
+    let iscale = -127f32 / xs[first];
+    let scale = _mm256_set1_ps(iscale);
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    let quantize = |x: __m256| {
+        let s = _mm256_mul_ps(x, scale);
+        // Truncate, then step away from zero when the dropped part is ≥ ½: exact for
+        // every finite f32 (see act.rs).
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
+        let frac = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(s, t));
+        let away = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), one);
+        let r = _mm256_add_ps(t, _mm256_or_ps(away, _mm256_and_ps(s, sign_mask)));
+        // Clamped as `clamp(-128, 127)`, and NaN to 0 as `as i8` does.
+        let r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+        let ord = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(s, s));
+        _mm256_and_si256(_mm256_cvttps_epi32(r), ord)
+    };
+    // packs_epi32/packs_epi16 interleave 128-bit lanes; this puts the bytes back in order.
+    let unshuffle = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (four, q) in v.chunks_exact(4).zip(blk.qs.chunks_exact_mut(32)) {
+        let ints = [quantize(four[0]), quantize(four[1]), quantize(four[2]), quantize(four[3])];
+        let p16a = _mm256_packs_epi32(ints[0], ints[1]);
+        let p16b = _mm256_packs_epi32(ints[2], ints[3]);
+        let p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), unshuffle);
+        // SAFETY: `q` is 32 bytes; an unaligned store.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), p8) };
+    }
+    blk.d = 1.0 / iscale;
+}
+
+/// The portable `quantize_row_q8k`, the definition the SIMD one matches.
+fn quantize_row_q8k_scalar(x: &[f32], out: &mut [SuperAct]) {
     for (xs, blk) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let (mut max, mut amax) = (0f32, 0f32);
         for &v in xs {
@@ -346,9 +435,7 @@ pub(crate) fn quantize_row_q8k(x: &[f32], out: &mut [SuperAct]) {
         for (q, &v) in blk.qs.iter_mut().zip(xs) {
             *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
         }
-        for (s, qs) in blk.bsums.iter_mut().zip(blk.qs.chunks_exact(16)) {
-            *s = qs.iter().map(|&q| q as i16).sum();
-        }
+        fill_bsums(blk);
         blk.d = 1.0 / iscale;
     }
 }
@@ -1052,6 +1139,33 @@ mod tests {
             assert!(blk.qs.iter().zip(&w[4..260]).all(|(&q, &c)| q as u8 == c), "block {b}: qs");
             let bsums: Vec<u8> = blk.bsums.iter().flat_map(|s| s.to_le_bytes()).collect();
             assert_eq!(bsums, w[260..292], "block {b}: bsums");
+        }
+    }
+
+    /// The SIMD quantizer gives the scalar one's bits on edge cases: ties at ½, NaN and
+    /// infinities, a block of zeros, ±extremes of one magnitude (the first one wins),
+    /// tiny and huge values.
+    #[test]
+    fn q8k_simd_quantization_equals_scalar() {
+        let mut x = values(8 * QK_K, 5);
+        for (i, v) in x[..QK_K].iter_mut().enumerate() {
+            *v = (i as f32 - 128.0) * 0.5; // iscale·v lands on halves
+        }
+        x[QK_K + 3] = f32::NAN;
+        x[QK_K + 9] = -4.0;
+        x[QK_K + 200] = 4.0;
+        x[2 * QK_K..3 * QK_K].fill(0.0);
+        x[3 * QK_K + 17] = f32::INFINITY;
+        x[4 * QK_K..5 * QK_K].iter_mut().for_each(|v| *v *= 1e-30);
+        x[5 * QK_K..6 * QK_K].iter_mut().for_each(|v| *v *= 3e38);
+        x[6 * QK_K..7 * QK_K].fill(f32::NAN);
+        x[7 * QK_K + 255] = -7.0;
+        let mut scalar = vec![SuperAct::default(); 8];
+        quantize_row_q8k_scalar(&x, &mut scalar);
+        let mut dispatched = vec![SuperAct::default(); 8];
+        quantize_row_q8k(&x, &mut dispatched);
+        for (b, (s, d)) in scalar.iter().zip(&dispatched).enumerate() {
+            assert_eq!((s.qs, s.bsums, s.d.to_bits()), (d.qs, d.bsums, d.d.to_bits()), "block {b}");
         }
     }
 
