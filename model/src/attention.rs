@@ -180,7 +180,7 @@ fn attend_row<'k>(q: &[f32], keys: impl Iterator<Item = (&'k [f32], &'k [f32])> 
         // SAFETY: AVX2 was just detected (a cached load).
         return unsafe { attend_row_avx2(q, keys, scale, out) };
     }
-    attend_row_portable(q, keys, scale, out);
+    attend_row_portable::<false>(q, keys, scale, out);
 }
 
 /// # Safety
@@ -188,13 +188,19 @@ fn attend_row<'k>(q: &[f32], keys: impl Iterator<Item = (&'k [f32], &'k [f32])> 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn attend_row_avx2<'k>(q: &[f32], keys: impl Iterator<Item = (&'k [f32], &'k [f32])> + Clone, scale: f32, out: &mut [f32]) {
-    attend_row_portable(q, keys, scale, out);
+    attend_row_portable::<true>(q, keys, scale, out);
 }
 
+/// `AVX2`: scores through `dots_avx2` (only ever inlined into `attend_row_avx2`).
 #[inline(always)]
-fn attend_row_portable<'k>(q: &[f32], keys: impl Iterator<Item = (&'k [f32], &'k [f32])> + Clone, scale: f32, out: &mut [f32]) {
+fn attend_row_portable<'k, const AVX2: bool>(
+    q: &[f32],
+    keys: impl Iterator<Item = (&'k [f32], &'k [f32])> + Clone,
+    scale: f32,
+    out: &mut [f32],
+) {
     let mut weights = Vec::new();
-    scores(q, keys.clone().map(|(k, _)| k), scale, &mut weights);
+    scores::<AVX2>(q, keys.clone().map(|(k, _)| k), scale, &mut weights);
     let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for w in weights.iter_mut() {
         // libm's expf, not the platform's: a Windows worker's C runtime rounds some
@@ -205,10 +211,23 @@ fn attend_row_portable<'k>(q: &[f32], keys: impl Iterator<Item = (&'k [f32], &'k
     }
     out.fill(0.0);
     let mut sum = 0f32;
-    for (&w, (_, v)) in weights.iter().zip(keys) {
-        sum += w;
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o += w * x;
+    // Two values rows per pass over `out` (each element still adds them in key order,
+    // `(o + w₁v₁) + w₂v₂`): half the loads and stores of `out`.
+    let mut pairs = weights.iter().zip(keys.map(|(_, v)| v));
+    while let Some((&w1, v1)) = pairs.next() {
+        sum += w1;
+        match pairs.next() {
+            Some((&w2, v2)) => {
+                sum += w2;
+                for ((o, &x1), &x2) in out.iter_mut().zip(v1).zip(v2) {
+                    *o = (*o + w1 * x1) + w2 * x2;
+                }
+            }
+            None => {
+                for (o, &x) in out.iter_mut().zip(v1) {
+                    *o += w1 * x;
+                }
+            }
         }
     }
     for o in out.iter_mut() {
@@ -216,24 +235,66 @@ fn attend_row_portable<'k>(q: &[f32], keys: impl Iterator<Item = (&'k [f32], &'k
     }
 }
 
-/// Pushes each key's score, its `dots` times `scale`, onto `out`, four keys at a time: four
-/// independent sums in flight where one alone waits on each of its additions. Each
-/// key's arithmetic is exactly `dots` of that key alone.
+/// Pushes each key's score, its `dots` times `scale`, onto `out`, four keys at a time:
+/// four independent sums in flight where one alone waits on each of its additions.
+/// Each key's arithmetic is exactly `dots` of that key alone.
 #[inline(always)]
-fn scores<'k>(q: &[f32], keys: impl Iterator<Item = &'k [f32]>, scale: f32, out: &mut Vec<f32>) {
+fn scores<'k, const AVX2: bool>(q: &[f32], keys: impl Iterator<Item = &'k [f32]>, scale: f32, out: &mut Vec<f32>) {
+    fn run<const N: usize, const AVX2: bool>(q: &[f32], keys: [&[f32]; N]) -> [f32; N] {
+        #[cfg(target_arch = "x86_64")]
+        if AVX2 {
+            // SAFETY: `AVX2` is true only inside `attend_row_avx2`, which runs where
+            // AVX2 was detected.
+            return unsafe { dots_avx2(q, keys) };
+        }
+        dots(q, keys)
+    }
     let mut four: [&[f32]; 4] = [&[]; 4];
     let mut held = 0;
     for k in keys {
         four[held] = k;
         held += 1;
         if held == 4 {
-            out.extend(dots(q, four).map(|s| s * scale));
+            out.extend(run::<4, AVX2>(q, four).map(|s| s * scale));
             held = 0;
         }
     }
     for k in &four[..held] {
-        out.push(dots(q, [*k])[0] * scale);
+        out.push(run::<1, AVX2>(q, [*k])[0] * scale);
     }
+}
+
+/// `dots` with each key's eight lanes in one AVX register: the same multiplies and
+/// adds in the same order, so the same bits.
+///
+/// # Safety
+/// AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dots_avx2<const N: usize>(q: &[f32], keys: [&[f32]; N]) -> [f32; N] {
+    use std::arch::x86_64::*;
+    assert!(keys.iter().all(|k| k.len() == q.len()), "a key's length differs from the query's");
+    let whole = q.len() - q.len() % 8;
+    // `lddqu`: an unaligned load without `loadu_ps`'s debug-build precondition checks.
+    // SAFETY (every call): c + 8 ≤ whole ≤ the length of q and of every key.
+    let load = |p: &[f32], c: usize| unsafe { _mm256_castsi256_ps(_mm256_lddqu_si256(p.as_ptr().add(c).cast())) };
+    let mut acc = [_mm256_setzero_ps(); N];
+    for c in (0..whole).step_by(8) {
+        let a = load(q, c);
+        for (acc, k) in acc.iter_mut().zip(&keys) {
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(a, load(k, c)));
+        }
+    }
+    let mut lanes = [[0f32; 8]; N];
+    for (lane, (acc, k)) in lanes.iter_mut().zip(acc.iter().zip(&keys)) {
+        // SAFETY: `lane` is 8 floats; an unaligned store.
+        unsafe { _mm256_storeu_ps(lane.as_mut_ptr(), *acc) };
+        for (l, (a, b)) in q[whole..].iter().zip(&k[whole..]).enumerate() {
+            lane[l] += a * b;
+        }
+    }
+    lanes.map(|l| ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])))
 }
 
 /// `Σ q[i]·k[i]` for each of `N` keys, over eight lanes (`i mod 8`, each summed in
