@@ -6,11 +6,18 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use half::f16;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gguf::Activation;
+use crate::linear::SharedOut;
+
+/// Below this many values `gated` stays on the calling thread (a decode step's few
+/// thousand are done before the pool would have woken).
+const PARALLEL_MIN_VALUES: usize = 1 << 15;
+/// Values per unit of pool work in `gated`.
+const CHUNK: usize = 4096;
 
 /// √(2/π) as candle's GELU writes it.
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
@@ -37,6 +44,53 @@ pub(crate) fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(values, dims, &Device::Cpu)?)
+}
+
+/// `activation(gate) · up`, elementwise: the gated FFN's middle, on the CPU in one pass
+/// over candle's pool with no intermediate tensor. Each value is the activation then
+/// one f32 multiply, so the bits equal `activate(gate) * up`'s.
+pub(crate) fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        return Err(Error::BadInput(format!("gate {:?} and up {:?} differ in shape", gate.dims(), up.dims())));
+    }
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !on_cpu_f32(gate) || !on_cpu_f32(up) {
+        return Ok((activate(gate, activation)? * up)?);
+    }
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let n = gate.elem_count();
+    let (g_storage, g_layout) = gate.storage_and_layout();
+    let (u_storage, u_layout) = up.storage_and_layout();
+    let (Storage::Cpu(g), Storage::Cpu(u)) = (&*g_storage, &*u_storage) else {
+        return Err(Error::BadInput("gated activation input is not in CPU memory".into()));
+    };
+    fn window(data: &candle_core::CpuStorage, start: usize, n: usize) -> Option<&[f32]> {
+        data.as_slice::<f32>().ok()?.get(start..start + n)
+    }
+    let (Some(g), Some(u)) = (window(g, g_layout.start_offset(), n), window(u, u_layout.start_offset(), n)) else {
+        return Err(Error::BadInput("gated activation storage is shorter than its shape".into()));
+    };
+    let mut out = vec![0f32; n];
+    let shared = SharedOut::new(&mut out);
+    let table = gelu_table();
+    let run = |chunks: std::ops::Range<usize>| {
+        let (start, end) = (chunks.start * CHUNK, (chunks.end * CHUNK).min(n));
+        // SAFETY: each chunk index goes to exactly one thread, so the ranges are disjoint.
+        let dst = unsafe { shared.segment(start, end - start) };
+        let values = dst.iter_mut().zip(&g[start..end]).zip(&u[start..end]);
+        match activation {
+            Activation::GeluTanh => values.for_each(|((o, &g), &u)| *o = gelu_from_table(table, g) * u),
+            Activation::Silu => values.for_each(|((o, &g), &u)| *o = g / (1.0 + crate::exp::exp(-g)) * u),
+        }
+    };
+    let chunks = n.div_ceil(CHUNK);
+    if n >= PARALLEL_MIN_VALUES {
+        candle_core::utils::barrier_pool().execute_chunked(chunks, run);
+    } else {
+        run(0..chunks);
+    }
+    drop((g_storage, u_storage));
+    Ok(Tensor::from_vec(out, gate.dims(), &Device::Cpu)?)
 }
 
 /// GELU (tanh form) exactly as llama.cpp's CPU backend computes it (`GGML_GELU_FP16`):
@@ -87,6 +141,23 @@ mod tests {
 
     /// The table path is llama.cpp's: f16 in, f16-rounded GELU out, identity and zero
     /// past ±10, and NaN stays NaN.
+    /// The fused pass gives `activate` then a multiply's bits, serial or on the pool.
+    #[test]
+    fn gated_equals_activate_then_multiply() {
+        for n in [7, 3 * CHUNK + 5, PARALLEL_MIN_VALUES + 123] {
+            let g = Tensor::from_vec((0..n).map(|i| ((i * 37 % 1001) as f32 - 500.0) * 0.023).collect::<Vec<_>>(), (1, n), &Device::Cpu).unwrap();
+            let u = Tensor::from_vec((0..n).map(|i| ((i * 11 % 97) as f32 - 48.0) * 0.1).collect::<Vec<_>>(), (1, n), &Device::Cpu).unwrap();
+            for act in [Activation::Silu, Activation::GeluTanh] {
+                let want = (activate(&g, act).unwrap() * &u).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = gated(&g, &u, act).unwrap();
+                assert_eq!(got.dims(), [1, n]);
+                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{act:?}, {n} values");
+            }
+        }
+        assert!(gated(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(), &Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap(), Activation::Silu).is_err());
+    }
+
     #[test]
     fn gelu_is_llama_cpps_f16_table() {
         let table = gelu_table();

@@ -167,9 +167,7 @@ impl Layer {
         let h = self.ffn_norm.forward(&x)?;
         let ffn = match &self.ffn {
             Ffn::Dense { gate, up, down } => {
-                let gate = gate.forward(&h)?;
-                let gate = crate::activation::activate(&gate, self.activation)?;
-                down.forward(&(gate * up.forward(&h)?)?)?
+                down.forward(&crate::activation::gated(&gate.forward(&h)?, &up.forward(&h)?, self.activation)?)?
             }
             Ffn::Experts(moe) => moe.forward(&h)?,
         };

@@ -31,6 +31,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
 use packed::{Format, Level, PackedWeights};
+pub(crate) use packed::SharedOut;
 use kquant::{KFormat, PackedKQuant};
 
 #[derive(Debug, Clone)]

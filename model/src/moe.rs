@@ -31,7 +31,7 @@ impl GatedFfn {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (crate::activation::activate(&self.gate.forward(x)?, Activation::Silu)? * self.up.forward(x)?)?;
+        let h = crate::activation::gated(&self.gate.forward(x)?, &self.up.forward(x)?, Activation::Silu)?;
         self.down.forward(&h)
     }
 }
