@@ -52,7 +52,7 @@ use half::f16;
 
 #[cfg(test)]
 use super::packed::check_whole;
-use super::packed::{candle_hsum8, for_each_tile, round_up, Level, Line, TILE};
+use super::packed::{candle_hsum8, for_each_tile, round_up, Level, Line, SharedOut, TILE};
 use super::lines::Lines;
 use crate::error::{Error, Result};
 
@@ -630,11 +630,23 @@ impl PackedKQuant {
             return Ok(out);
         }
         let mut acts = vec![SuperAct::default(); tokens * kb];
-        for (xs, dst) in x.chunks_exact(cols).zip(acts.chunks_exact_mut(kb)) {
-            quantize_row_q8k(xs, dst);
+        let parallel = rows * kb * tokens >= PARALLEL_MIN_WORK;
+        if parallel && tokens >= 4 {
+            // A prefill's rows quantized on the pool too, not only its products.
+            let shared = SharedOut::new(&mut acts);
+            candle_core::utils::barrier_pool().execute_chunked(tokens, |range: std::ops::Range<usize>| {
+                for t in range {
+                    // SAFETY: each token index goes to exactly one thread, so the
+                    // `kb`-block segments are disjoint.
+                    quantize_row_q8k(&x[t * cols..(t + 1) * cols], unsafe { shared.segment(t * kb, kb) });
+                }
+            });
+        } else {
+            for (xs, dst) in x.chunks_exact(cols).zip(acts.chunks_exact_mut(kb)) {
+                quantize_row_q8k(xs, dst);
+            }
         }
         let acts = &acts[..];
-        let parallel = rows * kb * tokens >= PARALLEL_MIN_WORK;
         for_each_tile(rows, tokens, MAX_TOKENS, bias, parallel, &mut out, |tile, ts, res| {
             let act_rows: [&[SuperAct]; MAX_TOKENS] = std::array::from_fn(|i| {
                 if i < ts.len() {
