@@ -104,18 +104,44 @@ pub(crate) fn quantize_row(x: &[f32], out: &mut [ActBlock], simd: bool) {
     quantize_row_scalar(x, out);
 }
 
+/// `f32::round(s) as i8` for 8 lanes, as i32s: rounded half away from zero, which no
+/// SSE/AVX rounding mode does (so: truncate, then step away from zero when the dropped
+/// part is ≥ ½, both exact for every finite f32), saturated to −128..=127 (±inf
+/// included) and NaN to 0, as `as i8` does. The quantizers of `act.rs` and
+/// `kquant.rs` share it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) fn round_to_i8(s: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let sign_mask = _mm256_set1_ps(-0.0);
+    let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
+    let frac = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(s, t));
+    let away = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5)), _mm256_set1_ps(1.0));
+    let r = _mm256_add_ps(t, _mm256_or_ps(away, _mm256_and_ps(s, sign_mask)));
+    let r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-128.0)), _mm256_set1_ps(127.0));
+    let ord = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(s, s));
+    _mm256_and_si256(_mm256_cvttps_epi32(r), ord)
+}
+
+/// Four vectors of i32s in −128..=127 as 32 bytes, in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) fn pack_bytes(ints: [std::arch::x86_64::__m256i; 4]) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let p16a = _mm256_packs_epi32(ints[0], ints[1]);
+    let p16b = _mm256_packs_epi32(ints[2], ints[3]);
+    // packs_epi32/packs_epi16 interleave 128-bit lanes; this puts the bytes back in order.
+    _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_row_avx2(x: &[f32], out: &mut [ActBlock]) {
     use std::arch::x86_64::*;
 
     let sign_mask = _mm256_set1_ps(-0.0);
-    let half = _mm256_set1_ps(0.5);
-    let one = _mm256_set1_ps(1.0);
-    let lo = _mm256_set1_ps(-128.0);
-    let hi = _mm256_set1_ps(127.0);
-    // packs_epi32/packs_epi16 interleave 128-bit lanes; this puts the bytes back in order.
-    let unshuffle = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
 
     for (xs, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
         // `lddqu` rather than `_mm256_loadu_ps`: the latter is a `read_unaligned` that
@@ -147,18 +173,7 @@ unsafe fn quantize_row_avx2(x: &[f32], out: &mut [ActBlock]) {
 
         let mut ints = [_mm256_setzero_si256(); 4];
         for (vi, out_i) in v.iter().zip(ints.iter_mut()) {
-            let s = _mm256_mul_ps(*vi, idv);
-            // f32::round rounds half away from zero, which no SSE/AVX rounding mode
-            // does; truncate and step away from zero when the dropped part is ≥ ½.
-            // Both steps are exact for every finite f32.
-            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
-            let frac = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(s, t));
-            let away = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), one);
-            let r = _mm256_add_ps(t, _mm256_or_ps(away, _mm256_and_ps(s, sign_mask)));
-            // `as i8` saturates (±inf included) and maps NaN to 0.
-            let r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
-            let ord = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(s, s));
-            *out_i = _mm256_and_si256(_mm256_cvttps_epi32(r), ord);
+            *out_i = round_to_i8(_mm256_mul_ps(*vi, idv));
         }
         let sum_v = _mm256_add_epi32(
             _mm256_add_epi32(ints[0], ints[1]),
@@ -172,9 +187,7 @@ unsafe fn quantize_row_avx2(x: &[f32], out: &mut [ActBlock]) {
         let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2));
         let sum = _mm_cvtsi128_si32(s1);
 
-        let p16a = _mm256_packs_epi32(ints[0], ints[1]);
-        let p16b = _mm256_packs_epi32(ints[2], ints[3]);
-        let p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), unshuffle);
+        let p8 = pack_bytes(ints);
         let q = blk.qs.as_mut_ptr().cast::<__m128i>();
         // SAFETY: `blk.qs` is 32 bytes at the start of a 16-byte-aligned `ActBlock`, so
         // both aligned 16-byte stores are in bounds.

@@ -358,6 +358,7 @@ fn fill_bsums(blk: &mut SuperAct) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_block_q8k_avx2(xs: &[f32], blk: &mut SuperAct) {
+    use super::act::{pack_bytes, round_to_i8};
     use std::arch::x86_64::*;
     assert_eq!(xs.len(), QK_K);
     const VECS: usize = QK_K / 8;
@@ -389,28 +390,10 @@ unsafe fn quantize_block_q8k_avx2(xs: &[f32], blk: &mut SuperAct) {
         .unwrap_or(0);
     let iscale = -127f32 / xs[first];
     let scale = _mm256_set1_ps(iscale);
-    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
-    let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
-    let quantize = |x: __m256| {
-        let s = _mm256_mul_ps(x, scale);
-        // Truncate, then step away from zero when the dropped part is ≥ ½: exact for
-        // every finite f32 (see act.rs).
-        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
-        let frac = _mm256_andnot_ps(sign_mask, _mm256_sub_ps(s, t));
-        let away = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), one);
-        let r = _mm256_add_ps(t, _mm256_or_ps(away, _mm256_and_ps(s, sign_mask)));
-        // Clamped as `clamp(-128, 127)`, and NaN to 0 as `as i8` does.
-        let r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
-        let ord = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(s, s));
-        _mm256_and_si256(_mm256_cvttps_epi32(r), ord)
-    };
-    // packs_epi32/packs_epi16 interleave 128-bit lanes; this puts the bytes back in order.
-    let unshuffle = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    // `round().clamp(-128, 127) as i8`, as the scalar loop (see `act::round_to_i8`).
+    let quantize = |x: __m256| round_to_i8(_mm256_mul_ps(x, scale));
     for (four, q) in v.chunks_exact(4).zip(blk.qs.chunks_exact_mut(32)) {
-        let ints = [quantize(four[0]), quantize(four[1]), quantize(four[2]), quantize(four[3])];
-        let p16a = _mm256_packs_epi32(ints[0], ints[1]);
-        let p16b = _mm256_packs_epi32(ints[2], ints[3]);
-        let p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), unshuffle);
+        let p8 = pack_bytes([quantize(four[0]), quantize(four[1]), quantize(four[2]), quantize(four[3])]);
         // SAFETY: `q` is 32 bytes; an unaligned store.
         unsafe { _mm256_storeu_si256(q.as_mut_ptr().cast(), p8) };
     }

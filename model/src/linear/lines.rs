@@ -78,6 +78,9 @@ pub(crate) struct Lines {
     ptr: NonNull<Line>,
     len: usize,
     /// The allocation the lines are in: theirs alone, or a slab shared with others.
+    /// Read only on Linux (to give pages back early); elsewhere it only keeps the
+    /// allocation alive.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     memory: Arc<Allocation>,
 }
 
