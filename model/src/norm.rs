@@ -49,7 +49,7 @@ impl RmsNorm {
             return self.forward_ops(x);
         }
         let width = self.weight.elem_count();
-        if x.dim(D::Minus1)? != width {
+        if width == 0 || x.dim(D::Minus1)? != width {
             return Err(Error::BadInput(format!("a norm of width {width} over rows of {:?}", x.dims())));
         }
         let x = x.contiguous()?;
@@ -124,5 +124,7 @@ mod tests {
         }
         let norm = RmsNorm::new(Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(), 1e-6);
         assert!(norm.forward(&Tensor::ones((2, 9), DType::F32, &Device::Cpu).unwrap()).is_err());
+        let empty = RmsNorm::new(Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap(), 1e-6);
+        assert!(empty.forward(&Tensor::zeros((2, 0), DType::F32, &Device::Cpu).unwrap()).is_err());
     }
 }
