@@ -6,12 +6,12 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use half::f16;
 
+use crate::cpu_buffer::{f32_values, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::Activation;
-use crate::linear::SharedOut;
 
 /// Below this many values `gated` stays on the calling thread (a decode step's few
 /// thousand are done before the pool would have woken).
@@ -36,14 +36,18 @@ pub(crate) fn activate(x: &Tensor, activation: Activation) -> Result<Tensor> {
     }
     let dims = x.dims().to_vec();
     let mut values = x.flatten_all()?.to_vec1::<f32>()?;
-    match activation {
-        Activation::Silu => values.iter_mut().for_each(|v| *v /= 1.0 + crate::exp::exp(-*v)),
-        Activation::GeluTanh => {
-            let table = gelu_table();
-            values.iter_mut().for_each(|v| *v = gelu_from_table(table, *v));
-        }
-    }
+    let table = gelu_table();
+    values.iter_mut().for_each(|v| *v = activate_value(activation, table, *v));
     Ok(Tensor::from_vec(values, dims, &Device::Cpu)?)
+}
+
+/// One value's activation on the CPU: SiLU through `exp.rs`, GELU through `gelu_table`.
+#[inline]
+fn activate_value(activation: Activation, gelu_table: &[f32], x: f32) -> f32 {
+    match activation {
+        Activation::Silu => x / (1.0 + crate::exp::exp(-x)),
+        Activation::GeluTanh => gelu_from_table(gelu_table, x),
+    }
 }
 
 /// `activation(gate) · up`, elementwise: the gated FFN's middle, on the CPU in one pass
@@ -59,37 +63,29 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Resul
     }
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
     let n = gate.elem_count();
-    let (g_storage, g_layout) = gate.storage_and_layout();
-    let (u_storage, u_layout) = up.storage_and_layout();
-    let (Storage::Cpu(g), Storage::Cpu(u)) = (&*g_storage, &*u_storage) else {
-        return Err(Error::BadInput("gated activation input is not in CPU memory".into()));
-    };
-    fn window(data: &candle_core::CpuStorage, start: usize, n: usize) -> Option<&[f32]> {
-        data.as_slice::<f32>().ok()?.get(start..start + n)
-    }
-    let (Some(g), Some(u)) = (window(g, g_layout.start_offset(), n), window(u, u_layout.start_offset(), n)) else {
-        return Err(Error::BadInput("gated activation storage is shorter than its shape".into()));
-    };
     let mut out = vec![0f32; n];
-    let shared = SharedOut::new(&mut out);
-    let table = gelu_table();
-    let run = |chunks: std::ops::Range<usize>| {
-        let (start, end) = (chunks.start * CHUNK, (chunks.end * CHUNK).min(n));
-        // SAFETY: each chunk index goes to exactly one thread, so the ranges are disjoint.
-        let dst = unsafe { shared.segment(start, end - start) };
-        let values = dst.iter_mut().zip(&g[start..end]).zip(&u[start..end]);
-        match activation {
-            Activation::GeluTanh => values.for_each(|((o, &g), &u)| *o = gelu_from_table(table, g) * u),
-            Activation::Silu => values.for_each(|((o, &g), &u)| *o = g / (1.0 + crate::exp::exp(-g)) * u),
+    {
+        let (g_storage, g_layout) = gate.storage_and_layout();
+        let g = f32_values(&g_storage, g_layout, n, "gated activation input")?;
+        let (u_storage, u_layout) = up.storage_and_layout();
+        let u = f32_values(&u_storage, u_layout, n, "gated activation input")?;
+        let shared = SharedOut::new(&mut out);
+        let table = gelu_table();
+        let run = |chunks: std::ops::Range<usize>| {
+            let (start, end) = (chunks.start * CHUNK, (chunks.end * CHUNK).min(n));
+            // SAFETY: each chunk index goes to exactly one thread, so the ranges are disjoint.
+            let dst = unsafe { shared.segment(start, end - start) };
+            for ((o, &g), &u) in dst.iter_mut().zip(&g[start..end]).zip(&u[start..end]) {
+                *o = activate_value(activation, table, g) * u;
+            }
+        };
+        let chunks = n.div_ceil(CHUNK);
+        if n >= PARALLEL_MIN_VALUES {
+            candle_core::utils::barrier_pool().execute_chunked(chunks, run);
+        } else {
+            run(0..chunks);
         }
-    };
-    let chunks = n.div_ceil(CHUNK);
-    if n >= PARALLEL_MIN_VALUES {
-        candle_core::utils::barrier_pool().execute_chunked(chunks, run);
-    } else {
-        run(0..chunks);
     }
-    drop((g_storage, u_storage));
     Ok(Tensor::from_vec(out, gate.dims(), &Device::Cpu)?)
 }
 
@@ -139,8 +135,6 @@ mod tests {
         }
     }
 
-    /// The table path is llama.cpp's: f16 in, f16-rounded GELU out, identity and zero
-    /// past ±10, and NaN stays NaN.
     /// The fused pass gives `activate` then a multiply's bits, serial or on the pool.
     #[test]
     fn gated_equals_activate_then_multiply() {
@@ -158,6 +152,8 @@ mod tests {
         assert!(gated(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(), &Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap(), Activation::Silu).is_err());
     }
 
+    /// The table path is llama.cpp's: f16 in, f16-rounded GELU out, identity and zero
+    /// past ±10, and NaN stays NaN.
     #[test]
     fn gelu_is_llama_cpps_f16_table() {
         let table = gelu_table();

@@ -19,6 +19,7 @@
 
 use candle_core::{Device, Storage, Tensor};
 
+use crate::cpu_buffer::SharedOut;
 use crate::error::{Error, Result};
 
 /// Below this many multiply-adds a call stays on the calling thread.
@@ -94,7 +95,7 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
         work += heads * len * (n.min(a.window.unwrap_or(n)) + 1) * d;
     }
     let mut out = vec![0f32; rows * heads * d];
-    let out_ptr = SharedRows { ptr: out.as_mut_ptr(), d };
+    let out_rows = SharedOut::new(&mut out);
     let run = |range: std::ops::Range<usize>| {
         for u in range {
             let it = first_unit.partition_point(|&f| f <= u) - 1;
@@ -106,7 +107,7 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
             let visible = (lo - a.first)..(position + 1 - a.first);
             let kv = h / (heads / keys[it].heads);
             // SAFETY: unit (item, h, i) alone writes its row's head-h slice.
-            let dst = unsafe { out_ptr.row(((first_row[it] + i) * heads + h) * d) };
+            let dst = unsafe { out_rows.segment(((first_row[it] + i) * heads + h) * d, d) };
             attend_row(
                 &queries[it][(h * len + i) * d..(h * len + i + 1) * d],
                 visible.map(|j| (keys[it].row(kv, j), values[it].row(kv, j))),
@@ -121,25 +122,6 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
         run(0..units);
     }
     Ok(Tensor::from_vec(out, (rows, heads * d), &Device::Cpu)?)
-}
-
-/// Disjoint `d`-long output slices handed to the pool's threads.
-struct SharedRows {
-    ptr: *mut f32,
-    d: usize,
-}
-
-// SAFETY: every thread writes only the slices its units own (see `attend`).
-unsafe impl Sync for SharedRows {}
-
-impl SharedRows {
-    /// # Safety
-    /// `at..at + d` must be inside the buffer and written by no one else meanwhile.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, at: usize) -> &mut [f32] {
-        // SAFETY: per the contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), self.d) }
-    }
 }
 
 /// The rows of a CPU tensor `[heads, n, d]`: borrowed where each row is contiguous
@@ -287,14 +269,11 @@ unsafe fn dots_avx2<const N: usize>(q: &[f32], keys: [&[f32]; N]) -> [f32; N] {
         }
     }
     let mut lanes = [[0f32; 8]; N];
-    for (lane, (acc, k)) in lanes.iter_mut().zip(acc.iter().zip(&keys)) {
+    for (lane, acc) in lanes.iter_mut().zip(&acc) {
         // SAFETY: `lane` is 8 floats; an unaligned store.
         unsafe { _mm256_storeu_ps(lane.as_mut_ptr(), *acc) };
-        for (l, (a, b)) in q[whole..].iter().zip(&k[whole..]).enumerate() {
-            lane[l] += a * b;
-        }
     }
-    lanes.map(|l| ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])))
+    finish_lanes(lanes, q, &keys, whole)
 }
 
 /// `Σ q[i]·k[i]` for each of `N` keys, over eight lanes (`i mod 8`, each summed in
@@ -313,7 +292,14 @@ fn dots<const N: usize>(q: &[f32], keys: [&[f32]; N]) -> [f32; N] {
             }
         }
     }
-    for (lane, k) in lanes.iter_mut().zip(&keys) {
+    finish_lanes(lanes, q, &keys, whole)
+}
+
+/// The end of `dots` (either copy): the values past the last whole group of eight into
+/// lanes 0.., then each key's lanes reduced in the fixed tree.
+#[inline(always)]
+fn finish_lanes<const N: usize>(mut lanes: [[f32; 8]; N], q: &[f32], keys: &[&[f32]; N], whole: usize) -> [f32; N] {
+    for (lane, k) in lanes.iter_mut().zip(keys) {
         for (l, (a, b)) in q[whole..].iter().zip(&k[whole..]).enumerate() {
             lane[l] += a * b;
         }

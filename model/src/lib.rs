@@ -16,6 +16,7 @@ pub mod generate;
 pub mod gguf;
 mod activation;
 mod attention;
+mod cpu_buffer;
 mod exp;
 #[cfg(test)]
 mod hostile_gguf;

@@ -27,11 +27,10 @@ mod x86;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{DType, Device, Module, Storage, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
 use packed::{Format, Level, PackedWeights};
-pub(crate) use packed::SharedOut;
 use kquant::{KFormat, PackedKQuant};
 
 #[derive(Debug, Clone)]
@@ -354,16 +353,7 @@ fn packed_forward(
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
     let out = {
         let (storage, layout) = x32.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            return Err(Error::BadInput("linear input is not in CPU memory".into()));
-        };
-        let start = layout.start_offset();
-        let data = cpu
-            .as_slice::<f32>()?
-            .get(start..start + tokens * k)
-            .ok_or_else(|| {
-                Error::BadInput("linear input storage is shorter than its shape".into())
-            })?;
+        let data = crate::cpu_buffer::f32_values(&storage, layout, tokens * k, "linear input")?;
         w.matmul(level, data, tokens, bias)?
     };
     let mut out_dims = lead.to_vec();

@@ -5,11 +5,11 @@
 use std::fs::File;
 use std::io::BufReader;
 
-use candle_core::{DType, Device, Storage, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
+use crate::cpu_buffer::{f32_values, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::ModelFile;
-use crate::linear::SharedOut;
 
 /// Below this many values a CPU norm stays on the calling thread.
 const PARALLEL_MIN_VALUES: usize = 1 << 15;
@@ -52,19 +52,14 @@ impl RmsNorm {
         if width == 0 || x.dim(D::Minus1)? != width {
             return Err(Error::BadInput(format!("a norm of width {width} over rows of {:?}", x.dims())));
         }
-        let x = x.contiguous()?;
-        let weight = self.weight.flatten_all()?.to_vec1::<f32>()?;
+        let (x, weight) = (x.contiguous()?, self.weight.contiguous()?);
         let n = x.elem_count();
         let mut out = vec![0f32; n];
         {
             let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                return Err(Error::BadInput("norm input is not in CPU memory".into()));
-            };
-            let start = layout.start_offset();
-            let Some(src) = cpu.as_slice::<f32>()?.get(start..start + n) else {
-                return Err(Error::BadInput("norm input storage is shorter than its shape".into()));
-            };
+            let src = f32_values(&storage, layout, n, "norm input")?;
+            let (w_storage, w_layout) = weight.storage_and_layout();
+            let weight = f32_values(&w_storage, w_layout, width, "norm weight")?;
             let (inv_width, eps) = (1.0 / width as f64, self.eps);
             let shared = SharedOut::new(&mut out);
             let run = |rows: std::ops::Range<usize>| {
@@ -77,12 +72,12 @@ impl RmsNorm {
                         sum += v * v;
                     }
                     let scale = ((sum * inv_width + eps) as f32).sqrt().recip();
-                    for ((o, &v), &w) in out.iter_mut().zip(row).zip(&weight) {
+                    for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
                         *o = v * scale * w;
                     }
                 }
             };
-            let rows = n / width.max(1);
+            let rows = n / width;
             if n >= PARALLEL_MIN_VALUES && rows > 1 {
                 candle_core::utils::barrier_pool().execute_chunked(rows, run);
             } else {

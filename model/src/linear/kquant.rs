@@ -52,7 +52,8 @@ use half::f16;
 
 #[cfg(test)]
 use super::packed::check_whole;
-use super::packed::{candle_hsum8, for_each_tile, round_up, Level, Line, SharedOut, TILE};
+use super::packed::{candle_hsum8, for_each_tile, round_up, Level, Line, TILE};
+use crate::cpu_buffer::SharedOut;
 use super::lines::Lines;
 use crate::error::{Error, Result};
 

@@ -38,6 +38,7 @@ use candle_core::quantized::GgmlDType;
 
 use super::act::{group_offsets, quantize_row, ActBlock, GroupOffsets, GROUPS, QK};
 use super::lines::Lines;
+use crate::cpu_buffer::SharedOut;
 use crate::error::{Error, Result};
 
 pub(crate) const TILE: usize = 16;
@@ -740,44 +741,6 @@ fn tile_dot_scalar(
         }
     } else {
         *out = acc;
-    }
-}
-
-/// A mutable buffer that pool workers fill in disjoint segments.
-///
-/// `execute_chunked` hands out index ranges dynamically, so the disjoint `&mut` pieces
-/// cannot be split off up front; each worker instead carves its own from this.
-pub(crate) struct SharedOut<'a, T> {
-    ptr: *mut T,
-    len: usize,
-    /// Holds the exclusive borrow of the buffer for as long as segments can be made.
-    _buf: std::marker::PhantomData<&'a mut [T]>,
-}
-
-// SAFETY: access goes through `segment`, whose callers guarantee disjointness, so
-// sharing the pointer between threads only ever moves `T` values (hence `T: Send`).
-unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
-
-impl<'a, T> SharedOut<'a, T> {
-    pub(crate) fn new(buf: &'a mut [T]) -> Self {
-        Self {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
-            _buf: std::marker::PhantomData,
-        }
-    }
-
-    /// # Safety
-    /// No other live reference may overlap `start..start + len` while the returned
-    /// slice lives.
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn segment(&self, start: usize, len: usize) -> &mut [T] {
-        assert!(
-            start <= self.len && len <= self.len - start,
-            "segment out of bounds"
-        );
-        // SAFETY: in bounds (asserted); exclusivity is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
 }
 

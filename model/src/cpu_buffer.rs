@@ -1,0 +1,50 @@
+//! A CPU tensor's memory as plain slices: its values borrowed for reading, and an
+//! output buffer that candle's pool threads fill in disjoint pieces. The CPU paths of
+//! the kernels, norms, activations and attention share these.
+
+use candle_core::{Layout, Storage};
+
+use crate::error::{Error, Result};
+
+/// The `n` f32 values of a contiguous CPU tensor, borrowed from its storage (held by
+/// the caller's `storage_and_layout` guard); `what` names the input in errors.
+pub(crate) fn f32_values<'a>(storage: &'a Storage, layout: &Layout, n: usize, what: &str) -> Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        return Err(Error::BadInput(format!("{what} is not in CPU memory")));
+    };
+    let start = layout.start_offset();
+    cpu.as_slice::<f32>()?
+        .get(start..start + n)
+        .ok_or_else(|| Error::BadInput(format!("{what} storage is shorter than its shape")))
+}
+
+/// A mutable buffer that pool workers fill in disjoint segments.
+///
+/// `execute_chunked` hands out index ranges dynamically, so the disjoint `&mut` pieces
+/// cannot be split off up front; each worker instead carves its own from this.
+pub(crate) struct SharedOut<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    /// Holds the exclusive borrow of the buffer for as long as segments can be made.
+    _buf: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: access goes through `segment`, whose callers guarantee disjointness, so
+// sharing the pointer between threads only ever moves `T` values (hence `T: Send`).
+unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
+
+impl<'a, T> SharedOut<'a, T> {
+    pub(crate) fn new(buf: &'a mut [T]) -> Self {
+        Self { ptr: buf.as_mut_ptr(), len: buf.len(), _buf: std::marker::PhantomData }
+    }
+
+    /// # Safety
+    /// No other live reference may overlap `start..start + len` while the returned
+    /// slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn segment(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start <= self.len && len <= self.len - start, "segment out of bounds");
+        // SAFETY: in bounds (asserted); exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
