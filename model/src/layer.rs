@@ -17,7 +17,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::gguf::{Activation, Architecture, ModelFile};
 use crate::kv_cache::{History, LayerCache};
-use crate::linear::Linear;
+use crate::linear::{Linear, Part, SharedInput};
 use crate::moe::Moe;
 use crate::norm::RmsNorm;
 use crate::rope::{Ropes, RopeTables};
@@ -42,7 +42,7 @@ pub(crate) struct BatchRopes<'a> {
 #[derive(Debug)]
 enum Ffn {
     /// `down(act(gate(x)) * up(x))`, with the family's activation.
-    Dense { gate: Linear, up: Linear, down: Linear },
+    Dense { gate_up: SharedInput<2>, down: Linear },
     /// A mixture of experts (MoE layers of Qwen3-MoE and GLM-4.5).
     Experts(Moe),
 }
@@ -50,9 +50,8 @@ enum Ffn {
 #[derive(Debug)]
 pub(crate) struct Layer {
     attn_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// The query, key and value projections of the normed input.
+    qkv: SharedInput<3>,
     /// Per-head norms of queries and keys, before RoPE (Qwen3, Gemma 3).
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -77,18 +76,19 @@ impl Layer {
         let info = file.info();
         let arch: Architecture = info.architecture;
         let p = format!("blk.{index}");
-        let mut linear = |name: &str, bias: bool| -> Result<Linear> {
-            let bias = bias.then(|| format!("{p}.{name}.bias"));
-            Linear::load(file, reader, &format!("{p}.{name}.weight"), bias.as_deref(), device)
+        let part = |name: &str, bias: bool| Part {
+            weight: format!("{p}.{name}.weight"),
+            bias: bias.then(|| format!("{p}.{name}.bias")),
         };
         let biased = arch.has_qkv_bias();
-        let q = linear("attn_q", biased)?;
-        let k = linear("attn_k", biased)?;
-        let v = linear("attn_v", biased)?;
-        let o = linear("attn_output", false)?;
+        let qkv = SharedInput::load(file, reader, [part("attn_q", biased), part("attn_k", biased), part("attn_v", biased)], device)?;
+        let o = Linear::load(file, reader, &format!("{p}.attn_output.weight"), None, device)?;
         let ffn = match &info.moe {
             Some(moe) if index >= moe.leading_dense => Ffn::Experts(Moe::load(file, reader, &p, device)?),
-            _ => Ffn::Dense { gate: linear("ffn_gate", false)?, up: linear("ffn_up", false)?, down: linear("ffn_down", false)? },
+            _ => Ffn::Dense {
+                gate_up: SharedInput::load(file, reader, [part("ffn_gate", false), part("ffn_up", false)], device)?,
+                down: Linear::load(file, reader, &format!("{p}.ffn_down.weight"), None, device)?,
+            },
         };
         let mut norm = |name: &str, width: usize| -> Result<RmsNorm> {
             let norm = RmsNorm::load(file, reader, &format!("{p}.{name}.weight"), device)?;
@@ -112,9 +112,7 @@ impl Layer {
         Ok(Self {
             attn_norm: norm("attn_norm", info.hidden)?,
             ffn_norm: norm(arch.ffn_norm_name(), info.hidden)?,
-            q,
-            k,
-            v,
+            qkv,
             q_norm,
             k_norm,
             o,
@@ -133,9 +131,9 @@ impl Layer {
     /// `x` is `[tokens, hidden]` for all spans; `caches[i]` belongs to `spans[i]`.
     pub fn forward(&self, x: &Tensor, spans: &[Span], caches: &mut [&mut LayerCache], ropes: &BatchRopes) -> Result<Tensor> {
         let h = self.attn_norm.forward(x)?;
-        let q = per_head_norm(self.q.forward(&h)?, self.q_norm.as_ref(), self.heads, self.head_dim)?;
-        let k = per_head_norm(self.k.forward(&h)?, self.k_norm.as_ref(), self.kv_heads, self.head_dim)?;
-        let v = self.v.forward(&h)?;
+        let [q, k, v] = self.qkv.forward(&h)?;
+        let q = per_head_norm(q, self.q_norm.as_ref(), self.heads, self.head_dim)?;
+        let k = per_head_norm(k, self.k_norm.as_ref(), self.kv_heads, self.head_dim)?;
         let sliding = self.window.is_some();
         let rope = ropes.ropes.for_layer(sliding);
         let tables = if sliding && ropes.ropes.local.is_some() { &ropes.local } else { &ropes.global };
@@ -166,8 +164,9 @@ impl Layer {
         let x = (x + attn)?;
         let h = self.ffn_norm.forward(&x)?;
         let ffn = match &self.ffn {
-            Ffn::Dense { gate, up, down } => {
-                down.forward(&crate::activation::gated(&gate.forward(&h)?, &up.forward(&h)?, self.activation)?)?
+            Ffn::Dense { gate_up, down } => {
+                let [gate, up] = gate_up.forward(&h)?;
+                down.forward(&crate::activation::gated(&gate, &up, self.activation)?)?
             }
             Ffn::Experts(moe) => moe.forward(&h)?,
         };

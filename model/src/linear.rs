@@ -21,6 +21,7 @@ mod act;
 mod packed;
 mod kquant;
 mod lines;
+mod stacked;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -32,6 +33,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::error::{Error, Result};
 use packed::{Format, Level, PackedWeights};
 use kquant::{KFormat, PackedKQuant};
+pub(crate) use stacked::{Part, SharedInput};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -142,6 +144,26 @@ impl Tiles {
             Self::KQuant(w) => w.matmul(level, x, tokens, bias),
         }
     }
+
+    /// Fills rows `first..` with weight `name` of the file, streamed whole rows at a
+    /// time in pieces of about `piece_bytes`.
+    fn stream_from(
+        &mut self,
+        file: &crate::gguf::ModelFile,
+        reader: &mut std::io::BufReader<std::fs::File>,
+        name: &str,
+        first: usize,
+        piece_bytes: usize,
+    ) -> Result<()> {
+        let row_bytes = self.ggml_row_bytes();
+        let chunk_rows = (piece_bytes / row_bytes).max(1);
+        let mut next = first;
+        file.stream_tensor(reader, name, chunk_rows * row_bytes, |bytes| {
+            self.fill_rows(next, bytes)?;
+            next += bytes.len() / row_bytes;
+            Ok(())
+        })
+    }
 }
 
 /// How a batch goes through candle so that every row's result is the one that row
@@ -249,15 +271,7 @@ impl Linear {
         let Some(mut tiles) = tiles else {
             return Self::new(file.load_tensor(reader, name, device)?, bias);
         };
-        // Whole rows at a time.
-        let row_bytes = tiles.ggml_row_bytes();
-        let chunk_rows = (piece_bytes / row_bytes).max(1);
-        let mut first = 0;
-        file.stream_tensor(reader, name, chunk_rows * row_bytes, |bytes| {
-            tiles.fill_rows(first, bytes)?;
-            first += bytes.len() / row_bytes;
-            Ok(())
-        })?;
+        tiles.stream_from(file, reader, name, 0, piece_bytes)?;
         Self::packed(tiles, bias)
     }
 
