@@ -2,7 +2,7 @@
 //! output buffer that candle's pool threads fill in disjoint pieces. The CPU paths of
 //! the kernels, norms, activations and attention share these.
 
-use candle_core::{Layout, Storage};
+use candle_core::{DType, Layout, Storage, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -16,6 +16,17 @@ pub(crate) fn f32_values<'a>(storage: &'a Storage, layout: &Layout, n: usize, wh
     cpu.as_slice::<f32>()?
         .get(start..start + n)
         .ok_or_else(|| Error::BadInput(format!("{what} storage is shorter than its shape")))
+}
+
+/// Calls `f` with `t`'s values as f32 in row-major order: borrowed from its storage
+/// when `t` is a contiguous f32 tensor in CPU memory, else copied out once (from a
+/// GPU, or another type). A stage's output goes onto the wire this way with one copy.
+pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() == DType::F32 && t.is_contiguous() && t.device().is_cpu() {
+        let (storage, layout) = t.storage_and_layout();
+        return Ok(f(f32_values(&storage, layout, t.elem_count(), "tensor")?));
+    }
+    Ok(f(&t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
 }
 
 /// A mutable buffer that pool workers fill in disjoint segments.

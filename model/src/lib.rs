@@ -37,6 +37,7 @@ pub mod weight_store;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use chat_template::{ChatMessage, ChatTemplate};
+pub use cpu_buffer::with_f32_values;
 pub use device::parse_device;
 pub use error::{Error, Result};
 pub use generate::Generator;

@@ -690,16 +690,12 @@ impl Compute {
     fn deliver(&mut self, r: Ready, output: StageOutput) -> Result<(), String> {
         match output {
             StageOutput::Hidden(h) => {
-                let values = h
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| e.to_string())?;
-                let hidden = strata_proto::encode_hidden(
-                    &values,
-                    r.tokens.len(),
-                    self.hidden,
-                    self.wire_dtype,
-                );
+                // Straight from the tensor's memory into the message.
+                let (rows, hidden, dtype) = (r.tokens.len(), self.hidden, self.wire_dtype);
+                let hidden = strata_model::with_f32_values(&h, |values| {
+                    strata_proto::encode_hidden(values, rows, hidden, dtype)
+                })
+                .map_err(|e| e.to_string())?;
                 let frame = v1::ActivationFrame {
                     seq_id: r.seq,
                     position: r.position as u32,
