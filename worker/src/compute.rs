@@ -168,7 +168,13 @@ pub async fn start(
                 stats,
                 gauges: gauges.clone(),
             };
-            compute.run(rx, kv_rx);
+            // A panic (a bug) must not leave the sequences in flight waiting forever
+            // for frames this stage will never send: each is failed, and the frames
+            // that come later find no stage (`NoShard`).
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute.run(rx, kv_rx)));
+            if let Err(panic) = run {
+                compute.fail_all(&panic_text(panic.as_ref()));
+            }
             gauges.sequences.store(0, Ordering::Relaxed);
             gauges.cache_bytes.store(0, Ordering::Relaxed);
         })
@@ -191,6 +197,15 @@ pub async fn start(
         Err(_) => Err(WorkerError::Internal(
             "the compute thread died while loading".into(),
         )),
+    }
+}
+
+/// What a panic said, for the errors it causes.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(text), _) => (*text).to_string(),
+        (_, Some(text)) => text.clone(),
+        _ => "a panic".to_string(),
     }
 }
 
@@ -407,6 +422,19 @@ impl Compute {
             self.gauges
                 .cache_bytes
                 .store(self.stage.cache_bytes(), Ordering::Relaxed);
+        }
+    }
+
+    /// Fails every open sequence: the compute thread stops after `reason`.
+    fn fail_all(&self, reason: &str) {
+        tracing::error!(stage = self.stage_index, reason, "the compute thread failed");
+        for &seq in self.sequences.keys() {
+            self.hub.sequence_error(
+                seq,
+                ErrorCode::Internal,
+                format!("stage {} stopped computing: {reason}", self.stage_index),
+                self.stage_index,
+            );
         }
     }
 
