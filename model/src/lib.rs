@@ -27,6 +27,7 @@ pub mod logits_file;
 mod moe;
 mod norm;
 pub mod perplexity;
+pub mod pool_rest;
 mod rope;
 pub mod sampling;
 pub mod shard_file;

@@ -46,7 +46,12 @@ impl<const N: usize> SharedInput<N> {
     }
 
     /// The stacked product, when the parts allow one.
-    fn load_stacked(file: &ModelFile, reader: &mut BufReader<File>, parts: &[Part; N], device: &Device) -> Result<Option<Self>> {
+    fn load_stacked(
+        file: &ModelFile,
+        reader: &mut BufReader<File>,
+        parts: &[Part; N],
+        device: &Device,
+    ) -> Result<Option<Self>> {
         if !device.is_cpu() {
             return Ok(None);
         }
@@ -155,7 +160,15 @@ mod tests {
 
     #[test]
     fn stacked_products_are_the_separate_ones() {
-        let types = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+        let types = [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ];
         for dtype in types {
             for qkv_bias in [false, true] {
                 let dir = tempfile::tempdir().unwrap();
@@ -164,12 +177,19 @@ mod tests {
                 let mut reader = file.reader().unwrap();
                 let qkv = || [part("attn_q", qkv_bias), part("attn_k", qkv_bias), part("attn_v", qkv_bias)];
                 let stacked = SharedInput::load(&file, &mut reader, qkv(), &Device::Cpu).unwrap();
-                let [q, k, v] = qkv().map(|p| Linear::load(&file, &mut reader, &p.weight, p.bias.as_deref(), &Device::Cpu).unwrap());
+                let [q, k, v] = qkv()
+                    .map(|p| Linear::load(&file, &mut reader, &p.weight, p.bias.as_deref(), &Device::Cpu).unwrap());
                 if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0) {
                     // Our kernels serve these everywhere.
                     assert!(matches!(stacked, SharedInput::Stacked { .. }), "{dtype:?}");
                 }
-                let gate_up = SharedInput::load(&file, &mut reader, [part("ffn_gate", false), part("ffn_up", false)], &Device::Cpu).unwrap();
+                let gate_up = SharedInput::load(
+                    &file,
+                    &mut reader,
+                    [part("ffn_gate", false), part("ffn_up", false)],
+                    &Device::Cpu,
+                )
+                .unwrap();
                 let [gate, up] = [part("ffn_gate", false), part("ffn_up", false)]
                     .map(|p| Linear::load(&file, &mut reader, &p.weight, None, &Device::Cpu).unwrap());
                 for tokens in [1, 3, 17] {
@@ -177,12 +197,20 @@ mod tests {
                     let got = stacked.forward(&x).unwrap();
                     for (got, alone) in got.iter().zip([&q, &k, &v]) {
                         let want = alone.forward(&x).unwrap();
-                        assert_eq!(got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap(), "{dtype:?} bias {qkv_bias} tokens {tokens}");
+                        assert_eq!(
+                            got.to_vec2::<f32>().unwrap(),
+                            want.to_vec2::<f32>().unwrap(),
+                            "{dtype:?} bias {qkv_bias} tokens {tokens}"
+                        );
                     }
                     let got = gate_up.forward(&x).unwrap();
                     for (got, alone) in got.iter().zip([&gate, &up]) {
                         let want = alone.forward(&x).unwrap();
-                        assert_eq!(got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap(), "{dtype:?} gate/up tokens {tokens}");
+                        assert_eq!(
+                            got.to_vec2::<f32>().unwrap(),
+                            want.to_vec2::<f32>().unwrap(),
+                            "{dtype:?} gate/up tokens {tokens}"
+                        );
                     }
                 }
             }
@@ -201,11 +229,18 @@ mod tests {
         };
         let file = ModelFile::open(spec.write_to(dir.path()).unwrap()).unwrap();
         let mut reader = file.reader().unwrap();
-        let qkv = SharedInput::load(&file, &mut reader, [part("attn_q", false), part("attn_k", false), part("attn_v", false)], &Device::Cpu).unwrap();
+        let qkv = SharedInput::load(
+            &file,
+            &mut reader,
+            [part("attn_q", false), part("attn_k", false), part("attn_v", false)],
+            &Device::Cpu,
+        )
+        .unwrap();
         assert!(matches!(qkv, SharedInput::Separate(_)));
         let [q, k, v] = qkv.forward(&input(2, 256)).unwrap();
         assert_eq!((q.dims(), k.dims(), v.dims()), ([2, 256].as_slice(), [2, 128].as_slice(), [2, 128].as_slice()));
-        let missing = SharedInput::load(&file, &mut reader, [part("attn_q", false), part("attn_nope", false)], &Device::Cpu);
+        let missing =
+            SharedInput::load(&file, &mut reader, [part("attn_q", false), part("attn_nope", false)], &Device::Cpu);
         assert!(matches!(missing, Err(Error::MissingTensor(_))));
     }
 }
