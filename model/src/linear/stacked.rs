@@ -72,6 +72,14 @@ impl<const N: usize> SharedInput<N> {
             }
             *width = rows;
         }
+        for (part, &width) in parts.iter().zip(&widths) {
+            // A bias that is not a plain vector takes candle's broadcasting: one
+            // product each. Checked before any weight is read.
+            let plain = |name: &String| file.tensor_layout(name).is_some_and(|(_, dims)| dims == [width]);
+            if part.bias.as_ref().is_some_and(|name| !plain(name)) {
+                return Ok(None);
+            }
+        }
         let (Some(dtype), Some(cols)) = (dtype, cols) else { return Ok(None) };
         let biased = parts.iter().filter(|p| p.bias.is_some()).count();
         if biased != 0 && biased != N {
@@ -84,12 +92,7 @@ impl<const N: usize> SharedInput<N> {
             tiles.stream_from(file, reader, &part.weight, first, STREAM_CHUNK_BYTES)?;
             first += width;
             if let Some(name) = &part.bias {
-                let bias = file.load_tensor(reader, name, device)?.dequantize(device)?;
-                if bias.dims() != [width] {
-                    // Not a plain vector: candle's broadcasting, one product each.
-                    return Ok(None);
-                }
-                biases.push(bias.to_dtype(DType::F32)?);
+                biases.push(file.load_tensor(reader, name, device)?.dequantize(device)?.to_dtype(DType::F32)?);
             }
         }
         let bias = if biases.is_empty() { None } else { Some(Tensor::cat(&biases, 0)?) };
