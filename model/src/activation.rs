@@ -8,8 +8,9 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
-use crate::cpu_buffer::{f32_values, SharedOut};
+use crate::cpu_buffer::{as_matrix, Rows, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::Activation;
 
@@ -52,7 +53,9 @@ fn activate_value(activation: Activation, gelu_table: &[f32], x: f32) -> f32 {
 
 /// `activation(gate) · up`, elementwise: the gated FFN's middle, on the CPU in one pass
 /// over candle's pool with no intermediate tensor. Each value is the activation then
-/// one f32 multiply, so the bits equal `activate(gate) * up`'s.
+/// one f32 multiply, so the bits equal `activate(gate) * up`'s. `gate` and `up` may be
+/// column views of one stacked product (`[tokens, 2·ffn]`): their rows are read in
+/// place.
 pub(crate) fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Result<Tensor> {
     if gate.dims() != up.dims() {
         return Err(Error::BadInput(format!("gate {:?} and up {:?} differ in shape", gate.dims(), up.dims())));
@@ -61,32 +64,51 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Resul
     if !on_cpu_f32(gate) || !on_cpu_f32(up) {
         return Ok((activate(gate, activation)? * up)?);
     }
-    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    let n = gate.elem_count();
-    let mut out = vec![0f32; n];
+    let dims = gate.dims().to_vec();
+    let (gate, up) = (as_matrix(gate)?, as_matrix(up)?);
+    let (rows_count, width) = gate.dims2()?;
+    let mut out = vec![0f32; rows_count * width];
     {
         let (g_storage, g_layout) = gate.storage_and_layout();
-        let g = f32_values(&g_storage, g_layout, n, "gated activation input")?;
         let (u_storage, u_layout) = up.storage_and_layout();
-        let u = f32_values(&u_storage, u_layout, n, "gated activation input")?;
+        let (Some(g), Some(u)) = (Rows::of(&g_storage, g_layout, "gate")?, Rows::of(&u_storage, u_layout, "up")?) else {
+            drop((g_storage, u_storage));
+            return gated(&gate.contiguous()?, &up.contiguous()?, activation);
+        };
         let shared = SharedOut::new(&mut out);
         let table = gelu_table();
-        let run = |chunks: std::ops::Range<usize>| {
-            let (start, end) = (chunks.start * CHUNK, (chunks.end * CHUNK).min(n));
-            // SAFETY: each chunk index goes to exactly one thread, so the ranges are disjoint.
-            let dst = unsafe { shared.segment(start, end - start) };
-            for ((o, &g), &u) in dst.iter_mut().zip(&g[start..end]).zip(&u[start..end]) {
-                *o = activate_value(activation, table, g) * u;
+        // A unit is a piece of at most CHUNK values of one row.
+        let pieces = width.div_ceil(CHUNK).max(1);
+        let run = |units: std::ops::Range<usize>| {
+            let mut halves = [f16::ZERO; CHUNK];
+            for unit in units {
+                let (row, piece) = (unit / pieces, unit % pieces);
+                let cols = piece * CHUNK..((piece + 1) * CHUNK).min(width);
+                let (g, u) = (&g.row(row)[cols.clone()], &u.row(row)[cols.clone()]);
+                // SAFETY: each unit goes to exactly one thread, so the pieces are disjoint.
+                let dst = unsafe { shared.segment(row * width + cols.start, cols.len()) };
+                match activation {
+                    Activation::GeluTanh => {
+                        // All of the piece's f16 roundings at once (F16C where the CPU
+                        // has it): the same rounding, to nearest even, as one by one.
+                        let halves = &mut halves[..g.len()];
+                        halves.convert_from_f32_slice(g);
+                        for (((o, &g), &u), h) in dst.iter_mut().zip(g).zip(u).zip(halves.iter()) {
+                            *o = gelu_from_f16(table, g, *h) * u;
+                        }
+                    }
+                    Activation::Silu => {
+                        for ((o, &g), &u) in dst.iter_mut().zip(g).zip(u) {
+                            *o = activate_value(activation, table, g) * u;
+                        }
+                    }
+                }
             }
         };
-        let chunks = n.div_ceil(CHUNK);
-        if n >= PARALLEL_MIN_VALUES {
-            candle_core::utils::barrier_pool().execute_chunked(chunks, run);
-        } else {
-            run(0..chunks);
-        }
+        let units = rows_count * pieces;
+        crate::parallel::run_chunks(units, rows_count * width >= PARALLEL_MIN_VALUES, run);
     }
-    Ok(Tensor::from_vec(out, gate.dims(), &Device::Cpu)?)
+    Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
 }
 
 /// GELU (tanh form) exactly as llama.cpp's CPU backend computes it (`GGML_GELU_FP16`):
@@ -95,12 +117,18 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Resul
 /// few integer operations where `tanhf` cost ~14% of a Gemma 3 prefill, and it is the
 /// arithmetic of the reference we measure against (KL divergence: see the README).
 fn gelu_from_table(table: &[f32], x: f32) -> f32 {
+    gelu_from_f16(table, x, f16::from_f32(x))
+}
+
+/// `gelu_from_table` given `x` already rounded to f16.
+#[inline]
+fn gelu_from_f16(table: &[f32], x: f32, rounded: f16) -> f32 {
     if x <= -10.0 {
         0.0
     } else if x >= 10.0 {
         x
     } else {
-        table[usize::from(f16::from_f32(x).to_bits())]
+        table[usize::from(rounded.to_bits())]
     }
 }
 
@@ -150,6 +178,22 @@ mod tests {
             }
         }
         assert!(gated(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(), &Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap(), Activation::Silu).is_err());
+    }
+
+    /// Gate and up as the two halves of one stacked product, read in place, give the
+    /// bits of the contiguous copies.
+    #[test]
+    fn gated_reads_column_views_in_place() {
+        let (tokens, ffn) = (9, CHUNK + 300);
+        let y = Tensor::from_vec((0..tokens * 2 * ffn).map(|i| ((i * 37 % 1001) as f32 - 500.0) * 0.023).collect::<Vec<_>>(), (tokens, 2 * ffn), &Device::Cpu).unwrap();
+        let (gate, up) = (y.narrow(1, 0, ffn).unwrap(), y.narrow(1, ffn, ffn).unwrap());
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let want = gated(&gate.contiguous().unwrap(), &up.contiguous().unwrap(), act).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = gated(&gate, &up, act).unwrap();
+            assert_eq!(got.dims(), [tokens, ffn]);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{act:?}");
+        }
     }
 
     /// The table path is llama.cpp's: f16 in, f16-rounded GELU out, identity and zero

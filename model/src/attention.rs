@@ -24,6 +24,8 @@ use crate::error::{Error, Result};
 
 /// Below this many multiply-adds a call stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
+/// Output values of a row summed together over all of its keys: eight AVX registers.
+const V_BLOCK: usize = 64;
 
 /// What one call attends: queries `[heads, len, d]` at positions `position..+len`
 /// over keys and values `[kv_heads, n, d]` at positions `first..first + n`.
@@ -116,11 +118,7 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
             );
         }
     };
-    if work >= PARALLEL_MIN_WORK && units > 1 {
-        candle_core::utils::barrier_pool().execute_chunked(units, run);
-    } else {
-        run(0..units);
-    }
+    crate::parallel::run_chunks(units, work >= PARALLEL_MIN_WORK, run);
     Ok(Tensor::from_vec(out, (rows, heads * d), &Device::Cpu)?)
 }
 
@@ -191,34 +189,36 @@ fn attend_row_portable<'k, const AVX2: bool>(
         // moved Gemma 3's top-token agreement with llama.cpp from 95.3% to 94.8%.)
         *w = libm::expf(*w - max);
     }
-    out.fill(0.0);
-    let mut sum = 0f32;
-    // Two values rows per pass over `out` (each element still adds them in key order,
-    // `(o + w₁v₁) + w₂v₂`): half the loads and stores of `out`.
-    let mut pairs = weights.iter().zip(keys.map(|(_, v)| v));
-    while let Some((&w1, v1)) = pairs.next() {
-        sum += w1;
-        match pairs.next() {
-            Some((&w2, v2)) => {
-                sum += w2;
-                for ((o, &x1), &x2) in out.iter_mut().zip(v1).zip(v2) {
-                    *o = (*o + w1 * x1) + w2 * x2;
+    let sum = weights.iter().fold(0f32, |sum, &w| sum + w);
+    // `out` in blocks held in registers across every key, each element summing
+    // `w_j·v_j` in key order from 0 (the bits of a pass over `out` per key, without
+    // its loads and stores of `out`).
+    let mut at = 0;
+    for block in out.chunks_mut(V_BLOCK) {
+        let mut acc = [0f32; V_BLOCK];
+        if block.len() == V_BLOCK {
+            for (&w, v) in weights.iter().zip(keys.clone().map(|(_, v)| v)) {
+                for (a, &x) in acc.iter_mut().zip(&v[at..at + V_BLOCK]) {
+                    *a += w * x;
                 }
             }
-            None => {
-                for (o, &x) in out.iter_mut().zip(v1) {
-                    *o += w1 * x;
+        } else {
+            for (&w, v) in weights.iter().zip(keys.clone().map(|(_, v)| v)) {
+                for (a, &x) in acc.iter_mut().zip(&v[at..at + block.len()]) {
+                    *a += w * x;
                 }
             }
         }
-    }
-    for o in out.iter_mut() {
-        *o /= sum;
+        for (o, a) in block.iter_mut().zip(acc) {
+            *o = a / sum;
+        }
+        at += block.len();
     }
 }
 
-/// Pushes each key's score, its `dots` times `scale`, onto `out`, four keys at a time:
-/// four independent sums in flight where one alone waits on each of its additions.
+/// Pushes each key's score, its `dots` times `scale`, onto `out`, eight keys at a time:
+/// eight independent sums in flight where one alone waits on each of its additions
+/// (four still left the adder waiting: a sum's addition takes three cycles).
 /// Each key's arithmetic is exactly `dots` of that key alone.
 #[inline(always)]
 fn scores<'k, const AVX2: bool>(q: &[f32], keys: impl Iterator<Item = &'k [f32]>, scale: f32, out: &mut Vec<f32>) {
@@ -231,17 +231,22 @@ fn scores<'k, const AVX2: bool>(q: &[f32], keys: impl Iterator<Item = &'k [f32]>
         }
         dots(q, keys)
     }
-    let mut four: [&[f32]; 4] = [&[]; 4];
+    let mut eight: [&[f32]; 8] = [&[]; 8];
     let mut held = 0;
     for k in keys {
-        four[held] = k;
+        eight[held] = k;
         held += 1;
-        if held == 4 {
-            out.extend(run::<4, AVX2>(q, four).map(|s| s * scale));
+        if held == 8 {
+            out.extend(run::<8, AVX2>(q, eight).map(|s| s * scale));
             held = 0;
         }
     }
-    for k in &four[..held] {
+    let rest = &eight[..held];
+    let fours = rest.len() / 4 * 4;
+    for four in rest[..fours].chunks_exact(4) {
+        out.extend(run::<4, AVX2>(q, [four[0], four[1], four[2], four[3]]).map(|s| s * scale));
+    }
+    for k in &rest[fours..] {
         out.push(run::<1, AVX2>(q, [*k])[0] * scale);
     }
 }

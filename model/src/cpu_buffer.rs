@@ -18,6 +18,45 @@ pub(crate) fn f32_values<'a>(storage: &'a Storage, layout: &Layout, n: usize, wh
         .ok_or_else(|| Error::BadInput(format!("{what} storage is shorter than its shape")))
 }
 
+/// The rows of a 2-D CPU f32 tensor whose rows are each contiguous, borrowed: row `i`
+/// is `width` values from `i * stride`. A `narrow` on the columns of a wider tensor (one
+/// product of a stacked one) is such a view, read in place instead of copied out.
+pub(crate) struct Rows<'a> {
+    values: &'a [f32],
+    width: usize,
+    stride: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// `None` when `layout` is not 2-D with unit column stride (a transposed view,
+    /// say); the caller then makes the tensor contiguous. Errors as `f32_values`.
+    pub(crate) fn of(storage: &'a Storage, layout: &Layout, what: &str) -> Result<Option<Self>> {
+        let (&[rows, width], &[stride, col_stride]) = (layout.dims(), layout.stride()) else {
+            return Ok(None);
+        };
+        if col_stride != 1 && width > 1 || stride < width && rows > 1 {
+            return Ok(None);
+        }
+        let span = if rows == 0 { 0 } else { (rows - 1) * stride + width };
+        let values = f32_values(storage, layout, span, what)?;
+        Ok(Some(Self { values, width, stride }))
+    }
+
+    pub(crate) fn row(&self, i: usize) -> &'a [f32] {
+        &self.values[i * self.stride..i * self.stride + self.width]
+    }
+}
+
+/// `t` as a matrix of its last dimension's rows: itself when it has two dimensions
+/// (a view stays a view, for `Rows::of`), else made contiguous and reshaped.
+pub(crate) fn as_matrix(t: &Tensor) -> Result<Tensor> {
+    if t.rank() == 2 {
+        return Ok(t.clone());
+    }
+    let width = t.dim(candle_core::D::Minus1)?;
+    Ok(t.contiguous()?.reshape(((), width))?)
+}
+
 /// Calls `f` with `t`'s values as f32 in row-major order: borrowed from its storage
 /// when `t` is a contiguous f32 tensor in CPU memory, else copied out once (from a
 /// GPU, or another type). A stage's output goes onto the wire this way with one copy.

@@ -132,22 +132,17 @@ impl Layer {
     pub fn forward(&self, x: &Tensor, spans: &[Span], caches: &mut [&mut LayerCache], ropes: &BatchRopes) -> Result<Tensor> {
         let h = self.attn_norm.forward(x)?;
         let [q, k, v] = self.qkv.forward(&h)?;
-        let q = per_head_norm(q, self.q_norm.as_ref(), self.heads, self.head_dim)?;
-        let k = per_head_norm(k, self.k_norm.as_ref(), self.kv_heads, self.head_dim)?;
+        let q = per_head_norm(q, self.q_norm.as_ref())?;
+        let k = per_head_norm(k, self.k_norm.as_ref())?;
         let sliding = self.window.is_some();
         let rope = ropes.ropes.for_layer(sliding);
         let tables = if sliding && ropes.ropes.local.is_some() { &ropes.local } else { &ropes.global };
         let mut attends = Vec::with_capacity(spans.len());
         for ((span, cache), tables) in spans.iter().zip(caches.iter_mut()).zip(tables) {
-            let take = |t: &Tensor, heads: usize| -> Result<Tensor> {
-                Ok(t.narrow(0, span.offset, span.len)?
-                    .reshape((span.len, heads, self.head_dim))?
-                    .transpose(0, 1)?
-                    .contiguous()?)
-            };
-            let q = rope.apply(&take(&q, self.heads)?, tables)?;
-            let k = rope.apply(&take(&k, self.kv_heads)?, tables)?;
-            let v = take(&v, self.kv_heads)?;
+            let rows = |t: &Tensor| t.narrow(0, span.offset, span.len);
+            let q = rope.rotate_heads(&rows(&q)?, self.heads, tables)?;
+            let k = rope.rotate_heads(&rows(&k)?, self.kv_heads, tables)?;
+            let v = rows(&v)?.reshape((span.len, self.kv_heads, self.head_dim))?.transpose(0, 1)?.contiguous()?;
             let history = cache.append(&k, &v)?;
             attends.push((q, history, *span));
         }
@@ -231,10 +226,11 @@ impl Layer {
 }
 
 /// `x` (`[tokens, heads * head_dim]`) with every head RMS-normed, when there is a norm.
-fn per_head_norm(x: Tensor, norm: Option<&RmsNorm>, heads: usize, head_dim: usize) -> Result<Tensor> {
-    let Some(norm) = norm else { return Ok(x) };
-    let tokens = x.dim(0)?;
-    Ok(norm.forward(&x.reshape((tokens, heads, head_dim))?)?.reshape((tokens, heads * head_dim))?)
+fn per_head_norm(x: Tensor, norm: Option<&RmsNorm>) -> Result<Tensor> {
+    match norm {
+        Some(norm) => norm.forward_heads(&x),
+        None => Ok(x),
+    }
 }
 
 fn post_norm(x: Tensor, norm: Option<&RmsNorm>) -> Result<Tensor> {

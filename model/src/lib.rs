@@ -26,6 +26,7 @@ pub mod linear;
 pub mod logits_file;
 mod moe;
 mod norm;
+mod parallel;
 pub mod perplexity;
 pub mod pool_rest;
 mod rope;

@@ -923,6 +923,12 @@ mod tests {
             (GgmlDType::Q8_0, 4096, 4096, 1, 50),
             (GgmlDType::Q5_0, 4096, 4096, 64, 5),
             (GgmlDType::Q4K, 4096, 4096, 64, 5),
+            // Gemma 3 270M's prefill of 128 tokens: gate/up stacked (Q5_0), down (Q4_K
+            // or Q6_K), the attention output (Q4_K).
+            (GgmlDType::Q5_0, 4096, 640, 128, 40),
+            (GgmlDType::Q4K, 640, 2048, 128, 40),
+            (GgmlDType::Q6K, 640, 2048, 128, 40),
+            (GgmlDType::Q4K, 640, 1024, 128, 40),
         ];
         for (dtype, rows, cols, tokens, iters) in cases {
             let mut rng = Rng(42);

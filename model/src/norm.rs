@@ -7,12 +7,14 @@ use std::io::BufReader;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::cpu_buffer::{f32_values, SharedOut};
+use crate::cpu_buffer::{as_matrix, f32_values, Rows, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::ModelFile;
 
 /// Below this many values a CPU norm stays on the calling thread.
 const PARALLEL_MIN_VALUES: usize = 1 << 15;
+/// Rows whose sums of squares one thread runs side by side.
+const LANES: usize = 4;
 
 /// A root-mean-square norm with a learned scale. Gemma's `1 + w` is already folded
 /// into the weights by llama.cpp's converter, so one formula serves every family.
@@ -44,47 +46,84 @@ impl RmsNorm {
     /// nine candle operations, each with its own buffer and all on one thread, the norms
     /// (four or six a layer) cost a prefill more than their arithmetic.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if !on_cpu_f32(x) || !on_cpu_f32(&self.weight) {
-            return self.forward_ops(x);
-        }
         let width = self.weight.elem_count();
         if width == 0 || x.dim(D::Minus1)? != width {
             return Err(Error::BadInput(format!("a norm of width {width} over rows of {:?}", x.dims())));
         }
-        let (x, weight) = (x.contiguous()?, self.weight.contiguous()?);
-        let n = x.elem_count();
-        let mut out = vec![0f32; n];
+        self.forward_segments(x)
+    }
+
+    /// Normalizes each head of `x` (`[tokens, heads · width]`, as a Q or K product
+    /// gives it, possibly a column view of a stacked one) on its own; as `forward` of
+    /// `x` reshaped to `[tokens, heads, width]`, without the copy.
+    pub fn forward_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let width = self.weight.elem_count();
+        let (_, row) = x.dims2()?;
+        if width == 0 || !row.is_multiple_of(width) {
+            return Err(Error::BadInput(format!("a norm of width {width} over heads of rows of {:?}", x.dims())));
+        }
+        self.forward_segments(x)
+    }
+
+    /// Normalizes every `width`-long segment of `x`'s last dimension (a multiple of
+    /// `width`, checked by the callers).
+    fn forward_segments(&self, x: &Tensor) -> Result<Tensor> {
+        let width = self.weight.elem_count();
+        let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !on_cpu_f32(x) || !on_cpu_f32(&self.weight) {
+            let dims = x.dims().to_vec();
+            let row = x.dim(D::Minus1)?;
+            return Ok(self.forward_ops(&x.reshape(((), row / width, width))?)?.reshape(dims)?);
+        }
+        let dims = x.dims().to_vec();
+        let x = as_matrix(x)?;
+        let weight = self.weight.contiguous()?;
+        let (rows, row_width) = x.dims2()?;
+        let mut out = vec![0f32; rows * row_width];
         {
             let (storage, layout) = x.storage_and_layout();
-            let src = f32_values(&storage, layout, n, "norm input")?;
+            let Some(src) = Rows::of(&storage, layout, "norm input")? else {
+                drop(storage);
+                return self.forward_segments(&x.contiguous()?);
+            };
             let (w_storage, w_layout) = weight.storage_and_layout();
             let weight = f32_values(&w_storage, w_layout, width, "norm weight")?;
             let (inv_width, eps) = (1.0 / width as f64, self.eps);
+            let per_row = row_width / width;
             let shared = SharedOut::new(&mut out);
             let run = |rows: std::ops::Range<usize>| {
                 // SAFETY: each row index goes to exactly one thread, so the rows are disjoint.
-                let dst = unsafe { shared.segment(rows.start * width, rows.len() * width) };
-                for (row, out) in src[rows.start * width..rows.end * width].chunks_exact(width).zip(dst.chunks_exact_mut(width)) {
-                    let mut sum = 0f64;
-                    for &v in row {
-                        let v = f64::from(v);
-                        sum += v * v;
+                let dst = unsafe { shared.segment(rows.start * row_width, rows.len() * row_width) };
+                let segment = |s: usize| {
+                    let (row, j) = (rows.start + s / per_row, s % per_row);
+                    &src.row(row)[j * width..(j + 1) * width]
+                };
+                // Segments `LANES` at a time: each keeps its own sum in order (so its
+                // bits), and the independent additions overlap instead of each
+                // waiting for the one before it.
+                let segments = rows.len() * per_row;
+                for first in (0..segments).step_by(LANES) {
+                    let count = LANES.min(segments - first);
+                    let parts: [&[f32]; LANES] = std::array::from_fn(|l| segment(first + l.min(count - 1)));
+                    let mut sums = [0f64; LANES];
+                    for i in 0..width {
+                        for (sum, part) in sums.iter_mut().zip(&parts) {
+                            let v = f64::from(part[i]);
+                            *sum += v * v;
+                        }
                     }
-                    let scale = ((sum * inv_width + eps) as f32).sqrt().recip();
-                    for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
-                        *o = v * scale * w;
+                    for (l, (sum, part)) in sums.iter().zip(&parts).take(count).enumerate() {
+                        let scale = ((sum * inv_width + eps) as f32).sqrt().recip();
+                        let out = &mut dst[(first + l) * width..(first + l + 1) * width];
+                        for ((o, &v), &w) in out.iter_mut().zip(*part).zip(weight) {
+                            *o = v * scale * w;
+                        }
                     }
                 }
             };
-            let rows = n / width;
-            if n >= PARALLEL_MIN_VALUES && rows > 1 {
-                candle_core::utils::barrier_pool().execute_chunked(rows, run);
-            } else {
-                run(0..rows);
-            }
+            crate::parallel::run_chunks(rows, rows * row_width >= PARALLEL_MIN_VALUES, run);
         }
-        Ok(Tensor::from_vec(out, x.dims(), &Device::Cpu)?)
+        Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
     }
 
     /// `forward` as candle operations: what other devices run.
@@ -100,6 +139,27 @@ impl RmsNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Per-head norms of a column view (Q inside a stacked Q/K/V product) give the bits
+    /// of the norm of the reshaped copy, whatever the number of rows left over from the
+    /// side-by-side sums.
+    #[test]
+    fn heads_of_a_view_equal_the_reshaped_copy() {
+        let values = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n).map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 - 1001.0) * 0.0173).collect()
+        };
+        let (heads, width) = (3, 64);
+        let norm = RmsNorm::new(Tensor::from_vec(values(width, 2), width, &Device::Cpu).unwrap(), 1e-6);
+        for tokens in [1, 2, 5, 200] {
+            let wide = Tensor::from_vec(values(tokens * (heads * width + 40), tokens), (tokens, heads * width + 40), &Device::Cpu).unwrap();
+            let x = wide.narrow(1, 40, heads * width).unwrap();
+            let want = norm.forward_ops(&x.reshape((tokens, heads, width)).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = norm.forward_heads(&x).unwrap();
+            assert_eq!(got.dims(), [tokens, heads * width]);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{tokens} tokens");
+        }
+    }
 
     /// The one-pass CPU norm gives the candle operations' bits, serial or on the pool,
     /// and refuses rows of the wrong width.
@@ -119,6 +179,7 @@ mod tests {
         }
         let norm = RmsNorm::new(Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(), 1e-6);
         assert!(norm.forward(&Tensor::ones((2, 9), DType::F32, &Device::Cpu).unwrap()).is_err());
+        assert!(norm.forward_heads(&Tensor::ones((2, 12), DType::F32, &Device::Cpu).unwrap()).is_err());
         let empty = RmsNorm::new(Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap(), 1e-6);
         assert!(empty.forward(&Tensor::zeros((2, 0), DType::F32, &Device::Cpu).unwrap()).is_err());
     }

@@ -633,11 +633,7 @@ pub(crate) fn for_each_tile(
             }
         }
     };
-    if parallel && n_tiles > 1 {
-        candle_core::utils::barrier_pool().execute_chunked(n_tiles, work);
-    } else {
-        work(0..n_tiles);
-    }
+    crate::parallel::run_chunks(n_tiles, parallel, work);
 }
 
 /// candle's AVX2 horizontal sum (`hsum_float_8`): 128-bit halves added lane-wise, then

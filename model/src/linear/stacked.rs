@@ -108,28 +108,14 @@ impl<const N: usize> SharedInput<N> {
     }
 }
 
-/// `y` (`[tokens, Σ widths]`) cut into its column groups, each contiguous.
+/// `y` (`[tokens, Σ widths]`) cut into its column groups: views of `y`, not copies.
+/// What comes next reads them in place where it can (the rotation, the norms, the
+/// gated activation) and makes them contiguous where it must.
 fn split_columns<const N: usize>(y: &Tensor, widths: &[usize; N]) -> Result<[Tensor; N]> {
-    let (tokens, total) = y.dims2()?;
-    if y.dtype() != DType::F32 || !y.device().is_cpu() || !y.is_contiguous() {
-        let mut start = 0;
-        let mut parts = Vec::with_capacity(N);
-        for &w in widths {
-            parts.push(y.narrow(1, start, w)?.contiguous()?);
-            start += w;
-        }
-        return array(parts);
-    }
-    let (storage, layout) = y.storage_and_layout();
-    let values = crate::cpu_buffer::f32_values(&storage, layout, tokens * total, "stacked product")?;
     let mut start = 0;
     let mut parts = Vec::with_capacity(N);
     for &w in widths {
-        let mut part = Vec::with_capacity(tokens * w);
-        for row in values.chunks_exact(total) {
-            part.extend_from_slice(&row[start..start + w]);
-        }
-        parts.push(Tensor::from_vec(part, (tokens, w), &Device::Cpu)?);
+        parts.push(y.narrow(1, start, w)?);
         start += w;
     }
     array(parts)
