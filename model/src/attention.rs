@@ -24,8 +24,6 @@ use crate::error::{Error, Result};
 
 /// Below this many multiply-adds a call stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
-/// Output values of a row summed together over all of its keys: eight AVX registers.
-const V_BLOCK: usize = 64;
 
 /// What one call attends: queries `[heads, len, d]` at positions `position..+len`
 /// over keys and values `[kv_heads, n, d]` at positions `first..first + n`.
@@ -189,36 +187,34 @@ fn attend_row_portable<'k, const AVX2: bool>(
         // moved Gemma 3's top-token agreement with llama.cpp from 95.3% to 94.8%.)
         *w = libm::expf(*w - max);
     }
-    let sum = weights.iter().fold(0f32, |sum, &w| sum + w);
-    // `out` in blocks held in registers across every key, each element summing
-    // `w_j·v_j` in key order from 0 (the bits of a pass over `out` per key, without
-    // its loads and stores of `out`).
-    let mut at = 0;
-    for block in out.chunks_mut(V_BLOCK) {
-        let mut acc = [0f32; V_BLOCK];
-        if block.len() == V_BLOCK {
-            for (&w, v) in weights.iter().zip(keys.clone().map(|(_, v)| v)) {
-                for (a, &x) in acc.iter_mut().zip(&v[at..at + V_BLOCK]) {
-                    *a += w * x;
+    out.fill(0.0);
+    let mut sum = 0f32;
+    // Two values rows per pass over `out` (each element still adds them in key order,
+    // `(o + w₁v₁) + w₂v₂`): half the loads and stores of `out`.
+    let mut pairs = weights.iter().zip(keys.map(|(_, v)| v));
+    while let Some((&w1, v1)) = pairs.next() {
+        sum += w1;
+        match pairs.next() {
+            Some((&w2, v2)) => {
+                sum += w2;
+                for ((o, &x1), &x2) in out.iter_mut().zip(v1).zip(v2) {
+                    *o = (*o + w1 * x1) + w2 * x2;
                 }
             }
-        } else {
-            for (&w, v) in weights.iter().zip(keys.clone().map(|(_, v)| v)) {
-                for (a, &x) in acc.iter_mut().zip(&v[at..at + block.len()]) {
-                    *a += w * x;
+            None => {
+                for (o, &x) in out.iter_mut().zip(v1) {
+                    *o += w1 * x;
                 }
             }
         }
-        for (o, a) in block.iter_mut().zip(acc) {
-            *o = a / sum;
-        }
-        at += block.len();
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
     }
 }
 
-/// Pushes each key's score, its `dots` times `scale`, onto `out`, eight keys at a time:
-/// eight independent sums in flight where one alone waits on each of its additions
-/// (four still left the adder waiting: a sum's addition takes three cycles).
+/// Pushes each key's score, its `dots` times `scale`, onto `out`, four keys at a time:
+/// four independent sums in flight where one alone waits on each of its additions.
 /// Each key's arithmetic is exactly `dots` of that key alone.
 #[inline(always)]
 fn scores<'k, const AVX2: bool>(q: &[f32], keys: impl Iterator<Item = &'k [f32]>, scale: f32, out: &mut Vec<f32>) {
@@ -231,22 +227,17 @@ fn scores<'k, const AVX2: bool>(q: &[f32], keys: impl Iterator<Item = &'k [f32]>
         }
         dots(q, keys)
     }
-    let mut eight: [&[f32]; 8] = [&[]; 8];
+    let mut four: [&[f32]; 4] = [&[]; 4];
     let mut held = 0;
     for k in keys {
-        eight[held] = k;
+        four[held] = k;
         held += 1;
-        if held == 8 {
-            out.extend(run::<8, AVX2>(q, eight).map(|s| s * scale));
+        if held == 4 {
+            out.extend(run::<4, AVX2>(q, four).map(|s| s * scale));
             held = 0;
         }
     }
-    let rest = &eight[..held];
-    let fours = rest.len() / 4 * 4;
-    for four in rest[..fours].chunks_exact(4) {
-        out.extend(run::<4, AVX2>(q, [four[0], four[1], four[2], four[3]]).map(|s| s * scale));
-    }
-    for k in &rest[fours..] {
+    for k in &four[..held] {
         out.push(run::<1, AVX2>(q, [*k])[0] * scale);
     }
 }
@@ -391,6 +382,29 @@ mod tests {
         let all = attend_all(&items).unwrap().to_vec2::<f32>().unwrap();
         let alone: Vec<Vec<f32>> = items.iter().flat_map(|a| attend(a).unwrap().to_vec2::<f32>().unwrap()).collect();
         assert_eq!(all, alone);
+    }
+
+    /// A Gemma 3 270M layer's prefill attention: 4 query heads over one KV head of
+    /// 256, 128 tokens.
+    /// `cargo test --release -p strata-model --lib bench_prefill_attention -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark; run explicitly with --ignored --nocapture"]
+    fn bench_prefill_attention() {
+        let (heads, kv_heads, d, len) = (4, 1, 256, 128);
+        let k = Tensor::from_vec(values(kv_heads * len * d, 1), (kv_heads, len, d), &Device::Cpu).unwrap();
+        let v = Tensor::from_vec(values(kv_heads * len * d, 2), (kv_heads, len, d), &Device::Cpu).unwrap();
+        let q = Tensor::from_vec(values(heads * len * d, 3), (heads, len, d), &Device::Cpu).unwrap();
+        let a = Attend { q: &q, k: &k, v: &v, first: 0, position: 0, window: None, scale: 0.0625 };
+        let best = (0..5)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                for _ in 0..20 {
+                    drop(attend(&a).unwrap());
+                }
+                start.elapsed().as_secs_f64() / 20.0
+            })
+            .fold(f64::INFINITY, f64::min);
+        println!("prefill attention, {heads} heads of {d}, {len} tokens: {:.0} µs", best * 1e6);
     }
 
     #[test]

@@ -472,6 +472,7 @@ mod tests {
                 d: half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
                 s: half::f16::from_le_bytes([b[2], b[3]]).to_f32(),
                 qs: std::array::from_fn(|i| b[4 + i] as i8),
+                sum: b[4..36].iter().map(|&q| i32::from(q as i8)).sum(),
             })
             .collect()
     }
@@ -890,6 +891,28 @@ mod tests {
             .fold(f64::INFINITY, f64::min)
     }
 
+    /// Ours alone on a Gemma 3 270M prefill of 128 tokens' products: gate/up stacked
+    /// (Q5_0), down (Q4_K or Q6_K), the attention output (Q4_K), Q/K/V stacked (Q5_0).
+    /// `cargo test --release -p strata-model --lib bench_prefill_products -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark; run explicitly with --ignored --nocapture"]
+    fn bench_prefill_products() {
+        let tokens = 128;
+        for (dtype, rows, cols) in [
+            (GgmlDType::Q5_0, 4096, 640),
+            (GgmlDType::Q5_0, 1536, 640),
+            (GgmlDType::Q4K, 640, 2048),
+            (GgmlDType::Q6K, 640, 2048),
+            (GgmlDType::Q4K, 640, 1024),
+        ] {
+            let mut rng = Rng(42);
+            let ours = Linear::new(quantized(&mut rng, rows, cols, dtype), None).unwrap();
+            let x = Tensor::from_vec(rng.vec(tokens * cols), (tokens, cols), &Device::Cpu).unwrap();
+            let ns = time_ns(60, || drop(ours.forward(&x).unwrap()));
+            println!("{dtype:?} {rows}x{cols} tokens={tokens}: {:.0} µs, {:.1} GMAC/s", ns / 1e3, (rows * cols * tokens) as f64 / ns);
+        }
+    }
+
     /// Hot-cache matvec/matmul times, candle's `QMatMul` against ours (every tier):
     /// `CANDLE_NUM_THREADS=2 cargo test -p strata-model --lib linear::tests::bench --
     /// --ignored --nocapture --test-threads=1`
@@ -923,12 +946,6 @@ mod tests {
             (GgmlDType::Q8_0, 4096, 4096, 1, 50),
             (GgmlDType::Q5_0, 4096, 4096, 64, 5),
             (GgmlDType::Q4K, 4096, 4096, 64, 5),
-            // Gemma 3 270M's prefill of 128 tokens: gate/up stacked (Q5_0), down (Q4_K
-            // or Q6_K), the attention output (Q4_K).
-            (GgmlDType::Q5_0, 4096, 640, 128, 40),
-            (GgmlDType::Q4K, 640, 2048, 128, 40),
-            (GgmlDType::Q6K, 640, 2048, 128, 40),
-            (GgmlDType::Q4K, 640, 1024, 128, 40),
         ];
         for (dtype, rows, cols, tokens, iters) in cases {
             let mut rng = Rng(42);

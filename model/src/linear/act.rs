@@ -24,6 +24,9 @@ pub(crate) struct ActBlock {
     pub(crate) d: f32,
     /// Q8_1's `s = d * Σqs`, rounded through f16 exactly as candle does.
     pub(crate) s: f32,
+    /// `Σqs`, exact: Q5_0's kernel starts each block's integer sum from `-16·Σqs`.
+    /// (It fills what was padding: the block is 48 bytes either way.)
+    pub(crate) sum: i32,
 }
 
 /// Elements per group: candle's AVX2 Q4_0/Q8_0 dot products keep one f32 accumulator
@@ -64,6 +67,7 @@ fn finish_block(d: f32, sum: i32, out: &mut ActBlock) {
     let s16 = f16::from_f32(sum as f32) * d16;
     out.d = d16.to_f32();
     out.s = s16.to_f32();
+    out.sum = sum;
 }
 
 /// Portable quantizer; the reference the SIMD one is tested against.

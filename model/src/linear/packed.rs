@@ -109,14 +109,14 @@ impl Format {
     }
 
     /// The offset the SIMD kernels see on stored weights (Q8_0 kept as `q + 128` for
-    /// `vpdpbusd`'s unsigned operand, Q4_0 nibbles being `q + 8`, Q5_0's 5-bit values
-    /// `q + 16`), removed exactly with `GroupOffsets`. `None`: the kernels need none.
+    /// `vpdpbusd`'s unsigned operand, Q4_0 nibbles being `q + 8`), removed exactly with
+    /// `GroupOffsets`. `None`: the kernels need none.
     fn group_offset(self) -> Option<i32> {
         match self {
             Self::Q4_0 => Some(8),
-            Self::Q5_0 => Some(16),
             Self::Q8_0 => Some(128),
-            Self::Q4_1 => None,
+            // Q5_0's `q + 16` needs one offset per block, `-16·Σy`: `ActBlock::sum`.
+            Self::Q4_1 | Self::Q5_0 => None,
         }
     }
 }

@@ -58,7 +58,7 @@ pub(crate) fn has_kernel(level: Level, format: Format) -> bool {
     }
 }
 
-/// Dots one packed tile against `acts.len()` activation rows; for Q4_0/Q5_0/Q8_0 `offs`
+/// Dots one packed tile against `acts.len()` activation rows; for Q4_0/Q8_0 `offs`
 /// holds the rows' group offsets (see `Format::group_offset`), otherwise it is unused.
 ///
 /// # Safety
@@ -83,12 +83,12 @@ pub(crate) unsafe fn tile_dot(
     assert!(tile.len() >= qs_offset + kb * TILE * format.qs_bytes());
     assert!(acts.iter().all(|a| a.len() >= kb));
     assert_eq!(acts.len(), out.len());
-    let q0 = format != Format::Q4_1;
+    let q0 = matches!(format, Format::Q4_0 | Format::Q8_0);
     if q0 {
         assert_eq!(
             offs.len(),
             acts.len(),
-            "Q4_0/Q5_0/Q8_0 kernels need group offsets"
+            "Q4_0/Q8_0 kernels need group offsets"
         );
         assert!(offs.iter().all(|o| o.len() >= kb));
     }
@@ -105,16 +105,15 @@ pub(crate) unsafe fn tile_dot(
         // Only the token counts each format can get are instantiated.
         unsafe {
             if format == Format::Q5_0 {
-                let offs = &offs[i * max..i * max + a.len()];
                 match a.len() {
-                    1 => run_q5_0::<1>(t, kb, qs_offset, a, offs, o),
-                    2 => run_q5_0::<2>(t, kb, qs_offset, a, offs, o),
-                    3 => run_q5_0::<3>(t, kb, qs_offset, a, offs, o),
-                    4 => run_q5_0::<4>(t, kb, qs_offset, a, offs, o),
-                    5 => run_q5_0::<5>(t, kb, qs_offset, a, offs, o),
-                    6 => run_q5_0::<6>(t, kb, qs_offset, a, offs, o),
-                    7 => run_q5_0::<7>(t, kb, qs_offset, a, offs, o),
-                    8 => run_q5_0::<8>(t, kb, qs_offset, a, offs, o),
+                    1 => run_q5_0::<1>(t, kb, qs_offset, a, o),
+                    2 => run_q5_0::<2>(t, kb, qs_offset, a, o),
+                    3 => run_q5_0::<3>(t, kb, qs_offset, a, o),
+                    4 => run_q5_0::<4>(t, kb, qs_offset, a, o),
+                    5 => run_q5_0::<5>(t, kb, qs_offset, a, o),
+                    6 => run_q5_0::<6>(t, kb, qs_offset, a, o),
+                    7 => run_q5_0::<7>(t, kb, qs_offset, a, o),
+                    8 => run_q5_0::<8>(t, kb, qs_offset, a, o),
                     _ => unreachable!("chunks are 1..=8 long"),
                 }
             } else if q0 {
@@ -203,22 +202,20 @@ unsafe fn run_q0<const T: usize>(
 
 /// # Safety
 /// As `tile_dot` for Q5_0 at `Level::Avx512Vnni`, with its bounds already checked and
-/// `acts.len() == offs.len() == out.len() == T`.
+/// `acts.len() == out.len() == T`.
 unsafe fn run_q5_0<const T: usize>(
     tile: *const u8,
     kb: usize,
     qs_offset: usize,
     acts: &[&[ActBlock]],
-    offs: &[&[GroupOffsets]],
     out: &mut [[f32; TILE]],
 ) {
-    assert!(acts.len() == T && offs.len() == T && out.len() == T);
+    assert!(acts.len() == T && out.len() == T);
     let a: [*const ActBlock; T] = std::array::from_fn(|i| acts[i].as_ptr());
-    let g: [*const GroupOffsets; T] = std::array::from_fn(|i| offs[i].as_ptr());
     // SAFETY: forwarded from `tile_dot` (which only sends Q5_0 here at the AVX-512
     // tier): `tile` spans the scale and mask sections and `kb` qs blocks, each `a[i]`
-    // and `g[i]` has `kb` blocks, `out` has T rows.
-    unsafe { q5_0_avx512::<T>(tile, kb, qs_offset, a, g, out.as_mut_ptr()) }
+    // has `kb` blocks, `out` has T rows.
+    unsafe { q5_0_avx512::<T>(tile, kb, qs_offset, a, out.as_mut_ptr()) }
 }
 
 // Hot loops avoid everything that debug assertions instrument, because the project
@@ -253,6 +250,7 @@ pub(super) unsafe fn prefetch_lines<const N: usize>(at: *const u8) {
 
 const ACT_D: usize = std::mem::offset_of!(ActBlock, d);
 const ACT_S: usize = std::mem::offset_of!(ActBlock, s);
+const ACT_SUM: usize = std::mem::offset_of!(ActBlock, sum);
 
 /// Loads 4 bytes into lane 0 as a bit copy. `movss` rather than `_mm_loadu_si32`
 /// because the latter is a checked `read_unaligned` in debug builds; a raw deref
@@ -490,19 +488,18 @@ unsafe fn q0_avx512<const F: u8, const T: usize>(
 /// (`sum += f32(isum)·d_w·d_y` per block, no FMA). Each packed group unpacks to two
 /// vectors of 4-bit values, and one masked byte add per vector puts in the fifth bits
 /// (the `h` section's masks), giving `q + 16` in 0..32 for `vpdpbusd`; the block's
-/// integer sum starts from `-16·Σy` (its group offsets added up), so it is exact.
+/// integer sum starts from `-16·Σy` (the block's `sum`), so it is exact.
 ///
 /// # Safety
 /// AVX-512 F/BW/VNNI + F16C present; `tile` holds `kb` blocks of scales from offset 0,
 /// `kb` blocks of 8 masks after them and `kb` 256-byte qs blocks from `qs_offset`; each
-/// `acts[t]` and `offs[t]` has `kb` blocks; `out` has `T` rows.
+/// `acts[t]` has `kb` blocks; `out` has `T` rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn q5_0_avx512<const T: usize>(
     tile: *const u8,
     kb: usize,
     qs_offset: usize,
     acts: [*const ActBlock; T],
-    offs: [*const GroupOffsets; T],
     out: *mut [f32; TILE],
 ) {
     let lo_mask = _mm512_set1_epi8(0x0F);
@@ -512,9 +509,8 @@ unsafe fn q5_0_avx512<const T: usize>(
     let mut d = tile;
     let mut h = tile.wrapping_add(kb * TILE * 2);
     let mut a = act_bytes(acts);
-    let mut o = offs;
     for _ in 0..kb {
-        // SAFETY: `q`, `d`, `h`, `a[t]` and `o[t]` point at block b of their sections,
+        // SAFETY: `q`, `d`, `h` and `a[t]` point at block b of their sections,
         // all in bounds and aligned per the caller's contract (the mask section starts
         // at a multiple of 32 bytes and holds 8-byte words).
         unsafe {
@@ -530,16 +526,24 @@ unsafe fn q5_0_avx512<const T: usize>(
                 w[G + 4] = _mm512_mask_add_epi8(hi, *masks.wrapping_add(G + 4), hi, fifth);
             });
             let dw = _mm512_cvtph_ps(_mm256_load_si256(d.cast()));
+            // Groups outermost, tokens inside: the T tokens' integer sums advance side
+            // by side, each `vpdpbusd` waiting on its own token's previous one T
+            // instructions back, not on the one just before it (a token's eight in a
+            // row were one long chain of latencies). Integer sums: the order is free.
+            let mut sums = [_mm512_setzero_si512(); T];
             for t in 0..T {
-                let at = a[t];
-                let off = (*o[t]).0.iter().fold(0i32, |s, &v| s.wrapping_add(v));
-                let mut s = _mm512_set1_epi32(off);
-                unroll!(G in [0, 1, 2, 3, 4, 5, 6, 7] {
-                    s = _mm512_dpbusd_epi32(s, w[G], bcast512(at, G));
-                });
+                // |Σy| ≤ 32·128: `-16·Σy` is far inside i32.
+                sums[t] = _mm512_set1_epi32(-16 * *a[t].wrapping_add(ACT_SUM).cast::<i32>());
+            }
+            unroll!(G in [0, 1, 2, 3, 4, 5, 6, 7] {
+                for t in 0..T {
+                    sums[t] = _mm512_dpbusd_epi32(sums[t], w[G], bcast512(a[t], G));
+                }
+            });
+            for t in 0..T {
                 let dot = _mm512_mul_ps(
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(s), dw),
-                    bcast512_f32(at, ACT_D),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(sums[t]), dw),
+                    bcast512_f32(a[t], ACT_D),
                 );
                 acc[t] = _mm512_add_ps(acc[t], dot);
             }
@@ -548,7 +552,6 @@ unsafe fn q5_0_avx512<const T: usize>(
         d = d.wrapping_add(TILE * 2);
         h = h.wrapping_add(TILE * 4);
         a = a.map(|p| p.wrapping_add(ACT_STRIDE));
-        o = o.map(|p| p.wrapping_add(1));
     }
     for t in 0..T {
         // SAFETY: `out` has T rows of 16 floats.
