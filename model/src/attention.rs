@@ -97,11 +97,15 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
     let mut out = vec![0f32; rows * heads * d];
     let out_rows = SharedOut::new(&mut out);
     let run = |range: std::ops::Range<usize>| {
+        let mut weights = Vec::new();
         for u in range {
             let it = first_unit.partition_point(|&f| f <= u) - 1;
             let a = &items[it];
             let len = queries[it].len() / (heads * d);
-            let (h, i) = ((u - first_unit[it]) / len, (u - first_unit[it]) % len);
+            // A row's heads one after another (under grouped-query attention they read
+            // the same keys, still in cache), and the last rows first: they see the
+            // most keys, and the pool's last pieces of work should be the short ones.
+            let (h, i) = ((u - first_unit[it]) % heads, len - 1 - (u - first_unit[it]) / heads);
             let position = a.position + i;
             let lo = a.window.map_or(0, |w| (position + 1).saturating_sub(w)).max(a.first);
             let visible = (lo - a.first)..(position + 1 - a.first);
@@ -110,8 +114,10 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
             let dst = unsafe { out_rows.segment(((first_row[it] + i) * heads + h) * d, d) };
             attend_row(
                 &queries[it][(h * len + i) * d..(h * len + i + 1) * d],
-                visible.map(|j| (keys[it].row(kv, j), values[it].row(kv, j))),
+                keys[it].rows(kv, visible.clone()),
+                values[it].rows(kv, visible),
                 a.scale,
+                &mut weights,
                 dst,
             );
         }
@@ -143,42 +149,47 @@ impl<'a> RowView<'a> {
         Ok(Self { data, heads, start: 0, head_stride: n * d, d })
     }
 
-    fn row(&self, head: usize, j: usize) -> &[f32] {
-        let at = self.start + head * self.head_stride + j * self.d;
-        &self.data[at..at + self.d]
+    /// Rows `range` of `head`, one after another.
+    fn rows(&self, head: usize, range: std::ops::Range<usize>) -> &[f32] {
+        let at = self.start + head * self.head_stride;
+        &self.data[at + range.start * self.d..at + range.end * self.d]
     }
 }
 
-/// One query row over its visible keys (see the module's note on the order). Compiled
+/// One query row over its visible keys and values (rows of `q.len()` values one after
+/// another; see the module's note on the order). `weights` is scratch room. Compiled
 /// a second time for AVX2 where the CPU has it: plain multiplies and adds either way,
 /// so both copies give the same bits, the AVX2 one eight lanes to a register.
-fn attend_row<'k>(q: &[f32], keys: impl Iterator<Item = (&'k [f32], &'k [f32])> + Clone, scale: f32, out: &mut [f32]) {
+fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, weights: &mut Vec<f32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was just detected (a cached load).
-        return unsafe { attend_row_avx2(q, keys, scale, out) };
+        return unsafe { attend_row_avx2(q, keys, values, scale, weights, out) };
     }
-    attend_row_portable::<false>(q, keys, scale, out);
+    attend_row_portable::<false>(q, keys, values, scale, weights, out);
 }
 
 /// # Safety
 /// AVX2 present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_row_avx2<'k>(q: &[f32], keys: impl Iterator<Item = (&'k [f32], &'k [f32])> + Clone, scale: f32, out: &mut [f32]) {
-    attend_row_portable::<true>(q, keys, scale, out);
+unsafe fn attend_row_avx2(q: &[f32], keys: &[f32], values: &[f32], scale: f32, weights: &mut Vec<f32>, out: &mut [f32]) {
+    attend_row_portable::<true>(q, keys, values, scale, weights, out);
 }
 
 /// `AVX2`: scores through `dots_avx2` (only ever inlined into `attend_row_avx2`).
 #[inline(always)]
-fn attend_row_portable<'k, const AVX2: bool>(
+fn attend_row_portable<const AVX2: bool>(
     q: &[f32],
-    keys: impl Iterator<Item = (&'k [f32], &'k [f32])> + Clone,
+    keys: &[f32],
+    values: &[f32],
     scale: f32,
+    weights: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let mut weights = Vec::new();
-    scores::<AVX2>(q, keys.clone().map(|(k, _)| k), scale, &mut weights);
+    let d = q.len();
+    weights.clear();
+    scores::<AVX2>(q, keys.chunks_exact(d), scale, weights);
     let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for w in weights.iter_mut() {
         // libm's expf, not the platform's: a Windows worker's C runtime rounds some
@@ -191,7 +202,7 @@ fn attend_row_portable<'k, const AVX2: bool>(
     let mut sum = 0f32;
     // Two values rows per pass over `out` (each element still adds them in key order,
     // `(o + w₁v₁) + w₂v₂`): half the loads and stores of `out`.
-    let mut pairs = weights.iter().zip(keys.map(|(_, v)| v));
+    let mut pairs = weights.iter().zip(values.chunks_exact(d));
     while let Some((&w1, v1)) = pairs.next() {
         sum += w1;
         match pairs.next() {
