@@ -656,7 +656,7 @@ mod tests {
             let q = quantized(&mut rng, rows, cols, dtype);
             let packed = pack(&q);
             let candle = QMatMul::from_qtensor(q).unwrap();
-            for n in [1usize, 2, 3, 5, 9] {
+            for n in [1usize, 2, 3, 5, 7, 9, 17] {
                 let x = Tensor::from_vec(rng.vec(n * cols), (n, cols), &Device::Cpu).unwrap();
                 let want = if n == 1 {
                     candle.forward(&Tensor::cat(&[&x, &x], 0).unwrap()).unwrap().narrow(0, 0, 1).unwrap()

@@ -79,6 +79,15 @@ pub(crate) enum KFormat {
 }
 
 impl KFormat {
+    /// Token rows a kernel call takes: the weights unpacked once serve them all. Q5_K's
+    /// kernel keeps eight accumulators a token, so four fill the registers.
+    fn max_tokens(self) -> usize {
+        match self {
+            Self::Q5K => 4,
+            Self::Q4K | Self::Q6K | Self::Q8_0 => MAX_TOKENS,
+        }
+    }
+
     pub(crate) fn from_dtype(dtype: GgmlDType) -> Option<Self> {
         match dtype {
             GgmlDType::Q4K => Some(Self::Q4K),
@@ -301,9 +310,9 @@ impl KFormat {
 /// Where some of a code's bits sit in a tile's qs: byte, shift, mask.
 type CodeBits = (usize, usize, u8);
 
-/// Token rows one kernel call handles (candle's `MAX_MT` is 4; any count gives the
-/// same per-row arithmetic).
-const MAX_TOKENS: usize = 4;
+/// Token rows one kernel call handles at most (candle's `MAX_MT` is 4; any count gives
+/// the same per-row arithmetic): see `KFormat::max_tokens`.
+const MAX_TOKENS: usize = 8;
 /// Below this many row·superblock·token units a matmul stays on the calling thread.
 const PARALLEL_MIN_WORK: usize = 512;
 
@@ -631,7 +640,7 @@ impl PackedKQuant {
             }
         }
         let acts = &acts[..];
-        for_each_tile(rows, tokens, MAX_TOKENS, bias, parallel, &mut out, |tile, ts, res| {
+        for_each_tile(rows, tokens, self.format.max_tokens(), bias, parallel, &mut out, |tile, ts, res| {
             let act_rows: [&[SuperAct]; MAX_TOKENS] = std::array::from_fn(|i| {
                 if i < ts.len() {
                     &acts[(ts.start + i) * kb..(ts.start + i + 1) * kb]
@@ -657,28 +666,24 @@ impl PackedKQuant {
             let t = bytes.as_ptr();
             let (so, qo, kb) = (self.scales_offset, self.qs_offset, self.kb);
             let o = out.as_mut_ptr();
+            let a = |i: usize| acts[i];
+            // SAFETY (every arm): the tier is at most the detected one (asserted in
+            // `matmul`), so AVX-512 F/BW/VNNI are present; the tile spans its three
+            // sections (laid out by `from_ggml`, 64-byte aligned) and each activation
+            // row has `kb` blocks.
             macro_rules! run {
-                ($kernel:ident) => {
-                    // SAFETY: the tier is at most the detected one (asserted in
-                    // `matmul`), so AVX-512 F/BW/VNNI are present; the tile spans its
-                    // three sections (laid out by `from_ggml`, 64-byte aligned) and
-                    // each activation row has `kb` blocks.
-                    unsafe {
-                        match n {
-                            1 => $kernel::<1>(t, kb, so, qo, [acts[0]], o),
-                            2 => $kernel::<2>(t, kb, so, qo, [acts[0], acts[1]], o),
-                            3 => $kernel::<3>(t, kb, so, qo, [acts[0], acts[1], acts[2]], o),
-                            4 => $kernel::<4>(t, kb, so, qo, acts, o),
-                            _ => unreachable!("chunks are 1..=4 long"),
-                        }
+                ($kernel:ident, $($n:literal)*) => {
+                    match n {
+                        $($n => unsafe { $kernel::<$n>(t, kb, so, qo, std::array::from_fn(a), o) },)*
+                        _ => unreachable!("chunks are 1..={} long", self.format.max_tokens()),
                     }
                 };
             }
             match self.format {
-                KFormat::Q4K => run!(q4k_avx512),
-                KFormat::Q5K => run!(q5k_avx512),
-                KFormat::Q6K => run!(q6k_avx512),
-                KFormat::Q8_0 => run!(q8_0_avx512),
+                KFormat::Q4K => run!(q4k_avx512, 1 2 3 4 5 6 7 8),
+                KFormat::Q5K => run!(q5k_avx512, 1 2 3 4),
+                KFormat::Q6K => run!(q6k_avx512, 1 2 3 4 5 6 7 8),
+                KFormat::Q8_0 => run!(q8_0_avx512, 1 2 3 4 5 6 7 8),
             }
             return;
         }
@@ -899,12 +904,14 @@ unsafe fn q6k_avx512<const T: usize>(
                 );
                 let scale_i8 = _mm_load_si128(c.sc.wrapping_add(s * TILE).cast());
                 let scale = _mm512_mul_ps(dw, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(scale_i8)));
-                for (acc, a) in acc.iter_mut().zip(c.a) {
-                    let at = a.cast::<u8>().wrapping_add(s * 16);
-                    let mut isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, act_word(at, 0));
-                    isum = _mm512_dpbusd_epi32(isum, w1, act_word(at, 1));
-                    isum = _mm512_dpbusd_epi32(isum, w2, act_word(at, 2));
-                    isum = _mm512_dpbusd_epi32(isum, w3, act_word(at, 3));
+                // Groups outermost, tokens inside, as in `q4k_avx512`.
+                let mut isums = [_mm512_setzero_si512(); T];
+                for (g, wg) in [w0, w1, w2, w3].into_iter().enumerate() {
+                    for (isum, a) in isums.iter_mut().zip(c.a) {
+                        *isum = _mm512_dpbusd_epi32(*isum, wg, act_word(a.cast::<u8>().wrapping_add(s * 16), g));
+                    }
+                }
+                for ((acc, a), isum) in acc.iter_mut().zip(c.a).zip(isums) {
                     let act = &*a;
                     let f = _mm512_sub_ps(
                         _mm512_cvtepi32_ps(isum),
@@ -951,12 +958,16 @@ unsafe fn q4k_avx512<const T: usize>(
                 };
                 let scale = _mm512_mul_ps(dw, code(s));
                 let min = _mm512_mul_ps(dminw, code(8 + s));
-                for (acc, a) in acc.iter_mut().zip(c.a) {
-                    let at = a.cast::<u8>().wrapping_add(s * 32);
-                    let mut isum = _mm512_setzero_si512();
-                    for (g, wg) in w.iter().enumerate() {
-                        isum = _mm512_dpbusd_epi32(isum, *wg, act_word(at, g));
+                // Groups outermost, tokens inside: each token's integer sum waits on
+                // its own previous `vpdpbusd` T instructions back, not on the one just
+                // before (see `x86::q5_0_avx512`). Integer sums: the order is free.
+                let mut isums = [_mm512_setzero_si512(); T];
+                for (g, wg) in w.iter().enumerate() {
+                    for (isum, a) in isums.iter_mut().zip(c.a) {
+                        *isum = _mm512_dpbusd_epi32(*isum, *wg, act_word(a.cast::<u8>().wrapping_add(s * 32), g));
                     }
+                }
+                for ((acc, a), isum) in acc.iter_mut().zip(c.a).zip(isums) {
                     let act = &*a;
                     *acc = _mm512_fmadd_ps(
                         _mm512_cvtepi32_ps(isum),
