@@ -4,13 +4,14 @@
 //! glibc, and a pipeline's stages must agree to the bit whatever each runs on. Other
 //! devices use candle's kernels.
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::cpu_buffer::{as_matrix, Rows, SharedOut};
+use crate::cpu_buffer::{as_matrix, written, zeroed, Rows, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::Activation;
 
@@ -67,47 +68,48 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Resul
     let dims = gate.dims().to_vec();
     let (gate, up) = (as_matrix(gate)?, as_matrix(up)?);
     let (rows_count, width) = gate.dims2()?;
-    let mut out = vec![0f32; rows_count * width];
-    {
+    let out = {
         let (g_storage, g_layout) = gate.storage_and_layout();
         let (u_storage, u_layout) = up.storage_and_layout();
         let (Some(g), Some(u)) = (Rows::of(&g_storage, g_layout, "gate")?, Rows::of(&u_storage, u_layout, "up")?) else {
             drop((g_storage, u_storage));
             return gated(&gate.contiguous()?, &up.contiguous()?, activation);
         };
-        let shared = SharedOut::new(&mut out);
         let table = gelu_table();
         // A unit is a piece of at most CHUNK values of one row.
         let pieces = width.div_ceil(CHUNK).max(1);
-        let run = |units: std::ops::Range<usize>| {
-            let mut halves = [f16::ZERO; CHUNK];
-            for unit in units {
-                let (row, piece) = (unit / pieces, unit % pieces);
-                let cols = piece * CHUNK..((piece + 1) * CHUNK).min(width);
-                let (g, u) = (&g.row(row)[cols.clone()], &u.row(row)[cols.clone()]);
-                // SAFETY: each unit goes to exactly one thread, so the pieces are disjoint.
-                let dst = unsafe { shared.segment(row * width + cols.start, cols.len()) };
-                match activation {
-                    Activation::GeluTanh => {
-                        // All of the piece's f16 roundings at once (F16C where the CPU
-                        // has it): the same rounding, to nearest even, as one by one.
-                        let halves = &mut halves[..g.len()];
-                        halves.convert_from_f32_slice(g);
-                        for (((o, &g), &u), h) in dst.iter_mut().zip(g).zip(u).zip(halves.iter()) {
-                            *o = gelu_from_f16(table, g, *h) * u;
+        let fill = |shared: &SharedOut<'_, MaybeUninit<f32>>| {
+            let run = |units: std::ops::Range<usize>| {
+                let mut halves = [f16::ZERO; CHUNK];
+                for unit in units {
+                    let (row, piece) = (unit / pieces, unit % pieces);
+                    let cols = piece * CHUNK..((piece + 1) * CHUNK).min(width);
+                    let (g, u) = (&g.row(row)[cols.clone()], &u.row(row)[cols.clone()]);
+                    // SAFETY: each unit goes to exactly one thread, so the pieces are disjoint.
+                    let dst = zeroed(unsafe { shared.segment(row * width + cols.start, cols.len()) });
+                    match activation {
+                        Activation::GeluTanh => {
+                            // All of the piece's f16 roundings at once (F16C where the CPU
+                            // has it): the same rounding, to nearest even, as one by one.
+                            let halves = &mut halves[..g.len()];
+                            halves.convert_from_f32_slice(g);
+                            for (((o, &g), &u), h) in dst.iter_mut().zip(g).zip(u).zip(halves.iter()) {
+                                *o = gelu_from_f16(table, g, *h) * u;
+                            }
                         }
-                    }
-                    Activation::Silu => {
-                        for ((o, &g), &u) in dst.iter_mut().zip(g).zip(u) {
-                            *o = activate_value(activation, table, g) * u;
+                        Activation::Silu => {
+                            for ((o, &g), &u) in dst.iter_mut().zip(g).zip(u) {
+                                *o = activate_value(activation, table, g) * u;
+                            }
                         }
                     }
                 }
-            }
+            };
+            crate::parallel::run_chunks(rows_count * pieces, rows_count * width >= PARALLEL_MIN_VALUES, run);
         };
-        let units = rows_count * pieces;
-        crate::parallel::run_chunks(units, rows_count * width >= PARALLEL_MIN_VALUES, run);
-    }
+        // SAFETY: the units cover every piece of every row, and each writes its `dst`.
+        unsafe { written(rows_count * width, fill) }
+    };
     Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
 }
 

@@ -17,9 +17,11 @@
 //! Plain multiplies and adds, never fused, so any CPU computes the same bits (the
 //! compiler may vectorise across `d` lanes but not reorder a lane's sum).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{Device, Storage, Tensor};
 
-use crate::cpu_buffer::SharedOut;
+use crate::cpu_buffer::{written, zeroed, SharedOut};
 use crate::error::{Error, Result};
 
 /// Below this many multiply-adds a call stays on the calling thread.
@@ -94,35 +96,37 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
         row += len;
         work += heads * len * (n.min(a.window.unwrap_or(n)) + 1) * d;
     }
-    let mut out = vec![0f32; rows * heads * d];
-    let out_rows = SharedOut::new(&mut out);
-    let run = |range: std::ops::Range<usize>| {
-        let mut weights = Vec::new();
-        for u in range {
-            let it = first_unit.partition_point(|&f| f <= u) - 1;
-            let a = &items[it];
-            let len = queries[it].len() / (heads * d);
-            // A row's heads one after another (under grouped-query attention they read
-            // the same keys, still in cache), and the last rows first: they see the
-            // most keys, and the pool's last pieces of work should be the short ones.
-            let (h, i) = ((u - first_unit[it]) % heads, len - 1 - (u - first_unit[it]) / heads);
-            let position = a.position + i;
-            let lo = a.window.map_or(0, |w| (position + 1).saturating_sub(w)).max(a.first);
-            let visible = (lo - a.first)..(position + 1 - a.first);
-            let kv = h / (heads / keys[it].heads);
-            // SAFETY: unit (item, h, i) alone writes its row's head-h slice.
-            let dst = unsafe { out_rows.segment(((first_row[it] + i) * heads + h) * d, d) };
-            attend_row(
-                &queries[it][(h * len + i) * d..(h * len + i + 1) * d],
-                keys[it].rows(kv, visible.clone()),
-                values[it].rows(kv, visible),
-                a.scale,
-                &mut weights,
-                dst,
-            );
-        }
+    let fill = |out_rows: &SharedOut<'_, MaybeUninit<f32>>| {
+        let run = |range: std::ops::Range<usize>| {
+            let mut weights = Vec::new();
+            for u in range {
+                let it = first_unit.partition_point(|&f| f <= u) - 1;
+                let a = &items[it];
+                let len = queries[it].len() / (heads * d);
+                // A row's heads one after another (under grouped-query attention they read
+                // the same keys, still in cache), and the last rows first: they see the
+                // most keys, and the pool's last pieces of work should be the short ones.
+                let (h, i) = ((u - first_unit[it]) % heads, len - 1 - (u - first_unit[it]) / heads);
+                let position = a.position + i;
+                let lo = a.window.map_or(0, |w| (position + 1).saturating_sub(w)).max(a.first);
+                let visible = (lo - a.first)..(position + 1 - a.first);
+                let kv = h / (heads / keys[it].heads);
+                // SAFETY: unit (item, h, i) alone writes its row's head-h slice.
+                let dst = zeroed(unsafe { out_rows.segment(((first_row[it] + i) * heads + h) * d, d) });
+                attend_row(
+                    &queries[it][(h * len + i) * d..(h * len + i + 1) * d],
+                    keys[it].rows(kv, visible.clone()),
+                    values[it].rows(kv, visible),
+                    a.scale,
+                    &mut weights,
+                    dst,
+                );
+            }
+        };
+        crate::parallel::run_chunks(units, work >= PARALLEL_MIN_WORK, run);
     };
-    crate::parallel::run_chunks(units, work >= PARALLEL_MIN_WORK, run);
+    // SAFETY: the units cover every head of every row, and each writes its `dst`.
+    let out = unsafe { written(rows * heads * d, fill) };
     Ok(Tensor::from_vec(out, (rows, heads * d), &Device::Cpu)?)
 }
 

@@ -2,6 +2,8 @@
 //! output buffer that candle's pool threads fill in disjoint pieces. The CPU paths of
 //! the kernels, norms, activations and attention share these.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Layout, Storage, Tensor};
 
 use crate::error::{Error, Result};
@@ -68,6 +70,46 @@ pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     Ok(f(&t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
 }
 
+/// A vector of `n` f32 whose every element `fill` writes through the buffer it is
+/// handed (in disjoint segments, from any of the pool's threads), made without zeroing
+/// its memory first. Why: a prefill's outputs are megabytes a layer, and zeroing them
+/// was a second pass of memory traffic as large as the writing; while another load on
+/// the machine shared its memory bandwidth, glibc's `memset` of them took 12% of a
+/// Gemma 3 prefill, on the calling thread while the pool's waited.
+///
+/// # Safety
+/// `fill` must write every one of the `n` elements (`write_slice`, `zeroed`) before it
+/// returns.
+pub(crate) unsafe fn written(n: usize, fill: impl FnOnce(&SharedOut<'_, MaybeUninit<f32>>)) -> Vec<f32> {
+    let mut buf: Vec<MaybeUninit<f32>> = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` values need no initialization, and the capacity is `n`.
+    unsafe { buf.set_len(n) };
+    fill(&SharedOut::new(&mut buf));
+    let mut buf = std::mem::ManuallyDrop::new(buf);
+    // SAFETY: `fill` initialized all `n` values (the caller's contract), and
+    // `MaybeUninit<f32>` has `f32`'s size and alignment, so the allocation is a valid
+    // `Vec<f32>` of the same length and capacity.
+    unsafe { Vec::from_raw_parts(buf.as_mut_ptr().cast::<f32>(), buf.len(), buf.capacity()) }
+}
+
+/// Copies `src` into `dst` (the same length), which is then initialized.
+pub(crate) fn write_slice(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "write_slice lengths differ");
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
+    }
+}
+
+/// `dst` set to zeros, as the initialized slice it then is: room for a kernel that
+/// accumulates into its output, made while that piece is about to be used (in cache).
+pub(crate) fn zeroed(dst: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    for d in dst.iter_mut() {
+        d.write(0.0);
+    }
+    // SAFETY: every element was just written, and `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// A mutable buffer that pool workers fill in disjoint segments.
 ///
 /// `execute_chunked` hands out index ranges dynamically, so the disjoint `&mut` pieces
@@ -86,6 +128,10 @@ unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
 impl<'a, T> SharedOut<'a, T> {
     pub(crate) fn new(buf: &'a mut [T]) -> Self {
         Self { ptr: buf.as_mut_ptr(), len: buf.len(), _buf: std::marker::PhantomData }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
     /// # Safety

@@ -3,11 +3,12 @@
 //! and before the output head.
 
 use std::fs::File;
+use std::mem::MaybeUninit;
 use std::io::BufReader;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::cpu_buffer::{as_matrix, f32_values, Rows, SharedOut};
+use crate::cpu_buffer::{as_matrix, f32_values, written, zeroed, Rows, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::ModelFile;
 
@@ -79,8 +80,7 @@ impl RmsNorm {
         let x = as_matrix(x)?;
         let weight = self.weight.contiguous()?;
         let (rows, row_width) = x.dims2()?;
-        let mut out = vec![0f32; rows * row_width];
-        {
+        let out = {
             let (storage, layout) = x.storage_and_layout();
             let Some(src) = Rows::of(&storage, layout, "norm input")? else {
                 drop(storage);
@@ -90,39 +90,42 @@ impl RmsNorm {
             let weight = f32_values(&w_storage, w_layout, width, "norm weight")?;
             let (inv_width, eps) = (1.0 / width as f64, self.eps);
             let per_row = row_width / width;
-            let shared = SharedOut::new(&mut out);
-            let run = |rows: std::ops::Range<usize>| {
-                // SAFETY: each row index goes to exactly one thread, so the rows are disjoint.
-                let dst = unsafe { shared.segment(rows.start * row_width, rows.len() * row_width) };
-                let segment = |s: usize| {
-                    let (row, j) = (rows.start + s / per_row, s % per_row);
-                    &src.row(row)[j * width..(j + 1) * width]
+            let fill = |shared: &SharedOut<'_, MaybeUninit<f32>>| {
+                let run = |rows: std::ops::Range<usize>| {
+                    // SAFETY: each row index goes to exactly one thread, so the rows are disjoint.
+                    let dst = zeroed(unsafe { shared.segment(rows.start * row_width, rows.len() * row_width) });
+                    let segment = |s: usize| {
+                        let (row, j) = (rows.start + s / per_row, s % per_row);
+                        &src.row(row)[j * width..(j + 1) * width]
+                    };
+                    // Segments `LANES` at a time: each keeps its own sum in order (so its
+                    // bits), and the independent additions overlap instead of each
+                    // waiting for the one before it.
+                    let segments = rows.len() * per_row;
+                    for first in (0..segments).step_by(LANES) {
+                        let count = LANES.min(segments - first);
+                        let parts: [&[f32]; LANES] = std::array::from_fn(|l| segment(first + l.min(count - 1)));
+                        let mut sums = [0f64; LANES];
+                        for i in 0..width {
+                            for (sum, part) in sums.iter_mut().zip(&parts) {
+                                let v = f64::from(part[i]);
+                                *sum += v * v;
+                            }
+                        }
+                        for (l, (sum, part)) in sums.iter().zip(&parts).take(count).enumerate() {
+                            let scale = ((sum * inv_width + eps) as f32).sqrt().recip();
+                            let out = &mut dst[(first + l) * width..(first + l + 1) * width];
+                            for ((o, &v), &w) in out.iter_mut().zip(*part).zip(weight) {
+                                *o = v * scale * w;
+                            }
+                        }
+                    }
                 };
-                // Segments `LANES` at a time: each keeps its own sum in order (so its
-                // bits), and the independent additions overlap instead of each
-                // waiting for the one before it.
-                let segments = rows.len() * per_row;
-                for first in (0..segments).step_by(LANES) {
-                    let count = LANES.min(segments - first);
-                    let parts: [&[f32]; LANES] = std::array::from_fn(|l| segment(first + l.min(count - 1)));
-                    let mut sums = [0f64; LANES];
-                    for i in 0..width {
-                        for (sum, part) in sums.iter_mut().zip(&parts) {
-                            let v = f64::from(part[i]);
-                            *sum += v * v;
-                        }
-                    }
-                    for (l, (sum, part)) in sums.iter().zip(&parts).take(count).enumerate() {
-                        let scale = ((sum * inv_width + eps) as f32).sqrt().recip();
-                        let out = &mut dst[(first + l) * width..(first + l + 1) * width];
-                        for ((o, &v), &w) in out.iter_mut().zip(*part).zip(weight) {
-                            *o = v * scale * w;
-                        }
-                    }
-                }
+                crate::parallel::run_chunks(rows, rows * row_width >= PARALLEL_MIN_VALUES, run);
             };
-            crate::parallel::run_chunks(rows, rows * row_width >= PARALLEL_MIN_VALUES, run);
-        }
+            // SAFETY: `run` covers every row, and each writes its whole `dst`.
+            unsafe { written(rows * row_width, fill) }
+        };
         Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
     }
 

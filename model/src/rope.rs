@@ -1,11 +1,12 @@
 //! Rotary position embeddings. Tables are built per call for the positions at hand,
 //! so long contexts cost no memory up front.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::cpu_buffer::{f32_values, Rows, SharedOut};
+use crate::cpu_buffer::{f32_values, written, zeroed, Rows, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::{ModelInfo, RopeScaling};
 
@@ -88,32 +89,34 @@ impl Rope {
         };
         let half = self.dims / 2;
         let (cos, sin) = (tables.0.contiguous()?, tables.1.contiguous()?);
-        let mut out = vec![0f32; heads * len * head_dim];
-        {
+        let out = {
             let (c_storage, c_layout) = cos.storage_and_layout();
             let cos = f32_values(&c_storage, c_layout, len * half, "rotary table")?;
             let (s_storage, s_layout) = sin.storage_and_layout();
             let sin = f32_values(&s_storage, s_layout, len * half, "rotary table")?;
-            let shared = SharedOut::new(&mut out);
             // One unit is one head of one token, written at `[head, token]`.
-            let run = |units: Range<usize>| {
-                for u in units {
-                    let (h, t) = (u / len, u % len);
-                    let src = &rows.row(t)[h * head_dim..(h + 1) * head_dim];
-                    // SAFETY: unit (h, t) alone writes this head_dim-long piece.
-                    let dst = unsafe { shared.segment(u * head_dim, head_dim) };
-                    let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
-                    for i in 0..half {
-                        let (i1, i2) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
-                        let (x1, x2) = (src[i1], src[i2]);
-                        dst[i1] = x1 * c[i] - x2 * s[i];
-                        dst[i2] = x1 * s[i] + x2 * c[i];
+            let fill = |shared: &SharedOut<'_, MaybeUninit<f32>>| {
+                let run = |units: Range<usize>| {
+                    for u in units {
+                        let (h, t) = (u / len, u % len);
+                        let src = &rows.row(t)[h * head_dim..(h + 1) * head_dim];
+                        // SAFETY: unit (h, t) alone writes this head_dim-long piece.
+                        let dst = zeroed(unsafe { shared.segment(u * head_dim, head_dim) });
+                        let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                        for i in 0..half {
+                            let (i1, i2) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                            let (x1, x2) = (src[i1], src[i2]);
+                            dst[i1] = x1 * c[i] - x2 * s[i];
+                            dst[i2] = x1 * s[i] + x2 * c[i];
+                        }
+                        dst[self.dims..].copy_from_slice(&src[self.dims..]);
                     }
-                    dst[self.dims..].copy_from_slice(&src[self.dims..]);
-                }
+                };
+                crate::parallel::run_chunks(heads * len, heads * len * head_dim >= PARALLEL_MIN_VALUES, run);
             };
-            crate::parallel::run_chunks(heads * len, heads * len * head_dim >= PARALLEL_MIN_VALUES, run);
-        }
+            // SAFETY: the units cover every head of every token, and each writes its `dst`.
+            unsafe { written(heads * len * head_dim, fill) }
+        };
         drop(x_storage);
         Ok(Tensor::from_vec(out, (heads, len, head_dim), &Device::Cpu)?)
     }

@@ -53,7 +53,7 @@ use half::f16;
 #[cfg(test)]
 use super::packed::check_whole;
 use super::packed::{candle_hsum8, for_each_tile, round_up, Level, Line, TILE};
-use crate::cpu_buffer::SharedOut;
+use crate::cpu_buffer::{written, SharedOut};
 use super::lines::Lines;
 use crate::error::{Error, Result};
 
@@ -618,9 +618,8 @@ impl PackedKQuant {
             level as u8 <= Level::detect() as u8,
             "{level:?} is not supported here"
         );
-        let mut out = vec![0f32; tokens * rows];
         if tokens == 0 || rows == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
         let mut acts = vec![SuperAct::default(); tokens * kb];
         let parallel = rows * kb * tokens >= PARALLEL_MIN_WORK;
@@ -640,17 +639,20 @@ impl PackedKQuant {
             }
         }
         let acts = &acts[..];
-        for_each_tile(rows, tokens, self.format.max_tokens(), bias, parallel, &mut out, |tile, ts, res| {
-            let act_rows: [&[SuperAct]; MAX_TOKENS] = std::array::from_fn(|i| {
-                if i < ts.len() {
-                    &acts[(ts.start + i) * kb..(ts.start + i + 1) * kb]
-                } else {
-                    &[][..]
-                }
+        let products = |out: &SharedOut<'_, std::mem::MaybeUninit<f32>>| {
+            for_each_tile(rows, tokens, self.format.max_tokens(), bias, parallel, out, |tile, ts, res| {
+                let act_rows: [&[SuperAct]; MAX_TOKENS] = std::array::from_fn(|i| {
+                    if i < ts.len() {
+                        &acts[(ts.start + i) * kb..(ts.start + i + 1) * kb]
+                    } else {
+                        &[][..]
+                    }
+                });
+                self.tile_dot(level, tile, &act_rows[..ts.len()], res);
             });
-            self.tile_dot(level, tile, &act_rows[..ts.len()], res);
-        });
-        Ok(out)
+        };
+        // SAFETY: `for_each_tile` writes all `tokens × rows` outputs.
+        Ok(unsafe { written(tokens * rows, products) })
     }
 
     /// Dot products of tile `tile` against `acts.len()` (1..=MAX_TOKENS) rows.

@@ -32,13 +32,14 @@
 //! each group's sum separately anyway: candle's AVX2 dot products, which we reproduce
 //! bit for bit, keep one float accumulator per group (see `x86.rs`).
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use candle_core::quantized::GgmlDType;
 
 use super::act::{group_offsets, quantize_row, ActBlock, GroupOffsets, GROUPS, QK};
 use super::lines::Lines;
-use crate::cpu_buffer::SharedOut;
+use crate::cpu_buffer::{write_slice, written, SharedOut};
 use crate::error::{Error, Result};
 
 pub(crate) const TILE: usize = 16;
@@ -462,9 +463,8 @@ impl PackedWeights {
                 )));
             }
         }
-        let mut out = vec![0f32; tokens * rows];
         if tokens == 0 || rows == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
         let pool = candle_core::utils::barrier_pool();
         let parallel = rows * kb * tokens >= PARALLEL_MIN_WORK && self.n_tiles > 1;
@@ -521,25 +521,28 @@ impl PackedWeights {
 
         // `offs` is empty or, like `acts`, `tokens × kb` blocks.
         let (acts, offs) = (&acts[..], &offs[..]);
-        for_each_tile(rows, tokens, MAX_TOKENS, bias, parallel, &mut out, |tile, ts, res| {
-            let act_rows: [&[ActBlock]; MAX_TOKENS] = std::array::from_fn(|i| {
-                if i < ts.len() {
-                    &acts[(ts.start + i) * kb..(ts.start + i + 1) * kb]
-                } else {
-                    &[][..]
-                }
+        let products = |out: &SharedOut<'_, MaybeUninit<f32>>| {
+            for_each_tile(rows, tokens, MAX_TOKENS, bias, parallel, out, |tile, ts, res| {
+                let act_rows: [&[ActBlock]; MAX_TOKENS] = std::array::from_fn(|i| {
+                    if i < ts.len() {
+                        &acts[(ts.start + i) * kb..(ts.start + i + 1) * kb]
+                    } else {
+                        &[][..]
+                    }
+                });
+                let off_rows: [&[GroupOffsets]; MAX_TOKENS] = std::array::from_fn(|i| {
+                    if i < ts.len() && !offs.is_empty() {
+                        &offs[(ts.start + i) * kb..(ts.start + i + 1) * kb]
+                    } else {
+                        &[][..]
+                    }
+                });
+                let off_rows = if offs.is_empty() { &[][..] } else { &off_rows[..ts.len()] };
+                self.tile_dot(level, tile, &act_rows[..ts.len()], off_rows, res);
             });
-            let off_rows: [&[GroupOffsets]; MAX_TOKENS] = std::array::from_fn(|i| {
-                if i < ts.len() && !offs.is_empty() {
-                    &offs[(ts.start + i) * kb..(ts.start + i + 1) * kb]
-                } else {
-                    &[][..]
-                }
-            });
-            let off_rows = if offs.is_empty() { &[][..] } else { &off_rows[..ts.len()] };
-            self.tile_dot(level, tile, &act_rows[..ts.len()], off_rows, res);
-        });
-        Ok(out)
+        };
+        // SAFETY: `for_each_tile` writes all `tokens × rows` outputs.
+        Ok(unsafe { written(tokens * rows, products) })
     }
 
     /// Dot products of tile `tile` against `acts.len()` (1..=MAX_TOKENS) activation rows;
@@ -597,7 +600,8 @@ impl PackedWeights {
 
 /// Runs `dot(tile, token rows, results)` for every 16-row tile and every run of at most
 /// `max_tokens` (≤ [`MAX_TOKENS`]) token rows, adds the bias and writes the results
-/// into `out` (`tokens × rows`), tiles spread over candle's pool when `parallel`.
+/// into `y` (`tokens × rows`, every value), tiles spread over candle's pool when
+/// `parallel`.
 /// The driver every tile format shares.
 pub(crate) fn for_each_tile(
     rows: usize,
@@ -605,12 +609,11 @@ pub(crate) fn for_each_tile(
     max_tokens: usize,
     bias: Option<&[f32]>,
     parallel: bool,
-    out: &mut [f32],
+    y: &SharedOut<'_, MaybeUninit<f32>>,
     dot: impl Fn(usize, Range<usize>, &mut [[f32; TILE]]) + Sync,
 ) {
-    assert!((1..=MAX_TOKENS).contains(&max_tokens) && out.len() == rows * tokens);
+    assert!((1..=MAX_TOKENS).contains(&max_tokens) && y.len() == rows * tokens);
     let n_tiles = rows.div_ceil(TILE);
-    let y = SharedOut::new(out);
     let work = |range: Range<usize>| {
         for tile in range {
             let row0 = tile * TILE;
@@ -628,7 +631,7 @@ pub(crate) fn for_each_tile(
                     // SAFETY: this tile owns columns row0..row0+valid of every output
                     // row, and each tile goes to exactly one worker.
                     let dst = unsafe { y.segment((t0 + i) * rows + row0, valid) };
-                    dst.copy_from_slice(&r[..valid]);
+                    write_slice(dst, &r[..valid]);
                 }
             }
         }
