@@ -155,9 +155,7 @@ impl Layer {
                 attends.iter().map(|(q, history, span)| self.attention(q, history, span)).collect::<Result<Vec<_>>>()?;
             if outputs.len() == 1 { outputs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outputs, 0)? }
         };
-        let attn = post_norm(self.o.forward(&attn)?, self.post_attention_norm.as_ref())?;
-        let x = (x + attn)?;
-        let h = self.ffn_norm.forward(&x)?;
+        let (x, h) = crate::residual::add_then_norm(x, &self.o.forward(&attn)?, self.post_attention_norm.as_ref(), &self.ffn_norm)?;
         let ffn = match &self.ffn {
             Ffn::Dense { gate_up, down } => {
                 let [gate, up] = gate_up.forward(&h)?;
@@ -165,8 +163,7 @@ impl Layer {
             }
             Ffn::Experts(moe) => moe.forward(&h)?,
         };
-        let ffn = post_norm(ffn, self.post_ffn_norm.as_ref())?;
-        Ok((x + ffn)?)
+        crate::residual::add(&x, &ffn, self.post_ffn_norm.as_ref())
     }
 
     /// The first key position `span` may see and how many cached positions before it
@@ -229,13 +226,6 @@ impl Layer {
 fn per_head_norm(x: Tensor, norm: Option<&RmsNorm>) -> Result<Tensor> {
     match norm {
         Some(norm) => norm.forward_heads(&x),
-        None => Ok(x),
-    }
-}
-
-fn post_norm(x: Tensor, norm: Option<&RmsNorm>) -> Result<Tensor> {
-    match norm {
-        Some(norm) => norm.forward(&x),
         None => Ok(x),
     }
 }

@@ -27,6 +27,7 @@ pub mod logits_file;
 mod moe;
 mod norm;
 mod parallel;
+mod residual;
 pub mod perplexity;
 pub mod pool_rest;
 mod rope;

@@ -8,31 +8,61 @@ use std::io::BufReader;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::cpu_buffer::{as_matrix, f32_values, written, zeroed, Rows, SharedOut};
+use crate::cpu_buffer::{as_matrix, written, zeroed, Rows, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::ModelFile;
 
 /// Below this many values a CPU norm stays on the calling thread.
 const PARALLEL_MIN_VALUES: usize = 1 << 15;
 /// Rows whose sums of squares one thread runs side by side.
-const LANES: usize = 4;
+pub(crate) const LANES: usize = 4;
 
 /// A root-mean-square norm with a learned scale. Gemma's `1 + w` is already folded
 /// into the weights by llama.cpp's converter, so one formula serves every family.
 #[derive(Debug, Clone)]
 pub(crate) struct RmsNorm {
     weight: Tensor,
+    /// The weight's values when it is f32 in CPU memory, for the one-pass CPU paths.
+    cpu_weight: Option<std::sync::Arc<[f32]>>,
     eps: f64,
 }
 
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
-        Self { weight, eps }
+        let cpu_weight = (weight.device().is_cpu() && weight.dtype() == DType::F32)
+            .then(|| weight.flatten_all().and_then(|w| w.to_vec1::<f32>()).ok())
+            .flatten()
+            .map(std::sync::Arc::from);
+        Self { weight, cpu_weight, eps }
     }
 
     pub fn load(file: &ModelFile, reader: &mut BufReader<File>, name: &str, device: &Device) -> Result<Self> {
         let weight = file.load_tensor(reader, name, device)?.dequantize(device)?;
-        Ok(Self { weight, eps: file.info().norm_eps })
+        Ok(Self::new(weight, file.info().norm_eps))
+    }
+
+    /// The weight's values, when the one-pass CPU arithmetic can run (the weight is
+    /// f32 in CPU memory).
+    pub(crate) fn cpu_weight(&self) -> Option<&[f32]> {
+        self.cpu_weight.as_deref()
+    }
+
+    /// Each row's `1/sqrt(Σx²/width + eps)`, `forward`'s arithmetic (the squares summed
+    /// in f64 in order), for `L` rows side by side: each keeps its own sum in order (so
+    /// its bits), and the independent additions overlap instead of each waiting for
+    /// the one before it.
+    pub(crate) fn scales<const L: usize>(&self, rows: [&[f32]; L]) -> [f32; L] {
+        let width = rows[0].len();
+        assert!(rows.iter().all(|r| r.len() == width), "norm rows differ in length");
+        let mut sums = [0f64; L];
+        for i in 0..width {
+            for (sum, row) in sums.iter_mut().zip(&rows) {
+                let v = f64::from(row[i]);
+                *sum += v * v;
+            }
+        }
+        let inv_width = 1.0 / width as f64;
+        sums.map(|sum| ((sum * inv_width + self.eps) as f32).sqrt().recip())
     }
 
     /// The weight's length: what the last dimension of an input must be.
@@ -71,14 +101,13 @@ impl RmsNorm {
     fn forward_segments(&self, x: &Tensor) -> Result<Tensor> {
         let width = self.weight.elem_count();
         let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if !on_cpu_f32(x) || !on_cpu_f32(&self.weight) {
+        let Some(weight) = self.cpu_weight().filter(|_| on_cpu_f32(x)) else {
             let dims = x.dims().to_vec();
             let row = x.dim(D::Minus1)?;
             return Ok(self.forward_ops(&x.reshape(((), row / width, width))?)?.reshape(dims)?);
-        }
+        };
         let dims = x.dims().to_vec();
         let x = as_matrix(x)?;
-        let weight = self.weight.contiguous()?;
         let (rows, row_width) = x.dims2()?;
         let out = {
             let (storage, layout) = x.storage_and_layout();
@@ -86,9 +115,6 @@ impl RmsNorm {
                 drop(storage);
                 return self.forward_segments(&x.contiguous()?);
             };
-            let (w_storage, w_layout) = weight.storage_and_layout();
-            let weight = f32_values(&w_storage, w_layout, width, "norm weight")?;
-            let (inv_width, eps) = (1.0 / width as f64, self.eps);
             let per_row = row_width / width;
             let fill = |shared: &SharedOut<'_, MaybeUninit<f32>>| {
                 let run = |rows: std::ops::Range<usize>| {
@@ -98,22 +124,13 @@ impl RmsNorm {
                         let (row, j) = (rows.start + s / per_row, s % per_row);
                         &src.row(row)[j * width..(j + 1) * width]
                     };
-                    // Segments `LANES` at a time: each keeps its own sum in order (so its
-                    // bits), and the independent additions overlap instead of each
-                    // waiting for the one before it.
+                    // Segments `LANES` at a time (see `scales`).
                     let segments = rows.len() * per_row;
                     for first in (0..segments).step_by(LANES) {
                         let count = LANES.min(segments - first);
                         let parts: [&[f32]; LANES] = std::array::from_fn(|l| segment(first + l.min(count - 1)));
-                        let mut sums = [0f64; LANES];
-                        for i in 0..width {
-                            for (sum, part) in sums.iter_mut().zip(&parts) {
-                                let v = f64::from(part[i]);
-                                *sum += v * v;
-                            }
-                        }
-                        for (l, (sum, part)) in sums.iter().zip(&parts).take(count).enumerate() {
-                            let scale = ((sum * inv_width + eps) as f32).sqrt().recip();
+                        let scales = self.scales(parts);
+                        for (l, (&scale, part)) in scales.iter().zip(&parts).take(count).enumerate() {
                             let out = &mut dst[(first + l) * width..(first + l + 1) * width];
                             for ((o, &v), &w) in out.iter_mut().zip(*part).zip(weight) {
                                 *o = v * scale * w;
