@@ -8,7 +8,7 @@ use std::io::BufReader;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::cpu_buffer::{as_matrix, written, zeroed, Rows, SharedOut};
+use crate::cpu_buffer::{as_matrix, written, Rows, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::ModelFile;
 
@@ -119,7 +119,7 @@ impl RmsNorm {
             let fill = |shared: &SharedOut<'_, MaybeUninit<f32>>| {
                 let run = |rows: std::ops::Range<usize>| {
                     // SAFETY: each row index goes to exactly one thread, so the rows are disjoint.
-                    let dst = zeroed(unsafe { shared.segment(rows.start * row_width, rows.len() * row_width) });
+                    let dst = unsafe { shared.segment(rows.start * row_width, rows.len() * row_width) };
                     let segment = |s: usize| {
                         let (row, j) = (rows.start + s / per_row, s % per_row);
                         &src.row(row)[j * width..(j + 1) * width]
@@ -133,7 +133,7 @@ impl RmsNorm {
                         for (l, (&scale, part)) in scales.iter().zip(&parts).take(count).enumerate() {
                             let out = &mut dst[(first + l) * width..(first + l + 1) * width];
                             for ((o, &v), &w) in out.iter_mut().zip(*part).zip(weight) {
-                                *o = v * scale * w;
+                                o.write(v * scale * w);
                             }
                         }
                     }
