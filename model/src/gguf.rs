@@ -509,7 +509,17 @@ fn read_info(content: &Content) -> Result<ModelInfo> {
     // Multi-token-prediction layers (GLM-4.5) are counted in `block_count` but are
     // not part of generating the next token: they are left out.
     let nextn = m.get("nextn_predict_layers").and_then(value_as_u64).unwrap_or(0) as usize;
-    let layers = m.usize("block_count")?.saturating_sub(nextn);
+    let block_count = m.usize("block_count")?;
+    // Every layer holds tensors of its own, so a count beyond the file's tensors is
+    // damage; per-layer tables are sized from it (a damaged count of 4·10⁹ asked for
+    // 33 GB and aborted the process).
+    if block_count > content.tensor_infos.len() {
+        return Err(Error::InvalidModel(format!(
+            "{block_count} layers, but the file holds only {} tensors",
+            content.tensor_infos.len()
+        )));
+    }
+    let layers = block_count.saturating_sub(nextn);
     let hidden = m.usize("embedding_length")?;
     let heads = m.usize("attention.head_count")?;
     let kv_heads = match m.get("attention.head_count_kv") {
@@ -848,6 +858,22 @@ mod tests {
         std::fs::write(&good, &patched).unwrap();
         let err = ModelFile::open(&good).unwrap_err();
         assert!(matches!(err, Error::UnsupportedTensorType(_)), "{err}");
+    }
+
+    /// A layer count beyond what the file's tensors can hold is refused, not allocated.
+    #[test]
+    fn rejects_a_layer_count_beyond_the_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = SyntheticModel::tiny().write_to(dir.path()).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let key = b".block_count";
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+        // The key, then the value's type (u32) and the value (u32).
+        assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes(), "block_count is a u32");
+        bytes[at + 4..at + 8].copy_from_slice(&0xF000_0000u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let err = ModelFile::open(&path).unwrap_err();
+        assert!(matches!(&err, Error::InvalidModel(m) if m.contains("layers")), "{err}");
     }
 
     #[test]
