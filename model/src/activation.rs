@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::cpu_buffer::{as_matrix, written, Rows, SharedOut};
+use crate::cpu_buffer::{as_matrix, is_cpu_f32, written, Rows, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::Activation;
 
@@ -61,8 +61,7 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, activation: Activation) -> Resul
     if gate.dims() != up.dims() {
         return Err(Error::BadInput(format!("gate {:?} and up {:?} differ in shape", gate.dims(), up.dims())));
     }
-    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !on_cpu_f32(gate) || !on_cpu_f32(up) {
+    if !is_cpu_f32(gate) || !is_cpu_f32(up) {
         return Ok((activate(gate, activation)? * up)?);
     }
     let dims = gate.dims().to_vec();

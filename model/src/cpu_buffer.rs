@@ -8,6 +8,12 @@ use candle_core::{DType, Layout, Storage, Tensor};
 
 use crate::error::{Error, Result};
 
+/// Whether `t` is f32 in CPU memory: what the one-pass CPU paths (norms, activation,
+/// rotation, residual) read directly; anything else takes candle's operations.
+pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
 /// The `n` f32 values of a contiguous CPU tensor, borrowed from its storage (held by
 /// the caller's `storage_and_layout` guard); `what` names the input in errors.
 pub(crate) fn f32_values<'a>(storage: &'a Storage, layout: &Layout, n: usize, what: &str) -> Result<&'a [f32]> {

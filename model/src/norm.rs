@@ -8,7 +8,7 @@ use std::io::BufReader;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::cpu_buffer::{as_matrix, written, Rows, SharedOut};
+use crate::cpu_buffer::{as_matrix, is_cpu_f32, written, Rows, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::ModelFile;
 
@@ -100,8 +100,7 @@ impl RmsNorm {
     /// `width`, checked by the callers).
     fn forward_segments(&self, x: &Tensor) -> Result<Tensor> {
         let width = self.weight.elem_count();
-        let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        let Some(weight) = self.cpu_weight().filter(|_| on_cpu_f32(x)) else {
+        let Some(weight) = self.cpu_weight().filter(|_| is_cpu_f32(x)) else {
             let dims = x.dims().to_vec();
             let row = x.dim(D::Minus1)?;
             return Ok(self.forward_ops(&x.reshape(((), row / width, width))?)?.reshape(dims)?);
@@ -131,10 +130,7 @@ impl RmsNorm {
                         let parts: [&[f32]; LANES] = std::array::from_fn(|l| segment(first + l.min(count - 1)));
                         let scales = self.scales(parts);
                         for (l, (&scale, part)) in scales.iter().zip(&parts).take(count).enumerate() {
-                            let out = &mut dst[(first + l) * width..(first + l + 1) * width];
-                            for ((o, &v), &w) in out.iter_mut().zip(*part).zip(weight) {
-                                o.write(v * scale * w);
-                            }
+                            write_normed(&mut dst[(first + l) * width..(first + l + 1) * width], part, scale, weight);
                         }
                     }
                 };
@@ -153,6 +149,13 @@ impl RmsNorm {
         let mean = x.to_dtype(DType::F64)?.sqr()?.sum_keepdim(D::Minus1)?.affine(1.0 / width, self.eps)?;
         let scale = mean.to_dtype(DType::F32)?.sqrt()?.recip()?;
         Ok(x.broadcast_mul(&scale)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// One row of a norm's output, `(x·scale)·w`, given its `scale` (`RmsNorm::scales`).
+pub(crate) fn write_normed(out: &mut [MaybeUninit<f32>], row: &[f32], scale: f32, weight: &[f32]) {
+    for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
+        o.write(v * scale * w);
     }
 }
 

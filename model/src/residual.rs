@@ -4,11 +4,11 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
-use crate::cpu_buffer::{written, zeroed, Rows, SharedOut};
+use crate::cpu_buffer::{is_cpu_f32, written, zeroed, Rows, SharedOut};
 use crate::error::{Error, Result};
-use crate::norm::{RmsNorm, LANES};
+use crate::norm::{write_normed, RmsNorm, LANES};
 
 /// Below this many values the CPU pass stays on the calling thread.
 const PARALLEL_MIN_VALUES: usize = 1 << 15;
@@ -46,17 +46,21 @@ fn add_and_norm(
     if x.dims() != y.dims() {
         return Err(Error::BadInput(format!("residual {:?} and update {:?} differ in shape", x.dims(), y.dims())));
     }
-    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2;
+    let on_cpu_f32 = |t: &Tensor| is_cpu_f32(t) && t.rank() == 2;
     let hidden = x.dim(candle_core::D::Minus1)?;
-    let fits = |norm: Option<&RmsNorm>| norm.is_none_or(|n| n.cpu_weight().is_some_and(|w| w.len() == hidden));
-    if !on_cpu_f32(x) || !on_cpu_f32(y) || !fits(post) || !fits(next) || hidden == 0 {
-        let y = match post {
-            Some(norm) => norm.forward(y)?,
-            None => y.clone(),
-        };
-        let sum = (x + y)?;
-        let normed = next.map(|norm| norm.forward(&sum)).transpose()?;
-        return Ok((sum, normed));
+    // A norm with its weight values where the one pass can use them (`None` inside:
+    // no norm); `None`: the pass cannot run.
+    fn weights(norm: Option<&RmsNorm>, hidden: usize) -> Option<Option<(&RmsNorm, &[f32])>> {
+        match norm {
+            None => Some(None),
+            Some(n) => n.cpu_weight().filter(|w| w.len() == hidden).map(|w| Some((n, w))),
+        }
+    }
+    let (Some(post_weight), Some(next_weight)) = (weights(post, hidden), weights(next, hidden)) else {
+        return add_and_norm_ops(x, y, post, next);
+    };
+    if !on_cpu_f32(x) || !on_cpu_f32(y) || hidden == 0 {
+        return add_and_norm_ops(x, y, post, next);
     }
     let (x, y) = (x.contiguous()?, y.contiguous()?);
     let tokens = x.dim(0)?;
@@ -82,7 +86,7 @@ fn add_and_norm(
                     let row = |l: usize| first + l.min(count - 1);
                     let x_rows: [&[f32]; LANES] = std::array::from_fn(|l| xs.row(row(l)));
                     let y_rows: [&[f32]; LANES] = std::array::from_fn(|l| ys.row(row(l)));
-                    match post.and_then(|p| Some((p, p.cpu_weight()?))) {
+                    match post_weight {
                         Some((norm, weight)) => {
                             let scales = norm.scales(y_rows);
                             for (l, out) in sum.chunks_exact_mut(hidden).enumerate() {
@@ -99,18 +103,16 @@ fn add_and_norm(
                             }
                         }
                     }
-                    let (Some(hs), Some((norm, weight))) = (hs, next.and_then(|n| Some((n, n.cpu_weight()?)))) else {
+                    let (Some(hs), Some((norm, weight))) = (hs, next_weight) else {
                         continue;
                     };
                     // SAFETY: as the sum's rows above.
-                    let h = zeroed(unsafe { hs.segment(first * hidden, count * hidden) });
+                    let h = unsafe { hs.segment(first * hidden, count * hidden) };
                     let sum_rows: [&[f32]; LANES] =
                         std::array::from_fn(|l| &sum[l.min(count - 1) * hidden..][..hidden]);
                     let scales = norm.scales(sum_rows);
                     for (l, out) in h.chunks_exact_mut(hidden).enumerate() {
-                        for ((o, &v), &w) in out.iter_mut().zip(sum_rows[l]).zip(weight) {
-                            *o = v * scales[l] * w;
-                        }
+                        write_normed(out, sum_rows[l], scales[l], weight);
                     }
                 }
             };
@@ -132,9 +134,26 @@ fn add_and_norm(
     ))
 }
 
+/// `add_and_norm` as candle's operations: other devices, other types.
+fn add_and_norm_ops(
+    x: &Tensor,
+    y: &Tensor,
+    post: Option<&RmsNorm>,
+    next: Option<&RmsNorm>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let y = match post {
+        Some(norm) => norm.forward(y)?,
+        None => y.clone(),
+    };
+    let sum = (x + y)?;
+    let normed = next.map(|norm| norm.forward(&sum)).transpose()?;
+    Ok((sum, normed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) * 0.0173).collect()

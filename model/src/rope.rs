@@ -4,9 +4,9 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
-use crate::cpu_buffer::{f32_values, written, zeroed, Rows, SharedOut};
+use crate::cpu_buffer::{f32_values, is_cpu_f32, written, zeroed, Rows, SharedOut};
 use crate::error::{Error, Result};
 use crate::gguf::{ModelInfo, RopeScaling};
 
@@ -78,8 +78,7 @@ impl Rope {
             return Err(Error::BadInput(format!("rows of {width} values do not hold {heads} heads of {} or more", self.dims)));
         }
         let head_dim = width / heads;
-        let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if !on_cpu_f32(x) || !on_cpu_f32(&tables.0) || !on_cpu_f32(&tables.1) {
+        if !is_cpu_f32(x) || !is_cpu_f32(&tables.0) || !is_cpu_f32(&tables.1) {
             return self.apply(&x.reshape((len, heads, head_dim))?.transpose(0, 1)?.contiguous()?, tables);
         }
         let (x_storage, x_layout) = x.storage_and_layout();
@@ -175,6 +174,7 @@ impl Ropes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) * 0.0173).collect()
