@@ -9,6 +9,7 @@
 //! what a single-process generator or a pipeline's ends need.
 
 pub mod chat_template;
+pub mod core_pinning;
 pub mod device;
 pub mod device_check;
 pub mod error;
