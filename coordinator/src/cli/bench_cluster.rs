@@ -1,8 +1,9 @@
 //! `strata bench --workers N`: the pipeline against one process, measured in one run.
 //!
-//! 1. Single-process decode speed, in this process (all of `--threads`).
+//! 1. Single-process decode speed, in this process (all of `--threads`), and
 //! 2. N worker processes on loopback, driven by an in-process coordinator: a single
-//!    stream's decode speed on both return paths (runs interleaved, medians), so the
+//!    stream's decode speed on both return paths. The three alternate run by run
+//!    (medians), so the ratio compares the same stretch of the machine and the
 //!    faster path can be chosen on numbers.
 //! 3. Aggregate speed at 1, 4 and 16 concurrent streams.
 //! 4. Per-hop latency (p50/p99) from the frames' send stamps, as the receiving
@@ -55,7 +56,7 @@ struct Report {
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let (file, device) = args.model.open()?;
     let path = crate::model_store::resolve(&args.model.model)?;
-    let single = single_process_decode(&file, &device, args)?;
+    let single = SingleProcess::load(&file, &device, args)?;
     drop(file);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.worker_threads.unwrap_or_else(|| super::demo::threads_per_worker(cores, args.workers));
@@ -108,37 +109,47 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Decode tokens/s of the whole model in this process (median of `--runs`).
-fn single_process_decode(
-    file: &strata_model::ModelFile,
-    device: &strata_model::Device,
-    args: &BenchArgs,
-) -> anyhow::Result<f64> {
-    let mut stage = Stage::load(file, 0..file.info().layers, device, StageOptions::default())?;
-    let prompt = prompt_tokens(file.info().vocab_size, 32, 0);
-    let mut speeds = Vec::new();
-    for run in 0..args.runs.max(1) + 1 {
-        let seq = run as u64;
+/// The whole model in this process, decoding one stream: what the pipeline is
+/// compared with. Its runs alternate with the pipeline's, so that both see the
+/// same stretch of a machine whose speed drifts.
+struct SingleProcess {
+    stage: Stage,
+    prompt: Vec<u32>,
+    decode_tokens: usize,
+    runs: u64,
+}
+
+impl SingleProcess {
+    /// Loads the model and decodes once (not counted) to warm caches and the pool.
+    fn load(file: &strata_model::ModelFile, device: &strata_model::Device, args: &BenchArgs) -> anyhow::Result<Self> {
+        let stage = Stage::load(file, 0..file.info().layers, device, StageOptions::default())?;
+        let prompt = prompt_tokens(file.info().vocab_size, 32, 0);
+        let mut single = Self { stage, prompt, decode_tokens: args.decode_tokens, runs: 0 };
+        single.decode()?;
+        Ok(single)
+    }
+
+    /// Decode tokens/s of one run (the prompt's prefill not counted).
+    fn decode(&mut self) -> anyhow::Result<f64> {
+        let seq = self.runs;
+        self.runs += 1;
         let argmax = |out: Vec<StageOutput>| -> anyhow::Result<u32> {
             match out.last() {
                 Some(StageOutput::Logits(l)) => Ok(l.argmax(0)?.to_scalar::<u32>()?),
                 _ => anyhow::bail!("no logits"),
             }
         };
-        let mut next =
-            argmax(stage.forward(&[StageStep { seq, position: 0, input: StageInput::Tokens(prompt.clone()) }])?)?;
+        let prompt = StageInput::Tokens(self.prompt.clone());
+        let mut next = argmax(self.stage.forward(&[StageStep { seq, position: 0, input: prompt }])?)?;
         let t = Instant::now();
-        for i in 0..args.decode_tokens {
-            let step = StageStep { seq, position: prompt.len() + i, input: StageInput::Tokens(vec![next]) };
-            next = argmax(stage.forward(&[step])?)?;
+        for i in 0..self.decode_tokens {
+            let step = StageStep { seq, position: self.prompt.len() + i, input: StageInput::Tokens(vec![next]) };
+            next = argmax(self.stage.forward(&[step])?)?;
         }
         let secs = t.elapsed().as_secs_f64();
-        stage.release(seq);
-        if run > 0 {
-            speeds.push(args.decode_tokens as f64 / secs);
-        }
+        self.stage.release(seq);
+        Ok(self.decode_tokens as f64 / secs)
     }
-    Ok(median(&mut speeds))
 }
 
 /// Decode speed of one request: tokens after the first over the time since the
@@ -203,7 +214,7 @@ async fn pipeline(
     args: &BenchArgs,
     model: Arc<ServedModel>,
     threads: usize,
-    single: f64,
+    single: SingleProcess,
     path: &std::path::Path,
     children: &mut Children,
 ) -> anyhow::Result<Report> {
@@ -241,7 +252,15 @@ async fn pipeline(
     let paths = [ReturnPath::Coordinator, ReturnPath::Direct];
     let mut samples: [Vec<Vec<u32>>; 2] = [vec![Vec::new(); args.workers + 1], vec![Vec::new(); args.workers + 1]];
     let mut busy = vec![(0.0f64, 0u64); args.workers];
+    let single = Arc::new(std::sync::Mutex::new(single));
+    let mut single_speeds = Vec::new();
     for run in 0..args.runs.max(1) {
+        // The workers idle meanwhile; the compute runs off the runtime's thread.
+        let one = single.clone();
+        single_speeds.push(
+            tokio::task::spawn_blocking(move || one.lock().unwrap_or_else(std::sync::PoisonError::into_inner).decode())
+                .await??,
+        );
         for (k, path) in paths.iter().enumerate() {
             cluster.stats(true).await?;
             cluster.token_hops.take();
@@ -254,6 +273,8 @@ async fn pipeline(
             samples[k][args.workers].extend(cluster.token_hops.take());
         }
     }
+    drop(single);
+    let single = median(&mut single_speeds);
     let coordinator_return = median(&mut speeds[0]);
     let direct_return = median(&mut speeds[1]);
     let (kept, kept_path) = if direct_return >= coordinator_return {
