@@ -78,8 +78,11 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
         }
         rows += len;
     }
-    let queries = items.iter().map(|a| Ok(a.q.contiguous()?.flatten_all()?.to_vec1::<f32>()?)).collect::<Result<Vec<_>>>()?;
-    // The storage guards first, then the row views borrowing from them.
+    // The storage guards first, then the row views borrowing from them. (A copy of
+    // the queries, on the calling thread while the pool waited, took a few percent of
+    // a Gemma 3 prefill with its fresh pages.)
+    let q_storage: Vec<_> = items.iter().map(|a| a.q.storage_and_layout()).collect();
+    let queries = items.iter().zip(&q_storage).map(|(a, (s, l))| RowView::new(a.q, s, l)).collect::<Result<Vec<_>>>()?;
     let k_storage: Vec<_> = items.iter().map(|a| a.k.storage_and_layout()).collect();
     let v_storage: Vec<_> = items.iter().map(|a| a.v.storage_and_layout()).collect();
     let keys = items.iter().zip(&k_storage).map(|(a, (s, l))| RowView::new(a.k, s, l)).collect::<Result<Vec<_>>>()?;
@@ -87,9 +90,11 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
     // Unit u of item `it` (from `first_unit[it]`) is its head `u / len`, row `u % len`.
     let mut first_unit = Vec::with_capacity(items.len());
     let mut first_row = Vec::with_capacity(items.len());
+    let mut lens = Vec::with_capacity(items.len());
     let (mut units, mut row, mut work) = (0, 0, 0);
     for a in items {
         let (len, n) = (a.q.dim(1)?, a.k.dim(1)?);
+        lens.push(len);
         first_unit.push(units);
         first_row.push(row);
         units += heads * len;
@@ -102,7 +107,7 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
             for u in range {
                 let it = first_unit.partition_point(|&f| f <= u) - 1;
                 let a = &items[it];
-                let len = queries[it].len() / (heads * d);
+                let len = lens[it];
                 // A row's heads one after another (under grouped-query attention they read
                 // the same keys, still in cache), and the last rows first: they see the
                 // most keys, and the pool's last pieces of work should be the short ones.
@@ -114,7 +119,7 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
                 // SAFETY: unit (item, h, i) alone writes its row's head-h slice.
                 let dst = zeroed(unsafe { out_rows.segment(((first_row[it] + i) * heads + h) * d, d) });
                 attend_row(
-                    &queries[it][(h * len + i) * d..(h * len + i + 1) * d],
+                    queries[it].rows(h, i..i + 1),
                     keys[it].rows(kv, visible.clone()),
                     values[it].rows(kv, visible),
                     a.scale,
@@ -161,9 +166,10 @@ impl<'a> RowView<'a> {
 }
 
 /// One query row over its visible keys and values (rows of `q.len()` values one after
-/// another; see the module's note on the order). `weights` is scratch room. Compiled
-/// a second time for AVX2 where the CPU has it: plain multiplies and adds either way,
-/// so both copies give the same bits, the AVX2 one eight lanes to a register.
+/// another; see the module's note on the order) into `out`, which must be zeros.
+/// `weights` is scratch room. Compiled a second time for AVX2 where the CPU has it:
+/// plain multiplies and adds either way, so both copies give the same bits, the AVX2
+/// one eight lanes to a register.
 fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, weights: &mut Vec<f32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
@@ -202,7 +208,6 @@ fn attend_row_portable<const AVX2: bool>(
         // moved Gemma 3's top-token agreement with llama.cpp from 95.3% to 94.8%.)
         *w = libm::expf(*w - max);
     }
-    out.fill(0.0);
     let mut sum = 0f32;
     // Two values rows per pass over `out` (each element still adds them in key order,
     // `(o + w₁v₁) + w₂v₂`): half the loads and stores of `out`.
