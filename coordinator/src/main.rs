@@ -7,6 +7,7 @@ use strata_coordinator::cli::{self, Cli, Command};
 use strata_telemetry::{LogWriter, TraceArgs};
 
 fn main() -> ExitCode {
+    strata_platform::memory::keep_freed_buffers();
     let cli = parse_args();
     // Before anything else runs: this sizes the compute pool through the environment.
     cli::set_compute_threads(cli.threads);

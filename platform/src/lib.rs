@@ -8,7 +8,7 @@
 //! * [`foreground`]: whether a full-screen program has the foreground;
 //! * [`paths`]: where per-user caches and machine-wide service files live;
 //! * [`files`]: whether a path still names an open file;
-//! * [`memory`]: giving freed memory back to the system;
+//! * [`memory`]: keeping freed buffers for reuse, and giving freed memory back;
 //! * [`nvidia`]: the names of NVIDIA's driver libraries;
 //! * [`firewall`]: opening the worker's ports in the Windows firewall.
 

@@ -22,6 +22,7 @@ use strata_worker::{Cli, Command, WorkerArgs, WorkerConfig};
 use windows_service::IdentityPlace;
 
 fn main() -> ExitCode {
+    strata_platform::memory::keep_freed_buffers();
     let cli = parse_args();
     let result = match cli.command {
         None => serve(cli.serve),
