@@ -30,6 +30,7 @@ pub enum PinError {
 /// The core each compute thread gets, indexed as candle numbers them: its pool
 /// threads `0..threads - 1`, then the thread that calls into the pool. The caller
 /// takes the first core, since it also does the step's serial work.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn assignment(allowed: &[usize], threads: usize) -> Result<Vec<usize>, PinError> {
     if threads == 0 || allowed.len() < threads {
         return Err(PinError::TooFewCores { threads, cores: allowed.len() });
