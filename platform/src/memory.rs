@@ -14,8 +14,8 @@ const TRIM_FROM: i32 = 128 << 20;
 /// and glibc's default returns much of that between ops: each buffer then costs
 /// page faults, and the kernel zeroing every page, on the thread that touches it
 /// first (often the one the pool waits for). With these thresholds a 128-token
-/// prefill of SmolLM2 ran 1.3-1.5x faster (5 of 5 alternating pairs), for a peak
-/// of 128 against 126 MiB. [`release_freed_memory`] still returns everything free
+/// prefill of SmolLM2 ran 1.35-1.8x faster (8 of 8 alternating pairs, 2026-12-05),
+/// for a peak of 128 against 126 MiB. [`release_freed_memory`] still returns everything free
 /// when a model is dropped. Other allocators keep memory by their own rules.
 pub fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
