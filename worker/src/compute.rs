@@ -474,13 +474,13 @@ impl Compute {
                 match self.next_message(&mut rx) {
                     Some(message) => pending.push_back(message),
                     None => {
-                        post(&self.outputs, &self.hub, self.stage_index, std::mem::take(&mut self.outbox));
+                        self.flush_outbox();
                         return;
                     }
                 }
             }
             // More work came before the round's outputs went: they go now.
-            post(&self.outputs, &self.hub, self.stage_index, std::mem::take(&mut self.outbox));
+            self.flush_outbox();
             while let Ok(message) = rx.try_recv() {
                 pending.push_back(message);
             }
@@ -511,11 +511,11 @@ impl Compute {
     /// scheduler trace showed 0.3 ms of it a step). Nothing sent may use the pool,
     /// which is this job's until the wait ends.
     fn next_message(&mut self, rx: &mut mpsc::Receiver<Queued>) -> Option<Queued> {
-        let outbox = std::mem::take(&mut self.outbox);
         if LIVE_STAGES.load(Ordering::Relaxed) > 1 {
-            post(&self.outputs, &self.hub, self.stage_index, outbox);
+            self.flush_outbox();
             return rx.blocking_recv();
         }
+        let outbox = std::mem::take(&mut self.outbox);
         let (outputs, hub, stage_index) = (&self.outputs, &self.hub, self.stage_index);
         let rested = strata_model::pool_rest::wait_with_pool_asleep(|| {
             post(outputs, hub, stage_index, outbox);
@@ -525,6 +525,11 @@ impl Compute {
             Some(message) => message,
             None => rx.blocking_recv(),
         }
+    }
+
+    /// Sends what the last round produced (see [`post`]).
+    fn flush_outbox(&mut self) {
+        post(&self.outputs, &self.hub, self.stage_index, std::mem::take(&mut self.outbox));
     }
 
     /// Fails every open sequence: the compute thread stops after `reason`.

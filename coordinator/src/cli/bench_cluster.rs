@@ -214,7 +214,7 @@ async fn pipeline(
     args: &BenchArgs,
     model: Arc<ServedModel>,
     threads: usize,
-    single: SingleProcess,
+    mut single: SingleProcess,
     path: &std::path::Path,
     children: &mut Children,
 ) -> anyhow::Result<Report> {
@@ -252,15 +252,10 @@ async fn pipeline(
     let paths = [ReturnPath::Coordinator, ReturnPath::Direct];
     let mut samples: [Vec<Vec<u32>>; 2] = [vec![Vec::new(); args.workers + 1], vec![Vec::new(); args.workers + 1]];
     let mut busy = vec![(0.0f64, 0u64); args.workers];
-    let single = Arc::new(std::sync::Mutex::new(single));
     let mut single_speeds = Vec::new();
     for run in 0..args.runs.max(1) {
-        // The workers idle meanwhile; the compute runs off the runtime's thread.
-        let one = single.clone();
-        single_speeds.push(
-            tokio::task::spawn_blocking(move || one.lock().unwrap_or_else(std::sync::PoisonError::into_inner).decode())
-                .await??,
-        );
+        // The workers idle meanwhile; the runtime's tasks go on beside the compute.
+        single_speeds.push(tokio::task::block_in_place(|| single.decode())?);
         for (k, path) in paths.iter().enumerate() {
             cluster.stats(true).await?;
             cluster.token_hops.take();
