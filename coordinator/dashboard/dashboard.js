@@ -160,7 +160,8 @@ function nodeCard(n) {
   }
   for (const l of n.links || []) {
     const rtt = l.rtt_ms === null || l.rtt_ms === undefined ? "round trip –" : `${l.rtt_ms.toFixed(2)} ms round trip`;
-    rows.push([`link → ${l.to}`, `${rtt}, ${bytes(l.bytes_sent)} sent`]);
+    const lane = l.local_lane ? ", over a local lane" : "";
+    rows.push([`link → ${l.to}`, `${rtt}, ${bytes(l.bytes_sent)} sent${lane}`]);
   }
   if (n.reason) rows.push(["why", n.reason]);
   let action = null;

@@ -5,7 +5,8 @@
 //! releases in arrival order, and runs the frames as one batched forward, at most one
 //! frame per sequence (a sequence's later frames wait for the next round, so its
 //! positions stay in order). Outputs go to unbounded queues drained by forwarder
-//! tasks, so the thread never waits on the network while it has work.
+//! tasks, so the thread never waits on the network while it has work, or, to a
+//! worker on the same machine, straight onto a local lane's socket ([`Route`]).
 //!
 //! A bad frame becomes a SequenceError event for its sequence only; the rest of the
 //! batch runs.
@@ -29,6 +30,7 @@ use strata_proto::WorkerError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events::{unix_nanos, EventHub, Stats};
+use crate::route::Route;
 use crate::stage_trace::StageTrace;
 use crate::weights::WeightFile;
 
@@ -105,10 +107,10 @@ pub struct ComputeSpec {
 /// Where a stage's outputs go.
 #[derive(Default)]
 pub struct Outputs {
-    /// The next stage's Forward stream (all but the last stage).
-    pub next: Option<mpsc::UnboundedSender<StageMessage>>,
-    /// Stage 0's Forward stream, for direct-return tokens (the last stage).
-    pub first: Option<mpsc::UnboundedSender<StageMessage>>,
+    /// To the next stage (all but the last stage).
+    pub next: Option<Route>,
+    /// To stage 0, for direct-return tokens (the last stage).
+    pub first: Option<Route>,
 }
 
 /// The running compute thread. Dropping it closes the queue; the thread finishes
@@ -516,7 +518,7 @@ impl Compute {
             return rx.blocking_recv();
         }
         let outbox = std::mem::take(&mut self.outbox);
-        let (outputs, hub, stage_index) = (&self.outputs, &self.hub, self.stage_index);
+        let (outputs, hub, stage_index) = (&mut self.outputs, &self.hub, self.stage_index);
         let rested = strata_model::pool_rest::wait_with_pool_asleep(|| {
             post(outputs, hub, stage_index, outbox);
             recv_within(rx, POOL_REST_LIMIT)
@@ -529,7 +531,7 @@ impl Compute {
 
     /// Sends what the last round produced (see [`post`]).
     fn flush_outbox(&mut self) {
-        post(&self.outputs, &self.hub, self.stage_index, std::mem::take(&mut self.outbox));
+        post(&mut self.outputs, &self.hub, self.stage_index, std::mem::take(&mut self.outbox));
     }
 
     /// Fails every open sequence: the compute thread stops after `reason`.
@@ -646,7 +648,7 @@ impl Compute {
         // sequence while this one computes.
         if !self.stage.is_last() {
             let message = StageMessage { kind: Some(stage_message::Kind::Open(open)) };
-            post(&self.outputs, &self.hub, self.stage_index, vec![Outgoing::Next { seq, message }]);
+            post(&mut self.outputs, &self.hub, self.stage_index, vec![Outgoing::Next { seq, message }]);
         }
     }
 
@@ -686,7 +688,7 @@ impl Compute {
         self.stage.release(release.seq_id);
         self.sequences.remove(&release.seq_id);
         let seq = release.seq_id;
-        if let Some(next) = &self.outputs.next {
+        if let Some(next) = &mut self.outputs.next {
             let _ = next.send(StageMessage {
                 kind: Some(stage_message::Kind::Release(release)),
             });
@@ -925,28 +927,36 @@ enum Outgoing {
     Event(worker_event::Kind),
 }
 
-/// Sends a round's outputs in the order they were produced; a stage that cannot be
-/// reached fails the sequence. Only channel sends: this runs while the compute
-/// pool is held asleep.
-fn post(outputs: &Outputs, hub: &EventHub, stage_index: u32, outbox: Vec<Outgoing>) {
+/// Sends a round's outputs: first the frames, in the order they were produced,
+/// then what goes to the coordinator (tokens, and a failure for each sequence
+/// whose frame found no way on), also in order. The frames first: they are the
+/// next stage's work, while an event wakes this worker's runtime thread, which on
+/// a machine with few cores can take this thread's core before a frame is out.
+/// Only channel sends and socket writes: this runs while the compute pool is held
+/// asleep.
+fn post(outputs: &mut Outputs, hub: &EventHub, stage_index: u32, outbox: Vec<Outgoing>) {
+    let mut to_coordinator = Vec::with_capacity(outbox.len());
     for outgoing in outbox {
         let (seq, unreachable) = match outgoing {
             Outgoing::Next { seq, message } => {
-                let sent = outputs.next.as_ref().is_some_and(|next| next.send(message).is_ok());
+                let sent = outputs.next.as_mut().is_some_and(|next| next.send(message));
                 (seq, (!sent).then(|| format!("stage {stage_index} has no connection to the next stage")))
             }
             Outgoing::First { seq, message } => {
-                let sent = outputs.first.as_ref().is_some_and(|first| first.send(message).is_ok());
+                let sent = outputs.first.as_mut().is_some_and(|first| first.send(message));
                 (seq, (!sent).then(|| "direct return: stage 0 is not connected".to_string()))
             }
             Outgoing::Event(kind) => {
-                hub.emit(kind);
+                to_coordinator.push(kind);
                 continue;
             }
         };
         if let Some(message) = unreachable {
-            hub.sequence_error(seq, ErrorCode::NextStageUnreachable, message, stage_index);
+            to_coordinator.push(crate::events::sequence_error(seq, ErrorCode::NextStageUnreachable, message, stage_index));
         }
+    }
+    for kind in to_coordinator {
+        hub.emit(kind);
     }
 }
 
@@ -1152,7 +1162,7 @@ mod tests {
     #[test]
     fn a_rounds_outputs_go_in_order_and_an_unreachable_stage_fails_its_sequence() {
         let (next, mut to_next) = mpsc::unbounded_channel();
-        let outputs = Outputs { next: Some(next), first: None };
+        let mut outputs = Outputs { next: Some(Route::forwarder(next)), first: None };
         let hub = EventHub::default();
         let mut events = hub.subscribe();
         let token = v1::TokenSampled { seq_id: 3, position: 9, token: 42, ..Default::default() };
@@ -1163,7 +1173,7 @@ mod tests {
             // No connection back to stage 0.
             Outgoing::First { seq: 3, message: frame(3, 9) },
         ];
-        post(&outputs, &hub, 2, outbox);
+        post(&mut outputs, &hub, 2, outbox);
         assert_eq!(position(to_next.try_recv().expect("first frame")), Some(5));
         assert_eq!(position(to_next.try_recv().expect("second frame")), Some(7));
         assert!(to_next.try_recv().is_err());

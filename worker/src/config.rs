@@ -133,6 +133,10 @@ pub struct WorkerArgs {
     /// this worker --join).
     #[arg(long, env = "STRATA_NO_MDNS")]
     pub no_mdns: bool,
+    /// Send frames to workers on this machine over gRPC only, not over a local
+    /// Unix socket (to compare the two; Linux has the sockets, other systems not).
+    #[arg(long, env = "STRATA_NO_LOCAL_LANES")]
+    pub no_local_lanes: bool,
     /// The cluster to advertise in over mDNS: coordinators started with another
     /// name ignore this worker. Only a hash of it is sent.
     #[arg(long, env = "STRATA_CLUSTER", default_value = strata_discovery::DEFAULT_CLUSTER)]
@@ -309,6 +313,9 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     /// Advertise over mDNS once serving.
     pub mdns: bool,
+    /// Frames to and from workers on this machine go over Unix sockets
+    /// ([`crate::local_lane`]).
+    pub local_lanes: bool,
     pub cluster: String,
     pub name: String,
     pub models: Vec<PathBuf>,
@@ -337,6 +344,7 @@ impl WorkerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
             mdns: false,
+            local_lanes: true,
             cluster: strata_discovery::DEFAULT_CLUSTER.into(),
             name: "worker".into(),
             models: Vec::new(),
@@ -409,6 +417,7 @@ impl WorkerConfig {
             listen,
             advertise: args.advertise,
             mdns: !args.no_mdns,
+            local_lanes: !args.no_local_lanes,
             cluster: args.cluster,
             name,
             models: args.models,
@@ -641,5 +650,7 @@ mod tests {
         assert!(!off.mdns);
         assert_eq!(off.cluster, "lab");
         assert!(!WorkerConfig::local(PathBuf::from("/tmp/x")).mdns, "in-process test workers stay off mDNS");
+        let no_lanes = WorkerConfig::from_args(args(&["--cache-dir", "/tmp/x", "--no-local-lanes"]), &no_env).unwrap();
+        assert!(on.local_lanes && !no_lanes.local_lanes);
     }
 }

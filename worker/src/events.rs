@@ -30,9 +30,14 @@ impl EventHub {
     }
 
     pub fn sequence_error(&self, seq_id: u64, code: ErrorCode, message: String, stage_index: u32) {
-        tracing::debug!(seq_id, ?code, %message, "sequence error");
-        self.emit(worker_event::Kind::Error(v1::SequenceError { seq_id, code: code as i32, message, stage_index }));
+        self.emit(sequence_error(seq_id, code, message, stage_index));
     }
+}
+
+/// The event that fails sequence `seq_id` (logged as it is made).
+pub fn sequence_error(seq_id: u64, code: ErrorCode, message: String, stage_index: u32) -> worker_event::Kind {
+    tracing::debug!(seq_id, ?code, %message, "sequence error");
+    worker_event::Kind::Error(v1::SequenceError { seq_id, code: code as i32, message, stage_index })
 }
 
 /// Holds `m` even if a thread panicked while holding it: the data here (queues,

@@ -24,7 +24,9 @@ pub mod drain;
 pub mod events;
 pub mod forwarder;
 pub mod links;
+pub mod local_lane;
 pub mod profile;
+pub mod route;
 pub mod self_bench;
 mod stage_trace;
 pub mod service;
@@ -115,6 +117,8 @@ pub async fn run(
         WorkerTrust::Missing => return Err(RunError::NoToken),
     }
     let transport = strata_trust::transport();
+    // Removed with the worker: a stage started later at this address serves its own.
+    let _local_lanes = service.serve_local_lanes();
     tracing::info!(%address, name = %config.name, "worker serving");
     if let Some(coordinator) = config.join.clone() {
         tokio::spawn(join_loop(service.clone(), coordinator, stop_rx.clone()));

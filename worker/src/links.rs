@@ -5,7 +5,7 @@
 //! link holds back every token that crosses it.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,11 +23,22 @@ pub struct LinkGauge {
     bytes_sent: AtomicU64,
     /// The last round trip in microseconds; 0 while none succeeded.
     rtt_micros: AtomicU64,
+    /// Frames go over a local lane ([`crate::local_lane`]).
+    local_lane: AtomicBool,
 }
 
 impl LinkGauge {
     pub fn sent(&self, bytes: usize) {
         self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn set_local_lane(&self, on: bool) {
+        self.local_lane.store(on, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub fn is_local_lane(&self) -> bool {
+        self.local_lane.load(Ordering::Relaxed)
     }
 
     fn round_trip(&self, took: Option<Duration>) {
@@ -60,6 +71,7 @@ impl Links {
                 address: address.clone(),
                 bytes_sent: g.bytes_sent.load(Ordering::Relaxed),
                 rtt_seconds: g.rtt_micros.load(Ordering::Relaxed) as f64 / 1e6,
+                local_lane: g.local_lane.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -92,6 +104,7 @@ mod tests {
         links.to("10.0.0.2:7000").sent(100);
         links.to("10.0.0.2:7000").sent(20);
         links.to("10.0.0.3:7000").round_trip(Some(Duration::from_micros(1500)));
+        links.to("10.0.0.3:7000").set_local_lane(true);
         links.to("10.0.0.4:7000");
         let report = links.snapshot();
         assert_eq!(report.len(), 2);
@@ -99,7 +112,8 @@ mod tests {
             (report[0].address.as_str(), report[0].bytes_sent, report[0].rtt_seconds),
             ("10.0.0.2:7000", 120, 0.0)
         );
-        assert_eq!((report[1].bytes_sent, report[1].rtt_seconds), (0, 0.0015));
+        assert_eq!((report[1].bytes_sent, report[1].rtt_seconds, report[1].local_lane), (0, 0.0015, true));
+        assert!(!report[0].local_lane);
         links.to("10.0.0.3:7000").round_trip(None);
         assert_eq!(links.snapshot()[1].rtt_seconds, 0.0, "a failed call leaves no figure");
         drop(held);

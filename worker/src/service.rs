@@ -27,7 +27,9 @@ use crate::drain::Drain;
 use crate::events::{lock, unix_nanos, EventHub, Stats};
 use crate::forwarder::{self, Forwarders, Peer};
 use crate::links::Links;
+use crate::local_lane::{self, Lane, LaneInbox};
 use crate::profile::Profile;
+use crate::route::Route;
 use crate::weights::{self, LocalModels, Pulls};
 
 mod kv_move;
@@ -98,6 +100,86 @@ struct Usage {
 impl Slot {
     fn newest(&self) -> Option<&Loaded> {
         self.shards.last().map(|(_, l)| l)
+    }
+}
+
+impl Shared {
+    /// Where frames for `pipeline` (the newest shard when unnamed) go: its compute
+    /// thread's channel, if that shard is loaded. A worker's frames are refused when
+    /// it was revoked or the shard's spec does not name it as a sender (with no such
+    /// shard, not loaded yet or dropped, they go nowhere, as anyone's). One lookup a
+    /// message: this runs for every frame of the hot path.
+    fn frame_destination(
+        &self,
+        pipeline: Option<u64>,
+        caller: &Caller,
+    ) -> Result<Option<mpsc::Sender<compute::Queued>>, Status> {
+        let sender = match caller {
+            Caller::Worker(node) if strata_trust::transport().is_revoked(node) => {
+                return Err(Status::permission_denied(format!("Forward: node {node} was revoked")));
+            }
+            Caller::Worker(node) => Some(node),
+            _ => None,
+        };
+        let slot = lock(&self.slot);
+        let loaded = match pipeline {
+            Some(id) => slot.shards.iter().find(|(p, _)| *p == id).map(|(_, l)| l),
+            None => slot.newest(),
+        };
+        match (loaded, sender) {
+            (Some(l), Some(node)) if !l.spec.frame_sender_node_ids.iter().any(|n| n == node.as_str()) => {
+                Err(Status::permission_denied(format!(
+                    "Forward: worker {node} is not the stage before this one in pipeline {}",
+                    l.spec.pipeline_id
+                )))
+            }
+            (loaded, _) => Ok(loaded.map(|l| l.compute.tx.clone())),
+        }
+    }
+
+    /// What every way in does with a stage message before it is queued: where it
+    /// goes (see [`Shared::frame_destination`]), counting the frame's hop; and the
+    /// sequence it belongs to, to fail if it cannot be delivered.
+    fn admit(
+        &self,
+        pipeline: Option<u64>,
+        caller: &Caller,
+        message: &StageMessage,
+    ) -> Result<(Option<mpsc::Sender<compute::Queued>>, Option<u64>), Status> {
+        let destination = self.frame_destination(pipeline, caller)?;
+        let seq = match &message.kind {
+            Some(stage_message::Kind::Frame(f)) => {
+                self.stats.record_hop(f.sent_unix_nanos);
+                Some(f.seq_id)
+            }
+            Some(stage_message::Kind::Open(o)) => Some(o.seq_id),
+            _ => None,
+        };
+        Ok((destination, seq))
+    }
+
+    /// A message of `seq` found no loaded shard.
+    fn undeliverable(&self, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            self.hub.sequence_error(seq, ErrorCode::NoShard, WorkerError::NoShard.to_string(), 0);
+        }
+    }
+}
+
+/// Messages over local lanes get what those of a Forward call get.
+impl LaneInbox for Shared {
+    fn deliver(&self, pipeline: u64, sender: &NodeId, message: StageMessage) -> Result<(), String> {
+        // As the sender would be known over gRPC: by its certificate's node, which
+        // the greeting names; on an --insecure cluster, not at all.
+        let caller =
+            if strata_trust::transport().secure() { Caller::Worker(sender.clone()) } else { Caller::Insecure };
+        let (destination, seq) = self.admit(Some(pipeline), &caller, &message).map_err(|s| s.message().to_string())?;
+        // On a lane's own thread, outside the runtime: a full queue holds the lane
+        // as it would hold a Forward stream.
+        if destination.is_none_or(|tx| tx.blocking_send(message.into()).is_err()) {
+            self.undeliverable(seq);
+        }
+        Ok(())
     }
 }
 
@@ -211,39 +293,6 @@ impl WorkerService {
         caches + weights_before.saturating_sub(weights_after)
     }
 
-    /// Where frames for `pipeline` (the newest shard when unnamed) go: its compute
-    /// thread's channel, if that shard is loaded. A worker's frames are refused when
-    /// it was revoked or the shard's spec does not name it as a sender (with no such
-    /// shard, not loaded yet or dropped, they go nowhere, as anyone's). One lookup a
-    /// message: this runs for every frame of the hot path.
-    fn frame_destination(
-        &self,
-        pipeline: Option<u64>,
-        caller: &Caller,
-    ) -> Result<Option<mpsc::Sender<compute::Queued>>, Status> {
-        let sender = match caller {
-            Caller::Worker(node) if strata_trust::transport().is_revoked(node) => {
-                return Err(Status::permission_denied(format!("Forward: node {node} was revoked")));
-            }
-            Caller::Worker(node) => Some(node),
-            _ => None,
-        };
-        let slot = lock(&self.shared.slot);
-        let loaded = match pipeline {
-            Some(id) => slot.shards.iter().find(|(p, _)| *p == id).map(|(_, l)| l),
-            None => slot.newest(),
-        };
-        match (loaded, sender) {
-            (Some(l), Some(node)) if !l.spec.frame_sender_node_ids.iter().any(|n| n == node.as_str()) => {
-                Err(Status::permission_denied(format!(
-                    "Forward: worker {node} is not the stage before this one in pipeline {}",
-                    l.spec.pipeline_id
-                )))
-            }
-            (loaded, _) => Ok(loaded.map(|l| l.compute.tx.clone())),
-        }
-    }
-
     /// The worker's drain state, for whatever may drain it.
     pub fn drain(&self) -> &Drain {
         &self.shared.drain
@@ -341,6 +390,38 @@ impl WorkerService {
         })
     }
 
+    /// The way to `peer` (the worker `node`) for a shard of `spec`: a forwarder,
+    /// and a local lane beside it when the peer serves one on this machine.
+    async fn route(&self, forwarders: &mut Forwarders, peer: Peer, node: &str, spec: &v1::ShardSpec) -> Route {
+        let shared = &self.shared;
+        // Under mutual TLS the peer must answer as the node the coordinator named;
+        // an --insecure cluster names none.
+        let expected = NodeId::new(node);
+        let lane = if shared.config.local_lanes && (expected.is_some() || !strata_trust::transport().secure()) {
+            let (address, sender, pipeline) = (peer.address.clone(), shared.node_id.clone(), spec.pipeline_id);
+            tokio::task::spawn_blocking(move || Lane::open(&address, expected.as_ref(), &sender, pipeline))
+                .await
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
+        let link = peer.link.clone();
+        let forwarder =
+            forwarders.spawn(peer, spec.pipeline_id, spec.stage_index, shared.hub.clone(), shared.stop.clone());
+        Route::new(forwarder, lane, link)
+    }
+
+    /// Serves this worker's local lane, while the value lives (`None` when turned
+    /// off or not possible here).
+    pub fn serve_local_lanes(&self) -> Option<local_lane::Listener> {
+        if !self.shared.config.local_lanes {
+            return None;
+        }
+        let inbox = Arc::downgrade(&self.shared) as std::sync::Weak<dyn LaneInbox>;
+        local_lane::Listener::open(&self.shared.address, self.shared.node_id.clone(), inbox)
+    }
+
     async fn load_locked(
         &self,
         spec: &v1::ShardSpec,
@@ -387,13 +468,7 @@ impl WorkerService {
                 channel,
                 link: shared.links.to(&spec.next_stage_address),
             };
-            outputs.next = Some(forwarders.spawn(
-                peer,
-                spec.pipeline_id,
-                spec.stage_index,
-                shared.hub.clone(),
-                shared.stop.clone(),
-            ));
+            outputs.next = Some(self.route(&mut forwarders, peer, &spec.next_stage_node_id, spec).await);
         } else if !spec.first_stage_address.is_empty() && layers.start != 0 {
             let channel = forwarder::connect(spec.first_stage_address.clone(), strata_trust::Dial::Worker)
                 .await
@@ -403,13 +478,7 @@ impl WorkerService {
                 channel,
                 link: shared.links.to(&spec.first_stage_address),
             };
-            outputs.first = Some(forwarders.spawn(
-                peer,
-                spec.pipeline_id,
-                spec.stage_index,
-                shared.hub.clone(),
-                shared.stop.clone(),
-            ));
+            outputs.first = Some(self.route(&mut forwarders, peer, &spec.first_stage_node_id, spec).await);
         }
         let compute_spec = ComputeSpec {
             files: located.files,
@@ -545,33 +614,22 @@ impl Worker for WorkerService {
             // Checked per message: a stage opens its stream to the next while that one
             // is still loading the shard that names who may send, and a sender revoked
             // while its stream is open is cut off at its next message.
-            let destination = match self.frame_destination(pipeline, &caller) {
-                Ok(destination) => destination,
+            let (destination, seq) = match self.shared.admit(pipeline, &caller, &message) {
+                Ok(admitted) => admitted,
                 Err(e) => {
                     tracing::warn!(?peer, "refused: {}", e.message());
                     return Err(e);
                 }
             };
-            if let Some(stage_message::Kind::Frame(f)) = &message.kind {
-                self.shared.stats.record_hop(f.sent_unix_nanos);
+            if let Some(stage_message::Kind::Frame(_)) = &message.kind {
                 frames += 1;
             }
-            let seq = match &message.kind {
-                Some(stage_message::Kind::Frame(f)) => Some(f.seq_id),
-                Some(stage_message::Kind::Open(o)) => Some(o.seq_id),
-                _ => None,
-            };
             let delivered = match destination {
                 Some(tx) => tx.send(message.into()).await.is_ok(),
                 None => false,
             };
-            if let (false, Some(seq)) = (delivered, seq) {
-                self.shared.hub.sequence_error(
-                    seq,
-                    ErrorCode::NoShard,
-                    WorkerError::NoShard.to_string(),
-                    0,
-                );
+            if !delivered {
+                self.shared.undeliverable(seq);
             }
         }
         Ok(Response::new(v1::ForwardSummary { frames }))

@@ -243,6 +243,10 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
             let _ = writeln!(out, "strata:link_round_trip_seconds{{{labels}}} {}", ms / 1e3);
         }
     }
+    family(out, "strata:link_local_lane", "gauge", "1 where a link's frames go over a Unix socket on one machine.");
+    for (labels, l) in links() {
+        let _ = writeln!(out, "strata:link_local_lane{{{labels}}} {}", u8::from(l.local_lane));
+    }
     family(out, "strata:pipeline_tokens_per_second", "gauge", "Tokens a second the cluster delivered lately.");
     let _ = writeln!(out, "strata:pipeline_tokens_per_second {}", s.measured_tokens_per_second);
     if let Some(p) = s.predicted_tokens_per_second {

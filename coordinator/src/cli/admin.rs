@@ -275,7 +275,8 @@ pub fn format_status(s: &ClusterStatus) -> String {
     for n in &s.nodes {
         for l in &n.links {
             let rtt = l.rtt_ms.map_or("round trip not measured yet".into(), |ms| format!("{ms:.2} ms round trip"));
-            out.push_str(&format!("link {} -> {}: {rtt}, {} sent\n", n.name, l.to, format_bytes(l.bytes_sent)));
+            let lane = if l.local_lane { ", over a local lane" } else { "" };
+            out.push_str(&format!("link {} -> {}: {rtt}, {} sent{lane}\n", n.name, l.to, format_bytes(l.bytes_sent)));
         }
     }
     out

@@ -64,6 +64,9 @@ pub struct LinkReport {
     pub bytes_sent: u64,
     /// The last round trip of a small call over the link (none measured yet).
     pub rtt_ms: Option<f64>,
+    /// Its frames go over a Unix socket (both workers on one machine).
+    #[serde(default)]
+    pub local_lane: bool,
 }
 
 /// A shard a worker is pulling, as its heartbeats report it.

@@ -179,6 +179,7 @@ fn link_report(link: &strata_proto::v1::LinkReport, members: &[Member]) -> LinkR
         address: link.address.clone(),
         bytes_sent: link.bytes_sent,
         rtt_ms: (link.rtt_seconds > 0.0).then_some(link.rtt_seconds * 1e3),
+        local_lane: link.local_lane,
     }
 }
 
