@@ -18,8 +18,12 @@ use strata_tests::{ClusterOptions, TestCluster};
 /// name, so the worker must find it by its executable.
 const GAME: &str = "strata-fake-game";
 
-/// Three times the drain tests': the worker notices the game within a poll (1 s),
-/// and the requests must still be running then (the context holds 512).
+/// Three times the drain tests': the worker notices the game within a poll
+/// ([`POLL`]), and the requests must still be running then (the context holds 512).
+/// `--yield-poll`: well within the requests' time, which local lanes shortened to
+/// well under the default second.
+const POLL: &str = "50ms";
+
 const STREAMS: StreamSpec = StreamSpec { max_tokens: 3 * MAX_TOKENS, temperature: None, ..StreamSpec::DEFAULT };
 
 /// The "game": a copy of `sleep` under the watched name, killed on drop.
@@ -56,7 +60,14 @@ async fn the_worker_yields_to_a_game_mid_generation_and_comes_back_after_it() ->
         serve_args: vec!["--queue-timeout".into(), "60".into()],
         worker_args: vec![
             vec![],
-            vec!["--yield-to-processes".into(), format!("steam.exe,{GAME}.exe"), "--yield-idle".into(), "1s".into()],
+            vec![
+                "--yield-to-processes".into(),
+                format!("steam.exe,{GAME}.exe"),
+                "--yield-idle".into(),
+                "1s".into(),
+                "--yield-poll".into(),
+                POLL.into(),
+            ],
         ],
         ..ClusterOptions::default()
     };
