@@ -173,6 +173,9 @@ mod linux {
     /// lanes already open end when their senders close them).
     pub struct Listener {
         path: PathBuf,
+        /// The socket's inode: a worker started at the same address since has put
+        /// a socket of its own at the path, which must stay.
+        inode: Option<u64>,
     }
 
     impl Listener {
@@ -205,18 +208,21 @@ mod linux {
                     });
                 }
             });
+            let inode = std::fs::symlink_metadata(&path).ok().map(|m| m.ino());
+            let listener = Self { path, inode };
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "cannot serve local lanes; peers use gRPC");
-                let _ = std::fs::remove_file(&path);
                 return None;
             }
-            Some(Self { path })
+            Some(listener)
         }
     }
 
     impl Drop for Listener {
         fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.path);
+            if std::fs::symlink_metadata(&self.path).ok().map(|m| m.ino()) == self.inode {
+                let _ = std::fs::remove_file(&self.path);
+            }
         }
     }
 
@@ -303,6 +309,18 @@ mod linux {
             assert_eq!(lane.stream.read(&mut [0u8; 1]).unwrap(), 0);
             assert!(inbox.got.lock().unwrap().is_empty());
             drop(listener);
+            assert!(Lane::open(&address, None, &node("sender"), 1).is_none());
+        }
+
+        #[test]
+        fn a_listener_leaves_the_socket_of_a_worker_started_at_its_address_since() {
+            let address = format!("127.0.0.1:lane-restart-{}", std::process::id());
+            let inbox = Arc::new(Inbox::default());
+            let old = serve(&address, &inbox);
+            let new = serve(&address, &inbox);
+            drop(old);
+            assert!(Lane::open(&address, Some(&node("receiver")), &node("sender"), 1).is_some());
+            drop(new);
             assert!(Lane::open(&address, None, &node("sender"), 1).is_none());
         }
     }
