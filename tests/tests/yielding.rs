@@ -18,12 +18,12 @@ use strata_tests::{ClusterOptions, TestCluster};
 /// name, so the worker must find it by its executable.
 const GAME: &str = "strata-fake-game";
 
-/// Three times the drain tests': the worker notices the game within a poll
-/// ([`POLL`]), and the requests must still be running then (the context holds 512).
 /// `--yield-poll`: well within the requests' time, which local lanes shortened to
 /// well under the default second.
 const POLL: &str = "50ms";
 
+/// Three times the drain tests': the worker notices the game within a poll
+/// ([`POLL`]), and the requests must still be running then (the context holds 512).
 const STREAMS: StreamSpec = StreamSpec { max_tokens: 3 * MAX_TOKENS, temperature: None, ..StreamSpec::DEFAULT };
 
 /// The "game": a copy of `sleep` under the watched name, killed on drop.

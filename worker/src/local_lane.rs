@@ -90,9 +90,13 @@ mod linux {
         folder.join(format!("{name}.sock"))
     }
 
+    /// The four bytes that go before a record of `length` bytes.
+    fn length_prefix(length: usize) -> io::Result<[u8; 4]> {
+        u32::try_from(length).map(u32::to_le_bytes).map_err(|_| io::Error::other(format!("a record of {length} bytes")))
+    }
+
     fn write_record(stream: &mut UnixStream, record: &[u8]) -> io::Result<()> {
-        let length = u32::try_from(record.len()).map_err(|_| io::Error::other("record too large"))?;
-        stream.write_all(&length.to_le_bytes())?;
+        stream.write_all(&length_prefix(record.len())?)?;
         stream.write_all(record)
     }
 
@@ -160,9 +164,8 @@ mod linux {
         /// Writes `message`; returns its encoded size.
         pub fn send(&mut self, message: &StageMessage) -> io::Result<usize> {
             let size = message.encoded_len();
-            let length = u32::try_from(size).map_err(|_| io::Error::other("message too large"))?;
             self.buffer.clear();
-            self.buffer.extend_from_slice(&length.to_le_bytes());
+            self.buffer.extend_from_slice(&length_prefix(size)?);
             message.encode(&mut self.buffer).map_err(io::Error::other)?;
             self.stream.write_all(&self.buffer)?;
             Ok(size)

@@ -25,6 +25,7 @@ impl Route {
     }
 
     /// Only the forwarder.
+    #[cfg(test)]
     pub fn forwarder(forwarder: mpsc::UnboundedSender<StageMessage>) -> Self {
         Self::new(forwarder, None, Arc::default())
     }
