@@ -8,6 +8,7 @@
 //! * [`foreground`]: whether a full-screen program has the foreground;
 //! * [`paths`]: where per-user caches and machine-wide service files live;
 //! * [`files`]: whether a path still names an open file;
+//! * [`local_socket`]: sockets between the processes of one user on one machine;
 //! * [`memory`]: keeping freed buffers for reuse, and giving freed memory back;
 //! * [`nvidia`]: the names of NVIDIA's driver libraries;
 //! * [`firewall`]: opening the worker's ports in the Windows firewall.
@@ -15,6 +16,7 @@
 pub mod files;
 pub mod firewall;
 pub mod foreground;
+pub mod local_socket;
 pub mod memory;
 pub mod nvidia;
 pub mod paths;

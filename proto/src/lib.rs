@@ -18,6 +18,7 @@ mod error;
 mod hostile_wire;
 pub mod ids;
 pub mod kv_wire;
+pub mod local_lane;
 mod tensor_wire;
 pub mod timing;
 pub mod transport;

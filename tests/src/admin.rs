@@ -63,7 +63,7 @@ pub fn holds_layers(s: &Value, name: &str) -> bool {
 /// The pipelines whose shards the worker at `address` holds, from its next heartbeat.
 pub async fn pipelines_held(transport: &Transport, address: &str) -> anyhow::Result<Vec<u64>> {
     let channel = transport.connect(address, Dial::Worker).await?;
-    let mut events = WorkerClient::new(channel).events(v1::EventsRequest {}).await?.into_inner();
+    let mut events = WorkerClient::new(channel).events(v1::EventsRequest::default()).await?.into_inner();
     loop {
         let event = tokio::time::timeout(Duration::from_secs(5), events.message())
             .await
@@ -85,7 +85,7 @@ pub async fn wait_until_no_sequences(transport: &Transport, workers: &[String]) 
 pub async fn wait_until_sequences_at_most(transport: &Transport, workers: &[String], most: u32) -> anyhow::Result<()> {
     for w in workers {
         let channel = transport.connect(w, Dial::Worker).await?;
-        let mut events = WorkerClient::new(channel).events(v1::EventsRequest {}).await?.into_inner();
+        let mut events = WorkerClient::new(channel).events(v1::EventsRequest::default()).await?.into_inner();
         loop {
             let event = events.message().await?.context("events ended")?;
             if let Some(worker_event::Kind::Heartbeat(h)) = event.kind {

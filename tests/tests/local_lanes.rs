@@ -1,7 +1,8 @@
 //! Frames between the workers of one machine over local lanes (Unix sockets, past
-//! both workers' gRPC stacks): the cluster reports each such link as a local lane,
-//! and the tokens are those of the same cluster with every frame over gRPC
-//! (`--no-local-lanes`), under mutual TLS and on an `--insecure` cluster.
+//! both workers' gRPC stacks), and the workers' events to the coordinator: the
+//! cluster reports each such link as a local lane, and the tokens are those of the
+//! same cluster with everything over gRPC (`--no-local-lanes`), under mutual TLS and
+//! on an `--insecure` cluster.
 
 use serde_json::Value;
 use strata_model::synthetic::SyntheticModel;
@@ -38,6 +39,11 @@ async fn a_pipeline_on_one_machine_streams_over_local_lanes_and_gives_the_tokens
                 Some(Value::Bool(lanes)),
                 "{from} -> {to}, lanes {lanes}, insecure {insecure}: {status}"
             );
+        }
+        // The coordinator, on the same machine, takes every worker's tokens and
+        // errors over a lane of its own.
+        for node in status["nodes"].as_array().into_iter().flatten() {
+            assert_eq!(node["events_local_lane"], Value::Bool(lanes), "lanes {lanes}, insecure {insecure}: {node}");
         }
         completions.push(completion);
         cluster.stop().await;

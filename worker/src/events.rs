@@ -9,24 +9,59 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prost::Message as _;
+use strata_platform::local_socket::LocalStream;
 use strata_proto::v1::{self, worker_event, ErrorCode, WorkerEvent};
 use tokio::sync::mpsc;
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct EventHub {
-    subscribers: Mutex<Vec<mpsc::UnboundedSender<WorkerEvent>>>,
+    subscribers: Mutex<Vec<Subscriber>>,
+}
+
+impl std::fmt::Debug for EventHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventHub").field("subscribers", &lock(&self.subscribers).len()).finish()
+    }
+}
+
+/// Where a subscriber's events go.
+enum Subscriber {
+    /// An Events stream's queue.
+    Stream(mpsc::UnboundedSender<WorkerEvent>),
+    /// A local lane to the coordinator ([`crate::local_lane`]), written by whoever
+    /// emits: a token's event then costs one write, not a wake of the runtime and
+    /// an HTTP/2 frame. A write waits only while the coordinator's reading thread
+    /// is behind by a socket buffer.
+    Lane { lane: LocalStream, buffer: Vec<u8> },
 }
 
 impl EventHub {
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<WorkerEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.subscribers).push(tx);
+        lock(&self.subscribers).push(Subscriber::Stream(tx));
         rx
+    }
+
+    /// Sends the events from now on over `lane` too.
+    pub fn subscribe_lane(&self, lane: LocalStream) {
+        lock(&self.subscribers).push(Subscriber::Lane { lane, buffer: Vec::new() });
     }
 
     pub fn emit(&self, kind: worker_event::Kind) {
         let event = WorkerEvent { kind: Some(kind) };
-        lock(&self.subscribers).retain(|s| s.send(event.clone()).is_ok());
+        lock(&self.subscribers).retain_mut(|s| match s {
+            Subscriber::Stream(tx) => tx.send(event.clone()).is_ok(),
+            Subscriber::Lane { lane, buffer } => {
+                let written = lane.write_encoded(buffer, |b| event.encode(b).map_err(std::io::Error::other));
+                if let Err(e) = &written {
+                    // The coordinator hears of it: its end of the lane closes.
+                    tracing::warn!(error = %e, "the events lane to the coordinator broke");
+                    lane.close();
+                }
+                written.is_ok()
+            }
+        });
     }
 
     pub fn sequence_error(&self, seq_id: u64, code: ErrorCode, message: String, stage_index: u32) {
@@ -156,4 +191,29 @@ impl Stats {
 /// Now, in nanoseconds since the unix epoch (0 if the clock is before it).
 pub fn unix_nanos() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use strata_platform::local_socket;
+
+    use super::*;
+
+    #[test]
+    fn a_lane_gets_every_event_until_it_breaks_and_is_then_dropped() {
+        let address = format!("127.0.0.1:event-hub-{}", std::process::id());
+        let (acceptor, _socket) = local_socket::bind(&address).unwrap();
+        let mut coordinator = local_socket::connect(&address).unwrap();
+        let hub = EventHub::default();
+        let mut stream = hub.subscribe();
+        hub.subscribe_lane(acceptor.accept().unwrap());
+        hub.sequence_error(7, ErrorCode::NoShard, "a test".into(), 1);
+        let mut record = Vec::new();
+        assert!(coordinator.read_record(&mut record, 1024).unwrap());
+        let over_lane = WorkerEvent::decode(record.as_slice()).unwrap();
+        assert_eq!(Some(over_lane), stream.try_recv().ok(), "the same event on the lane and the stream");
+        coordinator.close();
+        hub.sequence_error(8, ErrorCode::NoShard, "a test".into(), 1);
+        assert_eq!(lock(&hub.subscribers).len(), 1, "the broken lane is dropped, the stream kept");
+    }
 }

@@ -58,6 +58,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use strata_proto::v1::{stage_message, ReleaseSequence};
+    use strata_platform::local_socket::LocalStream;
     use strata_proto::NodeId;
 
     use super::*;
@@ -70,6 +71,8 @@ mod tests {
         fn deliver(&self, _: u64, _: &NodeId, _: StageMessage) -> Result<(), String> {
             Err("refused".into())
         }
+
+        fn send_events(&self, _: LocalStream) {}
     }
 
     fn release(seq_id: u64) -> StageMessage {

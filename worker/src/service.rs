@@ -11,6 +11,7 @@ use std::time::Instant;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use strata_model::WeightStore;
+use strata_platform::local_socket::LocalStream;
 use strata_proto::v1::worker_server::Worker;
 use strata_proto::v1::{
     self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype, WorkerState,
@@ -180,6 +181,11 @@ impl LaneInbox for Shared {
             self.undeliverable(seq);
         }
         Ok(())
+    }
+
+    fn send_events(&self, lane: LocalStream) {
+        tracing::info!("events go to the coordinator over a local lane");
+        self.hub.subscribe_lane(lane);
     }
 }
 
@@ -642,7 +648,11 @@ impl Worker for WorkerService {
         request: Request<v1::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
         self.authorize(&request, &[Allow::Coordinator], "Events")?;
-        let events = UnboundedReceiverStream::new(self.shared.hub.subscribe()).map(Ok);
+        // Where the coordinator takes the other events over a local lane, this
+        // stream has only heartbeats: an events channel that never sends.
+        let events =
+            if request.get_ref().heartbeats_only { mpsc::unbounded_channel().1 } else { self.shared.hub.subscribe() };
+        let events = UnboundedReceiverStream::new(events).map(Ok);
         let me = self.clone();
         let beats = IntervalStream::new(tokio::time::interval(HEARTBEAT_INTERVAL))
             .map(move |_| Ok(me.heartbeat()));

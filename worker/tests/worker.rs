@@ -144,7 +144,7 @@ impl Events {
     async fn subscribe(client: &mut WorkerClient<Channel>) -> Self {
         Self(
             client
-                .events(v1::EventsRequest {})
+                .events(v1::EventsRequest::default())
                 .await
                 .unwrap()
                 .into_inner(),

@@ -278,6 +278,9 @@ pub fn format_status(s: &ClusterStatus) -> String {
             let lane = if l.local_lane { ", over a local lane" } else { "" };
             out.push_str(&format!("link {} -> {}: {rtt}, {} sent{lane}\n", n.name, l.to, format_bytes(l.bytes_sent)));
         }
+        if n.events_local_lane {
+            out.push_str(&format!("events {} -> coordinator: over a local lane\n", n.name));
+        }
     }
     out
 }

@@ -101,13 +101,22 @@ pub struct Member {
     /// may still be on their way and must not undo it.
     pub status_set_at: Option<Instant>,
     pub heartbeat: Heartbeat,
+    /// Its events come over a local lane (see `controller::event_lane`).
+    pub events_local_lane: bool,
 }
 
 impl Member {
     pub fn new(address: String, description: WorkerDescription) -> Self {
         let status =
             if description.state == WorkerState::Draining as i32 { NodeStatus::Draining } else { NodeStatus::Ready };
-        Self { address, description, status, status_set_at: None, heartbeat: Heartbeat::default() }
+        Self {
+            address,
+            description,
+            status,
+            status_set_at: None,
+            heartbeat: Heartbeat::default(),
+            events_local_lane: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -304,6 +313,17 @@ impl Membership {
             }
             _ => None,
         })
+    }
+
+    /// Records whether the worker's events come over a local lane: shown in the
+    /// status, no change to whom the plan may use (so no one is woken).
+    pub fn set_events_local_lane(&self, address: &str, on: bool) {
+        self.modify(|members| {
+            if let Some(m) = members.iter_mut().find(|m| m.address == address) {
+                m.events_local_lane = on;
+            }
+            None
+        });
     }
 
     /// Records a heartbeat. The worker says whether it is draining (it may have been

@@ -51,6 +51,10 @@ pub struct NodeReport {
     pub frames_computed: u64,
     #[serde(default)]
     pub queue_seconds: f64,
+    /// Its tokens and errors come to the coordinator over a Unix socket (the
+    /// coordinator runs on its machine).
+    #[serde(default)]
+    pub events_local_lane: bool,
 }
 
 /// A node's link to a worker it streams frames to, as its heartbeats report it.

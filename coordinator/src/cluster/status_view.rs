@@ -146,6 +146,7 @@ impl StatusView {
                     links: m.heartbeat.links.iter().map(|l| link_report(l, members)).collect(),
                     frames_computed: m.heartbeat.frames,
                     queue_seconds: m.heartbeat.queue_seconds,
+                    events_local_lane: m.events_local_lane,
                 }
             })
             .collect();

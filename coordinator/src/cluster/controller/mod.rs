@@ -10,11 +10,13 @@
 //! * [`keeper`]: the one task that changes the pipeline serving, one job at a
 //!   time (a load can take minutes: meanwhile drains, losses and shutdown are
 //!   decided as they come).
-//! * [`events`]: what they exchange; [`follow`]: following one worker's events;
+//! * [`events`]: what they exchange; [`follow`]: following one worker's events,
+//!   over a local lane ([`event_lane`]) where it runs on this machine;
 //!   [`clients`]: the connections.
 
 mod clients;
 mod decision_core;
+mod event_lane;
 mod events;
 mod follow;
 mod keeper;
