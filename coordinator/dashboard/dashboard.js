@@ -163,6 +163,7 @@ function nodeCard(n) {
     const lane = l.local_lane ? ", over a local lane" : "";
     rows.push([`link → ${l.to}`, `${rtt}, ${bytes(l.bytes_sent)} sent${lane}`]);
   }
+  if (n.events_local_lane) rows.push(["events → coordinator", "over a local lane"]);
   if (n.reason) rows.push(["why", n.reason]);
   let action = null;
   if (n.state === "ready") {

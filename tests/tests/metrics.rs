@@ -78,6 +78,9 @@ async fn metrics_move_with_requests_a_drain_and_a_kill_and_pass_promtool() -> an
     assert!(rtt.is_some_and(|s| s > 0.0 && s < 1.0), "{served}");
     // Both workers on this machine: the frames go over a Unix socket.
     assert_eq!(sample(&served, &format!("strata:link_local_lane{link}")), Some(1.0), "{served}");
+    // So are the coordinator and the workers: their events too.
+    let events = "strata:node_events_local_lane{node=\"worker-0\",stage=\"0\"}";
+    assert_eq!(sample(&served, events), Some(1.0), "{served}");
     assert!(sample(&served, generated).is_some_and(|n| n >= 3.0), "{served}");
     assert_eq!(sample(&served, "strata:e2e_request_latency_seconds_count"), Some(3.0), "{served}");
     assert!(served.contains("strata:stage_predicted_step_seconds{node=\"worker-0\",stage=\"0\"}"), "{served}");

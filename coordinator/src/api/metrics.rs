@@ -189,7 +189,7 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
             u8::from(n.state == "ready")
         );
     }
-    let per_node: [(&str, &str, fn(&crate::cluster::NodeReport) -> Option<f64>); 6] = [
+    let per_node: [(&str, &str, fn(&crate::cluster::NodeReport) -> Option<f64>); 7] = [
         ("strata:node_memory_used_bytes", "Memory the node's shards use.", |n| Some(n.memory_used_bytes as f64)),
         ("strata:node_kv_cache_bytes", "Of the memory the node's shards use, the KV caches.", |n| {
             Some(n.kv_cache_bytes as f64)
@@ -201,6 +201,9 @@ fn write_cluster(out: &mut String, s: &ClusterStatus) {
         }),
         ("strata:stage_predicted_step_seconds", "A stage's step time as the planner predicted it.", |n| {
             n.predicted_step_ms.map(|ms| ms / 1e3)
+        }),
+        ("strata:node_events_local_lane", "1 where a node's events come over a Unix socket on one machine.", |n| {
+            Some(f64::from(u8::from(n.events_local_lane)))
         }),
     ];
     for (name, help, value) in per_node {
