@@ -44,6 +44,12 @@ pub const QUEUE_DEPTH: usize = 4096;
 /// this long for the pool.
 const POOL_REST_LIMIT: Duration = Duration::from_millis(50);
 
+/// How long stage 0 under a compute lock waits for the rest of its sequences'
+/// frames before a round (see [`Compute::gather`]): longer than a round of the
+/// later stages at many streams, so groups merge; short enough that a sequence that
+/// ended without word yet (its release is on its way) costs little.
+const GATHER_LIMIT: Duration = Duration::from_millis(20);
+
 /// Compute threads alive in this process. The pool rests only under a lone stage:
 /// with two pipelines side by side, one stage's rest would hold up the other's steps.
 static LIVE_STAGES: AtomicUsize = AtomicUsize::new(0);
@@ -196,6 +202,7 @@ pub async fn start(
                 vocabulary: LazyVocabulary::new(tokenizer),
                 own: Vec::new(),
                 outbox: Vec::new(),
+                awaited: HashSet::new(),
                 outputs,
                 hub,
                 stats,
@@ -230,6 +237,38 @@ pub async fn start(
         Err(_) => Err(WorkerError::Internal(
             "the compute thread died while loading".into(),
         )),
+    }
+}
+
+/// Takes messages from `rx` into `pending` until every sequence of `awaited` has a
+/// frame (or its release) there, or `limit` has passed.
+fn gather_frames(
+    awaited: &HashSet<u64>,
+    rx: &mut mpsc::Receiver<Queued>,
+    pending: &mut VecDeque<Queued>,
+    limit: Duration,
+) {
+    // What a message settles: a sequence's frame came, or it was released.
+    fn settles(queued: &Queued) -> Option<u64> {
+        match &queued.message.kind {
+            Some(stage_message::Kind::Frame(f)) => Some(f.seq_id),
+            Some(stage_message::Kind::Release(r)) => Some(r.seq_id),
+            _ => None,
+        }
+    }
+    let mut missing = awaited.clone();
+    for seq in pending.iter().filter_map(settles) {
+        missing.remove(&seq);
+    }
+    let deadline = Instant::now() + limit;
+    while !missing.is_empty() {
+        let Some(Some(queued)) = recv_within(rx, deadline.saturating_duration_since(Instant::now())) else {
+            return;
+        };
+        if let Some(seq) = settles(&queued) {
+            missing.remove(&seq);
+        }
+        pending.push_back(queued);
     }
 }
 
@@ -440,6 +479,9 @@ struct Compute {
     /// What the last round produced, sent once the round is over (see
     /// [`Compute::next_message`]).
     outbox: Vec<Outgoing>,
+    /// Stage 0 only: sequences whose frame it sent on and whose next frame (the
+    /// token) has not come back yet.
+    awaited: HashSet<u64>,
     outputs: Outputs,
     hub: Arc<EventHub>,
     stats: Arc<Stats>,
@@ -487,6 +529,7 @@ impl Compute {
                 pending.push_back(message);
             }
             self.run_kv_jobs(&mut kv);
+            self.gather(&mut rx, &mut pending);
             let (steps, ready) = self.take_round(&mut pending);
             if !steps.is_empty() {
                 self.run_batch(steps, ready);
@@ -526,6 +569,32 @@ impl Compute {
         match rested {
             Some(message) => message,
             None => rx.blocking_recv(),
+        }
+    }
+
+    /// Stage 0 of a pipeline whose workers take turns under a compute lock waits, up
+    /// to [`GATHER_LIMIT`], until the frames of all the sequences it sent on are
+    /// back, so they go round as one batch. The stages share the cores, so
+    /// pipelining groups of sequences buys nothing, while every group costs each
+    /// stage a step: with 16 streams the groups had settled at about 5 sequences
+    /// each (`strata bench --workers 3`, 2026-12-06). The other stages compute
+    /// meanwhile; where stages have cores of their own (no lock), nothing waits.
+    fn gather(&mut self, rx: &mut mpsc::Receiver<Queued>, pending: &mut VecDeque<Queued>) {
+        if self.lock.is_none() || self.stage_index != 0 || self.stage.is_last() {
+            return;
+        }
+        // Released ones come back no more.
+        self.awaited.retain(|seq| self.sequences.contains_key(seq));
+        if self.awaited.is_empty() {
+            return;
+        }
+        let awaited = &self.awaited;
+        let mut wait = || gather_frames(awaited, rx, pending, GATHER_LIMIT);
+        // As in `next_message`: the pool sleeps rather than spins while this waits.
+        if LIVE_STAGES.load(Ordering::Relaxed) > 1 {
+            wait();
+        } else {
+            strata_model::pool_rest::wait_with_pool_asleep(wait);
         }
     }
 
@@ -570,6 +639,7 @@ impl Compute {
                 waiting.push_back(queued);
                 continue;
             }
+            self.awaited.remove(&seq);
             match queued.message.kind {
                 Some(stage_message::Kind::Open(open)) => self.open(open),
                 Some(stage_message::Kind::Release(release)) => self.release(release),
@@ -847,6 +917,9 @@ impl Compute {
                 if !self.stage.is_last() {
                     let message = StageMessage { kind: Some(stage_message::Kind::Frame(frame)) };
                     self.outbox.push(Outgoing::Next { seq: r.seq, message });
+                    if self.stage_index == 0 {
+                        self.awaited.insert(r.seq);
+                    }
                 }
                 Ok(())
             }
@@ -1157,6 +1230,38 @@ mod tests {
             Some(stage_message::Kind::Frame(f)) => Some(f.position),
             _ => None,
         }
+    }
+
+    fn queued(message: StageMessage) -> Queued {
+        Queued { message, at: Instant::now() }
+    }
+
+    #[test]
+    fn gathering_ends_once_every_awaited_sequence_has_a_frame_or_its_release_or_at_the_limit() {
+        let awaited: HashSet<u64> = [1, 2, 3].into();
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut pending: VecDeque<Queued> = [queued(frame(1, 5))].into();
+        let release = StageMessage { kind: Some(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: 3 })) };
+        let sender = std::thread::spawn(move || {
+            for message in [frame(7, 1), release, frame(2, 5), frame(9, 1)] {
+                tx.blocking_send(queued(message)).expect("the gatherer listens");
+            }
+            tx
+        });
+        let started = Instant::now();
+        gather_frames(&awaited, &mut rx, &mut pending, Duration::from_secs(60));
+        assert!(started.elapsed() < Duration::from_secs(30), "it did not wait for the limit");
+        // Up to sequence 2's frame, which was the last one awaited; what comes later
+        // stays in the channel.
+        let seqs: Vec<u64> = pending.iter().filter_map(|q| seq_of(&q.message)).collect();
+        assert_eq!(seqs, [1, 7, 3, 2]);
+        let _tx = sender.join().expect("the sender ends");
+
+        // Sequence 4 never comes: the wait ends at the limit.
+        let started = Instant::now();
+        gather_frames(&[4].into(), &mut rx, &mut pending, Duration::from_millis(50));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(pending.back().and_then(|q| seq_of(&q.message)), Some(9));
     }
 
     #[test]
