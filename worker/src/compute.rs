@@ -240,26 +240,33 @@ pub async fn start(
     }
 }
 
-/// Takes messages from `rx` into `pending` until every sequence of `awaited` has a
-/// frame (or its release) there, or `limit` has passed.
-fn gather_frames(
-    awaited: &HashSet<u64>,
-    rx: &mut mpsc::Receiver<Queued>,
-    pending: &mut VecDeque<Queued>,
-    limit: Duration,
-) {
-    // What a message settles: a sequence's frame came, or it was released.
-    fn settles(queued: &Queued) -> Option<u64> {
-        match &queued.message.kind {
-            Some(stage_message::Kind::Frame(f)) => Some(f.seq_id),
-            Some(stage_message::Kind::Release(r)) => Some(r.seq_id),
-            _ => None,
-        }
+/// What a message settles for a stage waiting on its sequence: its frame came, or
+/// it was released.
+fn settles(queued: &Queued) -> Option<u64> {
+    match &queued.message.kind {
+        Some(stage_message::Kind::Frame(f)) => Some(f.seq_id),
+        Some(stage_message::Kind::Release(r)) => Some(r.seq_id),
+        _ => None,
     }
+}
+
+/// The sequences of `awaited` that `pending` settles nothing for.
+fn missing_frames(awaited: &HashSet<u64>, pending: &VecDeque<Queued>) -> HashSet<u64> {
     let mut missing = awaited.clone();
     for seq in pending.iter().filter_map(settles) {
         missing.remove(&seq);
     }
+    missing
+}
+
+/// Takes messages from `rx` into `pending` until each sequence of `missing` has its
+/// frame or release there, or `limit` has passed.
+fn gather_frames(
+    mut missing: HashSet<u64>,
+    rx: &mut mpsc::Receiver<Queued>,
+    pending: &mut VecDeque<Queued>,
+    limit: Duration,
+) {
     let deadline = Instant::now() + limit;
     while !missing.is_empty() {
         let Some(Some(queued)) = recv_within(rx, deadline.saturating_duration_since(Instant::now())) else {
@@ -585,11 +592,11 @@ impl Compute {
         }
         // Released ones come back no more.
         self.awaited.retain(|seq| self.sequences.contains_key(seq));
-        if self.awaited.is_empty() {
+        let missing = missing_frames(&self.awaited, pending);
+        if missing.is_empty() {
             return;
         }
-        let awaited = &self.awaited;
-        let mut wait = || gather_frames(awaited, rx, pending, GATHER_LIMIT);
+        let wait = || gather_frames(missing, rx, pending, GATHER_LIMIT);
         // As in `next_message`: the pool sleeps rather than spins while this waits.
         if LIVE_STAGES.load(Ordering::Relaxed) > 1 {
             wait();
@@ -1248,8 +1255,10 @@ mod tests {
             }
             tx
         });
+        let missing = missing_frames(&awaited, &pending);
+        assert_eq!(missing, [2, 3].into());
         let started = Instant::now();
-        gather_frames(&awaited, &mut rx, &mut pending, Duration::from_secs(60));
+        gather_frames(missing, &mut rx, &mut pending, Duration::from_secs(60));
         assert!(started.elapsed() < Duration::from_secs(30), "it did not wait for the limit");
         // Up to sequence 2's frame, which was the last one awaited; what comes later
         // stays in the channel.
@@ -1259,7 +1268,7 @@ mod tests {
 
         // Sequence 4 never comes: the wait ends at the limit.
         let started = Instant::now();
-        gather_frames(&[4].into(), &mut rx, &mut pending, Duration::from_millis(50));
+        gather_frames([4].into(), &mut rx, &mut pending, Duration::from_millis(50));
         assert!(started.elapsed() >= Duration::from_millis(50));
         assert_eq!(pending.back().and_then(|q| seq_of(&q.message)), Some(9));
     }
