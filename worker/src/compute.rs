@@ -486,8 +486,8 @@ struct Compute {
     /// What the last round produced, sent once the round is over (see
     /// [`Compute::next_message`]).
     outbox: Vec<Outgoing>,
-    /// Stage 0 only: sequences whose frame it sent on and whose next frame (the
-    /// token) has not come back yet.
+    /// Only where it gathers ([`Compute::gathers`]): sequences whose frame it sent
+    /// on and whose next frame (the token) has not come back yet.
     awaited: HashSet<u64>,
     outputs: Outputs,
     hub: Arc<EventHub>,
@@ -587,7 +587,7 @@ impl Compute {
     /// each (`strata bench --workers 3`, 2026-12-06). The other stages compute
     /// meanwhile; where stages have cores of their own (no lock), nothing waits.
     fn gather(&mut self, rx: &mut mpsc::Receiver<Queued>, pending: &mut VecDeque<Queued>) {
-        if self.lock.is_none() || self.stage_index != 0 || self.stage.is_last() {
+        if !self.gathers() {
             return;
         }
         // Released ones come back no more.
@@ -603,6 +603,11 @@ impl Compute {
         } else {
             strata_model::pool_rest::wait_with_pool_asleep(wait);
         }
+    }
+
+    /// Whether this stage gathers its sequences (see [`Compute::gather`]).
+    fn gathers(&self) -> bool {
+        self.lock.is_some() && self.stage_index == 0 && !self.stage.is_last()
     }
 
     /// Sends what the last round produced (see [`post`]).
@@ -924,7 +929,7 @@ impl Compute {
                 if !self.stage.is_last() {
                     let message = StageMessage { kind: Some(stage_message::Kind::Frame(frame)) };
                     self.outbox.push(Outgoing::Next { seq: r.seq, message });
-                    if self.stage_index == 0 {
+                    if self.gathers() {
                         self.awaited.insert(r.seq);
                     }
                 }

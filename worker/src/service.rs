@@ -649,7 +649,8 @@ impl Worker for WorkerService {
     ) -> Result<Response<Self::EventsStream>, Status> {
         self.authorize(&request, &[Allow::Coordinator], "Events")?;
         // Where the coordinator takes the other events over a local lane, this
-        // stream has only heartbeats: an events channel that never sends.
+        // stream has only heartbeats: an events channel closed from the start (the
+        // select below goes on with the heartbeats alone).
         let events =
             if request.get_ref().heartbeats_only { mpsc::unbounded_channel().1 } else { self.shared.hub.subscribe() };
         let events = UnboundedReceiverStream::new(events).map(Ok);
