@@ -8,8 +8,8 @@
 //! core; llama.cpp, which memory-maps the file (the page cache hands out large folios),
 //! read it faster. Linux gives an anonymous mapping transparent huge pages when the
 //! range is advised `MADV_HUGEPAGE` before it is first touched (the common `madvise`
-//! setting of `/sys/kernel/mm/transparent_hugepage/enabled`), so the allocation is
-//! 2 MiB-aligned, advised, and only then zeroed. Smaller buffers (a 135M model's layer
+//! setting of `/sys/kernel/mm/transparent_hugepage/enabled`), so the allocation is a
+//! fresh mapping, 2 MiB-aligned, advised, and only then zeroed. Smaller buffers (a 135M model's layer
 //! matrices are a few hundred KiB) are cut from shared 8 MiB slabs allocated the same
 //! way, so they too sit on huge pages, one after another as the model's layers do; a
 //! slab is freed when the last buffer cut from it is, and a buffer freed before that
@@ -30,11 +30,20 @@ const HUGE_PAGE: usize = 2 << 20;
 /// another buffer keeps).
 const SLAB: usize = 4 * HUGE_PAGE;
 
-/// Memory from the global allocator, 2 MiB-aligned and advised for huge pages when
-/// it is that large, freed on drop.
+/// Memory for lines, freed on drop: 2 MiB-aligned and advised for huge pages when it
+/// is that large.
 struct Allocation {
     ptr: NonNull<u8>,
-    layout: Layout,
+    source: Source,
+}
+
+/// Where an [`Allocation`]'s memory came from, so that drop gives it back there.
+enum Source {
+    /// The global allocator, with this layout.
+    Heap(Layout),
+    /// A mapping of its own, of this many bytes (Linux, for 2 MiB and up).
+    #[cfg(target_os = "linux")]
+    Mapping(usize),
 }
 
 // SAFETY: plain bytes, owned; whoever hands out views of them keeps them disjoint.
@@ -45,27 +54,75 @@ unsafe impl Sync for Allocation {}
 impl Allocation {
     /// Uninitialised: callers zero what they hand out.
     fn new(bytes: usize) -> Self {
+        #[cfg(target_os = "linux")]
+        if bytes >= HUGE_PAGE {
+            if let Some(allocation) = Self::mapped(bytes) {
+                return allocation;
+            }
+        }
         let align = if bytes >= HUGE_PAGE { HUGE_PAGE } else { 64 };
         let layout =
             Layout::from_size_align(bytes.max(64), align).unwrap_or_else(|e| panic!("a buffer of {bytes} bytes: {e}"));
         // SAFETY: the layout's size is at least 64 bytes, never zero.
         let raw = unsafe { std::alloc::alloc(layout) };
         let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
-        #[cfg(target_os = "linux")]
-        if align == HUGE_PAGE {
-            // SAFETY: `raw..raw + bytes` is this allocation, page-aligned at its start;
-            // the advice only changes how its pages are backed. A refusal (no THP in
-            // this kernel) leaves ordinary pages, which is correct, only slower.
-            unsafe { libc::madvise(raw.cast(), bytes, libc::MADV_HUGEPAGE) };
+        Self { ptr, source: Source::Heap(layout) }
+    }
+
+    /// A fresh anonymous mapping, 2 MiB-aligned and advised for huge pages before
+    /// anything touches it; `None` if the system refuses one. Not the global
+    /// allocator: the processes keep freed buffers in glibc's heap
+    /// (`strata_platform::memory::keep_freed_buffers`), whose pages earlier
+    /// buffers have already faulted in 4 KiB at a time, and advice given after
+    /// that does not change them. A worker's layers had landed on such pages in
+    /// one stage of three (`AnonHugePages` 0 for its 21 MB of layers).
+    #[cfg(target_os = "linux")]
+    fn mapped(bytes: usize) -> Option<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok().filter(|&p| p > 0)?;
+        let len = bytes.checked_next_multiple_of(page)?;
+        // Room to slide a 2 MiB-aligned start into; what is left over is unmapped.
+        let span = len.checked_add(HUGE_PAGE)?;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        // SAFETY: a new private anonymous mapping; it overlaps nothing of ours.
+        let raw = unsafe { libc::mmap(std::ptr::null_mut(), span, prot, flags, -1, 0) };
+        if raw == libc::MAP_FAILED {
+            return None;
         }
-        Self { ptr, layout }
+        let (start, end) = (raw as usize, raw as usize + span);
+        let aligned = start.next_multiple_of(HUGE_PAGE);
+        // SAFETY: both ranges lie inside the mapping just made, outside
+        // `aligned..aligned + len`, and are page multiples (mmap's start and
+        // length are, and so is 2 MiB).
+        unsafe {
+            if aligned > start {
+                libc::munmap(raw, aligned - start);
+            }
+            if end > aligned + len {
+                libc::munmap((aligned + len) as *mut libc::c_void, end - aligned - len);
+            }
+        }
+        // SAFETY: `aligned..aligned + len` is mapped and ours; the advice only
+        // changes how its pages are backed. A refusal (no THP in this kernel)
+        // leaves ordinary pages, which is correct, only slower.
+        unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        Some(Self { ptr: NonNull::new(aligned as *mut u8)?, source: Source::Mapping(len) })
     }
 }
 
 impl Drop for Allocation {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this very layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        match self.source {
+            // SAFETY: allocated in `new` with this very layout.
+            Source::Heap(layout) => unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) },
+            // SAFETY: mapped in `mapped` with this start and length; nothing refers
+            // to it once the allocation is dropped.
+            #[cfg(target_os = "linux")]
+            Source::Mapping(len) => unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), len);
+            },
+        }
     }
 }
 
@@ -176,6 +233,54 @@ mod tests {
             }
             assert_eq!(lines.last().map(|l| l.0[63]), (len > 0).then_some(7));
         }
+    }
+
+    /// A large buffer sits on 2 MiB pages even where the heap's pages were faulted
+    /// in before (what glibc hands back after a free).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn large_buffers_get_huge_pages() {
+        let setting = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        if !setting.contains("[always]") && !setting.contains("[madvise]") {
+            eprintln!("SKIPPED: transparent huge pages are off here ({})", setting.trim());
+            return;
+        }
+        // The heap as the binaries set it up (`strata_platform::memory`): buffers up
+        // to 64 MiB cut from it and up to 128 MiB of freed ones kept, so this one's
+        // pages stay in the heap, faulted in 4 KiB at a time, for the next to reuse.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: mallopt only sets the allocator's tunables, under its lock.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        }
+        drop(std::hint::black_box(vec![1u8; 16 * HUGE_PAGE]));
+        let lines = Lines::zeroed(4 * HUGE_PAGE / 64);
+        let start = lines.as_ptr() as usize;
+        assert!(start.is_multiple_of(HUGE_PAGE));
+        let huge_kib = anon_huge_kib_at(start).expect("the buffer's mapping is in /proc/self/smaps");
+        assert!(huge_kib >= 2048, "{huge_kib} KiB of the buffer's mapping on huge pages");
+    }
+
+    /// `AnonHugePages` of the mapping holding `address`, from /proc/self/smaps.
+    #[cfg(target_os = "linux")]
+    fn anon_huge_kib_at(address: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+            if let Some((from, to)) = range.filter(|_| !line.ends_with(':') && !line.contains(": ")) {
+                let (from, to) = (usize::from_str_radix(from, 16), usize::from_str_radix(to, 16));
+                if let (Ok(from), Ok(to)) = (from, to) {
+                    inside = (from..to).contains(&address);
+                    continue;
+                }
+            }
+            if let Some(kib) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+                return kib.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+        None
     }
 
     /// Small buffers cut from one slab never overlap, and each keeps its own bytes.
