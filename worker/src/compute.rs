@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_grammar::{Constraint, Grammar, LazyVocabulary};
+use strata_model::pool_rest::PoolBell;
 use strata_model::shard_file::ShardOrigin;
 use strata_model::stage::{LayerKv, StageOptions, WeightSources};
 use strata_model::{
@@ -269,13 +270,61 @@ fn gather_frames(
 ) {
     let deadline = Instant::now() + limit;
     while !missing.is_empty() {
-        let Some(Some(queued)) = recv_within(rx, deadline.saturating_duration_since(Instant::now())) else {
+        let Some(Some(queued)) = recv_within(rx, deadline.saturating_duration_since(Instant::now()), None) else {
             return;
         };
         if let Some(seq) = settles(&queued) {
             missing.remove(&seq);
         }
         pending.push_back(queued);
+    }
+}
+
+/// What stage [`Compute::gather`] waits for.
+enum Awaited {
+    /// Stage 0: the frames (or releases) of these sequences.
+    Sequences(HashSet<u64>),
+    /// A later stage: the frame that ends the batch its queued frames came in.
+    RestOfBatch,
+}
+
+/// Marks every frame to the next stage among a batch's `outputs` but the last as
+/// followed by more of its batch (`batch_continues`).
+fn mark_batch(outputs: &mut [Outgoing]) {
+    let mut frames = outputs.iter_mut().filter_map(|out| match out {
+        Outgoing::Next { message: StageMessage { kind: Some(stage_message::Kind::Frame(frame)) }, .. } => Some(frame),
+        _ => None,
+    });
+    let mut previous = frames.next();
+    for frame in frames {
+        if let Some(previous) = previous.replace(frame) {
+            previous.batch_continues = true;
+        }
+    }
+}
+
+/// Whether the last frame queued says more of its batch follow.
+fn batch_incomplete(pending: &VecDeque<Queued>) -> bool {
+    let last_frame = pending.iter().rev().find_map(|queued| match &queued.message.kind {
+        Some(stage_message::Kind::Frame(frame)) => Some(frame),
+        _ => None,
+    });
+    last_frame.is_some_and(|frame| frame.batch_continues)
+}
+
+/// Takes messages from `rx` into `pending` until a frame that ends its batch has
+/// come, or `limit` has passed.
+fn complete_batch(rx: &mut mpsc::Receiver<Queued>, pending: &mut VecDeque<Queued>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let Some(Some(queued)) = recv_within(rx, deadline.saturating_duration_since(Instant::now()), None) else {
+            return;
+        };
+        let ends = matches!(&queued.message.kind, Some(stage_message::Kind::Frame(frame)) if !frame.batch_continues);
+        pending.push_back(queued);
+        if ends {
+            return;
+        }
     }
 }
 
@@ -292,15 +341,24 @@ fn pin_compute_threads(stage_index: u32) {
 /// The next message if one comes within `limit` (`Some(None)` once the channel is
 /// closed), `None` if none does. It parks this thread rather than use the runtime's
 /// timer: the runtime's own thread may be the one waiting for the pool meanwhile.
-fn recv_within(rx: &mut mpsc::Receiver<Queued>, limit: Duration) -> Option<Option<Queued>> {
-    struct Unpark(std::thread::Thread);
+/// The sender's wake also rings `pool_bell`, so a resting pool wakes beside this
+/// thread instead of after it (see [`strata_model::pool_rest`]).
+fn recv_within(
+    rx: &mut mpsc::Receiver<Queued>,
+    limit: Duration,
+    pool_bell: Option<&PoolBell>,
+) -> Option<Option<Queued>> {
+    struct Unpark(std::thread::Thread, Option<PoolBell>);
     impl std::task::Wake for Unpark {
         fn wake(self: Arc<Self>) {
             self.0.unpark();
+            if let Some(bell) = &self.1 {
+                bell.ring();
+            }
         }
     }
     let deadline = Instant::now() + limit;
-    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current(), pool_bell.cloned())));
     let mut context = std::task::Context::from_waker(&waker);
     loop {
         if let std::task::Poll::Ready(message) = rx.poll_recv(&mut context) {
@@ -569,9 +627,9 @@ impl Compute {
         }
         let outbox = std::mem::take(&mut self.outbox);
         let (outputs, hub, stage_index) = (&mut self.outputs, &self.hub, self.stage_index);
-        let rested = strata_model::pool_rest::wait_with_pool_asleep(|| {
+        let rested = strata_model::pool_rest::wait_with_pool_asleep(|pool_bell| {
             post(outputs, hub, stage_index, outbox);
-            recv_within(rx, POOL_REST_LIMIT)
+            recv_within(rx, POOL_REST_LIMIT, Some(pool_bell))
         });
         match rested {
             Some(message) => message,
@@ -586,20 +644,32 @@ impl Compute {
     /// stage a step: with 16 streams the groups had settled at about 5 sequences
     /// each (`strata bench --workers 3`, 2026-12-06). The other stages compute
     /// meanwhile; where stages have cores of their own (no lock), nothing waits.
+    /// The later stages wait, as long at most, for the rest of a batch whose first
+    /// frames have come (see [`mark_batch`]): a stage woken by the first frame of
+    /// sixteen had taken 13 a step on average.
     fn gather(&mut self, rx: &mut mpsc::Receiver<Queued>, pending: &mut VecDeque<Queued>) {
-        if !self.gathers() {
+        let awaited = if self.gathers() {
+            // Released ones come back no more.
+            self.awaited.retain(|seq| self.sequences.contains_key(seq));
+            let missing = missing_frames(&self.awaited, pending);
+            if missing.is_empty() {
+                return;
+            }
+            Awaited::Sequences(missing)
+        } else if self.completes_batches() && batch_incomplete(pending) {
+            Awaited::RestOfBatch
+        } else {
             return;
-        }
-        // Released ones come back no more.
-        self.awaited.retain(|seq| self.sequences.contains_key(seq));
-        let missing = missing_frames(&self.awaited, pending);
-        if missing.is_empty() {
-            return;
-        }
-        let wait = || gather_frames(missing, rx, pending, GATHER_LIMIT);
+        };
+        // Its pool wakes when the wait ends, not at the first frame back: woken
+        // earlier, it would spin on a core the other stages compute on meanwhile.
+        let wait = |_: &PoolBell| match awaited {
+            Awaited::Sequences(missing) => gather_frames(missing, rx, pending, GATHER_LIMIT),
+            Awaited::RestOfBatch => complete_batch(rx, pending, GATHER_LIMIT),
+        };
         // As in `next_message`: the pool sleeps rather than spins while this waits.
         if LIVE_STAGES.load(Ordering::Relaxed) > 1 {
-            wait();
+            wait(&PoolBell::default());
         } else {
             strata_model::pool_rest::wait_with_pool_asleep(wait);
         }
@@ -608,6 +678,11 @@ impl Compute {
     /// Whether this stage gathers its sequences (see [`Compute::gather`]).
     fn gathers(&self) -> bool {
         self.lock.is_some() && self.stage_index == 0 && !self.stage.is_last()
+    }
+
+    /// Whether this stage waits for the rest of a batch (see [`Compute::gather`]).
+    fn completes_batches(&self) -> bool {
+        self.lock.is_some() && self.stage_index > 0
     }
 
     /// Sends what the last round produced (see [`post`]).
@@ -880,6 +955,7 @@ impl Compute {
         }
         match result {
             Ok(outputs) => {
+                let first_out = self.outbox.len();
                 for (r, output) in ready.into_iter().zip(outputs) {
                     let seq = r.seq;
                     if let Err(message) = self.deliver(r, output) {
@@ -891,6 +967,7 @@ impl Compute {
                         );
                     }
                 }
+                mark_batch(&mut self.outbox[first_out..]);
             }
             Err(e) => {
                 for r in &ready {
@@ -925,6 +1002,7 @@ impl Compute {
                     score: r.score.is_some(),
                     next_token: r.score.and_then(|s| s.next_token),
                     score_top: r.score.map_or(0, |s| s.top as u32),
+                    batch_continues: false,
                 };
                 if !self.stage.is_last() {
                     let message = StageMessage { kind: Some(stage_message::Kind::Frame(frame)) };
@@ -1246,6 +1324,65 @@ mod tests {
 
     fn queued(message: StageMessage) -> Queued {
         Queued { message, at: Instant::now() }
+    }
+
+    fn continues(message: &StageMessage) -> Option<bool> {
+        match &message.kind {
+            Some(stage_message::Kind::Frame(f)) => Some(f.batch_continues),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_batch_marks_all_its_frames_to_the_next_stage_but_the_last() {
+        let next = |seq| Outgoing::Next { seq, message: frame(seq, 9) };
+        let token = || Outgoing::Event(worker_event::Kind::Token(Default::default()));
+        let mut outputs = vec![next(1), token(), next(2), Outgoing::First { seq: 5, message: frame(5, 9) }, next(3)];
+        mark_batch(&mut outputs);
+        let marks: Vec<Option<bool>> = outputs
+            .iter()
+            .map(|out| match out {
+                Outgoing::Next { message, .. } => continues(message),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(marks, [Some(true), None, Some(true), None, Some(false)]);
+        // Back to stage 0 (the direct return) stays unmarked: stage 0 gathers by sequence.
+        let Outgoing::First { message, .. } = &outputs[3] else { unreachable!() };
+        assert_eq!(continues(message), Some(false));
+
+        let mut alone = vec![next(7)];
+        mark_batch(&mut alone);
+        let Outgoing::Next { message, .. } = &alone[0] else { unreachable!() };
+        assert_eq!(continues(message), Some(false));
+    }
+
+    #[test]
+    fn a_later_stage_waits_for_the_frame_that_ends_the_batch_or_the_limit() {
+        let marked = |seq, more| {
+            let mut message = frame(seq, 5);
+            if let Some(stage_message::Kind::Frame(f)) = message.kind.as_mut() {
+                f.batch_continues = more;
+            }
+            queued(message)
+        };
+        let mut pending: VecDeque<Queued> = [marked(1, true)].into();
+        assert!(batch_incomplete(&pending));
+        let (tx, mut rx) = mpsc::channel(16);
+        for message in [marked(2, true), marked(3, false), marked(4, true)] {
+            tx.try_send(message).expect("room in the channel");
+        }
+        complete_batch(&mut rx, &mut pending, Duration::from_secs(60));
+        let seqs: Vec<u64> = pending.iter().filter_map(|q| seq_of(&q.message)).collect();
+        assert_eq!(seqs, [1, 2, 3], "up to the batch's last frame; the next batch's stays queued");
+        assert!(!batch_incomplete(&pending));
+
+        // Sequence 4's batch never ends: the wait ends at the limit.
+        let mut pending = VecDeque::new();
+        let started = Instant::now();
+        complete_batch(&mut rx, &mut pending, Duration::from_millis(50));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert!(batch_incomplete(&pending));
     }
 
     #[test]

@@ -538,6 +538,7 @@ impl Scheduler {
                 score: score_top.is_some(),
                 next_token: score_top.and_then(|_| r.prompt.get(frame.end).copied()),
                 score_top: score_top.unwrap_or(0),
+                batch_continues: false,
             })));
         }
         let base = r.prompt.len();
