@@ -26,6 +26,13 @@ llama_cpp_build() {
     python3 -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: -d "$src" llama-cpp-python==0.3.36
     tar -xzf "$src/llama_cpp_python-0.3.36.tar.gz" -C "$src"
   }
-  cmake -S "$llama" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF >/dev/null
+  # llama.cpp's AMX kernels died at their first tile instruction (SIGILL at
+  # `tilezero`, llama-bench on Gemma 3) on a Sapphire Rapids VM whose kernel grants
+  # the AMX state, so where the CPU has AMX the build leaves it out: llama.cpp then
+  # runs its AVX-512 VNNI kernels, as strata does.
+  local flags=
+  grep -qw amx_tile /proc/cpuinfo 2>/dev/null && flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  cmake -S "$llama" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+    -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" >/dev/null
   cmake --build "$llama/build" -j "$jobs" --target "${missing[@]}"
 }
