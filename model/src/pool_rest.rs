@@ -136,10 +136,10 @@ mod tests {
             std::thread::spawn(move || ringer.ring()).join().expect("the ringer rings");
             let deadline = Instant::now() + Duration::from_secs(30);
             // `woken` counts the pool threads back from their sleep.
-            while candle_pool_woken(&bell) < pool_threads && Instant::now() < deadline {
+            while candle_pool_woken(bell) < pool_threads && Instant::now() < deadline {
                 std::thread::yield_now();
             }
-            candle_pool_woken(&bell) == pool_threads
+            candle_pool_woken(bell) == pool_threads
         });
         assert!(all_awake, "the pool slept on after the bell");
         every_thread_runs_a_job();

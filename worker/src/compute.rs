@@ -268,15 +268,35 @@ fn gather_frames(
     pending: &mut VecDeque<Queued>,
     limit: Duration,
 ) {
+    if missing.is_empty() {
+        return;
+    }
+    take_until(rx, pending, limit, |queued| {
+        if let Some(seq) = settles(queued) {
+            missing.remove(&seq);
+        }
+        missing.is_empty()
+    });
+}
+
+/// Takes messages from `rx` into `pending` until one for which `last` says the wait
+/// is over has come (it goes into `pending` too), or `limit` has passed.
+fn take_until(
+    rx: &mut mpsc::Receiver<Queued>,
+    pending: &mut VecDeque<Queued>,
+    limit: Duration,
+    mut last: impl FnMut(&Queued) -> bool,
+) {
     let deadline = Instant::now() + limit;
-    while !missing.is_empty() {
+    loop {
         let Some(Some(queued)) = recv_within(rx, deadline.saturating_duration_since(Instant::now()), None) else {
             return;
         };
-        if let Some(seq) = settles(&queued) {
-            missing.remove(&seq);
-        }
+        let over = last(&queued);
         pending.push_back(queued);
+        if over {
+            return;
+        }
     }
 }
 
@@ -315,17 +335,12 @@ fn batch_incomplete(pending: &VecDeque<Queued>) -> bool {
 /// Takes messages from `rx` into `pending` until a frame that ends its batch has
 /// come, or `limit` has passed.
 fn complete_batch(rx: &mut mpsc::Receiver<Queued>, pending: &mut VecDeque<Queued>, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let Some(Some(queued)) = recv_within(rx, deadline.saturating_duration_since(Instant::now()), None) else {
-            return;
-        };
-        let ends = matches!(&queued.message.kind, Some(stage_message::Kind::Frame(frame)) if !frame.batch_continues);
-        pending.push_back(queued);
-        if ends {
-            return;
-        }
-    }
+    take_until(rx, pending, limit, ends_batch);
+}
+
+/// Whether `queued` is a frame no more of its batch follow.
+fn ends_batch(queued: &Queued) -> bool {
+    matches!(&queued.message.kind, Some(stage_message::Kind::Frame(frame)) if !frame.batch_continues)
 }
 
 /// Pins this compute thread and the pool's threads each to a core of its own (see

@@ -9,12 +9,12 @@
 //! read it faster. Linux gives an anonymous mapping transparent huge pages when the
 //! range is advised `MADV_HUGEPAGE` before it is first touched (the common `madvise`
 //! setting of `/sys/kernel/mm/transparent_hugepage/enabled`), so the allocation is a
-//! fresh mapping, 2 MiB-aligned, advised, and only then zeroed. Smaller buffers (a 135M model's layer
-//! matrices are a few hundred KiB) are cut from shared 8 MiB slabs allocated the same
-//! way, so they too sit on huge pages, one after another as the model's layers do; a
-//! slab is freed when the last buffer cut from it is, and a buffer freed before that
-//! gives its pages back at once. Elsewhere, or where the advice is refused, the memory
-//! is ordinary.
+//! fresh mapping, 2 MiB-aligned, advised, and only then zeroed. Smaller buffers (a 135M
+//! model's layer matrices are a few hundred KiB) are cut from shared 8 MiB slabs
+//! allocated the same way, so they too sit on huge pages, one after another as the
+//! model's layers do; a slab is freed when the last buffer cut from it is, and a
+//! buffer freed before that gives its pages back at once. Elsewhere, or where the
+//! advice is refused, the memory is ordinary.
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -78,9 +78,7 @@ impl Allocation {
     /// one stage of three (`AnonHugePages` 0 for its 21 MB of layers).
     #[cfg(target_os = "linux")]
     fn mapped(bytes: usize) -> Option<Self> {
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok().filter(|&p| p > 0)?;
-        let len = bytes.checked_next_multiple_of(page)?;
+        let len = bytes.checked_next_multiple_of(page_size()?)?;
         // Room to slide a 2 MiB-aligned start into; what is left over is unmapped.
         let span = len.checked_add(HUGE_PAGE)?;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
@@ -124,6 +122,13 @@ impl Drop for Allocation {
             },
         }
     }
+}
+
+/// The system's page size, if it says one.
+#[cfg(target_os = "linux")]
+fn page_size() -> Option<usize> {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok().filter(|&page| page > 0)
 }
 
 /// The slab small buffers are being cut from, and the bytes of it already cut. Held
@@ -187,8 +192,7 @@ impl Drop for Lines {
     fn drop(&mut self) {
         #[cfg(target_os = "linux")]
         if Arc::strong_count(&self.memory) > 1 {
-            // SAFETY: sysconf has no preconditions.
-            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+            let page = page_size().unwrap_or(4096);
             let start = self.ptr.as_ptr() as usize;
             let (from, to) = (start.div_ceil(page) * page, (start + self.len * 64) / page * page);
             if to > from {
@@ -269,7 +273,8 @@ mod tests {
         let mut inside = false;
         for line in smaps.lines() {
             let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
-            if let Some((from, to)) = range.filter(|_| !line.ends_with(':') && !line.contains(": ")) {
+            // A mapping's first line starts with its range; its fields' names have no '-'.
+            if let Some((from, to)) = range {
                 let (from, to) = (usize::from_str_radix(from, 16), usize::from_str_radix(to, 16));
                 if let (Ok(from), Ok(to)) = (from, to) {
                     inside = (from..to).contains(&address);
