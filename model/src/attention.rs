@@ -17,6 +17,10 @@
 //! Plain multiplies and adds, never fused, so any CPU computes the same bits (the
 //! compiler may vectorise across `d` lanes but not reorder a lane's sum).
 
+#[cfg(target_arch = "x86_64")]
+mod head_pair;
+mod softmax;
+
 use std::mem::MaybeUninit;
 
 use candle_core::{Device, Storage, Tensor};
@@ -57,11 +61,19 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
         return Err(Error::BadInput("attention over no sequences".into()));
     };
     let (heads, _, d) = first.q.dims3()?;
+    let kv_heads = first.k.dim(0)?;
     let mut rows = 0;
     for a in items {
         let (h, len, qd) = a.q.dims3()?;
-        let (kv_heads, n, kd) = a.k.dims3()?;
-        if h != heads || qd != d || kd != d || a.v.dims3()? != (kv_heads, n, d) || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        let (kvh, n, kd) = a.k.dims3()?;
+        if h != heads
+            || qd != d
+            || kvh != kv_heads
+            || kd != d
+            || a.v.dims3()? != (kv_heads, n, d)
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+        {
             return Err(Error::BadInput(format!(
                 "attention shapes: q {:?}, k {:?}, v {:?}",
                 a.q.dims(),
@@ -87,7 +99,9 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
     let v_storage: Vec<_> = items.iter().map(|a| a.v.storage_and_layout()).collect();
     let keys = items.iter().zip(&k_storage).map(|(a, (s, l))| RowView::new(a.k, s, l)).collect::<Result<Vec<_>>>()?;
     let values = items.iter().zip(&v_storage).map(|(a, (s, l))| RowView::new(a.v, s, l)).collect::<Result<Vec<_>>>()?;
-    // Unit u of item `it` (from `first_unit[it]`) is its head `u / len`, row `u % len`.
+    let head_sets = HeadSet::all(heads, kv_heads, d);
+    // Unit u of item `it` (from `first_unit[it]`) is head set `u % sets`, row from the
+    // end `u / sets`.
     let mut first_unit = Vec::with_capacity(items.len());
     let mut first_row = Vec::with_capacity(items.len());
     let mut lens = Vec::with_capacity(items.len());
@@ -97,13 +111,13 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
         lens.push(len);
         first_unit.push(units);
         first_row.push(row);
-        units += heads * len;
+        units += head_sets.len() * len;
         row += len;
         work += heads * len * (n.min(a.window.unwrap_or(n)) + 1) * d;
     }
     let fill = |out_rows: &SharedOut<'_, MaybeUninit<f32>>| {
         let run = |range: std::ops::Range<usize>| {
-            let mut weights = Vec::new();
+            let mut scratch = Scratch::default();
             for u in range {
                 let it = first_unit.partition_point(|&f| f <= u) - 1;
                 let a = &items[it];
@@ -111,19 +125,19 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
                 // A row's heads one after another (under grouped-query attention they read
                 // the same keys, still in cache), and the last rows first: they see the
                 // most keys, and the pool's last pieces of work should be the short ones.
-                let (h, i) = ((u - first_unit[it]) % heads, len - 1 - (u - first_unit[it]) / heads);
+                let sets = head_sets.len();
+                let (set, i) = (head_sets[(u - first_unit[it]) % sets], len - 1 - (u - first_unit[it]) / sets);
                 let position = a.position + i;
                 let lo = a.window.map_or(0, |w| (position + 1).saturating_sub(w)).max(a.first);
                 let visible = (lo - a.first)..(position + 1 - a.first);
-                let kv = h / (heads / keys[it].heads);
-                // SAFETY: unit (item, h, i) alone writes its row's head-h slice.
-                let dst = zeroed(unsafe { out_rows.segment(((first_row[it] + i) * heads + h) * d, d) });
-                attend_row(
-                    queries[it].rows(h, i..i + 1),
-                    keys[it].rows(kv, visible.clone()),
-                    values[it].rows(kv, visible),
+                // SAFETY: unit (item, set, i) alone writes its row's slices of the set's heads.
+                let dst = unsafe { out_rows.segment(((first_row[it] + i) * heads + set.first()) * d, set.heads() * d) };
+                set.attend(
+                    |h| queries[it].rows(h, i..i + 1),
+                    keys[it].rows(set.kv(), visible.clone()),
+                    values[it].rows(set.kv(), visible),
                     a.scale,
-                    &mut weights,
+                    &mut scratch,
                     dst,
                 );
             }
@@ -135,11 +149,101 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, (rows, heads * d), &Device::Cpu)?)
 }
 
+/// The query heads one unit of work attends: one head, or two that read the same keys
+/// where the CPU has `head_pair`'s kernel.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum HeadSet {
+    One { head: usize, kv: usize },
+    Pair { first: usize, kv: usize },
+}
+
+impl HeadSet {
+    /// Every head of a row once, in order: within each KV head's group, pairs while
+    /// two are left (where `head_pair` runs for heads of `d`), then a single.
+    fn all(heads: usize, kv_heads: usize, d: usize) -> Vec<HeadSet> {
+        #[cfg(target_arch = "x86_64")]
+        let pairs = head_pair::available(d);
+        #[cfg(not(target_arch = "x86_64"))]
+        let pairs = {
+            let _ = d;
+            false
+        };
+        let group = heads / kv_heads;
+        let mut sets = Vec::with_capacity(heads);
+        for kv in 0..kv_heads {
+            let mut head = kv * group;
+            while head < (kv + 1) * group {
+                if pairs && head + 2 <= (kv + 1) * group {
+                    sets.push(HeadSet::Pair { first: head, kv });
+                    head += 2;
+                } else {
+                    sets.push(HeadSet::One { head, kv });
+                    head += 1;
+                }
+            }
+        }
+        sets
+    }
+
+    fn first(self) -> usize {
+        match self {
+            HeadSet::One { head, .. } => head,
+            HeadSet::Pair { first, .. } => first,
+        }
+    }
+
+    fn heads(self) -> usize {
+        match self {
+            HeadSet::One { .. } => 1,
+            HeadSet::Pair { .. } => 2,
+        }
+    }
+
+    fn kv(self) -> usize {
+        match self {
+            HeadSet::One { kv, .. } | HeadSet::Pair { kv, .. } => kv,
+        }
+    }
+
+    /// The set's heads (queries by head) over the visible `keys` and `values` into
+    /// `dst`, the heads' slices of the row one after another.
+    fn attend<'q>(
+        self,
+        query: impl Fn(usize) -> &'q [f32],
+        keys: &[f32],
+        values: &[f32],
+        scale: f32,
+        scratch: &mut Scratch,
+        dst: &mut [MaybeUninit<f32>],
+    ) {
+        match self {
+            HeadSet::One { head, .. } => {
+                attend_row(query(head), keys, values, scale, &mut scratch.weights, zeroed(dst))
+            }
+            #[cfg(target_arch = "x86_64")]
+            HeadSet::Pair { first, .. } => {
+                // SAFETY: a pair exists only where `head_pair::available(d)` was true.
+                let (a, b) = (query(first), query(first + 1));
+                unsafe { head_pair::attend_pair(a, b, keys, values, scale, &mut scratch.pair, zeroed(dst)) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            HeadSet::Pair { .. } => unreachable!("pairs are made only on x86_64"),
+        }
+    }
+}
+
+/// One pool thread's scratch room, kept across its units.
+#[derive(Default)]
+struct Scratch {
+    weights: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
+    pair: head_pair::PairScratch,
+}
+
 /// The rows of a CPU tensor `[heads, n, d]`: borrowed where each row is contiguous
 /// (a KV cache's view), else copied.
 struct RowView<'a> {
     data: std::borrow::Cow<'a, [f32]>,
-    heads: usize,
     start: usize,
     head_stride: usize,
     d: usize,
@@ -147,15 +251,15 @@ struct RowView<'a> {
 
 impl<'a> RowView<'a> {
     fn new(t: &Tensor, storage: &'a Storage, layout: &candle_core::Layout) -> Result<Self> {
-        let (heads, n, d) = t.dims3()?;
+        let (_, n, d) = t.dims3()?;
         if let (Storage::Cpu(cpu), [s0, s1, 1]) = (storage, layout.stride()) {
             if *s1 == d {
                 let data = std::borrow::Cow::Borrowed(cpu.as_slice::<f32>()?);
-                return Ok(Self { data, heads, start: layout.start_offset(), head_stride: *s0, d });
+                return Ok(Self { data, start: layout.start_offset(), head_stride: *s0, d });
             }
         }
         let data = std::borrow::Cow::Owned(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
-        Ok(Self { data, heads, start: 0, head_stride: n * d, d })
+        Ok(Self { data, start: 0, head_stride: n * d, d })
     }
 
     /// Rows `range` of `head`, one after another.
@@ -200,23 +304,17 @@ fn attend_row_portable<const AVX2: bool>(
     let d = q.len();
     weights.clear();
     scores::<AVX2>(q, keys.chunks_exact(d), scale, weights);
-    let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for w in weights.iter_mut() {
-        // libm's expf, not the platform's: a Windows worker's C runtime rounds some
-        // exponentials differently from glibc, and stages must agree to the bit.
-        // (`exp.rs`'s faster one saved only 3% of a 16-stream decode step here, and
-        // moved Gemma 3's top-token agreement with llama.cpp from 95.3% to 94.8%.)
-        *w = libm::expf(*w - max);
-    }
-    let mut sum = 0f32;
+    // libm's expf, not the platform's: a Windows worker's C runtime rounds some
+    // exponentials differently from glibc, and stages must agree to the bit.
+    // (`exp.rs`'s faster one saved only 3% of a 16-stream decode step here, and
+    // moved Gemma 3's top-token agreement with llama.cpp from 95.3% to 94.8%.)
+    let sum = softmax::exp_weights(weights);
     // Two values rows per pass over `out` (each element still adds them in key order,
     // `(o + w₁v₁) + w₂v₂`): half the loads and stores of `out`.
     let mut pairs = weights.iter().zip(values.chunks_exact(d));
     while let Some((&w1, v1)) = pairs.next() {
-        sum += w1;
         match pairs.next() {
             Some((&w2, v2)) => {
-                sum += w2;
                 for ((o, &x1), &x2) in out.iter_mut().zip(v1).zip(v2) {
                     *o = (*o + w1 * x1) + w2 * x2;
                 }
@@ -379,6 +477,49 @@ mod tests {
                 let alone = attend(&Attend { q: &qi, k: &ki, v: &vi, first: 0, position: position + i, window, scale: 0.125 }).unwrap();
                 let alone = alone.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 assert_eq!(alone[..], got[i * heads * d..(i + 1) * heads * d], "{window:?}: row {i}");
+            }
+        }
+    }
+
+    /// Heads attended two at a time (`head_pair`, where the CPU has AVX-512) give the
+    /// bits of `attend_row` one head at a time: groups of 1, 2 and 3 heads per KV head,
+    /// dimensions in whole blocks of 64 and not, a window and none.
+    #[test]
+    fn head_pairs_are_the_bits_of_single_heads() {
+        #[cfg(target_arch = "x86_64")]
+        let pairs = head_pair::available(72);
+        #[cfg(not(target_arch = "x86_64"))]
+        let pairs = false;
+        if !pairs {
+            eprintln!("SKIPPED: no AVX-512 on this CPU, so no head pairs to compare (single heads only)");
+        }
+        for (heads, kv_heads, d) in [(6, 2, 72), (4, 1, 256), (8, 4, 24), (3, 3, 16)] {
+            let (n, len) = (41, 10);
+            let position = n - len;
+            let k = values(kv_heads * n * d, 1);
+            let v = values(kv_heads * n * d, 2);
+            let qv = values(heads * len * d, 3);
+            let kt = Tensor::from_vec(k.clone(), (kv_heads, n, d), &Device::Cpu).unwrap();
+            let vt = Tensor::from_vec(v.clone(), (kv_heads, n, d), &Device::Cpu).unwrap();
+            let qt = Tensor::from_vec(qv.clone(), (heads, len, d), &Device::Cpu).unwrap();
+            for window in [None, Some(7)] {
+                let a = Attend { q: &qt, k: &kt, v: &vt, first: 0, position, window, scale: 0.125 };
+                let got = attend(&a).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut weights = Vec::new();
+                for i in 0..len {
+                    let p = position + i;
+                    let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                    for h in 0..heads {
+                        let kv = h / (heads / kv_heads);
+                        let rows = (kv * n + lo) * d..(kv * n + p + 1) * d;
+                        let mut want = vec![0f32; d];
+                        let q = &qv[(h * len + i) * d..(h * len + i + 1) * d];
+                        attend_row(q, &k[rows.clone()], &v[rows], 0.125, &mut weights, &mut want);
+                        let at = (i * heads + h) * d;
+                        let what = format!("heads {heads}/{kv_heads}, d {d}, {window:?}: row {i} head {h}");
+                        assert_eq!(got[at..at + d], want[..], "{what}");
+                    }
+                }
             }
         }
     }
