@@ -135,7 +135,7 @@ impl SingleProcess {
         self.runs += 1;
         let argmax = |out: Vec<StageOutput>| -> anyhow::Result<u32> {
             match out.last() {
-                Some(StageOutput::Logits(l)) => Ok(l.argmax(0)?.to_scalar::<u32>()?),
+                Some(StageOutput::Logits(l)) => Ok(strata_model::sampling::argmax(&l.to_vec1::<f32>()?)),
                 _ => anyhow::bail!("no logits"),
             }
         };
