@@ -211,7 +211,7 @@ mod tests {
         assert_eq!(gelu_from_table(table, -10.0), 0.0);
         assert_eq!(gelu_from_table(table, f32::NEG_INFINITY), 0.0);
         assert!(gelu_from_table(table, f32::NAN).is_nan());
-        for x in [-9.99f32, -3.3, -0.51, 0.0, 0.0007, 0.25, 1.0, 2.71828, 9.99] {
+        for x in [-9.99f32, -3.3, -0.51, 0.0, 0.0007, 0.25, 1.0, 2.7, 9.99] {
             let rounded = f16::from_f32(x).to_f32();
             let exact = 0.5 * rounded * (1.0 + libm::tanhf(SQRT_TWO_OVER_PI * rounded * (1.0 + 0.044715 * rounded * rounded)));
             assert_eq!(gelu_from_table(table, x), f16::from_f32(exact).to_f32(), "{x}");
