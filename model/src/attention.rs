@@ -418,7 +418,14 @@ fn finish_lanes<const N: usize>(mut lanes: [[f32; 8]; N], q: &[f32], keys: &[&[f
             lane[l] += a * b;
         }
     }
-    lanes.map(|l| ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])))
+    lanes.map(|l| lane_sum(&l))
+}
+
+/// A score's eight lane sums added in the module note's fixed tree (`head_pair` adds
+/// its two heads' lanes with it too).
+#[inline(always)]
+fn lane_sum(l: &[f32; 8]) -> f32 {
+    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
 }
 
 #[cfg(test)]

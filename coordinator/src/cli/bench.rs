@@ -203,7 +203,7 @@ fn print_report(r: &Report, layer_bytes: u64) {
     }
 }
 
-fn last_token(outputs: &[StageOutput]) -> anyhow::Result<u32> {
+pub(super) fn last_token(outputs: &[StageOutput]) -> anyhow::Result<u32> {
     match outputs.last() {
         Some(StageOutput::Logits(l)) => Ok(strata_model::sampling::argmax(&l.to_vec1::<f32>()?)),
         _ => anyhow::bail!("the full stage returned no logits"),

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 use strata_model::stage::StageOptions;
-use strata_model::{SamplingParams, Stage, StageInput, StageOutput, StageStep};
+use strata_model::{SamplingParams, Stage, StageInput, StageStep};
 use strata_proto::v1::WireDtype;
 
-use super::bench::{median, prompt_tokens, BenchArgs};
+use super::bench::{last_token, median, prompt_tokens, BenchArgs};
 use super::children::{start_local_worker, Children};
 use crate::cluster::{Cluster, ClusterConfig, ClusterEngine, Membership, PlacementPolicy, ReturnPath, ServedModel};
 use crate::engine::{GenerateEvent, GenerateRequest};
@@ -133,18 +133,12 @@ impl SingleProcess {
     fn decode(&mut self) -> anyhow::Result<f64> {
         let seq = self.runs;
         self.runs += 1;
-        let argmax = |out: Vec<StageOutput>| -> anyhow::Result<u32> {
-            match out.last() {
-                Some(StageOutput::Logits(l)) => Ok(strata_model::sampling::argmax(&l.to_vec1::<f32>()?)),
-                _ => anyhow::bail!("no logits"),
-            }
-        };
         let prompt = StageInput::Tokens(self.prompt.clone());
-        let mut next = argmax(self.stage.forward(&[StageStep { seq, position: 0, input: prompt }])?)?;
+        let mut next = last_token(&self.stage.forward(&[StageStep { seq, position: 0, input: prompt }])?)?;
         let t = Instant::now();
         for i in 0..self.decode_tokens {
             let step = StageStep { seq, position: self.prompt.len() + i, input: StageInput::Tokens(vec![next]) };
-            next = argmax(self.stage.forward(&[step])?)?;
+            next = last_token(&self.stage.forward(&[step])?)?;
         }
         let secs = t.elapsed().as_secs_f64();
         self.stage.release(seq);

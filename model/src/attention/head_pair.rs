@@ -113,7 +113,7 @@ pub(super) unsafe fn attend_pair(
 }
 
 /// Each key's two scores (head a, head b), unscaled: per lane `Σ q·k` in order of the
-/// dimension, then the lanes in `attention::finish_lanes`'s tree.
+/// dimension, then the lanes added as `attention::lane_sum` adds them.
 ///
 /// # Safety
 /// AVX-512 F/DQ present; `queries` is `[d / 8][16]` and every key `d` long.
@@ -133,11 +133,10 @@ unsafe fn dots_pair<const N: usize>(queries: &[f32], keys: [&[f32]; N]) -> [(f32
         }
     }
     acc.map(|acc| {
-        let mut l = [0f32; 2 * LANES];
+        let mut l = [[0f32; LANES]; 2];
         // SAFETY: `l` is 16 floats; an unaligned store.
-        unsafe { _mm512_storeu_ps(l.as_mut_ptr(), acc) };
-        let tree = |l: &[f32]| ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
-        (tree(&l[..LANES]), tree(&l[LANES..]))
+        unsafe { _mm512_storeu_ps(l.as_mut_ptr().cast(), acc) };
+        (super::lane_sum(&l[0]), super::lane_sum(&l[1]))
     })
 }
 
