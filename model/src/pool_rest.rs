@@ -19,18 +19,46 @@
 //! VM, per stage and token). The wait is handed a [`PoolBell`] instead, for whoever
 //! ends it (the waker of the channel it waits on): the pool then wakes at the same
 //! moment as the calling thread, not after it.
+//!
+//! A caller that waits on sockets can have the pool sleep on them too
+//! ([`wait_with_pool_resting`] with a [`Rest`] of its own): the pool then wakes at
+//! the write that ends the wait, without a second wake-up from the caller.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
+/// What a resting pool's threads sleep on, and what wakes them: by default a
+/// condition variable; a caller that waits on sockets can have the pool wake on
+/// them too ([`wait_with_pool_resting`]).
+pub trait Rest: Send + Sync {
+    /// Returns once [`Rest::wake`] was called, or earlier for a reason of its own
+    /// (the caller's wait will end soon). Called once per pool thread and wait.
+    fn sleep(&self);
+    /// Wakes the sleepers; a sleep that starts afterwards returns at once.
+    fn wake(&self);
+}
+
 /// Wakes the pool's threads from a [`wait_with_pool_asleep`] before the wait has
 /// returned. Ringing it after the wait, or more than once, does nothing.
-#[derive(Clone, Default)]
-pub struct PoolBell(Arc<Alarm>);
+#[derive(Clone)]
+pub struct PoolBell(Arc<Bell>);
+
+struct Bell {
+    rest: Box<dyn Rest>,
+    /// Pool threads back from their sleep (what the tests look at).
+    woken: AtomicUsize,
+}
+
+/// A bell on the default rest (a condition variable), for waits that have none.
+impl Default for PoolBell {
+    fn default() -> Self {
+        Self(Arc::new(Bell { rest: Box::new(Alarm::default()), woken: AtomicUsize::new(0) }))
+    }
+}
 
 impl PoolBell {
     pub fn ring(&self) {
-        self.0.ring();
+        self.0.rest.wake();
     }
 }
 
@@ -39,10 +67,15 @@ impl PoolBell {
 /// hands the bell) rings the bell it is given. With no pool threads (one compute
 /// thread) it just runs `wait`.
 pub fn wait_with_pool_asleep<T: Send>(wait: impl FnOnce(&PoolBell) -> T + Send) -> T {
+    wait_with_pool_resting(Box::new(Alarm::default()), wait)
+}
+
+/// As [`wait_with_pool_asleep`], the pool's threads sleeping on `rest`.
+pub fn wait_with_pool_resting<T: Send>(rest: Box<dyn Rest>, wait: impl FnOnce(&PoolBell) -> T + Send) -> T {
     let pool = candle_core::utils::barrier_pool();
     // Candle numbers its pool threads 0..n and gives the calling thread n.
     let caller = pool.n_workers();
-    let bell = PoolBell::default();
+    let bell = PoolBell(Arc::new(Bell { rest, woken: AtomicUsize::new(0) }));
     if caller == 0 {
         return wait(&bell);
     }
@@ -59,7 +92,8 @@ pub fn wait_with_pool_asleep<T: Send>(wait: impl FnOnce(&PoolBell) -> T + Send) 
             }
             bell.ring();
         } else {
-            bell.0.sleep_until_rung();
+            bell.0.rest.sleep();
+            bell.0.woken.fetch_add(1, Ordering::Relaxed);
         }
     });
     let outcome = result.into_inner().unwrap_or_else(PoisonError::into_inner);
@@ -69,24 +103,22 @@ pub fn wait_with_pool_asleep<T: Send>(wait: impl FnOnce(&PoolBell) -> T + Send) 
     }
 }
 
+/// The default rest: a condition variable.
 #[derive(Default)]
 struct Alarm {
     rung: Mutex<bool>,
     bell: Condvar,
-    /// Pool threads back from their sleep (what the tests look at).
-    woken: AtomicUsize,
 }
 
-impl Alarm {
-    fn sleep_until_rung(&self) {
+impl Rest for Alarm {
+    fn sleep(&self) {
         let mut rung = lock(&self.rung);
         while !*rung {
             rung = self.bell.wait(rung).unwrap_or_else(PoisonError::into_inner);
         }
-        self.woken.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn ring(&self) {
+    fn wake(&self) {
         let mut rung = lock(&self.rung);
         if !*rung {
             *rung = true;
@@ -147,6 +179,34 @@ mod tests {
 
     fn candle_pool_woken(bell: &PoolBell) -> usize {
         bell.0.woken.load(Ordering::Relaxed)
+    }
+
+    /// Counts its sleeps; sleeps on the default rest.
+    #[derive(Default)]
+    struct CountingRest {
+        sleeps: Arc<AtomicUsize>,
+        alarm: Alarm,
+    }
+
+    impl Rest for CountingRest {
+        fn sleep(&self) {
+            self.sleeps.fetch_add(1, Ordering::Relaxed);
+            self.alarm.sleep();
+        }
+
+        fn wake(&self) {
+            self.alarm.wake();
+        }
+    }
+
+    #[test]
+    fn the_pool_rests_on_the_rest_it_is_given() {
+        let sleeps = Arc::new(AtomicUsize::new(0));
+        let rest = CountingRest { sleeps: sleeps.clone(), alarm: Alarm::default() };
+        let value = wait_with_pool_resting(Box::new(rest), |_| 7);
+        assert_eq!(value, 7);
+        assert_eq!(sleeps.load(Ordering::Relaxed), candle_core::utils::barrier_pool().n_workers(), "each pool thread slept on it");
+        every_thread_runs_a_job();
     }
 
     #[test]

@@ -9,10 +9,12 @@
 //! * [`paths`]: where per-user caches and machine-wide service files live;
 //! * [`files`]: whether a path still names an open file;
 //! * [`local_socket`]: sockets between the processes of one user on one machine;
+//! * [`doorbell`]: a thread's wait for a ring or for its local sockets;
 //! * [`memory`]: keeping freed buffers for reuse, and giving freed memory back;
 //! * [`nvidia`]: the names of NVIDIA's driver libraries;
 //! * [`firewall`]: opening the worker's ports in the Windows firewall.
 
+pub mod doorbell;
 pub mod files;
 pub mod firewall;
 pub mod foreground;

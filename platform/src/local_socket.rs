@@ -19,10 +19,10 @@ pub fn length_prefix(length: usize) -> io::Result<[u8; 4]> {
 }
 
 #[cfg(target_os = "linux")]
-pub use linux::{LocalAcceptor, LocalSocketFile, LocalStream};
+pub use linux::{LocalAcceptor, LocalSocketFile, LocalStream, Watch};
 
 #[cfg(not(target_os = "linux"))]
-pub use elsewhere::{LocalAcceptor, LocalSocketFile, LocalStream};
+pub use elsewhere::{LocalAcceptor, LocalSocketFile, LocalStream, Watch};
 
 /// Serves a socket for `address`: the acceptor takes connections, the file removes
 /// the socket when dropped (if it is still this server's). A socket left at that
@@ -50,6 +50,7 @@ pub fn connect(address: &str) -> Option<LocalStream> {
 mod linux {
     use std::io::{self, Read as _, Write as _};
     use std::net::Shutdown;
+    use std::os::fd::{AsRawFd as _, RawFd};
     use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::path::{Path, PathBuf};
@@ -138,7 +139,35 @@ mod linux {
         stream: UnixStream,
     }
 
+    /// What [`crate::doorbell::Doorbell::wait`] watches a stream by: its
+    /// descriptor, which the stream must outlive the waits on.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Watch(RawFd);
+
+    impl Watch {
+        pub(crate) fn fd(self) -> RawFd {
+            self.0
+        }
+    }
+
     impl LocalStream {
+        /// How a doorbell's wait watches this stream.
+        pub fn watch(&self) -> Watch {
+            Watch(self.stream.as_raw_fd())
+        }
+
+        /// Whether a read would not block: a record (or part of one) has come, or
+        /// the peer closed its end.
+        pub fn has_input(&self) -> io::Result<bool> {
+            let mut fd = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one live pollfd, no waiting.
+            let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+            if ready < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(ready > 0)
+        }
+
         /// Writes `record` with its length prefix.
         pub fn write_record(&mut self, record: &[u8]) -> io::Result<()> {
             self.stream.write_all(&length_prefix(record.len())?)?;
@@ -223,7 +252,19 @@ mod elsewhere {
     /// None here: [`super::connect`] finds none.
     pub enum LocalStream {}
 
+    /// None here, as there are no streams.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Watch {}
+
     impl LocalStream {
+        pub fn watch(&self) -> Watch {
+            match *self {}
+        }
+
+        pub fn has_input(&self) -> io::Result<bool> {
+            match *self {}
+        }
+
         pub fn write_record(&mut self, _record: &[u8]) -> io::Result<()> {
             match *self {}
         }

@@ -31,6 +31,7 @@ use strata_proto::WorkerError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events::{unix_nanos, EventHub, Stats};
+use crate::inbox::{Inbound, Inbox};
 use crate::route::Route;
 use crate::stage_trace::StageTrace;
 use crate::weights::WeightFile;
@@ -123,7 +124,7 @@ pub struct Outputs {
 /// The running compute thread. Dropping it closes the queue; the thread finishes
 /// its round and exits, freeing the stage.
 pub struct ComputeHandle {
-    pub tx: mpsc::Sender<Queued>,
+    pub tx: mpsc::Sender<Inbound>,
     /// Bytes of weights the stage computes with, shared with other shards or not.
     pub weight_bytes: u64,
     /// Bytes of those the load read itself (the rest were held for other shards).
@@ -162,6 +163,13 @@ pub async fn start(
         .name(format!("strata-stage-{}", spec.stage_index))
         .spawn(move || {
             let _alive = LiveStage::new();
+            let inbox = match Inbox::new(rx) {
+                Ok(inbox) => inbox,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(WorkerError::Internal(format!("cannot wait for messages: {e}"))));
+                    return;
+                }
+            };
             let loaded = load(&spec).and_then(|(stage, tokenizer)| {
                 let lock = match &spec.compute_lock {
                     Some(path) => Some(ComputeLock::open(path).map_err(|e| {
@@ -194,6 +202,7 @@ pub async fn start(
             let hidden = stage.info().hidden;
             let mut compute = Compute {
                 stage,
+                inbox,
                 lock,
                 hidden,
                 stage_index: spec.stage_index,
@@ -212,7 +221,7 @@ pub async fn start(
             // A panic (a bug) must not leave the sequences in flight waiting forever
             // for frames this stage will never send: each is failed, and the frames
             // that come later find no stage (`NoShard`).
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute.run(rx, kv_rx)));
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute.run(kv_rx)));
             if let Err(panic) = run {
                 compute.fail_all(&panic_text(panic.as_ref()));
             }
@@ -260,18 +269,18 @@ fn missing_frames(awaited: &HashSet<u64>, pending: &VecDeque<Queued>) -> HashSet
     missing
 }
 
-/// Takes messages from `rx` into `pending` until each sequence of `missing` has its
+/// Takes messages from `inbox` into `pending` until each sequence of `missing` has its
 /// frame or release there, or `limit` has passed.
 fn gather_frames(
     mut missing: HashSet<u64>,
-    rx: &mut mpsc::Receiver<Queued>,
+    inbox: &mut Inbox,
     pending: &mut VecDeque<Queued>,
     limit: Duration,
 ) {
     if missing.is_empty() {
         return;
     }
-    take_until(rx, pending, limit, |queued| {
+    take_until(inbox, pending, limit, |queued| {
         if let Some(seq) = settles(queued) {
             missing.remove(&seq);
         }
@@ -279,17 +288,17 @@ fn gather_frames(
     });
 }
 
-/// Takes messages from `rx` into `pending` until one for which `last` says the wait
+/// Takes messages from `inbox` into `pending` until one for which `last` says the wait
 /// is over has come (it goes into `pending` too), or `limit` has passed.
 fn take_until(
-    rx: &mut mpsc::Receiver<Queued>,
+    inbox: &mut Inbox,
     pending: &mut VecDeque<Queued>,
     limit: Duration,
     mut last: impl FnMut(&Queued) -> bool,
 ) {
     let deadline = Instant::now() + limit;
     loop {
-        let Some(Some(queued)) = recv_within(rx, deadline.saturating_duration_since(Instant::now()), None) else {
+        let Some(Some(queued)) = inbox.recv_within(Some(deadline.saturating_duration_since(Instant::now())), None) else {
             return;
         };
         let over = last(&queued);
@@ -332,10 +341,10 @@ fn batch_incomplete(pending: &VecDeque<Queued>) -> bool {
     last_frame.is_some_and(|frame| frame.batch_continues)
 }
 
-/// Takes messages from `rx` into `pending` until a frame that ends its batch has
+/// Takes messages from `inbox` into `pending` until a frame that ends its batch has
 /// come, or `limit` has passed.
-fn complete_batch(rx: &mut mpsc::Receiver<Queued>, pending: &mut VecDeque<Queued>, limit: Duration) {
-    take_until(rx, pending, limit, ends_batch);
+fn complete_batch(inbox: &mut Inbox, pending: &mut VecDeque<Queued>, limit: Duration) {
+    take_until(inbox, pending, limit, ends_batch);
 }
 
 /// Whether `queued` is a frame no more of its batch follow.
@@ -350,40 +359,6 @@ fn pin_compute_threads(stage_index: u32) {
     match strata_model::core_pinning::pin_compute_threads() {
         Ok(cores) => tracing::debug!(stage = stage_index, ?cores, "compute threads pinned, one to a core"),
         Err(e) => tracing::info!(stage = stage_index, "compute threads left unpinned: {e}"),
-    }
-}
-
-/// The next message if one comes within `limit` (`Some(None)` once the channel is
-/// closed), `None` if none does. It parks this thread rather than use the runtime's
-/// timer: the runtime's own thread may be the one waiting for the pool meanwhile.
-/// The sender's wake also rings `pool_bell`, so a resting pool wakes beside this
-/// thread instead of after it (see [`strata_model::pool_rest`]).
-fn recv_within(
-    rx: &mut mpsc::Receiver<Queued>,
-    limit: Duration,
-    pool_bell: Option<&PoolBell>,
-) -> Option<Option<Queued>> {
-    struct Unpark(std::thread::Thread, Option<PoolBell>);
-    impl std::task::Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-            if let Some(bell) = &self.1 {
-                bell.ring();
-            }
-        }
-    }
-    let deadline = Instant::now() + limit;
-    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current(), pool_bell.cloned())));
-    let mut context = std::task::Context::from_waker(&waker);
-    loop {
-        if let std::task::Poll::Ready(message) = rx.poll_recv(&mut context) {
-            return Some(message);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        std::thread::park_timeout(left);
     }
 }
 
@@ -543,6 +518,7 @@ fn score_rows(r: &Ready, rows: &[Vec<f32>], request: ScoreRequest) -> Result<v1:
 
 struct Compute {
     stage: Stage,
+    inbox: Inbox,
     lock: Option<ComputeLock>,
     hidden: usize,
     stage_index: u32,
@@ -591,11 +567,11 @@ fn seq_of(message: &StageMessage) -> Option<u64> {
 }
 
 impl Compute {
-    fn run(&mut self, mut rx: mpsc::Receiver<Queued>, mut kv: mpsc::UnboundedReceiver<KvJob>) {
+    fn run(&mut self, mut kv: mpsc::UnboundedReceiver<KvJob>) {
         let mut pending: VecDeque<Queued> = VecDeque::new();
         loop {
             if pending.is_empty() {
-                match self.next_message(&mut rx) {
+                match self.next_message() {
                     Some(message) => pending.push_back(message),
                     None => {
                         self.flush_outbox();
@@ -605,11 +581,11 @@ impl Compute {
             }
             // More work came before the round's outputs went: they go now.
             self.flush_outbox();
-            while let Ok(message) = rx.try_recv() {
+            while let Some(message) = self.inbox.try_recv() {
                 pending.push_back(message);
             }
             self.run_kv_jobs(&mut kv);
-            self.gather(&mut rx, &mut pending);
+            self.gather(&mut pending);
             let (steps, ready) = self.take_round(&mut pending);
             if !steps.is_empty() {
                 self.run_batch(steps, ready);
@@ -630,25 +606,34 @@ impl Compute {
     /// computing meanwhile (three workers on two cores: each stage's step 6% shorter,
     /// 11 of 12 alternating runs, 2026-12-05).
     ///
-    /// The last round's outputs are sent first, once the pool sleeps: sending wakes
-    /// the runtime's thread, which may take this thread's core at once, and a pool
-    /// still spinning meanwhile would hold the other core from the next stage (a
-    /// scheduler trace showed 0.3 ms of it a step). Nothing sent may use the pool,
-    /// which is this job's until the wait ends.
-    fn next_message(&mut self, rx: &mut mpsc::Receiver<Queued>) -> Option<Queued> {
-        if LIVE_STAGES.load(Ordering::Relaxed) > 1 {
-            self.flush_outbox();
-            return rx.blocking_recv();
-        }
+    /// The last round's outputs are sent once the pool sleeps, just before this
+    /// thread does ([`Inbox::send_then_recv_within`]): sending wakes the next stage,
+    /// which may take this thread's core at once, and a pool still spinning
+    /// meanwhile would hold the other core from it (a scheduler trace showed 0.3 ms
+    /// of it a step). Nothing sent may use the pool, which is this job's until the
+    /// wait ends.
+    fn next_message(&mut self) -> Option<Queued> {
         let outbox = std::mem::take(&mut self.outbox);
-        let (outputs, hub, stage_index) = (&mut self.outputs, &self.hub, self.stage_index);
-        let rested = strata_model::pool_rest::wait_with_pool_asleep(|pool_bell| {
-            post(outputs, hub, stage_index, outbox);
-            recv_within(rx, POOL_REST_LIMIT, Some(pool_bell))
-        });
+        if LIVE_STAGES.load(Ordering::Relaxed) > 1 {
+            let (outputs, hub, stage_index) = (&mut self.outputs, &self.hub, self.stage_index);
+            let send = || post(outputs, hub, stage_index, outbox);
+            return self.inbox.send_then_recv_within(None, None, send).flatten();
+        }
+        // With lanes to read, the pool also watches them: the sender's write wakes
+        // it beside this thread.
+        let pool_rest = self.inbox.pool_rest();
+        let (outputs, hub, stage_index, inbox) = (&mut self.outputs, &self.hub, self.stage_index, &mut self.inbox);
+        let wait = |pool_bell: &PoolBell| {
+            let send = || post(outputs, hub, stage_index, outbox);
+            inbox.send_then_recv_within(Some(POOL_REST_LIMIT), Some(pool_bell), send)
+        };
+        let rested = match pool_rest {
+            Some(rest) => strata_model::pool_rest::wait_with_pool_resting(rest, wait),
+            None => strata_model::pool_rest::wait_with_pool_asleep(wait),
+        };
         match rested {
             Some(message) => message,
-            None => rx.blocking_recv(),
+            None => self.inbox.recv_within(None, None).flatten(),
         }
     }
 
@@ -662,7 +647,7 @@ impl Compute {
     /// The later stages wait, as long at most, for the rest of a batch whose first
     /// frames have come (see [`mark_batch`]): a stage woken by the first frame of
     /// sixteen had taken 13 a step on average.
-    fn gather(&mut self, rx: &mut mpsc::Receiver<Queued>, pending: &mut VecDeque<Queued>) {
+    fn gather(&mut self, pending: &mut VecDeque<Queued>) {
         let awaited = if self.gathers() {
             // Released ones come back no more.
             self.awaited.retain(|seq| self.sequences.contains_key(seq));
@@ -678,9 +663,10 @@ impl Compute {
         };
         // Its pool wakes when the wait ends, not at the first frame back: woken
         // earlier, it would spin on a core the other stages compute on meanwhile.
+        let inbox = &mut self.inbox;
         let wait = |_: &PoolBell| match awaited {
-            Awaited::Sequences(missing) => gather_frames(missing, rx, pending, GATHER_LIMIT),
-            Awaited::RestOfBatch => complete_batch(rx, pending, GATHER_LIMIT),
+            Awaited::Sequences(missing) => gather_frames(missing, inbox, pending, GATHER_LIMIT),
+            Awaited::RestOfBatch => complete_batch(inbox, pending, GATHER_LIMIT),
         };
         // As in `next_message`: the pool sleeps rather than spins while this waits.
         if LIVE_STAGES.load(Ordering::Relaxed) > 1 {
@@ -1034,14 +1020,13 @@ impl Compute {
                 };
                 sequence.history.truncate(r.position);
                 sequence.history.extend_from_slice(&r.tokens);
-                let logits = match r.score {
+                let last_row = match r.score {
                     Some(request) => {
                         let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
                         self.hub.emit(worker_event::Kind::Scores(score_rows(&r, &rows, request)?));
-                        rows.into_iter().last().ok_or("a scored frame gave no logits")?
+                        Some(rows.into_iter().last().ok_or("a scored frame gave no logits")?)
                     }
-                    None if !r.sample => return Ok(()),
-                    None => logits.to_vec1::<f32>().map_err(|e| e.to_string())?,
+                    None => None,
                 };
                 if !r.sample {
                     return Ok(());
@@ -1053,9 +1038,18 @@ impl Compute {
                     return Err("no sampler for the sequence".into());
                 };
                 let position = sequence.history.len();
-                let token = strata_grammar::sample(sampler, sequence.constraint.as_mut(), &logits, &sequence.history)
-                    .map_err(|e| e.to_string())?;
                 let logprobs_top = sequence.logprobs_top;
+                let mut sample = |logits: &[f32]| -> Result<(u32, Option<v1::PositionScore>), String> {
+                    let token = strata_grammar::sample(sampler, sequence.constraint.as_mut(), logits, &sequence.history)
+                        .map_err(|e| e.to_string())?;
+                    Ok((token, logprobs_top.and_then(|top| token_score(logits, token, top))))
+                };
+                // Where the logits lie: copying a vocabulary of floats first took
+                // ~20 µs of the last stage's hand-over (SmolLM2, 2026-12-06).
+                let (token, score) = match &last_row {
+                    Some(row) => sample(row)?,
+                    None => strata_model::with_f32_values(&logits, sample).map_err(|e| e.to_string())??,
+                };
                 let sent_unix_nanos = unix_nanos();
                 let feed_back = sequence.direct.as_ref().is_some_and(|d| {
                     !d.stop_tokens.contains(&token) && position + 1 < d.end_position
@@ -1080,8 +1074,7 @@ impl Compute {
                     }
                 }
                 // After the feed-back frame: the next step is on the critical path,
-                // the report to the coordinator (and its scores) is not.
-                let score = logprobs_top.and_then(|top| token_score(&logits, token, top));
+                // the report to the coordinator is not.
                 self.outbox.push(Outgoing::Event(worker_event::Kind::Token(v1::TokenSampled {
                     seq_id: r.seq,
                     position: position as u32,
@@ -1383,11 +1376,12 @@ mod tests {
         };
         let mut pending: VecDeque<Queued> = [marked(1, true)].into();
         assert!(batch_incomplete(&pending));
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel::<Inbound>(16);
+        let mut inbox = Inbox::new(rx).unwrap();
         for message in [marked(2, true), marked(3, false), marked(4, true)] {
-            tx.try_send(message).expect("room in the channel");
+            tx.try_send(message.into()).expect("room in the channel");
         }
-        complete_batch(&mut rx, &mut pending, Duration::from_secs(60));
+        complete_batch(&mut inbox, &mut pending, Duration::from_secs(60));
         let seqs: Vec<u64> = pending.iter().filter_map(|q| seq_of(&q.message)).collect();
         assert_eq!(seqs, [1, 2, 3], "up to the batch's last frame; the next batch's stays queued");
         assert!(!batch_incomplete(&pending));
@@ -1395,7 +1389,7 @@ mod tests {
         // Sequence 4's batch never ends: the wait ends at the limit.
         let mut pending = VecDeque::new();
         let started = Instant::now();
-        complete_batch(&mut rx, &mut pending, Duration::from_millis(50));
+        complete_batch(&mut inbox, &mut pending, Duration::from_millis(50));
         assert!(started.elapsed() >= Duration::from_millis(50));
         assert!(batch_incomplete(&pending));
     }
@@ -1403,19 +1397,20 @@ mod tests {
     #[test]
     fn gathering_ends_once_every_awaited_sequence_has_a_frame_or_its_release_or_at_the_limit() {
         let awaited: HashSet<u64> = [1, 2, 3].into();
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel::<Inbound>(16);
+        let mut inbox = Inbox::new(rx).unwrap();
         let mut pending: VecDeque<Queued> = [queued(frame(1, 5))].into();
         let release = StageMessage { kind: Some(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: 3 })) };
         let sender = std::thread::spawn(move || {
             for message in [frame(7, 1), release, frame(2, 5), frame(9, 1)] {
-                tx.blocking_send(queued(message)).expect("the gatherer listens");
+                tx.blocking_send(message.into()).expect("the gatherer listens");
             }
             tx
         });
         let missing = missing_frames(&awaited, &pending);
         assert_eq!(missing, [2, 3].into());
         let started = Instant::now();
-        gather_frames(missing, &mut rx, &mut pending, Duration::from_secs(60));
+        gather_frames(missing, &mut inbox, &mut pending, Duration::from_secs(60));
         assert!(started.elapsed() < Duration::from_secs(30), "it did not wait for the limit");
         // Up to sequence 2's frame, which was the last one awaited; what comes later
         // stays in the channel.
@@ -1425,7 +1420,7 @@ mod tests {
 
         // Sequence 4 never comes: the wait ends at the limit.
         let started = Instant::now();
-        gather_frames([4].into(), &mut rx, &mut pending, Duration::from_millis(50));
+        gather_frames([4].into(), &mut inbox, &mut pending, Duration::from_millis(50));
         assert!(started.elapsed() >= Duration::from_millis(50));
         assert_eq!(pending.back().and_then(|q| seq_of(&q.message)), Some(9));
     }

@@ -1,6 +1,8 @@
 //! Local lanes: a stage's messages to a worker on the same machine over a Unix
 //! socket, written by the sending stage's compute thread and read by a thread of
-//! the receiving worker, past both workers' tokio runtimes and HTTP/2.
+//! the receiving worker, past both workers' tokio runtimes and HTTP/2. Once the
+//! receiving stage is loaded, that thread hands the lane to the stage's compute
+//! thread, which reads it itself from then on (see [`crate::inbox`]).
 //!
 //! Why: with every worker of a pipeline on one machine, a token's decode step was
 //! spent mostly in its hops, not its layers. A `perf sched` trace of three workers
@@ -29,6 +31,9 @@ use std::time::Duration;
 
 use prost::Message as _;
 use strata_platform::local_socket::{self, LocalSocketFile, LocalStream};
+use tokio::sync::mpsc;
+
+use crate::inbox::{Admission, InLane, Inbound, LaneSource};
 use strata_proto::local_lane::{self, LaneGreeting, MAX_LANE_GREETING_BYTES};
 use strata_proto::v1::StageMessage;
 use strata_proto::{NodeId, MAX_MESSAGE_BYTES};
@@ -38,6 +43,25 @@ pub trait LaneInbox: Send + Sync {
     /// Delivers `message` of `pipeline` from worker `sender`; an error closes the
     /// lane (the sender then goes over gRPC, where it hears the same refusal).
     fn deliver(&self, pipeline: u64, sender: &NodeId, message: StageMessage) -> Result<(), String>;
+
+    /// The queue of the stage that takes `pipeline`'s messages from `sender` now,
+    /// where one is loaded and would: its compute thread can read the lane itself
+    /// (see [`crate::inbox`]). `None` keeps the lane on its reader thread.
+    fn reader_for(&self, _pipeline: u64, _sender: &NodeId) -> Option<mpsc::Sender<Inbound>> {
+        None
+    }
+
+    /// As [`LaneInbox::deliver`], but a message bound for the queue `own` is handed
+    /// back (`Take`) instead of queued there: its compute thread read it.
+    fn take_or_deliver(
+        &self,
+        pipeline: u64,
+        sender: &NodeId,
+        message: StageMessage,
+        _own: &mpsc::WeakSender<Inbound>,
+    ) -> Result<Admission, String> {
+        self.deliver(pipeline, sender, message).map(|()| Admission::Done)
+    }
 
     /// Sends this worker's events (but heartbeats) over `lane` from now on.
     fn send_events(&self, lane: LocalStream);
@@ -135,13 +159,74 @@ fn serve_lane(mut stream: LocalStream, node: &NodeId, inbox: &Weak<dyn LaneInbox
             return Ok(());
         }
     };
-    while stream.read_record(&mut buffer, MAX_MESSAGE_BYTES)? {
+    read_frames(stream, HandedLane { pipeline, sender, inbox: inbox.clone(), own: None })
+}
+
+/// Delivers a lane's messages on this thread until its stage's compute thread
+/// takes the lane over, or it closes.
+fn read_frames(mut stream: LocalStream, mut lane: HandedLane) -> io::Result<()> {
+    let mut buffer = Vec::new();
+    loop {
+        // Tried before each message: the stage may load after the lane opened.
+        stream = match lane.hand_over(stream) {
+            Ok(()) => return Ok(()),
+            Err(stream) => stream,
+        };
+        if !stream.read_record(&mut buffer, MAX_MESSAGE_BYTES)? {
+            return Ok(());
+        }
         let message =
             StageMessage::decode(buffer.as_slice()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let Some(inbox) = inbox.upgrade() else { return Ok(()) };
-        inbox.deliver(pipeline, &sender, message).map_err(io::Error::other)?;
+        let Some(inbox) = lane.inbox.upgrade() else { return Ok(()) };
+        inbox.deliver(lane.pipeline, &lane.sender, message).map_err(io::Error::other)?;
     }
-    Ok(())
+}
+
+/// A lane of frames and who reads it: its reader thread, or (with `own`, its
+/// queue) a stage's compute thread.
+struct HandedLane {
+    pipeline: u64,
+    sender: NodeId,
+    inbox: Weak<dyn LaneInbox>,
+    own: Option<mpsc::WeakSender<Inbound>>,
+}
+
+impl HandedLane {
+    /// Hands `stream` to the compute thread of the stage it feeds, behind what was
+    /// queued for it already; gives it back where there is none.
+    fn hand_over(&mut self, stream: LocalStream) -> Result<(), LocalStream> {
+        let Some(queue) = self.inbox.upgrade().and_then(|inbox| inbox.reader_for(self.pipeline, &self.sender)) else {
+            return Err(stream);
+        };
+        // A full or closed queue keeps the lane here.
+        let Ok(permit) = queue.try_reserve() else { return Err(stream) };
+        let own = Some(queue.downgrade());
+        let source = Self { pipeline: self.pipeline, sender: self.sender.clone(), inbox: self.inbox.clone(), own };
+        permit.send(Inbound::Lane(InLane::new(stream, Box::new(source))));
+        Ok(())
+    }
+}
+
+impl LaneSource for HandedLane {
+    fn admit(&mut self, message: StageMessage) -> Result<Admission, String> {
+        let inbox = self.inbox.upgrade().ok_or("the worker stopped")?;
+        match &self.own {
+            Some(own) => inbox.take_or_deliver(self.pipeline, &self.sender, message, own),
+            None => inbox.deliver(self.pipeline, &self.sender, message).map(|()| Admission::Done),
+        }
+    }
+
+    fn give_back(self: Box<Self>, stream: LocalStream) {
+        let lane = HandedLane { own: None, ..*self };
+        let spawned = std::thread::Builder::new().name("lane-read".into()).spawn(move || {
+            if let Err(e) = read_frames(stream, lane) {
+                tracing::warn!(error = %e, "a local lane closed");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "a local lane given back found no thread to read it; it closes");
+        }
+    }
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -212,6 +297,68 @@ mod tests {
         assert!(inbox.got.lock().unwrap().is_empty());
         drop(listener);
         assert!(Lane::open(&address, None, &node("sender"), 1).is_none());
+    }
+
+    /// Delivers into `got` until `queue` is set; then the lane is handed to it.
+    #[derive(Default)]
+    struct HandingInbox {
+        got: Mutex<Vec<u64>>,
+        arrived: Condvar,
+        queue: Mutex<Option<mpsc::Sender<Inbound>>>,
+    }
+
+    impl LaneInbox for HandingInbox {
+        fn deliver(&self, _: u64, _: &NodeId, message: StageMessage) -> Result<(), String> {
+            let Some(stage_message::Kind::Frame(frame)) = message.kind else { return Err("not a frame".into()) };
+            self.got.lock().unwrap().push(frame.seq_id);
+            self.arrived.notify_all();
+            Ok(())
+        }
+
+        fn send_events(&self, _: LocalStream) {}
+
+        fn reader_for(&self, _: u64, _: &NodeId) -> Option<mpsc::Sender<Inbound>> {
+            self.queue.lock().unwrap().clone()
+        }
+
+        fn take_or_deliver(
+            &self,
+            _: u64,
+            _: &NodeId,
+            message: StageMessage,
+            _: &mpsc::WeakSender<Inbound>,
+        ) -> Result<Admission, String> {
+            Ok(Admission::Take(message))
+        }
+    }
+
+    #[test]
+    fn a_lane_is_handed_to_its_stage_once_there_is_one_and_read_there_in_order() {
+        let address = format!("127.0.0.1:lane-hand-over-{}", std::process::id());
+        let inbox = Arc::new(HandingInbox::default());
+        let _listener = Listener::open(&address, node("receiver"), Arc::downgrade(&inbox) as Weak<dyn LaneInbox>)
+            .expect("lanes are served here");
+        let mut lane = Lane::open(&address, None, &node("sender"), 7).expect("a lane opens");
+        lane.send(&frame(1)).unwrap();
+        drop(inbox.arrived.wait_while(inbox.got.lock().unwrap(), |got| got.is_empty()).unwrap());
+        // The stage loads: the reader hands the lane over before the next message.
+        let (tx, rx) = mpsc::channel(16);
+        *inbox.queue.lock().unwrap() = Some(tx);
+        lane.send(&frame(2)).unwrap();
+        lane.send(&frame(3)).unwrap();
+        let mut stage = crate::inbox::Inbox::new(rx).unwrap();
+        let mut seqs = Vec::new();
+        while seqs.last() != Some(&3) {
+            let queued = stage.recv_within(Some(Duration::from_secs(30)), None).flatten().expect("a message comes");
+            let Some(stage_message::Kind::Frame(f)) = queued.message.kind else { panic!("not a frame") };
+            seqs.push(f.seq_id);
+        }
+        let delivered = inbox.got.lock().unwrap().clone();
+        // Frame 2 may have been read by the thread before the hand-over; either way
+        // each came once, in order.
+        let all: Vec<u64> = delivered.iter().chain(&seqs).copied().collect();
+        assert_eq!(all, [1, 2, 3]);
+        assert_eq!(seqs.last(), Some(&3), "the stage read the lane itself");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::compute::{self, ComputeHandle, ComputeSpec, Gauges, Outputs};
 use crate::config::WorkerConfig;
 use crate::drain::Drain;
 use crate::events::{lock, unix_nanos, EventHub, Stats};
+use crate::inbox::{Admission, Inbound};
 use crate::forwarder::{self, Forwarders, Peer};
 use crate::links::Links;
 use crate::local_lane::{self, Lane, LaneInbox};
@@ -114,7 +115,7 @@ impl Shared {
         &self,
         pipeline: Option<u64>,
         caller: &Caller,
-    ) -> Result<Option<mpsc::Sender<compute::Queued>>, Status> {
+    ) -> Result<Option<mpsc::Sender<Inbound>>, Status> {
         let sender = match caller {
             Caller::Worker(node) if strata_trust::transport().is_revoked(node) => {
                 return Err(Status::permission_denied(format!("Forward: node {node} was revoked")));
@@ -146,7 +147,7 @@ impl Shared {
         pipeline: Option<u64>,
         caller: &Caller,
         message: &StageMessage,
-    ) -> Result<(Option<mpsc::Sender<compute::Queued>>, Option<u64>), Status> {
+    ) -> Result<(Option<mpsc::Sender<Inbound>>, Option<u64>), Status> {
         let destination = self.frame_destination(pipeline, caller)?;
         let seq = match &message.kind {
             Some(stage_message::Kind::Frame(f)) => {
@@ -167,20 +168,53 @@ impl Shared {
     }
 }
 
+/// A lane's sender as it would be known over gRPC: by its certificate's node,
+/// which the greeting names; on an --insecure cluster, not at all.
+fn lane_caller(sender: &NodeId) -> Caller {
+    if strata_trust::transport().secure() {
+        Caller::Worker(sender.clone())
+    } else {
+        Caller::Insecure
+    }
+}
+
 /// Messages over local lanes get what those of a Forward call get.
 impl LaneInbox for Shared {
     fn deliver(&self, pipeline: u64, sender: &NodeId, message: StageMessage) -> Result<(), String> {
-        // As the sender would be known over gRPC: by its certificate's node, which
-        // the greeting names; on an --insecure cluster, not at all.
-        let caller =
-            if strata_trust::transport().secure() { Caller::Worker(sender.clone()) } else { Caller::Insecure };
-        let (destination, seq) = self.admit(Some(pipeline), &caller, &message).map_err(|s| s.message().to_string())?;
+        let (destination, seq) =
+            self.admit(Some(pipeline), &lane_caller(sender), &message).map_err(|s| s.message().to_string())?;
         // On a lane's own thread, outside the runtime: a full queue holds the lane
         // as it would hold a Forward stream.
         if destination.is_none_or(|tx| tx.blocking_send(message.into()).is_err()) {
             self.undeliverable(seq);
         }
         Ok(())
+    }
+
+    fn reader_for(&self, pipeline: u64, sender: &NodeId) -> Option<mpsc::Sender<Inbound>> {
+        self.frame_destination(Some(pipeline), &lane_caller(sender)).ok().flatten()
+    }
+
+    fn take_or_deliver(
+        &self,
+        pipeline: u64,
+        sender: &NodeId,
+        message: StageMessage,
+        own: &mpsc::WeakSender<Inbound>,
+    ) -> Result<Admission, String> {
+        let (destination, seq) =
+            self.admit(Some(pipeline), &lane_caller(sender), &message).map_err(|s| s.message().to_string())?;
+        match destination {
+            Some(tx) if own.upgrade().is_some_and(|own| own.same_channel(&tx)) => Ok(Admission::Take(message)),
+            // Another stage of the pipeline took over (a reload): this thread must
+            // not wait on its queue, so a full one fails the sequence.
+            destination => {
+                if destination.is_none_or(|tx| tx.try_send(message.into()).is_err()) {
+                    self.undeliverable(seq);
+                }
+                Ok(Admission::Done)
+            }
+        }
     }
 
     fn send_events(&self, lane: LocalStream) {
