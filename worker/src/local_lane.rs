@@ -31,12 +31,12 @@ use std::time::Duration;
 
 use prost::Message as _;
 use strata_platform::local_socket::{self, LocalSocketFile, LocalStream};
-use tokio::sync::mpsc;
-
-use crate::inbox::{Admission, InLane, Inbound, LaneSource};
 use strata_proto::local_lane::{self, LaneGreeting, MAX_LANE_GREETING_BYTES};
 use strata_proto::v1::StageMessage;
 use strata_proto::{NodeId, MAX_MESSAGE_BYTES};
+use tokio::sync::mpsc;
+
+use crate::inbox::{Admission, InLane, Inbound, LaneSource};
 
 /// Where the receiving worker delivers what comes over its lanes.
 pub trait LaneInbox: Send + Sync {
