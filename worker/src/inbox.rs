@@ -15,6 +15,7 @@
 //! sender's frames (the check a message gets); every message read from it after
 //! that gets the whole admission again, on this thread (see [`LaneSource`]).
 
+use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -66,6 +67,17 @@ pub trait LaneSource: Send {
     /// stops): what comes later is read as before, by a thread of its own, so that
     /// nothing sent is dropped unanswered.
     fn give_back(self: Box<Self>, stream: LocalStream);
+}
+
+/// Reads the next message of a lane into `buffer` and decodes it; `None` at the
+/// lane's clean end. Its reader thread and, once it has the lane, the stage's
+/// compute thread both read with it.
+pub(crate) fn read_message(stream: &mut LocalStream, buffer: &mut Vec<u8>) -> io::Result<Option<StageMessage>> {
+    if !stream.read_record(buffer, MAX_MESSAGE_BYTES)? {
+        return Ok(None);
+    }
+    let message = StageMessage::decode(buffer.as_slice()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(Some(message))
 }
 
 /// A local lane handed to a compute thread.
@@ -236,10 +248,10 @@ impl Inbox {
     fn read_lane(&mut self, i: usize) -> Result<Option<StageMessage>, Option<String>> {
         let lane = &mut self.lanes[i];
         while lane.stream.has_input().map_err(|e| Some(e.to_string()))? {
-            if !lane.stream.read_record(&mut self.buffer, MAX_MESSAGE_BYTES).map_err(|e| Some(e.to_string()))? {
+            let Some(message) = read_message(&mut lane.stream, &mut self.buffer).map_err(|e| Some(e.to_string()))?
+            else {
                 return Err(None);
-            }
-            let message = StageMessage::decode(self.buffer.as_slice()).map_err(|e| Some(e.to_string()))?;
+            };
             match lane.source.admit(message).map_err(Some)? {
                 Admission::Take(message) => return Ok(Some(message)),
                 Admission::Done => {}

@@ -33,10 +33,10 @@ use prost::Message as _;
 use strata_platform::local_socket::{self, LocalSocketFile, LocalStream};
 use strata_proto::local_lane::{self, LaneGreeting, MAX_LANE_GREETING_BYTES};
 use strata_proto::v1::StageMessage;
-use strata_proto::{NodeId, MAX_MESSAGE_BYTES};
+use strata_proto::NodeId;
 use tokio::sync::mpsc;
 
-use crate::inbox::{Admission, InLane, Inbound, LaneSource};
+use crate::inbox::{read_message, Admission, InLane, Inbound, LaneSource};
 
 /// Where the receiving worker delivers what comes over its lanes.
 pub trait LaneInbox: Send + Sync {
@@ -159,12 +159,12 @@ fn serve_lane(mut stream: LocalStream, node: &NodeId, inbox: &Weak<dyn LaneInbox
             return Ok(());
         }
     };
-    read_frames(stream, HandedLane { pipeline, sender, inbox: inbox.clone(), own: None })
+    read_frames(stream, LaneOrigin { pipeline, sender, inbox: inbox.clone() })
 }
 
 /// Delivers a lane's messages on this thread until its stage's compute thread
 /// takes the lane over, or it closes.
-fn read_frames(mut stream: LocalStream, mut lane: HandedLane) -> io::Result<()> {
+fn read_frames(mut stream: LocalStream, lane: LaneOrigin) -> io::Result<()> {
     let mut buffer = Vec::new();
     loop {
         // Tried before each message: the stage may load after the lane opened.
@@ -172,54 +172,52 @@ fn read_frames(mut stream: LocalStream, mut lane: HandedLane) -> io::Result<()> 
             Ok(()) => return Ok(()),
             Err(stream) => stream,
         };
-        if !stream.read_record(&mut buffer, MAX_MESSAGE_BYTES)? {
-            return Ok(());
-        }
-        let message =
-            StageMessage::decode(buffer.as_slice()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let Some(message) = read_message(&mut stream, &mut buffer)? else { return Ok(()) };
         let Some(inbox) = lane.inbox.upgrade() else { return Ok(()) };
         inbox.deliver(lane.pipeline, &lane.sender, message).map_err(io::Error::other)?;
     }
 }
 
-/// A lane of frames and who reads it: its reader thread, or (with `own`, its
-/// queue) a stage's compute thread.
-struct HandedLane {
+/// A lane of frames: whose, and the worker it delivers to.
+#[derive(Clone)]
+struct LaneOrigin {
     pipeline: u64,
     sender: NodeId,
     inbox: Weak<dyn LaneInbox>,
-    own: Option<mpsc::WeakSender<Inbound>>,
 }
 
-impl HandedLane {
+impl LaneOrigin {
     /// Hands `stream` to the compute thread of the stage it feeds, behind what was
     /// queued for it already; gives it back where there is none.
-    fn hand_over(&mut self, stream: LocalStream) -> Result<(), LocalStream> {
+    fn hand_over(&self, stream: LocalStream) -> Result<(), LocalStream> {
         let Some(queue) = self.inbox.upgrade().and_then(|inbox| inbox.reader_for(self.pipeline, &self.sender)) else {
             return Err(stream);
         };
         // A full or closed queue keeps the lane here.
         let Ok(permit) = queue.try_reserve() else { return Err(stream) };
-        let own = Some(queue.downgrade());
-        let source = Self { pipeline: self.pipeline, sender: self.sender.clone(), inbox: self.inbox.clone(), own };
+        let source = StageLane { origin: self.clone(), own: queue.downgrade() };
         permit.send(Inbound::Lane(InLane::new(stream, Box::new(source))));
         Ok(())
     }
 }
 
-impl LaneSource for HandedLane {
+/// A lane its stage's compute thread reads: `own` is that stage's queue.
+struct StageLane {
+    origin: LaneOrigin,
+    own: mpsc::WeakSender<Inbound>,
+}
+
+impl LaneSource for StageLane {
     fn admit(&mut self, message: StageMessage) -> Result<Admission, String> {
-        let inbox = self.inbox.upgrade().ok_or("the worker stopped")?;
-        match &self.own {
-            Some(own) => inbox.take_or_deliver(self.pipeline, &self.sender, message, own),
-            None => inbox.deliver(self.pipeline, &self.sender, message).map(|()| Admission::Done),
-        }
+        let LaneOrigin { pipeline, sender, inbox } = &self.origin;
+        let inbox = inbox.upgrade().ok_or("the worker stopped")?;
+        inbox.take_or_deliver(*pipeline, sender, message, &self.own)
     }
 
     fn give_back(self: Box<Self>, stream: LocalStream) {
-        let lane = HandedLane { own: None, ..*self };
+        let origin = self.origin;
         let spawned = std::thread::Builder::new().name("lane-read".into()).spawn(move || {
-            if let Err(e) = read_frames(stream, lane) {
+            if let Err(e) = read_frames(stream, origin) {
                 tracing::warn!(error = %e, "a local lane closed");
             }
         });
