@@ -31,6 +31,7 @@ use strata_proto::WorkerError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::events::{unix_nanos, EventHub, Stats};
+use crate::held_tokens::HeldTokens;
 use crate::inbox::{Inbound, Inbox};
 use crate::route::Route;
 use crate::stage_trace::StageTrace;
@@ -212,6 +213,7 @@ pub async fn start(
                 vocabulary: LazyVocabulary::new(tokenizer),
                 own: Vec::new(),
                 outbox: Vec::new(),
+                held: HeldTokens::default(),
                 awaited: HashSet::new(),
                 outputs,
                 hub,
@@ -477,6 +479,9 @@ struct Sequence {
     trace: Option<StageTrace>,
     /// Last stage only: the grammar its output follows (`OpenSequence.constraint`).
     constraint: Option<Constraint>,
+    /// Last stage only: a token of it was reported (its first goes at once, see
+    /// [`crate::held_tokens`]).
+    reported: bool,
 }
 
 struct DirectReturn {
@@ -535,6 +540,8 @@ struct Compute {
     /// What the last round produced, sent once the round is over (see
     /// [`Compute::next_message`]).
     outbox: Vec<Outgoing>,
+    /// Token reports of direct-return sequences waiting to go with others.
+    held: HeldTokens,
     /// Only where it gathers ([`Compute::gathers`]): sequences whose frame it sent
     /// on and whose next frame (the token) has not come back yet.
     awaited: HashSet<u64>,
@@ -574,6 +581,7 @@ impl Compute {
                 match self.next_message() {
                     Some(message) => pending.push_back(message),
                     None => {
+                        self.release_held();
                         self.flush_outbox();
                         return;
                     }
@@ -589,6 +597,9 @@ impl Compute {
             let (steps, ready) = self.take_round(&mut pending);
             if !steps.is_empty() {
                 self.run_batch(steps, ready);
+            }
+            if self.held.due(Instant::now()) {
+                self.release_held();
             }
             pending.extend(self.own.drain(..));
             self.gauges
@@ -612,28 +623,55 @@ impl Compute {
     /// meanwhile would hold the other core from it (a scheduler trace showed 0.3 ms
     /// of it a step). Nothing sent may use the pool, which is this job's until the
     /// wait ends.
+    ///
+    /// While token reports are held back, the wait lasts until they are due; then
+    /// they go, and the wait goes on.
     fn next_message(&mut self) -> Option<Queued> {
-        let outbox = std::mem::take(&mut self.outbox);
+        let mut outbox = std::mem::take(&mut self.outbox);
+        if let Some(left) = self.held.left(Instant::now()) {
+            if let Some(message) = self.send_and_wait(outbox, Some(left)) {
+                return message;
+            }
+            // Nothing came while token reports were held: they go now.
+            outbox = self.held.take().into_iter().map(Outgoing::Event).collect();
+        }
+        loop {
+            if let Some(message) = self.send_and_wait(outbox, None) {
+                return message;
+            }
+            outbox = Vec::new();
+        }
+    }
+
+    /// Sends `outbox` (see [`Compute::next_message`]) and waits up to `limit`
+    /// (forever where `None`) for the next message: `None` if none came,
+    /// `Some(None)` once the stage is stopped.
+    fn send_and_wait(&mut self, outbox: Vec<Outgoing>, limit: Option<Duration>) -> Option<Option<Queued>> {
         if LIVE_STAGES.load(Ordering::Relaxed) > 1 {
             let (outputs, hub, stage_index) = (&mut self.outputs, &self.hub, self.stage_index);
             let send = || post(outputs, hub, stage_index, outbox);
-            return self.inbox.send_then_recv_within(None, None, send).flatten();
+            return self.inbox.send_then_recv_within(limit, None, send);
         }
+        let started = Instant::now();
+        let rest_limit = limit.map_or(POOL_REST_LIMIT, |limit| limit.min(POOL_REST_LIMIT));
         // With lanes to read, the pool also watches them: the sender's write wakes
         // it beside this thread.
         let pool_rest = self.inbox.pool_rest();
         let (outputs, hub, stage_index, inbox) = (&mut self.outputs, &self.hub, self.stage_index, &mut self.inbox);
         let wait = |pool_bell: &PoolBell| {
             let send = || post(outputs, hub, stage_index, outbox);
-            inbox.send_then_recv_within(Some(POOL_REST_LIMIT), Some(pool_bell), send)
+            inbox.send_then_recv_within(Some(rest_limit), Some(pool_bell), send)
         };
         let rested = match pool_rest {
             Some(rest) => strata_model::pool_rest::wait_with_pool_resting(rest, wait),
             None => strata_model::pool_rest::wait_with_pool_asleep(wait),
         };
-        match rested {
-            Some(message) => message,
-            None => self.inbox.recv_within(None, None).flatten(),
+        if rested.is_some() {
+            return rested;
+        }
+        match limit.map(|limit| limit.saturating_sub(started.elapsed())) {
+            Some(left) if left.is_zero() => None,
+            left => self.inbox.recv_within(left, None),
         }
     }
 
@@ -686,22 +724,33 @@ impl Compute {
         self.lock.is_some() && self.stage_index > 0
     }
 
+    /// Token reports held back go with the round's outputs.
+    fn release_held(&mut self) {
+        self.outbox.extend(self.held.take().into_iter().map(Outgoing::Event));
+    }
+
     /// Sends what the last round produced (see [`post`]).
     fn flush_outbox(&mut self) {
         post(&mut self.outputs, &self.hub, self.stage_index, std::mem::take(&mut self.outbox));
     }
 
     /// Fails every open sequence: the compute thread stops after `reason`.
-    fn fail_all(&self, reason: &str) {
+    fn fail_all(&mut self, reason: &str) {
         tracing::error!(stage = self.stage_index, reason, "the compute thread failed");
-        for &seq in self.sequences.keys() {
-            self.hub.sequence_error(
-                seq,
-                ErrorCode::Internal,
-                format!("stage {} stopped computing: {reason}", self.stage_index),
-                self.stage_index,
-            );
+        let seqs: Vec<u64> = self.sequences.keys().copied().collect();
+        for seq in seqs {
+            let message = format!("stage {} stopped computing: {reason}", self.stage_index);
+            self.fail_sequence(seq, ErrorCode::Internal, message);
         }
+    }
+
+    /// Reports that `seq` failed, after the token reports held back (see
+    /// [`crate::held_tokens`]): the coordinator hears of its tokens first.
+    fn fail_sequence(&mut self, seq: u64, code: ErrorCode, message: String) {
+        for report in self.held.take() {
+            self.hub.emit(report);
+        }
+        self.hub.sequence_error(seq, code, message, self.stage_index);
     }
 
     /// Applies the controls and checks the frames that can go in this round; what
@@ -737,10 +786,7 @@ impl Compute {
                         steps.push(step);
                         ready.push(r);
                     }
-                    Err((code, message)) => {
-                        self.hub
-                            .sequence_error(seq, code, message, self.stage_index)
-                    }
+                    Err((code, message)) => self.fail_sequence(seq, code, message),
                 },
                 None => {}
             }
@@ -757,8 +803,7 @@ impl Compute {
             {
                 Ok(s) => Some(s),
                 Err(message) => {
-                    self.hub
-                        .sequence_error(seq, ErrorCode::BadFrame, message, self.stage_index);
+                    self.fail_sequence(seq, ErrorCode::BadFrame, message);
                     return;
                 }
             }
@@ -768,7 +813,7 @@ impl Compute {
         let constraint = match self.constraint_of(&open) {
             Ok(c) => c,
             Err(message) => {
-                self.hub.sequence_error(seq, ErrorCode::BadFrame, message, self.stage_index);
+                self.fail_sequence(seq, ErrorCode::BadFrame, message);
                 return;
             }
         };
@@ -780,7 +825,7 @@ impl Compute {
             Some(prefix) => match self.fork(prefix, seq) {
                 Ok(history) => history,
                 Err(message) => {
-                    self.hub.sequence_error(seq, ErrorCode::PrefixUnavailable, message, self.stage_index);
+                    self.fail_sequence(seq, ErrorCode::PrefixUnavailable, message);
                     return;
                 }
             },
@@ -800,6 +845,7 @@ impl Compute {
                 logprobs_top: logprobs_top(&open),
                 trace,
                 constraint,
+                reported: false,
             },
         );
         // Forwarded at once, not with the round's outputs: the next stage opens the
@@ -960,24 +1006,14 @@ impl Compute {
                 for (r, output) in ready.into_iter().zip(outputs) {
                     let seq = r.seq;
                     if let Err(message) = self.deliver(r, output) {
-                        self.hub.sequence_error(
-                            seq,
-                            ErrorCode::Internal,
-                            message,
-                            self.stage_index,
-                        );
+                        self.fail_sequence(seq, ErrorCode::Internal, message);
                     }
                 }
                 mark_batch(&mut self.outbox[first_out..]);
             }
             Err(e) => {
                 for r in &ready {
-                    self.hub.sequence_error(
-                        r.seq,
-                        ErrorCode::Internal,
-                        format!("forward failed: {e}"),
-                        self.stage_index,
-                    );
+                    self.fail_sequence(r.seq, ErrorCode::Internal, format!("forward failed: {e}"));
                 }
             }
         }
@@ -1075,13 +1111,20 @@ impl Compute {
                 }
                 // After the feed-back frame: the next step is on the critical path,
                 // the report to the coordinator is not.
-                self.outbox.push(Outgoing::Event(worker_event::Kind::Token(v1::TokenSampled {
+                let report = worker_event::Kind::Token(v1::TokenSampled {
                     seq_id: r.seq,
                     position: position as u32,
                     token,
                     sent_unix_nanos,
                     score,
-                })));
+                });
+                // Fed back here, the token's report can wait for others (see
+                // `held_tokens`); the first and the last go at once, and with them
+                // whatever was held.
+                let may_wait = feed_back && sequence.reported;
+                sequence.reported = true;
+                let go = self.held.report(report, may_wait, Instant::now());
+                self.outbox.extend(go.into_iter().map(Outgoing::Event));
                 Ok(())
             }
         }
@@ -1288,7 +1331,7 @@ impl Compute {
             .then_some(DirectReturn { end_position: open.end_position as usize, stop_tokens: open.stop_tokens });
         // The whole history, not just the next frame's token: the last stage samples
         // position `history.len()`, with a repetition penalty over all of it.
-        self.sequences.insert(seq, Sequence { sampler, history: tokens, direct, logprobs_top, trace, constraint });
+        self.sequences.insert(seq, Sequence { sampler, history: tokens, direct, logprobs_top, trace, constraint, reported: false });
         self.gauges.sequences.store(self.sequences.len() as u32, Ordering::Relaxed);
         Ok(())
     }
@@ -1456,3 +1499,4 @@ mod tests {
         }
     }
 }
+

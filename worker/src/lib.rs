@@ -23,6 +23,7 @@ pub mod devices;
 pub mod drain;
 pub mod events;
 pub mod forwarder;
+pub mod held_tokens;
 pub mod inbox;
 pub mod links;
 pub mod local_lane;

@@ -920,28 +920,27 @@ async fn issue_9_heartbeats_carry_the_pull_progress() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two workers, a pipeline of the synthetic model over them: layer 0 on the first,
+/// the rest on the second; its clients, first stage first.
+struct TwoStages {
+    _workers: [TestWorker; 2],
+    first: WorkerClient<Channel>,
+    last: WorkerClient<Channel>,
+}
+
+async fn two_stages(model: &Model) -> anyhow::Result<TwoStages> {
+    let a = start_worker(vec![model.path.clone()]).await;
+    let b = start_worker(vec![model.path.clone()]).await;
+    let (mut first, mut last) = (client(&a.address).await, client(&b.address).await);
+    load(&mut last, v1::ShardSpec { first_stage_address: a.address.clone(), ..shard(model, 1..4, 1) }).await?;
+    load(&mut first, v1::ShardSpec { next_stage_address: b.address.clone(), ..shard(model, 0..1, 0) }).await?;
+    Ok(TwoStages { _workers: [a, b], first, last })
+}
+
 #[tokio::test]
 async fn a_two_stage_pipeline_matches_one_process_both_ways_back() -> anyhow::Result<()> {
     let model = synthetic();
-    let a = start_worker(vec![model.path.clone()]).await;
-    let b = start_worker(vec![model.path.clone()]).await;
-    let (mut ca, mut cb) = (client(&a.address).await, client(&b.address).await);
-    load(
-        &mut cb,
-        v1::ShardSpec {
-            first_stage_address: a.address.clone(),
-            ..shard(&model, 1..4, 1)
-        },
-    )
-    .await?;
-    load(
-        &mut ca,
-        v1::ShardSpec {
-            next_stage_address: b.address.clone(),
-            ..shard(&model, 0..1, 0)
-        },
-    )
-    .await?;
+    let TwoStages { _workers, first: ca, last: mut cb } = two_stages(&model).await?;
     let mut events = Events::subscribe(&mut cb).await;
     for (seq, prompt) in [[3u32, 1, 4, 1], [2, 7, 1, 8]].iter().enumerate() {
         let expected = reference_tokens(&model, prompt, 8);
@@ -961,6 +960,51 @@ async fn a_two_stage_pipeline_matches_one_process_both_ways_back() -> anyhow::Re
         .into_inner();
     assert!(!stats.hop_micros.is_empty() && stats.frames > 0);
     let _ = std::io::stderr().flush();
+    Ok(())
+}
+
+/// On the direct path the last stage reports tokens a few at a time
+/// (`strata_worker::held_tokens`): every token still comes, in order, the first
+/// while the sequence is still being generated, none much later than its hold
+/// after it was sampled. (That the first is never held is the unit tests' of
+/// `HeldTokens::report`: timed here, it would depend on this machine's load.)
+#[tokio::test]
+async fn direct_return_reports_every_token_in_order_the_first_at_once() -> anyhow::Result<()> {
+    let model = synthetic();
+    let TwoStages { _workers, first: ca, last: mut cb } = two_stages(&model).await?;
+    let mut events = Events::subscribe(&mut cb).await;
+    let (prompt, n) = ([3u32, 1, 4, 1], 240);
+    let expected = reference_tokens(&model, &prompt, n);
+    let (tx, _call) = Sender::open_on(&ca, None);
+    tx.send(stage_message::Kind::Open(v1::OpenSequence {
+        seq_id: 1,
+        sampling: Some(v1::SamplingParams { repetition_penalty: 1.0, ..Default::default() }),
+        direct_return: true,
+        end_position: (prompt.len() + n) as u32,
+        ..Default::default()
+    }));
+    tx.frame(1, 0, prompt.to_vec(), None, true);
+    // (token, when sampled, when it arrived), by this machine's clock.
+    let mut reports = Vec::new();
+    while reports.len() < n {
+        match events.next().await? {
+            worker_event::Kind::Token(t) => {
+                assert_eq!(t.position as usize, prompt.len() + reports.len(), "tokens come in order");
+                reports.push((t.token, t.sent_unix_nanos, strata_worker::events::unix_nanos()));
+            }
+            other => bail!("unexpected event {other:?}"),
+        }
+    }
+    let tokens: Vec<u32> = reports.iter().map(|r| r.0).collect();
+    assert_eq!(tokens, expected);
+    let last_sampled = reports[n - 1].1;
+    assert!(reports[0].2 < last_sampled, "the first token was held until the last was sampled");
+    let hold = strata_worker::held_tokens::TOKEN_HOLD.as_nanos() as u64;
+    let slack = Duration::from_secs(5).as_nanos() as u64;
+    for (i, &(_, sampled, arrived)) in reports.iter().enumerate() {
+        assert!(arrived.saturating_sub(sampled) < hold + slack, "token {i} came {} ms after it was sampled", (arrived - sampled) / 1_000_000);
+    }
+    tx.send(stage_message::Kind::Release(v1::ReleaseSequence { seq_id: 1 }));
     Ok(())
 }
 

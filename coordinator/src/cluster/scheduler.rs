@@ -112,6 +112,9 @@ struct Request {
     running: Option<(PipelineId, SeqId)>,
     /// When it last produced a token (or started).
     last_token: Instant,
+    /// When the last stage sampled its last token, by that worker's clock (0
+    /// before the first).
+    last_sampled_unix_nanos: u64,
     /// Since when it has waited for admission or a pipeline.
     waiting_since: Option<Instant>,
     /// Moved by the last switch and not yet heard from since.
@@ -397,6 +400,7 @@ impl Scheduler {
                 admitted: false,
                 running: None,
                 last_token: now,
+                last_sampled_unix_nanos: 0,
                 waiting_since: Some(now),
                 moved: false,
                 moved_at: now,
@@ -676,11 +680,17 @@ impl Scheduler {
             r.moved = false;
             self.longest_pause = self.longest_pause.max(now - r.last_token);
             self.longest_resume = self.longest_resume.max(now - r.moved_at);
-        } else if !r.generated.is_empty() {
-            // A decode step as this request sees it: what a replayed token costs.
-            self.moves.cost.observe_step(now - r.last_token);
+        } else if !r.generated.is_empty() && r.last_sampled_unix_nanos != 0 {
+            // A decode step: what a replayed token costs. Timed by the last stage,
+            // which samples them: the direct path's last stage reports tokens a
+            // few at a time (`strata_worker::held_tokens`), so their arrivals here
+            // are not a step apart. Both times are that one worker's clock (a
+            // move, which may change the worker, skips one).
+            let step = t.sent_unix_nanos.saturating_sub(r.last_sampled_unix_nanos);
+            self.moves.cost.observe_step(Duration::from_nanos(step));
         }
         r.last_token = now;
+        r.last_sampled_unix_nanos = t.sent_unix_nanos;
         r.retries = 0;
         r.trace.token();
         self.tokens_generated += 1;
