@@ -300,7 +300,8 @@ fn take_until(
 ) {
     let deadline = Instant::now() + limit;
     loop {
-        let Some(Some(queued)) = inbox.recv_within(Some(deadline.saturating_duration_since(Instant::now())), None) else {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(Some(queued)) = inbox.recv_within(Some(left), None) else {
             return;
         };
         let over = last(&queued);
@@ -1331,7 +1332,8 @@ impl Compute {
             .then_some(DirectReturn { end_position: open.end_position as usize, stop_tokens: open.stop_tokens });
         // The whole history, not just the next frame's token: the last stage samples
         // position `history.len()`, with a repetition penalty over all of it.
-        self.sequences.insert(seq, Sequence { sampler, history: tokens, direct, logprobs_top, trace, constraint, reported: false });
+        let sequence = Sequence { sampler, history: tokens, direct, logprobs_top, trace, constraint, reported: false };
+        self.sequences.insert(seq, sequence);
         self.gauges.sequences.store(self.sequences.len() as u32, Ordering::Relaxed);
         Ok(())
     }
@@ -1499,4 +1501,3 @@ mod tests {
         }
     }
 }
-

@@ -166,6 +166,17 @@ impl Shared {
             self.hub.sequence_error(seq, ErrorCode::NoShard, WorkerError::NoShard.to_string(), 0);
         }
     }
+
+    /// [`Shared::admit`] for a message of `sender`'s lane, its refusal as text (the
+    /// lane closes with it).
+    fn admit_from_lane(
+        &self,
+        pipeline: u64,
+        sender: &NodeId,
+        message: &StageMessage,
+    ) -> Result<(Option<mpsc::Sender<Inbound>>, Option<u64>), String> {
+        self.admit(Some(pipeline), &lane_caller(sender), message).map_err(|s| s.message().to_string())
+    }
 }
 
 /// A lane's sender as it would be known over gRPC: by its certificate's node,
@@ -181,8 +192,7 @@ fn lane_caller(sender: &NodeId) -> Caller {
 /// Messages over local lanes get what those of a Forward call get.
 impl LaneInbox for Shared {
     fn deliver(&self, pipeline: u64, sender: &NodeId, message: StageMessage) -> Result<(), String> {
-        let (destination, seq) =
-            self.admit(Some(pipeline), &lane_caller(sender), &message).map_err(|s| s.message().to_string())?;
+        let (destination, seq) = self.admit_from_lane(pipeline, sender, &message)?;
         // On a lane's own thread, outside the runtime: a full queue holds the lane
         // as it would hold a Forward stream.
         if destination.is_none_or(|tx| tx.blocking_send(message.into()).is_err()) {
@@ -202,8 +212,7 @@ impl LaneInbox for Shared {
         message: StageMessage,
         own: &mpsc::WeakSender<Inbound>,
     ) -> Result<Admission, String> {
-        let (destination, seq) =
-            self.admit(Some(pipeline), &lane_caller(sender), &message).map_err(|s| s.message().to_string())?;
+        let (destination, seq) = self.admit_from_lane(pipeline, sender, &message)?;
         match destination {
             Some(tx) if own.upgrade().is_some_and(|own| own.same_channel(&tx)) => Ok(Admission::Take(message)),
             // Another stage of the pipeline took over (a reload): this thread must
