@@ -11,11 +11,11 @@
 //! A bad frame becomes a SequenceError event for its sequence only; the rest of the
 //! batch runs.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use strata_grammar::{Constraint, Grammar, LazyVocabulary};
@@ -139,6 +139,11 @@ pub struct ComputeHandle {
 }
 
 impl ComputeHandle {
+    /// Whether the thread still runs: it ends on its own only after a panic.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|thread| !thread.is_finished())
+    }
+
     /// Closes the queue and waits for the thread to exit (blocking).
     pub fn stop(self) {
         let Self { tx, thread, .. } = self;
@@ -221,11 +226,15 @@ pub async fn start(
                 gauges: gauges.clone(),
             };
             // A panic (a bug) must not leave the sequences in flight waiting forever
-            // for frames this stage will never send: each is failed, and the frames
-            // that come later find no stage (`NoShard`).
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute.run(kv_rx)));
+            // for frames this stage will never send, nor lose them: each is failed
+            // as the pipeline's trouble (`NoShard`, as the frames that come later
+            // find), so the coordinator asks the workers, hears this one holds no
+            // shard (the service drops it), re-plans and replays them. A request
+            // that panics a stage every time fails after the coordinator's retries.
+            let mut pending = VecDeque::new();
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute.run(&mut pending, kv_rx)));
             if let Err(panic) = run {
-                compute.fail_all(&panic_text(panic.as_ref()));
+                compute.fail_all(&panic_text(panic.as_ref()), pending);
             }
             gauges.sequences.store(0, Ordering::Relaxed);
             gauges.cache_bytes.store(0, Ordering::Relaxed);
@@ -362,6 +371,26 @@ fn pin_compute_threads(stage_index: u32) {
     match strata_model::core_pinning::pin_compute_threads() {
         Ok(cores) => tracing::debug!(stage = stage_index, ?cores, "compute threads pinned, one to a core"),
         Err(e) => tracing::info!(stage = stage_index, "compute threads left unpinned: {e}"),
+    }
+}
+
+/// Names the stage and position at which a test has a compute thread panic:
+/// `STAGE:POSITION`. Only the tests of what a panic leaves set it.
+const PANIC_AT_ENV: &str = "STRATA_TEST_PANIC_AT";
+
+/// Panics (once per process) if [`PANIC_AT_ENV`] names this stage and the position
+/// one of `ready` starts at: the way a test makes a compute thread fail as a bug would.
+fn panic_if_asked(stage: u32, ready: &[Ready]) {
+    static AT: OnceLock<Option<(u32, usize)>> = OnceLock::new();
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    let at = AT.get_or_init(|| {
+        let text = std::env::var(PANIC_AT_ENV).ok()?;
+        let (stage, position) = text.split_once(':')?;
+        Some((stage.parse().ok()?, position.parse().ok()?))
+    });
+    let Some((at_stage, at_position)) = *at else { return };
+    if at_stage == stage && ready.iter().any(|r| r.position == at_position) && !FIRED.swap(true, Ordering::Relaxed) {
+        panic!("{PANIC_AT_ENV}: stage {stage} at position {at_position}");
     }
 }
 
@@ -575,8 +604,9 @@ fn seq_of(message: &StageMessage) -> Option<u64> {
 }
 
 impl Compute {
-    fn run(&mut self, mut kv: mpsc::UnboundedReceiver<KvJob>) {
-        let mut pending: VecDeque<Queued> = VecDeque::new();
+    /// Runs until the stage is stopped. `pending` holds what came but is not computed
+    /// yet: the caller's, so that a panic's handling sees it too.
+    fn run(&mut self, pending: &mut VecDeque<Queued>, mut kv: mpsc::UnboundedReceiver<KvJob>) {
         loop {
             if pending.is_empty() {
                 match self.next_message() {
@@ -594,8 +624,8 @@ impl Compute {
                 pending.push_back(message);
             }
             self.run_kv_jobs(&mut kv);
-            self.gather(&mut pending);
-            let (steps, ready) = self.take_round(&mut pending);
+            self.gather(pending);
+            let (steps, ready) = self.take_round(pending);
             if !steps.is_empty() {
                 self.run_batch(steps, ready);
             }
@@ -735,13 +765,16 @@ impl Compute {
         post(&mut self.outputs, &self.hub, self.stage_index, std::mem::take(&mut self.outbox));
     }
 
-    /// Fails every open sequence: the compute thread stops after `reason`.
-    fn fail_all(&mut self, reason: &str) {
+    /// Fails every sequence this stage holds or has a message of (`pending`, and
+    /// what waits in its queue): the compute thread stops after `reason`.
+    fn fail_all(&mut self, reason: &str, pending: VecDeque<Queued>) {
         tracing::error!(stage = self.stage_index, reason, "the compute thread failed");
-        let seqs: Vec<u64> = self.sequences.keys().copied().collect();
+        let mut seqs: BTreeSet<u64> = self.sequences.keys().copied().collect();
+        let queued = std::iter::from_fn(|| self.inbox.try_recv());
+        seqs.extend(pending.into_iter().chain(queued).filter_map(|q| seq_of(&q.message)));
         for seq in seqs {
             let message = format!("stage {} stopped computing: {reason}", self.stage_index);
-            self.fail_sequence(seq, ErrorCode::Internal, message);
+            self.fail_sequence(seq, ErrorCode::NoShard, message);
         }
     }
 
@@ -983,6 +1016,7 @@ impl Compute {
 
     fn run_batch(&mut self, steps: Vec<StageStep>, ready: Vec<Ready>) {
         let _span = tracing::trace_span!("batch", frames = steps.len()).entered();
+        panic_if_asked(self.stage_index, &ready);
         let guard = self.lock.as_ref().map(ComputeLock::acquire);
         // Busy time starts once the cores are ours.
         let started = Instant::now();

@@ -103,6 +103,22 @@ impl Slot {
     fn newest(&self) -> Option<&Loaded> {
         self.shards.last().map(|(_, l)| l)
     }
+
+    /// Drops the shards whose compute thread has stopped on its own (a panic: one
+    /// that is unloaded leaves the slot first), so that the worker no longer claims
+    /// them: its health says Idle where it holds no other, and the coordinator, which
+    /// asks when a stage reports trouble, re-plans and replays the sequences the
+    /// thread failed (see [`crate::compute`]).
+    fn drop_stopped(&mut self) {
+        self.shards.retain(|(pipeline, l)| {
+            let running = l.compute.is_running();
+            if !running {
+                let stage = l.spec.stage_index;
+                tracing::error!(pipeline, stage, "the stage's compute thread stopped; its shard is dropped");
+            }
+            running
+        });
+    }
 }
 
 impl Shared {
@@ -261,7 +277,8 @@ impl WorkerService {
     }
 
     fn state(&self) -> WorkerState {
-        let slot = lock(&self.shared.slot);
+        let mut slot = lock(&self.shared.slot);
+        slot.drop_stopped();
         if *self.shared.stop.borrow() || self.shared.drain.is_draining() {
             WorkerState::Draining
         } else if slot.loading {
@@ -350,7 +367,8 @@ impl WorkerService {
     /// Memory the loaded shards use (shared weights counted once), and how many
     /// sequences they hold.
     fn usage(&self) -> Usage {
-        let slot = lock(&self.shared.slot);
+        let mut slot = lock(&self.shared.slot);
+        slot.drop_stopped();
         let mut usage = Usage {
             weights_bytes: self.shared.weights.resident_bytes(),
             kv_cache_bytes: 0,
