@@ -136,12 +136,16 @@ pub struct ComputeHandle {
     kv: mpsc::UnboundedSender<KvJob>,
     pub kv_shape: KvShape,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Set by the thread when it caught a panic, before it reports its sequences
+    /// failed: from then on the shard is not served (see [`ComputeHandle::is_running`]).
+    failed: Arc<AtomicBool>,
 }
 
 impl ComputeHandle {
-    /// Whether the thread still runs: it ends on its own only after a panic.
+    /// Whether the stage still computes: false once its thread caught a panic (it
+    /// ends on its own for no other reason while the queue is open).
     pub fn is_running(&self) -> bool {
-        self.thread.as_ref().is_some_and(|thread| !thread.is_finished())
+        !self.failed.load(Ordering::Acquire) && self.thread.as_ref().is_some_and(|thread| !thread.is_finished())
     }
 
     /// Closes the queue and waits for the thread to exit (blocking).
@@ -165,6 +169,8 @@ pub async fn start(
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let (kv_tx, kv_rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
+    let failed = Arc::new(AtomicBool::new(false));
+    let failed_in_thread = failed.clone();
     let thread = std::thread::Builder::new()
         .name(format!("strata-stage-{}", spec.stage_index))
         .spawn(move || {
@@ -220,20 +226,22 @@ pub async fn start(
                 outbox: Vec::new(),
                 held: HeldTokens::default(),
                 awaited: HashSet::new(),
+                round: Vec::new(),
                 outputs,
                 hub,
                 stats,
                 gauges: gauges.clone(),
             };
             // A panic (a bug) must not leave the sequences in flight waiting forever
-            // for frames this stage will never send, nor lose them: each is failed
-            // as the pipeline's trouble (`NoShard`, as the frames that come later
-            // find), so the coordinator asks the workers, hears this one holds no
-            // shard (the service drops it), re-plans and replays them. A request
-            // that panics a stage every time fails after the coordinator's retries.
+            // for frames this stage will never send, nor lose them: the shard stops
+            // being served (the worker's health then says it holds none), and each
+            // sequence is failed as the pipeline's trouble (`NoShard`), so the
+            // coordinator asks the workers, re-plans and replays them. A request that
+            // panics a stage at the same step every time fails once its retries run out.
             let mut pending = VecDeque::new();
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute.run(&mut pending, kv_rx)));
             if let Err(panic) = run {
+                failed_in_thread.store(true, Ordering::Release);
                 compute.fail_all(&panic_text(panic.as_ref()), pending);
             }
             gauges.sequences.store(0, Ordering::Relaxed);
@@ -250,6 +258,7 @@ pub async fn start(
             kv: kv_tx,
             kv_shape,
             thread: Some(thread),
+            failed,
         }),
         Ok(Err(e)) => {
             let _ = thread.join();
@@ -575,6 +584,9 @@ struct Compute {
     /// Only where it gathers ([`Compute::gathers`]): sequences whose frame it sent
     /// on and whose next frame (the token) has not come back yet.
     awaited: HashSet<u64>,
+    /// The sequences of the round being taken and computed: a panic's handling
+    /// fails them too, whether or not they were opened by then.
+    round: Vec<u64>,
     outputs: Outputs,
     hub: Arc<EventHub>,
     stats: Arc<Stats>,
@@ -765,14 +777,28 @@ impl Compute {
         post(&mut self.outputs, &self.hub, self.stage_index, std::mem::take(&mut self.outbox));
     }
 
-    /// Fails every sequence this stage holds or has a message of (`pending`, and
-    /// what waits in its queue): the compute thread stops after `reason`.
+    /// Fails every sequence this stage holds or has a message of (its round,
+    /// `pending`, and what waits in its queue): the compute thread stops after `reason`.
     fn fail_all(&mut self, reason: &str, pending: VecDeque<Queued>) {
         tracing::error!(stage = self.stage_index, reason, "the compute thread failed");
-        let mut seqs: BTreeSet<u64> = self.sequences.keys().copied().collect();
-        let queued = std::iter::from_fn(|| self.inbox.try_recv());
-        seqs.extend(pending.into_iter().chain(queued).filter_map(|q| seq_of(&q.message)));
-        for seq in seqs {
+        // Closed first: a message sent from now on is refused at once (its sender
+        // hears NoShard), not queued here to be dropped unanswered.
+        self.inbox.close();
+        let mut known: BTreeSet<u64> = self.sequences.keys().copied().collect();
+        known.extend(self.round.iter().copied());
+        known.extend(pending.iter().filter_map(|queued| seq_of(&queued.message)));
+        self.fail_each(&known, reason);
+        // Then those only queued: reading a lane admits its messages, and the known
+        // ones have been told by then whatever that does.
+        let queued: BTreeSet<u64> = std::iter::from_fn(|| self.inbox.try_recv())
+            .filter_map(|queued| seq_of(&queued.message))
+            .filter(|seq| !known.contains(seq))
+            .collect();
+        self.fail_each(&queued, reason);
+    }
+
+    fn fail_each(&mut self, seqs: &BTreeSet<u64>, reason: &str) {
+        for &seq in seqs {
             let message = format!("stage {} stopped computing: {reason}", self.stage_index);
             self.fail_sequence(seq, ErrorCode::NoShard, message);
         }
@@ -794,6 +820,8 @@ impl Compute {
         let mut ready = Vec::new();
         let mut busy: HashSet<u64> = HashSet::new();
         let mut waiting = VecDeque::new();
+        self.round.clear();
+        self.round.extend(pending.iter().filter_map(|queued| seq_of(&queued.message)));
         for queued in pending.drain(..) {
             let Some(seq) = seq_of(&queued.message) else {
                 continue;

@@ -117,6 +117,11 @@ impl Inbox {
         })
     }
 
+    /// Refuses what is sent to the queue from now on; what it holds can still be taken.
+    pub fn close(&mut self) {
+        self.rx.close();
+    }
+
     /// A message that is here already, from the queue first.
     pub fn try_recv(&mut self) -> Option<Queued> {
         while let Ok(inbound) = self.rx.try_recv() {
@@ -409,6 +414,16 @@ mod tests {
         assert!(inbox.recv_within(Some(Duration::from_millis(10)), None).is_none());
         drop(inbox);
         assert!(given_back.lock().unwrap().is_some(), "the lane went back to be read on");
+    }
+
+    #[test]
+    fn a_closed_queue_refuses_new_messages_and_still_gives_those_it_holds() {
+        let (tx, mut inbox) = inbox();
+        tx.try_send(release(1).into()).unwrap();
+        inbox.close();
+        assert!(tx.try_send(release(2).into()).is_err(), "refused once closed");
+        assert_eq!(inbox.try_recv().as_ref().and_then(seq), Some(1));
+        assert!(inbox.try_recv().is_none());
     }
 
     #[test]

@@ -104,11 +104,8 @@ impl Slot {
         self.shards.last().map(|(_, l)| l)
     }
 
-    /// Drops the shards whose compute thread has stopped on its own (a panic: one
-    /// that is unloaded leaves the slot first), so that the worker no longer claims
-    /// them: its health says Idle where it holds no other, and the coordinator, which
-    /// asks when a stage reports trouble, re-plans and replays the sequences the
-    /// thread failed (see [`crate::compute`]).
+    /// Drops the shards whose compute thread stopped computing after a panic (see
+    /// [`crate::compute::start`]), so the worker no longer claims them.
     fn drop_stopped(&mut self) {
         self.shards.retain(|(pipeline, l)| {
             let running = l.compute.is_running();
@@ -305,7 +302,11 @@ impl WorkerService {
     }
 
     pub fn description(&self) -> v1::WorkerDescription {
-        let shard = lock(&self.shared.slot).newest().map(|l| l.spec.clone());
+        let shard = {
+            let mut slot = lock(&self.shared.slot);
+            slot.drop_stopped();
+            slot.newest().map(|l| l.spec.clone())
+        };
         let config = &self.shared.config;
         let profile = &self.shared.profile;
         v1::WorkerDescription {
