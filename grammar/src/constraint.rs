@@ -2,17 +2,17 @@
 
 use std::sync::Arc;
 
-use llguidance::{Matcher, ParserFactory};
+use llguidance::Matcher;
 use strata_model::Sampler;
 
-use crate::vocabulary::new_matcher;
-use crate::{Grammar, GrammarError};
+use crate::GrammarError;
 
 /// The parser of one sequence's output, kept on the stage that samples it.
 pub struct Constraint {
     matcher: Matcher,
-    grammar: Grammar,
-    factory: Arc<ParserFactory>,
+    /// The parser before any token: a restart clones it rather than compiling the
+    /// grammar again.
+    fresh: Matcher,
     end_tokens: Arc<[u32]>,
     /// Tokens before this position are the prompt, which the grammar does not see.
     prompt_tokens: usize,
@@ -22,15 +22,10 @@ pub struct Constraint {
 }
 
 impl Constraint {
-    pub(crate) fn new(
-        matcher: Matcher,
-        grammar: Grammar,
-        factory: Arc<ParserFactory>,
-        end_tokens: Arc<[u32]>,
-        prompt_tokens: usize,
-        vocab_size: usize,
-    ) -> Self {
-        Self { matcher, grammar, factory, end_tokens, prompt_tokens, consumed: Vec::new(), vocab_size }
+    /// `matcher`: a fresh parser of the grammar, this constraint's own.
+    pub(crate) fn new(matcher: Matcher, end_tokens: Arc<[u32]>, prompt_tokens: usize, vocab_size: usize) -> Self {
+        let fresh = matcher.deep_clone();
+        Self { matcher, fresh, end_tokens, prompt_tokens, consumed: Vec::new(), vocab_size }
     }
 
     /// Sets to -inf the logit of every token the grammar forbids after `history`
@@ -70,7 +65,7 @@ impl Constraint {
         let generated = history.get(self.prompt_tokens..).unwrap_or_default();
         let common = self.consumed.iter().zip(generated).take_while(|(a, b)| a == b).count();
         if common < self.consumed.len() {
-            self.matcher = new_matcher(&self.factory, &self.grammar)?;
+            self.matcher = self.fresh.deep_clone();
             self.consumed.clear();
         }
         let unseen = &generated[self.consumed.len()..];
@@ -217,6 +212,33 @@ mod tests {
         let expected = masks(&mut fresh, middle);
         assert_eq!(masks(&mut replayed, middle), expected);
         assert_eq!(masks(&mut moved, middle), expected);
+    }
+
+    #[test]
+    fn a_grammar_is_compiled_once_and_each_constraint_parses_on_its_own() {
+        let tokenizer = tokenizer();
+        let vocabulary = Vocabulary::new(&tokenizer).unwrap();
+        let grammar = Grammar::json_schema(&schema()).unwrap();
+        vocabulary.check(&grammar).unwrap();
+        let mut first = vocabulary.constrain(&grammar, 0).unwrap();
+        let mut second = vocabulary.constrain(&grammar, 0).unwrap();
+        assert_eq!(vocabulary.kept(), 1, "compiled once, by the check");
+        // The first parses a whole document; the second, cloned from the same
+        // compiled parser, still starts where one compiled elsewhere does.
+        let document = generate(&tokenizer, &grammar, &[], 4);
+        first.mask(&document, &mut vec![0.0; tokenizer.vocab_size()]).unwrap();
+        let start = |constraint: &mut crate::Constraint| {
+            let mut logits = vec![0.0; tokenizer.vocab_size()];
+            constraint.mask(&[], &mut logits).unwrap();
+            logits
+        };
+        let mut elsewhere = Vocabulary::new(&tokenizer).unwrap().constrain(&grammar, 0).unwrap();
+        assert_eq!(start(&mut second), start(&mut elsewhere));
+        for maximum in 0..20 {
+            let grammar = Grammar::json_schema(&json!({ "type": "integer", "maximum": maximum })).unwrap();
+            vocabulary.check(&grammar).unwrap();
+        }
+        assert_eq!(vocabulary.kept(), 16, "the most recent sixteen are kept");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The model's vocabulary as llguidance sees it.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use llguidance::toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
@@ -16,7 +17,15 @@ pub struct Vocabulary {
     /// Tokens that end a generation: allowed wherever the grammar may end.
     end_tokens: Arc<[u32]>,
     size: usize,
+    /// The grammars compiled last, most recent first, as fresh parsers. A request's
+    /// schema is compiled where the API checks it and again where its sequences
+    /// start (once per choice), and clients send the same schema request after
+    /// request: a clone of the compiled parser is a fraction of the work.
+    compiled: Mutex<VecDeque<(Grammar, Matcher)>>,
 }
+
+/// How many compiled grammars a [`Vocabulary`] keeps.
+const COMPILED_KEPT: usize = 16;
 
 /// Marks a control token's bytes in the trie: llguidance never matches it as text.
 const SPECIAL: u8 = TokTrie::SPECIAL_TOKEN_MARKER;
@@ -52,10 +61,10 @@ impl Vocabulary {
             .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
         // Its warnings would go to stderr: a grammar's problems come back as errors.
         factory.quiet();
-        Ok(Self { factory: Arc::new(factory), end_tokens, size })
+        Ok(Self { factory: Arc::new(factory), end_tokens, size, compiled: Mutex::new(VecDeque::new()) })
     }
 
-    /// Compiles `grammar` into a fresh parser: the check that refuses a bad grammar.
+    /// Compiles `grammar` (or finds it compiled): the check that refuses a bad grammar.
     pub fn check(&self, grammar: &Grammar) -> Result<(), GrammarError> {
         self.matcher(grammar).map(drop)
     }
@@ -63,22 +72,35 @@ impl Vocabulary {
     /// The constraint of a sequence whose first `prompt_tokens` tokens are its prompt.
     pub fn constrain(&self, grammar: &Grammar, prompt_tokens: usize) -> Result<Constraint, GrammarError> {
         let matcher = self.matcher(grammar)?;
-        Ok(Constraint::new(
-            matcher,
-            grammar.clone(),
-            self.factory.clone(),
-            self.end_tokens.clone(),
-            prompt_tokens,
-            self.size,
-        ))
+        Ok(Constraint::new(matcher, self.end_tokens.clone(), prompt_tokens, self.size))
     }
 
+    /// A fresh parser of `grammar`, of its own: a clone of the compiled one kept, or
+    /// compiled now (outside the lock: other grammars need not wait) and kept.
     fn matcher(&self, grammar: &Grammar) -> Result<Matcher, GrammarError> {
-        new_matcher(&self.factory, grammar)
+        {
+            let mut compiled = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(entry) = compiled.iter().position(|(g, _)| g == grammar).and_then(|i| compiled.remove(i)) {
+                let matcher = entry.1.deep_clone();
+                compiled.push_front(entry);
+                return Ok(matcher);
+            }
+        }
+        let matcher = new_matcher(&self.factory, grammar)?;
+        let mut compiled = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
+        compiled.push_front((grammar.clone(), matcher.deep_clone()));
+        compiled.truncate(COMPILED_KEPT);
+        Ok(matcher)
+    }
+
+    /// How many compiled grammars are kept (for the tests).
+    #[cfg(test)]
+    pub(crate) fn kept(&self) -> usize {
+        self.compiled.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 }
 
-pub(crate) fn new_matcher(factory: &ParserFactory, grammar: &Grammar) -> Result<Matcher, GrammarError> {
+fn new_matcher(factory: &ParserFactory, grammar: &Grammar) -> Result<Matcher, GrammarError> {
     let top_level = grammar.top_level()?;
     // A grammar the compiler chokes on is refused like one it rejects.
     let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(top_level)))
