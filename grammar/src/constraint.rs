@@ -10,9 +10,9 @@ use crate::GrammarError;
 /// The parser of one sequence's output, kept on the stage that samples it.
 pub struct Constraint {
     matcher: Matcher,
-    /// The parser before any token: a restart clones it rather than compiling the
-    /// grammar again.
-    fresh: Matcher,
+    /// The parser before any token (its vocabulary's, shared): a restart clones it
+    /// rather than compiling the grammar again.
+    fresh: Arc<Matcher>,
     end_tokens: Arc<[u32]>,
     /// Tokens before this position are the prompt, which the grammar does not see.
     prompt_tokens: usize,
@@ -22,10 +22,9 @@ pub struct Constraint {
 }
 
 impl Constraint {
-    /// `matcher`: a fresh parser of the grammar, this constraint's own.
-    pub(crate) fn new(matcher: Matcher, end_tokens: Arc<[u32]>, prompt_tokens: usize, vocab_size: usize) -> Self {
-        let fresh = matcher.deep_clone();
-        Self { matcher, fresh, end_tokens, prompt_tokens, consumed: Vec::new(), vocab_size }
+    /// `fresh`: the grammar's parser before any token, which this one starts from.
+    pub(crate) fn new(fresh: Arc<Matcher>, end_tokens: Arc<[u32]>, prompt_tokens: usize, vocab_size: usize) -> Self {
+        Self { matcher: fresh.deep_clone(), fresh, end_tokens, prompt_tokens, consumed: Vec::new(), vocab_size }
     }
 
     /// Sets to -inf the logit of every token the grammar forbids after `history`
@@ -222,9 +221,10 @@ mod tests {
         vocabulary.check(&grammar).unwrap();
         let mut first = vocabulary.constrain(&grammar, 0).unwrap();
         let mut second = vocabulary.constrain(&grammar, 0).unwrap();
-        assert_eq!(vocabulary.kept(), 1, "compiled once, by the check");
-        // The first parses a whole document; the second, cloned from the same
-        // compiled parser, still starts where one compiled elsewhere does.
+        assert_eq!(vocabulary.kept(), std::slice::from_ref(&grammar), "compiled once, by the check");
+        // The first parses a whole document; the second, from the same compiled
+        // parser, still starts where one compiled elsewhere does, and so does the
+        // first once its history restarts.
         let document = generate(&tokenizer, &grammar, &[], 4);
         first.mask(&document, &mut vec![0.0; tokenizer.vocab_size()]).unwrap();
         let start = |constraint: &mut crate::Constraint| {
@@ -232,13 +232,25 @@ mod tests {
             constraint.mask(&[], &mut logits).unwrap();
             logits
         };
-        let mut elsewhere = Vocabulary::new(&tokenizer).unwrap().constrain(&grammar, 0).unwrap();
-        assert_eq!(start(&mut second), start(&mut elsewhere));
-        for maximum in 0..20 {
-            let grammar = Grammar::json_schema(&json!({ "type": "integer", "maximum": maximum })).unwrap();
-            vocabulary.check(&grammar).unwrap();
+        let expected = start(&mut Vocabulary::new(&tokenizer).unwrap().constrain(&grammar, 0).unwrap());
+        assert_ne!(expected, vec![0.0; tokenizer.vocab_size()], "the grammar masks something at the start");
+        assert_eq!(start(&mut second), expected);
+        assert_eq!(start(&mut first), expected);
+    }
+
+    #[test]
+    fn the_sixteen_grammars_used_last_are_kept() {
+        let vocabulary = Vocabulary::new(&tokenizer()).unwrap();
+        let integer = |maximum: u32| Grammar::json_schema(&json!({ "type": "integer", "maximum": maximum })).unwrap();
+        for maximum in 0..16 {
+            vocabulary.check(&integer(maximum)).unwrap();
         }
-        assert_eq!(vocabulary.kept(), 16, "the most recent sixteen are kept");
+        vocabulary.check(&integer(0)).unwrap();
+        vocabulary.check(&integer(16)).unwrap();
+        let kept = vocabulary.kept();
+        assert_eq!(kept.len(), 16);
+        assert_eq!(kept[..2], [integer(16), integer(0)], "most recent first");
+        assert!(!kept.contains(&integer(1)), "the one used longest ago went");
     }
 
     #[test]

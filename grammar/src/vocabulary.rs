@@ -21,8 +21,15 @@ pub struct Vocabulary {
     /// schema is compiled where the API checks it and again where its sequences
     /// start (once per choice), and clients send the same schema request after
     /// request: a clone of the compiled parser is a fraction of the work.
-    compiled: Mutex<VecDeque<(Grammar, Matcher)>>,
+    compiled: Mutex<VecDeque<(Grammar, Arc<Matcher>)>>,
 }
+
+// A kept parser is shared by the constraints cloned from it (their `fresh`), on any
+// thread: only ever cloned, never run.
+const _: fn() = || {
+    fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<Matcher>();
+};
 
 /// How many compiled grammars a [`Vocabulary`] keeps.
 const COMPILED_KEPT: usize = 16;
@@ -71,32 +78,38 @@ impl Vocabulary {
 
     /// The constraint of a sequence whose first `prompt_tokens` tokens are its prompt.
     pub fn constrain(&self, grammar: &Grammar, prompt_tokens: usize) -> Result<Constraint, GrammarError> {
-        let matcher = self.matcher(grammar)?;
-        Ok(Constraint::new(matcher, self.end_tokens.clone(), prompt_tokens, self.size))
+        let fresh = self.matcher(grammar)?;
+        Ok(Constraint::new(fresh, self.end_tokens.clone(), prompt_tokens, self.size))
     }
 
-    /// A fresh parser of `grammar`, of its own: a clone of the compiled one kept, or
-    /// compiled now (outside the lock: other grammars need not wait) and kept.
-    fn matcher(&self, grammar: &Grammar) -> Result<Matcher, GrammarError> {
+    /// The fresh parser of `grammar`: the one kept, or compiled now (outside the
+    /// lock: other grammars need not wait) and kept.
+    fn matcher(&self, grammar: &Grammar) -> Result<Arc<Matcher>, GrammarError> {
         {
-            let mut compiled = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut compiled = self.lock_compiled();
             if let Some(entry) = compiled.iter().position(|(g, _)| g == grammar).and_then(|i| compiled.remove(i)) {
-                let matcher = entry.1.deep_clone();
+                let matcher = entry.1.clone();
                 compiled.push_front(entry);
                 return Ok(matcher);
             }
         }
-        let matcher = new_matcher(&self.factory, grammar)?;
-        let mut compiled = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
-        compiled.push_front((grammar.clone(), matcher.deep_clone()));
+        let matcher = Arc::new(new_matcher(&self.factory, grammar)?);
+        let mut compiled = self.lock_compiled();
+        // Compiled meanwhile by another thread too: one copy is kept.
+        compiled.retain(|(g, _)| g != grammar);
+        compiled.push_front((grammar.clone(), matcher.clone()));
         compiled.truncate(COMPILED_KEPT);
         Ok(matcher)
     }
 
-    /// How many compiled grammars are kept (for the tests).
+    fn lock_compiled(&self) -> std::sync::MutexGuard<'_, VecDeque<(Grammar, Arc<Matcher>)>> {
+        self.compiled.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The grammars kept compiled, most recent first (for the tests).
     #[cfg(test)]
-    pub(crate) fn kept(&self) -> usize {
-        self.compiled.lock().unwrap_or_else(PoisonError::into_inner).len()
+    pub(crate) fn kept(&self) -> Vec<Grammar> {
+        self.lock_compiled().iter().map(|(g, _)| g.clone()).collect()
     }
 }
 
