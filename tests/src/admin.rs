@@ -24,6 +24,11 @@ pub async fn status(addr: &str) -> anyhow::Result<Value> {
     Ok(reply.json()?)
 }
 
+/// The id of the pipeline the coordinator at `addr` serves now (an error if none).
+pub async fn pipeline_id(addr: &str) -> anyhow::Result<u64> {
+    status(addr).await?["pipeline_id"].as_u64().context("no pipeline")
+}
+
 /// The node `name` in a status.
 pub fn node<'a>(status: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
     status["nodes"].as_array().context("no nodes")?.iter().find(|n| n["name"] == name).context("node not listed")

@@ -3,8 +3,7 @@
 //! worker stops claiming the shard, and the coordinator re-plans and replays them.
 //! The workers panic on cue (`STRATA_TEST_PANIC_AT`, once per process).
 
-use anyhow::Context;
-use strata_tests::admin::status;
+use strata_tests::admin::pipeline_id;
 use strata_tests::streams::{synthetic_model, Streams};
 use strata_tests::{complete, reference_completion, ClusterOptions, TestCluster};
 
@@ -19,10 +18,6 @@ async fn panicking_at(model: &std::path::Path, stage: u32, position: usize) -> a
     let cue = format!("{stage}:{position}");
     TestCluster::start(model, &ClusterOptions { env: vec![("STRATA_TEST_PANIC_AT", cue)], ..ClusterOptions::default() })
         .await
-}
-
-async fn pipeline_id(addr: &str) -> anyhow::Result<u64> {
-    status(addr).await?["pipeline_id"].as_u64().context("no pipeline")
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use strata_coordinator::cli::children::Process;
 use strata_coordinator::cli::http;
-use strata_tests::admin::{holds_layers, node, pipelines_held, status, wait_for_status};
+use strata_tests::admin::{holds_layers, node, pipeline_id, pipelines_held, status, wait_for_status};
 use strata_tests::netns::{log_level, Hosts};
 use strata_tests::streams::{synthetic_model, Streams};
 use strata_tests::{binary, reference_completion, until_serving};
@@ -171,7 +171,7 @@ async fn cut_and_restore(hosts: &Hosts, http: &str, model: &Path) -> anyhow::Res
     assert_eq!(reply.json()?["choices"][0]["text"].as_str(), Some(want.as_str()));
     // Nothing of the pipeline it was cut from is left on it: its heartbeats list the
     // shards it holds, and that is the current pipeline's alone.
-    let current = status(http).await?["pipeline_id"].as_u64().context("no pipeline")?;
+    let current = pipeline_id(http).await?;
     let address = format!("{}:{GRPC_PORT}", hosts.address(host));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

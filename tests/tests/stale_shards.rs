@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde_json::json;
 use strata_coordinator::cli::http;
 use strata_proto::v1::{self, DescribeRequest};
-use strata_tests::admin::{pipelines_held, status};
+use strata_tests::admin::{pipeline_id, pipelines_held};
 use strata_tests::streams::synthetic_model;
 use strata_tests::{ClusterOptions, TestCluster};
 
@@ -18,7 +18,7 @@ async fn a_stale_shard_on_a_live_worker_is_unloaded() -> anyhow::Result<()> {
     let model = synthetic_model(dir.path())?;
     let cluster = TestCluster::start(&model, &ClusterOptions::default()).await?;
     let addr = cluster.http().to_string();
-    let current = status(&addr).await?["pipeline_id"].as_u64().context("no pipeline")?;
+    let current = pipeline_id(&addr).await?;
     let worker = cluster.workers[0].clone();
 
     // A shard of another pipeline, loaded beside the current one behind the
