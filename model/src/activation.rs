@@ -53,7 +53,7 @@ fn activate_value(activation: Activation, gelu_table: &GeluTable, x: f32) -> f32
 }
 
 /// `activation(gate) · up`, elementwise: the gated FFN's middle, on the CPU in one pass
-/// over candle's pool with no intermediate tensor. Each value is the activation then
+/// over the compute pool with no intermediate tensor. Each value is the activation then
 /// one f32 multiply, so the bits equal `activate(gate) * up`'s. `gate` and `up` may be
 /// column views of one stacked product (`[tokens, 2·ffn]`): their rows are read in
 /// place.

@@ -116,8 +116,7 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
         work += heads * len * (n.min(a.window.unwrap_or(n)) + 1) * d;
     }
     let fill = |out_rows: &SharedOut<'_, MaybeUninit<f32>>| {
-        let run = |range: std::ops::Range<usize>| {
-            let mut scratch = Scratch::default();
+        let run = |range: std::ops::Range<usize>| SCRATCH.with_borrow_mut(|scratch| {
             for u in range {
                 let it = first_unit.partition_point(|&f| f <= u) - 1;
                 let a = &items[it];
@@ -137,11 +136,12 @@ pub(crate) fn attend_all(items: &[Attend<'_>]) -> Result<Tensor> {
                     keys[it].rows(set.kv(), visible.clone()),
                     values[it].rows(set.kv(), visible),
                     a.scale,
-                    &mut scratch,
+                    scratch,
                     dst,
                 );
             }
-        };
+            scratch.trim();
+        });
         crate::parallel::run_chunks(units, work >= PARALLEL_MIN_WORK, run);
     };
     // SAFETY: the units cover every head of every row, and each writes its `dst`.
@@ -232,12 +232,37 @@ impl HeadSet {
     }
 }
 
-/// One pool thread's scratch room, kept across its units.
+thread_local! {
+    /// Each compute thread's scratch room, kept from one operation to the next. Made
+    /// afresh for each piece of work, it was allocated and freed a few times a layer on
+    /// every thread at once, and the threads waited on the allocator's lock for each
+    /// other, each wait a sleep and a wake-up: 3 workers on a 2-core VM (2026-12-06)
+    /// had a pool thread asleep on it about 300 times a second.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// One thread's scratch room, kept across its units and operations.
 #[derive(Default)]
 struct Scratch {
     weights: Vec<f32>,
     #[cfg(target_arch = "x86_64")]
     pair: head_pair::PairScratch,
+}
+
+impl Scratch {
+    /// Floats kept from one operation to the next (4 MiB): rows over very long
+    /// contexts need more, made for them and let go after.
+    const KEPT_FLOATS: usize = 1 << 20;
+
+    fn trim(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        let held = self.weights.capacity() + self.pair.capacity();
+        #[cfg(not(target_arch = "x86_64"))]
+        let held = self.weights.capacity();
+        if held > Self::KEPT_FLOATS {
+            *self = Self::default();
+        }
+    }
 }
 
 /// The rows of a CPU tensor `[heads, n, d]`: borrowed where each row is contiguous

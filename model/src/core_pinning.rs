@@ -27,8 +27,8 @@ pub enum PinError {
     Unsupported,
 }
 
-/// The core each compute thread gets, indexed as candle numbers them: its pool
-/// threads `0..threads - 1`, then the thread that calls into the pool. The caller
+/// The core each compute thread gets, indexed as the compute pool numbers them: its
+/// pool threads `0..threads - 1`, then the thread that calls into the pool. The caller
 /// takes the first core, since it also does the step's serial work.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn assignment(allowed: &[usize], threads: usize) -> Result<Vec<usize>, PinError> {
@@ -38,9 +38,9 @@ fn assignment(allowed: &[usize], threads: usize) -> Result<Vec<usize>, PinError>
     Ok((0..threads).map(|thread| allowed[(thread + 1) % threads]).collect())
 }
 
-/// Pins the calling thread and each of candle's pool threads to a core of its own,
-/// among those this process may use, and returns the cores in candle's thread
-/// order. The calling thread should be the one that runs the stage.
+/// Pins the calling thread and each of the compute pool's threads to a core of its
+/// own, among those this process may use, and returns the cores in the pool's
+/// thread order. The calling thread should be the one that runs the stage.
 pub fn pin_compute_threads() -> Result<Vec<usize>, PinError> {
     os::pin_compute_threads()
 }
@@ -52,12 +52,12 @@ mod os {
     use super::{assignment, PinError};
 
     pub(super) fn pin_compute_threads() -> Result<Vec<usize>, PinError> {
-        let pool = candle_core::utils::barrier_pool();
-        let cores = assignment(&allowed_cores()?, pool.n_workers() + 1)?;
+        let pool = crate::compute_pool::compute_pool();
+        let cores = assignment(&allowed_cores()?, pool.threads())?;
         let refusal = Mutex::new(None);
         // Each thread can only be pinned from itself (by its pthread handle), so the
         // pinning is a job every pool thread runs once.
-        pool.execute(|thread| {
+        pool.on_every_thread(|thread| {
             if let Err(e) = pin_this_thread(cores[thread]) {
                 *refusal.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
             }
@@ -114,7 +114,7 @@ mod tests {
 
     #[test]
     fn the_caller_takes_the_first_core_and_each_pool_thread_the_next() {
-        // Candle's order: pool threads 0 and 1, then the caller.
+        // The pool's order: pool threads 0 and 1, then the caller.
         assert_eq!(assignment(&[4, 5, 7], 3).unwrap(), vec![5, 7, 4]);
         assert_eq!(assignment(&[0, 1], 2).unwrap(), vec![1, 0]);
         assert_eq!(assignment(&[2, 3, 6, 9], 1).unwrap(), vec![2]);
@@ -129,6 +129,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn every_compute_thread_ends_on_its_own_core() {
+        let _turn = crate::compute_pool::one_test_at_a_time();
         // On a thread of its own: the pinning stays with the thread, and this one ends.
         std::thread::spawn(|| {
             let cores = match pin_compute_threads() {
@@ -140,7 +141,7 @@ mod tests {
                 Err(e) => panic!("pinning failed: {e}"),
             };
             let seen = std::sync::Mutex::new(vec![Vec::new(); cores.len()]);
-            candle_core::utils::barrier_pool().execute(|thread| {
+            crate::compute_pool::compute_pool().on_every_thread(|thread| {
                 seen.lock().unwrap()[thread] = os::this_threads_cores();
             });
             let seen = seen.into_inner().unwrap();

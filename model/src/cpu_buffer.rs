@@ -1,5 +1,5 @@
 //! A CPU tensor's memory as plain slices: its values borrowed for reading, and an
-//! output buffer that candle's pool threads fill in disjoint pieces. The CPU paths of
+//! output buffer that the compute pool's threads fill in disjoint pieces. The CPU paths of
 //! the kernels, norms, activations and attention share these.
 
 use std::mem::MaybeUninit;
@@ -118,7 +118,7 @@ pub(crate) fn zeroed(dst: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 
 /// A mutable buffer that pool workers fill in disjoint segments.
 ///
-/// `execute_chunked` hands out index ranges dynamically, so the disjoint `&mut` pieces
+/// The compute pool hands out index ranges dynamically, so the disjoint `&mut` pieces
 /// cannot be split off up front; each worker instead carves its own from this.
 pub(crate) struct SharedOut<'a, T> {
     ptr: *mut T,

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod gguf;
 mod activation;
 mod attention;
+pub mod compute_pool;
 mod cpu_buffer;
 mod exp;
 #[cfg(test)]

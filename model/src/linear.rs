@@ -13,9 +13,10 @@
 //! generated tokens (which must equal llama.cpp's). Everything else (other quant
 //! types, CUDA/Metal weights) stays on candle's `QMatMul`.
 //!
-//! Threads come from candle's own barrier pool (`CANDLE_NUM_THREADS`), never a pool of
-//! our own: several workers share small machines and oversubscription costs more than
-//! any kernel gains.
+//! Threads come from the process's one compute pool ([`crate::compute_pool`], sized
+//! by `CANDLE_NUM_THREADS` as candle's is), never a pool per kernel: several workers
+//! share small machines and oversubscription costs more than any kernel gains. What
+//! stays on candle's `QMatMul` runs on candle's own pool.
 
 mod act;
 mod packed;
@@ -919,7 +920,7 @@ mod tests {
     #[test]
     #[ignore = "benchmark; run explicitly with --ignored --nocapture --test-threads=1"]
     fn bench_matvec() {
-        let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+        let threads = crate::compute_pool::compute_pool().threads();
         println!(
             "\npool threads: {threads}, kernel tier: {:?}",
             Level::detect()
@@ -1010,7 +1011,7 @@ mod tests {
         let x_f = Tensor::from_vec(Rng(13).vec(ffn), (1, ffn), &Device::Cpu).unwrap();
         let input = |cols: usize| if cols == hidden { &x_h } else { &x_f };
         let n = candle.len();
-        let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+        let threads = crate::compute_pool::compute_pool().threads();
         let shape_of = |i: usize| {
             if i == n - 1 {
                 (vocab, hidden)

@@ -71,7 +71,7 @@ impl RmsNorm {
     }
 
     /// Normalizes over the last dimension of `x` (`[..., width]`). On the CPU one pass
-    /// per row, rows spread over candle's pool, with `forward_ops`'s arithmetic: the
+    /// per row, rows spread over the compute pool, with `forward_ops`'s arithmetic: the
     /// squares summed in f64 in order, `mean = sum·(1/width) + eps` in f64, rounded to
     /// f32, `scale = 1/sqrt(mean)`, then `(x·scale)·w` (two f32 multiplies). Why: as
     /// nine candle operations, each with its own buffer and all on one thread, the norms

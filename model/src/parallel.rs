@@ -1,14 +1,14 @@
-//! Work split over candle's pool when it is large enough to pay for waking it.
+//! Work split over the compute pool when it is large enough to pay for waking it.
 
 use std::ops::Range;
 
-/// Runs `work` over the chunk indices `0..chunks`: on candle's pool, each worker taking
+/// Runs `work` over the chunk indices `0..chunks`: on the compute pool, each thread taking
 /// ranges of indices as it frees up, when `parallel`; otherwise on the calling thread
 /// in one call. A decode step's small pieces are done before the pool would wake, so
 /// each caller decides by its own measure of size.
 pub(crate) fn run_chunks(chunks: usize, parallel: bool, work: impl Fn(Range<usize>) + Sync) {
     if parallel && chunks > 1 {
-        candle_core::utils::barrier_pool().execute_chunked(chunks, work);
+        crate::compute_pool::compute_pool().run_chunks(chunks, work);
     } else if chunks > 0 {
         work(0..chunks);
     }

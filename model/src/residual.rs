@@ -32,7 +32,7 @@ pub(crate) fn add_then_norm(
 /// `x + post(y)` (`[tokens, hidden]` each) and, when `next` is given, `next` of that
 /// sum.
 ///
-/// On the CPU one pass over the rows on candle's pool, with the arithmetic of the
+/// On the CPU one pass over the rows on the compute pool, with the arithmetic of the
 /// three operations it replaces: `post`'s and `next`'s as `RmsNorm::forward`, the sum
 /// as candle's f32 add. Why: as three operations they were three passes over memory,
 /// the add on the calling thread alone while the pool waited; on a Gemma 3 prefill

@@ -70,7 +70,7 @@ impl Rope {
     /// of the stacked Q/K/V product needs no copy), with candle's arithmetic
     /// (`x1·cos − x2·sin`, `x1·sin + x2·cos`, products rounded before the sum). Why
     /// not candle's op: it rotates a prefill on rayon's threads, which sleep while
-    /// candle's pool spins on the same cores, and waiting for them to wake cost a
+    /// the compute pool spins on the same cores, and waiting for them to wake cost a
     /// Gemma 3 prefill ~8% (0.7 ms a layer) where the arithmetic takes tens of µs.
     pub fn rotate_heads(&self, x: &Tensor, heads: usize, tables: &RopeTables) -> Result<Tensor> {
         let (len, width) = x.dims2()?;

@@ -42,9 +42,9 @@ use crate::weights::WeightFile;
 pub const QUEUE_DEPTH: usize = 4096;
 
 /// How long the compute pool sleeps while the stage waits for a frame (see
-/// [`Compute::next_message`]); a longer wait goes on with the pool as candle leaves
-/// it, so that another stage of this process that loads meanwhile waits at most
-/// this long for the pool.
+/// [`Compute::next_message`]); a longer wait goes on with the pool spinning, then
+/// asleep as between any operations. Bounded so that a second stage of this process
+/// that starts meanwhile soon has the pool's threads for its own operations.
 const POOL_REST_LIMIT: Duration = Duration::from_millis(50);
 
 /// How long stage 0 under a compute lock waits for the rest of its sequences'
@@ -54,7 +54,8 @@ const POOL_REST_LIMIT: Duration = Duration::from_millis(50);
 const GATHER_LIMIT: Duration = Duration::from_millis(20);
 
 /// Compute threads alive in this process. The pool rests only under a lone stage:
-/// with two pipelines side by side, one stage's rest would hold up the other's steps.
+/// with two pipelines side by side, one stage's rest would take the pool's threads
+/// from the other's steps.
 static LIVE_STAGES: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts a compute thread as alive for as long as it is held.
@@ -664,8 +665,8 @@ impl Compute {
     /// thread does ([`Inbox::send_then_recv_within`]): sending wakes the next stage,
     /// which may take this thread's core at once, and a pool still spinning
     /// meanwhile would hold the other core from it (a scheduler trace showed 0.3 ms
-    /// of it a step). Nothing sent may use the pool, which is this job's until the
-    /// wait ends.
+    /// of it a step). What is sent should not use the pool: its threads are resting
+    /// and the work would fall to this thread alone.
     ///
     /// While token reports are held back, the wait lasts until they are due; then
     /// they go, and the wait goes on.

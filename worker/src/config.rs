@@ -170,8 +170,8 @@ pub struct WorkerArgs {
     /// folder's identity/NODE-ID).
     #[arg(long, env = "STRATA_IDENTITY_DIR", value_name = "DIR")]
     pub identity_dir: Option<PathBuf>,
-    /// Compute threads (candle's pool). Workers sharing a machine should split its
-    /// cores rather than each take all of them.
+    /// Compute threads (the compute pool's and the stage's own). Workers sharing a
+    /// machine should split its cores rather than each take all of them.
     #[arg(long, env = "STRATA_THREADS")]
     pub threads: Option<usize>,
     /// `cpu` or `cuda:N`.

@@ -16,6 +16,7 @@
 //! that gets the whole admission again, on this thread (see [`LaneSource`]).
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -216,8 +217,13 @@ impl Inbox {
         if self.lanes.is_empty() {
             return None;
         }
+        // Cleared only here, just before a rest on it, whose end rings it again.
         self.pool_doorbell.clear();
-        Some(Box::new(LaneRest { doorbell: self.pool_doorbell.clone(), watched: self.watched() }))
+        Some(Box::new(LaneRest {
+            doorbell: self.pool_doorbell.clone(),
+            watched: self.watched(),
+            woken: AtomicBool::new(false),
+        }))
     }
 
     fn watched(&self) -> Vec<Watch> {
@@ -296,10 +302,16 @@ impl Wake for Ring {
 struct LaneRest {
     doorbell: Arc<Doorbell>,
     watched: Vec<Watch>,
+    /// Rung already: a pool thread that comes late (the doorbell may have been
+    /// cleared for the next rest by then) does not sleep on it.
+    woken: AtomicBool,
 }
 
 impl Rest for LaneRest {
     fn sleep(&self) {
+        if self.woken.load(Ordering::Acquire) {
+            return;
+        }
         // One wait: whatever ended it, the compute thread's wait ends soon too (a
         // lane's message is read at once; a ring is its end).
         if let Err(e) = self.doorbell.wait(&self.watched, None) {
@@ -308,6 +320,7 @@ impl Rest for LaneRest {
     }
 
     fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
         self.doorbell.ring();
     }
 }

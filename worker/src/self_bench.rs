@@ -92,7 +92,7 @@ pub struct Measurement {
     pub passes: usize,
 }
 
-/// Runs the benchmark on `device`. `candle`'s pool must already be sized
+/// Runs the benchmark on `device`. The compute pool must already be sized
 /// (`CANDLE_NUM_THREADS`), as it is for the worker's own compute.
 pub fn measure(
     device: &Device,

@@ -24,8 +24,9 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "strata", version, about)]
 pub struct Cli {
-    /// Compute threads of this process (candle's pool). Several processes sharing a
-    /// machine should split its cores between them rather than each take all.
+    /// Compute threads of this process (its compute pool, the calling thread
+    /// included). Several processes sharing a machine should split its cores
+    /// between them rather than each take all.
     #[arg(long, global = true, env = "STRATA_THREADS")]
     pub threads: Option<usize>,
 
@@ -176,7 +177,7 @@ impl SamplingArgs {
     }
 }
 
-/// Sizes candle's compute pool. Must run before any tensor work starts the pool,
+/// Sizes the compute pool (and candle's, through the same variables). Must run before any tensor work starts the pool,
 /// and before other threads exist (it writes the process environment).
 pub fn set_compute_threads(threads: Option<usize>) {
     if let Some(n) = threads.filter(|&n| n > 0) {

@@ -31,6 +31,13 @@ pub(super) struct PairScratch {
     weights: Vec<f32>,
 }
 
+impl PairScratch {
+    /// Floats held.
+    pub(super) fn capacity(&self) -> usize {
+        self.queries.capacity() + self.scores.capacity() + self.weights.capacity()
+    }
+}
+
 /// Whether this CPU runs `attend_pair` for heads of `d` dimensions.
 pub(super) fn available(d: usize) -> bool {
     d.is_multiple_of(LANES) && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq")

@@ -626,7 +626,7 @@ impl PackedKQuant {
         if parallel && tokens >= 4 {
             // A prefill's rows quantized on the pool too, not only its products.
             let shared = SharedOut::new(&mut acts);
-            candle_core::utils::barrier_pool().execute_chunked(tokens, |range: std::ops::Range<usize>| {
+            crate::compute_pool::compute_pool().run_chunks(tokens, |range: std::ops::Range<usize>| {
                 for t in range {
                     // SAFETY: each token index goes to exactly one thread, so the
                     // `kb`-block segments are disjoint.

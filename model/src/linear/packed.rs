@@ -466,7 +466,7 @@ impl PackedWeights {
         if tokens == 0 || rows == 0 {
             return Ok(Vec::new());
         }
-        let pool = candle_core::utils::barrier_pool();
+        let pool = crate::compute_pool::compute_pool();
         let parallel = rows * kb * tokens >= PARALLEL_MIN_WORK && self.n_tiles > 1;
         let simd = level != Level::Scalar;
 
@@ -486,7 +486,7 @@ impl PackedWeights {
             let acts_out = SharedOut::new(&mut acts);
             let offs_len = offs.len();
             let offs_out = SharedOut::new(&mut offs);
-            pool.execute_chunked(tokens, |range: Range<usize>| {
+            pool.run_chunks(tokens, |range: Range<usize>| {
                 for t in range {
                     // SAFETY: every token index is handed to exactly one worker, so the
                     // `kb`-block segments written here are disjoint (and empty offset
@@ -600,7 +600,7 @@ impl PackedWeights {
 
 /// Runs `dot(tile, token rows, results)` for every 16-row tile and every run of at most
 /// `max_tokens` (≤ [`MAX_TOKENS`]) token rows, adds the bias and writes the results
-/// into `y` (`tokens × rows`, every value), tiles spread over candle's pool when
+/// into `y` (`tokens × rows`, every value), tiles spread over the compute pool when
 /// `parallel`.
 /// The driver every tile format shares.
 pub(crate) fn for_each_tile(

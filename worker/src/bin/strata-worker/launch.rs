@@ -25,18 +25,21 @@ pub enum LogTo<'a> {
 /// Sets up the process for `args`; call it before any thread exists. `trace` says
 /// where spans go; shut the result down once the worker has stopped.
 pub fn prepare(args: &WorkerArgs, log: LogTo<'_>, trace: &TraceArgs) -> anyhow::Result<Telemetry> {
-    // This sizes candle's compute pool through the environment.
+    // This sizes the compute pool (and candle's) through the environment.
     if let Some(n) = args.threads.filter(|&n| n > 0) {
         for key in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
             std::env::set_var(key, n.to_string());
         }
     }
-    // Workers that share cores take turns computing; candle's pool threads spin for
-    // a while after each operation before they sleep, and a spinner left behind by
-    // the last turn slows the next worker's. A shorter spin (candle's default is
-    // 25000) measured best on a 2-core box with three workers.
-    if args.compute_lock.is_some() && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "10000");
+    // Workers that share cores take turns computing; pool threads spin for a while
+    // after each operation before they sleep, and a spinner left behind by the last
+    // turn slows the next worker's. A shorter spin (the default is 25000) measured
+    // best on a 2-core box with three workers, with candle's pool; ours keeps it, and
+    // candle's, which runs what stays on candle's kernels, too.
+    for spin_limit in [strata_model::compute_pool::SPIN_LIMIT_ENV, "CANDLE_BARRIER_POOL_SPIN_LIMIT"] {
+        if args.compute_lock.is_some() && std::env::var_os(spin_limit).is_none() {
+            std::env::set_var(spin_limit, "10000");
+        }
     }
     let writer = match log {
         LogTo::Stderr => LogWriter::Stderr,
