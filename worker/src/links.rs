@@ -84,7 +84,7 @@ pub async fn ping(channel: Channel, gauge: Arc<LinkGauge>, mut stop: watch::Rece
     let mut client = WorkerClient::new(channel);
     loop {
         let started = tokio::time::Instant::now();
-        let answered = tokio::time::timeout(PING_INTERVAL, client.health(v1::HealthRequest {})).await;
+        let answered = tokio::time::timeout(PING_INTERVAL, client.health(v1::HealthRequest::default())).await;
         gauge.round_trip(matches!(answered, Ok(Ok(_))).then(|| started.elapsed()));
         tokio::select! {
             _ = tokio::time::sleep(PING_INTERVAL) => {}

@@ -16,7 +16,7 @@ use strata_proto::v1::worker_server::Worker;
 use strata_proto::v1::{
     self, stage_message, worker_event, ErrorCode, StageMessage, WireDtype, WorkerState,
 };
-use strata_proto::{NodeId, WorkerError, PROTOCOL_VERSION};
+use strata_proto::{NodeId, PipelineId, WorkerError, PROTOCOL_VERSION};
 use strata_trust::{Allow, Caller};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{IntervalStream, UnboundedReceiverStream};
@@ -115,6 +115,22 @@ impl Slot {
             }
             running
         });
+    }
+}
+
+/// A worker's state from what it holds: draining while it stops or is drained;
+/// else, asked about a `pipeline`, serving only while it holds a shard of that one
+/// (a worker in the middle of a switch whose shard of the pipeline in use failed
+/// must not pass for healthy because it holds or loads the next one's); else
+/// loading, serving (any shard) or idle.
+fn state_of(stopping: bool, loading: bool, held: &[u64], pipeline: Option<PipelineId>) -> WorkerState {
+    match pipeline {
+        _ if stopping => WorkerState::Draining,
+        Some(pipeline) if held.contains(&pipeline.get()) => WorkerState::Serving,
+        Some(_) => WorkerState::Idle,
+        None if loading => WorkerState::Loading,
+        None if !held.is_empty() => WorkerState::Serving,
+        None => WorkerState::Idle,
     }
 }
 
@@ -274,17 +290,16 @@ impl WorkerService {
     }
 
     fn state(&self) -> WorkerState {
+        self.state_for(None)
+    }
+
+    /// The state, as far as `pipeline` is concerned where one is named.
+    fn state_for(&self, pipeline: Option<PipelineId>) -> WorkerState {
         let mut slot = lock(&self.shared.slot);
         slot.drop_stopped();
-        if *self.shared.stop.borrow() || self.shared.drain.is_draining() {
-            WorkerState::Draining
-        } else if slot.loading {
-            WorkerState::Loading
-        } else if !slot.shards.is_empty() {
-            WorkerState::Serving
-        } else {
-            WorkerState::Idle
-        }
+        let stopping = *self.shared.stop.borrow() || self.shared.drain.is_draining();
+        let held: Vec<u64> = slot.shards.iter().map(|(id, _)| *id).collect();
+        state_of(stopping, slot.loading, &held, pipeline)
     }
 
     /// This worker's node id: its name in its certificate.
@@ -732,9 +747,8 @@ impl Worker for WorkerService {
         request: Request<v1::HealthRequest>,
     ) -> Result<Response<v1::HealthResponse>, Status> {
         self.authorize(&request, &[Allow::Coordinator, Allow::Workers], "Health")?;
-        Ok(Response::new(v1::HealthResponse {
-            state: self.state() as i32,
-        }))
+        let pipeline = PipelineId::new(request.get_ref().pipeline_id);
+        Ok(Response::new(v1::HealthResponse { state: self.state_for(pipeline) as i32 }))
     }
 
     async fn stats(
@@ -820,5 +834,31 @@ impl Worker for WorkerService {
         tracing::info!(?nodes, "revoked: their certificates are refused from now on");
         strata_trust::transport().revoke(nodes);
         Ok(Response::new(v1::RevokeResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asked_about_a_pipeline_a_worker_serves_only_with_a_shard_of_it() {
+        let first = PipelineId::new(1);
+        let next = PipelineId::new(2);
+        // Holding the pipeline's shard, loading or not.
+        assert_eq!(state_of(false, false, &[1], first), WorkerState::Serving);
+        assert_eq!(state_of(false, true, &[1, 2], first), WorkerState::Serving);
+        // Mid-switch, the pipeline's shard gone (its compute thread stopped): the
+        // next pipeline's shard, held or loading, does not count.
+        assert_eq!(state_of(false, false, &[2], first), WorkerState::Idle);
+        assert_eq!(state_of(false, true, &[2], first), WorkerState::Idle);
+        assert_eq!(state_of(false, false, &[], next), WorkerState::Idle);
+        // Stopping or drained says so whatever it holds.
+        assert_eq!(state_of(true, false, &[1], first), WorkerState::Draining);
+        // Unnamed, any shard counts, as before.
+        assert_eq!(state_of(false, false, &[2], None), WorkerState::Serving);
+        assert_eq!(state_of(false, true, &[2], None), WorkerState::Loading);
+        assert_eq!(state_of(false, false, &[], None), WorkerState::Idle);
+        assert_eq!(state_of(true, false, &[], None), WorkerState::Draining);
     }
 }

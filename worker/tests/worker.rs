@@ -369,7 +369,7 @@ async fn bad_frames_fail_their_sequence_and_the_worker_goes_on() -> anyhow::Resu
         worker_event::Kind::Token(t) => assert_eq!((t.seq_id, t.position), (12, 3)),
         other => panic!("expected a token, got {other:?}"),
     }
-    let health = c.health(v1::HealthRequest {}).await?.into_inner();
+    let health = c.health(v1::HealthRequest::default()).await?.into_inner();
     assert_eq!(health.state, v1::WorkerState::Serving as i32);
     Ok(())
 }
@@ -1171,11 +1171,23 @@ async fn two_pipelines_live_side_by_side_and_unload_apart() -> anyhow::Result<()
     let freed = c.unload_shard(v1::UnloadShardRequest { pipeline_id: 9 }).await?.into_inner().freed_bytes;
     assert_eq!(freed, 0);
     assert_eq!(heartbeat_pipelines(&mut events).await?, [7]);
+    // Asked about a pipeline, it serves only while it holds that one's shard.
+    assert_eq!(health_of(&mut c, 7).await?, v1::WorkerState::Serving);
+    assert_eq!(health_of(&mut c, 9).await?, v1::WorkerState::Idle);
     assert_eq!(generate(&c, &mut events, 2, &prompt, 6, false).await?, expected);
     // Loading without keeping others replaces them.
     load(&mut c, v1::ShardSpec { pipeline_id: 11, ..shard(&model, 0..model.layers, 0) }).await?;
     assert_eq!(heartbeat_pipelines(&mut events).await?, [11]);
+    assert_eq!(health_of(&mut c, 7).await?, v1::WorkerState::Idle);
+    assert_eq!(health_of(&mut c, 11).await?, v1::WorkerState::Serving);
+    assert_eq!(health_of(&mut c, 0).await?, v1::WorkerState::Serving, "0 asks about any shard");
     Ok(())
+}
+
+/// The worker's state as far as pipeline `pipeline_id` is concerned.
+async fn health_of(c: &mut WorkerClient<Channel>, pipeline_id: u64) -> anyhow::Result<v1::WorkerState> {
+    let state = c.health(v1::HealthRequest { pipeline_id }).await?.into_inner().state;
+    Ok(v1::WorkerState::try_from(state)?)
 }
 
 #[tokio::test]
@@ -1187,12 +1199,12 @@ async fn a_draining_worker_says_so_and_takes_no_shard() -> anyhow::Result<()> {
     assert!(r.changed);
     assert_eq!(r.state, v1::WorkerState::Draining as i32);
     assert!(!c.set_draining(v1::SetDrainingRequest { draining: true }).await?.into_inner().changed);
-    assert_eq!(c.health(v1::HealthRequest {}).await?.into_inner().state, v1::WorkerState::Draining as i32);
+    assert_eq!(c.health(v1::HealthRequest::default()).await?.into_inner().state, v1::WorkerState::Draining as i32);
     let refused = load(&mut c, shard(&model, 0..model.layers, 0)).await.expect_err("a draining worker loads nothing");
     assert!(refused.message().contains("draining"), "{}", refused.message());
     c.set_draining(v1::SetDrainingRequest { draining: false }).await?;
     load(&mut c, shard(&model, 0..model.layers, 0)).await?;
-    assert_eq!(c.health(v1::HealthRequest {}).await?.into_inner().state, v1::WorkerState::Serving as i32);
+    assert_eq!(c.health(v1::HealthRequest::default()).await?.into_inner().state, v1::WorkerState::Serving as i32);
     Ok(())
 }
 

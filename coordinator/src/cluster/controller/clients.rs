@@ -10,7 +10,7 @@ use std::future::Future;
 
 use futures::future::join_all;
 use strata_proto::v1::{self, WorkerState};
-use strata_proto::{CallError, FailureKind};
+use strata_proto::{CallError, FailureKind, PipelineId};
 use tonic::{Code, Response, Status};
 
 use super::super::{connect, ClusterError, WorkerClient};
@@ -75,12 +75,13 @@ impl Clients {
         result
     }
 
-    /// Each worker's state, asked of all at once: `None` for one that does not
-    /// answer within [`HEALTH_TIMEOUT`].
-    pub async fn health(&self, addresses: &[String]) -> Vec<Option<WorkerState>> {
+    /// Each worker's state (as far as `pipeline` is concerned, where named), asked
+    /// of all at once: `None` for one that does not answer within [`HEALTH_TIMEOUT`].
+    pub async fn health(&self, addresses: &[String], pipeline: Option<PipelineId>) -> Vec<Option<WorkerState>> {
+        let pipeline_id = pipeline.map_or(0, PipelineId::get);
         join_all(addresses.iter().map(|address| async move {
-            let answer =
-                self.call(address, HEALTH_TIMEOUT, |mut c| async move { c.health(v1::HealthRequest {}).await });
+            let ask = |mut c: WorkerClient| async move { c.health(v1::HealthRequest { pipeline_id }).await };
+            let answer = self.call(address, HEALTH_TIMEOUT, ask);
             match answer.await {
                 Ok(h) => Some(WorkerState::try_from(h.state).unwrap_or(WorkerState::Unspecified)),
                 // It answered, if only with an error: it is there.

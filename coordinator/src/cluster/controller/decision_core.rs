@@ -23,7 +23,7 @@ use super::super::decision;
 use super::super::membership::{Member, NodeStatus};
 use super::super::placement::{self, PlacementError, PlacementPolicy};
 use super::super::report::{AdminError, DrainReport};
-use super::events::{Action, Event, Job, JobDone, JobId, Reply, WaiterId};
+use super::events::{Action, Event, Job, JobDone, JobId, Reply, Serving, WaiterId};
 use crate::planner::{ModelSpec, PlanOptions};
 
 /// What an event is decided on, besides the core's own state.
@@ -70,8 +70,8 @@ pub struct ControlCore {
     followed: BTreeSet<String>,
     /// Gone workers being asked whether they are back (or cleaned), by address.
     probing: BTreeSet<String>,
-    /// The stages of the pipeline serving, by address.
-    serving: Vec<String>,
+    /// The pipeline serving, if one is.
+    serving: Option<Serving>,
     running: Option<JobId>,
     queued: VecDeque<(JobId, Job)>,
     /// Waiters answered when the job `.0` is done.
@@ -84,13 +84,13 @@ pub struct ControlCore {
 }
 
 impl ControlCore {
-    /// `serving`: the stages of the pipeline the first load left (none if it
-    /// failed); `followed`: the workers followed already.
+    /// `serving`: the pipeline the first load left (none if it failed);
+    /// `followed`: the workers followed already.
     pub fn new(
         model: ModelSpec,
         policy: PlacementPolicy,
         options: PlanOptions,
-        serving: Vec<String>,
+        serving: Option<Serving>,
         followed: impl IntoIterator<Item = String>,
     ) -> Self {
         Self {
@@ -143,8 +143,8 @@ impl ControlCore {
                 }
             }
             Event::Trouble { reason } => {
-                if !self.stopping && !self.serving.is_empty() {
-                    out.push(Action::CheckHealth { reason, addresses: self.serving.clone() });
+                if let Some(serving) = self.serving.clone().filter(|_| !self.stopping) {
+                    out.push(Action::CheckHealth { reason, serving });
                 }
             }
             Event::Health { reason, states } => self.health(&reason, states, snap, &mut out),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use strata_proto::v1::WorkerState;
-use strata_proto::CallError;
+use strata_proto::{CallError, PipelineId};
 
 use super::super::membership::{Member, NodeStatus};
 use super::super::messages::Moved;
@@ -44,12 +44,19 @@ pub struct Switched {
     pub freed: HashMap<String, u64>,
 }
 
+/// The pipeline serving: its id and its stages' addresses, first to last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Serving {
+    pub pipeline: PipelineId,
+    pub addresses: Vec<String>,
+}
+
 /// A job the keeper finished.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobDone {
     pub id: JobId,
-    /// The addresses of the stages of the pipeline serving now (empty: none).
-    pub serving: Vec<String>,
+    /// The pipeline serving now, if one is.
+    pub serving: Option<Serving>,
     pub switched: Switched,
 }
 
@@ -133,10 +140,11 @@ pub enum Action {
         address: String,
         draining: bool,
     },
-    /// Ask the pipeline's workers their state; [`Event::Health`] follows.
+    /// Ask the pipeline's workers their state as far as it is concerned;
+    /// [`Event::Health`] follows.
     CheckHealth {
         reason: String,
-        addresses: Vec<String>,
+        serving: Serving,
     },
     /// Ask a gone worker whether it is back: [`Event::Answered`] or
     /// [`Event::ProbeEnded`] follows.

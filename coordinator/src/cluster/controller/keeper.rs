@@ -41,7 +41,7 @@ use super::super::placement::{self, StagePlan};
 use super::super::status_view::ServingPipeline;
 use super::super::WorkerClient;
 use super::clients::Clients;
-use super::events::{Event, Job, JobDone, JobId, Switched};
+use super::events::{Event, Job, JobDone, JobId, Serving, Switched};
 use super::ControllerSpec;
 use crate::planner::ModelSpec;
 
@@ -125,9 +125,12 @@ impl PipelineKeeper {
         }
     }
 
-    /// The addresses of the current pipeline's stages.
-    pub fn serving(&self) -> Vec<String> {
-        self.current.as_ref().map(|p| p.placements.iter().map(|s| s.address.clone()).collect()).unwrap_or_default()
+    /// The current pipeline and its stages' addresses.
+    pub fn serving(&self) -> Option<Serving> {
+        self.current.as_ref().map(|p| Serving {
+            pipeline: p.id,
+            addresses: p.placements.iter().map(|s| s.address.clone()).collect(),
+        })
     }
 
     pub fn placements(&self) -> Option<Vec<super::super::messages::Placement>> {
@@ -559,7 +562,7 @@ impl PipelineKeeper {
     }
 
     async fn healthy(&mut self, address: &str) -> bool {
-        self.clients.health(&[address.to_string()]).await[0].is_some()
+        self.clients.health(&[address.to_string()], None).await[0].is_some()
     }
 
     /// A worker a call of the keeper could not reach is gone: marked so at once

@@ -108,7 +108,7 @@ impl Controller {
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let keeper = PipelineKeeper::new(spec.clone(), model_spec.clone(), clients.clone(), control, events.clone());
         let core =
-            ControlCore::new(model_spec.clone(), spec.policy.clone(), spec.options.clone(), Vec::new(), Vec::new());
+            ControlCore::new(model_spec.clone(), spec.policy.clone(), spec.options.clone(), None, Vec::new());
         Self {
             spec,
             model_spec,
@@ -229,11 +229,12 @@ impl Controller {
                 self.spec.membership.set_status(&address, status);
             }
             Action::TellDraining { address, draining } => self.tell_draining(address, draining),
-            Action::CheckHealth { reason, addresses } => {
+            Action::CheckHealth { reason, serving } => {
                 let (clients, events) = (self.clients.clone(), self.events.clone());
                 tokio::spawn(async move {
-                    let states = clients.health(&addresses).await;
-                    let _ = events.send(Event::Health { reason, states: addresses.into_iter().zip(states).collect() });
+                    let states = clients.health(&serving.addresses, Some(serving.pipeline)).await;
+                    let states = serving.addresses.into_iter().zip(states).collect();
+                    let _ = events.send(Event::Health { reason, states });
                 });
             }
             Action::Probe(address) => self.probe(address),

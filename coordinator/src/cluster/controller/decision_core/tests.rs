@@ -8,7 +8,7 @@ use crate::cluster::backoff::LoadBackoff;
 use crate::cluster::controller::events::Switched;
 use crate::cluster::fixtures::{member, model, GIB};
 use crate::cluster::messages::Moved;
-use strata_proto::CallError;
+use strata_proto::{CallError, PipelineId};
 
 /// A cluster as the executor would show it to the core, moved step by step.
 struct Script {
@@ -30,7 +30,7 @@ impl Script {
             model(),
             PlacementPolicy::Spread,
             options,
-            serving.iter().map(|n| address(n)).collect(),
+            pipeline(1, serving),
             members.iter().map(|m| m.address.clone()),
         );
         Self { core, members, failed: HashMap::new(), now: Instant::now(), generation: 0 }
@@ -62,10 +62,17 @@ impl Script {
         }
     }
 
+    /// Job `id` done, leaving the stages `serving` (a pipeline numbered after the job).
     fn done(&mut self, id: u64, serving: &[&str], moved: Moved) -> Vec<Action> {
-        let serving = serving.iter().map(|n| address(n)).collect();
+        let serving = pipeline(id + 1, serving);
         self.on(Event::JobDone(JobDone { id: JobId(id), serving, switched: Switched { moved, freed: HashMap::new() } }))
     }
+}
+
+/// Pipeline `id` on the workers `names` (none without workers).
+fn pipeline(id: u64, names: &[&str]) -> Option<Serving> {
+    let pipeline = PipelineId::new(id)?;
+    (!names.is_empty()).then(|| Serving { pipeline, addresses: names.iter().map(|n| address(n)).collect() })
 }
 
 fn address(name: &str) -> String {
@@ -216,10 +223,8 @@ fn a_kill_during_a_load_replans_once_the_abandoned_load_returns() {
 fn trouble_checks_the_pipeline_and_replans_only_when_a_worker_is_broken() {
     let mut s = Script::new(&["a", "b"], &["a", "b"]);
     let actions = s.on(Event::Trouble { reason: "stream broke".into() });
-    assert_eq!(
-        actions,
-        [Action::CheckHealth { reason: "stream broke".into(), addresses: vec![address("a"), address("b")] }]
-    );
+    let serving = pipeline(1, &["a", "b"]).expect("a pipeline");
+    assert_eq!(actions, [Action::CheckHealth { reason: "stream broke".into(), serving }]);
     let healthy = vec![(address("a"), Some(WorkerState::Serving)), (address("b"), Some(WorkerState::Serving))];
     let actions = s.on(Event::Health { reason: "stream broke".into(), states: healthy });
     assert_eq!(actions, [Action::Run(JobId(1), Job::Resume)]);
