@@ -499,8 +499,7 @@ mod tests {
     fn the_caller_does_all_the_work_when_the_pool_threads_are_away() {
         let pool = ComputePool::new(2, 100);
         let alarm = Arc::new(Alarm::default());
-        let resting = pool.rest(alarm.clone());
-        assert!(wait_until(|| alarm.sleeps.load(Ordering::SeqCst) == 2), "the pool threads went to rest");
+        let resting = rested(&pool, &alarm);
         let me = std::thread::current().id();
         let others = AtomicUsize::new(0);
         // Returns although no pool thread can take part.
@@ -512,25 +511,33 @@ mod tests {
         assert_eq!(others.load(Ordering::Relaxed), 0);
         drop(resting);
         // Back from the rest, the pool threads take part again.
+        assert_eq!(threads_that_come(&pool), [0, 1, 2]);
+    }
+
+    /// `pool` resting on `alarm`, once every one of its threads sleeps on it.
+    fn rested<'a>(pool: &'a ComputePool, alarm: &Arc<Alarm>) -> Resting<'a> {
+        let resting = pool.rest(alarm.clone());
+        let helpers = pool.threads() - 1;
+        assert!(wait_until(|| alarm.sleeps.load(Ordering::SeqCst) == helpers), "the pool threads went to rest");
+        resting
+    }
+
+    /// The numbers of the threads that run an [`ComputePool::on_every_thread`].
+    fn threads_that_come(pool: &ComputePool) -> Vec<usize> {
         let seen = Mutex::new(Vec::new());
         pool.on_every_thread(|thread| lock(&seen).push(thread));
         let mut seen = seen.into_inner().unwrap();
         seen.sort_unstable();
-        assert_eq!(seen, vec![0, 1, 2]);
+        seen
     }
 
     #[test]
     fn every_thread_comes_even_while_the_pool_rests_for_another_caller() {
         let pool = ComputePool::new(2, 100);
         let alarm = Arc::new(Alarm::default());
-        let _resting = pool.rest(alarm.clone());
-        assert!(wait_until(|| alarm.sleeps.load(Ordering::SeqCst) == 2), "the pool threads went to rest");
-        let seen = AtomicUsize::new(0);
+        let _resting = rested(&pool, &alarm);
         // Ends the rest rather than wait for it.
-        pool.on_every_thread(|_| {
-            seen.fetch_add(1, Ordering::Relaxed);
-        });
-        assert_eq!(seen.load(Ordering::Relaxed), 3);
+        assert_eq!(threads_that_come(&pool), [0, 1, 2]);
     }
 
     /// A rest whose sleep fails.
@@ -555,11 +562,7 @@ mod tests {
         let resting = pool.rest(rest.clone());
         assert!(wait_until(|| rest.tried.load(Ordering::SeqCst)), "the pool thread went to rest");
         drop(resting);
-        let seen = AtomicUsize::new(0);
-        pool.on_every_thread(|_| {
-            seen.fetch_add(1, Ordering::Relaxed);
-        });
-        assert_eq!(seen.load(Ordering::Relaxed), 2);
+        assert_eq!(threads_that_come(&pool), [0, 1]);
     }
 
     #[test]
@@ -568,9 +571,7 @@ mod tests {
         // for the next.
         let pool = ComputePool::new(2, 1);
         for _ in 0..200 {
-            let seen = Mutex::new(Vec::new());
-            pool.on_every_thread(|thread| lock(&seen).push(thread));
-            assert_eq!(seen.into_inner().unwrap().len(), 3);
+            assert_eq!(threads_that_come(&pool), [0, 1, 2]);
         }
     }
 
@@ -585,11 +586,16 @@ mod tests {
             })
         }));
         assert!(caught.is_err());
-        let sum = AtomicUsize::new(0);
-        pool.run_chunks(10, |range| {
-            sum.fetch_add(range.len(), Ordering::Relaxed);
+        assert_eq!(items_done(&pool, 10), 10);
+    }
+
+    /// How many of `items` a [`ComputePool::run_chunks`] over them handed out.
+    fn items_done(pool: &ComputePool, items: usize) -> usize {
+        let done = AtomicUsize::new(0);
+        pool.run_chunks(items, |range| {
+            done.fetch_add(range.len(), Ordering::Relaxed);
         });
-        assert_eq!(sum.load(Ordering::Relaxed), 10);
+        done.into_inner()
     }
 
     #[test]
@@ -613,11 +619,7 @@ mod tests {
             for _ in 0..4 {
                 scope.spawn(|| {
                     for _ in 0..200 {
-                        let sum = AtomicUsize::new(0);
-                        pool.run_chunks(50, |range| {
-                            sum.fetch_add(range.len(), Ordering::Relaxed);
-                        });
-                        assert_eq!(sum.load(Ordering::Relaxed), 50);
+                        assert_eq!(items_done(&pool, 50), 50);
                     }
                 });
             }
