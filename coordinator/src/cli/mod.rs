@@ -177,8 +177,9 @@ impl SamplingArgs {
     }
 }
 
-/// Sizes the compute pool (and candle's, through the same variables). Must run before any tensor work starts the pool,
-/// and before other threads exist (it writes the process environment).
+/// Sizes the compute pool (and candle's, through the same variables). Must run
+/// before any tensor work starts the pool, and before other threads exist (it
+/// writes the process environment).
 pub fn set_compute_threads(threads: Option<usize>) {
     if let Some(n) = threads.filter(|&n| n > 0) {
         for key in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {

@@ -36,9 +36,11 @@ pub fn prepare(args: &WorkerArgs, log: LogTo<'_>, trace: &TraceArgs) -> anyhow::
     // turn slows the next worker's. A shorter spin (the default is 25000) measured
     // best on a 2-core box with three workers, with candle's pool; ours keeps it, and
     // candle's, which runs what stays on candle's kernels, too.
-    for spin_limit in [strata_model::compute_pool::SPIN_LIMIT_ENV, "CANDLE_BARRIER_POOL_SPIN_LIMIT"] {
-        if args.compute_lock.is_some() && std::env::var_os(spin_limit).is_none() {
-            std::env::set_var(spin_limit, "10000");
+    if args.compute_lock.is_some() {
+        for spin_limit in [strata_model::compute_pool::SPIN_LIMIT_ENV, "CANDLE_BARRIER_POOL_SPIN_LIMIT"] {
+            if std::env::var_os(spin_limit).is_none() {
+                std::env::set_var(spin_limit, "10000");
+            }
         }
     }
     let writer = match log {
