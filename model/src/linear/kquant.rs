@@ -455,14 +455,18 @@ impl std::fmt::Debug for PackedKQuant {
 }
 
 impl PackedKQuant {
-    /// Whether our kernels serve a `rows × cols` weight here: the shapes candle itself
-    /// runs through its repacked kernels (whose arithmetic this reproduces), on
-    /// machines with AVX-512 VNNI.
-    pub(crate) fn serves(rows: usize, cols: usize) -> bool {
-        Level::detect() == Level::Avx512Vnni
-            && rows.is_multiple_of(TILE)
-            && cols != 0
-            && cols.is_multiple_of(QK_K)
+    /// Whether our kernels serve a `format` weight of `rows × cols` here: the shapes
+    /// candle itself runs through its repacked kernels (whose arithmetic this
+    /// reproduces). With AVX-512 VNNI that is every format; with AVX2 alone candle
+    /// repacks Q4_K and Q6_K (its `q4k_tile_avx2` / `q6k_tile_avx2`, the same float
+    /// steps), while Q5_K and Q8_0 stay on candle's dot products there.
+    pub(crate) fn serves(format: KFormat, rows: usize, cols: usize) -> bool {
+        let here = match Level::detect() {
+            Level::Avx512Vnni => true,
+            Level::Avx2 => has_avx2_kernel(format),
+            Level::Scalar => false,
+        };
+        here && rows.is_multiple_of(TILE) && cols != 0 && cols.is_multiple_of(QK_K)
     }
 
     #[cfg(test)]
@@ -686,6 +690,38 @@ impl PackedKQuant {
                 KFormat::Q5K => run!(q5k_avx512, 1 2 3 4),
                 KFormat::Q6K => run!(q6k_avx512, 1 2 3 4 5 6 7 8),
                 KFormat::Q8_0 => run!(q8_0_avx512, 1 2 3 4 5 6 7 8),
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if level == Level::Avx2 && has_avx2_kernel(self.format) {
+            let t = bytes.as_ptr();
+            let (so, qo, kb) = (self.scales_offset, self.qs_offset, self.kb);
+            for (acts, out) in acts.chunks(AVX2_MAX_TOKENS).zip(out.chunks_mut(AVX2_MAX_TOKENS)) {
+                let n = acts.len();
+                let acts: [*const SuperAct; AVX2_MAX_TOKENS] =
+                    std::array::from_fn(|i| if i < n { acts[i].as_ptr() } else { std::ptr::null() });
+                let o = out.as_mut_ptr();
+                let a = |i: usize| acts[i];
+                // SAFETY (every arm): the tier is at most the detected one (asserted
+                // in `matmul`), so AVX2/FMA/F16C are present; the tile and the rows
+                // are as for the AVX-512 kernels above.
+                macro_rules! run {
+                    ($kernel:ident) => {
+                        match n {
+                            1 => unsafe { $kernel::<1>(t, kb, so, qo, std::array::from_fn(a), o) },
+                            2 => unsafe { $kernel::<2>(t, kb, so, qo, std::array::from_fn(a), o) },
+                            3 => unsafe { $kernel::<3>(t, kb, so, qo, std::array::from_fn(a), o) },
+                            4 => unsafe { $kernel::<4>(t, kb, so, qo, std::array::from_fn(a), o) },
+                            _ => unreachable!("chunks are 1..={AVX2_MAX_TOKENS} long"),
+                        }
+                    };
+                }
+                match self.format {
+                    KFormat::Q4K => run!(q4k_avx2),
+                    KFormat::Q6K => run!(q6k_avx2),
+                    KFormat::Q5K | KFormat::Q8_0 => unreachable!("no AVX2 kernel for {:?}", self.format),
+                }
             }
             return;
         }
@@ -1110,6 +1146,213 @@ unsafe fn q8_0_avx512<const T: usize>(
     }
     // SAFETY: `out` has T rows.
     unsafe { store_rows(out, acc) };
+}
+
+/// Tokens per AVX2 kernel call: a token's accumulators for both tile halves beside
+/// the eight unpacked weight vectors of a half fill the 16 ymm registers at four.
+const AVX2_MAX_TOKENS: usize = 4;
+
+/// The formats with an AVX2 kernel here: those candle repacks on AVX2 (see
+/// [`PackedKQuant::serves`]).
+fn has_avx2_kernel(format: KFormat) -> bool {
+    matches!(format, KFormat::Q4K | KFormat::Q6K)
+}
+
+/// As [`act_word`], for 256-bit vectors.
+///
+/// # Safety
+/// `at` plus `4·word + 4` bytes must be readable; AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn act_word256(at: *const u8, word: usize) -> std::arch::x86_64::__m256i {
+    // SAFETY: per the contract; `[u8; 4]` needs no alignment.
+    unsafe { std::arch::x86_64::_mm256_set1_epi32(i32::from_le_bytes(*at.wrapping_add(4 * word).cast::<[u8; 4]>())) }
+}
+
+/// The eight bytes of tile half `half` (rows `8·half..`) of a 16-row byte vector at
+/// `at`, widened to eight f32: unsigned codes, or signed ones where `signed`.
+///
+/// # Safety
+/// `at` points at 16 readable, 16-byte aligned bytes; AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn half_codes(at: *const u8, half: usize, signed: bool) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: per the contract.
+    let all = unsafe { _mm_load_si128(at.cast()) };
+    let bytes = if half == 0 { all } else { _mm_unpackhi_epi64(all, all) };
+    let wide = if signed { _mm256_cvtepi8_epi32(bytes) } else { _mm256_cvtepu8_epi32(bytes) };
+    _mm256_cvtepi32_ps(wide)
+}
+
+/// Eight f16 values of tile half `half` from the 16 at `at`, as f32.
+///
+/// # Safety
+/// `at` points at 32 readable, 32-byte aligned bytes; AVX2 and F16C present.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn half_f16s(at: *const u8, half: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: per the contract; half 1 starts 16 bytes in, still 16-byte aligned.
+    unsafe { _mm256_cvtph_ps(_mm_load_si128(at.wrapping_add(half * 16).cast())) }
+}
+
+/// Stores a tile's results for T token rows, both halves.
+///
+/// # Safety
+/// `out` has T rows of 16 floats; AVX present.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_halves<const T: usize>(out: *mut [f32; TILE], rows: [[std::arch::x86_64::__m256; 2]; T]) {
+    for (t, row) in rows.into_iter().enumerate() {
+        for (half, values) in row.into_iter().enumerate() {
+            // SAFETY: per the contract; half·8 + 8 ≤ 16.
+            unsafe { std::arch::x86_64::_mm256_storeu_ps(out.wrapping_add(t).cast::<f32>().wrapping_add(half * 8), values) };
+        }
+    }
+}
+
+/// Q4_K on AVX2: `q4k_avx512`'s float steps lane by lane (candle's `q4k_tile_avx2`),
+/// a tile as two halves of 8 rows, both computed from each sub-block as it streams
+/// by. `vpmaddubsw` + `vpmaddwd` stand in for `vpdpbusd`: a pair of 4-bit codes times
+/// activation bytes is at most 2·15·128 = 3840, so the eight groups of a sub-block
+/// sum in i16 (≤ 30720) before one `vpmaddwd` widens them; integer sums are exact in
+/// any order.
+///
+/// # Safety
+/// AVX2 + FMA + F16C present; otherwise as `q4k_avx512`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_avx2<const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    scales_offset: usize,
+    qs_offset: usize,
+    acts: [*const SuperAct; T],
+    out: *mut [f32; TILE],
+) {
+    use std::arch::x86_64::*;
+    const FORMAT: KFormat = KFormat::Q4K;
+    const SUB_BYTES: usize = 4 * 64;
+    let low4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    let mut c = Cursor::new(tile, scales_offset, qs_offset, acts);
+    for _ in 0..kb {
+        // SAFETY: as in `q4k_avx512`; a half's bytes are the second 32 of each
+        // 64-byte vector, its scales and codes the second 8 of each 16.
+        unsafe {
+            for s in 0..8 {
+                let v = c.q.wrapping_add(s * SUB_BYTES);
+                super::x86::prefetch_lines::<{ SUB_BYTES / 64 }>(v);
+                for half in 0..2 {
+                    let scale = _mm256_mul_ps(half_f16s(c.d, half), half_codes(c.sc.wrapping_add(s * TILE), half, false));
+                    let min = _mm256_mul_ps(
+                        half_f16s(c.d.wrapping_add(TILE * 2), half),
+                        half_codes(c.sc.wrapping_add((8 + s) * TILE), half, false),
+                    );
+                    let mut w = [_mm256_setzero_si256(); 8];
+                    for p in 0..4 {
+                        let packed = _mm256_load_si256(v.wrapping_add(p * 64 + half * 32).cast());
+                        w[p] = _mm256_and_si256(packed, low4);
+                        w[p + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low4);
+                    }
+                    for (acc, a) in acc.iter_mut().zip(c.a) {
+                        let at = a.cast::<u8>().wrapping_add(s * 32);
+                        let part = |g: usize| _mm256_maddubs_epi16(w[g], act_word256(at, g));
+                        let sum16 = _mm256_add_epi16(
+                            _mm256_add_epi16(_mm256_add_epi16(part(0), part(1)), _mm256_add_epi16(part(2), part(3))),
+                            _mm256_add_epi16(_mm256_add_epi16(part(4), part(5)), _mm256_add_epi16(part(6), part(7))),
+                        );
+                        let isum = _mm256_madd_epi16(sum16, ones);
+                        let act = &*a;
+                        acc[half] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(isum),
+                            _mm256_mul_ps(scale, _mm256_set1_ps(act.d)),
+                            acc[half],
+                        );
+                        let bsum = (act.bsums[2 * s] as i32 + act.bsums[2 * s + 1] as i32) as f32;
+                        acc[half] = _mm256_fnmadd_ps(min, _mm256_set1_ps(act.d * bsum), acc[half]);
+                    }
+                }
+            }
+        }
+        c.next(FORMAT);
+    }
+    // SAFETY: `out` has T rows.
+    unsafe { store_halves(out, acc) };
+}
+
+/// Q6_K on AVX2: `q6k_avx512`'s float steps lane by lane (candle's `q6k_tile_avx2`),
+/// both tile halves from each sub-block. A pair of 6-bit codes times activation
+/// bytes is at most 2·63·128 = 16128, so two groups sum in i16 (≤ 32256) before
+/// `vpmaddwd` widens them.
+///
+/// # Safety
+/// AVX2 + FMA + F16C present; otherwise as `q6k_avx512`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_avx2<const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    scales_offset: usize,
+    qs_offset: usize,
+    acts: [*const SuperAct; T],
+    out: *mut [f32; TILE],
+) {
+    use std::arch::x86_64::*;
+    const FORMAT: KFormat = KFormat::Q6K;
+    const SUB_BYTES: usize = 3 * 64;
+    let low4 = _mm256_set1_epi8(0x0F);
+    let high2 = _mm256_set1_epi8(0x30);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    let mut c = Cursor::new(tile, scales_offset, qs_offset, acts);
+    for _ in 0..kb {
+        // SAFETY: as in `q6k_avx512`, and the halves as in `q4k_avx2`.
+        unsafe {
+            for s in 0..16 {
+                let v = c.q.wrapping_add(s * SUB_BYTES);
+                super::x86::prefetch_lines::<{ SUB_BYTES / 64 }>(v);
+                for half in 0..2 {
+                    let lo01 = _mm256_load_si256(v.wrapping_add(half * 32).cast());
+                    let lo23 = _mm256_load_si256(v.wrapping_add(64 + half * 32).cast());
+                    let hi = _mm256_load_si256(v.wrapping_add(128 + half * 32).cast());
+                    let w = [
+                        _mm256_or_si256(_mm256_and_si256(lo01, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(hi), high2)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(lo01), low4),
+                            _mm256_and_si256(_mm256_slli_epi16::<2>(hi), high2),
+                        ),
+                        _mm256_or_si256(_mm256_and_si256(lo23, low4), _mm256_and_si256(hi, high2)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(lo23), low4),
+                            _mm256_and_si256(_mm256_srli_epi16::<2>(hi), high2),
+                        ),
+                    ];
+                    let scale = _mm256_mul_ps(half_f16s(c.d, half), half_codes(c.sc.wrapping_add(s * TILE), half, true));
+                    for (acc, a) in acc.iter_mut().zip(c.a) {
+                        let at = a.cast::<u8>().wrapping_add(s * 16);
+                        let part = |g: usize| _mm256_maddubs_epi16(w[g], act_word256(at, g));
+                        let isum = _mm256_add_epi32(
+                            _mm256_madd_epi16(_mm256_add_epi16(part(0), part(1)), ones),
+                            _mm256_madd_epi16(_mm256_add_epi16(part(2), part(3)), ones),
+                        );
+                        let act = &*a;
+                        let f = _mm256_sub_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(32.0 * act.bsums[s] as f32));
+                        acc[half] = _mm256_fmadd_ps(f, _mm256_mul_ps(scale, _mm256_set1_ps(act.d)), acc[half]);
+                    }
+                }
+            }
+        }
+        c.next(FORMAT);
+    }
+    // SAFETY: `out` has T rows.
+    unsafe { store_halves(out, acc) };
 }
 
 #[cfg(test)]

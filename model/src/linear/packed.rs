@@ -564,7 +564,7 @@ impl PackedWeights {
         assert!(acts.len() == out.len() && !acts.is_empty() && acts.len() <= MAX_TOKENS);
         assert!(acts.iter().all(|a| a.len() == self.kb));
         #[cfg(target_arch = "x86_64")]
-        if super::x86::has_kernel(level, self.format) {
+        if super::x86::has_kernel(level) {
             // SAFETY: `level` is at most the detected tier (asserted above), so the
             // kernel's target features are present; the tile and activation bounds
             // are checked inside.

@@ -33,7 +33,7 @@ use std::arch::x86_64::*;
 use super::act::{ActBlock, GroupOffsets, GROUPS};
 use super::packed::{Format, Level, TILE};
 
-/// Tokens per Q4_1 AVX2 kernel call: 16 ymm registers hold 8 unpacked weight vectors
+/// Tokens per Q4_1 or Q5_0 AVX2 kernel call: 16 ymm registers hold 8 unpacked weight vectors
 /// and at most 2·4 accumulators.
 const AVX2_MAX_TOKENS: usize = 4;
 const AVX512_MAX_TOKENS: usize = 8;
@@ -47,15 +47,10 @@ const _: () = assert!(AVX512_Q0_MAX_TOKENS <= 3 && AVX2_Q0_MAX_TOKENS <= 3);
 const Q4_0: u8 = 0;
 const Q8_0: u8 = 2;
 
-/// Whether this file has a kernel for `format` at `level`: Q5_0 needs AVX-512's byte
-/// masks (elsewhere the portable kernel in `packed.rs` runs it); the scalar tier never
-/// comes here.
-pub(crate) fn has_kernel(level: Level, format: Format) -> bool {
-    match level {
-        Level::Scalar => false,
-        Level::Avx2 => format != Format::Q5_0,
-        Level::Avx512Vnni => true,
-    }
+/// Whether this file has kernels for `level`: every format at both SIMD tiers; the
+/// scalar tier never comes here (the portable kernel in `packed.rs` runs it).
+pub(crate) fn has_kernel(level: Level) -> bool {
+    level != Level::Scalar
 }
 
 /// Dots one packed tile against `acts.len()` activation rows; for Q4_0/Q8_0 `offs`
@@ -77,7 +72,7 @@ pub(crate) unsafe fn tile_dot(
 ) {
     // The kernels read through raw pointers with aligned loads; these make every
     // access in range and aligned (the packer lays tiles out on 64-byte boundaries).
-    assert!(has_kernel(level, format), "no {format:?} kernel at {level:?}");
+    assert!(has_kernel(level), "no kernels at {level:?}");
     assert!((tile.as_ptr() as usize).is_multiple_of(64) && qs_offset.is_multiple_of(64));
     assert!(qs_offset >= kb * TILE * (2 + format.side_bytes()));
     assert!(tile.len() >= qs_offset + kb * TILE * format.qs_bytes());
@@ -95,7 +90,7 @@ pub(crate) unsafe fn tile_dot(
 
     let max = match (level, format) {
         (Level::Avx512Vnni, Format::Q4_1 | Format::Q5_0) => AVX512_MAX_TOKENS,
-        (_, Format::Q4_1) => AVX2_MAX_TOKENS,
+        (_, Format::Q4_1 | Format::Q5_0) => AVX2_MAX_TOKENS,
         (Level::Avx512Vnni, _) => AVX512_Q0_MAX_TOKENS,
         (_, _) => AVX2_Q0_MAX_TOKENS,
     };
@@ -106,14 +101,14 @@ pub(crate) unsafe fn tile_dot(
         unsafe {
             if format == Format::Q5_0 {
                 match a.len() {
-                    1 => run_q5_0::<1>(t, kb, qs_offset, a, o),
-                    2 => run_q5_0::<2>(t, kb, qs_offset, a, o),
-                    3 => run_q5_0::<3>(t, kb, qs_offset, a, o),
-                    4 => run_q5_0::<4>(t, kb, qs_offset, a, o),
-                    5 => run_q5_0::<5>(t, kb, qs_offset, a, o),
-                    6 => run_q5_0::<6>(t, kb, qs_offset, a, o),
-                    7 => run_q5_0::<7>(t, kb, qs_offset, a, o),
-                    8 => run_q5_0::<8>(t, kb, qs_offset, a, o),
+                    1 => run_q5_0::<1>(level, t, kb, qs_offset, a, o),
+                    2 => run_q5_0::<2>(level, t, kb, qs_offset, a, o),
+                    3 => run_q5_0::<3>(level, t, kb, qs_offset, a, o),
+                    4 => run_q5_0::<4>(level, t, kb, qs_offset, a, o),
+                    5 => run_q5_0::<5>(level, t, kb, qs_offset, a, o),
+                    6 => run_q5_0::<6>(level, t, kb, qs_offset, a, o),
+                    7 => run_q5_0::<7>(level, t, kb, qs_offset, a, o),
+                    8 => run_q5_0::<8>(level, t, kb, qs_offset, a, o),
                     _ => unreachable!("chunks are 1..=8 long"),
                 }
             } else if q0 {
@@ -201,9 +196,10 @@ unsafe fn run_q0<const T: usize>(
 }
 
 /// # Safety
-/// As `tile_dot` for Q5_0 at `Level::Avx512Vnni`, with its bounds already checked and
+/// As `tile_dot` for Q5_0, with its bounds already checked and
 /// `acts.len() == out.len() == T`.
 unsafe fn run_q5_0<const T: usize>(
+    level: Level,
     tile: *const u8,
     kb: usize,
     qs_offset: usize,
@@ -212,10 +208,17 @@ unsafe fn run_q5_0<const T: usize>(
 ) {
     assert!(acts.len() == T && out.len() == T);
     let a: [*const ActBlock; T] = std::array::from_fn(|i| acts[i].as_ptr());
-    // SAFETY: forwarded from `tile_dot` (which only sends Q5_0 here at the AVX-512
-    // tier): `tile` spans the scale and mask sections and `kb` qs blocks, each `a[i]`
-    // has `kb` blocks, `out` has T rows.
-    unsafe { q5_0_avx512::<T>(tile, kb, qs_offset, a, out.as_mut_ptr()) }
+    let o = out.as_mut_ptr();
+    // SAFETY: forwarded from `tile_dot`: features present, `tile` spans the scale
+    // and mask sections and `kb` qs blocks, each `a[i]` has `kb` blocks, `o` has T
+    // rows.
+    unsafe {
+        match level {
+            Level::Avx512Vnni => q5_0_avx512::<T>(tile, kb, qs_offset, a, o),
+            Level::Avx2 => q5_0_avx2::<T>(tile, kb, qs_offset, a, o),
+            Level::Scalar => unreachable!("the scalar tier never reaches the x86 kernels"),
+        }
+    }
 }
 
 // Hot loops avoid everything that debug assertions instrument, because the project
@@ -556,6 +559,101 @@ unsafe fn q5_0_avx512<const T: usize>(
     for t in 0..T {
         // SAFETY: `out` has T rows of 16 floats.
         unsafe { _mm512_storeu_ps(out.wrapping_add(t).cast::<f32>(), acc[t]) };
+    }
+}
+
+/// Expands 32 mask bits into 32 bytes: byte `i` is `fifth` where bit `i` is set,
+/// else 0 (what AVX-512's masked byte add does in one instruction).
+///
+/// # Safety
+/// `bits` must be valid for a 4-byte read and 4-byte aligned.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn fifth_bits256(bits: *const u8, fifth: __m256i) -> __m256i {
+    // Byte i takes mask byte i / 8, then keeps only bit i % 8: OR-ing in every other
+    // bit leaves all ones exactly where that bit is set.
+    let which_byte = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    let other_bits = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    // SAFETY: per the function contract.
+    let word = _mm256_broadcastd_epi32(unsafe { load_word(bits) });
+    let spread = _mm256_or_si256(_mm256_shuffle_epi8(word, which_byte), other_bits);
+    _mm256_and_si256(_mm256_cmpeq_epi8(spread, _mm256_set1_epi8(-1)), fifth)
+}
+
+/// Q5_0 on AVX2, per tile half (8 rows): the arithmetic of `q5_0_avx512` (candle's
+/// scalar `vec_dot_unopt` order, `sum += f32(isum)·d_w·d_y` per block, no FMA). The
+/// fifth bits come from the same masks, expanded to bytes (`fifth_bits256`), so the
+/// values are `q + 16` in 0..32 as there. `vpmaddubsw` pairs reach 2·31·128 = 7936,
+/// so four of them sum in i16 without overflow, and the two halves of a block
+/// (groups 0..4 and 4..8) are widened to i32 before they are added.
+///
+/// # Safety
+/// AVX2 + FMA + F16C present; otherwise as `q5_0_avx512`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_avx2<const T: usize>(
+    tile: *const u8,
+    kb: usize,
+    qs_offset: usize,
+    acts: [*const ActBlock; T],
+    out: *mut [f32; TILE],
+) {
+    let lo_mask = _mm256_set1_epi8(0x0F);
+    let fifth = _mm256_set1_epi8(0x10);
+    let ones = _mm256_set1_epi16(1);
+    for hf in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut q = tile.wrapping_add(qs_offset + hf * 32);
+        let mut d = tile.wrapping_add(hf * 16);
+        let mut h = tile.wrapping_add(kb * TILE * 2 + hf * 4);
+        let mut a = act_bytes(acts);
+        for _ in 0..kb {
+            // SAFETY: as in `q5_0_avx512`; the half offset stays inside each section
+            // (rows 8·hf.. are bytes 32·hf.. of each group and bits 32·hf.. of each
+            // mask, a 4-byte-aligned word).
+            unsafe {
+                if hf == 0 {
+                    prefetch_lines::<4>(q);
+                    prefetch_lines::<1>(h);
+                }
+                let mut w = [_mm256_setzero_si256(); 8];
+                unroll!(G in [0, 1, 2, 3] {
+                    let packed = _mm256_load_si256(q.wrapping_add(G * 64).cast());
+                    let lo = _mm256_and_si256(packed, lo_mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), lo_mask);
+                    // The values are below 16, so OR adds the fifth bit.
+                    w[G] = _mm256_or_si256(lo, fifth_bits256(h.wrapping_add(G * 8), fifth));
+                    w[G + 4] = _mm256_or_si256(hi, fifth_bits256(h.wrapping_add((G + 4) * 8), fifth));
+                });
+                let dw = _mm256_cvtph_ps(_mm_load_si128(d.cast()));
+                for t in 0..T {
+                    let at = a[t];
+                    let p = |g: usize| _mm256_maddubs_epi16(w[g], bcast256(at, g));
+                    let low = _mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3)));
+                    let high = _mm256_add_epi16(_mm256_add_epi16(p(4), p(5)), _mm256_add_epi16(p(6), p(7)));
+                    // |Σy| ≤ 32·128: `-16·Σy` is far inside i32.
+                    let offset = _mm256_set1_epi32(-16 * *at.wrapping_add(ACT_SUM).cast::<i32>());
+                    let isum = _mm256_add_epi32(
+                        _mm256_add_epi32(_mm256_madd_epi16(low, ones), _mm256_madd_epi16(high, ones)),
+                        offset,
+                    );
+                    let dot = _mm256_mul_ps(
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw),
+                        bcast256_f32(at, ACT_D),
+                    );
+                    acc[t] = _mm256_add_ps(acc[t], dot);
+                }
+            }
+            q = q.wrapping_add(TILE * 16);
+            d = d.wrapping_add(TILE * 2);
+            h = h.wrapping_add(TILE * 4);
+            a = a.map(|p| p.wrapping_add(ACT_STRIDE));
+        }
+        for t in 0..T {
+            // SAFETY: `out` has T rows of 16 floats; hf·8 + 8 ≤ 16.
+            unsafe {
+                _mm256_storeu_ps(out.wrapping_add(t).cast::<f32>().wrapping_add(hf * 8), acc[t])
+            };
+        }
     }
 }
 
