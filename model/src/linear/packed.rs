@@ -45,8 +45,13 @@ use crate::error::{Error, Result};
 pub(crate) const TILE: usize = 16;
 
 /// Token rows a kernel call handles at most: the tile's weights are unpacked once and
-/// reused across them.
-const MAX_TOKENS: usize = 8;
+/// reused across them (the kernels take them a few at a time; AVX2 Q5_0 unpacks the
+/// tile once for all of them, see `x86::q5_0_avx2`).
+const MAX_TOKENS: usize = 32;
+
+/// Token rows up to which a call builds its row lists at this length, not
+/// `MAX_TOKENS` (see `PackedWeights::matmul`).
+const FEW_TOKENS: usize = 4;
 
 /// Below this many row·block·token units a matmul runs on the calling thread: a
 /// 192×576 decode matvec (3456 units) takes ~2 µs, about what waking the pool and
@@ -523,26 +528,47 @@ impl PackedWeights {
         let (acts, offs) = (&acts[..], &offs[..]);
         let products = |out: &SharedOut<'_, MaybeUninit<f32>>| {
             for_each_tile(rows, tokens, MAX_TOKENS, bias, parallel, out, |tile, ts, res| {
-                let act_rows: [&[ActBlock]; MAX_TOKENS] = std::array::from_fn(|i| {
-                    if i < ts.len() {
-                        &acts[(ts.start + i) * kb..(ts.start + i + 1) * kb]
-                    } else {
-                        &[][..]
-                    }
-                });
-                let off_rows: [&[GroupOffsets]; MAX_TOKENS] = std::array::from_fn(|i| {
-                    if i < ts.len() && !offs.is_empty() {
-                        &offs[(ts.start + i) * kb..(ts.start + i + 1) * kb]
-                    } else {
-                        &[][..]
-                    }
-                });
-                let off_rows = if offs.is_empty() { &[][..] } else { &off_rows[..ts.len()] };
-                self.tile_dot(level, tile, &act_rows[..ts.len()], off_rows, res);
+                // A decode step's few rows fill a short array: building all
+                // MAX_TOKENS slices for every tile cost a decode step ~5%.
+                if ts.len() <= FEW_TOKENS {
+                    self.dot_rows::<FEW_TOKENS>(level, tile, ts, acts, offs, res);
+                } else {
+                    self.dot_rows::<MAX_TOKENS>(level, tile, ts, acts, offs, res);
+                }
             });
         };
         // SAFETY: `for_each_tile` writes all `tokens × rows` outputs.
         Ok(unsafe { written(tokens * rows, products) })
+    }
+
+    /// `tile_dot` for token rows `ts` (at most `N`) of `acts` and `offs` (each
+    /// `tokens × kb` blocks; `offs` empty where the format has none).
+    fn dot_rows<const N: usize>(
+        &self,
+        level: Level,
+        tile: usize,
+        ts: Range<usize>,
+        acts: &[ActBlock],
+        offs: &[GroupOffsets],
+        res: &mut [[f32; TILE]],
+    ) {
+        let kb = self.kb;
+        let act_rows: [&[ActBlock]; N] = std::array::from_fn(|i| {
+            if i < ts.len() {
+                &acts[(ts.start + i) * kb..(ts.start + i + 1) * kb]
+            } else {
+                &[][..]
+            }
+        });
+        let off_rows: [&[GroupOffsets]; N] = std::array::from_fn(|i| {
+            if i < ts.len() && !offs.is_empty() {
+                &offs[(ts.start + i) * kb..(ts.start + i + 1) * kb]
+            } else {
+                &[][..]
+            }
+        });
+        let off_rows = if offs.is_empty() { &[][..] } else { &off_rows[..ts.len()] };
+        self.tile_dot(level, tile, &act_rows[..ts.len()], off_rows, res);
     }
 
     /// Dot products of tile `tile` against `acts.len()` (1..=MAX_TOKENS) activation rows;

@@ -94,45 +94,62 @@ pub(crate) unsafe fn tile_dot(
         (Level::Avx512Vnni, _) => AVX512_Q0_MAX_TOKENS,
         (_, _) => AVX2_Q0_MAX_TOKENS,
     };
-    for (i, (a, o)) in acts.chunks(max).zip(out.chunks_mut(max)).enumerate() {
-        let t = tile.as_ptr();
-        // SAFETY: forwarded contract (CPU features) plus the bounds asserted above.
-        // Only the token counts each format can get are instantiated.
-        unsafe {
-            if format == Format::Q5_0 {
-                match a.len() {
-                    1 => run_q5_0::<1>(level, t, kb, qs_offset, a, o),
-                    2 => run_q5_0::<2>(level, t, kb, qs_offset, a, o),
-                    3 => run_q5_0::<3>(level, t, kb, qs_offset, a, o),
-                    4 => run_q5_0::<4>(level, t, kb, qs_offset, a, o),
-                    5 => run_q5_0::<5>(level, t, kb, qs_offset, a, o),
-                    6 => run_q5_0::<6>(level, t, kb, qs_offset, a, o),
-                    7 => run_q5_0::<7>(level, t, kb, qs_offset, a, o),
-                    8 => run_q5_0::<8>(level, t, kb, qs_offset, a, o),
-                    _ => unreachable!("chunks are 1..=8 long"),
-                }
-            } else if q0 {
-                let offs = &offs[i * max..i * max + a.len()];
-                match a.len() {
-                    1 => run_q0::<1>(level, format, t, kb, qs_offset, a, offs, o),
-                    2 => run_q0::<2>(level, format, t, kb, qs_offset, a, offs, o),
-                    3 => run_q0::<3>(level, format, t, kb, qs_offset, a, offs, o),
-                    _ => unreachable!("Q4_0/Q8_0 chunks are 1..=3 long"),
-                }
-            } else {
-                match a.len() {
-                    1 => run_q4_1::<1>(level, t, kb, qs_offset, a, o),
-                    2 => run_q4_1::<2>(level, t, kb, qs_offset, a, o),
-                    3 => run_q4_1::<3>(level, t, kb, qs_offset, a, o),
-                    4 => run_q4_1::<4>(level, t, kb, qs_offset, a, o),
-                    5 => run_q4_1::<5>(level, t, kb, qs_offset, a, o),
-                    6 => run_q4_1::<6>(level, t, kb, qs_offset, a, o),
-                    7 => run_q4_1::<7>(level, t, kb, qs_offset, a, o),
-                    8 => run_q4_1::<8>(level, t, kb, qs_offset, a, o),
-                    _ => unreachable!("chunks are 1..=8 long"),
+    let t = tile.as_ptr();
+    let mut runs = |unpacked: *const __m256i| {
+        for (i, (a, o)) in acts.chunks(max).zip(out.chunks_mut(max)).enumerate() {
+            // SAFETY: forwarded contract (CPU features) plus the bounds asserted above.
+            // Only the token counts each format can get are instantiated.
+            unsafe {
+                if format == Format::Q5_0 {
+                    match a.len() {
+                        1 => run_q5_0::<1>(level, t, kb, qs_offset, a, o, unpacked),
+                        2 => run_q5_0::<2>(level, t, kb, qs_offset, a, o, unpacked),
+                        3 => run_q5_0::<3>(level, t, kb, qs_offset, a, o, unpacked),
+                        4 => run_q5_0::<4>(level, t, kb, qs_offset, a, o, unpacked),
+                        5 => run_q5_0::<5>(level, t, kb, qs_offset, a, o, unpacked),
+                        6 => run_q5_0::<6>(level, t, kb, qs_offset, a, o, unpacked),
+                        7 => run_q5_0::<7>(level, t, kb, qs_offset, a, o, unpacked),
+                        8 => run_q5_0::<8>(level, t, kb, qs_offset, a, o, unpacked),
+                        _ => unreachable!("chunks are 1..=8 long"),
+                    }
+                } else if q0 {
+                    let offs = &offs[i * max..i * max + a.len()];
+                    match a.len() {
+                        1 => run_q0::<1>(level, format, t, kb, qs_offset, a, offs, o),
+                        2 => run_q0::<2>(level, format, t, kb, qs_offset, a, offs, o),
+                        3 => run_q0::<3>(level, format, t, kb, qs_offset, a, offs, o),
+                        _ => unreachable!("Q4_0/Q8_0 chunks are 1..=3 long"),
+                    }
+                } else {
+                    match a.len() {
+                        1 => run_q4_1::<1>(level, t, kb, qs_offset, a, o),
+                        2 => run_q4_1::<2>(level, t, kb, qs_offset, a, o),
+                        3 => run_q4_1::<3>(level, t, kb, qs_offset, a, o),
+                        4 => run_q4_1::<4>(level, t, kb, qs_offset, a, o),
+                        5 => run_q4_1::<5>(level, t, kb, qs_offset, a, o),
+                        6 => run_q4_1::<6>(level, t, kb, qs_offset, a, o),
+                        7 => run_q4_1::<7>(level, t, kb, qs_offset, a, o),
+                        8 => run_q4_1::<8>(level, t, kb, qs_offset, a, o),
+                        _ => unreachable!("chunks are 1..=8 long"),
+                    }
                 }
             }
         }
+    };
+    // A Q5_0 tile read by several runs of tokens (a prompt) is unpacked once on AVX2
+    // (see `q5_0_avx2`).
+    if level == Level::Avx2 && format == Format::Q5_0 && acts.len() > max {
+        UNPACKED_Q5_0.with_borrow_mut(|buf| {
+            // SAFETY: AVX2 is present (the caller's contract); `buf` gets room for
+            // the whole tile, which spans what `q5_0_avx2` reads (asserted above).
+            unsafe {
+                buf.resize(kb * 16, _mm256_setzero_si256());
+                unpack_q5_0_avx2(t, kb, qs_offset, buf.as_mut_ptr());
+            }
+            runs(buf.as_ptr());
+        });
+    } else {
+        runs(std::ptr::null());
     }
 }
 
@@ -197,7 +214,7 @@ unsafe fn run_q0<const T: usize>(
 
 /// # Safety
 /// As `tile_dot` for Q5_0, with its bounds already checked and
-/// `acts.len() == out.len() == T`.
+/// `acts.len() == out.len() == T`; `unpacked` as for `q5_0_avx2`.
 unsafe fn run_q5_0<const T: usize>(
     level: Level,
     tile: *const u8,
@@ -205,6 +222,7 @@ unsafe fn run_q5_0<const T: usize>(
     qs_offset: usize,
     acts: &[&[ActBlock]],
     out: &mut [[f32; TILE]],
+    unpacked: *const __m256i,
 ) {
     assert!(acts.len() == T && out.len() == T);
     let a: [*const ActBlock; T] = std::array::from_fn(|i| acts[i].as_ptr());
@@ -215,7 +233,7 @@ unsafe fn run_q5_0<const T: usize>(
     unsafe {
         match level {
             Level::Avx512Vnni => q5_0_avx512::<T>(tile, kb, qs_offset, a, o),
-            Level::Avx2 => q5_0_avx2::<T>(tile, kb, qs_offset, a, o),
+            Level::Avx2 => q5_0_avx2::<T>(tile, kb, qs_offset, a, o, unpacked),
             Level::Scalar => unreachable!("the scalar tier never reaches the x86 kernels"),
         }
     }
@@ -580,6 +598,59 @@ unsafe fn fifth_bits256(bits: *const u8, fifth: __m256i) -> __m256i {
     _mm256_and_si256(_mm256_cmpeq_epi8(spread, _mm256_set1_epi8(-1)), fifth)
 }
 
+/// The eight weight vectors (`q + 16` per byte) of one Q5_0 block's tile half: `q`
+/// at the half's bytes of the block's first packed group, `h` at its mask word.
+///
+/// # Safety
+/// As `q5_0_avx2`'s reads of one block half; AVX2 present.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q5_0_vectors(q: *const u8, h: *const u8) -> [__m256i; 8] {
+    let lo_mask = _mm256_set1_epi8(0x0F);
+    let fifth = _mm256_set1_epi8(0x10);
+    let mut w = [_mm256_setzero_si256(); 8];
+    // SAFETY: per the function contract.
+    unsafe {
+        unroll!(G in [0, 1, 2, 3] {
+            let packed = _mm256_load_si256(q.wrapping_add(G * 64).cast());
+            let lo = _mm256_and_si256(packed, lo_mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), lo_mask);
+            // The values are below 16, so OR adds the fifth bit.
+            w[G] = _mm256_or_si256(lo, fifth_bits256(h.wrapping_add(G * 8), fifth));
+            w[G + 4] = _mm256_or_si256(hi, fifth_bits256(h.wrapping_add((G + 4) * 8), fifth));
+        });
+    }
+    w
+}
+
+/// Unpacks a whole Q5_0 tile, block by block and half by half, into `into`
+/// (`kb · 16` vectors), for `q5_0_avx2` to read back.
+///
+/// # Safety
+/// As `q5_0_avx2` for the tile; `into` is valid for `kb · 16` aligned writes.
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_q5_0_avx2(tile: *const u8, kb: usize, qs_offset: usize, into: *mut __m256i) {
+    for b in 0..kb {
+        for hf in 0..2 {
+            let q = tile.wrapping_add(qs_offset + b * TILE * 16 + hf * 32);
+            let h = tile.wrapping_add(kb * TILE * 2 + b * TILE * 4 + hf * 4);
+            // SAFETY: per the function contract.
+            unsafe {
+                let w = q5_0_vectors(q, h);
+                for (g, wg) in w.into_iter().enumerate() {
+                    _mm256_store_si256(into.wrapping_add((b * 2 + hf) * 8 + g), wg);
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// A Q5_0 tile unpacked once for all the runs of tokens of one call (see
+    /// `tile_dot`).
+    static UNPACKED_Q5_0: std::cell::RefCell<Vec<__m256i>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Q5_0 on AVX2, per tile half (8 rows): the arithmetic of `q5_0_avx512` (candle's
 /// scalar `vec_dot_unopt` order, `sum += f32(isum)·d_w·d_y` per block, no FMA). The
 /// fifth bits come from the same masks, expanded to bytes (`fifth_bits256`), so the
@@ -587,8 +658,14 @@ unsafe fn fifth_bits256(bits: *const u8, fifth: __m256i) -> __m256i {
 /// so four of them sum in i16 without overflow, and the two halves of a block
 /// (groups 0..4 and 4..8) are widened to i32 before they are added.
 ///
+/// Expanding the fifth bits costs about as much as a token's products, so a prompt's
+/// runs of tokens read the tile unpacked once (`unpacked`, from `unpack_q5_0_avx2`)
+/// rather than each unpacking it again; a decode step (one run) unpacks in place
+/// (`unpacked` null).
+///
 /// # Safety
-/// AVX2 + FMA + F16C present; otherwise as `q5_0_avx512`.
+/// AVX2 + FMA + F16C present; otherwise as `q5_0_avx512`; `unpacked` is null or holds
+/// this tile unpacked.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_0_avx2<const T: usize>(
     tile: *const u8,
@@ -596,9 +673,8 @@ unsafe fn q5_0_avx2<const T: usize>(
     qs_offset: usize,
     acts: [*const ActBlock; T],
     out: *mut [f32; TILE],
+    unpacked: *const __m256i,
 ) {
-    let lo_mask = _mm256_set1_epi8(0x0F);
-    let fifth = _mm256_set1_epi8(0x10);
     let ones = _mm256_set1_epi16(1);
     for hf in 0..2 {
         let mut acc = [_mm256_setzero_ps(); T];
@@ -606,24 +682,21 @@ unsafe fn q5_0_avx2<const T: usize>(
         let mut d = tile.wrapping_add(hf * 16);
         let mut h = tile.wrapping_add(kb * TILE * 2 + hf * 4);
         let mut a = act_bytes(acts);
-        for _ in 0..kb {
+        for b in 0..kb {
             // SAFETY: as in `q5_0_avx512`; the half offset stays inside each section
             // (rows 8·hf.. are bytes 32·hf.. of each group and bits 32·hf.. of each
-            // mask, a 4-byte-aligned word).
+            // mask, a 4-byte-aligned word); `unpacked` per the contract.
             unsafe {
-                if hf == 0 {
-                    prefetch_lines::<4>(q);
-                    prefetch_lines::<1>(h);
-                }
-                let mut w = [_mm256_setzero_si256(); 8];
-                unroll!(G in [0, 1, 2, 3] {
-                    let packed = _mm256_load_si256(q.wrapping_add(G * 64).cast());
-                    let lo = _mm256_and_si256(packed, lo_mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), lo_mask);
-                    // The values are below 16, so OR adds the fifth bit.
-                    w[G] = _mm256_or_si256(lo, fifth_bits256(h.wrapping_add(G * 8), fifth));
-                    w[G + 4] = _mm256_or_si256(hi, fifth_bits256(h.wrapping_add((G + 4) * 8), fifth));
-                });
+                let w = if unpacked.is_null() {
+                    if hf == 0 {
+                        prefetch_lines::<4>(q);
+                        prefetch_lines::<1>(h);
+                    }
+                    q5_0_vectors(q, h)
+                } else {
+                    let u = unpacked.wrapping_add((b * 2 + hf) * 8);
+                    std::array::from_fn(|g| _mm256_load_si256(u.wrapping_add(g)))
+                };
                 let dw = _mm256_cvtph_ps(_mm_load_si128(d.cast()));
                 for t in 0..T {
                     let at = a[t];
