@@ -1246,15 +1246,15 @@ unsafe fn q4k_avx2<const T: usize>(
         // SAFETY: as in `q4k_avx512`; a half's bytes are the second 32 of each
         // 64-byte vector, its scales and codes the second 8 of each 16.
         unsafe {
+            // The superblock's d and dmin, per half, once for its eight sub-blocks.
+            let dw = [half_f16s(c.d, 0), half_f16s(c.d, 1)];
+            let dminw = [half_f16s(c.d.wrapping_add(TILE * 2), 0), half_f16s(c.d.wrapping_add(TILE * 2), 1)];
             for s in 0..8 {
                 let v = c.q.wrapping_add(s * SUB_BYTES);
                 super::x86::prefetch_lines::<{ SUB_BYTES / 64 }>(v);
                 for half in 0..2 {
-                    let scale = _mm256_mul_ps(half_f16s(c.d, half), half_codes(c.sc.wrapping_add(s * TILE), half, false));
-                    let min = _mm256_mul_ps(
-                        half_f16s(c.d.wrapping_add(TILE * 2), half),
-                        half_codes(c.sc.wrapping_add((8 + s) * TILE), half, false),
-                    );
+                    let scale = _mm256_mul_ps(dw[half], half_codes(c.sc.wrapping_add(s * TILE), half, false));
+                    let min = _mm256_mul_ps(dminw[half], half_codes(c.sc.wrapping_add((8 + s) * TILE), half, false));
                     let mut w = [_mm256_setzero_si256(); 8];
                     for p in 0..4 {
                         let packed = _mm256_load_si256(v.wrapping_add(p * 64 + half * 32).cast());
@@ -1315,6 +1315,8 @@ unsafe fn q6k_avx2<const T: usize>(
     for _ in 0..kb {
         // SAFETY: as in `q6k_avx512`, and the halves as in `q4k_avx2`.
         unsafe {
+            // The superblock's d, per half, once for its sixteen sub-blocks.
+            let dw = [half_f16s(c.d, 0), half_f16s(c.d, 1)];
             for s in 0..16 {
                 let v = c.q.wrapping_add(s * SUB_BYTES);
                 super::x86::prefetch_lines::<{ SUB_BYTES / 64 }>(v);
@@ -1334,7 +1336,7 @@ unsafe fn q6k_avx2<const T: usize>(
                             _mm256_and_si256(_mm256_srli_epi16::<2>(hi), high2),
                         ),
                     ];
-                    let scale = _mm256_mul_ps(half_f16s(c.d, half), half_codes(c.sc.wrapping_add(s * TILE), half, true));
+                    let scale = _mm256_mul_ps(dw[half], half_codes(c.sc.wrapping_add(s * TILE), half, true));
                     for (acc, a) in acc.iter_mut().zip(c.a) {
                         let at = a.cast::<u8>().wrapping_add(s * 16);
                         let part = |g: usize| _mm256_maddubs_epi16(w[g], act_word256(at, g));
