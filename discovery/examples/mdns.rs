@@ -63,11 +63,7 @@ async fn main() -> anyhow::Result<()> {
                 AdvertiserOptions { instance: name.clone(), interfaces: args.interfaces, ..Default::default() };
             let advertiser = Advertiser::start(options, advertisement)?;
             println!("advertising {name}");
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            strata_platform::stop::requested().await;
             advertiser.shutdown().await?;
         }
         Command::Browse => {
