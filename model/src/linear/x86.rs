@@ -95,21 +95,21 @@ pub(crate) unsafe fn tile_dot(
         (_, _) => AVX2_Q0_MAX_TOKENS,
     };
     let t = tile.as_ptr();
-    let mut runs = |unpacked: *const __m256i| {
+    let mut runs = || {
         for (i, (a, o)) in acts.chunks(max).zip(out.chunks_mut(max)).enumerate() {
             // SAFETY: forwarded contract (CPU features) plus the bounds asserted above.
             // Only the token counts each format can get are instantiated.
             unsafe {
                 if format == Format::Q5_0 {
                     match a.len() {
-                        1 => run_q5_0::<1>(level, t, kb, qs_offset, a, o, unpacked),
-                        2 => run_q5_0::<2>(level, t, kb, qs_offset, a, o, unpacked),
-                        3 => run_q5_0::<3>(level, t, kb, qs_offset, a, o, unpacked),
-                        4 => run_q5_0::<4>(level, t, kb, qs_offset, a, o, unpacked),
-                        5 => run_q5_0::<5>(level, t, kb, qs_offset, a, o, unpacked),
-                        6 => run_q5_0::<6>(level, t, kb, qs_offset, a, o, unpacked),
-                        7 => run_q5_0::<7>(level, t, kb, qs_offset, a, o, unpacked),
-                        8 => run_q5_0::<8>(level, t, kb, qs_offset, a, o, unpacked),
+                        1 => run_q5_0::<1>(level, t, kb, qs_offset, a, o),
+                        2 => run_q5_0::<2>(level, t, kb, qs_offset, a, o),
+                        3 => run_q5_0::<3>(level, t, kb, qs_offset, a, o),
+                        4 => run_q5_0::<4>(level, t, kb, qs_offset, a, o),
+                        5 => run_q5_0::<5>(level, t, kb, qs_offset, a, o),
+                        6 => run_q5_0::<6>(level, t, kb, qs_offset, a, o),
+                        7 => run_q5_0::<7>(level, t, kb, qs_offset, a, o),
+                        8 => run_q5_0::<8>(level, t, kb, qs_offset, a, o),
                         _ => unreachable!("chunks are 1..=8 long"),
                     }
                 } else if q0 {
@@ -136,20 +136,22 @@ pub(crate) unsafe fn tile_dot(
             }
         }
     };
-    // A Q5_0 tile read by several runs of tokens (a prompt) is unpacked once on AVX2
-    // (see `q5_0_avx2`).
+    // A prompt's Q5_0 tile is unpacked once on AVX2, for all its tokens (see
+    // `q5_0_avx2_unpacked`).
     if level == Level::Avx2 && format == Format::Q5_0 && acts.len() > max {
         UNPACKED_Q5_0.with_borrow_mut(|buf| {
-            // SAFETY: AVX2 is present (the caller's contract); `buf` gets room for
-            // the whole tile, which spans what `q5_0_avx2` reads (asserted above).
+            // SAFETY: AVX2 + FMA + F16C are present (the caller's contract); `buf`
+            // gets room for the whole tile, which spans what the unpacking reads
+            // (asserted above); every row of `acts` has `kb` blocks and `out` as many
+            // rows (asserted above).
             unsafe {
-                buf.resize(kb * 16, _mm256_setzero_si256());
+                buf.resize(kb * 2 * UNPACKED_HALF, _mm256_setzero_si256());
                 unpack_q5_0_avx2(t, kb, qs_offset, buf.as_mut_ptr());
+                q5_0_avx2_unpacked(kb, buf.as_ptr(), acts, out);
             }
-            runs(buf.as_ptr());
         });
     } else {
-        runs(std::ptr::null());
+        runs();
     }
 }
 
@@ -214,7 +216,7 @@ unsafe fn run_q0<const T: usize>(
 
 /// # Safety
 /// As `tile_dot` for Q5_0, with its bounds already checked and
-/// `acts.len() == out.len() == T`; `unpacked` as for `q5_0_avx2`.
+/// `acts.len() == out.len() == T`.
 unsafe fn run_q5_0<const T: usize>(
     level: Level,
     tile: *const u8,
@@ -222,7 +224,6 @@ unsafe fn run_q5_0<const T: usize>(
     qs_offset: usize,
     acts: &[&[ActBlock]],
     out: &mut [[f32; TILE]],
-    unpacked: *const __m256i,
 ) {
     assert!(acts.len() == T && out.len() == T);
     let a: [*const ActBlock; T] = std::array::from_fn(|i| acts[i].as_ptr());
@@ -233,7 +234,7 @@ unsafe fn run_q5_0<const T: usize>(
     unsafe {
         match level {
             Level::Avx512Vnni => q5_0_avx512::<T>(tile, kb, qs_offset, a, o),
-            Level::Avx2 => q5_0_avx2::<T>(tile, kb, qs_offset, a, o, unpacked),
+            Level::Avx2 => q5_0_avx2::<T>(tile, kb, qs_offset, a, o),
             Level::Scalar => unreachable!("the scalar tier never reaches the x86 kernels"),
         }
     }
@@ -623,31 +624,111 @@ unsafe fn q5_0_vectors(q: *const u8, h: *const u8) -> [__m256i; 8] {
     w
 }
 
-/// Unpacks a whole Q5_0 tile, block by block and half by half, into `into`
-/// (`kb · 16` vectors), for `q5_0_avx2` to read back.
+/// Vectors per block half of an unpacked Q5_0 tile: the eight weight vectors, the
+/// half's `−128·Σw` per row, and its eight rows' scales as floats.
+const UNPACKED_HALF: usize = 10;
+
+/// Blocks of an unpacked tile one pass over the tokens reads (`q5_0_avx2_unpacked`):
+/// 16 · 640 bytes, so the pass's weights stay in L1 while every token reads them.
+const UNPACKED_CHUNK: usize = 16;
+
+/// Unpacks a whole Q5_0 tile for `q5_0_avx2_unpacked`, block by block and half by
+/// half (`UNPACKED_HALF` vectors each): the weights as signed bytes `q − 16`, so the
+/// kernel's `vpmaddubsw` reads them from memory as its signed operand; each row's
+/// `−128·Σ(q − 16)`, which takes back the `+128` that makes the activations its
+/// unsigned operand; and the rows' scales converted from f16 once.
 ///
 /// # Safety
-/// As `q5_0_avx2` for the tile; `into` is valid for `kb · 16` aligned writes.
-#[target_feature(enable = "avx2")]
+/// As `q5_0_avx2` for the tile; `into` is valid for `kb · 2 · UNPACKED_HALF` aligned
+/// writes.
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn unpack_q5_0_avx2(tile: *const u8, kb: usize, qs_offset: usize, into: *mut __m256i) {
+    let sixteen = _mm256_set1_epi8(16);
+    let byte_ones = _mm256_set1_epi8(1);
+    let ones = _mm256_set1_epi16(1);
     for b in 0..kb {
         for hf in 0..2 {
             let q = tile.wrapping_add(qs_offset + b * TILE * 16 + hf * 32);
             let h = tile.wrapping_add(kb * TILE * 2 + b * TILE * 4 + hf * 4);
+            let d = tile.wrapping_add(b * TILE * 2 + hf * 16);
+            let at = into.wrapping_add((b * 2 + hf) * UNPACKED_HALF);
             // SAFETY: per the function contract.
             unsafe {
-                let w = q5_0_vectors(q, h);
-                for (g, wg) in w.into_iter().enumerate() {
-                    _mm256_store_si256(into.wrapping_add((b * 2 + hf) * 8 + g), wg);
+                let mut row_sums = _mm256_setzero_si256();
+                for (g, w) in q5_0_vectors(q, h).into_iter().enumerate() {
+                    let signed = _mm256_sub_epi8(w, sixteen);
+                    _mm256_store_si256(at.wrapping_add(g), signed);
+                    // Each row's four bytes of this group, summed (|Σ| ≤ 4·16).
+                    let pairs = _mm256_maddubs_epi16(byte_ones, signed);
+                    row_sums = _mm256_add_epi32(row_sums, _mm256_madd_epi16(pairs, ones));
                 }
+                let correction = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<7>(row_sums));
+                _mm256_store_si256(at.wrapping_add(8), correction);
+                let dw = _mm256_cvtph_ps(_mm_load_si128(d.cast()));
+                _mm256_store_si256(at.wrapping_add(9), _mm256_castps_si256(dw));
+            }
+        }
+    }
+}
+
+/// Q5_0 on AVX2 for a prompt's many tokens, from a tile `unpack_q5_0_avx2` unpacked:
+/// the same integers and float steps as `q5_0_avx2`, computed the other way round.
+/// The weights are the signed operand of `vpmaddubsw`, read straight from memory, and
+/// the activations `y + 128` the unsigned one, so one broadcast of a token's four
+/// bytes serves both halves of the tile; `Σ(y + 128)(q − 16) − 128·Σ(q − 16)` is
+/// `Σ y·(q − 16)`, the integer `q5_0_avx2` gets as `Σ y·q − 16·Σ y`. Pairs of
+/// products reach 2·255·16 = 8160, so four sum in i16 without saturating. A token
+/// runs through `UNPACKED_CHUNK` blocks at a time, all tokens per chunk, its sums kept
+/// in `out` between chunks: the same additions in the same order.
+///
+/// # Safety
+/// AVX2 + FMA + F16C present; `unpacked` holds a tile of `kb` blocks unpacked by
+/// `unpack_q5_0_avx2`; each of `acts` has `kb` blocks; `acts.len() == out.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_avx2_unpacked(kb: usize, unpacked: *const __m256i, acts: &[&[ActBlock]], out: &mut [[f32; TILE]]) {
+    let flip = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    for first in (0..kb).step_by(UNPACKED_CHUNK) {
+        let blocks = UNPACKED_CHUNK.min(kb - first);
+        for (a_row, o) in acts.iter().zip(out.iter_mut()) {
+            let o = o.as_mut_ptr();
+            // SAFETY: `o` is 16 floats; `a` and `u` stay in the row's and the tile's
+            // blocks `first..first + blocks` (the contract).
+            unsafe {
+                let mut acc = if first == 0 {
+                    [_mm256_setzero_ps(); 2]
+                } else {
+                    [_mm256_loadu_ps(o), _mm256_loadu_ps(o.wrapping_add(8))]
+                };
+                let mut a = a_row.as_ptr().wrapping_add(first).cast::<u8>();
+                let mut u = unpacked.wrapping_add(first * 2 * UNPACKED_HALF);
+                for _ in 0..blocks {
+                    let y: [__m256i; 8] = std::array::from_fn(|g| _mm256_xor_si256(bcast256(a, g), flip));
+                    let da = bcast256_f32(a, ACT_D);
+                    for (hf, acc) in acc.iter_mut().enumerate() {
+                        let w = u.wrapping_add(hf * UNPACKED_HALF);
+                        let p = |g: usize| _mm256_maddubs_epi16(y[g], _mm256_load_si256(w.wrapping_add(g)));
+                        let low = _mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3)));
+                        let high = _mm256_add_epi16(_mm256_add_epi16(p(4), p(5)), _mm256_add_epi16(p(6), p(7)));
+                        let isum = _mm256_add_epi32(
+                            _mm256_add_epi32(_mm256_madd_epi16(low, ones), _mm256_madd_epi16(high, ones)),
+                            _mm256_load_si256(w.wrapping_add(8)),
+                        );
+                        let dw = _mm256_castsi256_ps(_mm256_load_si256(w.wrapping_add(9)));
+                        *acc = _mm256_add_ps(*acc, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw), da));
+                    }
+                    a = a.wrapping_add(ACT_STRIDE);
+                    u = u.wrapping_add(2 * UNPACKED_HALF);
+                }
+                _mm256_storeu_ps(o, acc[0]);
+                _mm256_storeu_ps(o.wrapping_add(8), acc[1]);
             }
         }
     }
 }
 
 thread_local! {
-    /// A Q5_0 tile unpacked once for all the runs of tokens of one call (see
-    /// `tile_dot`).
+    /// A Q5_0 tile unpacked once for all the tokens of one call (see `tile_dot`).
     static UNPACKED_Q5_0: std::cell::RefCell<Vec<__m256i>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -659,13 +740,11 @@ thread_local! {
 /// (groups 0..4 and 4..8) are widened to i32 before they are added.
 ///
 /// Expanding the fifth bits costs about as much as a token's products, so a prompt's
-/// runs of tokens read the tile unpacked once (`unpacked`, from `unpack_q5_0_avx2`)
-/// rather than each unpacking it again; a decode step (one run) unpacks in place
-/// (`unpacked` null).
+/// many tokens read the tile unpacked once instead (`q5_0_avx2_unpacked`); this serves
+/// a decode step's few.
 ///
 /// # Safety
-/// AVX2 + FMA + F16C present; otherwise as `q5_0_avx512`; `unpacked` is null or holds
-/// this tile unpacked.
+/// AVX2 + FMA + F16C present; otherwise as `q5_0_avx512`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_0_avx2<const T: usize>(
     tile: *const u8,
@@ -673,7 +752,6 @@ unsafe fn q5_0_avx2<const T: usize>(
     qs_offset: usize,
     acts: [*const ActBlock; T],
     out: *mut [f32; TILE],
-    unpacked: *const __m256i,
 ) {
     let ones = _mm256_set1_epi16(1);
     for hf in 0..2 {
@@ -682,21 +760,16 @@ unsafe fn q5_0_avx2<const T: usize>(
         let mut d = tile.wrapping_add(hf * 16);
         let mut h = tile.wrapping_add(kb * TILE * 2 + hf * 4);
         let mut a = act_bytes(acts);
-        for b in 0..kb {
+        for _ in 0..kb {
             // SAFETY: as in `q5_0_avx512`; the half offset stays inside each section
             // (rows 8·hf.. are bytes 32·hf.. of each group and bits 32·hf.. of each
-            // mask, a 4-byte-aligned word); `unpacked` per the contract.
+            // mask, a 4-byte-aligned word).
             unsafe {
-                let w = if unpacked.is_null() {
-                    if hf == 0 {
-                        prefetch_lines::<4>(q);
-                        prefetch_lines::<1>(h);
-                    }
-                    q5_0_vectors(q, h)
-                } else {
-                    let u = unpacked.wrapping_add((b * 2 + hf) * 8);
-                    std::array::from_fn(|g| _mm256_load_si256(u.wrapping_add(g)))
-                };
+                if hf == 0 {
+                    prefetch_lines::<4>(q);
+                    prefetch_lines::<1>(h);
+                }
+                let w = q5_0_vectors(q, h);
                 let dw = _mm256_cvtph_ps(_mm_load_si128(d.cast()));
                 for t in 0..T {
                     let at = a[t];
