@@ -45,9 +45,15 @@ use crate::error::{Error, Result};
 pub(crate) const TILE: usize = 16;
 
 /// Token rows a kernel call handles at most: the tile's weights are unpacked once and
-/// reused across them (the kernels take them a few at a time; AVX2 Q5_0 unpacks the
-/// tile once for all of them, see `x86::q5_0_avx2`).
-const MAX_TOKENS: usize = 32;
+/// reused across them (the kernels take them a few at a time). AVX2 Q5_0 unpacks the
+/// tile once per call (see `x86::q5_0_avx2_unpacked`), so it takes this many; the
+/// others take `CALL_TOKENS`.
+const MAX_TOKENS: usize = 128;
+
+/// Token rows of a kernel call but AVX2 Q5_0's. At `MAX_TOKENS` SmolLM2's Q4_1
+/// prefill was 1% slower (4 of 6 alternating pairs, AVX2, 2026-12-07), while Gemma 3's
+/// Q5_0 prefill was 3% faster with its tiles unpacked a quarter as often (6 of 6).
+const CALL_TOKENS: usize = 32;
 
 /// Token rows up to which a call builds its row lists at this length, not
 /// `MAX_TOKENS` (see `PackedWeights::matmul`).
@@ -526,13 +532,16 @@ impl PackedWeights {
 
         // `offs` is empty or, like `acts`, `tokens × kb` blocks.
         let (acts, offs) = (&acts[..], &offs[..]);
+        let per_call = if level == Level::Avx2 && self.format == Format::Q5_0 { MAX_TOKENS } else { CALL_TOKENS };
         let products = |out: &SharedOut<'_, MaybeUninit<f32>>| {
-            for_each_tile(rows, tokens, MAX_TOKENS, bias, parallel, out, |tile, ts, res| {
+            for_each_tile(rows, tokens, per_call, bias, parallel, out, |tile, ts, res| {
                 // A decode step's few rows fill a short array: with lists of all
                 // MAX_TOKENS slices built for every tile, Gemma 3's decode step was
                 // a few percent slower (7 of 8 alternating pairs, AVX2, 2026-12-07).
                 if ts.len() <= FEW_TOKENS {
                     self.dot_rows::<FEW_TOKENS>(level, tile, ts, acts, offs, res);
+                } else if ts.len() <= CALL_TOKENS {
+                    self.dot_rows::<CALL_TOKENS>(level, tile, ts, acts, offs, res);
                 } else {
                     self.dot_rows::<MAX_TOKENS>(level, tile, ts, acts, offs, res);
                 }
