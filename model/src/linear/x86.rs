@@ -95,47 +95,6 @@ pub(crate) unsafe fn tile_dot(
         (_, _) => AVX2_Q0_MAX_TOKENS,
     };
     let t = tile.as_ptr();
-    let mut runs = || {
-        for (i, (a, o)) in acts.chunks(max).zip(out.chunks_mut(max)).enumerate() {
-            // SAFETY: forwarded contract (CPU features) plus the bounds asserted above.
-            // Only the token counts each format can get are instantiated.
-            unsafe {
-                if format == Format::Q5_0 {
-                    match a.len() {
-                        1 => run_q5_0::<1>(level, t, kb, qs_offset, a, o),
-                        2 => run_q5_0::<2>(level, t, kb, qs_offset, a, o),
-                        3 => run_q5_0::<3>(level, t, kb, qs_offset, a, o),
-                        4 => run_q5_0::<4>(level, t, kb, qs_offset, a, o),
-                        5 => run_q5_0::<5>(level, t, kb, qs_offset, a, o),
-                        6 => run_q5_0::<6>(level, t, kb, qs_offset, a, o),
-                        7 => run_q5_0::<7>(level, t, kb, qs_offset, a, o),
-                        8 => run_q5_0::<8>(level, t, kb, qs_offset, a, o),
-                        _ => unreachable!("chunks are 1..=8 long"),
-                    }
-                } else if q0 {
-                    let offs = &offs[i * max..i * max + a.len()];
-                    match a.len() {
-                        1 => run_q0::<1>(level, format, t, kb, qs_offset, a, offs, o),
-                        2 => run_q0::<2>(level, format, t, kb, qs_offset, a, offs, o),
-                        3 => run_q0::<3>(level, format, t, kb, qs_offset, a, offs, o),
-                        _ => unreachable!("Q4_0/Q8_0 chunks are 1..=3 long"),
-                    }
-                } else {
-                    match a.len() {
-                        1 => run_q4_1::<1>(level, t, kb, qs_offset, a, o),
-                        2 => run_q4_1::<2>(level, t, kb, qs_offset, a, o),
-                        3 => run_q4_1::<3>(level, t, kb, qs_offset, a, o),
-                        4 => run_q4_1::<4>(level, t, kb, qs_offset, a, o),
-                        5 => run_q4_1::<5>(level, t, kb, qs_offset, a, o),
-                        6 => run_q4_1::<6>(level, t, kb, qs_offset, a, o),
-                        7 => run_q4_1::<7>(level, t, kb, qs_offset, a, o),
-                        8 => run_q4_1::<8>(level, t, kb, qs_offset, a, o),
-                        _ => unreachable!("chunks are 1..=8 long"),
-                    }
-                }
-            }
-        }
-    };
     // A prompt's Q5_0 tile is unpacked once on AVX2, for all its tokens (see
     // `q5_0_avx2_unpacked`).
     if level == Level::Avx2 && format == Format::Q5_0 && acts.len() > max {
@@ -150,8 +109,46 @@ pub(crate) unsafe fn tile_dot(
                 q5_0_avx2_unpacked(kb, buf.as_ptr(), acts, out);
             }
         });
-    } else {
-        runs();
+        return;
+    }
+    for (i, (a, o)) in acts.chunks(max).zip(out.chunks_mut(max)).enumerate() {
+        // SAFETY: forwarded contract (CPU features) plus the bounds asserted above.
+        // Only the token counts each format can get are instantiated.
+        unsafe {
+            if format == Format::Q5_0 {
+                match a.len() {
+                    1 => run_q5_0::<1>(level, t, kb, qs_offset, a, o),
+                    2 => run_q5_0::<2>(level, t, kb, qs_offset, a, o),
+                    3 => run_q5_0::<3>(level, t, kb, qs_offset, a, o),
+                    4 => run_q5_0::<4>(level, t, kb, qs_offset, a, o),
+                    5 => run_q5_0::<5>(level, t, kb, qs_offset, a, o),
+                    6 => run_q5_0::<6>(level, t, kb, qs_offset, a, o),
+                    7 => run_q5_0::<7>(level, t, kb, qs_offset, a, o),
+                    8 => run_q5_0::<8>(level, t, kb, qs_offset, a, o),
+                    _ => unreachable!("chunks are 1..=8 long"),
+                }
+            } else if q0 {
+                let offs = &offs[i * max..i * max + a.len()];
+                match a.len() {
+                    1 => run_q0::<1>(level, format, t, kb, qs_offset, a, offs, o),
+                    2 => run_q0::<2>(level, format, t, kb, qs_offset, a, offs, o),
+                    3 => run_q0::<3>(level, format, t, kb, qs_offset, a, offs, o),
+                    _ => unreachable!("Q4_0/Q8_0 chunks are 1..=3 long"),
+                }
+            } else {
+                match a.len() {
+                    1 => run_q4_1::<1>(level, t, kb, qs_offset, a, o),
+                    2 => run_q4_1::<2>(level, t, kb, qs_offset, a, o),
+                    3 => run_q4_1::<3>(level, t, kb, qs_offset, a, o),
+                    4 => run_q4_1::<4>(level, t, kb, qs_offset, a, o),
+                    5 => run_q4_1::<5>(level, t, kb, qs_offset, a, o),
+                    6 => run_q4_1::<6>(level, t, kb, qs_offset, a, o),
+                    7 => run_q4_1::<7>(level, t, kb, qs_offset, a, o),
+                    8 => run_q4_1::<8>(level, t, kb, qs_offset, a, o),
+                    _ => unreachable!("chunks are 1..=8 long"),
+                }
+            }
+        }
     }
 }
 
